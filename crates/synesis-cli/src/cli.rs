@@ -1,0 +1,84 @@
+//! Every command and flag of `synesis`, with the help text a person reads.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::paths::PathOverrides;
+
+const ABOUT: &str = "Local-first AI: answers on this device, escalates to the Synesis cloud when \
+the device cannot answer well.";
+
+const AFTER_HELP: &str = "\
+Files:
+  Config   $XDG_CONFIG_HOME/synesis/config.toml  (~/.config/synesis)
+  Data     $XDG_DATA_HOME/synesis/               (~/.local/share/synesis)
+  Socket   $XDG_RUNTIME_DIR/synesis/
+  SYNESIS_HOME=DIR moves all three under DIR (config/, data/, run/); `synesis paths` shows
+  where they are now.
+
+Exit codes: 0 success, 1 failure, 2 bad usage, 3 the tunnel service is not running.
+Logs: -v, -vv, -vvv, or RUST_LOG (e.g. RUST_LOG=synesis=debug).";
+
+#[derive(Debug, Parser)]
+#[command(name = "synesis", version, about = ABOUT, after_help = AFTER_HELP)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) global: GlobalArgs,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct GlobalArgs {
+    /// Print machine-readable JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+
+    /// More log output on stderr (-v info, -vv debug, -vvv trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub(crate) verbose: u8,
+
+    /// Keep config, data and the runtime socket under DIR (as DIR/config, DIR/data, DIR/run).
+    #[arg(long, env = "SYNESIS_HOME", value_name = "DIR", global = true)]
+    pub(crate) home: Option<PathBuf>,
+
+    /// Config directory (overrides SYNESIS_HOME and XDG_CONFIG_HOME).
+    #[arg(long, env = "SYNESIS_CONFIG_DIR", value_name = "DIR", global = true)]
+    pub(crate) config_dir: Option<PathBuf>,
+
+    /// Data directory: identity, local ledger, models, adapters.
+    #[arg(long, env = "SYNESIS_DATA_DIR", value_name = "DIR", global = true)]
+    pub(crate) data_dir: Option<PathBuf>,
+
+    /// Runtime directory: the tunnel service's socket.
+    #[arg(long, env = "SYNESIS_RUNTIME_DIR", value_name = "DIR", global = true)]
+    pub(crate) runtime_dir: Option<PathBuf>,
+}
+
+impl GlobalArgs {
+    pub(crate) fn path_overrides(&self) -> PathOverrides {
+        PathOverrides {
+            home: self.home.clone(),
+            config_dir: self.config_dir.clone(),
+            data_dir: self.data_dir.clone(),
+            runtime_dir: self.runtime_dir.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Show where Synesis keeps its config, data and runtime files, and why.
+    Paths,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definitions_are_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,56 @@
+//! `synesis` — the device side of Synesis.
+//!
+//! This file is the table of contents: parse the flags once into typed settings, dispatch to a
+//! command, map whatever failed to an exit code in one place ([`exit::code_for`]).
+//!
+//! Modules: [`cli`] (the clap definitions: every flag and its help), [`paths`] (where config,
+//! data and the daemon socket live), [`exit`] (exit codes), [`commands`] (one function per
+//! command).
+
+mod cli;
+mod commands;
+mod exit;
+mod paths;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    init_tracing(cli.global.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let code = exit::code_for(&err);
+            eprintln!("synesis: {err:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn run(cli: cli::Cli) -> anyhow::Result<()> {
+    let paths =
+        paths::Paths::resolve(&cli.global.path_overrides(), &paths::XdgEnv::from_process())?;
+    let out = commands::Output::new(cli.global.json);
+    match cli.command {
+        cli::Command::Paths => commands::paths(&out, &paths),
+    }
+}
+
+/// Logs go to stderr. `RUST_LOG` wins when set; otherwise `-v` is info, `-vv` debug, `-vvv` trace.
+fn init_tracing(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,204 @@
+//! Where Synesis keeps its files on the device.
+//!
+//! Resolution is a pure function of the overrides (flags, or their environment variables, as
+//! clap merged them) and the XDG environment, read once at the edge ([`XdgEnv::from_process`]).
+//! Precedence, per directory: its own flag/variable, then `SYNESIS_HOME`, then XDG, then the
+//! XDG default under `$HOME`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::exit::UserError;
+
+/// What the user asked for explicitly.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct PathOverrides {
+    pub(crate) home: Option<PathBuf>,
+    pub(crate) config_dir: Option<PathBuf>,
+    pub(crate) data_dir: Option<PathBuf>,
+    pub(crate) runtime_dir: Option<PathBuf>,
+}
+
+/// The XDG base-directory environment. Empty values count as unset, as the XDG spec says.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct XdgEnv {
+    pub(crate) home: Option<PathBuf>,
+    pub(crate) config_home: Option<PathBuf>,
+    pub(crate) data_home: Option<PathBuf>,
+    pub(crate) runtime_dir: Option<PathBuf>,
+}
+
+impl XdgEnv {
+    pub(crate) fn from_process() -> XdgEnv {
+        let var = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        XdgEnv {
+            home: var("HOME"),
+            config_home: var("XDG_CONFIG_HOME"),
+            data_home: var("XDG_DATA_HOME"),
+            runtime_dir: var("XDG_RUNTIME_DIR"),
+        }
+    }
+}
+
+/// Where one directory came from, for `synesis paths`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Source {
+    Flag,
+    SynesisHome,
+    Xdg,
+    HomeDefault,
+    DataDir,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct Dir {
+    pub(crate) path: PathBuf,
+    pub(crate) source: Source,
+}
+
+/// The resolved directories. Nothing is created here; commands create what they write into.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct Paths {
+    pub(crate) config: Dir,
+    pub(crate) data: Dir,
+    pub(crate) runtime: Dir,
+}
+
+impl Paths {
+    pub(crate) fn resolve(o: &PathOverrides, xdg: &XdgEnv) -> Result<Paths, UserError> {
+        let pick =
+            |flag: &Option<PathBuf>, home_sub: &str, xdg_dir: &Option<PathBuf>, default: &str| {
+                if let Some(p) = flag {
+                    return Ok(Dir {
+                        path: p.clone(),
+                        source: Source::Flag,
+                    });
+                }
+                if let Some(h) = &o.home {
+                    return Ok(Dir {
+                        path: h.join(home_sub),
+                        source: Source::SynesisHome,
+                    });
+                }
+                if let Some(x) = xdg_dir {
+                    return Ok(Dir {
+                        path: x.join("synesis"),
+                        source: Source::Xdg,
+                    });
+                }
+                match &xdg.home {
+                Some(h) => Ok(Dir {
+                    path: h.join(default).join("synesis"),
+                    source: Source::HomeDefault,
+                }),
+                None => Err(UserError::Usage(
+                    "cannot tell where to keep Synesis files: HOME is not set; set SYNESIS_HOME"
+                        .into(),
+                )),
+            }
+            };
+        let config = pick(&o.config_dir, "config", &xdg.config_home, ".config")?;
+        let data = pick(&o.data_dir, "data", &xdg.data_home, ".local/share")?;
+        // XDG has no default runtime directory; without one the socket lives beside the data.
+        let runtime = match pick(&o.runtime_dir, "run", &xdg.runtime_dir, "") {
+            Ok(dir) if dir.source != Source::HomeDefault => dir,
+            _ => Dir {
+                path: data.path.join("run"),
+                source: Source::DataDir,
+            },
+        };
+        Ok(Paths {
+            config,
+            data,
+            runtime,
+        })
+    }
+
+    pub(crate) fn config_file(&self) -> PathBuf {
+        self.config.path.join("config.toml")
+    }
+}
+
+impl Dir {
+    #[allow(dead_code)] // used by the commands that write files (next issues)
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn xdg_home_only() -> XdgEnv {
+        XdgEnv {
+            home: Some("/home/ada".into()),
+            ..XdgEnv::default()
+        }
+    }
+
+    #[test]
+    fn defaults_follow_xdg_under_home() {
+        let p = Paths::resolve(&PathOverrides::default(), &xdg_home_only()).unwrap();
+        assert_eq!(p.config.path, PathBuf::from("/home/ada/.config/synesis"));
+        assert_eq!(p.data.path, PathBuf::from("/home/ada/.local/share/synesis"));
+        assert_eq!(
+            p.runtime.path,
+            PathBuf::from("/home/ada/.local/share/synesis/run")
+        );
+        assert_eq!(p.runtime.source, Source::DataDir);
+    }
+
+    #[test]
+    fn xdg_variables_are_honoured() {
+        let xdg = XdgEnv {
+            config_home: Some("/cfg".into()),
+            data_home: Some("/dat".into()),
+            runtime_dir: Some("/run/user/1000".into()),
+            ..xdg_home_only()
+        };
+        let p = Paths::resolve(&PathOverrides::default(), &xdg).unwrap();
+        assert_eq!(p.config.path, PathBuf::from("/cfg/synesis"));
+        assert_eq!(p.data.path, PathBuf::from("/dat/synesis"));
+        assert_eq!(p.runtime.path, PathBuf::from("/run/user/1000/synesis"));
+    }
+
+    #[test]
+    fn synesis_home_moves_everything_and_flags_win_over_it() {
+        let o = PathOverrides {
+            home: Some("/tmp/dev1".into()),
+            data_dir: Some("/big/disk".into()),
+            ..PathOverrides::default()
+        };
+        let xdg = XdgEnv {
+            runtime_dir: Some("/run/user/1000".into()),
+            ..xdg_home_only()
+        };
+        let p = Paths::resolve(&o, &xdg).unwrap();
+        assert_eq!(p.config.path, PathBuf::from("/tmp/dev1/config"));
+        assert_eq!(
+            p.data,
+            Dir {
+                path: "/big/disk".into(),
+                source: Source::Flag
+            }
+        );
+        assert_eq!(p.runtime.path, PathBuf::from("/tmp/dev1/run"));
+        assert_eq!(
+            p.config_file(),
+            PathBuf::from("/tmp/dev1/config/config.toml")
+        );
+    }
+
+    #[test]
+    fn no_home_at_all_is_a_clear_error() {
+        let err = Paths::resolve(&PathOverrides::default(), &XdgEnv::default()).unwrap_err();
+        assert!(err.to_string().contains("SYNESIS_HOME"), "{err}");
+    }
+}

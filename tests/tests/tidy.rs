@@ -1,0 +1,79 @@
+//! What clippy cannot check: the architecture's one-way rules (DESIGN.md, STYLE.md §9).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(rust_files(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// The `[dependencies]` table of a manifest, as dependency names.
+fn dependencies(manifest: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(manifest).unwrap();
+    let mut in_deps = false;
+    let mut names = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_deps = line == "[dependencies]";
+        } else if in_deps && let Some((name, _)) = line.split_once('=') {
+            names.push(name.trim().trim_end_matches(".workspace").to_owned());
+        }
+    }
+    names
+}
+
+#[test]
+fn proto_does_no_io_and_no_async() {
+    let deps = dependencies(&root().join("proto/Cargo.toml"));
+    for banned in ["tokio", "quinn", "rustls", "futures", "mio", "async-std"] {
+        assert!(
+            !deps.iter().any(|d| d == banned),
+            "proto depends on {banned}"
+        );
+    }
+    for file in rust_files(&root().join("proto/src")) {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for banned in [
+            "Instant::now",
+            "SystemTime::now",
+            "std::fs",
+            "std::net",
+            "thread::sleep",
+            "rand::",
+        ] {
+            assert!(!text.contains(banned), "{} uses {banned}", file.display());
+        }
+    }
+}
+
+#[test]
+fn only_the_codec_module_names_bincode() {
+    for file in rust_files(&root().join("proto/src")) {
+        if file.ends_with("codec.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            !text.contains("bincode::"),
+            "{} calls bincode directly",
+            file.display()
+        );
+    }
+}
