@@ -136,10 +136,58 @@ impl RequestId {
     }
 }
 
-/// Milliseconds since the Unix epoch, UTC. Wire: a varint-encoded signed integer.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
-#[serde(transparent)]
+/// Milliseconds since the Unix epoch, UTC. Wire: a zigzag varint `i64`. Human-readable formats
+/// (JSON) show it as RFC 3339 with milliseconds, `2026-11-22T08:30:00.000Z`, and read either that
+/// or the integer.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 pub struct UnixMillis(pub i64);
+
+impl UnixMillis {
+    /// RFC 3339 in UTC with milliseconds, or `None` outside the years chrono can represent.
+    pub fn to_rfc3339(self) -> Option<String> {
+        chrono::DateTime::from_timestamp_millis(self.0)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+    }
+
+    pub fn parse_rfc3339(s: &str) -> Result<UnixMillis, chrono::ParseError> {
+        chrono::DateTime::parse_from_rfc3339(s).map(|t| UnixMillis(t.timestamp_millis()))
+    }
+}
+
+impl Serialize for UnixMillis {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.to_rfc3339() {
+            Some(text) if s.is_human_readable() => s.serialize_str(&text),
+            _ => s.serialize_i64(self.0),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for UnixMillis {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = UnixMillis;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an RFC 3339 time or milliseconds since the Unix epoch")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<UnixMillis, E> {
+                Ok(UnixMillis(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<UnixMillis, E> {
+                i64::try_from(v).map(UnixMillis).map_err(E::custom)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<UnixMillis, E> {
+                UnixMillis::parse_rfc3339(v).map_err(E::custom)
+            }
+        }
+        if d.is_human_readable() {
+            d.deserialize_any(Visitor)
+        } else {
+            d.deserialize_i64(Visitor)
+        }
+    }
+}
 
 /// Money, in micro-US-dollars (1 USD = 1,000,000). Integers only: no floating point touches a
 /// balance or a charge anywhere in Synesis.
@@ -293,6 +341,22 @@ mod tests {
         assert_eq!(MicroUsd(1_250_000).to_string(), "1.250000");
         assert_eq!(MicroUsd(-5).to_string(), "-0.000005");
         assert_eq!(MicroUsd(i64::MIN).to_string(), "-9223372036854.775808");
+    }
+
+    #[test]
+    fn times_are_rfc3339_in_json_and_integers_on_the_wire() {
+        let t = UnixMillis(1_795_000_000_123);
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(json, "\"2026-11-18T11:06:40.123Z\"");
+        assert_eq!(serde_json::from_str::<UnixMillis>(&json).unwrap(), t);
+        assert_eq!(
+            serde_json::from_str::<UnixMillis>("1795000000123").unwrap(),
+            t
+        );
+        assert_eq!(
+            UnixMillis::parse_rfc3339("2026-11-18T12:06:40.123+01:00").unwrap(),
+            t
+        );
     }
 
     #[test]

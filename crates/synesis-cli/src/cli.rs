@@ -69,8 +69,30 @@ impl GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
+    /// Show this device's vitals: CPU, memory, the data disk, temperatures, NVIDIA GPUs.
+    Vitals(VitalsArgs),
     /// Show where Synesis keeps its config, data and runtime files, and why.
     Paths,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  synesis vitals                          one table
+  synesis vitals --json                   one JSON object
+  synesis vitals --watch                  a live table, refreshed every second
+  synesis vitals --watch --json --interval 500ms >> vitals.jsonl
+
+GPUs are read through NVIDIA's NVML; without the NVIDIA driver the GPU list is empty and
+`gpu_unavailable_reason` says why.")]
+pub(crate) struct VitalsArgs {
+    /// Keep sampling until Ctrl-C: a live table on a terminal, one JSON object per line with --json.
+    #[arg(long)]
+    pub(crate) watch: bool,
+
+    /// Time between samples with --watch (e.g. 500ms, 2s; at least 200ms).
+    #[arg(long, default_value = "1s", value_parser = crate::commands::vitals::parse_interval, requires = "watch")]
+    pub(crate) interval: std::time::Duration,
 }
 
 #[cfg(test)]

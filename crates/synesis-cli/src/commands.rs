@@ -1,8 +1,11 @@
-//! One function per command. Each prints text for people, or JSON with `--json`.
+//! One module per command. Each prints text for people, or JSON with `--json`.
+
+pub(crate) mod paths;
+pub(crate) mod vitals;
+
+use std::io::Write;
 
 use serde::Serialize;
-
-use crate::paths::Paths;
 
 /// Where a command's report goes, and in which form.
 #[derive(Debug, Clone, Copy)]
@@ -15,41 +18,29 @@ impl Output {
         Output { json }
     }
 
-    /// Prints `value` as one line of JSON, or `human` for people.
+    pub(crate) fn json(&self) -> bool {
+        self.json
+    }
+
+    /// Prints `value` as one line of JSON, or `human()` for people. A closed pipe (`| head`)
+    /// comes back as `ErrorKind::BrokenPipe`, which callers treat as "stop", not as failure.
     pub(crate) fn report<T: Serialize>(
         &self,
         value: &T,
         human: impl FnOnce() -> String,
-    ) -> anyhow::Result<()> {
+    ) -> std::io::Result<()> {
+        let mut stdout = std::io::stdout().lock();
         if self.json {
-            println!("{}", serde_json::to_string(value)?);
+            serde_json::to_writer(&mut stdout, value)?;
+            stdout.write_all(b"\n")?;
         } else {
-            print!("{}", human());
+            stdout.write_all(human().as_bytes())?;
         }
-        Ok(())
+        stdout.flush()
     }
 }
 
-pub(crate) fn paths(out: &Output, paths: &Paths) -> anyhow::Result<()> {
-    #[derive(Serialize)]
-    struct View<'a> {
-        #[serde(flatten)]
-        paths: &'a Paths,
-        config_file: std::path::PathBuf,
-    }
-    let view = View {
-        paths,
-        config_file: paths.config_file(),
-    };
-    out.report(&view, || {
-        let row = |name: &str, dir: &crate::paths::Dir| {
-            format!("{name:<8} {}  ({:?})\n", dir.path.display(), dir.source)
-        };
-        format!(
-            "{}{}{}",
-            row("config", &paths.config),
-            row("data", &paths.data),
-            row("runtime", &paths.runtime)
-        )
-    })
+/// Whether an output error means only that the reader went away.
+pub(crate) fn is_closed_pipe(err: &std::io::Error) -> bool {
+    err.kind() == std::io::ErrorKind::BrokenPipe
 }

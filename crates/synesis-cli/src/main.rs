@@ -4,13 +4,14 @@
 //! command, map whatever failed to an exit code in one place ([`exit::code_for`]).
 //!
 //! Modules: [`cli`] (the clap definitions: every flag and its help), [`paths`] (where config,
-//! data and the daemon socket live), [`exit`] (exit codes), [`commands`] (one function per
-//! command).
+//! data and the daemon socket live), [`exit`] (exit codes), [`signals`] (Ctrl-C and SIGTERM),
+//! [`commands`] (one module per command).
 
 mod cli;
 mod commands;
 mod exit;
 mod paths;
+mod signals;
 
 use std::process::ExitCode;
 
@@ -33,8 +34,14 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
     let paths =
         paths::Paths::resolve(&cli.global.path_overrides(), &paths::XdgEnv::from_process())?;
     let out = commands::Output::new(cli.global.json);
-    match cli.command {
-        cli::Command::Paths => commands::paths(&out, &paths),
+    // One thread: the CLI waits on the network and on timers; blocking work goes to the
+    // blocking pool (THREAD_SAFETY_PATTERNS.md §7).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match &cli.command {
+        cli::Command::Vitals(args) => runtime.block_on(commands::vitals::run(&out, &paths, args)),
+        cli::Command::Paths => commands::paths::run(&out, &paths),
     }
 }
 
