@@ -77,3 +77,34 @@ fn only_the_codec_module_names_bincode() {
         );
     }
 }
+
+#[test]
+fn pure_machines_and_policies_never_read_a_clock() {
+    let pure = [
+        "crates/synesis-tunnel/src/machine",
+        "crates/synesis-vitals/src/policy.rs",
+    ];
+    for dir in pure {
+        let path = root().join(dir);
+        let files = if path.is_dir() {
+            rust_files(&path)
+        } else {
+            vec![path]
+        };
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            // Tests may take one `Instant::now()` as the origin of their virtual clock.
+            let code = text.split("#[cfg(test)]").next().unwrap();
+            let code = if file.ends_with("tests.rs") { "" } else { code };
+            for banned in [
+                "Instant::now",
+                "SystemTime::now",
+                "thread::sleep",
+                "tokio::",
+                "rand::",
+            ] {
+                assert!(!code.contains(banned), "{} uses {banned}", file.display());
+            }
+        }
+    }
+}
