@@ -1,1 +1,194 @@
-fn main() {}
+//! `synesis-cloud` — `serve` runs the QUIC endpoint, `admin` is the operator's tool beside it
+//! (same data directory). The work is in the library (`src/lib.rs`); this file parses flags
+//! and dispatches.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use synesis_cloud::{admin, db, server};
+use synesis_proto::DeviceId;
+use synesis_proto::message::Tier;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "synesis-cloud",
+    version,
+    about = "The Synesis cloud: devices connect here over QUIC."
+)]
+struct Cli {
+    /// More log output on stderr (-v info, -vv debug). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the cloud: accept devices on a QUIC endpoint until SIGTERM, then drain and exit 0.
+    Serve {
+        /// Address to listen on (UDP). Port 0 picks a free port; the line `listening on ADDR`
+        /// on stdout says which.
+        #[arg(long, default_value = "0.0.0.0:4433")]
+        listen: SocketAddr,
+        /// Where the CA, the server certificate and the database live (created on first start).
+        #[arg(long, env = "SYNESIS_CLOUD_DATA_DIR")]
+        data_dir: PathBuf,
+        /// On SIGTERM, devices are told to reconnect after a delay spread over this window.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        drain_window: Duration,
+        /// On SIGTERM, how long in-flight work may finish before the process exits.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        drain_grace: Duration,
+    },
+    /// Operator commands; they work beside a running server on the same data directory.
+    Admin {
+        #[arg(long, env = "SYNESIS_CLOUD_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: Admin,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Admin {
+    /// Accounts own devices.
+    Account {
+        #[command(subcommand)]
+        command: AccountCommand,
+    },
+    /// Setup tokens enroll devices.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// List devices with status (online, stale, offline, revoked), last seen, RTT and vitals.
+    Devices,
+    /// Act on one device.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountCommand {
+    /// Create an account.
+    Create {
+        name: String,
+        #[arg(long, default_value = "free", value_parser = parse_tier)]
+        tier: Tier,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print one single-use setup token for `synesis cloud login TOKEN` (and nothing else).
+    Create {
+        /// The account the device joins.
+        #[arg(long)]
+        account: String,
+        /// How long the token stays usable.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// The address devices dial (default: the address the running cloud listens on).
+        #[arg(long)]
+        server: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// Revoke a device: its live connection closes within seconds and it is refused afterwards.
+    Revoke { device_id: DeviceId },
+}
+
+fn parse_tier(s: &str) -> Result<Tier, String> {
+    db::parse_tier(s).ok_or_else(|| format!("{s:?} is not a tier: free, managed or byok"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("synesis-cloud: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            listen,
+            data_dir,
+            drain_window,
+            drain_grace,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(server::serve(server::Options {
+                listen,
+                data_dir,
+                drain_window,
+                drain_grace,
+            }))
+        }
+        Command::Admin {
+            data_dir,
+            json,
+            command,
+        } => match command {
+            Admin::Account {
+                command: AccountCommand::Create { name, tier },
+            } => admin::account_create(&data_dir, &name, tier, json),
+            Admin::Token {
+                command:
+                    TokenCommand::Create {
+                        account,
+                        ttl,
+                        server,
+                    },
+            } => admin::token_create(&data_dir, &account, ttl, server),
+            Admin::Devices => admin::devices(&data_dir, json),
+            Admin::Device {
+                command: DeviceCommand::Revoke { device_id },
+            } => admin::device_revoke(&data_dir, device_id),
+        },
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definitions_are_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

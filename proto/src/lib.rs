@@ -20,6 +20,7 @@ pub mod error;
 pub mod frame;
 pub mod ids;
 pub mod message;
+pub mod token;
 pub mod vitals;
 
 #[cfg(test)]
@@ -32,6 +33,7 @@ pub use frame::{
 };
 pub use ids::{AccountId, Blob, DeviceId, IdError, MicroUsd, RequestId, Sha256, UnixMillis};
 pub use message::{Message, MessageType, StreamKind};
+pub use token::{SetupToken, TokenError};
 pub use vitals::Vitals;
 
 /// The ALPN protocol identifier both peers set on their TLS configuration.

@@ -169,6 +169,9 @@ messages! {
     /// Device → cloud: the account's tier and the price table.
     0x5a => PriceRequest on Account,
     0x5b => PriceReply on Account,
+    /// Device → cloud: revoke this device (`synesis cloud logout`).
+    0x5c => DeviceLeave on Account,
+    0x5d => DeviceLeft on Account,
 }
 
 // ---------------------------------------------------------------- control
@@ -586,6 +589,20 @@ pub struct PriceReply {
     pub prices: Vec<ModelPrice>,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct DeviceLeave {
+    pub request_id: RequestId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct DeviceLeft {
+    pub request_id: RequestId,
+    /// The device now revoked: the caller itself.
+    pub device_id: DeviceId,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -600,7 +617,7 @@ mod tests {
 
     #[test]
     fn unassigned_bytes_name_no_type() {
-        for b in [0x00, 0x09, 0x22, 0x35, 0x45, 0x5c, 0xff] {
+        for b in [0x00, 0x09, 0x22, 0x35, 0x45, 0x5e, 0xff] {
             assert_eq!(MessageType::from_u8(b), None, "0x{b:02x}");
         }
     }

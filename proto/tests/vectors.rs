@@ -299,6 +299,15 @@ fn samples() -> Vec<Message> {
             }],
         }
         .into(),
+        DeviceLeave {
+            request_id: rid(11),
+        }
+        .into(),
+        DeviceLeft {
+            request_id: rid(11),
+            device_id: device(),
+        }
+        .into(),
     ]
 }
 

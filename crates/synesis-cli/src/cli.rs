@@ -71,8 +71,80 @@ impl GlobalArgs {
 pub(crate) enum Command {
     /// Show this device's vitals: CPU, memory, the data disk, temperatures, NVIDIA GPUs.
     Vitals(VitalsArgs),
+    /// Enroll this device with a Synesis cloud and ask the running tunnel about it.
+    Cloud {
+        #[command(subcommand)]
+        command: CloudCommand,
+    },
+    /// Run the tunnel service: keep this device connected to its cloud.
+    Tunnel {
+        #[command(subcommand)]
+        command: TunnelCommand,
+    },
     /// Show where Synesis keeps its config, data and runtime files, and why.
     Paths,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CloudCommand {
+    /// Enroll this device with the setup token an account owner gave you.
+    Login(LoginArgs),
+    /// Revoke this device on the cloud and delete its identity here.
+    Logout(LogoutArgs),
+    /// The tunnel's state, as the running service sees it (exit code 3 when none runs).
+    Status,
+    /// Measure the round trip to the cloud through the running tunnel.
+    Ping(PingArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "The token comes from the cloud's operator: \
+`synesis-cloud admin token create --account NAME`. It names the cloud, pins its certificate \
+authority and works once. The device makes its key here; only a signing request leaves it.")]
+pub(crate) struct LoginArgs {
+    /// The setup token (SYN1:…).
+    pub(crate) token: String,
+    /// A name for this device on the cloud (default: the host name).
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct LogoutArgs {
+    /// Delete the local identity even when the cloud cannot be reached to revoke it.
+    #[arg(long)]
+    pub(crate) force: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PingArgs {
+    /// How many heartbeats to time.
+    #[arg(long, short = 'c', default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub(crate) count: u32,
+    /// Time between pings.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub(crate) interval: std::time::Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TunnelCommand {
+    /// Run the tunnel in the foreground until Ctrl-C; serves `synesis cloud status` and `ping`.
+    Run(TunnelRunArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TunnelRunArgs {
+    /// Time between heartbeats; the cloud marks the device stale after three missed ones.
+    #[arg(long, default_value = "5s", value_parser = parse_heartbeat_interval)]
+    pub(crate) heartbeat_interval: std::time::Duration,
+}
+
+fn parse_heartbeat_interval(text: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if !(std::time::Duration::from_millis(100)..=std::time::Duration::from_secs(15)).contains(&d) {
+        return Err("must be between 100ms and 15s".into());
+    }
+    Ok(d)
 }
 
 #[derive(Debug, Args)]

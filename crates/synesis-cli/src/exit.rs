@@ -4,17 +4,24 @@
 pub(crate) const FAILURE: u8 = 1;
 /// The command line was wrong (clap exits with 2 itself; errors found later use it too).
 pub(crate) const USAGE: u8 = 2;
+/// The tunnel service is not running (for commands that need it).
+pub(crate) const NOT_RUNNING: u8 = 3;
 
 /// A failure the user can act on, with the exit code it deserves.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UserError {
     #[error("{0}")]
     Usage(String),
+    #[error(
+        "the tunnel service is not running; start it with `synesis tunnel run` (it keeps running in the foreground)"
+    )]
+    NotRunning,
 }
 
 pub(crate) fn code_for(err: &anyhow::Error) -> u8 {
     match err.downcast_ref::<UserError>() {
         Some(UserError::Usage(_)) => USAGE,
+        Some(UserError::NotRunning) => NOT_RUNNING,
         None => FAILURE,
     }
 }

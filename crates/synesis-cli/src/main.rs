@@ -11,6 +11,7 @@ mod cli;
 mod commands;
 mod exit;
 mod paths;
+mod service;
 mod signals;
 
 use std::process::ExitCode;
@@ -41,6 +42,19 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
         .build()?;
     match &cli.command {
         cli::Command::Vitals(args) => runtime.block_on(commands::vitals::run(&out, &paths, args)),
+        cli::Command::Cloud { command } => runtime.block_on(async {
+            match command {
+                cli::CloudCommand::Login(args) => commands::cloud::login(&out, &paths, args).await,
+                cli::CloudCommand::Logout(args) => {
+                    commands::cloud::logout(&out, &paths, args).await
+                }
+                cli::CloudCommand::Status => commands::cloud::status(&out, &paths).await,
+                cli::CloudCommand::Ping(args) => commands::cloud::ping(&out, &paths, args).await,
+            }
+        }),
+        cli::Command::Tunnel {
+            command: cli::TunnelCommand::Run(args),
+        } => runtime.block_on(commands::tunnel::run(&paths, args)),
         cli::Command::Paths => commands::paths::run(&out, &paths),
     }
 }
@@ -58,6 +72,7 @@ fn init_tracing(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }

@@ -1,4 +1,21 @@
 //! `synesis-tunnel` — the device's one outbound QUIC connection to the Synesis cloud.
 //!
-//! - [`machine`]: the pure reconnect/heartbeat state machine (no IO, no clock).
+//! - [`machine`]: the pure reconnect/heartbeat state machine (no IO, no clock, seeded jitter).
+//! - [`driver`]: the actor that executes the machine with quinn and tokio ([`Tunnel::spawn`],
+//!   [`TunnelHandle`], [`TunnelStatus`] on a `watch` channel).
+//! - [`enroll`](enroll::enroll): trade a setup token for an [`Identity`] (`synesis cloud login`).
+//! - [`request`](request::request): one request/reply on a fresh mutual-TLS connection.
+//! - [`identity`], [`tls`], [`connect`]: the device's files, TLS configuration and dialing.
+//!
+//! It must not import the cloud, and it holds no policy about what to escalate.
+
+pub mod connect;
+pub mod driver;
+pub mod enroll;
+pub mod identity;
 pub mod machine;
+pub mod request;
+pub mod tls;
+
+pub use driver::{Options, PingError, Tunnel, TunnelHandle, TunnelStatus};
+pub use identity::{Identity, IdentityError, IdentityInfo};

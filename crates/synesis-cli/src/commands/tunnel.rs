@@ -1,0 +1,110 @@
+//! `synesis tunnel run`: keep this device connected, in the foreground, until Ctrl-C or SIGTERM.
+//!
+//! It runs three tasks: the tunnel driver, a vitals sampler feeding the heartbeats, and the
+//! local API on the Unix socket that `synesis cloud status` and `ping` ask. State changes are
+//! reported on stderr. A tunnel that failed for good (a revoked device, say) keeps the service
+//! up, so that `synesis cloud status` can say why, and makes no further attempts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use synesis_tunnel::machine::Config;
+use synesis_tunnel::{Identity, Options, Tunnel};
+use synesis_vitals::{SystemSampler, VitalsSource};
+use tokio::sync::watch;
+
+use crate::cli::TunnelRunArgs;
+use crate::paths::Paths;
+use crate::service;
+use crate::signals::Shutdown;
+
+pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<()> {
+    let Some(identity) = Identity::load(&paths.data.path)? else {
+        bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
+    };
+    let listener = service::bind(&paths.runtime.path).await?;
+    let mut shutdown = Shutdown::listen().context("cannot listen for Ctrl-C")?;
+
+    let sampler =
+        SystemSampler::new(&paths.data.path).context("cannot read this device's vitals")?;
+    let (sampler, first) = sample(sampler).await?;
+    let (vitals_tx, vitals) = watch::channel(first);
+    let sampling = tokio::spawn(sample_forever(sampler, args.heartbeat_interval, vitals_tx));
+
+    let config = Config {
+        heartbeat_interval: args.heartbeat_interval,
+        ..Config::default()
+    };
+    let (device, server) = (identity.info.device_id, identity.info.server.clone());
+    let tunnel = Arc::new(Tunnel::spawn(Options {
+        identity,
+        config,
+        vitals,
+        seed: rand::random(),
+    }));
+    let mut status = tunnel.status();
+    let api = tokio::spawn(service::serve(listener, Arc::clone(&tunnel)));
+    eprintln!("synesis: tunnel for device {device} to {server}; Ctrl-C to stop");
+
+    let mut last_state = "";
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.requested() => break,
+            changed = status.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let s = status.borrow_and_update().clone();
+                if s.state != last_state {
+                    last_state = s.state;
+                    match (&s.failure, s.state) {
+                        (Some(why), "failed" | "reconnecting") => eprintln!("synesis: {} ({why})", s.state),
+                        _ => eprintln!("synesis: {}", s.state),
+                    }
+                }
+            }
+        }
+    }
+    api.abort();
+    let _ = api.await;
+    sampling.abort();
+    let _ = std::fs::remove_file(service::socket_path(&paths.runtime.path));
+    if let Ok(tunnel) = Arc::try_unwrap(tunnel) {
+        tunnel.shutdown().await;
+    }
+    eprintln!("synesis: stopped");
+    Ok(())
+}
+
+async fn sample(
+    mut sampler: SystemSampler,
+) -> anyhow::Result<(SystemSampler, synesis_proto::Vitals)> {
+    tokio::task::spawn_blocking(move || {
+        let vitals = sampler.sample();
+        (sampler, vitals)
+    })
+    .await
+    .context("the sampling thread failed")
+}
+
+async fn sample_forever(
+    mut sampler: SystemSampler,
+    every: Duration,
+    vitals: watch::Sender<synesis_proto::Vitals>,
+) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await; // the first tick is immediate; a sample was just taken
+    loop {
+        ticker.tick().await;
+        let Ok((s, v)) = sample(sampler).await else {
+            return;
+        };
+        sampler = s;
+        if vitals.send(v).is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! Dialing the cloud, and telling apart failures that retrying can heal from those it cannot.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use synesis_proto::ErrorCode;
+use synesis_proto::message::ErrorMsg;
+use synesis_wire::error_code_of;
+use synesis_wire::tls::SERVER_NAME;
+
+use crate::machine::{Failure, Fatal};
+
+/// Resolves `host:port` (a name may resolve differently after a move, so every attempt asks).
+pub async fn resolve(server: &str) -> Result<SocketAddr, Failure> {
+    let mut addrs = tokio::net::lookup_host(server)
+        .await
+        .map_err(|e| Failure::Transient(format!("cannot resolve {server}: {e}")))?;
+    addrs
+        .next()
+        .ok_or_else(|| Failure::Transient(format!("{server} resolves to no address")))
+}
+
+/// A client endpoint on an OS-chosen port, of the server's address family.
+pub fn client_endpoint(server: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let bind: SocketAddr = if server.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    }
+    .parse()
+    .map_err(std::io::Error::other)?;
+    quinn::Endpoint::client(bind)
+}
+
+/// Connects and completes the QUIC and TLS handshakes within `limit`.
+pub async fn dial(
+    endpoint: &quinn::Endpoint,
+    config: quinn::ClientConfig,
+    addr: SocketAddr,
+    limit: Duration,
+) -> Result<quinn::Connection, Failure> {
+    let connecting = endpoint
+        .connect_with(config, addr, SERVER_NAME)
+        .map_err(|e| Failure::Transient(format!("cannot connect to {addr}: {e}")))?;
+    match tokio::time::timeout(limit, connecting).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(classify(&e)),
+        Err(_) => Err(Failure::Transient(format!(
+            "no answer from {addr} within {}s",
+            limit.as_secs()
+        ))),
+    }
+}
+
+/// What a connection error means for the tunnel.
+pub fn classify(err: &quinn::ConnectionError) -> Failure {
+    if let Some(code) = error_code_of(err) {
+        return classify_code(code, &err.to_string());
+    }
+    match err {
+        quinn::ConnectionError::VersionMismatch => Failure::Fatal(Fatal::IncompatibleVersion(
+            "no QUIC version in common".into(),
+        )),
+        // TLS alerts travel as QUIC crypto errors (0x100 + alert). A certificate the other side
+        // does not accept will not become acceptable by retrying.
+        quinn::ConnectionError::TransportError(e) if is_crypto(u64::from(e.code)) => {
+            Failure::Fatal(Fatal::BadIdentity(e.to_string()))
+        }
+        quinn::ConnectionError::ConnectionClosed(c) if is_crypto(u64::from(c.error_code)) => {
+            Failure::Fatal(Fatal::BadIdentity(c.to_string()))
+        }
+        other => Failure::Transient(other.to_string()),
+    }
+}
+
+fn is_crypto(code: u64) -> bool {
+    (0x100..0x200).contains(&code)
+}
+
+/// What an error code from the cloud means for the tunnel.
+pub fn classify_code(code: ErrorCode, message: &str) -> Failure {
+    match code {
+        ErrorCode::DEVICE_REVOKED => Failure::Fatal(Fatal::Revoked),
+        ErrorCode::UNAUTHENTICATED => Failure::Fatal(Fatal::BadIdentity(message.to_owned())),
+        ErrorCode::UNSUPPORTED_VERSION => {
+            Failure::Fatal(Fatal::IncompatibleVersion(message.to_owned()))
+        }
+        _ => Failure::Transient(format!(
+            "the cloud closed the connection: {code}: {message}"
+        )),
+    }
+}
+
+pub fn classify_error_msg(e: &ErrorMsg) -> Failure {
+    classify_code(e.code, &e.message)
+}

@@ -1,0 +1,491 @@
+//! The driver: performs what the [`Machine`] asks with quinn and tokio, and feeds back what
+//! happened (STYLE.md §1: it holds no `if` about backoff or liveness; those are the machine's).
+//!
+//! [`Tunnel::spawn`] starts it as an actor (THREAD_SAFETY_PATTERNS.md §3): a bounded command
+//! inbox, a `watch` channel with the [`TunnelStatus`], and a [`TunnelHandle`] whose drop stops
+//! it. One connection at a time; each gets a generation number so that a late event from a
+//! connection the machine already gave up on is dropped.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use synesis_proto::message::{Heartbeat, Hello};
+use synesis_proto::vitals::Vitals;
+use synesis_proto::{DeviceId, FrameLimits, Message, PROTOCOL_VERSION, UnixMillis};
+use synesis_wire::{FramedRecv, send};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::connect::{classify, classify_error_msg, client_endpoint, dial, resolve};
+use crate::enroll::unix_now;
+use crate::identity::Identity;
+use crate::machine::{Action, Config, Event, Failure, Machine, State};
+use crate::tls::device_client_config;
+
+/// Commands queued for the driver.
+const COMMAND_INBOX_CAPACITY: usize = 16;
+/// Events queued from the connection's reader.
+const EVENT_INBOX_CAPACITY: usize = 32;
+/// Frames queued for the connection's writer; a heartbeat that does not fit is dropped (the
+/// machine notices missing acks).
+const OUTBOX_CAPACITY: usize = 8;
+/// Pings waiting for their ack.
+const PINGS_IN_FLIGHT_MAX: usize = 16;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TunnelStatus {
+    /// `connecting`, `connected`, `reconnecting`, `failed` or `stopped`.
+    pub state: &'static str,
+    pub device_id: DeviceId,
+    pub account: String,
+    pub server: String,
+    pub rtt_ms: Option<f64>,
+    pub last_heartbeat_ack_at: Option<UnixMillis>,
+    pub connected_since: Option<UnixMillis>,
+    pub reconnects: u64,
+    pub failure: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PingError {
+    #[error("the tunnel is not connected ({0})")]
+    NotConnected(&'static str),
+    #[error("too many pings in flight")]
+    Busy,
+    #[error("the connection ended before the ack")]
+    Lost,
+    #[error("the tunnel stopped")]
+    Stopped,
+}
+
+enum Command {
+    Ping(oneshot::Sender<Result<Duration, PingError>>),
+}
+
+#[derive(Debug)]
+pub struct Options {
+    pub identity: Identity,
+    pub config: Config,
+    /// The latest vitals; each heartbeat carries the value current when it is sent.
+    pub vitals: watch::Receiver<Vitals>,
+    /// Seeds the backoff jitter.
+    pub seed: u64,
+}
+
+/// Controls a running tunnel. Dropping it stops the tunnel and closes the connection.
+#[derive(Debug)]
+pub struct TunnelHandle {
+    commands: mpsc::Sender<Command>,
+    status: watch::Receiver<TunnelStatus>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TunnelHandle {
+    pub fn status(&self) -> watch::Receiver<TunnelStatus> {
+        self.status.clone()
+    }
+
+    /// Measures the round trip of one heartbeat sent now.
+    pub async fn ping(&self) -> Result<Duration, PingError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Ping(tx))
+            .await
+            .map_err(|_| PingError::Stopped)?;
+        rx.await.map_err(|_| PingError::Stopped)?
+    }
+
+    /// Stops the tunnel and waits until its connection is closed.
+    pub async fn shutdown(self) {
+        let TunnelHandle { commands, task, .. } = self;
+        drop(commands);
+        let _ = task.await;
+    }
+}
+
+#[derive(Debug)]
+pub struct Tunnel;
+
+impl Tunnel {
+    pub fn spawn(options: Options) -> TunnelHandle {
+        let (commands_tx, commands) = mpsc::channel(COMMAND_INBOX_CAPACITY);
+        let initial = status_of(
+            &options.identity,
+            &Machine::new(options.config, 0),
+            &Clock::now(),
+        );
+        let (status_tx, status) = watch::channel(initial);
+        let driver = Driver::new(options, commands, status_tx);
+        let task = tokio::spawn(driver.run());
+        TunnelHandle {
+            commands: commands_tx,
+            status,
+            task,
+        }
+    }
+}
+
+/// Monotonic instants as wall-clock times, for people: one anchor read at start.
+struct Clock {
+    instant: Instant,
+    wall: SystemTime,
+}
+
+impl Clock {
+    fn now() -> Clock {
+        Clock {
+            instant: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+
+    fn wall(&self, at: Instant) -> UnixMillis {
+        let t = self.wall + at.saturating_duration_since(self.instant);
+        let ms = t
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        UnixMillis(i64::try_from(ms).unwrap_or(i64::MAX))
+    }
+}
+
+fn status_of(identity: &Identity, machine: &Machine, clock: &Clock) -> TunnelStatus {
+    let s = machine.status();
+    TunnelStatus {
+        state: match s.state {
+            State::Disconnected => "stopped",
+            State::Connecting => "connecting",
+            State::Connected => "connected",
+            State::Reconnecting => "reconnecting",
+            State::Failed => "failed",
+        },
+        device_id: identity.info.device_id,
+        account: identity.info.account.clone(),
+        server: identity.info.server.clone(),
+        rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1_000.0),
+        last_heartbeat_ack_at: s.last_ack_at.map(|t| clock.wall(t)),
+        connected_since: s.connected_since.map(|t| clock.wall(t)),
+        reconnects: s.reconnects,
+        failure: s.failure,
+    }
+}
+
+/// An established session: the writer's inbox and the connection.
+struct Link {
+    generation: u64,
+    conn: quinn::Connection,
+    outbox: mpsc::Sender<Message>,
+}
+
+enum LinkEvent {
+    Message(Message),
+    Lost(Failure),
+}
+
+type Connecting = Pin<
+    Box<
+        dyn Future<
+                Output = Result<
+                    (
+                        quinn::Connection,
+                        quinn::SendStream,
+                        FramedRecv<quinn::RecvStream>,
+                    ),
+                    Failure,
+                >,
+            > + Send,
+    >,
+>;
+
+struct Driver {
+    options: Options,
+    machine: Machine,
+    clock: Clock,
+    commands: mpsc::Receiver<Command>,
+    status: watch::Sender<TunnelStatus>,
+    events_tx: mpsc::Sender<(u64, LinkEvent)>,
+    events: mpsc::Receiver<(u64, LinkEvent)>,
+    connecting: Option<Connecting>,
+    link: Option<Link>,
+    generation: u64,
+    pings: HashMap<u64, oneshot::Sender<Result<Duration, PingError>>>,
+}
+
+impl Driver {
+    fn new(
+        options: Options,
+        commands: mpsc::Receiver<Command>,
+        status: watch::Sender<TunnelStatus>,
+    ) -> Driver {
+        let (events_tx, events) = mpsc::channel(EVENT_INBOX_CAPACITY);
+        Driver {
+            machine: Machine::new(options.config, options.seed),
+            options,
+            clock: Clock::now(),
+            commands,
+            status,
+            events_tx,
+            events,
+            connecting: None,
+            link: None,
+            generation: 0,
+            pings: HashMap::new(),
+        }
+    }
+
+    async fn run(mut self) {
+        self.machine.handle(Instant::now(), Event::Start);
+        loop {
+            self.perform_actions();
+            self.status.send_replace(status_of(
+                &self.options.identity,
+                &self.machine,
+                &self.clock,
+            ));
+            let deadline = self.machine.poll_timeout();
+            let sleep = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let connecting = async {
+                match self.connecting.as_mut() {
+                    Some(fut) => fut.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                command = self.commands.recv() => match command {
+                    Some(Command::Ping(reply)) => self.ping(reply),
+                    None => break,
+                },
+                result = connecting => {
+                    self.connecting = None;
+                    self.connected(result);
+                }
+                Some((generation, event)) = self.events.recv() => {
+                    if self.link.as_ref().is_some_and(|l| l.generation == generation) {
+                        self.link_event(event);
+                    }
+                }
+                () = sleep => self.machine.handle_timeout(Instant::now()),
+            }
+        }
+        self.machine.handle(Instant::now(), Event::Stop);
+        self.perform_actions();
+        self.status.send_replace(status_of(
+            &self.options.identity,
+            &self.machine,
+            &self.clock,
+        ));
+    }
+
+    fn perform_actions(&mut self) {
+        while let Some(action) = self.machine.poll_action() {
+            match action {
+                Action::Connect => self.connect(),
+                Action::SendHeartbeat { seq } => self.send_heartbeat(seq),
+                Action::Close(reason) => {
+                    self.connecting = None;
+                    if let Some(link) = self.link.take() {
+                        tracing::debug!(?reason, "closing the connection");
+                        link.conn
+                            .close(0u32.into(), format!("{reason:?}").as_bytes());
+                    }
+                    for (_, reply) in self.pings.drain() {
+                        let _ = reply.send(Err(PingError::Lost));
+                    }
+                }
+            }
+        }
+    }
+
+    fn connect(&mut self) {
+        let identity = self.options.identity.clone();
+        let interval = self.machine.config().heartbeat_interval;
+        let limit = self.machine.config().connect_timeout;
+        self.connecting = Some(Box::pin(async move {
+            let addr = resolve(&identity.info.server).await?;
+            let config = device_client_config(&identity, interval)
+                .map_err(|e| Failure::Fatal(crate::machine::Fatal::BadIdentity(e.to_string())))?;
+            let endpoint = client_endpoint(addr).map_err(|e| Failure::Transient(e.to_string()))?;
+            let started = Instant::now();
+            let conn = dial(&endpoint, config, addr, limit).await?;
+            let (mut tx, rx) = conn.open_bi().await.map_err(|e| classify(&e))?;
+            let hello = Hello {
+                protocol_versions: vec![PROTOCOL_VERSION],
+                client: format!("synesis/{}", env!("CARGO_PKG_VERSION")),
+                heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
+                max_frame_bytes: FrameLimits::default().max_payload_bytes(),
+            };
+            send(&mut tx, &hello.into(), FrameLimits::default())
+                .await
+                .map_err(|e| Failure::Transient(e.to_string()))?;
+            let mut rx = FramedRecv::new(rx, FrameLimits::default());
+            let first = tokio::select! {
+                first = rx.next() => first,
+                closed = conn.closed() => return Err(classify(&closed)),
+            };
+            match first {
+                Ok(Some(Message::Welcome(w))) => {
+                    rx.set_limits(FrameLimits::default().negotiate(w.max_frame_bytes));
+                    tracing::info!(handshake_ms = started.elapsed().as_millis(), server = %addr, "session established");
+                    Ok((conn, tx, rx))
+                }
+                Ok(Some(Message::ErrorMsg(e))) => Err(classify_error_msg(&e)),
+                Ok(Some(other)) => Err(Failure::Transient(format!(
+                    "unexpected {:?} before welcome",
+                    other.message_type()
+                ))),
+                Ok(None) => Err(Failure::Transient(
+                    "the cloud closed the control stream".into(),
+                )),
+                Err(e) => Err(Failure::Transient(e.to_string())),
+            }
+        }));
+    }
+
+    fn connected(
+        &mut self,
+        result: Result<
+            (
+                quinn::Connection,
+                quinn::SendStream,
+                FramedRecv<quinn::RecvStream>,
+            ),
+            Failure,
+        >,
+    ) {
+        let now = Instant::now();
+        match result {
+            Ok((conn, tx, rx)) => {
+                self.generation += 1;
+                let generation = self.generation;
+                let (outbox, outbox_rx) = mpsc::channel(OUTBOX_CAPACITY);
+                tokio::spawn(write_loop(tx, outbox_rx));
+                tokio::spawn(read_loop(
+                    generation,
+                    conn.clone(),
+                    rx,
+                    self.events_tx.clone(),
+                ));
+                self.link = Some(Link {
+                    generation,
+                    conn,
+                    outbox,
+                });
+                self.machine.handle(now, Event::Connected);
+            }
+            Err(failure) => {
+                tracing::info!(?failure, "connection attempt failed");
+                self.machine.handle(now, Event::ConnectFailed(failure));
+            }
+        }
+    }
+
+    fn link_event(&mut self, event: LinkEvent) {
+        let now = Instant::now();
+        match event {
+            LinkEvent::Message(Message::HeartbeatAck(ack)) => {
+                self.machine
+                    .handle(now, Event::HeartbeatAck { seq: ack.seq });
+                if let Some(reply) = self.pings.remove(&ack.seq) {
+                    let rtt = self.machine.status().rtt.ok_or(PingError::Lost);
+                    let _ = reply.send(rtt);
+                }
+            }
+            LinkEvent::Message(Message::Drain(d)) => {
+                tracing::info!(after_ms = d.reconnect_after_ms, reason = %d.reason, "the cloud is draining");
+                let reconnect_after = Duration::from_millis(u64::from(d.reconnect_after_ms));
+                self.machine.handle(now, Event::Drain { reconnect_after });
+            }
+            LinkEvent::Message(Message::ErrorMsg(e)) => {
+                tracing::warn!(code = %e.code, message = %e.message, "the cloud reported an error");
+                self.machine
+                    .handle(now, Event::ConnectionLost(classify_error_msg(&e)));
+            }
+            LinkEvent::Message(other) => {
+                tracing::debug!(message = ?other.message_type(), "ignoring a control message this version does not use");
+            }
+            LinkEvent::Lost(failure) => {
+                tracing::info!(?failure, "connection lost");
+                self.machine.handle(now, Event::ConnectionLost(failure));
+            }
+        }
+    }
+
+    fn send_heartbeat(&mut self, seq: u64) {
+        let Some(link) = &self.link else { return };
+        let vitals = self.options.vitals.borrow().clone();
+        let heartbeat = Heartbeat {
+            seq,
+            sent_at: unix_now(),
+            vitals,
+        };
+        if link.outbox.try_send(heartbeat.into()).is_err() {
+            tracing::debug!(seq, "the writer is behind; heartbeat dropped");
+        }
+    }
+
+    fn ping(&mut self, reply: oneshot::Sender<Result<Duration, PingError>>) {
+        if self.pings.len() >= PINGS_IN_FLIGHT_MAX {
+            let _ = reply.send(Err(PingError::Busy));
+            return;
+        }
+        let state = self.machine.state();
+        match self.machine.ping(Instant::now()) {
+            Some(seq) => {
+                self.pings.insert(seq, reply);
+            }
+            None => {
+                let why = match state {
+                    State::Failed => "failed",
+                    State::Reconnecting => "reconnecting",
+                    State::Connecting => "connecting",
+                    _ => "stopped",
+                };
+                let _ = reply.send(Err(PingError::NotConnected(why)));
+            }
+        }
+    }
+}
+
+async fn write_loop(mut tx: quinn::SendStream, mut outbox: mpsc::Receiver<Message>) {
+    while let Some(message) = outbox.recv().await {
+        if let Err(e) = send(&mut tx, &message, FrameLimits::default()).await {
+            tracing::debug!(error = %e, "control stream write failed");
+            break;
+        }
+    }
+    let _ = tx.finish();
+}
+
+async fn read_loop(
+    generation: u64,
+    conn: quinn::Connection,
+    mut rx: FramedRecv<quinn::RecvStream>,
+    events: mpsc::Sender<(u64, LinkEvent)>,
+) {
+    loop {
+        let event = tokio::select! {
+            message = rx.next() => match message {
+                Ok(Some(m)) => LinkEvent::Message(m),
+                Ok(None) => LinkEvent::Lost(Failure::Transient("the cloud closed the control stream".into())),
+                Err(e) => match e.peer_fault() {
+                    // A framing error from the cloud: not healed by waiting, but a restarted
+                    // cloud may be fine; retry with backoff.
+                    Some(code) => LinkEvent::Lost(Failure::Transient(format!("bad frame from the cloud: {code}"))),
+                    None => LinkEvent::Lost(classify(&conn.closed().await)),
+                },
+            },
+            closed = conn.closed() => LinkEvent::Lost(classify(&closed)),
+        };
+        let lost = matches!(event, LinkEvent::Lost(_));
+        if events.send((generation, event)).await.is_err() || lost {
+            return;
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! One request and its reply over a fresh mutual-TLS connection (used when no tunnel service
+//! runs, e.g. `synesis cloud logout`).
+
+use std::time::Duration;
+
+use synesis_proto::{FrameLimits, Message};
+use synesis_wire::{FramedRecv, send};
+
+use crate::connect::{client_endpoint, dial, resolve};
+use crate::identity::Identity;
+use crate::machine::{CONNECT_TIMEOUT, Failure, HEARTBEAT_INTERVAL_DEFAULT};
+use crate::tls::device_client_config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<Failure> for RequestError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Transient(s) => RequestError::Failed(s),
+            Failure::Fatal(f) => RequestError::Failed(f.to_string()),
+        }
+    }
+}
+
+/// Sends `message` on a new stream and returns the first message that comes back.
+pub async fn request(identity: &Identity, message: Message) -> Result<Message, RequestError> {
+    let addr = resolve(&identity.info.server).await?;
+    let config = device_client_config(identity, HEARTBEAT_INTERVAL_DEFAULT)
+        .map_err(|e| RequestError::Failed(e.to_string()))?;
+    let endpoint = client_endpoint(addr).map_err(|e| RequestError::Failed(e.to_string()))?;
+    let conn = dial(&endpoint, config, addr, CONNECT_TIMEOUT).await?;
+    let result = async {
+        let (mut tx, rx) = conn
+            .open_bi()
+            .await
+            .map_err(|e| RequestError::from(crate::connect::classify(&e)))?;
+        send(&mut tx, &message, FrameLimits::default())
+            .await
+            .map_err(|e| RequestError::Failed(e.to_string()))?;
+        let _ = tx.finish();
+        let mut rx = FramedRecv::new(rx, FrameLimits::default());
+        let reply = tokio::select! {
+            reply = tokio::time::timeout(CONNECT_TIMEOUT, rx.next()) => reply,
+            closed = conn.closed() => return Err(crate::connect::classify(&closed).into()),
+        };
+        match reply {
+            Ok(Ok(Some(reply))) => Ok(reply),
+            Ok(Ok(None)) => Err(RequestError::Failed(
+                "the cloud closed the stream without answering".into(),
+            )),
+            Ok(Err(e)) => Err(RequestError::Failed(e.to_string())),
+            Err(_) => Err(RequestError::Failed("no answer within the timeout".into())),
+        }
+    }
+    .await;
+    conn.close(0u32.into(), b"done");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    result
+}

@@ -1,0 +1,181 @@
+//! `synesis-wire` — the protocol of `synesis-proto` carried on QUIC streams.
+//!
+//! Both ends use it, so both frame, close and verify the same way:
+//! - [`FramedRecv`] / [`send`]: messages over any tokio byte stream (quinn's streams in
+//!   production, in-memory pipes in tests), with the frame limits enforced before buffering;
+//! - [`tls`]: the one crypto provider (ring), the ALPN and the server name both sides use;
+//! - [`close_code`] / [`error_code_of`]: an [`ErrorCode`] as a QUIC application close code.
+//!
+//! It must not hold protocol logic (that is the tunnel's and the cloud's) nor any clock.
+
+pub mod files;
+pub mod tls;
+
+use std::io;
+
+use synesis_proto::{
+    EncodeError, ErrorCode, FrameBuffer, FrameError, FrameLimits, Message, encode_frame,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Bytes asked of the transport per read.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("stream read failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl RecvError {
+    /// The code to tell the peer, when the fault is in what it sent.
+    pub fn peer_fault(&self) -> Option<ErrorCode> {
+        match self {
+            RecvError::Frame(e) => Some(e.code()),
+            RecvError::Io(_) => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    #[error("stream write failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// The receiving half of a stream, yielding whole messages.
+#[derive(Debug)]
+pub struct FramedRecv<R> {
+    inner: R,
+    buffer: FrameBuffer,
+}
+
+impl<R: AsyncRead + Unpin> FramedRecv<R> {
+    pub fn new(inner: R, limits: FrameLimits) -> FramedRecv<R> {
+        FramedRecv {
+            inner,
+            buffer: FrameBuffer::new(limits),
+        }
+    }
+
+    /// The next message; `Ok(None)` when the peer finished the stream between frames.
+    pub async fn next(&mut self) -> Result<Option<Message>, RecvError> {
+        let mut scratch = [0u8; READ_CHUNK_BYTES];
+        loop {
+            if let Some(message) = self.buffer.next_message()? {
+                return Ok(Some(message));
+            }
+            // Never read more than the frame at the front still needs (and at most a chunk),
+            // so an oversize header is refused before its payload is read.
+            let want = self.buffer.wanted()?.clamp(1, READ_CHUNK_BYTES);
+            let n = self.inner.read(&mut scratch[..want]).await?;
+            if n == 0 {
+                self.buffer.finish()?;
+                return Ok(None);
+            }
+            self.buffer.extend(&scratch[..n]);
+        }
+    }
+
+    pub fn set_limits(&mut self, limits: FrameLimits) {
+        self.buffer.set_limits(limits);
+    }
+
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+}
+
+/// Writes `message` as one frame.
+pub async fn send<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    message: &Message,
+    limits: FrameLimits,
+) -> Result<(), SendError> {
+    let mut frame = Vec::new();
+    encode_frame(message, limits, &mut frame)?;
+    w.write_all(&frame).await?;
+    Ok(())
+}
+
+/// An error code as a QUIC application close (or stream reset) code.
+pub fn close_code(code: ErrorCode) -> quinn::VarInt {
+    quinn::VarInt::from(code.0)
+}
+
+/// The error code a peer closed the connection with, if it closed it as the protocol does.
+pub fn error_code_of(err: &quinn::ConnectionError) -> Option<ErrorCode> {
+    match err {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            u16::try_from(close.error_code.into_inner())
+                .ok()
+                .map(ErrorCode)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use synesis_proto::message::{Drain, UploadDone};
+    use synesis_proto::{MessageType, RequestId};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn messages_cross_a_pipe_and_a_clean_end_is_none() {
+        let (mut a, b) = tokio::io::duplex(64);
+        let sent: Vec<Message> = (0..50)
+            .map(|i| {
+                Drain {
+                    reconnect_after_ms: i,
+                    reason: "x".repeat(i as usize),
+                }
+                .into()
+            })
+            .collect();
+        let to_send = sent.clone();
+        let writer = tokio::spawn(async move {
+            for m in &to_send {
+                send(&mut a, m, FrameLimits::default()).await.unwrap();
+            }
+        });
+        let mut recv = FramedRecv::new(b, FrameLimits::default());
+        let mut got = Vec::new();
+        while let Some(m) = recv.next().await.unwrap() {
+            got.push(m);
+        }
+        writer.await.unwrap();
+        assert_eq!(got, sent);
+    }
+
+    #[tokio::test]
+    async fn an_oversize_header_is_refused_without_reading_the_payload() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        a.write_all(&[MessageType::UploadChunk.as_u8(), 0xff, 0xff, 0xff, 0xff])
+            .await
+            .unwrap();
+        let mut recv = FramedRecv::new(b, FrameLimits::default());
+        let err = recv.next().await.unwrap_err();
+        assert_eq!(err.peer_fault(), Some(ErrorCode::FRAME_OVERSIZE));
+    }
+
+    #[tokio::test]
+    async fn a_cut_frame_is_truncated_not_a_clean_end() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let m: Message = UploadDone {
+            upload_id: RequestId::from_parts(1, [1; 10]),
+        }
+        .into();
+        let frame = synesis_proto::encode_frame_vec(&m, FrameLimits::default()).unwrap();
+        a.write_all(&frame[..frame.len() - 2]).await.unwrap();
+        drop(a);
+        let mut recv = FramedRecv::new(b, FrameLimits::default());
+        let err = recv.next().await.unwrap_err();
+        assert_eq!(err.peer_fault(), Some(ErrorCode::FRAME_TRUNCATED));
+    }
+}

@@ -1,0 +1,29 @@
+//! TLS pieces both ends agree on.
+
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::CertificateDer;
+use sha2::Digest;
+use synesis_proto::Sha256;
+
+/// The name the device asks for and the cloud's certificate carries. Devices pin the cloud's CA
+/// (from the setup token, then from enrollment), so the name need not be the host's DNS name:
+/// one fixed name lets a cloud move hosts and addresses without reissuing its certificate.
+pub const SERVER_NAME: &str = "synesis-cloud";
+
+/// The one crypto provider: ring. Passed explicitly everywhere, so no process-wide default is
+/// needed and a dependency that enables another provider cannot make the choice ambiguous.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The ALPN list both ends set.
+pub fn alpn() -> Vec<Vec<u8>> {
+    vec![synesis_proto::ALPN.to_vec()]
+}
+
+/// SHA-256 of a certificate's DER: how certificates are pinned and looked up.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> Sha256 {
+    Sha256(sha2::Sha256::digest(cert.as_ref()).into())
+}
