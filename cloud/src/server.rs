@@ -382,9 +382,7 @@ async fn enrollment(cloud: &Arc<Cloud>, conn: &quinn::Connection) {
             None,
         ),
     };
-    if send(&mut tx, &reply, limits).await.is_ok() {
-        let _ = tx.finish();
-    }
+    send_last(&mut tx, &reply).await;
     // Give the device the time to read the reply and close; then close anyway.
     let _ = timeout(FIRST_FRAME_TIMEOUT, conn.closed()).await;
 }
@@ -543,10 +541,9 @@ impl Session {
                 "this cloud speaks protocol version {PROTOCOL_VERSION}; the device offered {:?}",
                 hello.protocol_versions
             );
-            let _ = send(
+            send_last(
                 &mut tx,
                 &error_msg(ErrorCode::UNSUPPORTED_VERSION, why, None),
-                FrameLimits::default(),
             )
             .await;
             self.conn.close(
@@ -604,7 +601,7 @@ impl Session {
                     }
                     Ok(Some(other)) => {
                         let why = format!("{} does not belong on the control stream", other.message_type().name());
-                        let _ = send(&mut tx, &error_msg(ErrorCode::UNEXPECTED_MESSAGE, why, None), limits).await;
+                        send_last(&mut tx, &error_msg(ErrorCode::UNEXPECTED_MESSAGE, why, None)).await;
                         self.conn.close(close_code(ErrorCode::UNEXPECTED_MESSAGE), b"protocol violation on the control stream");
                         break;
                     }
@@ -612,7 +609,7 @@ impl Session {
                     Err(e) => {
                         if let Some(code) = e.peer_fault() {
                             tracing::info!(device = %id, error = %e, "closing a connection whose control stream broke the framing");
-                            let _ = send(&mut tx, &error_msg(code, e.to_string(), None), limits).await;
+                            send_last(&mut tx, &error_msg(code, e.to_string(), None)).await;
                             self.conn.close(close_code(code), b"framing error on the control stream");
                         }
                         break;
@@ -641,9 +638,7 @@ impl Session {
             Err(e) => error_msg(ErrorCode::INTERNAL, e.to_string(), Some(leave.request_id)),
         };
         tracing::info!(device = %id, "device left (revoked itself)");
-        if send(&mut tx, &reply, FrameLimits::default()).await.is_ok() {
-            let _ = tx.finish();
-        }
+        send_last(&mut tx, &reply).await;
     }
 }
 
@@ -654,7 +649,17 @@ async fn reject(
     code: ErrorCode,
     why: String,
 ) {
-    let _ = send(tx, &error_msg(code, why, None), FrameLimits::default()).await;
-    let _ = tx.finish();
     let _ = rx.get_mut().stop(close_code(code));
+    send_last(tx, &error_msg(code, why, None)).await;
+}
+
+/// How long a last message (before a stream or connection is closed) may take to arrive.
+const LAST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Sends a stream's last message and waits (briefly) until the peer has it, so that closing the
+/// connection next does not discard it.
+async fn send_last(tx: &mut quinn::SendStream, message: &Message) {
+    if send(tx, message, FrameLimits::default()).await.is_ok() && tx.finish().is_ok() {
+        let _ = timeout(LAST_MESSAGE_TIMEOUT, tx.stopped()).await;
+    }
 }

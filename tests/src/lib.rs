@@ -87,3 +87,210 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     );
     out
 }
+
+/// Polls `condition` every 50 ms until it holds or `limit` passes; returns whether it held.
+pub fn wait_for(limit: std::time::Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if condition() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Sends a signal by name (`KILL`, `STOP`, `CONT`, `TERM`, `INT`) with the system's `kill`.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// A child process killed when dropped, so a failing test leaves nothing running.
+#[derive(Debug)]
+pub struct Running {
+    pub child: std::process::Child,
+}
+
+impl Running {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit (at most `limit`); its exit code.
+    pub fn wait(&mut self, limit: std::time::Duration) -> Option<i32> {
+        let mut status = None;
+        wait_for(limit, || {
+            status = self.child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        status.and_then(|s| s.code())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `synesis-cloud serve` on loopback, on a port the OS chose, with its own data directory.
+#[derive(Debug)]
+pub struct Cloud {
+    pub process: Running,
+    pub addr: std::net::SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Cloud {
+    /// Starts a cloud on a new data directory.
+    pub fn start() -> Cloud {
+        let dir = tempfile::tempdir().expect("a data directory");
+        let (process, addr) = Cloud::spawn(dir.path(), "127.0.0.1:0");
+        Cloud { process, addr, dir }
+    }
+
+    fn spawn(dir: &Path, listen: &str) -> (Running, std::net::SocketAddr) {
+        use std::io::BufRead;
+        let mut child = Command::new(bin("synesis-cloud"))
+            .args([
+                "serve",
+                "--listen",
+                listen,
+                "--drain-window",
+                "1s",
+                "--drain-grace",
+                "3s",
+                "--data-dir",
+            ])
+            .arg(dir)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(
+                std::fs::File::create(dir.join("serve.log"))
+                    .map_or_else(|_| std::process::Stdio::null(), Into::into),
+            )
+            .spawn()
+            .expect("synesis-cloud starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("the cloud says where it listens");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .expect("an address");
+        (Running { child }, addr)
+    }
+
+    /// Starts the cloud again on the same data directory and port (after a kill).
+    pub fn restart(&mut self) {
+        let listen = self.addr.to_string();
+        let (process, addr) = Cloud::spawn(self.dir.path(), &listen);
+        let old = std::mem::replace(&mut self.process, process);
+        drop(old);
+        assert_eq!(addr, self.addr);
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn admin(&self) -> Command {
+        let mut cmd = Command::new(bin("synesis-cloud"));
+        cmd.arg("admin").arg("--data-dir").arg(self.dir.path());
+        cmd
+    }
+
+    /// A new account and a setup token for it.
+    pub fn account_and_token(&self, account: &str) -> String {
+        run_ok(self.admin().args(["account", "create", account]));
+        self.token(account, "1h")
+    }
+
+    pub fn token(&self, account: &str, ttl: &str) -> String {
+        let out =
+            run_ok(
+                self.admin()
+                    .args(["token", "create", "--account", account, "--ttl", ttl]),
+            );
+        String::from_utf8(out.stdout)
+            .expect("UTF-8")
+            .trim()
+            .to_owned()
+    }
+
+    pub fn devices(&self) -> Vec<serde_json::Value> {
+        match json_of(self.admin().args(["devices", "--json"])) {
+            serde_json::Value::Array(devices) => devices,
+            other => panic!("not a list: {other}"),
+        }
+    }
+
+    /// The status the cloud reports for one device.
+    pub fn device_status(&self, device_id: &str) -> Option<String> {
+        self.devices()
+            .into_iter()
+            .find(|d| d["device_id"] == device_id)
+            .and_then(|d| d["status"].as_str().map(str::to_owned))
+    }
+}
+
+impl Device {
+    /// `synesis cloud login TOKEN`; returns the device id.
+    pub fn login(&self, token: &str) -> String {
+        let v = json_of(self.synesis().args(["--json", "cloud", "login", token]));
+        v["device_id"].as_str().expect("a device id").to_owned()
+    }
+
+    /// `synesis tunnel run` with the given heartbeat interval, in the background.
+    pub fn tunnel(&self, heartbeat_interval: &str) -> Running {
+        let child = self
+            .synesis()
+            .args(["tunnel", "run", "--heartbeat-interval", heartbeat_interval])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(
+                std::fs::File::create(self.home().join("tunnel.log"))
+                    .map_or_else(|_| std::process::Stdio::null(), Into::into),
+            )
+            .spawn()
+            .expect("synesis tunnel run starts");
+        Running { child }
+    }
+
+    /// `synesis cloud status --json`, or `None` while no service answers.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let out = self
+            .synesis()
+            .args(["--json", "cloud", "status"])
+            .output()
+            .expect("runs");
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).expect("JSON"))
+    }
+
+    pub fn state(&self) -> Option<String> {
+        self.status()
+            .and_then(|s| s["state"].as_str().map(str::to_owned))
+    }
+
+    /// What the tunnel service wrote to stderr so far (for failure messages).
+    pub fn tunnel_log(&self) -> String {
+        std::fs::read_to_string(self.home().join("tunnel.log")).unwrap_or_default()
+    }
+}

@@ -1,0 +1,289 @@
+//! The tunnel end to end: the real `synesis-cloud` and `synesis` binaries on loopback, each
+//! device in its own SYNESIS_HOME, each cloud in its own data directory on an OS-chosen port.
+//! Heartbeats run at 1 s here so that "three missed heartbeats" takes seconds, not minutes.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::time::{Duration, Instant};
+
+use synesis_e2e::{Cloud, Device, signal, wait_for};
+
+const HEARTBEAT: &str = "1s";
+const INTERVAL: Duration = Duration::from_secs(1);
+
+fn connected(device: &Device) -> bool {
+    device.state().as_deref() == Some("connected")
+}
+
+/// A cloud, an enrolled device and its running tunnel, connected.
+fn connected_pair() -> (Cloud, Device, String, synesis_e2e::Running) {
+    let cloud = Cloud::start();
+    let device = Device::new();
+    let id = device.login(&cloud.account_and_token("acme"));
+    let tunnel = device.tunnel(HEARTBEAT);
+    assert!(
+        wait_for(Duration::from_secs(10), || connected(&device)),
+        "never connected:\n{}",
+        device.tunnel_log()
+    );
+    (cloud, device, id, tunnel)
+}
+
+#[test]
+fn login_then_the_cloud_lists_the_device_online_with_vitals() {
+    let (cloud, device, id, _tunnel) = connected_pair();
+    assert!(wait_for(Duration::from_secs(5), || {
+        cloud.devices().iter().any(|d| {
+            d["device_id"] == id.as_str() && d["status"] == "online" && d["vitals"].is_object()
+        })
+    }));
+    let listed = cloud
+        .devices()
+        .into_iter()
+        .find(|d| d["device_id"] == id.as_str())
+        .unwrap();
+    assert_eq!(listed["account"], "acme");
+    assert!(
+        listed["vitals"]["cpu"]["cores"].as_u64().unwrap() >= 1,
+        "{listed}"
+    );
+    assert!(listed["rtt_ms"].is_number());
+    assert!(listed["last_seen_at"].is_string());
+
+    let status = device.status().unwrap();
+    for key in [
+        "state",
+        "device_id",
+        "account",
+        "server",
+        "rtt_ms",
+        "last_heartbeat_ack_at",
+        "connected_since",
+        "reconnects",
+        "failure",
+    ] {
+        assert!(status.get(key).is_some(), "status lacks {key}: {status}");
+    }
+    assert_eq!(status["device_id"], id.as_str());
+    assert_eq!(status["server"], cloud.addr.to_string());
+
+    // Identity files are the owner's only.
+    #[cfg(unix)]
+    for entry in std::fs::read_dir(device.home().join("data/identity")).unwrap() {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            entry.unwrap().metadata().unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    // Ping goes through the tunnel.
+    let ping = synesis_e2e::json_of(device.synesis().args([
+        "--json",
+        "cloud",
+        "ping",
+        "--count",
+        "3",
+        "--interval",
+        "10ms",
+    ]));
+    assert_eq!(ping["count"], 3);
+    assert!(ping["min_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn after_kill_9_and_a_restart_on_the_same_port_the_device_reconnects_by_itself() {
+    let (mut cloud, device, id, _tunnel) = connected_pair();
+    signal(cloud.process.pid(), "KILL");
+    assert!(
+        wait_for(Duration::from_secs(10), || !connected(&device)),
+        "still connected to a dead cloud"
+    );
+    let restarted = Instant::now();
+    cloud.restart();
+    assert!(
+        wait_for(Duration::from_secs(30), || connected(&device)),
+        "no reconnect after the restart:\n{}",
+        device.tunnel_log()
+    );
+    eprintln!(
+        "measured: cloud restart → connected in {:?}",
+        restarted.elapsed()
+    );
+    assert!(device.status().unwrap()["reconnects"].as_u64().unwrap() >= 1);
+    assert!(wait_for(Duration::from_secs(5), || cloud
+        .device_status(&id)
+        .as_deref()
+        == Some("online")));
+}
+
+#[test]
+fn a_half_open_cloud_is_left_within_three_heartbeats_and_rejoined_after_sigcont() {
+    let (cloud, device, _id, _tunnel) = connected_pair();
+    signal(cloud.process.pid(), "STOP");
+    let stopped = Instant::now();
+    // Three intervals, plus one for the status poll and scheduling on a shared machine.
+    assert!(
+        wait_for(INTERVAL * 4, || !connected(&device)),
+        "still 'connected' {:?} after the cloud stopped answering",
+        stopped.elapsed()
+    );
+    eprintln!(
+        "measured: left 'connected' {:?} after SIGSTOP",
+        stopped.elapsed()
+    );
+    signal(cloud.process.pid(), "CONT");
+    assert!(
+        wait_for(Duration::from_secs(30), || connected(&device)),
+        "no reconnect after SIGCONT:\n{}",
+        device.tunnel_log()
+    );
+}
+
+#[test]
+fn a_stopped_device_is_marked_stale_by_the_cloud() {
+    let (cloud, _device, id, tunnel) = connected_pair();
+    assert!(wait_for(Duration::from_secs(5), || cloud
+        .device_status(&id)
+        .as_deref()
+        == Some("online")));
+    signal(tunnel.pid(), "STOP");
+    assert!(
+        wait_for(INTERVAL * 6, || cloud.device_status(&id).as_deref()
+            == Some("stale")),
+        "status: {:?}",
+        cloud.device_status(&id)
+    );
+    signal(tunnel.pid(), "CONT");
+    assert!(wait_for(Duration::from_secs(10), || cloud
+        .device_status(&id)
+        .as_deref()
+        == Some("online")));
+}
+
+fn login_error(device: &Device, token: &str) -> String {
+    let out = device
+        .synesis()
+        .args(["cloud", "login", token])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "login with a bad token succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn token_reuse_expiry_and_a_wrong_ca_pin_are_clear_errors() {
+    let cloud = Cloud::start();
+    let token = cloud.account_and_token("acme");
+    Device::new().login(&token);
+
+    let reused = login_error(&Device::new(), &token);
+    assert!(reused.contains("already used"), "{reused}");
+
+    let short = cloud.token("acme", "1ms");
+    std::thread::sleep(Duration::from_millis(20));
+    let expired = login_error(&Device::new(), &short);
+    assert!(expired.contains("expired"), "{expired}");
+
+    // The same token with another CA fingerprint: the device must refuse the cloud.
+    let good = cloud.token("acme", "1h");
+    let mut parts: Vec<&str> = good.rsplitn(4, ':').collect();
+    let wrong_pin = "00".repeat(32);
+    parts[2] = &wrong_pin;
+    parts.reverse();
+    let tampered = parts.join(":");
+    let started = Instant::now();
+    let pinned = login_error(&Device::new(), &tampered);
+    assert!(pinned.contains("fingerprint"), "{pinned}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a wrong pin must not be retried"
+    );
+
+    let garbage = login_error(&Device::new(), "not-a-token");
+    assert!(garbage.contains("setup token"), "{garbage}");
+}
+
+#[test]
+fn a_revoked_device_is_cut_off_within_5_s_and_never_retries() {
+    let (cloud, device, id, _tunnel) = connected_pair();
+    let revoked = Instant::now();
+    synesis_e2e::run_ok(cloud.admin().args(["device", "revoke", &id]));
+    assert!(
+        wait_for(Duration::from_secs(5), || device.state().as_deref()
+            == Some("failed")),
+        "state {:?} {:?} after revocation",
+        device.state(),
+        revoked.elapsed()
+    );
+    let status = device.status().unwrap();
+    assert!(
+        status["failure"].as_str().unwrap().contains("revoked"),
+        "{status}"
+    );
+    let reconnects = status["reconnects"].clone();
+    std::thread::sleep(INTERVAL * 3);
+    let later = device.status().unwrap();
+    assert_eq!(
+        later["reconnects"], reconnects,
+        "a revoked device must not retry"
+    );
+    assert_eq!(later["state"], "failed");
+    assert_eq!(cloud.device_status(&id).as_deref(), Some("revoked"));
+
+    // Starting the tunnel again fails at once too.
+    drop(_tunnel);
+    let again = device.tunnel(HEARTBEAT);
+    assert!(wait_for(Duration::from_secs(5), || device
+        .state()
+        .as_deref()
+        == Some("failed")));
+    drop(again);
+}
+
+#[test]
+fn status_and_ping_without_a_service_exit_3_and_say_how_to_start_one() {
+    let device = Device::new();
+    for args in [&["cloud", "status"][..], &["cloud", "ping"][..]] {
+        let out = device.synesis().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(3), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("synesis tunnel run"));
+    }
+}
+
+#[test]
+fn logout_revokes_on_the_cloud_and_deletes_the_identity() {
+    let cloud = Cloud::start();
+    let device = Device::new();
+    let id = device.login(&cloud.account_and_token("acme"));
+    synesis_e2e::run_ok(device.synesis().args(["cloud", "logout"]));
+    assert_eq!(cloud.device_status(&id).as_deref(), Some("revoked"));
+    assert!(!device.home().join("data/identity/identity.json").exists());
+    let out = device.synesis().args(["tunnel", "run"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not enrolled"));
+}
+
+#[test]
+fn sigterm_drains_connected_devices_and_exits_0() {
+    let (mut cloud, device, _id, _tunnel) = connected_pair();
+    signal(cloud.process.pid(), "TERM");
+    assert_eq!(
+        cloud.process.wait(Duration::from_secs(10)),
+        Some(0),
+        "exit code after SIGTERM"
+    );
+    let log = device.tunnel_log();
+    assert!(wait_for(Duration::from_secs(5), || device
+        .state()
+        .as_deref()
+        != Some("connected")));
+    // The device was told to come back later, and says so.
+    assert!(
+        wait_for(Duration::from_secs(5), || device
+            .tunnel_log()
+            .contains("draining")
+            || device.status().is_some_and(|s| s["failure"]
+                .as_str()
+                .is_some_and(|f| f.contains("draining")))),
+        "{log}"
+    );
+}
