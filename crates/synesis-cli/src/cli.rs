@@ -69,6 +69,18 @@ impl GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
+    /// Ask a question; with --local the model on this device answers, streaming.
+    Ask(AskArgs),
+    /// The GGUF models this device can run.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// LoRA adapters for those models.
+    Lora {
+        #[command(subcommand)]
+        command: LoraCommand,
+    },
     /// Show this device's vitals: CPU, memory, the data disk, temperatures, NVIDIA GPUs.
     Vitals(VitalsArgs),
     /// Enroll this device with a Synesis cloud and ask the running tunnel about it.
@@ -83,6 +95,88 @@ pub(crate) enum Command {
     },
     /// Show where Synesis keeps its config, data and runtime files, and why.
     Paths,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  synesis model add --tiny demo && synesis ask --local \"hello\"
+  echo \"summarise this\" | synesis ask --local -
+  synesis ask --local --lora legal:0.5 --max-tokens 64 --json \"hello\"
+
+Ctrl-C stops the answer where it is (finish_reason \"cancelled\").")]
+pub(crate) struct AskArgs {
+    /// The prompt; `-` reads it from stdin.
+    pub(crate) prompt: String,
+    /// Answer on this device (cloud escalation is not built yet, so this is required).
+    #[arg(long)]
+    pub(crate) local: bool,
+    /// A registered model (default: the default model).
+    #[arg(long)]
+    pub(crate) model: Option<String>,
+    /// A registered adapter to attach, with an optional scale: NAME or NAME:SCALE.
+    #[arg(long, value_parser = crate::commands::ask::parse_lora)]
+    pub(crate) lora: Option<(String, f32)>,
+    /// The most tokens to generate.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub(crate) max_tokens: u32,
+    /// Sampling temperature; 0 is greedy (deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) temperature: f32,
+    /// Seed for sampling (with a temperature above 0).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ModelCommand {
+    /// Register a GGUF model (it is loaded once to check it), or write a tiny one with --tiny.
+    Add(ModelAddArgs),
+    /// The registered models; `*` marks the default.
+    List,
+    /// Forget a model (a file Synesis wrote itself is deleted too).
+    Rm { name: String },
+    /// Make a registered model the default for `synesis ask`.
+    Default { name: String },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ModelAddArgs {
+    /// The GGUF file.
+    #[arg(required_unless_present = "tiny", conflicts_with = "tiny")]
+    pub(crate) path: Option<PathBuf>,
+    /// The name to use (default: the file name without .gguf).
+    #[arg(long, conflicts_with = "tiny")]
+    pub(crate) name: Option<String>,
+    /// Write a tiny random llama model (0.5 MB) into the data directory under NAME: no download.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) tiny: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum LoraCommand {
+    /// Register a LoRA adapter (GGUF, general.type=adapter), or write a tiny one with --tiny.
+    Add(LoraAddArgs),
+    /// The registered adapters.
+    List,
+    /// Forget an adapter.
+    Rm { name: String },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct LoraAddArgs {
+    /// The adapter file (GGUF).
+    #[arg(required_unless_present = "tiny", conflicts_with = "tiny")]
+    pub(crate) path: Option<PathBuf>,
+    /// The name requests attach it by.
+    #[arg(long)]
+    pub(crate) name: String,
+    /// The model it was trained for (checked: same architecture). Default: the default model.
+    #[arg(long)]
+    pub(crate) base: Option<String>,
+    /// Write a tiny adapter matching a tiny base model.
+    #[arg(long)]
+    pub(crate) tiny: bool,
 }
 
 #[derive(Debug, Subcommand)]

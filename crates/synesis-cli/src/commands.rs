@@ -1,6 +1,8 @@
 //! One module per command. Each prints text for people, or JSON with `--json`.
 
+pub(crate) mod ask;
 pub(crate) mod cloud;
+pub(crate) mod model;
 pub(crate) mod paths;
 pub(crate) mod tunnel;
 pub(crate) mod vitals;

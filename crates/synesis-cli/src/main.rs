@@ -11,6 +11,7 @@ mod cli;
 mod commands;
 mod exit;
 mod paths;
+mod registry;
 mod service;
 mod signals;
 
@@ -41,6 +42,18 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match &cli.command {
+        cli::Command::Ask(args) => runtime.block_on(commands::ask::run(&out, &paths, args)),
+        cli::Command::Model { command } => match command {
+            cli::ModelCommand::Add(args) => commands::model::add(&out, &paths, args),
+            cli::ModelCommand::List => commands::model::list(&out, &paths),
+            cli::ModelCommand::Rm { name } => commands::model::remove(&out, &paths, name),
+            cli::ModelCommand::Default { name } => commands::model::set_default(&out, &paths, name),
+        },
+        cli::Command::Lora { command } => match command {
+            cli::LoraCommand::Add(args) => commands::model::lora_add(&out, &paths, args),
+            cli::LoraCommand::List => commands::model::lora_list(&out, &paths),
+            cli::LoraCommand::Rm { name } => commands::model::lora_remove(&out, &paths, name),
+        },
         cli::Command::Vitals(args) => runtime.block_on(commands::vitals::run(&out, &paths, args)),
         cli::Command::Cloud { command } => runtime.block_on(async {
             match command {

@@ -1,0 +1,321 @@
+//! `synesis model …` and `synesis lora …`: the registry of what this device can run.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use synesis_infer::tiny::{TinySpec, write_lora, write_model};
+use synesis_infer::{GgufMetadata, Model, Settings};
+
+use super::Output;
+use crate::cli::{LoraAddArgs, ModelAddArgs};
+use crate::paths::Paths;
+use crate::registry::{AdapterEntry, Config, ModelEntry, check_name, digest};
+
+fn models_dir(paths: &Paths) -> PathBuf {
+    paths.data.path.join("models")
+}
+
+fn adapters_dir(paths: &Paths) -> PathBuf {
+    paths.data.path.join("adapters")
+}
+
+/// A path as the registry keeps it: absolute, so it works from any directory.
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::canonicalize(path).with_context(|| format!("{} cannot be opened", path.display()))
+}
+
+fn stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+pub(crate) fn add(out: &Output, paths: &Paths, args: &ModelAddArgs) -> anyhow::Result<()> {
+    let config_file = paths.config_file();
+    let mut config = Config::load(&config_file)?;
+    let (name, path, tiny) = match (&args.tiny, &args.path) {
+        (Some(name), None) => {
+            check_name(name)?;
+            let dir = models_dir(paths);
+            std::fs::create_dir_all(&dir)?;
+            let path = dir.join(format!("{name}.gguf"));
+            if config.models.contains_key(name) {
+                bail!("a model named {name:?} is already registered");
+            }
+            write_model(&path, TinySpec::TINY)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            (name.clone(), path, true)
+        }
+        (None, Some(path)) => {
+            let name = args.name.clone().unwrap_or_else(|| stem(path));
+            check_name(&name)?;
+            (name, absolute(path)?, false)
+        }
+        _ => bail!("give a PATH to a GGUF model, or --tiny NAME to write a tiny one"),
+    };
+    if config.models.contains_key(&name) {
+        bail!("a model named {name:?} is already registered; `synesis model rm {name}` first");
+    }
+    // A real load: the file must be a GGUF model llama.cpp accepts, not just look like one.
+    let model = Model::load(
+        &path,
+        Settings {
+            gpu_layers: 0,
+            ..Settings::default()
+        },
+    )?;
+    let info = model.info().clone();
+    drop(model);
+    let (sha256, size_bytes) = digest(&path)?;
+    let entry = ModelEntry {
+        path,
+        size_bytes,
+        sha256,
+        architecture: info.architecture,
+        context_length: u64::from(info.context_length),
+        tiny,
+    };
+    config.models.insert(name.clone(), entry.clone());
+    let is_default = config.default_model.is_none();
+    if is_default {
+        config.default_model = Some(name.clone());
+    }
+    config.save(&config_file)?;
+    #[derive(Serialize)]
+    struct View<'a> {
+        name: &'a str,
+        #[serde(flatten)]
+        entry: &'a ModelEntry,
+        default: bool,
+    }
+    out.report(
+        &View {
+            name: &name,
+            entry: &entry,
+            default: is_default,
+        },
+        || {
+            format!(
+                "added model {name}: {} ({}, {} bytes, context {}){}\n",
+                entry.path.display(),
+                entry.architecture,
+                entry.size_bytes,
+                entry.context_length,
+                if is_default { ", the default" } else { "" }
+            )
+        },
+    )?;
+    Ok(())
+}
+
+pub(crate) fn list(out: &Output, paths: &Paths) -> anyhow::Result<()> {
+    let config = Config::load(&paths.config_file())?;
+    #[derive(Serialize)]
+    struct Row<'a> {
+        name: &'a str,
+        default: bool,
+        #[serde(flatten)]
+        entry: &'a ModelEntry,
+    }
+    let rows: Vec<Row<'_>> = config
+        .models
+        .iter()
+        .map(|(name, entry)| Row {
+            name,
+            default: config.default_model.as_deref() == Some(name),
+            entry,
+        })
+        .collect();
+    out.report(&rows, || {
+        if rows.is_empty() {
+            return "no models; add one with `synesis model add PATH` or `synesis model add --tiny demo`\n".into();
+        }
+        rows.iter()
+            .map(|r| {
+                format!(
+                    "{}{:<16} {:<8} ctx {:<6} {:>12} bytes  {}\n",
+                    if r.default { "* " } else { "  " },
+                    r.name,
+                    r.entry.architecture,
+                    r.entry.context_length,
+                    r.entry.size_bytes,
+                    r.entry.path.display()
+                )
+            })
+            .collect()
+    })?;
+    Ok(())
+}
+
+pub(crate) fn remove(out: &Output, paths: &Paths, name: &str) -> anyhow::Result<()> {
+    let config_file = paths.config_file();
+    let mut config = Config::load(&config_file)?;
+    let Some(entry) = config.models.remove(name) else {
+        bail!("no model named {name:?}");
+    };
+    if config.default_model.as_deref() == Some(name) {
+        config.default_model = None;
+    }
+    config.save(&config_file)?;
+    // A file Synesis wrote itself goes too; a user's file stays where it is.
+    if entry.path.starts_with(models_dir(paths)) {
+        let _ = std::fs::remove_file(&entry.path);
+    }
+    out.report(&serde_json::json!({"removed": name}), || {
+        format!("removed model {name}\n")
+    })?;
+    Ok(())
+}
+
+pub(crate) fn set_default(out: &Output, paths: &Paths, name: &str) -> anyhow::Result<()> {
+    let config_file = paths.config_file();
+    let mut config = Config::load(&config_file)?;
+    if !config.models.contains_key(name) {
+        bail!("no model named {name:?}; `synesis model list` shows them");
+    }
+    config.default_model = Some(name.to_owned());
+    config.save(&config_file)?;
+    out.report(&serde_json::json!({"default_model": name}), || {
+        format!("default model: {name}\n")
+    })?;
+    Ok(())
+}
+
+pub(crate) fn lora_add(out: &Output, paths: &Paths, args: &LoraAddArgs) -> anyhow::Result<()> {
+    check_name(&args.name)?;
+    let config_file = paths.config_file();
+    let mut config = Config::load(&config_file)?;
+    if config.adapters.contains_key(&args.name) {
+        bail!(
+            "an adapter named {:?} is already registered; `synesis lora rm {}` first",
+            args.name,
+            args.name
+        );
+    }
+    let base = match &args.base {
+        Some(b) => Some(config.model(Some(b))?),
+        None => config.model(None).ok(),
+    };
+    let path = if args.tiny {
+        let Some((base_name, base_entry)) = base else {
+            bail!(
+                "--tiny needs a tiny base model: --base MODEL (make one with `synesis model add --tiny NAME`)"
+            );
+        };
+        if !base_entry.tiny {
+            bail!("--tiny adapters fit only tiny models, and {base_name} is not one");
+        }
+        let dir = adapters_dir(paths);
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{}.gguf", args.name));
+        write_lora(&path, TinySpec::TINY, 7)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        path
+    } else {
+        match &args.path {
+            Some(p) => absolute(p)?,
+            None => bail!("give a PATH to a LoRA adapter (GGUF), or --tiny"),
+        }
+    };
+    let meta = GgufMetadata::read(&path)?;
+    if !meta.is_adapter() {
+        bail!(
+            "{} is not an adapter: its general.type is not \"adapter\"",
+            path.display()
+        );
+    }
+    let architecture = meta.architecture().unwrap_or("unknown").to_owned();
+    if let Some((base_name, base_entry)) = base
+        && base_entry.architecture != architecture
+    {
+        bail!(
+            "the adapter is for {architecture}, but {base_name} is {}",
+            base_entry.architecture
+        );
+    }
+    let (sha256, size_bytes) = digest(&path)?;
+    let entry = AdapterEntry {
+        path,
+        size_bytes,
+        sha256,
+        architecture,
+        base: base.map(|(n, _)| n.to_owned()),
+    };
+    config.adapters.insert(args.name.clone(), entry.clone());
+    config.save(&config_file)?;
+    #[derive(Serialize)]
+    struct View<'a> {
+        name: &'a str,
+        #[serde(flatten)]
+        entry: &'a AdapterEntry,
+    }
+    out.report(
+        &View {
+            name: &args.name,
+            entry: &entry,
+        },
+        || {
+            format!(
+                "added adapter {}: {} ({}{})\n",
+                args.name,
+                entry.path.display(),
+                entry.architecture,
+                entry
+                    .base
+                    .as_deref()
+                    .map(|b| format!(", for {b}"))
+                    .unwrap_or_default()
+            )
+        },
+    )?;
+    Ok(())
+}
+
+pub(crate) fn lora_list(out: &Output, paths: &Paths) -> anyhow::Result<()> {
+    let config = Config::load(&paths.config_file())?;
+    #[derive(Serialize)]
+    struct Row<'a> {
+        name: &'a str,
+        #[serde(flatten)]
+        entry: &'a AdapterEntry,
+    }
+    let rows: Vec<Row<'_>> = config
+        .adapters
+        .iter()
+        .map(|(name, entry)| Row { name, entry })
+        .collect();
+    out.report(&rows, || {
+        if rows.is_empty() {
+            return "no adapters; add one with `synesis lora add PATH --name NAME`\n".into();
+        }
+        rows.iter()
+            .map(|r| {
+                format!(
+                    "{:<16} {:<8} base {:<12} {}\n",
+                    r.name,
+                    r.entry.architecture,
+                    r.entry.base.as_deref().unwrap_or("-"),
+                    r.entry.path.display()
+                )
+            })
+            .collect()
+    })?;
+    Ok(())
+}
+
+pub(crate) fn lora_remove(out: &Output, paths: &Paths, name: &str) -> anyhow::Result<()> {
+    let config_file = paths.config_file();
+    let mut config = Config::load(&config_file)?;
+    let Some(entry) = config.adapters.remove(name) else {
+        bail!("no adapter named {name:?}");
+    };
+    config.save(&config_file)?;
+    if entry.path.starts_with(adapters_dir(paths)) {
+        let _ = std::fs::remove_file(&entry.path);
+    }
+    out.report(&serde_json::json!({"removed": name}), || {
+        format!("removed adapter {name}\n")
+    })?;
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! The device's model and adapter registry, kept in `config.toml` under the config directory.
+//!
+//! ```toml
+//! default_model = "demo"
+//! [models.demo]
+//! path = "/home/ada/.local/share/synesis/models/demo.gguf"
+//! size_bytes = 471296
+//! sha256 = "…"
+//! architecture = "llama"
+//! context_length = 256
+//! tiny = true
+//! [adapters.legal]
+//! path = "…"  size_bytes = …  sha256 = "…"  architecture = "llama"  base = "demo"
+//! ```
+//!
+//! Written atomically (temp file, rename): a crash leaves the old or the new file, never half.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Config {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) default_model: Option<String>,
+    #[serde(default)]
+    pub(crate) models: BTreeMap<String, ModelEntry>,
+    #[serde(default)]
+    pub(crate) adapters: BTreeMap<String, AdapterEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ModelEntry {
+    pub(crate) path: PathBuf,
+    pub(crate) size_bytes: u64,
+    pub(crate) sha256: String,
+    pub(crate) architecture: String,
+    pub(crate) context_length: u64,
+    /// Written by `synesis model add --tiny` (its adapters can be made with `lora add --tiny`).
+    #[serde(default)]
+    pub(crate) tiny: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct AdapterEntry {
+    pub(crate) path: PathBuf,
+    pub(crate) size_bytes: u64,
+    pub(crate) sha256: String,
+    pub(crate) architecture: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) base: Option<String>,
+}
+
+impl Config {
+    pub(crate) fn load(path: &Path) -> anyhow::Result<Config> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                toml::from_str(&text).with_context(|| format!("{} is not valid", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    pub(crate) fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let text = toml::to_string_pretty(self)?;
+        synesis_wire::files::write_public_file(path, text.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// The model to use: the one named, or the default.
+    pub(crate) fn model(&self, name: Option<&str>) -> anyhow::Result<(&str, &ModelEntry)> {
+        let name = match name.or(self.default_model.as_deref()) {
+            Some(n) => n,
+            None => bail!(
+                "no model is registered; add one with `synesis model add PATH`, or try `synesis model add --tiny demo`"
+            ),
+        };
+        match self.models.get_key_value(name) {
+            Some((k, v)) => Ok((k.as_str(), v)),
+            None => bail!("no model named {name:?}; `synesis model list` shows them"),
+        }
+    }
+}
+
+/// A name for a model or adapter: letters, digits, `-`, `_`, `.`; 1 to 64 of them.
+pub(crate) fn check_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        bail!("{name:?} is not a usable name: use 1 to 64 letters, digits, '-', '_' or '.'");
+    }
+    Ok(())
+}
+
+/// SHA-256 and size of a file, read in 1 MiB pieces.
+pub(crate) fn digest(path: &Path) -> anyhow::Result<(String, u64)> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    let hex = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((hex, size))
+}

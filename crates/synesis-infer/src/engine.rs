@@ -1,0 +1,506 @@
+//! Models, generation, adapters: llama.cpp through `llama-cpp-2`.
+//!
+//! Ownership (THREAD_SAFETY_PATTERNS.md): a [`Model`] is used by one thread at a time. Every
+//! method that creates a llama.cpp context or loads an adapter takes `&mut self`, which is how
+//! the two llama.cpp rules hold by construction: an adapter can only be loaded while no context
+//! borrows the model, and contexts are never created in parallel. A context lives for one
+//! [`Model::generate`] call only, so its KV cache never mixes two requests or two adapters.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaLoraAdapter, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+
+use crate::metadata::{GgufMetadata, MetadataError};
+use crate::stream::TextStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InferError {
+    #[error("{0} does not exist")]
+    NotFound(PathBuf),
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    #[error("{path} is an adapter, not a model")]
+    IsAdapter { path: PathBuf },
+    #[error("{path} is a model, not an adapter (general.type is not \"adapter\")")]
+    NotAdapter { path: PathBuf },
+    #[error("the adapter {path} is for the {adapter} architecture, the model is {model}")]
+    ArchitectureMismatch {
+        path: PathBuf,
+        adapter: String,
+        model: String,
+    },
+    #[error("llama.cpp could not load {path} (damaged, truncated, or an unsupported architecture)")]
+    Load { path: PathBuf },
+    #[error("llama.cpp could not start: {0}")]
+    Backend(String),
+    #[error("no adapter named {0:?} is loaded")]
+    UnknownAdapter(String),
+    #[error(
+        "the prompt is {prompt_tokens} tokens; the context holds {context_tokens} (leave room for at least one generated token)"
+    )]
+    PromptTooLong {
+        prompt_tokens: usize,
+        context_tokens: u32,
+    },
+    #[error("llama.cpp failed: {0}")]
+    Llama(String),
+}
+
+/// llama.cpp allows one backend per process: this is it. Code that calls `llama-cpp-2` directly
+/// in the same process (a benchmark's bare loop) must use this one too.
+pub fn backend() -> Result<&'static LlamaBackend, InferError> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            let mut backend = LlamaBackend::init().map_err(|e| e.to_string())?;
+            // llama.cpp logs every load to stderr; the CLI's own messages say what matters.
+            if std::env::var_os("SYNESIS_LLAMA_LOGS").is_none() {
+                backend.void_logs();
+            }
+            Ok(backend)
+        })
+        .as_ref()
+        .map_err(|e| InferError::Backend(e.clone()))
+}
+
+/// How contexts are made for a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Context length in tokens; 0 means the model's own.
+    pub n_ctx: u32,
+    /// CPU threads for generation and for prompt processing.
+    pub threads: u32,
+    /// The most prompt tokens decoded in one step.
+    pub batch: u32,
+    /// Layers to offload to a GPU when llama.cpp was built with one (`u32::MAX`: all).
+    pub gpu_layers: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+        Settings {
+            n_ctx: 0,
+            threads: u32::try_from(threads).unwrap_or(4),
+            batch: 512,
+            gpu_layers: u32::MAX,
+        }
+    }
+}
+
+/// What a caller asks of one generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub prompt: String,
+    /// Wrap the prompt in the model's chat template, when it has one.
+    pub chat: bool,
+    pub max_tokens: u32,
+    /// 0 is greedy.
+    pub temperature: f32,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i32>,
+    pub seed: u32,
+    /// Generation ends before any of these; they are not part of the answer.
+    pub stop: Vec<String>,
+    /// An adapter loaded with [`Model::load_adapter`], and its scale.
+    pub lora: Option<(String, f32)>,
+}
+
+impl Request {
+    pub fn new(prompt: impl Into<String>) -> Request {
+        Request {
+            prompt: prompt.into(),
+            chat: true,
+            max_tokens: 128,
+            temperature: 0.0,
+            top_p: None,
+            top_k: None,
+            seed: 0,
+            stop: Vec::new(),
+            lora: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End of generation, or a stop string.
+    Stop,
+    /// `max_tokens`, or the context is full.
+    Length,
+    Cancelled,
+}
+
+/// What one generation produced, with its measurements.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub time_to_first_token: Duration,
+    /// Generated tokens per second, after the first.
+    pub tokens_per_second: f64,
+    /// Mean log-probability of the generated tokens under the model (before sampling
+    /// transformations): the device's confidence in its answer. `None` when nothing was generated.
+    pub mean_logprob: Option<f64>,
+    pub finish_reason: FinishReason,
+    /// How long attaching the adapter took, when one was used.
+    pub lora_attach: Option<Duration>,
+}
+
+/// Cancels a generation from another thread or task; it stops before its next decode step.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Facts about a loaded model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    pub architecture: String,
+    pub context_length: u32,
+    pub n_vocab: i32,
+    pub n_params: u64,
+    pub size_bytes: u64,
+    pub has_chat_template: bool,
+}
+
+pub struct Model {
+    model: LlamaModel,
+    path: PathBuf,
+    info: ModelInfo,
+    settings: Settings,
+    adapters: HashMap<String, LlamaLoraAdapter>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("path", &self.path)
+            .field("info", &self.info)
+            .field("adapters", &self.adapters.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Model {
+    /// Loads a GGUF model (memory-mapped). The file is checked in Rust first, so a file that is
+    /// not a GGUF model gets a clear error rather than reaching llama.cpp.
+    pub fn load(path: &Path, settings: Settings) -> Result<Model, InferError> {
+        if !path.is_file() {
+            return Err(InferError::NotFound(path.to_owned()));
+        }
+        let meta = GgufMetadata::read(path)?;
+        if meta.is_adapter() {
+            return Err(InferError::IsAdapter {
+                path: path.to_owned(),
+            });
+        }
+        let backend = backend()?;
+        let params = LlamaModelParams::default()
+            .with_n_gpu_layers(settings.gpu_layers)
+            .with_use_mmap(true);
+        let model =
+            LlamaModel::load_from_file(backend, path, &params).map_err(|_| InferError::Load {
+                path: path.to_owned(),
+            })?;
+        let info = ModelInfo {
+            architecture: meta.architecture().unwrap_or("unknown").to_owned(),
+            context_length: model.n_ctx_train(),
+            n_vocab: model.n_vocab(),
+            n_params: model.n_params(),
+            size_bytes: model.size(),
+            has_chat_template: model.chat_template(None).is_ok(),
+        };
+        Ok(Model {
+            model,
+            path: path.to_owned(),
+            info,
+            settings,
+            adapters: HashMap::new(),
+        })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Loads a LoRA adapter under `name`, once; later requests attach it by name. Returns how
+    /// long loading took. (llama.cpp frees adapters with the model, so loading the same name
+    /// twice is refused rather than leaking.)
+    pub fn load_adapter(&mut self, name: &str, path: &Path) -> Result<Duration, InferError> {
+        if self.adapters.contains_key(name) {
+            return Ok(Duration::ZERO);
+        }
+        if !path.is_file() {
+            return Err(InferError::NotFound(path.to_owned()));
+        }
+        let meta = GgufMetadata::read(path)?;
+        if !meta.is_adapter() {
+            return Err(InferError::NotAdapter {
+                path: path.to_owned(),
+            });
+        }
+        let arch = meta.architecture().unwrap_or("unknown");
+        if arch != self.info.architecture {
+            return Err(InferError::ArchitectureMismatch {
+                path: path.to_owned(),
+                adapter: arch.to_owned(),
+                model: self.info.architecture.clone(),
+            });
+        }
+        let started = Instant::now();
+        let adapter = self
+            .model
+            .lora_adapter_init(path)
+            .map_err(|_| InferError::Load {
+                path: path.to_owned(),
+            })?;
+        self.adapters.insert(name.to_owned(), adapter);
+        Ok(started.elapsed())
+    }
+
+    pub fn adapters(&self) -> impl Iterator<Item = &str> {
+        self.adapters.keys().map(String::as_str)
+    }
+
+    /// The prompt as the model sees it: wrapped in its chat template when asked and present.
+    fn prompt_text(&self, request: &Request) -> Result<String, InferError> {
+        if !request.chat {
+            return Ok(request.prompt.clone());
+        }
+        let Ok(template) = self.model.chat_template(None) else {
+            return Ok(request.prompt.clone());
+        };
+        let message = LlamaChatMessage::new("user".into(), request.prompt.clone())
+            .map_err(|e| InferError::Llama(e.to_string()))?;
+        // A template llama.cpp does not know: fall back to the plain prompt.
+        Ok(self
+            .model
+            .apply_chat_template(&template, &[message], true)
+            .unwrap_or_else(|_| request.prompt.clone()))
+    }
+
+    /// Runs one generation, streaming whole UTF-8 text pieces to `on_text` as they are made.
+    pub fn generate(
+        &mut self,
+        request: &Request,
+        cancel: &CancelToken,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation, InferError> {
+        let backend = backend()?;
+        let prompt = self.prompt_text(request)?;
+        let vocab = self.model.vocab();
+        let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
+        let n_ctx = if self.settings.n_ctx == 0 {
+            self.info.context_length
+        } else {
+            self.settings.n_ctx
+        };
+        if tokens.len() >= n_ctx as usize {
+            return Err(InferError::PromptTooLong {
+                prompt_tokens: tokens.len(),
+                context_tokens: n_ctx,
+            });
+        }
+
+        let threads = i32::try_from(self.settings.threads).unwrap_or(4);
+        let batch_size = self.settings.batch.max(1);
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch(batch_size)
+            .with_n_ubatch(batch_size)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        let mut ctx = self
+            .model
+            .new_context(backend, params)
+            .map_err(|e| InferError::Llama(e.to_string()))?;
+
+        let lora_attach = match &request.lora {
+            Some((name, scale)) => {
+                let adapter = self
+                    .adapters
+                    .get_mut(name)
+                    .ok_or_else(|| InferError::UnknownAdapter(name.clone()))?;
+                let started = Instant::now();
+                ctx.lora_adapter_set(adapter, *scale)
+                    .map_err(|e| InferError::Llama(e.to_string()))?;
+                Some(started.elapsed())
+            }
+            None => None,
+        };
+
+        let started = Instant::now();
+        // The prompt, in batches; logits only for its last token.
+        let chunk = batch_size as usize;
+        let mut batch = LlamaBatch::new(chunk.max(1), 1);
+        let last = tokens.len() - 1;
+        for (c, piece) in tokens.chunks(chunk).enumerate() {
+            if cancel.is_cancelled() {
+                return Ok(Generation::cancelled_before_start(
+                    tokens.len(),
+                    lora_attach,
+                ));
+            }
+            batch.clear();
+            for (j, &token) in piece.iter().enumerate() {
+                let pos = c * chunk + j;
+                batch
+                    .add(
+                        token,
+                        i32::try_from(pos).unwrap_or(i32::MAX),
+                        &[0],
+                        pos == last,
+                    )
+                    .map_err(|e| InferError::Llama(e.to_string()))?;
+            }
+            ctx.decode(&mut batch)
+                .map_err(|e| InferError::Llama(e.to_string()))?;
+        }
+
+        let mut sampler = sampler(request);
+        let mut text = TextStream::new(&request.stop);
+        let mut logprob_sum = 0.0f64;
+        let mut generated = 0usize;
+        let mut first_token_at = None;
+        let mut n_past = tokens.len();
+        let finish = loop {
+            if generated >= request.max_tokens as usize {
+                break FinishReason::Length;
+            }
+            if cancel.is_cancelled() {
+                break FinishReason::Cancelled;
+            }
+            let index = batch.n_tokens() - 1;
+            let token = sampler.sample(&ctx, index);
+            logprob_sum += logprob(ctx.get_logits_ith(index), token);
+            sampler.accept(token);
+            generated += 1;
+            first_token_at.get_or_insert_with(Instant::now);
+            if vocab.is_eog(token) {
+                break FinishReason::Stop;
+            }
+            let bytes = vocab.token_to_piece(token, false, None);
+            if text.push(&bytes, on_text) {
+                break FinishReason::Stop;
+            }
+            if n_past + 1 >= n_ctx as usize {
+                break FinishReason::Length;
+            }
+            // Checked again here so that a cancel never costs another decode step.
+            if cancel.is_cancelled() {
+                break FinishReason::Cancelled;
+            }
+            batch.clear();
+            batch
+                .add(token, i32::try_from(n_past).unwrap_or(i32::MAX), &[0], true)
+                .map_err(|e| InferError::Llama(e.to_string()))?;
+            n_past += 1;
+            ctx.decode(&mut batch)
+                .map_err(|e| InferError::Llama(e.to_string()))?;
+        };
+        text.finish(on_text);
+        let ended = Instant::now();
+
+        let ttft = first_token_at.map_or(Duration::ZERO, |t| t - started);
+        let after_first = first_token_at.map_or(Duration::ZERO, |t| ended - t);
+        #[allow(clippy::cast_precision_loss)] // token counts
+        let tokens_per_second = if generated > 1 && !after_first.is_zero() {
+            (generated - 1) as f64 / after_first.as_secs_f64()
+        } else {
+            0.0
+        };
+        #[allow(clippy::cast_precision_loss)]
+        let mean_logprob = (generated > 0).then(|| logprob_sum / generated as f64);
+        Ok(Generation {
+            text: text.into_text(),
+            prompt_tokens: tokens.len(),
+            completion_tokens: generated,
+            time_to_first_token: ttft,
+            tokens_per_second,
+            mean_logprob,
+            finish_reason: finish,
+            lora_attach,
+        })
+    }
+}
+
+impl Generation {
+    fn cancelled_before_start(prompt_tokens: usize, lora_attach: Option<Duration>) -> Generation {
+        Generation {
+            text: String::new(),
+            prompt_tokens,
+            completion_tokens: 0,
+            time_to_first_token: Duration::ZERO,
+            tokens_per_second: 0.0,
+            mean_logprob: None,
+            finish_reason: FinishReason::Cancelled,
+            lora_attach,
+        }
+    }
+}
+
+fn sampler(request: &Request) -> LlamaSampler {
+    if request.temperature <= 0.0 {
+        return LlamaSampler::greedy();
+    }
+    let mut chain = Vec::new();
+    if let Some(k) = request.top_k {
+        chain.push(LlamaSampler::top_k(k));
+    }
+    if let Some(p) = request.top_p {
+        chain.push(LlamaSampler::top_p(p, 1));
+    }
+    chain.push(LlamaSampler::temp(request.temperature));
+    chain.push(LlamaSampler::dist(request.seed));
+    LlamaSampler::chain_simple(chain)
+}
+
+/// log softmax(logits)[token], computed stably.
+fn logprob(logits: &[f32], token: LlamaToken) -> f64 {
+    let Some(&chosen) = usize::try_from(token.0).ok().and_then(|i| logits.get(i)) else {
+        return f64::NEG_INFINITY;
+    };
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    f64::from(chosen - max) - sum.ln()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprob_is_a_log_softmax() {
+        let logits = [1.0f32, 2.0, 3.0];
+        let p: f64 = (0..3).map(|i| logprob(&logits, LlamaToken(i)).exp()).sum();
+        assert!((p - 1.0).abs() < 1e-9);
+        assert!(logprob(&logits, LlamaToken(2)) > logprob(&logits, LlamaToken(0)));
+        assert_eq!(logprob(&logits, LlamaToken(7)), f64::NEG_INFINITY);
+    }
+}

@@ -1,0 +1,28 @@
+//! `synesis-infer` — on-device inference with llama.cpp (`llama-cpp-2`).
+//!
+//! What it owns:
+//! - [`Model`]: a GGUF model loaded once (memory-mapped), its LoRA adapters loaded once and
+//!   attached per request by name, and [`Model::generate`]: streaming generation with max
+//!   tokens, stop strings, temperature, top-p/top-k, seed, the model's chat template, and
+//!   cancellation ([`CancelToken`]); each [`Generation`] reports tokens, time to first token,
+//!   tokens/s and the mean log-probability (the device's confidence).
+//! - [`GgufMetadata`]: a bounded Rust reader of GGUF headers, so files are checked before
+//!   llama.cpp sees them.
+//! - `tiny` (feature `tiny`): writes small random llama models and matching LoRA adapters,
+//!   so tests and demos need no download.
+//!
+//! What it must not do: network IO, or any policy about when to escalate (it reports; the
+//! caller decides).
+
+mod engine;
+#[cfg(feature = "tiny")]
+mod gguf;
+mod metadata;
+mod stream;
+#[cfg(feature = "tiny")]
+pub mod tiny;
+
+pub use engine::{
+    CancelToken, FinishReason, Generation, InferError, Model, ModelInfo, Request, Settings, backend,
+};
+pub use metadata::{GgufMetadata, MetaValue, MetadataError};

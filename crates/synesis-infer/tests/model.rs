@@ -1,0 +1,305 @@
+//! llama.cpp on the tiny generated models: loading, determinism, LoRA hot-swap, cancellation,
+//! limits, and bad files. Real model loads and real decoding, no doubles.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use synesis_infer::tiny::{TinySpec, write_lora, write_model};
+use synesis_infer::{
+    CancelToken, FinishReason, InferError, MetadataError, Model, Request, Settings,
+};
+
+/// One directory with the tiny model and adapter for the whole test binary.
+fn fixtures() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
+    static FIXTURES: OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = OnceLock::new();
+    FIXTURES.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("tiny.gguf");
+        let lora = dir.path().join("tiny-lora.gguf");
+        write_model(&model, TinySpec::TINY).unwrap();
+        write_lora(&lora, TinySpec::TINY, 7).unwrap();
+        (dir, model, lora)
+    })
+}
+
+fn settings() -> Settings {
+    Settings {
+        threads: 1,
+        ..Settings::default()
+    }
+}
+
+fn load() -> Model {
+    Model::load(&fixtures().1, settings()).unwrap()
+}
+
+fn greedy(prompt: &str, max_tokens: u32) -> Request {
+    Request {
+        max_tokens,
+        ..Request::new(prompt)
+    }
+}
+
+fn run(model: &mut Model, request: &Request) -> (synesis_infer::Generation, Vec<String>) {
+    let mut pieces = Vec::new();
+    let g = model
+        .generate(request, &CancelToken::default(), &mut |p| {
+            pieces.push(p.to_owned())
+        })
+        .unwrap();
+    (g, pieces)
+}
+
+#[test]
+fn the_tiny_model_loads_and_greedy_generation_is_deterministic() {
+    let mut model = load();
+    let info = model.info().clone();
+    assert_eq!(info.architecture, "llama");
+    assert_eq!(info.context_length, TinySpec::TINY.n_ctx);
+    assert!(info.has_chat_template);
+
+    let request = greedy("hello world", 24);
+    let (a, pieces) = run(&mut model, &request);
+    let (b, _) = run(&mut model, &request);
+    assert_eq!(a.text, b.text);
+    assert_eq!(a.completion_tokens, b.completion_tokens);
+    assert!(a.completion_tokens > 0 && a.prompt_tokens > 2);
+    assert_eq!(pieces.concat(), a.text, "the stream adds up to the text");
+    let lp = a.mean_logprob.unwrap();
+    assert!(lp < 0.0 && lp.is_finite(), "{lp}");
+    // A fresh model instance gives the same answer (nothing hidden carries over).
+    let (c, _) = run(&mut load(), &request);
+    assert_eq!(a.text, c.text);
+}
+
+#[test]
+fn an_adapter_changes_the_output_and_detaching_restores_it_exactly() {
+    let mut model = load();
+    let base_request = greedy("the cloud and the device", 24);
+    let (base, _) = run(&mut model, &base_request);
+
+    let load_time = model.load_adapter("tiny", &fixtures().2).unwrap();
+    eprintln!("measured: adapter load {load_time:?}");
+    let with = Request {
+        lora: Some(("tiny".into(), 1.0)),
+        ..base_request.clone()
+    };
+    let (adapted, _) = run(&mut model, &with);
+    assert_ne!(
+        adapted.text, base.text,
+        "the adapter must change greedy output"
+    );
+    eprintln!(
+        "measured: adapter attach (swap) {:?}",
+        adapted.lora_attach.unwrap()
+    );
+
+    let (again, _) = run(&mut model, &base_request);
+    assert_eq!(
+        again.text, base.text,
+        "without the adapter the base output is back, byte for byte"
+    );
+    assert_eq!(again.lora_attach, None);
+
+    let unknown = Request {
+        lora: Some(("nope".into(), 1.0)),
+        ..base_request
+    };
+    assert!(matches!(
+        model.generate(&unknown, &CancelToken::default(), &mut |_| {}),
+        Err(InferError::UnknownAdapter(_))
+    ));
+}
+
+#[test]
+fn cancellation_stops_within_one_token() {
+    let mut model = load();
+    let request = greedy("hello", 64);
+    let (full, pieces) = run(&mut model, &request);
+    assert!(
+        pieces.len() > 4,
+        "need a few pieces to cancel in the middle: {pieces:?}"
+    );
+
+    let cancel = CancelToken::default();
+    let mut seen = Vec::new();
+    let result = model
+        .generate(&request, &cancel, &mut |p| {
+            seen.push(p.to_owned());
+            if seen.len() == 3 {
+                cancel.cancel();
+            }
+        })
+        .unwrap();
+    assert_eq!(result.finish_reason, FinishReason::Cancelled);
+    // Nothing was produced after the token during which the cancel came.
+    assert_eq!(result.text, pieces[..3].concat());
+    assert_eq!(result.text, seen.concat());
+    assert!(result.completion_tokens < full.completion_tokens);
+
+    // Cancelled before it starts: no token at all.
+    let early = CancelToken::default();
+    early.cancel();
+    let none = model.generate(&request, &early, &mut |_| {}).unwrap();
+    assert_eq!(
+        (none.completion_tokens, none.finish_reason),
+        (0, FinishReason::Cancelled)
+    );
+}
+
+#[test]
+fn stop_strings_and_max_tokens_end_generation() {
+    let mut model = load();
+    let (full, _) = run(&mut model, &greedy("hello world", 32));
+    let chars: Vec<char> = full.text.chars().collect();
+    assert!(chars.len() > 8, "{:?}", full.text);
+    let stop: String = chars[4..7].iter().collect();
+    let cut = full.text.find(&stop).unwrap();
+    let (stopped, pieces) = run(
+        &mut model,
+        &Request {
+            stop: vec![stop.clone()],
+            ..greedy("hello world", 32)
+        },
+    );
+    assert_eq!(stopped.finish_reason, FinishReason::Stop);
+    assert_eq!(stopped.text, full.text[..cut]);
+    assert_eq!(
+        pieces.concat(),
+        stopped.text,
+        "the stop string never reached the stream"
+    );
+
+    let (short, _) = run(&mut model, &greedy("hello world", 3));
+    assert_eq!(
+        (short.completion_tokens, short.finish_reason),
+        (3, FinishReason::Length)
+    );
+}
+
+#[test]
+fn sampling_with_a_seed_is_reproducible() {
+    let mut model = load();
+    let sampled = Request {
+        temperature: 0.8,
+        top_p: Some(0.95),
+        top_k: Some(40),
+        seed: 42,
+        ..greedy("hello", 24)
+    };
+    let (a, _) = run(&mut model, &sampled);
+    let (b, _) = run(&mut model, &sampled);
+    assert_eq!(a.text, b.text);
+}
+
+#[test]
+fn the_chat_template_wraps_the_prompt_and_can_be_turned_off() {
+    let mut model = load();
+    let (chat, _) = run(&mut model, &greedy("hi", 1));
+    let (plain, _) = run(
+        &mut model,
+        &Request {
+            chat: false,
+            ..greedy("hi", 1)
+        },
+    );
+    assert!(
+        chat.prompt_tokens > plain.prompt_tokens + 5,
+        "{} vs {}",
+        chat.prompt_tokens,
+        plain.prompt_tokens
+    );
+}
+
+#[test]
+fn an_over_long_prompt_is_a_typed_error_before_decoding() {
+    let mut model = Model::load(
+        &fixtures().1,
+        Settings {
+            n_ctx: 32,
+            ..settings()
+        },
+    )
+    .unwrap();
+    let err = model
+        .generate(
+            &Request {
+                chat: false,
+                ..greedy(&"x".repeat(200), 8)
+            },
+            &CancelToken::default(),
+            &mut |_| {},
+        )
+        .unwrap_err();
+    match err {
+        InferError::PromptTooLong {
+            prompt_tokens,
+            context_tokens,
+        } => {
+            assert_eq!(context_tokens, 32);
+            assert!(prompt_tokens >= 200, "{prompt_tokens}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn bad_files_get_clear_errors_and_no_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_gguf = write(dir.path(), "notes.txt", b"hello, I am not a model");
+    assert!(matches!(
+        Model::load(&not_gguf, settings()),
+        Err(InferError::Metadata(MetadataError::NotGguf(_)))
+    ));
+
+    let model_bytes = std::fs::read(&fixtures().1).unwrap();
+    for keep in [10, 2_000, model_bytes.len() * 3 / 5] {
+        let truncated = write(
+            dir.path(),
+            &format!("cut-{keep}.gguf"),
+            &model_bytes[..keep],
+        );
+        let err = Model::load(&truncated, settings()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                InferError::Load { .. } | InferError::Metadata(MetadataError::Damaged(..))
+            ),
+            "{keep}: {err:?}"
+        );
+    }
+
+    assert!(matches!(
+        Model::load(Path::new("/nonexistent/model.gguf"), settings()),
+        Err(InferError::NotFound(_))
+    ));
+    assert!(matches!(
+        Model::load(&fixtures().2, settings()),
+        Err(InferError::IsAdapter { .. })
+    ));
+
+    let mut model = load();
+    assert!(matches!(
+        model.load_adapter("m", &fixtures().1),
+        Err(InferError::NotAdapter { .. })
+    ));
+    let mut other_arch = std::fs::read(&fixtures().2).unwrap();
+    let at = other_arch.windows(5).position(|w| w == b"llama").unwrap();
+    other_arch[at..at + 5].copy_from_slice(b"qwen2");
+    let foreign = write(dir.path(), "qwen-lora.gguf", &other_arch);
+    match model.load_adapter("q", &foreign) {
+        Err(InferError::ArchitectureMismatch { adapter, model, .. }) => {
+            assert_eq!((adapter.as_str(), model.as_str()), ("qwen2", "llama"))
+        }
+        other => panic!("{other:?}"),
+    }
+    // The model still works after all that.
+    assert!(run(&mut model, &greedy("hello", 4)).0.completion_tokens > 0);
+}
