@@ -81,13 +81,13 @@ fn a_tiny_adapter_changes_the_answer_and_the_prompt_can_come_from_stdin() {
 #[test]
 fn mistakes_get_clear_messages() {
     let device = Device::new();
-    let no_model = device
+    let missing = device
         .synesis()
-        .args(["ask", "--local", "hi"])
+        .args(["ask", "--local", "--model", "nope", "hi"])
         .output()
         .unwrap();
-    assert!(!no_model.status.success());
-    assert!(String::from_utf8_lossy(&no_model.stderr).contains("model add --tiny"));
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no model named"));
 
     let not_gguf = device.home().join("notes.txt");
     std::fs::write(&not_gguf, "not a model").unwrap();
@@ -104,7 +104,13 @@ fn mistakes_get_clear_messages() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    run_ok(device.synesis().args(["model", "add", "--tiny", "demo"]));
+    // No model at all: the first ask uses the built-in demo model and says so.
+    let first = run_ok(
+        device
+            .synesis()
+            .args(["ask", "--local", "--max-tokens", "4", "hi"]),
+    );
+    assert!(String::from_utf8_lossy(&first.stderr).contains("built-in tiny demo model"));
     let model_as_lora = device.home().join("data/models/demo.gguf");
     let out = device
         .synesis()

@@ -13,6 +13,9 @@ use crate::paths::Paths;
 use crate::registry::Config;
 use crate::signals::Shutdown;
 
+/// The model a first `synesis ask` registers when there is none.
+const DEMO_MODEL: &str = "demo";
+
 #[derive(Debug, Serialize)]
 struct Answer {
     text: String,
@@ -61,7 +64,16 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
     if prompt.trim().is_empty() {
         return Err(UserError::Usage("the prompt is empty".into()).into());
     }
-    let config = Config::load(&paths.config_file())?;
+    let mut config = Config::load(&paths.config_file())?;
+    if config.models.is_empty() && args.model.is_none() {
+        // Embedded defaults: a first run answers at once, with the built-in demo model.
+        eprintln!(
+            "synesis: no model registered yet; using the built-in tiny demo model (random weights: \
+             its answers are noise). Add a real one with `synesis model add PATH`."
+        );
+        super::model::register(paths, super::model::Source::Tiny(DEMO_MODEL))?;
+        config = Config::load(&paths.config_file())?;
+    }
     let (model_name, entry) = config.model(args.model.as_deref())?;
     let lora = match &args.lora {
         Some((name, scale)) => {

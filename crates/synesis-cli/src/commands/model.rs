@@ -31,28 +31,43 @@ fn stem(path: &Path) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
-pub(crate) fn add(out: &Output, paths: &Paths, args: &ModelAddArgs) -> anyhow::Result<()> {
+/// Where a model to register comes from.
+pub(crate) enum Source<'a> {
+    /// Write a tiny random model under this name into the data directory.
+    Tiny(&'a str),
+    /// A GGUF file the user has, and the name to give it (default: its file name).
+    File {
+        path: &'a Path,
+        name: Option<String>,
+    },
+}
+
+/// Checks (by loading it) and registers a model; the first one becomes the default.
+/// Returns its name, its entry, and whether it became the default.
+pub(crate) fn register(
+    paths: &Paths,
+    source: Source<'_>,
+) -> anyhow::Result<(String, ModelEntry, bool)> {
     let config_file = paths.config_file();
     let mut config = Config::load(&config_file)?;
-    let (name, path, tiny) = match (&args.tiny, &args.path) {
-        (Some(name), None) => {
+    let (name, path, tiny) = match source {
+        Source::Tiny(name) => {
             check_name(name)?;
-            let dir = models_dir(paths);
-            std::fs::create_dir_all(&dir)?;
-            let path = dir.join(format!("{name}.gguf"));
             if config.models.contains_key(name) {
                 bail!("a model named {name:?} is already registered");
             }
+            let dir = models_dir(paths);
+            std::fs::create_dir_all(&dir)?;
+            let path = dir.join(format!("{name}.gguf"));
             write_model(&path, TinySpec::TINY)
                 .with_context(|| format!("cannot write {}", path.display()))?;
-            (name.clone(), path, true)
+            (name.to_owned(), path, true)
         }
-        (None, Some(path)) => {
-            let name = args.name.clone().unwrap_or_else(|| stem(path));
+        Source::File { path, name } => {
+            let name = name.unwrap_or_else(|| stem(path));
             check_name(&name)?;
             (name, absolute(path)?, false)
         }
-        _ => bail!("give a PATH to a GGUF model, or --tiny NAME to write a tiny one"),
     };
     if config.models.contains_key(&name) {
         bail!("a model named {name:?} is already registered; `synesis model rm {name}` first");
@@ -82,6 +97,19 @@ pub(crate) fn add(out: &Output, paths: &Paths, args: &ModelAddArgs) -> anyhow::R
         config.default_model = Some(name.clone());
     }
     config.save(&config_file)?;
+    Ok((name, entry, is_default))
+}
+
+pub(crate) fn add(out: &Output, paths: &Paths, args: &ModelAddArgs) -> anyhow::Result<()> {
+    let source = match (&args.tiny, &args.path) {
+        (Some(name), None) => Source::Tiny(name),
+        (None, Some(path)) => Source::File {
+            path,
+            name: args.name.clone(),
+        },
+        _ => bail!("give a PATH to a GGUF model, or --tiny NAME to write a tiny one"),
+    };
+    let (name, entry, is_default) = register(paths, source)?;
     #[derive(Serialize)]
     struct View<'a> {
         name: &'a str,
