@@ -390,7 +390,7 @@ impl Model {
         let mut first_token_at = None;
         let mut n_past = tokens.len();
         let finish = loop {
-            if generated >= request.max_tokens as usize {
+            if request.max_tokens == 0 {
                 break FinishReason::Length;
             }
             if cancel.is_cancelled() {
@@ -409,7 +409,8 @@ impl Model {
             if text.push(&bytes, on_text) {
                 break FinishReason::Stop;
             }
-            if n_past + 1 >= n_ctx as usize {
+            // Checked before decoding: the last token's logits would never be used.
+            if generated >= request.max_tokens as usize || n_past + 1 >= n_ctx as usize {
                 break FinishReason::Length;
             }
             // Checked again here so that a cancel never costs another decode step.
