@@ -4,13 +4,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 use synesis_proto::message::{EnrollRequest, EnrollResponse};
-use synesis_proto::{Blob, ErrorCode, FrameLimits, Message, RequestId, SetupToken, UnixMillis};
+use synesis_proto::{Blob, ErrorCode, Message, RequestId, SetupToken, UnixMillis};
 use synesis_wire::tls::fingerprint;
-use synesis_wire::{FramedRecv, send};
 
-use crate::connect::{client_endpoint, dial, resolve};
 use crate::identity::{Identity, IdentityInfo};
-use crate::machine::{CONNECT_TIMEOUT, Failure, Fatal};
+use crate::machine::{Failure, Fatal};
 use crate::tls::enrollment_client_config;
 
 /// Attempts for one enrollment (same request id each time, so a lost reply is answered from
@@ -95,55 +93,20 @@ enum Attempt {
 }
 
 async fn exchange(token: &SetupToken, request: &EnrollRequest) -> Result<EnrollResponse, Attempt> {
-    let addr = resolve(&token.server)
-        .await
-        .map_err(|f| Attempt::Retry(describe(f)))?;
     let config = enrollment_client_config(token.ca_sha256)
         .map_err(|e| Attempt::Final(EnrollError::Key(e.to_string())))?;
-    let endpoint = client_endpoint(addr).map_err(|e| Attempt::Retry(e.to_string()))?;
-    let conn = dial(&endpoint, config, addr, CONNECT_TIMEOUT)
-        .await
-        .map_err(|f| match f {
-            Failure::Fatal(fatal) => Attempt::Final(EnrollError::Fatal(fatal)),
-            Failure::Transient(reason) => Attempt::Retry(reason),
-        })?;
-    let result = async {
-        let (mut tx, rx) = conn
-            .open_bi()
-            .await
-            .map_err(|e| Attempt::Retry(e.to_string()))?;
-        send(&mut tx, &request.clone().into(), FrameLimits::default())
-            .await
-            .map_err(|e| Attempt::Retry(e.to_string()))?;
-        let _ = tx.finish();
-        let mut rx = FramedRecv::new(rx, FrameLimits::default());
-        match tokio::time::timeout(CONNECT_TIMEOUT, rx.next()).await {
-            Ok(Ok(Some(Message::EnrollResponse(r)))) if r.request_id == request.request_id => Ok(r),
-            Ok(Ok(Some(Message::ErrorMsg(e)))) => Err(Attempt::Final(EnrollError::Refused {
-                code: e.code,
-                message: e.message,
-            })),
-            Ok(Ok(Some(other))) => Err(Attempt::Final(EnrollError::Protocol(format!(
-                "{:?}",
-                other.message_type()
-            )))),
-            Ok(Ok(None)) => Err(Attempt::Retry(
-                "the cloud closed the stream without answering".into(),
-            )),
-            Ok(Err(e)) => Err(Attempt::Retry(e.to_string())),
-            Err(_) => Err(Attempt::Retry("no answer within the timeout".into())),
-        }
-    }
-    .await;
-    conn.close(0u32.into(), b"enrolled");
-    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-    result
-}
-
-fn describe(f: Failure) -> String {
-    match f {
-        Failure::Transient(s) => s,
-        Failure::Fatal(f) => f.to_string(),
+    match crate::request::exchange(config, &token.server, &request.clone().into()).await {
+        Ok(Message::EnrollResponse(r)) if r.request_id == request.request_id => Ok(r),
+        Ok(Message::ErrorMsg(e)) => Err(Attempt::Final(EnrollError::Refused {
+            code: e.code,
+            message: e.message,
+        })),
+        Ok(other) => Err(Attempt::Final(EnrollError::Protocol(format!(
+            "{:?}",
+            other.message_type()
+        )))),
+        Err(Failure::Fatal(fatal)) => Err(Attempt::Final(EnrollError::Fatal(fatal))),
+        Err(Failure::Transient(reason)) => Err(Attempt::Retry(reason)),
     }
 }
 

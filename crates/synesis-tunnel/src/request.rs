@@ -6,7 +6,7 @@ use std::time::Duration;
 use synesis_proto::{FrameLimits, Message};
 use synesis_wire::{FramedRecv, send};
 
-use crate::connect::{client_endpoint, dial, resolve};
+use crate::connect::{classify, client_endpoint, dial, resolve};
 use crate::identity::Identity;
 use crate::machine::{CONNECT_TIMEOUT, Failure, HEARTBEAT_INTERVAL_DEFAULT};
 use crate::tls::device_client_config;
@@ -28,32 +28,40 @@ impl From<Failure> for RequestError {
 
 /// Sends `message` on a new stream and returns the first message that comes back.
 pub async fn request(identity: &Identity, message: Message) -> Result<Message, RequestError> {
-    let addr = resolve(&identity.info.server).await?;
     let config = device_client_config(identity, HEARTBEAT_INTERVAL_DEFAULT)
         .map_err(|e| RequestError::Failed(e.to_string()))?;
-    let endpoint = client_endpoint(addr).map_err(|e| RequestError::Failed(e.to_string()))?;
+    Ok(exchange(config, &identity.info.server, &message).await?)
+}
+
+/// One request and its reply on a fresh connection made with `config` to `server`; the
+/// connection is closed after. A reply of any kind (an `ErrorMsg` too) is `Ok`: interpreting it
+/// is the caller's business; failing to get one is a [`Failure`].
+pub(crate) async fn exchange(
+    config: quinn::ClientConfig,
+    server: &str,
+    message: &Message,
+) -> Result<Message, Failure> {
+    let addr = resolve(server).await?;
+    let endpoint = client_endpoint(addr).map_err(|e| Failure::Transient(e.to_string()))?;
     let conn = dial(&endpoint, config, addr, CONNECT_TIMEOUT).await?;
     let result = async {
-        let (mut tx, rx) = conn
-            .open_bi()
+        let (mut tx, rx) = conn.open_bi().await.map_err(|e| classify(&e))?;
+        send(&mut tx, message, FrameLimits::default())
             .await
-            .map_err(|e| RequestError::from(crate::connect::classify(&e)))?;
-        send(&mut tx, &message, FrameLimits::default())
-            .await
-            .map_err(|e| RequestError::Failed(e.to_string()))?;
+            .map_err(|e| Failure::Transient(e.to_string()))?;
         let _ = tx.finish();
         let mut rx = FramedRecv::new(rx, FrameLimits::default());
         let reply = tokio::select! {
             reply = tokio::time::timeout(CONNECT_TIMEOUT, rx.next()) => reply,
-            closed = conn.closed() => return Err(crate::connect::classify(&closed).into()),
+            closed = conn.closed() => return Err(classify(&closed)),
         };
         match reply {
             Ok(Ok(Some(reply))) => Ok(reply),
-            Ok(Ok(None)) => Err(RequestError::Failed(
+            Ok(Ok(None)) => Err(Failure::Transient(
                 "the cloud closed the stream without answering".into(),
             )),
-            Ok(Err(e)) => Err(RequestError::Failed(e.to_string())),
-            Err(_) => Err(RequestError::Failed("no answer within the timeout".into())),
+            Ok(Err(e)) => Err(Failure::Transient(e.to_string())),
+            Err(_) => Err(Failure::Transient("no answer within the timeout".into())),
         }
     }
     .await;
