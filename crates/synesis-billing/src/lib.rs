@@ -14,10 +14,14 @@
 //! 3. Every rounding is to micro-USD, half up (0.5 µUSD → 1 µUSD), and happens once, on the exact
 //!    amount; the parts always add up (`base + markup = total`).
 //!
+//! [`ledger`] holds the rules over entries: holds, settlement, idempotency, expiry, the hash
+//! chain; a storage trait with an in-memory store (the cloud's SQLite store is next).
+//!
 //! What it must not do: floating point (denied below), IO, clocks. Overflow is an error.
 #![deny(clippy::float_arithmetic)]
 
 mod cost;
+pub mod ledger;
 mod price;
 mod quota;
 
