@@ -94,15 +94,24 @@ impl Entry {
     }
 }
 
+/// A storage failure, as text (each store has its own error type).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("ledger storage: {0}")]
+pub struct StoreError(pub String);
+
 /// Where entries live. Implementations append atomically and in order.
 pub trait Store {
     /// Every entry of `account`, in sequence order.
-    fn account_entries(&self, account: AccountId) -> Vec<Entry>;
+    fn account_entries(&self, account: AccountId) -> Result<Vec<Entry>, StoreError>;
     /// The entries of one request of one account, in sequence order.
-    fn request_entries(&self, account: AccountId, request: RequestId) -> Vec<Entry>;
+    fn request_entries(
+        &self,
+        account: AccountId,
+        request: RequestId,
+    ) -> Result<Vec<Entry>, StoreError>;
     /// The next sequence number and the hash of the last entry (zeros when empty).
-    fn head(&self) -> (u64, [u8; 32]);
-    fn append(&mut self, entry: Entry);
+    fn head(&self) -> Result<(u64, [u8; 32]), StoreError>;
+    fn append(&mut self, entry: Entry) -> Result<(), StoreError>;
 }
 
 /// Entries in memory: for tests, and the shape the SQLite store follows.
@@ -112,30 +121,38 @@ pub struct MemoryStore {
 }
 
 impl Store for MemoryStore {
-    fn account_entries(&self, account: AccountId) -> Vec<Entry> {
-        self.entries
+    fn account_entries(&self, account: AccountId) -> Result<Vec<Entry>, StoreError> {
+        Ok(self
+            .entries
             .iter()
             .filter(|e| e.account == account)
             .cloned()
-            .collect()
+            .collect())
     }
 
-    fn request_entries(&self, account: AccountId, request: RequestId) -> Vec<Entry> {
-        self.entries
+    fn request_entries(
+        &self,
+        account: AccountId,
+        request: RequestId,
+    ) -> Result<Vec<Entry>, StoreError> {
+        Ok(self
+            .entries
             .iter()
             .filter(|e| e.account == account && e.request_id == request)
             .cloned()
-            .collect()
+            .collect())
     }
 
-    fn head(&self) -> (u64, [u8; 32]) {
-        self.entries
+    fn head(&self) -> Result<(u64, [u8; 32]), StoreError> {
+        Ok(self
+            .entries
             .last()
-            .map_or((0, [0; 32]), |e| (e.seq + 1, e.hash))
+            .map_or((0, [0; 32]), |e| (e.seq + 1, e.hash)))
     }
 
-    fn append(&mut self, entry: Entry) {
+    fn append(&mut self, entry: Entry) -> Result<(), StoreError> {
         self.entries.push(entry);
+        Ok(())
     }
 }
 
@@ -162,6 +179,8 @@ pub enum LedgerError {
     NotPositive,
     #[error("the amount does not fit")]
     Overflow,
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// An account as the rules see it.
@@ -218,9 +237,9 @@ struct Draft<'a> {
     expires_at: Option<UnixMillis>,
 }
 
-fn append(store: &mut impl Store, d: Draft<'_>) -> Entry {
+fn append(store: &mut impl Store, d: Draft<'_>) -> Result<Entry, LedgerError> {
     debug_assert!(d.amount >= MicroUsd::ZERO);
-    let (seq, prev_hash) = store.head();
+    let (seq, prev_hash) = store.head()?;
     let mut e = Entry {
         seq,
         account: d.account,
@@ -236,8 +255,8 @@ fn append(store: &mut impl Store, d: Draft<'_>) -> Entry {
         hash: [0; 32],
     };
     e.hash = e.compute_hash();
-    store.append(e.clone());
-    e
+    store.append(e.clone())?;
+    Ok(e)
 }
 
 /// Whether the hold of `entries` (one request's) is active at `now`.
@@ -258,7 +277,7 @@ pub fn balance(
     account: AccountId,
     now: UnixMillis,
 ) -> Result<Balance, LedgerError> {
-    let entries = store.account_entries(account);
+    let entries = store.account_entries(account)?;
     let period = quota_period(now);
     let mut balance = MicroUsd::ZERO;
     let mut held = MicroUsd::ZERO;
@@ -313,7 +332,7 @@ pub fn top_up(
         return Err(LedgerError::NotPositive);
     }
     let body = body(&[b"top-up", &amount.0.to_le_bytes()]);
-    if let Some(first) = store.request_entries(account, request_id).first() {
+    if let Some(first) = store.request_entries(account, request_id)?.first() {
         return if first.kind == EntryKind::TopUp && first.body == body {
             Ok(outcome(first))
         } else {
@@ -338,7 +357,7 @@ pub fn top_up(
             expires_at: None,
         },
     );
-    Ok(outcome(&e))
+    Ok(outcome(&e?))
 }
 
 /// What a request asks before it runs.
@@ -367,7 +386,7 @@ pub fn hold(
         &request.input_tokens.to_le_bytes(),
         &request.max_output_tokens.to_le_bytes(),
     ]);
-    if let Some(first) = store.request_entries(account.id, request_id).first() {
+    if let Some(first) = store.request_entries(account.id, request_id)?.first() {
         return if first.kind == EntryKind::Hold && first.body == body {
             Ok(outcome(first))
         } else {
@@ -410,7 +429,7 @@ pub fn hold(
             expires_at,
         },
     );
-    Ok(outcome(&e))
+    Ok(outcome(&e?))
 }
 
 /// Charges the actual usage of a request that holds a hold: at most the hold.
@@ -428,7 +447,7 @@ pub fn settle(
         &usage.input_tokens.to_le_bytes(),
         &usage.output_tokens.to_le_bytes(),
     ]);
-    let entries = store.request_entries(account.id, request_id);
+    let entries = store.request_entries(account.id, request_id)?;
     if !entries.iter().any(|e| e.kind == EntryKind::Hold) {
         return Err(LedgerError::NoHold);
     }
@@ -464,7 +483,7 @@ pub fn settle(
             expires_at: None,
         },
     );
-    Ok(outcome(&e))
+    Ok(outcome(&e?))
 }
 
 /// Releases the hold of a request that will not run (or failed before it cost anything).
@@ -474,7 +493,7 @@ pub fn void(
     request_id: RequestId,
     now: UnixMillis,
 ) -> Result<(), LedgerError> {
-    let entries = store.request_entries(account, request_id);
+    let entries = store.request_entries(account, request_id)?;
     if entries.iter().any(|e| e.kind == EntryKind::Void) {
         return Ok(());
     }
@@ -495,13 +514,17 @@ pub fn void(
             at: now,
             expires_at: None,
         },
-    );
+    )?;
     Ok(())
 }
 
 /// Writes an expiry entry for every hold of `account` whose time is up. Returns how many.
-pub fn expire_due(store: &mut impl Store, account: AccountId, now: UnixMillis) -> usize {
-    let entries = store.account_entries(account);
+pub fn expire_due(
+    store: &mut impl Store,
+    account: AccountId,
+    now: UnixMillis,
+) -> Result<usize, LedgerError> {
+    let entries = store.account_entries(account)?;
     let due: Vec<(RequestId, String)> = entries
         .iter()
         .filter(|e| e.kind == EntryKind::Hold && e.expires_at.is_some_and(|t| now >= t))
@@ -530,9 +553,9 @@ pub fn expire_due(store: &mut impl Store, account: AccountId, now: UnixMillis) -
                 at: now,
                 expires_at: None,
             },
-        );
+        )?;
     }
-    due.len()
+    Ok(due.len())
 }
 
 /// Why a chain does not verify: the first entry that does not fit.
