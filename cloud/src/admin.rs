@@ -233,3 +233,191 @@ mod tests {
         assert_eq!(status(&row(true, None, false), now), Status::Stale);
     }
 }
+
+/// A request id made here (the operator's own requests: credits).
+fn operator_request_id() -> anyhow::Result<synesis_proto::RequestId> {
+    Ok(synesis_proto::RequestId::try_from_uuid(
+        uuid::Uuid::now_v7(),
+    )?)
+}
+
+pub fn set_tier(dir: &Path, name: &str, tier: synesis_proto::message::Tier) -> anyhow::Result<()> {
+    open(dir)?.set_tier(name, tier)?;
+    println!("account {name} is now on the {} tier", tier_name(tier));
+    Ok(())
+}
+
+/// Adds credit to an account (one ledger entry, keyed by a fresh request id).
+pub fn credit(
+    dir: &Path,
+    name: &str,
+    amount: synesis_proto::MicroUsd,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut db = open(dir)?;
+    let account = db.account_by_name(name)?;
+    let request = operator_request_id()?;
+    let at = now();
+    let balance = db.ledger(|store| {
+        synesis_billing::ledger::top_up(store, account.id, request, amount, at)?;
+        synesis_billing::ledger::balance(store, account.id, at)
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"account": name, "credited_micro_usd": amount.0, "balance_micro_usd": balance.balance.0})
+        );
+    } else {
+        println!("credited ${amount} to {name}; balance ${}", balance.balance);
+    }
+    Ok(())
+}
+
+/// Prints `count` one-time voucher codes worth `amount` each; only their hashes are stored.
+pub fn voucher_create(
+    dir: &Path,
+    amount: synesis_proto::MicroUsd,
+    count: u32,
+) -> anyhow::Result<()> {
+    if amount.0 <= 0 {
+        bail!("a voucher must be worth more than $0");
+    }
+    let mut db = open(dir)?;
+    let mut rng = rand::rng();
+    for _ in 0..count {
+        let mut raw = [0u8; 10];
+        rng.fill_bytes(&mut raw);
+        let code = format!(
+            "VCH-{}",
+            raw.iter().map(|b| format!("{b:02X}")).collect::<String>()
+        );
+        db.create_voucher(&code, amount, now())?;
+        println!("{code}");
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct QuoteView<'a> {
+    tier: &'a str,
+    model: &'a str,
+    input_tokens: u64,
+    output_tokens: u64,
+    base_micro_usd: i64,
+    markup_micro_usd: i64,
+    total_micro_usd: i64,
+    quota_tokens_used: u64,
+}
+
+/// What a request would cost, with the default price table and tier rules.
+pub fn quote(
+    tier: synesis_proto::message::Tier,
+    model: &str,
+    input_tokens: u64,
+    output_tokens: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let usage = synesis_billing::Usage {
+        input_tokens,
+        output_tokens,
+    };
+    let q = synesis_billing::quote(
+        tier,
+        model,
+        usage,
+        &synesis_billing::PriceTable::default(),
+        &synesis_billing::TierRules::default(),
+    )?;
+    let view = QuoteView {
+        tier: tier_name(tier),
+        model,
+        input_tokens,
+        output_tokens,
+        base_micro_usd: q.base.0,
+        markup_micro_usd: q.markup.0,
+        total_micro_usd: q.total.0,
+        quota_tokens_used: q.quota_tokens,
+    };
+    if json {
+        println!("{}", serde_json::to_string(&view)?);
+    } else {
+        println!(
+            "{} on {}: {input_tokens} in + {output_tokens} out = ${} base + ${} markup = ${} ({} quota tokens)",
+            model, view.tier, q.base, q.markup, q.total, q.quota_tokens
+        );
+    }
+    Ok(())
+}
+
+/// Walks the hash chain; an error (exit 1) names the first entry that does not fit.
+pub fn ledger_verify(dir: &Path, json: bool) -> anyhow::Result<()> {
+    let db = open(dir)?;
+    let entries = crate::ledger::query_entries(db.connection(), "", &[])?;
+    match synesis_billing::ledger::verify(&entries) {
+        Ok(()) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"intact": true, "entries": entries.len()})
+                );
+            } else {
+                println!("ledger intact: {} entries", entries.len());
+            }
+            Ok(())
+        }
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"intact": false, "entries": entries.len(), "first_bad_seq": e.seq, "reason": e.reason})
+                );
+            }
+            bail!("ledger tampered: {e}")
+        }
+    }
+}
+
+/// Balance, holds, quota and charges of one account.
+pub fn usage(dir: &Path, name: &str, json: bool) -> anyhow::Result<()> {
+    use synesis_billing::ledger::EntryKind;
+    let db = open(dir)?;
+    let account = db.account_by_name(name)?;
+    let at = now();
+    let store = crate::ledger::SqliteLedger::new(db.connection());
+    let balance = synesis_billing::ledger::balance(&store, account.id, at)?;
+    let entries = synesis_billing::ledger::Store::account_entries(&store, account.id)?;
+    let charges: Vec<serde_json::Value> = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Settle)
+        .map(|e| serde_json::json!({"request_id": e.request_id, "model": e.model, "total_micro_usd": e.amount.0, "quota_tokens": e.quota_tokens, "at": e.at}))
+        .collect();
+    let rules = synesis_billing::TierRules::default();
+    let quota = if account.tier == synesis_proto::message::Tier::Free {
+        rules.free_quota_tokens
+    } else {
+        0
+    };
+    let view = serde_json::json!({
+        "account": name,
+        "tier": tier_name(account.tier),
+        "balance_micro_usd": balance.balance.0,
+        "held_micro_usd": balance.held.0,
+        "quota_tokens": quota,
+        "quota_tokens_used": balance.quota_tokens_used,
+        "charges": charges,
+    });
+    if json {
+        println!("{view}");
+    } else {
+        println!(
+            "{name} ({}): balance ${}, held ${}, available ${}; quota {} of {quota} tokens used; {} charges",
+            tier_name(account.tier),
+            balance.balance,
+            balance.held,
+            balance.available,
+            balance.quota_tokens_used,
+            charges.len()
+        );
+    }
+    Ok(())
+}

@@ -46,6 +46,29 @@ CREATE TABLE IF NOT EXISTS devices (
     vitals_json           TEXT
 );
 CREATE INDEX IF NOT EXISTS devices_revoked ON devices(revoked_at) WHERE revoked_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS ledger_entries (
+    seq          INTEGER PRIMARY KEY,          -- 0, 1, 2, … with no gaps (the chain)
+    account_id   TEXT NOT NULL,
+    request_id   TEXT NOT NULL,
+    kind         INTEGER NOT NULL,
+    model        TEXT NOT NULL,
+    amount       INTEGER NOT NULL CHECK (amount >= 0),  -- micro-USD
+    quota_tokens INTEGER NOT NULL,
+    body         BLOB NOT NULL,
+    at           INTEGER NOT NULL,
+    expires_at   INTEGER,
+    prev_hash    BLOB NOT NULL,
+    hash         BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_by_request ON ledger_entries(account_id, request_id);
+CREATE INDEX IF NOT EXISTS ledger_by_account ON ledger_entries(account_id, seq);
+CREATE TABLE IF NOT EXISTS vouchers (
+    code_sha256  BLOB PRIMARY KEY,             -- the code itself is never stored
+    amount       INTEGER NOT NULL CHECK (amount > 0),
+    created_at   INTEGER NOT NULL,
+    redeemed_at  INTEGER,
+    redeemed_by  TEXT
+);
 ";
 
 #[derive(Debug, thiserror::Error)]
@@ -430,6 +453,52 @@ impl Db {
             .prepare_cached("SELECT id FROM devices WHERE revoked_at >= ?1")?;
         let ids = stmt.query_map([since.0], |r| r.get::<_, String>(0))?;
         ids.map(|id| parse_id(&id?)).collect()
+    }
+
+    pub fn set_tier(&mut self, name: &str, tier: Tier) -> Result<(), DbError> {
+        let n = self.conn.execute(
+            "UPDATE accounts SET tier = ?2 WHERE name = ?1",
+            params![name, tier_name(tier)],
+        )?;
+        if n == 0 {
+            return Err(DbError::NoSuchAccount(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    pub fn create_voucher(
+        &mut self,
+        code: &str,
+        amount: synesis_proto::MicroUsd,
+        now: UnixMillis,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT INTO vouchers (code_sha256, amount, created_at) VALUES (?1, ?2, ?3)",
+            params![sha256(code.as_bytes()).as_slice(), amount.0, now.0],
+        )?;
+        Ok(())
+    }
+
+    /// Runs ledger rules as one transaction: everything `f` appends is committed together, or
+    /// nothing is (on any error).
+    pub fn ledger<T>(
+        &mut self,
+        f: impl FnOnce(
+            &mut crate::ledger::SqliteLedger<'_>,
+        ) -> Result<T, synesis_billing::ledger::LedgerError>,
+    ) -> Result<T, synesis_billing::ledger::LedgerError> {
+        let store_err = |e: rusqlite::Error| synesis_billing::ledger::StoreError(e.to_string());
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(store_err)?;
+        let result = f(&mut crate::ledger::SqliteLedger::new(&tx))?;
+        tx.commit().map_err(store_err)?;
+        Ok(result)
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
     }
 
     pub fn devices(&self) -> Result<Vec<DeviceRow>, DbError> {

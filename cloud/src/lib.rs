@@ -8,5 +8,6 @@
 
 pub mod admin;
 pub mod db;
+pub mod ledger;
 pub mod pki;
 pub mod server;

@@ -75,6 +75,52 @@ enum Admin {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// Add credit to an account, in dollars (e.g. 10.00; exact to the micro-dollar).
+    Credit {
+        account: String,
+        #[arg(value_parser = synesis_billing::parse_usd)]
+        amount: synesis_proto::MicroUsd,
+    },
+    /// One-time voucher codes (only their hashes are stored).
+    Voucher {
+        #[command(subcommand)]
+        command: VoucherCommand,
+    },
+    /// What a request would cost under a tier, with the default price table.
+    Quote {
+        #[arg(long, value_parser = parse_tier)]
+        tier: Tier,
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        input_tokens: u64,
+        #[arg(long)]
+        output_tokens: u64,
+    },
+    /// The ledger as a whole.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+    /// An account's balance, holds, quota and charges.
+    Usage { account: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum VoucherCommand {
+    /// Print COUNT new voucher codes worth AMOUNT dollars each.
+    Create {
+        #[arg(value_parser = synesis_billing::parse_usd)]
+        amount: synesis_proto::MicroUsd,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        count: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LedgerCommand {
+    /// Walk the hash chain: exit 0 when intact, 1 naming the first bad entry.
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,6 +129,12 @@ enum AccountCommand {
     Create {
         name: String,
         #[arg(long, default_value = "free", value_parser = parse_tier)]
+        tier: Tier,
+    },
+    /// Move an account to another tier (free, managed, byok).
+    SetTier {
+        name: String,
+        #[arg(value_parser = parse_tier)]
         tier: Tier,
     },
 }
@@ -163,6 +215,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Admin::Device {
                 command: DeviceCommand::Revoke { device_id },
             } => admin::device_revoke(&data_dir, device_id),
+            Admin::Account {
+                command: AccountCommand::SetTier { name, tier },
+            } => admin::set_tier(&data_dir, &name, tier),
+            Admin::Credit { account, amount } => admin::credit(&data_dir, &account, amount, json),
+            Admin::Voucher {
+                command: VoucherCommand::Create { amount, count },
+            } => admin::voucher_create(&data_dir, amount, count),
+            Admin::Quote {
+                tier,
+                model,
+                input_tokens,
+                output_tokens,
+            } => admin::quote(tier, &model, input_tokens, output_tokens, json),
+            Admin::Ledger {
+                command: LedgerCommand::Verify,
+            } => admin::ledger_verify(&data_dir, json),
+            Admin::Usage { account } => admin::usage(&data_dir, &account, json),
         },
     }
 }

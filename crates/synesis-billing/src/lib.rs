@@ -26,7 +26,7 @@ mod price;
 mod quota;
 
 pub use cost::{BillingError, Quote, Usage, quote};
-pub use price::{ModelPrice, PriceTable};
+pub use price::{ModelPrice, PriceTable, parse_usd};
 pub use quota::{QuotaExceeded, QuotaPeriod, admit_free, quota_period};
 pub use synesis_proto::MicroUsd;
 pub use synesis_proto::message::Tier;

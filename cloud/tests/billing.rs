@@ -1,0 +1,191 @@
+//! `synesis-cloud admin` billing commands on a real SQLite file: credit, usage, quote, vouchers,
+//! and `ledger verify` catching an edited entry.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::process::{Command, Output};
+
+fn admin(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_synesis-cloud"))
+        .arg("admin")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn credit_shows_exactly_in_usage_and_the_chain_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    json(&admin(
+        dir.path(),
+        &["--json", "account", "create", "acme", "--tier", "managed"],
+    ));
+    let credited = json(&admin(dir.path(), &["--json", "credit", "acme", "10.00"]));
+    assert_eq!(credited["balance_micro_usd"], 10_000_000);
+    json(&admin(
+        dir.path(),
+        &["--json", "credit", "acme", "0.000001"],
+    ));
+    let usage = json(&admin(dir.path(), &["--json", "usage", "acme"]));
+    assert_eq!(usage["balance_micro_usd"], 10_000_001);
+    assert_eq!(usage["held_micro_usd"], 0);
+    assert_eq!(usage["tier"], "managed");
+    let verified = json(&admin(dir.path(), &["--json", "ledger", "verify"]));
+    assert_eq!(verified["intact"], true);
+    assert_eq!(verified["entries"], 2);
+
+    let bad = admin(dir.path(), &["credit", "acme", "1.0000001"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("at most 6 decimals"));
+}
+
+#[test]
+fn an_edited_entry_is_named_by_ledger_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    json(&admin(dir.path(), &["--json", "account", "create", "acme"]));
+    for amount in ["1", "2", "3"] {
+        json(&admin(dir.path(), &["--json", "credit", "acme", amount]));
+    }
+    let db = rusqlite::Connection::open(dir.path().join("cloud.db")).unwrap();
+    db.execute(
+        "UPDATE ledger_entries SET amount = 99000000 WHERE seq = 1",
+        [],
+    )
+    .unwrap();
+    let out = admin(dir.path(), &["--json", "ledger", "verify"]);
+    assert!(!out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["intact"].as_bool(), v["first_bad_seq"].as_u64()),
+        (Some(false), Some(1))
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("entry 1"));
+
+    db.execute(
+        "UPDATE ledger_entries SET amount = 2000000 WHERE seq = 1",
+        [],
+    )
+    .unwrap();
+    db.execute("DELETE FROM ledger_entries WHERE seq = 0", [])
+        .unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&admin(dir.path(), &["--json", "ledger", "verify"]).stdout).unwrap();
+    assert_eq!(
+        v["first_bad_seq"], 1,
+        "the first entry left is out of sequence"
+    );
+}
+
+#[test]
+fn quotes_follow_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = |tier: &str| {
+        json(&admin(
+            dir.path(),
+            &[
+                "--json",
+                "quote",
+                "--tier",
+                tier,
+                "--model",
+                "claude-sonnet",
+                "--input-tokens",
+                "1000",
+                "--output-tokens",
+                "250",
+            ],
+        ))
+    };
+    let managed = q("managed");
+    assert_eq!(
+        (
+            managed["base_micro_usd"].as_i64(),
+            managed["markup_micro_usd"].as_i64(),
+            managed["total_micro_usd"].as_i64()
+        ),
+        (Some(6_750), Some(203), Some(6_953))
+    );
+    let byok = q("byok");
+    assert_eq!(
+        (
+            byok["base_micro_usd"].as_i64(),
+            byok["total_micro_usd"].as_i64()
+        ),
+        (Some(0), Some(2_025))
+    );
+    let free = q("free");
+    assert_eq!(
+        (
+            free["total_micro_usd"].as_i64(),
+            free["quota_tokens_used"].as_u64()
+        ),
+        (Some(0), Some(1_250))
+    );
+    for key in [
+        "tier",
+        "model",
+        "input_tokens",
+        "output_tokens",
+        "base_micro_usd",
+        "markup_micro_usd",
+        "total_micro_usd",
+        "quota_tokens_used",
+    ] {
+        assert!(managed.get(key).is_some(), "{key}");
+    }
+    let unknown = admin(
+        dir.path(),
+        &[
+            "quote",
+            "--tier",
+            "managed",
+            "--model",
+            "gpt-9",
+            "--input-tokens",
+            "1",
+            "--output-tokens",
+            "1",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no price for model"));
+}
+
+#[test]
+fn vouchers_are_printed_once_and_stored_hashed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = admin(dir.path(), &["voucher", "create", "5.00", "--count", "3"]);
+    assert!(out.status.success());
+    let codes: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(codes.len(), 3);
+    let db = rusqlite::Connection::open(dir.path().join("cloud.db")).unwrap();
+    let stored: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM vouchers WHERE amount = 5000000",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stored, 3);
+    let leaked: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM vouchers WHERE CAST(code_sha256 AS TEXT) = ?1",
+            [&codes[0]],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(leaked, 0, "the code itself is not stored");
+}
