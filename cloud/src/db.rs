@@ -254,6 +254,16 @@ impl Db {
         })
     }
 
+    pub fn account_by_id(&self, id: AccountId) -> Result<Account, DbError> {
+        let (name, tier) = self.conn.query_row(
+            "SELECT name, tier FROM accounts WHERE id = ?1",
+            [id.to_string()],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+        )?;
+        let tier = parse_tier(&tier).ok_or_else(|| DbError::Corrupt(format!("tier {tier:?}")))?;
+        Ok(Account { id, name, tier })
+    }
+
     pub fn create_token(
         &mut self,
         account: AccountId,

@@ -15,6 +15,40 @@ impl<'c> SqliteLedger<'c> {
     pub fn new(conn: &'c Connection) -> SqliteLedger<'c> {
         SqliteLedger { conn }
     }
+
+    /// Marks a voucher redeemed by `request` and returns its amount; the same request again
+    /// gets the same amount (idempotent), any other request is refused.
+    pub fn redeem_voucher(
+        &self,
+        code: &str,
+        request: RequestId,
+        now: UnixMillis,
+    ) -> Result<Option<MicroUsd>, StoreError> {
+        let hash = crate::db::sha256(code.trim().as_bytes());
+        let row = self.conn.query_row(
+            "SELECT amount, redeemed_by FROM vouchers WHERE code_sha256 = ?1",
+            [hash.as_slice()],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?)),
+        );
+        let (amount, redeemed_by) = match row {
+            Ok(v) => v,
+            Err(rusqlite::Error::QueryReturnedNoRows) => return Ok(None),
+            Err(e) => return Err(err(e)),
+        };
+        match redeemed_by {
+            Some(by) if by == request.to_string() => Ok(Some(MicroUsd(amount))),
+            Some(_) => Ok(None),
+            None => {
+                self.conn
+                    .execute(
+                        "UPDATE vouchers SET redeemed_at = ?2, redeemed_by = ?3 WHERE code_sha256 = ?1 AND redeemed_by IS NULL",
+                        params![hash.as_slice(), now.0, request.to_string()],
+                    )
+                    .map_err(err)?;
+                Ok(Some(MicroUsd(amount)))
+            }
+        }
+    }
 }
 
 const COLUMNS: &str = "seq, account_id, request_id, kind, model, amount, quota_tokens, body, at, expires_at, prev_hash, hash";

@@ -522,6 +522,18 @@ impl Session {
         match first {
             Message::Hello(hello) => self.control(hello, tx, rx).await,
             Message::DeviceLeave(leave) => self.leave(leave, tx).await,
+            Message::TopupRequest(r) => {
+                let reply = self.topup(r).await;
+                send_last(&mut tx, &reply).await;
+            }
+            Message::UsageRequest(r) => {
+                let reply = self.usage(r).await;
+                send_last(&mut tx, &reply).await;
+            }
+            Message::PriceRequest(r) => {
+                let reply = self.price(r).await;
+                send_last(&mut tx, &reply).await;
+            }
             other => {
                 let why = format!("{} cannot open a stream", other.message_type().name());
                 reject(&mut tx, &mut rx, ErrorCode::UNEXPECTED_MESSAGE, why).await;
@@ -621,6 +633,115 @@ impl Session {
             let at = now();
             let _ = self.cloud.db(move |db| db.mark_disconnected(id, at)).await;
             tracing::info!(device = %id, "device disconnected");
+        }
+    }
+
+    /// `synesis cloud topup --voucher`: a voucher's amount becomes credit, once.
+    async fn topup(&self, r: synesis_proto::message::TopupRequest) -> Message {
+        let account = self.device.account_id;
+        let at = now();
+        let result = self
+            .cloud
+            .db(move |db| {
+                db.ledger(|store| {
+                    let Some(amount) = store.redeem_voucher(&r.voucher, r.request_id, at)? else {
+                        return Ok(None);
+                    };
+                    synesis_billing::ledger::top_up(store, account, r.request_id, amount, at)?;
+                    let balance = synesis_billing::ledger::balance(store, account, at)?;
+                    Ok(Some((amount, balance.balance)))
+                })
+            })
+            .await;
+        match result {
+            Ok(Ok(Some((credited, balance)))) => synesis_proto::message::TopupReply {
+                request_id: r.request_id,
+                credited,
+                balance,
+            }
+            .into(),
+            Ok(Ok(None)) => error_msg(
+                ErrorCode::VOUCHER_INVALID,
+                "unknown voucher, or it was already redeemed",
+                Some(r.request_id),
+            ),
+            Ok(Err(synesis_billing::ledger::LedgerError::IdempotencyConflict)) => error_msg(
+                ErrorCode::IDEMPOTENCY_CONFLICT,
+                "this request id was used for something else",
+                Some(r.request_id),
+            ),
+            Ok(Err(e)) => error_msg(ErrorCode::INTERNAL, e.to_string(), Some(r.request_id)),
+            Err(e) => error_msg(ErrorCode::INTERNAL, e.to_string(), Some(r.request_id)),
+        }
+    }
+
+    /// `synesis cloud usage`: balance, holds, quota, charges.
+    async fn usage(&self, r: synesis_proto::message::UsageRequest) -> Message {
+        let account = self.device.account_id;
+        let at = now();
+        let result = self
+            .cloud
+            .db(
+                move |db| -> anyhow::Result<synesis_proto::message::UsageReply> {
+                    let acct = db.account_by_id(account)?;
+                    let store = crate::ledger::SqliteLedger::new(db.connection());
+                    let balance = synesis_billing::ledger::balance(&store, account, at)?;
+                    let rules = synesis_billing::TierRules::default();
+                    Ok(synesis_proto::message::UsageReply {
+                        request_id: r.request_id,
+                        account: acct.name,
+                        tier: acct.tier,
+                        balance: balance.balance,
+                        held: balance.held,
+                        quota_tokens: if acct.tier == synesis_proto::message::Tier::Free {
+                            rules.free_quota_tokens
+                        } else {
+                            0
+                        },
+                        quota_tokens_used: balance.quota_tokens_used,
+                        // Charges are listed once escalations settle through the ledger (the next
+                        // issue); entries do not record the input/output split yet.
+                        charges: Vec::new(),
+                    })
+                },
+            )
+            .await;
+        match result {
+            Ok(Ok(reply)) => reply.into(),
+            Ok(Err(e)) => error_msg(ErrorCode::INTERNAL, e.to_string(), Some(r.request_id)),
+            Err(e) => error_msg(ErrorCode::INTERNAL, e.to_string(), Some(r.request_id)),
+        }
+    }
+
+    /// `synesis cloud price`: the account's tier and the price table.
+    async fn price(&self, r: synesis_proto::message::PriceRequest) -> Message {
+        let account = self.device.account_id;
+        match self.cloud.db(move |db| db.account_by_id(account)).await {
+            Ok(Ok(acct)) => {
+                let rules = synesis_billing::TierRules::default();
+                let markup_bps = match acct.tier {
+                    synesis_proto::message::Tier::Free => 0,
+                    synesis_proto::message::Tier::Managed => rules.managed_markup_bps,
+                    synesis_proto::message::Tier::Byok => rules.byok_fee_bps,
+                };
+                let prices = synesis_billing::PriceTable::default()
+                    .iter()
+                    .map(|(model, p)| synesis_proto::message::ModelPrice {
+                        model: model.to_owned(),
+                        input_per_mtok: p.input_per_mtok,
+                        output_per_mtok: p.output_per_mtok,
+                    })
+                    .collect();
+                synesis_proto::message::PriceReply {
+                    request_id: r.request_id,
+                    tier: acct.tier,
+                    markup_bps,
+                    prices,
+                }
+                .into()
+            }
+            Ok(Err(e)) => error_msg(ErrorCode::INTERNAL, e.to_string(), Some(r.request_id)),
+            Err(e) => error_msg(ErrorCode::INTERNAL, e.to_string(), Some(r.request_id)),
         }
     }
 

@@ -189,6 +189,16 @@ pub(crate) enum CloudCommand {
     Status,
     /// Measure the round trip to the cloud through the running tunnel.
     Ping(PingArgs),
+    /// Redeem a voucher code as credit on this device's account.
+    Topup {
+        /// The code (VCH-…), from the account's operator.
+        #[arg(long)]
+        voucher: String,
+    },
+    /// The account's balance, holds, quota and charges.
+    Usage,
+    /// The account's tier and the price table.
+    Price,
 }
 
 #[derive(Debug, Args)]

@@ -63,6 +63,11 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
                 }
                 cli::CloudCommand::Status => commands::cloud::status(&out, &paths).await,
                 cli::CloudCommand::Ping(args) => commands::cloud::ping(&out, &paths, args).await,
+                cli::CloudCommand::Topup { voucher } => {
+                    commands::cloud::topup(&out, &paths, voucher).await
+                }
+                cli::CloudCommand::Usage => commands::cloud::usage(&out, &paths).await,
+                cli::CloudCommand::Price => commands::cloud::price(&out, &paths).await,
             }
         }),
         cli::Command::Tunnel {

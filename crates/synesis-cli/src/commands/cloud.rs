@@ -165,3 +165,111 @@ pub(crate) async fn ping(out: &Output, paths: &Paths, args: &PingArgs) -> anyhow
     })?;
     Ok(())
 }
+
+/// One account request to the cloud (a fresh mutual-TLS connection); an `ErrorMsg` reply
+/// becomes an error with its code.
+async fn account_request(paths: &Paths, message: Message) -> anyhow::Result<Message> {
+    let Some(identity) = Identity::load(&paths.data.path)? else {
+        bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
+    };
+    match request(&identity, message).await? {
+        Message::ErrorMsg(e) => bail!("the cloud refused: {} ({})", e.message, e.code),
+        reply => Ok(reply),
+    }
+}
+
+fn tier_name(tier: synesis_proto::message::Tier) -> &'static str {
+    match tier {
+        synesis_proto::message::Tier::Free => "free",
+        synesis_proto::message::Tier::Managed => "managed",
+        synesis_proto::message::Tier::Byok => "byok",
+    }
+}
+
+pub(crate) async fn topup(out: &Output, paths: &Paths, voucher: &str) -> anyhow::Result<()> {
+    let message = synesis_proto::message::TopupRequest {
+        request_id: new_request_id(),
+        voucher: voucher.trim().to_owned(),
+    };
+    let Message::TopupReply(r) = account_request(paths, message.into()).await? else {
+        bail!("the cloud answered something else than a top-up reply");
+    };
+    let view =
+        serde_json::json!({"credited_micro_usd": r.credited.0, "balance_micro_usd": r.balance.0});
+    out.report(&view, || {
+        format!("credited ${}; balance ${}\n", r.credited, r.balance)
+    })?;
+    Ok(())
+}
+
+pub(crate) async fn usage(out: &Output, paths: &Paths) -> anyhow::Result<()> {
+    let message = synesis_proto::message::UsageRequest {
+        request_id: new_request_id(),
+        since: None,
+        group_by: None,
+    };
+    let Message::UsageReply(r) = account_request(paths, message.into()).await? else {
+        bail!("the cloud answered something else than a usage reply");
+    };
+    let charges: Vec<serde_json::Value> = r
+        .charges
+        .iter()
+        .map(|c| {
+            serde_json::json!({"request_id": c.request_id, "model": c.model, "device_id": c.device_id,
+                "input_tokens": c.usage.input_tokens, "output_tokens": c.usage.output_tokens,
+                "total_micro_usd": c.total.0, "at": c.at})
+        })
+        .collect();
+    let view = serde_json::json!({
+        "account": r.account,
+        "tier": tier_name(r.tier),
+        "balance_micro_usd": r.balance.0,
+        "held_micro_usd": r.held.0,
+        "quota_tokens": r.quota_tokens,
+        "quota_tokens_used": r.quota_tokens_used,
+        "charges": charges,
+    });
+    out.report(&view, || {
+        format!(
+            "account {} ({}): balance ${}, held ${}; quota {} of {} tokens used; {} charges\n",
+            r.account,
+            tier_name(r.tier),
+            r.balance,
+            r.held,
+            r.quota_tokens_used,
+            r.quota_tokens,
+            r.charges.len()
+        )
+    })?;
+    Ok(())
+}
+
+pub(crate) async fn price(out: &Output, paths: &Paths) -> anyhow::Result<()> {
+    let message = synesis_proto::message::PriceRequest {
+        request_id: new_request_id(),
+    };
+    let Message::PriceReply(r) = account_request(paths, message.into()).await? else {
+        bail!("the cloud answered something else than a price reply");
+    };
+    let prices: Vec<serde_json::Value> = r
+        .prices
+        .iter()
+        .map(|p| serde_json::json!({"model": p.model, "input_micro_usd_per_mtok": p.input_per_mtok.0, "output_micro_usd_per_mtok": p.output_per_mtok.0}))
+        .collect();
+    let view = serde_json::json!({"tier": tier_name(r.tier), "markup_bps": r.markup_bps, "prices": prices});
+    out.report(&view, || {
+        let mut s = format!(
+            "tier {} (markup or fee {} bps)\n",
+            tier_name(r.tier),
+            r.markup_bps
+        );
+        for p in &r.prices {
+            s.push_str(&format!(
+                "  {:<16} ${} in, ${} out per million tokens\n",
+                p.model, p.input_per_mtok, p.output_per_mtok
+            ));
+        }
+        s
+    })?;
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! Credit over the wire: a voucher made by the operator, redeemed by a device, seen in usage.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use synesis_e2e::{Cloud, Device, json_of, run_ok};
+
+#[test]
+fn a_voucher_tops_up_exactly_once() {
+    let cloud = Cloud::start();
+    let device = Device::new();
+    device.login(&cloud.account_and_token("acme"));
+    run_ok(
+        cloud
+            .admin()
+            .args(["account", "set-tier", "acme", "managed"]),
+    );
+    let out = run_ok(cloud.admin().args(["voucher", "create", "10.00"]));
+    let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+
+    let topped = json_of(
+        device
+            .synesis()
+            .args(["--json", "cloud", "topup", "--voucher", &code]),
+    );
+    assert_eq!(topped["credited_micro_usd"], 10_000_000);
+    let usage = json_of(device.synesis().args(["--json", "cloud", "usage"]));
+    assert_eq!(usage["balance_micro_usd"], 10_000_000);
+    assert_eq!(usage["held_micro_usd"], 0);
+    assert_eq!(
+        (usage["account"].as_str(), usage["tier"].as_str()),
+        (Some("acme"), Some("managed"))
+    );
+    for key in ["quota_tokens", "quota_tokens_used", "charges"] {
+        assert!(usage.get(key).is_some(), "{key}");
+    }
+
+    let again = device
+        .synesis()
+        .args(["cloud", "topup", "--voucher", &code])
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "a reused voucher must be refused");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already redeemed"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let usage = json_of(device.synesis().args(["--json", "cloud", "usage"]));
+    assert_eq!(
+        usage["balance_micro_usd"], 10_000_000,
+        "nothing credited twice"
+    );
+
+    let price = json_of(device.synesis().args(["--json", "cloud", "price"]));
+    assert_eq!(price["tier"], "managed");
+    assert_eq!(price["markup_bps"], 300);
+    run_ok(cloud.admin().args(["ledger", "verify"]));
+}
