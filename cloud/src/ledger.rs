@@ -53,29 +53,6 @@ impl<'c> SqliteLedger<'c> {
 
 const COLUMNS: &str = "seq, account_id, request_id, kind, model, amount, quota_tokens, body, at, expires_at, prev_hash, hash";
 
-fn kind_from(code: i64) -> Option<EntryKind> {
-    Some(match code {
-        1 => EntryKind::TopUp,
-        2 => EntryKind::Hold,
-        3 => EntryKind::Settle,
-        4 => EntryKind::Void,
-        5 => EntryKind::Expire,
-        6 => EntryKind::Refund,
-        _ => return None,
-    })
-}
-
-fn kind_code(kind: EntryKind) -> i64 {
-    match kind {
-        EntryKind::TopUp => 1,
-        EntryKind::Hold => 2,
-        EntryKind::Settle => 3,
-        EntryKind::Void => 4,
-        EntryKind::Expire => 5,
-        EntryKind::Refund => 6,
-    }
-}
-
 fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
 }
@@ -118,7 +95,9 @@ pub fn query_entries(
             seq: u64::try_from(seq).map_err(err)?,
             account: account.parse().map_err(err)?,
             request_id: request.parse().map_err(err)?,
-            kind: kind_from(kind)
+            kind: u8::try_from(kind)
+                .ok()
+                .and_then(EntryKind::from_code)
                 .ok_or_else(|| StoreError(format!("entry {seq}: unknown kind {kind}")))?,
             model,
             amount: MicroUsd(amount),
@@ -171,7 +150,7 @@ impl Store for SqliteLedger<'_> {
                     i64::try_from(e.seq).map_err(err)?,
                     e.account.to_string(),
                     e.request_id.to_string(),
-                    kind_code(e.kind),
+                    i64::from(e.kind.code()),
                     e.model,
                     e.amount.0,
                     i64::try_from(e.quota_tokens).map_err(err)?,

@@ -38,7 +38,17 @@ pub enum EntryKind {
 }
 
 impl EntryKind {
-    fn code(self) -> u8 {
+    const ALL: [EntryKind; 6] = [
+        EntryKind::TopUp,
+        EntryKind::Hold,
+        EntryKind::Settle,
+        EntryKind::Void,
+        EntryKind::Expire,
+        EntryKind::Refund,
+    ];
+
+    /// The stable number a store keeps (and the hash covers).
+    pub fn code(self) -> u8 {
         match self {
             EntryKind::TopUp => 1,
             EntryKind::Hold => 2,
@@ -47,6 +57,10 @@ impl EntryKind {
             EntryKind::Expire => 5,
             EntryKind::Refund => 6,
         }
+    }
+
+    pub fn from_code(code: u8) -> Option<EntryKind> {
+        EntryKind::ALL.into_iter().find(|k| k.code() == code)
     }
 }
 
@@ -217,6 +231,22 @@ fn body(parts: &[&[u8]]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// The first outcome again when `request_id` was used for the same operation with the same
+/// body; a conflict when it was used otherwise; `None` when it is new.
+fn replay(
+    store: &impl Store,
+    account: AccountId,
+    request_id: RequestId,
+    kind: EntryKind,
+    body: &[u8; 32],
+) -> Result<Option<Outcome>, LedgerError> {
+    match store.request_entries(account, request_id)?.first() {
+        None => Ok(None),
+        Some(first) if first.kind == kind && first.body == *body => Ok(Some(outcome(first))),
+        Some(_) => Err(LedgerError::IdempotencyConflict),
+    }
+}
+
 fn outcome(e: &Entry) -> Outcome {
     Outcome {
         amount: e.amount,
@@ -332,12 +362,8 @@ pub fn top_up(
         return Err(LedgerError::NotPositive);
     }
     let body = body(&[b"top-up", &amount.0.to_le_bytes()]);
-    if let Some(first) = store.request_entries(account, request_id)?.first() {
-        return if first.kind == EntryKind::TopUp && first.body == body {
-            Ok(outcome(first))
-        } else {
-            Err(LedgerError::IdempotencyConflict)
-        };
+    if let Some(first) = replay(store, account, request_id, EntryKind::TopUp, &body)? {
+        return Ok(first);
     }
     balance(store, account, now)?
         .balance
@@ -386,12 +412,8 @@ pub fn hold(
         &request.input_tokens.to_le_bytes(),
         &request.max_output_tokens.to_le_bytes(),
     ]);
-    if let Some(first) = store.request_entries(account.id, request_id)?.first() {
-        return if first.kind == EntryKind::Hold && first.body == body {
-            Ok(outcome(first))
-        } else {
-            Err(LedgerError::IdempotencyConflict)
-        };
+    if let Some(first) = replay(store, account.id, request_id, EntryKind::Hold, &body)? {
+        return Ok(first);
     }
     let usage = Usage {
         input_tokens: request.input_tokens,

@@ -5,7 +5,7 @@
 //! Precedence, per directory: its own flag/variable, then `SYNESIS_HOME`, then XDG, then the
 //! XDG default under `$HOME`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Serialize;
 
@@ -122,13 +122,6 @@ impl Paths {
 
     pub(crate) fn config_file(&self) -> PathBuf {
         self.config.path.join("config.toml")
-    }
-}
-
-impl Dir {
-    #[allow(dead_code)] // used by the commands that write files (next issues)
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
     }
 }
 
