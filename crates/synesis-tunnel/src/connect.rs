@@ -94,3 +94,10 @@ pub fn classify_code(code: ErrorCode, message: &str) -> Failure {
 pub fn classify_error_msg(e: &ErrorMsg) -> Failure {
     classify_code(e.code, &e.message)
 }
+
+/// Why a stream operation failed: the connection's close reason when it was closed (so a revoked
+/// device learns it is revoked, whichever future noticed the close first), else `why`.
+pub fn closed_or(conn: &quinn::Connection, why: String) -> Failure {
+    conn.close_reason()
+        .map_or(Failure::Transient(why), |reason| classify(&reason))
+}

@@ -18,7 +18,7 @@ use synesis_proto::{DeviceId, FrameLimits, Message, PROTOCOL_VERSION, UnixMillis
 use synesis_wire::{FramedRecv, send};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::connect::{classify, classify_error_msg, client_endpoint, dial, resolve};
+use crate::connect::{classify, classify_error_msg, client_endpoint, closed_or, dial, resolve};
 use crate::enroll::unix_now;
 use crate::identity::Identity;
 use crate::machine::{Action, Config, Event, Failure, Machine, State};
@@ -323,7 +323,7 @@ impl Driver {
             };
             send(&mut tx, &hello.into(), FrameLimits::default())
                 .await
-                .map_err(|e| Failure::Transient(e.to_string()))?;
+                .map_err(|e| closed_or(&conn, e.to_string()))?;
             let mut rx = FramedRecv::new(rx, FrameLimits::default());
             let first = tokio::select! {
                 first = rx.next() => first,
@@ -340,10 +340,11 @@ impl Driver {
                     "unexpected {:?} before welcome",
                     other.message_type()
                 ))),
-                Ok(None) => Err(Failure::Transient(
+                Ok(None) => Err(closed_or(
+                    &conn,
                     "the cloud closed the control stream".into(),
                 )),
-                Err(e) => Err(Failure::Transient(e.to_string())),
+                Err(e) => Err(closed_or(&conn, e.to_string())),
             }
         }));
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use synesis_proto::{FrameLimits, Message};
 use synesis_wire::{FramedRecv, send};
 
-use crate::connect::{classify, client_endpoint, dial, resolve};
+use crate::connect::{classify, client_endpoint, closed_or, dial, resolve};
 use crate::identity::Identity;
 use crate::machine::{CONNECT_TIMEOUT, Failure, HEARTBEAT_INTERVAL_DEFAULT};
 use crate::tls::device_client_config;
@@ -48,7 +48,10 @@ pub(crate) async fn exchange(
         let (mut tx, rx) = conn.open_bi().await.map_err(|e| classify(&e))?;
         send(&mut tx, message, FrameLimits::default())
             .await
-            .map_err(|e| Failure::Transient(e.to_string()))?;
+            .map_err(|e| {
+                conn.close_reason()
+                    .map_or(Failure::Transient(e.to_string()), |r| classify(&r))
+            })?;
         let _ = tx.finish();
         let mut rx = FramedRecv::new(rx, FrameLimits::default());
         let reply = tokio::select! {
@@ -57,10 +60,11 @@ pub(crate) async fn exchange(
         };
         match reply {
             Ok(Ok(Some(reply))) => Ok(reply),
-            Ok(Ok(None)) => Err(Failure::Transient(
+            Ok(Ok(None)) => Err(closed_or(
+                &conn,
                 "the cloud closed the stream without answering".into(),
             )),
-            Ok(Err(e)) => Err(Failure::Transient(e.to_string())),
+            Ok(Err(e)) => Err(closed_or(&conn, e.to_string())),
             Err(_) => Err(Failure::Transient("no answer within the timeout".into())),
         }
     }
