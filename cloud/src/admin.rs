@@ -353,7 +353,10 @@ pub fn quote(
 pub fn ledger_verify(dir: &Path, json: bool) -> anyhow::Result<()> {
     let db = open(dir)?;
     let entries = crate::ledger::query_entries(db.connection(), "", &[])?;
-    match synesis_billing::ledger::verify(&entries) {
+    let checked = synesis_billing::ledger::verify(&entries)
+        .map_err(|e| (e.seq, e.reason.to_owned(), e.to_string()))
+        .and_then(|()| states_agree(db.connection(), &entries));
+    match checked {
         Ok(()) => {
             if json {
                 println!(
@@ -365,31 +368,63 @@ pub fn ledger_verify(dir: &Path, json: bool) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Err(e) => {
+        Err((seq, reason, message)) => {
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"intact": false, "entries": entries.len(), "first_bad_seq": e.seq, "reason": e.reason})
+                    serde_json::json!({"intact": false, "entries": entries.len(), "first_bad_seq": seq, "reason": reason})
                 );
             }
-            bail!("ledger tampered: {e}")
+            bail!("ledger tampered: {message}")
         }
     }
 }
 
+/// Whether the kept totals and open holds are what the (verified) entries say; the first
+/// account that differs is named, with the last entry of that account.
+fn states_agree(
+    conn: &rusqlite::Connection,
+    entries: &[synesis_billing::ledger::Entry],
+) -> Result<(), (u64, String, String)> {
+    let fail = |account: synesis_proto::AccountId, reason: String| {
+        let seq = entries
+            .iter()
+            .rev()
+            .find(|e| e.account == account)
+            .map_or(0, |e| e.seq);
+        let message = format!("account {account}: {reason} (its last entry is {seq})");
+        Err((seq, reason, message))
+    };
+    let want = synesis_billing::ledger::rebuild_states(entries)
+        .map_err(|e| (0, e.to_string(), e.to_string()))?;
+    let have = crate::ledger::stored_states(conn).map_err(|e| (0, e.to_string(), e.to_string()))?;
+    for (account, state) in &want {
+        if have.get(account) != Some(state) {
+            return fail(
+                *account,
+                "the kept totals or open holds do not follow from the entries".into(),
+            );
+        }
+    }
+    if let Some(account) = have.keys().find(|a| !want.contains_key(a)) {
+        return fail(
+            *account,
+            "totals are kept for an account without entries".into(),
+        );
+    }
+    Ok(())
+}
+
 /// Balance, holds, quota and charges of one account.
 pub fn usage(dir: &Path, name: &str, json: bool) -> anyhow::Result<()> {
-    use synesis_billing::ledger::EntryKind;
     let db = open(dir)?;
     let account = db.account_by_name(name)?;
     let at = now();
     let store = crate::ledger::SqliteLedger::new(db.connection());
     let balance = synesis_billing::ledger::balance(&store, account.id, at)?;
-    let entries = synesis_billing::ledger::Store::account_entries(&store, account.id)?;
-    let charges: Vec<serde_json::Value> = entries
+    let charges: Vec<serde_json::Value> = crate::ledger::charges(db.connection(), account.id, None)?
         .iter()
-        .filter(|e| e.kind == EntryKind::Settle)
-        .map(|e| serde_json::json!({"request_id": e.request_id, "model": e.model, "total_micro_usd": e.amount.0, "quota_tokens": e.quota_tokens, "at": e.at}))
+        .map(|c| serde_json::json!({"request_id": c.request_id, "model": c.model, "device_id": c.device_id, "input_tokens": c.usage.input_tokens, "output_tokens": c.usage.output_tokens, "total_micro_usd": c.total.0, "at": c.at}))
         .collect();
     let rules = synesis_billing::TierRules::default();
     let quota = if account.tier == synesis_proto::message::Tier::Free {

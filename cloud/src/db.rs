@@ -11,6 +11,10 @@ use sha2::Digest;
 use synesis_proto::message::Tier;
 use synesis_proto::{AccountId, DeviceId, ErrorCode, RequestId, Sha256, UnixMillis};
 
+/// The schema this build writes (`PRAGMA user_version`). 2: entries carry the device and the
+/// token split, and accounts' totals and open holds are kept beside them.
+const SCHEMA_VERSION: i64 = 2;
+
 /// How long a writer waits for another process's transaction before giving up.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -52,6 +56,9 @@ CREATE TABLE IF NOT EXISTS ledger_entries (
     request_id   TEXT NOT NULL,
     kind         INTEGER NOT NULL,
     model        TEXT NOT NULL,
+    device_id    TEXT,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
     amount       INTEGER NOT NULL CHECK (amount >= 0),  -- micro-USD
     quota_tokens INTEGER NOT NULL,
     body         BLOB NOT NULL,
@@ -60,8 +67,29 @@ CREATE TABLE IF NOT EXISTS ledger_entries (
     prev_hash    BLOB NOT NULL,
     hash         BLOB NOT NULL
 );
+-- Also serves an account's listing (its prefix): one index less to keep per entry.
 CREATE INDEX IF NOT EXISTS ledger_by_request ON ledger_entries(account_id, request_id);
-CREATE INDEX IF NOT EXISTS ledger_by_account ON ledger_entries(account_id, seq);
+-- Kept beside the entries in the same transactions, so no operation reads an account's
+-- history; derived from the entries alone (`admin ledger verify` checks they agree).
+CREATE TABLE IF NOT EXISTS ledger_totals (
+    account_id    TEXT PRIMARY KEY,
+    balance       INTEGER NOT NULL,            -- micro-USD
+    quota_year    INTEGER,
+    quota_month   INTEGER,
+    quota_settled INTEGER NOT NULL,
+    open_held     INTEGER NOT NULL,            -- micro-USD, the sum of the open holds
+    open_quota    INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ledger_open_holds (
+    account_id   TEXT NOT NULL,
+    request_id   TEXT NOT NULL,
+    seq          INTEGER NOT NULL REFERENCES ledger_entries(seq),  -- the hold entry
+    amount       INTEGER NOT NULL,
+    quota_tokens INTEGER NOT NULL,
+    expires_at   INTEGER,
+    PRIMARY KEY (account_id, request_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ledger_open_holds_by_expiry ON ledger_open_holds(account_id, expires_at);
 CREATE TABLE IF NOT EXISTS vouchers (
     code_sha256  BLOB PRIMARY KEY,             -- the code itself is never stored
     amount       INTEGER NOT NULL CHECK (amount > 0),
@@ -83,6 +111,8 @@ pub enum DbError {
     NoSuchDevice(DeviceId),
     #[error("the database holds a value this build cannot read: {0}")]
     Corrupt(String),
+    #[error("{path}: {reason}")]
+    Schema { path: String, reason: String },
 }
 
 /// Why an enrollment was refused: each maps to a protocol error code.
@@ -199,19 +229,62 @@ fn same_hash(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A connection with the settings every user of the file shares.
+pub(crate) fn connect(path: &Path) -> Result<Connection, DbError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection, path: &Path) -> Result<(), DbError> {
+    let schema_error = |reason: String| DbError::Schema {
+        path: path.display().to_string(),
+        reason,
+    };
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(schema_error(format!(
+            "schema version {version} is newer than this build's ({SCHEMA_VERSION}); run a newer synesis-cloud"
+        )));
+    }
+    if version < SCHEMA_VERSION {
+        // Before version 2 the ledger's entries had no device or token split, and their hashes
+        // cover neither, so they cannot be carried over; an empty ledger is simply remade.
+        let has_ledger: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'ledger_entries')",
+            [],
+            |r| r.get(0),
+        )?;
+        if has_ledger {
+            let n: i64 = conn.query_row("SELECT COUNT(*) FROM ledger_entries", [], |r| r.get(0))?;
+            if n > 0 {
+                return Err(schema_error(format!(
+                    "its ledger was written by a development build (schema {version}) whose {n} entries this build cannot carry over; keep the file and start from a new data directory"
+                )));
+            }
+            conn.execute_batch("DROP TABLE ledger_entries")?;
+        }
+    }
+    conn.execute_batch(SCHEMA)?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    Ok(())
+}
+
 #[derive(Debug)]
 pub struct Db {
     conn: Connection,
 }
 
 impl Db {
+    /// Opens (or creates) the database and brings its schema up to this build's.
     pub fn open(path: &Path) -> Result<Db, DbError> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        let conn = connect(path)?;
+        // Device state (heartbeats) may lose its last moments to a power cut; the ledger may
+        // not: `ledger` and the ledger writer commit with synchronous=FULL.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(SCHEMA)?;
+        migrate(&conn, path)?;
         Ok(Db { conn })
     }
 
@@ -498,13 +571,23 @@ impl Db {
         ) -> Result<T, synesis_billing::ledger::LedgerError>,
     ) -> Result<T, synesis_billing::ledger::LedgerError> {
         let store_err = |e: rusqlite::Error| synesis_billing::ledger::StoreError(e.to_string());
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
+        // Money is committed durably (the WAL is synced at each commit); device state is not.
+        self.conn
+            .pragma_update(None, "synchronous", "FULL")
             .map_err(store_err)?;
-        let result = f(&mut crate::ledger::SqliteLedger::new(&tx))?;
-        tx.commit().map_err(store_err)?;
-        Ok(result)
+        let result = (|| {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(store_err)?;
+            let result = f(&mut crate::ledger::SqliteLedger::new(&tx))?;
+            tx.commit().map_err(store_err)?;
+            Ok(result)
+        })();
+        self.conn
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(store_err)?;
+        result
     }
 
     pub fn connection(&self) -> &Connection {

@@ -1,9 +1,16 @@
-//! The cloud's authoritative ledger: `synesis-billing`'s rules over SQLite, every operation one
-//! transaction (`Db::ledger`), entries append-only in `ledger_entries`.
+//! The cloud's authoritative ledger: `synesis-billing`'s rules over SQLite. Entries are
+//! append-only in `ledger_entries`; each account's totals and open holds are kept beside them
+//! in the same transaction, so an operation costs the same on the millionth entry as on the
+//! first. The server's operations go through the [`LedgerWriter`] (group commit, durable);
+//! `admin` runs one operation per transaction through `Db::ledger`.
 
-use rusqlite::{Connection, params};
-use synesis_billing::ledger::{Entry, EntryKind, Store, StoreError};
+use rusqlite::{Connection, OptionalExtension, params};
+use synesis_billing::QuotaPeriod;
+use synesis_billing::ledger::{Entry, EntryKind, HoldChange, OpenHold, Store, StoreError, Totals};
 use synesis_proto::{AccountId, MicroUsd, RequestId, UnixMillis};
+
+mod writer;
+pub use writer::LedgerWriter;
 
 /// The ledger store inside one open transaction.
 #[derive(Debug)]
@@ -51,7 +58,7 @@ impl<'c> SqliteLedger<'c> {
     }
 }
 
-const COLUMNS: &str = "seq, account_id, request_id, kind, model, amount, quota_tokens, body, at, expires_at, prev_hash, hash";
+const COLUMNS: &str = "seq, account_id, request_id, kind, model, device_id, input_tokens, output_tokens, amount, quota_tokens, body, at, expires_at, prev_hash, hash";
 
 fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
@@ -70,29 +77,31 @@ pub fn query_entries(
 ) -> Result<Vec<Entry>, StoreError> {
     let sql = format!("SELECT {COLUMNS} FROM ledger_entries {where_clause} ORDER BY seq");
     let mut stmt = conn.prepare_cached(&sql).map_err(err)?;
-    let rows = stmt
-        .query_map(args, |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, i64>(5)?,
-                r.get::<_, i64>(6)?,
-                r.get::<_, Vec<u8>>(7)?,
-                r.get::<_, i64>(8)?,
-                r.get::<_, Option<i64>>(9)?,
-                r.get::<_, Vec<u8>>(10)?,
-                r.get::<_, Vec<u8>>(11)?,
-            ))
-        })
-        .map_err(err)?;
-    rows.map(|row| {
-        let (seq, account, request, kind, model, amount, tokens, body, at, expires_at, prev, hash) =
-            row.map_err(err)?;
+    let rows = stmt.query_map(args, read_entry).map_err(err)?;
+    rows.map(|row| row.map_err(err)?).collect()
+}
+
+fn u64_of(v: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError(format!("a stored {what} is negative: {v}")))
+}
+
+/// One row as an entry; a value that does not parse is an error (the chain check names it).
+fn read_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Entry, StoreError>> {
+    let seq: i64 = r.get(0)?;
+    let account: String = r.get(1)?;
+    let request: String = r.get(2)?;
+    let kind: i64 = r.get(3)?;
+    let model: String = r.get(4)?;
+    let device: Option<String> = r.get(5)?;
+    let (input, output, amount, tokens): (i64, i64, i64, i64) =
+        (r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?);
+    let body: Vec<u8> = r.get(10)?;
+    let at: i64 = r.get(11)?;
+    let expires_at: Option<i64> = r.get(12)?;
+    let (prev, hash): (Vec<u8>, Vec<u8>) = (r.get(13)?, r.get(14)?);
+    Ok((|| {
         Ok(Entry {
-            seq: u64::try_from(seq).map_err(err)?,
+            seq: u64_of(seq, "sequence number")?,
             account: account.parse().map_err(err)?,
             request_id: request.parse().map_err(err)?,
             kind: u8::try_from(kind)
@@ -100,23 +109,57 @@ pub fn query_entries(
                 .and_then(EntryKind::from_code)
                 .ok_or_else(|| StoreError(format!("entry {seq}: unknown kind {kind}")))?,
             model,
+            device: device.map(|d| d.parse()).transpose().map_err(err)?,
+            input_tokens: u64_of(input, "token count")?,
+            output_tokens: u64_of(output, "token count")?,
             amount: MicroUsd(amount),
-            quota_tokens: u64::try_from(tokens).map_err(err)?,
+            quota_tokens: u64_of(tokens, "token count")?,
             body: hash32(body)?,
             at: UnixMillis(at),
             expires_at: expires_at.map(UnixMillis),
             prev_hash: hash32(prev)?,
             hash: hash32(hash)?,
         })
+    })())
+}
+
+/// Open holds, by a WHERE clause over `ledger_open_holds`.
+fn open_holds(
+    conn: &Connection,
+    where_clause: &str,
+    args: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<OpenHold>, StoreError> {
+    let sql = format!(
+        "SELECT request_id, amount, quota_tokens, expires_at FROM ledger_open_holds {where_clause}"
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(err)?;
+    let rows = stmt
+        .query_map(args, |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+            ))
+        })
+        .map_err(err)?;
+    rows.map(|row| {
+        let (request, amount, tokens, expires_at) = row.map_err(err)?;
+        Ok(OpenHold {
+            request_id: request.parse().map_err(err)?,
+            amount: MicroUsd(amount),
+            quota_tokens: u64_of(tokens, "token count")?,
+            expires_at: expires_at.map(UnixMillis),
+        })
     })
     .collect()
 }
 
-impl Store for SqliteLedger<'_> {
-    fn account_entries(&self, account: AccountId) -> Result<Vec<Entry>, StoreError> {
-        query_entries(self.conn, "WHERE account_id = ?1", &[&account.to_string()])
-    }
+fn i64_of(v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError(format!("{v} does not fit a stored integer")))
+}
 
+impl Store for SqliteLedger<'_> {
     fn request_entries(
         &self,
         account: AccountId,
@@ -130,38 +173,200 @@ impl Store for SqliteLedger<'_> {
     }
 
     fn head(&self) -> Result<(u64, [u8; 32]), StoreError> {
-        let row = self.conn.query_row(
-            "SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)),
-        );
+        let row = self
+            .conn
+            .prepare_cached("SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1")
+            .map_err(err)?
+            .query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .optional()
+            .map_err(err)?;
         match row {
-            Ok((seq, hash)) => Ok((u64::try_from(seq).map_err(err)? + 1, hash32(hash)?)),
-            Err(rusqlite::Error::QueryReturnedNoRows) => Ok((0, [0; 32])),
-            Err(e) => Err(err(e)),
+            Some((seq, hash)) => Ok((u64_of(seq, "sequence number")? + 1, hash32(hash)?)),
+            None => Ok((0, [0; 32])),
         }
     }
 
-    fn append(&mut self, e: Entry) -> Result<(), StoreError> {
-        self.conn
-            .execute(
-                &format!("INSERT INTO ledger_entries ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
-                params![
-                    i64::try_from(e.seq).map_err(err)?,
-                    e.account.to_string(),
-                    e.request_id.to_string(),
-                    i64::from(e.kind.code()),
-                    e.model,
-                    e.amount.0,
-                    i64::try_from(e.quota_tokens).map_err(err)?,
-                    e.body.as_slice(),
-                    e.at.0,
-                    e.expires_at.map(|t| t.0),
-                    e.prev_hash.as_slice(),
-                    e.hash.as_slice(),
-                ],
+    fn totals(&self, account: AccountId) -> Result<Totals, StoreError> {
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT balance, quota_year, quota_month, quota_settled, open_held, open_quota
+                 FROM ledger_totals WHERE account_id = ?1",
             )
+            .map_err(err)?
+            .query_row([account.to_string()], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<i32>>(1)?,
+                    r.get::<_, Option<u32>>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })
+            .optional()
             .map_err(err)?;
+        let Some((balance, year, month, settled, open_held, open_quota)) = row else {
+            return Ok(Totals::default());
+        };
+        Ok(Totals {
+            balance: MicroUsd(balance),
+            quota_period: year
+                .zip(month)
+                .map(|(year, month)| QuotaPeriod { year, month }),
+            quota_settled: u64_of(settled, "token count")?,
+            open_held: MicroUsd(open_held),
+            open_quota: u64_of(open_quota, "token count")?,
+        })
+    }
+
+    fn lapsed_holds(
+        &self,
+        account: AccountId,
+        now: UnixMillis,
+    ) -> Result<Vec<OpenHold>, StoreError> {
+        open_holds(
+            self.conn,
+            "WHERE account_id = ?1 AND expires_at <= ?2",
+            &[&account.to_string(), &now.0],
+        )
+    }
+
+    fn append(&mut self, e: &Entry, totals: &Totals) -> Result<(), StoreError> {
+        let account = e.account.to_string();
+        let request = e.request_id.to_string();
+        let seq = i64_of(e.seq)?;
+        self.conn
+            .prepare_cached(&format!(
+                "INSERT INTO ledger_entries ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+            ))
+            .map_err(err)?
+            .execute(params![
+                seq,
+                account,
+                request,
+                i64::from(e.kind.code()),
+                e.model,
+                e.device.map(|d| d.to_string()),
+                i64_of(e.input_tokens)?,
+                i64_of(e.output_tokens)?,
+                e.amount.0,
+                i64_of(e.quota_tokens)?,
+                e.body.as_slice(),
+                e.at.0,
+                e.expires_at.map(|t| t.0),
+                e.prev_hash.as_slice(),
+                e.hash.as_slice(),
+            ])
+            .map_err(err)?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO ledger_totals (account_id, balance, quota_year, quota_month, quota_settled, open_held, open_quota)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (account_id) DO UPDATE SET balance = excluded.balance,
+                    quota_year = excluded.quota_year, quota_month = excluded.quota_month,
+                    quota_settled = excluded.quota_settled, open_held = excluded.open_held,
+                    open_quota = excluded.open_quota",
+            )
+            .map_err(err)?
+            .execute(params![
+                account,
+                totals.balance.0,
+                totals.quota_period.map(|p| p.year),
+                totals.quota_period.map(|p| p.month),
+                i64_of(totals.quota_settled)?,
+                totals.open_held.0,
+                i64_of(totals.open_quota)?,
+            ])
+            .map_err(err)?;
+        match e.hold_change() {
+            HoldChange::Open => self
+                .conn
+                .prepare_cached(
+                    "INSERT INTO ledger_open_holds (account_id, request_id, seq, amount, quota_tokens, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(err)?
+                .execute(params![
+                    account,
+                    request,
+                    seq,
+                    e.amount.0,
+                    i64_of(e.quota_tokens)?,
+                    e.expires_at.map(|t| t.0)
+                ]),
+            HoldChange::Close => self
+                .conn
+                .prepare_cached(
+                    "DELETE FROM ledger_open_holds WHERE account_id = ?1 AND request_id = ?2",
+                )
+                .map_err(err)?
+                .execute(params![account, request]),
+            HoldChange::None => Ok(0),
+        }
+        .map_err(err)?;
         Ok(())
     }
+}
+
+/// Every account's kept totals and open holds, as stored (for `admin ledger verify`, which
+/// compares them with what the entries say).
+pub fn stored_states(
+    conn: &Connection,
+) -> Result<std::collections::BTreeMap<AccountId, synesis_billing::ledger::AccountState>, StoreError>
+{
+    let mut states = std::collections::BTreeMap::new();
+    let accounts: Vec<String> = {
+        let mut stmt = conn
+            .prepare("SELECT account_id FROM ledger_totals UNION SELECT account_id FROM ledger_open_holds")
+            .map_err(err)?;
+        let rows = stmt.query_map([], |r| r.get(0)).map_err(err)?;
+        rows.collect::<Result<_, _>>().map_err(err)?
+    };
+    let store = SqliteLedger::new(conn);
+    for account in accounts {
+        let id: AccountId = account.parse().map_err(err)?;
+        let open_holds = open_holds(conn, "WHERE account_id = ?1", &[&account])?
+            .into_iter()
+            .map(|h| (h.request_id, h))
+            .collect();
+        let totals = store.totals(id)?;
+        states.insert(
+            id,
+            synesis_billing::ledger::AccountState { totals, open_holds },
+        );
+    }
+    Ok(states)
+}
+
+/// The account's charges (settlements) at or after `since`, oldest first.
+pub fn charges(
+    conn: &Connection,
+    account: AccountId,
+    since: Option<UnixMillis>,
+) -> Result<Vec<synesis_proto::message::Charge>, StoreError> {
+    let settle = i64::from(EntryKind::Settle.code());
+    let entries = query_entries(
+        conn,
+        "WHERE account_id = ?1 AND kind = ?2 AND at >= ?3",
+        &[
+            &account.to_string(),
+            &settle,
+            &since.map_or(i64::MIN, |t| t.0),
+        ],
+    )?;
+    Ok(entries
+        .into_iter()
+        .map(|e| synesis_proto::message::Charge {
+            request_id: e.request_id,
+            model: e.model,
+            device_id: e.device,
+            usage: synesis_proto::message::Usage {
+                input_tokens: e.input_tokens,
+                output_tokens: e.output_tokens,
+            },
+            total: e.amount,
+            at: e.at,
+        })
+        .collect())
 }

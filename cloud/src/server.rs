@@ -34,6 +34,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::time::timeout;
 
 use crate::db::{Db, Device, EnrollError, Enrollment};
+use crate::ledger::LedgerWriter;
 use crate::pki::Pki;
 
 /// The database file in the data directory.
@@ -90,6 +91,8 @@ struct Live {
 
 struct Cloud {
     db: Arc<Mutex<Db>>,
+    /// Every ledger operation the server makes goes through it (group commit, durable).
+    ledger: LedgerWriter,
     pki: Arc<Pki>,
     live: Mutex<HashMap<DeviceId, Live>>,
     generations: AtomicU64,
@@ -204,8 +207,10 @@ pub async fn serve(options: Options) -> anyhow::Result<()> {
         addr.to_string().as_bytes(),
     )?;
 
+    let ledger = LedgerWriter::open(&dir.join(DB_FILE))?;
     let cloud = Arc::new(Cloud {
         db: Arc::new(Mutex::new(db)),
+        ledger,
         pki,
         live: Mutex::new(HashMap::new()),
         generations: AtomicU64::new(0),
@@ -640,38 +645,37 @@ impl Session {
     async fn topup(&self, r: synesis_proto::message::TopupRequest) -> Message {
         let account = self.device.account_id;
         let at = now();
+        let (request_id, voucher) = (r.request_id, r.voucher);
         let result = self
             .cloud
-            .db(move |db| {
-                db.ledger(|store| {
-                    let Some(amount) = store.redeem_voucher(&r.voucher, r.request_id, at)? else {
-                        return Ok(None);
-                    };
-                    synesis_billing::ledger::top_up(store, account, r.request_id, amount, at)?;
-                    let balance = synesis_billing::ledger::balance(store, account, at)?;
-                    Ok(Some((amount, balance.balance)))
-                })
+            .ledger
+            .run(move |store| {
+                let Some(amount) = store.redeem_voucher(&voucher, request_id, at)? else {
+                    return Ok(None);
+                };
+                synesis_billing::ledger::top_up(store, account, request_id, amount, at)?;
+                let balance = synesis_billing::ledger::balance(store, account, at)?;
+                Ok(Some((amount, balance.balance)))
             })
             .await;
         match result {
-            Ok(Ok(Some((credited, balance)))) => synesis_proto::message::TopupReply {
-                request_id: r.request_id,
+            Ok(Some((credited, balance))) => synesis_proto::message::TopupReply {
+                request_id,
                 credited,
                 balance,
             }
             .into(),
-            Ok(Ok(None)) => error_msg(
+            Ok(None) => error_msg(
                 ErrorCode::VOUCHER_INVALID,
                 "unknown voucher, or it was already redeemed",
-                Some(r.request_id),
+                Some(request_id),
             ),
-            Ok(Err(synesis_billing::ledger::LedgerError::IdempotencyConflict)) => error_msg(
+            Err(synesis_billing::ledger::LedgerError::IdempotencyConflict) => error_msg(
                 ErrorCode::IDEMPOTENCY_CONFLICT,
                 "this request id was used for something else",
-                Some(r.request_id),
+                Some(request_id),
             ),
-            Ok(Err(e)) => error_msg(ErrorCode::INTERNAL, e.to_string(), Some(r.request_id)),
-            Err(e) => error_msg(ErrorCode::INTERNAL, e.to_string(), Some(r.request_id)),
+            Err(e) => error_msg(ErrorCode::INTERNAL, e.to_string(), Some(request_id)),
         }
     }
 
@@ -686,6 +690,12 @@ impl Session {
                     let acct = db.account_by_id(account)?;
                     let store = crate::ledger::SqliteLedger::new(db.connection());
                     let balance = synesis_billing::ledger::balance(&store, account, at)?;
+                    let mut charges = crate::ledger::charges(db.connection(), account, r.since)?;
+                    if let Some(by) = r.group_by {
+                        // Grouped: each group's charges together, oldest first within it (the
+                        // sort is stable; the list came oldest first).
+                        charges.sort_by_cached_key(|c| synesis_billing::group_key(c, by));
+                    }
                     let rules = synesis_billing::TierRules::default();
                     Ok(synesis_proto::message::UsageReply {
                         request_id: r.request_id,
@@ -699,9 +709,7 @@ impl Session {
                             0
                         },
                         quota_tokens_used: balance.quota_tokens_used,
-                        // Charges are listed once escalations settle through the ledger (the next
-                        // issue); entries do not record the input/output split yet.
-                        charges: Vec::new(),
+                        charges,
                     })
                 },
             )

@@ -87,6 +87,32 @@ fn an_edited_entry_is_named_by_ledger_verify() {
 }
 
 #[test]
+fn an_edited_balance_is_found_by_ledger_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    json(&admin(dir.path(), &["--json", "account", "create", "acme"]));
+    json(&admin(dir.path(), &["--json", "credit", "acme", "5"]));
+    let verified = json(&admin(dir.path(), &["--json", "ledger", "verify"]));
+    assert_eq!(verified["intact"], true);
+
+    // Money made out of thin air: the kept balance, without an entry behind it.
+    let db = rusqlite::Connection::open(dir.path().join("cloud.db")).unwrap();
+    db.execute("UPDATE ledger_totals SET balance = balance + 1000000", [])
+        .unwrap();
+    let out = admin(dir.path(), &["--json", "ledger", "verify"]);
+    assert!(!out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["intact"].as_bool(), v["first_bad_seq"].as_u64()),
+        (Some(false), Some(0))
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("do not follow from the entries"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn quotes_follow_the_plan() {
     let dir = tempfile::tempdir().unwrap();
     let q = |tier: &str| {

@@ -16,12 +16,19 @@
 //! Atomicity is the store's: every operation here reads and appends through one `&mut` store,
 //! which the caller holds for the whole operation (a mutex for [`MemoryStore`], a transaction
 //! for SQLite).
+//!
+//! Cost: no operation reads an account's history. A store keeps, beside the entries, each
+//! account's running [`Totals`] and its open holds, which [`Totals::apply`] and
+//! [`Entry::hold_change`] derive from the entries alone (so [`rebuild_states`] rebuilds them, and a
+//! store's copy can be checked against the chain).
 
 use sha2::{Digest, Sha256};
-use synesis_proto::{AccountId, MicroUsd, RequestId, UnixMillis};
+use std::collections::BTreeMap;
+
+use synesis_proto::{AccountId, DeviceId, MicroUsd, RequestId, UnixMillis};
 
 use crate::cost::{BillingError, Usage, quote};
-use crate::quota::{QuotaExceeded, admit_free, quota_period};
+use crate::quota::{QuotaExceeded, QuotaPeriod, admit_free, quota_period};
 use crate::{PriceTable, Tier, TierRules};
 
 /// How long a hold stays active if it is never settled.
@@ -71,6 +78,11 @@ pub struct Entry {
     pub request_id: RequestId,
     pub kind: EntryKind,
     pub model: String,
+    /// The device whose request it is (`None`: the operator's, e.g. a credit).
+    pub device: Option<DeviceId>,
+    /// Hold: the input and the most output it reserves for; settle: the actual usage.
+    pub input_tokens: u64,
+    pub output_tokens: u64,
     /// Never negative; the kind says which way it moves the balance.
     pub amount: MicroUsd,
     pub quota_tokens: u64,
@@ -93,6 +105,15 @@ impl Entry {
         h.update([self.kind.code()]);
         h.update((self.model.len() as u64).to_le_bytes());
         h.update(self.model.as_bytes());
+        match self.device {
+            Some(d) => {
+                h.update([1]);
+                h.update(d.as_bytes());
+            }
+            None => h.update([0]),
+        }
+        h.update(self.input_tokens.to_le_bytes());
+        h.update(self.output_tokens.to_le_bytes());
         h.update(self.amount.0.to_le_bytes());
         h.update(self.quota_tokens.to_le_bytes());
         h.update(self.body);
@@ -108,15 +129,176 @@ impl Entry {
     }
 }
 
+/// What an entry does to its request's hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldChange {
+    /// A hold entry: the request's hold is open from now on.
+    Open,
+    /// A settlement, void or expiry: the request's hold is closed.
+    Close,
+    /// Anything else.
+    None,
+}
+
+impl Entry {
+    pub fn hold_change(&self) -> HoldChange {
+        match self.kind {
+            EntryKind::Hold => HoldChange::Open,
+            EntryKind::Settle | EntryKind::Void | EntryKind::Expire => HoldChange::Close,
+            EntryKind::TopUp | EntryKind::Refund => HoldChange::None,
+        }
+    }
+
+    /// The open hold this entry places (for a hold entry).
+    pub fn open_hold(&self) -> OpenHold {
+        OpenHold {
+            request_id: self.request_id,
+            amount: self.amount,
+            quota_tokens: self.quota_tokens,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+/// An account's running totals, derived from its entries; a store keeps them beside the
+/// entries so that no operation reads the account's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Totals {
+    /// Top-ups + refunds − settlements.
+    pub balance: MicroUsd,
+    /// The UTC month `quota_settled` counts (that of the latest settlement).
+    pub quota_period: Option<QuotaPeriod>,
+    /// Free quota tokens settled in `quota_period`.
+    pub quota_settled: u64,
+    /// The sum of the open holds (active or past their time but not yet expired by an entry).
+    pub open_held: MicroUsd,
+    /// The quota tokens of the open holds.
+    pub open_quota: u64,
+}
+
+impl Totals {
+    /// Folds in one of the account's entries (in sequence order); `closed` is the hold a
+    /// settlement, void or expiry closes.
+    pub fn apply(&mut self, e: &Entry, closed: Option<&OpenHold>) -> Result<(), LedgerError> {
+        if let Some(h) = closed {
+            self.open_held = self
+                .open_held
+                .checked_sub(h.amount)
+                .ok_or(LedgerError::Overflow)?;
+            self.open_quota = self
+                .open_quota
+                .checked_sub(h.quota_tokens)
+                .ok_or(LedgerError::Overflow)?;
+        }
+        match e.kind {
+            EntryKind::TopUp | EntryKind::Refund => {
+                self.balance = self
+                    .balance
+                    .checked_add(e.amount)
+                    .ok_or(LedgerError::Overflow)?;
+            }
+            EntryKind::Settle => {
+                self.balance = self
+                    .balance
+                    .checked_sub(e.amount)
+                    .ok_or(LedgerError::Overflow)?;
+                let period = quota_period(e.at);
+                if period > self.quota_period {
+                    self.quota_period = period;
+                    self.quota_settled = 0;
+                }
+                // A settlement dated in an earlier month than the latest counts for that
+                // month, which is over; it does not count against this one.
+                if period == self.quota_period {
+                    self.quota_settled = self.quota_settled.saturating_add(e.quota_tokens);
+                }
+            }
+            EntryKind::Hold => {
+                self.open_held = self
+                    .open_held
+                    .checked_add(e.amount)
+                    .ok_or(LedgerError::Overflow)?;
+                self.open_quota = self
+                    .open_quota
+                    .checked_add(e.quota_tokens)
+                    .ok_or(LedgerError::Overflow)?;
+            }
+            EntryKind::Void | EntryKind::Expire => {}
+        }
+        Ok(())
+    }
+
+    /// Free quota tokens settled in the month of `now`.
+    pub fn quota_settled_at(&self, now: UnixMillis) -> u64 {
+        if self.quota_period.is_some() && self.quota_period == quota_period(now) {
+            self.quota_settled
+        } else {
+            0
+        }
+    }
+}
+
+/// A hold not yet closed by a settlement, void or expiry entry (it may be past its time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenHold {
+    pub request_id: RequestId,
+    pub amount: MicroUsd,
+    pub quota_tokens: u64,
+    pub expires_at: Option<UnixMillis>,
+}
+
+impl OpenHold {
+    pub fn active_at(&self, now: UnixMillis) -> bool {
+        self.expires_at.is_none_or(|t| now < t)
+    }
+}
+
+/// What a store keeps per account beside the entries, rebuilt from the entries alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountState {
+    pub totals: Totals,
+    /// By request id.
+    pub open_holds: BTreeMap<RequestId, OpenHold>,
+}
+
+impl AccountState {
+    pub fn apply(&mut self, e: &Entry) -> Result<(), LedgerError> {
+        let closed = match e.hold_change() {
+            HoldChange::Close => self.open_holds.get(&e.request_id).copied(),
+            HoldChange::Open | HoldChange::None => None,
+        };
+        self.totals.apply(e, closed.as_ref())?;
+        match e.hold_change() {
+            HoldChange::Open => {
+                self.open_holds.insert(e.request_id, e.open_hold());
+            }
+            HoldChange::Close => {
+                self.open_holds.remove(&e.request_id);
+            }
+            HoldChange::None => {}
+        }
+        Ok(())
+    }
+}
+
+/// Every account's state, from the entries (in sequence order): what a store's kept state
+/// must equal.
+pub fn rebuild_states(entries: &[Entry]) -> Result<BTreeMap<AccountId, AccountState>, LedgerError> {
+    let mut states: BTreeMap<AccountId, AccountState> = BTreeMap::new();
+    for e in entries {
+        states.entry(e.account).or_default().apply(e)?;
+    }
+    Ok(states)
+}
+
 /// A storage failure, as text (each store has its own error type).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("ledger storage: {0}")]
 pub struct StoreError(pub String);
 
-/// Where entries live. Implementations append atomically and in order.
+/// Where entries live. Implementations append atomically and in order, and keep each account's
+/// [`Totals`] and open holds as the entries say.
 pub trait Store {
-    /// Every entry of `account`, in sequence order.
-    fn account_entries(&self, account: AccountId) -> Result<Vec<Entry>, StoreError>;
     /// The entries of one request of one account, in sequence order.
     fn request_entries(
         &self,
@@ -125,25 +307,28 @@ pub trait Store {
     ) -> Result<Vec<Entry>, StoreError>;
     /// The next sequence number and the hash of the last entry (zeros when empty).
     fn head(&self) -> Result<(u64, [u8; 32]), StoreError>;
-    fn append(&mut self, entry: Entry) -> Result<(), StoreError>;
+    /// The account's totals (all zero for an account without entries).
+    fn totals(&self, account: AccountId) -> Result<Totals, StoreError>;
+    /// The account's open holds that are past their time at `now` (not active, not yet
+    /// expired by an entry): normally none, as holds are settled within seconds.
+    fn lapsed_holds(
+        &self,
+        account: AccountId,
+        now: UnixMillis,
+    ) -> Result<Vec<OpenHold>, StoreError>;
+    /// Appends `entry`, keeps `totals` as its account's totals and opens or closes its
+    /// request's hold as [`Entry::hold_change`] says: all in the caller's unit of work.
+    fn append(&mut self, entry: &Entry, totals: &Totals) -> Result<(), StoreError>;
 }
 
 /// Entries in memory: for tests, and the shape the SQLite store follows.
 #[derive(Debug, Default, Clone)]
 pub struct MemoryStore {
     pub entries: Vec<Entry>,
+    states: BTreeMap<AccountId, AccountState>,
 }
 
 impl Store for MemoryStore {
-    fn account_entries(&self, account: AccountId) -> Result<Vec<Entry>, StoreError> {
-        Ok(self
-            .entries
-            .iter()
-            .filter(|e| e.account == account)
-            .cloned()
-            .collect())
-    }
-
     fn request_entries(
         &self,
         account: AccountId,
@@ -164,8 +349,41 @@ impl Store for MemoryStore {
             .map_or((0, [0; 32]), |e| (e.seq + 1, e.hash)))
     }
 
-    fn append(&mut self, entry: Entry) -> Result<(), StoreError> {
-        self.entries.push(entry);
+    fn totals(&self, account: AccountId) -> Result<Totals, StoreError> {
+        Ok(self
+            .states
+            .get(&account)
+            .map(|s| s.totals)
+            .unwrap_or_default())
+    }
+
+    fn lapsed_holds(
+        &self,
+        account: AccountId,
+        now: UnixMillis,
+    ) -> Result<Vec<OpenHold>, StoreError> {
+        Ok(self
+            .states
+            .get(&account)
+            .map(|s| {
+                s.open_holds
+                    .values()
+                    .filter(|h| !h.active_at(now))
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn append(&mut self, entry: &Entry, totals: &Totals) -> Result<(), StoreError> {
+        let state = self.states.entry(entry.account).or_default();
+        let mut next = state.clone();
+        next.apply(entry).map_err(|e| StoreError(e.to_string()))?;
+        if next.totals != *totals {
+            return Err(StoreError("the totals do not follow from the entry".into()));
+        }
+        *state = next;
+        self.entries.push(entry.clone());
         Ok(())
     }
 }
@@ -260,11 +478,38 @@ struct Draft<'a> {
     request_id: RequestId,
     kind: EntryKind,
     model: &'a str,
+    device: Option<DeviceId>,
+    usage: Usage,
     amount: MicroUsd,
     quota_tokens: u64,
     body: [u8; 32],
     at: UnixMillis,
     expires_at: Option<UnixMillis>,
+    /// The hold this entry closes (a settlement, void or expiry).
+    closes: Option<OpenHold>,
+}
+
+impl Draft<'_> {
+    /// An entry that moves no money: a void or an expiry of the request's hold.
+    fn closing(account: AccountId, hold: OpenHold, kind: EntryKind, at: UnixMillis) -> Self {
+        Draft {
+            account,
+            request_id: hold.request_id,
+            kind,
+            model: "",
+            device: None,
+            usage: Usage {
+                input_tokens: 0,
+                output_tokens: 0,
+            },
+            amount: MicroUsd::ZERO,
+            quota_tokens: 0,
+            body: [0; 32],
+            at,
+            expires_at: None,
+            closes: Some(hold),
+        }
+    }
 }
 
 fn append(store: &mut impl Store, d: Draft<'_>) -> Result<Entry, LedgerError> {
@@ -276,6 +521,9 @@ fn append(store: &mut impl Store, d: Draft<'_>) -> Result<Entry, LedgerError> {
         request_id: d.request_id,
         kind: d.kind,
         model: d.model.to_owned(),
+        device: d.device,
+        input_tokens: d.usage.input_tokens,
+        output_tokens: d.usage.output_tokens,
         amount: d.amount,
         quota_tokens: d.quota_tokens,
         body: d.body,
@@ -285,21 +533,18 @@ fn append(store: &mut impl Store, d: Draft<'_>) -> Result<Entry, LedgerError> {
         hash: [0; 32],
     };
     e.hash = e.compute_hash();
-    store.append(e.clone())?;
+    let mut totals = store.totals(d.account)?;
+    totals.apply(&e, d.closes.as_ref())?;
+    store.append(&e, &totals)?;
     Ok(e)
 }
 
-/// Whether the hold of `entries` (one request's) is active at `now`.
+/// The request's hold entry, when its hold is open (not settled, voided or expired by an
+/// entry) and active at `now`.
 fn active_hold(entries: &[Entry], now: UnixMillis) -> Option<&Entry> {
     let hold = entries.iter().find(|e| e.kind == EntryKind::Hold)?;
-    let closed = entries.iter().any(|e| {
-        matches!(
-            e.kind,
-            EntryKind::Settle | EntryKind::Void | EntryKind::Expire
-        )
-    });
-    let live = hold.expires_at.is_none_or(|t| now < t);
-    (!closed && live).then_some(hold)
+    let closed = entries.iter().any(|e| e.hold_change() == HoldChange::Close);
+    (!closed && hold.open_hold().active_at(now)).then_some(hold)
 }
 
 pub fn balance(
@@ -307,35 +552,15 @@ pub fn balance(
     account: AccountId,
     now: UnixMillis,
 ) -> Result<Balance, LedgerError> {
-    let entries = store.account_entries(account)?;
-    let period = quota_period(now);
-    let mut balance = MicroUsd::ZERO;
-    let mut held = MicroUsd::ZERO;
-    let mut quota: u64 = 0;
-    let add = |a: MicroUsd, b: MicroUsd| a.checked_add(b).ok_or(LedgerError::Overflow);
-    for e in &entries {
-        match e.kind {
-            EntryKind::TopUp | EntryKind::Refund => balance = add(balance, e.amount)?,
-            EntryKind::Settle => {
-                balance = balance.checked_sub(e.amount).ok_or(LedgerError::Overflow)?;
-                if quota_period(e.at) == period {
-                    quota = quota.saturating_add(e.quota_tokens);
-                }
-            }
-            EntryKind::Hold => {
-                let same: Vec<Entry> = entries
-                    .iter()
-                    .filter(|x| x.request_id == e.request_id)
-                    .cloned()
-                    .collect();
-                if active_hold(&same, now).is_some() {
-                    held = add(held, e.amount)?;
-                    quota = quota.saturating_add(e.quota_tokens);
-                }
-            }
-            EntryKind::Void | EntryKind::Expire => {}
-        }
+    let totals = store.totals(account)?;
+    let mut held = totals.open_held;
+    let mut quota = totals.open_quota;
+    for h in store.lapsed_holds(account, now)? {
+        held = held.checked_sub(h.amount).ok_or(LedgerError::Overflow)?;
+        quota = quota.saturating_sub(h.quota_tokens);
     }
+    let quota = quota.saturating_add(totals.quota_settled_at(now));
+    let balance = totals.balance;
     let available = balance.checked_sub(held).ok_or(LedgerError::Overflow)?;
     // The invariant, checked where it is read as well as where it is written.
     debug_assert!(
@@ -365,10 +590,7 @@ pub fn top_up(
     if let Some(first) = replay(store, account, request_id, EntryKind::TopUp, &body)? {
         return Ok(first);
     }
-    balance(store, account, now)?
-        .balance
-        .checked_add(amount)
-        .ok_or(LedgerError::Overflow)?;
+    // An overflowing balance is refused by `append` before anything is written.
     let e = append(
         store,
         Draft {
@@ -376,11 +598,17 @@ pub fn top_up(
             request_id,
             kind: EntryKind::TopUp,
             model: "",
+            device: None,
+            usage: Usage {
+                input_tokens: 0,
+                output_tokens: 0,
+            },
             amount,
             quota_tokens: 0,
             body,
             at: now,
             expires_at: None,
+            closes: None,
         },
     );
     Ok(outcome(&e?))
@@ -390,6 +618,8 @@ pub fn top_up(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HoldRequest {
     pub model: String,
+    /// The device that asks (kept on the hold and its settlement, for usage by device).
+    pub device: Option<DeviceId>,
     pub input_tokens: u64,
     pub max_output_tokens: u64,
 }
@@ -444,11 +674,14 @@ pub fn hold(
             request_id,
             kind: EntryKind::Hold,
             model: &request.model,
+            device: request.device,
+            usage,
             amount: q.total,
             quota_tokens: q.quota_tokens,
             body,
             at: now,
             expires_at,
+            closes: None,
         },
     );
     Ok(outcome(&e?))
@@ -490,7 +723,8 @@ pub fn settle(
     let q = quote(account.tier, &hold_entry.model, usage, prices, rules)?;
     let amount = q.total.min(hold_entry.amount);
     let quota_tokens = q.quota_tokens.min(hold_entry.quota_tokens);
-    let model = hold_entry.model.clone();
+    let (model, device) = (hold_entry.model.clone(), hold_entry.device);
+    let hold_open = hold_entry.open_hold();
     let e = append(
         store,
         Draft {
@@ -498,11 +732,14 @@ pub fn settle(
             request_id,
             kind: EntryKind::Settle,
             model: &model,
+            device,
+            usage,
             amount,
             quota_tokens,
             body,
             at: now,
             expires_at: None,
+            closes: Some(hold_open),
         },
     );
     Ok(outcome(&e?))
@@ -522,20 +759,9 @@ pub fn void(
     let Some(hold_entry) = active_hold(&entries, now) else {
         return Err(LedgerError::NoHold);
     };
-    let model = hold_entry.model.clone();
     append(
         store,
-        Draft {
-            account,
-            request_id,
-            kind: EntryKind::Void,
-            model: &model,
-            amount: MicroUsd::ZERO,
-            quota_tokens: 0,
-            body: [0; 32],
-            at: now,
-            expires_at: None,
-        },
+        Draft::closing(account, hold_entry.open_hold(), EntryKind::Void, now),
     )?;
     Ok(())
 }
@@ -546,35 +772,11 @@ pub fn expire_due(
     account: AccountId,
     now: UnixMillis,
 ) -> Result<usize, LedgerError> {
-    let entries = store.account_entries(account)?;
-    let due: Vec<(RequestId, String)> = entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::Hold && e.expires_at.is_some_and(|t| now >= t))
-        .filter(|h| {
-            !entries.iter().any(|e| {
-                e.request_id == h.request_id
-                    && matches!(
-                        e.kind,
-                        EntryKind::Settle | EntryKind::Void | EntryKind::Expire
-                    )
-            })
-        })
-        .map(|h| (h.request_id, h.model.clone()))
-        .collect();
-    for (request_id, model) in &due {
+    let due = store.lapsed_holds(account, now)?;
+    for hold in &due {
         append(
             store,
-            Draft {
-                account,
-                request_id: *request_id,
-                kind: EntryKind::Expire,
-                model,
-                amount: MicroUsd::ZERO,
-                quota_tokens: 0,
-                body: [0; 32],
-                at: now,
-                expires_at: None,
-            },
+            Draft::closing(account, *hold, EntryKind::Expire, now),
         )?;
     }
     Ok(due.len())

@@ -32,6 +32,7 @@ fn rid(n: u64) -> RequestId {
 /// A Sonnet request: 1,000 input tokens, up to 250 output (Managed: 6,953 µUSD).
 fn sonnet() -> HoldRequest {
     HoldRequest {
+        device: None,
         model: "claude-sonnet".into(),
         input_tokens: 1_000,
         max_output_tokens: 250,
@@ -293,6 +294,7 @@ fn bad_input_is_a_typed_error_and_leaves_the_chain_unchanged() {
     let head = store.head().unwrap();
     let rules = TierRules::default();
     let huge = HoldRequest {
+        device: None,
         model: "claude-opus".into(),
         input_tokens: u64::MAX,
         max_output_tokens: u64::MAX,
@@ -310,6 +312,7 @@ fn bad_input_is_a_typed_error_and_leaves_the_chain_unchanged() {
     .unwrap_err();
     assert!(matches!(err, LedgerError::Billing(_)), "{err:?}");
     let unknown = HoldRequest {
+        device: None,
         model: "gpt-9".into(),
         ..sonnet()
     };
@@ -375,6 +378,7 @@ fn the_free_quota_refuses_a_request_that_would_cross_it() {
     let mut store = MemoryStore::default();
     let ask = |store: &mut MemoryStore, n: u64, tokens: u64| {
         let request = HoldRequest {
+            device: None,
             model: "claude-sonnet".into(),
             input_tokens: tokens,
             max_output_tokens: 0,
@@ -456,4 +460,40 @@ fn tampering_is_found_at_the_first_bad_entry() {
     let mut reordered = store.entries.clone();
     reordered.swap(1, 4);
     assert_eq!(verify(&reordered).unwrap_err().position, 1);
+}
+
+#[test]
+fn the_kept_totals_are_what_the_entries_say() {
+    let acct = account(Tier::Managed);
+    let mut store = funded(10_000_000);
+    for i in 0..12 {
+        hold_now(&mut store, rid(i)).unwrap();
+    }
+    let (prices, rules) = (PriceTable::default(), TierRules::default());
+    for i in 0..4 {
+        let usage = Usage {
+            input_tokens: 900 + i,
+            output_tokens: 100,
+        };
+        settle(&mut store, acct, rid(i), usage, NOW, &prices, &rules).unwrap();
+    }
+    void(&mut store, acct.id, rid(4), NOW).unwrap();
+    let mid = synesis_billing::ledger::rebuild_states(&store.entries).unwrap();
+    assert_eq!(store.totals(acct.id).unwrap(), mid[&acct.id].totals);
+    assert_eq!(mid[&acct.id].open_holds.len(), 7);
+    assert_eq!(
+        balance(&store, acct.id, NOW).unwrap().held,
+        MicroUsd(7 * 6_953)
+    );
+    let later = UnixMillis(NOW.0 + HOLD_TTL_DEFAULT_MS);
+    assert_eq!(expire_due(&mut store, acct.id, later).unwrap(), 7);
+
+    let rebuilt = synesis_billing::ledger::rebuild_states(&store.entries).unwrap();
+    let state = &rebuilt[&acct.id];
+    assert_eq!(store.totals(acct.id).unwrap(), state.totals);
+    assert!(store.lapsed_holds(acct.id, later).unwrap().is_empty());
+    assert!(state.open_holds.is_empty());
+    let b = balance(&store, acct.id, later).unwrap();
+    assert_eq!(b.balance, state.totals.balance);
+    assert_eq!(b.held, MicroUsd::ZERO);
 }

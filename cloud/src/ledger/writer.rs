@@ -1,0 +1,194 @@
+//! Group commit: one thread owns the ledger's write connection and runs every operation the
+//! server asks for, many to a transaction.
+//!
+//! - Operations run one after another, in the order they arrived, each seeing the ones before
+//!   it: the rules' serial semantics are kept, as if each had its own transaction.
+//! - Each runs inside a savepoint, so a refused one (insufficient funds, a conflict) or one that
+//!   panics leaves no trace while its neighbours' writes stand.
+//! - A batch is whatever is waiting when the thread comes back for more (at most
+//!   [`MAX_BATCH`]); nobody waits for a batch to fill, so a lone operation commits at once.
+//! - The transaction commits with `synchronous=FULL` (the WAL is synced), and only then is
+//!   anyone answered: an answer means the outcome is on disk. If the commit fails (a full
+//!   disk), everyone in the batch gets that error and nothing of the batch was written.
+//!
+//! The durable commit is the expensive part of an operation; sharing it is what makes many
+//! concurrent requests cheap. The bench `ledger` measures it.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+
+use rusqlite::Connection;
+use synesis_billing::ledger::{LedgerError, StoreError};
+use tokio::sync::{mpsc, oneshot};
+
+use super::SqliteLedger;
+use crate::db::DbError;
+
+/// The most operations one transaction carries.
+const MAX_BATCH: usize = 1_024;
+
+/// Operations waiting for the writer, at most (senders wait beyond it).
+const QUEUE: usize = 4 * MAX_BATCH;
+
+/// The handle every task uses; cheap to clone. The writer thread ends when the last handle is
+/// dropped, after answering everything already sent.
+#[derive(Debug, Clone)]
+pub struct LedgerWriter {
+    jobs: mpsc::Sender<Box<dyn Job>>,
+}
+
+/// An operation in the queue, with its answer.
+trait Job: Send {
+    /// Runs the operation on the open transaction; whether its writes are to be kept.
+    fn run(&mut self, store: &mut SqliteLedger<'_>) -> bool;
+    /// Answers the caller, once the transaction's fate is known.
+    fn answer(self: Box<Self>, committed: Result<(), StoreError>);
+}
+
+type Reply<T> = oneshot::Sender<Result<T, LedgerError>>;
+
+struct Pending<T, F> {
+    op: Option<F>,
+    result: Option<Result<T, LedgerError>>,
+    reply: Reply<T>,
+}
+
+impl<T, F> Job for Pending<T, F>
+where
+    T: Send,
+    F: FnOnce(&mut SqliteLedger<'_>) -> Result<T, LedgerError> + Send,
+{
+    fn run(&mut self, store: &mut SqliteLedger<'_>) -> bool {
+        let Some(op) = self.op.take() else {
+            return false;
+        };
+        let result = op(store);
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
+    }
+
+    fn answer(self: Box<Self>, committed: Result<(), StoreError>) {
+        let answer = match (self.result, committed) {
+            // A refusal stands whatever became of the others: it wrote nothing.
+            (Some(Err(refused)), _) => Err(refused),
+            (Some(Ok(value)), Ok(())) => Ok(value),
+            (_, Err(e)) => Err(e.into()),
+            (None, Ok(())) => Err(StoreError("the ledger operation did not run".into()).into()),
+        };
+        // The caller may have gone (a closed connection); the outcome is kept regardless.
+        let _ = self.reply.send(answer);
+    }
+}
+
+fn stopped() -> LedgerError {
+    StoreError("the ledger writer has stopped".into()).into()
+}
+
+impl LedgerWriter {
+    /// Opens its own connection to the cloud's database (whose schema `Db::open` made) and
+    /// starts the writer thread.
+    pub fn open(path: &Path) -> Result<LedgerWriter, DbError> {
+        let conn = crate::db::connect(path)?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        // The hot pages of the entries' indexes and the totals stay in memory (64 MiB).
+        conn.pragma_update(None, "cache_size", -65_536)?;
+        // Checkpoint (copy the WAL into the database, with its own syncs) every 40 MB of WAL
+        // rather than every 4 MB: fewer, larger checkpoints between batches.
+        conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
+        let (jobs, queue) = mpsc::channel(QUEUE);
+        std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || serve(&conn, queue))
+            .map_err(|e| DbError::Corrupt(format!("cannot start the ledger writer: {e}")))?;
+        Ok(LedgerWriter { jobs })
+    }
+
+    fn job<T, F>(op: F) -> (Box<dyn Job>, oneshot::Receiver<Result<T, LedgerError>>)
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut SqliteLedger<'_>) -> Result<T, LedgerError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = Pending {
+            op: Some(op),
+            result: None,
+            reply,
+        };
+        (Box::new(job), answer)
+    }
+
+    /// Runs `op` as one ledger operation and answers once it is durable.
+    pub async fn run<T, F>(&self, op: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut SqliteLedger<'_>) -> Result<T, LedgerError> + Send + 'static,
+    {
+        let (job, answer) = Self::job(op);
+        self.jobs.send(job).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// [`run`](Self::run) for a thread outside the async runtime.
+    pub fn run_blocking<T, F>(&self, op: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut SqliteLedger<'_>) -> Result<T, LedgerError> + Send + 'static,
+    {
+        let (job, answer) = Self::job(op);
+        self.jobs.blocking_send(job).map_err(|_| stopped())?;
+        answer.blocking_recv().map_err(|_| stopped())?
+    }
+}
+
+fn serve(conn: &Connection, mut queue: mpsc::Receiver<Box<dyn Job>>) {
+    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = queue.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let committed = run_batch(conn, &mut batch);
+        if let Err(e) = &committed {
+            tracing::error!(error = %e, operations = batch.len(), "a ledger transaction failed");
+        }
+        for job in batch.drain(..) {
+            job.answer(committed.clone());
+        }
+    }
+}
+
+/// Runs the batch in one transaction; the commit's outcome.
+fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), StoreError> {
+    let sql = |sql: &str| -> Result<(), StoreError> {
+        conn.prepare_cached(sql)
+            .and_then(|mut stmt| stmt.execute([]))
+            .map(drop)
+            .map_err(|e| StoreError(e.to_string()))
+    };
+    sql("BEGIN IMMEDIATE")?;
+    let ran = (|| {
+        for job in batch.iter_mut() {
+            sql("SAVEPOINT op")?;
+            let mut store = SqliteLedger::new(conn);
+            let keep =
+                catch_unwind(AssertUnwindSafe(|| job.run(&mut store))).unwrap_or_else(|_| {
+                    tracing::error!("a ledger operation panicked; its writes are rolled back");
+                    false
+                });
+            if !keep {
+                sql("ROLLBACK TO op")?;
+            }
+            sql("RELEASE op")?;
+        }
+        sql("COMMIT")
+    })();
+    if ran.is_err() {
+        // Nothing of the batch is kept; the connection is ready for the next one.
+        let _ = sql("ROLLBACK");
+    }
+    ran
+}
