@@ -83,6 +83,8 @@ pub(crate) enum Command {
     },
     /// Show this device's vitals: CPU, memory, the data disk, temperatures, NVIDIA GPUs.
     Vitals(VitalsArgs),
+    /// What AI cost here: answers made on this device, the cloud cost they avoided, cloud charges.
+    Usage(UsageArgs),
     /// Enroll this device with a Synesis cloud and ask the running tunnel about it.
     Cloud {
         #[command(subcommand)]
@@ -195,10 +197,47 @@ pub(crate) enum CloudCommand {
         #[arg(long)]
         voucher: String,
     },
-    /// The account's balance, holds, quota and charges.
-    Usage,
+    /// The account's balance, holds, quota and charges, from the cloud's ledger.
+    Usage(CloudUsageArgs),
+    /// Reconcile this device's local ledger with the cloud's, charge by charge (request id).
+    Sync,
     /// The account's tier and the price table.
     Price,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  synesis cloud usage                          balance, holds, quota and every charge
+  synesis cloud usage --since 2026-11-01 --by model
+  synesis cloud usage --json --by day
+
+With --json, money is integer micro-USD (1 USD = 1,000,000); with --by, `groups` holds one total
+per model, device or UTC day, largest first.")]
+pub(crate) struct CloudUsageArgs {
+    /// Only charges from DATE on: YYYY-MM-DD (midnight UTC) or an RFC 3339 time.
+    #[arg(long, value_name = "DATE", value_parser = crate::commands::usage::parse_since)]
+    pub(crate) since: Option<synesis_proto::UnixMillis>,
+    /// Total the charges per model, per device or per UTC day.
+    #[arg(long, value_enum)]
+    pub(crate) by: Option<Grouping>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum Grouping {
+    Model,
+    Device,
+    Day,
+}
+
+impl From<Grouping> for synesis_proto::message::UsageGrouping {
+    fn from(g: Grouping) -> Self {
+        match g {
+            Grouping::Model => Self::Model,
+            Grouping::Device => Self::Device,
+            Grouping::Day => Self::Day,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -253,6 +292,27 @@ fn parse_heartbeat_interval(text: &str) -> Result<std::time::Duration, String> {
 
 #[derive(Debug, Args)]
 #[command(after_help = "\
+Every `synesis ask --local` that finishes is recorded in the local ledger (ledger.db in the data
+directory; `synesis paths` shows where) with its token counts and the cloud cost it avoided: what
+the same tokens would have cost in the cloud, at the Managed tier's price for claude-sonnet, the
+model an escalation goes to. Cloud charges appear once `synesis cloud sync` has mirrored them
+from the cloud, whose ledger is the authority; `synesis cloud usage` asks the cloud itself.
+
+Examples:
+  synesis usage                                  a table
+  synesis usage --since 2026-01-01               from midnight UTC that day
+  synesis usage --json --since 2026-01-31T08:00:00+01:00
+
+With --json, money is integer micro-USD (1 USD = 1,000,000): local.cloud_cost_avoided_micro_usd,
+cloud.total_micro_usd, by_model[].micro_usd (local: avoided; cloud: charged).")]
+pub(crate) struct UsageArgs {
+    /// Count only what happened from DATE on: YYYY-MM-DD (midnight UTC) or an RFC 3339 time.
+    #[arg(long, value_name = "DATE", value_parser = crate::commands::usage::parse_since)]
+    pub(crate) since: Option<synesis_proto::UnixMillis>,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
 Examples:
   synesis vitals                          one table
   synesis vitals --json                   one JSON object
@@ -278,5 +338,17 @@ mod tests {
     #[test]
     fn clap_definitions_are_consistent() {
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn usage_help_names_the_reference_model() {
+        let mut cmd = super::Cli::command();
+        let help = cmd
+            .find_subcommand_mut("usage")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains(crate::ledger::REFERENCE_MODEL), "{help}");
+        assert!(help.contains("avoided"), "{help}");
     }
 }

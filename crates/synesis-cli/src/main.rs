@@ -5,11 +5,13 @@
 //!
 //! Modules: [`cli`] (the clap definitions: every flag and its help), [`paths`] (where config,
 //! data and the daemon socket live), [`exit`] (exit codes), [`signals`] (Ctrl-C and SIGTERM),
-//! [`commands`] (one module per command).
+//! [`commands`] (one module per command), [`ledger`] (the local ledger: on-device answers and
+//! mirrored cloud charges, in SQLite).
 
 mod cli;
 mod commands;
 mod exit;
+mod ledger;
 mod paths;
 mod registry;
 mod service;
@@ -55,6 +57,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
             cli::LoraCommand::Rm { name } => commands::model::lora_remove(&out, &paths, name),
         },
         cli::Command::Vitals(args) => runtime.block_on(commands::vitals::run(&out, &paths, args)),
+        cli::Command::Usage(args) => commands::usage::run(&out, &paths, args),
         cli::Command::Cloud { command } => runtime.block_on(async {
             match command {
                 cli::CloudCommand::Login(args) => commands::cloud::login(&out, &paths, args).await,
@@ -66,7 +69,8 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
                 cli::CloudCommand::Topup { voucher } => {
                     commands::cloud::topup(&out, &paths, voucher).await
                 }
-                cli::CloudCommand::Usage => commands::cloud::usage(&out, &paths).await,
+                cli::CloudCommand::Usage(args) => commands::cloud::usage(&out, &paths, args).await,
+                cli::CloudCommand::Sync => commands::cloud::sync(&out, &paths).await,
                 cli::CloudCommand::Price => commands::cloud::price(&out, &paths).await,
             }
         }),

@@ -123,6 +123,11 @@ impl Paths {
     pub(crate) fn config_file(&self) -> PathBuf {
         self.config.path.join("config.toml")
     }
+
+    /// The local ledger (`crate::ledger`).
+    pub(crate) fn ledger_file(&self) -> PathBuf {
+        self.data.path.join(crate::ledger::LEDGER_FILE)
+    }
 }
 
 #[cfg(test)]

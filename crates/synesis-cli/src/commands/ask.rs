@@ -1,14 +1,19 @@
 //! `synesis ask --local "PROMPT"`: answer on this device, streaming as the model writes.
 
 use std::io::{Read, Write};
+use std::path::Path;
 
 use anyhow::{Context, bail};
 use serde::Serialize;
 use synesis_infer::{CancelToken, FinishReason, Model, Request, Settings};
+use synesis_proto::{DeviceId, RequestId};
+use synesis_tunnel::Identity;
+use synesis_tunnel::enroll::{new_request_id, unix_now};
 
 use super::{Output, is_closed_pipe};
 use crate::cli::AskArgs;
 use crate::exit::UserError;
+use crate::ledger::{LocalGeneration, LocalLedger};
 use crate::paths::Paths;
 use crate::registry::Config;
 use crate::signals::Shutdown;
@@ -18,6 +23,8 @@ const DEMO_MODEL: &str = "demo";
 
 #[derive(Debug, Serialize)]
 struct Answer {
+    /// The key of this answer in the local ledger (`synesis usage`).
+    request_id: RequestId,
     text: String,
     model: String,
     lora: Option<String>,
@@ -46,6 +53,7 @@ pub(crate) fn parse_lora(text: &str) -> Result<(String, f32), String> {
 }
 
 pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::Result<()> {
+    let request_id = new_request_id();
     if !args.local {
         return Err(UserError::Usage(
             "only on-device answers exist so far: add --local (cloud escalation comes with the tunnel's escalation support)".into(),
@@ -130,7 +138,33 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
     }
     .context("the generation thread failed")??;
 
+    if generation.finish_reason != FinishReason::Cancelled {
+        let mut record = LocalGeneration {
+            request_id,
+            model: model_name.to_owned(),
+            device_id: None,
+            input_tokens: u64::try_from(generation.prompt_tokens).unwrap_or(u64::MAX),
+            output_tokens: u64::try_from(generation.completion_tokens).unwrap_or(u64::MAX),
+            at: unix_now(),
+        };
+        let (data_dir, ledger_file) = (paths.data.path.clone(), paths.ledger_file());
+        let recorded = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            record.device_id = enrolled_device(&data_dir);
+            LocalLedger::open(&ledger_file)?.record_local(&record)?;
+            Ok(())
+        })
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r);
+        // The answer is made and shown: a ledger that cannot take it is worth a warning, not a
+        // failed command.
+        if let Err(e) = recorded {
+            eprintln!("synesis: warning: this answer is not in the local ledger: {e:#}");
+        }
+    }
+
     let answer = Answer {
+        request_id,
         model: model_name.to_owned(),
         lora: args.lora.as_ref().map(|(n, _)| n.clone()),
         prompt_tokens: generation.prompt_tokens,
@@ -159,4 +193,16 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
         );
     }
     Ok(())
+}
+
+/// This device's id when it is enrolled; `None` otherwise, or when the identity cannot be read
+/// (`synesis cloud` commands report that; an answer on the device does not need it).
+fn enrolled_device(data_dir: &Path) -> Option<DeviceId> {
+    match Identity::load(data_dir) {
+        Ok(identity) => identity.map(|i| i.info.device_id),
+        Err(e) => {
+            tracing::warn!("the device identity cannot be read: {e}");
+            None
+        }
+    }
 }

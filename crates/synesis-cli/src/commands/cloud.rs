@@ -8,8 +8,9 @@ use synesis_tunnel::enroll::{enroll, new_request_id};
 use synesis_tunnel::{Identity, request::request};
 
 use super::Output;
-use crate::cli::{LoginArgs, LogoutArgs, PingArgs};
+use crate::cli::{CloudUsageArgs, LoginArgs, LogoutArgs, PingArgs};
 use crate::exit::UserError;
+use crate::ledger::CloudCharge;
 use crate::paths::Paths;
 use crate::service::{Request, ask};
 
@@ -202,15 +203,74 @@ pub(crate) async fn topup(out: &Output, paths: &Paths, voucher: &str) -> anyhow:
     Ok(())
 }
 
-pub(crate) async fn usage(out: &Output, paths: &Paths) -> anyhow::Result<()> {
+async fn cloud_usage(
+    paths: &Paths,
+    since: Option<synesis_proto::UnixMillis>,
+    group_by: Option<synesis_proto::message::UsageGrouping>,
+) -> anyhow::Result<synesis_proto::message::UsageReply> {
     let message = synesis_proto::message::UsageRequest {
         request_id: new_request_id(),
-        since: None,
-        group_by: None,
+        since,
+        group_by,
     };
     let Message::UsageReply(r) = account_request(paths, message.into()).await? else {
         bail!("the cloud answered something else than a usage reply");
     };
+    Ok(r)
+}
+
+/// One group of `cloud usage --by`.
+#[derive(Debug, Default, Serialize)]
+struct Group {
+    key: String,
+    charges: u64,
+    input_tokens: u64,
+    output_tokens: u64,
+    total_micro_usd: i64,
+}
+
+fn groups(
+    charges: &[synesis_proto::message::Charge],
+    by: synesis_proto::message::UsageGrouping,
+) -> anyhow::Result<Vec<Group>> {
+    let mut groups: std::collections::BTreeMap<String, Group> = Default::default();
+    for c in charges {
+        let key = synesis_billing::group_key(c, by);
+        let g = groups.entry(key.clone()).or_insert_with(|| Group {
+            key,
+            ..Group::default()
+        });
+        let overflow = || anyhow::anyhow!("the charges' totals do not fit");
+        g.charges += 1;
+        g.input_tokens = g
+            .input_tokens
+            .checked_add(c.usage.input_tokens)
+            .ok_or_else(overflow)?;
+        g.output_tokens = g
+            .output_tokens
+            .checked_add(c.usage.output_tokens)
+            .ok_or_else(overflow)?;
+        g.total_micro_usd = g
+            .total_micro_usd
+            .checked_add(c.total.0)
+            .ok_or_else(overflow)?;
+    }
+    let mut groups: Vec<Group> = groups.into_values().collect();
+    groups.sort_by(|a, b| {
+        b.total_micro_usd
+            .cmp(&a.total_micro_usd)
+            .then(a.key.cmp(&b.key))
+    });
+    Ok(groups)
+}
+
+pub(crate) async fn usage(
+    out: &Output,
+    paths: &Paths,
+    args: &CloudUsageArgs,
+) -> anyhow::Result<()> {
+    let by = args.by.map(synesis_proto::message::UsageGrouping::from);
+    let r = cloud_usage(paths, args.since, by).await?;
     let charges: Vec<serde_json::Value> = r
         .charges
         .iter()
@@ -220,7 +280,8 @@ pub(crate) async fn usage(out: &Output, paths: &Paths) -> anyhow::Result<()> {
                 "total_micro_usd": c.total.0, "at": c.at})
         })
         .collect();
-    let view = serde_json::json!({
+    let groups = by.map(|by| groups(&r.charges, by)).transpose()?;
+    let mut view = serde_json::json!({
         "account": r.account,
         "tier": tier_name(r.tier),
         "balance_micro_usd": r.balance.0,
@@ -229,8 +290,11 @@ pub(crate) async fn usage(out: &Output, paths: &Paths) -> anyhow::Result<()> {
         "quota_tokens_used": r.quota_tokens_used,
         "charges": charges,
     });
+    if let Some(groups) = &groups {
+        view["groups"] = serde_json::to_value(groups)?;
+    }
     out.report(&view, || {
-        format!(
+        let mut text = format!(
             "account {} ({}): balance ${}, held ${}; quota {} of {} tokens used; {} charges\n",
             r.account,
             tier_name(r.tier),
@@ -239,7 +303,80 @@ pub(crate) async fn usage(out: &Output, paths: &Paths) -> anyhow::Result<()> {
             r.quota_tokens_used,
             r.quota_tokens,
             r.charges.len()
-        )
+        );
+        for g in groups.iter().flatten() {
+            text.push_str(&format!(
+                "  {:<36} {:>6} charges {:>12} in {:>12} out  ${}\n",
+                g.key,
+                g.charges,
+                g.input_tokens,
+                g.output_tokens,
+                synesis_proto::MicroUsd(g.total_micro_usd)
+            ));
+        }
+        text
+    })?;
+    Ok(())
+}
+
+/// `synesis cloud sync`: this device's charges on the cloud's ledger, reconciled into the
+/// local ledger by request id (the cloud is the authority).
+pub(crate) async fn sync(out: &Output, paths: &Paths) -> anyhow::Result<()> {
+    let Some(identity) = Identity::load(&paths.data.path)? else {
+        bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
+    };
+    let device = identity.info.device_id;
+    let r = cloud_usage(paths, None, None).await?;
+    let charges: Vec<CloudCharge> = r
+        .charges
+        .into_iter()
+        .filter(|c| c.device_id == Some(device))
+        .map(|c| CloudCharge {
+            request_id: c.request_id,
+            model: c.model,
+            device_id: c.device_id,
+            input_tokens: c.usage.input_tokens,
+            output_tokens: c.usage.output_tokens,
+            total_micro_usd: c.total,
+            at: c.at,
+        })
+        .collect();
+    let file = paths.ledger_file();
+    let report = tokio::task::spawn_blocking(move || {
+        crate::ledger::LocalLedger::open(&file)?.reconcile(&charges)
+    })
+    .await
+    .context("the local ledger task failed")??;
+    out.report(&report, || {
+        let c = &report.counts;
+        let mut text = if report.in_agreement() {
+            format!(
+                "in agreement: {} charges of this device on both ledgers\n",
+                c.cloud_charges
+            )
+        } else {
+            format!(
+                "{} charges on the cloud: {} added here, {} corrected to the cloud's values, {} unchanged; {} here but not on the cloud; {} conflicts\n",
+                c.cloud_charges, c.added, c.changed, c.unchanged, c.missing_in_cloud, c.conflicts
+            )
+        };
+        for change in &report.changed {
+            text.push_str(&format!(
+                "  {} corrected: {}\n",
+                change.request_id,
+                change.fields.join(", ")
+            ));
+        }
+        for id in &report.missing_in_cloud {
+            text.push_str(&format!("  {id} is here but not on the cloud (kept)\n"));
+        }
+        for conflict in &report.conflicts {
+            text.push_str(&format!(
+                "  {} not applied: {:?}\n",
+                conflict.request_id, conflict.reason
+            ));
+        }
+        text
     })?;
     Ok(())
 }

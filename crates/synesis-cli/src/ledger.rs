@@ -1,0 +1,945 @@
+//! The device's local ledger: one SQLite file (`ledger.db` in the data directory, WAL,
+//! `synchronous=FULL`) with one row per request id.
+//!
+//! Two kinds of rows:
+//! - `local`: an answer this device made itself (`synesis ask --local`), with its token counts and
+//!   the cloud cost it avoided: what the same tokens would have cost at the cloud's Managed price
+//!   for [`REFERENCE_MODEL`].
+//! - `cloud`: a charge mirrored from the cloud's ledger by [`LocalLedger::reconcile`]. The cloud
+//!   is the authority: where the two disagree, the cloud's values win and the difference is
+//!   reported, never silently dropped.
+//!
+//! Every write is one transaction. Amounts are INTEGER micro-USD, never floats. The schema's
+//! version is `PRAGMA user_version`; a file written by a newer synesis is refused, not guessed at.
+//! The clock is read by the callers (`at`, `now`), except in [`LocalLedger::reconcile`], the
+//! convenience that stamps the sync with the current time.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
+use synesis_billing::{BillingError, MicroUsd, PriceTable, Tier, TierRules, Usage};
+use synesis_proto::{DeviceId, RequestId, UnixMillis};
+
+/// The ledger's file name in the data directory.
+pub(crate) const LEDGER_FILE: &str = "ledger.db";
+
+/// The cloud model an escalation would go to: an on-device answer's "cloud cost avoided" is what
+/// its tokens would have cost on this model at the Managed tier's price (provider price plus the
+/// markup), with the default price table and tier rules.
+pub(crate) const REFERENCE_MODEL: &str = "claude-sonnet";
+
+/// The schema this build writes and reads (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
+
+/// How long a writer waits for another process's transaction (two `synesis ask` at once).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The key of the last sync's time in `meta` (Unix milliseconds).
+const META_LAST_SYNC_AT: &str = "last_sync_at";
+
+const SCHEMA_V1: &str = "
+CREATE TABLE entries (
+    request_id     TEXT PRIMARY KEY,           -- UUID v7, hyphenated; one row per request
+    kind           TEXT NOT NULL CHECK (kind IN ('local', 'cloud')),
+    model          TEXT NOT NULL,
+    device_id      TEXT,                       -- NULL: not enrolled (local) or not said (cloud)
+    input_tokens   INTEGER NOT NULL CHECK (input_tokens >= 0),
+    output_tokens  INTEGER NOT NULL CHECK (output_tokens >= 0),
+    micro_usd      INTEGER NOT NULL,           -- local: cloud cost avoided; cloud: the charge
+    at             INTEGER NOT NULL            -- Unix milliseconds, UTC
+);
+CREATE INDEX entries_by_at ON entries(at);
+CREATE TABLE meta (
+    key    TEXT PRIMARY KEY,
+    value  NOT NULL
+);
+";
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LedgerDbError {
+    #[error("cannot create the directory for the local ledger {path}: {error}")]
+    CreateDir {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(
+        "{path} is not a Synesis local ledger (not an SQLite database, damaged, or another \
+         program's database); move it aside and the next answer starts a new one"
+    )]
+    NotALedger { path: PathBuf },
+    #[error(
+        "the local ledger {path} has schema version {found}, newer than this synesis reads \
+         ({supported}); upgrade synesis"
+    )]
+    NewerSchema {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("local ledger {path}: {error}")]
+    Sqlite {
+        path: PathBuf,
+        error: rusqlite::Error,
+    },
+    #[error("local ledger {path} holds a value this build cannot read: {what}")]
+    Corrupt { path: PathBuf, what: String },
+    #[error("request {0} is already in the local ledger")]
+    Duplicate(RequestId),
+    #[error("the cloud cost avoided cannot be computed")]
+    Cost(#[from] BillingError),
+    #[error("the local ledger's totals do not fit in 64 bits")]
+    Overflow,
+}
+
+/// Maps SQLite's errors for `path`: "not a database" and "corrupt" become [`NotALedger`].
+///
+/// [`NotALedger`]: LedgerDbError::NotALedger
+fn sql_error(path: &Path) -> impl Fn(rusqlite::Error) -> LedgerDbError + '_ {
+    move |error| match error.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
+            LedgerDbError::NotALedger {
+                path: path.to_owned(),
+            }
+        }
+        _ => LedgerDbError::Sqlite {
+            path: path.to_owned(),
+            error,
+        },
+    }
+}
+
+/// Which side made a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum EntryKind {
+    /// An answer made on this device.
+    Local,
+    /// A charge on the cloud's ledger.
+    Cloud,
+}
+
+impl EntryKind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Local => "local",
+            EntryKind::Cloud => "cloud",
+        }
+    }
+
+    fn parse(s: &str) -> Option<EntryKind> {
+        match s {
+            "local" => Some(EntryKind::Local),
+            "cloud" => Some(EntryKind::Cloud),
+            _ => None,
+        }
+    }
+}
+
+/// One finished on-device generation, as `synesis ask --local` records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LocalGeneration {
+    pub(crate) request_id: RequestId,
+    pub(crate) model: String,
+    /// `None` when this device is not enrolled.
+    pub(crate) device_id: Option<DeviceId>,
+    pub(crate) input_tokens: u64,
+    pub(crate) output_tokens: u64,
+    /// When the generation finished.
+    pub(crate) at: UnixMillis,
+}
+
+/// One charge on the cloud's ledger, as `synesis cloud sync` hands it to [`LocalLedger::reconcile`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct CloudCharge {
+    pub(crate) request_id: RequestId,
+    pub(crate) model: String,
+    pub(crate) device_id: Option<DeviceId>,
+    pub(crate) input_tokens: u64,
+    pub(crate) output_tokens: u64,
+    pub(crate) total_micro_usd: MicroUsd,
+    pub(crate) at: UnixMillis,
+}
+
+impl CloudCharge {
+    /// The names of the fields where `self` and `other` (a charge of the same request) differ.
+    fn differences(&self, other: &CloudCharge) -> Vec<&'static str> {
+        let mut fields = Vec::new();
+        let mut check = |same: bool, name| {
+            if !same {
+                fields.push(name);
+            }
+        };
+        check(self.model == other.model, "model");
+        check(self.device_id == other.device_id, "device_id");
+        check(self.input_tokens == other.input_tokens, "input_tokens");
+        check(self.output_tokens == other.output_tokens, "output_tokens");
+        check(
+            self.total_micro_usd == other.total_micro_usd,
+            "total_micro_usd",
+        );
+        check(self.at == other.at, "at");
+        fields
+    }
+}
+
+/// A cloud charge the local ledger held with other values; the cloud's were written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct ChargeChange {
+    pub(crate) request_id: RequestId,
+    /// The fields that differed (`model`, `device_id`, `input_tokens`, `output_tokens`,
+    /// `total_micro_usd`, `at`).
+    pub(crate) fields: Vec<&'static str>,
+    /// What the local ledger held before.
+    pub(crate) local: CloudCharge,
+    /// What it holds now.
+    pub(crate) cloud: CloudCharge,
+}
+
+/// Why a cloud charge was not applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ConflictReason {
+    /// Its request id is an on-device generation's: the two can never share an id.
+    LocalGeneration,
+    /// The cloud's list named this request id more than once; the first one was applied.
+    DuplicateInCloudList,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct SyncConflict {
+    pub(crate) request_id: RequestId,
+    pub(crate) reason: ConflictReason,
+    /// The charge as the cloud sent it (not written).
+    pub(crate) cloud: CloudCharge,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub(crate) struct SyncCounts {
+    /// Charges in the cloud's list: `added + changed + unchanged + conflicts`.
+    pub(crate) cloud_charges: usize,
+    pub(crate) added: usize,
+    pub(crate) changed: usize,
+    pub(crate) unchanged: usize,
+    pub(crate) missing_in_cloud: usize,
+    pub(crate) conflicts: usize,
+}
+
+/// What one [`LocalLedger::reconcile`] found and did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct SyncReport {
+    pub(crate) synced_at: UnixMillis,
+    pub(crate) counts: SyncCounts,
+    /// Cloud charges the local ledger did not have; now it does.
+    pub(crate) added: Vec<RequestId>,
+    /// Cloud charges held here with other values; overwritten with the cloud's.
+    pub(crate) changed: Vec<ChargeChange>,
+    /// Cloud-kind rows here that the cloud's list does not have (kept, not deleted).
+    pub(crate) missing_in_cloud: Vec<RequestId>,
+    /// Cloud charges not applied, and why.
+    pub(crate) conflicts: Vec<SyncConflict>,
+}
+
+impl SyncReport {
+    /// Whether the two ledgers agreed already: nothing changed, missing or in conflict.
+    pub(crate) fn in_agreement(&self) -> bool {
+        self.added.is_empty()
+            && self.changed.is_empty()
+            && self.missing_in_cloud.is_empty()
+            && self.conflicts.is_empty()
+    }
+}
+
+/// On-device totals.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub(crate) struct LocalTotals {
+    pub(crate) generations: u64,
+    pub(crate) input_tokens: u64,
+    pub(crate) output_tokens: u64,
+    pub(crate) cloud_cost_avoided_micro_usd: MicroUsd,
+}
+
+/// Cloud totals, as last mirrored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub(crate) struct CloudTotals {
+    pub(crate) charges: u64,
+    pub(crate) input_tokens: u64,
+    pub(crate) output_tokens: u64,
+    pub(crate) total_micro_usd: MicroUsd,
+}
+
+/// The totals of one model and kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct ModelTotals {
+    pub(crate) model: String,
+    pub(crate) kind: EntryKind,
+    pub(crate) generations: u64,
+    pub(crate) input_tokens: u64,
+    pub(crate) output_tokens: u64,
+    /// Local: the cloud cost avoided; cloud: what was charged.
+    pub(crate) micro_usd: MicroUsd,
+}
+
+/// What `synesis usage` shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub(crate) struct Summary {
+    pub(crate) local: LocalTotals,
+    pub(crate) cloud: CloudTotals,
+    pub(crate) last_sync_at: Option<UnixMillis>,
+    /// Sorted by kind (local first), then model.
+    pub(crate) by_model: Vec<ModelTotals>,
+}
+
+/// What the tokens of an on-device answer would have cost in the cloud: [`REFERENCE_MODEL`] at
+/// the Managed tier, default prices and rules (rounded once, half up, as every quote is).
+pub(crate) fn cloud_cost_avoided(
+    input_tokens: u64,
+    output_tokens: u64,
+) -> Result<MicroUsd, BillingError> {
+    synesis_billing::quote(
+        Tier::Managed,
+        REFERENCE_MODEL,
+        Usage {
+            input_tokens,
+            output_tokens,
+        },
+        &PriceTable::default(),
+        &TierRules::default(),
+    )
+    .map(|q| q.total)
+}
+
+fn to_u64(v: i64, path: &Path, what: &str) -> Result<u64, LedgerDbError> {
+    u64::try_from(v).map_err(|_| LedgerDbError::Corrupt {
+        path: path.to_owned(),
+        what: format!("{what} {v}"),
+    })
+}
+
+fn parse_id<T: std::str::FromStr>(s: &str, path: &Path) -> Result<T, LedgerDbError> {
+    s.parse().map_err(|_| LedgerDbError::Corrupt {
+        path: path.to_owned(),
+        what: format!("id {s:?}"),
+    })
+}
+
+/// The local ledger, open.
+#[derive(Debug)]
+pub(crate) struct LocalLedger {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl LocalLedger {
+    /// Opens (creating the file, its directory and the schema when missing) the ledger at `path`.
+    pub(crate) fn open(path: &Path) -> Result<LocalLedger, LedgerDbError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|error| LedgerDbError::CreateDir {
+                path: dir.to_owned(),
+                error,
+            })?;
+        }
+        let err = sql_error(path);
+        let conn = Connection::open(path).map_err(&err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(&err)?;
+        // The first read of the file: a file that is not SQLite fails here.
+        let found = user_version(&conn).map_err(&err)?;
+        if found > SCHEMA_VERSION {
+            return Err(newer(path, found));
+        }
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(&err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(&err)?;
+        let mut ledger = LocalLedger {
+            conn,
+            path: path.to_owned(),
+        };
+        if found < SCHEMA_VERSION {
+            ledger.migrate()?;
+        }
+        Ok(ledger)
+    }
+
+    /// Brings the schema to [`SCHEMA_VERSION`], in one transaction that re-reads the version
+    /// (another process may have done it meanwhile).
+    fn migrate(&mut self) -> Result<(), LedgerDbError> {
+        let err = sql_error(&self.path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let found = user_version(&tx).map_err(&err)?;
+        if found > SCHEMA_VERSION {
+            return Err(newer(&self.path, found));
+        }
+        if found < 1 {
+            // Version 0 is a fresh file; any table in it means someone else's database.
+            let tables: i64 = tx
+                .query_row(
+                    "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(&err)?;
+            if tables > 0 {
+                return Err(LedgerDbError::NotALedger {
+                    path: self.path.clone(),
+                });
+            }
+            tx.execute_batch(SCHEMA_V1).map_err(&err)?;
+            tx.pragma_update(None, "user_version", 1).map_err(&err)?;
+        }
+        // Later versions: `if found < 2 { … }` here, each step in this same transaction.
+        tx.commit().map_err(&err)
+    }
+
+    /// Records one finished on-device generation, with the cloud cost it avoided (returned).
+    pub(crate) fn record_local(
+        &mut self,
+        generation: &LocalGeneration,
+    ) -> Result<MicroUsd, LedgerDbError> {
+        let avoided = cloud_cost_avoided(generation.input_tokens, generation.output_tokens)?;
+        let err = sql_error(&self.path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let inserted = tx
+            .execute(
+                "INSERT INTO entries (request_id, kind, model, device_id, input_tokens, \
+                 output_tokens, micro_usd, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 ON CONFLICT(request_id) DO NOTHING",
+                params![
+                    generation.request_id.to_string(),
+                    EntryKind::Local.as_str(),
+                    generation.model,
+                    generation.device_id.map(|d| d.to_string()),
+                    generation.input_tokens,
+                    generation.output_tokens,
+                    avoided.0,
+                    generation.at.0,
+                ],
+            )
+            .map_err(&err)?;
+        if inserted == 0 {
+            return Err(LedgerDbError::Duplicate(generation.request_id));
+        }
+        tx.commit().map_err(&err)?;
+        Ok(avoided)
+    }
+
+    /// [`reconcile_at`](Self::reconcile_at) stamped with the current time.
+    pub(crate) fn reconcile(&mut self, cloud: &[CloudCharge]) -> Result<SyncReport, LedgerDbError> {
+        let now = synesis_tunnel::enroll::unix_now();
+        self.reconcile_at(cloud, now)
+    }
+
+    /// Compares the cloud-kind rows with the cloud's list, request id by request id, and makes
+    /// them agree, in one transaction: a charge missing here is added, one held with other
+    /// values is overwritten with the cloud's (the authority), equal ones are left alone, and
+    /// rows here that the cloud's list lacks are reported, not deleted. A cloud charge with an
+    /// on-device generation's id is a conflict and is not written. `now` becomes the last sync
+    /// time. The same list again changes nothing.
+    pub(crate) fn reconcile_at(
+        &mut self,
+        cloud: &[CloudCharge],
+        now: UnixMillis,
+    ) -> Result<SyncReport, LedgerDbError> {
+        let path = self.path.clone();
+        let err = sql_error(&path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let mut report = SyncReport {
+            synced_at: now,
+            counts: SyncCounts::default(),
+            added: Vec::new(),
+            changed: Vec::new(),
+            missing_in_cloud: Vec::new(),
+            conflicts: Vec::new(),
+        };
+        let mut unchanged = 0;
+        let mut seen = HashSet::with_capacity(cloud.len());
+        for charge in cloud {
+            let conflict = |reason| SyncConflict {
+                request_id: charge.request_id,
+                reason,
+                cloud: charge.clone(),
+            };
+            if !seen.insert(charge.request_id) {
+                report
+                    .conflicts
+                    .push(conflict(ConflictReason::DuplicateInCloudList));
+                continue;
+            }
+            match read_entry(&tx, &path, charge.request_id)? {
+                None => {
+                    write_cloud(&tx, charge, false).map_err(&err)?;
+                    report.added.push(charge.request_id);
+                }
+                Some((EntryKind::Local, _)) => {
+                    report
+                        .conflicts
+                        .push(conflict(ConflictReason::LocalGeneration));
+                }
+                Some((EntryKind::Cloud, local)) if local == *charge => unchanged += 1,
+                Some((EntryKind::Cloud, local)) => {
+                    write_cloud(&tx, charge, true).map_err(&err)?;
+                    report.changed.push(ChargeChange {
+                        request_id: charge.request_id,
+                        fields: local.differences(charge),
+                        local,
+                        cloud: charge.clone(),
+                    });
+                }
+            }
+        }
+        {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT request_id FROM entries WHERE kind = 'cloud' ORDER BY at, request_id",
+                )
+                .map_err(&err)?;
+            let ids = stmt
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(&err)?;
+            for id in ids {
+                let id: RequestId = parse_id(&id.map_err(&err)?, &path)?;
+                if !seen.contains(&id) {
+                    report.missing_in_cloud.push(id);
+                }
+            }
+        }
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) \
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![META_LAST_SYNC_AT, now.0],
+        )
+        .map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        report.counts = SyncCounts {
+            cloud_charges: cloud.len(),
+            added: report.added.len(),
+            changed: report.changed.len(),
+            unchanged,
+            missing_in_cloud: report.missing_in_cloud.len(),
+            conflicts: report.conflicts.len(),
+        };
+        debug_assert_eq!(
+            report.counts.added + report.counts.changed + unchanged + report.counts.conflicts,
+            cloud.len()
+        );
+        Ok(report)
+    }
+
+    /// Totals of the rows at or after `since` (all rows with `None`), and the last sync time.
+    pub(crate) fn summary(&self, since: Option<UnixMillis>) -> Result<Summary, LedgerDbError> {
+        let path = &self.path;
+        let err = sql_error(path);
+        let mut summary = Summary {
+            last_sync_at: self
+                .conn
+                .query_row(
+                    "SELECT value FROM meta WHERE key = ?1",
+                    [META_LAST_SYNC_AT],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()
+                .map_err(&err)?
+                .map(UnixMillis),
+            ..Summary::default()
+        };
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT kind, model, count(*), sum(input_tokens), sum(output_tokens), \
+                 sum(micro_usd) FROM entries WHERE at >= ?1 GROUP BY kind, model \
+                 ORDER BY kind DESC, model",
+            )
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([since.map_or(i64::MIN, |t| t.0)], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })
+            .map_err(&err)?;
+        let add = |a: u64, b: u64| a.checked_add(b).ok_or(LedgerDbError::Overflow);
+        for row in rows {
+            let (kind, model, count, input, output, micro) = row.map_err(&err)?;
+            let kind = EntryKind::parse(&kind).ok_or_else(|| LedgerDbError::Corrupt {
+                path: path.clone(),
+                what: format!("kind {kind:?}"),
+            })?;
+            let m = ModelTotals {
+                model,
+                kind,
+                generations: to_u64(count, path, "count")?,
+                input_tokens: to_u64(input, path, "input tokens")?,
+                output_tokens: to_u64(output, path, "output tokens")?,
+                micro_usd: MicroUsd(micro),
+            };
+            match kind {
+                EntryKind::Local => {
+                    let t = &mut summary.local;
+                    t.generations = add(t.generations, m.generations)?;
+                    t.input_tokens = add(t.input_tokens, m.input_tokens)?;
+                    t.output_tokens = add(t.output_tokens, m.output_tokens)?;
+                    t.cloud_cost_avoided_micro_usd = t
+                        .cloud_cost_avoided_micro_usd
+                        .checked_add(m.micro_usd)
+                        .ok_or(LedgerDbError::Overflow)?;
+                }
+                EntryKind::Cloud => {
+                    let t = &mut summary.cloud;
+                    t.charges = add(t.charges, m.generations)?;
+                    t.input_tokens = add(t.input_tokens, m.input_tokens)?;
+                    t.output_tokens = add(t.output_tokens, m.output_tokens)?;
+                    t.total_micro_usd = t
+                        .total_micro_usd
+                        .checked_add(m.micro_usd)
+                        .ok_or(LedgerDbError::Overflow)?;
+                }
+            }
+            summary.by_model.push(m);
+        }
+        Ok(summary)
+    }
+}
+
+fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.pragma_query_value(None, "user_version", |r| r.get(0))
+}
+
+fn newer(path: &Path, found: i64) -> LedgerDbError {
+    LedgerDbError::NewerSchema {
+        path: path.to_owned(),
+        found,
+        supported: SCHEMA_VERSION,
+    }
+}
+
+/// The row of `id`, as its kind and its values.
+fn read_entry(
+    tx: &Transaction<'_>,
+    path: &Path,
+    id: RequestId,
+) -> Result<Option<(EntryKind, CloudCharge)>, LedgerDbError> {
+    let err = sql_error(path);
+    let row = tx
+        .query_row(
+            "SELECT kind, model, device_id, input_tokens, output_tokens, micro_usd, at \
+             FROM entries WHERE request_id = ?1",
+            [id.to_string()],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(&err)?;
+    let Some((kind, model, device_id, input, output, micro, at)) = row else {
+        return Ok(None);
+    };
+    let kind = EntryKind::parse(&kind).ok_or_else(|| LedgerDbError::Corrupt {
+        path: path.to_owned(),
+        what: format!("kind {kind:?}"),
+    })?;
+    let charge = CloudCharge {
+        request_id: id,
+        model,
+        device_id: device_id.map(|d| parse_id(&d, path)).transpose()?,
+        input_tokens: to_u64(input, path, "input tokens")?,
+        output_tokens: to_u64(output, path, "output tokens")?,
+        total_micro_usd: MicroUsd(micro),
+        at: UnixMillis(at),
+    };
+    Ok(Some((kind, charge)))
+}
+
+/// Inserts a cloud charge, or overwrites the cloud row of its id with it.
+fn write_cloud(tx: &Transaction<'_>, c: &CloudCharge, overwrite: bool) -> rusqlite::Result<()> {
+    let sql = if overwrite {
+        "UPDATE entries SET model = ?3, device_id = ?4, input_tokens = ?5, output_tokens = ?6, \
+         micro_usd = ?7, at = ?8 WHERE request_id = ?1 AND kind = ?2"
+    } else {
+        "INSERT INTO entries (request_id, kind, model, device_id, input_tokens, output_tokens, \
+         micro_usd, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+    };
+    let n = tx.execute(
+        sql,
+        params![
+            c.request_id.to_string(),
+            EntryKind::Cloud.as_str(),
+            c.model,
+            c.device_id.map(|d| d.to_string()),
+            c.input_tokens,
+            c.output_tokens,
+            c.total_micro_usd.0,
+            c.at.0,
+        ],
+    )?;
+    debug_assert_eq!(n, 1);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> RequestId {
+        RequestId::from_parts(1_700_000_000_000 + u64::from(n), [n; 10])
+    }
+
+    fn device() -> DeviceId {
+        "0190a0a0-0000-7000-8000-000000000001".parse().unwrap()
+    }
+
+    fn local(n: u8, input: u64, output: u64, at: i64) -> LocalGeneration {
+        LocalGeneration {
+            request_id: id(n),
+            model: "demo".into(),
+            device_id: None,
+            input_tokens: input,
+            output_tokens: output,
+            at: UnixMillis(at),
+        }
+    }
+
+    fn charge(n: u8, total: i64) -> CloudCharge {
+        CloudCharge {
+            request_id: id(n),
+            model: "claude-sonnet".into(),
+            device_id: Some(device()),
+            input_tokens: 100,
+            output_tokens: 50,
+            total_micro_usd: MicroUsd(total),
+            at: UnixMillis(1_000 + i64::from(n)),
+        }
+    }
+
+    fn open_in(dir: &tempfile::TempDir) -> LocalLedger {
+        LocalLedger::open(&dir.path().join("data").join(LEDGER_FILE)).unwrap()
+    }
+
+    #[test]
+    fn records_local_generations_and_sums_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = open_in(&dir);
+        let empty = ledger.summary(None).unwrap();
+        assert_eq!(empty, Summary::default());
+
+        // Sonnet, Managed: 1,000 in + 250 out = 6,750 µUSD + 3 % = 6,953 (the plan's example).
+        let avoided = ledger.record_local(&local(1, 1_000, 250, 10)).unwrap();
+        assert_eq!(avoided, MicroUsd(6_953));
+        assert_eq!(cloud_cost_avoided(1_000, 250).unwrap(), avoided);
+        let mut other = local(2, 10, 5, 20);
+        other.model = "llama3".into();
+        other.device_id = Some(device());
+        let avoided2 = ledger.record_local(&other).unwrap();
+
+        let s = ledger.summary(None).unwrap();
+        assert_eq!(
+            s.local,
+            LocalTotals {
+                generations: 2,
+                input_tokens: 1_010,
+                output_tokens: 255,
+                cloud_cost_avoided_micro_usd: MicroUsd(6_953 + avoided2.0),
+            }
+        );
+        assert_eq!(s.cloud, CloudTotals::default());
+        assert_eq!(s.last_sync_at, None);
+        let models: Vec<_> = s.by_model.iter().map(|m| m.model.as_str()).collect();
+        assert_eq!(models, ["demo", "llama3"]);
+
+        // --since: only rows at or after it.
+        let later = ledger.summary(Some(UnixMillis(15))).unwrap();
+        assert_eq!(later.local.generations, 1);
+        assert_eq!(later.local.input_tokens, 10);
+
+        // One row per request id.
+        assert!(matches!(
+            ledger.record_local(&local(1, 1, 1, 30)),
+            Err(LedgerDbError::Duplicate(_))
+        ));
+        // And the rows outlive the connection.
+        drop(ledger);
+        assert_eq!(open_in(&dir).summary(None).unwrap().local.generations, 2);
+    }
+
+    #[test]
+    fn reconcile_adds_changes_keeps_and_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = open_in(&dir);
+        ledger.record_local(&local(9, 10, 10, 5)).unwrap();
+        let first = ledger
+            .reconcile_at(
+                &[charge(1, 100), charge(2, 200), charge(3, 300)],
+                UnixMillis(1),
+            )
+            .unwrap();
+        assert_eq!(first.added, [id(1), id(2), id(3)]);
+        assert_eq!(first.counts.added, 3);
+        assert!(first.changed.is_empty() && first.missing_in_cloud.is_empty());
+
+        // The cloud now says: 1 as before, 2 at another price, 3 gone, 4 new, and one charge
+        // with the id of an on-device generation.
+        let mut two = charge(2, 250);
+        two.output_tokens = 60;
+        let mut clash = charge(9, 1);
+        clash.model = "claude-opus".into();
+        let report = ledger
+            .reconcile_at(
+                &[charge(1, 100), two.clone(), charge(4, 400), clash],
+                UnixMillis(2),
+            )
+            .unwrap();
+        assert_eq!(report.added, [id(4)]);
+        assert_eq!(report.counts.unchanged, 1);
+        assert_eq!(report.changed.len(), 1);
+        let change = &report.changed[0];
+        assert_eq!(change.request_id, id(2));
+        assert_eq!(change.fields, ["output_tokens", "total_micro_usd"]);
+        assert_eq!(change.local, charge(2, 200));
+        assert_eq!(change.cloud, two);
+        assert_eq!(report.missing_in_cloud, [id(3)]);
+        assert_eq!(report.conflicts.len(), 1);
+        assert_eq!(report.conflicts[0].request_id, id(9));
+        assert_eq!(report.conflicts[0].reason, ConflictReason::LocalGeneration);
+        assert_eq!(
+            report.counts,
+            SyncCounts {
+                cloud_charges: 4,
+                added: 1,
+                changed: 1,
+                unchanged: 1,
+                missing_in_cloud: 1,
+                conflicts: 1,
+            }
+        );
+        assert!(!report.in_agreement());
+
+        let s = ledger.summary(None).unwrap();
+        // The cloud's values won; 3 was kept; the local row was not overwritten.
+        assert_eq!(s.cloud.charges, 4);
+        assert_eq!(s.cloud.total_micro_usd, MicroUsd(100 + 250 + 300 + 400));
+        assert_eq!(s.local.generations, 1);
+        assert_eq!(s.local.input_tokens, 10);
+        assert_eq!(s.last_sync_at, Some(UnixMillis(2)));
+
+        // The JSON that `synesis cloud sync --json` prints.
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["counts"]["changed"], 1);
+        assert_eq!(json["changed"][0]["cloud"]["total_micro_usd"], 250);
+        assert_eq!(json["conflicts"][0]["reason"], "local_generation");
+        assert_eq!(json["missing_in_cloud"][0], id(3).to_string());
+    }
+
+    #[test]
+    fn reconciling_the_same_list_twice_changes_nothing_the_second_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = open_in(&dir);
+        let list = [charge(1, 100), charge(2, 200)];
+        ledger.reconcile_at(&list, UnixMillis(1)).unwrap();
+        let before = ledger.summary(None).unwrap();
+        let again = ledger.reconcile_at(&list, UnixMillis(2)).unwrap();
+        assert!(again.in_agreement(), "{again:?}");
+        assert_eq!(again.counts.unchanged, 2);
+        let after = ledger.summary(None).unwrap();
+        assert_eq!(after.cloud, before.cloud);
+        assert_eq!(after.last_sync_at, Some(UnixMillis(2)));
+    }
+
+    #[test]
+    fn a_duplicate_id_in_the_cloud_list_is_a_conflict_not_a_second_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = open_in(&dir);
+        let report = ledger
+            .reconcile_at(&[charge(1, 100), charge(1, 999)], UnixMillis(1))
+            .unwrap();
+        assert_eq!(report.added, [id(1)]);
+        assert_eq!(
+            report.conflicts[0].reason,
+            ConflictReason::DuplicateInCloudList
+        );
+        assert_eq!(
+            ledger.summary(None).unwrap().cloud.total_micro_usd,
+            MicroUsd(100)
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_ledger_is_a_clear_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LEDGER_FILE);
+        std::fs::write(&path, vec![b'x'; 4096]).unwrap();
+        let err = LocalLedger::open(&path).unwrap_err();
+        assert!(matches!(err, LedgerDbError::NotALedger { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains("not a Synesis local ledger"), "{text}");
+
+        // Another program's SQLite database is not ours either.
+        let other = dir.path().join("other.db");
+        Connection::open(&other)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x INTEGER);")
+            .unwrap();
+        assert!(matches!(
+            LocalLedger::open(&other),
+            Err(LedgerDbError::NotALedger { .. })
+        ));
+    }
+
+    #[test]
+    fn a_ledger_from_a_newer_synesis_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LEDGER_FILE);
+        drop(LocalLedger::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let err = LocalLedger::open(&path).unwrap_err();
+        assert!(
+            matches!(err, LedgerDbError::NewerSchema { found: 2, .. }),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("newer") && text.contains("upgrade"), "{text}");
+        assert!(text.contains(&path.display().to_string()), "{text}");
+    }
+
+    #[test]
+    fn the_file_is_in_wal_mode_with_full_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = open_in(&dir);
+        let mode: String = ledger
+            .conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        let sync: i64 = ledger
+            .conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!((mode.as_str(), sync), ("wal", 2));
+        assert_eq!(user_version(&ledger.conn).unwrap(), SCHEMA_VERSION);
+    }
+}

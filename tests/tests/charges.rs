@@ -1,0 +1,185 @@
+//! Charges on the cloud's ledger as a device sees them: `synesis cloud usage --since --by`, and
+//! `synesis cloud sync` mirroring them into the device's local ledger by request id.
+//!
+//! Escalations (which settle charges) come with the next issue; here the test settles them the
+//! way the cloud will, through the cloud's ledger rules on the running cloud's database file.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use synesis_billing::ledger::{Account, HOLD_TTL_DEFAULT_MS, HoldRequest, hold, settle};
+use synesis_billing::{PriceTable, Tier, TierRules, Usage, quote};
+use synesis_cloud::db::Db;
+use synesis_e2e::{Cloud, Device, json_of, run_ok};
+use synesis_proto::{DeviceId, RequestId, UnixMillis};
+
+const DAY_MS: i64 = 24 * 3_600 * 1_000;
+
+fn now() -> UnixMillis {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    UnixMillis(i64::try_from(ms).unwrap())
+}
+
+/// Settles one request of `device` at `at`; returns its request id and charged total.
+fn charge(
+    cloud: &Cloud,
+    device: DeviceId,
+    model: &str,
+    usage: Usage,
+    at: UnixMillis,
+) -> (RequestId, i64) {
+    let mut db = Db::open(&cloud.dir().join("cloud.db")).unwrap();
+    let account = Account {
+        id: db.account_by_name("acme").unwrap().id,
+        tier: Tier::Managed,
+    };
+    let id = RequestId::from_parts(u64::try_from(at.0).unwrap(), rand_bytes(at));
+    let (prices, rules) = (PriceTable::default(), TierRules::default());
+    let request = HoldRequest {
+        model: model.into(),
+        device: Some(device),
+        input_tokens: usage.input_tokens,
+        max_output_tokens: usage.output_tokens + 100,
+    };
+    let settled = db
+        .ledger(|s| {
+            hold(
+                s,
+                account,
+                id,
+                &request,
+                at,
+                HOLD_TTL_DEFAULT_MS,
+                &prices,
+                &rules,
+            )?;
+            settle(s, account, id, usage, at, &prices, &rules)
+        })
+        .unwrap();
+    let expected = quote(Tier::Managed, model, usage, &prices, &rules).unwrap();
+    assert_eq!(settled.amount, expected.total);
+    (id, settled.amount.0)
+}
+
+fn rand_bytes(at: UnixMillis) -> [u8; 10] {
+    let mut b = [0u8; 10];
+    b[3..].copy_from_slice(&at.0.to_le_bytes()[..7]);
+    b
+}
+
+#[test]
+fn charges_show_in_usage_by_group_and_sync_mirrors_them() {
+    let cloud = Cloud::start();
+    let device = Device::new();
+    let device_id: DeviceId = device
+        .login(&cloud.account_and_token("acme"))
+        .parse()
+        .unwrap();
+    run_ok(
+        cloud
+            .admin()
+            .args(["account", "set-tier", "acme", "managed"]),
+    );
+    run_ok(cloud.admin().args(["credit", "acme", "20.00"]));
+
+    let t = now();
+    let u = |i, o| Usage {
+        input_tokens: i,
+        output_tokens: o,
+    };
+    let old = charge(
+        &cloud,
+        device_id,
+        "claude-opus",
+        u(5_000, 700),
+        UnixMillis(t.0 - 3 * DAY_MS),
+    );
+    let a = charge(&cloud, device_id, "claude-sonnet", u(1_234, 321), t);
+    let b = charge(
+        &cloud,
+        device_id,
+        "claude-sonnet",
+        u(10, 1),
+        UnixMillis(t.0 + 1),
+    );
+
+    // All charges, exact.
+    let usage = json_of(device.synesis().args(["--json", "cloud", "usage"]));
+    let charges = usage["charges"].as_array().unwrap();
+    assert_eq!(charges.len(), 3);
+    assert_eq!(charges[1]["request_id"], a.0.to_string());
+    assert_eq!(charges[1]["input_tokens"], 1_234);
+    assert_eq!(charges[1]["output_tokens"], 321);
+    assert_eq!(charges[1]["total_micro_usd"], a.1);
+    assert_eq!(charges[1]["device_id"], device_id.to_string());
+    assert_eq!(charges[1]["model"], "claude-sonnet");
+    assert_eq!(usage["balance_micro_usd"], 20_000_000 - old.1 - a.1 - b.1);
+
+    // --since leaves out the charge three days old; --by totals per model.
+    let yesterday = chrono::DateTime::from_timestamp_millis(t.0 - DAY_MS)
+        .unwrap()
+        .format("%Y-%m-%d")
+        .to_string();
+    let recent = json_of(device.synesis().args([
+        "--json", "cloud", "usage", "--since", &yesterday, "--by", "model",
+    ]));
+    assert_eq!(recent["charges"].as_array().unwrap().len(), 2);
+    let groups = recent["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 1);
+    assert_eq!(groups[0]["key"], "claude-sonnet");
+    assert_eq!(groups[0]["charges"], 2);
+    assert_eq!(groups[0]["input_tokens"], 1_244);
+    assert_eq!(groups[0]["total_micro_usd"], a.1 + b.1);
+    let by_day = json_of(
+        device
+            .synesis()
+            .args(["--json", "cloud", "usage", "--by", "day"]),
+    );
+    // The charge three days old is a day of its own; the two recent ones share one unless the
+    // test runs across midnight UTC.
+    let days = by_day["groups"].as_array().unwrap();
+    assert!((2..=3).contains(&days.len()), "{by_day}");
+    let total: i64 = days
+        .iter()
+        .map(|g| g["total_micro_usd"].as_i64().unwrap())
+        .sum();
+    assert_eq!(total, old.1 + a.1 + b.1);
+    let by_device = json_of(
+        device
+            .synesis()
+            .args(["--json", "cloud", "usage", "--by", "device"]),
+    );
+    assert_eq!(by_device["groups"][0]["key"], device_id.to_string());
+    assert_eq!(by_device["groups"][0]["total_micro_usd"], old.1 + a.1 + b.1);
+
+    // Sync: three charges added to the local ledger, then in agreement.
+    let first = json_of(device.synesis().args(["--json", "cloud", "sync"]));
+    assert_eq!(first["counts"]["added"], 3, "{first}");
+    let second = json_of(device.synesis().args(["--json", "cloud", "sync"]));
+    assert_eq!(second["counts"]["unchanged"], 3, "{second}");
+    assert_eq!(second["counts"]["added"], 0);
+    let local = json_of(device.synesis().args(["--json", "usage"]));
+    assert_eq!(local["cloud"]["charges"], 3);
+    assert_eq!(local["cloud"]["total_micro_usd"], old.1 + a.1 + b.1);
+
+    // A local row that drifted is corrected to the cloud's values and reported.
+    let ledger = rusqlite::Connection::open(device.home().join("data/ledger.db")).unwrap();
+    let n = ledger
+        .execute(
+            "UPDATE entries SET micro_usd = micro_usd + 1 WHERE request_id = ?1",
+            [a.0.to_string()],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    drop(ledger);
+    let third = json_of(device.synesis().args(["--json", "cloud", "sync"]));
+    assert_eq!(third["counts"]["changed"], 1, "{third}");
+    assert_eq!(third["changed"][0]["request_id"], a.0.to_string());
+    assert_eq!(third["changed"][0]["fields"][0], "total_micro_usd");
+    let local = json_of(device.synesis().args(["--json", "usage"]));
+    assert_eq!(local["cloud"]["total_micro_usd"], old.1 + a.1 + b.1);
+    run_ok(cloud.admin().args(["ledger", "verify"]));
+}
