@@ -176,3 +176,30 @@ fn unknown_types_and_trailing_bytes_have_their_codes() {
     let err = decode_frame(&frame, FrameLimits::default()).unwrap_err();
     assert_eq!(err.code(), ErrorCode::FRAME_TRAILING_BYTES, "{err}");
 }
+
+/// A billing request whose id is empty, or 10 MB instead of 16 bytes, is a typed frame error
+/// before anything reaches the ledger (which only ever sees a 16-byte `RequestId`).
+#[test]
+fn a_billing_request_id_that_is_empty_or_10_mb_is_refused() {
+    let _serial = SERIAL.lock().unwrap();
+    let frame_of = |payload: &[u8]| {
+        let mut frame = vec![MessageType::TopupRequest.as_u8()];
+        frame.extend((payload.len() as u32).to_be_bytes());
+        frame.extend(payload);
+        frame
+    };
+    // Empty: no id at all, then the voucher string ("VCH-1").
+    let empty = frame_of(&[5, b'V', b'C', b'H', b'-', b'1']);
+    assert_eq!(
+        decode_frame(&empty, FrameLimits::default())
+            .unwrap_err()
+            .code(),
+        ErrorCode::FRAME_MALFORMED
+    );
+    // 10 MiB where the id goes (exactly the frame limit): the first 16 bytes are taken as
+    // the id and the rest does not parse; nothing large is allocated.
+    let huge = frame_of(&vec![0x42; 10 * 1024 * KIB]);
+    let (result, largest) = largest_allocation(|| decode_frame(&huge, FrameLimits::default()));
+    assert_eq!(result.unwrap_err().code(), ErrorCode::FRAME_MALFORMED);
+    assert!(largest < 4 * KIB, "allocated {largest} bytes at once");
+}
