@@ -309,8 +309,9 @@ struct QuoteView<'a> {
     quota_tokens_used: u64,
 }
 
-/// What a request would cost, with the default price table and tier rules.
+/// What a request would cost, with the cloud's prices and tier rules.
 pub fn quote(
+    billing: &crate::config::Billing,
     tier: synesis_proto::message::Tier,
     model: &str,
     input_tokens: u64,
@@ -321,13 +322,7 @@ pub fn quote(
         input_tokens,
         output_tokens,
     };
-    let q = synesis_billing::quote(
-        tier,
-        model,
-        usage,
-        &synesis_billing::PriceTable::default(),
-        &synesis_billing::TierRules::default(),
-    )?;
+    let q = synesis_billing::quote(tier, model, usage, &billing.prices, &billing.rules)?;
     let view = QuoteView {
         tier: tier_name(tier),
         model,
@@ -415,44 +410,31 @@ fn states_agree(
     Ok(())
 }
 
-/// Balance, holds, quota and charges of one account.
-pub fn usage(dir: &Path, name: &str, json: bool) -> anyhow::Result<()> {
+/// Balance, holds, quota and charges of one account: what its devices see with
+/// `synesis cloud usage`, in the same shape.
+pub fn usage(
+    dir: &Path,
+    name: &str,
+    billing: &crate::config::Billing,
+    json: bool,
+) -> anyhow::Result<()> {
     let db = open(dir)?;
     let account = db.account_by_name(name)?;
-    let at = now();
-    let store = crate::ledger::SqliteLedger::new(db.connection());
-    let balance = synesis_billing::ledger::balance(&store, account.id, at)?;
-    let charges: Vec<serde_json::Value> = crate::ledger::charges(db.connection(), account.id, None)?
-        .iter()
-        .map(|c| serde_json::json!({"request_id": c.request_id, "model": c.model, "device_id": c.device_id, "input_tokens": c.usage.input_tokens, "output_tokens": c.usage.output_tokens, "total_micro_usd": c.total.0, "at": c.at}))
-        .collect();
-    let rules = synesis_billing::TierRules::default();
-    let quota = if account.tier == synesis_proto::message::Tier::Free {
-        rules.free_quota_tokens
-    } else {
-        0
+    let request = synesis_proto::message::UsageRequest {
+        request_id: synesis_proto::RequestId::from_parts(
+            u64::try_from(now().0).unwrap_or(0),
+            rand::random(),
+        ),
+        since: None,
+        group_by: None,
     };
-    let view = serde_json::json!({
-        "account": name,
-        "tier": tier_name(account.tier),
-        "balance_micro_usd": balance.balance.0,
-        "held_micro_usd": balance.held.0,
-        "quota_tokens": quota,
-        "quota_tokens_used": balance.quota_tokens_used,
-        "charges": charges,
-    });
+    let reply =
+        crate::ledger::usage_reply(db.connection(), &account, &request, now(), &billing.rules)?;
+    let view = synesis_billing::UsageView::new(&reply, None)?;
     if json {
-        println!("{view}");
+        println!("{}", serde_json::to_string(&view)?);
     } else {
-        println!(
-            "{name} ({}): balance ${}, held ${}, available ${}; quota {} of {quota} tokens used; {} charges",
-            tier_name(account.tier),
-            balance.balance,
-            balance.held,
-            balance.available,
-            balance.quota_tokens_used,
-            charges.len()
-        );
+        print!("{}", view.text());
     }
     Ok(())
 }

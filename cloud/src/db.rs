@@ -199,11 +199,7 @@ pub struct DeviceRow {
 }
 
 pub fn tier_name(tier: Tier) -> &'static str {
-    match tier {
-        Tier::Free => "free",
-        Tier::Managed => "managed",
-        Tier::Byok => "byok",
-    }
+    tier.as_str()
 }
 
 pub fn parse_tier(s: &str) -> Option<Tier> {

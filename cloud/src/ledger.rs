@@ -370,3 +370,35 @@ pub fn charges(
         })
         .collect())
 }
+
+/// An account's usage as `synesis cloud usage` (and `admin usage`) show it: balance, holds,
+/// quota, and the charges since `request.since`, grouped when asked (each group's charges
+/// together, oldest first within it).
+pub fn usage_reply(
+    conn: &Connection,
+    account: &crate::db::Account,
+    request: &synesis_proto::message::UsageRequest,
+    now: UnixMillis,
+    rules: &synesis_billing::TierRules,
+) -> Result<synesis_proto::message::UsageReply, synesis_billing::ledger::LedgerError> {
+    let store = SqliteLedger::new(conn);
+    let balance = synesis_billing::ledger::balance(&store, account.id, now)?;
+    let mut charges = charges(conn, account.id, request.since)?;
+    if let Some(by) = request.group_by {
+        // Stable: the list came oldest first.
+        charges.sort_by_cached_key(|c| synesis_billing::group_key(c, by));
+    }
+    Ok(synesis_proto::message::UsageReply {
+        request_id: request.request_id,
+        account: account.name.clone(),
+        tier: account.tier,
+        balance: balance.balance,
+        held: balance.held,
+        quota_tokens: match account.tier {
+            synesis_billing::Tier::Free => rules.free_quota_tokens,
+            synesis_billing::Tier::Managed | synesis_billing::Tier::Byok => 0,
+        },
+        quota_tokens_used: balance.quota_tokens_used,
+        charges,
+    })
+}

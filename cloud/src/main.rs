@@ -43,11 +43,17 @@ enum Command {
         /// On SIGTERM, how long in-flight work may finish before the process exits.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         drain_grace: Duration,
+        /// Prices and tier rules (default: cloud.toml in the data directory, when present).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
     },
     /// Operator commands; they work beside a running server on the same data directory.
     Admin {
         #[arg(long, env = "SYNESIS_CLOUD_DATA_DIR")]
         data_dir: PathBuf,
+        /// Prices and tier rules (default: cloud.toml in the data directory, when present).
+        #[arg(long, value_name = "PATH", global = true)]
+        config: Option<PathBuf>,
         /// Print JSON instead of text.
         #[arg(long, global = true)]
         json: bool,
@@ -86,7 +92,7 @@ enum Admin {
         #[command(subcommand)]
         command: VoucherCommand,
     },
-    /// What a request would cost under a tier, with the default price table.
+    /// What a request would cost under a tier, with the cloud's prices (cloud.toml).
     Quote {
         #[arg(long, value_parser = parse_tier)]
         tier: Tier,
@@ -184,7 +190,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             drain_window,
             drain_grace,
+            config,
         } => {
+            let billing = synesis_cloud::config::load(config.as_deref(), &data_dir)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -193,46 +201,53 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir,
                 drain_window,
                 drain_grace,
+                billing,
             }))
         }
         Command::Admin {
             data_dir,
+            config,
             json,
             command,
-        } => match command {
-            Admin::Account {
-                command: AccountCommand::Create { name, tier },
-            } => admin::account_create(&data_dir, &name, tier, json),
-            Admin::Token {
-                command:
-                    TokenCommand::Create {
-                        account,
-                        ttl,
-                        server,
-                    },
-            } => admin::token_create(&data_dir, &account, ttl, server),
-            Admin::Devices => admin::devices(&data_dir, json),
-            Admin::Device {
-                command: DeviceCommand::Revoke { device_id },
-            } => admin::device_revoke(&data_dir, device_id),
-            Admin::Account {
-                command: AccountCommand::SetTier { name, tier },
-            } => admin::set_tier(&data_dir, &name, tier),
-            Admin::Credit { account, amount } => admin::credit(&data_dir, &account, amount, json),
-            Admin::Voucher {
-                command: VoucherCommand::Create { amount, count },
-            } => admin::voucher_create(&data_dir, amount, count),
-            Admin::Quote {
-                tier,
-                model,
-                input_tokens,
-                output_tokens,
-            } => admin::quote(tier, &model, input_tokens, output_tokens, json),
-            Admin::Ledger {
-                command: LedgerCommand::Verify,
-            } => admin::ledger_verify(&data_dir, json),
-            Admin::Usage { account } => admin::usage(&data_dir, &account, json),
-        },
+        } => {
+            let billing = || synesis_cloud::config::load(config.as_deref(), &data_dir);
+            match command {
+                Admin::Account {
+                    command: AccountCommand::Create { name, tier },
+                } => admin::account_create(&data_dir, &name, tier, json),
+                Admin::Token {
+                    command:
+                        TokenCommand::Create {
+                            account,
+                            ttl,
+                            server,
+                        },
+                } => admin::token_create(&data_dir, &account, ttl, server),
+                Admin::Devices => admin::devices(&data_dir, json),
+                Admin::Device {
+                    command: DeviceCommand::Revoke { device_id },
+                } => admin::device_revoke(&data_dir, device_id),
+                Admin::Account {
+                    command: AccountCommand::SetTier { name, tier },
+                } => admin::set_tier(&data_dir, &name, tier),
+                Admin::Credit { account, amount } => {
+                    admin::credit(&data_dir, &account, amount, json)
+                }
+                Admin::Voucher {
+                    command: VoucherCommand::Create { amount, count },
+                } => admin::voucher_create(&data_dir, amount, count),
+                Admin::Quote {
+                    tier,
+                    model,
+                    input_tokens,
+                    output_tokens,
+                } => admin::quote(&billing()?, tier, &model, input_tokens, output_tokens, json),
+                Admin::Ledger {
+                    command: LedgerCommand::Verify,
+                } => admin::ledger_verify(&data_dir, json),
+                Admin::Usage { account } => admin::usage(&data_dir, &account, &billing()?, json),
+            }
+        }
     }
 }
 

@@ -77,6 +77,8 @@ pub struct Options {
     pub drain_window: Duration,
     /// How long in-flight work may take after the drain before the process exits.
     pub drain_grace: Duration,
+    /// Prices and tier rules (`cloud.toml`).
+    pub billing: crate::config::Billing,
 }
 
 enum ControlCommand {
@@ -93,6 +95,7 @@ struct Cloud {
     db: Arc<Mutex<Db>>,
     /// Every ledger operation the server makes goes through it (group commit, durable).
     ledger: LedgerWriter,
+    billing: crate::config::Billing,
     pki: Arc<Pki>,
     live: Mutex<HashMap<DeviceId, Live>>,
     generations: AtomicU64,
@@ -211,6 +214,7 @@ pub async fn serve(options: Options) -> anyhow::Result<()> {
     let cloud = Arc::new(Cloud {
         db: Arc::new(Mutex::new(db)),
         ledger,
+        billing: options.billing.clone(),
         pki,
         live: Mutex::new(HashMap::new()),
         generations: AtomicU64::new(0),
@@ -682,42 +686,26 @@ impl Session {
     /// `synesis cloud usage`: balance, holds, quota, charges.
     async fn usage(&self, r: synesis_proto::message::UsageRequest) -> Message {
         let account = self.device.account_id;
-        let at = now();
+        let (at, request_id, rules) = (now(), r.request_id, self.cloud.billing.rules);
         let result = self
             .cloud
             .db(
                 move |db| -> anyhow::Result<synesis_proto::message::UsageReply> {
                     let acct = db.account_by_id(account)?;
-                    let store = crate::ledger::SqliteLedger::new(db.connection());
-                    let balance = synesis_billing::ledger::balance(&store, account, at)?;
-                    let mut charges = crate::ledger::charges(db.connection(), account, r.since)?;
-                    if let Some(by) = r.group_by {
-                        // Grouped: each group's charges together, oldest first within it (the
-                        // sort is stable; the list came oldest first).
-                        charges.sort_by_cached_key(|c| synesis_billing::group_key(c, by));
-                    }
-                    let rules = synesis_billing::TierRules::default();
-                    Ok(synesis_proto::message::UsageReply {
-                        request_id: r.request_id,
-                        account: acct.name,
-                        tier: acct.tier,
-                        balance: balance.balance,
-                        held: balance.held,
-                        quota_tokens: if acct.tier == synesis_proto::message::Tier::Free {
-                            rules.free_quota_tokens
-                        } else {
-                            0
-                        },
-                        quota_tokens_used: balance.quota_tokens_used,
-                        charges,
-                    })
+                    Ok(crate::ledger::usage_reply(
+                        db.connection(),
+                        &acct,
+                        &r,
+                        at,
+                        &rules,
+                    )?)
                 },
             )
             .await;
         match result {
             Ok(Ok(reply)) => reply.into(),
-            Ok(Err(e)) => error_msg(ErrorCode::INTERNAL, e.to_string(), Some(r.request_id)),
-            Err(e) => error_msg(ErrorCode::INTERNAL, e.to_string(), Some(r.request_id)),
+            Ok(Err(e)) => error_msg(ErrorCode::INTERNAL, e.to_string(), Some(request_id)),
+            Err(e) => error_msg(ErrorCode::INTERNAL, e.to_string(), Some(request_id)),
         }
     }
 
@@ -726,13 +714,16 @@ impl Session {
         let account = self.device.account_id;
         match self.cloud.db(move |db| db.account_by_id(account)).await {
             Ok(Ok(acct)) => {
-                let rules = synesis_billing::TierRules::default();
+                let rules = self.cloud.billing.rules;
                 let markup_bps = match acct.tier {
                     synesis_proto::message::Tier::Free => 0,
                     synesis_proto::message::Tier::Managed => rules.managed_markup_bps,
                     synesis_proto::message::Tier::Byok => rules.byok_fee_bps,
                 };
-                let prices = synesis_billing::PriceTable::default()
+                let prices = self
+                    .cloud
+                    .billing
+                    .prices
                     .iter()
                     .map(|(model, p)| synesis_proto::message::ModelPrice {
                         model: model.to_owned(),

@@ -215,3 +215,68 @@ fn vouchers_are_printed_once_and_stored_hashed() {
         .unwrap();
     assert_eq!(leaked, 0, "the code itself is not stored");
 }
+
+#[test]
+fn the_operators_config_sets_prices_and_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cloud.toml"),
+        "[tiers]\nmanaged_markup_bps = 1000\n\n[prices.house-model]\ninput_usd_per_mtok = \"1\"\noutput_usd_per_mtok = \"2\"\n",
+    )
+    .unwrap();
+    let q = json(&admin(
+        dir.path(),
+        &[
+            "--json",
+            "quote",
+            "--tier",
+            "managed",
+            "--model",
+            "house-model",
+            "--input-tokens",
+            "1000000",
+            "--output-tokens",
+            "1000000",
+        ],
+    ));
+    // $1 + $2 = $3 base, 10 % markup.
+    assert_eq!(
+        (q["base_micro_usd"].as_i64(), q["total_micro_usd"].as_i64()),
+        (Some(3_000_000), Some(3_300_000))
+    );
+
+    // A mistake in the file stops the command and names the file and the key.
+    std::fs::write(
+        dir.path().join("cloud.toml"),
+        "[tiers]\nmanaged_markup = 5\n",
+    )
+    .unwrap();
+    let out = admin(
+        dir.path(),
+        &[
+            "quote",
+            "--tier",
+            "managed",
+            "--model",
+            "claude-sonnet",
+            "--input-tokens",
+            "1",
+            "--output-tokens",
+            "1",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cloud.toml") && err.contains("managed_markup"),
+        "{err}"
+    );
+
+    // An explicit --config that does not exist is an error, not the defaults.
+    let out = admin(
+        dir.path(),
+        &["--config", "/nonexistent/cloud.toml", "usage", "acme"],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/cloud.toml"));
+}

@@ -444,6 +444,17 @@ pub enum Tier {
     Byok,
 }
 
+impl Tier {
+    /// The name people and JSON use: `free`, `managed`, `byok`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Free => "free",
+            Tier::Managed => "managed",
+            Tier::Byok => "byok",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub enum Role {

@@ -1,11 +1,13 @@
 //! Credit over the wire: a voucher made by the operator, redeemed by a device, seen in usage.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
-use synesis_e2e::{Cloud, Device, json_of, run_ok};
+use std::time::Duration;
+
+use synesis_e2e::{Cloud, Device, json_of, run_ok, signal};
 
 #[test]
 fn a_voucher_tops_up_exactly_once() {
-    let cloud = Cloud::start();
+    let mut cloud = Cloud::start();
     let device = Device::new();
     device.login(&cloud.account_and_token("acme"));
     run_ok(
@@ -54,4 +56,25 @@ fn a_voucher_tops_up_exactly_once() {
     assert_eq!(price["tier"], "managed");
     assert_eq!(price["markup_bps"], 300);
     run_ok(cloud.admin().args(["ledger", "verify"]));
+
+    // The operator's cloud.toml, read at start: devices see its prices and rules.
+    std::fs::write(
+        cloud.dir().join("cloud.toml"),
+        "[tiers]\nmanaged_markup_bps = 450\n[prices.house-model]\ninput_usd_per_mtok = \"0.25\"\noutput_usd_per_mtok = \"1.25\"\n",
+    )
+    .unwrap();
+    signal(cloud.process.pid(), "TERM");
+    assert_eq!(cloud.process.wait(Duration::from_secs(15)), Some(0));
+    cloud.restart();
+    let price = json_of(device.synesis().args(["--json", "cloud", "price"]));
+    assert_eq!(price["markup_bps"], 450);
+    let house = price["prices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["model"] == "house-model")
+        .expect("the configured model is listed")
+        .clone();
+    assert_eq!(house["input_micro_usd_per_mtok"], 250_000);
+    assert_eq!(house["output_micro_usd_per_mtok"], 1_250_000);
 }

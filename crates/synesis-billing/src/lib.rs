@@ -24,31 +24,14 @@ mod cost;
 pub mod ledger;
 mod price;
 mod quota;
+pub mod usage;
 
 pub use cost::{BillingError, Quote, Usage, quote};
 pub use price::{ModelPrice, PriceTable, parse_usd};
 pub use quota::{QuotaExceeded, QuotaPeriod, admit_free, quota_period};
 pub use synesis_proto::MicroUsd;
 pub use synesis_proto::message::Tier;
-
-/// The key `synesis cloud usage --by` groups a charge under: the model, the device (`-` for
-/// none) or the UTC day (`YYYY-MM-DD`).
-pub fn group_key(
-    charge: &synesis_proto::message::Charge,
-    by: synesis_proto::message::UsageGrouping,
-) -> String {
-    use synesis_proto::message::UsageGrouping;
-    match by {
-        UsageGrouping::Model => charge.model.clone(),
-        UsageGrouping::Device => charge
-            .device_id
-            .map_or_else(|| "-".to_owned(), |d| d.to_string()),
-        UsageGrouping::Day => charge.at.to_rfc3339().map_or_else(
-            || charge.at.0.to_string(),
-            |t| t.get(..10).unwrap_or(&t).to_owned(),
-        ),
-    }
-}
+pub use usage::{UsageView, group_key};
 
 /// The rules of the three tiers; the defaults are the plan's, the cloud's config may override.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -180,11 +180,7 @@ async fn account_request(paths: &Paths, message: Message) -> anyhow::Result<Mess
 }
 
 fn tier_name(tier: synesis_proto::message::Tier) -> &'static str {
-    match tier {
-        synesis_proto::message::Tier::Free => "free",
-        synesis_proto::message::Tier::Managed => "managed",
-        synesis_proto::message::Tier::Byok => "byok",
-    }
+    tier.as_str()
 }
 
 pub(crate) async fn topup(out: &Output, paths: &Paths, voucher: &str) -> anyhow::Result<()> {
@@ -219,103 +215,15 @@ async fn cloud_usage(
     Ok(r)
 }
 
-/// One group of `cloud usage --by`.
-#[derive(Debug, Default, Serialize)]
-struct Group {
-    key: String,
-    charges: u64,
-    input_tokens: u64,
-    output_tokens: u64,
-    total_micro_usd: i64,
-}
-
-fn groups(
-    charges: &[synesis_proto::message::Charge],
-    by: synesis_proto::message::UsageGrouping,
-) -> anyhow::Result<Vec<Group>> {
-    let mut groups: std::collections::BTreeMap<String, Group> = Default::default();
-    for c in charges {
-        let key = synesis_billing::group_key(c, by);
-        let g = groups.entry(key.clone()).or_insert_with(|| Group {
-            key,
-            ..Group::default()
-        });
-        let overflow = || anyhow::anyhow!("the charges' totals do not fit");
-        g.charges += 1;
-        g.input_tokens = g
-            .input_tokens
-            .checked_add(c.usage.input_tokens)
-            .ok_or_else(overflow)?;
-        g.output_tokens = g
-            .output_tokens
-            .checked_add(c.usage.output_tokens)
-            .ok_or_else(overflow)?;
-        g.total_micro_usd = g
-            .total_micro_usd
-            .checked_add(c.total.0)
-            .ok_or_else(overflow)?;
-    }
-    let mut groups: Vec<Group> = groups.into_values().collect();
-    groups.sort_by(|a, b| {
-        b.total_micro_usd
-            .cmp(&a.total_micro_usd)
-            .then(a.key.cmp(&b.key))
-    });
-    Ok(groups)
-}
-
 pub(crate) async fn usage(
     out: &Output,
     paths: &Paths,
     args: &CloudUsageArgs,
 ) -> anyhow::Result<()> {
     let by = args.by.map(synesis_proto::message::UsageGrouping::from);
-    let r = cloud_usage(paths, args.since, by).await?;
-    let charges: Vec<serde_json::Value> = r
-        .charges
-        .iter()
-        .map(|c| {
-            serde_json::json!({"request_id": c.request_id, "model": c.model, "device_id": c.device_id,
-                "input_tokens": c.usage.input_tokens, "output_tokens": c.usage.output_tokens,
-                "total_micro_usd": c.total.0, "at": c.at})
-        })
-        .collect();
-    let groups = by.map(|by| groups(&r.charges, by)).transpose()?;
-    let mut view = serde_json::json!({
-        "account": r.account,
-        "tier": tier_name(r.tier),
-        "balance_micro_usd": r.balance.0,
-        "held_micro_usd": r.held.0,
-        "quota_tokens": r.quota_tokens,
-        "quota_tokens_used": r.quota_tokens_used,
-        "charges": charges,
-    });
-    if let Some(groups) = &groups {
-        view["groups"] = serde_json::to_value(groups)?;
-    }
-    out.report(&view, || {
-        let mut text = format!(
-            "account {} ({}): balance ${}, held ${}; quota {} of {} tokens used; {} charges\n",
-            r.account,
-            tier_name(r.tier),
-            r.balance,
-            r.held,
-            r.quota_tokens_used,
-            r.quota_tokens,
-            r.charges.len()
-        );
-        for g in groups.iter().flatten() {
-            text.push_str(&format!(
-                "  {:<36} {:>6} charges {:>12} in {:>12} out  ${}\n",
-                g.key,
-                g.charges,
-                g.input_tokens,
-                g.output_tokens,
-                synesis_proto::MicroUsd(g.total_micro_usd)
-            ));
-        }
-        text
-    })?;
+    let reply = cloud_usage(paths, args.since, by).await?;
+    let view = synesis_billing::UsageView::new(&reply, by)?;
+    out.report(&view, || view.text())?;
     Ok(())
 }
 
