@@ -5,7 +5,9 @@
 //! One settled charge = a hold and a settlement, two ledger operations as an escalation makes
 //! them, each answered only once it is on disk. They go through the cloud's `LedgerWriter`
 //! (group commit): `settled_charges_512_clients` runs 512 clients at once, as a cloud serving
-//! many devices does; `settled_charge_1_client` is one client alone (two commits per charge).
+//! many devices does, with request ids as devices make them (UUID v7: time first);
+//! `…_unordered_ids` the same with ids in no order, the worst case for the request index;
+//! `settled_charge_1_client` is one client alone (two commits per charge).
 //!
 //! `cargo bench -p synesis-benches --bench ledger`
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark whose fixture fails stops
@@ -37,16 +39,43 @@ fn now() -> UnixMillis {
 }
 
 /// Fresh request ids for the whole run.
-#[derive(Clone, Default)]
-struct Ids(Arc<AtomicU64>);
+#[derive(Clone)]
+struct Ids {
+    n: Arc<AtomicU64>,
+    ordered: bool,
+}
 
 impl Ids {
+    /// As devices make them: UUID v7, creation time first, so ids arrive roughly in order and
+    /// land at the end of the ledger's request index.
+    fn ordered() -> Ids {
+        Ids {
+            n: Arc::default(),
+            ordered: true,
+        }
+    }
+
+    /// In no order (ids whose time part says nothing): each lands at a random place in the
+    /// request index, the worst case for the pages a commit writes.
+    fn unordered() -> Ids {
+        Ids {
+            n: Arc::default(),
+            ordered: false,
+        }
+    }
+
     fn next(&self) -> RequestId {
-        let n = self.0.fetch_add(1, Ordering::Relaxed);
-        // The version and variant bits take parts of bytes 0 and 2; n lives in bytes 3..10.
+        let n = self.n.fetch_add(1, Ordering::Relaxed);
+        // The version and variant bits take parts of bytes 0 and 2; n lives in bytes 3..10,
+        // standing in for the random bits to keep ids unique.
         let mut rand = [0u8; 10];
-        rand[3..].copy_from_slice(&n.to_le_bytes()[..7]);
-        RequestId::from_parts(1_795_000_000_000, rand)
+        if self.ordered {
+            rand[3..].copy_from_slice(&n.to_be_bytes()[1..]);
+            RequestId::from_parts(u64::try_from(now().0).unwrap(), rand)
+        } else {
+            rand[3..].copy_from_slice(&n.to_le_bytes()[..7]);
+            RequestId::from_parts(1_795_000_000_000, rand)
+        }
     }
 }
 
@@ -97,7 +126,7 @@ fn ledger(c: &mut Criterion) {
         id,
         tier: Tier::Managed,
     };
-    let ids = Ids::default();
+    let ids = Ids::ordered();
     let credit = ids.next();
     db.ledger(|s| top_up(s, id, credit, MicroUsd(1_000_000_000_000), now()))
         .unwrap();
@@ -127,30 +156,38 @@ fn ledger(c: &mut Criterion) {
     group.bench_function("settled_charge_1_client", |b| {
         b.iter(|| rt.block_on(settled_charge(&writer, account, ids.next())))
     });
-    group.bench_function(format!("settled_charges_{CLIENTS}_clients"), |b| {
-        b.iter_custom(|iters| {
-            let left = Arc::new(AtomicU64::new(iters));
-            let start = Instant::now();
-            rt.block_on(async {
-                let mut clients = tokio::task::JoinSet::new();
-                for _ in 0..CLIENTS {
-                    let (left, writer, ids) = (Arc::clone(&left), writer.clone(), ids.clone());
-                    clients.spawn(async move {
-                        while left
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                                n.checked_sub(1)
-                            })
-                            .is_ok()
-                        {
-                            settled_charge(&writer, account, ids.next()).await;
-                        }
-                    });
-                }
-                clients.join_all().await;
-            });
-            start.elapsed()
-        })
-    });
+    for (name, ids) in [
+        (format!("settled_charges_{CLIENTS}_clients"), ids.clone()),
+        (
+            format!("settled_charges_{CLIENTS}_clients_unordered_ids"),
+            Ids::unordered(),
+        ),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let left = Arc::new(AtomicU64::new(iters));
+                let start = Instant::now();
+                rt.block_on(async {
+                    let mut clients = tokio::task::JoinSet::new();
+                    for _ in 0..CLIENTS {
+                        let (left, writer, ids) = (Arc::clone(&left), writer.clone(), ids.clone());
+                        clients.spawn(async move {
+                            while left
+                                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                                    n.checked_sub(1)
+                                })
+                                .is_ok()
+                            {
+                                settled_charge(&writer, account, ids.next()).await;
+                            }
+                        });
+                    }
+                    clients.join_all().await;
+                });
+                start.elapsed()
+            })
+        });
+    }
     group.finish();
 }
 
