@@ -78,3 +78,46 @@ fn a_voucher_tops_up_exactly_once() {
     assert_eq!(house["input_micro_usd_per_mtok"], 250_000);
     assert_eq!(house["output_micro_usd_per_mtok"], 1_250_000);
 }
+
+/// Account requests go through the running tunnel service (a stream of its connection), and on
+/// a connection of their own when none runs; the answers are the same.
+#[test]
+fn account_requests_use_the_tunnel_when_it_runs() {
+    let cloud = Cloud::start();
+    let device = Device::new();
+    device.login(&cloud.account_and_token("acme"));
+    run_ok(cloud.admin().args(["credit", "acme", "1.50"]));
+
+    let usage_with_log = || {
+        let out = run_ok(device.synesis().args(["-v", "--json", "cloud", "usage"]));
+        let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (view, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (direct, log) = usage_with_log();
+    assert!(log.contains("connection of its own"), "{log}");
+
+    let _tunnel = device.tunnel("1s");
+    assert!(
+        synesis_e2e::wait_for(Duration::from_secs(10), || device.state().as_deref()
+            == Some("connected")),
+        "never connected:\n{}",
+        device.tunnel_log()
+    );
+    let (tunneled, log) = usage_with_log();
+    assert!(log.contains("through the tunnel service"), "{log}");
+    assert_eq!(tunneled, direct);
+    assert_eq!(tunneled["balance_micro_usd"], 1_500_000);
+
+    // A refusal comes back through the tunnel as well, as the same clear error.
+    let out = device
+        .synesis()
+        .args(["cloud", "topup", "--voucher", "VCH-NOPE"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown voucher"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

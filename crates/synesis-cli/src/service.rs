@@ -2,7 +2,9 @@
 //! one JSON request per line, one JSON reply per line.
 //!
 //! Requests: `{"op":"status"}` → `{"ok":true,"status":{…}}`; `{"op":"ping"}` →
-//! `{"ok":true,"rtt_ms":0.4}`; failures → `{"ok":false,"error":"…"}`.
+//! `{"ok":true,"rtt_ms":0.4}`; `{"op":"cloud","frame":"<base64>"}` (one protocol frame: an
+//! account request) → `{"ok":true,"frame":"<base64>"}` (the cloud's reply, sent and received on
+//! a stream of the tunnel's connection); failures → `{"ok":false,"error":"…"}`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,8 +20,8 @@ use crate::exit::UserError;
 
 /// Clients served at once.
 const CLIENTS_MAX: usize = 16;
-/// The longest request line accepted.
-const REQUEST_BYTES_MAX: u64 = 4 * 1024;
+/// The longest request line accepted (an account request's frame, base64, fits many times).
+const REQUEST_BYTES_MAX: u64 = 64 * 1024;
 
 pub(crate) fn socket_path(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("tunnel.sock")
@@ -30,6 +32,10 @@ pub(crate) fn socket_path(runtime_dir: &Path) -> PathBuf {
 pub(crate) enum Request {
     Status,
     Ping,
+    /// One request to the cloud over the tunnel: a protocol frame, base64.
+    Cloud {
+        frame: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -39,6 +45,9 @@ pub(crate) struct Reply {
     pub(crate) status: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) rtt_ms: Option<f64>,
+    /// The cloud's reply to a `cloud` request: a protocol frame, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) frame: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) error: Option<String>,
 }
@@ -46,10 +55,18 @@ pub(crate) struct Reply {
 impl Reply {
     fn error(e: impl ToString) -> Reply {
         Reply {
-            ok: false,
+            error: Some(e.to_string()),
+            ..Reply::ok()
+        }
+    }
+
+    fn ok() -> Reply {
+        Reply {
+            ok: true,
             status: None,
             rtt_ms: None,
-            error: Some(e.to_string()),
+            frame: None,
+            error: None,
         }
     }
 }
@@ -111,20 +128,23 @@ async fn client(stream: UnixStream, tunnel: &TunnelHandle) -> anyhow::Result<()>
         Ok(Request::Status) => {
             let status: TunnelStatus = tunnel.status().borrow().clone();
             Reply {
-                ok: true,
                 status: Some(serde_json::to_value(status)?),
-                rtt_ms: None,
-                error: None,
+                ..Reply::ok()
             }
         }
         Ok(Request::Ping) => match tunnel.ping().await {
             Ok(rtt) => Reply {
-                ok: true,
-                status: None,
                 rtt_ms: Some(rtt.as_secs_f64() * 1_000.0),
-                error: None,
+                ..Reply::ok()
             },
             Err(e) => Reply::error(e),
+        },
+        Ok(Request::Cloud { frame }) => match cloud(tunnel, &frame).await {
+            Ok(frame) => Reply {
+                frame: Some(frame),
+                ..Reply::ok()
+            },
+            Err(e) => Reply::error(format!("{e:#}")),
         },
         Err(e) => Reply::error(format!("bad request: {e}")),
     };
@@ -132,6 +152,42 @@ async fn client(stream: UnixStream, tunnel: &TunnelHandle) -> anyhow::Result<()>
     bytes.push(b'\n');
     write.write_all(&bytes).await?;
     Ok(())
+}
+
+/// Only account requests pass: the control stream is the tunnel's own.
+async fn cloud(tunnel: &TunnelHandle, frame: &str) -> anyhow::Result<String> {
+    let reply = tunnel.request(account_message(frame)?).await?;
+    encode_frame_base64(&reply)
+}
+
+fn account_message(frame: &str) -> anyhow::Result<synesis_proto::Message> {
+    let message = decode_frame_base64(frame)?;
+    if message.message_type().stream() != synesis_proto::StreamKind::Account {
+        anyhow::bail!(
+            "only account requests go through the local API, not {:?}",
+            message.message_type()
+        );
+    }
+    Ok(message)
+}
+
+pub(crate) fn encode_frame_base64(message: &synesis_proto::Message) -> anyhow::Result<String> {
+    use base64::Engine;
+    let bytes = synesis_proto::encode_frame_vec(message, synesis_proto::FrameLimits::default())?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+pub(crate) fn decode_frame_base64(text: &str) -> anyhow::Result<synesis_proto::Message> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .context("the frame is not base64")?;
+    match synesis_proto::decode_frame(&bytes, synesis_proto::FrameLimits::default())? {
+        synesis_proto::Decoded::Frame { message, consumed } if consumed == bytes.len() => {
+            Ok(message)
+        }
+        _ => anyhow::bail!("not exactly one whole frame"),
+    }
 }
 
 /// Asks the running service; `UserError::NotRunning` when nothing answers.
@@ -149,4 +205,38 @@ pub(crate) async fn ask(runtime_dir: &Path, request: &Request) -> anyhow::Result
         anyhow::bail!("the tunnel service closed the connection without answering");
     }
     Ok(serde_json::from_str(&line)?)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code
+    use synesis_proto::RequestId;
+    use synesis_proto::message::{UploadDone, UsageRequest};
+
+    use super::*;
+
+    #[test]
+    fn only_whole_account_frames_pass() {
+        let usage: synesis_proto::Message = UsageRequest {
+            request_id: RequestId::from_parts(1, [1; 10]),
+            since: None,
+            group_by: None,
+        }
+        .into();
+        let frame = encode_frame_base64(&usage).unwrap();
+        assert_eq!(account_message(&frame).unwrap(), usage);
+
+        let upload: synesis_proto::Message = UploadDone {
+            upload_id: RequestId::from_parts(1, [2; 10]),
+        }
+        .into();
+        let err = account_message(&encode_frame_base64(&upload).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("only account requests"), "{err}");
+
+        assert!(account_message("not base64!").is_err());
+        let mut two = frame.clone();
+        two.push_str(&frame);
+        assert!(account_message(&two).is_err(), "two frames glued together");
+        assert!(account_message(&frame[..frame.len() - 8]).is_err());
+    }
 }

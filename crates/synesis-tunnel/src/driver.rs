@@ -62,6 +62,10 @@ pub enum PingError {
 
 enum Command {
     Ping(oneshot::Sender<Result<Duration, PingError>>),
+    Request(
+        Box<Message>,
+        oneshot::Sender<Result<Message, crate::request::RequestError>>,
+    ),
 }
 
 #[derive(Debug)]
@@ -95,6 +99,20 @@ impl TunnelHandle {
             .await
             .map_err(|_| PingError::Stopped)?;
         rx.await.map_err(|_| PingError::Stopped)?
+    }
+
+    /// Sends one request (an account request: usage, top-up, …) on a new stream of the
+    /// tunnel's connection and returns the cloud's reply (an `ErrorMsg` too). Fails at once
+    /// when the tunnel is not connected; the caller may then use a connection of its own
+    /// ([`request`](crate::request::request)) with the same request id.
+    pub async fn request(&self, message: Message) -> Result<Message, crate::request::RequestError> {
+        let stopped = || crate::request::RequestError::Failed("the tunnel has stopped".into());
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Request(Box::new(message), tx))
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     /// Stops the tunnel and waits until its connection is closed.
@@ -260,6 +278,7 @@ impl Driver {
                 biased;
                 command = self.commands.recv() => match command {
                     Some(Command::Ping(reply)) => self.ping(reply),
+                    Some(Command::Request(message, reply)) => self.request(*message, reply),
                     None => break,
                 },
                 result = connecting => {
@@ -429,6 +448,32 @@ impl Driver {
         if link.outbox.try_send(heartbeat.into()).is_err() {
             tracing::debug!(seq, "the writer is behind; heartbeat dropped");
         }
+    }
+
+    /// A request on its own stream of the live connection, answered by a task of its own so the
+    /// driver never waits on it.
+    fn request(
+        &mut self,
+        message: Message,
+        reply: oneshot::Sender<Result<Message, crate::request::RequestError>>,
+    ) {
+        let live = self
+            .link
+            .as_ref()
+            .filter(|_| self.machine.state() == State::Connected);
+        let Some(link) = live else {
+            let _ = reply.send(Err(crate::request::RequestError::Failed(
+                "the tunnel is not connected".into(),
+            )));
+            return;
+        };
+        let conn = link.conn.clone();
+        tokio::spawn(async move {
+            let result = crate::request::exchange_on(&conn, &message)
+                .await
+                .map_err(crate::request::RequestError::from);
+            let _ = reply.send(result);
+        });
     }
 
     fn ping(&mut self, reply: oneshot::Sender<Result<Duration, PingError>>) {

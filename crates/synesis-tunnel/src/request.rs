@@ -1,5 +1,6 @@
-//! One request and its reply over a fresh mutual-TLS connection (used when no tunnel service
-//! runs, e.g. `synesis cloud logout`).
+//! One request and its reply on a stream of its own: on the tunnel's connection when a tunnel
+//! runs ([`TunnelHandle::request`](crate::TunnelHandle::request)), else on a fresh mutual-TLS
+//! connection ([`request`]).
 
 use std::time::Duration;
 
@@ -44,32 +45,37 @@ pub(crate) async fn exchange(
     let addr = resolve(server).await?;
     let endpoint = client_endpoint(addr).map_err(|e| Failure::Transient(e.to_string()))?;
     let conn = dial(&endpoint, config, addr, CONNECT_TIMEOUT).await?;
-    let result = async {
-        let (mut tx, rx) = conn.open_bi().await.map_err(|e| classify(&e))?;
-        send(&mut tx, message, FrameLimits::default())
-            .await
-            .map_err(|e| {
-                conn.close_reason()
-                    .map_or(Failure::Transient(e.to_string()), |r| classify(&r))
-            })?;
-        let _ = tx.finish();
-        let mut rx = FramedRecv::new(rx, FrameLimits::default());
-        let reply = tokio::select! {
-            reply = tokio::time::timeout(CONNECT_TIMEOUT, rx.next()) => reply,
-            closed = conn.closed() => return Err(classify(&closed)),
-        };
-        match reply {
-            Ok(Ok(Some(reply))) => Ok(reply),
-            Ok(Ok(None)) => Err(closed_or(
-                &conn,
-                "the cloud closed the stream without answering".into(),
-            )),
-            Ok(Err(e)) => Err(closed_or(&conn, e.to_string())),
-            Err(_) => Err(Failure::Transient("no answer within the timeout".into())),
-        }
-    }
-    .await;
+    let result = exchange_on(&conn, message).await;
     conn.close(0u32.into(), b"done");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     result
+}
+
+/// One request and its reply on a new stream of `conn` (which stays open).
+pub(crate) async fn exchange_on(
+    conn: &quinn::Connection,
+    message: &Message,
+) -> Result<Message, Failure> {
+    let (mut tx, rx) = conn.open_bi().await.map_err(|e| classify(&e))?;
+    send(&mut tx, message, FrameLimits::default())
+        .await
+        .map_err(|e| {
+            conn.close_reason()
+                .map_or(Failure::Transient(e.to_string()), |r| classify(&r))
+        })?;
+    let _ = tx.finish();
+    let mut rx = FramedRecv::new(rx, FrameLimits::default());
+    let reply = tokio::select! {
+        reply = tokio::time::timeout(CONNECT_TIMEOUT, rx.next()) => reply,
+        closed = conn.closed() => return Err(classify(&closed)),
+    };
+    match reply {
+        Ok(Ok(Some(reply))) => Ok(reply),
+        Ok(Ok(None)) => Err(closed_or(
+            conn,
+            "the cloud closed the stream without answering".into(),
+        )),
+        Ok(Err(e)) => Err(closed_or(conn, e.to_string())),
+        Err(_) => Err(Failure::Transient("no answer within the timeout".into())),
+    }
 }

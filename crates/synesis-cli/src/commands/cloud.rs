@@ -167,15 +167,39 @@ pub(crate) async fn ping(out: &Output, paths: &Paths, args: &PingArgs) -> anyhow
     Ok(())
 }
 
-/// One account request to the cloud (a fresh mutual-TLS connection); an `ErrorMsg` reply
-/// becomes an error with its code.
+/// One account request to the cloud: through the tunnel service when it runs and is
+/// connected, otherwise on a connection of its own. The same message (the same request id)
+/// goes either way, so a request the service sent before failing is not applied twice. An
+/// `ErrorMsg` reply becomes an error with its code.
 async fn account_request(paths: &Paths, message: Message) -> anyhow::Result<Message> {
     let Some(identity) = Identity::load(&paths.data.path)? else {
         bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
     };
-    match request(&identity, message).await? {
+    let reply = match via_service(paths, &message).await {
+        Ok(reply) => {
+            tracing::info!("account request sent through the tunnel service");
+            reply
+        }
+        Err(why) => {
+            tracing::info!("account request on a connection of its own ({why:#})");
+            request(&identity, message).await?
+        }
+    };
+    match reply {
         Message::ErrorMsg(e) => bail!("the cloud refused: {} ({})", e.message, e.code),
         reply => Ok(reply),
+    }
+}
+
+async fn via_service(paths: &Paths, message: &Message) -> anyhow::Result<Message> {
+    let frame = crate::service::encode_frame_base64(message)?;
+    let reply = ask(&paths.runtime.path, &Request::Cloud { frame }).await?;
+    match (reply.ok, reply.frame) {
+        (true, Some(frame)) => crate::service::decode_frame_base64(&frame),
+        _ => bail!(
+            "the tunnel service could not send it: {}",
+            reply.error.unwrap_or_default()
+        ),
     }
 }
 
