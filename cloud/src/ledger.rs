@@ -6,7 +6,9 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 use synesis_billing::QuotaPeriod;
-use synesis_billing::ledger::{Entry, EntryKind, HoldChange, OpenHold, Store, StoreError, Totals};
+use synesis_billing::ledger::{
+    Entry, EntryKind, HoldChange, LedgerError, OpenHold, Store, StoreError, Totals,
+};
 use synesis_proto::{AccountId, MicroUsd, RequestId, UnixMillis};
 
 mod writer;
@@ -401,4 +403,35 @@ pub fn usage_reply(
         quota_tokens_used: balance.quota_tokens_used,
         charges,
     })
+}
+
+/// Writes an expiry entry for every open hold past its time, in every account (one ledger
+/// operation per account, through the writer). Returns how many holds expired.
+///
+/// Lapsed holds already count for nothing in balances; the entries make their end part of the
+/// chain and drop them from the open holds.
+pub async fn expire_lapsed(writer: &LedgerWriter, now: UnixMillis) -> Result<usize, LedgerError> {
+    let accounts = writer
+        .run(move |store| {
+            let mut stmt = store
+                .conn
+                .prepare_cached(
+                    "SELECT DISTINCT account_id FROM ledger_open_holds WHERE expires_at <= ?1",
+                )
+                .map_err(err)?;
+            let rows = stmt
+                .query_map([now.0], |r| r.get::<_, String>(0))
+                .map_err(err)?;
+            rows.map(|id| id.map_err(err)?.parse::<AccountId>().map_err(err))
+                .collect::<Result<Vec<_>, StoreError>>()
+                .map_err(LedgerError::from)
+        })
+        .await?;
+    let mut expired = 0;
+    for account in accounts {
+        expired += writer
+            .run(move |store| synesis_billing::ledger::expire_due(store, account, now))
+            .await?;
+    }
+    Ok(expired)
 }

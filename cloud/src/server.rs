@@ -55,6 +55,9 @@ pub const HEARTBEAT_INTERVAL_MIN_MS: u32 = 100;
 pub const HEARTBEAT_INTERVAL_MAX_MS: u32 = 15_000;
 /// How often revocations made by `admin device revoke` (another process) are picked up.
 pub const REVOCATION_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often holds past their time get their expiry entries (their amount is released the
+/// moment they lapse either way).
+pub const HOLD_EXPIRY_INTERVAL: Duration = Duration::from_secs(30);
 /// Commands queued for one device's control stream.
 const CONTROL_INBOX_CAPACITY: usize = 8;
 /// The least reconnect delay a drain hands out.
@@ -222,6 +225,7 @@ pub async fn serve(options: Options) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let watcher = tokio::spawn(watch_revocations(Arc::clone(&cloud)));
+    let expiry = tokio::spawn(expire_holds(cloud.ledger.clone()));
     let permits = Arc::new(Semaphore::new(CONNECTIONS_MAX));
 
     println!("listening on {addr}");
@@ -252,6 +256,7 @@ pub async fn serve(options: Options) -> anyhow::Result<()> {
 
     drain(&cloud, &options).await;
     watcher.abort();
+    expiry.abort();
     endpoint.close(0u32.into(), b"shutting down");
     let _ = timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     tracing::info!("stopped");
@@ -283,6 +288,19 @@ async fn drain(cloud: &Cloud, options: &Options) {
     let deadline = tokio::time::Instant::now() + options.drain_grace;
     while !cloud.live().is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Expires holds that were never settled, now and then.
+async fn expire_holds(ledger: LedgerWriter) {
+    let mut ticker = tokio::time::interval(HOLD_EXPIRY_INTERVAL);
+    loop {
+        ticker.tick().await;
+        match crate::ledger::expire_lapsed(&ledger, now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(holds = n, "expired holds that were never settled"),
+            Err(e) => tracing::warn!(error = %e, "cannot expire holds"),
+        }
     }
 }
 

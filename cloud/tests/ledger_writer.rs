@@ -91,3 +91,78 @@ async fn each_operation_is_all_or_nothing_inside_a_shared_transaction() {
         .unwrap();
     assert_eq!(again.amount, MicroUsd(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapsed_holds_get_their_expiry_entries() {
+    use synesis_billing::ledger::{Account, HoldRequest, hold};
+    use synesis_billing::{PriceTable, TierRules};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.db");
+    let mut db = Db::open(&path).unwrap();
+    let writer = LedgerWriter::open(&path).unwrap();
+    let mut accounts = Vec::new();
+    for name in ["a", "b"] {
+        let id = AccountId::try_from_uuid(uuid::Uuid::now_v7()).unwrap();
+        db.create_account(id, name, Tier::Managed, NOW).unwrap();
+        accounts.push(Account {
+            id,
+            tier: Tier::Managed,
+        });
+    }
+    let mut n = 0;
+    for (i, account) in accounts.iter().copied().enumerate() {
+        let credit = rid(1_000 + i as u64);
+        writer
+            .run(move |s| top_up(s, account.id, credit, MicroUsd(10_000_000), NOW))
+            .await
+            .unwrap();
+        // Two holds of one minute and one of an hour per account.
+        for ttl in [60_000, 60_000, 3_600_000] {
+            n += 1;
+            let id = rid(n);
+            writer
+                .run(move |s| {
+                    let request = HoldRequest {
+                        model: "claude-sonnet".into(),
+                        device: None,
+                        input_tokens: 1_000,
+                        max_output_tokens: 250,
+                    };
+                    let (prices, rules) = (PriceTable::default(), TierRules::default());
+                    hold(s, account, id, &request, NOW, ttl, &prices, &rules)
+                })
+                .await
+                .unwrap();
+        }
+    }
+    let later = UnixMillis(NOW.0 + 120_000);
+    let expired = synesis_cloud::ledger::expire_lapsed(&writer, later)
+        .await
+        .unwrap();
+    assert_eq!(expired, 4);
+    assert_eq!(
+        synesis_cloud::ledger::expire_lapsed(&writer, later)
+            .await
+            .unwrap(),
+        0,
+        "once"
+    );
+    let reader = Db::open(&path).unwrap();
+    let store = synesis_cloud::ledger::SqliteLedger::new(reader.connection());
+    for account in &accounts {
+        let b = balance(&store, account.id, later).unwrap();
+        assert_eq!(
+            (b.balance.0, b.held.0),
+            (10_000_000, 6_953),
+            "one hold left"
+        );
+    }
+    let entries = synesis_cloud::ledger::query_entries(reader.connection(), "", &[]).unwrap();
+    synesis_billing::ledger::verify(&entries).unwrap();
+    let stored = synesis_cloud::ledger::stored_states(reader.connection()).unwrap();
+    assert_eq!(
+        stored,
+        synesis_billing::ledger::rebuild_states(&entries).unwrap()
+    );
+}
