@@ -347,10 +347,13 @@ pub fn quote(
 /// Walks the hash chain; an error (exit 1) names the first entry that does not fit.
 pub fn ledger_verify(dir: &Path, json: bool) -> anyhow::Result<()> {
     let db = open(dir)?;
-    let entries = crate::ledger::query_entries(db.connection(), "", &[])?;
+    // One snapshot: a running server may commit between two reads.
+    let snapshot = db.connection().unchecked_transaction()?;
+    let entries = crate::ledger::query_entries(&snapshot, "", &[])?;
     let checked = synesis_billing::ledger::verify(&entries)
         .map_err(|e| (e.seq, e.reason.to_owned(), e.to_string()))
-        .and_then(|()| states_agree(db.connection(), &entries));
+        .and_then(|()| states_agree(&snapshot, &entries));
+    snapshot.finish()?;
     match checked {
         Ok(()) => {
             if json {

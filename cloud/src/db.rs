@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS ledger_entries (
 );
 -- Also serves an account's listing (its prefix): one index less to keep per entry.
 CREATE INDEX IF NOT EXISTS ledger_by_request ON ledger_entries(account_id, request_id);
+-- An account's charges (settlements, kind 3) by time, for usage pages.
+CREATE INDEX IF NOT EXISTS ledger_charges ON ledger_entries(account_id, at) WHERE kind = 3;
 -- Kept beside the entries in the same transactions, so no operation reads an account's
 -- history; derived from the entries alone (`admin ledger verify` checks they agree).
 CREATE TABLE IF NOT EXISTS ledger_totals (
@@ -97,6 +99,7 @@ CREATE TABLE IF NOT EXISTS vouchers (
     redeemed_at  INTEGER,
     redeemed_by  TEXT
 );
+CREATE INDEX IF NOT EXISTS vouchers_by_request ON vouchers(redeemed_by) WHERE redeemed_by IS NOT NULL;
 ";
 
 #[derive(Debug, thiserror::Error)]

@@ -26,13 +26,14 @@ impl<'c> SqliteLedger<'c> {
     }
 
     /// Marks a voucher redeemed by `request` and returns its amount; the same request again
-    /// gets the same amount (idempotent), any other request is refused.
+    /// gets the same amount (idempotent), any other request is refused (`None`). A request
+    /// that redeemed another voucher is a conflict: one request id, one voucher.
     pub fn redeem_voucher(
         &self,
         code: &str,
         request: RequestId,
         now: UnixMillis,
-    ) -> Result<Option<MicroUsd>, StoreError> {
+    ) -> Result<Option<MicroUsd>, LedgerError> {
         let hash = crate::db::sha256(code.trim().as_bytes());
         let row = self.conn.query_row(
             "SELECT amount, redeemed_by FROM vouchers WHERE code_sha256 = ?1",
@@ -42,12 +43,20 @@ impl<'c> SqliteLedger<'c> {
         let (amount, redeemed_by) = match row {
             Ok(v) => v,
             Err(rusqlite::Error::QueryReturnedNoRows) => return Ok(None),
-            Err(e) => return Err(err(e)),
+            Err(e) => return Err(err(e).into()),
         };
         match redeemed_by {
             Some(by) if by == request.to_string() => Ok(Some(MicroUsd(amount))),
             Some(_) => Ok(None),
             None => {
+                let other = self
+                    .conn
+                    .prepare_cached("SELECT 1 FROM vouchers WHERE redeemed_by = ?1")
+                    .and_then(|mut s| s.exists([request.to_string()]))
+                    .map_err(err)?;
+                if other {
+                    return Err(LedgerError::IdempotencyConflict);
+                }
                 self.conn
                     .execute(
                         "UPDATE vouchers SET redeemed_at = ?2, redeemed_by = ?3 WHERE code_sha256 = ?1 AND redeemed_by IS NULL",
@@ -77,7 +86,16 @@ pub fn query_entries(
     where_clause: &str,
     args: &[&dyn rusqlite::ToSql],
 ) -> Result<Vec<Entry>, StoreError> {
-    let sql = format!("SELECT {COLUMNS} FROM ledger_entries {where_clause} ORDER BY seq");
+    query_entries_ordered(conn, where_clause, "ORDER BY seq", args)
+}
+
+fn query_entries_ordered(
+    conn: &Connection,
+    where_clause: &str,
+    order: &str,
+    args: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<Entry>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM ledger_entries {where_clause} {order}");
     let mut stmt = conn.prepare_cached(&sql).map_err(err)?;
     let rows = stmt.query_map(args, read_entry).map_err(err)?;
     rows.map(|row| row.map_err(err)?).collect()
@@ -341,20 +359,24 @@ pub fn stored_states(
     Ok(states)
 }
 
-/// The account's charges (settlements) at or after `since`, oldest first.
+/// The account's oldest charges (settlements) at or after `since`, at most
+/// [`USAGE_CHARGES_MAX`](synesis_proto::message::USAGE_CHARGES_MAX), by time.
 pub fn charges(
     conn: &Connection,
     account: AccountId,
     since: Option<UnixMillis>,
 ) -> Result<Vec<synesis_proto::message::Charge>, StoreError> {
-    let settle = i64::from(EntryKind::Settle.code());
-    let entries = query_entries(
+    // The kind is written out (not bound) so that the partial index `ledger_charges` serves.
+    const _: () = assert!(EntryKind::Settle.code() == 3);
+    let limit = i64::try_from(synesis_proto::message::USAGE_CHARGES_MAX).unwrap_or(i64::MAX);
+    let entries = query_entries_ordered(
         conn,
-        "WHERE account_id = ?1 AND kind = ?2 AND at >= ?3",
+        "WHERE account_id = ?1 AND kind = 3 AND at >= ?2",
+        "ORDER BY at, seq LIMIT ?3",
         &[
             &account.to_string(),
-            &settle,
             &since.map_or(i64::MIN, |t| t.0),
+            &limit,
         ],
     )?;
     Ok(entries
@@ -383,9 +405,13 @@ pub fn usage_reply(
     now: UnixMillis,
     rules: &synesis_billing::TierRules,
 ) -> Result<synesis_proto::message::UsageReply, synesis_billing::ledger::LedgerError> {
-    let store = SqliteLedger::new(conn);
+    // One snapshot for every read, so the balance, the holds and the charges agree even while
+    // the ledger writer commits beside it.
+    let snapshot = conn.unchecked_transaction().map_err(err)?;
+    let store = SqliteLedger::new(&snapshot);
     let balance = synesis_billing::ledger::balance(&store, account.id, now)?;
-    let mut charges = charges(conn, account.id, request.since)?;
+    let mut charges = charges(&snapshot, account.id, request.since)?;
+    snapshot.finish().map_err(err)?;
     if let Some(by) = request.group_by {
         // Stable: the list came oldest first.
         charges.sort_by_cached_key(|c| synesis_billing::group_key(c, by));

@@ -166,3 +166,34 @@ async fn lapsed_holds_get_their_expiry_entries() {
         synesis_billing::ledger::rebuild_states(&entries).unwrap()
     );
 }
+
+#[test]
+fn one_request_id_redeems_one_voucher() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = Db::open(&dir.path().join("cloud.db")).unwrap();
+    db.create_voucher("VCH-ONE", MicroUsd(5_000_000), NOW)
+        .unwrap();
+    db.create_voucher("VCH-TWO", MicroUsd(5_000_000), NOW)
+        .unwrap();
+    let redeem =
+        |db: &mut Db, code: &str, request| db.ledger(|s| s.redeem_voucher(code, request, NOW));
+    assert_eq!(
+        redeem(&mut db, "VCH-ONE", rid(1)).unwrap(),
+        Some(MicroUsd(5_000_000))
+    );
+    assert_eq!(
+        redeem(&mut db, "VCH-ONE", rid(1)).unwrap(),
+        Some(MicroUsd(5_000_000)),
+        "the same request again: the same answer"
+    );
+    assert_eq!(redeem(&mut db, "VCH-ONE", rid(2)).unwrap(), None, "used");
+    // The first request id with another voucher is a conflict, and leaves that voucher unused.
+    assert!(matches!(
+        redeem(&mut db, "VCH-TWO", rid(1)),
+        Err(LedgerError::IdempotencyConflict)
+    ));
+    assert_eq!(
+        redeem(&mut db, "VCH-TWO", rid(3)).unwrap(),
+        Some(MicroUsd(5_000_000))
+    );
+}

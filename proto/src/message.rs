@@ -491,6 +491,11 @@ pub struct Charge {
     pub at: UnixMillis,
 }
 
+/// The most charges one `UsageReply` lists: the oldest at or after the request's `since`. A
+/// reply with this many may have more after it: ask again from the last one's time (charges at
+/// that same millisecond come again; they are told apart by request id).
+pub const USAGE_CHARGES_MAX: usize = 1_000;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct UsageReply {

@@ -183,3 +183,78 @@ fn charges_show_in_usage_by_group_and_sync_mirrors_them() {
     assert_eq!(local["cloud"]["total_micro_usd"], old.1 + a.1 + b.1);
     run_ok(cloud.admin().args(["ledger", "verify"]));
 }
+
+/// More charges than one usage reply lists: `cloud usage` and `cloud sync` page through them.
+#[test]
+fn more_charges_than_one_reply_holds_are_all_listed_and_synced() {
+    use synesis_proto::message::USAGE_CHARGES_MAX;
+    let cloud = Cloud::start();
+    let device = Device::new();
+    let device_id: DeviceId = device
+        .login(&cloud.account_and_token("acme"))
+        .parse()
+        .unwrap();
+    run_ok(
+        cloud
+            .admin()
+            .args(["account", "set-tier", "acme", "managed"]),
+    );
+    run_ok(cloud.admin().args(["credit", "acme", "1000.00"]));
+
+    // 2.5 pages, several charges per millisecond, settled in one transaction.
+    let count = USAGE_CHARGES_MAX * 5 / 2;
+    let mut db = Db::open(&cloud.dir().join("cloud.db")).unwrap();
+    let account = Account {
+        id: db.account_by_name("acme").unwrap().id,
+        tier: Tier::Managed,
+    };
+    let t = now();
+    let (prices, rules) = (PriceTable::default(), TierRules::default());
+    let usage = Usage {
+        input_tokens: 100,
+        output_tokens: 10,
+    };
+    let mut total = 0;
+    db.ledger(|s| {
+        for n in 0..count {
+            let at = UnixMillis(t.0 + i64::try_from(n / 7).unwrap());
+            let mut rand = [0u8; 10];
+            rand[3..].copy_from_slice(&(n as u64).to_be_bytes()[1..]);
+            let id = RequestId::from_parts(u64::try_from(at.0).unwrap(), rand);
+            let request = HoldRequest {
+                model: "claude-sonnet".into(),
+                device: Some(device_id),
+                input_tokens: 100,
+                max_output_tokens: 10,
+            };
+            hold(
+                s,
+                account,
+                id,
+                &request,
+                at,
+                HOLD_TTL_DEFAULT_MS,
+                &prices,
+                &rules,
+            )?;
+            total += settle(s, account, id, usage, at, &prices, &rules)?.amount.0;
+        }
+        Ok(())
+    })
+    .unwrap();
+
+    let listed = json_of(
+        device
+            .synesis()
+            .args(["--json", "cloud", "usage", "--by", "model"]),
+    );
+    assert_eq!(listed["charges"].as_array().unwrap().len(), count);
+    assert_eq!(listed["groups"][0]["charges"], count);
+    assert_eq!(listed["groups"][0]["total_micro_usd"], total);
+    assert_eq!(listed["balance_micro_usd"], 1_000_000_000 - total);
+
+    let synced = json_of(device.synesis().args(["--json", "cloud", "sync"]));
+    assert_eq!(synced["counts"]["added"], count, "{}", synced["counts"]);
+    let local = json_of(device.synesis().args(["--json", "usage"]));
+    assert_eq!(local["cloud"]["total_micro_usd"], total);
+}

@@ -13,6 +13,10 @@
 //!
 //! The durable commit is the expensive part of an operation; sharing it is what makes many
 //! concurrent requests cheap. The bench `ledger` measures it.
+//!
+//! An operation that depends on the time (a hold's expiry, the quota's month) should read the
+//! clock inside the closure it sends: it runs after the operations queued before it, and a
+//! time read earlier could be older than theirs.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -89,17 +93,12 @@ impl LedgerWriter {
     /// Opens its own connection to the cloud's database (whose schema `Db::open` made) and
     /// starts the writer thread.
     pub fn open(path: &Path) -> Result<LedgerWriter, DbError> {
-        let conn = crate::db::connect(path)?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        // The hot pages of the entries' indexes and the totals stay in memory (64 MiB).
-        conn.pragma_update(None, "cache_size", -65_536)?;
-        // Checkpoint (copy the WAL into the database, with its own syncs) every 40 MB of WAL
-        // rather than every 4 MB: fewer, larger checkpoints between batches.
-        conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
+        let conn = connect(path)?;
         let (jobs, queue) = mpsc::channel(QUEUE);
+        let path = path.to_owned();
         std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || serve(&conn, queue))
+            .spawn(move || serve(conn, &path, queue))
             .map_err(|e| DbError::Corrupt(format!("cannot start the ledger writer: {e}")))?;
         Ok(LedgerWriter { jobs })
     }
@@ -141,7 +140,18 @@ impl LedgerWriter {
     }
 }
 
-fn serve(conn: &Connection, mut queue: mpsc::Receiver<Box<dyn Job>>) {
+fn connect(path: &Path) -> Result<Connection, DbError> {
+    let conn = crate::db::connect(path)?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    // The hot pages of the entries' indexes and the totals stay in memory (64 MiB).
+    conn.pragma_update(None, "cache_size", -65_536)?;
+    // Checkpoint (copy the WAL into the database, with its own syncs) every 40 MB of WAL
+    // rather than every 4 MB: fewer, larger checkpoints between batches.
+    conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
+    Ok(conn)
+}
+
+fn serve(mut conn: Connection, path: &Path, mut queue: mpsc::Receiver<Box<dyn Job>>) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.blocking_recv() {
         batch.push(first);
@@ -151,9 +161,23 @@ fn serve(conn: &Connection, mut queue: mpsc::Receiver<Box<dyn Job>>) {
                 Err(_) => break,
             }
         }
-        let committed = run_batch(conn, &mut batch);
+        let committed = run_batch(&conn, &mut batch);
         if let Err(e) = &committed {
             tracing::error!(error = %e, operations = batch.len(), "a ledger transaction failed");
+            if !conn.is_autocommit() {
+                // The rollback failed too: this connection is stuck inside a transaction, and
+                // every later batch would fail to begin. Start over on a new one.
+                match connect(path) {
+                    Ok(fresh) => conn = fresh,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the ledger writer cannot reopen the database; it stops");
+                        for job in batch.drain(..) {
+                            job.answer(committed.clone());
+                        }
+                        return;
+                    }
+                }
+            }
         }
         for job in batch.drain(..) {
             job.answer(committed.clone());

@@ -55,7 +55,7 @@ impl EntryKind {
     ];
 
     /// The stable number a store keeps (and the hash covers).
-    pub fn code(self) -> u8 {
+    pub const fn code(self) -> u8 {
         match self {
             EntryKind::TopUp => 1,
             EntryKind::Hold => 2,

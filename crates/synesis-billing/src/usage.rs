@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use synesis_proto::message::{Charge, UsageGrouping, UsageReply};
+use synesis_proto::message::{Charge, Tier, UsageGrouping, UsageReply};
 use synesis_proto::{DeviceId, RequestId, UnixMillis};
 
 use crate::ledger::LedgerError;
@@ -88,14 +88,21 @@ impl UsageView {
 
     /// A few lines for a terminal.
     pub fn text(&self) -> String {
+        // Only the Free tier has a quota; the others pay from their balance.
+        let quota = if self.tier == Tier::Free.as_str() {
+            format!(
+                "; quota {} of {} tokens used this month",
+                self.quota_tokens_used, self.quota_tokens
+            )
+        } else {
+            String::new()
+        };
         let mut text = format!(
-            "account {} ({}): balance ${}, held ${}; quota {} of {} tokens used; {} charges\n",
+            "account {} ({}): balance ${}, held ${}{quota}; {} charges\n",
             self.account,
             self.tier,
             synesis_proto::MicroUsd(self.balance_micro_usd),
             synesis_proto::MicroUsd(self.held_micro_usd),
-            self.quota_tokens_used,
-            self.quota_tokens,
             self.charges.len()
         );
         for g in self.groups.iter().flatten() {

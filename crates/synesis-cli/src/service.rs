@@ -190,8 +190,18 @@ pub(crate) fn decode_frame_base64(text: &str) -> anyhow::Result<synesis_proto::M
     }
 }
 
+/// How long a question to the service may take: its own work is bounded well below this
+/// (a request to the cloud: a stream opened and answered within the connect timeout each).
+const ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Asks the running service; `UserError::NotRunning` when nothing answers.
 pub(crate) async fn ask(runtime_dir: &Path, request: &Request) -> anyhow::Result<Reply> {
+    tokio::time::timeout(ASK_TIMEOUT, ask_unbounded(runtime_dir, request))
+        .await
+        .map_err(|_| anyhow::anyhow!("the tunnel service did not answer within {ASK_TIMEOUT:?}"))?
+}
+
+async fn ask_unbounded(runtime_dir: &Path, request: &Request) -> anyhow::Result<Reply> {
     let stream = UnixStream::connect(socket_path(runtime_dir))
         .await
         .map_err(|_| UserError::NotRunning)?;

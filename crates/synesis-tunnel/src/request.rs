@@ -56,7 +56,11 @@ pub(crate) async fn exchange_on(
     conn: &quinn::Connection,
     message: &Message,
 ) -> Result<Message, Failure> {
-    let (mut tx, rx) = conn.open_bi().await.map_err(|e| classify(&e))?;
+    // Opening waits while the connection's stream limit is reached: bounded like the rest.
+    let (mut tx, rx) = tokio::time::timeout(CONNECT_TIMEOUT, conn.open_bi())
+        .await
+        .map_err(|_| Failure::Transient("no stream could be opened within the timeout".into()))?
+        .map_err(|e| classify(&e))?;
     send(&mut tx, message, FrameLimits::default())
         .await
         .map_err(|e| {

@@ -223,20 +223,55 @@ pub(crate) async fn topup(out: &Output, paths: &Paths, voucher: &str) -> anyhow:
     Ok(())
 }
 
+/// The account's usage with every charge since `since`, page after page (a reply lists at
+/// most `USAGE_CHARGES_MAX`, the oldest first); the balance is the first page's.
 async fn cloud_usage(
     paths: &Paths,
     since: Option<synesis_proto::UnixMillis>,
     group_by: Option<synesis_proto::message::UsageGrouping>,
 ) -> anyhow::Result<synesis_proto::message::UsageReply> {
-    let message = synesis_proto::message::UsageRequest {
-        request_id: new_request_id(),
-        since,
-        group_by,
-    };
-    let Message::UsageReply(r) = account_request(paths, message.into()).await? else {
-        bail!("the cloud answered something else than a usage reply");
-    };
-    Ok(r)
+    use synesis_proto::message::USAGE_CHARGES_MAX;
+    let mut first: Option<synesis_proto::message::UsageReply> = None;
+    let mut charges = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut from = since;
+    loop {
+        let message = synesis_proto::message::UsageRequest {
+            request_id: new_request_id(),
+            since: from,
+            group_by,
+        };
+        let Message::UsageReply(mut page) = account_request(paths, message.into()).await? else {
+            bail!("the cloud answered something else than a usage reply");
+        };
+        let full = page.charges.len() >= USAGE_CHARGES_MAX;
+        let latest = page.charges.iter().map(|c| c.at).max();
+        let before = charges.len();
+        for c in std::mem::take(&mut page.charges) {
+            if seen.insert(c.request_id) {
+                charges.push(c);
+            }
+        }
+        first.get_or_insert(page);
+        if !full {
+            break;
+        }
+        if charges.len() == before {
+            // A whole page within one millisecond, all seen: the rest cannot be reached by time.
+            tracing::warn!(
+                "more than {USAGE_CHARGES_MAX} charges at one millisecond; the list is incomplete"
+            );
+            break;
+        }
+        from = latest;
+    }
+    let mut reply = first.context("no usage reply")?;
+    charges.sort_by_key(|c| c.at);
+    if let Some(by) = group_by {
+        charges.sort_by_cached_key(|c| synesis_billing::group_key(c, by));
+    }
+    reply.charges = charges;
+    Ok(reply)
 }
 
 pub(crate) async fn usage(
