@@ -7,9 +7,12 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use synesis_billing::ledger::{Account, HOLD_TTL_DEFAULT_MS, HoldRequest, hold, settle};
+use synesis_billing::ledger::{
+    Account, HOLD_TTL_DEFAULT_MS, HoldRequest, LedgerError, hold, settle,
+};
 use synesis_billing::{PriceTable, Tier, TierRules, Usage, quote};
 use synesis_cloud::db::Db;
+use synesis_cloud::ledger::SqliteLedger;
 use synesis_e2e::{Cloud, Device, json_of, run_ok};
 use synesis_proto::{DeviceId, RequestId, UnixMillis};
 
@@ -23,6 +26,43 @@ fn now() -> UnixMillis {
     UnixMillis(i64::try_from(ms).unwrap())
 }
 
+/// Holds and settles one request of `device` at `at`, as an escalation will; its total.
+fn hold_and_settle(
+    s: &mut SqliteLedger<'_>,
+    account: Account,
+    device: DeviceId,
+    id: RequestId,
+    model: &str,
+    usage: Usage,
+    at: UnixMillis,
+) -> Result<i64, LedgerError> {
+    let (prices, rules) = (PriceTable::default(), TierRules::default());
+    let request = HoldRequest {
+        model: model.into(),
+        device: Some(device),
+        input_tokens: usage.input_tokens,
+        max_output_tokens: usage.output_tokens + 100,
+    };
+    hold(
+        s,
+        account,
+        id,
+        &request,
+        at,
+        HOLD_TTL_DEFAULT_MS,
+        &prices,
+        &rules,
+    )?;
+    Ok(settle(s, account, id, usage, at, &prices, &rules)?.amount.0)
+}
+
+fn acme(db: &Db) -> Account {
+    Account {
+        id: db.account_by_name("acme").unwrap().id,
+        tier: Tier::Managed,
+    }
+}
+
 /// Settles one request of `device` at `at`; returns its request id and charged total.
 fn charge(
     cloud: &Cloud,
@@ -32,46 +72,25 @@ fn charge(
     at: UnixMillis,
 ) -> (RequestId, i64) {
     let mut db = Db::open(&cloud.dir().join("cloud.db")).unwrap();
-    let account = Account {
-        id: db.account_by_name("acme").unwrap().id,
-        tier: Tier::Managed,
-    };
+    let account = acme(&db);
     let id = RequestId::from_parts(u64::try_from(at.0).unwrap(), rand_bytes(at));
-    let (prices, rules) = (PriceTable::default(), TierRules::default());
-    let request = HoldRequest {
-        model: model.into(),
-        device: Some(device),
-        input_tokens: usage.input_tokens,
-        max_output_tokens: usage.output_tokens + 100,
-    };
-    let settled = db
-        .ledger(|s| {
-            hold(
-                s,
-                account,
-                id,
-                &request,
-                at,
-                HOLD_TTL_DEFAULT_MS,
-                &prices,
-                &rules,
-            )?;
-            settle(s, account, id, usage, at, &prices, &rules)
-        })
+    let total = db
+        .ledger(|s| hold_and_settle(s, account, device, id, model, usage, at))
         .unwrap();
-    let expected = quote(Tier::Managed, model, usage, &prices, &rules).unwrap();
-    assert_eq!(settled.amount, expected.total);
-    (id, settled.amount.0)
+    let expected = quote(
+        Tier::Managed,
+        model,
+        usage,
+        &PriceTable::default(),
+        &TierRules::default(),
+    )
+    .unwrap();
+    assert_eq!(total, expected.total.0);
+    (id, total)
 }
 
-fn rand_bytes(at: UnixMillis) -> [u8; 10] {
-    let mut b = [0u8; 10];
-    b[3..].copy_from_slice(&at.0.to_le_bytes()[..7]);
-    b
-}
-
-#[test]
-fn charges_show_in_usage_by_group_and_sync_mirrors_them() {
+/// A cloud, and a device enrolled in the Managed account `acme` holding `credit` dollars.
+fn managed_device(credit: &str) -> (Cloud, Device, DeviceId) {
     let cloud = Cloud::start();
     let device = Device::new();
     let device_id: DeviceId = device
@@ -83,7 +102,19 @@ fn charges_show_in_usage_by_group_and_sync_mirrors_them() {
             .admin()
             .args(["account", "set-tier", "acme", "managed"]),
     );
-    run_ok(cloud.admin().args(["credit", "acme", "20.00"]));
+    run_ok(cloud.admin().args(["credit", "acme", credit]));
+    (cloud, device, device_id)
+}
+
+fn rand_bytes(at: UnixMillis) -> [u8; 10] {
+    let mut b = [0u8; 10];
+    b[3..].copy_from_slice(&at.0.to_le_bytes()[..7]);
+    b
+}
+
+#[test]
+fn charges_show_in_usage_by_group_and_sync_mirrors_them() {
+    let (cloud, device, device_id) = managed_device("20.00");
 
     let t = now();
     let u = |i, o| Usage {
@@ -188,28 +219,13 @@ fn charges_show_in_usage_by_group_and_sync_mirrors_them() {
 #[test]
 fn more_charges_than_one_reply_holds_are_all_listed_and_synced() {
     use synesis_proto::message::USAGE_CHARGES_MAX;
-    let cloud = Cloud::start();
-    let device = Device::new();
-    let device_id: DeviceId = device
-        .login(&cloud.account_and_token("acme"))
-        .parse()
-        .unwrap();
-    run_ok(
-        cloud
-            .admin()
-            .args(["account", "set-tier", "acme", "managed"]),
-    );
-    run_ok(cloud.admin().args(["credit", "acme", "1000.00"]));
+    let (cloud, device, device_id) = managed_device("1000.00");
 
     // 2.5 pages, several charges per millisecond, settled in one transaction.
     let count = USAGE_CHARGES_MAX * 5 / 2;
     let mut db = Db::open(&cloud.dir().join("cloud.db")).unwrap();
-    let account = Account {
-        id: db.account_by_name("acme").unwrap().id,
-        tier: Tier::Managed,
-    };
+    let account = acme(&db);
     let t = now();
-    let (prices, rules) = (PriceTable::default(), TierRules::default());
     let usage = Usage {
         input_tokens: 100,
         output_tokens: 10,
@@ -221,23 +237,7 @@ fn more_charges_than_one_reply_holds_are_all_listed_and_synced() {
             let mut rand = [0u8; 10];
             rand[3..].copy_from_slice(&(n as u64).to_be_bytes()[1..]);
             let id = RequestId::from_parts(u64::try_from(at.0).unwrap(), rand);
-            let request = HoldRequest {
-                model: "claude-sonnet".into(),
-                device: Some(device_id),
-                input_tokens: 100,
-                max_output_tokens: 10,
-            };
-            hold(
-                s,
-                account,
-                id,
-                &request,
-                at,
-                HOLD_TTL_DEFAULT_MS,
-                &prices,
-                &rules,
-            )?;
-            total += settle(s, account, id, usage, at, &prices, &rules)?.amount.0;
+            total += hold_and_settle(s, account, device_id, id, "claude-sonnet", usage, at)?;
         }
         Ok(())
     })
