@@ -10,7 +10,7 @@ use rand::RngCore;
 use serde::Serialize;
 use synesis_proto::{AccountId, DeviceId, SetupToken, UnixMillis};
 
-use crate::db::{Db, DeviceRow, tier_name};
+use crate::db::{Db, DeviceRow};
 use crate::pki::Pki;
 use crate::server::{DB_FILE, LISTEN_ADDR_FILE};
 
@@ -41,14 +41,14 @@ pub fn account_create(
     if json {
         println!(
             "{}",
-            serde_json::json!({"account_id": account.id, "name": account.name, "tier": tier_name(account.tier)})
+            serde_json::json!({"account_id": account.id, "name": account.name, "tier": account.tier.as_str()})
         );
     } else {
         println!(
             "created account {} ({}, tier {})",
             account.name,
             account.id,
-            tier_name(account.tier)
+            account.tier.as_str()
         );
     }
     Ok(())
@@ -243,7 +243,7 @@ fn operator_request_id() -> anyhow::Result<synesis_proto::RequestId> {
 
 pub fn set_tier(dir: &Path, name: &str, tier: synesis_proto::message::Tier) -> anyhow::Result<()> {
     open(dir)?.set_tier(name, tier)?;
-    println!("account {name} is now on the {} tier", tier_name(tier));
+    println!("account {name} is now on the {} tier", tier.as_str());
     Ok(())
 }
 
@@ -324,7 +324,7 @@ pub fn quote(
     };
     let q = synesis_billing::quote(tier, model, usage, &billing.prices, &billing.rules)?;
     let view = QuoteView {
-        tier: tier_name(tier),
+        tier: tier.as_str(),
         model,
         input_tokens,
         output_tokens,

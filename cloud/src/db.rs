@@ -201,10 +201,6 @@ pub struct DeviceRow {
     pub vitals_json: Option<String>,
 }
 
-pub fn tier_name(tier: Tier) -> &'static str {
-    tier.as_str()
-}
-
 pub fn parse_tier(s: &str) -> Option<Tier> {
     match s {
         "free" => Some(Tier::Free),
@@ -296,7 +292,7 @@ impl Db {
     ) -> Result<Account, DbError> {
         let inserted = self.conn.execute(
             "INSERT INTO accounts (id, name, tier, created_at) VALUES (?1, ?2, ?3, ?4) ON CONFLICT(name) DO NOTHING",
-            params![id.to_string(), name, tier_name(tier), now.0],
+            params![id.to_string(), name, tier.as_str(), now.0],
         )?;
         if inserted == 0 {
             return Err(DbError::AccountExists(name.to_owned()));
@@ -540,7 +536,7 @@ impl Db {
     pub fn set_tier(&mut self, name: &str, tier: Tier) -> Result<(), DbError> {
         let n = self.conn.execute(
             "UPDATE accounts SET tier = ?2 WHERE name = ?1",
-            params![name, tier_name(tier)],
+            params![name, tier.as_str()],
         )?;
         if n == 0 {
             return Err(DbError::NoSuchAccount(name.to_owned()));

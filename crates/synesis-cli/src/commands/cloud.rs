@@ -203,10 +203,6 @@ async fn via_service(paths: &Paths, message: &Message) -> anyhow::Result<Message
     }
 }
 
-fn tier_name(tier: synesis_proto::message::Tier) -> &'static str {
-    tier.as_str()
-}
-
 pub(crate) async fn topup(out: &Output, paths: &Paths, voucher: &str) -> anyhow::Result<()> {
     let message = synesis_proto::message::TopupRequest {
         request_id: new_request_id(),
@@ -360,11 +356,12 @@ pub(crate) async fn price(out: &Output, paths: &Paths) -> anyhow::Result<()> {
         .iter()
         .map(|p| serde_json::json!({"model": p.model, "input_micro_usd_per_mtok": p.input_per_mtok.0, "output_micro_usd_per_mtok": p.output_per_mtok.0}))
         .collect();
-    let view = serde_json::json!({"tier": tier_name(r.tier), "markup_bps": r.markup_bps, "prices": prices});
+    let view =
+        serde_json::json!({"tier": r.tier.as_str(), "markup_bps": r.markup_bps, "prices": prices});
     out.report(&view, || {
         let mut s = format!(
             "tier {} (markup or fee {} bps)\n",
-            tier_name(r.tier),
+            r.tier.as_str(),
             r.markup_bps
         );
         for p in &r.prices {
