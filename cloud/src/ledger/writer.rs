@@ -216,3 +216,100 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), StoreE
     }
     ran
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+    use synesis_billing::ledger::{balance, rebuild_states, top_up, verify};
+    use synesis_billing::{MicroUsd, Tier};
+    use synesis_proto::{AccountId, RequestId, UnixMillis};
+
+    use super::*;
+    use crate::db::Db;
+    use crate::ledger::{query_entries, stored_states};
+
+    const NOW: UnixMillis = UnixMillis(1_795_000_000_000);
+
+    fn rid(n: u64) -> RequestId {
+        let mut rand = [0u8; 10];
+        rand[3..].copy_from_slice(&n.to_le_bytes()[..7]);
+        RequestId::from_parts(1_795_000_000_000, rand)
+    }
+
+    /// Caps (or uncaps) the writer's database at `pages`, as a full disk would: SQLite answers
+    /// SQLITE_FULL when a write needs a page beyond it.
+    fn cap(writer: &LedgerWriter, pages: Option<u64>) {
+        writer
+            .run_blocking(move |s| {
+                let now: u64 = s
+                    .conn
+                    .query_row("PRAGMA page_count", [], |r| r.get(0))
+                    .map_err(|e| StoreError(e.to_string()))?;
+                let limit = pages.unwrap_or(now).to_string();
+                s.conn
+                    .pragma_update(None, "max_page_count", limit)
+                    .map_err(|e| StoreError(e.to_string()))?;
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// A full disk refuses the operation that needed the space, with an error that says so, keeps
+    /// every operation answered before it, and the writer serves again once there is room: the
+    /// refused request, retried with the same id, is applied once.
+    #[test]
+    fn a_full_disk_refuses_cleanly_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.db");
+        let mut db = Db::open(&path).unwrap();
+        let account = AccountId::try_from_uuid(uuid::Uuid::now_v7()).unwrap();
+        db.create_account(account, "acme", Tier::Managed, NOW)
+            .unwrap();
+        let writer = LedgerWriter::open(&path).unwrap();
+
+        cap(&writer, None);
+        let mut kept = 0i64;
+        let refused = loop {
+            assert!(kept < 10_000, "the capped database never filled up");
+            let id = rid(kept as u64);
+            match writer.run_blocking(move |s| top_up(s, account, id, MicroUsd(1), NOW)) {
+                Ok(_) => kept += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(&refused, LedgerError::Store(StoreError(why)) if why.contains("full")),
+            "{refused}"
+        );
+
+        let reader = Db::open(&path).unwrap();
+        let check = |expect: i64| {
+            let store = SqliteLedger::new(reader.connection());
+            assert_eq!(
+                balance(&store, account, NOW).unwrap().balance,
+                MicroUsd(expect)
+            );
+            let entries = query_entries(reader.connection(), "", &[]).unwrap();
+            assert_eq!(entries.len() as i64, expect);
+            verify(&entries).unwrap();
+            let stored = stored_states(reader.connection()).unwrap();
+            assert_eq!(stored, rebuild_states(&entries).unwrap());
+        };
+        assert!(
+            kept > 0,
+            "some operations fit before the database filled up"
+        );
+        check(kept);
+
+        cap(&writer, Some(1 << 30));
+        let id = rid(kept as u64);
+        writer
+            .run_blocking(move |s| top_up(s, account, id, MicroUsd(1), NOW))
+            .unwrap();
+        writer
+            .run_blocking(move |s| top_up(s, account, id, MicroUsd(1), NOW))
+            .unwrap();
+        check(kept + 1);
+    }
+}
