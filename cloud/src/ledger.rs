@@ -25,6 +25,11 @@ impl<'c> SqliteLedger<'c> {
         SqliteLedger { conn }
     }
 
+    /// The connection the operation runs on, inside its transaction and savepoint.
+    pub fn connection(&self) -> &'c Connection {
+        self.conn
+    }
+
     /// Marks a voucher redeemed by `request` and returns its amount; the same request again
     /// gets the same amount (idempotent), any other request is refused (`None`). A request
     /// that redeemed another voucher is a conflict: one request id, one voucher.

@@ -197,3 +197,82 @@ fn one_request_id_redeems_one_voucher() {
         Some(MicroUsd(5_000_000))
     );
 }
+
+/// Caps (or uncaps) the writer's database at `pages`, as a full disk would: SQLite answers
+/// SQLITE_FULL when a write needs a page beyond it.
+fn cap(writer: &LedgerWriter, pages: Option<u64>) {
+    writer
+        .run_blocking(move |s| {
+            let now: u64 = s
+                .connection()
+                .query_row("PRAGMA page_count", [], |r| r.get(0))
+                .map_err(|e| StoreError(e.to_string()))?;
+            let limit = pages.unwrap_or(now).to_string();
+            s.connection()
+                .pragma_update(None, "max_page_count", limit)
+                .map_err(|e| StoreError(e.to_string()))?;
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// A full disk refuses the operation that needed the space, with an error that says so, keeps
+/// every operation answered before it, and the writer serves again once there is room: the
+/// refused request, retried with the same id, is applied once.
+#[test]
+fn a_full_disk_refuses_cleanly_and_the_writer_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.db");
+    let mut db = Db::open(&path).unwrap();
+    let account = AccountId::try_from_uuid(uuid::Uuid::now_v7()).unwrap();
+    db.create_account(account, "acme", Tier::Managed, NOW)
+        .unwrap();
+    let writer = LedgerWriter::open(&path).unwrap();
+
+    cap(&writer, None);
+    let mut kept = 0i64;
+    let refused = loop {
+        assert!(kept < 10_000, "the capped database never filled up");
+        let id = rid(kept as u64);
+        match writer.run_blocking(move |s| top_up(s, account, id, MicroUsd(1), NOW)) {
+            Ok(_) => kept += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(&refused, LedgerError::Store(StoreError(why)) if why.contains("full")),
+        "{refused}"
+    );
+
+    let reader = Db::open(&path).unwrap();
+    let check = |expect: i64| {
+        let store = synesis_cloud::ledger::SqliteLedger::new(reader.connection());
+        assert_eq!(
+            balance(&store, account, NOW).unwrap().balance,
+            MicroUsd(expect)
+        );
+        let entries = synesis_cloud::ledger::query_entries(reader.connection(), "", &[]).unwrap();
+        assert_eq!(entries.len() as i64, expect);
+        synesis_billing::ledger::verify(&entries).unwrap();
+        let stored = synesis_cloud::ledger::stored_states(reader.connection()).unwrap();
+        assert_eq!(
+            stored,
+            synesis_billing::ledger::rebuild_states(&entries).unwrap()
+        );
+    };
+    assert!(
+        kept > 0,
+        "some operations fit before the database filled up"
+    );
+    check(kept);
+
+    cap(&writer, Some(1 << 30));
+    let id = rid(kept as u64);
+    writer
+        .run_blocking(move |s| top_up(s, account, id, MicroUsd(1), NOW))
+        .unwrap();
+    writer
+        .run_blocking(move |s| top_up(s, account, id, MicroUsd(1), NOW))
+        .unwrap();
+    check(kept + 1);
+}
