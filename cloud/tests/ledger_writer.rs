@@ -15,15 +15,21 @@ fn rid(n: u64) -> RequestId {
     RequestId::from_parts(1_795_000_000_000, rand)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_operation_is_all_or_nothing_inside_a_shared_transaction() {
+/// A new cloud database with one Managed account, and its ledger writer.
+fn managed_account() -> (tempfile::TempDir, AccountId, LedgerWriter) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cloud.db");
     let mut db = Db::open(&path).unwrap();
     let account = AccountId::try_from_uuid(uuid::Uuid::now_v7()).unwrap();
     db.create_account(account, "acme", Tier::Managed, NOW)
         .unwrap();
-    let writer = LedgerWriter::open(&path).unwrap();
+    (dir, account, LedgerWriter::open(&path).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_operation_is_all_or_nothing_inside_a_shared_transaction() {
+    let (dir, account, writer) = managed_account();
+    let path = dir.path().join("cloud.db");
 
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..300u64 {
@@ -221,13 +227,8 @@ fn cap(writer: &LedgerWriter, pages: Option<u64>) {
 /// refused request, retried with the same id, is applied once.
 #[test]
 fn a_full_disk_refuses_cleanly_and_the_writer_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, account, writer) = managed_account();
     let path = dir.path().join("cloud.db");
-    let mut db = Db::open(&path).unwrap();
-    let account = AccountId::try_from_uuid(uuid::Uuid::now_v7()).unwrap();
-    db.create_account(account, "acme", Tier::Managed, NOW)
-        .unwrap();
-    let writer = LedgerWriter::open(&path).unwrap();
 
     cap(&writer, None);
     let mut kept = 0i64;
