@@ -423,16 +423,26 @@ pub fn usage(
 ) -> anyhow::Result<()> {
     let db = open(dir)?;
     let account = db.account_by_name(name)?;
-    let request = synesis_proto::message::UsageRequest {
+    let mut request = synesis_proto::message::UsageRequest {
         request_id: synesis_proto::RequestId::from_parts(
             u64::try_from(now().0).unwrap_or(0),
             rand::random(),
         ),
         since: None,
         group_by: None,
+        after: None,
     };
-    let reply =
-        crate::ledger::usage_reply(db.connection(), &account, &request, now(), &billing.rules)?;
+    let at = now();
+    let mut reply =
+        crate::ledger::usage_reply(db.connection(), &account, &request, at, &billing.rules)?;
+    // Every charge, page after page (the balance is the first page's).
+    request.after = reply.next.take();
+    while request.after.is_some() {
+        let mut page =
+            crate::ledger::usage_reply(db.connection(), &account, &request, at, &billing.rules)?;
+        reply.charges.append(&mut page.charges);
+        request.after = page.next;
+    }
     let view = synesis_billing::UsageView::new(&reply, None)?;
     if json {
         println!("{}", serde_json::to_string(&view)?);

@@ -9,6 +9,7 @@ use synesis_billing::QuotaPeriod;
 use synesis_billing::ledger::{
     Entry, EntryKind, HoldChange, LedgerError, OpenHold, Store, StoreError, Totals,
 };
+use synesis_proto::message::ChargeCursor;
 use synesis_proto::{AccountId, MicroUsd, RequestId, UnixMillis};
 
 mod writer;
@@ -364,27 +365,43 @@ pub fn stored_states(
     Ok(states)
 }
 
-/// The account's oldest charges (settlements) at or after `since`, at most
-/// [`USAGE_CHARGES_MAX`](synesis_proto::message::USAGE_CHARGES_MAX), by time.
+/// One page of the account's charges (settlements) in the listing's order (time, then request
+/// id): at most [`USAGE_CHARGES_MAX`](synesis_proto::message::USAGE_CHARGES_MAX), at or after
+/// `since` and after `after`; with where the next page starts when more follow.
 pub fn charges(
     conn: &Connection,
     account: AccountId,
     since: Option<UnixMillis>,
-) -> Result<Vec<synesis_proto::message::Charge>, StoreError> {
+    after: Option<ChargeCursor>,
+) -> Result<(Vec<synesis_proto::message::Charge>, Option<ChargeCursor>), StoreError> {
+    use synesis_proto::message::USAGE_CHARGES_MAX;
     // The kind is written out (not bound) so that the partial index `ledger_charges` serves.
     const _: () = assert!(EntryKind::Settle.code() == 3);
-    let limit = i64::try_from(synesis_proto::message::USAGE_CHARGES_MAX).unwrap_or(i64::MAX);
-    let entries = query_entries_ordered(
+    // "At or after `since`" is "after (since, the empty id)": every id sorts after "". Ids are
+    // stored as lowercase hyphenated hex, whose text order is the order of their bytes.
+    let from = match (since, after) {
+        (Some(since), Some(c)) if since > c.at => (since.0, String::new()),
+        (_, Some(c)) => (c.at.0, c.request_id.to_string()),
+        (since, None) => (since.map_or(i64::MIN, |t| t.0), String::new()),
+    };
+    // One more than a page, to know whether another follows.
+    let limit = i64::try_from(USAGE_CHARGES_MAX + 1).unwrap_or(i64::MAX);
+    let mut entries = query_entries_ordered(
         conn,
-        "WHERE account_id = ?1 AND kind = 3 AND at >= ?2",
-        "ORDER BY at, seq LIMIT ?3",
-        &[
-            &account.to_string(),
-            &since.map_or(i64::MIN, |t| t.0),
-            &limit,
-        ],
+        "WHERE account_id = ?1 AND kind = 3 AND (at, request_id) > (?2, ?3)",
+        "ORDER BY at, request_id LIMIT ?4",
+        &[&account.to_string(), &from.0, &from.1, &limit],
     )?;
-    Ok(entries
+    let next = if entries.len() > USAGE_CHARGES_MAX {
+        entries.truncate(USAGE_CHARGES_MAX);
+        entries.last().map(|e| ChargeCursor {
+            at: e.at,
+            request_id: e.request_id,
+        })
+    } else {
+        None
+    };
+    let charges = entries
         .into_iter()
         .map(|e| synesis_proto::message::Charge {
             request_id: e.request_id,
@@ -397,7 +414,8 @@ pub fn charges(
             total: e.amount,
             at: e.at,
         })
-        .collect())
+        .collect();
+    Ok((charges, next))
 }
 
 /// An account's usage as `synesis cloud usage` (and `admin usage`) show it: balance, holds,
@@ -415,10 +433,10 @@ pub fn usage_reply(
     let snapshot = conn.unchecked_transaction().map_err(err)?;
     let store = SqliteLedger::new(&snapshot);
     let balance = synesis_billing::ledger::balance(&store, account.id, now)?;
-    let mut charges = charges(&snapshot, account.id, request.since)?;
+    let (mut charges, next) = charges(&snapshot, account.id, request.since, request.after)?;
     snapshot.finish().map_err(err)?;
     if let Some(by) = request.group_by {
-        // Stable: the list came oldest first.
+        // Stable: the list came in the listing's order.
         charges.sort_by_cached_key(|c| synesis_billing::group_key(c, by));
     }
     Ok(synesis_proto::message::UsageReply {
@@ -433,6 +451,7 @@ pub fn usage_reply(
         },
         quota_tokens_used: balance.quota_tokens_used,
         charges,
+        next,
     })
 }
 

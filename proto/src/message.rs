@@ -478,6 +478,17 @@ pub struct UsageRequest {
     pub request_id: RequestId,
     pub since: Option<UnixMillis>,
     pub group_by: Option<UsageGrouping>,
+    /// The page after this charge: the previous reply's `next`.
+    pub after: Option<ChargeCursor>,
+}
+
+/// A place in an account's charges, which are listed by time and then by request id: the last
+/// charge of a page. A device passes a reply's `next` back unchanged to get the following page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ChargeCursor {
+    pub at: UnixMillis,
+    pub request_id: RequestId,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -491,9 +502,9 @@ pub struct Charge {
     pub at: UnixMillis,
 }
 
-/// The most charges one `UsageReply` lists: the oldest at or after the request's `since`. A
-/// reply with this many may have more after it: ask again from the last one's time (charges at
-/// that same millisecond come again; they are told apart by request id).
+/// The most charges one `UsageReply` lists: the first ones, by time and then request id, at or
+/// after the request's `since` (and after its `after`). When more follow, the reply's `next` says
+/// where the following page starts.
 pub const USAGE_CHARGES_MAX: usize = 1_000;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -507,6 +518,8 @@ pub struct UsageReply {
     pub quota_tokens: u64,
     pub quota_tokens_used: u64,
     pub charges: Vec<Charge>,
+    /// Present when more charges follow this page: send it as the next request's `after`.
+    pub next: Option<ChargeCursor>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

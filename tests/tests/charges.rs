@@ -221,8 +221,10 @@ fn more_charges_than_one_reply_holds_are_all_listed_and_synced() {
     use synesis_proto::message::USAGE_CHARGES_MAX;
     let (cloud, device, device_id) = managed_device("1000.00");
 
-    // 2.5 pages, several charges per millisecond, settled in one transaction.
+    // 2.5 pages settled in one transaction: the first 1.5 pages' worth in one millisecond (a
+    // page boundary inside it), then seven to a millisecond.
     let count = USAGE_CHARGES_MAX * 5 / 2;
+    let same_ms = USAGE_CHARGES_MAX * 3 / 2;
     let mut db = Db::open(&cloud.dir().join("cloud.db")).unwrap();
     let account = acme(&db);
     let t = now();
@@ -233,7 +235,7 @@ fn more_charges_than_one_reply_holds_are_all_listed_and_synced() {
     let mut total = 0;
     db.ledger(|s| {
         for n in 0..count {
-            let at = UnixMillis(t.0 + i64::try_from(n / 7).unwrap());
+            let at = UnixMillis(t.0 + i64::try_from(n.saturating_sub(same_ms) / 7).unwrap());
             let mut rand = [0u8; 10];
             rand[3..].copy_from_slice(&(n as u64).to_be_bytes()[1..]);
             let id = RequestId::from_parts(u64::try_from(at.0).unwrap(), rand);
@@ -252,6 +254,10 @@ fn more_charges_than_one_reply_holds_are_all_listed_and_synced() {
     assert_eq!(listed["groups"][0]["charges"], count);
     assert_eq!(listed["groups"][0]["total_micro_usd"], total);
     assert_eq!(listed["balance_micro_usd"], 1_000_000_000 - total);
+
+    let operator = json_of(cloud.admin().args(["usage", "acme", "--json"]));
+    assert_eq!(operator["charges"].as_array().unwrap().len(), count);
+    assert_eq!(operator["balance_micro_usd"], listed["balance_micro_usd"]);
 
     let synced = json_of(device.synesis().args(["--json", "cloud", "sync"]));
     assert_eq!(synced["counts"]["added"], count, "{}", synced["counts"]);

@@ -231,6 +231,7 @@ mod tests {
             request_id: RequestId::from_parts(1, [1; 10]),
             since: None,
             group_by: None,
+            after: None,
         }
         .into();
         let frame = encode_frame_base64(&usage).unwrap();

@@ -219,50 +219,45 @@ pub(crate) async fn topup(out: &Output, paths: &Paths, voucher: &str) -> anyhow:
     Ok(())
 }
 
-/// The account's usage with every charge since `since`, page after page (a reply lists at
-/// most `USAGE_CHARGES_MAX`, the oldest first); the balance is the first page's.
+/// The account's usage with every charge since `since`, page after page (each reply lists at
+/// most `USAGE_CHARGES_MAX` and says where the next starts); the balance is the first page's.
 async fn cloud_usage(
     paths: &Paths,
     since: Option<synesis_proto::UnixMillis>,
     group_by: Option<synesis_proto::message::UsageGrouping>,
 ) -> anyhow::Result<synesis_proto::message::UsageReply> {
-    use synesis_proto::message::USAGE_CHARGES_MAX;
     let mut first: Option<synesis_proto::message::UsageReply> = None;
     let mut charges = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut from = since;
+    let mut after = None;
     loop {
         let message = synesis_proto::message::UsageRequest {
             request_id: new_request_id(),
-            since: from,
+            since,
             group_by,
+            after,
         };
         let Message::UsageReply(mut page) = account_request(paths, message.into()).await? else {
             bail!("the cloud answered something else than a usage reply");
         };
-        let full = page.charges.len() >= USAGE_CHARGES_MAX;
-        let latest = page.charges.iter().map(|c| c.at).max();
-        let before = charges.len();
-        for c in std::mem::take(&mut page.charges) {
-            if seen.insert(c.request_id) {
-                charges.push(c);
+        let listed = page.charges.len();
+        charges.append(&mut page.charges);
+        let next = page.next.take();
+        first.get_or_insert(page);
+        match next {
+            None => break,
+            // `next` is the page's last charge, after the one before: a cloud whose pages are
+            // empty or do not move on is broken, and asking again would never end.
+            Some(next) if listed == 0 || after.is_some_and(|after| next <= after) => {
+                bail!("the cloud's usage pages do not advance (at {})", next.at.0)
+            }
+            Some(next) => {
+                tracing::debug!(listed = charges.len(), "more charges follow");
+                after = Some(next);
             }
         }
-        first.get_or_insert(page);
-        if !full {
-            break;
-        }
-        if charges.len() == before {
-            // A whole page within one millisecond, all seen: the rest cannot be reached by time.
-            tracing::warn!(
-                "more than {USAGE_CHARGES_MAX} charges at one millisecond; the list is incomplete"
-            );
-            break;
-        }
-        from = latest;
     }
     let mut reply = first.context("no usage reply")?;
-    charges.sort_by_key(|c| c.at);
+    charges.sort_by_key(|c| (c.at, c.request_id));
     if let Some(by) = group_by {
         charges.sort_by_cached_key(|c| synesis_billing::group_key(c, by));
     }

@@ -1,0 +1,94 @@
+//! The cloud database's schema versions: what an older file becomes when a newer build opens it.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::path::Path;
+
+use synesis_billing::ledger::top_up;
+use synesis_billing::{MicroUsd, Tier};
+use synesis_cloud::db::Db;
+use synesis_proto::{AccountId, RequestId, UnixMillis};
+
+const NOW: UnixMillis = UnixMillis(1_795_000_000_000);
+
+/// A database with one account and one credited entry, as this build writes it.
+fn with_one_entry(path: &Path) {
+    let mut db = Db::open(path).unwrap();
+    let account = AccountId::try_from_uuid(uuid::Uuid::now_v7()).unwrap();
+    db.create_account(account, "acme", Tier::Managed, NOW)
+        .unwrap();
+    let request = RequestId::from_parts(1_795_000_000_000, [7; 10]);
+    db.ledger(|s| top_up(s, account, request, MicroUsd(1_000_000), NOW))
+        .unwrap();
+}
+
+fn user_version(conn: &rusqlite::Connection) -> i64 {
+    conn.pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap()
+}
+
+/// Version 2 kept the charges' index by (account, time); version 3 adds the request id. The
+/// entries are carried over untouched.
+#[test]
+fn version_2_gains_the_request_id_in_the_charges_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.db");
+    with_one_entry(&path);
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute_batch(
+        "DROP INDEX ledger_charges;
+         CREATE INDEX ledger_charges ON ledger_entries(account_id, at) WHERE kind = 3;
+         PRAGMA user_version = 2;",
+    )
+    .unwrap();
+    drop(raw);
+
+    let db = Db::open(&path).unwrap();
+    assert_eq!(user_version(db.connection()), 3);
+    let columns: Vec<String> = db
+        .connection()
+        .prepare("SELECT name FROM pragma_index_info('ledger_charges') ORDER BY seqno")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(columns, ["account_id", "at", "request_id"]);
+    let entries = synesis_cloud::ledger::query_entries(db.connection(), "", &[]).unwrap();
+    assert_eq!(entries.len(), 1);
+    synesis_billing::ledger::verify(&entries).unwrap();
+}
+
+/// Entries written before version 2 lack what their hashes would need: such a file is refused,
+/// naming itself, and left as it was.
+#[test]
+fn a_ledger_from_before_version_2_is_refused_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.db");
+    with_one_entry(&path);
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute_batch("PRAGMA user_version = 1;").unwrap();
+    drop(raw);
+
+    let err = Db::open(&path).unwrap_err().to_string();
+    assert!(err.contains("cloud.db"), "{err}");
+    assert!(err.contains("cannot carry over"), "{err}");
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    assert_eq!(user_version(&raw), 1);
+    let n: i64 = raw
+        .query_row("SELECT COUNT(*) FROM ledger_entries", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+/// A file from a newer build is refused rather than written in a layout it does not know.
+#[test]
+fn a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.db");
+    with_one_entry(&path);
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute_batch("PRAGMA user_version = 99;").unwrap();
+    drop(raw);
+    let err = Db::open(&path).unwrap_err().to_string();
+    assert!(err.contains("newer than this build"), "{err}");
+}
