@@ -20,6 +20,12 @@ use crate::exit::UserError;
 
 /// Clients served at once.
 const CLIENTS_MAX: usize = 16;
+/// How long one client may take, request line and answer together: a client that connects and
+/// says nothing frees its place after this. Above a request to the cloud's own bound (the
+/// tunnel's connect timeout), below the patience of `ask` ([`ASK_TIMEOUT`]).
+const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+/// After a failed accept (out of file descriptors, say), the pause before the next.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
 /// The longest request line accepted (an account request's frame, base64, fits many times).
 const REQUEST_BYTES_MAX: u64 = 64 * 1024;
 
@@ -55,6 +61,7 @@ pub(crate) struct Reply {
 impl Reply {
     fn error(e: impl ToString) -> Reply {
         Reply {
+            ok: false,
             error: Some(e.to_string()),
             ..Reply::ok()
         }
@@ -98,20 +105,28 @@ pub(crate) async fn bind(runtime_dir: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves the local API until the listener fails; run it in a `select!` with shutdown.
+/// Serves the local API for as long as it is polled; run it in a `select!` with shutdown.
 pub(crate) async fn serve(listener: UnixListener, tunnel: Arc<TunnelHandle>) {
     let permits = Arc::new(Semaphore::new(CLIENTS_MAX));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            return;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Usually passing (no file descriptor left): the API must outlive it.
+                tracing::warn!(error = %e, "the local API cannot accept a client; retrying");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             continue; // too many clients: drop this one, it sees the connection close
         };
         let tunnel = Arc::clone(&tunnel);
         tokio::spawn(async move {
-            if let Err(e) = client(stream, &tunnel).await {
-                tracing::debug!(error = %e, "local API client failed");
+            match tokio::time::timeout(CLIENT_TIMEOUT, client(stream, &tunnel)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "local API client failed"),
+                Err(_) => tracing::debug!("local API client dropped after {CLIENT_TIMEOUT:?}"),
             }
             drop(permit);
         });
@@ -224,6 +239,17 @@ mod tests {
     use synesis_proto::message::{UploadDone, UsageRequest};
 
     use super::*;
+
+    #[test]
+    fn an_error_reply_says_so() {
+        let reply = serde_json::to_value(Reply::error("no tunnel")).unwrap();
+        assert_eq!(
+            reply,
+            serde_json::json!({"ok": false, "error": "no tunnel"})
+        );
+        let ok = serde_json::to_value(Reply::ok()).unwrap();
+        assert_eq!(ok, serde_json::json!({"ok": true}));
+    }
 
     #[test]
     fn only_whole_account_frames_pass() {

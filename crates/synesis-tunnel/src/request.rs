@@ -51,18 +51,21 @@ pub(crate) async fn exchange(
     result
 }
 
-/// One request and its reply on a new stream of `conn` (which stays open).
+/// One request and its reply on a new stream of `conn` (which stays open), within
+/// [`CONNECT_TIMEOUT`] in all: opening (which waits while the connection's stream limit is
+/// reached), sending (which waits for the cloud's flow control) and the answer.
 pub(crate) async fn exchange_on(
     conn: &quinn::Connection,
     message: &Message,
 ) -> Result<Message, Failure> {
-    // Opening waits while the connection's stream limit is reached: bounded like the rest.
-    let (mut tx, rx) = tokio::time::timeout(CONNECT_TIMEOUT, conn.open_bi())
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let (mut tx, rx) = tokio::time::timeout_at(deadline, conn.open_bi())
         .await
         .map_err(|_| Failure::Transient("no stream could be opened within the timeout".into()))?
         .map_err(|e| classify(&e))?;
-    send(&mut tx, message, FrameLimits::default())
+    tokio::time::timeout_at(deadline, send(&mut tx, message, FrameLimits::default()))
         .await
+        .map_err(|_| Failure::Transient("the request could not be sent within the timeout".into()))?
         .map_err(|e| {
             conn.close_reason()
                 .map_or(Failure::Transient(e.to_string()), |r| classify(&r))
@@ -70,7 +73,7 @@ pub(crate) async fn exchange_on(
     let _ = tx.finish();
     let mut rx = FramedRecv::new(rx, FrameLimits::default());
     let reply = tokio::select! {
-        reply = tokio::time::timeout(CONNECT_TIMEOUT, rx.next()) => reply,
+        reply = tokio::time::timeout_at(deadline, rx.next()) => reply,
         closed = conn.closed() => return Err(classify(&closed)),
     };
     match reply {
