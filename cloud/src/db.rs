@@ -12,9 +12,8 @@ use synesis_proto::message::Tier;
 use synesis_proto::{AccountId, DeviceId, ErrorCode, RequestId, Sha256, UnixMillis};
 
 /// The schema this build writes (`PRAGMA user_version`). 2: entries carry the device and the
-/// token split, and accounts' totals and open holds are kept beside them. 3: the charges' index
-/// carries the request id, the second half of the usage listing's order.
-const SCHEMA_VERSION: i64 = 3;
+/// token split, and accounts' totals and open holds are kept beside them.
+const SCHEMA_VERSION: i64 = 2;
 
 /// How long a writer waits for another process's transaction before giving up.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -70,8 +69,8 @@ CREATE TABLE IF NOT EXISTS ledger_entries (
 );
 -- Also serves an account's listing (its prefix): one index less to keep per entry.
 CREATE INDEX IF NOT EXISTS ledger_by_request ON ledger_entries(account_id, request_id);
--- An account's charges (settlements, kind 3) in the usage listing's order: time, request id.
-CREATE INDEX IF NOT EXISTS ledger_charges ON ledger_entries(account_id, at, request_id) WHERE kind = 3;
+-- An account's charges (settlements, kind 3) by time, for usage pages.
+CREATE INDEX IF NOT EXISTS ledger_charges ON ledger_entries(account_id, at) WHERE kind = 3;
 -- Kept beside the entries in the same transactions, so no operation reads an account's
 -- history; derived from the entries alone (`admin ledger verify` checks they agree).
 CREATE TABLE IF NOT EXISTS ledger_totals (
@@ -245,7 +244,7 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), DbError> {
             "schema version {version} is newer than this build's ({SCHEMA_VERSION}); run a newer synesis-cloud"
         )));
     }
-    if version < 2 {
+    if version < SCHEMA_VERSION {
         // Before version 2 the ledger's entries had no device or token split, and their hashes
         // cover neither, so they cannot be carried over; an empty ledger is simply remade.
         let has_ledger: bool = conn.query_row(
@@ -262,10 +261,6 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), DbError> {
             }
             conn.execute_batch("DROP TABLE ledger_entries")?;
         }
-    }
-    if version == 2 {
-        // Same name, one more column: made again below.
-        conn.execute_batch("DROP INDEX IF EXISTS ledger_charges")?;
     }
     conn.execute_batch(SCHEMA)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;

@@ -9,7 +9,6 @@ use synesis_billing::QuotaPeriod;
 use synesis_billing::ledger::{
     Entry, EntryKind, HoldChange, LedgerError, OpenHold, Store, StoreError, Totals,
 };
-use synesis_proto::message::ChargeCursor;
 use synesis_proto::{AccountId, MicroUsd, RequestId, UnixMillis};
 
 mod writer;
@@ -365,39 +364,74 @@ pub fn stored_states(
     Ok(states)
 }
 
-/// One page of the account's charges (settlements) in the listing's order (time, then request
-/// id): at most [`USAGE_CHARGES_MAX`](synesis_proto::message::USAGE_CHARGES_MAX), at or after
-/// `since` and after `after`; with where the next page starts when more follow.
+/// Why a usage page cannot be listed.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error("`after` names no charge of this account ({0})")]
+    UnknownCursor(RequestId),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+impl From<StoreError> for UsageError {
+    fn from(e: StoreError) -> Self {
+        UsageError::Ledger(e.into())
+    }
+}
+
+impl UsageError {
+    /// The protocol's code for it.
+    pub fn code(&self) -> synesis_proto::ErrorCode {
+        match self {
+            UsageError::UnknownCursor(_) => synesis_proto::ErrorCode::INVALID_REQUEST,
+            UsageError::Ledger(_) => synesis_proto::ErrorCode::INTERNAL,
+        }
+    }
+}
+
+/// One page of the account's charges (settlements) in the listing's order (time, then the
+/// ledger's sequence): at most [`USAGE_CHARGES_MAX`](synesis_proto::message::USAGE_CHARGES_MAX),
+/// at or after `since` and after the charge `after`; with the page's last charge when more
+/// follow.
 pub fn charges(
     conn: &Connection,
     account: AccountId,
     since: Option<UnixMillis>,
-    after: Option<ChargeCursor>,
-) -> Result<(Vec<synesis_proto::message::Charge>, Option<ChargeCursor>), StoreError> {
+    after: Option<RequestId>,
+) -> Result<(Vec<synesis_proto::message::Charge>, Option<RequestId>), UsageError> {
     use synesis_proto::message::USAGE_CHARGES_MAX;
-    // The kind is written out (not bound) so that the partial index `ledger_charges` serves.
+    // The kind is written out (not bound) so that the partial index `ledger_charges` serves; its
+    // entries end with the rowid, which is `seq`, so it holds them in the listing's order.
     const _: () = assert!(EntryKind::Settle.code() == 3);
-    // "At or after `since`" is "after (since, the empty id)": every id sorts after "". Ids are
-    // stored as lowercase hyphenated hex, whose text order is the order of their bytes.
-    let from = match (since, after) {
-        (Some(since), Some(c)) if since > c.at => (since.0, String::new()),
-        (_, Some(c)) => (c.at.0, c.request_id.to_string()),
-        (since, None) => (since.map_or(i64::MIN, |t| t.0), String::new()),
-    };
+    let account_text = account.to_string();
+    // "At or after `since`" is "after (since, -1)": every seq is at least 0.
+    let mut from = (since.map_or(i64::MIN, |t| t.0), -1_i64);
+    if let Some(after) = after {
+        let cursor: (i64, i64) = conn
+            .prepare_cached(
+                "SELECT at, seq FROM ledger_entries WHERE account_id = ?1 AND request_id = ?2 AND kind = 3",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![account_text, after.to_string()], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
+            })
+            .map_err(err)?
+            .ok_or(UsageError::UnknownCursor(after))?;
+        from = from.max(cursor);
+    }
     // One more than a page, to know whether another follows.
     let limit = i64::try_from(USAGE_CHARGES_MAX + 1).unwrap_or(i64::MAX);
     let mut entries = query_entries_ordered(
         conn,
-        "WHERE account_id = ?1 AND kind = 3 AND (at, request_id) > (?2, ?3)",
-        "ORDER BY at, request_id LIMIT ?4",
-        &[&account.to_string(), &from.0, &from.1, &limit],
+        "WHERE account_id = ?1 AND kind = 3 AND (at, seq) > (?2, ?3)",
+        "ORDER BY at, seq LIMIT ?4",
+        &[&account_text, &from.0, &from.1, &limit],
     )?;
     let next = if entries.len() > USAGE_CHARGES_MAX {
         entries.truncate(USAGE_CHARGES_MAX);
-        entries.last().map(|e| ChargeCursor {
-            at: e.at,
-            request_id: e.request_id,
-        })
+        entries.last().map(|e| e.request_id)
     } else {
         None
     };
@@ -427,7 +461,7 @@ pub fn usage_reply(
     request: &synesis_proto::message::UsageRequest,
     now: UnixMillis,
     rules: &synesis_billing::TierRules,
-) -> Result<synesis_proto::message::UsageReply, synesis_billing::ledger::LedgerError> {
+) -> Result<synesis_proto::message::UsageReply, UsageError> {
     // One snapshot for every read, so the balance, the holds and the charges agree even while
     // the ledger writer commits beside it.
     let snapshot = conn.unchecked_transaction().map_err(err)?;

@@ -722,7 +722,12 @@ impl Session {
             .await;
         match result {
             Ok(Ok(reply)) => reply.into(),
-            Ok(Err(e)) => error_msg(ErrorCode::INTERNAL, e.to_string(), Some(request_id)),
+            Ok(Err(e)) => {
+                let code = e
+                    .downcast_ref::<crate::ledger::UsageError>()
+                    .map_or(ErrorCode::INTERNAL, crate::ledger::UsageError::code);
+                error_msg(code, e.to_string(), Some(request_id))
+            }
             Err(e) => error_msg(ErrorCode::INTERNAL, e.to_string(), Some(request_id)),
         }
     }

@@ -26,38 +26,6 @@ fn user_version(conn: &rusqlite::Connection) -> i64 {
         .unwrap()
 }
 
-/// Version 2 kept the charges' index by (account, time); version 3 adds the request id. The
-/// entries are carried over untouched.
-#[test]
-fn version_2_gains_the_request_id_in_the_charges_index() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("cloud.db");
-    with_one_entry(&path);
-    let raw = rusqlite::Connection::open(&path).unwrap();
-    raw.execute_batch(
-        "DROP INDEX ledger_charges;
-         CREATE INDEX ledger_charges ON ledger_entries(account_id, at) WHERE kind = 3;
-         PRAGMA user_version = 2;",
-    )
-    .unwrap();
-    drop(raw);
-
-    let db = Db::open(&path).unwrap();
-    assert_eq!(user_version(db.connection()), 3);
-    let columns: Vec<String> = db
-        .connection()
-        .prepare("SELECT name FROM pragma_index_info('ledger_charges') ORDER BY seqno")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    assert_eq!(columns, ["account_id", "at", "request_id"]);
-    let entries = synesis_cloud::ledger::query_entries(db.connection(), "", &[]).unwrap();
-    assert_eq!(entries.len(), 1);
-    synesis_billing::ledger::verify(&entries).unwrap();
-}
-
 /// Entries written before version 2 lack what their hashes would need: such a file is refused,
 /// naming itself, and left as it was.
 #[test]

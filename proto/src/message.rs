@@ -478,17 +478,8 @@ pub struct UsageRequest {
     pub request_id: RequestId,
     pub since: Option<UnixMillis>,
     pub group_by: Option<UsageGrouping>,
-    /// The page after this charge: the previous reply's `next`.
-    pub after: Option<ChargeCursor>,
-}
-
-/// A place in an account's charges, which are listed by time and then by request id: the last
-/// charge of a page. A device passes a reply's `next` back unchanged to get the following page.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
-pub struct ChargeCursor {
-    pub at: UnixMillis,
-    pub request_id: RequestId,
+    /// The page after this charge (its request id): the previous reply's `next`.
+    pub after: Option<RequestId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -502,9 +493,9 @@ pub struct Charge {
     pub at: UnixMillis,
 }
 
-/// The most charges one `UsageReply` lists: the first ones, by time and then request id, at or
-/// after the request's `since` (and after its `after`). When more follow, the reply's `next` says
-/// where the following page starts.
+/// The most charges one `UsageReply` lists: the first ones in the listing's order (by time,
+/// then in the order the cloud recorded them) at or after the request's `since`, and after its
+/// `after`. When more follow, the reply's `next` names the page's last charge.
 pub const USAGE_CHARGES_MAX: usize = 1_000;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -518,8 +509,9 @@ pub struct UsageReply {
     pub quota_tokens: u64,
     pub quota_tokens_used: u64,
     pub charges: Vec<Charge>,
-    /// Present when more charges follow this page: send it as the next request's `after`.
-    pub next: Option<ChargeCursor>,
+    /// When more charges follow this page: its last charge's request id, to send as the next
+    /// request's `after`.
+    pub next: Option<RequestId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -218,10 +218,7 @@ fn samples() -> Vec<Message> {
             request_id: rid(5),
             since: None,
             group_by: Some(UsageGrouping::Model),
-            after: Some(ChargeCursor {
-                at: UnixMillis(1_795_000_000_050),
-                request_id: rid(2),
-            }),
+            after: Some(rid(2)),
         }
         .into(),
         UsageReply {
@@ -240,10 +237,7 @@ fn samples() -> Vec<Message> {
                 total: MicroUsd(6_953),
                 at: UnixMillis(1_795_000_000_100),
             }],
-            next: Some(ChargeCursor {
-                at: UnixMillis(1_795_000_000_100),
-                request_id: rid(3),
-            }),
+            next: Some(rid(3)),
         }
         .into(),
         TopupRequest {

@@ -215,6 +215,91 @@ fn charges_show_in_usage_by_group_and_sync_mirrors_them() {
     run_ok(cloud.admin().args(["ledger", "verify"]));
 }
 
+/// Settles `count` small requests of `device` in acme's account, the `n`th at `at(n)`, in one
+/// transaction; their request ids (in the order settled) and total.
+fn settle_many(
+    db: &mut Db,
+    device: DeviceId,
+    count: usize,
+    at: impl Fn(usize) -> UnixMillis,
+) -> (Vec<RequestId>, i64) {
+    let account = acme(db);
+    let usage = Usage {
+        input_tokens: 100,
+        output_tokens: 10,
+    };
+    let (mut ids, mut total) = (Vec::with_capacity(count), 0);
+    db.ledger(|s| {
+        for n in 0..count {
+            let at = at(n);
+            let mut rand = [0u8; 10];
+            rand[3..].copy_from_slice(&(n as u64).to_be_bytes()[1..]);
+            let id = RequestId::from_parts(u64::try_from(at.0).unwrap(), rand);
+            total += hold_and_settle(s, account, device, id, "claude-sonnet", usage, at)?;
+            ids.push(id);
+        }
+        Ok(())
+    })
+    .unwrap();
+    (ids, total)
+}
+
+/// A usage page ends exactly where the next begins, inside one millisecond too: one more charge
+/// than a page in a single millisecond lists as a full page naming its last charge, then one.
+#[test]
+fn usage_pages_meet_exactly_inside_one_millisecond() {
+    use synesis_cloud::ledger::{UsageError, charges};
+    use synesis_proto::message::USAGE_CHARGES_MAX;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = Db::open(&dir.path().join("cloud.db")).unwrap();
+    let account: synesis_proto::AccountId = "01a20356-1a8f-701e-b671-33a46efdd11c".parse().unwrap();
+    db.create_account(account, "acme", Tier::Managed, now())
+        .unwrap();
+    db.ledger(|s| {
+        let credit = RequestId::from_parts(1, [9; 10]);
+        synesis_billing::ledger::top_up(
+            s,
+            account,
+            credit,
+            synesis_billing::MicroUsd(i64::MAX / 2),
+            now(),
+        )
+    })
+    .unwrap();
+    let device: DeviceId = "01a20356-1a9c-7054-9319-b9394efbaad6".parse().unwrap();
+    let t = now();
+    let (ids, _) = settle_many(&mut db, device, USAGE_CHARGES_MAX + 1, |_| t);
+    let conn = db.connection();
+    let listed = |page: &[synesis_proto::message::Charge]| -> Vec<RequestId> {
+        page.iter().map(|c| c.request_id).collect()
+    };
+
+    let (first, next) = charges(conn, account, None, None).unwrap();
+    assert_eq!(listed(&first), ids[..USAGE_CHARGES_MAX]);
+    assert_eq!(next, Some(ids[USAGE_CHARGES_MAX - 1]));
+    let (second, next) = charges(conn, account, None, next).unwrap();
+    assert_eq!(listed(&second), ids[USAGE_CHARGES_MAX..]);
+    assert_eq!(next, None);
+
+    // Exactly a page after the first charge: nothing follows it.
+    let (rest, next) = charges(conn, account, Some(t), Some(ids[0])).unwrap();
+    assert_eq!(listed(&rest), ids[1..]);
+    assert_eq!(next, None);
+    // `since` past the cursor wins; a cursor that names no charge is the device's mistake.
+    let (none, next) = charges(conn, account, Some(UnixMillis(t.0 + 1)), Some(ids[0])).unwrap();
+    assert!(none.is_empty() && next.is_none());
+    let stranger = RequestId::from_parts(1, [7; 10]);
+    assert!(matches!(
+        charges(conn, account, None, Some(stranger)),
+        Err(UsageError::UnknownCursor(id)) if id == stranger
+    ));
+    assert_eq!(
+        UsageError::UnknownCursor(stranger).code(),
+        synesis_proto::ErrorCode::INVALID_REQUEST
+    );
+}
+
 /// More charges than one usage reply lists: `cloud usage` and `cloud sync` page through them.
 #[test]
 fn more_charges_than_one_reply_holds_are_all_listed_and_synced() {
@@ -226,24 +311,10 @@ fn more_charges_than_one_reply_holds_are_all_listed_and_synced() {
     let count = USAGE_CHARGES_MAX * 5 / 2;
     let same_ms = USAGE_CHARGES_MAX * 3 / 2;
     let mut db = Db::open(&cloud.dir().join("cloud.db")).unwrap();
-    let account = acme(&db);
     let t = now();
-    let usage = Usage {
-        input_tokens: 100,
-        output_tokens: 10,
-    };
-    let mut total = 0;
-    db.ledger(|s| {
-        for n in 0..count {
-            let at = UnixMillis(t.0 + i64::try_from(n.saturating_sub(same_ms) / 7).unwrap());
-            let mut rand = [0u8; 10];
-            rand[3..].copy_from_slice(&(n as u64).to_be_bytes()[1..]);
-            let id = RequestId::from_parts(u64::try_from(at.0).unwrap(), rand);
-            total += hold_and_settle(s, account, device_id, id, "claude-sonnet", usage, at)?;
-        }
-        Ok(())
-    })
-    .unwrap();
+    let (_, total) = settle_many(&mut db, device_id, count, |n| {
+        UnixMillis(t.0 + i64::try_from(n.saturating_sub(same_ms) / 7).unwrap())
+    });
 
     let listed = json_of(
         device

@@ -220,7 +220,8 @@ pub(crate) async fn topup(out: &Output, paths: &Paths, voucher: &str) -> anyhow:
 }
 
 /// The account's usage with every charge since `since`, page after page (each reply lists at
-/// most `USAGE_CHARGES_MAX` and says where the next starts); the balance is the first page's.
+/// most `USAGE_CHARGES_MAX` and names its last charge when more follow); the balance is the
+/// first page's.
 async fn cloud_usage(
     paths: &Paths,
     since: Option<synesis_proto::UnixMillis>,
@@ -228,6 +229,7 @@ async fn cloud_usage(
 ) -> anyhow::Result<synesis_proto::message::UsageReply> {
     let mut first: Option<synesis_proto::message::UsageReply> = None;
     let mut charges = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut after = None;
     loop {
         let message = synesis_proto::message::UsageRequest {
@@ -240,25 +242,26 @@ async fn cloud_usage(
             bail!("the cloud answered something else than a usage reply");
         };
         let listed = page.charges.len();
-        charges.append(&mut page.charges);
-        let next = page.next.take();
+        for c in std::mem::take(&mut page.charges) {
+            // Pages never overlap: a cloud that repeats itself would be asked forever.
+            if !seen.insert(c.request_id) {
+                bail!("the cloud listed charge {} twice", c.request_id);
+            }
+            charges.push(c);
+        }
+        after = page.next.take();
         first.get_or_insert(page);
-        match next {
+        match after {
             None => break,
-            // `next` is the page's last charge, after the one before: a cloud whose pages are
-            // empty or do not move on is broken, and asking again would never end.
-            Some(next) if listed == 0 || after.is_some_and(|after| next <= after) => {
-                bail!("the cloud's usage pages do not advance (at {})", next.at.0)
+            Some(_) if listed == 0 => {
+                bail!("the cloud sent an empty usage page with more to follow")
             }
-            Some(next) => {
-                tracing::debug!(listed = charges.len(), "more charges follow");
-                after = Some(next);
-            }
+            Some(_) => tracing::debug!(listed = charges.len(), "more charges follow"),
         }
     }
     let mut reply = first.context("no usage reply")?;
-    charges.sort_by_key(|c| (c.at, c.request_id));
     if let Some(by) = group_by {
+        // Stable: the pages came in the listing's order.
         charges.sort_by_cached_key(|c| synesis_billing::group_key(c, by));
     }
     reply.charges = charges;
