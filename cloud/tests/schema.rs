@@ -1,4 +1,4 @@
-//! The cloud database's schema versions: what an older file becomes when a newer build opens it.
+//! The cloud database's schema versions: files this build cannot carry over are refused, and kept.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
 use std::path::Path;

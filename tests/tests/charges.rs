@@ -215,6 +215,42 @@ fn charges_show_in_usage_by_group_and_sync_mirrors_them() {
     run_ok(cloud.admin().args(["ledger", "verify"]));
 }
 
+/// After `cloud logout` and a new `cloud login`, the machine's charges from its earlier identity
+/// stay in agreement with the cloud instead of being reported missing there; another device's
+/// charges in the same account are never mirrored.
+#[test]
+fn sync_keeps_the_charges_of_an_earlier_identity() {
+    let (cloud, device, first) = managed_device("20.00");
+    let u = Usage {
+        input_tokens: 100,
+        output_tokens: 10,
+    };
+    let t = now();
+    let before = charge(&cloud, first, "claude-sonnet", u, t);
+    let synced = json_of(device.synesis().args(["--json", "cloud", "sync"]));
+    assert_eq!(synced["counts"]["added"], 1, "{synced}");
+
+    run_ok(device.synesis().args(["cloud", "logout"]));
+    let second: DeviceId = device.login(&cloud.token("acme", "1h")).parse().unwrap();
+    assert_ne!(first, second);
+    let after = charge(&cloud, second, "claude-sonnet", u, UnixMillis(t.0 + 1));
+    let other = Device::new();
+    let stranger: DeviceId = other.login(&cloud.token("acme", "1h")).parse().unwrap();
+    charge(&cloud, stranger, "claude-sonnet", u, UnixMillis(t.0 + 2));
+
+    let synced = json_of(device.synesis().args(["--json", "cloud", "sync"]));
+    let counts = &synced["counts"];
+    assert_eq!(
+        (counts["added"].as_u64(), counts["unchanged"].as_u64()),
+        (Some(1), Some(1)),
+        "{synced}"
+    );
+    assert_eq!(counts["missing_in_cloud"], 0, "{synced}");
+    assert_eq!(synced["added"][0], after.0.to_string());
+    let local = json_of(device.synesis().args(["--json", "usage"]));
+    assert_eq!(local["cloud"]["total_micro_usd"], before.1 + after.1);
+}
+
 /// Settles `count` small requests of `device` in acme's account, the `n`th at `at(n)`, in one
 /// transaction; their request ids (in the order settled) and total.
 fn settle_many(

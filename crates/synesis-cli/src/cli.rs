@@ -199,7 +199,8 @@ pub(crate) enum CloudCommand {
     },
     /// The account's balance, holds, quota and charges, from the cloud's ledger.
     Usage(CloudUsageArgs),
-    /// Reconcile this device's local ledger with the cloud's, charge by charge (request id).
+    /// Reconcile this device's local ledger with the cloud's, charge by charge (request id):
+    /// the charges of this device, and of its earlier identities the local ledger already holds.
     Sync,
     /// The account's tier and the price table.
     Price,

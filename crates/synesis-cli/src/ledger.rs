@@ -536,6 +536,23 @@ impl LocalLedger {
         Ok(report)
     }
 
+    /// The devices whose cloud charges this ledger mirrors: this machine's identities, the
+    /// current one and any it had before a new `cloud login`.
+    pub(crate) fn cloud_devices(&self) -> Result<HashSet<DeviceId>, LedgerDbError> {
+        let err = sql_error(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT DISTINCT device_id FROM entries WHERE kind = 'cloud' AND device_id IS NOT NULL",
+            )
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(&err)?;
+        rows.map(|id| parse_id(&id.map_err(&err)?, &self.path))
+            .collect()
+    }
+
     /// Totals of the rows at or after `since` (all rows with `None`), and the last sync time.
     pub(crate) fn summary(&self, since: Option<UnixMillis>) -> Result<Summary, LedgerDbError> {
         let path = &self.path;

@@ -288,23 +288,28 @@ pub(crate) async fn sync(out: &Output, paths: &Paths) -> anyhow::Result<()> {
     };
     let device = identity.info.device_id;
     let r = cloud_usage(paths, None, None).await?;
-    let charges: Vec<CloudCharge> = r
-        .charges
-        .into_iter()
-        .filter(|c| c.device_id == Some(device))
-        .map(|c| CloudCharge {
-            request_id: c.request_id,
-            model: c.model,
-            device_id: c.device_id,
-            input_tokens: c.usage.input_tokens,
-            output_tokens: c.usage.output_tokens,
-            total_micro_usd: c.total,
-            at: c.at,
-        })
-        .collect();
     let file = paths.ledger_file();
     let report = tokio::task::spawn_blocking(move || {
-        crate::ledger::LocalLedger::open(&file)?.reconcile(&charges)
+        let mut ledger = crate::ledger::LocalLedger::open(&file)?;
+        // This machine's charges: its current identity's, and those of identities it had
+        // before a new `cloud login` whose charges it already mirrors.
+        let mut devices = ledger.cloud_devices()?;
+        devices.insert(device);
+        let charges: Vec<CloudCharge> = r
+            .charges
+            .into_iter()
+            .filter(|c| c.device_id.is_some_and(|d| devices.contains(&d)))
+            .map(|c| CloudCharge {
+                request_id: c.request_id,
+                model: c.model,
+                device_id: c.device_id,
+                input_tokens: c.usage.input_tokens,
+                output_tokens: c.usage.output_tokens,
+                total_micro_usd: c.total,
+                at: c.at,
+            })
+            .collect();
+        ledger.reconcile(&charges)
     })
     .await
     .context("the local ledger task failed")??;
