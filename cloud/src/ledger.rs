@@ -453,8 +453,8 @@ pub fn charges(
 }
 
 /// An account's usage as `synesis cloud usage` (and `admin usage`) show it: balance, holds,
-/// quota, and the charges since `request.since`, grouped when asked (each group's charges
-/// together, oldest first within it).
+/// quota, and one page of the charges since `request.since` after `request.after`, grouped
+/// when asked (each group's charges together, in the listing's order within it).
 pub fn usage_reply(
     conn: &Connection,
     account: &crate::db::Account,

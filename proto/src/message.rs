@@ -509,7 +509,8 @@ pub struct UsageReply {
     pub quota_tokens: u64,
     pub quota_tokens_used: u64,
     pub charges: Vec<Charge>,
-    /// When more charges follow this page: its last charge's request id, to send as the next
+    /// When more charges follow this page: the request id of its last charge in the listing's
+    /// order (with `group_by`, not necessarily the last element), to send as the next
     /// request's `after`.
     pub next: Option<RequestId>,
 }

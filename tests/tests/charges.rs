@@ -268,8 +268,10 @@ fn settle_many(
     db.ledger(|s| {
         for n in 0..count {
             let at = at(n);
+            // Ids in the opposite order to the settling within a millisecond: the listing's
+            // order is the ledger's, not the ids'.
             let mut rand = [0u8; 10];
-            rand[3..].copy_from_slice(&(n as u64).to_be_bytes()[1..]);
+            rand[3..].copy_from_slice(&((count - n) as u64).to_be_bytes()[1..]);
             let id = RequestId::from_parts(u64::try_from(at.0).unwrap(), rand);
             total += hold_and_settle(s, account, device, id, "claude-sonnet", usage, at)?;
             ids.push(id);

@@ -24,8 +24,10 @@ const CLIENTS_MAX: usize = 16;
 /// says nothing frees its place after this. Above a request to the cloud's own bound (the
 /// tunnel's connect timeout), below the patience of `ask` ([`ASK_TIMEOUT`]).
 const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
-/// After a failed accept (out of file descriptors, say), the pause before the next.
+/// After a failed accept (out of file descriptors, say), the pause before the next; doubled
+/// while failures follow one another, up to `ACCEPT_RETRY_MAX`.
 const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+const ACCEPT_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(8);
 /// The longest request line accepted (an account request's frame, base64, fits many times).
 const REQUEST_BYTES_MAX: u64 = 64 * 1024;
 
@@ -108,13 +110,18 @@ pub(crate) async fn bind(runtime_dir: &Path) -> anyhow::Result<UnixListener> {
 /// Serves the local API for as long as it is polled; run it in a `select!` with shutdown.
 pub(crate) async fn serve(listener: UnixListener, tunnel: Arc<TunnelHandle>) {
     let permits = Arc::new(Semaphore::new(CLIENTS_MAX));
+    let mut pause = ACCEPT_RETRY;
     loop {
         let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+            Ok((stream, _)) => {
+                pause = ACCEPT_RETRY;
+                stream
+            }
             Err(e) => {
                 // Usually passing (no file descriptor left): the API must outlive it.
-                tracing::warn!(error = %e, "the local API cannot accept a client; retrying");
-                tokio::time::sleep(ACCEPT_RETRY).await;
+                tracing::warn!(error = %e, retry_in = ?pause, "the local API cannot accept a client");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(ACCEPT_RETRY_MAX);
                 continue;
             }
         };
@@ -205,8 +212,9 @@ pub(crate) fn decode_frame_base64(text: &str) -> anyhow::Result<synesis_proto::M
     }
 }
 
-/// How long a question to the service may take: its own work is bounded well below this
-/// (a request to the cloud: a stream opened and answered within the connect timeout each).
+/// How long a question to the service may take: its own work is bounded below this (a client
+/// is served within `CLIENT_TIMEOUT`; a request to the cloud is opened, sent and answered within
+/// the tunnel's connect timeout in all).
 const ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Asks the running service; `UserError::NotRunning` when nothing answers.

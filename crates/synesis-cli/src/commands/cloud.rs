@@ -317,7 +317,7 @@ pub(crate) async fn sync(out: &Output, paths: &Paths) -> anyhow::Result<()> {
         let c = &report.counts;
         let mut text = if report.in_agreement() {
             format!(
-                "in agreement: {} charges of this device on both ledgers\n",
+                "in agreement: {} charges of this machine on both ledgers\n",
                 c.cloud_charges
             )
         } else {
