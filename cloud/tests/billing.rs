@@ -62,14 +62,8 @@ fn an_edited_entry_is_named_by_ledger_verify() {
         [],
     )
     .unwrap();
-    let out = admin(dir.path(), &["--json", "ledger", "verify"]);
-    assert!(!out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(
-        (v["intact"].as_bool(), v["first_bad_seq"].as_u64()),
-        (Some(false), Some(1))
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("entry 1"));
+    let stderr = verify_fails_at(dir.path(), 1);
+    assert!(stderr.contains("entry 1"), "{stderr}");
 
     db.execute(
         "UPDATE ledger_entries SET amount = 2000000 WHERE seq = 1",
@@ -86,6 +80,19 @@ fn an_edited_entry_is_named_by_ledger_verify() {
     );
 }
 
+/// `admin ledger verify --json` on a damaged ledger: it fails, naming entry `seq` as the first
+/// bad one; what it said on stderr.
+fn verify_fails_at(dir: &std::path::Path, seq: u64) -> String {
+    let out = admin(dir, &["--json", "ledger", "verify"]);
+    assert!(!out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["intact"].as_bool(), v["first_bad_seq"].as_u64()),
+        (Some(false), Some(seq))
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn an_edited_balance_is_found_by_ledger_verify() {
     let dir = tempfile::tempdir().unwrap();
@@ -98,17 +105,10 @@ fn an_edited_balance_is_found_by_ledger_verify() {
     let db = rusqlite::Connection::open(dir.path().join("cloud.db")).unwrap();
     db.execute("UPDATE ledger_totals SET balance = balance + 1000000", [])
         .unwrap();
-    let out = admin(dir.path(), &["--json", "ledger", "verify"]);
-    assert!(!out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(
-        (v["intact"].as_bool(), v["first_bad_seq"].as_u64()),
-        (Some(false), Some(0))
-    );
+    let stderr = verify_fails_at(dir.path(), 0);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("do not follow from the entries"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("do not follow from the entries"),
+        "{stderr}"
     );
 }
 
