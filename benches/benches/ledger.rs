@@ -19,8 +19,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use synesis_billing::ledger::{Account, HOLD_TTL_DEFAULT_MS, HoldRequest, hold, settle, top_up};
 use synesis_billing::{MicroUsd, PriceTable, Tier, TierRules, Usage};
-use synesis_cloud::db::Db;
 use synesis_cloud::ledger::LedgerWriter;
+use synesis_cloud::storage::{Accounts, Db};
 use synesis_proto::{AccountId, RequestId, UnixMillis};
 
 /// Clients at once: requests in flight on a cloud serving many devices.
@@ -128,8 +128,10 @@ fn ledger(c: &mut Criterion) {
     };
     let ids = Ids::ordered();
     let credit = ids.next();
-    db.ledger(|s| top_up(s, id, credit, MicroUsd(1_000_000_000_000), now()))
-        .unwrap();
+    synesis_cloud::ledger::transaction(&mut db, |s| {
+        top_up(s, id, credit, MicroUsd(1_000_000_000_000), now())
+    })
+    .unwrap();
     let writer = LedgerWriter::open(&path).unwrap();
 
     let anchor = rusqlite::Connection::open(dir.path().join("anchor.db")).unwrap();

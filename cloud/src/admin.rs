@@ -3,26 +3,20 @@
 //! `REVOCATION_POLL_INTERVAL`.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use rand::RngCore;
 use serde::Serialize;
 use synesis_proto::{AccountId, DeviceId, SetupToken, UnixMillis};
 
-use crate::db::{Db, DeviceRow};
+use crate::endpoint::LISTEN_ADDR_FILE;
 use crate::pki::Pki;
-use crate::server::{DB_FILE, LISTEN_ADDR_FILE};
-
-fn now() -> UnixMillis {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    UnixMillis(i64::try_from(ms).unwrap_or(i64::MAX))
-}
+use crate::shared::now;
+use crate::storage::{Accounts, DB_FILE, Db, DeviceRow, Devices, Vouchers};
 
 fn open(dir: &Path) -> anyhow::Result<Db> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    crate::storage::open_dir(dir)?;
     Ok(Db::open(&dir.join(DB_FILE))?)
 }
 
@@ -156,7 +150,7 @@ pub fn devices(dir: &Path, json: bool) -> anyhow::Result<()> {
                 .as_deref()
                 .and_then(|v| serde_json::from_str(v).ok()),
             account: r.account,
-            name: r.name,
+            name: crate::storage::printable(&r.name),
             last_seen_at: r.last_seen_at,
             #[allow(clippy::cast_precision_loss)] // microseconds of RTT
             rtt_ms: r.rtt_us.map(|us| us as f64 / 1_000.0),
@@ -258,7 +252,7 @@ pub fn credit(
     let account = db.account_by_name(name)?;
     let request = operator_request_id()?;
     let at = now();
-    let balance = db.ledger(|store| {
+    let balance = crate::ledger::transaction(&mut db, |store| {
         synesis_billing::ledger::top_up(store, account.id, request, amount, at)?;
         synesis_billing::ledger::balance(store, account.id, at)
     })?;

@@ -30,48 +30,81 @@ impl<'c> SqliteLedger<'c> {
         self.conn
     }
 
-    /// Marks a voucher redeemed by `request` and returns its amount; the same request again
-    /// gets the same amount (idempotent), any other request is refused (`None`). A request
-    /// that redeemed another voucher is a conflict: one request id, one voucher.
+    /// Marks a voucher redeemed by `account`'s `request` and returns its amount. The same
+    /// request of the same account again gets the same amount (idempotent); anyone else, the
+    /// same request id from another account included, is refused (`None`): a redemption
+    /// belongs to one account. A request that redeemed another voucher is a conflict: one
+    /// request id, one voucher.
     pub fn redeem_voucher(
         &self,
         code: &str,
+        account: AccountId,
         request: RequestId,
         now: UnixMillis,
     ) -> Result<Option<MicroUsd>, LedgerError> {
-        let hash = crate::db::sha256(code.trim().as_bytes());
-        let row = self.conn.query_row(
-            "SELECT amount, redeemed_by FROM vouchers WHERE code_sha256 = ?1",
-            [hash.as_slice()],
-            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?)),
-        );
-        let (amount, redeemed_by) = match row {
-            Ok(v) => v,
-            Err(rusqlite::Error::QueryReturnedNoRows) => return Ok(None),
-            Err(e) => return Err(err(e).into()),
+        let hash = crate::storage::sha256(code.trim().as_bytes());
+        let row = self
+            .conn
+            .query_row(
+                "SELECT amount, redeemed_by, redeemed_account FROM vouchers WHERE code_sha256 = ?1",
+                [hash.as_slice()],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(err)?;
+        let Some((amount, redeemed_by, redeemed_account)) = row else {
+            return Ok(None);
         };
+        let (account, request) = (account.to_string(), request.to_string());
         match redeemed_by {
-            Some(by) if by == request.to_string() => Ok(Some(MicroUsd(amount))),
+            Some(by) if by == request && redeemed_account.as_deref() == Some(account.as_str()) => {
+                Ok(Some(MicroUsd(amount)))
+            }
             Some(_) => Ok(None),
             None => {
                 let other = self
                     .conn
-                    .prepare_cached("SELECT 1 FROM vouchers WHERE redeemed_by = ?1")
-                    .and_then(|mut s| s.exists([request.to_string()]))
+                    .prepare_cached(
+                        "SELECT 1 FROM vouchers WHERE redeemed_account = ?1 AND redeemed_by = ?2",
+                    )
+                    .and_then(|mut s| s.exists([&account, &request]))
                     .map_err(err)?;
                 if other {
                     return Err(LedgerError::IdempotencyConflict);
                 }
                 self.conn
                     .execute(
-                        "UPDATE vouchers SET redeemed_at = ?2, redeemed_by = ?3 WHERE code_sha256 = ?1 AND redeemed_by IS NULL",
-                        params![hash.as_slice(), now.0, request.to_string()],
+                        "UPDATE vouchers SET redeemed_at = ?2, redeemed_by = ?3, redeemed_account = ?4
+                         WHERE code_sha256 = ?1 AND redeemed_by IS NULL",
+                        params![hash.as_slice(), now.0, request, account],
                     )
                     .map_err(err)?;
                 Ok(Some(MicroUsd(amount)))
             }
         }
     }
+}
+
+/// Runs ledger rules as one durable transaction on `db` (the operator's commands; the server
+/// goes through the [`LedgerWriter`]): everything `f` appends is committed together, or
+/// nothing is (on any error).
+pub fn transaction<T>(
+    db: &mut crate::storage::Db,
+    f: impl FnOnce(&mut SqliteLedger<'_>) -> Result<T, LedgerError>,
+) -> Result<T, LedgerError> {
+    let tx = db
+        .connection_mut()
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(err)?;
+    let result = f(&mut SqliteLedger::new(&tx))?;
+    tx.commit().map_err(err)?;
+    Ok(result)
 }
 
 const COLUMNS: &str = "seq, account_id, request_id, kind, model, device_id, input_tokens, output_tokens, amount, quota_tokens, body, at, expires_at, prev_hash, hash";
@@ -457,7 +490,7 @@ pub fn charges(
 /// when asked (each group's charges together, in the listing's order within it).
 pub fn usage_reply(
     conn: &Connection,
-    account: &crate::db::Account,
+    account: &crate::storage::Account,
     request: &synesis_proto::message::UsageRequest,
     now: UnixMillis,
     rules: &synesis_billing::TierRules,

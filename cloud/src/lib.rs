@@ -1,15 +1,28 @@
 //! `synesis-cloud` — the cloud side of Synesis, as a library the `synesis-cloud` binary (and
-//! benches and tests) use.
+//! benches and tests) use. ARCHITECTURE.md has the map.
 //!
-//! What it owns: [`server`] (the QUIC endpoint: enrollment, device sessions, the live registry,
-//! revocation, drain), [`db`] (SQLite: accounts, setup tokens, devices), [`pki`] (the private CA
-//! that signs the server's and the devices' certificates), [`admin`] (operator commands), [`config`] (prices and tier rules), [`ledger`]
-//! (the authoritative ledger over SQLite).
-//! What it must not do: import the device side (`synesis-cli`, `synesis-tunnel`).
+//! - [`endpoint`]: the QUIC endpoint ([`endpoint::start`] → [`endpoint::Cloud`], a handle):
+//!   accepts connections within their budgets, identifies the peer, dispatches each stream to
+//!   the module of its kind — [`enrollment`], [`control`], [`account`] (escalation and upload
+//!   come next, with the same shape: `serve(peer, first_message, stream)`).
+//! - [`registry`]: every live connection of every device, so revocation reaches all of them.
+//! - [`storage`]: schema, migrations, connections, typed errors, the storage traits (SQLite).
+//! - [`ledger`]: the authoritative ledger (`synesis-billing`'s rules over [`storage`]) and its
+//!   group-commit writer.
+//! - [`pki`] (the private CA), [`config`] (prices and tier rules), [`admin`] (operator commands).
+//!
+//! What it must not do: import the device side (`synesis-cli`, `synesis-tunnel`), read the
+//! clock outside [`shared::now`], or handle signals (that is `main`'s).
 
+pub mod account;
 pub mod admin;
 pub mod config;
-pub mod db;
+pub mod control;
+pub mod endpoint;
+pub mod enrollment;
 pub mod ledger;
 pub mod pki;
-pub mod server;
+pub mod registry;
+pub mod shared;
+pub mod storage;
+pub mod streams;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use synesis_cloud::{admin, db, server};
+use synesis_cloud::{admin, endpoint, storage};
 use synesis_proto::DeviceId;
 use synesis_proto::message::Tier;
 
@@ -46,6 +46,10 @@ enum Command {
         /// Prices and tier rules (default: cloud.toml in the data directory, when present).
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
+        /// How long a device certificate is valid; devices renew theirs over their own
+        /// connection when a third of it is left.
+        #[arg(long, default_value = "90days", value_parser = humantime::parse_duration)]
+        cert_lifetime: Duration,
     },
     /// Operator commands; they work beside a running server on the same data directory.
     Admin {
@@ -168,7 +172,7 @@ enum DeviceCommand {
 }
 
 fn parse_tier(s: &str) -> Result<Tier, String> {
-    db::parse_tier(s).ok_or_else(|| format!("{s:?} is not a tier: free, managed or byok"))
+    storage::parse_tier(s).ok_or_else(|| format!("{s:?} is not a tier: free, managed or byok"))
 }
 
 fn main() -> ExitCode {
@@ -191,17 +195,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             drain_window,
             drain_grace,
             config,
+            cert_lifetime,
         } => {
             let billing = synesis_cloud::config::load(config.as_deref(), &data_dir)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(server::serve(server::Options {
+            runtime.block_on(serve(endpoint::Options {
                 listen,
                 data_dir,
                 drain_window,
                 drain_grace,
                 billing,
+                cert_lifetime,
             }))
         }
         Command::Admin {
@@ -249,6 +255,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// Runs the cloud until SIGTERM or SIGINT, then drains it.
+async fn serve(options: endpoint::Options) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let cloud = endpoint::start(options).await?;
+    println!("listening on {}", cloud.addr());
+    tokio::select! {
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+    }
+    cloud.shutdown().await;
+    Ok(())
 }
 
 fn init_tracing(verbose: u8) {

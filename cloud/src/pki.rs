@@ -11,7 +11,7 @@ use rcgen::{
 use rustls::pki_types::{
     CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer,
 };
-use synesis_proto::{DeviceId, Sha256};
+use synesis_proto::{DeviceId, Sha256, UnixMillis};
 use synesis_wire::tls::{SERVER_NAME, fingerprint};
 
 use synesis_wire::files::{read_file, write_public_file, write_secret_file};
@@ -31,6 +31,12 @@ pub enum PkiError {
     Corrupt(PathBuf),
     #[error("the device's certificate signing request is invalid: {0}")]
     BadCsr(rcgen::Error),
+    #[error(
+        "{path}: mode {mode:04o} lets others read this key; run `chmod 600 {path}` (and check who could have read it)"
+    )]
+    KeyExposed { path: PathBuf, mode: u32 },
+    #[error("a certificate's expiry is out of range")]
+    BadExpiry,
 }
 
 pub struct Pki {
@@ -157,11 +163,13 @@ impl Pki {
     }
 
     /// Signs a device's CSR: the certificate names the device, is for client authentication
-    /// only, and carries the key the device proved it holds (the CSR's signature is checked).
+    /// only, carries the key the device proved it holds (the CSR's signature is checked), and
+    /// is valid until `not_after` (TLS refuses it after).
     pub fn sign_device(
         &self,
         csr_der: &[u8],
         device: DeviceId,
+        not_after: UnixMillis,
     ) -> Result<CertificateDer<'static>, PkiError> {
         let mut csr =
             CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
@@ -172,7 +180,14 @@ impl Pki {
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        p.serial_number = Some(SerialNumber::from_slice(device.as_bytes()));
+        // The serial is unique per certificate (a device renews under the same id): its id,
+        // then the expiry.
+        let mut serial = device.as_bytes().to_vec();
+        serial.extend_from_slice(&not_after.0.to_be_bytes());
+        p.serial_number = Some(SerialNumber::from_slice(&serial));
+        p.not_after =
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(not_after.0) * 1_000_000)
+                .map_err(|_| PkiError::BadExpiry)?;
         Ok(csr.signed_by(&self.issuer)?.der().clone())
     }
 }
@@ -184,10 +199,35 @@ fn name(common_name: &str) -> DistinguishedName {
 }
 
 fn load_key(path: &Path) -> Result<KeyPair, PkiError> {
+    refuse_exposed(path)?;
     let pem = read_file(path).map_err(|source| PkiError::Io {
         path: path.to_owned(),
         source,
     })?;
     let pem = String::from_utf8(pem).map_err(|_| PkiError::Corrupt(path.to_owned()))?;
     KeyPair::from_pem(&pem).map_err(|_| PkiError::Corrupt(path.to_owned()))
+}
+
+/// A private key others can read is refused, not used: whoever read it can impersonate the
+/// cloud (the server key) or sign devices (the CA key).
+fn refuse_exposed(path: &Path) -> Result<(), PkiError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|source| PkiError::Io {
+                path: path.to_owned(),
+                source,
+            })?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(PkiError::KeyExposed {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+    }
+    Ok(())
 }

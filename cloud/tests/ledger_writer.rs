@@ -3,8 +3,8 @@
 
 use synesis_billing::ledger::{LedgerError, StoreError, balance, top_up};
 use synesis_billing::{MicroUsd, Tier};
-use synesis_cloud::db::Db;
 use synesis_cloud::ledger::LedgerWriter;
+use synesis_cloud::storage::{Accounts, Db, Vouchers};
 use synesis_proto::{AccountId, RequestId, UnixMillis};
 
 const NOW: UnixMillis = UnixMillis(1_795_000_000_000);
@@ -181,8 +181,10 @@ fn one_request_id_redeems_one_voucher() {
         .unwrap();
     db.create_voucher("VCH-TWO", MicroUsd(5_000_000), NOW)
         .unwrap();
-    let redeem =
-        |db: &mut Db, code: &str, request| db.ledger(|s| s.redeem_voucher(code, request, NOW));
+    let account = AccountId::try_from_uuid(uuid::Uuid::now_v7()).unwrap();
+    let redeem = |db: &mut Db, code: &str, request| {
+        synesis_cloud::ledger::transaction(db, |s| s.redeem_voucher(code, account, request, NOW))
+    };
     assert_eq!(
         redeem(&mut db, "VCH-ONE", rid(1)).unwrap(),
         Some(MicroUsd(5_000_000))
@@ -201,6 +203,19 @@ fn one_request_id_redeems_one_voucher() {
     assert_eq!(
         redeem(&mut db, "VCH-TWO", rid(3)).unwrap(),
         Some(MicroUsd(5_000_000))
+    );
+    // The first request id from another account is not a replay of this one's redemption.
+    let other = AccountId::try_from_uuid(uuid::Uuid::now_v7()).unwrap();
+    assert_eq!(
+        synesis_cloud::ledger::transaction(&mut db, |s| s.redeem_voucher(
+            "VCH-ONE",
+            other,
+            rid(1),
+            NOW
+        ))
+        .unwrap(),
+        None,
+        "a redemption belongs to the account that made it"
     );
 }
 

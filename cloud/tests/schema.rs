@@ -5,7 +5,7 @@ use std::path::Path;
 
 use synesis_billing::ledger::top_up;
 use synesis_billing::{MicroUsd, Tier};
-use synesis_cloud::db::Db;
+use synesis_cloud::storage::{Accounts, Db};
 use synesis_proto::{AccountId, RequestId, UnixMillis};
 
 const NOW: UnixMillis = UnixMillis(1_795_000_000_000);
@@ -18,8 +18,10 @@ fn opened_as_version(path: &Path, version: i64) -> String {
     db.create_account(account, "acme", Tier::Managed, NOW)
         .unwrap();
     let request = RequestId::from_parts(1_795_000_000_000, [7; 10]);
-    db.ledger(|s| top_up(s, account, request, MicroUsd(1_000_000), NOW))
-        .unwrap();
+    synesis_cloud::ledger::transaction(&mut db, |s| {
+        top_up(s, account, request, MicroUsd(1_000_000), NOW)
+    })
+    .unwrap();
     drop(db);
     let raw = rusqlite::Connection::open(path).unwrap();
     raw.pragma_update(None, "user_version", version).unwrap();

@@ -213,6 +213,17 @@ impl FrameBuffer {
     }
 
     /// Bytes buffered and not yet returned as messages.
+    /// The type of the frame at the front, as soon as its first byte is in: a receiver can
+    /// refuse a type that does not belong on its stream before the payload arrives.
+    pub fn front_type(&self) -> Result<Option<MessageType>, FrameError> {
+        match self.buf.first() {
+            None => Ok(None),
+            Some(&type_byte) => MessageType::from_u8(type_byte)
+                .map(Some)
+                .ok_or(FrameError::UnknownType { type_byte }),
+        }
+    }
+
     pub fn buffered(&self) -> usize {
         self.buf.len()
     }

@@ -172,6 +172,9 @@ messages! {
     /// Device → cloud: revoke this device (`synesis cloud logout`).
     0x5c => DeviceLeave on Account,
     0x5d => DeviceLeft on Account,
+    /// Device → cloud: a new certificate for this device's key, before the current one ends.
+    0x5e => CertRenew on Account,
+    0x5f => CertRenewed on Account,
 }
 
 // ---------------------------------------------------------------- control
@@ -625,6 +628,25 @@ pub struct DeviceLeft {
     pub device_id: DeviceId,
 }
 
+/// A new certificate for the calling device (same device id), for the key the CSR proves. The
+/// request id is the idempotency key: the same request again gets the same certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct CertRenew {
+    pub request_id: RequestId,
+    /// A PKCS#10 certificate signing request (DER).
+    pub csr_der: Blob,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct CertRenewed {
+    pub request_id: RequestId,
+    pub client_cert_der: Blob,
+    /// When the new certificate stops being accepted.
+    pub not_after: UnixMillis,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -639,7 +661,7 @@ mod tests {
 
     #[test]
     fn unassigned_bytes_name_no_type() {
-        for b in [0x00, 0x09, 0x22, 0x35, 0x45, 0x5e, 0xff] {
+        for b in [0x00, 0x09, 0x22, 0x35, 0x45, 0x60, 0xff] {
             assert_eq!(MessageType::from_u8(b), None, "0x{b:02x}");
         }
     }

@@ -310,6 +310,17 @@ fn samples() -> Vec<Message> {
             device_id: device(),
         }
         .into(),
+        CertRenew {
+            request_id: rid(12),
+            csr_der: Blob(vec![0x30, 0x82, 0x01, 0x02]),
+        }
+        .into(),
+        CertRenewed {
+            request_id: rid(12),
+            client_cert_der: Blob(vec![0x30, 0x82, 0x03, 0x04]),
+            not_after: UnixMillis(1_795_000_000_000),
+        }
+        .into(),
     ]
 }
 

@@ -149,18 +149,31 @@ impl Drop for Running {
 pub struct Cloud {
     pub process: Running,
     pub addr: std::net::SocketAddr,
-    dir: tempfile::TempDir,
+    /// The data directory: made by the cloud itself, inside `_scratch`.
+    dir: PathBuf,
+    _scratch: tempfile::TempDir,
 }
 
 impl Cloud {
     /// Starts a cloud on a new data directory.
     pub fn start() -> Cloud {
-        let dir = tempfile::tempdir().expect("a data directory");
-        let (process, addr) = Cloud::spawn(dir.path(), "127.0.0.1:0");
-        Cloud { process, addr, dir }
+        Cloud::start_with(&[])
     }
 
-    fn spawn(dir: &Path, listen: &str) -> (Running, std::net::SocketAddr) {
+    /// Starts a cloud on a new data directory with more `serve` flags.
+    pub fn start_with(args: &[&str]) -> Cloud {
+        let scratch = tempfile::tempdir().expect("a scratch directory");
+        let dir = scratch.path().join("cloud");
+        let (process, addr) = Cloud::spawn(&dir, "127.0.0.1:0", args);
+        Cloud {
+            process,
+            addr,
+            dir,
+            _scratch: scratch,
+        }
+    }
+
+    fn spawn(dir: &Path, listen: &str, args: &[&str]) -> (Running, std::net::SocketAddr) {
         use std::io::BufRead;
         let mut child = Command::new(bin("synesis-cloud"))
             .args([
@@ -174,10 +187,11 @@ impl Cloud {
                 "--data-dir",
             ])
             .arg(dir)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::piped())
             .stderr(
-                std::fs::File::create(dir.join("serve.log"))
+                std::fs::File::create(dir.with_extension("serve.log"))
                     .map_or_else(|_| std::process::Stdio::null(), Into::into),
             )
             .spawn()
@@ -199,19 +213,24 @@ impl Cloud {
     /// Starts the cloud again on the same data directory and port (after a kill).
     pub fn restart(&mut self) {
         let listen = self.addr.to_string();
-        let (process, addr) = Cloud::spawn(self.dir.path(), &listen);
+        let (process, addr) = Cloud::spawn(&self.dir, &listen, &[]);
         let old = std::mem::replace(&mut self.process, process);
         drop(old);
         assert_eq!(addr, self.addr);
     }
 
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        &self.dir
+    }
+
+    /// What the cloud wrote to stderr so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("serve.log")).unwrap_or_default()
     }
 
     pub fn admin(&self) -> Command {
         let mut cmd = Command::new(bin("synesis-cloud"));
-        cmd.arg("admin").arg("--data-dir").arg(self.dir.path());
+        cmd.arg("admin").arg("--data-dir").arg(&self.dir);
         cmd
     }
 

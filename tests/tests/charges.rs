@@ -11,8 +11,8 @@ use synesis_billing::ledger::{
     Account, HOLD_TTL_DEFAULT_MS, HoldRequest, LedgerError, hold, settle,
 };
 use synesis_billing::{PriceTable, Tier, TierRules, Usage, quote};
-use synesis_cloud::db::Db;
 use synesis_cloud::ledger::SqliteLedger;
+use synesis_cloud::storage::{Accounts, Db};
 use synesis_e2e::{Cloud, Device, json_of, run_ok};
 use synesis_proto::{DeviceId, RequestId, UnixMillis};
 
@@ -74,9 +74,10 @@ fn charge(
     let mut db = Db::open(&cloud.dir().join("cloud.db")).unwrap();
     let account = acme(&db);
     let id = RequestId::from_parts(u64::try_from(at.0).unwrap(), rand_bytes(at));
-    let total = db
-        .ledger(|s| hold_and_settle(s, account, device, id, model, usage, at))
-        .unwrap();
+    let total = synesis_cloud::ledger::transaction(&mut db, |s| {
+        hold_and_settle(s, account, device, id, model, usage, at)
+    })
+    .unwrap();
     let expected = quote(
         Tier::Managed,
         model,
@@ -265,7 +266,7 @@ fn settle_many(
         output_tokens: 10,
     };
     let (mut ids, mut total) = (Vec::with_capacity(count), 0);
-    db.ledger(|s| {
+    synesis_cloud::ledger::transaction(db, |s| {
         for n in 0..count {
             let at = at(n);
             // Ids in the opposite order to the settling within a millisecond: the listing's
@@ -294,7 +295,7 @@ fn usage_pages_meet_exactly_inside_one_millisecond() {
     let account: synesis_proto::AccountId = "01a20356-1a8f-701e-b671-33a46efdd11c".parse().unwrap();
     db.create_account(account, "acme", Tier::Managed, now())
         .unwrap();
-    db.ledger(|s| {
+    synesis_cloud::ledger::transaction(&mut db, |s| {
         let credit = RequestId::from_parts(1, [9; 10]);
         synesis_billing::ledger::top_up(
             s,

@@ -82,7 +82,8 @@ async fn garbage_and_oversize_frames_get_error_codes_and_everyone_is_still_serve
         code_of(raw_stream(&conn, &[0xee, 0, 0, 0, 1, 0]).await),
         ErrorCode::FRAME_UNKNOWN_TYPE
     );
-    let oversize = [MessageType::UploadChunk.as_u8(), 0xff, 0xff, 0xff, 0xff];
+    // A type that may open a stream (any other is refused from its type byte alone).
+    let oversize = [MessageType::UsageRequest.as_u8(), 0xff, 0xff, 0xff, 0xff];
     assert_eq!(
         code_of(raw_stream(&conn, &oversize).await),
         ErrorCode::FRAME_OVERSIZE

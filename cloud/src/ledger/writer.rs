@@ -26,7 +26,7 @@ use synesis_billing::ledger::{LedgerError, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
 use super::SqliteLedger;
-use crate::db::DbError;
+use crate::storage::StorageError;
 
 /// The most operations one transaction carries.
 const MAX_BATCH: usize = 1_024;
@@ -92,14 +92,14 @@ fn stopped() -> LedgerError {
 impl LedgerWriter {
     /// Opens its own connection to the cloud's database (whose schema `Db::open` made) and
     /// starts the writer thread.
-    pub fn open(path: &Path) -> Result<LedgerWriter, DbError> {
+    pub fn open(path: &Path) -> Result<LedgerWriter, StorageError> {
         let conn = connect(path)?;
         let (jobs, queue) = mpsc::channel(QUEUE);
         let path = path.to_owned();
         std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || serve(conn, &path, queue))
-            .map_err(|e| DbError::Corrupt(format!("cannot start the ledger writer: {e}")))?;
+            .map_err(|e| StorageError::Corrupt(format!("cannot start the ledger writer: {e}")))?;
         Ok(LedgerWriter { jobs })
     }
 
@@ -140,8 +140,8 @@ impl LedgerWriter {
     }
 }
 
-fn connect(path: &Path) -> Result<Connection, DbError> {
-    let conn = crate::db::connect(path)?;
+fn connect(path: &Path) -> Result<Connection, StorageError> {
+    let conn = crate::storage::connect(path)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     // The hot pages of the entries' indexes and the totals stay in memory (64 MiB).
     conn.pragma_update(None, "cache_size", -65_536)?;

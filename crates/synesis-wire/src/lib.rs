@@ -14,7 +14,8 @@ pub mod tls;
 use std::io;
 
 use synesis_proto::{
-    EncodeError, ErrorCode, FrameBuffer, FrameError, FrameLimits, Message, encode_frame,
+    EncodeError, ErrorCode, FrameBuffer, FrameError, FrameLimits, Message, MessageType,
+    encode_frame,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -27,6 +28,9 @@ pub enum RecvError {
     Frame(#[from] FrameError),
     #[error("stream read failed: {0}")]
     Io(#[from] io::Error),
+    /// A frame whose type the receiver does not accept here, refused from its type byte.
+    #[error("{} does not belong on this stream", .0.name())]
+    NotAllowed(MessageType),
 }
 
 impl RecvError {
@@ -34,6 +38,7 @@ impl RecvError {
     pub fn peer_fault(&self) -> Option<ErrorCode> {
         match self {
             RecvError::Frame(e) => Some(e.code()),
+            RecvError::NotAllowed(_) => Some(ErrorCode::UNEXPECTED_MESSAGE),
             RecvError::Io(_) => None,
         }
     }
@@ -64,8 +69,23 @@ impl<R: AsyncRead + Unpin> FramedRecv<R> {
 
     /// The next message; `Ok(None)` when the peer finished the stream between frames.
     pub async fn next(&mut self) -> Result<Option<Message>, RecvError> {
+        self.next_if(|_| true).await
+    }
+
+    /// The next message if `allowed` accepts its type: a frame of another type is refused
+    /// ([`RecvError::NotAllowed`]) as soon as its type byte is in, before its payload is read
+    /// or decoded. Cancel-safe, as [`next`](Self::next).
+    pub async fn next_if(
+        &mut self,
+        allowed: impl Fn(MessageType) -> bool,
+    ) -> Result<Option<Message>, RecvError> {
         let mut scratch = [0u8; READ_CHUNK_BYTES];
         loop {
+            if let Some(t) = self.buffer.front_type()?
+                && !allowed(t)
+            {
+                return Err(RecvError::NotAllowed(t));
+            }
             if let Some(message) = self.buffer.next_message()? {
                 return Ok(Some(message));
             }
@@ -162,6 +182,25 @@ mod tests {
         let mut recv = FramedRecv::new(b, FrameLimits::default());
         let err = recv.next().await.unwrap_err();
         assert_eq!(err.peer_fault(), Some(ErrorCode::FRAME_OVERSIZE));
+    }
+
+    #[tokio::test]
+    async fn a_type_not_allowed_is_refused_before_its_payload_arrives() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        // A header announcing 1 MiB that never comes.
+        a.write_all(&[MessageType::UsageRequest.as_u8(), 0, 0x10, 0, 0])
+            .await
+            .unwrap();
+        let mut recv = FramedRecv::new(b, FrameLimits::default());
+        let err = recv
+            .next_if(|t| t == MessageType::EnrollRequest)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RecvError::NotAllowed(MessageType::UsageRequest)),
+            "{err}"
+        );
+        assert_eq!(err.peer_fault(), Some(ErrorCode::UNEXPECTED_MESSAGE));
     }
 
     #[tokio::test]

@@ -1,0 +1,243 @@
+//! Account streams: one request, one reply (`TopupRequest`, `UsageRequest`, `PriceRequest`,
+//! `DeviceLeave`, `CertRenew`). Every request acts on the calling device's own account, and is
+//! checked against the device's current state first: a device revoked since its connection
+//! was made is refused here, whatever the revocation watcher has done yet.
+
+use synesis_billing::ledger::LedgerError;
+use synesis_proto::message::{
+    CertRenew, CertRenewed, DeviceLeave, DeviceLeft, ModelPrice, PriceReply, PriceRequest, Tier,
+    TopupReply, TopupRequest, UsageRequest,
+};
+use synesis_proto::{Blob, ErrorCode, Message, RequestId};
+
+use crate::endpoint::Peer;
+use crate::shared::now;
+use crate::storage::{Accounts, Devices, IssuedCert};
+use crate::streams::{Stream, error_msg};
+
+pub(crate) async fn serve(peer: &Peer, request: Message, mut stream: Stream) {
+    let request_id = request_id_of(&request);
+    let reply = match still_enrolled(peer).await {
+        Err(reply) => reply,
+        Ok(()) => match request {
+            Message::TopupRequest(r) => topup(peer, r).await,
+            Message::UsageRequest(r) => usage(peer, r).await,
+            Message::PriceRequest(r) => price(peer, r).await,
+            Message::DeviceLeave(r) => leave(peer, r).await,
+            Message::CertRenew(r) => renew(peer, r).await,
+            other => error_msg(
+                ErrorCode::UNEXPECTED_MESSAGE,
+                format!("{} is not served yet", other.message_type().name()),
+                request_id,
+            ),
+        },
+    };
+    stream.send_last(&reply).await;
+}
+
+fn request_id_of(m: &Message) -> Option<RequestId> {
+    match m {
+        Message::TopupRequest(r) => Some(r.request_id),
+        Message::UsageRequest(r) => Some(r.request_id),
+        Message::PriceRequest(r) => Some(r.request_id),
+        Message::DeviceLeave(r) => Some(r.request_id),
+        Message::CertRenew(r) => Some(r.request_id),
+        _ => None,
+    }
+}
+
+/// The device's current state, read now: revoked means refused (and every connection of it
+/// closed).
+async fn still_enrolled(peer: &Peer) -> Result<(), Message> {
+    let id = peer.device.id;
+    match peer.shared.storage.read(move |db| db.device(id)).await {
+        Ok(Some(d)) if !d.revoked => Ok(()),
+        Ok(_) => {
+            peer.shared.registry.close_device(
+                id,
+                ErrorCode::DEVICE_REVOKED,
+                b"this device was revoked",
+            );
+            Err(error_msg(
+                ErrorCode::DEVICE_REVOKED,
+                "this device was revoked",
+                None,
+            ))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "device lookup failed");
+            Err(error_msg(ErrorCode::UNAVAILABLE, "try again", None))
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display, request_id: RequestId) -> Message {
+    tracing::error!(error = %e, %request_id, "account request failed");
+    error_msg(ErrorCode::INTERNAL, "internal error", Some(request_id))
+}
+
+/// `synesis cloud topup --voucher`: a voucher's amount becomes credit, once, in one account.
+async fn topup(peer: &Peer, r: TopupRequest) -> Message {
+    let account = peer.device.account_id;
+    let at = now();
+    let (request_id, voucher) = (r.request_id, r.voucher);
+    let result = peer
+        .shared
+        .ledger
+        .run(move |store| {
+            let Some(amount) = store.redeem_voucher(&voucher, account, request_id, at)? else {
+                return Ok(None);
+            };
+            synesis_billing::ledger::top_up(store, account, request_id, amount, at)?;
+            let balance = synesis_billing::ledger::balance(store, account, at)?;
+            Ok(Some((amount, balance.balance)))
+        })
+        .await;
+    match result {
+        Ok(Some((credited, balance))) => TopupReply {
+            request_id,
+            credited,
+            balance,
+        }
+        .into(),
+        Ok(None) => error_msg(
+            ErrorCode::VOUCHER_INVALID,
+            "unknown voucher, or it was already redeemed",
+            Some(request_id),
+        ),
+        Err(LedgerError::IdempotencyConflict) => error_msg(
+            ErrorCode::IDEMPOTENCY_CONFLICT,
+            "this request id was used for something else",
+            Some(request_id),
+        ),
+        Err(e) => internal(e, request_id),
+    }
+}
+
+/// `synesis cloud usage`: balance, holds, quota, charges.
+async fn usage(peer: &Peer, r: UsageRequest) -> Message {
+    let account = peer.device.account_id;
+    let (at, request_id, rules) = (now(), r.request_id, peer.shared.billing.rules);
+    let result = peer
+        .shared
+        .storage
+        .read(move |db| {
+            let acct = db.account_by_id(account)?;
+            Ok(crate::ledger::usage_reply(
+                db.connection(),
+                &acct,
+                &r,
+                at,
+                &rules,
+            ))
+        })
+        .await;
+    match result {
+        Ok(Ok(reply)) => reply.into(),
+        Ok(Err(e)) => match e.code() {
+            ErrorCode::INTERNAL => internal(e, request_id),
+            code => error_msg(code, e.to_string(), Some(request_id)),
+        },
+        Err(e) => internal(e, request_id),
+    }
+}
+
+/// `synesis cloud price`: the account's tier and the price table.
+async fn price(peer: &Peer, r: PriceRequest) -> Message {
+    let account = peer.device.account_id;
+    let acct = match peer
+        .shared
+        .storage
+        .read(move |db| db.account_by_id(account))
+        .await
+    {
+        Ok(acct) => acct,
+        Err(e) => return internal(e, r.request_id),
+    };
+    let billing = &peer.shared.billing;
+    let markup_bps = match acct.tier {
+        Tier::Free => 0,
+        Tier::Managed => billing.rules.managed_markup_bps,
+        Tier::Byok => billing.rules.byok_fee_bps,
+    };
+    let prices = billing
+        .prices
+        .iter()
+        .map(|(model, p)| ModelPrice {
+            model: model.to_owned(),
+            input_per_mtok: p.input_per_mtok,
+            output_per_mtok: p.output_per_mtok,
+        })
+        .collect();
+    PriceReply {
+        request_id: r.request_id,
+        tier: acct.tier,
+        markup_bps,
+        prices,
+    }
+    .into()
+}
+
+/// `synesis cloud logout`: the device revokes itself; every connection of it is closed.
+async fn leave(peer: &Peer, leave: DeviceLeave) -> Message {
+    let id = peer.device.id;
+    let at = now();
+    match peer.shared.storage.write(move |db| db.revoke(id, at)).await {
+        Ok(()) => {
+            tracing::info!(device = %id, "device left (revoked itself)");
+            // The reply goes out on this stream first; the connections close right after.
+            let registry_peer = peer.shared.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                registry_peer.registry.close_device(
+                    id,
+                    ErrorCode::DEVICE_REVOKED,
+                    b"this device was revoked",
+                );
+            });
+            DeviceLeft {
+                request_id: leave.request_id,
+                device_id: id,
+            }
+            .into()
+        }
+        Err(e) => internal(e, leave.request_id),
+    }
+}
+
+/// A new certificate for the calling device (same id), before its current one ends.
+async fn renew(peer: &Peer, r: CertRenew) -> Message {
+    let id = peer.device.id;
+    let not_after = peer.shared.cert_not_after();
+    let request_id = r.request_id;
+    let cert = match peer.shared.pki.sign_device(&r.csr_der.0, id, not_after) {
+        Ok(c) => IssuedCert {
+            der: c.to_vec(),
+            not_after,
+        },
+        Err(e) => return error_msg(ErrorCode::INVALID_REQUEST, e.to_string(), Some(request_id)),
+    };
+    let at = now();
+    let result = peer
+        .shared
+        .storage
+        .write(move |db| db.renew_cert(id, request_id, at, cert))
+        .await;
+    match result {
+        Ok(Some(cert)) => {
+            tracing::info!(device = %id, not_after = cert.not_after.0, "certificate renewed");
+            CertRenewed {
+                request_id,
+                client_cert_der: Blob(cert.der),
+                not_after: cert.not_after,
+            }
+            .into()
+        }
+        Ok(None) => error_msg(
+            ErrorCode::DEVICE_REVOKED,
+            "this device was revoked",
+            Some(request_id),
+        ),
+        Err(e) => internal(e, request_id),
+    }
+}

@@ -1,0 +1,507 @@
+//! The QUIC endpoint: it accepts connections, identifies the peer, and hands each stream to
+//! the module of its kind ([`crate::enrollment`], [`crate::control`], [`crate::account`]).
+//! [`start`] returns a [`Cloud`] handle; signals are `main`'s business.
+//!
+//! What a connection costs before the cloud knows who sent it is bounded:
+//! - at most [`HANDSHAKES_MAX`] handshakes at once, each within [`HANDSHAKE_TIMEOUT`]; past
+//!   [`RETRY_ABOVE_HANDSHAKES`] a client must first prove its address (QUIC Retry);
+//! - a connection starts with one stream and a [`ANONYMOUS_RECEIVE_WINDOW`] window; only an
+//!   identified device gets [`STREAMS_PER_CONNECTION_MAX`] streams and a full window;
+//! - connections without a certificate (enrollment) have their own budget,
+//!   [`ANONYMOUS_CONNECTIONS_MAX`] in all and [`ANONYMOUS_PER_SOURCE_MAX`] per address, apart
+//!   from the [`CONNECTIONS_MAX`] devices may use: a flood of them never keeps a device out.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use rand::Rng;
+use rustls::pki_types::CertificateDer;
+use synesis_proto::{ErrorCode, FrameLimits, Message, MessageType, StreamKind, UnixMillis};
+use synesis_wire::close_code;
+use synesis_wire::tls::fingerprint;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::timeout;
+
+use crate::ledger::LedgerWriter;
+use crate::pki::Pki;
+use crate::registry::{ControlCommand, Registry};
+use crate::shared::{PresenceQueue, Settings, Shared, Storage, now};
+use crate::storage::{DB_FILE, Db, Device, Devices};
+use crate::streams::{First, Stream};
+
+/// Where `serve` records the address it listens on, for `admin token create`.
+pub const LISTEN_ADDR_FILE: &str = "listen.addr";
+
+/// Device connections served at once; more are refused after their handshake.
+pub const CONNECTIONS_MAX: usize = 10_000;
+/// Connections without a certificate (enrollments) at once, and from one address.
+pub const ANONYMOUS_CONNECTIONS_MAX: usize = 256;
+pub const ANONYMOUS_PER_SOURCE_MAX: usize = 8;
+/// Handshakes in progress at once; more are refused at the door.
+pub const HANDSHAKES_MAX: usize = 1_024;
+/// Handshakes in progress above which a client must prove its address first (QUIC Retry).
+pub const RETRY_ABOVE_HANDSHAKES: usize = 64;
+/// A handshake must finish within this time.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bidirectional streams an identified device may have open at once.
+pub const STREAMS_PER_CONNECTION_MAX: u32 = 32;
+/// The receive window of a connection until its peer is identified as a device, and of an
+/// enrollment connection throughout.
+pub const ANONYMOUS_RECEIVE_WINDOW: u32 = 64 * 1024;
+/// The receive window of a device's connection.
+pub const DEVICE_RECEIVE_WINDOW: u32 = 32 * 1024 * 1024;
+/// Frames on an enrollment stream: a request is a CSR and a token, far below this.
+pub const ANONYMOUS_FRAME_LIMITS: FrameLimits = FrameLimits::new(64 * 1024);
+/// A connection with no traffic (heartbeats, QUIC keep-alives) for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often revocations made by `admin device revoke` (another process) are picked up.
+pub const REVOCATION_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often holds past their time get their expiry entries (their amount is released the
+/// moment they lapse either way).
+pub const HOLD_EXPIRY_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a device certificate is valid, unless `--cert-lifetime` says otherwise.
+pub const CERT_LIFETIME_DEFAULT: Duration = Duration::from_secs(90 * 24 * 3_600);
+/// The least reconnect delay a drain hands out.
+const DRAIN_DELAY_MIN: Duration = Duration::from_millis(500);
+
+const _: () = assert!(
+    REVOCATION_POLL_INTERVAL.as_secs() < 5,
+    "revocation must bite within 5 s"
+);
+const _: () = assert!(
+    IDLE_TIMEOUT.as_millis() > 3 * crate::control::HEARTBEAT_INTERVAL_MAX_MS as u128,
+    "the cloud must not time out a device before it misses three heartbeats"
+);
+const _: () = assert!(RETRY_ABOVE_HANDSHAKES < HANDSHAKES_MAX);
+const _: () = assert!(ANONYMOUS_PER_SOURCE_MAX < ANONYMOUS_CONNECTIONS_MAX);
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Drained devices are told to come back after a delay spread over this window.
+    pub drain_window: Duration,
+    /// How long in-flight work may take after the drain before the process exits.
+    pub drain_grace: Duration,
+    /// Prices and tier rules (`cloud.toml`).
+    pub billing: crate::config::Billing,
+    /// How long a device certificate is valid; devices renew well before it ends.
+    pub cert_lifetime: Duration,
+}
+
+/// A running cloud. [`Cloud::shutdown`] drains it and waits until it has stopped; dropping
+/// the handle without it stops the endpoint abruptly.
+#[derive(Debug)]
+pub struct Cloud {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Cloud {
+    /// The address the endpoint listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Drains the devices (each told to come back at its own time), gives in-flight work the
+    /// grace period, and stops.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+fn server_config(pki: &Pki) -> anyhow::Result<quinn::ServerConfig> {
+    let provider = synesis_wire::tls::provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der().clone())?;
+    // Without a certificate a client may still connect, to enroll; `connection` enforces what
+    // such a connection may do. A certificate past its expiry fails the handshake.
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::clone(&provider),
+    )
+    .allow_unauthenticated()
+    .build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(pki.server_chain(), pki.server_key())?;
+    tls.alpn_protocols = synesis_wire::tls::alpn();
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    // Until the peer is known to be a device: one stream, a small window.
+    transport
+        .max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .receive_window(ANONYMOUS_RECEIVE_WINDOW.into())
+        .max_idle_timeout(Some(quinn::IdleTimeout::try_from(IDLE_TIMEOUT)?));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// Opens the data directory, the database and the endpoint, and starts serving.
+pub async fn start(options: Options) -> anyhow::Result<Cloud> {
+    let dir = &options.data_dir;
+    crate::storage::open_dir(dir)?;
+    let pki = Arc::new(Pki::load_or_create(dir)?);
+    let db_path = dir.join(DB_FILE);
+    let mut db = Db::open(&db_path)?;
+    db.reset_connections()?;
+    let reader = Db::open(&db_path)?;
+    let endpoint = quinn::Endpoint::server(server_config(&pki)?, options.listen)
+        .with_context(|| format!("cannot listen on {}", options.listen))?;
+    let addr = endpoint.local_addr()?;
+    synesis_wire::files::write_public_file(
+        &dir.join(LISTEN_ADDR_FILE),
+        addr.to_string().as_bytes(),
+    )?;
+    let shared = Arc::new(Shared {
+        storage: Storage::new(db, reader),
+        ledger: LedgerWriter::open(&db_path)?,
+        billing: options.billing.clone(),
+        pki,
+        registry: Arc::new(Registry::default()),
+        presence: Arc::new(PresenceQueue::default()),
+        settings: Settings {
+            cert_lifetime: options.cert_lifetime,
+        },
+    });
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(run(endpoint, shared, options, stopped));
+    tracing::info!(%addr, "serving");
+    Ok(Cloud {
+        addr,
+        stop,
+        task: Some(task),
+    })
+}
+
+async fn run(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    options: Options,
+    mut stop: watch::Receiver<bool>,
+) {
+    let watcher = tokio::spawn(watch_revocations(Arc::clone(&shared)));
+    let expiry = tokio::spawn(expire_holds(shared.ledger.clone()));
+    let presence = tokio::spawn(Arc::clone(&shared.presence).run(shared.storage.clone()));
+    let door = Arc::new(Door::default());
+    tracing::info!(ca = %shared.pki.ca_fingerprint(), "accepting connections");
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                door.admit(incoming, &shared);
+            }
+        }
+    }
+    drain(&shared, &options).await;
+    watcher.abort();
+    expiry.abort();
+    presence.abort();
+    shared.presence.flush(&shared.storage).await;
+    endpoint.close(0u32.into(), b"shutting down");
+    let _ = timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    tracing::info!("stopped");
+}
+
+/// The budgets a connection is admitted under.
+struct Door {
+    handshakes: Arc<Semaphore>,
+    devices: Arc<Semaphore>,
+    anonymous: Arc<Semaphore>,
+    /// Connections without a certificate, by source address.
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Default for Door {
+    fn default() -> Self {
+        Door {
+            handshakes: Arc::new(Semaphore::new(HANDSHAKES_MAX)),
+            devices: Arc::new(Semaphore::new(CONNECTIONS_MAX)),
+            anonymous: Arc::new(Semaphore::new(ANONYMOUS_CONNECTIONS_MAX)),
+            per_source: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// A connection without a certificate, counted against its source until dropped.
+struct AnonymousSlot {
+    door: Arc<Door>,
+    source: IpAddr,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for AnonymousSlot {
+    fn drop(&mut self) {
+        let mut per_source = self.door.sources();
+        if let Some(n) = per_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                per_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+impl Door {
+    fn sources(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.per_source
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Decides at the door: Retry when busy and the address is unproven, refuse when full,
+    /// else a task for the handshake and the connection.
+    fn admit(self: &Arc<Self>, incoming: quinn::Incoming, shared: &Arc<Shared>) {
+        let in_progress = HANDSHAKES_MAX - self.handshakes.available_permits();
+        if in_progress >= RETRY_ABOVE_HANDSHAKES
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            if let Err(e) = incoming.retry() {
+                tracing::debug!(error = %e, "retry failed");
+            }
+            return;
+        }
+        let Ok(handshake) = Arc::clone(&self.handshakes).try_acquire_owned() else {
+            tracing::warn!(limit = HANDSHAKES_MAX, "handshake limit reached; refusing");
+            incoming.refuse();
+            return;
+        };
+        let (door, shared) = (Arc::clone(self), Arc::clone(shared));
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match timeout(HANDSHAKE_TIMEOUT, async { incoming.accept()?.await }).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, error = %e, "handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%remote, "handshake timed out");
+                    return;
+                }
+            };
+            drop(handshake);
+            match peer_fingerprint(&conn) {
+                None => {
+                    let Some(slot) = door.anonymous_slot(remote.ip()) else {
+                        conn.close(
+                            close_code(ErrorCode::LIMIT_EXCEEDED),
+                            b"too many connections without a certificate",
+                        );
+                        return;
+                    };
+                    crate::enrollment::serve(&shared, &conn).await;
+                    drop(slot);
+                }
+                Some(fpr) => {
+                    let Ok(_permit) = Arc::clone(&door.devices).try_acquire_owned() else {
+                        tracing::warn!(limit = CONNECTIONS_MAX, "device connection limit reached");
+                        conn.close(close_code(ErrorCode::UNAVAILABLE), b"the cloud is full");
+                        return;
+                    };
+                    device(shared, conn, fpr).await;
+                }
+            }
+        });
+    }
+
+    fn anonymous_slot(self: &Arc<Self>, source: IpAddr) -> Option<AnonymousSlot> {
+        let mut per_source = self.sources();
+        let n = per_source.entry(source).or_default();
+        if *n >= ANONYMOUS_PER_SOURCE_MAX {
+            return None;
+        }
+        let permit = Arc::clone(&self.anonymous).try_acquire_owned().ok()?;
+        *n += 1;
+        drop(per_source);
+        Some(AnonymousSlot {
+            door: Arc::clone(self),
+            source,
+            _permit: permit,
+        })
+    }
+}
+
+fn peer_fingerprint(conn: &quinn::Connection) -> Option<synesis_proto::Sha256> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    chain.first().map(fingerprint)
+}
+
+/// An identified device's connection, as every stream handler sees it.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) device: Device,
+    pub(crate) conn: quinn::Connection,
+}
+
+/// A device's connection: checked against the registry, recorded (so revocation reaches it,
+/// whatever it sends), then one task per stream.
+async fn device(shared: Arc<Shared>, conn: quinn::Connection, fpr: synesis_proto::Sha256) {
+    let found = shared.storage.read(move |db| db.device_by_cert(&fpr)).await;
+    let device = match found {
+        Ok(Some(d)) if !d.revoked => d,
+        Ok(Some(d)) => {
+            tracing::info!(device = %d.id, "refusing a revoked device");
+            conn.close(
+                close_code(ErrorCode::DEVICE_REVOKED),
+                b"this device was revoked",
+            );
+            return;
+        }
+        Ok(None) => {
+            conn.close(
+                close_code(ErrorCode::UNAUTHENTICATED),
+                b"unknown device certificate",
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "device lookup failed");
+            conn.close(close_code(ErrorCode::UNAVAILABLE), b"try again");
+            return;
+        }
+    };
+    let _registered = shared.registry.add(device.id, &conn);
+    // Revoked between the lookup and the registration: the watcher may have looked already.
+    let id = device.id;
+    if !matches!(shared.storage.read(move |db| db.device(id)).await, Ok(Some(d)) if !d.revoked) {
+        conn.close(
+            close_code(ErrorCode::DEVICE_REVOKED),
+            b"this device was revoked",
+        );
+        return;
+    }
+    conn.set_max_concurrent_bi_streams(STREAMS_PER_CONNECTION_MAX.into());
+    conn.set_receive_window(DEVICE_RECEIVE_WINDOW.into());
+    let peer = Arc::new(Peer {
+        shared,
+        device,
+        conn,
+    });
+    while let Ok((tx, rx)) = peer.conn.accept_bi().await {
+        tokio::spawn(stream(Arc::clone(&peer), tx, rx));
+    }
+}
+
+/// A new stream of a device: its first frame says its kind; its handler takes it from there.
+async fn stream(peer: Arc<Peer>, tx: quinn::SendStream, rx: quinn::RecvStream) {
+    let mut stream = Stream::new(tx, rx, FrameLimits::default());
+    let opens_a_stream = |t: MessageType| {
+        t == MessageType::Hello || (t.stream() == StreamKind::Account && is_request(t))
+    };
+    match stream
+        .first(opens_a_stream, ErrorCode::UNEXPECTED_MESSAGE)
+        .await
+    {
+        First::Message(Message::Hello(hello)) => crate::control::serve(&peer, hello, stream).await,
+        First::Message(request) => crate::account::serve(&peer, request, stream).await,
+        First::Empty | First::Refused => {}
+    }
+}
+
+/// The account messages a device sends (the others are the cloud's replies).
+fn is_request(t: MessageType) -> bool {
+    matches!(
+        t,
+        MessageType::UsageRequest
+            | MessageType::TopupRequest
+            | MessageType::PriceRequest
+            | MessageType::DeviceLeave
+            | MessageType::CertRenew
+    )
+}
+
+/// Tells every device to go away and come back later (each at its own time), then gives their
+/// connections up to the grace period to close.
+async fn drain(shared: &Shared, options: &Options) {
+    let targets = shared.registry.sessions();
+    tracing::info!(devices = targets.len(), "draining");
+    let window = options.drain_window.max(DRAIN_DELAY_MIN);
+    {
+        let mut rng = rand::rng();
+        for (id, control) in &targets {
+            let reconnect_after = rng.random_range(DRAIN_DELAY_MIN..=window);
+            if control
+                .try_send(ControlCommand::Drain { reconnect_after })
+                .is_err()
+            {
+                tracing::debug!(device = %id, "control stream busy or gone; not drained");
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + options.drain_grace;
+    while shared.registry.has_sessions() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Expires holds that were never settled, now and then.
+async fn expire_holds(ledger: LedgerWriter) {
+    let mut ticker = tokio::time::interval(HOLD_EXPIRY_INTERVAL);
+    loop {
+        ticker.tick().await;
+        match crate::ledger::expire_lapsed(&ledger, now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(holds = n, "expired holds that were never settled"),
+            Err(e) => tracing::warn!(error = %e, "cannot expire holds"),
+        }
+    }
+}
+
+/// Closes every connection of devices revoked by another process (`admin device revoke`).
+async fn watch_revocations(shared: Arc<Shared>) {
+    let mut ticker = tokio::time::interval(REVOCATION_POLL_INTERVAL);
+    // Look back a little further than one tick, so that a revocation committed while the last
+    // query ran is not missed; closing twice is harmless.
+    let mut since = now();
+    loop {
+        ticker.tick().await;
+        let polled_at = now();
+        let revoked = match shared.storage.read(move |db| db.revoked_since(since)).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read revocations");
+                continue;
+            }
+        };
+        since = UnixMillis(
+            polled_at.0 - 2 * i64::try_from(REVOCATION_POLL_INTERVAL.as_millis()).unwrap_or(0),
+        );
+        for id in revoked {
+            let closed = shared.registry.close_device(
+                id,
+                ErrorCode::DEVICE_REVOKED,
+                b"this device was revoked",
+            );
+            if closed > 0 {
+                tracing::info!(device = %id, connections = closed, "closed the connections of a revoked device");
+            }
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! What every connection and stream task of a running cloud shares: storage, the ledger
+//! writer, prices, the CA, the registry of live connections, and the presence recorder.
+//! The clock is read here ([`now`]) and nowhere else in the server.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use synesis_proto::{DeviceId, UnixMillis};
+
+use crate::ledger::LedgerWriter;
+use crate::pki::Pki;
+use crate::registry::Registry;
+use crate::storage::{Db, Presence, StorageError};
+
+/// How often presence changes (connects, heartbeats, disconnects) are written, together.
+pub(crate) const PRESENCE_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+/// Presence changes waiting for a write, at most; heartbeats beyond it are dropped (each
+/// device's newest heartbeat replaces its older one, so this bounds reconnect storms only).
+const PRESENCE_PENDING_MAX: usize = 100_000;
+
+/// The cloud's clock: Unix milliseconds.
+pub fn now() -> UnixMillis {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    UnixMillis(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
+/// The registry database: one connection for writes, one for reads (WAL lets reads go on
+/// while a write commits). Each is a `std::sync::Mutex` locked only inside `spawn_blocking`.
+#[derive(Debug, Clone)]
+pub(crate) struct Storage {
+    writer: Arc<Mutex<Db>>,
+    reader: Arc<Mutex<Db>>,
+}
+
+impl Storage {
+    pub(crate) fn new(writer: Db, reader: Db) -> Storage {
+        Storage {
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(reader)),
+        }
+    }
+
+    async fn on<T: Send + 'static>(
+        db: &Arc<Mutex<Db>>,
+        f: impl FnOnce(&mut Db) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let db = Arc::clone(db);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = db.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StorageError::Corrupt(format!("database task failed: {e}")))?
+    }
+
+    /// Runs `f` on the write connection, on the blocking pool.
+    pub(crate) async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Db) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        Self::on(&self.writer, f).await
+    }
+
+    /// Runs `f` on the read connection, on the blocking pool.
+    pub(crate) async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Db) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        Self::on(&self.reader, |db| f(db)).await
+    }
+}
+
+/// Presence changes waiting to be written, in arrival order; a device's newer heartbeat
+/// replaces its older one still waiting.
+#[derive(Debug, Default)]
+pub(crate) struct PresenceQueue {
+    pending: Mutex<Pending>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    changes: Vec<Presence>,
+    /// Where each device's newest waiting heartbeat is in `changes`.
+    last_seen: HashMap<DeviceId, usize>,
+}
+
+impl PresenceQueue {
+    /// Queues a change; never waits.
+    pub(crate) fn note(&self, change: Presence) {
+        let mut p = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let device = change.device();
+        match change {
+            Presence::Seen { .. } => {
+                if let Some(&i) = p.last_seen.get(&device) {
+                    p.changes[i] = change;
+                } else if p.changes.len() < PRESENCE_PENDING_MAX {
+                    let i = p.changes.len();
+                    p.changes.push(change);
+                    p.last_seen.insert(device, i);
+                }
+            }
+            other => {
+                p.last_seen.remove(&device);
+                p.changes.push(other);
+            }
+        }
+    }
+
+    fn take(&self) -> Vec<Presence> {
+        let mut p = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        p.last_seen.clear();
+        std::mem::take(&mut p.changes)
+    }
+
+    /// Puts back changes whose write failed, before anything queued since.
+    fn put_back(&self, mut changes: Vec<Presence>) {
+        let mut p = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        changes.truncate(PRESENCE_PENDING_MAX);
+        changes.append(&mut p.changes);
+        p.changes = changes;
+        p.last_seen.clear();
+    }
+
+    /// Writes what is waiting, every [`PRESENCE_FLUSH_INTERVAL`], in one transaction; a failed
+    /// write (a busy database) is tried again at the next tick.
+    pub(crate) async fn run(self: Arc<Self>, storage: Storage) {
+        let mut ticker = tokio::time::interval(PRESENCE_FLUSH_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            self.flush(&storage).await;
+        }
+    }
+
+    pub(crate) async fn flush(&self, storage: &Storage) {
+        let changes = self.take();
+        if changes.is_empty() {
+            return;
+        }
+        let (result, changes) = storage
+            .write(move |db| {
+                let r = crate::storage::Devices::record_presence(db, &changes);
+                Ok((r, changes))
+            })
+            .await
+            .unwrap_or_else(|e| (Err(e), Vec::new()));
+        if let Err(e) = result {
+            tracing::warn!(error = %e, waiting = changes.len(), "cannot record device presence; trying again");
+            self.put_back(changes);
+        }
+    }
+}
+
+/// Settings of a running cloud that handlers read.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// How long a device certificate is valid from its signing.
+    pub(crate) cert_lifetime: Duration,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) storage: Storage,
+    /// Every ledger operation the server makes goes through it (group commit, durable).
+    pub(crate) ledger: LedgerWriter,
+    pub(crate) billing: crate::config::Billing,
+    pub(crate) pki: Arc<Pki>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) presence: Arc<PresenceQueue>,
+    pub(crate) settings: Settings,
+}
+
+impl Shared {
+    /// The expiry of a certificate signed now.
+    pub(crate) fn cert_not_after(&self) -> UnixMillis {
+        let lifetime = i64::try_from(self.settings.cert_lifetime.as_millis()).unwrap_or(i64::MAX);
+        UnixMillis(now().0.saturating_add(lifetime))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> DeviceId {
+        DeviceId::try_from_uuid(uuid::Uuid::now_v7()).unwrap()
+    }
+
+    fn seen(device: DeviceId, at: i64) -> Presence {
+        Presence::Seen {
+            device,
+            at: UnixMillis(at),
+            rtt_us: 1,
+            vitals_json: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_newer_heartbeat_replaces_the_waiting_one_and_order_is_kept() {
+        let q = PresenceQueue::default();
+        let (a, b) = (id(), id());
+        q.note(Presence::Connected {
+            device: a,
+            heartbeat_interval_ms: 1_000,
+            at: UnixMillis(1),
+        });
+        q.note(seen(a, 2));
+        q.note(seen(b, 3));
+        q.note(seen(a, 4));
+        q.note(Presence::Disconnected {
+            device: a,
+            at: UnixMillis(5),
+        });
+        q.note(seen(a, 6));
+        let got: Vec<(DeviceId, i64)> = q
+            .take()
+            .iter()
+            .map(|p| {
+                let at = match p {
+                    Presence::Connected { at, .. }
+                    | Presence::Seen { at, .. }
+                    | Presence::Disconnected { at, .. } => at.0,
+                };
+                (p.device(), at)
+            })
+            .collect();
+        assert_eq!(got, vec![(a, 1), (a, 4), (b, 3), (a, 5), (a, 6)]);
+        assert!(q.take().is_empty());
+    }
+}

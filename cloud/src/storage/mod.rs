@@ -1,0 +1,346 @@
+//! The cloud's storage layer: the schema and its stepwise migrations ([`schema`]), the files
+//! and connections ([`open_dir`], [`connect`]), one typed error ([`StorageError`]), and the
+//! traits the handlers use ([`Accounts`], [`Devices`], [`Vouchers`]; the ledger's is
+//! `synesis_billing::ledger::Store`, implemented by [`crate::ledger::SqliteLedger`]).
+//!
+//! SQLite ([`Db`]) is the one backend today. A PostgreSQL backend implements the same traits;
+//! handlers and the ledger rules do not change (ARCHITECTURE.md, "Storage").
+//!
+//! Imports flow one way: `ledger` uses `storage`, never the reverse.
+
+use std::path::{Path, PathBuf};
+
+use synesis_proto::message::Tier;
+use synesis_proto::{AccountId, DeviceId, ErrorCode, MicroUsd, RequestId, Sha256, UnixMillis};
+
+pub mod schema;
+mod sqlite;
+
+pub use sqlite::{Db, connect};
+
+/// The database file in the data directory.
+pub const DB_FILE: &str = "cloud.db";
+
+/// How long a writer waits for another process's transaction before giving up.
+pub const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// Another writer held the database past [`BUSY_TIMEOUT`], or a serialisation conflict
+    /// (PostgreSQL): nothing was written, and the same operation may be tried again.
+    #[error("the database is busy; try again")]
+    Conflict,
+    #[error("database: {0}")]
+    Backend(rusqlite::Error),
+    #[error("an account named {0:?} already exists")]
+    AccountExists(String),
+    #[error("no account named {0:?}")]
+    NoSuchAccount(String),
+    #[error("no device {0}")]
+    NoSuchDevice(DeviceId),
+    #[error("the database holds a value this build cannot read: {0}")]
+    Corrupt(String),
+    #[error("{path}: {reason}")]
+    Schema { path: String, reason: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl StorageError {
+    /// Whether trying the same operation again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StorageError::Conflict)
+    }
+}
+
+impl From<rusqlite::Error> for StorageError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                StorageError::Conflict
+            }
+            _ => StorageError::Backend(e),
+        }
+    }
+}
+
+/// Why an enrollment was refused: each maps to a protocol error code. The messages are what an
+/// unauthenticated peer reads: plain words, never database text.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("unknown setup token or wrong secret")]
+    Invalid,
+    #[error("the setup token expired")]
+    Expired,
+    #[error("the setup token was already used")]
+    Used,
+    #[error("this request id was already used by another enrollment")]
+    RequestReused,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl EnrollError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            EnrollError::Invalid => ErrorCode::TOKEN_INVALID,
+            EnrollError::Expired => ErrorCode::TOKEN_EXPIRED,
+            EnrollError::Used => ErrorCode::TOKEN_USED,
+            EnrollError::RequestReused => ErrorCode::IDEMPOTENCY_CONFLICT,
+            EnrollError::BadRequest(_) => ErrorCode::INVALID_REQUEST,
+            EnrollError::Storage(StorageError::Conflict) => ErrorCode::UNAVAILABLE,
+            EnrollError::Storage(_) => ErrorCode::INTERNAL,
+        }
+    }
+
+    /// What the peer is told: internal failures say only that they happened.
+    pub fn public_message(&self) -> String {
+        match self {
+            EnrollError::Storage(StorageError::Conflict) => "the cloud is busy; try again".into(),
+            EnrollError::Storage(_) => "internal error".into(),
+            other => other.to_string(),
+        }
+    }
+}
+
+impl From<rusqlite::Error> for EnrollError {
+    fn from(e: rusqlite::Error) -> Self {
+        EnrollError::Storage(e.into())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub id: AccountId,
+    pub name: String,
+    pub tier: Tier,
+}
+
+/// A device's request to enroll, as the cloud checks it.
+#[derive(Debug, Clone, Copy)]
+pub struct Enrollment<'a> {
+    pub token_id: [u8; 16],
+    pub secret: &'a [u8; 32],
+    /// The idempotency key: the same request again gets the same device.
+    pub request: RequestId,
+    pub device_name: &'a str,
+    /// The id the device gets if this request creates it.
+    pub new_device_id: DeviceId,
+}
+
+/// What an enrollment produced (or produced before, for a retried request).
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    pub device_id: DeviceId,
+    pub account_id: AccountId,
+    pub account_name: String,
+    pub cert_der: Vec<u8>,
+}
+
+/// A certificate the cloud signed for a device, as stored.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    pub der: Vec<u8>,
+    pub not_after: UnixMillis,
+}
+
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub id: DeviceId,
+    pub account_id: AccountId,
+    pub revoked: bool,
+}
+
+/// A device as `admin devices` lists it.
+#[derive(Debug, Clone)]
+pub struct DeviceRow {
+    pub id: DeviceId,
+    pub account: String,
+    pub name: String,
+    pub revoked_at: Option<UnixMillis>,
+    pub connected: bool,
+    pub last_seen_at: Option<UnixMillis>,
+    pub heartbeat_interval_ms: Option<i64>,
+    /// QUIC's smoothed RTT estimate at the last heartbeat, in microseconds.
+    pub rtt_us: Option<i64>,
+    pub vitals_json: Option<String>,
+}
+
+/// What the cloud learned of a device's presence; written in batches, in order, never one
+/// heartbeat at a time.
+#[derive(Debug, Clone)]
+pub enum Presence {
+    Connected {
+        device: DeviceId,
+        heartbeat_interval_ms: u32,
+        at: UnixMillis,
+    },
+    /// A heartbeat: when, the RTT QUIC measured, and the vitals it carried (JSON).
+    Seen {
+        device: DeviceId,
+        at: UnixMillis,
+        rtt_us: i64,
+        vitals_json: String,
+    },
+    Disconnected {
+        device: DeviceId,
+        at: UnixMillis,
+    },
+}
+
+impl Presence {
+    pub fn device(&self) -> DeviceId {
+        match self {
+            Presence::Connected { device, .. }
+            | Presence::Seen { device, .. }
+            | Presence::Disconnected { device, .. } => *device,
+        }
+    }
+}
+
+pub trait Accounts {
+    fn create_account(
+        &mut self,
+        id: AccountId,
+        name: &str,
+        tier: Tier,
+        now: UnixMillis,
+    ) -> Result<Account, StorageError>;
+    fn account_by_name(&self, name: &str) -> Result<Account, StorageError>;
+    fn account_by_id(&self, id: AccountId) -> Result<Account, StorageError>;
+    fn set_tier(&mut self, name: &str, tier: Tier) -> Result<(), StorageError>;
+}
+
+pub trait Devices {
+    fn create_token(
+        &mut self,
+        account: AccountId,
+        token_id: [u8; 16],
+        secret: &[u8; 32],
+        now: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> Result<(), StorageError>;
+    /// Uses a setup token to enroll a device, durably, in one transaction. The token is checked
+    /// before the write lock is taken; the request id is the idempotency key.
+    fn enroll(
+        &mut self,
+        e: &Enrollment<'_>,
+        now: UnixMillis,
+        sign: &mut dyn FnMut(DeviceId) -> Result<IssuedCert, String>,
+    ) -> Result<Enrolled, EnrollError>;
+    /// Records `cert`, newly signed for `device` (same id), keyed by `request`; returns the
+    /// certificate of that request: `cert`, or the one an earlier try of the same request
+    /// stored. `None`: the device is unknown or revoked.
+    fn renew_cert(
+        &mut self,
+        device: DeviceId,
+        request: RequestId,
+        now: UnixMillis,
+        cert: IssuedCert,
+    ) -> Result<Option<IssuedCert>, StorageError>;
+    /// The device a client certificate belongs to (any certificate the cloud signed for it).
+    fn device_by_cert(&self, cert_sha256: &Sha256) -> Result<Option<Device>, StorageError>;
+    fn device(&self, id: DeviceId) -> Result<Option<Device>, StorageError>;
+    fn reset_connections(&mut self) -> Result<(), StorageError>;
+    /// Applies presence changes in order, in one transaction.
+    fn record_presence(&mut self, changes: &[Presence]) -> Result<(), StorageError>;
+    fn revoke(&mut self, id: DeviceId, now: UnixMillis) -> Result<(), StorageError>;
+    fn revoked_since(&self, since: UnixMillis) -> Result<Vec<DeviceId>, StorageError>;
+    fn devices(&self) -> Result<Vec<DeviceRow>, StorageError>;
+}
+
+pub trait Vouchers {
+    fn create_voucher(
+        &mut self,
+        code: &str,
+        amount: MicroUsd,
+        now: UnixMillis,
+    ) -> Result<(), StorageError>;
+}
+
+pub fn parse_tier(s: &str) -> Option<Tier> {
+    match s {
+        "free" => Some(Tier::Free),
+        "managed" => Some(Tier::Managed),
+        "byok" => Some(Tier::Byok),
+        _ => None,
+    }
+}
+
+/// Text a peer supplied (a device name), as an operator's terminal may show it: control
+/// characters (escape sequences, bells, line breaks) become spaces; surrounding space is
+/// trimmed.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .to_owned()
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+/// Compares secrets' hashes without an early exit, so timing tells nothing.
+pub(crate) fn same_hash(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The data directory, made private: created 0700 (or narrowed to it), and the database file
+/// created 0600 before SQLite opens it (SQLite gives its WAL and shared-memory files the
+/// database file's mode).
+pub fn open_dir(dir: &Path) -> Result<(), StorageError> {
+    let io = |source| StorageError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+        let db = dir.join(DB_FILE);
+        let file_io = |source| StorageError::Io {
+            path: db.clone(),
+            source,
+        };
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&db)
+            .map_err(file_io)?;
+        for name in [DB_FILE, "cloud.db-wal", "cloud.db-shm"] {
+            let path = dir.join(name);
+            if path.exists() {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(file_io)?;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(dir).map_err(io)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_text_loses_its_control_characters() {
+        assert_eq!(printable("a\u{1b}[2Jb\u{7}\u{9b}c\n"), "a [2Jb  c");
+        assert_eq!(printable("  laptop  "), "laptop");
+    }
+}

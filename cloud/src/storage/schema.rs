@@ -1,0 +1,166 @@
+//! The cloud database's schema and its migrations, one step per version
+//! (`PRAGMA user_version`). A new database runs every step from 0; an old one the steps it
+//! lacks, each in its own transaction. A file from a newer build is refused, never guessed at.
+//!
+//! - 2: accounts, setup tokens, devices, the ledger (entries with device and token split, kept
+//!   totals and open holds), vouchers. (Earlier versions were development builds: an empty
+//!   ledger is remade, one with entries is refused, since their hashes cover neither field.)
+//! - 3: a voucher records the account that redeemed it (a request id is a key only within its
+//!   account); `device_certs` holds every certificate signed for a device, with its expiry,
+//!   so a device can renew its certificate and keep its id.
+
+use std::path::Path;
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::StorageError;
+
+/// The schema this build writes.
+pub const SCHEMA_VERSION: i64 = 3;
+
+const BASE_V2: &str = "
+CREATE TABLE IF NOT EXISTS accounts (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL UNIQUE,
+    tier        TEXT NOT NULL CHECK (tier IN ('free', 'managed', 'byok')),
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS setup_tokens (
+    id              BLOB PRIMARY KEY,          -- 16 bytes, not secret
+    account_id      TEXT NOT NULL REFERENCES accounts(id),
+    secret_sha256   BLOB NOT NULL,             -- the secret itself is never stored
+    created_at      INTEGER NOT NULL,
+    expires_at      INTEGER NOT NULL,
+    used_at         INTEGER,
+    used_by_request TEXT                       -- the enrollment's request id (idempotency key)
+);
+CREATE TABLE IF NOT EXISTS devices (
+    id                    TEXT PRIMARY KEY,
+    account_id            TEXT NOT NULL REFERENCES accounts(id),
+    name                  TEXT NOT NULL,
+    cert_sha256           BLOB NOT NULL UNIQUE,
+    cert_der              BLOB NOT NULL,
+    enroll_request        TEXT NOT NULL UNIQUE,
+    enrolled_at           INTEGER NOT NULL,
+    revoked_at            INTEGER,
+    connected             INTEGER NOT NULL DEFAULT 0,
+    last_seen_at          INTEGER,
+    heartbeat_interval_ms INTEGER,
+    rtt_us                INTEGER,
+    vitals_json           TEXT
+);
+CREATE INDEX IF NOT EXISTS devices_revoked ON devices(revoked_at) WHERE revoked_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS ledger_entries (
+    seq          INTEGER PRIMARY KEY,          -- 0, 1, 2, … with no gaps (the chain)
+    account_id   TEXT NOT NULL,
+    request_id   TEXT NOT NULL,
+    kind         INTEGER NOT NULL,
+    model        TEXT NOT NULL,
+    device_id    TEXT,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    amount       INTEGER NOT NULL CHECK (amount >= 0),  -- micro-USD
+    quota_tokens INTEGER NOT NULL,
+    body         BLOB NOT NULL,
+    at           INTEGER NOT NULL,
+    expires_at   INTEGER,
+    prev_hash    BLOB NOT NULL,
+    hash         BLOB NOT NULL
+);
+-- Also serves an account's listing (its prefix): one index less to keep per entry.
+CREATE INDEX IF NOT EXISTS ledger_by_request ON ledger_entries(account_id, request_id);
+-- An account's charges (settlements, kind 3) by time, for usage pages.
+CREATE INDEX IF NOT EXISTS ledger_charges ON ledger_entries(account_id, at) WHERE kind = 3;
+-- Kept beside the entries in the same transactions, so no operation reads an account's
+-- history; derived from the entries alone (`admin ledger verify` checks they agree).
+CREATE TABLE IF NOT EXISTS ledger_totals (
+    account_id    TEXT PRIMARY KEY,
+    balance       INTEGER NOT NULL,            -- micro-USD
+    quota_year    INTEGER,
+    quota_month   INTEGER,
+    quota_settled INTEGER NOT NULL,
+    open_held     INTEGER NOT NULL,            -- micro-USD, the sum of the open holds
+    open_quota    INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ledger_open_holds (
+    account_id   TEXT NOT NULL,
+    request_id   TEXT NOT NULL,
+    seq          INTEGER NOT NULL REFERENCES ledger_entries(seq),  -- the hold entry
+    amount       INTEGER NOT NULL,
+    quota_tokens INTEGER NOT NULL,
+    expires_at   INTEGER,
+    PRIMARY KEY (account_id, request_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ledger_open_holds_by_expiry ON ledger_open_holds(account_id, expires_at);
+CREATE TABLE IF NOT EXISTS vouchers (
+    code_sha256  BLOB PRIMARY KEY,             -- the code itself is never stored
+    amount       INTEGER NOT NULL CHECK (amount > 0),
+    created_at   INTEGER NOT NULL,
+    redeemed_at  INTEGER,
+    redeemed_by  TEXT
+);
+CREATE INDEX IF NOT EXISTS vouchers_by_request ON vouchers(redeemed_by) WHERE redeemed_by IS NOT NULL;
+";
+
+const STEP_V3: &str = "
+ALTER TABLE vouchers ADD COLUMN redeemed_account TEXT;
+UPDATE vouchers SET redeemed_account = (
+    SELECT account_id FROM ledger_entries e WHERE e.request_id = vouchers.redeemed_by LIMIT 1
+) WHERE redeemed_by IS NOT NULL;
+DROP INDEX IF EXISTS vouchers_by_request;
+CREATE INDEX vouchers_by_request ON vouchers(redeemed_account, redeemed_by)
+    WHERE redeemed_by IS NOT NULL;
+CREATE TABLE device_certs (
+    cert_sha256    BLOB PRIMARY KEY,
+    device_id      TEXT NOT NULL REFERENCES devices(id),
+    cert_der       BLOB NOT NULL,
+    issued_at      INTEGER NOT NULL,
+    not_after      INTEGER,                     -- NULL: signed before certificates expired
+    renew_request  TEXT                         -- the renewal's request id (idempotency key)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX device_certs_by_renewal ON device_certs(device_id, renew_request)
+    WHERE renew_request IS NOT NULL;
+INSERT INTO device_certs (cert_sha256, device_id, cert_der, issued_at)
+    SELECT cert_sha256, id, cert_der, enrolled_at FROM devices;
+";
+
+/// Brings the database at `path` up to [`SCHEMA_VERSION`].
+pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageError> {
+    let schema_error = |reason: String| StorageError::Schema {
+        path: path.display().to_string(),
+        reason,
+    };
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(schema_error(format!(
+            "schema version {version} is newer than this build's ({SCHEMA_VERSION}); run a newer synesis-cloud"
+        )));
+    }
+    if version < 2 {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let has_ledger: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'ledger_entries')",
+            [],
+            |r| r.get(0),
+        )?;
+        if has_ledger {
+            let n: i64 = tx.query_row("SELECT COUNT(*) FROM ledger_entries", [], |r| r.get(0))?;
+            if n > 0 {
+                return Err(schema_error(format!(
+                    "its ledger was written by a development build (schema {version}) whose {n} entries this build cannot carry over; keep the file and start from a new data directory"
+                )));
+            }
+            tx.execute_batch("DROP TABLE ledger_entries")?;
+        }
+        tx.execute_batch(BASE_V2)?;
+        tx.pragma_update(None, "user_version", 2)?;
+        tx.commit()?;
+    }
+    if version < 3 {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(STEP_V3)?;
+        tx.pragma_update(None, "user_version", 3)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

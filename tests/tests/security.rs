@@ -1,0 +1,583 @@
+//! Issue 10's security items, tried the way an attacker would: over the wire, with frames and
+//! connections made here rather than by the device's own client code.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::time::Duration;
+
+use synesis_e2e::{Cloud, Device, json_of, run_ok, wait_for};
+use synesis_proto::message::{
+    DeviceLeave, EnrollRequest, Heartbeat, Hello, TopupRequest, UsageRequest,
+};
+use synesis_proto::vitals::{CpuVitals, MemoryVitals, Vitals};
+use synesis_proto::{
+    Blob, ErrorCode, FrameLimits, Message, MessageType, PROTOCOL_VERSION, RequestId, SetupToken,
+    UnixMillis,
+};
+use synesis_tunnel::Identity;
+use synesis_wire::FramedRecv;
+
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(8);
+
+fn new_id() -> RequestId {
+    synesis_tunnel::enroll::new_request_id()
+}
+
+/// A connection presenting `device`'s certificate (no `Hello` sent).
+async fn device_conn(cloud: &Cloud, device: &Device, heartbeat: Duration) -> quinn::Connection {
+    let identity = Identity::load(&device.home().join("data"))
+        .unwrap()
+        .unwrap();
+    let config = synesis_tunnel::tls::device_client_config(&identity, heartbeat).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint
+        .connect_with(config, cloud.addr, synesis_wire::tls::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+/// A connection without a client certificate (what enrollment uses), pinned to the cloud's CA.
+async fn anonymous_conn(endpoint: &quinn::Endpoint, cloud: &Cloud) -> quinn::Connection {
+    endpoint
+        .connect_with(
+            anonymous_config(cloud),
+            cloud.addr,
+            synesis_wire::tls::SERVER_NAME,
+        )
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+fn anonymous_config(cloud: &Cloud) -> quinn::ClientConfig {
+    let ca = std::fs::read(cloud.dir().join("ca.crt.der")).unwrap();
+    let pin = synesis_wire::tls::fingerprint(&ca.into());
+    synesis_tunnel::tls::enrollment_client_config(pin).unwrap()
+}
+
+fn frame(message: impl Into<Message>) -> Vec<u8> {
+    synesis_proto::encode_frame_vec(&message.into(), FrameLimits::default()).unwrap()
+}
+
+/// Writes `bytes` on a new stream (left open) and returns the first message that comes back,
+/// or `None` when the stream or connection ends without one.
+async fn exchange_raw(conn: &quinn::Connection, bytes: &[u8]) -> Option<Message> {
+    let Ok((mut tx, rx)) = conn.open_bi().await else {
+        return None;
+    };
+    if tx.write_all(bytes).await.is_err() {
+        return None;
+    }
+    let mut rx = FramedRecv::new(rx, FrameLimits::default());
+    let reply = tokio::time::timeout(ANSWER_TIMEOUT, rx.next())
+        .await
+        .expect("an answer in time");
+    // Keep the send half open until the answer is in: a finished stream is a different case.
+    drop(tx);
+    reply.ok().flatten()
+}
+
+async fn exchange(conn: &quinn::Connection, message: impl Into<Message>) -> Option<Message> {
+    exchange_raw(conn, &frame(message)).await
+}
+
+fn code_of(reply: &Option<Message>) -> Option<ErrorCode> {
+    match reply {
+        Some(Message::ErrorMsg(e)) => Some(e.code),
+        _ => None,
+    }
+}
+
+fn empty_vitals() -> Vitals {
+    Vitals {
+        sampled_at: UnixMillis(0),
+        cpu: CpuVitals {
+            usage_percent: 0.0,
+            cores: 1,
+            per_core_percent: vec![],
+            load_average: None,
+        },
+        memory: MemoryVitals {
+            total_bytes: 1,
+            used_bytes: 0,
+            swap_total_bytes: 0,
+            swap_used_bytes: 0,
+        },
+        disk: None,
+        temperatures: vec![],
+        gpus: vec![],
+        gpu_unavailable_reason: None,
+    }
+}
+
+fn hello(interval_ms: u32) -> Message {
+    Hello {
+        protocol_versions: vec![PROTOCOL_VERSION],
+        client: "security-test/0".into(),
+        heartbeat_interval_ms: interval_ms,
+        max_frame_bytes: 1 << 20,
+    }
+    .into()
+}
+
+fn heartbeat(seq: u64) -> Message {
+    Heartbeat {
+        seq,
+        sent_at: UnixMillis(0),
+        vitals: empty_vitals(),
+    }
+    .into()
+}
+
+/// The code a connection was closed with, waiting at most `limit` for the close.
+async fn closed_with(conn: &quinn::Connection, limit: Duration) -> Option<Option<ErrorCode>> {
+    tokio::time::timeout(limit, conn.closed())
+        .await
+        .ok()
+        .map(|e| synesis_wire::error_code_of(&e))
+}
+
+fn managed_account_and_device(cloud: &Cloud, account: &str) -> (Device, String) {
+    let device = Device::new();
+    let id = device.login(&cloud.account_and_token(account));
+    run_ok(
+        cloud
+            .admin()
+            .args(["account", "set-tier", account, "managed"]),
+    );
+    (device, id)
+}
+
+/// Holds SQLite's write lock on the cloud's database until dropped (an operator's long
+/// transaction, or a slow disk).
+struct WriteLock(rusqlite::Connection);
+
+impl WriteLock {
+    fn take(cloud: &Cloud) -> WriteLock {
+        let conn = rusqlite::Connection::open(cloud.dir().join("cloud.db")).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        WriteLock(conn)
+    }
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        let _ = self.0.execute_batch("ROLLBACK");
+    }
+}
+
+// Item 1 ------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voucher_redeemed_by_one_account_is_refused_to_another_with_the_same_request() {
+    let cloud = Cloud::start();
+    let (alice, _) = managed_account_and_device(&cloud, "alice");
+    let (mallory, _) = managed_account_and_device(&cloud, "mallory");
+    let out = run_ok(cloud.admin().args(["voucher", "create", "10.00"]));
+    let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let topup = TopupRequest {
+        request_id: new_id(),
+        voucher: code,
+    };
+
+    let a = device_conn(&cloud, &alice, Duration::from_secs(5)).await;
+    let first = exchange(&a, topup.clone()).await;
+    assert!(
+        matches!(&first, Some(Message::TopupReply(r)) if r.credited.0 == 10_000_000),
+        "{first:?}"
+    );
+    // The same request from another account: refused, and nothing credited there.
+    let m = device_conn(&cloud, &mallory, Duration::from_secs(5)).await;
+    let replayed = exchange(&m, topup.clone()).await;
+    assert!(
+        matches!(
+            code_of(&replayed),
+            Some(ErrorCode::VOUCHER_INVALID | ErrorCode::IDEMPOTENCY_CONFLICT)
+        ),
+        "{replayed:?}"
+    );
+    let usage = json_of(mallory.synesis().args(["--json", "cloud", "usage"]));
+    assert_eq!(usage["balance_micro_usd"], 0, "{usage}");
+    // The redeeming account's retry is still answered from what was done, once.
+    let again = exchange(&a, topup).await;
+    assert!(
+        matches!(&again, Some(Message::TopupReply(r)) if r.balance.0 == 10_000_000),
+        "{again:?}"
+    );
+    let usage = json_of(alice.synesis().args(["--json", "cloud", "usage"]));
+    assert_eq!(usage["balance_micro_usd"], 10_000_000, "{usage}");
+}
+
+// Item 2 ------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_is_closed_even_when_it_never_said_hello() {
+    let cloud = Cloud::start();
+    let device = Device::new();
+    let id = device.login(&cloud.account_and_token("acme"));
+    let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    // The connection can read usage: it is a live session of the device.
+    let usage = exchange(
+        &conn,
+        UsageRequest {
+            request_id: new_id(),
+            since: None,
+            group_by: None,
+            after: None,
+        },
+    )
+    .await;
+    assert!(matches!(usage, Some(Message::UsageReply(_))), "{usage:?}");
+
+    run_ok(cloud.admin().args(["device", "revoke", &id]));
+    // Anything asked after the revocation is refused, on any stream...
+    let after = exchange(
+        &conn,
+        UsageRequest {
+            request_id: new_id(),
+            since: None,
+            group_by: None,
+            after: None,
+        },
+    )
+    .await;
+    assert!(
+        !matches!(after, Some(Message::UsageReply(_))),
+        "served after revocation: {after:?}"
+    );
+    // ...and the connection itself is closed with the code, within seconds.
+    assert_eq!(
+        closed_with(&conn, Duration::from_secs(5)).await,
+        Some(Some(ErrorCode::DEVICE_REVOKED))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_closes_every_connection_of_the_device() {
+    let cloud = Cloud::start();
+    let device = Device::new();
+    device.login(&cloud.account_and_token("acme"));
+    let silent = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    let other = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    let left = exchange(
+        &other,
+        DeviceLeave {
+            request_id: new_id(),
+        },
+    )
+    .await;
+    assert!(matches!(left, Some(Message::DeviceLeft(_))), "{left:?}");
+    assert_eq!(
+        closed_with(&silent, Duration::from_secs(5)).await,
+        Some(Some(ErrorCode::DEVICE_REVOKED))
+    );
+}
+
+// Item 3 ------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificateless_connections_from_one_source_are_limited() {
+    let cloud = Cloud::start();
+    run_ok(cloud.admin().args(["account", "create", "acme"]));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..40 {
+        conns.push(anonymous_conn(&endpoint, &cloud).await);
+    }
+    // None of them says anything; well before the first-frame timeout, those over the
+    // per-source budget are closed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let closed = conns
+        .iter()
+        .filter(|c| {
+            c.close_reason()
+                .is_some_and(|r| synesis_wire::error_code_of(&r) == Some(ErrorCode::LIMIT_EXCEEDED))
+        })
+        .count();
+    assert!(
+        closed >= 24,
+        "only {closed} of 40 idle anonymous connections were limited"
+    );
+}
+
+// Item 4 ------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_checks_the_token_before_waiting_for_the_database() {
+    let cloud = Cloud::start();
+    let token: SetupToken = cloud.account_and_token("acme").parse().unwrap();
+    let forged = SetupToken {
+        secret: [7; 32],
+        ..token
+    };
+    let _lock = WriteLock::take(&cloud);
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = anonymous_conn(&endpoint, &cloud).await;
+    let reply = exchange(
+        &conn,
+        EnrollRequest {
+            request_id: new_id(),
+            token_secret: forged.presented_secret(),
+            csr_der: Blob(csr("forger")),
+            device_name: "forger".into(),
+        },
+    )
+    .await;
+    assert_eq!(code_of(&reply), Some(ErrorCode::TOKEN_INVALID), "{reply:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_not_allowed_on_a_stream_is_refused_from_its_type_byte() {
+    let cloud = Cloud::start();
+    let device = Device::new();
+    device.login(&cloud.account_and_token("acme"));
+    // A header announcing a 1 MiB payload that never comes.
+    let header = |t: MessageType| {
+        let mut h = vec![t.as_u8()];
+        h.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        h
+    };
+
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let anonymous = anonymous_conn(&endpoint, &cloud).await;
+    let reply = exchange_raw(&anonymous, &header(MessageType::UsageRequest)).await;
+    assert_eq!(
+        code_of(&reply),
+        Some(ErrorCode::UNAUTHENTICATED),
+        "{reply:?}"
+    );
+
+    let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    let reply = exchange_raw(&conn, &header(MessageType::Heartbeat)).await;
+    assert_eq!(
+        code_of(&reply),
+        Some(ErrorCode::UNEXPECTED_MESSAGE),
+        "{reply:?}"
+    );
+
+    // On the control stream, after `Hello`: an account request's header ends the connection.
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    tx.write_all(&frame(hello(1_000))).await.unwrap();
+    let mut rx = FramedRecv::new(rx, FrameLimits::default());
+    let welcome = tokio::time::timeout(ANSWER_TIMEOUT, rx.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(welcome, Ok(Some(Message::Welcome(_)))),
+        "{welcome:?}"
+    );
+    tx.write_all(&header(MessageType::TopupRequest))
+        .await
+        .unwrap();
+    assert_eq!(
+        closed_with(&conn, Duration::from_secs(3)).await,
+        Some(Some(ErrorCode::UNEXPECTED_MESSAGE))
+    );
+}
+
+/// A control session on `conn`: `Hello` sent, `Welcome` read.
+async fn control(
+    conn: &quinn::Connection,
+    interval_ms: u32,
+) -> (quinn::SendStream, FramedRecv<quinn::RecvStream>) {
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    tx.write_all(&frame(hello(interval_ms))).await.unwrap();
+    let mut rx = FramedRecv::new(rx, FrameLimits::default());
+    let welcome = tokio::time::timeout(ANSWER_TIMEOUT, rx.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(welcome, Ok(Some(Message::Welcome(_)))),
+        "{welcome:?}"
+    );
+    (tx, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_heartbeating_faster_than_it_announced_is_throttled() {
+    let cloud = Cloud::start();
+    let device = Device::new();
+    device.login(&cloud.account_and_token("acme"));
+    let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    let (mut tx, mut rx) = control(&conn, 1_000).await;
+    for seq in 0..50 {
+        tx.write_all(&frame(heartbeat(seq))).await.unwrap();
+    }
+    // Within 3 s: a burst (pings), then at most two per announced interval.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut acks = 0;
+    while let Ok(Ok(Some(Message::HeartbeatAck(_)))) =
+        tokio::time::timeout_at(deadline, rx.next()).await
+    {
+        acks += 1;
+    }
+    assert!(
+        acks < 30,
+        "{acks} of 50 heartbeats sent at once were acked within 3 s"
+    );
+    assert!(
+        acks >= 16,
+        "only {acks} acked: the burst a ping needs was refused"
+    );
+    assert!(conn.close_reason().is_none(), "throttled, not closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_acks_do_not_wait_for_the_database() {
+    let cloud = Cloud::start();
+    let device = Device::new();
+    device.login(&cloud.account_and_token("acme"));
+    let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    let lock = WriteLock::take(&cloud);
+    let (mut tx, mut rx) = control(&conn, 500).await;
+    for seq in 0..4 {
+        tx.write_all(&frame(heartbeat(seq))).await.unwrap();
+        // Well under SQLite's busy timeout (5 s): an ack that waited for the lock is late.
+        let ack = tokio::time::timeout(Duration::from_secs(2), rx.next()).await;
+        assert!(
+            matches!(&ack, Ok(Ok(Some(Message::HeartbeatAck(a)))) if a.seq == seq),
+            "heartbeat {seq}: {ack:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(lock);
+    // What the heartbeats said reaches the database once it is free again.
+    assert!(wait_for(Duration::from_secs(10), || cloud
+        .devices()
+        .first()
+        .is_some_and(|d| d["status"] == "online")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_stream_that_falls_silent_is_closed_after_three_intervals() {
+    let cloud = Cloud::start();
+    let device = Device::new();
+    device.login(&cloud.account_and_token("acme"));
+    // QUIC keep-alives every second keep the connection itself alive.
+    let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    let (_tx, _rx) = control(&conn, 500).await;
+    assert!(
+        closed_with(&conn, Duration::from_secs(6)).await.is_some(),
+        "a session without heartbeats stayed open"
+    );
+}
+
+// Item 5 ------------------------------------------------------------------------------------
+
+#[cfg(unix)]
+#[test]
+fn the_cloud_keeps_its_files_to_itself() {
+    use std::os::unix::fs::PermissionsExt;
+    let cloud = Cloud::start();
+    cloud.account_and_token("acme");
+    let mode = |name: &str| {
+        std::fs::metadata(cloud.dir().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(""), 0o700, "the data directory");
+    for name in ["cloud.db", "ca.key.pem", "server.key.pem"] {
+        assert_eq!(mode(name), 0o600, "{name}");
+    }
+    for name in ["cloud.db-wal", "cloud.db-shm"] {
+        if cloud.dir().join(name).exists() {
+            assert_eq!(mode(name), 0o600, "{name}");
+        }
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn a_key_others_can_read_is_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let cloud = Cloud::start();
+    for key in ["ca.key.pem", "server.key.pem"] {
+        let path = cloud.dir().join(key);
+        let before = std::fs::metadata(&path).unwrap().permissions();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut serve = synesis_e2e::Running {
+            child: std::process::Command::new(synesis_e2e::bin("synesis-cloud"))
+                .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+                .arg(cloud.dir())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        };
+        let code = serve.wait(Duration::from_secs(10));
+        assert!(
+            code.is_some_and(|c| c != 0),
+            "serve started with {key} readable by others"
+        );
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(serve.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert!(stderr.contains(key) && stderr.contains("644"), "{stderr}");
+        std::fs::set_permissions(&path, before).unwrap();
+    }
+}
+
+// Item 7 ------------------------------------------------------------------------------------
+
+#[test]
+fn device_names_reach_the_operator_without_control_characters() {
+    let cloud = Cloud::start();
+    let device = Device::new();
+    let token = cloud.account_and_token("acme");
+    run_ok(
+        device
+            .synesis()
+            .args(["cloud", "login", &token, "--name"])
+            .arg("evil\u{1b}]0;owned\u{7}\u{1b}[2J\u{9b}31mname"),
+    );
+    let out = run_ok(cloud.admin().arg("devices"));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !text.chars().any(|c| c.is_control() && c != '\n'),
+        "{text:?}"
+    );
+    assert!(text.contains("evil"), "{text:?}");
+}
+
+/// A certificate signing request for a fresh key.
+fn csr(name: &str) -> Vec<u8> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.serialize_request(&key).unwrap().der().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_to_an_unauthenticated_peer_carry_no_database_text() {
+    let cloud = Cloud::start();
+    let first: SetupToken = cloud.account_and_token("acme").parse().unwrap();
+    let second: SetupToken = cloud.account_and_token("other").parse().unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let request_id = new_id();
+    let enroll = |token: &SetupToken| EnrollRequest {
+        request_id,
+        token_secret: token.presented_secret(),
+        csr_der: Blob(csr("device")),
+        device_name: "device".into(),
+    };
+    let conn = anonymous_conn(&endpoint, &cloud).await;
+    let reply = exchange(&conn, enroll(&first)).await;
+    assert!(
+        matches!(reply, Some(Message::EnrollResponse(_))),
+        "{reply:?}"
+    );
+    // The same request id with another token (another account): a clear refusal.
+    let conn = anonymous_conn(&endpoint, &cloud).await;
+    let reply = exchange(&conn, enroll(&second)).await;
+    let Some(Message::ErrorMsg(e)) = &reply else {
+        panic!("{reply:?}")
+    };
+    assert_ne!(e.code, ErrorCode::INTERNAL, "{e:?}");
+    let lower = e.message.to_lowercase();
+    for word in ["sqlite", "database", "constraint", "unique"] {
+        assert!(!lower.contains(word), "{e:?}");
+    }
+}
