@@ -108,3 +108,28 @@ fn pure_machines_and_policies_never_read_a_clock() {
         }
     }
 }
+
+#[test]
+fn the_local_ledger_depends_on_no_driver_and_reads_no_clock() {
+    let crate_dir = root().join("crates/synesis-ledger-local");
+    let deps = dependencies(&crate_dir.join("Cargo.toml"));
+    for banned in [
+        "synesis-cli",
+        "synesis-cloud",
+        "synesis-tunnel",
+        "synesis-wire",
+        "tokio",
+    ] {
+        assert!(
+            !deps.iter().any(|d| d == banned),
+            "synesis-ledger-local depends on {banned}"
+        );
+    }
+    // The store takes `now` from its caller; the reconcile is pure.
+    for file in rust_files(&crate_dir.join("src")) {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for banned in ["Instant::now", "SystemTime::now", "unix_now", "rand::"] {
+            assert!(!text.contains(banned), "{} uses {banned}", file.display());
+        }
+    }
+}

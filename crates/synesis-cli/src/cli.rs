@@ -349,7 +349,10 @@ mod tests {
             .unwrap()
             .render_long_help()
             .to_string();
-        assert!(help.contains(crate::ledger::REFERENCE_MODEL), "{help}");
+        assert!(
+            help.contains(synesis_ledger_local::REFERENCE_MODEL),
+            "{help}"
+        );
         assert!(help.contains("avoided"), "{help}");
     }
 }

@@ -11,6 +11,7 @@ pub(crate) mod vitals;
 use std::io::Write;
 
 use serde::Serialize;
+use synesis_ledger_local::LedgerError;
 
 /// Where a command's report goes, and in which form.
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +46,57 @@ impl Output {
     }
 }
 
+/// The local ledger's errors as the user reads them: the library says what happened; what to do
+/// about it is said here.
+pub(crate) fn ledger_error(err: LedgerError) -> anyhow::Error {
+    match err {
+        LedgerError::NotALedger { .. } => {
+            anyhow::anyhow!("{err}; move it aside and the next answer starts a new one")
+        }
+        LedgerError::NewerSchema {
+            path,
+            found,
+            supported,
+        } => anyhow::anyhow!(
+            "the local ledger {} has schema version {found}, newer than this synesis reads \
+             ({supported}); upgrade synesis",
+            path.display()
+        ),
+        other => other.into(),
+    }
+}
+
 /// Whether an output error means only that the reader went away.
 pub(crate) fn is_closed_pipe(err: &std::io::Error) -> bool {
     err.kind() == std::io::ErrorKind::BrokenPipe
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    #[test]
+    fn ledger_errors_say_what_to_do_about_them() {
+        let path = PathBuf::from("/data/ledger.db");
+        let not_ours = ledger_error(LedgerError::NotALedger { path: path.clone() });
+        assert_eq!(
+            not_ours.to_string(),
+            "/data/ledger.db is not a Synesis local ledger (not an SQLite database, damaged, or \
+             another program's database); move it aside and the next answer starts a new one"
+        );
+        let newer = ledger_error(LedgerError::NewerSchema {
+            path,
+            found: 2,
+            supported: 1,
+        });
+        assert_eq!(
+            newer.to_string(),
+            "the local ledger /data/ledger.db has schema version 2, newer than this synesis reads \
+             (1); upgrade synesis"
+        );
+        let other = ledger_error(LedgerError::Overflow);
+        assert!(other.downcast_ref::<LedgerError>().is_some());
+    }
 }

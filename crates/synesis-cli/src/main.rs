@@ -5,13 +5,12 @@
 //!
 //! Modules: [`cli`] (the clap definitions: every flag and its help), [`paths`] (where config,
 //! data and the daemon socket live), [`exit`] (exit codes), [`signals`] (Ctrl-C and SIGTERM),
-//! [`commands`] (one module per command), [`ledger`] (the local ledger: on-device answers and
-//! mirrored cloud charges, in SQLite).
+//! [`commands`] (one module per command). The local ledger (on-device answers and mirrored cloud
+//! charges) is the `synesis-ledger-local` crate; the commands only call it and render.
 
 mod cli;
 mod commands;
 mod exit;
-mod ledger;
 mod paths;
 mod registry;
 mod service;

@@ -124,9 +124,9 @@ impl Paths {
         self.config.path.join("config.toml")
     }
 
-    /// The local ledger (`crate::ledger`).
+    /// The local ledger (`synesis_ledger_local`).
     pub(crate) fn ledger_file(&self) -> PathBuf {
-        self.data.path.join(crate::ledger::LEDGER_FILE)
+        self.data.path.join(synesis_ledger_local::LEDGER_FILE)
     }
 }
 

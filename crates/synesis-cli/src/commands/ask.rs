@@ -6,14 +6,14 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use serde::Serialize;
 use synesis_infer::{CancelToken, FinishReason, Model, Request, Settings};
+use synesis_ledger_local::{LocalGeneration, LocalLedger};
 use synesis_proto::{DeviceId, RequestId};
 use synesis_tunnel::Identity;
 use synesis_tunnel::enroll::{new_request_id, unix_now};
 
-use super::{Output, is_closed_pipe};
+use super::{Output, is_closed_pipe, ledger_error};
 use crate::cli::AskArgs;
 use crate::exit::UserError;
-use crate::ledger::{LocalGeneration, LocalLedger};
 use crate::paths::Paths;
 use crate::registry::Config;
 use crate::signals::Shutdown;
@@ -150,7 +150,9 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
         let (data_dir, ledger_file) = (paths.data.path.clone(), paths.ledger_file());
         let recorded = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             record.device_id = enrolled_device(&data_dir);
-            LocalLedger::open(&ledger_file)?.record_local(&record)?;
+            LocalLedger::open(&ledger_file)
+                .and_then(|mut ledger| ledger.record_local(&record))
+                .map_err(ledger_error)?;
             Ok(())
         })
         .await

@@ -2,15 +2,15 @@
 
 use anyhow::{Context, bail};
 use serde::Serialize;
+use synesis_ledger_local::{CloudCharge, LocalLedger, machine_charges};
 use synesis_proto::message::{DeviceLeave, ErrorMsg};
 use synesis_proto::{ErrorCode, Message, SetupToken};
-use synesis_tunnel::enroll::{enroll, new_request_id};
+use synesis_tunnel::enroll::{enroll, new_request_id, unix_now};
 use synesis_tunnel::{Identity, request::request};
 
-use super::Output;
+use super::{Output, ledger_error};
 use crate::cli::{CloudUsageArgs, LoginArgs, LogoutArgs, PingArgs};
 use crate::exit::UserError;
-use crate::ledger::CloudCharge;
 use crate::paths::Paths;
 use crate::service::{Request, ask};
 
@@ -290,29 +290,20 @@ pub(crate) async fn sync(out: &Output, paths: &Paths) -> anyhow::Result<()> {
     let r = cloud_usage(paths, None, None).await?;
     let file = paths.ledger_file();
     let report = tokio::task::spawn_blocking(move || {
-        let mut ledger = crate::ledger::LocalLedger::open(&file)?;
+        let mut ledger = LocalLedger::open(&file)?;
         // This machine's charges: its current identity's, and those of identities it had
         // before a new `cloud login` whose charges it already mirrors.
-        let mut devices = ledger.cloud_devices()?;
-        devices.insert(device);
-        let charges: Vec<CloudCharge> = r
-            .charges
-            .into_iter()
-            .filter(|c| c.device_id.is_some_and(|d| devices.contains(&d)))
-            .map(|c| CloudCharge {
-                request_id: c.request_id,
-                model: c.model,
-                device_id: c.device_id,
-                input_tokens: c.usage.input_tokens,
-                output_tokens: c.usage.output_tokens,
-                total_micro_usd: c.total,
-                at: c.at,
-            })
-            .collect();
-        ledger.reconcile(&charges)
+        let mirrored = ledger.cloud_devices()?;
+        let charges = machine_charges(
+            r.charges.into_iter().map(CloudCharge::from),
+            device,
+            &mirrored,
+        );
+        ledger.reconcile(&charges, unix_now())
     })
     .await
-    .context("the local ledger task failed")??;
+    .context("the local ledger task failed")?
+    .map_err(ledger_error)?;
     out.report(&report, || {
         let c = &report.counts;
         let mut text = if report.in_agreement() {

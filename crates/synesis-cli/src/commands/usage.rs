@@ -7,7 +7,9 @@ use synesis_proto::{MicroUsd, UnixMillis};
 
 use super::Output;
 use crate::cli::UsageArgs;
-use crate::ledger::{LocalLedger, REFERENCE_MODEL, Summary};
+use synesis_ledger_local::{LocalLedger, REFERENCE_MODEL, Summary};
+
+use super::ledger_error;
 use crate::paths::Paths;
 
 /// `--since`: `YYYY-MM-DD` (midnight UTC) or an RFC 3339 time.
@@ -36,7 +38,9 @@ pub(crate) fn run(out: &Output, paths: &Paths, args: &UsageArgs) -> anyhow::Resu
     let file = paths.ledger_file();
     // No ledger yet: nothing was recorded, which is a report of zeros, not an error.
     let summary = if file.exists() {
-        LocalLedger::open(&file)?.summary(args.since)?
+        LocalLedger::open(&file)
+            .and_then(|ledger| ledger.summary(args.since))
+            .map_err(ledger_error)?
     } else {
         Summary::default()
     };
@@ -116,7 +120,7 @@ fn human(s: &Summary, since: Option<UnixMillis>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::{EntryKind, LocalTotals, ModelTotals};
+    use synesis_ledger_local::{EntryKind, LocalTotals, ModelTotals};
 
     #[test]
     fn since_takes_a_date_or_an_rfc3339_time() {

@@ -1,35 +1,24 @@
-//! The device's local ledger: one SQLite file (`ledger.db` in the data directory, WAL,
-//! `synchronous=FULL`) with one row per request id.
-//!
-//! Two kinds of rows:
-//! - `local`: an answer this device made itself (`synesis ask --local`), with its token counts and
-//!   the cloud cost it avoided: what the same tokens would have cost at the cloud's Managed price
-//!   for [`REFERENCE_MODEL`].
-//! - `cloud`: a charge mirrored from the cloud's ledger by [`LocalLedger::reconcile`]. The cloud
-//!   is the authority: where the two disagree, the cloud's values win and the difference is
-//!   reported, never silently dropped.
+//! The ledger's file: SQLite (WAL, `synchronous=FULL`), one row per request id.
 //!
 //! Every write is one transaction. Amounts are INTEGER micro-USD, never floats. The schema's
-//! version is `PRAGMA user_version`; a file written by a newer synesis is refused, not guessed at.
-//! The clock is read by the callers (`at`, `now`), except in [`LocalLedger::reconcile`], the
-//! convenience that stamps the sync with the current time.
+//! version is `PRAGMA user_version`; a file written by a newer build is refused, not guessed at.
+//! The clock is read by the callers (`at`, `now`).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
-use serde::{Deserialize, Serialize};
-use synesis_billing::{BillingError, MicroUsd, PriceTable, Tier, TierRules, Usage};
-use synesis_proto::{DeviceId, RequestId, UnixMillis};
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+use synesis_billing::MicroUsd;
+use synesis_proto::{DeviceId, UnixMillis};
+
+use crate::entry::{CloudCharge, Entry, EntryKind, LocalGeneration, cloud_cost_avoided};
+use crate::error::LedgerError;
+use crate::reconcile::{SyncReport, reconcile};
+use crate::summary::{ModelTotals, Summary};
 
 /// The ledger's file name in the data directory.
-pub(crate) const LEDGER_FILE: &str = "ledger.db";
-
-/// The cloud model an escalation would go to: an on-device answer's "cloud cost avoided" is what
-/// its tokens would have cost on this model at the Managed tier's price (provider price plus the
-/// markup), with the default price table and tier rules.
-pub(crate) const REFERENCE_MODEL: &str = "claude-sonnet";
+pub const LEDGER_FILE: &str = "ledger.db";
 
 /// The schema this build writes and reads (`PRAGMA user_version`).
 const SCHEMA_VERSION: i64 = 1;
@@ -58,285 +47,90 @@ CREATE TABLE meta (
 );
 ";
 
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum LedgerDbError {
-    #[error("cannot create the directory for the local ledger {path}: {error}")]
-    CreateDir {
-        path: PathBuf,
-        error: std::io::Error,
-    },
-    #[error(
-        "{path} is not a Synesis local ledger (not an SQLite database, damaged, or another \
-         program's database); move it aside and the next answer starts a new one"
-    )]
-    NotALedger { path: PathBuf },
-    #[error(
-        "the local ledger {path} has schema version {found}, newer than this synesis reads \
-         ({supported}); upgrade synesis"
-    )]
-    NewerSchema {
-        path: PathBuf,
-        found: i64,
-        supported: i64,
-    },
-    #[error("local ledger {path}: {error}")]
-    Sqlite {
-        path: PathBuf,
-        error: rusqlite::Error,
-    },
-    #[error("local ledger {path} holds a value this build cannot read: {what}")]
-    Corrupt { path: PathBuf, what: String },
-    #[error("request {0} is already in the local ledger")]
-    Duplicate(RequestId),
-    #[error("the cloud cost avoided cannot be computed")]
-    Cost(#[from] BillingError),
-    #[error("the local ledger's totals do not fit in 64 bits")]
-    Overflow,
-}
+/// The columns of an [`Entry`], in the order [`entry_from_row`] reads them.
+const ENTRY_COLUMNS: &str =
+    "request_id, kind, model, device_id, input_tokens, output_tokens, micro_usd, at";
 
 /// Maps SQLite's errors for `path`: "not a database" and "corrupt" become [`NotALedger`].
 ///
-/// [`NotALedger`]: LedgerDbError::NotALedger
-fn sql_error(path: &Path) -> impl Fn(rusqlite::Error) -> LedgerDbError + '_ {
+/// [`NotALedger`]: LedgerError::NotALedger
+fn sql_error(path: &Path) -> impl Fn(rusqlite::Error) -> LedgerError + '_ {
     move |error| match error.sqlite_error_code() {
         Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
-            LedgerDbError::NotALedger {
+            LedgerError::NotALedger {
                 path: path.to_owned(),
             }
         }
-        _ => LedgerDbError::Sqlite {
+        _ => LedgerError::Sqlite {
             path: path.to_owned(),
             error,
         },
     }
 }
 
-/// Which side made a row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub(crate) enum EntryKind {
-    /// An answer made on this device.
-    Local,
-    /// A charge on the cloud's ledger.
-    Cloud,
-}
-
-impl EntryKind {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            EntryKind::Local => "local",
-            EntryKind::Cloud => "cloud",
-        }
-    }
-
-    fn parse(s: &str) -> Option<EntryKind> {
-        match s {
-            "local" => Some(EntryKind::Local),
-            "cloud" => Some(EntryKind::Cloud),
-            _ => None,
-        }
-    }
-}
-
-/// One finished on-device generation, as `synesis ask --local` records it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct LocalGeneration {
-    pub(crate) request_id: RequestId,
-    pub(crate) model: String,
-    /// `None` when this device is not enrolled.
-    pub(crate) device_id: Option<DeviceId>,
-    pub(crate) input_tokens: u64,
-    pub(crate) output_tokens: u64,
-    /// When the generation finished.
-    pub(crate) at: UnixMillis,
-}
-
-/// One charge on the cloud's ledger, as `synesis cloud sync` hands it to [`LocalLedger::reconcile`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct CloudCharge {
-    pub(crate) request_id: RequestId,
-    pub(crate) model: String,
-    pub(crate) device_id: Option<DeviceId>,
-    pub(crate) input_tokens: u64,
-    pub(crate) output_tokens: u64,
-    pub(crate) total_micro_usd: MicroUsd,
-    pub(crate) at: UnixMillis,
-}
-
-impl CloudCharge {
-    /// The names of the fields where `self` and `other` (a charge of the same request) differ.
-    fn differences(&self, other: &CloudCharge) -> Vec<&'static str> {
-        let mut fields = Vec::new();
-        let mut check = |same: bool, name| {
-            if !same {
-                fields.push(name);
-            }
-        };
-        check(self.model == other.model, "model");
-        check(self.device_id == other.device_id, "device_id");
-        check(self.input_tokens == other.input_tokens, "input_tokens");
-        check(self.output_tokens == other.output_tokens, "output_tokens");
-        check(
-            self.total_micro_usd == other.total_micro_usd,
-            "total_micro_usd",
-        );
-        check(self.at == other.at, "at");
-        fields
-    }
-}
-
-/// A cloud charge the local ledger held with other values; the cloud's were written.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub(crate) struct ChargeChange {
-    pub(crate) request_id: RequestId,
-    /// The fields that differed (`model`, `device_id`, `input_tokens`, `output_tokens`,
-    /// `total_micro_usd`, `at`).
-    pub(crate) fields: Vec<&'static str>,
-    /// What the local ledger held before.
-    pub(crate) local: CloudCharge,
-    /// What it holds now.
-    pub(crate) cloud: CloudCharge,
-}
-
-/// Why a cloud charge was not applied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub(crate) enum ConflictReason {
-    /// Its request id is an on-device generation's: the two can never share an id.
-    LocalGeneration,
-    /// The cloud's list named this request id more than once; the first one was applied.
-    DuplicateInCloudList,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub(crate) struct SyncConflict {
-    pub(crate) request_id: RequestId,
-    pub(crate) reason: ConflictReason,
-    /// The charge as the cloud sent it (not written).
-    pub(crate) cloud: CloudCharge,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub(crate) struct SyncCounts {
-    /// Charges in the cloud's list: `added + changed + unchanged + conflicts`.
-    pub(crate) cloud_charges: usize,
-    pub(crate) added: usize,
-    pub(crate) changed: usize,
-    pub(crate) unchanged: usize,
-    pub(crate) missing_in_cloud: usize,
-    pub(crate) conflicts: usize,
-}
-
-/// What one [`LocalLedger::reconcile`] found and did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub(crate) struct SyncReport {
-    pub(crate) synced_at: UnixMillis,
-    pub(crate) counts: SyncCounts,
-    /// Cloud charges the local ledger did not have; now it does.
-    pub(crate) added: Vec<RequestId>,
-    /// Cloud charges held here with other values; overwritten with the cloud's.
-    pub(crate) changed: Vec<ChargeChange>,
-    /// Cloud-kind rows here that the cloud's list does not have (kept, not deleted).
-    pub(crate) missing_in_cloud: Vec<RequestId>,
-    /// Cloud charges not applied, and why.
-    pub(crate) conflicts: Vec<SyncConflict>,
-}
-
-impl SyncReport {
-    /// Whether the two ledgers agreed already: nothing changed, missing or in conflict.
-    pub(crate) fn in_agreement(&self) -> bool {
-        self.added.is_empty()
-            && self.changed.is_empty()
-            && self.missing_in_cloud.is_empty()
-            && self.conflicts.is_empty()
-    }
-}
-
-/// On-device totals.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub(crate) struct LocalTotals {
-    pub(crate) generations: u64,
-    pub(crate) input_tokens: u64,
-    pub(crate) output_tokens: u64,
-    pub(crate) cloud_cost_avoided_micro_usd: MicroUsd,
-}
-
-/// Cloud totals, as last mirrored.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub(crate) struct CloudTotals {
-    pub(crate) charges: u64,
-    pub(crate) input_tokens: u64,
-    pub(crate) output_tokens: u64,
-    pub(crate) total_micro_usd: MicroUsd,
-}
-
-/// The totals of one model and kind.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub(crate) struct ModelTotals {
-    pub(crate) model: String,
-    pub(crate) kind: EntryKind,
-    pub(crate) generations: u64,
-    pub(crate) input_tokens: u64,
-    pub(crate) output_tokens: u64,
-    /// Local: the cloud cost avoided; cloud: what was charged.
-    pub(crate) micro_usd: MicroUsd,
-}
-
-/// What `synesis usage` shows.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub(crate) struct Summary {
-    pub(crate) local: LocalTotals,
-    pub(crate) cloud: CloudTotals,
-    pub(crate) last_sync_at: Option<UnixMillis>,
-    /// Sorted by kind (local first), then model.
-    pub(crate) by_model: Vec<ModelTotals>,
-}
-
-/// What the tokens of an on-device answer would have cost in the cloud: [`REFERENCE_MODEL`] at
-/// the Managed tier, default prices and rules (rounded once, half up, as every quote is).
-pub(crate) fn cloud_cost_avoided(
-    input_tokens: u64,
-    output_tokens: u64,
-) -> Result<MicroUsd, BillingError> {
-    synesis_billing::quote(
-        Tier::Managed,
-        REFERENCE_MODEL,
-        Usage {
-            input_tokens,
-            output_tokens,
-        },
-        &PriceTable::default(),
-        &TierRules::default(),
-    )
-    .map(|q| q.total)
-}
-
-fn to_u64(v: i64, path: &Path, what: &str) -> Result<u64, LedgerDbError> {
-    u64::try_from(v).map_err(|_| LedgerDbError::Corrupt {
+fn to_u64(v: i64, path: &Path, what: &str) -> Result<u64, LedgerError> {
+    u64::try_from(v).map_err(|_| LedgerError::Corrupt {
         path: path.to_owned(),
         what: format!("{what} {v}"),
     })
 }
 
-fn parse_id<T: std::str::FromStr>(s: &str, path: &Path) -> Result<T, LedgerDbError> {
-    s.parse().map_err(|_| LedgerDbError::Corrupt {
+fn parse_id<T: std::str::FromStr>(s: &str, path: &Path) -> Result<T, LedgerError> {
+    s.parse().map_err(|_| LedgerError::Corrupt {
         path: path.to_owned(),
         what: format!("id {s:?}"),
     })
 }
 
+fn parse_kind(s: &str, path: &Path) -> Result<EntryKind, LedgerError> {
+    EntryKind::parse(s).ok_or_else(|| LedgerError::Corrupt {
+        path: path.to_owned(),
+        what: format!("kind {s:?}"),
+    })
+}
+
+/// One row of `entries` as SQLite gives it, before its values are checked.
+type RawEntry = (String, String, String, Option<String>, i64, i64, i64, i64);
+
+fn raw_entry(r: &Row<'_>) -> rusqlite::Result<RawEntry> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+    ))
+}
+
+fn entry_from_row(raw: RawEntry, path: &Path) -> Result<Entry, LedgerError> {
+    let (id, kind, model, device_id, input, output, micro, at) = raw;
+    Ok(Entry {
+        request_id: parse_id(&id, path)?,
+        kind: parse_kind(&kind, path)?,
+        model,
+        device_id: device_id.map(|d| parse_id(&d, path)).transpose()?,
+        input_tokens: to_u64(input, path, "input tokens")?,
+        output_tokens: to_u64(output, path, "output tokens")?,
+        micro_usd: MicroUsd(micro),
+        at: UnixMillis(at),
+    })
+}
+
 /// The local ledger, open.
 #[derive(Debug)]
-pub(crate) struct LocalLedger {
+pub struct LocalLedger {
     conn: Connection,
     path: PathBuf,
 }
 
 impl LocalLedger {
     /// Opens (creating the file, its directory and the schema when missing) the ledger at `path`.
-    pub(crate) fn open(path: &Path) -> Result<LocalLedger, LedgerDbError> {
+    pub fn open(path: &Path) -> Result<LocalLedger, LedgerError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|error| LedgerDbError::CreateDir {
+            std::fs::create_dir_all(dir).map_err(|error| LedgerError::CreateDir {
                 path: dir.to_owned(),
                 error,
             })?;
@@ -365,7 +159,7 @@ impl LocalLedger {
 
     /// Brings the schema to [`SCHEMA_VERSION`], in one transaction that re-reads the version
     /// (another process may have done it meanwhile).
-    fn migrate(&mut self) -> Result<(), LedgerDbError> {
+    fn migrate(&mut self) -> Result<(), LedgerError> {
         let err = sql_error(&self.path);
         let tx = self
             .conn
@@ -385,7 +179,7 @@ impl LocalLedger {
                 )
                 .map_err(&err)?;
             if tables > 0 {
-                return Err(LedgerDbError::NotALedger {
+                return Err(LedgerError::NotALedger {
                     path: self.path.clone(),
                 });
             }
@@ -397,10 +191,7 @@ impl LocalLedger {
     }
 
     /// Records one finished on-device generation, with the cloud cost it avoided (returned).
-    pub(crate) fn record_local(
-        &mut self,
-        generation: &LocalGeneration,
-    ) -> Result<MicroUsd, LedgerDbError> {
+    pub fn record_local(&mut self, generation: &LocalGeneration) -> Result<MicroUsd, LedgerError> {
         let avoided = cloud_cost_avoided(generation.input_tokens, generation.output_tokens)?;
         let err = sql_error(&self.path);
         let tx = self
@@ -425,94 +216,33 @@ impl LocalLedger {
             )
             .map_err(&err)?;
         if inserted == 0 {
-            return Err(LedgerDbError::Duplicate(generation.request_id));
+            return Err(LedgerError::Duplicate(generation.request_id));
         }
         tx.commit().map_err(&err)?;
         Ok(avoided)
     }
 
-    /// [`reconcile_at`](Self::reconcile_at) stamped with the current time.
-    pub(crate) fn reconcile(&mut self, cloud: &[CloudCharge]) -> Result<SyncReport, LedgerDbError> {
-        let now = synesis_tunnel::enroll::unix_now();
-        self.reconcile_at(cloud, now)
-    }
-
-    /// Compares the cloud-kind rows with the cloud's list, request id by request id, and makes
-    /// them agree, in one transaction: a charge missing here is added, one held with other
-    /// values is overwritten with the cloud's (the authority), equal ones are left alone, and
-    /// rows here that the cloud's list lacks are reported, not deleted. A cloud charge with an
-    /// on-device generation's id is a conflict and is not written. `now` becomes the last sync
-    /// time. The same list again changes nothing.
-    pub(crate) fn reconcile_at(
+    /// Makes the cloud-kind rows agree with the cloud's list, in one transaction: reads what
+    /// [`reconcile`] needs, applies its plan (adds, overwrites with the cloud's values; nothing
+    /// is deleted) and records `now` as the last sync time. The same list again changes nothing.
+    pub fn reconcile(
         &mut self,
         cloud: &[CloudCharge],
         now: UnixMillis,
-    ) -> Result<SyncReport, LedgerDbError> {
+    ) -> Result<SyncReport, LedgerError> {
         let path = self.path.clone();
         let err = sql_error(&path);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(&err)?;
-        let mut report = SyncReport {
-            synced_at: now,
-            counts: SyncCounts::default(),
-            added: Vec::new(),
-            changed: Vec::new(),
-            missing_in_cloud: Vec::new(),
-            conflicts: Vec::new(),
-        };
-        let mut unchanged = 0;
-        let mut seen = HashSet::with_capacity(cloud.len());
-        for charge in cloud {
-            let conflict = |reason| SyncConflict {
-                request_id: charge.request_id,
-                reason,
-                cloud: charge.clone(),
-            };
-            if !seen.insert(charge.request_id) {
-                report
-                    .conflicts
-                    .push(conflict(ConflictReason::DuplicateInCloudList));
-                continue;
-            }
-            match read_entry(&tx, &path, charge.request_id)? {
-                None => {
-                    write_cloud(&tx, charge, false).map_err(&err)?;
-                    report.added.push(charge.request_id);
-                }
-                Some((EntryKind::Local, _)) => {
-                    report
-                        .conflicts
-                        .push(conflict(ConflictReason::LocalGeneration));
-                }
-                Some((EntryKind::Cloud, local)) if local == *charge => unchanged += 1,
-                Some((EntryKind::Cloud, local)) => {
-                    write_cloud(&tx, charge, true).map_err(&err)?;
-                    report.changed.push(ChargeChange {
-                        request_id: charge.request_id,
-                        fields: local.differences(charge),
-                        local,
-                        cloud: charge.clone(),
-                    });
-                }
-            }
+        let held = held_for(&tx, &path, cloud)?;
+        let plan = reconcile(&held, cloud);
+        for charge in &plan.added {
+            write_cloud(&tx, charge, false).map_err(&err)?;
         }
-        {
-            let mut stmt = tx
-                .prepare(
-                    "SELECT request_id FROM entries WHERE kind = 'cloud' ORDER BY at, request_id",
-                )
-                .map_err(&err)?;
-            let ids = stmt
-                .query_map([], |r| r.get::<_, String>(0))
-                .map_err(&err)?;
-            for id in ids {
-                let id: RequestId = parse_id(&id.map_err(&err)?, &path)?;
-                if !seen.contains(&id) {
-                    report.missing_in_cloud.push(id);
-                }
-            }
+        for change in &plan.changed {
+            write_cloud(&tx, &change.cloud, true).map_err(&err)?;
         }
         tx.execute(
             "INSERT INTO meta (key, value) VALUES (?1, ?2) \
@@ -521,24 +251,12 @@ impl LocalLedger {
         )
         .map_err(&err)?;
         tx.commit().map_err(&err)?;
-        report.counts = SyncCounts {
-            cloud_charges: cloud.len(),
-            added: report.added.len(),
-            changed: report.changed.len(),
-            unchanged,
-            missing_in_cloud: report.missing_in_cloud.len(),
-            conflicts: report.conflicts.len(),
-        };
-        debug_assert_eq!(
-            report.counts.added + report.counts.changed + unchanged + report.counts.conflicts,
-            cloud.len()
-        );
-        Ok(report)
+        Ok(plan.into_report(now))
     }
 
     /// The devices whose cloud charges this ledger mirrors: this machine's identities, the
     /// current one and any it had before a new `cloud login`.
-    pub(crate) fn cloud_devices(&self) -> Result<HashSet<DeviceId>, LedgerDbError> {
+    pub fn cloud_devices(&self) -> Result<HashSet<DeviceId>, LedgerError> {
         let err = sql_error(&self.path);
         let mut stmt = self
             .conn
@@ -554,7 +272,7 @@ impl LocalLedger {
     }
 
     /// Totals of the rows at or after `since` (all rows with `None`), and the last sync time.
-    pub(crate) fn summary(&self, since: Option<UnixMillis>) -> Result<Summary, LedgerDbError> {
+    pub fn summary(&self, since: Option<UnixMillis>) -> Result<Summary, LedgerError> {
         let path = &self.path;
         let err = sql_error(path);
         let mut summary = Summary {
@@ -590,44 +308,16 @@ impl LocalLedger {
                 ))
             })
             .map_err(&err)?;
-        let add = |a: u64, b: u64| a.checked_add(b).ok_or(LedgerDbError::Overflow);
         for row in rows {
             let (kind, model, count, input, output, micro) = row.map_err(&err)?;
-            let kind = EntryKind::parse(&kind).ok_or_else(|| LedgerDbError::Corrupt {
-                path: path.clone(),
-                what: format!("kind {kind:?}"),
-            })?;
-            let m = ModelTotals {
+            summary.add(ModelTotals {
                 model,
-                kind,
+                kind: parse_kind(&kind, path)?,
                 generations: to_u64(count, path, "count")?,
                 input_tokens: to_u64(input, path, "input tokens")?,
                 output_tokens: to_u64(output, path, "output tokens")?,
                 micro_usd: MicroUsd(micro),
-            };
-            match kind {
-                EntryKind::Local => {
-                    let t = &mut summary.local;
-                    t.generations = add(t.generations, m.generations)?;
-                    t.input_tokens = add(t.input_tokens, m.input_tokens)?;
-                    t.output_tokens = add(t.output_tokens, m.output_tokens)?;
-                    t.cloud_cost_avoided_micro_usd = t
-                        .cloud_cost_avoided_micro_usd
-                        .checked_add(m.micro_usd)
-                        .ok_or(LedgerDbError::Overflow)?;
-                }
-                EntryKind::Cloud => {
-                    let t = &mut summary.cloud;
-                    t.charges = add(t.charges, m.generations)?;
-                    t.input_tokens = add(t.input_tokens, m.input_tokens)?;
-                    t.output_tokens = add(t.output_tokens, m.output_tokens)?;
-                    t.total_micro_usd = t
-                        .total_micro_usd
-                        .checked_add(m.micro_usd)
-                        .ok_or(LedgerDbError::Overflow)?;
-                }
-            }
-            summary.by_model.push(m);
+            })?;
         }
         Ok(summary)
     }
@@ -637,57 +327,50 @@ fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
     conn.pragma_query_value(None, "user_version", |r| r.get(0))
 }
 
-fn newer(path: &Path, found: i64) -> LedgerDbError {
-    LedgerDbError::NewerSchema {
+fn newer(path: &Path, found: i64) -> LedgerError {
+    LedgerError::NewerSchema {
         path: path.to_owned(),
         found,
         supported: SCHEMA_VERSION,
     }
 }
 
-/// The row of `id`, as its kind and its values.
-fn read_entry(
+/// What [`reconcile`] needs of the rows: every cloud-kind row, and the local row of any request
+/// id the cloud's list names.
+fn held_for(
     tx: &Transaction<'_>,
     path: &Path,
-    id: RequestId,
-) -> Result<Option<(EntryKind, CloudCharge)>, LedgerDbError> {
+    cloud: &[CloudCharge],
+) -> Result<Vec<Entry>, LedgerError> {
     let err = sql_error(path);
-    let row = tx
-        .query_row(
-            "SELECT kind, model, device_id, input_tokens, output_tokens, micro_usd, at \
-             FROM entries WHERE request_id = ?1",
-            [id.to_string()],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, i64>(5)?,
-                    r.get::<_, i64>(6)?,
-                ))
-            },
-        )
-        .optional()
+    let mut held = Vec::new();
+    let mut stmt = tx
+        .prepare(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries WHERE kind = 'cloud'"
+        ))
         .map_err(&err)?;
-    let Some((kind, model, device_id, input, output, micro, at)) = row else {
-        return Ok(None);
-    };
-    let kind = EntryKind::parse(&kind).ok_or_else(|| LedgerDbError::Corrupt {
-        path: path.to_owned(),
-        what: format!("kind {kind:?}"),
-    })?;
-    let charge = CloudCharge {
-        request_id: id,
-        model,
-        device_id: device_id.map(|d| parse_id(&d, path)).transpose()?,
-        input_tokens: to_u64(input, path, "input tokens")?,
-        output_tokens: to_u64(output, path, "output tokens")?,
-        total_micro_usd: MicroUsd(micro),
-        at: UnixMillis(at),
-    };
-    Ok(Some((kind, charge)))
+    for raw in stmt.query_map([], raw_entry).map_err(&err)? {
+        held.push(entry_from_row(raw.map_err(&err)?, path)?);
+    }
+    let mut stmt = tx
+        .prepare(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries WHERE request_id = ?1 AND kind = 'local'"
+        ))
+        .map_err(&err)?;
+    let mut looked_up = HashSet::with_capacity(cloud.len());
+    for charge in cloud {
+        if !looked_up.insert(charge.request_id) {
+            continue;
+        }
+        let raw = stmt
+            .query_row([charge.request_id.to_string()], raw_entry)
+            .optional()
+            .map_err(&err)?;
+        if let Some(raw) = raw {
+            held.push(entry_from_row(raw, path)?);
+        }
+    }
+    Ok(held)
 }
 
 /// Inserts a cloud charge, or overwrites the cloud row of its id with it.
@@ -719,6 +402,9 @@ fn write_cloud(tx: &Transaction<'_>, c: &CloudCharge, overwrite: bool) -> rusqli
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reconcile::{ConflictReason, SyncCounts};
+    use crate::summary::{CloudTotals, LocalTotals};
+    use synesis_proto::RequestId;
 
     fn id(n: u8) -> RequestId {
         RequestId::from_parts(1_700_000_000_000 + u64::from(n), [n; 10])
@@ -794,7 +480,7 @@ mod tests {
         // One row per request id.
         assert!(matches!(
             ledger.record_local(&local(1, 1, 1, 30)),
-            Err(LedgerDbError::Duplicate(_))
+            Err(LedgerError::Duplicate(_))
         ));
         // And the rows outlive the connection.
         drop(ledger);
@@ -807,7 +493,7 @@ mod tests {
         let mut ledger = open_in(&dir);
         ledger.record_local(&local(9, 10, 10, 5)).unwrap();
         let first = ledger
-            .reconcile_at(
+            .reconcile(
                 &[charge(1, 100), charge(2, 200), charge(3, 300)],
                 UnixMillis(1),
             )
@@ -823,7 +509,7 @@ mod tests {
         let mut clash = charge(9, 1);
         clash.model = "claude-opus".into();
         let report = ledger
-            .reconcile_at(
+            .reconcile(
                 &[charge(1, 100), two.clone(), charge(4, 400), clash],
                 UnixMillis(2),
             )
@@ -874,9 +560,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut ledger = open_in(&dir);
         let list = [charge(1, 100), charge(2, 200)];
-        ledger.reconcile_at(&list, UnixMillis(1)).unwrap();
+        ledger.reconcile(&list, UnixMillis(1)).unwrap();
         let before = ledger.summary(None).unwrap();
-        let again = ledger.reconcile_at(&list, UnixMillis(2)).unwrap();
+        let again = ledger.reconcile(&list, UnixMillis(2)).unwrap();
         assert!(again.in_agreement(), "{again:?}");
         assert_eq!(again.counts.unchanged, 2);
         let after = ledger.summary(None).unwrap();
@@ -889,7 +575,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut ledger = open_in(&dir);
         let report = ledger
-            .reconcile_at(&[charge(1, 100), charge(1, 999)], UnixMillis(1))
+            .reconcile(&[charge(1, 100), charge(1, 999)], UnixMillis(1))
             .unwrap();
         assert_eq!(report.added, [id(1)]);
         assert_eq!(
@@ -908,7 +594,7 @@ mod tests {
         let path = dir.path().join(LEDGER_FILE);
         std::fs::write(&path, vec![b'x'; 4096]).unwrap();
         let err = LocalLedger::open(&path).unwrap_err();
-        assert!(matches!(err, LedgerDbError::NotALedger { .. }), "{err:?}");
+        assert!(matches!(err, LedgerError::NotALedger { .. }), "{err:?}");
         let text = err.to_string();
         assert!(text.contains(&path.display().to_string()), "{text}");
         assert!(text.contains("not a Synesis local ledger"), "{text}");
@@ -921,7 +607,7 @@ mod tests {
             .unwrap();
         assert!(matches!(
             LocalLedger::open(&other),
-            Err(LedgerDbError::NotALedger { .. })
+            Err(LedgerError::NotALedger { .. })
         ));
     }
 
@@ -936,11 +622,11 @@ mod tests {
             .unwrap();
         let err = LocalLedger::open(&path).unwrap_err();
         assert!(
-            matches!(err, LedgerDbError::NewerSchema { found: 2, .. }),
+            matches!(err, LedgerError::NewerSchema { found: 2, .. }),
             "{err:?}"
         );
         let text = err.to_string();
-        assert!(text.contains("newer") && text.contains("upgrade"), "{text}");
+        assert!(text.contains("newer"), "{text}");
         assert!(text.contains(&path.display().to_string()), "{text}");
     }
 
