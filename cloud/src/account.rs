@@ -208,12 +208,12 @@ async fn leave(peer: &Peer, leave: DeviceLeave) -> Message {
 /// A new certificate for the calling device (same id), before its current one ends.
 async fn renew(peer: &Peer, r: CertRenew) -> Message {
     let id = peer.device.id;
-    let not_after = peer.shared.cert_not_after();
+    let validity = peer.shared.cert_validity();
     let request_id = r.request_id;
-    let cert = match peer.shared.pki.sign_device(&r.csr_der.0, id, not_after) {
+    let cert = match peer.shared.pki.sign_device(&r.csr_der.0, id, validity) {
         Ok(c) => IssuedCert {
             der: c.to_vec(),
-            not_after,
+            not_after: validity.1,
         },
         Err(e) => return error_msg(ErrorCode::INVALID_REQUEST, e.to_string(), Some(request_id)),
     };

@@ -54,7 +54,7 @@ async fn enroll(shared: &Arc<Shared>, request: EnrollRequest) -> Message {
         return error_msg(ErrorCode::INTERNAL, "internal error", Some(request_id));
     };
     let pki = Arc::clone(&shared.pki);
-    let not_after = shared.cert_not_after();
+    let validity = shared.cert_validity();
     let csr = request.csr_der.0;
     let name = request.device_name;
     let at = now();
@@ -69,10 +69,10 @@ async fn enroll(shared: &Arc<Shared>, request: EnrollRequest) -> Message {
                 new_device_id: device_id,
             };
             Ok(db.enroll(&enrollment, at, &mut |id| {
-                pki.sign_device(&csr, id, not_after)
+                pki.sign_device(&csr, id, validity)
                     .map(|c| IssuedCert {
                         der: c.to_vec(),
-                        not_after,
+                        not_after: validity.1,
                     })
                     .map_err(|e| e.to_string())
             }))

@@ -164,12 +164,12 @@ impl Pki {
 
     /// Signs a device's CSR: the certificate names the device, is for client authentication
     /// only, carries the key the device proved it holds (the CSR's signature is checked), and
-    /// is valid until `not_after` (TLS refuses it after).
+    /// is valid from `not_before` until `not_after` (TLS refuses it outside).
     pub fn sign_device(
         &self,
         csr_der: &[u8],
         device: DeviceId,
-        not_after: UnixMillis,
+        (not_before, not_after): (UnixMillis, UnixMillis),
     ) -> Result<CertificateDer<'static>, PkiError> {
         let mut csr =
             CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
@@ -185,9 +185,12 @@ impl Pki {
         let mut serial = device.as_bytes().to_vec();
         serial.extend_from_slice(&not_after.0.to_be_bytes());
         p.serial_number = Some(SerialNumber::from_slice(&serial));
-        p.not_after =
-            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(not_after.0) * 1_000_000)
-                .map_err(|_| PkiError::BadExpiry)?;
+        let time = |t: UnixMillis| {
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(t.0) * 1_000_000)
+                .map_err(|_| PkiError::BadExpiry)
+        };
+        p.not_before = time(not_before)?;
+        p.not_after = time(not_after)?;
         Ok(csr.signed_by(&self.issuer)?.der().clone())
     }
 }

@@ -19,6 +19,10 @@ pub(crate) const PRESENCE_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
 /// device's newest heartbeat replaces its older one, so this bounds reconnect storms only).
 const PRESENCE_PENDING_MAX: usize = 100_000;
 
+/// How far before its signing a device certificate starts being valid (clock skew): a minute,
+/// or a tenth of a short lifetime.
+const CERT_BACKDATE_MAX_MS: i64 = 60_000;
+
 /// The cloud's clock: Unix milliseconds.
 pub fn now() -> UnixMillis {
     let ms = SystemTime::now()
@@ -183,10 +187,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// The expiry of a certificate signed now.
-    pub(crate) fn cert_not_after(&self) -> UnixMillis {
+    /// When a certificate signed now starts and stops being valid. It starts a little early,
+    /// so a device whose clock is a little behind accepts it as well.
+    pub(crate) fn cert_validity(&self) -> (UnixMillis, UnixMillis) {
         let lifetime = i64::try_from(self.settings.cert_lifetime.as_millis()).unwrap_or(i64::MAX);
-        UnixMillis(now().0.saturating_add(lifetime))
+        let backdate = (lifetime / 10).min(CERT_BACKDATE_MAX_MS);
+        let at = now();
+        (
+            UnixMillis(at.0.saturating_sub(backdate)),
+            UnixMillis(at.0.saturating_add(lifetime)),
+        )
     }
 }
 

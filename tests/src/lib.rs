@@ -151,6 +151,8 @@ pub struct Cloud {
     pub addr: std::net::SocketAddr,
     /// The data directory: made by the cloud itself, inside `_scratch`.
     dir: PathBuf,
+    /// The `serve` flags it was started with (a restart keeps them).
+    args: Vec<String>,
     _scratch: tempfile::TempDir,
 }
 
@@ -169,6 +171,7 @@ impl Cloud {
             process,
             addr,
             dir,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
             _scratch: scratch,
         }
     }
@@ -213,7 +216,8 @@ impl Cloud {
     /// Starts the cloud again on the same data directory and port (after a kill).
     pub fn restart(&mut self) {
         let listen = self.addr.to_string();
-        let (process, addr) = Cloud::spawn(&self.dir, &listen, &[]);
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let (process, addr) = Cloud::spawn(&self.dir, &listen, &args);
         let old = std::mem::replace(&mut self.process, process);
         drop(old);
         assert_eq!(addr, self.addr);

@@ -245,6 +245,19 @@ async fn a_revoked_device_is_closed_even_when_it_never_said_hello() {
         !matches!(after, Some(Message::UsageReply(_))),
         "served after revocation: {after:?}"
     );
+    // A renewal is refused too.
+    let renewal = exchange(
+        &conn,
+        synesis_proto::message::CertRenew {
+            request_id: new_id(),
+            csr_der: Blob(csr("revoked")),
+        },
+    )
+    .await;
+    assert!(
+        !matches!(renewal, Some(Message::CertRenewed(_))),
+        "renewed after revocation: {renewal:?}"
+    );
     // ...and the connection itself is closed with the code, within seconds.
     assert_eq!(
         closed_with(&conn, Duration::from_secs(5)).await,
@@ -270,6 +283,45 @@ async fn leaving_closes_every_connection_of_the_device() {
     assert_eq!(
         closed_with(&silent, Duration::from_secs(5)).await,
         Some(Some(ErrorCode::DEVICE_REVOKED))
+    );
+}
+
+#[test]
+fn a_device_renews_its_certificate_and_connects_after_the_first_one_expired() {
+    let mut cloud = Cloud::start_with(&["--cert-lifetime", "24s"]);
+    let device = Device::new();
+    device.login(&cloud.account_and_token("acme"));
+    let cert = device.home().join("data/identity/device.crt.der");
+    let first = std::fs::read(&cert).unwrap();
+    let (_, first_expiry) = synesis_wire::tls::validity(&first).unwrap();
+    let _tunnel = device.tunnel("1s");
+    assert!(wait_for(Duration::from_secs(10), || device
+        .state()
+        .as_deref()
+        == Some("connected")));
+    // Renewed over the tunnel when a third of the lifetime is left (about 16 s in).
+    assert!(
+        wait_for(Duration::from_secs(30), || std::fs::read(&cert).unwrap()
+            != first),
+        "{}",
+        device.tunnel_log()
+    );
+    let renewed = std::fs::read(&cert).unwrap();
+    let (_, expiry) = synesis_wire::tls::validity(&renewed).unwrap();
+    assert!(expiry > first_expiry);
+    // Past the first certificate's end, a new connection (after a cloud restart) must use the
+    // renewed one: the first would fail the handshake.
+    let wait =
+        u64::try_from(first_expiry.0 - synesis_tunnel::enroll::unix_now().0 + 1_500).unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(wait));
+    synesis_e2e::signal(cloud.process.pid(), "KILL");
+    cloud.restart();
+    assert!(
+        wait_for(Duration::from_secs(20), || device.state().as_deref()
+            == Some("connected")
+            && device.status().unwrap()["reconnects"].as_u64() >= Some(1)),
+        "{}",
+        device.tunnel_log()
     );
 }
 

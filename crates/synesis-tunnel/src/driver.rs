@@ -76,6 +76,8 @@ pub struct Options {
     pub vitals: watch::Receiver<Vitals>,
     /// Seeds the backoff jitter.
     pub seed: u64,
+    /// Where a renewed certificate is saved (the data directory); `None` keeps it in memory.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 /// Controls a running tunnel. Dropping it stops the tunnel and closes the connection.
@@ -199,7 +201,12 @@ struct Link {
 enum LinkEvent {
     Message(Message),
     Lost(Failure),
+    /// A certificate renewal finished: the new certificate, or why not.
+    Renewed(Result<Vec<u8>, String>),
 }
+
+/// After a failed renewal, the wait before the next try.
+const RENEW_RETRY: Duration = Duration::from_secs(10);
 
 type Connecting = Pin<
     Box<
@@ -228,6 +235,9 @@ struct Driver {
     link: Option<Link>,
     generation: u64,
     pings: HashMap<u64, oneshot::Sender<Result<Duration, PingError>>>,
+    /// When the certificate should be renewed (`None`: unreadable or never).
+    renew_at: Option<UnixMillis>,
+    renewing: bool,
 }
 
 impl Driver {
@@ -237,6 +247,7 @@ impl Driver {
         status: watch::Sender<TunnelStatus>,
     ) -> Driver {
         let (events_tx, events) = mpsc::channel(EVENT_INBOX_CAPACITY);
+        let renew_at = crate::renew::due(&options.identity);
         Driver {
             machine: Machine::new(options.config, options.seed),
             options,
@@ -249,6 +260,8 @@ impl Driver {
             link: None,
             generation: 0,
             pings: HashMap::new(),
+            renew_at,
+            renewing: false,
         }
     }
 
@@ -434,10 +447,50 @@ impl Driver {
                 tracing::info!(?failure, "connection lost");
                 self.machine.handle(now, Event::ConnectionLost(failure));
             }
+            LinkEvent::Renewed(result) => self.renewed(result),
+        }
+    }
+
+    /// Starts a certificate renewal on the live connection when one is due.
+    fn renew_if_due(&mut self) {
+        let Some(link) = &self.link else { return };
+        let due = self.renew_at.is_some_and(|at| unix_now() >= at);
+        if !due || self.renewing || self.machine.state() != State::Connected {
+            return;
+        }
+        self.renewing = true;
+        let (conn, identity, generation) = (
+            link.conn.clone(),
+            self.options.identity.clone(),
+            link.generation,
+        );
+        let (data_dir, events) = (self.options.data_dir.clone(), self.events_tx.clone());
+        tokio::spawn(async move {
+            let result = crate::renew::renew(&conn, &identity, data_dir.as_deref())
+                .await
+                .map_err(|e| e.to_string());
+            let _ = events.send((generation, LinkEvent::Renewed(result))).await;
+        });
+    }
+
+    fn renewed(&mut self, result: Result<Vec<u8>, String>) {
+        self.renewing = false;
+        match result {
+            Ok(cert) => {
+                self.options.identity.cert_der = cert;
+                self.renew_at = crate::renew::due(&self.options.identity);
+                tracing::info!(renew_at = ?self.renew_at, "device certificate renewed");
+            }
+            Err(e) => {
+                let retry = i64::try_from(RENEW_RETRY.as_millis()).unwrap_or(i64::MAX);
+                self.renew_at = Some(UnixMillis(unix_now().0.saturating_add(retry)));
+                tracing::warn!(error = %e, "certificate renewal failed; trying again later");
+            }
         }
     }
 
     fn send_heartbeat(&mut self, seq: u64) {
+        self.renew_if_due();
         let Some(link) = &self.link else { return };
         let vitals = self.options.vitals.borrow().clone();
         let heartbeat = Heartbeat {

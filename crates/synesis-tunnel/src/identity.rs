@@ -125,6 +125,12 @@ impl Identity {
         Ok(())
     }
 
+    /// Replaces the certificate with a renewed one (same key, same device), atomically.
+    pub fn save_cert(data_dir: &Path, cert_der: &[u8]) -> Result<(), IdentityError> {
+        let path = Self::dir(data_dir).join(CERT);
+        write_secret_file(&path, cert_der).map_err(|source| IdentityError::Io { path, source })
+    }
+
     /// Deletes the identity (`identity.json` first: after a crash the rest is inert).
     pub fn remove(data_dir: &Path) -> Result<(), IdentityError> {
         let dir = Self::dir(data_dir);

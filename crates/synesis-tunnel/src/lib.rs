@@ -5,6 +5,7 @@
 //!   [`TunnelHandle`], [`TunnelStatus`] on a `watch` channel).
 //! - [`enroll`](enroll::enroll): trade a setup token for an [`Identity`] (`synesis cloud login`).
 //! - [`request`](request::request): one request/reply on a fresh mutual-TLS connection.
+//! - [`renew`]: the device certificate renewed over the tunnel before it expires.
 //! - [`identity`], [`tls`], [`connect`]: the device's files, TLS configuration and dialing.
 //!
 //! It must not import the cloud, and it holds no policy about what to escalate.
@@ -14,6 +15,7 @@ pub mod driver;
 pub mod enroll;
 pub mod identity;
 pub mod machine;
+pub mod renew;
 pub mod request;
 pub mod tls;
 

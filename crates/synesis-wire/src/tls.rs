@@ -5,7 +5,7 @@ use std::sync::Arc;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::CertificateDer;
 use sha2::Digest;
-use synesis_proto::Sha256;
+use synesis_proto::{Sha256, UnixMillis};
 
 /// The name the device asks for and the cloud's certificate carries. Devices pin the cloud's CA
 /// (from the setup token, then from enrollment), so the name need not be the host's DNS name:
@@ -21,6 +21,15 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// The ALPN list both ends set.
 pub fn alpn() -> Vec<Vec<u8>> {
     vec![synesis_proto::ALPN.to_vec()]
+}
+
+/// When a certificate starts and stops being valid (its `notBefore` and `notAfter`), or
+/// `None` when it does not parse.
+pub fn validity(cert: &[u8]) -> Option<(UnixMillis, UnixMillis)> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let v = x509.validity();
+    let ms = |t: &x509_parser::time::ASN1Time| UnixMillis(t.timestamp().saturating_mul(1_000));
+    Some((ms(&v.not_before), ms(&v.not_after)))
 }
 
 /// SHA-256 of a certificate's DER: how certificates are pinned and looked up.

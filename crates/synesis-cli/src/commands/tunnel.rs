@@ -42,6 +42,7 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
         config,
         vitals,
         seed: rand::random(),
+        data_dir: Some(paths.data.path.clone()),
     }));
     let mut status = tunnel.status();
     let api = tokio::spawn(service::serve(listener, Arc::clone(&tunnel)));

@@ -1,0 +1,103 @@
+//! Certificate renewal: a device certificate expires (the cloud's `--cert-lifetime`), so the
+//! tunnel asks for a new one over its own connection when a third of the current one's life is
+//! left (PROTOCOL.md §1, "Enrollment and identity", 6). Same key, same device id; the cloud
+//! refuses a revoked device.
+//!
+//! [`renew_after`] is the pure policy; [`renew`] is the exchange, run by the driver.
+
+use synesis_proto::message::CertRenew;
+use synesis_proto::{Blob, Message, UnixMillis};
+
+use crate::identity::Identity;
+
+/// The share of a certificate's lifetime left when the device renews it: a third, so a device
+/// that is offline for a while still renews before the end.
+const RENEW_WHEN_LEFT_DIVISOR: i64 = 3;
+
+/// When a certificate valid from `not_before` to `not_after` should be renewed.
+pub fn renew_after(not_before: UnixMillis, not_after: UnixMillis) -> UnixMillis {
+    let lifetime = not_after.0.saturating_sub(not_before.0).max(0);
+    UnixMillis(
+        not_after
+            .0
+            .saturating_sub(lifetime / RENEW_WHEN_LEFT_DIVISOR),
+    )
+}
+
+/// When `identity`'s certificate should be renewed; `None` when it cannot be read (the
+/// handshake will say what is wrong with it).
+pub fn due(identity: &Identity) -> Option<UnixMillis> {
+    synesis_wire::tls::validity(&identity.cert_der).map(|(from, until)| renew_after(from, until))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    #[error("cannot make a signing request for this device's key: {0}")]
+    Key(String),
+    #[error("the cloud refused the renewal: {message} ({code})")]
+    Refused {
+        code: synesis_proto::ErrorCode,
+        message: String,
+    },
+    #[error("the cloud answered a renewal with {0:?}")]
+    Protocol(synesis_proto::MessageType),
+    #[error("the new certificate was not saved: {0}")]
+    Save(#[from] crate::identity::IdentityError),
+    #[error("{0}")]
+    Transport(String),
+}
+
+/// Asks for a new certificate for `identity`'s key on a stream of `conn`, and saves it under
+/// `data_dir` (when given) before returning it.
+pub async fn renew(
+    conn: &quinn::Connection,
+    identity: &Identity,
+    data_dir: Option<&std::path::Path>,
+) -> Result<Vec<u8>, RenewError> {
+    let key = rcgen::KeyPair::try_from(identity.key_der.as_slice())
+        .map_err(|e| RenewError::Key(e.to_string()))?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .and_then(|p| p.serialize_request(&key))
+        .map_err(|e| RenewError::Key(e.to_string()))?;
+    let request = CertRenew {
+        request_id: crate::enroll::new_request_id(),
+        csr_der: Blob(csr.der().to_vec()),
+    };
+    let reply = crate::request::exchange_on(conn, &request.into())
+        .await
+        .map_err(|f| RenewError::Transport(format!("{f:?}")))?;
+    let cert = match reply {
+        Message::CertRenewed(r) => r.client_cert_der.0,
+        Message::ErrorMsg(e) => {
+            return Err(RenewError::Refused {
+                code: e.code,
+                message: e.message,
+            });
+        }
+        other => return Err(RenewError::Protocol(other.message_type())),
+    };
+    if let Some(dir) = data_dir {
+        Identity::save_cert(dir, &cert)?;
+    }
+    Ok(cert)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_due_when_a_third_of_the_lifetime_is_left() {
+        let day = 86_400_000;
+        assert_eq!(
+            renew_after(UnixMillis(0), UnixMillis(90 * day)),
+            UnixMillis(60 * day)
+        );
+        assert_eq!(
+            renew_after(UnixMillis(1_000), UnixMillis(31_000)),
+            UnixMillis(21_000)
+        );
+        // A certificate that ends before it starts is due at once (at its end).
+        assert_eq!(renew_after(UnixMillis(5), UnixMillis(1)), UnixMillis(1));
+    }
+}
