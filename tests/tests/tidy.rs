@@ -1,4 +1,4 @@
-//! What clippy cannot check: the architecture's one-way rules (DESIGN.md, STYLE.md §9).
+//! What clippy cannot check: the architecture's one-way rules (ARCHITECTURE.md §1).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
 use std::path::{Path, PathBuf};
@@ -131,5 +131,38 @@ fn the_local_ledger_depends_on_no_driver_and_reads_no_clock() {
         for banned in ["Instant::now", "SystemTime::now", "unix_now", "rand::"] {
             assert!(!text.contains(banned), "{} uses {banned}", file.display());
         }
+    }
+}
+
+#[test]
+fn the_cloud_storage_layer_never_imports_the_ledger_and_the_cli_holds_no_storage() {
+    // `ledger` builds on `storage`; the reverse would be a cycle (ARCHITECTURE.md §3).
+    for file in rust_files(&root().join("cloud/src/storage")) {
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            !text.contains("crate::ledger"),
+            "{} imports the ledger",
+            file.display()
+        );
+    }
+    // The cloud's pure pieces take the time from their caller.
+    for file in ["cloud/src/storage/sqlite.rs", "cloud/src/registry.rs"] {
+        let text = std::fs::read_to_string(root().join(file)).unwrap();
+        for banned in ["Instant::now", "SystemTime::now", "rand::"] {
+            assert!(!text.contains(banned), "{file} uses {banned}");
+        }
+    }
+    // The device's binary holds commands and rendering; databases live in library crates.
+    let cli = dependencies(&root().join("crates/synesis-cli/Cargo.toml"));
+    assert!(
+        !cli.iter().any(|d| d == "rusqlite"),
+        "synesis-cli depends on rusqlite"
+    );
+    let cloud = dependencies(&root().join("cloud/Cargo.toml"));
+    for banned in ["synesis-cli", "synesis-tunnel"] {
+        assert!(
+            !cloud.iter().any(|d| d == banned),
+            "the cloud depends on {banned}"
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! The cloud's storage layer: the schema and its stepwise migrations ([`schema`]), the files
 //! and connections ([`open_dir`], [`connect`]), one typed error ([`StorageError`]), and the
 //! traits the handlers use ([`Accounts`], [`Devices`], [`Vouchers`]; the ledger's is
-//! `synesis_billing::ledger::Store`, implemented by [`crate::ledger::SqliteLedger`]).
+//! `synesis_billing::ledger::Store`, implemented by the ledger module's `SqliteLedger`).
 //!
 //! SQLite ([`Db`]) is the one backend today. A PostgreSQL backend implements the same traits;
 //! handlers and the ledger rules do not change (ARCHITECTURE.md, "Storage").

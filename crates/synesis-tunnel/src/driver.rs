@@ -1,5 +1,5 @@
 //! The driver: performs what the [`Machine`] asks with quinn and tokio, and feeds back what
-//! happened (STYLE.md §1: it holds no `if` about backoff or liveness; those are the machine's).
+//! happened (ARCHITECTURE.md §4, THREAD_SAFETY_PATTERNS.md §1: it holds no `if` about backoff or liveness; those are the machine's).
 //!
 //! [`Tunnel::spawn`] starts it as an actor (THREAD_SAFETY_PATTERNS.md §3): a bounded command
 //! inbox, a `watch` channel with the [`TunnelStatus`], and a [`TunnelHandle`] whose drop stops

@@ -1,4 +1,4 @@
-//! The tunnel's connection logic as a pure state machine (STYLE.md §1, after `quinn-proto`).
+//! The tunnel's connection logic as a pure state machine (THREAD_SAFETY_PATTERNS.md §1, after `quinn-proto`).
 //!
 //! ```text
 //!   Disconnected --start--> Connecting --session up--> Connected

@@ -1,4 +1,4 @@
-//! The machine against a simulated cloud on a virtual clock (STYLE.md §2): a fault is one line.
+//! The machine against a simulated cloud on a virtual clock (THREAD_SAFETY_PATTERNS.md §1): a fault is one line.
 
 use super::*;
 
