@@ -178,19 +178,44 @@ fn stop_strings_and_max_tokens_end_generation() {
     );
 }
 
+/// Sampling follows its settings: a seed reproduces its text (on a fresh instance too), other
+/// seeds give other texts, a high temperature leaves the greedy text and one near zero keeps it.
 #[test]
-fn sampling_with_a_seed_is_reproducible() {
+fn a_seed_reproduces_sampling_and_the_seed_and_temperature_change_it() {
     let mut model = load();
-    let sampled = Request {
-        temperature: 0.8,
+    let sampled = |seed: u32, temperature: f32| Request {
+        temperature,
         top_p: Some(0.95),
         top_k: Some(40),
-        seed: 42,
+        seed,
         ..greedy("hello", 24)
     };
-    let (a, _) = run(&mut model, &sampled);
-    let (b, _) = run(&mut model, &sampled);
+    let (a, _) = run(&mut model, &sampled(42, 0.8));
+    let (b, _) = run(&mut model, &sampled(42, 0.8));
     assert_eq!(a.text, b.text);
+    let (c, _) = run(&mut load(), &sampled(42, 0.8));
+    assert_eq!(
+        a.text, c.text,
+        "a fresh instance, the same seed: the same text"
+    );
+
+    let greedy_text = run(&mut model, &greedy("hello", 24)).0.text;
+    let hot: Vec<String> = (1..=8)
+        .map(|seed| run(&mut model, &sampled(seed, 1.5)).0.text)
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> = hot.iter().collect();
+    assert!(distinct.len() >= 4, "the seed hardly matters: {hot:#?}");
+    assert!(
+        !hot.contains(&greedy_text),
+        "a high temperature kept the greedy text {greedy_text:?}: {hot:#?}"
+    );
+    for seed in 1..=3 {
+        let (cold, _) = run(&mut model, &sampled(seed, 0.001));
+        assert_eq!(
+            cold.text, greedy_text,
+            "a temperature near zero, seed {seed}"
+        );
+    }
 }
 
 #[test]
