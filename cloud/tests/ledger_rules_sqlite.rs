@@ -4,7 +4,7 @@
 //!   each operation through the cloud's group-commit [`LedgerWriter`]; its concurrent scenarios
 //!   call the writer from 64 threads at once, and nothing but the writer orders them.
 //! - Storms from tokio tasks across two writers on one file and `admin`'s own transactions
-//!   (`Db::ledger`) beside them: three connections, kept apart only by SQLite's write lock, as
+//!   (`ledger::transaction`) beside them: three connections, kept apart only by SQLite's write lock, as
 //!   `serve` and `admin` are.
 #![allow(
     clippy::unwrap_used,
@@ -16,8 +16,8 @@ use std::path::PathBuf;
 
 use synesis_billing::ledger::{Entry, EntryKind, LedgerError, rebuild_states, verify};
 use synesis_billing::{MicroUsd, Tier, Usage};
-use synesis_cloud::db::Db;
 use synesis_cloud::ledger::{LedgerWriter, query_entries, stored_states};
+use synesis_cloud::storage::Db;
 
 #[path = "../../crates/synesis-billing/tests/rules/mod.rs"]
 mod rules;
@@ -122,7 +122,10 @@ async fn a_storm_across_two_writers_and_admin_charges_once() {
                 (0..25)
                     .map(|_| {
                         let (hold, settle) = request();
-                        (db.ledger(|s| hold.apply(s)), db.ledger(|s| settle.apply(s)))
+                        (
+                            synesis_cloud::ledger::transaction(&mut db, |s| hold.apply(s)),
+                            synesis_cloud::ledger::transaction(&mut db, |s| settle.apply(s)),
+                        )
                     })
                     .collect::<Vec<_>>()
             })
