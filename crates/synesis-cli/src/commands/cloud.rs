@@ -4,8 +4,8 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use synesis_proto::message::{DeviceLeave, ErrorMsg};
 use synesis_proto::{ErrorCode, Message, SetupToken};
-use synesis_tunnel::enroll::{enroll, new_request_id};
-use synesis_tunnel::{Identity, request::request};
+use synesis_tunnel::enroll::{PendingEnrollment, enroll, new_request_id};
+use synesis_tunnel::{Identity, IdentityError, request::request};
 
 use super::Output;
 use crate::cli::{CloudUsageArgs, LoginArgs, LogoutArgs, PingArgs};
@@ -35,9 +35,54 @@ pub(crate) async fn login(out: &Output, paths: &Paths, args: &LoginArgs) -> anyh
             existing.info.account
         );
     }
-    let name = args.name.clone().unwrap_or_else(host_name);
-    let identity = enroll(&token, &name).await.context("enrollment failed")?;
+    let pending = match PendingEnrollment::load(data) {
+        Ok(pending) => pending,
+        Err(IdentityError::Damaged(path)) => {
+            eprintln!(
+                "synesis: warning: {} is damaged; starting a new enrollment",
+                path.display()
+            );
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let pending = match pending {
+        Some(pending) if pending.is_for(&token) => {
+            eprintln!(
+                "synesis: resuming the enrollment of {:?} begun at {}",
+                pending.device_name,
+                pending
+                    .begun_at
+                    .to_rfc3339()
+                    .unwrap_or_else(|| pending.begun_at.0.to_string())
+            );
+            pending
+        }
+        other => {
+            if other.is_some() {
+                eprintln!(
+                    "synesis: warning: an enrollment begun with another setup token was never finished; starting over with this one"
+                );
+            }
+            let name = args.name.clone().unwrap_or_else(host_name);
+            let pending = PendingEnrollment::begin(&token, &name)?;
+            // On disk before the cloud can commit: a crash from here on is resumed, not burned.
+            pending.save(data)?;
+            pending
+        }
+    };
+    let identity = match enroll(&token, &pending).await {
+        Ok(identity) => identity,
+        Err(e) => {
+            // Kept unless the cloud said it can never succeed: it may have committed already.
+            if !e.resumable() {
+                PendingEnrollment::remove(data)?;
+            }
+            return Err(anyhow::Error::new(e).context("enrollment failed"));
+        }
+    };
     identity.save(data)?;
+    PendingEnrollment::remove(data)?;
     #[derive(Serialize)]
     struct View<'a> {
         device_id: synesis_proto::DeviceId,
