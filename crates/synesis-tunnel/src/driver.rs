@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use synesis_proto::message::{Heartbeat, Hello};
@@ -18,8 +18,8 @@ use synesis_proto::{DeviceId, FrameLimits, Message, PROTOCOL_VERSION, UnixMillis
 use synesis_wire::{FramedRecv, send};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::clock::unix_now;
 use crate::connect::{classify, classify_error_msg, client_endpoint, closed_or, dial, resolve};
-use crate::enroll::unix_now;
 use crate::identity::Identity;
 use crate::machine::{Action, Config, Event, Failure, Machine, State};
 use crate::tls::device_client_config;
@@ -148,23 +148,24 @@ impl Tunnel {
 /// Monotonic instants as wall-clock times, for people: one anchor read at start.
 struct Clock {
     instant: Instant,
-    wall: SystemTime,
+    wall: UnixMillis,
 }
 
 impl Clock {
     fn now() -> Clock {
         Clock {
             instant: Instant::now(),
-            wall: SystemTime::now(),
+            wall: unix_now(),
         }
     }
 
     fn wall(&self, at: Instant) -> UnixMillis {
-        let t = self.wall + at.saturating_duration_since(self.instant);
-        let ms = t
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        UnixMillis(i64::try_from(ms).unwrap_or(i64::MAX))
+        let since = at.saturating_duration_since(self.instant).as_millis();
+        UnixMillis(
+            self.wall
+                .0
+                .saturating_add(i64::try_from(since).unwrap_or(i64::MAX)),
+        )
     }
 }
 

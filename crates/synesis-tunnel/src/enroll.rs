@@ -3,7 +3,7 @@
 //! is written, then [`enroll`] sends it.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -14,6 +14,9 @@ use synesis_proto::{Blob, ErrorCode, Message, RequestId, SetupToken, UnixMillis}
 use synesis_wire::files::write_secret_file;
 use synesis_wire::tls::fingerprint;
 
+// Re-exported for callers that still name them here (the CLI's ledger); the clock module is
+// their home.
+pub use crate::clock::{new_request_id, unix_now};
 use crate::identity::{Identity, IdentityError, IdentityInfo, PENDING};
 use crate::machine::{Failure, Fatal, HEARTBEAT_INTERVAL_DEFAULT};
 use crate::tls::{device_client_config, enrollment_client_config};
@@ -273,26 +276,6 @@ async fn exchange(token: &SetupToken, request: &EnrollRequest) -> Result<EnrollR
         Err(Failure::Fatal(fatal)) => Err(Attempt::Final(EnrollError::Fatal(fatal))),
         Err(Failure::Transient(reason)) => Err(Attempt::Retry(reason)),
     }
-}
-
-/// A fresh request id: the clock and the OS's randomness, read here at the edge.
-pub fn new_request_id() -> RequestId {
-    let ms = u64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis()),
-    )
-    .unwrap_or(0);
-    let mut random = [0u8; 10];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut random);
-    RequestId::from_parts(ms, random)
-}
-
-pub fn unix_now() -> UnixMillis {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    UnixMillis(i64::try_from(ms).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

@@ -6,9 +6,11 @@
 //! - [`enroll`](enroll::enroll): trade a setup token for an [`Identity`] (`synesis cloud login`).
 //! - [`request`](request::request): one request/reply on a fresh mutual-TLS connection.
 //! - [`identity`], [`tls`], [`connect`]: the device's files, TLS configuration and dialing.
+//! - [`clock`]: the device's one reading of the wall clock and one maker of request ids.
 //!
 //! It must not import the cloud, and it holds no policy about what to escalate.
 
+pub mod clock;
 pub mod connect;
 pub mod driver;
 pub mod enroll;

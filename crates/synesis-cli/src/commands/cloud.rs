@@ -4,7 +4,8 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use synesis_proto::message::{DeviceLeave, ErrorMsg};
 use synesis_proto::{ErrorCode, Message, SetupToken};
-use synesis_tunnel::enroll::{PendingEnrollment, enroll, new_request_id};
+use synesis_tunnel::clock::new_request_id;
+use synesis_tunnel::enroll::{PendingEnrollment, enroll};
 use synesis_tunnel::{Identity, IdentityError, request::request};
 
 use super::Output;
