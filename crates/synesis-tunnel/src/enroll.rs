@@ -274,7 +274,7 @@ async fn exchange(token: &SetupToken, request: &EnrollRequest) -> Result<EnrollR
             other.message_type()
         )))),
         Err(Failure::Fatal(fatal)) => Err(Attempt::Final(EnrollError::Fatal(fatal))),
-        Err(Failure::Transient(reason)) => Err(Attempt::Retry(reason)),
+        Err(Failure::Transient(reason) | Failure::TimedOut(reason)) => Err(Attempt::Retry(reason)),
     }
 }
 

@@ -2,11 +2,12 @@
 
 use anyhow::{Context, bail};
 use serde::Serialize;
-use synesis_proto::message::{DeviceLeave, ErrorMsg};
-use synesis_proto::{ErrorCode, Message, SetupToken};
+use synesis_proto::message::DeviceLeave;
+use synesis_proto::{Message, SetupToken};
 use synesis_tunnel::clock::new_request_id;
 use synesis_tunnel::enroll::{PendingEnrollment, enroll};
-use synesis_tunnel::{Identity, IdentityError, request::request};
+use synesis_tunnel::request::{RequestError, answer, request};
+use synesis_tunnel::{Identity, IdentityError};
 
 use super::Output;
 use crate::cli::{CloudUsageArgs, LoginArgs, LogoutArgs, PingArgs};
@@ -113,16 +114,10 @@ pub(crate) async fn logout(out: &Output, paths: &Paths, args: &LogoutArgs) -> an
         request_id: new_request_id(),
     }
     .into();
-    let revoked = match request(&identity, leave).await {
-        Ok(Message::DeviceLeft(_)) => Ok(()),
-        Ok(Message::ErrorMsg(ErrorMsg {
-            code: ErrorCode::DEVICE_REVOKED,
-            ..
-        })) => Ok(()),
-        Ok(Message::ErrorMsg(e)) => Err(format!("{}: {}", e.code, e.message)),
+    let revoked = match request(&identity, leave).await.and_then(answer) {
+        // Refused at the handshake or in the reply: it is revoked already.
+        Ok(Message::DeviceLeft(_)) | Err(RequestError::Revoked) => Ok(()),
         Ok(other) => Err(format!("unexpected answer {:?}", other.message_type())),
-        // A revoked device is refused at the handshake: it is revoked already.
-        Err(e) if e.to_string().contains("revoked") => Ok(()),
         Err(e) => Err(e.to_string()),
     };
     if let Err(why) = &revoked {
@@ -216,7 +211,7 @@ pub(crate) async fn ping(out: &Output, paths: &Paths, args: &PingArgs) -> anyhow
 /// One account request to the cloud: through the tunnel service when it runs and is
 /// connected, otherwise on a connection of its own. The same message (the same request id)
 /// goes either way, so a request the service sent before failing is not applied twice. An
-/// `ErrorMsg` reply becomes an error with its code.
+/// `ErrorMsg` reply becomes [`RequestError::Refused`] with its code.
 async fn account_request(paths: &Paths, message: Message) -> anyhow::Result<Message> {
     let Some(identity) = Identity::load(&paths.data.path)? else {
         bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
@@ -231,10 +226,7 @@ async fn account_request(paths: &Paths, message: Message) -> anyhow::Result<Mess
             request(&identity, message).await?
         }
     };
-    match reply {
-        Message::ErrorMsg(e) => bail!("the cloud refused: {} ({})", e.message, e.code),
-        reply => Ok(reply),
-    }
+    Ok(answer(reply)?)
 }
 
 async fn via_service(paths: &Paths, message: &Message) -> anyhow::Result<Message> {
