@@ -262,7 +262,8 @@ pub struct BalanceUpdate {
 
 // ---------------------------------------------------------------- enrollment
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Its `Debug` output leaves the token secret out: requests end up in logs.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct EnrollRequest {
     pub request_id: RequestId,
@@ -272,6 +273,17 @@ pub struct EnrollRequest {
     pub csr_der: Blob,
     /// A name for people to recognise the device by (its host name, by default).
     pub device_name: String,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("request_id", &self.request_id)
+            .field("token_secret", &"<redacted>")
+            .field("csr_der", &self.csr_der)
+            .field("device_name", &self.device_name)
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -657,6 +669,21 @@ mod tests {
             assert_eq!(MessageType::from_u8(t.as_u8()), Some(t));
         }
         assert!(MessageType::ALL.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn an_enroll_requests_debug_output_hides_the_token_secret() {
+        let secret = "0123456789abcdef0123456789abcdef.feedfacefeedfacefeedfacefeedface";
+        let request = EnrollRequest {
+            request_id: RequestId::from_parts(1, [1; 10]),
+            token_secret: secret.to_owned(),
+            csr_der: Blob(vec![1, 2, 3]),
+            device_name: "laptop".to_owned(),
+        };
+        let shown = format!("{request:?} {:?}", Message::from(request.clone()));
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(!shown.contains("feedface"), "{shown}");
+        assert!(shown.contains("laptop"), "{shown}");
     }
 
     #[test]

@@ -317,3 +317,120 @@ impl Device {
         std::fs::read_to_string(self.home().join("tunnel.log")).unwrap_or_default()
     }
 }
+
+/// A UDP relay between a device and a cloud with faults on the way back to the device: each
+/// datagram from the cloud waits [`UdpRelay::set_delay`] before it is passed on, and none is
+/// passed on (not even those already waiting) while [`UdpRelay::cut`] holds. QUIC routes by
+/// connection id, so one relay serves a device's connections one after the other; datagrams
+/// from the cloud go to the device address that sent last.
+#[derive(Debug)]
+pub struct UdpRelay {
+    /// Where devices send (put it in the setup token in place of the cloud's address).
+    pub addr: std::net::SocketAddr,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl UdpRelay {
+    pub fn start(cloud: std::net::SocketAddr) -> UdpRelay {
+        use std::net::UdpSocket;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex, mpsc};
+        use std::time::{Duration, Instant};
+        const POLL: Duration = Duration::from_millis(20);
+
+        let front = UdpSocket::bind("127.0.0.1:0").expect("a relay socket");
+        let back = UdpSocket::bind("127.0.0.1:0").expect("a relay socket");
+        for s in [&front, &back] {
+            s.set_read_timeout(Some(POLL)).expect("a read timeout");
+        }
+        let addr = front.local_addr().expect("an address");
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let cut = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let device: Arc<Mutex<Option<std::net::SocketAddr>>> = Arc::default();
+        let (queue, due) = mpsc::channel::<(Instant, Vec<u8>)>();
+        let mut threads = Vec::new();
+
+        let (front_rx, back_tx, device_rx, stop_rx) = (
+            front.try_clone().expect("clone"),
+            back.try_clone().expect("clone"),
+            Arc::clone(&device),
+            Arc::clone(&stop),
+        );
+        threads.push(std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while !stop_rx.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = front_rx.recv_from(&mut buf) {
+                    *device_rx.lock().unwrap() = Some(from);
+                    let _ = back_tx.send_to(&buf[..n], cloud);
+                }
+            }
+        }));
+        let (delay_rx, stop_rx) = (Arc::clone(&delay_ms), Arc::clone(&stop));
+        threads.push(std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while !stop_rx.load(Ordering::Relaxed) {
+                if let Ok((n, _)) = back.recv_from(&mut buf) {
+                    let delay = Duration::from_millis(delay_rx.load(Ordering::Relaxed));
+                    let _ = queue.send((Instant::now() + delay, buf[..n].to_vec()));
+                }
+            }
+        }));
+        let (cut_rx, stop_rx) = (Arc::clone(&cut), Arc::clone(&stop));
+        threads.push(std::thread::spawn(move || {
+            while !stop_rx.load(Ordering::Relaxed) {
+                let Ok((at, datagram)) = due.recv_timeout(POLL) else {
+                    continue;
+                };
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                let to = *device.lock().unwrap();
+                if let Some(to) = to
+                    && !cut_rx.load(Ordering::Relaxed)
+                {
+                    let _ = front.send_to(&datagram, to);
+                }
+            }
+        }));
+        UdpRelay {
+            addr,
+            delay_ms,
+            cut,
+            stop,
+            threads,
+        }
+    }
+
+    /// How long each datagram from the cloud waits from now on.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.delay_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// While `true`, nothing from the cloud reaches the device.
+    pub fn cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `token` with its server replaced by this relay.
+    pub fn token_via(&self, token: &str) -> String {
+        // SYN1:<server>:<ca>:<token id>:<secret>, split from the right.
+        let mut parts: Vec<&str> = token.rsplitn(4, ':').collect();
+        let server = self.addr.to_string();
+        parts[3] = &server;
+        parts.reverse();
+        format!("SYN1:{}", parts.join(":"))
+    }
+}
+
+impl Drop for UdpRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

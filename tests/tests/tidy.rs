@@ -166,3 +166,31 @@ fn the_cloud_storage_layer_never_imports_the_ledger_and_the_cli_holds_no_storage
         );
     }
 }
+
+#[test]
+fn the_device_reads_the_wall_clock_and_makes_request_ids_in_one_place() {
+    let home = root().join("crates/synesis-tunnel/src/clock.rs");
+    for dir in ["crates/synesis-tunnel/src", "crates/synesis-cli/src"] {
+        for file in rust_files(&root().join(dir)) {
+            if file == home {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file).unwrap();
+            // Tests make ids of their own choosing.
+            let code = text.split("#[cfg(test)]").next().unwrap();
+            let code = if file.ends_with("tests.rs") { "" } else { code };
+            for banned in [
+                "SystemTime::now",
+                "UNIX_EPOCH",
+                "Uuid::now_v7",
+                "RequestId::from_parts",
+            ] {
+                assert!(
+                    !code.contains(banned),
+                    "{} uses {banned}; use synesis_tunnel::clock",
+                    file.display()
+                );
+            }
+        }
+    }
+}

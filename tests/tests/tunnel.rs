@@ -329,6 +329,18 @@ fn logout_revokes_on_the_cloud_and_deletes_the_identity() {
 }
 
 #[test]
+fn logout_of_a_device_the_cloud_already_revoked_deletes_it_without_force() {
+    let cloud = Cloud::start();
+    let device = Device::new();
+    let id = device.login(&cloud.account_and_token("acme"));
+    synesis_e2e::run_ok(cloud.admin().args(["device", "revoke", &id]));
+    // The cloud closes the connection with DEVICE_REVOKED at the handshake: revoked already.
+    let v = synesis_e2e::json_of(device.synesis().args(["--json", "cloud", "logout"]));
+    assert_eq!(v["revoked"], true, "{v}");
+    assert!(!device.home().join("data/identity/identity.json").exists());
+}
+
+#[test]
 fn sigterm_drains_connected_devices_and_exits_0() {
     let (mut cloud, device, _id, _tunnel) = connected_pair();
     signal(cloud.process.pid(), "TERM");

@@ -45,7 +45,7 @@ pub async fn dial(
     match tokio::time::timeout(limit, connecting).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(classify(&e)),
-        Err(_) => Err(Failure::Transient(format!(
+        Err(_) => Err(Failure::TimedOut(format!(
             "no answer from {addr} within {}s",
             limit.as_secs()
         ))),
@@ -69,6 +69,7 @@ pub fn classify(err: &quinn::ConnectionError) -> Failure {
         quinn::ConnectionError::ConnectionClosed(c) if is_crypto(u64::from(c.error_code)) => {
             Failure::Fatal(Fatal::BadIdentity(c.to_string()))
         }
+        quinn::ConnectionError::TimedOut => Failure::TimedOut(err.to_string()),
         other => Failure::Transient(other.to_string()),
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use synesis_proto::message::{Heartbeat, Hello};
@@ -18,10 +18,11 @@ use synesis_proto::{DeviceId, FrameLimits, Message, PROTOCOL_VERSION, UnixMillis
 use synesis_wire::{FramedRecv, send};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::clock::unix_now;
 use crate::connect::{classify, classify_error_msg, client_endpoint, closed_or, dial, resolve};
-use crate::enroll::unix_now;
 use crate::identity::Identity;
 use crate::machine::{Action, Config, Event, Failure, Machine, State};
+use crate::request::RequestError;
 use crate::tls::device_client_config;
 
 /// Commands queued for the driver.
@@ -62,10 +63,7 @@ pub enum PingError {
 
 enum Command {
     Ping(oneshot::Sender<Result<Duration, PingError>>),
-    Request(
-        Box<Message>,
-        oneshot::Sender<Result<Message, crate::request::RequestError>>,
-    ),
+    Request(Box<Message>, oneshot::Sender<Result<Message, RequestError>>),
 }
 
 #[derive(Debug)]
@@ -104,17 +102,18 @@ impl TunnelHandle {
     }
 
     /// Sends one request (an account request: usage, top-up, …) on a new stream of the
-    /// tunnel's connection and returns the cloud's reply (an `ErrorMsg` too). Fails at once
-    /// when the tunnel is not connected; the caller may then use a connection of its own
+    /// tunnel's connection and returns the cloud's reply as it came, an `ErrorMsg` too (the
+    /// local API passes it on as a frame; [`answer`](crate::request::answer) interprets it).
+    /// Fails at once with [`RequestError::NotConnected`] when the tunnel is not connected, or
+    /// [`RequestError::Stopped`]; the caller may then use a connection of its own
     /// ([`request`](crate::request::request)) with the same request id.
-    pub async fn request(&self, message: Message) -> Result<Message, crate::request::RequestError> {
-        let stopped = || crate::request::RequestError::Failed("the tunnel has stopped".into());
+    pub async fn request(&self, message: Message) -> Result<Message, RequestError> {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(Command::Request(Box::new(message), tx))
             .await
-            .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+            .map_err(|_| RequestError::Stopped)?;
+        rx.await.map_err(|_| RequestError::Stopped)?
     }
 
     /// Stops the tunnel and waits until its connection is closed.
@@ -150,23 +149,24 @@ impl Tunnel {
 /// Monotonic instants as wall-clock times, for people: one anchor read at start.
 struct Clock {
     instant: Instant,
-    wall: SystemTime,
+    wall: UnixMillis,
 }
 
 impl Clock {
     fn now() -> Clock {
         Clock {
             instant: Instant::now(),
-            wall: SystemTime::now(),
+            wall: unix_now(),
         }
     }
 
     fn wall(&self, at: Instant) -> UnixMillis {
-        let t = self.wall + at.saturating_duration_since(self.instant);
-        let ms = t
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        UnixMillis(i64::try_from(ms).unwrap_or(i64::MAX))
+        let since = at.saturating_duration_since(self.instant).as_millis();
+        UnixMillis(
+            self.wall
+                .0
+                .saturating_add(i64::try_from(since).unwrap_or(i64::MAX)),
+        )
     }
 }
 
@@ -505,26 +505,20 @@ impl Driver {
 
     /// A request on its own stream of the live connection, answered by a task of its own so the
     /// driver never waits on it.
-    fn request(
-        &mut self,
-        message: Message,
-        reply: oneshot::Sender<Result<Message, crate::request::RequestError>>,
-    ) {
+    fn request(&mut self, message: Message, reply: oneshot::Sender<Result<Message, RequestError>>) {
         let live = self
             .link
             .as_ref()
             .filter(|_| self.machine.state() == State::Connected);
         let Some(link) = live else {
-            let _ = reply.send(Err(crate::request::RequestError::Failed(
-                "the tunnel is not connected".into(),
-            )));
+            let _ = reply.send(Err(RequestError::NotConnected));
             return;
         };
         let conn = link.conn.clone();
         tokio::spawn(async move {
             let result = crate::request::exchange_on(&conn, &message)
                 .await
-                .map_err(crate::request::RequestError::from);
+                .map_err(RequestError::from);
             let _ = reply.send(result);
         });
     }

@@ -14,6 +14,8 @@ const INFO: &str = "identity.json";
 const KEY: &str = "device.key.der";
 const CERT: &str = "device.crt.der";
 const CA: &str = "ca.crt.der";
+/// An enrollment begun and not finished ([`PendingEnrollment`](crate::enroll::PendingEnrollment)).
+pub(crate) const PENDING: &str = "enrollment.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -96,6 +98,23 @@ impl Identity {
     /// Writes every file (0600, atomically), `identity.json` last so a crash midway leaves no
     /// half identity that `load` would accept.
     pub fn save(&self, data_dir: &Path) -> Result<(), IdentityError> {
+        let dir = Self::make_dir(data_dir)?;
+        let info = serde_json::to_vec_pretty(&self.info)
+            .map_err(|_| IdentityError::Damaged(dir.join(INFO)))?;
+        for (name, bytes) in [
+            (KEY, &self.key_der),
+            (CERT, &self.cert_der),
+            (CA, &self.ca_der),
+            (INFO, &info),
+        ] {
+            let path = dir.join(name);
+            write_secret_file(&path, bytes).map_err(|source| IdentityError::Io { path, source })?;
+        }
+        Ok(())
+    }
+
+    /// The identity directory, made if missing, readable by the owner only.
+    pub(crate) fn make_dir(data_dir: &Path) -> Result<PathBuf, IdentityError> {
         let dir = Self::dir(data_dir);
         std::fs::create_dir_all(&dir).map_err(|source| IdentityError::Io {
             path: dir.clone(),
@@ -111,18 +130,7 @@ impl Identity {
                 },
             )?;
         }
-        let info = serde_json::to_vec_pretty(&self.info)
-            .map_err(|_| IdentityError::Damaged(dir.join(INFO)))?;
-        for (name, bytes) in [
-            (KEY, &self.key_der),
-            (CERT, &self.cert_der),
-            (CA, &self.ca_der),
-            (INFO, &info),
-        ] {
-            let path = dir.join(name);
-            write_secret_file(&path, bytes).map_err(|source| IdentityError::Io { path, source })?;
-        }
-        Ok(())
+        Ok(dir)
     }
 
     /// Replaces the certificate with a renewed one (same key, same device), atomically.
@@ -131,10 +139,11 @@ impl Identity {
         write_secret_file(&path, cert_der).map_err(|source| IdentityError::Io { path, source })
     }
 
-    /// Deletes the identity (`identity.json` first: after a crash the rest is inert).
+    /// Deletes the identity (`identity.json` first: after a crash the rest is inert), and an
+    /// unfinished enrollment's key if one was left.
     pub fn remove(data_dir: &Path) -> Result<(), IdentityError> {
         let dir = Self::dir(data_dir);
-        for name in [INFO, KEY, CERT, CA] {
+        for name in [INFO, KEY, CERT, CA, PENDING] {
             let path = dir.join(name);
             match std::fs::remove_file(&path) {
                 Ok(()) => {}

@@ -4,12 +4,15 @@
 //! - [`driver`]: the actor that executes the machine with quinn and tokio ([`Tunnel::spawn`],
 //!   [`TunnelHandle`], [`TunnelStatus`] on a `watch` channel).
 //! - [`enroll`](enroll::enroll): trade a setup token for an [`Identity`] (`synesis cloud login`).
-//! - [`request`](request::request): one request/reply on a fresh mutual-TLS connection.
+//! - [`request`](request::request): one request/reply on a fresh mutual-TLS connection;
+//!   [`answer`](request::answer) makes an `ErrorMsg` reply a typed [`RequestError`].
 //! - [`renew`]: the device certificate renewed over the tunnel before it expires.
 //! - [`identity`], [`tls`], [`connect`]: the device's files, TLS configuration and dialing.
+//! - [`clock`]: the device's one reading of the wall clock and one maker of request ids.
 //!
 //! It must not import the cloud, and it holds no policy about what to escalate.
 
+pub mod clock;
 pub mod connect;
 pub mod driver;
 pub mod enroll;
@@ -21,3 +24,4 @@ pub mod tls;
 
 pub use driver::{Options, PingError, Tunnel, TunnelHandle, TunnelStatus};
 pub use identity::{Identity, IdentityError, IdentityInfo};
+pub use request::RequestError;

@@ -4,33 +4,85 @@
 
 use std::time::Duration;
 
-use synesis_proto::{FrameLimits, Message};
+use synesis_proto::message::ErrorMsg;
+use synesis_proto::{ErrorCode, FrameLimits, Message};
 use synesis_wire::{FramedRecv, send};
 
 use crate::connect::{classify, client_endpoint, closed_or, dial, resolve};
 use crate::identity::Identity;
-use crate::machine::{CONNECT_TIMEOUT, Failure, HEARTBEAT_INTERVAL_DEFAULT};
-use crate::tls::device_client_config;
+use crate::machine::{CONNECT_TIMEOUT, Failure, Fatal, HEARTBEAT_INTERVAL_DEFAULT};
+use crate::tls::{TlsError, device_client_config};
 
+/// Why a request did not get the answer asked for. Callers branch on the variant: the first
+/// four do not heal by retrying; `NotConnected` and `Stopped` (from
+/// [`TunnelHandle::request`](crate::TunnelHandle::request)) mean "use a connection of your
+/// own"; `TimedOut` and `Transport` may heal; `Refused` is the cloud's answer, made from an
+/// `ErrorMsg` by [`answer`] (the request functions return replies as they came).
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
+    /// The cloud revoked this device: at the handshake, on the connection, or in a reply
+    /// (`DEVICE_REVOKED` arrives all three ways and means the same).
+    #[error(
+        "this device was revoked by the cloud; enroll it again with `synesis cloud login TOKEN`"
+    )]
+    Revoked,
+    /// The cloud does not accept this device's certificate.
+    #[error("the cloud refused this device's identity: {0}")]
+    BadIdentity(String),
+    #[error("incompatible protocol version: {0}")]
+    IncompatibleVersion(String),
+    /// This device's own files do not make a TLS configuration.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("the tunnel is not connected")]
+    NotConnected,
+    #[error("the tunnel has stopped")]
+    Stopped,
+    /// No connection, stream or answer within [`CONNECT_TIMEOUT`].
     #[error("{0}")]
-    Failed(String),
+    TimedOut(String),
+    /// The cloud answered with an error.
+    #[error("the cloud refused: {message} ({code})")]
+    Refused { code: ErrorCode, message: String },
+    /// The connection or the stream failed otherwise (unreachable, reset, closed, bad frame).
+    #[error("{0}")]
+    Transport(String),
 }
 
 impl From<Failure> for RequestError {
     fn from(f: Failure) -> Self {
         match f {
-            Failure::Transient(s) => RequestError::Failed(s),
-            Failure::Fatal(f) => RequestError::Failed(f.to_string()),
+            Failure::Fatal(Fatal::Revoked) => RequestError::Revoked,
+            Failure::Fatal(Fatal::BadIdentity(why)) => RequestError::BadIdentity(why),
+            Failure::Fatal(Fatal::IncompatibleVersion(why)) => {
+                RequestError::IncompatibleVersion(why)
+            }
+            Failure::TimedOut(why) => RequestError::TimedOut(why),
+            Failure::Transient(why) => RequestError::Transport(why),
         }
     }
 }
 
-/// Sends `message` on a new stream and returns the first message that comes back.
+/// The reply as an answer: an `ErrorMsg` becomes [`RequestError::Refused`] (or
+/// [`RequestError::Revoked`]), anything else is returned. Use it on every reply whose meaning
+/// matters to you; only a proxy passes an `ErrorMsg` on as it is.
+pub fn answer(reply: Message) -> Result<Message, RequestError> {
+    match reply {
+        Message::ErrorMsg(ErrorMsg {
+            code: ErrorCode::DEVICE_REVOKED,
+            ..
+        }) => Err(RequestError::Revoked),
+        Message::ErrorMsg(ErrorMsg { code, message, .. }) => {
+            Err(RequestError::Refused { code, message })
+        }
+        reply => Ok(reply),
+    }
+}
+
+/// Sends `message` on a new stream of a fresh connection and returns the first message that
+/// comes back, an `ErrorMsg` too ([`answer`] interprets it).
 pub async fn request(identity: &Identity, message: Message) -> Result<Message, RequestError> {
-    let config = device_client_config(identity, HEARTBEAT_INTERVAL_DEFAULT)
-        .map_err(|e| RequestError::Failed(e.to_string()))?;
+    let config = device_client_config(identity, HEARTBEAT_INTERVAL_DEFAULT)?;
     Ok(exchange(config, &identity.info.server, &message).await?)
 }
 
@@ -61,11 +113,11 @@ pub(crate) async fn exchange_on(
     let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
     let (mut tx, rx) = tokio::time::timeout_at(deadline, conn.open_bi())
         .await
-        .map_err(|_| Failure::Transient("no stream could be opened within the timeout".into()))?
+        .map_err(|_| Failure::TimedOut("no stream could be opened within the timeout".into()))?
         .map_err(|e| classify(&e))?;
     tokio::time::timeout_at(deadline, send(&mut tx, message, FrameLimits::default()))
         .await
-        .map_err(|_| Failure::Transient("the request could not be sent within the timeout".into()))?
+        .map_err(|_| Failure::TimedOut("the request could not be sent within the timeout".into()))?
         .map_err(|e| {
             conn.close_reason()
                 .map_or(Failure::Transient(e.to_string()), |r| classify(&r))
@@ -83,6 +135,69 @@ pub(crate) async fn exchange_on(
             "the cloud closed the stream without answering".into(),
         )),
         Ok(Err(e)) => Err(closed_or(conn, e.to_string())),
-        Err(_) => Err(Failure::Transient("no answer within the timeout".into())),
+        Err(_) => Err(Failure::TimedOut("no answer within the timeout".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code
+
+    use synesis_proto::RequestId;
+    use synesis_proto::message::DeviceLeft;
+
+    use super::*;
+
+    fn error_msg(code: ErrorCode) -> Message {
+        ErrorMsg {
+            code,
+            message: "no".into(),
+            request_id: None,
+            retry_after_ms: None,
+        }
+        .into()
+    }
+
+    #[test]
+    fn an_error_reply_is_a_refusal_with_its_code_and_revocation_is_its_own_variant() {
+        assert!(matches!(
+            answer(error_msg(ErrorCode::TOKEN_USED)),
+            Err(RequestError::Refused { code: ErrorCode::TOKEN_USED, message }) if message == "no"
+        ));
+        assert!(matches!(
+            answer(error_msg(ErrorCode::DEVICE_REVOKED)),
+            Err(RequestError::Revoked)
+        ));
+        let left: Message = DeviceLeft {
+            request_id: RequestId::from_parts(1, [1; 10]),
+            device_id: "0190f3a2-7c1e-7b3d-9f00-00000000d001".parse().unwrap(),
+        }
+        .into();
+        assert!(matches!(answer(left), Ok(Message::DeviceLeft(_))));
+    }
+
+    #[test]
+    fn the_tunnels_failures_keep_their_kind() {
+        let kind = |f: Failure| RequestError::from(f);
+        assert!(matches!(
+            kind(Failure::Fatal(Fatal::Revoked)),
+            RequestError::Revoked
+        ));
+        assert!(matches!(
+            kind(Failure::Fatal(Fatal::BadIdentity("x".into()))),
+            RequestError::BadIdentity(_)
+        ));
+        assert!(matches!(
+            kind(Failure::Fatal(Fatal::IncompatibleVersion("x".into()))),
+            RequestError::IncompatibleVersion(_)
+        ));
+        assert!(matches!(
+            kind(Failure::TimedOut("x".into())),
+            RequestError::TimedOut(_)
+        ));
+        assert!(matches!(
+            kind(Failure::Transient("x".into())),
+            RequestError::Transport(_)
+        ));
     }
 }

@@ -9,7 +9,7 @@ use synesis_infer::{CancelToken, FinishReason, Model, Request, Settings};
 use synesis_ledger_local::{LocalGeneration, LocalLedger};
 use synesis_proto::{DeviceId, RequestId};
 use synesis_tunnel::Identity;
-use synesis_tunnel::enroll::{new_request_id, unix_now};
+use synesis_tunnel::clock::{new_request_id, unix_now};
 
 use super::{Output, is_closed_pipe, ledger_error};
 use crate::cli::AskArgs;

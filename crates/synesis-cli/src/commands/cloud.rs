@@ -3,10 +3,12 @@
 use anyhow::{Context, bail};
 use serde::Serialize;
 use synesis_ledger_local::{CloudCharge, LocalLedger, machine_charges};
-use synesis_proto::message::{DeviceLeave, ErrorMsg};
-use synesis_proto::{ErrorCode, Message, SetupToken};
-use synesis_tunnel::enroll::{enroll, new_request_id, unix_now};
-use synesis_tunnel::{Identity, request::request};
+use synesis_proto::message::DeviceLeave;
+use synesis_proto::{Message, SetupToken};
+use synesis_tunnel::clock::{new_request_id, unix_now};
+use synesis_tunnel::enroll::{PendingEnrollment, enroll};
+use synesis_tunnel::request::{RequestError, answer, request};
+use synesis_tunnel::{Identity, IdentityError};
 
 use super::{Output, ledger_error};
 use crate::cli::{CloudUsageArgs, LoginArgs, LogoutArgs, PingArgs};
@@ -35,9 +37,54 @@ pub(crate) async fn login(out: &Output, paths: &Paths, args: &LoginArgs) -> anyh
             existing.info.account
         );
     }
-    let name = args.name.clone().unwrap_or_else(host_name);
-    let identity = enroll(&token, &name).await.context("enrollment failed")?;
+    let pending = match PendingEnrollment::load(data) {
+        Ok(pending) => pending,
+        Err(IdentityError::Damaged(path)) => {
+            eprintln!(
+                "synesis: warning: {} is damaged; starting a new enrollment",
+                path.display()
+            );
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let pending = match pending {
+        Some(pending) if pending.is_for(&token) => {
+            eprintln!(
+                "synesis: resuming the enrollment of {:?} begun at {}",
+                pending.device_name,
+                pending
+                    .begun_at
+                    .to_rfc3339()
+                    .unwrap_or_else(|| pending.begun_at.0.to_string())
+            );
+            pending
+        }
+        other => {
+            if other.is_some() {
+                eprintln!(
+                    "synesis: warning: an enrollment begun with another setup token was never finished; starting over with this one"
+                );
+            }
+            let name = args.name.clone().unwrap_or_else(host_name);
+            let pending = PendingEnrollment::begin(&token, &name)?;
+            // On disk before the cloud can commit: a crash from here on is resumed, not burned.
+            pending.save(data)?;
+            pending
+        }
+    };
+    let identity = match enroll(&token, &pending).await {
+        Ok(identity) => identity,
+        Err(e) => {
+            // Kept unless the cloud said it can never succeed: it may have committed already.
+            if !e.resumable() {
+                PendingEnrollment::remove(data)?;
+            }
+            return Err(anyhow::Error::new(e).context("enrollment failed"));
+        }
+    };
     identity.save(data)?;
+    PendingEnrollment::remove(data)?;
     #[derive(Serialize)]
     struct View<'a> {
         device_id: synesis_proto::DeviceId,
@@ -67,16 +114,10 @@ pub(crate) async fn logout(out: &Output, paths: &Paths, args: &LogoutArgs) -> an
         request_id: new_request_id(),
     }
     .into();
-    let revoked = match request(&identity, leave).await {
-        Ok(Message::DeviceLeft(_)) => Ok(()),
-        Ok(Message::ErrorMsg(ErrorMsg {
-            code: ErrorCode::DEVICE_REVOKED,
-            ..
-        })) => Ok(()),
-        Ok(Message::ErrorMsg(e)) => Err(format!("{}: {}", e.code, e.message)),
+    let revoked = match request(&identity, leave).await.and_then(answer) {
+        // Refused at the handshake or in the reply: it is revoked already.
+        Ok(Message::DeviceLeft(_)) | Err(RequestError::Revoked) => Ok(()),
         Ok(other) => Err(format!("unexpected answer {:?}", other.message_type())),
-        // A revoked device is refused at the handshake: it is revoked already.
-        Err(e) if e.to_string().contains("revoked") => Ok(()),
         Err(e) => Err(e.to_string()),
     };
     if let Err(why) = &revoked {
@@ -170,7 +211,7 @@ pub(crate) async fn ping(out: &Output, paths: &Paths, args: &PingArgs) -> anyhow
 /// One account request to the cloud: through the tunnel service when it runs and is
 /// connected, otherwise on a connection of its own. The same message (the same request id)
 /// goes either way, so a request the service sent before failing is not applied twice. An
-/// `ErrorMsg` reply becomes an error with its code.
+/// `ErrorMsg` reply becomes [`RequestError::Refused`] with its code.
 async fn account_request(paths: &Paths, message: Message) -> anyhow::Result<Message> {
     let Some(identity) = Identity::load(&paths.data.path)? else {
         bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
@@ -185,10 +226,7 @@ async fn account_request(paths: &Paths, message: Message) -> anyhow::Result<Mess
             request(&identity, message).await?
         }
     };
-    match reply {
-        Message::ErrorMsg(e) => bail!("the cloud refused: {} ({})", e.message, e.code),
-        reply => Ok(reply),
-    }
+    Ok(answer(reply)?)
 }
 
 async fn via_service(paths: &Paths, message: &Message) -> anyhow::Result<Message> {

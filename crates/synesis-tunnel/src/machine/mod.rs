@@ -108,8 +108,11 @@ impl std::fmt::Display for Fatal {
 /// Why a connection attempt failed or a connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
-    /// Worth retrying: timeouts, resets, an unreachable or restarting cloud.
+    /// Worth retrying: resets, an unreachable or restarting cloud.
     Transient(String),
+    /// Worth retrying: no answer in time (a handshake, a stream, a reply, or the connection
+    /// went idle).
+    TimedOut(String),
     Fatal(Fatal),
 }
 
@@ -296,7 +299,7 @@ impl Machine {
                     .push_back(Action::Close(CloseReason::ConnectTimedOut));
                 self.fail(
                     now,
-                    Failure::Transient("connection attempt timed out".to_owned()),
+                    Failure::TimedOut("connection attempt timed out".to_owned()),
                 );
             }
             Phase::Connected(link) => {
@@ -427,7 +430,7 @@ impl Machine {
                 self.phase = Phase::Failed(fatal);
                 return;
             }
-            Failure::Transient(reason) => reason,
+            Failure::Transient(reason) | Failure::TimedOut(reason) => reason,
         };
         if let Phase::Connected(link) = &self.phase
             && now.saturating_duration_since(link.since) >= self.config.stable_connection_min
