@@ -1,5 +1,6 @@
 //! The tunnel service's local API: one Unix socket under the runtime directory (mode 0600),
-//! one JSON request per line, one JSON reply per line.
+//! one JSON request per line, one JSON reply per line. One service per runtime directory: it
+//! holds [`ServiceLock`] for as long as it runs.
 //!
 //! Requests: `{"op":"status"}` → `{"ok":true,"status":{…}}`; `{"op":"ping"}` →
 //! `{"ok":true,"rtt_ms":0.4}`; `{"op":"cloud","frame":"<base64>"}` (one protocol frame: an
@@ -80,8 +81,24 @@ impl Reply {
     }
 }
 
-/// Binds the socket: refuses when another service answers on it, replaces a stale one.
-pub(crate) async fn bind(runtime_dir: &Path) -> anyhow::Result<UnixListener> {
+/// The running service's claim on a runtime directory: an advisory lock (`flock`) on
+/// [`lock_path`] held for as long as this value lives, the file holding the service's pid. The
+/// kernel releases the lock when the process ends however it ends (`kill -9` too), so a lock file
+/// left behind never blocks the next start; the file itself is kept (removing it would let two
+/// starts lock two different files).
+#[derive(Debug)]
+pub(crate) struct ServiceLock {
+    _file: std::fs::File,
+}
+
+pub(crate) fn lock_path(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("tunnel.lock")
+}
+
+/// Claims the runtime directory and binds the socket. One service per directory: a second is
+/// refused with the first one's pid. Once the lock is held, a socket left behind is stale (its
+/// service died without removing it) and is replaced.
+pub(crate) async fn bind(runtime_dir: &Path) -> anyhow::Result<(UnixListener, ServiceLock)> {
     std::fs::create_dir_all(runtime_dir)
         .with_context(|| format!("cannot create {}", runtime_dir.display()))?;
     #[cfg(unix)]
@@ -89,14 +106,15 @@ pub(crate) async fn bind(runtime_dir: &Path) -> anyhow::Result<UnixListener> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(runtime_dir, std::fs::Permissions::from_mode(0o700))?;
     }
+    let lock = lock(&lock_path(runtime_dir))?;
     let path = socket_path(runtime_dir);
-    if UnixStream::connect(&path).await.is_ok() {
-        anyhow::bail!(
-            "a tunnel service is already running for this device ({})",
-            path.display()
-        );
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            tracing::info!(socket = %path.display(), "replaced the socket of a service that did not stop cleanly")
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
     }
-    let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)
         .with_context(|| format!("cannot listen on {}", path.display()))?;
     #[cfg(unix)]
@@ -104,7 +122,43 @@ pub(crate) async fn bind(runtime_dir: &Path) -> anyhow::Result<UnixListener> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     }
-    Ok(listener)
+    Ok((listener, lock))
+}
+
+fn lock(path: &Path) -> anyhow::Result<ServiceLock> {
+    use std::io::{Read, Seek, Write};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        // Not before the lock is ours: the pid in it is the running service's.
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            // Empty while the holder is between taking the lock and writing its pid.
+            let pid = text
+                .trim()
+                .parse::<u32>()
+                .map_or_else(|_| "pid not written yet".to_owned(), |p| format!("pid {p}"));
+            anyhow::bail!(
+                "a tunnel service is already running for this device ({pid}; lock {})",
+                path.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    file.sync_all()?;
+    Ok(ServiceLock { _file: file })
 }
 
 /// Serves the local API for as long as it is polled; run it in a `select!` with shutdown.

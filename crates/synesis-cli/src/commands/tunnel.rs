@@ -23,7 +23,7 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
     let Some(identity) = Identity::load(&paths.data.path)? else {
         bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
     };
-    let listener = service::bind(&paths.runtime.path).await?;
+    let (listener, lock) = service::bind(&paths.runtime.path).await?;
     let mut shutdown = Shutdown::listen().context("cannot listen for Ctrl-C")?;
 
     let sampler =
@@ -74,6 +74,8 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
     if let Ok(tunnel) = Arc::try_unwrap(tunnel) {
         tunnel.shutdown().await;
     }
+    // Held until the socket is gone and the connection closed: the next service finds neither.
+    drop(lock);
     eprintln!("synesis: stopped");
     Ok(())
 }
