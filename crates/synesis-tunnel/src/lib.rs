@@ -17,5 +17,5 @@ pub mod machine;
 pub mod request;
 pub mod tls;
 
-pub use driver::{Options, PingError, Tunnel, TunnelHandle, TunnelStatus};
+pub use driver::{OpenError, Options, PingError, Tunnel, TunnelHandle, TunnelState, TunnelStatus};
 pub use identity::{Identity, IdentityError, IdentityInfo};

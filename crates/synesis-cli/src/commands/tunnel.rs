@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use synesis_tunnel::machine::Config;
-use synesis_tunnel::{Identity, Options, Tunnel};
+use synesis_tunnel::{Identity, Options, Tunnel, TunnelState};
 use synesis_vitals::{SystemSampler, VitalsSource};
 use tokio::sync::watch;
 
@@ -47,7 +47,7 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
     let api = tokio::spawn(service::serve(listener, Arc::clone(&tunnel)));
     eprintln!("synesis: tunnel for device {device} to {server}; Ctrl-C to stop");
 
-    let mut last_state = "";
+    let mut last_state = None;
     loop {
         tokio::select! {
             biased;
@@ -57,10 +57,10 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
                     break;
                 }
                 let s = status.borrow_and_update().clone();
-                if s.state != last_state {
-                    last_state = s.state;
+                if last_state != Some(s.state) {
+                    last_state = Some(s.state);
                     match (&s.failure, s.state) {
-                        (Some(why), "failed" | "reconnecting") => eprintln!("synesis: {} ({why})", s.state),
+                        (Some(why), TunnelState::Failed | TunnelState::Reconnecting) => eprintln!("synesis: {} ({why})", s.state),
                         _ => eprintln!("synesis: {}", s.state),
                     }
                 }
