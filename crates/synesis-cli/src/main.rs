@@ -14,7 +14,6 @@ mod exit;
 mod ledger;
 mod paths;
 mod registry;
-mod service;
 mod signals;
 
 use std::process::ExitCode;

@@ -6,6 +6,8 @@
 //! - [`enroll`](enroll::enroll): trade a setup token for an [`Identity`] (`synesis cloud login`).
 //! - [`request`](request::request): one request/reply on a fresh mutual-TLS connection.
 //! - [`identity`], [`tls`], [`connect`]: the device's files, TLS configuration and dialing.
+//! - [`local`]: the tunnel service's local API on a Unix socket, both sides: how commands on
+//!   this machine reach the cloud over the tunnel's one connection.
 //!
 //! It must not import the cloud, and it holds no policy about what to escalate.
 
@@ -13,6 +15,7 @@ pub mod connect;
 pub mod driver;
 pub mod enroll;
 pub mod identity;
+pub mod local;
 pub mod machine;
 pub mod request;
 pub mod tls;

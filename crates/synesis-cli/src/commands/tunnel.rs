@@ -1,7 +1,8 @@
 //! `synesis tunnel run`: keep this device connected, in the foreground, until Ctrl-C or SIGTERM.
 //!
 //! It runs three tasks: the tunnel driver, a vitals sampler feeding the heartbeats, and the
-//! local API on the Unix socket that `synesis cloud status` and `ping` ask. State changes are
+//! local API on the Unix socket ([`synesis_tunnel::local`]) through which other `synesis`
+//! commands use the tunnel's connection. One service per runtime directory. State changes are
 //! reported on stderr. A tunnel that failed for good (a revoked device, say) keeps the service
 //! up, so that `synesis cloud status` can say why, and makes no further attempts.
 
@@ -10,20 +11,19 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use synesis_tunnel::machine::Config;
-use synesis_tunnel::{Identity, Options, Tunnel, TunnelState};
+use synesis_tunnel::{Identity, Options, Tunnel, TunnelState, local};
 use synesis_vitals::{SystemSampler, VitalsSource};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::cli::TunnelRunArgs;
 use crate::paths::Paths;
-use crate::service;
 use crate::signals::Shutdown;
 
 pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<()> {
     let Some(identity) = Identity::load(&paths.data.path)? else {
         bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
     };
-    let (listener, lock) = service::bind(&paths.runtime.path).await?;
+    let (listener, lock) = local::bind(&paths.runtime.path)?;
     let mut shutdown = Shutdown::listen().context("cannot listen for Ctrl-C")?;
 
     let sampler =
@@ -44,7 +44,10 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
         seed: rand::random(),
     }));
     let mut status = tunnel.status();
-    let api = tokio::spawn(service::serve(listener, Arc::clone(&tunnel)));
+    let (stop_api, api_stopped) = oneshot::channel::<()>();
+    let api = tokio::spawn(local::serve(listener, Arc::clone(&tunnel), async {
+        let _ = api_stopped.await;
+    }));
     eprintln!("synesis: tunnel for device {device} to {server}; Ctrl-C to stop");
 
     let mut last_state = None;
@@ -67,10 +70,10 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
             }
         }
     }
-    api.abort();
+    // The API stops its clients (their cloud streams are reset) and removes the socket.
+    let _ = stop_api.send(());
     let _ = api.await;
     sampling.abort();
-    let _ = std::fs::remove_file(service::socket_path(&paths.runtime.path));
     if let Ok(tunnel) = Arc::try_unwrap(tunnel) {
         tunnel.shutdown().await;
     }
