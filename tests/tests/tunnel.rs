@@ -365,3 +365,90 @@ fn sigterm_drains_connected_devices_and_exits_0() {
         "{log}"
     );
 }
+
+#[test]
+fn a_second_tunnel_service_refuses_to_start_and_a_killed_ones_place_is_taken_by_the_next() {
+    let (_cloud, device, _id, mut first) = connected_pair();
+
+    // A second service for the same SYNESIS_HOME: refused at once, naming the first.
+    let log = device.home().join("second.log");
+    let second = device
+        .synesis()
+        .args(["tunnel", "run", "--heartbeat-interval", HEARTBEAT])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut second = synesis_e2e::Running { child: second };
+    let code = second.wait(Duration::from_secs(5));
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        code.is_some_and(|c| c != 0),
+        "the second service did not exit non-zero within 5 s ({code:?}):\n{said}"
+    );
+    assert!(
+        said.contains("already running") && said.contains(&first.pid().to_string()),
+        "the refusal does not name the running service's pid {}:\n{said}",
+        first.pid()
+    );
+    // The first one kept its connection.
+    std::thread::sleep(INTERVAL * 2);
+    assert!(connected(&device), "{}", device.tunnel_log());
+    assert_eq!(
+        device.status().unwrap()["reconnects"],
+        0,
+        "{}",
+        device.tunnel_log()
+    );
+
+    // kill -9 leaves the socket and the lock file behind; the next start recovers both.
+    signal(first.pid(), "KILL");
+    assert!(wait_for(Duration::from_secs(5), || first
+        .child
+        .try_wait()
+        .unwrap()
+        .is_some()));
+    assert!(device.state().is_none(), "a dead service still answers");
+    let next = device.tunnel(HEARTBEAT);
+    assert!(
+        wait_for(Duration::from_secs(10), || connected(&device)),
+        "the next service did not take over:\n{}",
+        device.tunnel_log()
+    );
+    drop(next);
+}
+
+#[test]
+fn of_two_services_started_at_once_exactly_one_keeps_running() {
+    let cloud = Cloud::start();
+    let device = Device::new();
+    device.login(&cloud.account_and_token("acme"));
+    let mut both: Vec<synesis_e2e::Running> = (0..2)
+        .map(|i| {
+            let child = device
+                .synesis()
+                .args(["tunnel", "run", "--heartbeat-interval", HEARTBEAT])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(device.home().join(format!("run{i}.log"))).unwrap())
+                .spawn()
+                .unwrap();
+            synesis_e2e::Running { child }
+        })
+        .collect();
+    let exited = |both: &mut Vec<synesis_e2e::Running>| {
+        both.iter_mut()
+            .map(|r| r.child.try_wait().unwrap())
+            .filter(Option::is_some)
+            .count()
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || exited(&mut both) == 1),
+        "{} of the two exited",
+        exited(&mut both)
+    );
+    assert!(wait_for(Duration::from_secs(10), || connected(&device)));
+    // Nobody evicts the survivor's connection.
+    std::thread::sleep(INTERVAL * 3);
+    assert_eq!(exited(&mut both), 1);
+    assert_eq!(device.status().unwrap()["reconnects"], 0);
+}

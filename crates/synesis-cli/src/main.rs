@@ -13,7 +13,6 @@ mod commands;
 mod exit;
 mod paths;
 mod registry;
-mod service;
 mod signals;
 
 use std::process::ExitCode;

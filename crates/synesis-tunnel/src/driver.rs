@@ -11,7 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use synesis_proto::message::{Heartbeat, Hello};
 use synesis_proto::vitals::Vitals;
 use synesis_proto::{DeviceId, FrameLimits, Message, PROTOCOL_VERSION, UnixMillis};
@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::clock::unix_now;
 use crate::connect::{classify, classify_error_msg, client_endpoint, closed_or, dial, resolve};
 use crate::identity::Identity;
-use crate::machine::{Action, Config, Event, Failure, Machine, State};
+use crate::machine::{Action, CONNECT_TIMEOUT, Config, Event, Failure, Machine, State};
 use crate::request::RequestError;
 use crate::tls::device_client_config;
 
@@ -35,10 +35,52 @@ const OUTBOX_CAPACITY: usize = 8;
 /// Pings waiting for their ack.
 const PINGS_IN_FLIGHT_MAX: usize = 16;
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// Where the tunnel is, as `synesis cloud status` shows it (serialised in snake case:
+/// `connecting`, `connected`, `reconnecting`, `failed`, `stopped`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TunnelState {
+    Connecting,
+    Connected,
+    Reconnecting,
+    /// Failed for good (a revoked device, say): no further attempts.
+    Failed,
+    Stopped,
+}
+
+impl TunnelState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TunnelState::Connecting => "connecting",
+            TunnelState::Connected => "connected",
+            TunnelState::Reconnecting => "reconnecting",
+            TunnelState::Failed => "failed",
+            TunnelState::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for TunnelState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<State> for TunnelState {
+    fn from(state: State) -> TunnelState {
+        match state {
+            State::Disconnected => TunnelState::Stopped,
+            State::Connecting => TunnelState::Connecting,
+            State::Connected => TunnelState::Connected,
+            State::Reconnecting => TunnelState::Reconnecting,
+            State::Failed => TunnelState::Failed,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TunnelStatus {
-    /// `connecting`, `connected`, `reconnecting`, `failed` or `stopped`.
-    pub state: &'static str,
+    pub state: TunnelState,
     pub device_id: DeviceId,
     pub account: String,
     pub server: String,
@@ -61,8 +103,23 @@ pub enum PingError {
     Stopped,
 }
 
+/// Why no stream could be opened on the tunnel's connection.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("the tunnel is not connected ({0})")]
+    NotConnected(TunnelState),
+    #[error("no stream could be opened within {0:?}")]
+    Timeout(Duration),
+    #[error("the connection failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("the tunnel stopped")]
+    Stopped,
+}
+
 enum Command {
     Ping(oneshot::Sender<Result<Duration, PingError>>),
+    /// The live connection, for a stream of the asker's own.
+    Connection(oneshot::Sender<Result<quinn::Connection, TunnelState>>),
     Request(Box<Message>, oneshot::Sender<Result<Message, RequestError>>),
 }
 
@@ -114,6 +171,25 @@ impl TunnelHandle {
             .await
             .map_err(|_| RequestError::Stopped)?;
         rx.await.map_err(|_| RequestError::Stopped)?
+    }
+
+    /// Opens a new bidirectional stream on the tunnel's connection, for the caller alone (an
+    /// escalation, an upload, an account request), within [`CONNECT_TIMEOUT`] (opening waits
+    /// while the connection's stream limit is reached). Fails at once when not connected.
+    pub async fn open_stream(&self) -> Result<(quinn::SendStream, quinn::RecvStream), OpenError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Connection(tx))
+            .await
+            .map_err(|_| OpenError::Stopped)?;
+        let conn = rx
+            .await
+            .map_err(|_| OpenError::Stopped)?
+            .map_err(OpenError::NotConnected)?;
+        tokio::time::timeout(CONNECT_TIMEOUT, conn.open_bi())
+            .await
+            .map_err(|_| OpenError::Timeout(CONNECT_TIMEOUT))?
+            .map_err(OpenError::from)
     }
 
     /// Stops the tunnel and waits until its connection is closed.
@@ -173,13 +249,7 @@ impl Clock {
 fn status_of(identity: &Identity, machine: &Machine, clock: &Clock) -> TunnelStatus {
     let s = machine.status();
     TunnelStatus {
-        state: match s.state {
-            State::Disconnected => "stopped",
-            State::Connecting => "connecting",
-            State::Connected => "connected",
-            State::Reconnecting => "reconnecting",
-            State::Failed => "failed",
-        },
+        state: s.state.into(),
         device_id: identity.info.device_id,
         account: identity.info.account.clone(),
         server: identity.info.server.clone(),
@@ -292,6 +362,7 @@ impl Driver {
                 command = self.commands.recv() => match command {
                     Some(Command::Ping(reply)) => self.ping(reply),
                     Some(Command::Request(message, reply)) => self.request(*message, reply),
+                    Some(Command::Connection(reply)) => self.connection(reply),
                     None => break,
                 },
                 result = connecting => {
@@ -521,6 +592,12 @@ impl Driver {
                 .map_err(RequestError::from);
             let _ = reply.send(result);
         });
+    }
+
+    fn connection(&self, reply: oneshot::Sender<Result<quinn::Connection, TunnelState>>) {
+        let state = self.machine.state();
+        let live = self.link.as_ref().filter(|_| state == State::Connected);
+        let _ = reply.send(live.map(|l| l.conn.clone()).ok_or(state.into()));
     }
 
     fn ping(&mut self, reply: oneshot::Sender<Result<Duration, PingError>>) {

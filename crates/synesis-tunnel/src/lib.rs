@@ -9,6 +9,8 @@
 //! - [`renew`]: the device certificate renewed over the tunnel before it expires.
 //! - [`identity`], [`tls`], [`connect`]: the device's files, TLS configuration and dialing.
 //! - [`clock`]: the device's one reading of the wall clock and one maker of request ids.
+//! - [`local`]: the tunnel service's local API on a Unix socket, both sides: how commands on
+//!   this machine reach the cloud over the tunnel's one connection.
 //!
 //! It must not import the cloud, and it holds no policy about what to escalate.
 
@@ -17,11 +19,12 @@ pub mod connect;
 pub mod driver;
 pub mod enroll;
 pub mod identity;
+pub mod local;
 pub mod machine;
 pub mod renew;
 pub mod request;
 pub mod tls;
 
-pub use driver::{Options, PingError, Tunnel, TunnelHandle, TunnelStatus};
+pub use driver::{OpenError, Options, PingError, Tunnel, TunnelHandle, TunnelState, TunnelStatus};
 pub use identity::{Identity, IdentityError, IdentityInfo};
 pub use request::RequestError;

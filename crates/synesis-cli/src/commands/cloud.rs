@@ -7,6 +7,7 @@ use synesis_proto::message::DeviceLeave;
 use synesis_proto::{Message, SetupToken};
 use synesis_tunnel::clock::{new_request_id, unix_now};
 use synesis_tunnel::enroll::{PendingEnrollment, enroll};
+use synesis_tunnel::local::{ClientError, LocalClient};
 use synesis_tunnel::request::{RequestError, answer, request};
 use synesis_tunnel::{Identity, IdentityError};
 
@@ -14,7 +15,6 @@ use super::{Output, ledger_error};
 use crate::cli::{CloudUsageArgs, LoginArgs, LogoutArgs, PingArgs};
 use crate::exit::UserError;
 use crate::paths::Paths;
-use crate::service::{Request, ask};
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -143,15 +143,22 @@ pub(crate) async fn logout(out: &Output, paths: &Paths, args: &LogoutArgs) -> an
     Ok(())
 }
 
+/// The running tunnel service's local API; `UserError::NotRunning` (exit 3) when nothing answers.
+fn service(paths: &Paths) -> LocalClient {
+    LocalClient::new(&paths.runtime.path)
+}
+
+fn not_running(e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::NotRunning => UserError::NotRunning.into(),
+        other => other.into(),
+    }
+}
+
 pub(crate) async fn status(out: &Output, paths: &Paths) -> anyhow::Result<()> {
-    let reply = ask(&paths.runtime.path, &Request::Status).await?;
-    let status = match (reply.ok, reply.status) {
-        (true, Some(s)) => s,
-        _ => bail!(
-            "the tunnel service answered: {}",
-            reply.error.unwrap_or_default()
-        ),
-    };
+    let status = service(paths).status().await.map_err(not_running)?;
+    // Field for field the JSON the service always sent; the text reads the same fields.
+    let status = serde_json::to_value(status)?;
     out.report(&status, || {
         let field = |k: &str| match &status[k] {
             serde_json::Value::Null => "-".to_owned(),
@@ -183,16 +190,16 @@ pub(crate) async fn ping(out: &Output, paths: &Paths, args: &PingArgs) -> anyhow
         if i > 0 {
             tokio::time::sleep(args.interval).await;
         }
-        let reply = ask(&paths.runtime.path, &Request::Ping).await?;
-        match (reply.ok, reply.rtt_ms) {
-            (true, Some(ms)) => {
-                if !out.json() {
-                    println!("heartbeat ack from the cloud: rtt {ms:.3} ms");
-                }
-                rtts.push(ms);
-            }
-            _ => bail!("ping failed: {}", reply.error.unwrap_or_default()),
+        let rtt = match service(paths).ping().await {
+            Ok(rtt) => rtt,
+            Err(ClientError::Refused(why)) => bail!("ping failed: {why}"),
+            Err(e) => return Err(not_running(e)),
+        };
+        let ms = rtt.as_secs_f64() * 1_000.0;
+        if !out.json() {
+            println!("heartbeat ack from the cloud: rtt {ms:.3} ms");
         }
+        rtts.push(ms);
     }
     let min = rtts.iter().copied().fold(f64::INFINITY, f64::min);
     let max = rtts.iter().copied().fold(0.0, f64::max);
@@ -216,7 +223,7 @@ async fn account_request(paths: &Paths, message: Message) -> anyhow::Result<Mess
     let Some(identity) = Identity::load(&paths.data.path)? else {
         bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
     };
-    let reply = match via_service(paths, &message).await {
+    let reply = match service(paths).request(&message).await {
         Ok(reply) => {
             tracing::info!("account request sent through the tunnel service");
             reply
@@ -227,18 +234,6 @@ async fn account_request(paths: &Paths, message: Message) -> anyhow::Result<Mess
         }
     };
     Ok(answer(reply)?)
-}
-
-async fn via_service(paths: &Paths, message: &Message) -> anyhow::Result<Message> {
-    let frame = crate::service::encode_frame_base64(message)?;
-    let reply = ask(&paths.runtime.path, &Request::Cloud { frame }).await?;
-    match (reply.ok, reply.frame) {
-        (true, Some(frame)) => crate::service::decode_frame_base64(&frame),
-        _ => bail!(
-            "the tunnel service could not send it: {}",
-            reply.error.unwrap_or_default()
-        ),
-    }
 }
 
 pub(crate) async fn topup(out: &Output, paths: &Paths, voucher: &str) -> anyhow::Result<()> {

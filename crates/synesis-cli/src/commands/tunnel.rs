@@ -1,7 +1,8 @@
 //! `synesis tunnel run`: keep this device connected, in the foreground, until Ctrl-C or SIGTERM.
 //!
 //! It runs three tasks: the tunnel driver, a vitals sampler feeding the heartbeats, and the
-//! local API on the Unix socket that `synesis cloud status` and `ping` ask. State changes are
+//! local API on the Unix socket ([`synesis_tunnel::local`]) through which other `synesis`
+//! commands use the tunnel's connection. One service per runtime directory. State changes are
 //! reported on stderr. A tunnel that failed for good (a revoked device, say) keeps the service
 //! up, so that `synesis cloud status` can say why, and makes no further attempts.
 
@@ -10,20 +11,19 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use synesis_tunnel::machine::Config;
-use synesis_tunnel::{Identity, Options, Tunnel};
+use synesis_tunnel::{Identity, Options, Tunnel, TunnelState, local};
 use synesis_vitals::{SystemSampler, VitalsSource};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::cli::TunnelRunArgs;
 use crate::paths::Paths;
-use crate::service;
 use crate::signals::Shutdown;
 
 pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<()> {
     let Some(identity) = Identity::load(&paths.data.path)? else {
         bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
     };
-    let listener = service::bind(&paths.runtime.path).await?;
+    let (listener, lock) = local::bind(&paths.runtime.path)?;
     let mut shutdown = Shutdown::listen().context("cannot listen for Ctrl-C")?;
 
     let sampler =
@@ -45,10 +45,13 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
         data_dir: Some(paths.data.path.clone()),
     }));
     let mut status = tunnel.status();
-    let api = tokio::spawn(service::serve(listener, Arc::clone(&tunnel)));
+    let (stop_api, api_stopped) = oneshot::channel::<()>();
+    let api = tokio::spawn(local::serve(listener, Arc::clone(&tunnel), async {
+        let _ = api_stopped.await;
+    }));
     eprintln!("synesis: tunnel for device {device} to {server}; Ctrl-C to stop");
 
-    let mut last_state = "";
+    let mut last_state = None;
     loop {
         tokio::select! {
             biased;
@@ -58,23 +61,25 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
                     break;
                 }
                 let s = status.borrow_and_update().clone();
-                if s.state != last_state {
-                    last_state = s.state;
+                if last_state != Some(s.state) {
+                    last_state = Some(s.state);
                     match (&s.failure, s.state) {
-                        (Some(why), "failed" | "reconnecting") => eprintln!("synesis: {} ({why})", s.state),
+                        (Some(why), TunnelState::Failed | TunnelState::Reconnecting) => eprintln!("synesis: {} ({why})", s.state),
                         _ => eprintln!("synesis: {}", s.state),
                     }
                 }
             }
         }
     }
-    api.abort();
+    // The API stops its clients (their cloud streams are reset) and removes the socket.
+    let _ = stop_api.send(());
     let _ = api.await;
     sampling.abort();
-    let _ = std::fs::remove_file(service::socket_path(&paths.runtime.path));
     if let Ok(tunnel) = Arc::try_unwrap(tunnel) {
         tunnel.shutdown().await;
     }
+    // Held until the socket is gone and the connection closed: the next service finds neither.
+    drop(lock);
     eprintln!("synesis: stopped");
     Ok(())
 }

@@ -1,0 +1,556 @@
+//! The service side of the local API (the protocol is described in [`super`]).
+//!
+//! [`serve`] runs the accept loop; each client is a task of its own (in a `JoinSet` the loop
+//! owns, so stopping the loop stops its clients). A client that opens a cloud stream is served by
+//! two halves (THREAD_SAFETY_PATTERNS.md §2): `upstream` owns the socket's read half and the QUIC
+//! send half, `downstream` the QUIC receive half and the socket's write half; the client's task
+//! owns both futures and decides, when one ends, what becomes of the other.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use synesis_proto::{ErrorCode, MessageType, StreamKind};
+use synesis_wire::close_code;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use super::{
+    FailureKind, FrameFault, Header, LOCAL_REPLY, LOCAL_REQUEST, LocalFailure, LocalReply,
+    LocalRequest, lock_path, read_header, read_payload, socket_path, write_local,
+};
+use crate::machine::CONNECT_TIMEOUT;
+use crate::{OpenError, PingError, TunnelHandle, TunnelStatus};
+
+/// Clients served at once; one more is dropped (it sees the connection close).
+pub const CLIENTS_MAX: usize = 32;
+/// Cloud streams open for clients at once; one more is refused with [`FailureKind::Busy`].
+pub const CLOUD_STREAMS_MAX: usize = 24;
+/// The reference cloud's limit on concurrent bidirectional streams per connection
+/// (proto/PROTOCOL.md §1; the cloud's `STREAMS_PER_CONNECTION_MAX`, which
+/// `tests/tests/local_api.rs` checks against this).
+pub const CLOUD_STREAMS_PER_CONNECTION: usize = 32;
+// Below the cloud's limit with room to spare for the control stream and the tunnel's own
+// requests: a busy local API never makes the tunnel wait for a stream.
+const _: () = assert!(CLOUD_STREAMS_MAX + 1 < CLOUD_STREAMS_PER_CONNECTION);
+// Clients holding streams never take every place: a status or a ping still gets one.
+const _: () = assert!(CLOUD_STREAMS_MAX < CLIENTS_MAX);
+/// How long a client may take to say what it wants and have it done (a status, a ping, a
+/// stream opened): one that connects and says nothing frees its place after this. Above the
+/// tunnel's own bound on opening a stream (`CONNECT_TIMEOUT`), below the client's patience
+/// ([`ASK_TIMEOUT`](super::client::ASK_TIMEOUT)). An open stream has no time limit: an
+/// escalation may stream for minutes; the cloud's idle timeout and the client's own bound it.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
+const _: () = assert!(CLIENT_TIMEOUT.as_millis() > CONNECT_TIMEOUT.as_millis());
+/// After a failed accept (out of file descriptors, say), the pause before the next; doubled
+/// while failures follow one another, up to `ACCEPT_RETRY_MAX`.
+const ACCEPT_RETRY: Duration = Duration::from_millis(250);
+const ACCEPT_RETRY_MAX: Duration = Duration::from_secs(8);
+/// Bytes copied at a time when a frame's payload passes through.
+const COPY_CHUNK_BYTES: usize = 16 * 1024;
+
+/// What the local API needs of the tunnel: [`TunnelHandle`] in production, a plain QUIC
+/// connection in tests.
+pub trait Backend: Send + Sync + 'static {
+    fn current_status(&self) -> TunnelStatus;
+    fn measure_ping(&self) -> impl Future<Output = Result<Duration, PingError>> + Send;
+    fn open_cloud_stream(
+        &self,
+    ) -> impl Future<Output = Result<(quinn::SendStream, quinn::RecvStream), OpenError>> + Send;
+}
+
+impl Backend for TunnelHandle {
+    fn current_status(&self) -> TunnelStatus {
+        TunnelHandle::status(self).borrow().clone()
+    }
+
+    fn measure_ping(&self) -> impl Future<Output = Result<Duration, PingError>> + Send {
+        TunnelHandle::ping(self)
+    }
+
+    fn open_cloud_stream(
+        &self,
+    ) -> impl Future<Output = Result<(quinn::SendStream, quinn::RecvStream), OpenError>> + Send
+    {
+        TunnelHandle::open_stream(self)
+    }
+}
+
+/// The running service's claim on a runtime directory: an advisory lock (`flock`) on
+/// [`lock_path`] held for as long as this value lives, the file holding the service's pid. The
+/// kernel releases the lock when the process ends however it ends (`kill -9` too), so a lock
+/// file left behind never blocks the next start; the file itself is kept (removing it would let
+/// two starts lock two different files).
+#[derive(Debug)]
+pub struct ServiceLock {
+    _file: std::fs::File,
+}
+
+/// The bound socket; dropping it removes the socket file.
+#[derive(Debug)]
+pub struct LocalListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for LocalListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error(
+        "a tunnel service is already running for this device ({}; lock {})",
+        describe_pid(*.pid),
+        .lock.display()
+    )]
+    AlreadyRunning { pid: Option<u32>, lock: PathBuf },
+    #[error("cannot {what} {}: {source}", .path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn describe_pid(pid: Option<u32>) -> String {
+    // None while the holder is between taking the lock and writing its pid.
+    pid.map_or_else(|| "pid not written yet".to_owned(), |p| format!("pid {p}"))
+}
+
+fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BindError {
+    let path = path.to_owned();
+    move |source| BindError::Io { what, path, source }
+}
+
+/// Claims `runtime_dir` (created 0700 if missing) and binds its socket (0600). One service per
+/// directory: a second is refused with the first one's pid. Once the lock is held, a socket
+/// left behind is stale (its service died without removing it) and is replaced. Keep the lock
+/// until the service has stopped altogether (its connection closed too).
+pub fn bind(runtime_dir: &Path) -> Result<(LocalListener, ServiceLock), BindError> {
+    std::fs::create_dir_all(runtime_dir).map_err(io_error("create", runtime_dir))?;
+    set_mode(runtime_dir, 0o700)?;
+    let lock = lock(&lock_path(runtime_dir))?;
+    let path = socket_path(runtime_dir);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            tracing::info!(socket = %path.display(), "replaced the socket of a service that did not stop cleanly")
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_error("remove", &path)(e)),
+    }
+    let listener = UnixListener::bind(&path).map_err(io_error("listen on", &path))?;
+    let listener = LocalListener { listener, path };
+    set_mode(&listener.path, 0o600)?;
+    Ok((listener, lock))
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), BindError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io_error("set the permissions of", path))
+}
+
+fn lock(path: &Path) -> Result<ServiceLock, BindError> {
+    use std::io::{Read, Seek, Write};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        // Not before the lock is ours: the pid in it is the running service's.
+        .truncate(false)
+        .open(path)
+        .map_err(io_error("open", path))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            return Err(BindError::AlreadyRunning {
+                pid: text.trim().parse().ok(),
+                lock: path.to_owned(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io_error("lock", path)(e)),
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .and_then(|()| file.sync_all())
+        .map_err(io_error("write", path))?;
+    Ok(ServiceLock { _file: file })
+}
+
+/// Serves the local API until `stop` completes, then stops every client (their cloud streams
+/// are reset) and returns; the socket file is removed with `listener`.
+pub async fn serve<B: Backend>(
+    listener: LocalListener,
+    backend: Arc<B>,
+    stop: impl Future<Output = ()>,
+) {
+    let places = Arc::new(Semaphore::new(CLIENTS_MAX));
+    let streams = Arc::new(Semaphore::new(CLOUD_STREAMS_MAX));
+    let mut clients = JoinSet::new();
+    let mut pause = ACCEPT_RETRY;
+    tokio::pin!(stop);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = &mut stop => break,
+            Some(_) = clients.join_next(), if !clients.is_empty() => continue,
+            accepted = listener.listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                pause = ACCEPT_RETRY;
+                stream
+            }
+            Err(e) => {
+                // Usually passing (no file descriptor left): the API must outlive it.
+                tracing::warn!(error = %e, retry_in = ?pause, "the local API cannot accept a client");
+                tokio::select! {
+                    biased;
+                    () = &mut stop => break,
+                    () = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(ACCEPT_RETRY_MAX);
+                continue;
+            }
+        };
+        let Ok(place) = Arc::clone(&places).try_acquire_owned() else {
+            continue; // too many clients: drop this one, it sees the connection close
+        };
+        let backend = Arc::clone(&backend);
+        let streams = Arc::clone(&streams);
+        clients.spawn(async move {
+            client(stream, &*backend, &streams).await;
+            drop(place);
+        });
+    }
+    clients.shutdown().await;
+}
+
+async fn client<B: Backend>(stream: UnixStream, backend: &B, streams: &Arc<Semaphore>) {
+    let (mut read, mut write) = stream.into_split();
+    let opened = tokio::time::timeout(
+        CLIENT_TIMEOUT,
+        opening(&mut read, &mut write, backend, streams),
+    )
+    .await;
+    match opened {
+        Ok(Ok(None)) => {}
+        Ok(Ok(Some((send, recv, permit)))) => {
+            proxy(read, write, send, recv).await;
+            drop(permit);
+        }
+        Ok(Err(e)) => tracing::debug!(error = %e, "local API client failed"),
+        Err(_) => tracing::debug!("local API client dropped after {CLIENT_TIMEOUT:?}"),
+    }
+}
+
+type Opened = (Upstream, quinn::RecvStream, OwnedSemaphorePermit);
+
+/// The client's request, answered; a cloud stream when it asked for one.
+async fn opening<B: Backend>(
+    read: &mut OwnedReadHalf,
+    write: &mut OwnedWriteHalf,
+    backend: &B,
+    streams: &Arc<Semaphore>,
+) -> Result<Option<Opened>, FrameFault> {
+    let request = match read_request(read).await {
+        Ok(request) => request,
+        Err(e) => {
+            let failure = LocalFailure::new(FailureKind::BadRequest, e.to_string());
+            write_local(write, LOCAL_REPLY, &LocalReply::Refused { failure }).await?;
+            return Ok(None);
+        }
+    };
+    let refused = |kind, message: String| LocalReply::Refused {
+        failure: LocalFailure::new(kind, message),
+    };
+    let (reply, opened) = match request {
+        LocalRequest::Status => {
+            let status = backend.current_status();
+            (LocalReply::Status { status }, None)
+        }
+        LocalRequest::Ping => match backend.measure_ping().await {
+            Ok(rtt) => {
+                let rtt_nanos = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX);
+                (LocalReply::Pong { rtt_nanos }, None)
+            }
+            Err(e @ (PingError::NotConnected(_) | PingError::Stopped)) => {
+                (refused(FailureKind::NotConnected, e.to_string()), None)
+            }
+            Err(e) => (refused(FailureKind::StreamFailed, e.to_string()), None),
+        },
+        LocalRequest::Open => match Arc::clone(streams).try_acquire_owned() {
+            Err(_) => (
+                refused(
+                    FailureKind::Busy,
+                    format!("{CLOUD_STREAMS_MAX} cloud streams are in flight"),
+                ),
+                None,
+            ),
+            Ok(permit) => match backend.open_cloud_stream().await {
+                Ok((send, recv)) => {
+                    let send = Upstream { send, done: false };
+                    (LocalReply::Opened, Some((send, recv, permit)))
+                }
+                Err(e @ (OpenError::NotConnected(_) | OpenError::Stopped)) => {
+                    (refused(FailureKind::NotConnected, e.to_string()), None)
+                }
+                Err(e) => (refused(FailureKind::StreamFailed, e.to_string()), None),
+            },
+        },
+        LocalRequest::Finish => (
+            refused(FailureKind::BadRequest, "no stream to finish".into()),
+            None,
+        ),
+    };
+    write_local(write, LOCAL_REPLY, &reply).await?;
+    Ok(opened)
+}
+
+async fn read_request(read: &mut OwnedReadHalf) -> Result<LocalRequest, FrameFault> {
+    match read_header(read, true).await? {
+        Some(Header::Local {
+            ty: LOCAL_REQUEST,
+            len,
+        }) => Ok(serde_json::from_slice(&read_payload(read, len).await?)?),
+        Some(_) => Err(FrameFault::Unexpected(
+            "the first frame must be a local request",
+        )),
+        None => Err(FrameFault::Truncated),
+    }
+}
+
+/// The QUIC send half of a client's stream: reset when dropped unfinished (quinn would finish
+/// it, and the cloud would take a cut-off stream for a whole one).
+struct Upstream {
+    send: quinn::SendStream,
+    done: bool,
+}
+
+impl Upstream {
+    fn finish(&mut self) {
+        self.done = true;
+        let _ = self.send.finish();
+    }
+
+    fn cancel(&mut self) {
+        self.done = true;
+        let _ = self.send.reset(close_code(ErrorCode::CANCELLED));
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if !self.done {
+            self.cancel();
+        }
+    }
+}
+
+/// How the client → cloud half ended.
+#[derive(Debug)]
+enum Up {
+    /// The client said `finish`; the QUIC send half is finished.
+    Finished,
+    /// The client went away without `finish`.
+    ClientGone(String),
+    /// The client broke the local protocol (or sent a frame its stream may not carry).
+    ClientFault(String),
+    /// The cloud side cannot take more (stopped, or the connection failed); the other half
+    /// reports it.
+    CloudGone,
+}
+
+/// How the cloud → client half ended.
+#[derive(Debug)]
+enum Down {
+    /// The end was told to the client (finished, or failed with a reason).
+    Told,
+    /// The client cannot be written to any more.
+    ClientGone,
+}
+
+async fn proxy(
+    mut read: OwnedReadHalf,
+    mut write: OwnedWriteHalf,
+    mut send: Upstream,
+    mut recv: quinn::RecvStream,
+) {
+    let mut up_done = None;
+    let mut down_done = None;
+    {
+        let up = upstream(&mut read, &mut send);
+        let down = downstream(&mut recv, &mut write);
+        tokio::pin!(up, down);
+        loop {
+            tokio::select! {
+                r = &mut up, if up_done.is_none() => up_done = Some(r),
+                r = &mut down, if down_done.is_none() => down_done = Some(r),
+            }
+            match (&up_done, &down_done) {
+                // The client is done sending (or the cloud stopped listening): the answer
+                // goes on until the cloud ends it.
+                (Some(Up::Finished | Up::CloudGone), None) => {}
+                // Nobody listens for the answer, or the cloud has ended the stream: whatever
+                // the client still had to send is not wanted.
+                (Some(Up::ClientGone(_) | Up::ClientFault(_)), _) | (_, Some(_)) => break,
+                (None, None) => {}
+            }
+        }
+    }
+    let cancelled = match (&up_done, &down_done) {
+        (Some(Up::ClientGone(why)), _) => {
+            tracing::debug!(why, "a local client left its cloud stream; cancelling it");
+            true
+        }
+        (Some(Up::ClientFault(why)), _) => {
+            tracing::debug!(
+                why,
+                "a local client broke the protocol; cancelling its stream"
+            );
+            let failure = LocalFailure::new(FailureKind::BadRequest, why.clone());
+            let end = LocalReply::End {
+                failure: Some(failure),
+            };
+            let _ = write_local(&mut write, LOCAL_REPLY, &end).await;
+            true
+        }
+        (_, Some(Down::ClientGone)) => true,
+        _ => false,
+    };
+    if cancelled {
+        let _ = recv.stop(close_code(ErrorCode::CANCELLED));
+    }
+    drop(send); // reset unless finished
+}
+
+/// Client → cloud: frames through, until `finish` or the client is gone.
+async fn upstream(read: &mut OwnedReadHalf, send: &mut Upstream) -> Up {
+    let mut kind: Option<StreamKind> = None;
+    let mut buf = vec![0u8; COPY_CHUNK_BYTES];
+    loop {
+        let header = match read_header(read, true).await {
+            Ok(Some(h)) => h,
+            Ok(None) => return Up::ClientGone("the client closed without finishing".into()),
+            Err(e @ (FrameFault::Truncated | FrameFault::Io(_))) => {
+                return Up::ClientGone(e.to_string());
+            }
+            Err(e) => return Up::ClientFault(e.to_string()),
+        };
+        let ty = match header {
+            Header::Local {
+                ty: LOCAL_REQUEST,
+                len,
+            } => {
+                let request = match read_payload(read, len).await {
+                    Ok(p) => serde_json::from_slice::<LocalRequest>(&p),
+                    Err(e) => return Up::ClientGone(e.to_string()),
+                };
+                return match request {
+                    Ok(LocalRequest::Finish) => {
+                        send.finish();
+                        Up::Finished
+                    }
+                    Ok(other) => Up::ClientFault(format!("{other:?} inside a cloud stream")),
+                    Err(e) => Up::ClientFault(e.to_string()),
+                };
+            }
+            Header::Local { ty, .. } => {
+                return Up::ClientFault(format!("frame type {ty:#04x} from a client"));
+            }
+            Header::Cloud { ty, .. } => ty,
+        };
+        match (kind, ty.stream()) {
+            (None, k @ (StreamKind::Escalation | StreamKind::Upload | StreamKind::Account)) => {
+                kind = Some(k);
+            }
+            (Some(open), k) if k == open || ty == MessageType::ErrorMsg => {}
+            _ => {
+                return Up::ClientFault(format!(
+                    "{} may not travel on this stream through the local API",
+                    ty.name()
+                ));
+            }
+        }
+        match copy_frame(read, &mut send.send, header, &mut buf).await {
+            Ok(()) => {}
+            Err(CopyError::Read(why)) => return Up::ClientGone(why),
+            Err(CopyError::Write(why)) => {
+                tracing::debug!(why, "the cloud takes no more of this stream");
+                return Up::CloudGone;
+            }
+        }
+    }
+}
+
+/// Cloud → client: frames through, then the end (finished or failed) as a local reply.
+async fn downstream(recv: &mut quinn::RecvStream, write: &mut OwnedWriteHalf) -> Down {
+    let mut buf = vec![0u8; COPY_CHUNK_BYTES];
+    let failure = loop {
+        let header = match read_header(recv, false).await {
+            Ok(Some(h)) => h,
+            Ok(None) => break None,
+            Err(e) => break Some(e.to_string()),
+        };
+        match copy_frame(recv, write, header, &mut buf).await {
+            Ok(()) => {}
+            Err(CopyError::Read(why)) => break Some(why),
+            Err(CopyError::Write(_)) => return Down::ClientGone,
+        }
+    };
+    let end = LocalReply::End {
+        failure: failure.map(|why| LocalFailure::new(FailureKind::StreamFailed, why)),
+    };
+    match write_local(write, LOCAL_REPLY, &end).await {
+        Ok(()) => {
+            let _ = write.shutdown().await;
+            Down::Told
+        }
+        Err(_) => Down::ClientGone,
+    }
+}
+
+enum CopyError {
+    Read(String),
+    Write(String),
+}
+
+/// One frame from `from` to `to`, its payload in chunks: never more than one chunk in memory,
+/// whatever the frame's size.
+async fn copy_frame<R, W>(
+    from: &mut R,
+    to: &mut W,
+    header: Header,
+    buf: &mut [u8],
+) -> Result<(), CopyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let write = |e: std::io::Error| CopyError::Write(e.to_string());
+    to.write_all(&header.bytes()).await.map_err(write)?;
+    let mut left = header.len() as usize;
+    while left > 0 {
+        let want = left.min(buf.len());
+        let n = from
+            .read(&mut buf[..want])
+            .await
+            .map_err(|e| CopyError::Read(e.to_string()))?;
+        if n == 0 {
+            return Err(CopyError::Read(FrameFault::Truncated.to_string()));
+        }
+        to.write_all(&buf[..n]).await.map_err(write)?;
+        left -= n;
+    }
+    to.flush().await.map_err(write)
+}

@@ -1,0 +1,392 @@
+//! The local API over a real QUIC connection to an in-process fake cloud on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use synesis_proto::message::{EscalationChunk, Hello, PriceReply, PriceRequest, Tier};
+use synesis_proto::{DeviceId, ErrorCode, FrameLimits, Message, RequestId};
+use synesis_wire::{FramedRecv, send};
+use tokio::sync::{mpsc, oneshot};
+
+use super::*;
+use crate::{OpenError, PingError, TunnelState};
+
+/// Chunks in the fake cloud's streamed answer; one of them larger than a copy chunk.
+const CHUNKS: u32 = 200;
+const BIG_CHUNK_BYTES: usize = 1024 * 1024;
+
+fn request_id(n: u8) -> RequestId {
+    RequestId::from_parts(1_795_000_000_000, [n; 10])
+}
+
+fn chunk(seq: u32) -> Message {
+    let text = if seq == CHUNKS / 2 {
+        "x".repeat(BIG_CHUNK_BYTES)
+    } else {
+        format!("chunk {seq}")
+    };
+    EscalationChunk {
+        request_id: request_id(1),
+        seq,
+        text,
+    }
+    .into()
+}
+
+/// What the fake cloud saw of a stream after its first frame.
+#[derive(Debug)]
+enum Seen {
+    Finished,
+    Reset(quinn::VarInt),
+}
+
+/// A QUIC server on loopback playing the cloud: it answers a `PriceRequest` with one reply, and
+/// an escalation with `CHUNKS` chunks, the first alone until the client has it (`first_seen`),
+/// so a test can tell streaming from buffering. After answering it reports how the device's
+/// half of the stream ended.
+struct FakeCloud {
+    conn: quinn::Connection,
+    _endpoints: (quinn::Endpoint, quinn::Endpoint),
+    seen: mpsc::Receiver<Seen>,
+    first_seen: mpsc::Sender<()>,
+}
+
+impl FakeCloud {
+    async fn start() -> FakeCloud {
+        let provider = synesis_wire::tls::provider();
+        let name = synesis_wire::tls::SERVER_NAME.to_owned();
+        let certified = rcgen::generate_simple_self_signed(vec![name]).unwrap();
+        let cert = certified.cert.der().clone();
+        let key =
+            rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+        let mut server_tls = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        server_tls.alpn_protocols = synesis_wire::tls::alpn();
+        let server_config = quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).unwrap(),
+        ));
+        let server =
+            quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client_tls.alpn_protocols = synesis_wire::tls::alpn();
+        let client_config = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).unwrap(),
+        ));
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+
+        let (seen_tx, seen) = mpsc::channel(16);
+        let (first_seen, first_seen_rx) = mpsc::channel(16);
+        let first_seen_rx = Arc::new(tokio::sync::Mutex::new(first_seen_rx));
+        let accepting = server.clone();
+        tokio::spawn(async move {
+            let incoming = accepting.accept().await.unwrap();
+            let conn = incoming.await.unwrap();
+            while let Ok((tx, rx)) = conn.accept_bi().await {
+                tokio::spawn(answer(tx, rx, seen_tx.clone(), Arc::clone(&first_seen_rx)));
+            }
+        });
+        let conn = client
+            .connect_with(
+                client_config,
+                server.local_addr().unwrap(),
+                synesis_wire::tls::SERVER_NAME,
+            )
+            .unwrap()
+            .await
+            .unwrap();
+        FakeCloud {
+            conn,
+            _endpoints: (server, client),
+            seen,
+            first_seen,
+        }
+    }
+}
+
+async fn answer(
+    mut tx: quinn::SendStream,
+    rx: quinn::RecvStream,
+    seen: mpsc::Sender<Seen>,
+    first_seen: Arc<tokio::sync::Mutex<mpsc::Receiver<()>>>,
+) {
+    let mut rx = FramedRecv::new(rx, FrameLimits::default());
+    let limits = FrameLimits::default();
+    // A stream opened and reset before its first frame (the bound test) ends here.
+    let Ok(Some(first)) = rx.next().await else {
+        return;
+    };
+    let mut device_done = None;
+    match first {
+        Message::PriceRequest(r) => {
+            let reply: Message = PriceReply {
+                request_id: r.request_id,
+                tier: Tier::Free,
+                markup_bps: 0,
+                prices: vec![],
+            }
+            .into();
+            send(&mut tx, &reply, limits).await.unwrap();
+        }
+        Message::EscalationRequest(_) => {
+            send(&mut tx, &chunk(0), limits).await.unwrap();
+            let mut held = first_seen.lock().await;
+            loop {
+                tokio::select! {
+                    _ = held.recv() => break,
+                    end = device_end(rx.get_mut()), if device_done.is_none() => match end {
+                        Seen::Finished => device_done = Some(Seen::Finished),
+                        reset => {
+                            let _ = seen.send(reset).await;
+                            return;
+                        }
+                    },
+                }
+            }
+            for seq in 1..CHUNKS {
+                send(&mut tx, &chunk(seq), limits).await.unwrap();
+            }
+        }
+        other => panic!("the fake cloud does not take {other:?}"),
+    }
+    let _ = tx.finish();
+    let end = match device_done {
+        Some(end) => end,
+        None => device_end(rx.get_mut()).await,
+    };
+    let _ = seen.send(end).await;
+}
+
+/// How the device's half of a stream ends (nothing more is expected on it).
+async fn device_end(rx: &mut quinn::RecvStream) -> Seen {
+    match rx.read(&mut [0u8; 64]).await {
+        Ok(None) => Seen::Finished,
+        Err(quinn::ReadError::Reset(code)) => Seen::Reset(code),
+        other => panic!("the device's half of the stream ended with {other:?}"),
+    }
+}
+
+struct FakeTunnel {
+    conn: quinn::Connection,
+}
+
+impl Backend for FakeTunnel {
+    fn current_status(&self) -> TunnelStatus {
+        TunnelStatus {
+            state: TunnelState::Connected,
+            device_id: DeviceId::try_from_uuid(uuid::Uuid::from_u128(7)).unwrap(),
+            account: "acme".into(),
+            server: "127.0.0.1:1".into(),
+            rtt_ms: Some(0.25),
+            last_heartbeat_ack_at: None,
+            connected_since: None,
+            reconnects: 2,
+            failure: None,
+        }
+    }
+
+    async fn measure_ping(&self) -> Result<Duration, PingError> {
+        Ok(Duration::from_micros(1234))
+    }
+
+    async fn open_cloud_stream(&self) -> Result<(quinn::SendStream, quinn::RecvStream), OpenError> {
+        Ok(self.conn.open_bi().await?)
+    }
+}
+
+/// A service on a fresh runtime directory in front of a fake cloud.
+struct Service {
+    client: LocalClient,
+    cloud_seen: mpsc::Receiver<Seen>,
+    first_seen: mpsc::Sender<()>,
+    backend: Arc<FakeTunnel>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    dir: tempfile::TempDir,
+}
+
+impl Service {
+    async fn start() -> Service {
+        let cloud = FakeCloud::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (listener, lock) = bind(dir.path()).unwrap();
+        let backend = Arc::new(FakeTunnel { conn: cloud.conn });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, Arc::clone(&backend), async move {
+            let _ = stopped.await;
+            drop(lock);
+        }));
+        Service {
+            client: LocalClient::new(dir.path()),
+            cloud_seen: cloud.seen,
+            first_seen: cloud.first_seen,
+            backend,
+            stop: Some(stop),
+            task,
+            dir,
+        }
+    }
+
+    async fn cloud_saw(&mut self) -> Seen {
+        tokio::time::timeout(Duration::from_secs(5), self.cloud_saw_unbounded())
+            .await
+            .expect("the fake cloud reports how the stream ended")
+    }
+
+    async fn cloud_saw_unbounded(&mut self) -> Seen {
+        self.cloud_seen.recv().await.unwrap()
+    }
+}
+
+fn escalation() -> Message {
+    synesis_proto::message::EscalationRequest {
+        request_id: request_id(1),
+        model: "m".into(),
+        adapter: None,
+        context: vec![],
+        preferences: synesis_proto::message::Preferences {
+            max_tokens: 16,
+            temperature: 0.0,
+            top_p: None,
+            seed: None,
+            stop: vec![],
+            max_cost: None,
+        },
+    }
+    .into()
+}
+
+#[tokio::test]
+async fn a_reply_of_many_frames_streams_through_frame_by_frame() {
+    let mut service = Service::start().await;
+    let LocalStream { send, mut recv } = service.client.open_stream().await.unwrap();
+    let mut send = send;
+    send.send(&escalation()).await.unwrap();
+    send.finish().await.unwrap();
+    // The first chunk arrives while the cloud holds back the rest: nothing waits for the whole.
+    assert_eq!(recv.next().await.unwrap(), Some(chunk(0)));
+    service.first_seen.send(()).await.unwrap();
+    for seq in 1..CHUNKS {
+        assert_eq!(recv.next().await.unwrap(), Some(chunk(seq)), "chunk {seq}");
+    }
+    assert_eq!(recv.next().await.unwrap(), None, "the cloud finished");
+    assert_eq!(recv.next().await.unwrap(), None);
+    assert!(matches!(service.cloud_saw().await, Seen::Finished));
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_cloud_stream() {
+    let mut service = Service::start().await;
+    let LocalStream { mut send, mut recv } = service.client.open_stream().await.unwrap();
+    send.send(&escalation()).await.unwrap();
+    assert_eq!(recv.next().await.unwrap(), Some(chunk(0)));
+    drop((send, recv));
+    match service.cloud_saw().await {
+        Seen::Reset(code) => assert_eq!(code, synesis_wire::close_code(ErrorCode::CANCELLED)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_account_request_gets_its_reply_and_status_and_ping_are_typed() {
+    let mut service = Service::start().await;
+    let asked: Message = PriceRequest {
+        request_id: request_id(9),
+    }
+    .into();
+    match service.client.request(&asked).await.unwrap() {
+        Message::PriceReply(r) => assert_eq!(r.request_id, request_id(9)),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(service.cloud_saw().await, Seen::Finished));
+
+    let status = service.client.status().await.unwrap();
+    assert_eq!(status, service.backend.current_status());
+    assert_eq!(
+        service.client.ping().await.unwrap(),
+        Duration::from_micros(1234)
+    );
+}
+
+#[tokio::test]
+async fn the_control_stream_cannot_be_opened_through_the_local_api() {
+    let service = Service::start().await;
+    let hello: Message = Hello {
+        protocol_versions: vec![1],
+        client: "x".into(),
+        heartbeat_interval_ms: 1000,
+        max_frame_bytes: 65536,
+    }
+    .into();
+    let LocalStream { mut send, mut recv } = service.client.open_stream().await.unwrap();
+    send.send(&hello).await.unwrap();
+    match recv.next().await {
+        Err(ClientError::Stream(f)) => assert_eq!(f.kind, FailureKind::BadRequest, "{f}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn streams_in_flight_are_bounded_and_status_still_answers() {
+    let service = Service::start().await;
+    let mut open = Vec::new();
+    for _ in 0..CLOUD_STREAMS_MAX {
+        open.push(service.client.open_stream().await.unwrap());
+    }
+    match service.client.open_stream().await {
+        Err(ClientError::Refused(f)) => assert_eq!(f.kind, FailureKind::Busy),
+        other => panic!("{other:?}"),
+    }
+    service.client.status().await.unwrap();
+    // A stream that ends gives its place back.
+    drop(open.pop());
+    let mut again = None;
+    for _ in 0..100 {
+        if let Ok(stream) = service.client.open_stream().await {
+            again = Some(stream);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(again.is_some(), "the place was never given back");
+}
+
+#[tokio::test]
+async fn one_service_per_directory_and_a_stale_socket_is_replaced() {
+    let mut service = Service::start().await;
+    match bind(service.dir.path()) {
+        Err(BindError::AlreadyRunning { pid, .. }) => {
+            assert_eq!(pid, Some(std::process::id()));
+        }
+        other => panic!("{other:?}"),
+    }
+    // A socket left behind (here: a plain file) does not stop the next service.
+    service.stop.take().unwrap().send(()).unwrap();
+    (&mut service.task).await.unwrap();
+    assert!(!socket_path(service.dir.path()).exists(), "removed on stop");
+    std::fs::write(socket_path(service.dir.path()), b"stale").unwrap();
+    let (_listener, _lock) = bind(service.dir.path()).unwrap();
+    use std::os::unix::fs::FileTypeExt;
+    let socket = std::fs::metadata(socket_path(service.dir.path())).unwrap();
+    assert!(socket.file_type().is_socket());
+}
+
+#[tokio::test]
+async fn nothing_listening_is_not_running() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        LocalClient::new(dir.path()).status().await,
+        Err(ClientError::NotRunning)
+    ));
+}
