@@ -434,3 +434,27 @@ impl Drop for UdpRelay {
         }
     }
 }
+
+/// Vitals with nothing in them, for heartbeats a test sends by hand.
+pub fn empty_vitals() -> synesis_proto::vitals::Vitals {
+    use synesis_proto::vitals::{CpuVitals, MemoryVitals, Vitals};
+    Vitals {
+        sampled_at: synesis_proto::UnixMillis(0),
+        cpu: CpuVitals {
+            usage_percent: 0.0,
+            cores: 1,
+            per_core_percent: vec![],
+            load_average: None,
+        },
+        memory: MemoryVitals {
+            total_bytes: 1,
+            used_bytes: 0,
+            swap_total_bytes: 0,
+            swap_used_bytes: 0,
+        },
+        disk: None,
+        temperatures: vec![],
+        gpus: vec![],
+        gpu_unavailable_reason: None,
+    }
+}

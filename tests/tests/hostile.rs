@@ -4,9 +4,8 @@
 
 use std::time::Duration;
 
-use synesis_e2e::{Cloud, Device, wait_for};
+use synesis_e2e::{Cloud, Device, empty_vitals, wait_for};
 use synesis_proto::message::{Heartbeat, Hello};
-use synesis_proto::vitals::{CpuVitals, MemoryVitals, Vitals};
 use synesis_proto::{ErrorCode, FrameLimits, Message, MessageType, PROTOCOL_VERSION, UnixMillis};
 use synesis_tunnel::Identity;
 use synesis_wire::FramedRecv;
@@ -26,28 +25,6 @@ fn code_of(reply: Option<Message>) -> ErrorCode {
     match reply {
         Some(Message::ErrorMsg(e)) => e.code,
         other => panic!("expected an error, got {other:?}"),
-    }
-}
-
-fn empty_vitals() -> Vitals {
-    Vitals {
-        sampled_at: UnixMillis(0),
-        cpu: CpuVitals {
-            usage_percent: 0.0,
-            cores: 1,
-            per_core_percent: vec![],
-            load_average: None,
-        },
-        memory: MemoryVitals {
-            total_bytes: 1,
-            used_bytes: 0,
-            swap_total_bytes: 0,
-            swap_used_bytes: 0,
-        },
-        disk: None,
-        temperatures: vec![],
-        gpus: vec![],
-        gpu_unavailable_reason: None,
     }
 }
 

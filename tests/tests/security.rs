@@ -4,11 +4,10 @@
 
 use std::time::Duration;
 
-use synesis_e2e::{Cloud, Device, json_of, run_ok, wait_for};
+use synesis_e2e::{Cloud, Device, empty_vitals, json_of, run_ok, wait_for};
 use synesis_proto::message::{
     DeviceLeave, EnrollRequest, Heartbeat, Hello, TopupRequest, UsageRequest,
 };
-use synesis_proto::vitals::{CpuVitals, MemoryVitals, Vitals};
 use synesis_proto::{
     Blob, ErrorCode, FrameLimits, Message, MessageType, PROTOCOL_VERSION, RequestId, SetupToken,
     UnixMillis,
@@ -88,25 +87,12 @@ fn code_of(reply: &Option<Message>) -> Option<ErrorCode> {
     }
 }
 
-fn empty_vitals() -> Vitals {
-    Vitals {
-        sampled_at: UnixMillis(0),
-        cpu: CpuVitals {
-            usage_percent: 0.0,
-            cores: 1,
-            per_core_percent: vec![],
-            load_average: None,
-        },
-        memory: MemoryVitals {
-            total_bytes: 1,
-            used_bytes: 0,
-            swap_total_bytes: 0,
-            swap_used_bytes: 0,
-        },
-        disk: None,
-        temperatures: vec![],
-        gpus: vec![],
-        gpu_unavailable_reason: None,
+fn usage_request() -> UsageRequest {
+    UsageRequest {
+        request_id: new_id(),
+        since: None,
+        group_by: None,
+        after: None,
     }
 }
 
@@ -217,30 +203,12 @@ async fn a_revoked_device_is_closed_even_when_it_never_said_hello() {
     let id = device.login(&cloud.account_and_token("acme"));
     let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
     // The connection can read usage: it is a live session of the device.
-    let usage = exchange(
-        &conn,
-        UsageRequest {
-            request_id: new_id(),
-            since: None,
-            group_by: None,
-            after: None,
-        },
-    )
-    .await;
+    let usage = exchange(&conn, usage_request()).await;
     assert!(matches!(usage, Some(Message::UsageReply(_))), "{usage:?}");
 
     run_ok(cloud.admin().args(["device", "revoke", &id]));
     // Anything asked after the revocation is refused, on any stream...
-    let after = exchange(
-        &conn,
-        UsageRequest {
-            request_id: new_id(),
-            since: None,
-            group_by: None,
-            after: None,
-        },
-    )
-    .await;
+    let after = exchange(&conn, usage_request()).await;
     assert!(
         !matches!(after, Some(Message::UsageReply(_))),
         "served after revocation: {after:?}"
