@@ -8,11 +8,11 @@ use synesis_proto::message::{
     CertRenew, CertRenewed, DeviceLeave, DeviceLeft, ModelPrice, PriceReply, PriceRequest, Tier,
     TopupReply, TopupRequest, UsageRequest,
 };
-use synesis_proto::{Blob, ErrorCode, Message, RequestId};
+use synesis_proto::{Blob, ErrorCode, Message, RequestId, UnixMillis};
 
 use crate::endpoint::Peer;
 use crate::shared::now;
-use crate::storage::{Accounts, Devices, IssuedCert};
+use crate::storage::{Accounts, Devices, IssuedCert, Renewal};
 use crate::streams::{Stream, error_msg};
 
 pub(crate) async fn serve(peer: &Peer, request: Message, mut stream: Stream) {
@@ -50,7 +50,7 @@ fn request_id_of(m: &Message) -> Option<RequestId> {
 /// closed).
 async fn still_enrolled(peer: &Peer) -> Result<(), Message> {
     let id = peer.device.id;
-    match peer.shared.storage.read(move |db| db.device(id)).await {
+    match peer.shared.storage.identify(move |db| db.device(id)).await {
         Ok(Some(d)) if !d.revoked => Ok(()),
         Ok(_) => {
             peer.shared.registry.close_device(
@@ -205,26 +205,60 @@ async fn leave(peer: &Peer, leave: DeviceLeave) -> Message {
     }
 }
 
-/// A new certificate for the calling device (same id), before its current one ends.
+/// Renewals one device may have within half a certificate lifetime (a retry after a lost
+/// answer reuses its request id and does not count again).
+const RENEWALS_PER_HALF_LIFETIME_MAX: usize = 3;
+
+/// A new certificate for the calling device (same id, same key), once its current one is in the
+/// second half of its life (or lives more than twice what the cloud now signs: one from before
+/// certificates expired).
 async fn renew(peer: &Peer, r: CertRenew) -> Message {
     let id = peer.device.id;
-    let validity = peer.shared.cert_validity();
     let request_id = r.request_id;
+    let refuse = |code, why: &str| error_msg(code, why, Some(request_id));
+    let Some(current) = crate::endpoint::peer_cert(&peer.conn) else {
+        return refuse(ErrorCode::UNAUTHENTICATED, "no device certificate");
+    };
+    let same_key = synesis_wire::tls::csr_public_key(&r.csr_der.0)
+        .is_some_and(|k| Some(k) == synesis_wire::tls::public_key(&current));
+    if !same_key {
+        return refuse(
+            ErrorCode::INVALID_REQUEST,
+            "the signing request is not for this device's key",
+        );
+    }
+    let lifetime =
+        i64::try_from(peer.shared.settings.cert_lifetime.as_millis()).unwrap_or(i64::MAX);
+    let at = now();
+    if let Some((from, until)) = synesis_wire::tls::validity(&current) {
+        let (current_lifetime, left) =
+            (until.0.saturating_sub(from.0), until.0.saturating_sub(at.0));
+        if left > current_lifetime / 2 && current_lifetime <= lifetime.saturating_mul(2) {
+            return refuse(
+                ErrorCode::INVALID_REQUEST,
+                "this certificate is not due for renewal before half its lifetime",
+            );
+        }
+    }
+    let validity = peer.shared.cert_validity();
     let cert = match peer.shared.pki.sign_device(&r.csr_der.0, id, validity) {
         Ok(c) => IssuedCert {
             der: c.to_vec(),
             not_after: validity.1,
         },
-        Err(e) => return error_msg(ErrorCode::INVALID_REQUEST, e.to_string(), Some(request_id)),
+        Err(e) => return internal(e, request_id),
     };
-    let at = now();
+    let recent = (
+        UnixMillis(at.0.saturating_sub(lifetime / 2)),
+        RENEWALS_PER_HALF_LIFETIME_MAX,
+    );
     let result = peer
         .shared
         .storage
-        .write(move |db| db.renew_cert(id, request_id, at, cert))
+        .write(move |db| db.renew_cert(id, request_id, at, cert, recent))
         .await;
     match result {
-        Ok(Some(cert)) => {
+        Ok(Renewal::Issued(cert)) => {
             tracing::info!(device = %id, not_after = cert.not_after.0, "certificate renewed");
             CertRenewed {
                 request_id,
@@ -233,10 +267,10 @@ async fn renew(peer: &Peer, r: CertRenew) -> Message {
             }
             .into()
         }
-        Ok(None) => error_msg(
-            ErrorCode::DEVICE_REVOKED,
-            "this device was revoked",
-            Some(request_id),
+        Ok(Renewal::Revoked) => refuse(ErrorCode::DEVICE_REVOKED, "this device was revoked"),
+        Ok(Renewal::TooMany) => refuse(
+            ErrorCode::LIMIT_EXCEEDED,
+            "this device renewed its certificate too often lately",
         ),
         Err(e) => internal(e, request_id),
     }

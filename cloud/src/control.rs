@@ -32,6 +32,8 @@ pub const SILENCE_INTERVALS_MAX: u32 = 6;
 /// Heartbeats a device may send back to back before the pace counts: `synesis cloud ping`
 /// sends its own, up to 16 in flight.
 const HEARTBEAT_BURST_MAX: u32 = 16;
+/// The largest frame the cloud reads on a control stream (a heartbeat with its vitals).
+pub const CONTROL_FRAME_BYTES_MAX: u32 = 64 * 1024;
 /// Commands queued for one device's control stream.
 const CONTROL_INBOX_CAPACITY: usize = 8;
 
@@ -60,13 +62,20 @@ impl HeartbeatBudget {
         }
     }
 
-    /// Counts a heartbeat that arrived at `now`; how long to hold it before acking it so that
-    /// the pace stays within the budget (zero for a device that keeps its word).
-    pub(crate) fn delay(&mut self, now: Instant) -> Duration {
+    /// How long a heartbeat arriving at `now` would have to wait to be within the budget (zero
+    /// for a device that keeps its word).
+    pub(crate) fn hold(&self, now: Instant) -> Duration {
         let due = self.due.map_or(now, |d| d.max(now));
-        self.due = Some(due + self.spacing);
         due.saturating_duration_since(now)
             .saturating_sub(self.tolerance.saturating_sub(self.spacing))
+    }
+
+    /// Counts a heartbeat that arrived at `now`; how long it should have been held.
+    pub(crate) fn delay(&mut self, now: Instant) -> Duration {
+        let hold = self.hold(now);
+        let due = self.due.map_or(now, |d| d.max(now));
+        self.due = Some(due + self.spacing);
+        hold
     }
 }
 
@@ -88,7 +97,11 @@ pub(crate) async fn serve(peer: &Peer, hello: Hello, mut stream: Stream) {
         return;
     }
     let limits = FrameLimits::default().negotiate(hello.max_frame_bytes);
-    stream.rx.set_limits(limits);
+    // What the device sends here is small (heartbeats); the connection's maximum is for the
+    // streams that carry answers and uploads.
+    stream
+        .rx
+        .set_limits(limits.negotiate(CONTROL_FRAME_BYTES_MAX));
     let interval_ms = hello
         .heartbeat_interval_ms
         .clamp(HEARTBEAT_INTERVAL_MIN_MS, HEARTBEAT_INTERVAL_MAX_MS);
@@ -118,6 +131,16 @@ pub(crate) async fn serve(peer: &Peer, hello: Hello, mut stream: Stream) {
     let silence = interval * SILENCE_INTERVALS_MAX;
     let control_only = |t: synesis_proto::MessageType| t.stream() == StreamKind::Control;
     loop {
+        // A device over its budget is throttled by reading its next frame later (drain commands
+        // still go out meanwhile); QUIC's flow control holds back what it sends.
+        let pause = budget.hold(Instant::now());
+        if !pause.is_zero() {
+            tracing::debug!(device = %id, interval_ms, ?pause, "throttling heartbeats faster than announced");
+        }
+        let next = async {
+            tokio::time::sleep(pause).await;
+            tokio::time::timeout(silence, stream.rx.next_if(control_only)).await
+        };
         tokio::select! {
             biased;
             command = control_rx.recv() => match command {
@@ -129,15 +152,12 @@ pub(crate) async fn serve(peer: &Peer, hello: Hello, mut stream: Stream) {
                 None => break,
             },
             // `FramedRecv::next_if` is cancel-safe: bytes read stay in its buffer.
-            message = tokio::time::timeout(silence, stream.rx.next_if(control_only)) => match message {
+            message = next => match message {
                 Ok(Ok(Some(Message::Heartbeat(hb)))) => {
-                    let hold = budget.delay(Instant::now());
-                    if !hold.is_zero() {
-                        tracing::debug!(device = %id, interval_ms, ?hold, "throttling heartbeats faster than announced");
-                        tokio::time::sleep(hold).await;
-                    }
+                    budget.delay(Instant::now());
                     let ack = HeartbeatAck { seq: hb.seq, device_sent_at: hb.sent_at, cloud_time: now() };
-                    if send(&mut stream.tx, &ack.into(), limits).await.is_err() {
+                    // A device that reads no acks holds only its own session.
+                    if !matches!(tokio::time::timeout(silence, send(&mut stream.tx, &ack.into(), limits)).await, Ok(Ok(()))) {
                         break;
                     }
                     shared.presence.note(Presence::Seen {

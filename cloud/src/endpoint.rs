@@ -7,9 +7,14 @@
 //!   [`RETRY_ABOVE_HANDSHAKES`] a client must first prove its address (QUIC Retry);
 //! - a connection starts with one stream and a [`ANONYMOUS_RECEIVE_WINDOW`] window; only an
 //!   identified device gets [`STREAMS_PER_CONNECTION_MAX`] streams and a full window;
+//! - at most [`HANDSHAKES_PER_SOURCE_MAX`] of those handshakes from one source (an IPv4
+//!   address or an IPv6 /64), so one address cannot hold them all;
 //! - connections without a certificate (enrollment) have their own budget,
-//!   [`ANONYMOUS_CONNECTIONS_MAX`] in all and [`ANONYMOUS_PER_SOURCE_MAX`] per address, apart
-//!   from the [`CONNECTIONS_MAX`] devices may use: a flood of them never keeps a device out.
+//!   [`ANONYMOUS_CONNECTIONS_MAX`] in all and [`ANONYMOUS_PER_SOURCE_MAX`] per source, apart
+//!   from the [`CONNECTIONS_MAX`] devices may use, and [`ENROLLMENT_DEADLINE`] to finish: a
+//!   flood of them never keeps a device out;
+//! - an identified device may have [`DEVICE_CONNECTIONS_MAX`] connections at once, and the
+//!   first frame of a stream is at most [`FIRST_FRAME_LIMITS`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -41,19 +46,29 @@ pub const CONNECTIONS_MAX: usize = 10_000;
 /// Connections without a certificate (enrollments) at once, and from one address.
 pub const ANONYMOUS_CONNECTIONS_MAX: usize = 256;
 pub const ANONYMOUS_PER_SOURCE_MAX: usize = 8;
-/// Handshakes in progress at once; more are refused at the door.
+/// Handshakes in progress at once, and from one source (an IPv4 address or an IPv6 /64); more
+/// are refused at the door.
 pub const HANDSHAKES_MAX: usize = 1_024;
+pub const HANDSHAKES_PER_SOURCE_MAX: usize = 64;
 /// Handshakes in progress above which a client must prove its address first (QUIC Retry).
 pub const RETRY_ABOVE_HANDSHAKES: usize = 64;
 /// A handshake must finish within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bidirectional streams an identified device may have open at once.
 pub const STREAMS_PER_CONNECTION_MAX: u32 = 32;
+/// Connections one device may have at once (a reconnect may overlap a half-open old one).
+pub const DEVICE_CONNECTIONS_MAX: usize = 8;
+/// The first frame of a device's stream (`Hello`, a request) is at most this, whatever the
+/// frame maximum: 32 streams of 8 connections cannot make the cloud buffer more than 64 MiB.
+pub const FIRST_FRAME_LIMITS: FrameLimits = FrameLimits::new(256 * 1024);
 /// The receive window of a connection until its peer is identified as a device, and of an
 /// enrollment connection throughout.
 pub const ANONYMOUS_RECEIVE_WINDOW: u32 = 64 * 1024;
 /// The receive window of a device's connection.
 pub const DEVICE_RECEIVE_WINDOW: u32 = 32 * 1024 * 1024;
+/// An enrollment connection is closed after this, whatever the peer does (a slot is never held
+/// by a peer that stalls).
+pub const ENROLLMENT_DEADLINE: Duration = Duration::from_secs(25);
 /// Frames on an enrollment stream: a request is a CSR and a token, far below this.
 pub const ANONYMOUS_FRAME_LIMITS: FrameLimits = FrameLimits::new(64 * 1024);
 /// A connection with no traffic (heartbeats, QUIC keep-alives) for this long is closed.
@@ -78,6 +93,9 @@ const _: () = assert!(
 );
 const _: () = assert!(RETRY_ABOVE_HANDSHAKES < HANDSHAKES_MAX);
 const _: () = assert!(ANONYMOUS_PER_SOURCE_MAX < ANONYMOUS_CONNECTIONS_MAX);
+const _: () = assert!(HANDSHAKES_PER_SOURCE_MAX <= HANDSHAKES_MAX / 16);
+const _: () =
+    assert!(ENROLLMENT_DEADLINE.as_secs() > 2 * crate::streams::FIRST_FRAME_TIMEOUT.as_secs());
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -151,6 +169,8 @@ fn server_config(pki: &Pki) -> anyhow::Result<quinn::ServerConfig> {
         .max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(0u32.into())
         .receive_window(ANONYMOUS_RECEIVE_WINDOW.into())
+        // The protocol uses no datagrams; quinn would otherwise buffer 1.25 MB of them.
+        .datagram_receive_buffer_size(None)
         .max_idle_timeout(Some(quinn::IdleTimeout::try_from(IDLE_TIMEOUT)?));
     config.transport_config(Arc::new(transport));
     Ok(config)
@@ -164,7 +184,7 @@ pub async fn start(options: Options) -> anyhow::Result<Cloud> {
     let db_path = dir.join(DB_FILE);
     let mut db = Db::open(&db_path)?;
     db.reset_connections()?;
-    let reader = Db::open(&db_path)?;
+    let (reader, identifier) = (Db::open(&db_path)?, Db::open(&db_path)?);
     let endpoint = quinn::Endpoint::server(server_config(&pki)?, options.listen)
         .with_context(|| format!("cannot listen on {}", options.listen))?;
     let addr = endpoint.local_addr()?;
@@ -173,7 +193,7 @@ pub async fn start(options: Options) -> anyhow::Result<Cloud> {
         addr.to_string().as_bytes(),
     )?;
     let shared = Arc::new(Shared {
-        storage: Storage::new(db, reader),
+        storage: Storage::new(db, reader, identifier),
         ledger: LedgerWriter::open(&db_path)?,
         billing: options.billing.clone(),
         pki,
@@ -224,54 +244,107 @@ async fn run(
     tracing::info!("stopped");
 }
 
+/// Where a connection comes from, for per-source budgets: an IPv4 address, or an IPv6 /64 (one
+/// subscriber's usual allocation, which an attacker can fill with addresses at will).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    V4(std::net::Ipv4Addr),
+    V6Net([u8; 8]),
+}
+
+impl Source {
+    fn of(ip: IpAddr) -> Source {
+        match ip {
+            IpAddr::V4(v4) => Source::V4(v4),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Source::V4(v4),
+                None => {
+                    let o = v6.octets();
+                    Source::V6Net([o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]])
+                }
+            },
+        }
+    }
+}
+
+/// How many of something each source holds, at most `max` each.
+#[derive(Debug)]
+struct PerSource {
+    max: usize,
+    counts: Mutex<HashMap<Source, usize>>,
+}
+
+/// One unit of a source's budget, given back when dropped.
+struct SourceSlot {
+    budget: Arc<PerSource>,
+    source: Source,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut counts = self.budget.lock();
+        if let Some(n) = counts.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.source);
+            }
+        }
+    }
+}
+
+impl PerSource {
+    fn new(max: usize) -> Arc<PerSource> {
+        Arc::new(PerSource {
+            max,
+            counts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Source, usize>> {
+        self.counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A unit for `source`, unless it holds `max` already. No entry is left for a refusal.
+    fn take(self: &Arc<Self>, source: Source) -> Option<SourceSlot> {
+        let mut counts = self.lock();
+        let n = counts.get(&source).copied().unwrap_or(0);
+        if n >= self.max {
+            return None;
+        }
+        counts.insert(source, n + 1);
+        Some(SourceSlot {
+            budget: Arc::clone(self),
+            source,
+        })
+    }
+}
+
 /// The budgets a connection is admitted under.
 struct Door {
     handshakes: Arc<Semaphore>,
+    handshakes_per_source: Arc<PerSource>,
     devices: Arc<Semaphore>,
     anonymous: Arc<Semaphore>,
-    /// Connections without a certificate, by source address.
-    per_source: Mutex<HashMap<IpAddr, usize>>,
+    anonymous_per_source: Arc<PerSource>,
 }
 
 impl Default for Door {
     fn default() -> Self {
         Door {
             handshakes: Arc::new(Semaphore::new(HANDSHAKES_MAX)),
+            handshakes_per_source: PerSource::new(HANDSHAKES_PER_SOURCE_MAX),
             devices: Arc::new(Semaphore::new(CONNECTIONS_MAX)),
             anonymous: Arc::new(Semaphore::new(ANONYMOUS_CONNECTIONS_MAX)),
-            per_source: Mutex::new(HashMap::new()),
-        }
-    }
-}
-
-/// A connection without a certificate, counted against its source until dropped.
-struct AnonymousSlot {
-    door: Arc<Door>,
-    source: IpAddr,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl Drop for AnonymousSlot {
-    fn drop(&mut self) {
-        let mut per_source = self.door.sources();
-        if let Some(n) = per_source.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                per_source.remove(&self.source);
-            }
+            anonymous_per_source: PerSource::new(ANONYMOUS_PER_SOURCE_MAX),
         }
     }
 }
 
 impl Door {
-    fn sources(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
-        self.per_source
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Decides at the door: Retry when busy and the address is unproven, refuse when full,
-    /// else a task for the handshake and the connection.
+    /// Decides at the door: Retry when busy and the address is unproven, refuse when full (in
+    /// all, or for this source), else a task for the handshake and the connection.
     fn admit(self: &Arc<Self>, incoming: quinn::Incoming, shared: &Arc<Shared>) {
         let in_progress = HANDSHAKES_MAX - self.handshakes.available_permits();
         if in_progress >= RETRY_ABOVE_HANDSHAKES
@@ -283,6 +356,13 @@ impl Door {
             }
             return;
         }
+        let remote = incoming.remote_address();
+        let source = Source::of(remote.ip());
+        let Some(source_handshake) = self.handshakes_per_source.take(source) else {
+            tracing::debug!(%remote, limit = HANDSHAKES_PER_SOURCE_MAX, "handshakes from this source at their limit; refusing");
+            incoming.refuse();
+            return;
+        };
         let Ok(handshake) = Arc::clone(&self.handshakes).try_acquire_owned() else {
             tracing::warn!(limit = HANDSHAKES_MAX, "handshake limit reached; refusing");
             incoming.refuse();
@@ -290,7 +370,6 @@ impl Door {
         };
         let (door, shared) = (Arc::clone(self), Arc::clone(shared));
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
             let conn = match timeout(HANDSHAKE_TIMEOUT, async { incoming.accept()?.await }).await {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {
@@ -302,17 +381,30 @@ impl Door {
                     return;
                 }
             };
-            drop(handshake);
+            drop((handshake, source_handshake));
             match peer_fingerprint(&conn) {
                 None => {
-                    let Some(slot) = door.anonymous_slot(remote.ip()) else {
+                    let Some(slot) = door.anonymous_slot(source) else {
                         conn.close(
                             close_code(ErrorCode::LIMIT_EXCEEDED),
                             b"too many connections without a certificate",
                         );
                         return;
                     };
-                    crate::enrollment::serve(&shared, &conn).await;
+                    // However the peer stalls (no stream credit, a trickle of bytes), its slot
+                    // comes back after this.
+                    if timeout(
+                        ENROLLMENT_DEADLINE,
+                        crate::enrollment::serve(&shared, &conn),
+                    )
+                    .await
+                    .is_err()
+                    {
+                        conn.close(
+                            close_code(ErrorCode::LIMIT_EXCEEDED),
+                            b"enrollment took too long",
+                        );
+                    }
                     drop(slot);
                 }
                 Some(fpr) => {
@@ -327,29 +419,27 @@ impl Door {
         });
     }
 
-    fn anonymous_slot(self: &Arc<Self>, source: IpAddr) -> Option<AnonymousSlot> {
-        let mut per_source = self.sources();
-        let n = per_source.entry(source).or_default();
-        if *n >= ANONYMOUS_PER_SOURCE_MAX {
-            return None;
-        }
+    fn anonymous_slot(
+        &self,
+        source: Source,
+    ) -> Option<(tokio::sync::OwnedSemaphorePermit, SourceSlot)> {
+        let slot = self.anonymous_per_source.take(source)?;
         let permit = Arc::clone(&self.anonymous).try_acquire_owned().ok()?;
-        *n += 1;
-        drop(per_source);
-        Some(AnonymousSlot {
-            door: Arc::clone(self),
-            source,
-            _permit: permit,
-        })
+        Some((permit, slot))
     }
 }
 
-fn peer_fingerprint(conn: &quinn::Connection) -> Option<synesis_proto::Sha256> {
+/// The certificate the peer presented, if any.
+pub(crate) fn peer_cert(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
     let chain = conn
         .peer_identity()?
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()?;
-    chain.first().map(fingerprint)
+    chain.first().cloned()
+}
+
+fn peer_fingerprint(conn: &quinn::Connection) -> Option<synesis_proto::Sha256> {
+    peer_cert(conn).map(|c| fingerprint(&c))
 }
 
 /// An identified device's connection, as every stream handler sees it.
@@ -363,7 +453,10 @@ pub(crate) struct Peer {
 /// A device's connection: checked against the registry, recorded (so revocation reaches it,
 /// whatever it sends), then one task per stream.
 async fn device(shared: Arc<Shared>, conn: quinn::Connection, fpr: synesis_proto::Sha256) {
-    let found = shared.storage.read(move |db| db.device_by_cert(&fpr)).await;
+    let found = shared
+        .storage
+        .identify(move |db| db.device_by_cert(&fpr))
+        .await;
     let device = match found {
         Ok(Some(d)) if !d.revoked => d,
         Ok(Some(d)) => {
@@ -387,10 +480,20 @@ async fn device(shared: Arc<Shared>, conn: quinn::Connection, fpr: synesis_proto
             return;
         }
     };
-    let _registered = shared.registry.add(device.id, &conn);
+    let Some(_registered) = shared
+        .registry
+        .add(device.id, &conn, DEVICE_CONNECTIONS_MAX)
+    else {
+        conn.close(
+            close_code(ErrorCode::LIMIT_EXCEEDED),
+            b"too many connections of this device",
+        );
+        return;
+    };
     // Revoked between the lookup and the registration: the watcher may have looked already.
     let id = device.id;
-    if !matches!(shared.storage.read(move |db| db.device(id)).await, Ok(Some(d)) if !d.revoked) {
+    if !matches!(shared.storage.identify(move |db| db.device(id)).await, Ok(Some(d)) if !d.revoked)
+    {
         conn.close(
             close_code(ErrorCode::DEVICE_REVOKED),
             b"this device was revoked",
@@ -411,7 +514,7 @@ async fn device(shared: Arc<Shared>, conn: quinn::Connection, fpr: synesis_proto
 
 /// A new stream of a device: its first frame says its kind; its handler takes it from there.
 async fn stream(peer: Arc<Peer>, tx: quinn::SendStream, rx: quinn::RecvStream) {
-    let mut stream = Stream::new(tx, rx, FrameLimits::default());
+    let mut stream = Stream::new(tx, rx, FIRST_FRAME_LIMITS);
     let opens_a_stream = |t: MessageType| {
         t == MessageType::Hello || (t.stream() == StreamKind::Account && is_request(t))
     };
@@ -477,22 +580,27 @@ async fn expire_holds(ledger: LedgerWriter) {
 /// Closes every connection of devices revoked by another process (`admin device revoke`).
 async fn watch_revocations(shared: Arc<Shared>) {
     let mut ticker = tokio::time::interval(REVOCATION_POLL_INTERVAL);
-    // Look back a little further than one tick, so that a revocation committed while the last
-    // query ran is not missed; closing twice is harmless.
+    // Each poll looks back further than one tick, so that a revocation committed while the
+    // last query ran is not missed; closing twice is harmless.
     let mut since = now();
     loop {
         ticker.tick().await;
         let polled_at = now();
-        let revoked = match shared.storage.read(move |db| db.revoked_since(since)).await {
+        let revoked = match shared
+            .storage
+            .identify(move |db| db.revoked_since(since))
+            .await
+        {
             Ok(ids) => ids,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read revocations");
                 continue;
             }
         };
-        since = UnixMillis(
-            polled_at.0 - 2 * i64::try_from(REVOCATION_POLL_INTERVAL.as_millis()).unwrap_or(0),
-        );
+        // A revocation is stamped before its write waits for the lock (up to the busy timeout),
+        // so look back past that as well as past the last poll.
+        let look_back = REVOCATION_POLL_INTERVAL * 2 + crate::storage::BUSY_TIMEOUT;
+        since = UnixMillis(polled_at.0 - i64::try_from(look_back.as_millis()).unwrap_or(0));
         for id in revoked {
             let closed = shared.registry.close_device(
                 id,

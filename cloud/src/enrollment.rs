@@ -74,7 +74,13 @@ async fn enroll(shared: &Arc<Shared>, request: EnrollRequest) -> Message {
                         der: c.to_vec(),
                         not_after: validity.1,
                     })
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| match e {
+                        crate::pki::PkiError::BadCsr(_) => e.to_string(),
+                        other => {
+                            tracing::error!(error = %other, "cannot sign a device certificate");
+                            "the cloud could not sign a certificate".into()
+                        }
+                    })
             }))
         })
         .await;

@@ -48,7 +48,7 @@ enum Command {
         config: Option<PathBuf>,
         /// How long a device certificate is valid; devices renew theirs over their own
         /// connection when a third of it is left.
-        #[arg(long, default_value = "90days", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "90days", value_parser = parse_cert_lifetime)]
         cert_lifetime: Duration,
     },
     /// Operator commands; they work beside a running server on the same data directory.
@@ -169,6 +169,21 @@ enum TokenCommand {
 enum DeviceCommand {
     /// Revoke a device: its live connection closes within seconds and it is refused afterwards.
     Revoke { device_id: DeviceId },
+}
+
+/// A certificate lifetime: at least 10 s (tests use seconds), at most 10 years.
+fn parse_cert_lifetime(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    let (min, max) = (
+        Duration::from_secs(10),
+        Duration::from_secs(10 * 366 * 24 * 3_600),
+    );
+    if d < min || d > max {
+        return Err(format!(
+            "a certificate lifetime is 10s to 10 years, not {s}"
+        ));
+    }
+    Ok(d)
 }
 
 fn parse_tier(s: &str) -> Result<Tier, String> {

@@ -180,10 +180,11 @@ impl Pki {
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        // The serial is unique per certificate (a device renews under the same id): its id,
-        // then the expiry.
-        let mut serial = device.as_bytes().to_vec();
-        serial.extend_from_slice(&not_after.0.to_be_bytes());
+        // Unique per certificate (a device renews under the same id), positive, and within
+        // RFC 5280's 20 bytes: 16 random bytes with the top bit clear.
+        let mut serial = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut serial);
+        serial[0] = (serial[0] & 0x7f) | 0x01;
         p.serial_number = Some(SerialNumber::from_slice(&serial));
         let time = |t: UnixMillis| {
             time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(t.0) * 1_000_000)

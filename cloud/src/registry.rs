@@ -77,23 +77,29 @@ impl Registry {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Records a connection of `device` for as long as the returned guard lives.
+    /// Records a connection of `device` for as long as the returned guard lives; `None` when
+    /// the device has `max` connections already.
     pub(crate) fn add(
         self: &std::sync::Arc<Self>,
         device: DeviceId,
         conn: &quinn::Connection,
-    ) -> Registered {
+        max: usize,
+    ) -> Option<Registered> {
         let conn_id = conn.stable_id();
-        self.lock()
-            .connections
-            .entry(device)
-            .or_default()
-            .insert(conn_id, conn.clone());
-        Registered {
+        let mut inner = self.lock();
+        let conns = inner.connections.entry(device).or_default();
+        if conns.len() >= max {
+            if conns.is_empty() {
+                inner.connections.remove(&device);
+            }
+            return None;
+        }
+        conns.insert(conn_id, conn.clone());
+        Some(Registered {
             registry: std::sync::Arc::clone(self),
             device,
             conn_id,
-        }
+        })
     }
 
     /// Closes every connection of `device` with `code`.

@@ -31,20 +31,32 @@ pub fn now() -> UnixMillis {
     UnixMillis(i64::try_from(ms).unwrap_or(i64::MAX))
 }
 
-/// The registry database: one connection for writes, one for reads (WAL lets reads go on
-/// while a write commits). Each is a `std::sync::Mutex` locked only inside `spawn_blocking`.
+/// The registry database: one connection for writes, one for the reads devices ask for
+/// (usage), and one kept for identifying devices and checking revocations, so no device's
+/// questions can delay another's connection (WAL lets reads go on while a write commits). Each
+/// is a `std::sync::Mutex` locked only inside `spawn_blocking`.
 #[derive(Debug, Clone)]
 pub(crate) struct Storage {
     writer: Arc<Mutex<Db>>,
     reader: Arc<Mutex<Db>>,
+    identifier: Arc<Mutex<Db>>,
 }
 
 impl Storage {
-    pub(crate) fn new(writer: Db, reader: Db) -> Storage {
+    pub(crate) fn new(writer: Db, reader: Db, identifier: Db) -> Storage {
         Storage {
             writer: Arc::new(Mutex::new(writer)),
             reader: Arc::new(Mutex::new(reader)),
+            identifier: Arc::new(Mutex::new(identifier)),
         }
+    }
+
+    /// Runs `f` on the connection kept for identification and revocation checks.
+    pub(crate) async fn identify<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Db) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        Self::on(&self.identifier, |db| f(db)).await
     }
 
     async fn on<T: Send + 'static>(

@@ -11,6 +11,8 @@ use tokio::time::timeout;
 
 /// A stream must say what it is (its first frame) within this time.
 pub const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long sending one reply may wait for the peer's flow control.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a last message (before a stream or connection is closed) may take to arrive.
 const LAST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -86,7 +88,9 @@ impl Stream {
 }
 
 pub(crate) async fn send_last(tx: &mut quinn::SendStream, message: &Message) {
-    if send(tx, message, FrameLimits::default()).await.is_ok() && tx.finish().is_ok() {
+    // A peer that gives no flow-control credit holds this task for `SEND_TIMEOUT` at most.
+    let sent = timeout(SEND_TIMEOUT, send(tx, message, FrameLimits::default())).await;
+    if matches!(sent, Ok(Ok(()))) && tx.finish().is_ok() {
         let _ = timeout(LAST_MESSAGE_TIMEOUT, tx.stopped()).await;
     }
 }

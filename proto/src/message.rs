@@ -530,11 +530,21 @@ pub struct UsageReply {
     pub next: Option<RequestId>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Its `Debug` output leaves the voucher code out: the code is a bearer secret until redeemed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct TopupRequest {
     pub request_id: RequestId,
     pub voucher: String,
+}
+
+impl std::fmt::Debug for TopupRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TopupRequest")
+            .field("request_id", &self.request_id)
+            .field("voucher", &"<redacted>")
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -684,6 +694,16 @@ mod tests {
         assert!(!shown.contains(secret), "{shown}");
         assert!(!shown.contains("feedface"), "{shown}");
         assert!(shown.contains("laptop"), "{shown}");
+    }
+
+    #[test]
+    fn a_topup_requests_debug_output_hides_the_voucher_code() {
+        let request = TopupRequest {
+            request_id: RequestId::from_parts(1, [1; 10]),
+            voucher: "VCH-SECRETCODE".to_owned(),
+        };
+        let shown = format!("{request:?} {:?}", Message::from(request.clone()));
+        assert!(!shown.contains("SECRETCODE"), "{shown}");
     }
 
     #[test]

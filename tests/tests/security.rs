@@ -18,7 +18,7 @@ use synesis_wire::FramedRecv;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(8);
 
 fn new_id() -> RequestId {
-    synesis_tunnel::enroll::new_request_id()
+    synesis_tunnel::clock::new_request_id()
 }
 
 /// A connection presenting `device`'s certificate (no `Hello` sent).
@@ -280,7 +280,7 @@ fn a_device_renews_its_certificate_and_connects_after_the_first_one_expired() {
     // Past the first certificate's end, a new connection (after a cloud restart) must use the
     // renewed one: the first would fail the handshake.
     let wait =
-        u64::try_from(first_expiry.0 - synesis_tunnel::enroll::unix_now().0 + 1_500).unwrap_or(0);
+        u64::try_from(first_expiry.0 - synesis_tunnel::clock::unix_now().0 + 1_500).unwrap_or(0);
     std::thread::sleep(Duration::from_millis(wait));
     synesis_e2e::signal(cloud.process.pid(), "KILL");
     cloud.restart();
@@ -291,6 +291,72 @@ fn a_device_renews_its_certificate_and_connects_after_the_first_one_expired() {
         "{}",
         device.tunnel_log()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_must_be_for_the_devices_own_key_and_due() {
+    let cloud = Cloud::start();
+    let device = Device::new();
+    device.login(&cloud.account_and_token("acme"));
+    let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    let identity = Identity::load(&device.home().join("data"))
+        .unwrap()
+        .unwrap();
+    let own_key = rcgen::KeyPair::try_from(identity.key_der.as_slice()).unwrap();
+    let own_csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&own_key)
+        .unwrap()
+        .der()
+        .to_vec();
+    // Another key: whoever holds a session must not swap in a key of their own.
+    let foreign = exchange(
+        &conn,
+        synesis_proto::message::CertRenew {
+            request_id: new_id(),
+            csr_der: Blob(csr("thief")),
+        },
+    )
+    .await;
+    assert_eq!(
+        code_of(&foreign),
+        Some(ErrorCode::INVALID_REQUEST),
+        "{foreign:?}"
+    );
+    // The device's own key, but a certificate with 90 days left: not due.
+    let early = exchange(
+        &conn,
+        synesis_proto::message::CertRenew {
+            request_id: new_id(),
+            csr_der: Blob(own_csr),
+        },
+    )
+    .await;
+    assert_eq!(
+        code_of(&early),
+        Some(ErrorCode::INVALID_REQUEST),
+        "{early:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_device_cannot_open_connections_without_end() {
+    let cloud = Cloud::start();
+    let device = Device::new();
+    device.login(&cloud.account_and_token("acme"));
+    let mut conns = Vec::new();
+    for _ in 0..12 {
+        conns.push(device_conn(&cloud, &device, Duration::from_secs(1)).await);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let limited = conns
+        .iter()
+        .filter(|c| {
+            c.close_reason()
+                .is_some_and(|r| synesis_wire::error_code_of(&r) == Some(ErrorCode::LIMIT_EXCEEDED))
+        })
+        .count();
+    assert_eq!(limited, 4, "12 connections of one device, 8 allowed");
 }
 
 // Item 3 ------------------------------------------------------------------------------------

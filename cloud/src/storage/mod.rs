@@ -149,6 +149,16 @@ pub struct IssuedCert {
     pub not_after: UnixMillis,
 }
 
+/// What a certificate renewal came to.
+#[derive(Debug, Clone)]
+pub enum Renewal {
+    Issued(IssuedCert),
+    /// The device is unknown or revoked.
+    Revoked,
+    /// The device had as many certificates issued lately as it may.
+    TooMany,
+}
+
 #[derive(Debug, Clone)]
 pub struct Device {
     pub id: DeviceId,
@@ -233,16 +243,17 @@ pub trait Devices {
         now: UnixMillis,
         sign: &mut dyn FnMut(DeviceId) -> Result<IssuedCert, String>,
     ) -> Result<Enrolled, EnrollError>;
-    /// Records `cert`, newly signed for `device` (same id), keyed by `request`; returns the
-    /// certificate of that request: `cert`, or the one an earlier try of the same request
-    /// stored. `None`: the device is unknown or revoked.
+    /// Records `cert`, newly signed for `device` (same id), keyed by `request`, unless the
+    /// device was issued `recent.1` certificates since `recent.0` already. The certificate of
+    /// that request: `cert`, or the one an earlier try of the same request stored.
     fn renew_cert(
         &mut self,
         device: DeviceId,
         request: RequestId,
         now: UnixMillis,
         cert: IssuedCert,
-    ) -> Result<Option<IssuedCert>, StorageError>;
+        recent: (UnixMillis, usize),
+    ) -> Result<Renewal, StorageError>;
     /// The device a client certificate belongs to (any certificate the cloud signed for it).
     fn device_by_cert(&self, cert_sha256: &Sha256) -> Result<Option<Device>, StorageError>;
     fn device(&self, id: DeviceId) -> Result<Option<Device>, StorageError>;

@@ -104,8 +104,12 @@ CREATE INDEX IF NOT EXISTS vouchers_by_request ON vouchers(redeemed_by) WHERE re
 
 const STEP_V3: &str = "
 ALTER TABLE vouchers ADD COLUMN redeemed_account TEXT;
+-- The account whose top-up (kind 1) of the voucher's amount carries the redeeming request id;
+-- none when several accounts' top-ups would match (that voucher then stays unattributed).
 UPDATE vouchers SET redeemed_account = (
-    SELECT account_id FROM ledger_entries e WHERE e.request_id = vouchers.redeemed_by LIMIT 1
+    SELECT MIN(e.account_id) FROM ledger_entries e
+    WHERE e.request_id = vouchers.redeemed_by AND e.kind = 1 AND e.amount = vouchers.amount
+    HAVING COUNT(DISTINCT e.account_id) = 1
 ) WHERE redeemed_by IS NOT NULL;
 DROP INDEX IF EXISTS vouchers_by_request;
 CREATE INDEX vouchers_by_request ON vouchers(redeemed_account, redeemed_by)
@@ -130,6 +134,7 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageE
         path: path.display().to_string(),
         reason,
     };
+    // Read again inside each step's transaction: `serve` and `admin` may open a file at once.
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version > SCHEMA_VERSION {
         return Err(schema_error(format!(
@@ -138,6 +143,11 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageE
     }
     if version < 2 {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version >= 2 {
+            drop(tx);
+            return migrate(conn, path);
+        }
         let has_ledger: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'ledger_entries')",
             [],
@@ -158,6 +168,10 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageE
     }
     if version < 3 {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version >= 3 {
+            return Ok(());
+        }
         tx.execute_batch(STEP_V3)?;
         tx.pragma_update(None, "user_version", 3)?;
         tx.commit()?;

@@ -16,7 +16,8 @@ use synesis_proto::{AccountId, DeviceId, MicroUsd, RequestId, Sha256, UnixMillis
 
 use super::{
     Account, Accounts, BUSY_TIMEOUT, Device, DeviceRow, Devices, EnrollError, Enrolled, Enrollment,
-    IssuedCert, Presence, StorageError, Vouchers, parse_tier, printable, same_hash, sha256,
+    IssuedCert, Presence, Renewal, StorageError, Vouchers, parse_tier, printable, same_hash,
+    sha256,
 };
 
 /// The longest device name kept, in bytes.
@@ -314,7 +315,8 @@ impl Devices for Db {
         request: RequestId,
         now: UnixMillis,
         cert: IssuedCert,
-    ) -> Result<Option<IssuedCert>, StorageError> {
+        recent: (UnixMillis, usize),
+    ) -> Result<Renewal, StorageError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -326,7 +328,7 @@ impl Devices for Db {
             )
             .optional()?;
         if !matches!(revoked, Some(None)) {
-            return Ok(None);
+            return Ok(Renewal::Revoked);
         }
         let done = tx
             .query_row(
@@ -336,10 +338,19 @@ impl Devices for Db {
             )
             .optional()?;
         if let Some((der, not_after)) = done {
-            return Ok(Some(IssuedCert {
+            return Ok(Renewal::Issued(IssuedCert {
                 der,
                 not_after: UnixMillis(not_after.unwrap_or(i64::MAX)),
             }));
+        }
+        let (since, max) = recent;
+        let issued: i64 = tx
+            .prepare_cached(
+                "SELECT COUNT(*) FROM device_certs WHERE device_id = ?1 AND issued_at >= ?2",
+            )?
+            .query_row(params![device.to_string(), since.0], |r| r.get(0))?;
+        if usize::try_from(issued).unwrap_or(usize::MAX) >= max {
+            return Ok(Renewal::TooMany);
         }
         tx.execute(
             "INSERT INTO device_certs (cert_sha256, device_id, cert_der, issued_at, not_after, renew_request)
@@ -354,7 +365,7 @@ impl Devices for Db {
             ],
         )?;
         tx.commit()?;
-        Ok(Some(cert))
+        Ok(Renewal::Issued(cert))
     }
 
     fn device_by_cert(&self, cert_sha256: &Sha256) -> Result<Option<Device>, StorageError> {
@@ -427,7 +438,8 @@ impl Devices for Db {
                     rtt_us,
                     vitals_json,
                 } => tx.prepare_cached(
-                    "UPDATE devices SET last_seen_at = ?2, rtt_us = ?3, vitals_json = ?4 WHERE id = ?1",
+                    // A heartbeat means connected, whatever order a reconnect's changes came in.
+                    "UPDATE devices SET connected = 1, last_seen_at = ?2, rtt_us = ?3, vitals_json = ?4 WHERE id = ?1",
                 )?
                 .execute(params![device.to_string(), at.0, rtt_us, vitals_json])?,
                 Presence::Disconnected { device, at } => tx.prepare_cached(

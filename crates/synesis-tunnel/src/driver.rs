@@ -272,11 +272,13 @@ enum LinkEvent {
     Message(Message),
     Lost(Failure),
     /// A certificate renewal finished: the new certificate, or why not.
-    Renewed(Result<Vec<u8>, String>),
+    Renewed(Result<Vec<u8>, crate::renew::RenewError>),
 }
 
-/// After a failed renewal, the wait before the next try.
+/// After a failed renewal, the wait before the next try: short when the answer was lost, long
+/// when the cloud said no (it will not change its mind in seconds).
 const RENEW_RETRY: Duration = Duration::from_secs(10);
+const RENEW_RETRY_REFUSED: Duration = Duration::from_secs(3_600);
 
 type Connecting = Pin<
     Box<
@@ -369,11 +371,15 @@ impl Driver {
                     self.connecting = None;
                     self.connected(result);
                 }
-                Some((generation, event)) = self.events.recv() => {
-                    if self.link.as_ref().is_some_and(|l| l.generation == generation) {
-                        self.link_event(event);
+                Some((generation, event)) = self.events.recv() => match event {
+                    // A renewal's outcome counts whichever connection it finished on.
+                    LinkEvent::Renewed(result) => self.renewed(result),
+                    event => {
+                        if self.link.as_ref().is_some_and(|l| l.generation == generation) {
+                            self.link_event(event);
+                        }
                     }
-                }
+                },
                 () = sleep => self.machine.handle_timeout(Instant::now()),
             }
         }
@@ -537,14 +543,12 @@ impl Driver {
         );
         let (data_dir, events) = (self.options.data_dir.clone(), self.events_tx.clone());
         tokio::spawn(async move {
-            let result = crate::renew::renew(&conn, &identity, data_dir.as_deref())
-                .await
-                .map_err(|e| e.to_string());
+            let result = crate::renew::renew(&conn, &identity, data_dir.as_deref()).await;
             let _ = events.send((generation, LinkEvent::Renewed(result))).await;
         });
     }
 
-    fn renewed(&mut self, result: Result<Vec<u8>, String>) {
+    fn renewed(&mut self, result: Result<Vec<u8>, crate::renew::RenewError>) {
         self.renewing = false;
         match result {
             Ok(cert) => {
@@ -553,7 +557,11 @@ impl Driver {
                 tracing::info!(renew_at = ?self.renew_at, "device certificate renewed");
             }
             Err(e) => {
-                let retry = i64::try_from(RENEW_RETRY.as_millis()).unwrap_or(i64::MAX);
+                let wait = match e {
+                    crate::renew::RenewError::Transport(_) => RENEW_RETRY,
+                    _ => RENEW_RETRY_REFUSED,
+                };
+                let retry = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
                 self.renew_at = Some(UnixMillis(unix_now().0.saturating_add(retry)));
                 tracing::warn!(error = %e, "certificate renewal failed; trying again later");
             }

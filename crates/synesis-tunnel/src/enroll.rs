@@ -16,7 +16,7 @@ use synesis_wire::tls::fingerprint;
 
 // Re-exported for callers that still name them here (the CLI's ledger); the clock module is
 // their home.
-pub use crate::clock::{new_request_id, unix_now};
+use crate::clock::{new_request_id, unix_now};
 use crate::identity::{Identity, IdentityError, IdentityInfo, PENDING};
 use crate::machine::{Failure, Fatal, HEARTBEAT_INTERVAL_DEFAULT};
 use crate::tls::{device_client_config, enrollment_client_config};

@@ -14,9 +14,17 @@ use crate::identity::Identity;
 /// that is offline for a while still renews before the end.
 const RENEW_WHEN_LEFT_DIVISOR: i64 = 3;
 
+/// A certificate valid for longer than this was signed before certificates expired (rcgen's
+/// default, 1975 to 4096; the cloud signs at most 10 years): it is due at once, and the cloud
+/// replaces it with one that expires.
+const LEGACY_LIFETIME_MS: i64 = 20 * 366 * 24 * 3_600 * 1_000;
+
 /// When a certificate valid from `not_before` to `not_after` should be renewed.
 pub fn renew_after(not_before: UnixMillis, not_after: UnixMillis) -> UnixMillis {
     let lifetime = not_after.0.saturating_sub(not_before.0).max(0);
+    if lifetime > LEGACY_LIFETIME_MS {
+        return not_before;
+    }
     UnixMillis(
         not_after
             .0
@@ -41,6 +49,8 @@ pub enum RenewError {
     },
     #[error("the cloud answered a renewal with {0:?}")]
     Protocol(synesis_proto::MessageType),
+    #[error("the renewed certificate is not for this device's key, or not valid now")]
+    Mismatch,
     #[error("the new certificate was not saved: {0}")]
     Save(#[from] crate::identity::IdentityError),
     #[error("{0}")]
@@ -60,7 +70,7 @@ pub async fn renew(
         .and_then(|p| p.serialize_request(&key))
         .map_err(|e| RenewError::Key(e.to_string()))?;
     let request = CertRenew {
-        request_id: crate::enroll::new_request_id(),
+        request_id: crate::clock::new_request_id(),
         csr_der: Blob(csr.der().to_vec()),
     };
     let reply = crate::request::exchange_on(conn, &request.into())
@@ -76,6 +86,17 @@ pub async fn renew(
         }
         other => return Err(RenewError::Protocol(other.message_type())),
     };
+    // Kept only if it is for this device's key and valid now: a wrong one would lock the
+    // device out at its next connection.
+    let now = crate::clock::unix_now();
+    let for_this_key = synesis_wire::tls::public_key(&cert).is_some()
+        && synesis_wire::tls::public_key(&cert)
+            == synesis_wire::tls::public_key(&identity.cert_der);
+    let valid_now =
+        synesis_wire::tls::validity(&cert).is_some_and(|(from, until)| from <= now && now < until);
+    if !for_this_key || !valid_now {
+        return Err(RenewError::Mismatch);
+    }
     if let Some(dir) = data_dir {
         Identity::save_cert(dir, &cert)?;
     }
@@ -96,6 +117,17 @@ mod tests {
         assert_eq!(
             renew_after(UnixMillis(1_000), UnixMillis(31_000)),
             UnixMillis(21_000)
+        );
+        // One valid for centuries (signed before certificates expired): at once.
+        let year = 365 * day;
+        assert_eq!(
+            renew_after(UnixMillis(5), UnixMillis(2_000 * year)),
+            UnixMillis(5)
+        );
+        // Ten years (the longest the cloud signs) is not legacy.
+        assert_eq!(
+            renew_after(UnixMillis(0), UnixMillis(3_660 * day)),
+            UnixMillis(2_440 * day)
         );
         // A certificate that ends before it starts is due at once (at its end).
         assert_eq!(renew_after(UnixMillis(5), UnixMillis(1)), UnixMillis(1));

@@ -32,6 +32,21 @@ pub fn validity(cert: &[u8]) -> Option<(UnixMillis, UnixMillis)> {
     Some((ms(&v.not_before), ms(&v.not_after)))
 }
 
+/// A certificate's public key (its SubjectPublicKeyInfo, DER), or `None` when it does not parse.
+pub fn public_key(cert: &[u8]) -> Option<Vec<u8>> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(x509.public_key().raw.to_vec())
+}
+
+/// The public key a certificate signing request is for (SubjectPublicKeyInfo, DER), or `None`
+/// when it does not parse.
+pub fn csr_public_key(csr: &[u8]) -> Option<Vec<u8>> {
+    use x509_parser::prelude::FromDer;
+    let (_, req) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(csr).ok()?;
+    Some(req.certification_request_info.subject_pki.raw.to_vec())
+}
+
 /// SHA-256 of a certificate's DER: how certificates are pinned and looked up.
 pub fn fingerprint(cert: &CertificateDer<'_>) -> Sha256 {
     Sha256(sha2::Sha256::digest(cert.as_ref()).into())
