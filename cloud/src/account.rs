@@ -11,6 +11,7 @@ use synesis_proto::message::{
 use synesis_proto::{Blob, ErrorCode, Message, RequestId, UnixMillis};
 
 use crate::endpoint::Peer;
+use crate::ledger::LedgerReads;
 use crate::shared::now;
 use crate::storage::{Accounts, Devices, IssuedCert, Renewal};
 use crate::streams::{Stream, error_msg};
@@ -123,13 +124,7 @@ async fn usage(peer: &Peer, r: UsageRequest) -> Message {
         .storage
         .read(move |db| {
             let acct = db.account_by_id(account)?;
-            Ok(crate::ledger::usage_reply(
-                db.connection(),
-                &acct,
-                &r,
-                at,
-                &rules,
-            ))
+            Ok(db.usage(&acct, &r, at, &rules))
         })
         .await;
     match result {

@@ -427,13 +427,12 @@ pub fn usage(
         after: None,
     };
     let at = now();
-    let mut reply =
-        crate::ledger::usage_reply(db.connection(), &account, &request, at, &billing.rules)?;
+    let mut reply = crate::ledger::LedgerReads::usage(&db, &account, &request, at, &billing.rules)?;
     // Every charge, page after page (the balance is the first page's).
     request.after = reply.next.take();
     while request.after.is_some() {
         let mut page =
-            crate::ledger::usage_reply(db.connection(), &account, &request, at, &billing.rules)?;
+            crate::ledger::LedgerReads::usage(&db, &account, &request, at, &billing.rules)?;
         reply.charges.append(&mut page.charges);
         request.after = page.next;
     }

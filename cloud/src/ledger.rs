@@ -485,6 +485,31 @@ pub fn charges(
     Ok((charges, next))
 }
 
+/// The ledger's read side, as handlers and the operator's commands use it; a backend implements
+/// it beside `synesis_billing::ledger::Store` (ARCHITECTURE.md §3).
+pub trait LedgerReads {
+    /// An account's balance, holds, quota and one page of its charges, from one snapshot.
+    fn usage(
+        &self,
+        account: &crate::storage::Account,
+        request: &synesis_proto::message::UsageRequest,
+        now: UnixMillis,
+        rules: &synesis_billing::TierRules,
+    ) -> Result<synesis_proto::message::UsageReply, UsageError>;
+}
+
+impl LedgerReads for crate::storage::Db {
+    fn usage(
+        &self,
+        account: &crate::storage::Account,
+        request: &synesis_proto::message::UsageRequest,
+        now: UnixMillis,
+        rules: &synesis_billing::TierRules,
+    ) -> Result<synesis_proto::message::UsageReply, UsageError> {
+        usage_reply(self.connection(), account, request, now, rules)
+    }
+}
+
 /// An account's usage as `synesis cloud usage` (and `admin usage`) show it: balance, holds,
 /// quota, and one page of the charges since `request.since` after `request.after`, grouped
 /// when asked (each group's charges together, in the listing's order within it).
