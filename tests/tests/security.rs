@@ -96,6 +96,13 @@ fn usage_request() -> UsageRequest {
     }
 }
 
+fn renewal(csr_der: Vec<u8>) -> synesis_proto::message::CertRenew {
+    synesis_proto::message::CertRenew {
+        request_id: new_id(),
+        csr_der: Blob(csr_der),
+    }
+}
+
 fn hello(interval_ms: u32) -> Message {
     Hello {
         protocol_versions: vec![PROTOCOL_VERSION],
@@ -214,14 +221,7 @@ async fn a_revoked_device_is_closed_even_when_it_never_said_hello() {
         "served after revocation: {after:?}"
     );
     // A renewal is refused too.
-    let renewal = exchange(
-        &conn,
-        synesis_proto::message::CertRenew {
-            request_id: new_id(),
-            csr_der: Blob(csr("revoked")),
-        },
-    )
-    .await;
+    let renewal = exchange(&conn, renewal(csr("revoked"))).await;
     assert!(
         !matches!(renewal, Some(Message::CertRenewed(_))),
         "renewed after revocation: {renewal:?}"
@@ -303,35 +303,16 @@ async fn a_renewal_must_be_for_the_devices_own_key_and_due() {
         .unwrap()
         .unwrap();
     let own_key = rcgen::KeyPair::try_from(identity.key_der.as_slice()).unwrap();
-    let own_csr = rcgen::CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .serialize_request(&own_key)
-        .unwrap()
-        .der()
-        .to_vec();
+    let own_csr = csr_for(&own_key, "device");
     // Another key: whoever holds a session must not swap in a key of their own.
-    let foreign = exchange(
-        &conn,
-        synesis_proto::message::CertRenew {
-            request_id: new_id(),
-            csr_der: Blob(csr("thief")),
-        },
-    )
-    .await;
+    let foreign = exchange(&conn, renewal(csr("thief"))).await;
     assert_eq!(
         code_of(&foreign),
         Some(ErrorCode::INVALID_REQUEST),
         "{foreign:?}"
     );
     // The device's own key, but a certificate with 90 days left: not due.
-    let early = exchange(
-        &conn,
-        synesis_proto::message::CertRenew {
-            request_id: new_id(),
-            csr_der: Blob(own_csr),
-        },
-    )
-    .await;
+    let early = exchange(&conn, renewal(own_csr)).await;
     assert_eq!(
         code_of(&early),
         Some(ErrorCode::INVALID_REQUEST),
@@ -628,12 +609,15 @@ fn device_names_reach_the_operator_without_control_characters() {
 
 /// A certificate signing request for a fresh key.
 fn csr(name: &str) -> Vec<u8> {
-    let key = rcgen::KeyPair::generate().unwrap();
+    csr_for(&rcgen::KeyPair::generate().unwrap(), name)
+}
+
+fn csr_for(key: &rcgen::KeyPair, name: &str) -> Vec<u8> {
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, name);
-    params.serialize_request(&key).unwrap().der().to_vec()
+    params.serialize_request(key).unwrap().der().to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
