@@ -340,6 +340,24 @@ async fn one_device_cannot_open_connections_without_end() {
     assert_eq!(limited, 4, "12 connections of one device, 8 allowed");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_devices_first_frame_is_small_whatever_the_frame_maximum() {
+    let cloud = Cloud::start();
+    let device = Device::new();
+    device.login(&cloud.account_and_token("acme"));
+    let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    // A request may open a stream, but not with 300 KiB announced (and never sent): 32 such
+    // streams on 8 connections would make the cloud hold 10 MiB frames for each.
+    let mut header = vec![MessageType::UsageRequest.as_u8()];
+    header.extend_from_slice(&(300u32 * 1024).to_be_bytes());
+    let reply = exchange_raw(&conn, &header).await;
+    assert_eq!(
+        code_of(&reply),
+        Some(ErrorCode::FRAME_OVERSIZE),
+        "{reply:?}"
+    );
+}
+
 // Item 3 ------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
