@@ -130,6 +130,22 @@ async fn closed_with(conn: &quinn::Connection, limit: Duration) -> Option<Option
         .map(|e| synesis_wire::error_code_of(&e))
 }
 
+/// A cloud, a device enrolled in account `acme`, and a connection of that device (no `Hello`).
+async fn enrolled() -> (Cloud, Device, quinn::Connection) {
+    let cloud = Cloud::start();
+    let device = Device::new();
+    device.login(&cloud.account_and_token("acme"));
+    let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    (cloud, device, conn)
+}
+
+/// A frame header of type `t` announcing `length` payload bytes (which never come).
+fn header(t: MessageType, length: u32) -> Vec<u8> {
+    let mut h = vec![t.as_u8()];
+    h.extend_from_slice(&length.to_be_bytes());
+    h
+}
+
 fn managed_account_and_device(cloud: &Cloud, account: &str) -> (Device, String) {
     let device = Device::new();
     let id = device.login(&cloud.account_and_token(account));
@@ -295,10 +311,7 @@ fn a_device_renews_its_certificate_and_connects_after_the_first_one_expired() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_must_be_for_the_devices_own_key_and_due() {
-    let cloud = Cloud::start();
-    let device = Device::new();
-    device.login(&cloud.account_and_token("acme"));
-    let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    let (_cloud, device, conn) = enrolled().await;
     let identity = Identity::load(&device.home().join("data"))
         .unwrap()
         .unwrap();
@@ -342,15 +355,10 @@ async fn one_device_cannot_open_connections_without_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_devices_first_frame_is_small_whatever_the_frame_maximum() {
-    let cloud = Cloud::start();
-    let device = Device::new();
-    device.login(&cloud.account_and_token("acme"));
-    let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    let (_cloud, _device, conn) = enrolled().await;
     // A request may open a stream, but not with 300 KiB announced (and never sent): 32 such
     // streams on 8 connections would make the cloud hold 10 MiB frames for each.
-    let mut header = vec![MessageType::UsageRequest.as_u8()];
-    header.extend_from_slice(&(300u32 * 1024).to_be_bytes());
-    let reply = exchange_raw(&conn, &header).await;
+    let reply = exchange_raw(&conn, &header(MessageType::UsageRequest, 300 * 1024)).await;
     assert_eq!(
         code_of(&reply),
         Some(ErrorCode::FRAME_OVERSIZE),
@@ -417,11 +425,7 @@ async fn a_message_not_allowed_on_a_stream_is_refused_from_its_type_byte() {
     let device = Device::new();
     device.login(&cloud.account_and_token("acme"));
     // A header announcing a 1 MiB payload that never comes.
-    let header = |t: MessageType| {
-        let mut h = vec![t.as_u8()];
-        h.extend_from_slice(&(1u32 << 20).to_be_bytes());
-        h
-    };
+    let header = |t: MessageType| header(t, 1 << 20);
 
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let anonymous = anonymous_conn(&endpoint, &cloud).await;
@@ -480,10 +484,7 @@ async fn control(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_heartbeating_faster_than_it_announced_is_throttled() {
-    let cloud = Cloud::start();
-    let device = Device::new();
-    device.login(&cloud.account_and_token("acme"));
-    let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    let (_cloud, _device, conn) = enrolled().await;
     let (mut tx, mut rx) = control(&conn, 1_000).await;
     for seq in 0..50 {
         tx.write_all(&frame(heartbeat(seq))).await.unwrap();
@@ -509,10 +510,7 @@ async fn a_device_heartbeating_faster_than_it_announced_is_throttled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeat_acks_do_not_wait_for_the_database() {
-    let cloud = Cloud::start();
-    let device = Device::new();
-    device.login(&cloud.account_and_token("acme"));
-    let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    let (cloud, _device, conn) = enrolled().await;
     let lock = WriteLock::take(&cloud);
     let (mut tx, mut rx) = control(&conn, 500).await;
     for seq in 0..4 {
