@@ -81,6 +81,10 @@ error_codes! {
     UNKNOWN_MODEL = 307,
     /// The voucher is unknown or was already redeemed.
     VOUCHER_INVALID = 308,
+    /// The hold for this request (its input and its maximum output) is above its `max_cost`.
+    MAX_COST_EXCEEDED = 309,
+    /// The model is served, but not to the account's tier (or not with a BYOK key).
+    MODEL_NOT_ALLOWED = 310,
     /// The cloud failed; the request may be retried with the same id.
     INTERNAL = 500,
     /// The cloud is draining or overloaded; reconnect or retry after the hint.

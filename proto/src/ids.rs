@@ -250,6 +250,19 @@ impl From<Vec<u8>> for Blob {
     }
 }
 
+/// A secret (a provider key) in transit. Its `Debug` never shows it, so a message that
+/// carries one can be logged without leaking it. Wire: a string.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret({} bytes)", self.0.len())
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod arbitrary {
     //! Strategies for property tests: ids are valid by construction.

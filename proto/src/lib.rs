@@ -31,7 +31,9 @@ pub use frame::{
     Decoded, FRAME_HEADER_BYTES, FRAME_PAYLOAD_MAX_BYTES, FrameBuffer, FrameLimits, decode_frame,
     encode_frame, encode_frame_vec,
 };
-pub use ids::{AccountId, Blob, DeviceId, IdError, MicroUsd, RequestId, Sha256, UnixMillis};
+pub use ids::{
+    AccountId, Blob, DeviceId, IdError, MicroUsd, RequestId, Secret, Sha256, UnixMillis,
+};
 pub use message::{Message, MessageType, StreamKind};
 pub use token::{SetupToken, TokenError};
 pub use vitals::Vitals;

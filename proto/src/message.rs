@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec;
 use crate::error::ErrorCode;
-use crate::ids::{AccountId, Blob, DeviceId, MicroUsd, RequestId, Sha256, UnixMillis};
+use crate::ids::{AccountId, Blob, DeviceId, MicroUsd, RequestId, Secret, Sha256, UnixMillis};
 use crate::vitals::Vitals;
 
 /// The kinds of QUIC stream, each with the messages it may carry (PROTOCOL.md, "Streams").
@@ -338,6 +338,10 @@ pub struct EscalationRequest {
     pub adapter: Option<String>,
     pub context: Vec<ChatTurn>,
     pub preferences: Preferences,
+    /// BYOK: the user's own key for the model's provider, for this one request. The cloud
+    /// uses it for the upstream call only, never stores or logs it, and charges the licensing
+    /// fee instead of the provider price. Not part of the request's idempotency body.
+    pub byok_key: Option<Secret>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -358,6 +362,9 @@ pub enum FinishReason {
     Length,
     /// The asking side cancelled.
     Cancelled,
+    /// The provider failed, or sent nothing for the configured idle time, after part of the
+    /// answer was sent: that part is charged.
+    Failed,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -386,6 +393,10 @@ pub struct EscalationDone {
     pub finish_reason: FinishReason,
     pub usage: Usage,
     pub cost: Cost,
+    /// The provider reported no token counts: `usage` is the cloud's own count (input: one
+    /// token per byte of the prompt plus the chat format's, a bound; output: one per piece
+    /// streamed).
+    pub usage_counted: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

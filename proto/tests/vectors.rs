@@ -161,6 +161,7 @@ fn samples() -> Vec<Message> {
                 stop: vec![],
                 max_cost: Some(MicroUsd(50_000)),
             },
+            byok_key: None,
         }
         .into(),
         EscalationChunk {
@@ -179,6 +180,7 @@ fn samples() -> Vec<Message> {
                 markup: MicroUsd(203),
                 total: MicroUsd(6_953),
             },
+            usage_counted: false,
         }
         .into(),
         EscalationCancel { request_id: rid(3) }.into(),

@@ -38,6 +38,7 @@ fn chunks(id: RequestId, n: u32) -> Vec<Message> {
                 markup: MicroUsd(1),
                 total: MicroUsd(11),
             },
+            usage_counted: false,
         }
         .into(),
     );

@@ -745,6 +745,49 @@ pub fn settle(
     Ok(outcome(&e?))
 }
 
+/// Where a request's hold stands: what a retried request (after a restart) needs to know
+/// before it runs again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldState {
+    /// The request id was never used in this account.
+    Unused,
+    /// A hold is open and active: the request may run and settle.
+    Active(Entry),
+    /// Settled: the settlement entry.
+    Settled(Entry),
+    /// Voided: the request failed before it cost anything.
+    Voided,
+    /// Its time ran out before it was settled (with or without an expiry entry yet).
+    Lapsed,
+    /// The id was used for something other than a hold (a top-up).
+    Other,
+}
+
+pub fn hold_state(
+    store: &impl Store,
+    account: AccountId,
+    request_id: RequestId,
+    now: UnixMillis,
+) -> Result<HoldState, LedgerError> {
+    let entries = store.request_entries(account, request_id)?;
+    let Some(first) = entries.first() else {
+        return Ok(HoldState::Unused);
+    };
+    if first.kind != EntryKind::Hold {
+        return Ok(HoldState::Other);
+    }
+    if let Some(done) = entries.iter().find(|e| e.kind == EntryKind::Settle) {
+        return Ok(HoldState::Settled(done.clone()));
+    }
+    if entries.iter().any(|e| e.kind == EntryKind::Void) {
+        return Ok(HoldState::Voided);
+    }
+    Ok(match active_hold(&entries, now) {
+        Some(hold) => HoldState::Active(hold.clone()),
+        None => HoldState::Lapsed,
+    })
+}
+
 /// Releases the hold of a request that will not run (or failed before it cost anything).
 pub fn void(
     store: &mut impl Store,

@@ -35,3 +35,57 @@ impl rules::Ledger for Memory {
 }
 
 rules::rule_tests!(Memory::default);
+
+/// What a request retried after a restart finds: each state of its hold, named.
+#[test]
+fn hold_state_names_where_a_request_stands() {
+    use synesis_billing::ledger::{HoldState, hold, hold_state, settle, top_up, void};
+    use synesis_billing::{MicroUsd, PriceTable, Tier, TierRules, Usage};
+    use synesis_proto::UnixMillis;
+
+    let mut store = MemoryStore::default();
+    let acct = rules::account(Tier::Managed);
+    let (prices, tiers) = (PriceTable::default(), TierRules::default());
+    let at = UnixMillis(1_795_000_000_000);
+    top_up(
+        &mut store,
+        acct.id,
+        rules::rid(100),
+        MicroUsd(1_000_000),
+        at,
+    )
+    .unwrap();
+    let state =
+        |store: &MemoryStore, n, now| hold_state(store, acct.id, rules::rid(n), now).unwrap();
+    assert_eq!(state(&store, 1, at), HoldState::Unused);
+    assert_eq!(state(&store, 100, at), HoldState::Other);
+    for n in 1..=3 {
+        hold(
+            &mut store,
+            acct,
+            rules::rid(n),
+            &rules::sonnet(),
+            at,
+            60_000,
+            &prices,
+            &tiers,
+        )
+        .unwrap();
+    }
+    assert!(matches!(state(&store, 1, at), HoldState::Active(_)));
+    let usage = Usage {
+        input_tokens: 1_000,
+        output_tokens: 10,
+    };
+    let done = settle(&mut store, acct, rules::rid(1), usage, at, &prices, &tiers).unwrap();
+    match state(&store, 1, at) {
+        HoldState::Settled(e) => assert_eq!((e.amount, e.output_tokens), (done.amount, 10)),
+        other => panic!("{other:?}"),
+    }
+    void(&mut store, acct.id, rules::rid(2), at).unwrap();
+    assert_eq!(state(&store, 2, at), HoldState::Voided);
+    assert_eq!(
+        state(&store, 3, UnixMillis(at.0 + 60_001)),
+        HoldState::Lapsed
+    );
+}

@@ -1,17 +1,18 @@
 //! Models, generation, adapters: llama.cpp through `llama-cpp-2`.
 //!
-//! Ownership (THREAD_SAFETY_PATTERNS.md): a [`Model`] is used by one thread at a time. Every
-//! method that creates a llama.cpp context or loads an adapter takes `&mut self`, which is how
-//! the two llama.cpp rules hold by construction: an adapter can only be loaded while no context
-//! borrows the model, and contexts are never created in parallel. A context lives for one
-//! [`Model::generate`] call only, so its KV cache never mixes two requests or two adapters.
+//! Ownership (THREAD_SAFETY_PATTERNS.md): a loaded [`Model`] is shared (`&self`) by every
+//! generation that runs on it; each [`Model::generate`] call makes a context of its own, so
+//! generations run in parallel and a KV cache never mixes two requests or two adapters. The two
+//! llama.cpp rules hold by construction: contexts are never *created* in parallel (creating one
+//! mutates the model; a mutex serialises that step only), and an adapter is loaded through
+//! [`Model::load_adapter`], which takes `&mut self`, so never while a context borrows the model.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -116,6 +117,16 @@ pub struct Request {
     pub stop: Vec<String>,
     /// An adapter loaded with [`Model::load_adapter`], and its scale.
     pub lora: Option<(String, f32)>,
+    /// Earlier turns of the conversation (a system prompt first, when there is one); `prompt`
+    /// is the user's last turn. Empty for a single question.
+    pub context: Vec<ChatMessage>,
+}
+
+/// One earlier turn: `role` is `system`, `user` or `assistant`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
 }
 
 impl Request {
@@ -130,6 +141,7 @@ impl Request {
             seed: 0,
             stop: Vec::new(),
             lora: None,
+            context: Vec::new(),
         }
     }
 }
@@ -190,7 +202,10 @@ pub struct Model {
     path: PathBuf,
     info: ModelInfo,
     settings: Settings,
-    adapters: HashMap<String, LlamaLoraAdapter>,
+    /// Each behind its own lock: attaching one to a context needs it mutably for an instant.
+    adapters: HashMap<String, Mutex<LlamaLoraAdapter>>,
+    /// Held while a context is created (llama.cpp mutates the model doing it).
+    creating_context: Mutex<()>,
 }
 
 impl std::fmt::Debug for Model {
@@ -238,6 +253,7 @@ impl Model {
             info,
             settings,
             adapters: HashMap::new(),
+            creating_context: Mutex::new(()),
         })
     }
 
@@ -280,7 +296,7 @@ impl Model {
             .map_err(|_| InferError::Load {
                 path: path.to_owned(),
             })?;
-        self.adapters.insert(name.to_owned(), adapter);
+        self.adapters.insert(name.to_owned(), Mutex::new(adapter));
         Ok(started.elapsed())
     }
 
@@ -288,26 +304,56 @@ impl Model {
         self.adapters.keys().map(String::as_str)
     }
 
-    /// The prompt as the model sees it: wrapped in its chat template when asked and present.
+    /// The prompt as the model sees it: the turns wrapped in its chat template when asked and
+    /// present, otherwise their texts one after another (a blank line between them).
     fn prompt_text(&self, request: &Request) -> Result<String, InferError> {
+        let plain = || {
+            let mut text = String::new();
+            for turn in &request.context {
+                text.push_str(&turn.content);
+                text.push_str("\n\n");
+            }
+            text.push_str(&request.prompt);
+            text
+        };
         if !request.chat {
-            return Ok(request.prompt.clone());
+            return Ok(plain());
         }
         let Ok(template) = self.model.chat_template(None) else {
-            return Ok(request.prompt.clone());
+            return Ok(plain());
         };
-        let message = LlamaChatMessage::new("user".into(), request.prompt.clone())
-            .map_err(|e| InferError::Llama(e.to_string()))?;
+        let turns = request
+            .context
+            .iter()
+            .map(|t| (t.role.as_str(), t.content.as_str()))
+            .chain([("user", request.prompt.as_str())]);
+        let mut messages = Vec::with_capacity(request.context.len() + 1);
+        for (role, content) in turns {
+            messages.push(
+                LlamaChatMessage::new(role.into(), content.into())
+                    .map_err(|e| InferError::Llama(e.to_string()))?,
+            );
+        }
         // A template llama.cpp does not know: fall back to the plain prompt.
         Ok(self
             .model
-            .apply_chat_template(&template, &[message], true)
-            .unwrap_or_else(|_| request.prompt.clone()))
+            .apply_chat_template(&template, &messages, true)
+            .unwrap_or_else(|_| plain()))
+    }
+
+    /// How many tokens `request`'s prompt is, as [`Model::generate`] would feed it.
+    pub fn prompt_tokens(&self, request: &Request) -> Result<usize, InferError> {
+        let prompt = self.prompt_text(request)?;
+        Ok(self
+            .model
+            .vocab()
+            .tokenize(prompt.as_bytes(), true, true)
+            .len())
     }
 
     /// Runs one generation, streaming whole UTF-8 text pieces to `on_text` as they are made.
     pub fn generate(
-        &mut self,
+        &self,
         request: &Request,
         cancel: &CancelToken,
         on_text: &mut dyn FnMut(&str),
@@ -336,19 +382,27 @@ impl Model {
             .with_n_ubatch(batch_size)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
-        let mut ctx = self
-            .model
-            .new_context(backend, params)
-            .map_err(|e| InferError::Llama(e.to_string()))?;
+        let mut ctx = {
+            let _creating = self
+                .creating_context
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.model
+                .new_context(backend, params)
+                .map_err(|e| InferError::Llama(e.to_string()))?
+        };
 
         let lora_attach = match &request.lora {
             Some((name, scale)) => {
                 let adapter = self
                     .adapters
-                    .get_mut(name)
+                    .get(name)
                     .ok_or_else(|| InferError::UnknownAdapter(name.clone()))?;
+                let mut adapter = adapter
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 let started = Instant::now();
-                ctx.lora_adapter_set(adapter, *scale)
+                ctx.lora_adapter_set(&mut adapter, *scale)
                     .map_err(|e| InferError::Llama(e.to_string()))?;
                 Some(started.elapsed())
             }

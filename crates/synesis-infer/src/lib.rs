@@ -23,6 +23,7 @@ mod stream;
 pub mod tiny;
 
 pub use engine::{
-    CancelToken, FinishReason, Generation, InferError, Model, ModelInfo, Request, Settings, backend,
+    CancelToken, ChatMessage, FinishReason, Generation, InferError, Model, ModelInfo, Request,
+    Settings, backend,
 };
 pub use metadata::{GgufMetadata, MetaValue, MetadataError};

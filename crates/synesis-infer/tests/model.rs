@@ -239,7 +239,7 @@ fn the_chat_template_wraps_the_prompt_and_can_be_turned_off() {
 
 #[test]
 fn an_over_long_prompt_is_a_typed_error_before_decoding() {
-    let mut model = Model::load(
+    let model = Model::load(
         &fixtures().1,
         Settings {
             n_ctx: 32,
@@ -327,4 +327,66 @@ fn bad_files_get_clear_errors_and_no_crash() {
     }
     // The model still works after all that.
     assert!(run(&mut model, &greedy("hello", 4)).0.completion_tokens > 0);
+}
+
+#[test]
+fn one_load_serves_parallel_generations_each_as_if_alone() {
+    let mut model = load();
+    model.load_adapter("style", &fixtures().2).unwrap();
+    let plain = greedy("parallel", 24);
+    let styled = Request {
+        lora: Some(("style".into(), 1.0)),
+        ..greedy("parallel", 24)
+    };
+    let (alone_plain, _) = run(&mut model, &plain);
+    let (alone_styled, _) = run(&mut model, &styled);
+    assert_ne!(
+        alone_plain.text, alone_styled.text,
+        "the adapter changes the answer"
+    );
+    assert_eq!(
+        model.prompt_tokens(&plain).unwrap(),
+        alone_plain.prompt_tokens,
+        "the count before running is the count it runs with"
+    );
+    let model = &model;
+    let answers: Vec<(String, String)> = std::thread::scope(|s| {
+        let running: Vec<_> = (0..4)
+            .map(|i| {
+                let request = if i % 2 == 0 { &plain } else { &styled };
+                s.spawn(move || {
+                    let g = model
+                        .generate(request, &CancelToken::default(), &mut |_| {})
+                        .unwrap();
+                    (request.prompt.clone(), g.text)
+                })
+            })
+            .collect();
+        running.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (_, text)) in answers.iter().enumerate() {
+        let alone = if i % 2 == 0 {
+            &alone_plain
+        } else {
+            &alone_styled
+        };
+        assert_eq!(
+            text, &alone.text,
+            "generation {i} was disturbed by its neighbours"
+        );
+    }
+}
+
+#[test]
+fn earlier_turns_come_before_the_prompt() {
+    let model = load();
+    let alone = greedy("question", 8);
+    let with_system = Request {
+        context: vec![synesis_infer::ChatMessage {
+            role: "system".into(),
+            content: "be brief".into(),
+        }],
+        ..greedy("question", 8)
+    };
+    assert!(model.prompt_tokens(&with_system).unwrap() > model.prompt_tokens(&alone).unwrap());
 }

@@ -263,6 +263,7 @@ fn escalation() -> Message {
             stop: vec![],
             max_cost: None,
         },
+        byok_key: None,
     }
     .into()
 }
