@@ -49,7 +49,7 @@ fn request_id_of(m: &Message) -> Option<RequestId> {
 
 /// The device's current state, read now: revoked means refused (and every connection of it
 /// closed).
-async fn still_enrolled(peer: &Peer) -> Result<(), Message> {
+pub(crate) async fn still_enrolled(peer: &Peer) -> Result<(), Message> {
     let id = peer.device.id;
     match peer.shared.storage.identify(move |db| db.device(id)).await {
         Ok(Some(d)) if !d.revoked => Ok(()),

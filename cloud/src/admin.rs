@@ -135,6 +135,8 @@ struct DeviceView {
     last_seen_at: Option<UnixMillis>,
     rtt_ms: Option<f64>,
     vitals: Option<serde_json::Value>,
+    /// The last pre-warm signal: the model the device expects to escalate to, why, when.
+    prewarm: Option<serde_json::Value>,
 }
 
 pub fn devices(dir: &Path, json: bool) -> anyhow::Result<()> {
@@ -147,6 +149,10 @@ pub fn devices(dir: &Path, json: bool) -> anyhow::Result<()> {
             status: status(&r, at),
             vitals: r
                 .vitals_json
+                .as_deref()
+                .and_then(|v| serde_json::from_str(v).ok()),
+            prewarm: r
+                .prewarm_json
                 .as_deref()
                 .and_then(|v| serde_json::from_str(v).ok()),
             account: r.account,
@@ -211,6 +217,7 @@ mod tests {
             heartbeat_interval_ms: Some(1_000),
             rtt_us: None,
             vitals_json: None,
+            prewarm_json: None,
         }
     }
 

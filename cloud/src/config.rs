@@ -14,15 +14,50 @@
 //!
 //! [ledger]
 //! hold_ttl = "10m"               # an unsettled hold expires after this
+//!
+//! [models.tiny]                  # a model the cloud answers with (it needs a price too)
+//! provider = "llama"             # in this process: llama.cpp on a GGUF file
+//! path = "models/tiny.gguf"      # relative paths are from this file's directory
+//! sequences = 2                  # generations at once on the one load
+//! queue = 16                     # requests that may wait; past that: UNAVAILABLE
+//! threads = 2                    # CPU threads per sequence
+//! context = 4096                 # tokens per sequence (default: the model's own)
+//! adapters = { legal = "adapters/legal.gguf" }
+//! tiers = ["free", "managed"]    # who may use it (default: every tier that can)
+//!
+//! [models.gpt-4o-mini]
+//! provider = "openai"            # any OpenAI-compatible server: vLLM, llama.cpp, Ollama, OpenAI
+//! base_url = "https://api.openai.com/v1"
+//! api_key_env = "OPENAI_API_KEY" # the operator's key, read from the environment at start
+//! upstream_model = "gpt-4o-mini" # the upstream's name for it (default: the same)
+//! connect_timeout = "5s"
+//! first_byte_timeout = "60s"     # until the response headers
+//! idle_timeout = "30s"           # between two events of the stream
+//!
+//! [models.claude-sonnet]
+//! provider = "anthropic"         # the Messages API; same keys as "openai"
+//! base_url = "https://api.anthropic.com"
+//! api_key_env = "ANTHROPIC_API_KEY"
+//! upstream_model = "claude-sonnet-4-5"
+//!
+//! [escalation]
+//! idle_timeout = "30s"           # no output for this long ends a request (charged what it made)
+//! resume_window = "60s"          # a request whose device went away keeps running this long
+//! max_output_tokens = 4096       # the most a request may ask for
+//! retries = 2                    # an upstream that fails before its first output is retried
 //! ```
+//!
+//! BYOK asks go only to `openai` and `anthropic` models (the user's key is for the upstream);
+//! a `llama` model never takes one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
 use synesis_billing::ledger::HOLD_TTL_DEFAULT_MS;
-use synesis_billing::{ModelPrice, PriceTable, TierRules, parse_usd};
+use synesis_billing::{ModelPrice, PriceTable, Tier, TierRules, parse_usd};
 
 /// The file's name in the data directory.
 pub const CONFIG_FILE: &str = "cloud.toml";
@@ -48,6 +83,72 @@ impl Default for Billing {
     }
 }
 
+/// Everything `cloud.toml` sets.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Config {
+    pub billing: Billing,
+    pub serving: Serving,
+}
+
+/// The models the cloud answers with, and how escalations run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Serving {
+    pub models: BTreeMap<String, Served>,
+    pub escalation: EscalationSettings,
+}
+
+/// One served model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Served {
+    pub provider: ProviderConfig,
+    /// The tiers allowed to use it.
+    pub tiers: Vec<Tier>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProviderConfig {
+    Llama(crate::provider::local::LocalSettings),
+    OpenAi(Upstream),
+    Anthropic(Upstream),
+}
+
+/// An HTTP upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub base_url: String,
+    /// The environment variable holding the operator's key (`None`: no key, e.g. a local
+    /// server; BYOK asks bring their own).
+    pub api_key_env: Option<String>,
+    pub upstream_model: String,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// How escalations run, whatever the provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EscalationSettings {
+    /// A request that produces nothing for this long ends (charged what it made).
+    pub idle_timeout: Duration,
+    /// A request whose device went away keeps running, and its answer stays resumable, this
+    /// long.
+    pub resume_window: Duration,
+    pub max_output_tokens: u32,
+    /// Upstream retries before the first output.
+    pub retries: u32,
+}
+
+impl Default for EscalationSettings {
+    fn default() -> Self {
+        EscalationSettings {
+            idle_timeout: Duration::from_secs(30),
+            resume_window: Duration::from_secs(60),
+            max_output_tokens: 4_096,
+            retries: 2,
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
@@ -57,6 +158,52 @@ struct File {
     prices: BTreeMap<String, Price>,
     #[serde(default)]
     ledger: Ledger,
+    #[serde(default)]
+    models: BTreeMap<String, ModelFile>,
+    #[serde(default)]
+    escalation: EscalationFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "provider", rename_all = "lowercase")]
+enum ModelFile {
+    Llama(LlamaFile),
+    Openai(UpstreamFile),
+    Anthropic(UpstreamFile),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LlamaFile {
+    path: PathBuf,
+    sequences: Option<usize>,
+    queue: Option<usize>,
+    threads: Option<u32>,
+    context: Option<u32>,
+    #[serde(default)]
+    adapters: BTreeMap<String, PathBuf>,
+    tiers: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamFile {
+    base_url: String,
+    api_key_env: Option<String>,
+    upstream_model: Option<String>,
+    connect_timeout: Option<String>,
+    first_byte_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    tiers: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EscalationFile {
+    idle_timeout: Option<String>,
+    resume_window: Option<String>,
+    max_output_tokens: Option<u32>,
+    retries: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,13 +237,148 @@ pub fn path(explicit: Option<&Path>, data_dir: &Path) -> Option<PathBuf> {
 }
 
 /// The settings: the defaults with the file's values over them.
-pub fn load(explicit: Option<&Path>, data_dir: &Path) -> anyhow::Result<Billing> {
+pub fn load(explicit: Option<&Path>, data_dir: &Path) -> anyhow::Result<Config> {
     let Some(path) = path(explicit, data_dir) else {
-        return Ok(Billing::default());
+        return Ok(Config::default());
     };
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read the config {}", path.display()))?;
-    parse(&text).with_context(|| format!("in the config {}", path.display()))
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse_all(&text, base).with_context(|| format!("in the config {}", path.display()))
+}
+
+fn duration(text: &Option<String>, what: &str, default: Duration) -> anyhow::Result<Duration> {
+    let Some(text) = text else {
+        return Ok(default);
+    };
+    let d = humantime::parse_duration(text).map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(24 * 3_600) {
+        bail!("{what} = {text:?}: between 100ms and 24h");
+    }
+    Ok(d)
+}
+
+/// The whole file; relative paths are taken from `base`.
+fn parse_all(text: &str, base: &Path) -> anyhow::Result<Config> {
+    let billing = parse(text)?;
+    let file: File = toml::from_str(text)?;
+    let e = &file.escalation;
+    let defaults = EscalationSettings::default();
+    let escalation = EscalationSettings {
+        idle_timeout: duration(
+            &e.idle_timeout,
+            "escalation.idle_timeout",
+            defaults.idle_timeout,
+        )?,
+        resume_window: duration(
+            &e.resume_window,
+            "escalation.resume_window",
+            defaults.resume_window,
+        )?,
+        max_output_tokens: match e.max_output_tokens {
+            Some(0) => bail!("escalation.max_output_tokens must be at least 1"),
+            Some(n) => n,
+            None => defaults.max_output_tokens,
+        },
+        retries: e.retries.unwrap_or(defaults.retries).min(10),
+    };
+    let mut models = BTreeMap::new();
+    for (name, m) in file.models {
+        if billing.prices.get(&name).is_none() {
+            bail!("models.{name}: no price; add [prices.{name}]");
+        }
+        let all = vec![Tier::Free, Tier::Managed, Tier::Byok];
+        let served = match m {
+            ModelFile::Llama(l) => {
+                let tiers = match &l.tiers {
+                    Some(list) => tiers(&name, list)?,
+                    None => all,
+                };
+                if l.tiers.is_some() && tiers.contains(&Tier::Byok) {
+                    bail!("models.{name}: a llama model cannot take BYOK keys (no \"byok\" tier)");
+                }
+                let at = |p: &Path| {
+                    if p.is_absolute() {
+                        p.to_owned()
+                    } else {
+                        base.join(p)
+                    }
+                };
+                Served {
+                    provider: ProviderConfig::Llama(crate::provider::local::LocalSettings {
+                        path: at(&l.path),
+                        sequences: l.sequences.unwrap_or(2).clamp(1, 64),
+                        queue: l.queue.unwrap_or(16).min(4_096),
+                        adapters: l.adapters.iter().map(|(n, p)| (n.clone(), at(p))).collect(),
+                        n_ctx: l.context.unwrap_or(0),
+                        threads: l.threads.unwrap_or(2).clamp(1, 256),
+                    }),
+                    tiers: tiers.into_iter().filter(|t| *t != Tier::Byok).collect(),
+                }
+            }
+            ModelFile::Openai(u) | ModelFile::Anthropic(u)
+                if !(u.base_url.starts_with("http://") || u.base_url.starts_with("https://")) =>
+            {
+                bail!(
+                    "models.{name}.base_url = {:?}: an http:// or https:// URL",
+                    u.base_url
+                )
+            }
+            ModelFile::Openai(u) => upstream(&name, u, ProviderConfig::OpenAi)?,
+            ModelFile::Anthropic(u) => upstream(&name, u, ProviderConfig::Anthropic)?,
+        };
+        models.insert(name, served);
+    }
+    Ok(Config {
+        billing,
+        serving: Serving { models, escalation },
+    })
+}
+
+fn tiers(model: &str, names: &[String]) -> anyhow::Result<Vec<Tier>> {
+    names
+        .iter()
+        .map(|n| match n.as_str() {
+            "free" => Ok(Tier::Free),
+            "managed" => Ok(Tier::Managed),
+            "byok" => Ok(Tier::Byok),
+            other => bail!("models.{model}.tiers: {other:?} is not free, managed or byok"),
+        })
+        .collect()
+}
+
+fn upstream(
+    name: &str,
+    u: UpstreamFile,
+    kind: fn(Upstream) -> ProviderConfig,
+) -> anyhow::Result<Served> {
+    let what = |key: &str| format!("models.{name}.{key}");
+    Ok(Served {
+        provider: kind(Upstream {
+            base_url: u.base_url.trim_end_matches('/').to_owned(),
+            api_key_env: u.api_key_env,
+            upstream_model: u.upstream_model.unwrap_or_else(|| name.to_owned()),
+            connect_timeout: duration(
+                &u.connect_timeout,
+                &what("connect_timeout"),
+                Duration::from_secs(5),
+            )?,
+            first_byte_timeout: duration(
+                &u.first_byte_timeout,
+                &what("first_byte_timeout"),
+                Duration::from_secs(60),
+            )?,
+            idle_timeout: duration(
+                &u.idle_timeout,
+                &what("idle_timeout"),
+                Duration::from_secs(30),
+            )?,
+        }),
+        tiers: match &u.tiers {
+            Some(list) => tiers(name, list)?,
+            None => vec![Tier::Free, Tier::Managed, Tier::Byok],
+        },
+    })
 }
 
 fn parse(text: &str) -> anyhow::Result<Billing> {

@@ -167,6 +167,16 @@ pub(crate) async fn serve(peer: &Peer, hello: Hello, mut stream: Stream) {
                         vitals_json: serde_json::to_string(&hb.vitals).unwrap_or_default(),
                     });
                 }
+                Ok(Ok(Some(Message::Prewarm(p)))) => {
+                    // Counted against the same budget as heartbeats: a flood is throttled.
+                    budget.delay(Instant::now());
+                    if let Some(model) = &p.model {
+                        shared.escalations.prewarm(model);
+                    }
+                    tracing::info!(device = %id, model = ?p.model, reason = %p.reason, "pre-warm signal");
+                    let json = serde_json::json!({"model": p.model, "reason": p.reason, "at": now()});
+                    shared.presence.note(Presence::Prewarm { device: id, prewarm_json: json.to_string() });
+                }
                 Ok(Ok(Some(other))) => {
                     let why = format!("{} does not belong on the control stream", other.message_type().name());
                     stream.send_last(&error_msg(ErrorCode::UNEXPECTED_MESSAGE, why, None)).await;

@@ -107,6 +107,8 @@ pub struct Options {
     pub drain_grace: Duration,
     /// Prices and tier rules (`cloud.toml`).
     pub billing: crate::config::Billing,
+    /// The models it answers with, and how escalations run (`cloud.toml`).
+    pub serving: crate::config::Serving,
     /// How long a device certificate is valid; devices renew well before it ends.
     pub cert_lifetime: Duration,
 }
@@ -202,6 +204,7 @@ pub async fn start(options: Options) -> anyhow::Result<Cloud> {
         settings: Settings {
             cert_lifetime: options.cert_lifetime,
         },
+        escalations: Arc::new(crate::escalation::Escalations::new(&options.serving)?),
     });
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(run(endpoint, shared, options, stopped));
@@ -516,13 +519,19 @@ async fn device(shared: Arc<Shared>, conn: quinn::Connection, fpr: synesis_proto
 async fn stream(peer: Arc<Peer>, tx: quinn::SendStream, rx: quinn::RecvStream) {
     let mut stream = Stream::new(tx, rx, FIRST_FRAME_LIMITS);
     let opens_a_stream = |t: MessageType| {
-        t == MessageType::Hello || (t.stream() == StreamKind::Account && is_request(t))
+        t == MessageType::Hello
+            || t == MessageType::EscalationRequest
+            || t == MessageType::EscalationResume
+            || (t.stream() == StreamKind::Account && is_request(t))
     };
     match stream
         .first(opens_a_stream, ErrorCode::UNEXPECTED_MESSAGE)
         .await
     {
         First::Message(Message::Hello(hello)) => crate::control::serve(&peer, hello, stream).await,
+        First::Message(m @ (Message::EscalationRequest(_) | Message::EscalationResume(_))) => {
+            crate::escalation::serve(&peer, m, stream).await;
+        }
         First::Message(request) => crate::account::serve(&peer, request, stream).await,
         First::Empty | First::Refused => {}
     }

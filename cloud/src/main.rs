@@ -212,7 +212,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             cert_lifetime,
         } => {
-            let billing = synesis_cloud::config::load(config.as_deref(), &data_dir)?;
+            let config = synesis_cloud::config::load(config.as_deref(), &data_dir)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -221,7 +221,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir,
                 drain_window,
                 drain_grace,
-                billing,
+                billing: config.billing,
+                serving: config.serving,
                 cert_lifetime,
             }))
         }
@@ -231,7 +232,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             command,
         } => {
-            let billing = || synesis_cloud::config::load(config.as_deref(), &data_dir);
+            let billing =
+                || synesis_cloud::config::load(config.as_deref(), &data_dir).map(|c| c.billing);
             match command {
                 Admin::Account {
                     command: AccountCommand::Create { name, tier },

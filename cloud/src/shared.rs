@@ -121,6 +121,12 @@ impl PresenceQueue {
                     p.last_seen.insert(device, i);
                 }
             }
+            // A signal for the operator's eyes only: dropped, not queued, past the bound.
+            Presence::Prewarm { .. } => {
+                if p.changes.len() < PRESENCE_PENDING_MAX {
+                    p.changes.push(change);
+                }
+            }
             other => {
                 p.last_seen.remove(&device);
                 p.changes.push(other);
@@ -196,6 +202,7 @@ pub(crate) struct Shared {
     pub(crate) registry: Arc<Registry>,
     pub(crate) presence: Arc<PresenceQueue>,
     pub(crate) settings: Settings,
+    pub(crate) escalations: Arc<crate::escalation::Escalations>,
 }
 
 impl Shared {
@@ -254,6 +261,7 @@ mod tests {
                     Presence::Connected { at, .. }
                     | Presence::Seen { at, .. }
                     | Presence::Disconnected { at, .. } => at.0,
+                    Presence::Prewarm { .. } => -1,
                 };
                 (p.device(), at)
             })

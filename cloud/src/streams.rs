@@ -80,6 +80,16 @@ impl Stream {
         self.send_last(&error_msg(code, why, None)).await;
     }
 
+    /// Ends a stream on a frame that does not belong: stops reading, sends `reply`.
+    pub(crate) async fn reject_with(&mut self, reply: Message) {
+        let code = match &reply {
+            Message::ErrorMsg(e) => e.code,
+            _ => ErrorCode::UNEXPECTED_MESSAGE,
+        };
+        let _ = self.rx.get_mut().stop(close_code(code));
+        self.send_last(&reply).await;
+    }
+
     /// Sends a stream's last message and waits (briefly) until the peer has it, so that
     /// closing the connection next does not discard it.
     pub(crate) async fn send_last(&mut self, message: &Message) {

@@ -125,7 +125,7 @@ fn a_version_2_file_is_migrated_in_place() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, synesis_cloud::storage::schema::SCHEMA_VERSION);
     let redeemed_account: String = conn
         .query_row("SELECT redeemed_account FROM vouchers", [], |r| r.get(0))
         .unwrap();

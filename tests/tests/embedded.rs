@@ -12,7 +12,10 @@ async fn the_cloud_starts_and_stops_through_its_handle() {
     let data_dir = scratch.path().join("cloud");
     let cloud = start(Options {
         listen: "127.0.0.1:0".parse().unwrap(),
-        billing: synesis_cloud::config::load(None, &data_dir).unwrap(),
+        billing: synesis_cloud::config::load(None, &data_dir)
+            .unwrap()
+            .billing,
+        serving: synesis_cloud::config::Serving::default(),
         data_dir: data_dir.clone(),
         drain_window: Duration::from_millis(500),
         drain_grace: Duration::from_secs(1),

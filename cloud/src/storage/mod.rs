@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use synesis_proto::message::Tier;
 use synesis_proto::{AccountId, DeviceId, ErrorCode, MicroUsd, RequestId, Sha256, UnixMillis};
 
+pub mod answers;
 pub mod schema;
 mod sqlite;
 
@@ -179,6 +180,8 @@ pub struct DeviceRow {
     /// QUIC's smoothed RTT estimate at the last heartbeat, in microseconds.
     pub rtt_us: Option<i64>,
     pub vitals_json: Option<String>,
+    /// The last pre-warm signal (JSON).
+    pub prewarm_json: Option<String>,
 }
 
 /// What the cloud learned of a device's presence; written in batches, in order, never one
@@ -201,6 +204,11 @@ pub enum Presence {
         device: DeviceId,
         at: UnixMillis,
     },
+    /// A pre-warm signal (JSON: model, reason, at).
+    Prewarm {
+        device: DeviceId,
+        prewarm_json: String,
+    },
 }
 
 impl Presence {
@@ -208,7 +216,8 @@ impl Presence {
         match self {
             Presence::Connected { device, .. }
             | Presence::Seen { device, .. }
-            | Presence::Disconnected { device, .. } => *device,
+            | Presence::Disconnected { device, .. }
+            | Presence::Prewarm { device, .. } => *device,
         }
     }
 }

@@ -16,7 +16,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StorageError;
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const BASE_V2: &str = "
 CREATE TABLE IF NOT EXISTS accounts (
@@ -91,6 +91,8 @@ CREATE TABLE IF NOT EXISTS ledger_open_holds (
     expires_at   INTEGER,
     PRIMARY KEY (account_id, request_id)
 ) WITHOUT ROWID;
+-- The device's last pre-warm signal (JSON: model, reason, at), for `admin devices`.
+ALTER TABLE devices ADD COLUMN prewarm_json TEXT;
 CREATE INDEX IF NOT EXISTS ledger_open_holds_by_expiry ON ledger_open_holds(account_id, expires_at);
 CREATE TABLE IF NOT EXISTS vouchers (
     code_sha256  BLOB PRIMARY KEY,             -- the code itself is never stored
@@ -126,6 +128,21 @@ CREATE UNIQUE INDEX device_certs_by_renewal ON device_certs(device_id, renew_req
     WHERE renew_request IS NOT NULL;
 INSERT INTO device_certs (cert_sha256, device_id, cert_der, issued_at)
     SELECT cert_sha256, id, cert_der, enrolled_at FROM devices;
+";
+
+/// Finished escalations: the answer a repeated request id streams again (chunk by chunk, the
+/// same sequence numbers) instead of running the model twice. Written in the transaction that
+/// settles the request's hold, so a settled request always has its answer.
+const STEP_V4: &str = "
+CREATE TABLE escalation_answers (
+    account_id  TEXT NOT NULL,
+    request_id  TEXT NOT NULL,
+    body        BLOB NOT NULL,      -- SHA-256 of the request (without a BYOK key)
+    chunks      TEXT NOT NULL,      -- the chunks' texts, a JSON array, in sequence order
+    done        BLOB NOT NULL,      -- the EscalationDone frame's payload
+    at          INTEGER NOT NULL,
+    PRIMARY KEY (account_id, request_id)
+) WITHOUT ROWID;
 ";
 
 /// Brings the database at `path` up to [`SCHEMA_VERSION`].
@@ -170,10 +187,21 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageE
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version >= 3 {
-            return Ok(());
+            drop(tx);
+            return migrate(conn, path);
         }
         tx.execute_batch(STEP_V3)?;
         tx.pragma_update(None, "user_version", 3)?;
+        tx.commit()?;
+    }
+    if version < 4 {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version >= 4 {
+            return Ok(());
+        }
+        tx.execute_batch(STEP_V4)?;
+        tx.pragma_update(None, "user_version", 4)?;
         tx.commit()?;
     }
     Ok(())

@@ -446,6 +446,12 @@ impl Devices for Db {
                     "UPDATE devices SET connected = 0, last_seen_at = ?2 WHERE id = ?1",
                 )?
                 .execute(params![device.to_string(), at.0])?,
+                Presence::Prewarm {
+                    device,
+                    prewarm_json,
+                } => tx
+                    .prepare_cached("UPDATE devices SET prewarm_json = ?2 WHERE id = ?1")?
+                    .execute(params![device.to_string(), prewarm_json])?,
             };
         }
         tx.commit()?;
@@ -476,7 +482,7 @@ impl Devices for Db {
     fn devices(&self) -> Result<Vec<DeviceRow>, StorageError> {
         let mut stmt = self.conn.prepare(
             "SELECT d.id, a.name, d.name, d.revoked_at, d.connected, d.last_seen_at,
-                    d.heartbeat_interval_ms, d.rtt_us, d.vitals_json
+                    d.heartbeat_interval_ms, d.rtt_us, d.vitals_json, d.prewarm_json
              FROM devices d JOIN accounts a ON a.id = d.account_id ORDER BY d.enrolled_at",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -491,6 +497,7 @@ impl Devices for Db {
                 r.get::<_, Option<i64>>(6)?,
                 r.get::<_, Option<i64>>(7)?,
                 r.get::<_, Option<String>>(8)?,
+                r.get::<_, Option<String>>(9)?,
             ))
         })?;
         rows.map(|row| {
@@ -504,6 +511,7 @@ impl Devices for Db {
                 interval,
                 rtt_us,
                 vitals_json,
+                prewarm_json,
             ) = row?;
             Ok(DeviceRow {
                 id: parse_id(&id)?,
@@ -515,6 +523,7 @@ impl Devices for Db {
                 heartbeat_interval_ms: interval,
                 rtt_us,
                 vitals_json,
+                prewarm_json,
             })
         })
         .collect()

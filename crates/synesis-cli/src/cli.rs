@@ -204,6 +204,54 @@ pub(crate) enum CloudCommand {
     Sync,
     /// The account's tier and the price table.
     Price,
+    /// Ask the cloud: the answer streams back through the tunnel, charged once.
+    Ask(CloudAskArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  synesis cloud ask \"explain QUIC in one line\"
+  echo \"summarise this\" | synesis cloud ask --model claude-sonnet --max-cost 0.05
+  synesis cloud ask --byok --model gpt-4o-mini --json \"hello\"
+
+The answer streams to stdout; a line on stderr then gives the model, tokens, time to first token,
+tokens/s and the cost. With --json, one object at the end (money in integer micro-USD).
+Ctrl-C cancels: the cloud stops generating and charges only what it produced.
+The request goes through `synesis tunnel run` when it runs, else on a connection of its own; a
+broken connection is resumed where the answer was, without a gap or a repeat.
+BYOK: your provider key comes from $SYNESIS_BYOK_KEY, or from the file `byok.key` (mode 0600)
+in the config directory; it travels with this request only and is never stored by the cloud.")]
+pub(crate) struct CloudAskArgs {
+    /// The prompt; read from stdin when absent or `-`.
+    pub(crate) prompt: Option<String>,
+    /// A model the cloud serves (`synesis cloud price` lists them).
+    #[arg(long, default_value = "tiny")]
+    pub(crate) model: String,
+    /// An adapter the cloud serves with the model, by name.
+    #[arg(long)]
+    pub(crate) lora: Option<String>,
+    /// A system prompt, before your question.
+    #[arg(long)]
+    pub(crate) system: Option<String>,
+    /// The most tokens to generate (the hold is sized for them).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub(crate) max_tokens: u32,
+    /// Sampling temperature; 0 is greedy (deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) temperature: f32,
+    /// Seed for sampling.
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    /// Stop before this text (repeatable).
+    #[arg(long)]
+    pub(crate) stop: Vec<String>,
+    /// Refuse to run when the request could cost more than this (dollars, e.g. 0.05).
+    #[arg(long, value_name = "USD", value_parser = synesis_billing::parse_usd)]
+    pub(crate) max_cost: Option<synesis_proto::MicroUsd>,
+    /// Use your own provider key (see below): you pay the provider, the account the fee.
+    #[arg(long)]
+    pub(crate) byok: bool,
 }
 
 #[derive(Debug, Args)]

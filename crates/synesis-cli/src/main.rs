@@ -70,6 +70,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
                 cli::CloudCommand::Usage(args) => commands::cloud::usage(&out, &paths, args).await,
                 cli::CloudCommand::Sync => commands::cloud::sync(&out, &paths).await,
                 cli::CloudCommand::Price => commands::cloud::price(&out, &paths).await,
+                cli::CloudCommand::Ask(args) => commands::escalate::run(&out, &paths, args).await,
             }
         }),
         cli::Command::Tunnel {

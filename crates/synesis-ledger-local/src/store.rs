@@ -254,6 +254,32 @@ impl LocalLedger {
         Ok(plan.into_report(now))
     }
 
+    /// Records one cloud charge as the device learned it (an escalation's `EscalationDone`), by
+    /// the same rules as [`reconcile`](Self::reconcile) for a list of one: added when new,
+    /// overwritten when the cloud's values differ, unchanged when the same. The last sync time
+    /// is not touched (this is not a sync).
+    pub fn record_cloud(&mut self, charge: &CloudCharge) -> Result<(), LedgerError> {
+        let path = self.path.clone();
+        let err = sql_error(&path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let one = std::slice::from_ref(charge);
+        let held = held_for(&tx, &path, one)?;
+        let plan = reconcile(&held, one);
+        if let Some(conflict) = plan.conflicts.first() {
+            return Err(LedgerError::Duplicate(conflict.request_id));
+        }
+        for charge in &plan.added {
+            write_cloud(&tx, charge, false).map_err(&err)?;
+        }
+        for change in &plan.changed {
+            write_cloud(&tx, &change.cloud, true).map_err(&err)?;
+        }
+        tx.commit().map_err(&err)
+    }
+
     /// The devices whose cloud charges this ledger mirrors: this machine's identities, the
     /// current one and any it had before a new `cloud login`.
     pub fn cloud_devices(&self) -> Result<HashSet<DeviceId>, LedgerError> {

@@ -6,6 +6,8 @@
 //! - [`enroll`](enroll::enroll): trade a setup token for an [`Identity`] (`synesis cloud login`).
 //! - [`request`](request::request): one request/reply on a fresh mutual-TLS connection;
 //!   [`answer`](request::answer) makes an `ErrorMsg` reply a typed [`RequestError`].
+//! - [`escalate`](escalate::escalate): one escalation, streamed and resumed across broken
+//!   connections, through the service or a connection of its own.
 //! - [`renew`]: the device certificate renewed over the tunnel before it expires.
 //! - [`identity`], [`tls`], [`connect`]: the device's files, TLS configuration and dialing.
 //! - [`clock`]: the device's one reading of the wall clock and one maker of request ids.
@@ -18,6 +20,7 @@ pub mod clock;
 pub mod connect;
 pub mod driver;
 pub mod enroll;
+pub mod escalate;
 pub mod identity;
 pub mod local;
 pub mod machine;

@@ -1,0 +1,929 @@
+//! Escalation streams: a device's prompt answered by a provider, streamed back chunk by chunk,
+//! billed exactly once (PROTOCOL.md §2, *Escalation*).
+//!
+//! A request is a [`Run`], keyed by `(account, request id)` and independent of the stream that
+//! asked for it:
+//!
+//! 1. **Admission**, in this order, each refusal clear and free: the model is served
+//!    (`UNKNOWN_MODEL`) and to this tier (`MODEL_NOT_ALLOWED`), the values are sane
+//!    (`INVALID_REQUEST`), the hold for the input and the maximum output fits `max_cost`
+//!    (`MAX_COST_EXCEEDED`), then the ledger places the hold (`QUOTA_EXCEEDED`,
+//!    `INSUFFICIENT_FUNDS`). The provider counts the input first (llama.cpp's tokenizer; an
+//!    HTTP upstream's bound).
+//! 2. **Generation** ([`drive`]) runs in a task of its own: the device may go away and come
+//!    back. Chunks are numbered and kept in the run (at most `max_output_tokens` of them), so
+//!    any number of streams follow it from any `seq` ([`follow`]): the first asker, a repeat
+//!    of the same request id, an `EscalationResume` after a reconnect. An upstream that fails
+//!    before its first chunk is retried; after that, never.
+//! 3. **Settlement**: the actual usage (the provider's count, or the cloud's when it gave
+//!    none), never more than the hold, in one ledger transaction with the answer itself
+//!    (`escalation_answers`). A request cancelled, abandoned (no device for `resume_window`),
+//!    idle (`idle_timeout`) or failed after it produced something is charged for what it
+//!    produced; one that produced nothing is voided.
+//!
+//! Idempotency: a request id already running is followed, not run again; one finished is
+//! streamed again from its stored answer; one used for another body is
+//! `IDEMPOTENCY_CONFLICT`. After a restart a request whose hold is still open runs again from
+//! the start under the same hold (the device says so to its user), and is charged once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use synesis_billing::ledger::{
+    Account as LedgerAccount, HoldRequest, HoldState, LedgerError, hold, hold_state, settle, void,
+};
+use synesis_billing::{Quote, Usage as BillingUsage, quote};
+use synesis_proto::message::{
+    ChatRole, Cost, ErrorMsg, EscalationChunk, EscalationDone, EscalationRequest, EscalationResume,
+    FinishReason, Tier, Usage,
+};
+use synesis_proto::{AccountId, DeviceId, ErrorCode, FrameLimits, Message, MessageType, RequestId};
+use synesis_wire::{RecvError, send};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use crate::config::{EscalationSettings, Serving};
+use crate::endpoint::Peer;
+use crate::provider::{ApiKey, Ask, Event, Provider, ProviderError, ProviderUsage};
+use crate::shared::{Shared, now};
+use crate::storage::answers::{self, StoredAnswer};
+use crate::storage::{Accounts, StorageError};
+use crate::streams::{Stream, error_msg};
+
+/// How often a running request checks whether any device still follows it.
+const FOLLOWER_CHECK: Duration = Duration::from_secs(1);
+/// The first wait before retrying an upstream (doubled each time, unless it said how long).
+const RETRY_BACKOFF: Duration = Duration::from_millis(250);
+/// The most stop strings, and the longest one.
+const STOPS_MAX: usize = 16;
+const STOP_BYTES_MAX: usize = 256;
+
+/// Every served model's provider and the requests running or recently finished.
+#[derive(Debug)]
+pub(crate) struct Escalations {
+    models: BTreeMap<String, Model>,
+    settings: EscalationSettings,
+    runs: Mutex<HashMap<(AccountId, RequestId), Arc<Run>>>,
+}
+
+#[derive(Debug)]
+struct Model {
+    provider: Arc<dyn Provider>,
+    tiers: Vec<Tier>,
+}
+
+impl Escalations {
+    pub(crate) fn new(serving: &Serving) -> anyhow::Result<Escalations> {
+        let mut models = BTreeMap::new();
+        for (name, served) in &serving.models {
+            models.insert(
+                name.clone(),
+                Model {
+                    provider: crate::provider::build(&served.provider)?,
+                    tiers: served.tiers.clone(),
+                },
+            );
+        }
+        Ok(Escalations {
+            models,
+            settings: serving.escalation,
+            runs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A device expects to escalate to `model` soon: its provider gets ready.
+    pub(crate) fn prewarm(&self, model: &str) {
+        if let Some(m) = self.models.get(model) {
+            m.provider.prewarm();
+        }
+    }
+
+    fn runs(&self) -> std::sync::MutexGuard<'_, HashMap<(AccountId, RequestId), Arc<Run>>> {
+        self.runs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The run of `key`: the one already there, or a new one (`true`) for the caller to admit.
+    fn claim(&self, key: (AccountId, RequestId), body: [u8; 32]) -> (Arc<Run>, bool) {
+        let mut runs = self.runs();
+        if let Some(run) = runs.get(&key) {
+            return (Arc::clone(run), false);
+        }
+        let run = Arc::new(Run::new(key.1, body));
+        runs.insert(key, Arc::clone(&run));
+        (run, true)
+    }
+
+    fn get(&self, key: (AccountId, RequestId)) -> Option<Arc<Run>> {
+        self.runs().get(&key).cloned()
+    }
+
+    /// Forgets `run` now (a refusal that wrote nothing: the same id may be sent again).
+    fn forget(&self, key: (AccountId, RequestId), run: &Arc<Run>) {
+        let mut runs = self.runs();
+        if runs.get(&key).is_some_and(|r| Arc::ptr_eq(r, run)) {
+            runs.remove(&key);
+        }
+    }
+
+    /// Keeps a finished run for `resume_window` (a device that lost the end resumes from
+    /// memory), then forgets it; its stored answer serves repeats from then on.
+    fn forget_later(self: &Arc<Self>, key: (AccountId, RequestId), run: Arc<Run>) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(this.settings.resume_window).await;
+            this.forget(key, &run);
+        });
+    }
+}
+
+/// One request: its chunks so far, its end, who follows it.
+#[derive(Debug)]
+struct Run {
+    request_id: RequestId,
+    body: [u8; 32],
+    state: Mutex<RunState>,
+    /// Bumped at every change; followers wait on it.
+    changed: watch::Sender<u64>,
+    cancel: Notify,
+}
+
+#[derive(Debug, Default)]
+struct RunState {
+    chunks: Vec<String>,
+    /// `EscalationDone` or `ErrorMsg`.
+    end: Option<Message>,
+    followers: usize,
+    /// Since when nobody follows (`None` while someone does).
+    alone_since: Option<Instant>,
+}
+
+impl Run {
+    fn new(request_id: RequestId, body: [u8; 32]) -> Run {
+        Run {
+            request_id,
+            body,
+            state: Mutex::new(RunState {
+                alone_since: Some(Instant::now()),
+                ..RunState::default()
+            }),
+            changed: watch::channel(0).0,
+            cancel: Notify::new(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn update(&self, f: impl FnOnce(&mut RunState)) {
+        f(&mut self.state());
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn push(&self, text: String) {
+        self.update(|s| s.chunks.push(text));
+    }
+
+    fn end(&self, message: Message) {
+        self.update(|s| {
+            s.end.get_or_insert(message);
+        });
+    }
+
+    fn produced(&self) -> usize {
+        self.state().chunks.len()
+    }
+
+    fn chunks(&self) -> Vec<String> {
+        self.state().chunks.clone()
+    }
+
+    fn attach(&self) {
+        let mut s = self.state();
+        s.followers += 1;
+        s.alone_since = None;
+    }
+
+    fn detach(&self) {
+        let mut s = self.state();
+        s.followers = s.followers.saturating_sub(1);
+        if s.followers == 0 {
+            s.alone_since = Some(Instant::now());
+        }
+    }
+
+    /// Whether nobody has followed the run for `window`.
+    fn abandoned(&self, window: Duration) -> bool {
+        self.state()
+            .alone_since
+            .is_some_and(|t| t.elapsed() >= window)
+    }
+}
+
+/// Serves a stream whose first frame is an `EscalationRequest` or an `EscalationResume`.
+pub(crate) async fn serve(peer: &Peer, first: Message, mut stream: Stream) {
+    if let Err(reply) = crate::account::still_enrolled(peer).await {
+        stream.send_last(&reply).await;
+        return;
+    }
+    let escalations = &peer.shared.escalations;
+    let account = peer.device.account_id;
+    match first {
+        Message::EscalationRequest(r) => {
+            let key = (account, r.request_id);
+            let body = body_of(&r);
+            let (run, fresh) = escalations.claim(key, body);
+            if run.body != body {
+                return conflict(&mut stream, r.request_id).await;
+            }
+            if fresh {
+                let admission = Admission {
+                    shared: Arc::clone(&peer.shared),
+                    account,
+                    device: peer.device.id,
+                    run: Arc::clone(&run),
+                };
+                tokio::spawn(admission.run(r));
+            }
+            follow(&run, &mut stream, 0).await;
+        }
+        Message::EscalationResume(r) => resume(peer, r, &mut stream).await,
+        other => {
+            let reply = error_msg(
+                ErrorCode::UNEXPECTED_MESSAGE,
+                format!("{} cannot open an escalation", other.message_type().name()),
+                None,
+            );
+            stream.send_last(&reply).await;
+        }
+    }
+}
+
+async fn conflict(stream: &mut Stream, request_id: RequestId) {
+    let reply = error_msg(
+        ErrorCode::IDEMPOTENCY_CONFLICT,
+        "this request id was used for another request",
+        Some(request_id),
+    );
+    stream.send_last(&reply).await;
+}
+
+/// `EscalationResume`: the rest of a request from `next_seq`, from memory while it runs or
+/// was just finished, else from its stored answer.
+async fn resume(peer: &Peer, r: EscalationResume, stream: &mut Stream) {
+    let key = (peer.device.account_id, r.request_id);
+    if let Some(run) = peer.shared.escalations.get(key) {
+        return follow(&run, stream, r.next_seq).await;
+    }
+    let (account, request_id) = key;
+    let stored = peer
+        .shared
+        .storage
+        .read(move |db| answers::get(db.connection(), account, request_id))
+        .await;
+    match stored {
+        Ok(Some(answer)) => {
+            let run = Arc::new(Run::new(request_id, answer.body));
+            run.update(|s| {
+                s.chunks = answer.chunks;
+                s.end = Some(answer.done.into());
+            });
+            follow(&run, stream, r.next_seq).await;
+        }
+        Ok(None) => {
+            let reply = error_msg(
+                ErrorCode::NOT_FOUND,
+                "no answer is held for this request (the cloud restarted, or it never ran): send the request again with the same id",
+                Some(request_id),
+            );
+            stream.send_last(&reply).await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reading a stored answer failed");
+            let reply = error_msg(ErrorCode::UNAVAILABLE, "try again", Some(request_id));
+            stream.send_last(&reply).await;
+        }
+    }
+}
+
+/// Streams `run` to this stream from chunk `from` to its end, and passes the device's
+/// `EscalationCancel` on. Leaving (the stream or the connection broke) does not stop the run.
+async fn follow(run: &Run, stream: &mut Stream, from: u32) {
+    run.attach();
+    follow_attached(run, stream, from).await;
+    run.detach();
+}
+
+async fn follow_attached(run: &Run, stream: &mut Stream, from: u32) {
+    let mut changed = run.changed.subscribe();
+    let mut next = from as usize;
+    let mut reading = true;
+    loop {
+        let (pieces, end, past) = {
+            let s = run.state();
+            let past = next > s.chunks.len() && s.end.is_some();
+            let pieces = s.chunks.get(next..).unwrap_or_default().to_vec();
+            (pieces, s.end.clone(), past)
+        };
+        if past {
+            let reply = error_msg(
+                ErrorCode::INVALID_REQUEST,
+                format!("next_seq {next} is past the answer's last chunk"),
+                Some(run.request_id),
+            );
+            return stream.send_last(&reply).await;
+        }
+        for text in pieces {
+            let chunk = EscalationChunk {
+                request_id: run.request_id,
+                seq: u32::try_from(next).unwrap_or(u32::MAX),
+                text,
+            };
+            if send(&mut stream.tx, &chunk.into(), FrameLimits::default())
+                .await
+                .is_err()
+            {
+                return; // the device went away; it may resume on another stream
+            }
+            next += 1;
+        }
+        if let Some(end) = end {
+            return stream.send_last(&end).await;
+        }
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return },
+            frame = stream.rx.next_if(|t| t == MessageType::EscalationCancel), if reading => {
+                match frame {
+                    Ok(Some(Message::EscalationCancel(c))) if c.request_id == run.request_id => {
+                        run.cancel.notify_one();
+                    }
+                    Ok(Some(_)) => {
+                        let reply = error_msg(
+                            ErrorCode::INVALID_REQUEST,
+                            "EscalationCancel names another request",
+                            Some(run.request_id),
+                        );
+                        return stream.reject_with(reply).await;
+                    }
+                    // The device finished its half: it sends nothing more, and reads on.
+                    Ok(None) => reading = false,
+                    Err(e) if reset_as_cancelled(&e) => {
+                        // A local client that went away: its stream is reset with CANCELLED.
+                        run.cancel.notify_one();
+                        return;
+                    }
+                    Err(e) => match e.peer_fault() {
+                        Some(code) => {
+                            let reply = error_msg(code, e.to_string(), Some(run.request_id));
+                            return stream.reject_with(reply).await;
+                        }
+                        None => return,
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// Whether the device reset its half with `CANCELLED` (it will not come back for the answer).
+fn reset_as_cancelled(e: &RecvError) -> bool {
+    let RecvError::Io(io) = e else { return false };
+    let cancelled = synesis_wire::close_code(ErrorCode::CANCELLED);
+    io.get_ref()
+        .and_then(|inner| inner.downcast_ref::<quinn::ReadError>())
+        .is_some_and(|r| matches!(r, quinn::ReadError::Reset(code) if *code == cancelled))
+}
+
+/// The request's identity for idempotency: everything but the key itself (whether a key came
+/// counts: it changes who pays the provider).
+fn body_of(r: &EscalationRequest) -> [u8; 32] {
+    let mut plain = r.clone();
+    plain.byok_key = r
+        .byok_key
+        .as_ref()
+        .map(|_| synesis_proto::Secret(String::new()));
+    let bytes =
+        synesis_proto::encode_frame_vec(&plain.into(), FrameLimits::default()).unwrap_or_default();
+    Sha256::digest(bytes).into()
+}
+
+/// A new request: checked, held, run, settled. Owns what it needs, so it lives on when the
+/// stream that asked is gone.
+struct Admission {
+    shared: Arc<Shared>,
+    account: AccountId,
+    device: DeviceId,
+    run: Arc<Run>,
+}
+
+/// What the hold step found.
+enum Held {
+    /// Run it (a new hold, or the open hold of a request cut short by a restart).
+    Run { tier: Tier },
+    /// Finished before: its answer.
+    Stored(StoredAnswer),
+}
+
+impl Admission {
+    async fn run(self, r: EscalationRequest) {
+        let key = (self.account, r.request_id);
+        match self.admit(&r).await {
+            Err(refusal) => {
+                // Nothing was written: the same id may come again (after a top-up, say).
+                self.run.end(refusal);
+                self.shared.escalations.forget(key, &self.run);
+            }
+            Ok((Held::Stored(answer), _, _, _)) => {
+                if answer.body != self.run.body {
+                    self.run.end(error_msg(
+                        ErrorCode::IDEMPOTENCY_CONFLICT,
+                        "this request id was used for another request",
+                        Some(r.request_id),
+                    ));
+                } else {
+                    self.run.update(|s| {
+                        s.chunks = answer.chunks;
+                        s.end = Some(answer.done.into());
+                    });
+                }
+                self.shared
+                    .escalations
+                    .forget_later(key, Arc::clone(&self.run));
+            }
+            Ok((Held::Run { tier }, provider, ask, input_bound)) => {
+                let model = r.model.clone();
+                drive(&self, tier, &model, provider, ask, input_bound).await;
+                self.shared
+                    .escalations
+                    .forget_later(key, Arc::clone(&self.run));
+            }
+        }
+    }
+
+    /// The checks, in order, then the hold. `Err` is the refusal to send.
+    async fn admit(
+        &self,
+        r: &EscalationRequest,
+    ) -> Result<(Held, Arc<dyn Provider>, Ask, u64), Message> {
+        let id = r.request_id;
+        let refuse = |code, why: String| error_msg(code, why, Some(id));
+        let escalations = &self.shared.escalations;
+        let Some(model) = escalations.models.get(&r.model) else {
+            return Err(refuse(
+                ErrorCode::UNKNOWN_MODEL,
+                format!(
+                    "{:?} is not served here; served: {}",
+                    r.model,
+                    escalations
+                        .models
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        };
+        let account = self.account;
+        let acct = self
+            .shared
+            .storage
+            .read(move |db| db.account_by_id(account))
+            .await
+            .map_err(|e| unavailable(&e, id))?;
+        // BYOK is per request: a key makes it so; an account on the BYOK tier must send one.
+        let tier = match (&r.byok_key, acct.tier) {
+            (Some(_), _) if !model.provider.takes_user_keys() => {
+                return Err(refuse(
+                    ErrorCode::MODEL_NOT_ALLOWED,
+                    format!(
+                        "{} runs on Synesis's own hardware: it takes no BYOK key",
+                        r.model
+                    ),
+                ));
+            }
+            (Some(_), _) => Tier::Byok,
+            (None, Tier::Byok) => {
+                return Err(refuse(
+                    ErrorCode::MODEL_NOT_ALLOWED,
+                    "this account is on the BYOK tier: send your provider key with the request (--byok)".into(),
+                ));
+            }
+            (None, tier) => tier,
+        };
+        if !model.tiers.contains(&tier) {
+            return Err(refuse(
+                ErrorCode::MODEL_NOT_ALLOWED,
+                format!("{} is not offered on the {} tier", r.model, tier_name(tier)),
+            ));
+        }
+        let ask = self
+            .ask(r)
+            .map_err(|why| refuse(ErrorCode::INVALID_REQUEST, why))?;
+        if let Some(adapter) = &r.adapter
+            && !model.provider.has_adapter(adapter)
+        {
+            return Err(refuse(
+                ErrorCode::NOT_FOUND,
+                format!("no adapter {adapter:?} is served with {}", r.model),
+            ));
+        }
+        let provider = Arc::clone(&model.provider);
+        let input_bound = {
+            let (provider, ask) = (Arc::clone(&provider), ask.clone());
+            tokio::task::spawn_blocking(move || provider.input_tokens_bound(&ask))
+                .await
+                .map_err(|_| refuse(ErrorCode::INTERNAL, "the provider failed".into()))?
+                .map_err(|e| provider_refusal(&e, id))?
+        };
+        let billing = &self.shared.billing;
+        let max = BillingUsage {
+            input_tokens: input_bound,
+            output_tokens: u64::from(ask.max_tokens),
+        };
+        let most = quote(tier, &r.model, max, &billing.prices, &billing.rules)
+            .map_err(|e| refuse(ErrorCode::UNKNOWN_MODEL, e.to_string()))?;
+        if let Some(max_cost) = r.preferences.max_cost
+            && most.total > max_cost
+        {
+            return Err(refuse(
+                ErrorCode::MAX_COST_EXCEEDED,
+                format!(
+                    "this request can cost up to ${} ({} input tokens, up to {} output); --max-cost is ${max_cost}",
+                    most.total, input_bound, ask.max_tokens
+                ),
+            ));
+        }
+        let held = self.hold(r, tier, input_bound).await?;
+        Ok((held, provider, ask, input_bound))
+    }
+
+    fn ask(&self, r: &EscalationRequest) -> Result<Ask, String> {
+        let p = &r.preferences;
+        let limit = self.shared.escalations.settings.max_output_tokens;
+        if p.max_tokens == 0 || p.max_tokens > limit {
+            return Err(format!(
+                "max_tokens must be 1 to {limit}; it is {}",
+                p.max_tokens
+            ));
+        }
+        if !(p.temperature.is_finite() && (0.0..=2.0).contains(&p.temperature)) {
+            return Err("temperature must be between 0 and 2".into());
+        }
+        if let Some(top_p) = p.top_p
+            && !(top_p.is_finite() && top_p > 0.0 && top_p <= 1.0)
+        {
+            return Err("top_p must be above 0 and at most 1".into());
+        }
+        if p.stop.len() > STOPS_MAX
+            || p.stop
+                .iter()
+                .any(|s| s.is_empty() || s.len() > STOP_BYTES_MAX)
+        {
+            return Err(format!(
+                "at most {STOPS_MAX} stop strings, each 1 to {STOP_BYTES_MAX} bytes"
+            ));
+        }
+        match r.context.last() {
+            Some(t) if t.role == ChatRole::User && !t.content.trim().is_empty() => {}
+            _ => return Err("the conversation must end with the user's (non-empty) turn".into()),
+        }
+        let upstream = match &self.shared.escalations.models.get(&r.model) {
+            Some(_) => r.model.clone(),
+            None => return Err(format!("{:?} is not served", r.model)),
+        };
+        Ok(Ask {
+            model: upstream,
+            turns: r.context.clone(),
+            max_tokens: p.max_tokens,
+            temperature: p.temperature,
+            top_p: p.top_p,
+            seed: p.seed,
+            stop: p.stop.clone(),
+            adapter: r.adapter.clone(),
+            key: r.byok_key.as_ref().map(|k| ApiKey::new(k.0.clone())),
+        })
+    }
+
+    /// Places the hold, or finds why this request id already has one.
+    async fn hold(
+        &self,
+        r: &EscalationRequest,
+        tier: Tier,
+        input_bound: u64,
+    ) -> Result<Held, Message> {
+        let id = r.request_id;
+        let (account, device) = (self.account, self.device);
+        let request = HoldRequest {
+            model: r.model.clone(),
+            device: Some(device),
+            input_tokens: input_bound,
+            max_output_tokens: u64::from(r.preferences.max_tokens),
+        };
+        let (billing, at) = (self.shared.billing.clone(), now());
+        let found = self
+            .shared
+            .ledger
+            .run(move |store| {
+                let state = hold_state(store, account, id, at)?;
+                match state {
+                    HoldState::Unused | HoldState::Active(_) => {
+                        // A retry after a restart replays the first hold (or conflicts).
+                        hold(
+                            store,
+                            LedgerAccount { id: account, tier },
+                            id,
+                            &request,
+                            at,
+                            billing.hold_ttl_ms,
+                            &billing.prices,
+                            &billing.rules,
+                        )?;
+                        Ok(None)
+                    }
+                    HoldState::Settled(_) => answers::get(store.connection(), account, id)
+                        .map_err(|e| synesis_billing::ledger::StoreError(e.to_string()).into())
+                        .map(|a| Some(a.ok_or("settled, but its answer is not stored"))),
+                    HoldState::Voided => Ok(Some(Err(
+                        "it failed before it produced anything, and was not charged",
+                    ))),
+                    HoldState::Lapsed => Ok(Some(Err("its hold expired before it was settled"))),
+                    HoldState::Other => Err(LedgerError::IdempotencyConflict),
+                }
+            })
+            .await;
+        match found {
+            Ok(None) => Ok(Held::Run { tier }),
+            Ok(Some(Ok(answer))) => Ok(Held::Stored(answer)),
+            Ok(Some(Err(why))) => Err(error_msg(
+                ErrorCode::INVALID_REQUEST,
+                format!("this request id is spent: {why}; send the request again with a new id"),
+                Some(id),
+            )),
+            Err(e) => Err(ledger_refusal(e, id)),
+        }
+    }
+}
+
+fn tier_name(tier: Tier) -> &'static str {
+    match tier {
+        Tier::Free => "Free",
+        Tier::Managed => "Managed",
+        Tier::Byok => "BYOK",
+    }
+}
+
+fn unavailable(e: &StorageError, id: RequestId) -> Message {
+    tracing::error!(error = %e, %id, "escalation storage read failed");
+    error_msg(ErrorCode::UNAVAILABLE, "try again", Some(id))
+}
+
+fn ledger_refusal(e: LedgerError, id: RequestId) -> Message {
+    let (code, why) = match &e {
+        LedgerError::Quota(q) => (ErrorCode::QUOTA_EXCEEDED, q.to_string()),
+        LedgerError::InsufficientFunds { needed, available } => (
+            ErrorCode::INSUFFICIENT_FUNDS,
+            format!("this request holds up to ${needed}; the available balance is ${available}"),
+        ),
+        LedgerError::IdempotencyConflict => (
+            ErrorCode::IDEMPOTENCY_CONFLICT,
+            "this request id was used for something else".into(),
+        ),
+        LedgerError::Billing(b) => (ErrorCode::UNKNOWN_MODEL, b.to_string()),
+        _ => {
+            tracing::error!(error = %e, %id, "escalation ledger operation failed");
+            (
+                ErrorCode::INTERNAL,
+                "the ledger failed; retry with the same id".into(),
+            )
+        }
+    };
+    error_msg(code, why, Some(id))
+}
+
+/// The refusal a provider error becomes when nothing was produced.
+fn provider_refusal(e: &ProviderError, id: RequestId) -> Message {
+    let (code, retry_after_ms) = match e {
+        ProviderError::Unavailable { retry_after_ms, .. } => (
+            ErrorCode::UNAVAILABLE,
+            retry_after_ms.map(|ms| ms.min(u64::from(u32::MAX))),
+        ),
+        ProviderError::TimedOut(_) => (ErrorCode::UNAVAILABLE, None),
+        ProviderError::Refused(_) => (ErrorCode::INVALID_REQUEST, None),
+        ProviderError::Failed(_) => (ErrorCode::INTERNAL, None),
+    };
+    ErrorMsg {
+        code,
+        message: e.to_string(),
+        request_id: Some(id),
+        retry_after_ms: retry_after_ms.and_then(|ms| u32::try_from(ms).ok()),
+    }
+    .into()
+}
+
+/// How a generation ended.
+enum Ended {
+    Done(FinishReason, Option<ProviderUsage>),
+    /// Cancelled by the device, or abandoned (nobody followed for `resume_window`).
+    Stopped,
+    Failed(ProviderError),
+}
+
+/// Runs the provider (retrying before the first chunk), then settles.
+async fn drive(
+    a: &Admission,
+    tier: Tier,
+    model: &str,
+    provider: Arc<dyn Provider>,
+    ask: Ask,
+    input_bound: u64,
+) {
+    let settings = a.shared.escalations.settings;
+    let mut attempt = 0;
+    let ended = loop {
+        let ended = generate(&a.run, provider.as_ref(), ask.clone(), &settings).await;
+        match ended {
+            Ended::Failed(e)
+                if a.run.produced() == 0 && e.retryable() && attempt < settings.retries =>
+            {
+                attempt += 1;
+                let wait = match &e {
+                    ProviderError::Unavailable {
+                        retry_after_ms: Some(ms),
+                        ..
+                    } => Duration::from_millis(*ms).min(Duration::from_secs(10)),
+                    _ => RETRY_BACKOFF * 2u32.pow(attempt - 1),
+                };
+                tracing::info!(error = %e, attempt, "retrying the upstream before its first output");
+                tokio::time::sleep(wait).await;
+            }
+            ended => break ended,
+        }
+    };
+    let produced = a.run.produced() as u64;
+    let id = a.run.request_id;
+    let (finish_reason, usage, counted) = match ended {
+        Ended::Done(f, Some(u)) => (f, u, false),
+        Ended::Done(f, None) => (f, counted(input_bound, produced), true),
+        Ended::Stopped | Ended::Failed(_) if produced == 0 => {
+            let why = match ended {
+                Ended::Failed(e) => provider_refusal(&e, id),
+                _ => error_msg(
+                    ErrorCode::CANCELLED,
+                    "cancelled before any output; not charged",
+                    Some(id),
+                ),
+            };
+            let account = a.account;
+            let at = now();
+            if let Err(e) = a
+                .shared
+                .ledger
+                .run(move |store| void(store, account, id, at))
+                .await
+            {
+                tracing::error!(error = %e, %id, "voiding a hold failed (it expires on its own)");
+            }
+            return a.run.end(why);
+        }
+        Ended::Stopped => (
+            FinishReason::Cancelled,
+            counted(input_bound, produced),
+            true,
+        ),
+        Ended::Failed(e) => {
+            tracing::warn!(error = %e, %id, produced, "the provider failed mid-answer");
+            (FinishReason::Failed, counted(input_bound, produced), true)
+        }
+    };
+    let end = settle_and_store(a, tier, model, finish_reason, usage, counted).await;
+    a.run.end(end);
+}
+
+/// The cloud's own count: the input bound (the provider gave none) and one token per chunk.
+fn counted(input_bound: u64, produced: u64) -> ProviderUsage {
+    ProviderUsage {
+        input_tokens: input_bound,
+        output_tokens: produced,
+    }
+}
+
+/// One generation attempt, its chunks pushed into the run as they come.
+async fn generate(
+    run: &Run,
+    provider: &dyn Provider,
+    ask: Ask,
+    settings: &EscalationSettings,
+) -> Ended {
+    let mut generation = provider.start(ask);
+    let mut check = tokio::time::interval(FOLLOWER_CHECK);
+    let mut idle_until = Instant::now() + settings.idle_timeout;
+    loop {
+        tokio::select! {
+            () = run.cancel.notified() => {
+                generation.stop();
+                return Ended::Stopped;
+            }
+            _ = check.tick() => {
+                if run.abandoned(settings.resume_window) {
+                    tracing::info!(request = %run.request_id, "no device followed the request; stopped");
+                    generation.stop();
+                    return Ended::Stopped;
+                }
+            }
+            event = tokio::time::timeout_at(idle_until, generation.events.recv()) => match event {
+                Err(_) => {
+                    generation.stop();
+                    return Ended::Failed(ProviderError::TimedOut(format!(
+                        "no output for {} s", settings.idle_timeout.as_secs()
+                    )));
+                }
+                Ok(None) => return Ended::Failed(ProviderError::Failed("the provider stopped without an end".into())),
+                Ok(Some(Event::Text(text))) => {
+                    if !text.is_empty() {
+                        run.push(text);
+                    }
+                    idle_until = Instant::now() + settings.idle_timeout;
+                }
+                Ok(Some(Event::Done { finish_reason, usage })) => return Ended::Done(finish_reason, usage),
+                Ok(Some(Event::Failed(e))) => return Ended::Failed(e),
+            }
+        }
+    }
+}
+
+/// Settles the usage (at most the hold) and stores the answer, in one ledger transaction;
+/// the `EscalationDone` to send.
+async fn settle_and_store(
+    a: &Admission,
+    tier: Tier,
+    model: &str,
+    finish_reason: FinishReason,
+    usage: ProviderUsage,
+    usage_counted: bool,
+) -> Message {
+    let id = a.run.request_id;
+    let (account, body, chunks) = (a.account, a.run.body, a.run.chunks());
+    let (billing, model, at) = (a.shared.billing.clone(), model.to_owned(), now());
+    let usage = BillingUsage {
+        input_tokens: usage.input_tokens,
+        output_tokens: usage.output_tokens,
+    };
+    let settled = a
+        .shared
+        .ledger
+        .run(move |store| {
+            let charged = settle(
+                store,
+                LedgerAccount { id: account, tier },
+                id,
+                usage,
+                at,
+                &billing.prices,
+                &billing.rules,
+            )?;
+            let q = quote(tier, &model, usage, &billing.prices, &billing.rules)?;
+            let done = EscalationDone {
+                request_id: id,
+                chunks: u32::try_from(chunks.len()).unwrap_or(u32::MAX),
+                finish_reason,
+                usage: Usage {
+                    input_tokens: usage.input_tokens,
+                    output_tokens: usage.output_tokens,
+                },
+                cost: cost_parts(q, charged.amount),
+                usage_counted,
+            };
+            let answer = StoredAnswer { body, chunks, done };
+            answers::put(store.connection(), account, id, &answer, at)
+                .map_err(|e| synesis_billing::ledger::StoreError(e.to_string()))?;
+            Ok(answer.done)
+        })
+        .await;
+    match settled {
+        Ok(done) => done.into(),
+        Err(e) => {
+            tracing::error!(error = %e, %id, "settling an escalation failed");
+            error_msg(
+                ErrorCode::INTERNAL,
+                "the answer could not be settled; retry with the same id",
+                Some(id),
+            )
+        }
+    }
+}
+
+/// The quote's parts, for the amount actually charged (the settlement caps it at the hold:
+/// the markup gives way first, so `base + markup = total` always).
+fn cost_parts(q: Quote, charged: synesis_proto::MicroUsd) -> Cost {
+    let total = charged;
+    let base = q.base.min(total);
+    Cost {
+        base,
+        markup: total
+            .checked_sub(base)
+            .unwrap_or(synesis_proto::MicroUsd::ZERO),
+        total,
+    }
+}

@@ -1,0 +1,262 @@
+//! The in-process provider: llama.cpp (`synesis-infer`) on a GGUF file named in `cloud.toml`.
+//!
+//! One model load serves every request for the model: [`Model::generate`] takes `&self` and
+//! makes a context per generation, so `sequences` worker threads generate in parallel on the
+//! one load. Requests beyond them wait in a queue of `queue` places; past that a request is
+//! refused at once with `Unavailable` and a `retry_after_ms`, so a burst never grows memory or
+//! latency without bound. The model (and its configured adapters) is loaded on first use, or
+//! earlier when a device's pre-warm signal names it.
+//!
+//! Stopping: the handler closes the generation's receiver; the worker checks before every
+//! token (through the cancel token it passes to llama.cpp), so generation stops within one.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use synesis_infer::{CancelToken, ChatMessage, InferError, Model, Request, Settings};
+use synesis_proto::message::{ChatRole, FinishReason};
+use tokio::sync::mpsc::Sender;
+
+use super::{Ask, Event, Generation, Provider, ProviderError, ProviderUsage};
+
+/// How long a refused request is told to wait when every place is taken.
+const RETRY_AFTER_MS: u64 = 1_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSettings {
+    pub path: PathBuf,
+    /// Generations running at once on the one load.
+    pub sequences: usize,
+    /// Requests that may wait for a sequence.
+    pub queue: usize,
+    /// Adapters served with the model: name → GGUF adapter file.
+    pub adapters: BTreeMap<String, PathBuf>,
+    /// Context length per sequence (0: the model's own).
+    pub n_ctx: u32,
+    /// CPU threads per sequence.
+    pub threads: u32,
+}
+
+/// llama.cpp in this process, for one model file.
+#[derive(Debug)]
+pub struct Llama {
+    shared: Arc<Loaded>,
+    jobs: SyncSender<Job>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    settings: LocalSettings,
+    model: OnceLock<Result<Model, String>>,
+}
+
+impl Loaded {
+    /// The model, loaded on the first call (later callers wait for that one load).
+    fn model(&self) -> Result<&Model, ProviderError> {
+        self.model
+            .get_or_init(|| {
+                let s = &self.settings;
+                let settings = Settings {
+                    n_ctx: s.n_ctx,
+                    threads: s.threads.max(1),
+                    ..Settings::default()
+                };
+                let started = std::time::Instant::now();
+                let mut model = Model::load(&s.path, settings).map_err(|e| e.to_string())?;
+                for (name, path) in &s.adapters {
+                    model
+                        .load_adapter(name, path)
+                        .map_err(|e| format!("adapter {name:?}: {e}"))?;
+                }
+                tracing::info!(
+                    path = %s.path.display(),
+                    adapters = s.adapters.len(),
+                    ms = started.elapsed().as_millis(),
+                    "model loaded"
+                );
+                Ok(model)
+            })
+            .as_ref()
+            .map_err(|why| ProviderError::Failed(format!("the model cannot be loaded: {why}")))
+    }
+}
+
+struct Job {
+    request: Request,
+    events: Sender<Event>,
+}
+
+impl Llama {
+    /// Starts the worker threads; the model itself loads on first use.
+    pub fn new(settings: LocalSettings) -> std::io::Result<Llama> {
+        let sequences = settings.sequences.max(1);
+        let (jobs, queue) = sync_channel(settings.queue);
+        let queue = Arc::new(Mutex::new(queue));
+        let shared = Arc::new(Loaded {
+            settings,
+            model: OnceLock::new(),
+        });
+        for n in 0..sequences {
+            let (shared, queue) = (Arc::clone(&shared), Arc::clone(&queue));
+            std::thread::Builder::new()
+                .name(format!("llama-seq-{n}"))
+                .spawn(move || work(&shared, &queue))?;
+        }
+        Ok(Llama { shared, jobs })
+    }
+
+    /// Whether the model is loaded (pre-warm shows up here).
+    pub fn is_loaded(&self) -> bool {
+        matches!(self.shared.model.get(), Some(Ok(_)))
+    }
+}
+
+/// One sequence: takes the next job, runs it, and again, until the provider is dropped.
+fn work(shared: &Loaded, queue: &Mutex<Receiver<Job>>) {
+    loop {
+        let job = {
+            let queue = queue.lock().unwrap_or_else(PoisonError::into_inner);
+            queue.recv()
+        };
+        let Ok(job) = job else { return };
+        if job.events.is_closed() {
+            continue; // the asker left while it waited
+        }
+        let last = match shared.model() {
+            Ok(model) => run(model, &job),
+            Err(e) => Event::Failed(e),
+        };
+        let _ = job.events.blocking_send(last);
+    }
+}
+
+fn run(model: &Model, job: &Job) -> Event {
+    let cancel = CancelToken::default();
+    let mut on_text = |piece: &str| {
+        if piece.is_empty() {
+            return;
+        }
+        // A closed receiver is the handler saying stop.
+        if job
+            .events
+            .blocking_send(Event::Text(piece.to_owned()))
+            .is_err()
+        {
+            cancel.cancel();
+        }
+    };
+    match model.generate(&job.request, &cancel, &mut on_text) {
+        Ok(g) => Event::Done {
+            finish_reason: match g.finish_reason {
+                synesis_infer::FinishReason::Stop => FinishReason::Stop,
+                synesis_infer::FinishReason::Length => FinishReason::Length,
+                synesis_infer::FinishReason::Cancelled => FinishReason::Cancelled,
+            },
+            usage: Some(ProviderUsage {
+                input_tokens: g.prompt_tokens as u64,
+                output_tokens: g.completion_tokens as u64,
+            }),
+        },
+        Err(e @ (InferError::PromptTooLong { .. } | InferError::UnknownAdapter(_))) => {
+            Event::Failed(ProviderError::Refused(e.to_string()))
+        }
+        Err(e) => Event::Failed(ProviderError::Failed(e.to_string())),
+    }
+}
+
+/// The ask as llama.cpp's request: earlier turns as context, the last (a user turn) as the
+/// prompt.
+fn request(ask: &Ask) -> Result<Request, ProviderError> {
+    let Some((last, earlier)) = ask.turns.split_last() else {
+        return Err(ProviderError::Refused("the conversation is empty".into()));
+    };
+    if last.role != ChatRole::User {
+        return Err(ProviderError::Refused(
+            "the last turn must be the user's".into(),
+        ));
+    }
+    let role = |r: ChatRole| match r {
+        ChatRole::System => "system",
+        ChatRole::User => "user",
+        ChatRole::Assistant => "assistant",
+    };
+    Ok(Request {
+        max_tokens: ask.max_tokens,
+        temperature: ask.temperature,
+        top_p: ask.top_p,
+        // llama.cpp's sampler seed is 32 bits: the low half of the request's.
+        seed: ask
+            .seed
+            .map_or(0, |s| u32::try_from(s & u64::from(u32::MAX)).unwrap_or(0)),
+        stop: ask.stop.clone(),
+        lora: ask.adapter.clone().map(|name| (name, 1.0)),
+        context: earlier
+            .iter()
+            .map(|t| ChatMessage {
+                role: role(t.role).into(),
+                content: t.content.clone(),
+            })
+            .collect(),
+        ..Request::new(last.content.clone())
+    })
+}
+
+impl Provider for Llama {
+    fn input_tokens_bound(&self, ask: &Ask) -> Result<u64, ProviderError> {
+        let request = request(ask)?;
+        let model = self.shared.model()?;
+        let n = model
+            .prompt_tokens(&request)
+            .map_err(|e| ProviderError::Failed(e.to_string()))?;
+        Ok(n as u64)
+    }
+
+    fn start(&self, ask: Ask) -> Generation {
+        let (events, generation) = Generation::channel();
+        let refused = |e: ProviderError| {
+            // The channel is new and has room for this one event.
+            let _ = events.try_send(Event::Failed(e));
+        };
+        match request(&ask) {
+            Err(e) => refused(e),
+            Ok(request) => match self.jobs.try_send(Job {
+                request,
+                events: events.clone(),
+            }) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => refused(ProviderError::Unavailable {
+                    why: format!(
+                        "all {} sequences are busy and {} requests wait",
+                        self.shared.settings.sequences, self.shared.settings.queue
+                    ),
+                    retry_after_ms: Some(RETRY_AFTER_MS),
+                }),
+                Err(TrySendError::Disconnected(_)) => {
+                    refused(ProviderError::Failed("the model's workers stopped".into()));
+                }
+            },
+        }
+        generation
+    }
+
+    fn prewarm(&self) {
+        if self.shared.model.get().is_some() {
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        // Loading takes seconds for a real model: never on the caller's (async) thread.
+        let _ = std::thread::Builder::new()
+            .name("llama-prewarm".into())
+            .spawn(move || {
+                if let Err(e) = shared.model() {
+                    tracing::warn!(error = %e, "pre-warm could not load the model");
+                }
+            });
+    }
+
+    fn has_adapter(&self, name: &str) -> bool {
+        self.shared.settings.adapters.contains_key(name)
+    }
+}

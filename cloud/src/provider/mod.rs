@@ -1,0 +1,189 @@
+//! Providers: what actually answers an escalation. One trait ([`Provider`]), chosen per model in
+//! `cloud.toml` (`[models.NAME]`, see [`crate::config`]):
+//!
+//! - [`local`]: llama.cpp in this process (`synesis-infer`), one shared model load serving a
+//!   bounded number of sequences, with a bounded queue before it.
+//! - [`openai`]: an OpenAI-compatible HTTP upstream (`/v1/chat/completions`, SSE): vLLM,
+//!   llama.cpp's server, Ollama, OpenAI.
+//! - [`anthropic`]: Anthropic's Messages API (`/v1/messages`, SSE).
+//!
+//! A provider streams [`Event`]s on a channel. The escalation handler owns everything else
+//! (holds, settlement, sequence numbers, resume): a provider knows nothing of money or of the
+//! device. Closing the receiver (or dropping it) is the one way to stop a generation: the
+//! in-process provider checks before every token, an HTTP provider drops its response.
+
+use std::fmt;
+
+use synesis_proto::message::{ChatTurn, FinishReason};
+
+pub mod anthropic;
+pub mod local;
+pub mod openai;
+pub mod sse;
+
+/// Events a generation may queue before the provider waits for the handler (a handler reads
+/// them as they come; this only smooths bursts).
+pub const EVENTS_BUFFER: usize = 64;
+
+/// One request as a provider sees it.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    /// The provider's own name for the model (after the config's mapping).
+    pub model: String,
+    pub turns: Vec<ChatTurn>,
+    pub max_tokens: u32,
+    /// 0 is greedy.
+    pub temperature: f32,
+    pub top_p: Option<f32>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    /// An adapter the provider serves, by name.
+    pub adapter: Option<String>,
+    /// BYOK: the user's key for this one call. Never stored, never logged.
+    pub key: Option<ApiKey>,
+}
+
+/// A provider key. Its `Debug` never shows it, so it cannot reach a log by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(key: impl Into<String>) -> ApiKey {
+        ApiKey(key.into())
+    }
+
+    /// The key itself, for the one header that carries it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(…)")
+    }
+}
+
+/// What a generation sends, in order: `Text`* then exactly one of `Done` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The next piece of the answer (never empty).
+    Text(String),
+    /// The end. `usage` is the provider's own count (its tokenizer, or the upstream's `usage`);
+    /// `None` when the upstream gave none, and the handler counts instead.
+    Done {
+        finish_reason: FinishReason,
+        usage: Option<ProviderUsage>,
+    },
+    /// The generation failed; whatever `Text` came before it stands.
+    Failed(ProviderError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProviderUsage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// Why a provider could not answer (or stopped answering).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    /// Busy, unreachable, a 5xx or 429: may work if tried again, after `retry_after_ms` when
+    /// the upstream said.
+    #[error("the provider is unavailable: {why}")]
+    Unavailable {
+        why: String,
+        retry_after_ms: Option<u64>,
+    },
+    /// The upstream refused this request (a 4xx other than 429: a bad key, a bad parameter).
+    /// Trying again unchanged will not help.
+    #[error("the provider refused the request: {0}")]
+    Refused(String),
+    /// No byte, or no event, within the configured time.
+    #[error("the provider timed out: {0}")]
+    TimedOut(String),
+    /// The upstream broke its protocol (a malformed event, a stream that ended without its end).
+    #[error("the provider failed: {0}")]
+    Failed(String),
+}
+
+impl ProviderError {
+    /// Whether a failure before the first piece of text may be retried.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            ProviderError::Unavailable { .. } | ProviderError::TimedOut(_)
+        )
+    }
+}
+
+/// A running generation: its events, in order. Dropping it (or calling
+/// [`Generation::stop`]) stops the provider.
+#[derive(Debug)]
+pub struct Generation {
+    pub events: tokio::sync::mpsc::Receiver<Event>,
+}
+
+impl Generation {
+    /// A generation with its sending end, for a provider to fill.
+    pub fn channel() -> (tokio::sync::mpsc::Sender<Event>, Generation) {
+        let (tx, events) = tokio::sync::mpsc::channel(EVENTS_BUFFER);
+        (tx, Generation { events })
+    }
+
+    /// Asks the provider to stop; events already queued can still be read.
+    pub fn stop(&mut self) {
+        self.events.close();
+    }
+}
+
+/// Something that answers asks. Implementations are shared by every request for their model.
+pub trait Provider: Send + Sync + fmt::Debug {
+    /// The most input tokens `ask` can count as, for the hold placed before it runs: exact
+    /// when the provider has its tokenizer here, otherwise a bound that is never below the
+    /// upstream's count (the settlement charges the actual count, never more than the hold).
+    fn input_tokens_bound(&self, ask: &Ask) -> Result<u64, ProviderError>;
+
+    /// Starts answering `ask` (must be called inside the tokio runtime). Refusals that need no
+    /// work (a full queue) may come back at once as the generation's only event.
+    fn start(&self, ask: Ask) -> Generation;
+
+    /// A device said it will probably escalate here soon: get ready (load the model).
+    fn prewarm(&self) {}
+
+    /// Whether this provider can serve BYOK asks (an upstream that takes the user's key).
+    fn takes_user_keys(&self) -> bool {
+        false
+    }
+
+    /// Whether `name` is an adapter this provider serves.
+    fn has_adapter(&self, name: &str) -> bool {
+        let _ = name;
+        false
+    }
+}
+
+/// A bound on the tokens a text can be for any byte-level tokenizer: at most one token per
+/// byte, plus `overhead` per turn for the chat format's own tokens.
+pub fn bytes_bound(turns: &[ChatTurn], overhead_per_turn: u64) -> u64 {
+    const TEMPLATE_TOKENS: u64 = 16;
+    turns.iter().fold(TEMPLATE_TOKENS, |n, t| {
+        n.saturating_add(t.content.len() as u64)
+            .saturating_add(overhead_per_turn)
+    })
+}
+
+/// The provider a served model's config names.
+pub fn build(
+    config: &crate::config::ProviderConfig,
+) -> anyhow::Result<std::sync::Arc<dyn Provider>> {
+    use crate::config::ProviderConfig;
+    Ok(match config {
+        ProviderConfig::Llama(settings) => {
+            std::sync::Arc::new(local::Llama::new(settings.clone())?)
+        }
+        ProviderConfig::OpenAi(_) | ProviderConfig::Anthropic(_) => {
+            anyhow::bail!("HTTP upstreams are not built yet")
+        }
+    })
+}

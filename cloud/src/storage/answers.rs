@@ -1,0 +1,81 @@
+//! Finished escalations' answers (`escalation_answers`, schema v4): what a repeated request id
+//! streams again, chunk for chunk, instead of running the model a second time. Written by the
+//! ledger writer in the transaction that settles the request (ARCHITECTURE.md §3).
+
+use rusqlite::{Connection, OptionalExtension, params};
+use synesis_proto::message::EscalationDone;
+use synesis_proto::{AccountId, FrameLimits, Message, RequestId, UnixMillis};
+
+use super::StorageError;
+
+/// A finished request as it was streamed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredAnswer {
+    /// SHA-256 of the request (without a BYOK key), to refuse the id reused for another one.
+    pub body: [u8; 32],
+    pub chunks: Vec<String>,
+    pub done: EscalationDone,
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StorageError {
+    StorageError::Corrupt(format!("a stored escalation answer: {what}"))
+}
+
+/// Records a finished request (once: the primary key refuses a second).
+pub fn put(
+    conn: &Connection,
+    account: AccountId,
+    request_id: RequestId,
+    answer: &StoredAnswer,
+    at: UnixMillis,
+) -> Result<(), StorageError> {
+    let chunks = serde_json::to_string(&answer.chunks).map_err(corrupt)?;
+    let done = synesis_proto::encode_frame_vec(
+        &Message::EscalationDone(answer.done.clone()),
+        FrameLimits::default(),
+    )
+    .map_err(corrupt)?;
+    conn.execute(
+        "INSERT INTO escalation_answers (account_id, request_id, body, chunks, done, at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            account.to_string(),
+            request_id.to_string(),
+            &answer.body[..],
+            chunks,
+            done,
+            at.0
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn get(
+    conn: &Connection,
+    account: AccountId,
+    request_id: RequestId,
+) -> Result<Option<StoredAnswer>, StorageError> {
+    let row: Option<(Vec<u8>, String, Vec<u8>)> = conn
+        .query_row(
+            "SELECT body, chunks, done FROM escalation_answers
+             WHERE account_id = ?1 AND request_id = ?2",
+            params![account.to_string(), request_id.to_string()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((body, chunks, done)) = row else {
+        return Ok(None);
+    };
+    let body: [u8; 32] = body
+        .try_into()
+        .map_err(|_| corrupt("body is not 32 bytes"))?;
+    let chunks: Vec<String> = serde_json::from_str(&chunks).map_err(corrupt)?;
+    let done = match synesis_proto::decode_frame(&done, FrameLimits::default()).map_err(corrupt)? {
+        synesis_proto::Decoded::Frame {
+            message: Message::EscalationDone(done),
+            ..
+        } => done,
+        _ => return Err(corrupt("done is not an EscalationDone frame")),
+    };
+    Ok(Some(StoredAnswer { body, chunks, done }))
+}

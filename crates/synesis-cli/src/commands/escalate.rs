@@ -1,0 +1,283 @@
+//! `synesis cloud ask`: one escalation, streamed to stdout, recorded in the local ledger.
+//! The protocol (streaming, resume, cancel) is `synesis_tunnel::escalate`'s; this renders it.
+
+use std::io::{Read, Write};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use synesis_ledger_local::{CloudCharge, LocalLedger};
+use synesis_proto::message::{ChatRole, ChatTurn, EscalationRequest, FinishReason, Preferences};
+use synesis_proto::{MicroUsd, Secret};
+use synesis_tunnel::Identity;
+use synesis_tunnel::clock::{new_request_id, unix_now};
+use synesis_tunnel::escalate::{Progress, Route, escalate};
+use synesis_tunnel::local::LocalClient;
+
+use super::{Output, ledger_error};
+use crate::cli::CloudAskArgs;
+use crate::exit::UserError;
+use crate::paths::Paths;
+use crate::signals::Shutdown;
+
+/// Where a BYOK key may come from, in this order.
+const BYOK_ENV: &str = "SYNESIS_BYOK_KEY";
+const BYOK_FILE: &str = "byok.key";
+
+#[derive(Debug, Serialize)]
+struct Answer {
+    text: String,
+    model: String,
+    request_id: synesis_proto::RequestId,
+    input_tokens: u64,
+    output_tokens: u64,
+    finish_reason: &'static str,
+    ttft_ms: Option<f64>,
+    tokens_per_second: Option<f64>,
+    total_micro_usd: i64,
+    cost: CostView,
+    /// The provider gave no token counts: the cloud counted.
+    usage_counted: bool,
+    resumed: u32,
+    started_over: u32,
+    route: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct CostView {
+    base_micro_usd: i64,
+    markup_micro_usd: i64,
+    total_micro_usd: i64,
+}
+
+pub(crate) async fn run(out: &Output, paths: &Paths, args: &CloudAskArgs) -> anyhow::Result<()> {
+    let Some(identity) = Identity::load(&paths.data.path)? else {
+        bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
+    };
+    let prompt = match args.prompt.as_deref() {
+        Some(p) if p != "-" => p.to_owned(),
+        _ => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("cannot read the prompt from stdin")?;
+            text
+        }
+    };
+    if prompt.trim().is_empty() {
+        return Err(UserError::Usage("the prompt is empty".into()).into());
+    }
+    let byok_key = if args.byok {
+        Some(Secret(byok_key(paths)?))
+    } else {
+        None
+    };
+    let mut context = Vec::new();
+    if let Some(system) = &args.system {
+        context.push(ChatTurn {
+            role: ChatRole::System,
+            content: system.clone(),
+        });
+    }
+    context.push(ChatTurn {
+        role: ChatRole::User,
+        content: prompt,
+    });
+    let request = EscalationRequest {
+        request_id: new_request_id(),
+        model: args.model.clone(),
+        adapter: args.lora.clone(),
+        context,
+        preferences: Preferences {
+            max_tokens: args.max_tokens,
+            temperature: args.temperature,
+            top_p: None,
+            seed: args.seed,
+            stop: args.stop.clone(),
+            max_cost: args.max_cost,
+        },
+        byok_key,
+    };
+
+    let mut route = Route::choose(LocalClient::new(&paths.runtime.path), identity.clone()).await;
+    let route_name = if route.is_service() {
+        "service"
+    } else {
+        "direct"
+    };
+    let (cancel_tx, cancel) = tokio::sync::watch::channel(false);
+    let mut shutdown = Shutdown::listen()?;
+    let stream = !out.json();
+    let started = Instant::now();
+    let mut first_at: Option<Instant> = None;
+    let mut reader_gone = false;
+    let result = {
+        let mut on = |p: Progress<'_>| match p {
+            Progress::Text(text) => {
+                first_at.get_or_insert_with(Instant::now);
+                if stream && !reader_gone {
+                    let mut stdout = std::io::stdout().lock();
+                    if stdout
+                        .write_all(text.as_bytes())
+                        .and_then(|()| stdout.flush())
+                        .is_err()
+                    {
+                        reader_gone = true; // `| head`: the rest is not shown, still charged once
+                    }
+                }
+            }
+            Progress::Interrupted(why) => {
+                eprintln!("\nsynesis: the connection broke ({why}); resuming the answer…");
+            }
+            Progress::Resumed { next_seq } => {
+                tracing::info!(next_seq, "resumed the answer");
+            }
+            Progress::StartedOver => {
+                eprintln!(
+                    "\nsynesis: the cloud lost the answer (it restarted); it starts over (charged once):"
+                );
+            }
+        };
+        let work = escalate(&mut route, &request, cancel, &mut on);
+        tokio::pin!(work);
+        tokio::select! {
+            r = &mut work => r,
+            () = shutdown.requested() => {
+                let _ = cancel_tx.send(true);
+                eprintln!("\nsynesis: cancelling; the cloud charges what it produced");
+                tokio::select! {
+                    r = &mut work => r,
+                    () = shutdown.requested() => bail!("interrupted twice; the cloud settles the request on its own"),
+                }
+            }
+        }
+    };
+    route.close().await;
+    let done = result?;
+    let ended = Instant::now();
+    if stream && !reader_gone && !done.text.ends_with('\n') {
+        println!();
+    }
+
+    let d = &done.done;
+    let charge = CloudCharge {
+        request_id: d.request_id,
+        model: request.model.clone(),
+        device_id: Some(identity.info.device_id),
+        input_tokens: d.usage.input_tokens,
+        output_tokens: d.usage.output_tokens,
+        total_micro_usd: d.cost.total,
+        at: unix_now(),
+    };
+    let ledger_file = paths.ledger_file();
+    let recorded = tokio::task::spawn_blocking(move || {
+        LocalLedger::open(&ledger_file)
+            .and_then(|mut l| l.record_cloud(&charge))
+            .map_err(ledger_error)
+    })
+    .await
+    .map_err(anyhow::Error::from)
+    .and_then(|r| r);
+    if let Err(e) = recorded {
+        eprintln!(
+            "synesis: warning: this charge is not in the local ledger (`synesis cloud sync` adds it): {e:#}"
+        );
+    }
+
+    let ttft = first_at.map(|t| (t - started).as_secs_f64() * 1_000.0);
+    #[allow(clippy::cast_precision_loss)] // token counts
+    let tps = first_at.and_then(|t| {
+        let secs = (ended - t).as_secs_f64();
+        (d.usage.output_tokens > 1 && secs > 0.0).then(|| (d.usage.output_tokens - 1) as f64 / secs)
+    });
+    let answer = Answer {
+        text: done.text.clone(),
+        model: request.model.clone(),
+        request_id: d.request_id,
+        input_tokens: d.usage.input_tokens,
+        output_tokens: d.usage.output_tokens,
+        finish_reason: match d.finish_reason {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Failed => "failed",
+        },
+        ttft_ms: ttft,
+        tokens_per_second: tps,
+        total_micro_usd: d.cost.total.0,
+        cost: CostView {
+            base_micro_usd: d.cost.base.0,
+            markup_micro_usd: d.cost.markup.0,
+            total_micro_usd: d.cost.total.0,
+        },
+        usage_counted: d.usage_counted,
+        resumed: done.resumed,
+        started_over: done.started_over,
+        route: route_name,
+    };
+    if out.json() {
+        out.report(&answer, String::new)?;
+    } else {
+        eprintln!(
+            "[{} · {} in + {} out tokens{} · first token {} · {} · ${}{}{}]",
+            answer.model,
+            answer.input_tokens,
+            answer.output_tokens,
+            if answer.usage_counted {
+                " (counted by the cloud)"
+            } else {
+                ""
+            },
+            ttft.map_or("-".into(), |ms| format!("{ms:.0} ms")),
+            tps.map_or("-".into(), |t| format!("{t:.1} tok/s")),
+            MicroUsd(answer.total_micro_usd),
+            if answer.finish_reason == "stop" {
+                String::new()
+            } else {
+                format!(" · {}", answer.finish_reason)
+            },
+            if done.resumed > 0 {
+                format!(" · resumed {}×", done.resumed)
+            } else {
+                String::new()
+            },
+        );
+    }
+    Ok(())
+}
+
+/// The user's provider key: `$SYNESIS_BYOK_KEY`, else `byok.key` in the config directory,
+/// which must be readable by its owner only.
+fn byok_key(paths: &Paths) -> anyhow::Result<String> {
+    if let Ok(key) = std::env::var(BYOK_ENV)
+        && !key.trim().is_empty()
+    {
+        return Ok(key.trim().to_owned());
+    }
+    let path = paths.config.path.join(BYOK_FILE);
+    let meta = std::fs::metadata(&path).map_err(|_| {
+        UserError::Usage(format!(
+            "--byok needs your provider key: set {BYOK_ENV}, or put it in {} (chmod 600)",
+            path.display()
+        ))
+    })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            bail!(
+                "{} is readable by others (mode {mode:o}); run `chmod 600 {}`",
+                path.display(),
+                path.display()
+            );
+        }
+    }
+    let key = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let key = key.trim();
+    if key.is_empty() {
+        bail!("{} is empty", path.display());
+    }
+    Ok(key.to_owned())
+}
