@@ -44,7 +44,7 @@ use synesis_wire::{RecvError, send};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use crate::config::{EscalationSettings, Serving};
+use crate::config::{EscalationSettings, ProviderConfig, Serving};
 use crate::endpoint::Peer;
 use crate::provider::{ApiKey, Ask, Event, Provider, ProviderError, ProviderUsage};
 use crate::shared::{Shared, now};
@@ -72,6 +72,8 @@ pub(crate) struct Escalations {
 struct Model {
     provider: Arc<dyn Provider>,
     tiers: Vec<Tier>,
+    /// The provider's own name for the model.
+    upstream: String,
 }
 
 impl Escalations {
@@ -83,6 +85,12 @@ impl Escalations {
                 Model {
                     provider: crate::provider::build(&served.provider)?,
                     tiers: served.tiers.clone(),
+                    upstream: match &served.provider {
+                        ProviderConfig::Llama(_) => name.clone(),
+                        ProviderConfig::OpenAi(u) | ProviderConfig::Anthropic(u) => {
+                            u.upstream_model.clone()
+                        }
+                    },
                 },
             );
         }
@@ -589,8 +597,8 @@ impl Admission {
             Some(t) if t.role == ChatRole::User && !t.content.trim().is_empty() => {}
             _ => return Err("the conversation must end with the user's (non-empty) turn".into()),
         }
-        let upstream = match &self.shared.escalations.models.get(&r.model) {
-            Some(_) => r.model.clone(),
+        let upstream = match self.shared.escalations.models.get(&r.model) {
+            Some(m) => m.upstream.clone(),
             None => return Err(format!("{:?} is not served", r.model)),
         };
         Ok(Ask {
@@ -798,6 +806,16 @@ async fn drive(
         }
     };
     let end = settle_and_store(a, tier, model, finish_reason, usage, counted).await;
+    tracing::info!(
+        request = %id,
+        device = %a.device,
+        model,
+        input_tokens = usage.input_tokens,
+        output_tokens = usage.output_tokens,
+        counted,
+        ?finish_reason,
+        "escalation finished"
+    );
     a.run.end(end);
 }
 

@@ -17,9 +17,12 @@ use std::fmt;
 use synesis_proto::message::{ChatTurn, FinishReason};
 
 pub mod anthropic;
+pub mod http;
 pub mod local;
 pub mod openai;
 pub mod sse;
+
+pub use http::{HttpSettings, SetupError, api_key_from_env};
 
 /// Events a generation may queue before the provider waits for the handler (a handler reads
 /// them as they come; this only smooths bursts).
@@ -182,8 +185,30 @@ pub fn build(
         ProviderConfig::Llama(settings) => {
             std::sync::Arc::new(local::Llama::new(settings.clone())?)
         }
-        ProviderConfig::OpenAi(_) | ProviderConfig::Anthropic(_) => {
-            anyhow::bail!("HTTP upstreams are not built yet")
+        ProviderConfig::OpenAi(u) => std::sync::Arc::new(openai::OpenAi::new(http_settings(u)?)?),
+        ProviderConfig::Anthropic(u) => {
+            std::sync::Arc::new(anthropic::Anthropic::new(http_settings(u)?)?)
         }
+    })
+}
+
+/// An upstream's settings, its key read from the environment now (at start).
+fn http_settings(u: &crate::config::Upstream) -> anyhow::Result<HttpSettings> {
+    let api_key = match &u.api_key_env {
+        Some(var) => {
+            let key = api_key_from_env(var)?;
+            if key.is_none() {
+                tracing::warn!(var = %var, "the upstream's key variable is not set: only BYOK asks will carry a key");
+            }
+            key
+        }
+        None => None,
+    };
+    Ok(HttpSettings {
+        base_url: u.base_url.clone(),
+        api_key,
+        connect_timeout: u.connect_timeout,
+        first_byte_timeout: u.first_byte_timeout,
+        idle_timeout: u.idle_timeout,
     })
 }

@@ -1,1 +1,670 @@
-//! (being written)
+//! An OpenAI-compatible upstream: `POST {base_url}/chat/completions` with `stream: true`, read
+//! as server-sent chunks (vLLM, llama.cpp's server, llama-cpp-python, Ollama, OpenAI).
+//!
+//! This module owns the request body and the meaning of the chunks (`ChatChunks`, IO-free):
+//! `choices[0].delta.content` is text, `choices[0].finish_reason` the end's reason, a `usage`
+//! object (`stream_options.include_usage`; OpenAI sends it in a last chunk with no choices)
+//! the count, `data: [DONE]` the end. Servers that send no usage even when asked
+//! (llama-cpp-python) end with `usage: None` and the handler counts. The HTTP side (timeouts,
+//! statuses, stopping) is [`super::http`]'s.
+
+use serde::{Deserialize, Serialize};
+use synesis_proto::message::{ChatRole, FinishReason};
+
+use super::http::{Decoder, HttpSettings, SetupError, Upstream, key_header, one_line};
+use super::{Ask, Event, Generation, Provider, ProviderError, ProviderUsage, bytes_bound};
+
+/// An OpenAI-compatible chat completions upstream.
+#[derive(Debug)]
+pub struct OpenAi {
+    upstream: Upstream,
+}
+
+impl OpenAi {
+    /// A provider for the server at `settings.base_url` (the prefix holding
+    /// `/chat/completions`, such as `http://127.0.0.1:8080/v1`). Builds its one HTTP client.
+    pub fn new(settings: HttpSettings) -> Result<OpenAi, SetupError> {
+        Ok(OpenAi {
+            upstream: Upstream::new(settings, "/chat/completions")?,
+        })
+    }
+
+    fn request(&self, ask: &Ask) -> Result<reqwest::RequestBuilder, ProviderError> {
+        let mut request = self.upstream.post().json(&ChatRequest::new(ask));
+        if let Some(key) = self.upstream.key_for(ask.key.as_ref()) {
+            request = request.header(reqwest::header::AUTHORIZATION, key_header("Bearer ", key)?);
+        }
+        Ok(request)
+    }
+}
+
+impl Provider for OpenAi {
+    fn input_tokens_bound(&self, ask: &Ask) -> Result<u64, ProviderError> {
+        Ok(bytes_bound(&ask.turns, 8))
+    }
+
+    fn start(&self, ask: Ask) -> Generation {
+        let request = self.request(&ask);
+        self.upstream.start(request, ask.key, ChatChunks::default())
+    }
+
+    fn takes_user_keys(&self) -> bool {
+        true
+    }
+}
+
+/// The request body.
+#[derive(Debug, Serialize)]
+struct ChatRequest<'a> {
+    model: &'a str,
+    messages: Vec<Message<'a>>,
+    max_tokens: u32,
+    temperature: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+    stream: bool,
+    stream_options: StreamOptions,
+}
+
+#[derive(Debug, Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+impl<'a> ChatRequest<'a> {
+    fn new(ask: &'a Ask) -> ChatRequest<'a> {
+        ChatRequest {
+            model: &ask.model,
+            messages: ask
+                .turns
+                .iter()
+                .map(|turn| Message {
+                    role: match turn.role {
+                        ChatRole::System => "system",
+                        ChatRole::User => "user",
+                        ChatRole::Assistant => "assistant",
+                    },
+                    content: &turn.content,
+                })
+                .collect(),
+            max_tokens: ask.max_tokens,
+            temperature: ask.temperature,
+            top_p: ask.top_p,
+            seed: ask.seed,
+            stop: &ask.stop,
+            stream: true,
+            stream_options: StreamOptions {
+                include_usage: true,
+            },
+        }
+    }
+}
+
+/// One streamed chunk, only the fields read. Everything may be missing or null: servers
+/// differ (vLLM's usage chunk may have `"choices": null`).
+#[derive(Debug, Deserialize)]
+struct Chunk {
+    choices: Option<Vec<Choice>>,
+    usage: Option<Usage>,
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Choice {
+    index: Option<u32>,
+    delta: Option<Delta>,
+    finish_reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Delta {
+    content: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Usage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+}
+
+/// The meaning of a chat completions stream, fed one SSE event at a time.
+#[derive(Debug, Default)]
+pub(crate) struct ChatChunks {
+    finish: Option<FinishReason>,
+    usage: Option<ProviderUsage>,
+}
+
+impl ChatChunks {
+    fn done(&self) -> Event {
+        Event::Done {
+            finish_reason: self.finish.unwrap_or(FinishReason::Stop),
+            usage: self.usage,
+        }
+    }
+}
+
+/// `"length"` is the token limit; every other reason (`"stop"`, and `"content_filter"` or
+/// `"tool_calls"`, which these asks do not invite) is the model's own end.
+fn finish_reason(reason: &str) -> FinishReason {
+    match reason {
+        "length" => FinishReason::Length,
+        _ => FinishReason::Stop,
+    }
+}
+
+impl Decoder for ChatChunks {
+    fn on_event(&mut self, event: &str, data: &str) -> Result<Vec<Event>, ProviderError> {
+        let data = data.trim();
+        if data == "[DONE]" {
+            // `[DONE]` without a finish reason: the server says the answer is whole.
+            return Ok(vec![self.done()]);
+        }
+        let chunk: Chunk = serde_json::from_str(data)
+            .map_err(|e| ProviderError::Failed(format!("a malformed chunk in the stream ({e})")))?;
+        if let Some(error) = chunk.error.filter(|e| !e.is_null()) {
+            let message = error
+                .get("message")
+                .and_then(|m| m.as_str())
+                .map(str::to_owned)
+                .unwrap_or_else(|| error.to_string());
+            return Err(ProviderError::Failed(format!(
+                "the upstream reported an error: {}",
+                one_line(&message)
+            )));
+        }
+        if event == "error" {
+            return Err(ProviderError::Failed(format!(
+                "the upstream reported an error: {}",
+                one_line(data)
+            )));
+        }
+        if let Some(usage) = chunk.usage
+            && let (Some(input_tokens), Some(output_tokens)) =
+                (usage.prompt_tokens, usage.completion_tokens)
+        {
+            self.usage = Some(ProviderUsage {
+                input_tokens,
+                output_tokens,
+            });
+        }
+        let mut events = Vec::new();
+        let choice = chunk
+            .choices
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.index.unwrap_or(0) == 0);
+        if let Some(choice) = choice {
+            if let Some(text) = choice.delta.and_then(|d| d.content)
+                && !text.is_empty()
+            {
+                events.push(Event::Text(text));
+            }
+            if let Some(reason) = choice.finish_reason {
+                self.finish = Some(finish_reason(&reason));
+            }
+        }
+        Ok(events)
+    }
+
+    fn on_end(&mut self) -> Event {
+        if self.finish.is_some() {
+            // A finish reason came but not `[DONE]`: the answer is whole all the same.
+            self.done()
+        } else {
+            Event::Failed(ProviderError::Failed(
+                "the stream ended before the answer did (no finish reason, no [DONE])".to_owned(),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::{Duration, Instant};
+
+    use synesis_proto::message::ChatTurn;
+
+    use super::super::ApiKey;
+    use super::super::http::testing::{End, Script, collect, next, quick, settings, upstream};
+    use super::*;
+
+    /// Feeds `events` (SSE `data` payloads of unnamed events) to a fresh decoder; stops at the
+    /// first `Done` or error like the HTTP task does, else ends the stream.
+    fn decode(datas: &[&str]) -> Vec<Event> {
+        let mut decoder = ChatChunks::default();
+        let mut out = Vec::new();
+        for data in datas {
+            match decoder.on_event("message", data) {
+                Ok(events) => {
+                    let done = events.iter().any(|e| matches!(e, Event::Done { .. }));
+                    out.extend(events);
+                    if done {
+                        return out;
+                    }
+                }
+                Err(error) => {
+                    out.push(Event::Failed(error));
+                    return out;
+                }
+            }
+        }
+        out.push(decoder.on_end());
+        out
+    }
+
+    const ROLE: &str = r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"usage":null}"#;
+    const HELLO: &str = r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"Hello"},"logprobs":null,"finish_reason":null}],"usage":null}"#;
+    const WORLD: &str = r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":" world"},"logprobs":null,"finish_reason":null}],"usage":null}"#;
+    const STOP: &str = r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],"usage":null}"#;
+    const LENGTH: &str = r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"length"}]}"#;
+    const USAGE: &str = r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}"#;
+
+    fn text(s: &str) -> Event {
+        Event::Text(s.to_owned())
+    }
+
+    #[test]
+    fn openai_sequence_with_usage() {
+        assert_eq!(
+            decode(&[ROLE, HELLO, WORLD, STOP, USAGE, "[DONE]"]),
+            vec![
+                text("Hello"),
+                text(" world"),
+                Event::Done {
+                    finish_reason: FinishReason::Stop,
+                    usage: Some(ProviderUsage {
+                        input_tokens: 12,
+                        output_tokens: 3
+                    }),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn llama_cpp_python_sequence_without_usage() {
+        // llama-cpp-python: no usage chunk even when asked, no `usage` key at all.
+        let role = r#"{"id":"x","model":"m","created":1,"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant"},"logprobs":null,"finish_reason":null}]}"#;
+        let hi = r#"{"id":"x","model":"m","created":1,"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hi"},"logprobs":null,"finish_reason":null}]}"#;
+        let end = r#"{"id":"x","model":"m","created":1,"object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"length"}]}"#;
+        assert_eq!(
+            decode(&[role, hi, end, "[DONE]"]),
+            vec![
+                text("Hi"),
+                Event::Done {
+                    finish_reason: FinishReason::Length,
+                    usage: None
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn usage_chunk_with_null_choices_and_finish_without_done() {
+        let usage = r#"{"choices":null,"usage":{"prompt_tokens":5,"completion_tokens":1}}"#;
+        assert_eq!(
+            decode(&[HELLO, LENGTH, usage]),
+            vec![
+                text("Hello"),
+                Event::Done {
+                    finish_reason: FinishReason::Length,
+                    usage: Some(ProviderUsage {
+                        input_tokens: 5,
+                        output_tokens: 1
+                    })
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn a_stream_without_its_end_fails() {
+        let events = decode(&[ROLE, HELLO]);
+        assert_eq!(events[0], text("Hello"));
+        assert!(matches!(events[1], Event::Failed(ProviderError::Failed(_))));
+        assert_eq!(events.len(), 2);
+    }
+
+    #[test]
+    fn malformed_chunks_and_error_chunks_fail() {
+        assert!(matches!(
+            decode(&["{not json"])[..],
+            [Event::Failed(ProviderError::Failed(_))]
+        ));
+        let events = decode(&[
+            HELLO,
+            r#"{"error":{"message":"out of memory","type":"server_error"}}"#,
+        ]);
+        assert_eq!(events[0], text("Hello"));
+        assert_eq!(
+            events[1],
+            Event::Failed(ProviderError::Failed(
+                "the upstream reported an error: out of memory".to_owned()
+            ))
+        );
+    }
+
+    #[test]
+    fn done_without_finish_is_a_stop() {
+        assert_eq!(
+            decode(&[HELLO, "[DONE]"]),
+            vec![
+                text("Hello"),
+                Event::Done {
+                    finish_reason: FinishReason::Stop,
+                    usage: None
+                }
+            ]
+        );
+    }
+
+    fn ask(key: Option<&str>) -> Ask {
+        Ask {
+            model: "qwen2.5-7b".to_owned(),
+            turns: vec![
+                ChatTurn {
+                    role: ChatRole::System,
+                    content: "Be brief.".to_owned(),
+                },
+                ChatTurn {
+                    role: ChatRole::User,
+                    content: "Hi".to_owned(),
+                },
+            ],
+            max_tokens: 64,
+            temperature: 0.5,
+            top_p: None,
+            seed: Some(42),
+            stop: vec!["\n\n".to_owned()],
+            adapter: None,
+            key: key.map(ApiKey::new),
+        }
+    }
+
+    fn sse(data: &str) -> String {
+        format!("data: {data}\n\n")
+    }
+
+    fn provider(url: &str, key: Option<&str>) -> OpenAi {
+        let mut settings = settings(format!("{url}/v1"));
+        settings.api_key = key.map(ApiKey::new);
+        OpenAi::new(settings).unwrap()
+    }
+
+    #[tokio::test]
+    async fn streams_an_answer_from_a_real_server() {
+        let server = upstream(Script::Stream {
+            pieces: vec![
+                sse(ROLE),
+                // One event split across two HTTP chunks, CRLF line ends.
+                format!("data: {}", &HELLO[..20]),
+                format!("{}\r\n\r\n", &HELLO[20..]),
+                sse(WORLD) + &sse(STOP),
+                ": keepalive\n\n".to_owned(),
+                sse(USAGE),
+                sse("[DONE]"),
+            ],
+            end: End::Finish,
+        })
+        .await;
+        let openai = provider(&server.url, Some("sk-configured"));
+        let events = collect(openai.start(ask(None))).await;
+        assert_eq!(
+            events,
+            vec![
+                text("Hello"),
+                text(" world"),
+                Event::Done {
+                    finish_reason: FinishReason::Stop,
+                    usage: Some(ProviderUsage {
+                        input_tokens: 12,
+                        output_tokens: 3
+                    })
+                }
+            ]
+        );
+        let request = server.request.await.unwrap();
+        assert!(
+            request
+                .head
+                .starts_with("POST /v1/chat/completions HTTP/1.1\r\n")
+        );
+        assert_eq!(
+            request.header("authorization").unwrap(),
+            "Bearer sk-configured"
+        );
+        assert_eq!(
+            request.json(),
+            serde_json::json!({
+                "model": "qwen2.5-7b",
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                ],
+                "max_tokens": 64,
+                "temperature": 0.5,
+                "seed": 42,
+                "stop": ["\n\n"],
+                "stream": true,
+                "stream_options": {"include_usage": true},
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn the_users_key_wins_and_no_key_sends_no_header() {
+        let server = upstream(Script::Stream {
+            pieces: vec![sse(STOP), sse("[DONE]")],
+            end: End::Finish,
+        })
+        .await;
+        let openai = provider(&server.url, Some("sk-configured"));
+        collect(openai.start(ask(Some("sk-user")))).await;
+        let request = server.request.await.unwrap();
+        assert_eq!(request.header("authorization").unwrap(), "Bearer sk-user");
+
+        let server = upstream(Script::Stream {
+            pieces: vec![sse(STOP), sse("[DONE]")],
+            end: End::Finish,
+        })
+        .await;
+        let openai = provider(&server.url, None);
+        collect(openai.start(ask(None))).await;
+        let request = server.request.await.unwrap();
+        assert_eq!(request.header("authorization"), None);
+    }
+
+    #[tokio::test]
+    async fn a_500_is_unavailable_with_its_retry_after() {
+        let server = upstream(Script::Status {
+            code: 503,
+            headers: vec![("retry-after", "2".to_owned())],
+            body: r#"{"error":{"message":"loading model","type":"unavailable"}}"#.to_owned(),
+        })
+        .await;
+        let events = collect(provider(&server.url, None).start(ask(None))).await;
+        assert_eq!(
+            events,
+            vec![Event::Failed(ProviderError::Unavailable {
+                why: "HTTP 503 Service Unavailable: unavailable: loading model".to_owned(),
+                retry_after_ms: Some(2000),
+            })]
+        );
+
+        let server = upstream(Script::Status {
+            code: 500,
+            headers: vec![],
+            body: "oops".to_owned(),
+        })
+        .await;
+        let events = collect(provider(&server.url, None).start(ask(None))).await;
+        assert!(matches!(
+            events[..],
+            [Event::Failed(ProviderError::Unavailable {
+                retry_after_ms: None,
+                ..
+            })]
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_429_is_unavailable() {
+        let server = upstream(Script::Status {
+            code: 429,
+            headers: vec![("retry-after-ms", "250".to_owned())],
+            body: String::new(),
+        })
+        .await;
+        let events = collect(provider(&server.url, None).start(ask(None))).await;
+        assert_eq!(
+            events,
+            vec![Event::Failed(ProviderError::Unavailable {
+                why: "HTTP 429 Too Many Requests".to_owned(),
+                retry_after_ms: Some(250),
+            })]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_401_is_refused_without_the_key() {
+        for (configured, user) in [(Some("sk-secret-123"), None), (None, Some("sk-secret-123"))] {
+            let server = upstream(Script::Status {
+                code: 401,
+                headers: vec![],
+                body: r#"{"error":{"message":"Incorrect API key provided: sk-secret-123.","type":"invalid_request_error"}}"#.to_owned(),
+            })
+            .await;
+            let events = collect(provider(&server.url, configured).start(ask(user))).await;
+            let [Event::Failed(ProviderError::Refused(why))] = &events[..] else {
+                panic!("{events:?}");
+            };
+            assert!(why.starts_with("HTTP 401 Unauthorized: "), "{why}");
+            assert!(!why.contains("sk-secret-123"), "{why}");
+            assert!(why.contains("[redacted]"), "{why}");
+            assert!(!format!("{events:?}").contains("sk-secret-123"));
+        }
+    }
+
+    #[tokio::test]
+    async fn no_headers_in_time_is_a_timeout_and_the_connection_is_dropped() {
+        let server = upstream(Script::Hang).await;
+        let openai = OpenAi::new(quick(format!("{}/v1", server.url))).unwrap();
+        let started = Instant::now();
+        let events = collect(openai.start(ask(None))).await;
+        assert!(
+            matches!(events[..], [Event::Failed(ProviderError::TimedOut(_))]),
+            "{events:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+        tokio::time::timeout(Duration::from_secs(1), server.closed)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_silent_stream_times_out() {
+        let server = upstream(Script::Stream {
+            pieces: vec![sse(HELLO)],
+            end: End::Hold,
+        })
+        .await;
+        let openai = OpenAi::new(quick(format!("{}/v1", server.url))).unwrap();
+        let events = collect(openai.start(ask(None))).await;
+        assert_eq!(events[0], text("Hello"));
+        assert!(
+            matches!(events[1], Event::Failed(ProviderError::TimedOut(_))),
+            "{events:?}"
+        );
+        assert_eq!(events.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_mid_stream_fails_after_the_text() {
+        let server = upstream(Script::Stream {
+            pieces: vec![sse(ROLE), sse(HELLO)],
+            end: End::Abort,
+        })
+        .await;
+        let events = collect(provider(&server.url, None).start(ask(None))).await;
+        assert_eq!(events[0], text("Hello"));
+        assert!(
+            matches!(events[1], Event::Failed(ProviderError::Failed(_))),
+            "{events:?}"
+        );
+        assert_eq!(events.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_unavailable() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let events = collect(provider(&url, None).start(ask(None))).await;
+        assert!(
+            matches!(
+                events[..],
+                [Event::Failed(ProviderError::Unavailable { .. })]
+            ),
+            "{events:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_the_generation_closes_the_connection() {
+        let server = upstream(Script::Stream {
+            pieces: vec![sse(ROLE), sse(HELLO)],
+            end: End::Hold,
+        })
+        .await;
+        let mut settings = settings(format!("{}/v1", server.url));
+        settings.idle_timeout = Duration::from_secs(30);
+        let openai = OpenAi::new(settings).unwrap();
+        let mut generation = openai.start(ask(None));
+        assert_eq!(next(&mut generation).await, Some(text("Hello")));
+        drop(generation);
+        tokio::time::timeout(Duration::from_secs(1), server.closed)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn stopping_before_the_headers_closes_the_connection() {
+        let server = upstream(Script::Hang).await;
+        let mut settings = settings(format!("{}/v1", server.url));
+        settings.first_byte_timeout = Duration::from_secs(30);
+        let openai = OpenAi::new(settings).unwrap();
+        let mut generation = openai.start(ask(None));
+        server.request.await.unwrap();
+        generation.stop();
+        tokio::time::timeout(Duration::from_secs(1), server.closed)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(next(&mut generation).await, None);
+    }
+
+    #[test]
+    fn bound_and_byok() {
+        let openai = OpenAi::new(HttpSettings::new("http://127.0.0.1:1/v1")).unwrap();
+        let ask = ask(None);
+        assert_eq!(
+            openai.input_tokens_bound(&ask).unwrap(),
+            bytes_bound(&ask.turns, 8)
+        );
+        assert!(openai.takes_user_keys());
+    }
+}

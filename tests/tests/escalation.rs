@@ -1,0 +1,573 @@
+//! Escalations end to end, for real: `synesis cloud ask` (and a client speaking the protocol
+//! directly) against `synesis-cloud serve` answering with the tiny GGUF model through its
+//! in-process llama.cpp provider, over QUIC on loopback; charges read back from the cloud's
+//! ledger and the device's local ledger.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::path::Path;
+use std::time::Duration;
+
+use synesis_e2e::{Cloud, Device, json_of, run_ok, wait_for};
+use synesis_proto::message::{
+    ChatRole, ChatTurn, EscalationCancel, EscalationRequest, FinishReason, Preferences,
+};
+use synesis_proto::{ErrorCode, FrameLimits, Message, RequestId};
+use synesis_tunnel::Identity;
+use synesis_wire::FramedRecv;
+
+const PROMPT: &str = "hello";
+
+/// A cloud serving the tiny model (written by a device's `model add --tiny`), an account of
+/// `tier` with a device enrolled and `credit` dollars on it (none for `None`).
+struct Setup {
+    cloud: Cloud,
+    device: Device,
+    _config: tempfile::TempDir,
+}
+
+fn setup(tier: &str, credit: Option<&str>, extra_config: &str) -> Setup {
+    setup_with(
+        synesis_infer::tiny::TinySpec::TINY,
+        tier,
+        credit,
+        extra_config,
+    )
+}
+
+/// [`setup`] with a model of another shape (a bigger one answers slowly enough to be cut).
+fn setup_with(
+    spec: synesis_infer::tiny::TinySpec,
+    tier: &str,
+    credit: Option<&str>,
+    extra_config: &str,
+) -> Setup {
+    let device = Device::new();
+    let config = tempfile::tempdir().unwrap();
+    // The tiny model with a context long enough for answers that take seconds.
+    let model = config.path().join("tiny-long.gguf");
+    let spec = synesis_infer::tiny::TinySpec {
+        n_ctx: 4_096,
+        ..spec
+    };
+    synesis_infer::tiny::write_model(&model, spec).unwrap();
+    run_ok(
+        device
+            .synesis()
+            .args(["model", "add"])
+            .arg(&model)
+            .args(["--name", "tiny"]),
+    );
+    let file = config.path().join("cloud.toml");
+    std::fs::write(&file, cloud_toml(&model, extra_config)).unwrap();
+    let cloud = Cloud::start_with(&["--config", file.to_str().unwrap()]);
+    run_ok(
+        cloud
+            .admin()
+            .args(["account", "create", "acme", "--tier", tier]),
+    );
+    let token = cloud.token("acme", "1h");
+    device.login(&token);
+    if let Some(amount) = credit {
+        let out = run_ok(cloud.admin().args(["voucher", "create", amount]));
+        let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        run_ok(
+            device
+                .synesis()
+                .args(["cloud", "topup", "--voucher", &code]),
+        );
+    }
+    Setup {
+        cloud,
+        device,
+        _config: config,
+    }
+}
+
+fn cloud_toml(model: &Path, extra: &str) -> String {
+    format!(
+        "{extra}\n[prices.tiny]\ninput_usd_per_mtok = \"1.00\"\noutput_usd_per_mtok = \"2.00\"\n\
+         [models.tiny]\nprovider = \"llama\"\npath = {:?}\nsequences = 2\nqueue = 64\nthreads = 1\n",
+        model.display().to_string()
+    )
+}
+
+/// The exact Managed charge of the tiny model's prices: (input × 1 + output × 2) µUSD × 1.03,
+/// rounded half up.
+fn managed_total(input: u64, output: u64) -> i64 {
+    let base_pico = u128::from(input) * 1_000_000 + u128::from(output) * 2_000_000;
+    let total = (base_pico * 10_300 + 5_000_000_000) / 10_000_000_000;
+    i64::try_from(total).unwrap()
+}
+
+fn usage(s: &Setup) -> serde_json::Value {
+    json_of(s.device.synesis().args(["--json", "cloud", "usage"]))
+}
+
+fn request(id: RequestId, max_tokens: u32) -> EscalationRequest {
+    EscalationRequest {
+        request_id: id,
+        model: "tiny".into(),
+        adapter: None,
+        context: vec![ChatTurn {
+            role: ChatRole::User,
+            content: PROMPT.into(),
+        }],
+        preferences: Preferences {
+            max_tokens,
+            temperature: 0.0,
+            top_p: None,
+            seed: None,
+            stop: vec![],
+            max_cost: None,
+        },
+        byok_key: None,
+    }
+}
+
+/// A raw protocol client: one mutual-TLS connection of the device.
+async fn connect(device: &Device) -> (quinn::Endpoint, quinn::Connection) {
+    let identity = Identity::load(&device.home().join("data"))
+        .unwrap()
+        .unwrap();
+    let config =
+        synesis_tunnel::tls::device_client_config(&identity, Duration::from_secs(5)).unwrap();
+    let addr = synesis_tunnel::connect::resolve(&identity.info.server)
+        .await
+        .unwrap();
+    let endpoint = synesis_tunnel::connect::client_endpoint(addr).unwrap();
+    let conn = synesis_tunnel::connect::dial(&endpoint, config, addr, Duration::from_secs(10))
+        .await
+        .unwrap();
+    (endpoint, conn)
+}
+
+/// What came back on one escalation stream.
+#[derive(Debug, Default)]
+struct Reply {
+    text: String,
+    chunks: Vec<u32>,
+    end: Option<Message>,
+}
+
+/// Sends `first` on a new stream; reads to the end, sending a cancel after `cancel_after`
+/// chunks.
+async fn exchange(conn: &quinn::Connection, first: Message, cancel_after: Option<usize>) -> Reply {
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    synesis_wire::send(&mut tx, &first, FrameLimits::default())
+        .await
+        .unwrap();
+    let mut rx = FramedRecv::new(rx, FrameLimits::default());
+    let mut reply = Reply::default();
+    while let Some(m) = rx.next().await.unwrap() {
+        match m {
+            Message::EscalationChunk(c) => {
+                reply.text.push_str(&c.text);
+                reply.chunks.push(c.seq);
+                if cancel_after == Some(reply.chunks.len()) {
+                    let cancel = EscalationCancel {
+                        request_id: c.request_id,
+                    };
+                    synesis_wire::send(&mut tx, &cancel.into(), FrameLimits::default())
+                        .await
+                        .unwrap();
+                }
+            }
+            end => {
+                reply.end = Some(end);
+                break;
+            }
+        }
+    }
+    reply
+}
+
+fn done(reply: &Reply) -> &synesis_proto::message::EscalationDone {
+    match &reply.end {
+        Some(Message::EscalationDone(d)) => d,
+        other => panic!("no EscalationDone: {other:?}"),
+    }
+}
+
+fn refusal(reply: &Reply) -> ErrorCode {
+    match &reply.end {
+        Some(Message::ErrorMsg(e)) => e.code,
+        other => panic!("no ErrorMsg: {other:?}"),
+    }
+}
+
+#[test]
+fn cloud_ask_matches_the_local_answer_and_is_charged_exactly_once() {
+    let s = setup("managed", Some("10.00"), "");
+    let local = json_of(s.device.synesis().args([
+        "--json",
+        "ask",
+        "--local",
+        "--model",
+        "tiny",
+        "--max-tokens",
+        "24",
+        PROMPT,
+    ]));
+    let cloud =
+        json_of(
+            s.device
+                .synesis()
+                .args(["--json", "cloud", "ask", "--max-tokens", "24", PROMPT]),
+        );
+    assert_eq!(
+        cloud["text"], local["text"],
+        "greedy: the same text on both sides"
+    );
+    let (input, output) = (
+        cloud["input_tokens"].as_u64().unwrap(),
+        cloud["output_tokens"].as_u64().unwrap(),
+    );
+    assert_eq!(input, local["prompt_tokens"].as_u64().unwrap());
+    assert_eq!(output, local["completion_tokens"].as_u64().unwrap());
+    assert_eq!(
+        cloud["usage_counted"], false,
+        "llama.cpp counted the tokens"
+    );
+    let total = managed_total(input, output);
+    assert_eq!(cloud["total_micro_usd"].as_i64().unwrap(), total);
+    assert_eq!(
+        cloud["cost"]["base_micro_usd"].as_i64().unwrap()
+            + cloud["cost"]["markup_micro_usd"].as_i64().unwrap(),
+        total
+    );
+
+    let u = usage(&s);
+    let charges = u["charges"].as_array().unwrap();
+    assert_eq!(charges.len(), 1, "{u}");
+    assert_eq!(charges[0]["request_id"], cloud["request_id"]);
+    assert_eq!(charges[0]["total_micro_usd"].as_i64().unwrap(), total);
+    assert_eq!(
+        u["held_micro_usd"].as_i64().unwrap(),
+        0,
+        "no hold stays open"
+    );
+    assert_eq!(u["balance_micro_usd"].as_i64().unwrap(), 10_000_000 - total);
+
+    // The device's own ledger has the charge, by request id.
+    let local_usage = json_of(s.device.synesis().args(["--json", "usage"]));
+    assert_eq!(local_usage["cloud"]["charges"], 1, "{local_usage}");
+    assert_eq!(
+        local_usage["cloud"]["total_micro_usd"].as_i64().unwrap(),
+        total,
+        "{local_usage}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_request_id_fifty_times_runs_the_model_once_and_charges_once() {
+    let s = setup("managed", Some("10.00"), "");
+    let (_endpoint, conn) = connect(&s.device).await;
+    let id = synesis_tunnel::clock::new_request_id();
+    let first: Message = request(id, 32).into();
+    // 25 at once on one connection, then 25 more after it finished.
+    let storm: Vec<_> = (0..25)
+        .map(|_| {
+            let (conn, first) = (conn.clone(), first.clone());
+            tokio::spawn(async move { exchange(&conn, first, None).await })
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for r in storm {
+        replies.push(r.await.unwrap());
+    }
+    for _ in 0..25 {
+        replies.push(exchange(&conn, first.clone(), None).await);
+    }
+    let one = done(&replies[0]).clone();
+    for r in &replies {
+        assert_eq!(done(r), &one, "every repeat has the same outcome");
+        assert_eq!(r.text, replies[0].text);
+        assert_eq!(
+            r.chunks,
+            (0..one.chunks).collect::<Vec<_>>(),
+            "no gap, no repeat"
+        );
+    }
+    let u = usage(&s);
+    assert_eq!(u["charges"].as_array().unwrap().len(), 1, "{u}");
+    let runs = s.cloud.log().matches("escalation finished").count();
+    assert_eq!(runs, 1, "the model ran once:\n{}", s.cloud.log());
+
+    // The same id with another body is a conflict, not a replay.
+    let other = exchange(&conn, request(id, 33).into(), None).await;
+    assert_eq!(refusal(&other), ErrorCode::IDEMPOTENCY_CONFLICT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_after_some_chunks_is_charged_for_those_only() {
+    let s = setup("managed", Some("10.00"), "");
+    let (_endpoint, conn) = connect(&s.device).await;
+    let id = synesis_tunnel::clock::new_request_id();
+    let reply = exchange(&conn, request(id, 4_000).into(), Some(5)).await;
+    let d = done(&reply);
+    assert_eq!(d.finish_reason, FinishReason::Cancelled);
+    assert!(
+        reply.chunks.len() >= 5 && reply.chunks.len() < 4_000,
+        "{}",
+        reply.chunks.len()
+    );
+    assert_eq!(
+        d.chunks as usize,
+        reply.chunks.len(),
+        "the device has every chunk made"
+    );
+    assert_eq!(
+        d.usage.output_tokens,
+        u64::from(d.chunks),
+        "charged per chunk produced"
+    );
+    assert_eq!(
+        d.cost.total.0,
+        managed_total(d.usage.input_tokens, d.usage.output_tokens)
+    );
+    let u = usage(&s);
+    assert_eq!(
+        u["held_micro_usd"].as_i64().unwrap(),
+        0,
+        "the hold is released: {u}"
+    );
+    assert_eq!(
+        u["charges"][0]["total_micro_usd"].as_i64().unwrap(),
+        d.cost.total.0
+    );
+}
+
+#[test]
+fn refusals_come_first_are_clear_and_cost_nothing() {
+    let s = setup("managed", None, "");
+    let ask = |args: &[&str]| {
+        let out = s
+            .device
+            .synesis()
+            .args(["cloud", "ask"])
+            .args(args)
+            .arg(PROMPT)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} was refused");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let broke = ask(&[]);
+    assert!(broke.contains("INSUFFICIENT_FUNDS"), "{broke}");
+    let unknown = ask(&["--model", "gpt-9"]);
+    assert!(
+        unknown.contains("UNKNOWN_MODEL") && unknown.contains("tiny"),
+        "{unknown}"
+    );
+    let byok = ask(&["--byok"]);
+    assert!(byok.contains("SYNESIS_BYOK_KEY"), "{byok}");
+    let out = run_ok(s.cloud.admin().args(["voucher", "create", "1.00"]));
+    let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    run_ok(
+        s.device
+            .synesis()
+            .args(["cloud", "topup", "--voucher", &code]),
+    );
+    let capped = ask(&["--max-tokens", "1000", "--max-cost", "0.000001"]);
+    assert!(capped.contains("MAX_COST_EXCEEDED"), "{capped}");
+    let u = usage(&s);
+    assert_eq!(u["charges"].as_array().unwrap().len(), 0, "{u}");
+    assert_eq!(u["balance_micro_usd"].as_i64().unwrap(), 1_000_000);
+}
+
+#[test]
+fn the_free_quota_admits_a_hold_exactly_at_its_boundary() {
+    // The hold's quota tokens: the prompt's exact count (llama.cpp's) plus max_tokens.
+    let probe = setup("free", None, "");
+    let local = json_of(probe.device.synesis().args([
+        "--json",
+        "ask",
+        "--local",
+        "--model",
+        "tiny",
+        "--max-tokens",
+        "8",
+        PROMPT,
+    ]));
+    let held = local["prompt_tokens"].as_u64().unwrap() + 8;
+    for (quota, admitted) in [(held - 1, false), (held, true), (held + 1, true)] {
+        let s = setup(
+            "free",
+            None,
+            &format!("[tiers]\nfree_quota_tokens = {quota}\n"),
+        );
+        let out = s
+            .device
+            .synesis()
+            .args(["--json", "cloud", "ask", "--max-tokens", "8", PROMPT])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.success(),
+            admitted,
+            "quota {quota} for {held}: {stderr}"
+        );
+        if !admitted {
+            assert!(stderr.contains("QUOTA_EXCEEDED"), "{stderr}");
+        }
+        let u = usage(&s);
+        assert_eq!(
+            u["charges"].as_array().unwrap().len(),
+            usize::from(admitted),
+            "{u}"
+        );
+        assert_eq!(
+            u["balance_micro_usd"].as_i64().unwrap(),
+            0,
+            "Free costs no money"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_at_once_never_overdraw_and_the_refused_cost_nothing() {
+    // $0.002 covers about four holds of (input + 200 output) at once.
+    let s = setup("managed", Some("0.002"), "");
+    let (_e1, a) = connect(&s.device).await;
+    let (_e2, b) = connect(&s.device).await;
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let conn = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                let id = synesis_tunnel::clock::new_request_id();
+                exchange(&conn, request(id, 200).into(), None).await
+            })
+        })
+        .collect();
+    let (mut served, mut refused, mut charged) = (0, 0, 0i64);
+    for t in tasks {
+        let r = t.await.unwrap();
+        match &r.end {
+            Some(Message::EscalationDone(d)) => {
+                served += 1;
+                charged += d.cost.total.0;
+            }
+            Some(Message::ErrorMsg(e)) => {
+                assert!(
+                    e.code == ErrorCode::INSUFFICIENT_FUNDS || e.code == ErrorCode::UNAVAILABLE,
+                    "{e:?}"
+                );
+                refused += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        served > 0 && refused > 0,
+        "served {served}, refused {refused}"
+    );
+    let u = usage(&s);
+    assert_eq!(u["charges"].as_array().unwrap().len(), served, "{u}");
+    let balance = u["balance_micro_usd"].as_i64().unwrap();
+    assert_eq!(balance, 2_000 - charged, "only the served were charged");
+    assert!(balance >= 0);
+    assert_eq!(u["held_micro_usd"].as_i64().unwrap(), 0);
+}
+
+#[test]
+fn an_answer_survives_a_tunnel_cut_longer_than_three_heartbeats() {
+    let s = setup_with(
+        synesis_infer::tiny::TinySpec::BENCH,
+        "managed",
+        Some("10.00"),
+        "",
+    );
+    // The reference: the same greedy answer, unbroken.
+    let reference = json_of(s.device.synesis().args([
+        "--json",
+        "cloud",
+        "ask",
+        "--max-tokens",
+        "600",
+        PROMPT,
+    ]));
+    let relay = synesis_e2e::UdpRelay::start(s.cloud.addr);
+    // A second device of the account, whose tunnel goes through the relay.
+    let device = Device::new();
+    device.login(&relay.token_via(&s.cloud.token("acme", "1h")));
+    let _tunnel = device.tunnel("1s");
+    assert!(wait_for(Duration::from_secs(15), || device
+        .state()
+        .as_deref()
+        == Some("connected")));
+    let ask = device
+        .synesis()
+        .args(["--json", "cloud", "ask", "--max-tokens", "600", PROMPT])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1_000));
+    relay.cut(true);
+    std::thread::sleep(Duration::from_secs(5));
+    relay.cut(false);
+    let out = ask.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", device.tunnel_log());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["text"], reference["text"], "no gap, no repeat: {stderr}");
+    assert!(v["resumed"].as_u64().unwrap() >= 1, "it was cut: {stderr}");
+    assert_eq!(v["route"], "service");
+    let u = usage(&s);
+    assert_eq!(
+        u["charges"].as_array().unwrap().len(),
+        2,
+        "one charge each: {u}"
+    );
+}
+
+#[test]
+fn a_cloud_killed_mid_answer_and_restarted_finishes_it_charged_once() {
+    let mut s = setup_with(
+        synesis_infer::tiny::TinySpec::BENCH,
+        "managed",
+        Some("10.00"),
+        "",
+    );
+    let reference = json_of(s.device.synesis().args([
+        "--json",
+        "cloud",
+        "ask",
+        "--max-tokens",
+        "600",
+        PROMPT,
+    ]));
+    let ask = s
+        .device
+        .synesis()
+        .args(["--json", "cloud", "ask", "--max-tokens", "600", PROMPT])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1_500));
+    synesis_e2e::signal(s.cloud.process.pid(), "KILL");
+    std::thread::sleep(Duration::from_millis(500));
+    s.cloud.restart();
+    let out = ask.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", s.cloud.log());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["text"], reference["text"], "{stderr}");
+    assert!(
+        v["started_over"].as_u64().unwrap() + v["resumed"].as_u64().unwrap() >= 1,
+        "{stderr}"
+    );
+    let u = usage(&s);
+    assert_eq!(
+        u["charges"].as_array().unwrap().len(),
+        2,
+        "charged once: {u}"
+    );
+    assert_eq!(
+        u["held_micro_usd"].as_i64().unwrap(),
+        0,
+        "no hold left open: {u}"
+    );
+}
