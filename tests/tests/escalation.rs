@@ -479,14 +479,12 @@ fn an_answer_survives_a_tunnel_cut_longer_than_three_heartbeats() {
         "",
     );
     // The reference: the same greedy answer, unbroken.
-    let reference = json_of(s.device.synesis().args([
-        "--json",
-        "cloud",
-        "ask",
-        "--max-tokens",
-        "600",
-        PROMPT,
-    ]));
+    let reference =
+        json_of(
+            s.device
+                .synesis()
+                .args(["--json", "cloud", "ask", "--max-tokens", "600", PROMPT]),
+        );
     let relay = synesis_e2e::UdpRelay::start(s.cloud.addr);
     // A second device of the account, whose tunnel goes through the relay.
     let device = Device::new();
@@ -530,14 +528,12 @@ fn a_cloud_killed_mid_answer_and_restarted_finishes_it_charged_once() {
         Some("10.00"),
         "",
     );
-    let reference = json_of(s.device.synesis().args([
-        "--json",
-        "cloud",
-        "ask",
-        "--max-tokens",
-        "600",
-        PROMPT,
-    ]));
+    let reference =
+        json_of(
+            s.device
+                .synesis()
+                .args(["--json", "cloud", "ask", "--max-tokens", "600", PROMPT]),
+        );
     let ask = s
         .device
         .synesis()
@@ -570,4 +566,84 @@ fn a_cloud_killed_mid_answer_and_restarted_finishes_it_charged_once() {
         0,
         "no hold left open: {u}"
     );
+}
+
+/// The OpenAI-compatible provider against a real server: llama-cpp-python's, on the tiny model.
+/// Skipped (with a message) where `pip install "llama-cpp-python[server]"` was not run.
+#[test]
+fn an_openai_compatible_upstream_answers_through_the_cloud() {
+    let python = std::process::Command::new("python3")
+        .args(["-c", "import llama_cpp.server"])
+        .output();
+    if !python.is_ok_and(|o| o.status.success()) {
+        eprintln!(
+            "SKIPPED: llama-cpp-python[server] is not installed (pip install \"llama-cpp-python[server]\")"
+        );
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("tiny.gguf");
+    synesis_infer::tiny::write_model(&model, synesis_infer::tiny::TinySpec::TINY).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "llama_cpp.server",
+            "--host",
+            "127.0.0.1",
+            "--n_ctx",
+            "256",
+            "--port",
+        ])
+        .arg(port.to_string())
+        .arg("--model")
+        .arg(&model)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = synesis_e2e::Running { child: server };
+    assert!(
+        wait_for(Duration::from_secs(60), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            port
+        ))
+        .is_ok()),
+        "the llama-cpp-python server started"
+    );
+    let extra = format!(
+        "[prices.up]\ninput_usd_per_mtok = \"1.00\"\noutput_usd_per_mtok = \"2.00\"\n\
+         [models.up]\nprovider = \"openai\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\n\
+         upstream_model = \"tiny\"\n"
+    );
+    let s = setup("managed", Some("10.00"), &extra);
+    let v = json_of(s.device.synesis().args([
+        "--json",
+        "cloud",
+        "ask",
+        "--model",
+        "up",
+        "--max-tokens",
+        "8",
+        PROMPT,
+    ]));
+    assert_eq!(
+        v["usage_counted"], true,
+        "this server streams no usage: {v}"
+    );
+    let (input, output) = (
+        v["input_tokens"].as_u64().unwrap(),
+        v["output_tokens"].as_u64().unwrap(),
+    );
+    assert!(output <= 8, "{v}");
+    assert_eq!(
+        v["total_micro_usd"].as_i64().unwrap(),
+        managed_total(input, output)
+    );
+    let u = usage(&s);
+    assert_eq!(u["charges"].as_array().unwrap().len(), 1, "{u}");
 }
