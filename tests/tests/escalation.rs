@@ -647,3 +647,60 @@ fn an_openai_compatible_upstream_answers_through_the_cloud() {
     let u = usage(&s);
     assert_eq!(u["charges"].as_array().unwrap().len(), 1, "{u}");
 }
+
+/// A device's pre-warm signal reaches the cloud on the control stream: the in-process
+/// provider loads the model before any escalation, and `admin devices` shows the signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prewarm_signal_loads_the_model_and_shows_in_admin_devices() {
+    let s = setup("managed", None, "");
+    let identity = Identity::load(&s.device.home().join("data"))
+        .unwrap()
+        .unwrap();
+    let (_vitals_tx, vitals) = tokio::sync::watch::channel(synesis_e2e::empty_vitals());
+    let tunnel = synesis_tunnel::Tunnel::spawn(synesis_tunnel::Options {
+        identity,
+        config: synesis_tunnel::machine::Config::default(),
+        vitals,
+        seed: 7,
+        data_dir: None,
+    });
+    let mut status = tunnel.status();
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while status.borrow_and_update().state != synesis_tunnel::TunnelState::Connected {
+            status.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("connected");
+    assert!(
+        !s.cloud.log().contains("model loaded"),
+        "nothing loads before it is needed"
+    );
+    assert!(tunnel.prewarm(synesis_proto::message::Prewarm {
+        model: Some("tiny".into()),
+        reason: "GPU 0 at 97 %".into(),
+    }));
+    let loaded = tokio::task::spawn_blocking({
+        let log = s.cloud.dir().with_extension("serve.log");
+        move || {
+            wait_for(Duration::from_secs(15), || {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("model loaded")
+            })
+        }
+    });
+    assert!(
+        loaded.await.unwrap(),
+        "the pre-warm loaded the model:\n{}",
+        s.cloud.log()
+    );
+    let shown = wait_for(Duration::from_secs(5), || {
+        s.cloud
+            .devices()
+            .iter()
+            .any(|d| d["prewarm"]["model"] == "tiny")
+    });
+    assert!(shown, "{:?}", s.cloud.devices());
+    tunnel.shutdown().await;
+}

@@ -226,7 +226,7 @@ pub(crate) struct CloudAskArgs {
     /// The prompt; read from stdin when absent or `-`.
     pub(crate) prompt: Option<String>,
     /// A model the cloud serves (`synesis cloud price` lists them).
-    #[arg(long, default_value = "tiny")]
+    #[arg(long, default_value = crate::commands::escalate::DEFAULT_CLOUD_MODEL)]
     pub(crate) model: String,
     /// An adapter the cloud serves with the model, by name.
     #[arg(long)]
@@ -329,6 +329,10 @@ pub(crate) struct TunnelRunArgs {
     /// Time between heartbeats; the cloud marks the device stale after three missed ones.
     #[arg(long, default_value = "5s", value_parser = parse_heartbeat_interval)]
     pub(crate) heartbeat_interval: std::time::Duration,
+    /// The cloud model this device escalates to: when the local GPU is under stress (the
+    /// pre-warm policy, at most once a minute), the cloud is told to get it ready.
+    #[arg(long, default_value = crate::commands::escalate::DEFAULT_CLOUD_MODEL)]
+    pub(crate) prewarm_model: String,
 }
 
 fn parse_heartbeat_interval(text: &str) -> Result<std::time::Duration, String> {

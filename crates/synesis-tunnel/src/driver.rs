@@ -121,6 +121,7 @@ enum Command {
     /// The live connection, for a stream of the asker's own.
     Connection(oneshot::Sender<Result<quinn::Connection, TunnelState>>),
     Request(Box<Message>, oneshot::Sender<Result<Message, RequestError>>),
+    Prewarm(synesis_proto::message::Prewarm),
 }
 
 #[derive(Debug)]
@@ -190,6 +191,13 @@ impl TunnelHandle {
             .await
             .map_err(|_| OpenError::Timeout(CONNECT_TIMEOUT))?
             .map_err(OpenError::from)
+    }
+
+    /// Sends a pre-warm signal on the control stream: the cloud gets the model ready. Dropped
+    /// (`false`) when not connected or the outbox is full: a signal is only worth its moment.
+    /// The caller rate-limits (the vitals crate's `PrewarmPolicy`); the cloud throttles too.
+    pub fn prewarm(&self, signal: synesis_proto::message::Prewarm) -> bool {
+        self.commands.try_send(Command::Prewarm(signal)).is_ok()
     }
 
     /// Stops the tunnel and waits until its connection is closed.
@@ -365,6 +373,7 @@ impl Driver {
                     Some(Command::Ping(reply)) => self.ping(reply),
                     Some(Command::Request(message, reply)) => self.request(*message, reply),
                     Some(Command::Connection(reply)) => self.connection(reply),
+                    Some(Command::Prewarm(signal)) => self.prewarm(signal),
                     None => break,
                 },
                 result = connecting => {
@@ -600,6 +609,19 @@ impl Driver {
                 .map_err(RequestError::from);
             let _ = reply.send(result);
         });
+    }
+
+    fn prewarm(&self, signal: synesis_proto::message::Prewarm) {
+        let live = self
+            .link
+            .as_ref()
+            .filter(|_| self.machine.state() == State::Connected);
+        match live {
+            Some(link) if link.outbox.try_send(signal.into()).is_ok() => {
+                tracing::info!("pre-warm signal sent");
+            }
+            _ => tracing::debug!("pre-warm signal dropped: not connected"),
+        }
     }
 
     fn connection(&self, reply: oneshot::Sender<Result<quinn::Connection, TunnelState>>) {

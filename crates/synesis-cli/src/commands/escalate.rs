@@ -20,6 +20,9 @@ use crate::exit::UserError;
 use crate::paths::Paths;
 use crate::signals::Shutdown;
 
+/// The cloud model `cloud ask` uses, and the one a pre-warm names, unless told otherwise.
+pub(crate) const DEFAULT_CLOUD_MODEL: &str = "tiny";
+
 /// Where a BYOK key may come from, in this order.
 const BYOK_ENV: &str = "SYNESIS_BYOK_KEY";
 const BYOK_FILE: &str = "byok.key";

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use synesis_tunnel::machine::Config;
 use synesis_tunnel::{Identity, Options, Tunnel, TunnelState, local};
-use synesis_vitals::{SystemSampler, VitalsSource};
+use synesis_vitals::{PrewarmConfig, PrewarmPolicy, SystemSampler, VitalsSource};
 use tokio::sync::{oneshot, watch};
 
 use crate::cli::TunnelRunArgs;
@@ -30,7 +30,6 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
         SystemSampler::new(&paths.data.path).context("cannot read this device's vitals")?;
     let (sampler, first) = sample(sampler).await?;
     let (vitals_tx, vitals) = watch::channel(first);
-    let sampling = tokio::spawn(sample_forever(sampler, args.heartbeat_interval, vitals_tx));
 
     let config = Config {
         heartbeat_interval: args.heartbeat_interval,
@@ -44,6 +43,16 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
         seed: rand::random(),
         data_dir: Some(paths.data.path.clone()),
     }));
+    let sampling = tokio::spawn(sample_forever(
+        sampler,
+        args.heartbeat_interval,
+        vitals_tx,
+        Prewarming {
+            policy: PrewarmPolicy::new(PrewarmConfig::default()),
+            model: args.prewarm_model.clone(),
+            tunnel: Arc::clone(&tunnel),
+        },
+    ));
     let mut status = tunnel.status();
     let (stop_api, api_stopped) = oneshot::channel::<()>();
     let api = tokio::spawn(local::serve(listener, Arc::clone(&tunnel), async {
@@ -95,10 +104,18 @@ async fn sample(
     .context("the sampling thread failed")
 }
 
+/// The pre-warm policy over the samples, and where its signals go.
+struct Prewarming {
+    policy: PrewarmPolicy,
+    model: String,
+    tunnel: Arc<synesis_tunnel::TunnelHandle>,
+}
+
 async fn sample_forever(
     mut sampler: SystemSampler,
     every: Duration,
     vitals: watch::Sender<synesis_proto::Vitals>,
+    mut prewarming: Prewarming,
 ) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -109,6 +126,13 @@ async fn sample_forever(
             return;
         };
         sampler = s;
+        if let Some(signal) = prewarming.policy.observe(std::time::Instant::now(), &v) {
+            let sent = prewarming.tunnel.prewarm(synesis_proto::message::Prewarm {
+                model: Some(prewarming.model.clone()),
+                reason: signal.reason.to_string(),
+            });
+            tracing::info!(sent, reason = %signal.reason, "pre-warm");
+        }
         if vitals.send(v).is_err() {
             return;
         }
