@@ -55,6 +55,17 @@ pub fn token_create(
     ttl: Duration,
     server: Option<String>,
 ) -> anyhow::Result<()> {
+    println!("{}", token_issue(dir, account, ttl, server)?);
+    Ok(())
+}
+
+/// A new setup token for `account` (benches and tests embed the cloud and enroll in process).
+pub fn token_issue(
+    dir: &Path,
+    account: &str,
+    ttl: Duration,
+    server: Option<String>,
+) -> anyhow::Result<SetupToken> {
     let server = match server {
         Some(s) => s,
         None => {
@@ -97,8 +108,7 @@ pub fn token_create(
         token_id,
         secret,
     };
-    println!("{token}");
-    Ok(())
+    Ok(token)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -1,0 +1,222 @@
+//! What the tunnel adds to an answer: an escalation through the cloud (a device's mutual-TLS
+//! QUIC connection on loopback → the escalation handler → hold → the in-process llama.cpp
+//! provider → chunks back → settlement with the answer stored) against the **anchor**, the same
+//! provider called directly in the same process, on the same tiny model and settings.
+//!
+//! - `escalation/ttft/*`: time to the first chunk (the tunnel's includes the durable hold).
+//! - `escalation/answer/*`: the whole answer (the tunnel's includes the durable settlement);
+//!   with `Throughput::Elements` = chunks, criterion reports chunks/s, whose ratio is the
+//!   streaming overhead.
+//!
+//! Run: `cargo bench -p synesis-benches --bench escalation`. Goals (issue 11): ≤ 0.5 ms p50 added
+//! to the first chunk and the whole answer, and chunks/s through the tunnel ≥ 0.97 of the
+//! provider alone.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // bench code
+
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use synesis_cloud::config::{EscalationSettings, ProviderConfig, Served, Serving};
+use synesis_cloud::endpoint::{CERT_LIFETIME_DEFAULT, Options, start};
+use synesis_cloud::provider::local::{Llama, LocalSettings};
+use synesis_cloud::provider::{Ask, Event, Provider};
+use synesis_proto::message::{ChatRole, ChatTurn, EscalationRequest, Preferences, Tier};
+use synesis_proto::{FrameLimits, Message, RequestId};
+use synesis_wire::FramedRecv;
+
+const MAX_TOKENS: u32 = 64;
+
+fn turns() -> Vec<ChatTurn> {
+    vec![ChatTurn {
+        role: ChatRole::User,
+        content: "hello".into(),
+    }]
+}
+
+fn settings(model: &std::path::Path) -> LocalSettings {
+    LocalSettings {
+        path: model.to_owned(),
+        sequences: 1,
+        queue: 4,
+        adapters: Default::default(),
+        n_ctx: 0,
+        threads: 1,
+    }
+}
+
+/// One answer from the provider alone: (time to the first piece, whole time, pieces).
+async fn direct(provider: &Llama) -> (Duration, Duration, u64) {
+    let started = Instant::now();
+    let mut generation = provider.start(Ask {
+        model: "tiny".into(),
+        turns: turns(),
+        max_tokens: MAX_TOKENS,
+        temperature: 0.0,
+        top_p: None,
+        seed: None,
+        stop: vec![],
+        adapter: None,
+        key: None,
+    });
+    let (mut first, mut pieces) = (None, 0);
+    while let Some(event) = generation.events.recv().await {
+        match event {
+            Event::Text(_) => {
+                first.get_or_insert_with(|| started.elapsed());
+                pieces += 1;
+            }
+            Event::Done { .. } => break,
+            Event::Failed(e) => panic!("{e}"),
+        }
+    }
+    (first.unwrap_or_default(), started.elapsed(), pieces)
+}
+
+/// One answer through the cloud on `conn`: (time to the first chunk, whole time, chunks).
+async fn tunnelled(conn: &quinn::Connection) -> (Duration, Duration, u64) {
+    let request = EscalationRequest {
+        request_id: RequestId::try_from_uuid(uuid::Uuid::now_v7()).unwrap(),
+        model: "tiny".into(),
+        adapter: None,
+        context: turns(),
+        preferences: Preferences {
+            max_tokens: MAX_TOKENS,
+            temperature: 0.0,
+            top_p: None,
+            seed: None,
+            stop: vec![],
+            max_cost: None,
+        },
+        byok_key: None,
+    };
+    let started = Instant::now();
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    synesis_wire::send(&mut tx, &request.into(), FrameLimits::default())
+        .await
+        .unwrap();
+    let mut rx = FramedRecv::new(rx, FrameLimits::default());
+    let (mut first, mut chunks) = (None, 0);
+    loop {
+        match rx.next().await.unwrap() {
+            Some(Message::EscalationChunk(_)) => {
+                first.get_or_insert_with(|| started.elapsed());
+                chunks += 1;
+            }
+            Some(Message::EscalationDone(_)) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    (first.unwrap_or_default(), started.elapsed(), chunks)
+}
+
+/// An embedded cloud serving the tiny model, an enrolled device, its connection.
+async fn cloud(
+    dir: &std::path::Path,
+    model: &std::path::Path,
+) -> (
+    synesis_cloud::endpoint::Cloud,
+    quinn::Endpoint,
+    quinn::Connection,
+) {
+    let data_dir = dir.join("cloud");
+    let mut billing = synesis_cloud::config::Billing::default();
+    billing.prices.set(
+        "tiny",
+        synesis_billing::ModelPrice {
+            input_per_mtok: synesis_billing::MicroUsd(1_000_000),
+            output_per_mtok: synesis_billing::MicroUsd(2_000_000),
+        },
+    );
+    let mut serving = Serving {
+        escalation: EscalationSettings::default(),
+        ..Serving::default()
+    };
+    serving.models.insert(
+        "tiny".into(),
+        Served {
+            provider: ProviderConfig::Llama(settings(model)),
+            tiers: vec![Tier::Free, Tier::Managed],
+        },
+    );
+    let cloud = start(Options {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.clone(),
+        drain_window: Duration::from_millis(100),
+        drain_grace: Duration::from_millis(500),
+        billing,
+        serving,
+        cert_lifetime: CERT_LIFETIME_DEFAULT,
+    })
+    .await
+    .unwrap();
+    synesis_cloud::admin::account_create(&data_dir, "bench", Tier::Managed, false).unwrap();
+    synesis_cloud::admin::credit(
+        &data_dir,
+        "bench",
+        synesis_proto::MicroUsd(1_000_000_000),
+        false,
+    )
+    .unwrap();
+    let token = synesis_cloud::admin::token_issue(
+        &data_dir,
+        "bench",
+        Duration::from_secs(600),
+        Some(cloud.addr().to_string()),
+    )
+    .unwrap();
+    let pending = synesis_tunnel::enroll::PendingEnrollment::begin(&token, "bench").unwrap();
+    let identity = synesis_tunnel::enroll::enroll(&token, &pending)
+        .await
+        .unwrap();
+    let config =
+        synesis_tunnel::tls::device_client_config(&identity, Duration::from_secs(5)).unwrap();
+    let endpoint = synesis_tunnel::connect::client_endpoint(cloud.addr()).unwrap();
+    let conn =
+        synesis_tunnel::connect::dial(&endpoint, config, cloud.addr(), Duration::from_secs(10))
+            .await
+            .unwrap();
+    (cloud, endpoint, conn)
+}
+
+fn escalation(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    synesis_infer::tiny::write_model(&model, synesis_infer::tiny::TinySpec::TINY).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let provider = Llama::new(settings(&model)).unwrap();
+    let (_cloud, _endpoint, conn) = runtime.block_on(cloud(dir.path(), &model));
+    // Warm both (model loads, first contexts) and check they answer alike.
+    let (_, _, alone) = runtime.block_on(direct(&provider));
+    let (_, _, through) = runtime.block_on(tunnelled(&conn));
+    assert_eq!(alone, through, "the same greedy answer both ways");
+
+    let mut ttft = c.benchmark_group("escalation/ttft");
+    ttft.bench_function("provider", |b| {
+        b.iter_custom(|n| (0..n).map(|_| runtime.block_on(direct(&provider)).0).sum());
+    });
+    ttft.bench_function("tunnel", |b| {
+        b.iter_custom(|n| (0..n).map(|_| runtime.block_on(tunnelled(&conn)).0).sum());
+    });
+    ttft.finish();
+
+    let mut answer = c.benchmark_group("escalation/answer");
+    answer.throughput(Throughput::Elements(alone));
+    answer.bench_function("provider", |b| {
+        b.iter_custom(|n| (0..n).map(|_| runtime.block_on(direct(&provider)).1).sum());
+    });
+    answer.bench_function("tunnel", |b| {
+        b.iter_custom(|n| (0..n).map(|_| runtime.block_on(tunnelled(&conn)).1).sum());
+    });
+    answer.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(30).measurement_time(Duration::from_secs(8));
+    targets = escalation
+}
+criterion_main!(benches);
