@@ -138,4 +138,14 @@ fn a_version_2_file_is_migrated_in_place() {
         )
         .unwrap();
     assert_eq!(certs, 1);
+    // Version 4: a device row takes a pre-warm signal, and finished answers have their table.
+    conn.execute(
+        "UPDATE devices SET prewarm_json = '{}' WHERE id = ?1",
+        [device.to_string()],
+    )
+    .expect("devices.prewarm_json exists after the upgrade");
+    let answers: i64 = conn
+        .query_row("SELECT COUNT(*) FROM escalation_answers", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(answers, 0);
 }

@@ -91,8 +91,6 @@ CREATE TABLE IF NOT EXISTS ledger_open_holds (
     expires_at   INTEGER,
     PRIMARY KEY (account_id, request_id)
 ) WITHOUT ROWID;
--- The device's last pre-warm signal (JSON: model, reason, at), for `admin devices`.
-ALTER TABLE devices ADD COLUMN prewarm_json TEXT;
 CREATE INDEX IF NOT EXISTS ledger_open_holds_by_expiry ON ledger_open_holds(account_id, expires_at);
 CREATE TABLE IF NOT EXISTS vouchers (
     code_sha256  BLOB PRIMARY KEY,             -- the code itself is never stored
@@ -143,6 +141,8 @@ CREATE TABLE escalation_answers (
     at          INTEGER NOT NULL,
     PRIMARY KEY (account_id, request_id)
 ) WITHOUT ROWID;
+-- The device's last pre-warm signal (JSON: model, reason, at), for `admin devices`.
+ALTER TABLE devices ADD COLUMN prewarm_json TEXT;
 ";
 
 /// Brings the database at `path` up to [`SCHEMA_VERSION`].
