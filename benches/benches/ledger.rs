@@ -87,6 +87,7 @@ async fn settled_charge(ledger: &LedgerWriter, account: Account, id: RequestId) 
         device: None,
         input_tokens: 1_000,
         max_output_tokens: 250,
+        request_body: None,
     };
     let at = now();
     ledger

@@ -23,7 +23,8 @@
 //! threads = 2                    # CPU threads per sequence
 //! context = 4096                 # tokens per sequence (default: the model's own)
 //! adapters = { legal = "adapters/legal.gguf" }
-//! tiers = ["free", "managed"]    # who may use it (default: every tier that can)
+//! tiers = ["free", "managed"]    # who may use it (default: free and managed; BYOK asks go
+//!                                # only to an HTTP model whose list names "byok")
 //!
 //! [models.gpt-4o-mini]
 //! provider = "openai"            # any OpenAI-compatible server: vLLM, llama.cpp, Ollama, OpenAI
@@ -374,9 +375,11 @@ fn upstream(
                 Duration::from_secs(30),
             )?,
         }),
+        // BYOK only where the operator says so: an upstream that ignores keys (a local vLLM,
+        // llama.cpp or Ollama) would otherwise sell the operator's compute at the BYOK fee.
         tiers: match &u.tiers {
             Some(list) => tiers(name, list)?,
-            None => vec![Tier::Free, Tier::Managed, Tier::Byok],
+            None => vec![Tier::Free, Tier::Managed],
         },
     })
 }

@@ -39,7 +39,9 @@ use synesis_proto::message::{
     ChatRole, Cost, ErrorMsg, EscalationChunk, EscalationDone, EscalationRequest, EscalationResume,
     FinishReason, Tier, Usage,
 };
-use synesis_proto::{AccountId, DeviceId, ErrorCode, FrameLimits, Message, MessageType, RequestId};
+use synesis_proto::{
+    AccountId, DeviceId, ErrorCode, FrameLimits, Message, MessageType, RequestId, UnixMillis,
+};
 use synesis_wire::{RecvError, send};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -52,6 +54,9 @@ use crate::storage::answers::{self, StoredAnswer};
 use crate::storage::{Accounts, StorageError};
 use crate::streams::{Stream, error_msg};
 
+/// A generation stops this long (at most a fifth of its hold's time) before its hold expires,
+/// so that its settlement (which an expired hold refuses) still fits.
+const HOLD_MARGIN: Duration = Duration::from_secs(5);
 /// How often a running request checks whether any device still follows it.
 const FOLLOWER_CHECK: Duration = Duration::from_secs(1);
 /// The first wait before retrying an upstream (doubled each time, unless it said how long).
@@ -349,10 +354,10 @@ async fn follow_attached(run: &Run, stream: &mut Stream, from: u32) {
                 seq: u32::try_from(next).unwrap_or(u32::MAX),
                 text,
             };
-            if send(&mut stream.tx, &chunk.into(), FrameLimits::default())
-                .await
-                .is_err()
-            {
+            if let Err(e) = send(&mut stream.tx, &chunk.into(), FrameLimits::default()).await {
+                if stopped_as_cancelled(&e) {
+                    run.cancel.notify_one();
+                }
                 return; // the device went away; it may resume on another stream
             }
             next += 1;
@@ -395,6 +400,18 @@ async fn follow_attached(run: &Run, stream: &mut Stream, from: u32) {
     }
 }
 
+/// Whether the device stopped our half with `CANCELLED` (a local client that went away, seen
+/// while sending).
+fn stopped_as_cancelled(e: &synesis_wire::SendError) -> bool {
+    let synesis_wire::SendError::Io(io) = e else {
+        return false;
+    };
+    let cancelled = synesis_wire::close_code(ErrorCode::CANCELLED);
+    io.get_ref()
+        .and_then(|inner| inner.downcast_ref::<quinn::WriteError>())
+        .is_some_and(|w| matches!(w, quinn::WriteError::Stopped(code) if *code == cancelled))
+}
+
 /// Whether the device reset its half with `CANCELLED` (it will not come back for the answer).
 fn reset_as_cancelled(e: &RecvError) -> bool {
     let RecvError::Io(io) = e else { return false };
@@ -426,10 +443,43 @@ struct Admission {
     run: Arc<Run>,
 }
 
+/// Ends a run that its admission task left without an end (it panicked): followers get
+/// `INTERNAL` instead of waiting forever, and the id is free again.
+struct EndGuard {
+    run: Arc<Run>,
+    escalations: Arc<Escalations>,
+    key: (AccountId, RequestId),
+}
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        if self.run.state().end.is_none() {
+            tracing::error!(request = %self.key.1, "an escalation ended without an outcome");
+            self.run.end(error_msg(
+                ErrorCode::INTERNAL,
+                "the cloud failed; send the request again with a new id",
+                Some(self.key.1),
+            ));
+            self.escalations.forget(self.key, &self.run);
+        }
+    }
+}
+
+/// When a generation under a hold that expires at `expires_at` must stop.
+fn hold_deadline(expires_at: UnixMillis) -> Instant {
+    let left =
+        Duration::from_millis(u64::try_from(expires_at.0.saturating_sub(now().0)).unwrap_or(0));
+    Instant::now() + left.saturating_sub(HOLD_MARGIN.min(left / 5))
+}
+
 /// What the hold step found.
 enum Held {
-    /// Run it (a new hold, or the open hold of a request cut short by a restart).
-    Run { tier: Tier },
+    /// Run it (a new hold, or the open hold of a request cut short by a restart), and stop
+    /// before the hold runs out (a settlement after that would be refused).
+    Run {
+        tier: Tier,
+        expires_at: Option<UnixMillis>,
+    },
     /// Finished before: its answer.
     Stored(StoredAnswer),
 }
@@ -437,32 +487,61 @@ enum Held {
 impl Admission {
     async fn run(self, r: EscalationRequest) {
         let key = (self.account, r.request_id);
-        match self.admit(&r).await {
+        // Whatever happens below (a panic too), the run ends and followers are answered.
+        let _guard = EndGuard {
+            run: Arc::clone(&self.run),
+            escalations: Arc::clone(&self.shared.escalations),
+            key,
+        };
+        // A finished request is replayed before any check: a config or tier change since does
+        // not turn its outcome into a refusal, and a repeat costs one read.
+        let (account, id) = key;
+        let stored = self
+            .shared
+            .storage
+            .read(move |db| answers::get(db.connection(), account, id))
+            .await;
+        let admitted = match stored {
+            Ok(Some(answer)) => Ok((Held::Stored(answer), None)),
+            Ok(None) => self.admit(&r).await.map(|(held, rest)| (held, Some(rest))),
+            Err(e) => Err(unavailable(&e, id)),
+        };
+        match admitted {
             Err(refusal) => {
                 // Nothing was written: the same id may come again (after a top-up, say).
                 self.run.end(refusal);
                 self.shared.escalations.forget(key, &self.run);
             }
-            Ok((Held::Stored(answer), _, _, _)) => {
-                if answer.body != self.run.body {
-                    self.run.end(error_msg(
-                        ErrorCode::IDEMPOTENCY_CONFLICT,
-                        "this request id was used for another request",
-                        Some(r.request_id),
-                    ));
-                } else {
-                    self.run.update(|s| {
-                        s.chunks = answer.chunks;
-                        s.end = Some(answer.done.into());
-                    });
-                }
+            Ok((Held::Stored(answer), _)) if answer.body != self.run.body => {
+                self.run.end(error_msg(
+                    ErrorCode::IDEMPOTENCY_CONFLICT,
+                    "this request id was used for another request",
+                    Some(r.request_id),
+                ));
+                // At once: the right body may come next and must find the stored answer.
+                self.shared.escalations.forget(key, &self.run);
+            }
+            Ok((Held::Stored(answer), _)) => {
+                self.run.update(|s| {
+                    s.chunks = answer.chunks;
+                    s.end = Some(answer.done.into());
+                });
                 self.shared
                     .escalations
                     .forget_later(key, Arc::clone(&self.run));
             }
-            Ok((Held::Run { tier }, provider, ask, input_bound)) => {
+            Ok((Held::Run { .. }, None)) => {
+                self.run.end(error_msg(
+                    ErrorCode::INTERNAL,
+                    "no provider",
+                    Some(r.request_id),
+                ));
+                self.shared.escalations.forget(key, &self.run);
+            }
+            Ok((Held::Run { tier, expires_at }, Some((provider, ask, input_bound)))) => {
                 let model = r.model.clone();
-                drive(&self, tier, &model, provider, ask, input_bound).await;
+                let deadline = expires_at.map(hold_deadline);
+                drive(&self, tier, &model, provider, ask, input_bound, deadline).await;
                 self.shared
                     .escalations
                     .forget_later(key, Arc::clone(&self.run));
@@ -474,7 +553,7 @@ impl Admission {
     async fn admit(
         &self,
         r: &EscalationRequest,
-    ) -> Result<(Held, Arc<dyn Provider>, Ask, u64), Message> {
+    ) -> Result<(Held, (Arc<dyn Provider>, Ask, u64)), Message> {
         let id = r.request_id;
         let refuse = |code, why: String| error_msg(code, why, Some(id));
         let escalations = &self.shared.escalations;
@@ -564,7 +643,7 @@ impl Admission {
             ));
         }
         let held = self.hold(r, tier, input_bound).await?;
-        Ok((held, provider, ask, input_bound))
+        Ok((held, (provider, ask, input_bound)))
     }
 
     fn ask(&self, r: &EscalationRequest) -> Result<Ask, String> {
@@ -628,6 +707,7 @@ impl Admission {
             device: Some(device),
             input_tokens: input_bound,
             max_output_tokens: u64::from(r.preferences.max_tokens),
+            request_body: Some(self.run.body),
         };
         let (billing, at) = (self.shared.billing.clone(), now());
         let found = self
@@ -638,7 +718,7 @@ impl Admission {
                 match state {
                     HoldState::Unused | HoldState::Active(_) => {
                         // A retry after a restart replays the first hold (or conflicts).
-                        hold(
+                        let held = hold(
                             store,
                             LedgerAccount { id: account, tier },
                             id,
@@ -648,11 +728,11 @@ impl Admission {
                             &billing.prices,
                             &billing.rules,
                         )?;
-                        Ok(None)
+                        Ok(Some(Ok(Err(held.expires_at))))
                     }
                     HoldState::Settled(_) => answers::get(store.connection(), account, id)
                         .map_err(|e| synesis_billing::ledger::StoreError(e.to_string()).into())
-                        .map(|a| Some(a.ok_or("settled, but its answer is not stored"))),
+                        .map(|a| Some(a.map(Ok).ok_or("settled, but its answer is not stored"))),
                     HoldState::Voided => Ok(Some(Err(
                         "it failed before it produced anything, and was not charged",
                     ))),
@@ -662,8 +742,13 @@ impl Admission {
             })
             .await;
         match found {
-            Ok(None) => Ok(Held::Run { tier }),
-            Ok(Some(Ok(answer))) => Ok(Held::Stored(answer)),
+            Ok(None) => Err(error_msg(
+                ErrorCode::INTERNAL,
+                "the ledger said nothing",
+                Some(id),
+            )),
+            Ok(Some(Ok(Err(expires_at)))) => Ok(Held::Run { tier, expires_at }),
+            Ok(Some(Ok(Ok(answer)))) => Ok(Held::Stored(answer)),
             Ok(Some(Err(why))) => Err(error_msg(
                 ErrorCode::INVALID_REQUEST,
                 format!("this request id is spent: {why}; send the request again with a new id"),
@@ -723,7 +808,9 @@ fn provider_refusal(e: &ProviderError, id: RequestId) -> Message {
     };
     ErrorMsg {
         code,
-        message: e.to_string(),
+        message: format!(
+            "{e}; nothing was charged and this request id is spent: send the request again with a new id"
+        ),
         request_id: Some(id),
         retry_after_ms: retry_after_ms.and_then(|ms| u32::try_from(ms).ok()),
     }
@@ -735,6 +822,8 @@ enum Ended {
     Done(FinishReason, Option<ProviderUsage>),
     /// Cancelled by the device, or abandoned (nobody followed for `resume_window`).
     Stopped,
+    /// Stopped at `max_tokens` chunks, or before its hold expired.
+    Cut,
     Failed(ProviderError),
 }
 
@@ -746,11 +835,12 @@ async fn drive(
     provider: Arc<dyn Provider>,
     ask: Ask,
     input_bound: u64,
+    deadline: Option<Instant>,
 ) {
     let settings = a.shared.escalations.settings;
     let mut attempt = 0;
     let ended = loop {
-        let ended = generate(&a.run, provider.as_ref(), ask.clone(), &settings).await;
+        let ended = generate(&a.run, provider.as_ref(), ask.clone(), &settings, deadline).await;
         match ended {
             Ended::Failed(e)
                 if a.run.produced() == 0 && e.retryable() && attempt < settings.retries =>
@@ -774,7 +864,7 @@ async fn drive(
     let (finish_reason, usage, counted) = match ended {
         Ended::Done(f, Some(u)) => (f, u, false),
         Ended::Done(f, None) => (f, counted(input_bound, produced), true),
-        Ended::Stopped | Ended::Failed(_) if produced == 0 => {
+        Ended::Stopped | Ended::Cut | Ended::Failed(_) if produced == 0 => {
             let why = match ended {
                 Ended::Failed(e) => provider_refusal(&e, id),
                 _ => error_msg(
@@ -800,6 +890,7 @@ async fn drive(
             counted(input_bound, produced),
             true,
         ),
+        Ended::Cut => (FinishReason::Length, counted(input_bound, produced), true),
         Ended::Failed(e) => {
             tracing::warn!(error = %e, %id, produced, "the provider failed mid-answer");
             (FinishReason::Failed, counted(input_bound, produced), true)
@@ -833,15 +924,26 @@ async fn generate(
     provider: &dyn Provider,
     ask: Ask,
     settings: &EscalationSettings,
+    deadline: Option<Instant>,
 ) -> Ended {
+    let max_chunks = ask.max_tokens as usize;
     let mut generation = provider.start(ask);
     let mut check = tokio::time::interval(FOLLOWER_CHECK);
-    let mut idle_until = Instant::now() + settings.idle_timeout;
+    // The idle clock starts with the first event: waiting in a provider's queue is not idling
+    // (the hold's deadline bounds that wait).
+    let far = Instant::now() + Duration::from_secs(365 * 24 * 3_600);
+    let deadline = deadline.unwrap_or(far);
+    let mut idle_until = far;
     loop {
         tokio::select! {
             () = run.cancel.notified() => {
                 generation.stop();
                 return Ended::Stopped;
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(request = %run.request_id, "stopped before its hold expires");
+                generation.stop();
+                return Ended::Cut;
             }
             _ = check.tick() => {
                 if run.abandoned(settings.resume_window) {
@@ -859,6 +961,11 @@ async fn generate(
                 }
                 Ok(None) => return Ended::Failed(ProviderError::Failed("the provider stopped without an end".into())),
                 Ok(Some(Event::Text(text))) => {
+                    if run.produced() >= max_chunks {
+                        // An upstream past max_tokens: the device is promised at most that many.
+                        generation.stop();
+                        return Ended::Cut;
+                    }
                     if !text.is_empty() {
                         run.push(text);
                     }
@@ -925,7 +1032,7 @@ async fn settle_and_store(
             tracing::error!(error = %e, %id, "settling an escalation failed");
             error_msg(
                 ErrorCode::INTERNAL,
-                "the answer could not be settled; retry with the same id",
+                "the answer could not be settled; nothing was charged",
                 Some(id),
             )
         }

@@ -134,6 +134,7 @@ async fn lapsed_holds_get_their_expiry_entries() {
                         device: None,
                         input_tokens: 1_000,
                         max_output_tokens: 250,
+                        request_body: None,
                     };
                     let (prices, rules) = (PriceTable::default(), TierRules::default());
                     hold(s, account, id, &request, NOW, ttl, &prices, &rules)

@@ -42,6 +42,7 @@ fn hold_and_settle(
         device: Some(device),
         input_tokens: usage.input_tokens,
         max_output_tokens: usage.output_tokens + 100,
+        request_body: None,
     };
     hold(
         s,

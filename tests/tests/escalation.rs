@@ -704,3 +704,78 @@ async fn a_prewarm_signal_loads_the_model_and_shows_in_admin_devices() {
     assert!(shown, "{:?}", s.cloud.devices());
     tunnel.shutdown().await;
 }
+
+/// A generation longer than its hold's time stops before the hold expires and is charged for
+/// what it produced. Before, the settlement was refused (hold expired): the whole answer was
+/// delivered and nothing was charged.
+#[test]
+fn a_generation_outlasting_its_hold_is_cut_and_charged_not_given_away() {
+    let s = setup_with(
+        synesis_infer::tiny::TinySpec::BENCH,
+        "managed",
+        Some("10.00"),
+        "[ledger]\nhold_ttl = \"3s\"\n",
+    );
+    let out = s
+        .device
+        .synesis()
+        .args(["--json", "cloud", "ask", "--max-tokens", "2000", PROMPT])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", s.cloud.log());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["finish_reason"], "length", "{v}");
+    let produced = v["output_tokens"].as_u64().unwrap();
+    assert!(produced > 0 && produced < 2_000, "{v}");
+    let u = usage(&s);
+    assert_eq!(u["charges"].as_array().unwrap().len(), 1, "{u}");
+    assert_eq!(
+        u["charges"][0]["total_micro_usd"].as_i64().unwrap(),
+        managed_total(v["input_tokens"].as_u64().unwrap(), produced)
+    );
+}
+
+/// BYOK is a tier the operator grants per model: a key sent to an upstream whose `tiers` do not
+/// name "byok" is refused, not billed at the BYOK fee for the operator's own compute.
+#[test]
+fn a_byok_key_is_refused_where_the_operator_did_not_allow_byok() {
+    let extra = "[prices.house]\ninput_usd_per_mtok = \"1.00\"\noutput_usd_per_mtok = \"2.00\"\n\
+                 [models.house]\nprovider = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n";
+    let s = setup("managed", Some("10.00"), extra);
+    let out = s
+        .device
+        .synesis()
+        .args(["cloud", "ask", "--byok", "--model", "house", PROMPT])
+        .env("SYNESIS_BYOK_KEY", "sk-not-a-real-key")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("MODEL_NOT_ALLOWED"), "{stderr}");
+    assert!(
+        !s.cloud.log().contains("sk-not-a-real-key"),
+        "the key is never logged"
+    );
+}
+
+/// A request id reused with another body is refused without blocking the first body: a repeat
+/// of the original right after still gets its stored answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflicting_repeat_does_not_block_the_original_answer() {
+    let s = setup(
+        "managed",
+        Some("10.00"),
+        "[escalation]\nresume_window = \"1s\"\n",
+    );
+    let (_endpoint, conn) = connect(&s.device).await;
+    let id = synesis_tunnel::clock::new_request_id();
+    let first = exchange(&conn, request(id, 16).into(), None).await;
+    let answer = done(&first).clone();
+    tokio::time::sleep(Duration::from_millis(1_500)).await; // the run is forgotten; the answer is stored
+    let other = exchange(&conn, request(id, 17).into(), None).await;
+    assert_eq!(refusal(&other), ErrorCode::IDEMPOTENCY_CONFLICT);
+    let again = exchange(&conn, request(id, 16).into(), None).await;
+    assert_eq!(done(&again), &answer, "the stored answer, replayed");
+    assert_eq!(again.text, first.text);
+}

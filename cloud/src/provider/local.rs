@@ -50,6 +50,8 @@ pub struct Llama {
 struct Loaded {
     settings: LocalSettings,
     model: OnceLock<Result<Model, String>>,
+    /// A pre-warm load is under way (a second signal starts no second thread).
+    prewarming: std::sync::atomic::AtomicBool,
 }
 
 impl Loaded {
@@ -97,6 +99,7 @@ impl Llama {
         let shared = Arc::new(Loaded {
             settings,
             model: OnceLock::new(),
+            prewarming: std::sync::atomic::AtomicBool::new(false),
         });
         for n in 0..sequences {
             let (shared, queue) = (Arc::clone(&shared), Arc::clone(&queue));
@@ -125,7 +128,13 @@ fn work(shared: &Loaded, queue: &Mutex<Receiver<Job>>) {
             continue; // the asker left while it waited
         }
         let last = match shared.model() {
-            Ok(model) => run(model, &job),
+            // A panic in one generation fails that request, not this sequence.
+            Ok(model) => {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(model, &job)))
+                    .unwrap_or_else(|_| {
+                        Event::Failed(ProviderError::Failed("the generation panicked".into()))
+                    })
+            }
             Err(e) => Event::Failed(e),
         };
         let _ = job.events.blocking_send(last);
@@ -210,6 +219,16 @@ impl Provider for Llama {
         let n = model
             .prompt_tokens(&request)
             .map_err(|e| ProviderError::Failed(e.to_string()))?;
+        // Refused here, before any hold: the same check generation makes.
+        let context = match self.shared.settings.n_ctx {
+            0 => model.info().context_length,
+            n => n,
+        } as usize;
+        if n >= context {
+            return Err(ProviderError::Refused(format!(
+                "the prompt is {n} tokens; the model's context holds {context}"
+            )));
+        }
         Ok(n as u64)
     }
 
@@ -242,7 +261,12 @@ impl Provider for Llama {
     }
 
     fn prewarm(&self) {
-        if self.shared.model.get().is_some() {
+        if self.shared.model.get().is_some()
+            || self
+                .shared
+                .prewarming
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
             return;
         }
         let shared = Arc::clone(&self.shared);

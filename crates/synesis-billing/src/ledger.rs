@@ -622,6 +622,9 @@ pub struct HoldRequest {
     pub device: Option<DeviceId>,
     pub input_tokens: u64,
     pub max_output_tokens: u64,
+    /// The hash of the request itself (an escalation's prompt and settings), when the caller
+    /// has one: the same id with another request is then a conflict, not a replay.
+    pub request_body: Option<[u8; 32]>,
 }
 
 /// Reserves what the request can cost at most, or refuses it (funds, quota, prices).
@@ -636,12 +639,13 @@ pub fn hold(
     prices: &PriceTable,
     rules: &TierRules,
 ) -> Result<Outcome, LedgerError> {
-    let body = body(&[
-        b"hold",
-        request.model.as_bytes(),
-        &request.input_tokens.to_le_bytes(),
-        &request.max_output_tokens.to_le_bytes(),
-    ]);
+    let input = request.input_tokens.to_le_bytes();
+    let max_output = request.max_output_tokens.to_le_bytes();
+    let mut parts: Vec<&[u8]> = vec![b"hold", request.model.as_bytes(), &input, &max_output];
+    if let Some(request_body) = &request.request_body {
+        parts.push(request_body);
+    }
+    let body = body(&parts);
     if let Some(first) = replay(store, account.id, request_id, EntryKind::Hold, &body)? {
         return Ok(first);
     }

@@ -89,3 +89,65 @@ fn hold_state_names_where_a_request_stands() {
         HoldState::Lapsed
     );
 }
+
+/// A hold that carries its request's own hash conflicts with the same id for another request,
+/// even when the model and the token counts are the same.
+#[test]
+fn a_hold_with_a_request_body_conflicts_with_another_body() {
+    use synesis_billing::ledger::{hold, top_up};
+    use synesis_billing::{MicroUsd, PriceTable, Tier, TierRules};
+    use synesis_proto::UnixMillis;
+
+    let mut store = MemoryStore::default();
+    let acct = rules::account(Tier::Managed);
+    let (prices, tiers) = (PriceTable::default(), TierRules::default());
+    let at = UnixMillis(1_795_000_000_000);
+    top_up(
+        &mut store,
+        acct.id,
+        rules::rid(100),
+        MicroUsd(1_000_000),
+        at,
+    )
+    .unwrap();
+    let with = |b: u8| synesis_billing::ledger::HoldRequest {
+        request_body: Some([b; 32]),
+        ..rules::sonnet()
+    };
+    let first = hold(
+        &mut store,
+        acct,
+        rules::rid(1),
+        &with(1),
+        at,
+        60_000,
+        &prices,
+        &tiers,
+    )
+    .unwrap();
+    let again = hold(
+        &mut store,
+        acct,
+        rules::rid(1),
+        &with(1),
+        at,
+        60_000,
+        &prices,
+        &tiers,
+    )
+    .unwrap();
+    assert_eq!(first, again, "the same request replays");
+    assert!(matches!(
+        hold(
+            &mut store,
+            acct,
+            rules::rid(1),
+            &with(2),
+            at,
+            60_000,
+            &prices,
+            &tiers
+        ),
+        Err(LedgerError::IdempotencyConflict)
+    ));
+}

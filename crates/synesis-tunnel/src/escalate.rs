@@ -244,6 +244,9 @@ pub async fn escalate(
             .into()
         };
         if let Err(why) = opened.sink.send(&opening).await {
+            if tokio::time::Instant::now() >= giving_up_at {
+                return Err(RequestError::Transport(why));
+            }
             on(Progress::Interrupted(&why));
             tokio::time::sleep(RETRY_EVERY).await;
             continue;
@@ -295,9 +298,12 @@ pub async fn escalate(
                 Some(Incoming::Message(Message::ErrorMsg(e)))
                     if e.code == ErrorCode::NOT_FOUND && !fresh =>
                 {
-                    // The cloud restarted: the same request again, from the start.
-                    on(Progress::StartedOver);
-                    started_over += 1;
+                    // The cloud restarted (or the request never reached it): the same request
+                    // again, from the start. Only an answer already begun starts *over*.
+                    if next_seq > 0 {
+                        on(Progress::StartedOver);
+                        started_over += 1;
+                    }
                     text.clear();
                     next_seq = 0;
                     fresh = true;
@@ -306,7 +312,7 @@ pub async fn escalate(
                 Some(Incoming::Message(m @ Message::ErrorMsg(_))) => {
                     // Retryable failures of the cloud (it is draining): the same id later.
                     if let Message::ErrorMsg(e) = &m
-                        && e.code.is_retryable()
+                        && e.code == ErrorCode::UNAVAILABLE
                         && next_seq > 0
                         && tokio::time::Instant::now() < giving_up_at
                     {

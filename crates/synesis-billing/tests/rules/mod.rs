@@ -204,6 +204,7 @@ pub(crate) fn sonnet() -> HoldRequest {
         model: "claude-sonnet".into(),
         input_tokens: 1_000,
         max_output_tokens: 250,
+        request_body: None,
     }
 }
 
@@ -396,6 +397,7 @@ pub(crate) fn the_same_id_with_another_body_is_refused_and_changes_nothing(l: &i
     let unchanged = head(l);
     let other = HoldRequest {
         max_output_tokens: 251,
+        request_body: None,
         ..sonnet()
     };
     let err = l
@@ -418,6 +420,7 @@ pub(crate) fn the_same_id_with_another_body_is_refused_and_changes_nothing(l: &i
     let answers = on_threads(l, THREADS, |l, t| {
         let request = HoldRequest {
             max_output_tokens: 250 + (t % 2) as u64,
+            request_body: None,
             ..sonnet()
         };
         (
@@ -533,6 +536,7 @@ pub(crate) fn bad_input_is_a_typed_error_and_leaves_the_chain_unchanged(l: &impl
         model: "claude-opus".into(),
         input_tokens: u64::MAX,
         max_output_tokens: u64::MAX,
+        request_body: None,
     };
     let err = l.run(hold_op(managed(), rid(1), huge, rules)).unwrap_err();
     assert!(matches!(err, LedgerError::Billing(_)), "{err:?}");
@@ -580,6 +584,7 @@ pub(crate) fn the_free_quota_refuses_a_request_that_would_cross_it(l: &impl Ledg
             model: "claude-sonnet".into(),
             input_tokens: tokens,
             max_output_tokens: 0,
+            request_body: None,
         };
         l.run(hold_op(free, rid(n), request, rules))
     };
