@@ -779,3 +779,200 @@ async fn a_conflicting_repeat_does_not_block_the_original_answer() {
     assert_eq!(done(&again), &answer, "the stored answer, replayed");
     assert_eq!(again.text, first.text);
 }
+
+/// A scripted OpenAI-compatible upstream on loopback (real HTTP over TCP): each request gets the
+/// next reply of the script; the requests' `Authorization` headers are kept.
+struct Upstream {
+    port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+#[derive(Clone, Copy)]
+enum Script {
+    Fail500,
+    Answer,
+    /// One delta, then silence with the connection open.
+    Hang,
+}
+
+async fn upstream(script: Vec<Script>) -> Upstream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = std::sync::Arc::clone(&seen);
+    tokio::spawn(async move {
+        for reply in script.into_iter().chain(std::iter::repeat(Script::Answer)) {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await.unwrap();
+                request.extend_from_slice(&buf[..n]);
+            }
+            let text = String::from_utf8_lossy(&request).to_lowercase();
+            let auth = text
+                .lines()
+                .find_map(|l| l.strip_prefix("authorization: "))
+                .unwrap_or("")
+                .to_owned();
+            log.lock().unwrap().push(auth);
+            let delta = |t: &str| {
+                format!(
+                    "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{t}\"}},\"finish_reason\":null}}]}}\n\n"
+                )
+            };
+            let head =
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+            match reply {
+                Script::Fail500 => {
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                }
+                Script::Answer => {
+                    let body = format!(
+                        "{head}{}{}data: {{\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\n\
+                         data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":7,\"completion_tokens\":2}}}}\n\ndata: [DONE]\n\n",
+                        delta("Hi"),
+                        delta(" there")
+                    );
+                    let _ = conn.write_all(body.as_bytes()).await;
+                }
+                Script::Hang => {
+                    let _ = conn
+                        .write_all(format!("{head}{}", delta("Hi")).as_bytes())
+                        .await;
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(120)).await;
+                        drop(conn);
+                    });
+                }
+            }
+        }
+    });
+    Upstream { port, seen }
+}
+
+fn upstream_model(port: u16, tiers: &str) -> String {
+    format!(
+        "[prices.up]\ninput_usd_per_mtok = \"1.00\"\noutput_usd_per_mtok = \"2.00\"\n\
+         [models.up]\nprovider = \"openai\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\n\
+         api_key_env = \"SYNESIS_TEST_OPERATOR_KEY\"\ntiers = {tiers}\n"
+    )
+}
+
+/// An upstream that fails before its first chunk is retried; BYOK sends the user's key to it
+/// (never the operator's, never to a log) and charges the account only the licensing fee.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_500_is_retried_and_byok_pays_only_the_fee() {
+    let up = upstream(vec![Script::Fail500]).await;
+    let s = setup(
+        "managed",
+        Some("10.00"),
+        &upstream_model(up.port, "[\"managed\", \"byok\"]"),
+    );
+    let out = s
+        .device
+        .synesis()
+        .args(["--json", "cloud", "ask", "--byok", "--model", "up", PROMPT])
+        .env("SYNESIS_BYOK_KEY", "sk-user-key-123")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", s.cloud.log());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["text"], "Hi there");
+    assert_eq!(
+        (v["input_tokens"].as_u64(), v["output_tokens"].as_u64()),
+        (Some(7), Some(2))
+    );
+    assert_eq!(v["usage_counted"], false, "the upstream's own usage");
+    // BYOK: base 0, the fee = round(exact × 30 %): (7 × 1 + 2 × 2) µUSD × 0.3 = 3.3 → 3.
+    assert_eq!(v["cost"]["base_micro_usd"], 0);
+    assert_eq!(v["total_micro_usd"], 3);
+    let seen = up.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "one 500, one retry: {seen:?}");
+    assert!(
+        seen.iter().all(|a| a == "bearer sk-user-key-123"),
+        "{seen:?}"
+    );
+    assert!(
+        !s.cloud.log().contains("sk-user-key-123"),
+        "the key is never logged"
+    );
+    let u = usage(&s);
+    assert_eq!(u["charges"].as_array().unwrap().len(), 1, "{u}");
+    assert_eq!(u["balance_micro_usd"].as_i64().unwrap(), 10_000_000 - 3);
+}
+
+/// An upstream that goes silent mid-answer: the request ends after the idle time, charged for
+/// what was streamed (the cloud's count), and its hold is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_silent_mid_answer_ends_at_the_idle_time_and_releases_the_hold() {
+    let up = upstream(vec![Script::Hang]).await;
+    let extra = format!(
+        "[escalation]\nidle_timeout = \"1s\"\n{}",
+        upstream_model(up.port, "[\"managed\"]")
+    );
+    let s = setup("managed", Some("10.00"), &extra);
+    let out = s
+        .device
+        .synesis()
+        .args([
+            "--json",
+            "cloud",
+            "ask",
+            "--model",
+            "up",
+            "--max-tokens",
+            "50",
+            PROMPT,
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["text"], "Hi");
+    assert_eq!(v["finish_reason"], "failed", "{v}");
+    assert_eq!(v["usage_counted"], true);
+    assert_eq!(v["output_tokens"], 1, "one chunk streamed, one counted");
+    let u = usage(&s);
+    assert_eq!(u["held_micro_usd"].as_i64().unwrap(), 0, "{u}");
+    assert_eq!(u["charges"].as_array().unwrap().len(), 1, "{u}");
+}
+
+/// Ctrl-C on `synesis cloud ask`: the cloud stops generating and charges what it produced.
+#[test]
+fn ctrl_c_cancels_the_answer_and_charges_what_was_produced() {
+    let s = setup_with(
+        synesis_infer::tiny::TinySpec::BENCH,
+        "managed",
+        Some("10.00"),
+        "",
+    );
+    let ask = s
+        .device
+        .synesis()
+        .args(["--json", "cloud", "ask", "--max-tokens", "2000", PROMPT])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1_500));
+    synesis_e2e::signal(ask.id(), "INT");
+    let out = ask.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["finish_reason"], "cancelled", "{v}");
+    let produced = v["output_tokens"].as_u64().unwrap();
+    assert!(produced > 0 && produced < 2_000, "{v}");
+    let u = usage(&s);
+    assert_eq!(u["held_micro_usd"].as_i64().unwrap(), 0, "{u}");
+    assert_eq!(
+        u["charges"][0]["total_micro_usd"].as_i64().unwrap(),
+        managed_total(v["input_tokens"].as_u64().unwrap(), produced)
+    );
+}
