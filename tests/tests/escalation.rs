@@ -103,6 +103,44 @@ fn usage(s: &Setup) -> serde_json::Value {
     json_of(s.device.synesis().args(["--json", "cloud", "usage"]))
 }
 
+/// A Managed account with $10 and a model big enough (26 M parameters) that an answer of a few
+/// hundred tokens takes seconds: long enough to cut, kill or cancel in the middle.
+fn slow(extra_config: &str) -> Setup {
+    setup_with(
+        synesis_infer::tiny::TinySpec::BENCH,
+        "managed",
+        Some("10.00"),
+        extra_config,
+    )
+}
+
+/// The greedy answer of 600 tokens, unbroken: what a broken one must add up to.
+fn reference(s: &Setup) -> serde_json::Value {
+    json_of(
+        s.device
+            .synesis()
+            .args(["--json", "cloud", "ask", "--max-tokens", "600", PROMPT]),
+    )
+}
+
+/// A finished `synesis --json cloud ask`: its JSON, or a panic with its stderr and `context`.
+fn answered(out: &std::process::Output, context: &str) -> serde_json::Value {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{context}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"))
+}
+
+/// `synesis --json cloud ask --max-tokens N PROMPT` in the background.
+fn spawn_ask(device: &Device, max_tokens: &str) -> std::process::Child {
+    device
+        .synesis()
+        .args(["--json", "cloud", "ask", "--max-tokens", max_tokens, PROMPT])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn request(id: RequestId, max_tokens: u32) -> EscalationRequest {
     EscalationRequest {
         request_id: id,
@@ -472,19 +510,8 @@ async fn sixty_four_at_once_never_overdraw_and_the_refused_cost_nothing() {
 
 #[test]
 fn an_answer_survives_a_tunnel_cut_longer_than_three_heartbeats() {
-    let s = setup_with(
-        synesis_infer::tiny::TinySpec::BENCH,
-        "managed",
-        Some("10.00"),
-        "",
-    );
-    // The reference: the same greedy answer, unbroken.
-    let reference =
-        json_of(
-            s.device
-                .synesis()
-                .args(["--json", "cloud", "ask", "--max-tokens", "600", PROMPT]),
-        );
+    let s = slow("");
+    let reference = reference(&s);
     let relay = synesis_e2e::UdpRelay::start(s.cloud.addr);
     // A second device of the account, whose tunnel goes through the relay.
     let device = Device::new();
@@ -494,21 +521,14 @@ fn an_answer_survives_a_tunnel_cut_longer_than_three_heartbeats() {
         .state()
         .as_deref()
         == Some("connected")));
-    let ask = device
-        .synesis()
-        .args(["--json", "cloud", "ask", "--max-tokens", "600", PROMPT])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let ask = spawn_ask(&device, "600");
     std::thread::sleep(Duration::from_millis(1_000));
     relay.cut(true);
     std::thread::sleep(Duration::from_secs(5));
     relay.cut(false);
     let out = ask.wait_with_output().unwrap();
+    let v = answered(&out, &device.tunnel_log());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}\n{}", device.tunnel_log());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["text"], reference["text"], "no gap, no repeat: {stderr}");
     assert!(v["resumed"].as_u64().unwrap() >= 1, "it was cut: {stderr}");
     assert_eq!(v["route"], "service");
@@ -522,34 +542,16 @@ fn an_answer_survives_a_tunnel_cut_longer_than_three_heartbeats() {
 
 #[test]
 fn a_cloud_killed_mid_answer_and_restarted_finishes_it_charged_once() {
-    let mut s = setup_with(
-        synesis_infer::tiny::TinySpec::BENCH,
-        "managed",
-        Some("10.00"),
-        "",
-    );
-    let reference =
-        json_of(
-            s.device
-                .synesis()
-                .args(["--json", "cloud", "ask", "--max-tokens", "600", PROMPT]),
-        );
-    let ask = s
-        .device
-        .synesis()
-        .args(["--json", "cloud", "ask", "--max-tokens", "600", PROMPT])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut s = slow("");
+    let reference = reference(&s);
+    let ask = spawn_ask(&s.device, "600");
     std::thread::sleep(Duration::from_millis(1_500));
     synesis_e2e::signal(s.cloud.process.pid(), "KILL");
     std::thread::sleep(Duration::from_millis(500));
     s.cloud.restart();
     let out = ask.wait_with_output().unwrap();
+    let v = answered(&out, &s.cloud.log());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}\n{}", s.cloud.log());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["text"], reference["text"], "{stderr}");
     assert!(
         v["started_over"].as_u64().unwrap() + v["resumed"].as_u64().unwrap() >= 1,
@@ -710,21 +712,14 @@ async fn a_prewarm_signal_loads_the_model_and_shows_in_admin_devices() {
 /// delivered and nothing was charged.
 #[test]
 fn a_generation_outlasting_its_hold_is_cut_and_charged_not_given_away() {
-    let s = setup_with(
-        synesis_infer::tiny::TinySpec::BENCH,
-        "managed",
-        Some("10.00"),
-        "[ledger]\nhold_ttl = \"3s\"\n",
-    );
+    let s = slow("[ledger]\nhold_ttl = \"3s\"\n");
     let out = s
         .device
         .synesis()
         .args(["--json", "cloud", "ask", "--max-tokens", "2000", PROMPT])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}\n{}", s.cloud.log());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = answered(&out, &s.cloud.log());
     assert_eq!(v["finish_reason"], "length", "{v}");
     let produced = v["output_tokens"].as_u64().unwrap();
     assert!(produced > 0 && produced < 2_000, "{v}");
@@ -879,9 +874,7 @@ async fn an_upstream_500_is_retried_and_byok_pays_only_the_fee() {
         .env("SYNESIS_BYOK_KEY", "sk-user-key-123")
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}\n{}", s.cloud.log());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = answered(&out, &s.cloud.log());
     assert_eq!(v["text"], "Hi there");
     assert_eq!(
         (v["input_tokens"].as_u64(), v["output_tokens"].as_u64()),
@@ -931,9 +924,7 @@ async fn an_upstream_silent_mid_answer_ends_at_the_idle_time_and_releases_the_ho
         ])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = answered(&out, "");
     assert_eq!(v["text"], "Hi");
     assert_eq!(v["finish_reason"], "failed", "{v}");
     assert_eq!(v["usage_counted"], true);
@@ -946,26 +937,12 @@ async fn an_upstream_silent_mid_answer_ends_at_the_idle_time_and_releases_the_ho
 /// Ctrl-C on `synesis cloud ask`: the cloud stops generating and charges what it produced.
 #[test]
 fn ctrl_c_cancels_the_answer_and_charges_what_was_produced() {
-    let s = setup_with(
-        synesis_infer::tiny::TinySpec::BENCH,
-        "managed",
-        Some("10.00"),
-        "",
-    );
-    let ask = s
-        .device
-        .synesis()
-        .args(["--json", "cloud", "ask", "--max-tokens", "2000", PROMPT])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let s = slow("");
+    let ask = spawn_ask(&s.device, "2000");
     std::thread::sleep(Duration::from_millis(1_500));
     synesis_e2e::signal(ask.id(), "INT");
     let out = ask.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = answered(&out, "");
     assert_eq!(v["finish_reason"], "cancelled", "{v}");
     let produced = v["output_tokens"].as_u64().unwrap();
     assert!(produced > 0 && produced < 2_000, "{v}");

@@ -329,7 +329,9 @@ mod tests {
     use synesis_proto::message::ChatTurn;
 
     use super::super::ApiKey;
-    use super::super::http::testing::{End, Script, collect, next, quick, settings, upstream};
+    use super::super::http::testing::{
+        End, Script, collect, decode_all, next, quick, settings, upstream,
+    };
     use super::*;
 
     /// The documented basic stream, as (event, data) pairs.
@@ -365,25 +367,7 @@ mod tests {
     /// Feeds `events` to a fresh decoder, stopping at the first `Done` or error as the HTTP
     /// task does, else ending the stream.
     fn decode(events: &[(&str, &str)]) -> Vec<Event> {
-        let mut decoder = MessageEvents::default();
-        let mut out = Vec::new();
-        for (event, data) in events {
-            match decoder.on_event(event, data) {
-                Ok(events) => {
-                    let done = events.iter().any(|e| matches!(e, Event::Done { .. }));
-                    out.extend(events);
-                    if done {
-                        return out;
-                    }
-                }
-                Err(error) => {
-                    out.push(Event::Failed(error));
-                    return out;
-                }
-            }
-        }
-        out.push(decoder.on_end());
-        out
+        decode_all(MessageEvents::default(), events.iter().copied())
     }
 
     fn text(s: &str) -> Event {

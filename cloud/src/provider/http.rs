@@ -681,6 +681,32 @@ pub(crate) mod testing {
         events
     }
 
+    /// Feeds `(event, data)` pairs to `decoder`, stopping at the first `Done` or error as the
+    /// HTTP task does, else ending the stream.
+    pub(crate) fn decode_all<'a, D: super::Decoder>(
+        mut decoder: D,
+        events: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Vec<Event> {
+        let mut out = Vec::new();
+        for (event, data) in events {
+            match decoder.on_event(event, data) {
+                Ok(events) => {
+                    let done = events.iter().any(|e| matches!(e, Event::Done { .. }));
+                    out.extend(events);
+                    if done {
+                        return out;
+                    }
+                }
+                Err(error) => {
+                    out.push(Event::Failed(error));
+                    return out;
+                }
+            }
+        }
+        out.push(decoder.on_end());
+        out
+    }
+
     /// The next event within 2 s.
     pub(crate) async fn next(generation: &mut Generation) -> Option<Event> {
         tokio::time::timeout(Duration::from_secs(2), generation.events.recv())

@@ -237,31 +237,15 @@ mod tests {
     use synesis_proto::message::ChatTurn;
 
     use super::super::ApiKey;
-    use super::super::http::testing::{End, Script, collect, next, quick, settings, upstream};
+    use super::super::http::testing::{
+        End, Script, collect, decode_all, next, quick, settings, upstream,
+    };
     use super::*;
 
     /// Feeds `events` (SSE `data` payloads of unnamed events) to a fresh decoder; stops at the
     /// first `Done` or error like the HTTP task does, else ends the stream.
     fn decode(datas: &[&str]) -> Vec<Event> {
-        let mut decoder = ChatChunks::default();
-        let mut out = Vec::new();
-        for data in datas {
-            match decoder.on_event("message", data) {
-                Ok(events) => {
-                    let done = events.iter().any(|e| matches!(e, Event::Done { .. }));
-                    out.extend(events);
-                    if done {
-                        return out;
-                    }
-                }
-                Err(error) => {
-                    out.push(Event::Failed(error));
-                    return out;
-                }
-            }
-        }
-        out.push(decoder.on_end());
-        out
+        decode_all(ChatChunks::default(), datas.iter().map(|d| ("message", *d)))
     }
 
     const ROLE: &str = r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"usage":null}"#;

@@ -36,25 +36,36 @@ impl rules::Ledger for Memory {
 
 rules::rule_tests!(Memory::default);
 
-/// What a request retried after a restart finds: each state of its hold, named.
-#[test]
-fn hold_state_names_where_a_request_stands() {
-    use synesis_billing::ledger::{HoldState, hold, hold_state, settle, top_up, void};
-    use synesis_billing::{MicroUsd, PriceTable, Tier, TierRules, Usage};
-    use synesis_proto::UnixMillis;
-
+/// A Managed account with $1 on it, in a fresh store, at a fixed time.
+fn funded() -> (
+    MemoryStore,
+    synesis_billing::ledger::Account,
+    synesis_billing::PriceTable,
+    synesis_billing::TierRules,
+    synesis_proto::UnixMillis,
+) {
     let mut store = MemoryStore::default();
-    let acct = rules::account(Tier::Managed);
-    let (prices, tiers) = (PriceTable::default(), TierRules::default());
-    let at = UnixMillis(1_795_000_000_000);
-    top_up(
+    let acct = rules::account(synesis_billing::Tier::Managed);
+    let at = synesis_proto::UnixMillis(1_795_000_000_000);
+    synesis_billing::ledger::top_up(
         &mut store,
         acct.id,
         rules::rid(100),
-        MicroUsd(1_000_000),
+        synesis_billing::MicroUsd(1_000_000),
         at,
     )
     .unwrap();
+    (store, acct, Default::default(), Default::default(), at)
+}
+
+/// What a request retried after a restart finds: each state of its hold, named.
+#[test]
+fn hold_state_names_where_a_request_stands() {
+    use synesis_billing::Usage;
+    use synesis_billing::ledger::{HoldState, hold, hold_state, settle, void};
+    use synesis_proto::UnixMillis;
+
+    let (mut store, acct, prices, tiers, at) = funded();
     let state =
         |store: &MemoryStore, n, now| hold_state(store, acct.id, rules::rid(n), now).unwrap();
     assert_eq!(state(&store, 1, at), HoldState::Unused);
@@ -94,22 +105,9 @@ fn hold_state_names_where_a_request_stands() {
 /// even when the model and the token counts are the same.
 #[test]
 fn a_hold_with_a_request_body_conflicts_with_another_body() {
-    use synesis_billing::ledger::{hold, top_up};
-    use synesis_billing::{MicroUsd, PriceTable, Tier, TierRules};
-    use synesis_proto::UnixMillis;
+    use synesis_billing::ledger::hold;
 
-    let mut store = MemoryStore::default();
-    let acct = rules::account(Tier::Managed);
-    let (prices, tiers) = (PriceTable::default(), TierRules::default());
-    let at = UnixMillis(1_795_000_000_000);
-    top_up(
-        &mut store,
-        acct.id,
-        rules::rid(100),
-        MicroUsd(1_000_000),
-        at,
-    )
-    .unwrap();
+    let (mut store, acct, prices, tiers, at) = funded();
     let with = |b: u8| synesis_billing::ledger::HoldRequest {
         request_body: Some([b; 32]),
         ..rules::sonnet()

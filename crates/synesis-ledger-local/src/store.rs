@@ -14,7 +14,7 @@ use synesis_proto::{DeviceId, UnixMillis};
 
 use crate::entry::{CloudCharge, Entry, EntryKind, LocalGeneration, cloud_cost_avoided};
 use crate::error::LedgerError;
-use crate::reconcile::{SyncReport, reconcile};
+use crate::reconcile::{SyncPlan, SyncReport, reconcile};
 use crate::summary::{ModelTotals, Summary};
 
 /// The ledger's file name in the data directory.
@@ -230,6 +230,30 @@ impl LocalLedger {
         cloud: &[CloudCharge],
         now: UnixMillis,
     ) -> Result<SyncReport, LedgerError> {
+        let plan = self.apply(cloud, Some(now))?;
+        Ok(plan.into_report(now))
+    }
+
+    /// Records one cloud charge as the device learned it (an escalation's `EscalationDone`), by
+    /// the same rules as [`reconcile`](Self::reconcile) for a list of one: added when new,
+    /// overwritten when the cloud's values differ, unchanged when the same. The last sync time
+    /// is not touched (this is not a sync). A local answer under the same request id is a
+    /// conflict, refused.
+    pub fn record_cloud(&mut self, charge: &CloudCharge) -> Result<(), LedgerError> {
+        let plan = self.apply(std::slice::from_ref(charge), None)?;
+        match plan.conflicts.first() {
+            Some(conflict) => Err(LedgerError::Duplicate(conflict.request_id)),
+            None => Ok(()),
+        }
+    }
+
+    /// In one transaction: the plan [`reconcile`] makes for `cloud`, applied (conflicts are
+    /// left alone), and `synced_at` recorded as the last sync time when given.
+    fn apply(
+        &mut self,
+        cloud: &[CloudCharge],
+        synced_at: Option<UnixMillis>,
+    ) -> Result<SyncPlan, LedgerError> {
         let path = self.path.clone();
         let err = sql_error(&path);
         let tx = self
@@ -244,40 +268,16 @@ impl LocalLedger {
         for change in &plan.changed {
             write_cloud(&tx, &change.cloud, true).map_err(&err)?;
         }
-        tx.execute(
-            "INSERT INTO meta (key, value) VALUES (?1, ?2) \
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            params![META_LAST_SYNC_AT, now.0],
-        )
-        .map_err(&err)?;
-        tx.commit().map_err(&err)?;
-        Ok(plan.into_report(now))
-    }
-
-    /// Records one cloud charge as the device learned it (an escalation's `EscalationDone`), by
-    /// the same rules as [`reconcile`](Self::reconcile) for a list of one: added when new,
-    /// overwritten when the cloud's values differ, unchanged when the same. The last sync time
-    /// is not touched (this is not a sync).
-    pub fn record_cloud(&mut self, charge: &CloudCharge) -> Result<(), LedgerError> {
-        let path = self.path.clone();
-        let err = sql_error(&path);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
+        if let Some(now) = synced_at {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) \
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![META_LAST_SYNC_AT, now.0],
+            )
             .map_err(&err)?;
-        let one = std::slice::from_ref(charge);
-        let held = held_for(&tx, &path, one)?;
-        let plan = reconcile(&held, one);
-        if let Some(conflict) = plan.conflicts.first() {
-            return Err(LedgerError::Duplicate(conflict.request_id));
         }
-        for charge in &plan.added {
-            write_cloud(&tx, charge, false).map_err(&err)?;
-        }
-        for change in &plan.changed {
-            write_cloud(&tx, &change.cloud, true).map_err(&err)?;
-        }
-        tx.commit().map_err(&err)
+        tx.commit().map_err(&err)?;
+        Ok(plan)
     }
 
     /// The devices whose cloud charges this ledger mirrors: this machine's identities, the
@@ -465,6 +465,28 @@ mod tests {
 
     fn open_in(dir: &tempfile::TempDir) -> LocalLedger {
         LocalLedger::open(&dir.path().join("data").join(LEDGER_FILE)).unwrap()
+    }
+
+    #[test]
+    fn one_cloud_charge_is_recorded_once_overwritten_by_the_cloud_and_never_over_a_local_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = open_in(&dir);
+        ledger.record_cloud(&charge(1, 100)).unwrap();
+        ledger.record_cloud(&charge(1, 100)).unwrap();
+        ledger.record_cloud(&charge(1, 90)).unwrap();
+        let summary = ledger.summary(None).unwrap();
+        assert_eq!(summary.cloud.charges, 1);
+        assert_eq!(
+            summary.cloud.total_micro_usd,
+            MicroUsd(90),
+            "the cloud's value wins"
+        );
+        assert_eq!(summary.last_sync_at, None, "recording is not a sync");
+        ledger.record_local(&local(2, 10, 5, 1_000)).unwrap();
+        assert!(matches!(
+            ledger.record_cloud(&charge(2, 100)),
+            Err(LedgerError::Duplicate(_))
+        ));
     }
 
     #[test]
