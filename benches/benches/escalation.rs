@@ -3,8 +3,8 @@
 //! provider → chunks back → settlement with the answer stored) against the **anchor**, the same
 //! provider called directly in the same process, on the same tiny model and settings.
 //!
-//! - `escalation/ttft/*`: time to the first chunk (the tunnel's includes the durable hold).
-//! - `escalation/answer/*`: the whole answer (the tunnel's includes the durable settlement);
+//! - `escalation/{tiny,bench}/ttft/*`: time to the first chunk (the tunnel's includes the durable hold).
+//! - `escalation/{tiny,bench}/answer/*`: the whole answer (the tunnel's includes the durable settlement);
 //!   with `Throughput::Elements` = chunks, criterion reports chunks/s, whose ratio is the
 //!   streaming overhead.
 //!
@@ -45,10 +45,10 @@ fn settings(model: &std::path::Path) -> LocalSettings {
 }
 
 /// One answer from the provider alone: (time to the first piece, whole time, pieces).
-async fn direct(provider: &Llama) -> (Duration, Duration, u64) {
+async fn direct(provider: &Llama, model: &str) -> (Duration, Duration, u64) {
     let started = Instant::now();
     let mut generation = provider.start(Ask {
-        model: "tiny".into(),
+        model: model.into(),
         turns: turns(),
         max_tokens: MAX_TOKENS,
         temperature: 0.0,
@@ -73,10 +73,10 @@ async fn direct(provider: &Llama) -> (Duration, Duration, u64) {
 }
 
 /// One answer through the cloud on `conn`: (time to the first chunk, whole time, chunks).
-async fn tunnelled(conn: &quinn::Connection) -> (Duration, Duration, u64) {
+async fn tunnelled(conn: &quinn::Connection, model: &str) -> (Duration, Duration, u64) {
     let request = EscalationRequest {
         request_id: RequestId::try_from_uuid(uuid::Uuid::now_v7()).unwrap(),
-        model: "tiny".into(),
+        model: model.into(),
         adapter: None,
         context: turns(),
         preferences: Preferences {
@@ -109,10 +109,10 @@ async fn tunnelled(conn: &quinn::Connection) -> (Duration, Duration, u64) {
     (first.unwrap_or_default(), started.elapsed(), chunks)
 }
 
-/// An embedded cloud serving the tiny model, an enrolled device, its connection.
+/// An embedded cloud serving `models` (name, file), an enrolled device, its connection.
 async fn cloud(
     dir: &std::path::Path,
-    model: &std::path::Path,
+    models: &[(&str, std::path::PathBuf)],
 ) -> (
     synesis_cloud::endpoint::Cloud,
     quinn::Endpoint,
@@ -120,24 +120,26 @@ async fn cloud(
 ) {
     let data_dir = dir.join("cloud");
     let mut billing = synesis_cloud::config::Billing::default();
-    billing.prices.set(
-        "tiny",
-        synesis_billing::ModelPrice {
-            input_per_mtok: synesis_billing::MicroUsd(1_000_000),
-            output_per_mtok: synesis_billing::MicroUsd(2_000_000),
-        },
-    );
     let mut serving = Serving {
         escalation: EscalationSettings::default(),
         ..Serving::default()
     };
-    serving.models.insert(
-        "tiny".into(),
-        Served {
-            provider: ProviderConfig::Llama(settings(model)),
-            tiers: vec![Tier::Free, Tier::Managed],
-        },
-    );
+    for (name, file) in models {
+        billing.prices.set(
+            name,
+            synesis_billing::ModelPrice {
+                input_per_mtok: synesis_billing::MicroUsd(1_000_000),
+                output_per_mtok: synesis_billing::MicroUsd(2_000_000),
+            },
+        );
+        serving.models.insert(
+            (*name).into(),
+            Served {
+                provider: ProviderConfig::Llama(settings(file)),
+                tiers: vec![Tier::Free, Tier::Managed],
+            },
+        );
+    }
     let cloud = start(Options {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data_dir.clone(),
@@ -180,38 +182,67 @@ async fn cloud(
 
 fn escalation(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny.gguf");
-    synesis_infer::tiny::write_model(&model, synesis_infer::tiny::TinySpec::TINY).unwrap();
+    // The tiny model (~10,000 tokens/s: the harshest anchor, where per-chunk cost shows most)
+    // and the 26 M-parameter bench model (closer to a real model's pace).
+    let models: Vec<(&str, std::path::PathBuf)> = [
+        ("tiny", synesis_infer::tiny::TinySpec::TINY),
+        ("bench", synesis_infer::tiny::TinySpec::BENCH),
+    ]
+    .into_iter()
+    .map(|(name, spec)| {
+        let file = dir.path().join(format!("{name}.gguf"));
+        synesis_infer::tiny::write_model(&file, spec).unwrap();
+        (name, file)
+    })
+    .collect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let provider = Llama::new(settings(&model)).unwrap();
-    let (_cloud, _endpoint, conn) = runtime.block_on(cloud(dir.path(), &model));
-    // Warm both (model loads, first contexts) and check they answer alike.
-    let (_, _, alone) = runtime.block_on(direct(&provider));
-    let (_, _, through) = runtime.block_on(tunnelled(&conn));
-    assert_eq!(alone, through, "the same greedy answer both ways");
+    let (_cloud, _endpoint, conn) = runtime.block_on(cloud(dir.path(), &models));
+    for (name, file) in &models {
+        let provider = Llama::new(settings(file)).unwrap();
+        // Warm both (model loads, first contexts) and check they answer alike.
+        let (_, _, alone) = runtime.block_on(direct(&provider, name));
+        let (_, _, through) = runtime.block_on(tunnelled(&conn, name));
+        assert_eq!(alone, through, "the same greedy answer both ways");
 
-    let mut ttft = c.benchmark_group("escalation/ttft");
-    ttft.bench_function("provider", |b| {
-        b.iter_custom(|n| (0..n).map(|_| runtime.block_on(direct(&provider)).0).sum());
-    });
-    ttft.bench_function("tunnel", |b| {
-        b.iter_custom(|n| (0..n).map(|_| runtime.block_on(tunnelled(&conn)).0).sum());
-    });
-    ttft.finish();
+        let mut ttft = c.benchmark_group(format!("escalation/{name}/ttft"));
+        ttft.bench_function("provider", |b| {
+            b.iter_custom(|n| {
+                (0..n)
+                    .map(|_| runtime.block_on(direct(&provider, name)).0)
+                    .sum()
+            });
+        });
+        ttft.bench_function("tunnel", |b| {
+            b.iter_custom(|n| {
+                (0..n)
+                    .map(|_| runtime.block_on(tunnelled(&conn, name)).0)
+                    .sum()
+            });
+        });
+        ttft.finish();
 
-    let mut answer = c.benchmark_group("escalation/answer");
-    answer.throughput(Throughput::Elements(alone));
-    answer.bench_function("provider", |b| {
-        b.iter_custom(|n| (0..n).map(|_| runtime.block_on(direct(&provider)).1).sum());
-    });
-    answer.bench_function("tunnel", |b| {
-        b.iter_custom(|n| (0..n).map(|_| runtime.block_on(tunnelled(&conn)).1).sum());
-    });
-    answer.finish();
+        let mut answer = c.benchmark_group(format!("escalation/{name}/answer"));
+        answer.throughput(Throughput::Elements(alone));
+        answer.bench_function("provider", |b| {
+            b.iter_custom(|n| {
+                (0..n)
+                    .map(|_| runtime.block_on(direct(&provider, name)).1)
+                    .sum()
+            });
+        });
+        answer.bench_function("tunnel", |b| {
+            b.iter_custom(|n| {
+                (0..n)
+                    .map(|_| runtime.block_on(tunnelled(&conn, name)).1)
+                    .sum()
+            });
+        });
+        answer.finish();
+    }
 }
 
 criterion_group! {

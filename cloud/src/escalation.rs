@@ -42,7 +42,7 @@ use synesis_proto::message::{
 use synesis_proto::{
     AccountId, DeviceId, ErrorCode, FrameLimits, Message, MessageType, RequestId, UnixMillis,
 };
-use synesis_wire::{RecvError, send};
+use synesis_wire::RecvError;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -348,19 +348,31 @@ async fn follow_attached(run: &Run, stream: &mut Stream, from: u32) {
             );
             return stream.send_last(&reply).await;
         }
+        // Every chunk waiting goes out in one write (a reader that fell behind catches up in
+        // a few large writes, not one per token).
+        let mut frames = Vec::new();
         for text in pieces {
             let chunk = EscalationChunk {
                 request_id: run.request_id,
                 seq: u32::try_from(next).unwrap_or(u32::MAX),
                 text,
             };
-            if let Err(e) = send(&mut stream.tx, &chunk.into(), FrameLimits::default()).await {
-                if stopped_as_cancelled(&e) {
-                    run.cancel.notify_one();
+            match synesis_proto::encode_frame_vec(&chunk.into(), FrameLimits::default()) {
+                Ok(frame) => frames.extend_from_slice(&frame),
+                Err(e) => {
+                    tracing::error!(error = %e, "a chunk does not fit a frame");
+                    return;
                 }
-                return; // the device went away; it may resume on another stream
             }
             next += 1;
+        }
+        if !frames.is_empty()
+            && let Err(e) = stream.tx.write_all(&frames).await
+        {
+            if stopped_as_cancelled(&e) {
+                run.cancel.notify_one();
+            }
+            return; // the device went away; it may resume on another stream
         }
         if let Some(end) = end {
             return stream.send_last(&end).await;
@@ -402,14 +414,9 @@ async fn follow_attached(run: &Run, stream: &mut Stream, from: u32) {
 
 /// Whether the device stopped our half with `CANCELLED` (a local client that went away, seen
 /// while sending).
-fn stopped_as_cancelled(e: &synesis_wire::SendError) -> bool {
-    let synesis_wire::SendError::Io(io) = e else {
-        return false;
-    };
+fn stopped_as_cancelled(e: &quinn::WriteError) -> bool {
     let cancelled = synesis_wire::close_code(ErrorCode::CANCELLED);
-    io.get_ref()
-        .and_then(|inner| inner.downcast_ref::<quinn::WriteError>())
-        .is_some_and(|w| matches!(w, quinn::WriteError::Stopped(code) if *code == cancelled))
+    matches!(e, quinn::WriteError::Stopped(code) if *code == cancelled)
 }
 
 /// Whether the device reset its half with `CANCELLED` (it will not come back for the answer).
@@ -496,14 +503,23 @@ impl Admission {
         // A finished request is replayed before any check: a config or tier change since does
         // not turn its outcome into a refusal, and a repeat costs one read.
         let (account, id) = key;
-        let stored = self
+        // One read for both: the stored answer, and the account the checks need.
+        let read = self
             .shared
             .storage
-            .read(move |db| answers::get(db.connection(), account, id))
+            .read(move |db| {
+                Ok(match answers::get(db.connection(), account, id)? {
+                    Some(answer) => Err(answer),
+                    None => Ok(db.account_by_id(account)?),
+                })
+            })
             .await;
-        let admitted = match stored {
-            Ok(Some(answer)) => Ok((Held::Stored(answer), None)),
-            Ok(None) => self.admit(&r).await.map(|(held, rest)| (held, Some(rest))),
+        let admitted = match read {
+            Ok(Err(answer)) => Ok((Held::Stored(answer), None)),
+            Ok(Ok(acct)) => self
+                .admit(&r, &acct)
+                .await
+                .map(|(held, rest)| (held, Some(rest))),
             Err(e) => Err(unavailable(&e, id)),
         };
         match admitted {
@@ -553,6 +569,7 @@ impl Admission {
     async fn admit(
         &self,
         r: &EscalationRequest,
+        acct: &crate::storage::Account,
     ) -> Result<(Held, (Arc<dyn Provider>, Ask, u64)), Message> {
         let id = r.request_id;
         let refuse = |code, why: String| error_msg(code, why, Some(id));
@@ -572,13 +589,6 @@ impl Admission {
                 ),
             ));
         };
-        let account = self.account;
-        let acct = self
-            .shared
-            .storage
-            .read(move |db| db.account_by_id(account))
-            .await
-            .map_err(|e| unavailable(&e, id))?;
         // BYOK is per request: a key makes it so; an account on the BYOK tier must send one.
         let tier = match (&r.byok_key, acct.tier) {
             (Some(_), _) if !model.provider.takes_user_keys() => {
