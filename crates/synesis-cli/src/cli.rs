@@ -110,7 +110,7 @@ Ctrl-C stops the answer where it is (finish_reason \"cancelled\").")]
 pub(crate) struct AskArgs {
     /// The prompt; `-` reads it from stdin.
     pub(crate) prompt: String,
-    /// Answer on this device (cloud escalation is not built yet, so this is required).
+    /// Answer on this device (required for now; `synesis cloud ask` asks the cloud).
     #[arg(long)]
     pub(crate) local: bool,
     /// A registered model (default: the default model).

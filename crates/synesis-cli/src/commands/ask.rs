@@ -56,7 +56,7 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
     let request_id = new_request_id();
     if !args.local {
         return Err(UserError::Usage(
-            "only on-device answers exist so far: add --local (cloud escalation comes with the tunnel's escalation support)".into(),
+            "add --local to answer on this device, or ask the cloud with `synesis cloud ask` (choosing between them by itself comes next)".into(),
         )
         .into());
     }
