@@ -46,6 +46,7 @@
 //! resume_window = "60s"          # a request whose device went away keeps running this long
 //! max_output_tokens = 4096       # the most a request may ask for
 //! retries = 2                    # an upstream that fails before its first output is retried
+//! per_account_max = 16           # requests one account may have running at once
 //! ```
 //!
 //! BYOK asks go only to `openai` and `anthropic` models (the user's key is for the upstream);
@@ -137,6 +138,9 @@ pub struct EscalationSettings {
     pub max_output_tokens: u32,
     /// Upstream retries before the first output.
     pub retries: u32,
+    /// Requests one account may have running at once (more: `LIMIT_EXCEEDED`), so that one
+    /// account cannot take every sequence and upstream connection.
+    pub per_account_max: usize,
 }
 
 impl Default for EscalationSettings {
@@ -146,6 +150,7 @@ impl Default for EscalationSettings {
             resume_window: Duration::from_secs(60),
             max_output_tokens: 4_096,
             retries: 2,
+            per_account_max: 16,
         }
     }
 }
@@ -205,6 +210,7 @@ struct EscalationFile {
     resume_window: Option<String>,
     max_output_tokens: Option<u32>,
     retries: Option<u32>,
+    per_account_max: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -282,6 +288,11 @@ fn parse_all(text: &str, base: &Path) -> anyhow::Result<Config> {
             None => defaults.max_output_tokens,
         },
         retries: e.retries.unwrap_or(defaults.retries).min(10),
+        per_account_max: match e.per_account_max {
+            Some(0) => bail!("escalation.per_account_max must be at least 1"),
+            Some(n) => n.min(10_000),
+            None => defaults.per_account_max,
+        },
     };
     let mut models = BTreeMap::new();
     for (name, m) in file.models {

@@ -57,6 +57,8 @@ use crate::streams::{Stream, error_msg};
 /// A generation stops this long (at most a fifth of its hold's time) before its hold expires,
 /// so that its settlement (which an expired hold refuses) still fits.
 const HOLD_MARGIN: Duration = Duration::from_secs(5);
+/// How long an account at its limit of running requests is told to wait.
+const BUSY_RETRY_AFTER_MS: u32 = 1_000;
 /// How often a running request checks whether any device still follows it.
 const FOLLOWER_CHECK: Duration = Duration::from_secs(1);
 /// The first wait before retrying an upstream (doubled each time, unless it said how long).
@@ -71,6 +73,18 @@ pub(crate) struct Escalations {
     models: BTreeMap<String, Model>,
     settings: EscalationSettings,
     runs: Mutex<HashMap<(AccountId, RequestId), Arc<Run>>>,
+    /// Requests being admitted or generated, per account (at most `per_account_max`).
+    live: Mutex<HashMap<AccountId, usize>>,
+}
+
+/// What [`Escalations::claim`] found.
+enum Claim {
+    /// The request id is running or recently finished: follow it.
+    Existing(Arc<Run>),
+    /// A new run, for the caller to admit.
+    Fresh(Arc<Run>),
+    /// The account already has `per_account_max` requests running.
+    Busy,
 }
 
 #[derive(Debug)]
@@ -103,6 +117,7 @@ impl Escalations {
             models,
             settings: serving.escalation,
             runs: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
         })
     }
 
@@ -117,15 +132,35 @@ impl Escalations {
         self.runs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The run of `key`: the one already there, or a new one (`true`) for the caller to admit.
-    fn claim(&self, key: (AccountId, RequestId), body: [u8; 32]) -> (Arc<Run>, bool) {
+    /// The run of `key`: the one already there, or a new one for the caller to admit when the
+    /// account has room for one more.
+    fn claim(&self, key: (AccountId, RequestId), body: [u8; 32]) -> Claim {
         let mut runs = self.runs();
         if let Some(run) = runs.get(&key) {
-            return (Arc::clone(run), false);
+            return Claim::Existing(Arc::clone(run));
+        }
+        {
+            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+            let n = live.entry(key.0).or_default();
+            if *n >= self.settings.per_account_max {
+                return Claim::Busy;
+            }
+            *n += 1;
         }
         let run = Arc::new(Run::new(key.1, body));
         runs.insert(key, Arc::clone(&run));
-        (run, true)
+        Claim::Fresh(run)
+    }
+
+    /// A run [`claim`](Self::claim)ed fresh is over (its admission task ended).
+    fn release(&self, account: AccountId) {
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = live.get_mut(&account) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                live.remove(&account);
+            }
+        }
     }
 
     fn get(&self, key: (AccountId, RequestId)) -> Option<Arc<Run>> {
@@ -247,7 +282,22 @@ pub(crate) async fn serve(peer: &Peer, first: Message, mut stream: Stream) {
         Message::EscalationRequest(r) => {
             let key = (account, r.request_id);
             let body = body_of(&r);
-            let (run, fresh) = escalations.claim(key, body);
+            let (run, fresh) = match escalations.claim(key, body) {
+                Claim::Existing(run) => (run, false),
+                Claim::Fresh(run) => (run, true),
+                Claim::Busy => {
+                    let reply = ErrorMsg {
+                        code: ErrorCode::LIMIT_EXCEEDED,
+                        message: format!(
+                            "this account already has {} requests running; retry when one ends",
+                            escalations.settings.per_account_max
+                        ),
+                        request_id: Some(r.request_id),
+                        retry_after_ms: Some(BUSY_RETRY_AFTER_MS),
+                    };
+                    return stream.send_last(&reply.into()).await;
+                }
+            };
             if run.body != body {
                 return conflict(&mut stream, r.request_id).await;
             }
@@ -460,6 +510,7 @@ struct EndGuard {
 
 impl Drop for EndGuard {
     fn drop(&mut self) {
+        self.escalations.release(self.key.0);
         if self.run.state().end.is_none() {
             tracing::error!(request = %self.key.1, "an escalation ended without an outcome");
             self.run.end(error_msg(

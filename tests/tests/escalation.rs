@@ -466,7 +466,11 @@ fn the_free_quota_admits_a_hold_exactly_at_its_boundary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_at_once_never_overdraw_and_the_refused_cost_nothing() {
     // $0.002 covers about four holds of (input + 200 output) at once.
-    let s = setup("managed", Some("0.002"), "");
+    let s = setup(
+        "managed",
+        Some("0.002"),
+        "[escalation]\nper_account_max = 64\n",
+    );
     let (_e1, a) = connect(&s.device).await;
     let (_e2, b) = connect(&s.device).await;
     let tasks: Vec<_> = (0..64)
@@ -952,4 +956,48 @@ fn ctrl_c_cancels_the_answer_and_charges_what_was_produced() {
         u["charges"][0]["total_micro_usd"].as_i64().unwrap(),
         managed_total(v["input_tokens"].as_u64().unwrap(), produced)
     );
+}
+
+/// One account cannot take every sequence: past `per_account_max` running requests it is told
+/// to wait (`LIMIT_EXCEEDED`, with `retry_after_ms`), and charged nothing for that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_at_its_limit_of_running_requests_is_told_to_wait() {
+    let s = slow("[escalation]\nper_account_max = 2\n");
+    let (_endpoint, conn) = connect(&s.device).await;
+    let running: Vec<_> = (0..2)
+        .map(|_| {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let id = synesis_tunnel::clock::new_request_id();
+                exchange(&conn, request(id, 300).into(), None).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let third = exchange(
+        &conn,
+        request(synesis_tunnel::clock::new_request_id(), 8).into(),
+        None,
+    )
+    .await;
+    match &third.end {
+        Some(Message::ErrorMsg(e)) => {
+            assert_eq!(e.code, ErrorCode::LIMIT_EXCEEDED, "{e:?}");
+            assert!(e.retry_after_ms.is_some());
+        }
+        other => panic!("the third ran: {other:?}"),
+    }
+    for r in running {
+        done(&r.await.unwrap());
+    }
+    // Room again once they ended.
+    let later = exchange(
+        &conn,
+        request(synesis_tunnel::clock::new_request_id(), 8).into(),
+        None,
+    )
+    .await;
+    done(&later);
+    let u = usage(&s);
+    assert_eq!(u["charges"].as_array().unwrap().len(), 3, "{u}");
 }
