@@ -969,7 +969,7 @@ async fn an_account_at_its_limit_of_running_requests_is_told_to_wait() {
             let conn = conn.clone();
             tokio::spawn(async move {
                 let id = synesis_tunnel::clock::new_request_id();
-                exchange(&conn, request(id, 300).into(), None).await
+                exchange(&conn, request(id, 600).into(), None).await
             })
         })
         .collect();
