@@ -126,6 +126,21 @@ fn mistakes_get_clear_messages() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("no adapter named"));
-    let out = device.synesis().args(["ask", "hi"]).output().unwrap();
+    // Without --local the local-first policy decides: not enrolled, so this device answers.
+    let out = device
+        .synesis()
+        .args(["ask", "--explain", "--max-tokens", "4", "hi"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("answering on this device: not enrolled with a cloud"),
+        "{stderr}"
+    );
+    // With no model and no cloud there is no way to answer, and it says so.
+    let bare = Device::new();
+    let out = bare.synesis().args(["ask", "hi"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no local model; not enrolled"));
 }

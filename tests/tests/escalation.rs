@@ -1001,3 +1001,152 @@ async fn an_account_at_its_limit_of_running_requests_is_told_to_wait() {
     let u = usage(&s);
     assert_eq!(u["charges"].as_array().unwrap().len(), 3, "{u}");
 }
+
+// ------------------------------------------------------------------ local first (`synesis ask`)
+
+/// `synesis --json ask --explain …`: the JSON, and the explanation on stderr.
+fn ask_explained(
+    device: &Device,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (serde_json::Value, String) {
+    let mut cmd = device.synesis();
+    cmd.args(["--json", "ask", "--explain"])
+        .args(args)
+        .arg(PROMPT);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (answered(&out, &stderr), stderr)
+}
+
+#[test]
+fn with_no_local_model_ask_goes_to_the_cloud_and_says_why() {
+    let s = setup("managed", Some("10.00"), "");
+    let bare = Device::new();
+    bare.login(&s.cloud.token("acme", "1h"));
+    let (v, stderr) = ask_explained(&bare, &["--max-tokens", "8"], &[]);
+    assert_eq!(v["policy"]["decision"], "cloud", "{v}");
+    assert_eq!(v["policy"]["detail"][0]["reason"], "no_local_model");
+    assert!(
+        stderr.contains("answering by the cloud: no local model"),
+        "{stderr}"
+    );
+    assert_eq!(usage(&s)["charges"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn an_over_long_request_goes_to_the_cloud_and_local_only_refuses_it() {
+    let s = setup("managed", Some("10.00"), "");
+    // 57 prompt tokens + 4,060 do not fit the local context of 4,096.
+    let (v, _) = ask_explained(&s.device, &["--max-tokens", "4060"], &[]);
+    assert_eq!(v["policy"]["decision"], "cloud", "{v}");
+    assert_eq!(v["policy"]["detail"][0]["reason"], "over_context");
+    let out = s
+        .device
+        .synesis()
+        .args(["ask", "--local", "--max-tokens", "4060", PROMPT])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("exceed the local context of 4096"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_first_tokens_confidence_decides_and_explain_and_json_agree() {
+    let s = setup("managed", Some("10.00"), "");
+    // The tiny model's first tokens score about -1.8: a threshold above that escalates...
+    let (v, stderr) = ask_explained(
+        &s.device,
+        &["--max-tokens", "24"],
+        &[("SYNESIS_MIN_CONFIDENCE", "-0.01")],
+    );
+    assert_eq!(v["policy"]["decision"], "cloud", "{v}");
+    assert_eq!(v["policy"]["detail"][0]["reason"], "low_confidence");
+    assert!(
+        v["policy"]["cascade_ms"].as_f64().unwrap() > 0.0,
+        "the probe's cost is reported"
+    );
+    assert!(
+        stderr.contains("answering by the cloud: confidence"),
+        "{stderr}"
+    );
+    // ... one below it stays here, and the answer is the same greedy text.
+    let (v, stderr) = ask_explained(
+        &s.device,
+        &["--max-tokens", "24"],
+        &[("SYNESIS_MIN_CONFIDENCE", "-50")],
+    );
+    assert_eq!(v["route"]["decision"], "local", "{v}");
+    assert_eq!(v["route"]["detail"][0]["reason"], "confident_enough");
+    assert!(
+        stderr.contains("answering on this device: confidence"),
+        "{stderr}"
+    );
+    let local = json_of(s.device.synesis().args([
+        "--json",
+        "ask",
+        "--local",
+        "--max-tokens",
+        "24",
+        PROMPT,
+    ]));
+    assert_eq!(
+        v["text"], local["text"],
+        "the probe's tokens are the answer's first tokens"
+    );
+    assert_eq!(
+        usage(&s)["charges"].as_array().unwrap().len(),
+        1,
+        "only the escalated one"
+    );
+}
+
+#[test]
+fn with_the_tunnel_down_ask_answers_here_and_says_so() {
+    let mut s = setup("managed", Some("10.00"), "");
+    let _tunnel = s.device.tunnel("1s");
+    assert!(wait_for(Duration::from_secs(15), || s
+        .device
+        .state()
+        .as_deref()
+        == Some("connected")));
+    synesis_e2e::signal(s.cloud.process.pid(), "KILL");
+    let _ = s.cloud.process.wait(Duration::from_secs(5));
+    assert!(wait_for(Duration::from_secs(15), || s
+        .device
+        .state()
+        .as_deref()
+        != Some("connected")));
+    // Even a request the policy would send to the cloud stays here, with the reason.
+    let (v, stderr) = ask_explained(
+        &s.device,
+        &["--max-tokens", "8"],
+        &[("SYNESIS_MIN_CONFIDENCE", "-0.01")],
+    );
+    assert_eq!(v["route"]["decision"], "local", "{v}");
+    assert_eq!(v["route"]["detail"][0]["reason"], "cloud_unreachable");
+    assert!(stderr.contains("the cloud is unreachable"), "{stderr}");
+}
+
+#[test]
+fn a_cloud_that_refuses_for_money_leaves_the_answer_here_and_says_so() {
+    let s = setup("managed", None, "");
+    let (v, stderr) = ask_explained(
+        &s.device,
+        &["--max-tokens", "8"],
+        &[("SYNESIS_MIN_CONFIDENCE", "-0.01")],
+    );
+    assert!(
+        stderr.contains("INSUFFICIENT_FUNDS") && stderr.contains("answering on this device"),
+        "{stderr}"
+    );
+    assert_eq!(v["completion_tokens"], 8, "answered here: {v}");
+    assert_eq!(usage(&s)["charges"].as_array().unwrap().len(), 0);
+}

@@ -69,7 +69,7 @@ impl GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Ask a question; with --local the model on this device answers, streaming.
+    /// Ask a question: this device answers when it can, the cloud when it cannot (--explain says why).
     Ask(AskArgs),
     /// The GGUF models this device can run.
     Model {
@@ -102,17 +102,34 @@ pub(crate) enum Command {
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Examples:
+  synesis ask \"hello\"                          this device if it can, else the cloud
+  synesis ask --explain \"hello\"                the same, and why (on stderr)
   synesis model add --tiny demo && synesis ask --local \"hello\"
   echo \"summarise this\" | synesis ask --local -
   synesis ask --local --lora legal:0.5 --max-tokens 64 --json \"hello\"
 
+The policy: the cloud when there is no local model, the prompt and --max-tokens do not fit the
+local context, the device is stressed (CPU, memory, GPU), or the first 16 tokens' mean
+log-probability is under -3.0 (generated here, not shown, then the answer goes on here or in the
+cloud); this device when the cloud is not enrolled or unreachable, or refuses (quota, balance).
+Thresholds: config.toml [escalation] min_confidence, cascade_tokens, cloud_model; the variables
+SYNESIS_MIN_CONFIDENCE and SYNESIS_CASCADE_TOKENS override them for one run.
 Ctrl-C stops the answer where it is (finish_reason \"cancelled\").")]
 pub(crate) struct AskArgs {
     /// The prompt; `-` reads it from stdin.
     pub(crate) prompt: String,
-    /// Answer on this device (required for now; `synesis cloud ask` asks the cloud).
-    #[arg(long)]
+    /// Answer on this device only (an error when it cannot).
+    #[arg(long, conflicts_with = "cloud")]
     pub(crate) local: bool,
+    /// Ask the cloud, whatever this device could do.
+    #[arg(long)]
+    pub(crate) cloud: bool,
+    /// Say on stderr which way the answer goes and why, with the figures behind it.
+    #[arg(long)]
+    pub(crate) explain: bool,
+    /// The cloud model to escalate to (default: config.toml [escalation] cloud_model, else tiny).
+    #[arg(long)]
+    pub(crate) cloud_model: Option<String>,
     /// A registered model (default: the default model).
     #[arg(long)]
     pub(crate) model: Option<String>,

@@ -31,6 +31,58 @@ pub(crate) struct Config {
     pub(crate) models: BTreeMap<String, ModelEntry>,
     #[serde(default)]
     pub(crate) adapters: BTreeMap<String, AdapterEntry>,
+    /// The local-first policy's settings (`synesis ask`).
+    #[serde(default, skip_serializing_if = "EscalationConfig::is_default")]
+    pub(crate) escalation: EscalationConfig,
+}
+
+/// `[escalation]`: every key optional; `SYNESIS_MIN_CONFIDENCE` and `SYNESIS_CASCADE_TOKENS`
+/// override the file for one run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EscalationConfig {
+    /// Escalate when the first tokens' mean log-probability is under this (default -3.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) min_confidence: Option<f64>,
+    /// How many tokens the confidence is measured on (0: never measure; default 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) cascade_tokens: Option<u32>,
+    /// The cloud model `synesis ask` escalates to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) cloud_model: Option<String>,
+}
+
+impl EscalationConfig {
+    fn is_default(&self) -> bool {
+        *self == EscalationConfig::default()
+    }
+
+    /// The thresholds: the defaults, the file over them, the environment over that.
+    pub(crate) fn thresholds(&self) -> anyhow::Result<synesis_route::Thresholds> {
+        let mut t = synesis_route::Thresholds::default();
+        if let Some(c) = self.min_confidence {
+            t.min_confidence = c;
+        }
+        if let Some(k) = self.cascade_tokens {
+            t.cascade_tokens = k;
+        }
+        if let Ok(v) = std::env::var("SYNESIS_MIN_CONFIDENCE") {
+            t.min_confidence = v
+                .trim()
+                .parse()
+                .with_context(|| format!("SYNESIS_MIN_CONFIDENCE={v:?} is not a number"))?;
+        }
+        if let Ok(v) = std::env::var("SYNESIS_CASCADE_TOKENS") {
+            t.cascade_tokens = v
+                .trim()
+                .parse()
+                .with_context(|| format!("SYNESIS_CASCADE_TOKENS={v:?} is not a whole number"))?;
+        }
+        if !t.min_confidence.is_finite() || t.min_confidence > 0.0 {
+            bail!("min_confidence is a mean log-probability: a number at most 0 (e.g. -3.0)");
+        }
+        Ok(t)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

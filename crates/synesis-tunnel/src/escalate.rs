@@ -31,6 +31,9 @@ use crate::tls::device_client_config;
 
 /// How long the device keeps trying to get back to a broken answer before giving up.
 pub const RECONNECT_FOR: Duration = Duration::from_secs(120);
+/// How long a request that never reached the cloud keeps trying (a cloud that is down is said
+/// so soon, so the caller can answer another way).
+pub const FIRST_CONTACT_FOR: Duration = Duration::from_secs(15);
 /// The wait between two attempts to reach the cloud again.
 const RETRY_EVERY: Duration = Duration::from_millis(500);
 
@@ -223,7 +226,7 @@ pub async fn escalate(
     let (mut resumed, mut started_over) = (0, 0);
     let mut fresh = true; // send the request itself (not a resume)
     let mut cancelled = *cancel.borrow();
-    let mut giving_up_at = tokio::time::Instant::now() + RECONNECT_FOR;
+    let mut giving_up_at = tokio::time::Instant::now() + FIRST_CONTACT_FOR;
     loop {
         let mut opened = match route.open().await {
             Ok(o) => o,
@@ -253,6 +256,10 @@ pub async fn escalate(
         }
         if !fresh {
             on(Progress::Resumed { next_seq });
+        }
+        if next_seq == 0 {
+            // The cloud has the request: from now on a break is worth waiting out.
+            giving_up_at = tokio::time::Instant::now() + RECONNECT_FOR;
         }
         if cancelled {
             let _ = opened

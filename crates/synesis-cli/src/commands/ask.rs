@@ -1,18 +1,25 @@
-//! `synesis ask --local "PROMPT"`: answer on this device, streaming as the model writes.
+//! `synesis ask "PROMPT"`: answer on this device when it can, by the cloud when it cannot (the
+//! local-first policy, `synesis-route`), streaming as the model writes; `--local` and `--cloud`
+//! force a route, `--explain` says why.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use serde::Serialize;
 use synesis_infer::{CancelToken, FinishReason, Model, Request, Settings};
 use synesis_ledger_local::{LocalGeneration, LocalLedger};
 use synesis_proto::{DeviceId, RequestId};
-use synesis_tunnel::Identity;
+use synesis_route::{CloudReach, Decision, Inputs, LocalModel, Mode, Reason, Thresholds, route};
 use synesis_tunnel::clock::{new_request_id, unix_now};
+use synesis_tunnel::local::LocalClient;
+use synesis_tunnel::{Identity, TunnelState};
+use synesis_vitals::{StressThresholds, SystemSampler, VitalsSource, assess};
 
+use super::escalate::CloudFailure;
 use super::{Output, is_closed_pipe, ledger_error};
-use crate::cli::AskArgs;
+use crate::cli::{AskArgs, CloudAskArgs};
 use crate::exit::UserError;
 use crate::paths::Paths;
 use crate::registry::Config;
@@ -34,6 +41,8 @@ struct Answer {
     tokens_per_second: f64,
     mean_logprob: Option<f64>,
     finish_reason: &'static str,
+    /// Why this device answered (the local-first policy's decision and its figures).
+    route: Explained,
 }
 
 /// `NAME` or `NAME:SCALE`.
@@ -54,27 +63,15 @@ pub(crate) fn parse_lora(text: &str) -> Result<(String, f32), String> {
 
 pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::Result<()> {
     let request_id = new_request_id();
-    if !args.local {
-        return Err(UserError::Usage(
-            "add --local to answer on this device, or ask the cloud with `synesis cloud ask` (choosing between them by itself comes next)".into(),
-        )
-        .into());
-    }
-    let prompt = if args.prompt == "-" {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .context("cannot read the prompt from stdin")?;
-        text
-    } else {
-        args.prompt.clone()
+    let mode = match (args.local, args.cloud) {
+        (true, _) => Mode::Local,
+        (_, true) => Mode::Cloud,
+        _ => Mode::Auto,
     };
-    if prompt.trim().is_empty() {
-        return Err(UserError::Usage("the prompt is empty".into()).into());
-    }
+    let prompt = super::escalate::read_prompt(Some(&args.prompt))?;
     let mut config = Config::load(&paths.config_file())?;
-    if config.models.is_empty() && args.model.is_none() {
-        // Embedded defaults: a first run answers at once, with the built-in demo model.
+    if config.models.is_empty() && args.model.is_none() && mode == Mode::Local {
+        // Embedded defaults: a first `--local` answers at once, with the built-in demo model.
         eprintln!(
             "synesis: no model registered yet; using the built-in tiny demo model (random weights: \
              its answers are noise). Add a real one with `synesis model add PATH`."
@@ -82,7 +79,13 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
         super::model::register(paths, super::model::Source::Tiny(DEMO_MODEL))?;
         config = Config::load(&paths.config_file())?;
     }
-    let (model_name, entry) = config.model(args.model.as_deref())?;
+    let thresholds = config.escalation.thresholds()?;
+    let local_entry = if config.models.is_empty() && args.model.is_none() {
+        None
+    } else {
+        let (name, entry) = config.model(args.model.as_deref())?;
+        Some((name.to_owned(), entry.clone()))
+    };
     let lora = match &args.lora {
         Some((name, scale)) => {
             let Some(adapter) = config.adapters.get(name) else {
@@ -97,21 +100,224 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
         temperature: args.temperature,
         seed: args.seed,
         lora: lora.as_ref().map(|(n, s, _)| (n.clone(), *s)),
-        ..Request::new(prompt)
+        ..Request::new(prompt.clone())
     };
-    let model_path = entry.path.clone();
+
+    // What the policy reads: the local model and the prompt's size on it, the vitals, the cloud.
+    let identity = match Identity::load(&paths.data.path) {
+        Ok(identity) => identity,
+        Err(e) => {
+            eprintln!("synesis: warning: the device identity cannot be read ({e}); staying local");
+            None
+        }
+    };
+    let cloud = match &identity {
+        None => CloudReach::NotEnrolled,
+        Some(_) => match LocalClient::new(&paths.runtime.path).status().await {
+            Ok(s) if s.state == TunnelState::Connected => CloudReach::Reachable,
+            Ok(_) => CloudReach::Unreachable,
+            // No service: a connection of its own will be tried.
+            Err(_) => CloudReach::Reachable,
+        },
+    };
+    let loaded = match (&local_entry, mode) {
+        (Some((_, entry)), Mode::Auto | Mode::Local) => {
+            let (path, lora_file, counted) = (entry.path.clone(), lora.clone(), request.clone());
+            let model = tokio::task::spawn_blocking(move || -> anyhow::Result<(Model, u64)> {
+                let mut model = Model::load(&path, Settings::default())?;
+                if let Some((name, _, file)) = &lora_file {
+                    model.load_adapter(name, file)?;
+                }
+                let tokens = model.prompt_tokens(&counted)? as u64;
+                Ok((model, tokens))
+            })
+            .await
+            .context("the model thread failed")??;
+            Some((Arc::new(model.0), model.1))
+        }
+        _ => None,
+    };
+    let stress = match SystemSampler::new(&paths.data.path) {
+        Ok(mut sampler) => assess(&sampler.sample(), &StressThresholds::default()).reasons,
+        Err(e) => {
+            tracing::warn!("vitals cannot be read: {e}");
+            Vec::new()
+        }
+    };
+    let mut inputs = Inputs {
+        mode,
+        local: loaded.as_ref().map(|(m, _)| LocalModel {
+            context_tokens: m.info().context_length,
+        }),
+        prompt_tokens: loaded.as_ref().map_or(0, |(_, n)| *n),
+        max_tokens: args.max_tokens,
+        stress,
+        cloud,
+        standing: None,
+        confidence: None,
+    };
+    let mut decided = route(&inputs, &thresholds).map_err(|e| UserError::Usage(e.to_string()))?;
+
+    // The cascade: the first tokens, generated here and not shown, say how sure the model is.
+    let mut first = None;
+    let mut cascade_ms = None;
+    if decided.measure_confidence
+        && let Some((model, _)) = &loaded
+    {
+        let probe = Request {
+            max_tokens: thresholds.cascade_tokens.min(args.max_tokens),
+            ..request.clone()
+        };
+        let model = Arc::clone(model);
+        let started = std::time::Instant::now();
+        let g = tokio::task::spawn_blocking(move || {
+            model.generate(&probe, &CancelToken::default(), &mut |_| {})
+        })
+        .await
+        .context("the generation thread failed")??;
+        cascade_ms = Some(started.elapsed().as_secs_f64() * 1_000.0);
+        inputs.confidence = g.mean_logprob;
+        if inputs.confidence.is_some() {
+            decided = route(&inputs, &thresholds).map_err(|e| UserError::Usage(e.to_string()))?;
+        }
+        // An answer that ended within the probe is the answer.
+        if g.finish_reason != FinishReason::Length || args.max_tokens <= thresholds.cascade_tokens {
+            first = Some(g);
+        }
+    }
+    let explained = Explained {
+        decision: decided.decision,
+        reasons: decided.reasons.iter().map(ToString::to_string).collect(),
+        detail: decided.reasons.clone(),
+        inputs: inputs.clone(),
+        thresholds,
+        cascade_ms,
+    };
+    if args.explain {
+        explained.print();
+    }
+
+    if decided.decision == Decision::Cloud {
+        let Some(identity) = &identity else {
+            bail!("the cloud was chosen but this device is not enrolled");
+        };
+        let cloud_args = CloudAskArgs {
+            prompt: None,
+            model: args
+                .cloud_model
+                .clone()
+                .or_else(|| config.escalation.cloud_model.clone())
+                .unwrap_or_else(|| super::escalate::DEFAULT_CLOUD_MODEL.to_owned()),
+            lora: None,
+            system: None,
+            max_tokens: args.max_tokens,
+            temperature: args.temperature,
+            seed: Some(u64::from(args.seed)),
+            stop: Vec::new(),
+            max_cost: None,
+            byok: false,
+        };
+        let escalation = super::escalate::request_of(paths, &cloud_args, prompt)?;
+        let route_json = serde_json::to_value(&explained)?;
+        match super::escalate::ask_cloud(out, paths, identity, &escalation, Some(route_json)).await
+        {
+            Ok(()) => return Ok(()),
+            // Never fail where a local answer is possible: the cloud said no before any output.
+            Err(CloudFailure::NothingShown(e)) if mode == Mode::Auto && loaded.is_some() => {
+                eprintln!("synesis: the cloud could not answer ({e}); answering on this device");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let Some(((model_name, _), (model, _))) = local_entry.zip(loaded) else {
+        bail!("no local model can answer; add one with `synesis model add PATH`");
+    };
+    answer_locally(
+        out,
+        paths,
+        LocalAnswer {
+            request_id,
+            model_name,
+            model,
+            request,
+            lora: args.lora.as_ref().map(|(n, _)| n.clone()),
+            first,
+            route: explained,
+        },
+    )
+    .await
+}
+
+/// The policy's decision and what it was made from (`--explain`, and `route` in `--json`).
+#[derive(Debug, Serialize)]
+struct Explained {
+    decision: Decision,
+    reasons: Vec<String>,
+    detail: Vec<Reason>,
+    inputs: Inputs,
+    thresholds: Thresholds,
+    /// What measuring the first tokens' confidence cost, when it was measured.
+    cascade_ms: Option<f64>,
+}
+
+impl Explained {
+    fn print(&self) {
+        let decision = match self.decision {
+            Decision::Local => "on this device",
+            Decision::Cloud => "by the cloud",
+        };
+        eprintln!("synesis: answering {decision}: {}", self.reasons.join("; "));
+        let i = &self.inputs;
+        eprintln!(
+            "  prompt {} tokens + up to {} · local context {} · cloud {:?} · stress: {}",
+            i.prompt_tokens,
+            i.max_tokens,
+            i.local
+                .map_or("none".into(), |l| l.context_tokens.to_string()),
+            i.cloud,
+            if i.stress.is_empty() {
+                "none".into()
+            } else {
+                i.stress
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        );
+        eprintln!(
+            "  confidence {} (threshold {:.2}, over the first {} tokens{})",
+            i.confidence
+                .map_or("not measured".into(), |c| format!("{c:.2}")),
+            self.thresholds.min_confidence,
+            self.thresholds.cascade_tokens,
+            self.cascade_ms
+                .map_or(String::new(), |ms| format!(", measured in {ms:.0} ms")),
+        );
+    }
+}
+
+struct LocalAnswer {
+    request_id: RequestId,
+    model_name: String,
+    model: Arc<Model>,
+    request: Request,
+    lora: Option<String>,
+    /// A whole answer the cascade already made.
+    first: Option<synesis_infer::Generation>,
+    route: Explained,
+}
+
+async fn answer_locally(out: &Output, paths: &Paths, a: LocalAnswer) -> anyhow::Result<()> {
     let stream = !out.json();
     let cancel = CancelToken::default();
     let worker_cancel = cancel.clone();
+    let (model, request, first) = (Arc::clone(&a.model), a.request.clone(), a.first);
     let mut work =
         tokio::task::spawn_blocking(move || -> anyhow::Result<synesis_infer::Generation> {
-            let mut model = Model::load(&model_path, Settings::default())?;
-            if let Some((name, _, path)) = &lora {
-                model.load_adapter(name, path)?;
-            }
             let mut stdout = std::io::stdout().lock();
             let mut reader_gone = false;
-            let generation = model.generate(&request, &worker_cancel, &mut |piece| {
+            let mut show = |piece: &str| {
                 if stream
                     && !reader_gone
                     && let Err(e) = stdout
@@ -122,7 +328,14 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
                     reader_gone = is_closed_pipe(&e);
                     worker_cancel.cancel();
                 }
-            })?;
+            };
+            let generation = match first {
+                Some(g) => {
+                    show(&g.text);
+                    g
+                }
+                None => model.generate(&request, &worker_cancel, &mut show)?,
+            };
             if stream && !reader_gone {
                 let _ = writeln!(stdout);
             }
@@ -140,8 +353,8 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
 
     if generation.finish_reason != FinishReason::Cancelled {
         let mut record = LocalGeneration {
-            request_id,
-            model: model_name.to_owned(),
+            request_id: a.request_id,
+            model: a.model_name.clone(),
             device_id: None,
             input_tokens: u64::try_from(generation.prompt_tokens).unwrap_or(u64::MAX),
             output_tokens: u64::try_from(generation.completion_tokens).unwrap_or(u64::MAX),
@@ -166,9 +379,9 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
     }
 
     let answer = Answer {
-        request_id,
-        model: model_name.to_owned(),
-        lora: args.lora.as_ref().map(|(n, _)| n.clone()),
+        request_id: a.request_id,
+        model: a.model_name,
+        lora: a.lora,
         prompt_tokens: generation.prompt_tokens,
         completion_tokens: generation.completion_tokens,
         ttft_ms: generation.time_to_first_token.as_secs_f64() * 1_000.0,
@@ -180,6 +393,7 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
             FinishReason::Cancelled => "cancelled",
         },
         text: generation.text,
+        route: a.route,
     };
     if out.json() {
         out.report(&answer, String::new)?;

@@ -44,6 +44,9 @@ struct Answer {
     resumed: u32,
     started_over: u32,
     route: &'static str,
+    /// The local-first policy's decision, when `synesis ask` chose the cloud.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -53,11 +56,38 @@ struct CostView {
     total_micro_usd: i64,
 }
 
-pub(crate) async fn run(out: &Output, paths: &Paths, args: &CloudAskArgs) -> anyhow::Result<()> {
-    let Some(identity) = Identity::load(&paths.data.path)? else {
-        bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
-    };
-    let prompt = match args.prompt.as_deref() {
+/// Why an escalation did not answer.
+#[derive(Debug)]
+pub(crate) enum CloudFailure {
+    /// Nothing was shown: the caller may still answer another way.
+    NothingShown(synesis_tunnel::RequestError),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for CloudFailure {
+    fn from(e: anyhow::Error) -> Self {
+        CloudFailure::Other(e)
+    }
+}
+
+impl From<std::io::Error> for CloudFailure {
+    fn from(e: std::io::Error) -> Self {
+        CloudFailure::Other(e.into())
+    }
+}
+
+impl From<CloudFailure> for anyhow::Error {
+    fn from(f: CloudFailure) -> Self {
+        match f {
+            CloudFailure::NothingShown(e) => e.into(),
+            CloudFailure::Other(e) => e,
+        }
+    }
+}
+
+/// The prompt from the argument, or stdin when it is absent or `-`; never empty.
+pub(crate) fn read_prompt(arg: Option<&str>) -> anyhow::Result<String> {
+    let prompt = match arg {
         Some(p) if p != "-" => p.to_owned(),
         _ => {
             let mut text = String::new();
@@ -70,6 +100,24 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &CloudAskArgs) -> any
     if prompt.trim().is_empty() {
         return Err(UserError::Usage("the prompt is empty".into()).into());
     }
+    Ok(prompt)
+}
+
+pub(crate) async fn run(out: &Output, paths: &Paths, args: &CloudAskArgs) -> anyhow::Result<()> {
+    let Some(identity) = Identity::load(&paths.data.path)? else {
+        bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
+    };
+    let prompt = read_prompt(args.prompt.as_deref())?;
+    let request = request_of(paths, args, prompt)?;
+    Ok(ask_cloud(out, paths, &identity, &request, None).await?)
+}
+
+/// The escalation `args` describe, for `prompt`.
+pub(crate) fn request_of(
+    paths: &Paths,
+    args: &CloudAskArgs,
+    prompt: String,
+) -> anyhow::Result<EscalationRequest> {
     let byok_key = if args.byok {
         Some(Secret(byok_key(paths)?))
     } else {
@@ -101,7 +149,18 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &CloudAskArgs) -> any
         },
         byok_key,
     };
+    Ok(request)
+}
 
+/// Runs `request` to its end: streams it (or reports it as JSON, with `route` when the local-first
+/// policy chose the cloud), records the charge in the local ledger.
+pub(crate) async fn ask_cloud(
+    out: &Output,
+    paths: &Paths,
+    identity: &Identity,
+    request: &EscalationRequest,
+    route_json: Option<serde_json::Value>,
+) -> Result<(), CloudFailure> {
     let mut route = Route::choose(LocalClient::new(&paths.runtime.path), identity.clone()).await;
     let route_name = if route.is_service() {
         "service"
@@ -141,7 +200,7 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &CloudAskArgs) -> any
                 );
             }
         };
-        let work = escalate(&mut route, &request, cancel, &mut on);
+        let work = escalate(&mut route, request, cancel, &mut on);
         tokio::pin!(work);
         tokio::select! {
             r = &mut work => r,
@@ -150,13 +209,21 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &CloudAskArgs) -> any
                 eprintln!("\nsynesis: cancelling; the cloud charges what it produced");
                 tokio::select! {
                     r = &mut work => r,
-                    () = shutdown.requested() => bail!("interrupted twice; the cloud settles the request on its own"),
+                    () = shutdown.requested() => {
+                        return Err(CloudFailure::Other(anyhow::anyhow!(
+                            "interrupted twice; the cloud settles the request on its own"
+                        )));
+                    }
                 }
             }
         }
     };
     route.close().await;
-    let done = result?;
+    let done = match result {
+        Ok(done) => done,
+        Err(e) if first_at.is_none() => return Err(CloudFailure::NothingShown(e)),
+        Err(e) => return Err(CloudFailure::Other(e.into())),
+    };
     let ended = Instant::now();
     if stream && !reader_gone && !done.text.ends_with('\n') {
         println!();
@@ -217,6 +284,7 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &CloudAskArgs) -> any
         resumed: done.resumed,
         started_over: done.started_over,
         route: route_name,
+        policy: route_json,
     };
     if out.json() {
         out.report(&answer, String::new)?;
