@@ -130,6 +130,7 @@ fn mistakes_get_clear_messages() {
     let out = device
         .synesis()
         .args(["ask", "--explain", "--max-tokens", "4", "hi"])
+        .env("SYNESIS_STRESS_CPU_PERCENT", "100")
         .output()
         .unwrap();
     assert!(out.status.success());

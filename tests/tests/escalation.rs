@@ -1013,7 +1013,10 @@ fn ask_explained(
     let mut cmd = device.synesis();
     cmd.args(["--json", "ask", "--explain"])
         .args(args)
-        .arg(PROMPT);
+        .arg(PROMPT)
+        // The machine running the tests is busy: its load must not decide these routes.
+        .env("SYNESIS_STRESS_CPU_PERCENT", "100")
+        .env("SYNESIS_STRESS_MEMORY_PERCENT", "100");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -1149,4 +1152,21 @@ fn a_cloud_that_refuses_for_money_leaves_the_answer_here_and_says_so() {
     );
     assert_eq!(v["completion_tokens"], 8, "answered here: {v}");
     assert_eq!(usage(&s)["charges"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn a_stressed_device_escalates() {
+    let s = setup("managed", Some("10.00"), "");
+    // Any memory in use is "stressed" at a 0 % threshold: a verdict every machine gives.
+    let (v, stderr) = ask_explained(
+        &s.device,
+        &["--max-tokens", "8"],
+        &[("SYNESIS_STRESS_MEMORY_PERCENT", "0")],
+    );
+    assert_eq!(v["policy"]["decision"], "cloud", "{v}");
+    assert_eq!(v["policy"]["detail"][0]["reason"], "stressed");
+    assert!(
+        stderr.contains("the device is stressed: memory"),
+        "{stderr}"
+    );
 }

@@ -112,8 +112,10 @@ The policy: the cloud when there is no local model, the prompt and --max-tokens 
 local context, the device is stressed (CPU, memory, GPU), or the first 16 tokens' mean
 log-probability is under -3.0 (generated here, not shown, then the answer goes on here or in the
 cloud); this device when the cloud is not enrolled or unreachable, or refuses (quota, balance).
-Thresholds: config.toml [escalation] min_confidence, cascade_tokens, cloud_model; the variables
-SYNESIS_MIN_CONFIDENCE and SYNESIS_CASCADE_TOKENS override them for one run.
+Thresholds: config.toml [escalation] min_confidence, cascade_tokens, cloud_model,
+stress_cpu_percent, stress_memory_percent; the variables SYNESIS_MIN_CONFIDENCE,
+SYNESIS_CASCADE_TOKENS, SYNESIS_STRESS_CPU_PERCENT and SYNESIS_STRESS_MEMORY_PERCENT override them
+for one run.
 Ctrl-C stops the answer where it is (finish_reason \"cancelled\").")]
 pub(crate) struct AskArgs {
     /// The prompt; `-` reads it from stdin.

@@ -50,6 +50,13 @@ pub(crate) struct EscalationConfig {
     /// The cloud model `synesis ask` escalates to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) cloud_model: Option<String>,
+    /// CPU use (on a device without a GPU) above which the device counts as stressed (default
+    /// 90; 100 never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) stress_cpu_percent: Option<f32>,
+    /// Memory in use above which the device counts as stressed (default 90; 100 never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) stress_memory_percent: Option<u8>,
 }
 
 impl EscalationConfig {
@@ -80,6 +87,33 @@ impl EscalationConfig {
         }
         if !t.min_confidence.is_finite() || t.min_confidence > 0.0 {
             bail!("min_confidence is a mean log-probability: a number at most 0 (e.g. -3.0)");
+        }
+        Ok(t)
+    }
+
+    /// The stress thresholds: the vitals' defaults, the file over them, the environment
+    /// (`SYNESIS_STRESS_CPU_PERCENT`, `SYNESIS_STRESS_MEMORY_PERCENT`) over that.
+    pub(crate) fn stress(&self) -> anyhow::Result<synesis_vitals::StressThresholds> {
+        let mut t = synesis_vitals::StressThresholds::default();
+        if let Some(c) = self.stress_cpu_percent {
+            t.cpu_percent = c;
+        }
+        if let Some(m) = self.stress_memory_percent {
+            t.memory_percent = m;
+        }
+        if let Ok(v) = std::env::var("SYNESIS_STRESS_CPU_PERCENT") {
+            t.cpu_percent = v
+                .trim()
+                .parse()
+                .with_context(|| format!("SYNESIS_STRESS_CPU_PERCENT={v:?} is not a number"))?;
+        }
+        if let Ok(v) = std::env::var("SYNESIS_STRESS_MEMORY_PERCENT") {
+            t.memory_percent = v.trim().parse().with_context(|| {
+                format!("SYNESIS_STRESS_MEMORY_PERCENT={v:?} is not a whole number")
+            })?;
+        }
+        if !(0.0..=100.0).contains(&t.cpu_percent) || t.memory_percent > 100 {
+            bail!("stress thresholds are percentages, 0 to 100");
         }
         Ok(t)
     }

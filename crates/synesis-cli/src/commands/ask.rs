@@ -15,7 +15,7 @@ use synesis_route::{CloudReach, Decision, Inputs, LocalModel, Mode, Reason, Thre
 use synesis_tunnel::clock::{new_request_id, unix_now};
 use synesis_tunnel::local::LocalClient;
 use synesis_tunnel::{Identity, TunnelState};
-use synesis_vitals::{StressThresholds, SystemSampler, VitalsSource, assess};
+use synesis_vitals::{SystemSampler, VitalsSource, assess};
 
 use super::escalate::CloudFailure;
 use super::{Output, is_closed_pipe, ledger_error};
@@ -137,8 +137,9 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
         }
         _ => None,
     };
+    let stress_limits = config.escalation.stress()?;
     let stress = match SystemSampler::new(&paths.data.path) {
-        Ok(mut sampler) => assess(&sampler.sample(), &StressThresholds::default()).reasons,
+        Ok(mut sampler) => assess(&sampler.sample(), &stress_limits).reasons,
         Err(e) => {
             tracing::warn!("vitals cannot be read: {e}");
             Vec::new()
