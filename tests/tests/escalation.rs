@@ -1109,6 +1109,33 @@ fn the_first_tokens_confidence_decides_and_explain_and_json_agree() {
         1,
         "only the escalated one"
     );
+    // Each answer is in the local ledger with its route's reason.
+    let by_route = json_of(
+        s.device
+            .synesis()
+            .args(["--json", "usage", "--by", "route"]),
+    );
+    let groups: Vec<(String, String)> = by_route["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["key"].as_str().unwrap().to_owned(),
+                g["kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for want in [
+        ("confident_enough", "local"),
+        ("low_confidence", "cloud"),
+        ("forced_local", "local"),
+    ] {
+        assert!(
+            groups.contains(&(want.0.to_owned(), want.1.to_owned())),
+            "{want:?} in {by_route}"
+        );
+    }
 }
 
 #[test]

@@ -381,6 +381,17 @@ pub(crate) struct UsageArgs {
     /// Count only what happened from DATE on: YYYY-MM-DD (midnight UTC) or an RFC 3339 time.
     #[arg(long, value_name = "DATE", value_parser = crate::commands::usage::parse_since)]
     pub(crate) since: Option<synesis_proto::UnixMillis>,
+    /// Also total per UTC day, per model, or per route reason (why `synesis ask` answered
+    /// where it did), local answers and cloud charges apart.
+    #[arg(long, value_enum)]
+    pub(crate) by: Option<LocalGrouping>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum LocalGrouping {
+    Day,
+    Model,
+    Route,
 }
 
 #[derive(Debug, Args)]

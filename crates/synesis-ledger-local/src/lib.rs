@@ -34,4 +34,4 @@ pub use reconcile::{
     reconcile,
 };
 pub use store::{LEDGER_FILE, LocalLedger};
-pub use summary::{CloudTotals, LocalTotals, ModelTotals, Summary};
+pub use summary::{CloudTotals, GroupTotals, Grouping, LocalTotals, ModelTotals, Summary};

@@ -10,18 +10,19 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 use synesis_billing::MicroUsd;
-use synesis_proto::{DeviceId, UnixMillis};
+use synesis_proto::{DeviceId, RequestId, UnixMillis};
 
 use crate::entry::{CloudCharge, Entry, EntryKind, LocalGeneration, cloud_cost_avoided};
 use crate::error::LedgerError;
 use crate::reconcile::{SyncPlan, SyncReport, reconcile};
+use crate::summary::{GroupTotals, Grouping};
 use crate::summary::{ModelTotals, Summary};
 
 /// The ledger's file name in the data directory.
 pub const LEDGER_FILE: &str = "ledger.db";
 
 /// The schema this build writes and reads (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// How long a writer waits for another process's transaction (two `synesis ask` at once).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,6 +46,11 @@ CREATE TABLE meta (
     key    TEXT PRIMARY KEY,
     value  NOT NULL
 );
+";
+
+/// Version 2: why `synesis ask` answered where it did (the local-first policy's first reason).
+const STEP_V2: &str = "
+ALTER TABLE entries ADD COLUMN route_reason TEXT;   -- NULL: not routed by the policy
 ";
 
 /// The columns of an [`Entry`], in the order [`entry_from_row`] reads them.
@@ -186,7 +192,11 @@ impl LocalLedger {
             tx.execute_batch(SCHEMA_V1).map_err(&err)?;
             tx.pragma_update(None, "user_version", 1).map_err(&err)?;
         }
-        // Later versions: `if found < 2 { … }` here, each step in this same transaction.
+        if found < 2 {
+            tx.execute_batch(STEP_V2).map_err(&err)?;
+            tx.pragma_update(None, "user_version", 2).map_err(&err)?;
+        }
+        // Later versions: `if found < 3 { … }` here, each step in this same transaction.
         tx.commit().map_err(&err)
     }
 
@@ -278,6 +288,65 @@ impl LocalLedger {
         }
         tx.commit().map_err(&err)?;
         Ok(plan)
+    }
+
+    /// Records why an answer went where it did (the local-first policy's reason, e.g.
+    /// `low_confidence`), on the entry of `request_id` once it is recorded.
+    pub fn note_route(&mut self, request_id: RequestId, reason: &str) -> Result<(), LedgerError> {
+        let err = sql_error(&self.path);
+        self.conn
+            .execute(
+                "UPDATE entries SET route_reason = ?2 WHERE request_id = ?1",
+                params![request_id.to_string(), reason],
+            )
+            .map_err(&err)?;
+        Ok(())
+    }
+
+    /// Answers and charges at or after `since`, per UTC day or per model, and per route reason;
+    /// each group split by kind (local answers, cloud charges).
+    pub fn groups(
+        &self,
+        since: Option<UnixMillis>,
+        by: Grouping,
+    ) -> Result<Vec<GroupTotals>, LedgerError> {
+        let path = &self.path;
+        let err = sql_error(path);
+        let key = match by {
+            Grouping::Model => "model",
+            Grouping::Day => "strftime('%Y-%m-%d', at / 1000, 'unixepoch')",
+            Grouping::Route => "coalesce(route_reason, '-')",
+        };
+        let sql = format!(
+            "SELECT {key} AS k, kind, count(*), sum(input_tokens), sum(output_tokens), \
+             sum(micro_usd) FROM entries WHERE at >= ?1 GROUP BY k, kind ORDER BY k, kind DESC"
+        );
+        let mut stmt = self.conn.prepare(&sql).map_err(&err)?;
+        let rows = stmt
+            .query_map([since.map_or(i64::MIN, |t| t.0)], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })
+            .map_err(&err)?;
+        let mut groups = Vec::new();
+        for row in rows {
+            let (key, kind, count, input, output, micro) = row.map_err(&err)?;
+            groups.push(GroupTotals {
+                key,
+                kind: parse_kind(&kind, path)?,
+                count: to_u64(count, path, "count")?,
+                input_tokens: to_u64(input, path, "input tokens")?,
+                output_tokens: to_u64(output, path, "output tokens")?,
+                micro_usd: MicroUsd(micro),
+            });
+        }
+        Ok(groups)
     }
 
     /// The devices whose cloud charges this ledger mirrors: this machine's identities, the
@@ -465,6 +534,79 @@ mod tests {
 
     fn open_in(dir: &tempfile::TempDir) -> LocalLedger {
         LocalLedger::open(&dir.path().join("data").join(LEDGER_FILE)).unwrap()
+    }
+
+    #[test]
+    fn answers_keep_their_route_and_total_by_day_model_and_route() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = open_in(&dir);
+        ledger.record_local(&local(1, 10, 5, 86_400_000)).unwrap();
+        ledger.note_route(id(1), "confident_enough").unwrap();
+        ledger
+            .record_local(&local(2, 10, 5, 2 * 86_400_000))
+            .unwrap();
+        ledger.record_cloud(&charge(3, 100)).unwrap();
+        ledger.note_route(id(3), "low_confidence").unwrap();
+        let keys = |by| {
+            ledger
+                .groups(None, by)
+                .unwrap()
+                .into_iter()
+                .map(|g| (g.key, g.kind.as_str(), g.count))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            keys(Grouping::Route),
+            [
+                ("-".to_owned(), "local", 1),
+                ("confident_enough".to_owned(), "local", 1),
+                ("low_confidence".to_owned(), "cloud", 1)
+            ]
+        );
+        assert_eq!(
+            keys(Grouping::Day),
+            [
+                ("1970-01-01".to_owned(), "cloud", 1),
+                ("1970-01-02".to_owned(), "local", 1),
+                ("1970-01-03".to_owned(), "local", 1)
+            ]
+        );
+        assert_eq!(
+            keys(Grouping::Model),
+            [
+                ("claude-sonnet".to_owned(), "cloud", 1),
+                ("demo".to_owned(), "local", 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_version_1_ledger_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LEDGER_FILE);
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO entries VALUES ('01890000-0000-7000-8000-000000000001', 'local', 'm', NULL, 1, 1, 1, 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let mut ledger = LocalLedger::open(&path).unwrap();
+        assert_eq!(user_version(&ledger.conn).unwrap(), SCHEMA_VERSION);
+        ledger
+            .note_route(
+                "01890000-0000-7000-8000-000000000001".parse().unwrap(),
+                "over_context",
+            )
+            .unwrap();
+        assert_eq!(
+            ledger.summary(None).unwrap().local.generations,
+            1,
+            "rows kept"
+        );
     }
 
     #[test]
@@ -670,7 +812,7 @@ mod tests {
             .unwrap();
         let err = LocalLedger::open(&path).unwrap_err();
         assert!(
-            matches!(err, LedgerError::NewerSchema { found: 2, .. }),
+            matches!(err, LedgerError::NewerSchema { found, .. } if found == SCHEMA_VERSION + 1),
             "{err:?}"
         );
         let text = err.to_string();

@@ -36,6 +36,29 @@ pub struct ModelTotals {
     pub micro_usd: MicroUsd,
 }
 
+/// How [`LocalLedger::groups`](crate::LocalLedger::groups) groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grouping {
+    /// The UTC day, `YYYY-MM-DD`.
+    Day,
+    Model,
+    /// The local-first policy's reason (`-` for answers it did not route).
+    Route,
+}
+
+/// One group's totals of one kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupTotals {
+    pub key: String,
+    pub kind: EntryKind,
+    pub count: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Local: the cloud cost avoided; cloud: what was charged.
+    pub micro_usd: MicroUsd,
+}
+
 /// What `synesis usage` shows.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Summary {

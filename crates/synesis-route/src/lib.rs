@@ -146,6 +146,27 @@ pub enum Reason {
     LocalCanAnswer,
 }
 
+impl Reason {
+    /// A stable name for records and scripts (the `reason` of its JSON).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reason::Forced { mode: Mode::Local } => "forced_local",
+            Reason::Forced { mode: Mode::Cloud } => "forced_cloud",
+            Reason::Forced { mode: Mode::Auto } => "auto",
+            Reason::NoLocalModel => "no_local_model",
+            Reason::OverContext { .. } => "over_context",
+            Reason::NotEnrolled => "not_enrolled",
+            Reason::CloudUnreachable => "cloud_unreachable",
+            Reason::QuotaSpent { .. } => "quota_spent",
+            Reason::BalanceShort { .. } => "balance_short",
+            Reason::Stressed { .. } => "stressed",
+            Reason::LowConfidence { .. } => "low_confidence",
+            Reason::ConfidentEnough { .. } => "confident_enough",
+            Reason::LocalCanAnswer => "local_can_answer",
+        }
+    }
+}
+
 impl std::fmt::Display for Reason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

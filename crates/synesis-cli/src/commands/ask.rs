@@ -188,6 +188,11 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
     }
     let explained = Explained {
         decision: decided.decision,
+        code: decided
+            .reasons
+            .first()
+            .map_or("auto", Reason::code)
+            .to_owned(),
         reasons: decided.reasons.iter().map(ToString::to_string).collect(),
         detail: decided.reasons.clone(),
         inputs: inputs.clone(),
@@ -253,6 +258,8 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
 #[derive(Debug, Serialize)]
 struct Explained {
     decision: Decision,
+    /// The first reason's stable name (kept in the local ledger with the answer).
+    code: String,
     reasons: Vec<String>,
     detail: Vec<Reason>,
     inputs: Inputs,
@@ -362,10 +369,14 @@ async fn answer_locally(out: &Output, paths: &Paths, a: LocalAnswer) -> anyhow::
             at: unix_now(),
         };
         let (data_dir, ledger_file) = (paths.data.path.clone(), paths.ledger_file());
+        let reason = a.route.code.clone();
         let recorded = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             record.device_id = enrolled_device(&data_dir);
             LocalLedger::open(&ledger_file)
-                .and_then(|mut ledger| ledger.record_local(&record))
+                .and_then(|mut ledger| {
+                    ledger.record_local(&record)?;
+                    ledger.note_route(record.request_id, &reason)
+                })
                 .map_err(ledger_error)?;
             Ok(())
         })

@@ -240,9 +240,17 @@ pub(crate) async fn ask_cloud(
         at: unix_now(),
     };
     let ledger_file = paths.ledger_file();
+    let reason = route_json
+        .as_ref()
+        .and_then(|r| r["code"].as_str())
+        .unwrap_or("forced_cloud")
+        .to_owned();
     let recorded = tokio::task::spawn_blocking(move || {
         LocalLedger::open(&ledger_file)
-            .and_then(|mut l| l.record_cloud(&charge))
+            .and_then(|mut l| {
+                l.record_cloud(&charge)?;
+                l.note_route(charge.request_id, &reason)
+            })
             .map_err(ledger_error)
     })
     .await

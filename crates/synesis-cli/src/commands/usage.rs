@@ -3,11 +3,12 @@
 
 use std::fmt::Write as _;
 
+use serde::Serialize;
+use synesis_ledger_local::{GroupTotals, Grouping, LocalLedger, REFERENCE_MODEL, Summary};
 use synesis_proto::{MicroUsd, UnixMillis};
 
 use super::Output;
-use crate::cli::UsageArgs;
-use synesis_ledger_local::{LocalLedger, REFERENCE_MODEL, Summary};
+use crate::cli::{LocalGrouping, UsageArgs};
 
 use super::ledger_error;
 use crate::paths::Paths;
@@ -37,15 +38,70 @@ pub(crate) fn parse_since(text: &str) -> Result<UnixMillis, String> {
 pub(crate) fn run(out: &Output, paths: &Paths, args: &UsageArgs) -> anyhow::Result<()> {
     let file = paths.ledger_file();
     // No ledger yet: nothing was recorded, which is a report of zeros, not an error.
-    let summary = if file.exists() {
-        LocalLedger::open(&file)
-            .and_then(|ledger| ledger.summary(args.since))
-            .map_err(ledger_error)?
+    let by = args.by.map(|b| match b {
+        LocalGrouping::Day => Grouping::Day,
+        LocalGrouping::Model => Grouping::Model,
+        LocalGrouping::Route => Grouping::Route,
+    });
+    let (summary, groups) = if file.exists() {
+        let ledger = LocalLedger::open(&file).map_err(ledger_error)?;
+        let summary = ledger.summary(args.since).map_err(ledger_error)?;
+        let groups = match by {
+            Some(by) => Some(ledger.groups(args.since, by).map_err(ledger_error)?),
+            None => None,
+        };
+        (summary, groups)
     } else {
-        Summary::default()
+        (Summary::default(), by.map(|_| Vec::new()))
     };
-    out.report(&summary, || human(&summary, args.since))?;
+    #[derive(Serialize)]
+    struct View<'a> {
+        #[serde(flatten)]
+        summary: &'a Summary,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        by: Option<Grouping>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        groups: Option<&'a [GroupTotals]>,
+    }
+    let view = View {
+        summary: &summary,
+        by,
+        groups: groups.as_deref(),
+    };
+    out.report(&view, || {
+        let mut text = human(&summary, args.since);
+        if let (Some(by), Some(groups)) = (by, &groups) {
+            text.push_str(&grouped(by, groups));
+        }
+        text
+    })?;
     Ok(())
+}
+
+/// The `--by` table: one line per group and kind.
+fn grouped(by: Grouping, groups: &[GroupTotals]) -> String {
+    let title = match by {
+        Grouping::Day => "day (UTC)",
+        Grouping::Model => "model",
+        Grouping::Route => "route reason",
+    };
+    let mut text = format!(
+        "\n{title:<24} {:<6} {:>8} {:>12} {:>12} {:>14}\n",
+        "kind", "count", "tokens in", "tokens out", "USD"
+    );
+    for g in groups {
+        let _ = writeln!(
+            text,
+            "{:<24} {:<6} {:>8} {:>12} {:>12} {:>14}",
+            g.key,
+            g.kind.as_str(),
+            g.count,
+            g.input_tokens,
+            g.output_tokens,
+            dollars(g.micro_usd),
+        );
+    }
+    text
 }
 
 fn dollars(m: MicroUsd) -> String {
