@@ -535,7 +535,7 @@ fn an_answer_survives_a_tunnel_cut_longer_than_three_heartbeats() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(v["text"], reference["text"], "no gap, no repeat: {stderr}");
     assert!(v["resumed"].as_u64().unwrap() >= 1, "it was cut: {stderr}");
-    assert_eq!(v["route"], "service");
+    assert_eq!(v["via"], "service");
     let u = usage(&s);
     assert_eq!(
         u["charges"].as_array().unwrap().len(),
@@ -1031,8 +1031,8 @@ fn with_no_local_model_ask_goes_to_the_cloud_and_says_why() {
     let bare = Device::new();
     bare.login(&s.cloud.token("acme", "1h"));
     let (v, stderr) = ask_explained(&bare, &["--max-tokens", "8"], &[]);
-    assert_eq!(v["policy"]["decision"], "cloud", "{v}");
-    assert_eq!(v["policy"]["detail"][0]["reason"], "no_local_model");
+    assert_eq!(v["route"]["decision"], "cloud", "{v}");
+    assert_eq!(v["route"]["detail"][0]["reason"], "no_local_model");
     assert!(
         stderr.contains("answering by the cloud: no local model"),
         "{stderr}"
@@ -1045,8 +1045,8 @@ fn an_over_long_request_goes_to_the_cloud_and_local_only_refuses_it() {
     let s = setup("managed", Some("10.00"), "");
     // 57 prompt tokens + 4,060 do not fit the local context of 4,096.
     let (v, _) = ask_explained(&s.device, &["--max-tokens", "4060"], &[]);
-    assert_eq!(v["policy"]["decision"], "cloud", "{v}");
-    assert_eq!(v["policy"]["detail"][0]["reason"], "over_context");
+    assert_eq!(v["route"]["decision"], "cloud", "{v}");
+    assert_eq!(v["route"]["detail"][0]["reason"], "over_context");
     let out = s
         .device
         .synesis()
@@ -1070,10 +1070,10 @@ fn the_first_tokens_confidence_decides_and_explain_and_json_agree() {
         &["--max-tokens", "24"],
         &[("SYNESIS_MIN_CONFIDENCE", "-0.01")],
     );
-    assert_eq!(v["policy"]["decision"], "cloud", "{v}");
-    assert_eq!(v["policy"]["detail"][0]["reason"], "low_confidence");
+    assert_eq!(v["route"]["decision"], "cloud", "{v}");
+    assert_eq!(v["route"]["detail"][0]["reason"], "low_confidence");
     assert!(
-        v["policy"]["cascade_ms"].as_f64().unwrap() > 0.0,
+        v["route"]["cascade_ms"].as_f64().unwrap() > 0.0,
         "the probe's cost is reported"
     );
     assert!(
@@ -1190,8 +1190,8 @@ fn a_stressed_device_escalates() {
         &["--max-tokens", "8"],
         &[("SYNESIS_STRESS_MEMORY_PERCENT", "0")],
     );
-    assert_eq!(v["policy"]["decision"], "cloud", "{v}");
-    assert_eq!(v["policy"]["detail"][0]["reason"], "stressed");
+    assert_eq!(v["route"]["decision"], "cloud", "{v}");
+    assert_eq!(v["route"]["detail"][0]["reason"], "stressed");
     assert!(
         stderr.contains("the device is stressed: memory"),
         "{stderr}"

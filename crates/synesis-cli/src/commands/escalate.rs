@@ -43,10 +43,11 @@ struct Answer {
     usage_counted: bool,
     resumed: u32,
     started_over: u32,
-    route: &'static str,
+    /// How the stream went: `service` (the tunnel service's connection) or `direct`.
+    via: &'static str,
     /// The local-first policy's decision, when `synesis ask` chose the cloud.
     #[serde(skip_serializing_if = "Option::is_none")]
-    policy: Option<serde_json::Value>,
+    route: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -291,8 +292,8 @@ pub(crate) async fn ask_cloud(
         usage_counted: d.usage_counted,
         resumed: done.resumed,
         started_over: done.started_over,
-        route: route_name,
-        policy: route_json,
+        via: route_name,
+        route: route_json,
     };
     if out.json() {
         out.report(&answer, String::new)?;
