@@ -1025,14 +1025,19 @@ fn ask_explained(
     (answered(&out, &stderr), stderr)
 }
 
+/// The policy's decision and its first reason, as `--json` reports them.
+fn routed(v: &serde_json::Value, decision: &str, reason: &str) {
+    assert_eq!(v["route"]["decision"], decision, "{v}");
+    assert_eq!(v["route"]["detail"][0]["reason"], reason, "{v}");
+}
+
 #[test]
 fn with_no_local_model_ask_goes_to_the_cloud_and_says_why() {
     let s = setup("managed", Some("10.00"), "");
     let bare = Device::new();
     bare.login(&s.cloud.token("acme", "1h"));
     let (v, stderr) = ask_explained(&bare, &["--max-tokens", "8"], &[]);
-    assert_eq!(v["route"]["decision"], "cloud", "{v}");
-    assert_eq!(v["route"]["detail"][0]["reason"], "no_local_model");
+    routed(&v, "cloud", "no_local_model");
     assert!(
         stderr.contains("answering by the cloud: no local model"),
         "{stderr}"
@@ -1045,8 +1050,7 @@ fn an_over_long_request_goes_to_the_cloud_and_local_only_refuses_it() {
     let s = setup("managed", Some("10.00"), "");
     // 57 prompt tokens + 4,060 do not fit the local context of 4,096.
     let (v, _) = ask_explained(&s.device, &["--max-tokens", "4060"], &[]);
-    assert_eq!(v["route"]["decision"], "cloud", "{v}");
-    assert_eq!(v["route"]["detail"][0]["reason"], "over_context");
+    routed(&v, "cloud", "over_context");
     let out = s
         .device
         .synesis()
@@ -1070,8 +1074,7 @@ fn the_first_tokens_confidence_decides_and_explain_and_json_agree() {
         &["--max-tokens", "24"],
         &[("SYNESIS_MIN_CONFIDENCE", "-0.01")],
     );
-    assert_eq!(v["route"]["decision"], "cloud", "{v}");
-    assert_eq!(v["route"]["detail"][0]["reason"], "low_confidence");
+    routed(&v, "cloud", "low_confidence");
     assert!(
         v["route"]["cascade_ms"].as_f64().unwrap() > 0.0,
         "the probe's cost is reported"
@@ -1086,8 +1089,7 @@ fn the_first_tokens_confidence_decides_and_explain_and_json_agree() {
         &["--max-tokens", "24"],
         &[("SYNESIS_MIN_CONFIDENCE", "-50")],
     );
-    assert_eq!(v["route"]["decision"], "local", "{v}");
-    assert_eq!(v["route"]["detail"][0]["reason"], "confident_enough");
+    routed(&v, "local", "confident_enough");
     assert!(
         stderr.contains("answering on this device: confidence"),
         "{stderr}"
@@ -1160,8 +1162,7 @@ fn with_the_tunnel_down_ask_answers_here_and_says_so() {
         &["--max-tokens", "8"],
         &[("SYNESIS_MIN_CONFIDENCE", "-0.01")],
     );
-    assert_eq!(v["route"]["decision"], "local", "{v}");
-    assert_eq!(v["route"]["detail"][0]["reason"], "cloud_unreachable");
+    routed(&v, "local", "cloud_unreachable");
     assert!(stderr.contains("the cloud is unreachable"), "{stderr}");
 }
 
@@ -1190,8 +1191,7 @@ fn a_stressed_device_escalates() {
         &["--max-tokens", "8"],
         &[("SYNESIS_STRESS_MEMORY_PERCENT", "0")],
     );
-    assert_eq!(v["route"]["decision"], "cloud", "{v}");
-    assert_eq!(v["route"]["detail"][0]["reason"], "stressed");
+    routed(&v, "cloud", "stressed");
     assert!(
         stderr.contains("the device is stressed: memory"),
         "{stderr}"

@@ -310,43 +310,23 @@ impl LocalLedger {
         since: Option<UnixMillis>,
         by: Grouping,
     ) -> Result<Vec<GroupTotals>, LedgerError> {
-        let path = &self.path;
-        let err = sql_error(path);
         let key = match by {
             Grouping::Model => "model",
             Grouping::Day => "strftime('%Y-%m-%d', at / 1000, 'unixepoch')",
             Grouping::Route => "coalesce(route_reason, '-')",
         };
-        let sql = format!(
-            "SELECT {key} AS k, kind, count(*), sum(input_tokens), sum(output_tokens), \
-             sum(micro_usd) FROM entries WHERE at >= ?1 GROUP BY k, kind ORDER BY k, kind DESC"
-        );
-        let mut stmt = self.conn.prepare(&sql).map_err(&err)?;
-        let rows = stmt
-            .query_map([since.map_or(i64::MIN, |t| t.0)], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, i64>(5)?,
-                ))
-            })
-            .map_err(&err)?;
-        let mut groups = Vec::new();
-        for row in rows {
-            let (key, kind, count, input, output, micro) = row.map_err(&err)?;
-            groups.push(GroupTotals {
+        let rows = self.aggregate(key, "k, kind DESC", since)?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, g)| GroupTotals {
                 key,
-                kind: parse_kind(&kind, path)?,
-                count: to_u64(count, path, "count")?,
-                input_tokens: to_u64(input, path, "input tokens")?,
-                output_tokens: to_u64(output, path, "output tokens")?,
-                micro_usd: MicroUsd(micro),
-            });
-        }
-        Ok(groups)
+                kind: g.kind,
+                count: g.generations,
+                input_tokens: g.input_tokens,
+                output_tokens: g.output_tokens,
+                micro_usd: g.micro_usd,
+            })
+            .collect())
     }
 
     /// The devices whose cloud charges this ledger mirrors: this machine's identities, the
@@ -366,6 +346,51 @@ impl LocalLedger {
             .collect()
     }
 
+    /// The rows at or after `since`, totalled per `key` (an SQL expression) and kind, ordered
+    /// by `order` (over `k`, the key, and `kind`); each group's totals with its key apart.
+    fn aggregate(
+        &self,
+        key: &str,
+        order: &str,
+        since: Option<UnixMillis>,
+    ) -> Result<Vec<(String, ModelTotals)>, LedgerError> {
+        let path = &self.path;
+        let err = sql_error(path);
+        let sql = format!(
+            "SELECT {key} AS k, kind, count(*), sum(input_tokens), sum(output_tokens), \
+             sum(micro_usd) FROM entries WHERE at >= ?1 GROUP BY k, kind ORDER BY {order}"
+        );
+        let mut stmt = self.conn.prepare(&sql).map_err(&err)?;
+        let rows = stmt
+            .query_map([since.map_or(i64::MIN, |t| t.0)], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })
+            .map_err(&err)?;
+        let mut groups = Vec::new();
+        for row in rows {
+            let (key, kind, count, input, output, micro) = row.map_err(&err)?;
+            groups.push((
+                key,
+                ModelTotals {
+                    model: String::new(),
+                    kind: parse_kind(&kind, path)?,
+                    generations: to_u64(count, path, "count")?,
+                    input_tokens: to_u64(input, path, "input tokens")?,
+                    output_tokens: to_u64(output, path, "output tokens")?,
+                    micro_usd: MicroUsd(micro),
+                },
+            ));
+        }
+        Ok(groups)
+    }
+
     /// Totals of the rows at or after `since` (all rows with `None`), and the last sync time.
     pub fn summary(&self, since: Option<UnixMillis>) -> Result<Summary, LedgerError> {
         let path = &self.path;
@@ -383,36 +408,8 @@ impl LocalLedger {
                 .map(UnixMillis),
             ..Summary::default()
         };
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT kind, model, count(*), sum(input_tokens), sum(output_tokens), \
-                 sum(micro_usd) FROM entries WHERE at >= ?1 GROUP BY kind, model \
-                 ORDER BY kind DESC, model",
-            )
-            .map_err(&err)?;
-        let rows = stmt
-            .query_map([since.map_or(i64::MIN, |t| t.0)], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, i64>(5)?,
-                ))
-            })
-            .map_err(&err)?;
-        for row in rows {
-            let (kind, model, count, input, output, micro) = row.map_err(&err)?;
-            summary.add(ModelTotals {
-                model,
-                kind: parse_kind(&kind, path)?,
-                generations: to_u64(count, path, "count")?,
-                input_tokens: to_u64(input, path, "input tokens")?,
-                output_tokens: to_u64(output, path, "output tokens")?,
-                micro_usd: MicroUsd(micro),
-            })?;
+        for (model, totals) in self.aggregate("model", "kind DESC, k", since)? {
+            summary.add(ModelTotals { model, ..totals })?;
         }
         Ok(summary)
     }
