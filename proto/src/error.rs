@@ -85,6 +85,14 @@ error_codes! {
     MAX_COST_EXCEEDED = 309,
     /// The model is served, but not to the account's tier (or not with a BYOK key).
     MODEL_NOT_ALLOWED = 310,
+    /// The uploaded bytes do not hash to the declared SHA-256; the upload is discarded.
+    HASH_MISMATCH = 311,
+    /// The file is not a LoRA adapter (GGUF) for the base model it names.
+    ADAPTER_INVALID = 312,
+    /// The declared size is above the cloud's limit or the account's storage left.
+    TOO_LARGE = 313,
+    /// Another upload to the same adapter name is in progress.
+    BUSY = 314,
     /// The cloud failed; the request may be retried with the same id.
     INTERNAL = 500,
     /// The cloud is draining or overloaded; reconnect or retry after the hint.

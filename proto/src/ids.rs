@@ -129,6 +129,12 @@ impl RequestId {
         Self(uuid::Builder::from_unix_timestamp_millis(unix_ms, &random).into_uuid())
     }
 
+    /// An id derived from content rather than drawn (UUID v8 from the first 16 bytes of a
+    /// digest): the same input gives the same id, so a retry names the same upload.
+    pub fn from_digest(digest: [u8; 16]) -> Self {
+        Self(uuid::Builder::from_custom_bytes(digest).into_uuid())
+    }
+
     /// The creation time the id carries (milliseconds since the Unix epoch).
     pub fn unix_ms(&self) -> u64 {
         let b = self.0.as_bytes();

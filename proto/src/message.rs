@@ -150,6 +150,12 @@ messages! {
     0x43 => UploadDone on Upload,
     /// Cloud → device: the adapter is verified and stored.
     0x44 => UploadComplete on Upload,
+    /// Device → cloud: the account's adapters (on an account stream).
+    0x45 => AdaptersRequest on Account,
+    0x46 => AdaptersReply on Account,
+    /// Device → cloud: remove one of the account's adapters by name.
+    0x47 => AdapterRemove on Account,
+    0x48 => AdapterRemoved on Account,
 
     /// Device → cloud: what has the account used and what is left.
     0x50 => UsageRequest on Account,
@@ -460,6 +466,50 @@ pub struct UploadComplete {
     pub serving: bool,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct AdaptersRequest {
+    pub request_id: RequestId,
+}
+
+/// One adapter the account holds under a name (the newest version pushed under it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct AdapterInfo {
+    pub name: String,
+    pub sha256: Sha256,
+    pub size_bytes: u64,
+    /// The served model it attaches to.
+    pub base_model: String,
+    pub uploaded_at: UnixMillis,
+    /// The device that pushed this version.
+    pub device_id: DeviceId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct AdaptersReply {
+    pub request_id: RequestId,
+    /// By name.
+    pub adapters: Vec<AdapterInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct AdapterRemove {
+    pub request_id: RequestId,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct AdapterRemoved {
+    pub request_id: RequestId,
+    pub name: String,
+    /// The content the name pointed to.
+    pub sha256: Sha256,
+}
+
 // ---------------------------------------------------------------- account
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -719,7 +769,7 @@ mod tests {
 
     #[test]
     fn unassigned_bytes_name_no_type() {
-        for b in [0x00, 0x09, 0x22, 0x35, 0x45, 0x60, 0xff] {
+        for b in [0x00, 0x09, 0x22, 0x35, 0x49, 0x60, 0xff] {
             assert_eq!(MessageType::from_u8(b), None, "0x{b:02x}");
         }
     }

@@ -216,6 +216,30 @@ fn samples() -> Vec<Message> {
             serving: true,
         }
         .into(),
+        AdaptersRequest { request_id: rid(4) }.into(),
+        AdaptersReply {
+            request_id: rid(4),
+            adapters: vec![AdapterInfo {
+                name: "legal".into(),
+                sha256: Sha256([0xab; 32]),
+                size_bytes: 10_432,
+                base_model: "tiny".into(),
+                uploaded_at: UnixMillis(1_790_000_000_000),
+                device_id: device(),
+            }],
+        }
+        .into(),
+        AdapterRemove {
+            request_id: rid(4),
+            name: "legal".into(),
+        }
+        .into(),
+        AdapterRemoved {
+            request_id: rid(4),
+            name: "legal".into(),
+            sha256: Sha256([0xab; 32]),
+        }
+        .into(),
         UsageRequest {
             request_id: rid(5),
             since: None,
