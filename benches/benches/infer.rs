@@ -87,6 +87,7 @@ fn infer(c: &mut Criterion) {
         threads: THREADS,
         batch: BATCH,
         gpu_layers: 0,
+        ..Settings::default()
     };
     let mut ours = Model::load(&path, settings).expect("load");
     let backend = synesis_infer::backend().expect("backend");

@@ -66,7 +66,7 @@ impl Loaded {
                     ..Settings::default()
                 };
                 let started = std::time::Instant::now();
-                let mut model = Model::load(&s.path, settings).map_err(|e| e.to_string())?;
+                let model = Model::load(&s.path, settings).map_err(|e| e.to_string())?;
                 for (name, path) in &s.adapters {
                     model
                         .load_adapter(name, path)

@@ -4,10 +4,10 @@
 //! generation that runs on it; each [`Model::generate`] call makes a context of its own, so
 //! generations run in parallel and a KV cache never mixes two requests or two adapters. The two
 //! llama.cpp rules hold by construction: contexts are never *created* in parallel (creating one
-//! mutates the model; a mutex serialises that step only), and an adapter is loaded through
-//! [`Model::load_adapter`], which takes `&mut self`, so never while a context borrows the model.
+//! mutates the model; a mutex serialises that step only), and adapters are loaded and freed
+//! only while no context reserves its compute graph (`adapters.rs`), so they can come and go
+//! while generations run.
 
-use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -19,10 +19,11 @@ use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaLoraAdapter, LlamaModel};
+use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
+use crate::adapters::Adapters;
 use crate::metadata::{GgufMetadata, MetadataError};
 use crate::stream::TextStream;
 
@@ -87,6 +88,9 @@ pub struct Settings {
     pub batch: u32,
     /// Layers to offload to a GPU when llama.cpp was built with one (`u32::MAX`: all).
     pub gpu_layers: u32,
+    /// Adapters loaded on demand (`Request::lora_file`) kept at once; past it the least
+    /// recently used is freed.
+    pub adapters_max: usize,
 }
 
 impl Default for Settings {
@@ -97,6 +101,7 @@ impl Default for Settings {
             threads: u32::try_from(threads).unwrap_or(4),
             batch: 512,
             gpu_layers: u32::MAX,
+            adapters_max: 8,
         }
     }
 }
@@ -115,8 +120,11 @@ pub struct Request {
     pub seed: u32,
     /// Generation ends before any of these; they are not part of the answer.
     pub stop: Vec<String>,
-    /// An adapter loaded with [`Model::load_adapter`], and its scale.
+    /// An adapter by name, and its scale: one loaded with [`Model::load_adapter`], or else
+    /// one kept in the model's cache of adapters loaded on demand.
     pub lora: Option<(String, f32)>,
+    /// Where to load `lora` from when no adapter of that name is loaded (into the cache).
+    pub lora_file: Option<PathBuf>,
     /// Earlier turns of the conversation (a system prompt first, when there is one); `prompt`
     /// is the user's last turn. Empty for a single question.
     pub context: Vec<ChatMessage>,
@@ -141,6 +149,7 @@ impl Request {
             seed: 0,
             stop: Vec::new(),
             lora: None,
+            lora_file: None,
             context: Vec::new(),
         }
     }
@@ -170,6 +179,8 @@ pub struct Generation {
     pub finish_reason: FinishReason,
     /// How long attaching the adapter took, when one was used.
     pub lora_attach: Option<Duration>,
+    /// How long loading the adapter took, when this generation loaded it (a cold adapter).
+    pub lora_load: Option<Duration>,
 }
 
 /// Cancels a generation from another thread or task; it stops before its next decode step.
@@ -198,12 +209,12 @@ pub struct ModelInfo {
 }
 
 pub struct Model {
+    /// Declared before `model`: every adapter is freed before the model is.
+    adapters: Adapters,
     model: LlamaModel,
     path: PathBuf,
     info: ModelInfo,
     settings: Settings,
-    /// Each behind its own lock: attaching one to a context needs it mutably for an instant.
-    adapters: HashMap<String, Mutex<LlamaLoraAdapter>>,
     /// Held while a context is created (llama.cpp mutates the model doing it).
     creating_context: Mutex<()>,
 }
@@ -213,7 +224,8 @@ impl std::fmt::Debug for Model {
         f.debug_struct("Model")
             .field("path", &self.path)
             .field("info", &self.info)
-            .field("adapters", &self.adapters.keys().collect::<Vec<_>>())
+            .field("adapters", &self.adapters.pinned_names())
+            .field("cached_adapters", &self.adapters.cached_names())
             .finish()
     }
 }
@@ -248,11 +260,11 @@ impl Model {
             has_chat_template: model.chat_template(None).is_ok(),
         };
         Ok(Model {
+            adapters: Adapters::new(settings.adapters_max),
             model,
             path: path.to_owned(),
             info,
             settings,
-            adapters: HashMap::new(),
             creating_context: Mutex::new(()),
         })
     }
@@ -265,43 +277,28 @@ impl Model {
         &self.path
     }
 
-    /// Loads a LoRA adapter under `name`, once; later requests attach it by name. Returns how
-    /// long loading took. (llama.cpp frees adapters with the model, so loading the same name
-    /// twice is refused rather than leaking.)
-    pub fn load_adapter(&mut self, name: &str, path: &Path) -> Result<Duration, InferError> {
-        if self.adapters.contains_key(name) {
-            return Ok(Duration::ZERO);
-        }
-        if !path.is_file() {
-            return Err(InferError::NotFound(path.to_owned()));
-        }
-        let meta = GgufMetadata::read(path)?;
-        if !meta.is_adapter() {
-            return Err(InferError::NotAdapter {
-                path: path.to_owned(),
-            });
-        }
-        let arch = meta.architecture().unwrap_or("unknown");
-        if arch != self.info.architecture {
-            return Err(InferError::ArchitectureMismatch {
-                path: path.to_owned(),
-                adapter: arch.to_owned(),
-                model: self.info.architecture.clone(),
-            });
-        }
-        let started = Instant::now();
-        let adapter = self
-            .model
-            .lora_adapter_init(path)
-            .map_err(|_| InferError::Load {
-                path: path.to_owned(),
-            })?;
-        self.adapters.insert(name.to_owned(), Mutex::new(adapter));
-        Ok(started.elapsed())
+    /// Loads a LoRA adapter under `name`, kept as long as the model; later requests attach it
+    /// by name. Returns how long loading took (zero when `name` was already loaded: the first
+    /// file stays). Generations may run meanwhile.
+    pub fn load_adapter(&self, name: &str, path: &Path) -> Result<Duration, InferError> {
+        self.adapters
+            .pin(&self.model, &self.info.architecture, name, path)
     }
 
-    pub fn adapters(&self) -> impl Iterator<Item = &str> {
-        self.adapters.keys().map(String::as_str)
+    /// The adapters loaded with [`Model::load_adapter`], by name.
+    pub fn adapters(&self) -> Vec<String> {
+        self.adapters.pinned_names()
+    }
+
+    /// The adapters loaded on demand and still kept, least recently used first.
+    pub fn cached_adapters(&self) -> Vec<String> {
+        self.adapters.cached_names()
+    }
+
+    /// Drops a cached adapter (a new version will be loaded under the same name on next use);
+    /// generations using it finish on it. Whether it was cached.
+    pub fn forget_adapter(&self, name: &str) -> bool {
+        self.adapters.forget(name)
     }
 
     /// The prompt as the model sees it: the turns wrapped in its chat template when asked and
@@ -382,6 +379,21 @@ impl Model {
             .with_n_ubatch(batch_size)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
+        // Declared before the context, so the context is dropped first: nothing can use the
+        // adapter after it may be freed.
+        let adapter = match &request.lora {
+            Some((name, _)) => Some(self.adapters.find(
+                &self.model,
+                &self.info.architecture,
+                name,
+                request.lora_file.as_deref(),
+            )?),
+            None => None,
+        };
+        let lora_load = adapter.as_ref().and_then(|a| a.loaded_in);
+        // Held until the prompt is decoded: the context reserves its graph over the model's
+        // adapters when it is created and again on the first decode after attaching one.
+        let graph = self.adapters.graph();
         let mut ctx = {
             let _creating = self
                 .creating_context
@@ -392,21 +404,16 @@ impl Model {
                 .map_err(|e| InferError::Llama(e.to_string()))?
         };
 
-        let lora_attach = match &request.lora {
-            Some((name, scale)) => {
-                let adapter = self
-                    .adapters
-                    .get(name)
-                    .ok_or_else(|| InferError::UnknownAdapter(name.clone()))?;
-                let mut adapter = adapter
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let lora_attach = match (&adapter, &request.lora) {
+            (Some(found), Some((_, scale))) => {
                 let started = Instant::now();
-                ctx.lora_adapter_set(&mut adapter, *scale)
+                found
+                    .adapter
+                    .with(|a| ctx.lora_adapter_set(a, *scale))
                     .map_err(|e| InferError::Llama(e.to_string()))?;
                 Some(started.elapsed())
             }
-            None => None,
+            _ => None,
         };
 
         let started = Instant::now();
@@ -419,6 +426,7 @@ impl Model {
                 return Ok(Generation::cancelled_before_start(
                     tokens.len(),
                     lora_attach,
+                    lora_load,
                 ));
             }
             batch.clear();
@@ -436,6 +444,7 @@ impl Model {
             ctx.decode(&mut batch)
                 .map_err(|e| InferError::Llama(e.to_string()))?;
         }
+        drop(graph);
 
         let mut sampler = sampler(request);
         let mut text = TextStream::new(&request.stop);
@@ -501,12 +510,17 @@ impl Model {
             mean_logprob,
             finish_reason: finish,
             lora_attach,
+            lora_load,
         })
     }
 }
 
 impl Generation {
-    fn cancelled_before_start(prompt_tokens: usize, lora_attach: Option<Duration>) -> Generation {
+    fn cancelled_before_start(
+        prompt_tokens: usize,
+        lora_attach: Option<Duration>,
+        lora_load: Option<Duration>,
+    ) -> Generation {
         Generation {
             text: String::new(),
             prompt_tokens,
@@ -516,6 +530,7 @@ impl Generation {
             mean_logprob: None,
             finish_reason: FinishReason::Cancelled,
             lora_attach,
+            lora_load,
         }
     }
 }

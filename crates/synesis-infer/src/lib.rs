@@ -14,6 +14,7 @@
 //! What it must not do: network IO, or any policy about when to escalate (it reports; the
 //! caller decides).
 
+mod adapters;
 mod engine;
 #[cfg(feature = "tiny")]
 mod gguf;

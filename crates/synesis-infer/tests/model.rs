@@ -390,3 +390,93 @@ fn earlier_turns_come_before_the_prompt() {
     };
     assert!(model.prompt_tokens(&with_system).unwrap() > model.prompt_tokens(&alone).unwrap());
 }
+
+#[test]
+fn adapters_load_on_demand_while_generations_run_and_the_least_recently_used_is_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let second = dir.path().join("second-lora.gguf");
+    write_lora(&second, TinySpec::TINY, 8).unwrap();
+    let first = fixtures().2.clone();
+    let model = Model::load(
+        &fixtures().1,
+        Settings {
+            adapters_max: 1,
+            ..settings()
+        },
+    )
+    .unwrap();
+    model.load_adapter("pinned", &first).unwrap();
+    let ask = |name: &str, file: Option<&Path>, max_tokens| {
+        let request = Request {
+            lora: Some((name.into(), 1.0)),
+            lora_file: file.map(Path::to_owned),
+            ..greedy("on demand", max_tokens)
+        };
+        model
+            .generate(&request, &CancelToken::default(), &mut |_| {})
+            .unwrap()
+    };
+    let reference = ask("pinned", None, 24);
+
+    let cold = ask("a", Some(&first), 24);
+    assert_eq!(cold.text, reference.text, "the same file, the same answer");
+    assert!(cold.lora_load.is_some(), "loaded by this generation");
+    let warm = ask("a", Some(&first), 24);
+    assert_eq!(
+        (warm.text.as_str(), warm.lora_load),
+        (reference.text.as_str(), None)
+    );
+
+    let other = ask("b", Some(&second), 24);
+    assert_ne!(
+        other.text, reference.text,
+        "another adapter, another answer"
+    );
+    assert_eq!(model.cached_adapters(), ["b"], "a was evicted (bound 1)");
+    assert_eq!(model.adapters(), ["pinned"], "pinned adapters stay");
+    let again = ask("a", Some(&first), 24);
+    assert!(again.lora_load.is_some(), "evicted, so loaded again");
+    assert_eq!(again.text, reference.text, "and it answers as before");
+
+    // A long generation on `a` while other threads load and evict adapters: it finishes on
+    // the adapter it started with (held until it ends), and every answer is the one it gives
+    // alone.
+    let long_alone = ask("pinned", None, 200);
+    let short_b = ask("b", Some(&second), 24).text;
+    std::thread::scope(|s| {
+        let long = s.spawn(|| ask("a", Some(&first), 200).text);
+        let churn = s.spawn(|| {
+            (0..6)
+                .map(|i| {
+                    if i % 2 == 0 {
+                        ask("b", Some(&second), 24).text
+                    } else {
+                        ask("c", Some(&first), 24).text
+                    }
+                })
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(long.join().unwrap(), long_alone.text);
+        for (i, text) in churn.join().unwrap().into_iter().enumerate() {
+            let want = if i % 2 == 0 {
+                &short_b
+            } else {
+                &reference.text
+            };
+            assert_eq!(&text, want, "churn {i}");
+        }
+    });
+
+    assert!(model.forget_adapter("c") || model.forget_adapter("b"));
+    assert!(matches!(
+        model.generate(
+            &Request {
+                lora: Some(("never-loaded".into(), 1.0)),
+                ..greedy("x", 4)
+            },
+            &CancelToken::default(),
+            &mut |_| {}
+        ),
+        Err(InferError::UnknownAdapter(_))
+    ));
+}

@@ -124,7 +124,7 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
         (Some((_, entry)), Mode::Auto | Mode::Local) => {
             let (path, lora_file, counted) = (entry.path.clone(), lora.clone(), request.clone());
             let model = tokio::task::spawn_blocking(move || -> anyhow::Result<(Model, u64)> {
-                let mut model = Model::load(&path, Settings::default())?;
+                let model = Model::load(&path, Settings::default())?;
                 if let Some((name, _, file)) = &lora_file {
                     model.load_adapter(name, file)?;
                 }
