@@ -5,8 +5,8 @@
 
 use synesis_billing::ledger::LedgerError;
 use synesis_proto::message::{
-    CertRenew, CertRenewed, DeviceLeave, DeviceLeft, ModelPrice, PriceReply, PriceRequest, Tier,
-    TopupReply, TopupRequest, UsageRequest,
+    AdapterInfo, AdapterRemoved, AdaptersReply, CertRenew, CertRenewed, DeviceLeave, DeviceLeft,
+    ModelPrice, PriceReply, PriceRequest, Tier, TopupReply, TopupRequest, UsageRequest,
 };
 use synesis_proto::{Blob, ErrorCode, Message, RequestId, UnixMillis};
 
@@ -26,6 +26,8 @@ pub(crate) async fn serve(peer: &Peer, request: Message, mut stream: Stream) {
             Message::PriceRequest(r) => price(peer, r).await,
             Message::DeviceLeave(r) => leave(peer, r).await,
             Message::CertRenew(r) => renew(peer, r).await,
+            Message::AdaptersRequest(r) => adapters(peer, r.request_id).await,
+            Message::AdapterRemove(r) => remove_adapter(peer, r.request_id, r.name).await,
             other => error_msg(
                 ErrorCode::UNEXPECTED_MESSAGE,
                 format!("{} is not served yet", other.message_type().name()),
@@ -43,6 +45,8 @@ fn request_id_of(m: &Message) -> Option<RequestId> {
         Message::PriceRequest(r) => Some(r.request_id),
         Message::DeviceLeave(r) => Some(r.request_id),
         Message::CertRenew(r) => Some(r.request_id),
+        Message::AdaptersRequest(r) => Some(r.request_id),
+        Message::AdapterRemove(r) => Some(r.request_id),
         _ => None,
     }
 }
@@ -266,6 +270,61 @@ async fn renew(peer: &Peer, r: CertRenew) -> Message {
         Ok(Renewal::TooMany) => refuse(
             ErrorCode::LIMIT_EXCEEDED,
             "this device renewed its certificate too often lately",
+        ),
+        Err(e) => internal(e, request_id),
+    }
+}
+
+/// `synesis cloud adapters`: the account's adapters, by name.
+async fn adapters(peer: &Peer, request_id: RequestId) -> Message {
+    let account = peer.device.account_id;
+    match peer
+        .shared
+        .storage
+        .read(move |db| crate::storage::adapters::list(db.connection(), account))
+        .await
+    {
+        Ok(rows) => AdaptersReply {
+            request_id,
+            adapters: rows
+                .into_iter()
+                .map(|a| AdapterInfo {
+                    name: a.name,
+                    sha256: a.sha256,
+                    size_bytes: a.size_bytes,
+                    base_model: a.base_model,
+                    uploaded_at: a.uploaded_at,
+                    device_id: a.device_id,
+                })
+                .collect(),
+        }
+        .into(),
+        Err(e) => internal(e, request_id),
+    }
+}
+
+/// `synesis cloud adapters rm NAME`: the name goes; escalations running on it finish on it.
+async fn remove_adapter(peer: &Peer, request_id: RequestId, name: String) -> Message {
+    let account = peer.device.account_id;
+    let n = name.clone();
+    match peer
+        .shared
+        .storage
+        .write(move |db| {
+            crate::storage::adapters::remove(db.connection_mut(), account, request_id, &n, now())
+        })
+        .await
+    {
+        Ok(Some(sha256)) => AdapterRemoved {
+            request_id,
+            name,
+            sha256,
+        }
+        .into(),
+        Ok(None) => error_msg(
+            ErrorCode::NOT_FOUND,
+            format!("this account has no adapter named {name:?}"),
+            Some(request_id),
         ),
         Err(e) => internal(e, request_id),
     }

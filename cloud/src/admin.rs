@@ -461,3 +461,79 @@ pub fn usage(
     }
     Ok(())
 }
+
+/// One upload as `admin uploads` shows it.
+#[derive(Debug, serde::Serialize)]
+struct UploadView {
+    account: String,
+    upload_id: String,
+    name: String,
+    base_model: String,
+    size_bytes: u64,
+    sha256: String,
+    chunks: u64,
+    chunks_held: u64,
+    /// Chunks accepted over the upload's life, re-sent ones included.
+    chunks_received: u64,
+    completed: bool,
+}
+
+pub fn uploads(dir: &Path, json: bool) -> anyhow::Result<()> {
+    let db = open(dir)?;
+    let mut stmt = db.connection().prepare(
+        "SELECT a.name, u.upload_id, u.name, u.base_model, u.size_bytes, u.sha256, u.chunk_size,
+                u.chunks_held, u.chunks_received, u.completed_at IS NOT NULL
+         FROM adapter_uploads u JOIN accounts a ON a.id = u.account_id
+         ORDER BY u.started_at",
+    )?;
+    let views = stmt
+        .query_map([], |r| {
+            let size: i64 = r.get(4)?;
+            let chunk: i64 = r.get(6)?;
+            let held: Vec<u8> = r.get(7)?;
+            let sha: Vec<u8> = r.get(5)?;
+            let size = u64::try_from(size).unwrap_or(0);
+            Ok(UploadView {
+                account: r.get(0)?,
+                upload_id: r.get(1)?,
+                name: r.get(2)?,
+                base_model: r.get(3)?,
+                size_bytes: size,
+                sha256: sha.iter().map(|b| format!("{b:02x}")).collect(),
+                chunks: size.div_ceil(u64::try_from(chunk).unwrap_or(1).max(1)),
+                chunks_held: held.iter().map(|b| u64::from(b.count_ones())).sum(),
+                chunks_received: u64::try_from(r.get::<_, i64>(8)?).unwrap_or(0),
+                completed: r.get(9)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    if json {
+        println!("{}", serde_json::to_string(&views)?);
+        return Ok(());
+    }
+    if views.is_empty() {
+        println!("no uploads; devices push adapters with `synesis cloud push`");
+        return Ok(());
+    }
+    println!(
+        "{:<16}  {:<20}  {:>10}  {:>13}  {:>8}  state",
+        "account", "name", "bytes", "chunks held", "received"
+    );
+    for v in views {
+        println!(
+            "{:<16}  {:<20}  {:>10}  {:>6}/{:<6}  {:>8}  {}",
+            v.account,
+            v.name,
+            v.size_bytes,
+            v.chunks_held,
+            v.chunks,
+            v.chunks_received,
+            if v.completed {
+                "complete"
+            } else {
+                "in progress"
+            }
+        );
+    }
+    Ok(())
+}

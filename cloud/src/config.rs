@@ -47,6 +47,13 @@
 //! max_output_tokens = 4096       # the most a request may ask for
 //! retries = 2                    # an upstream that fails before its first output is retried
 //! per_account_max = 16           # requests one account may have running at once
+//!
+//! [adapters]
+//! max_size = "2GiB"              # the largest adapter one upload may declare
+//! storage_per_account = "10GiB"  # content held plus uploads in progress (declared sizes)
+//! uploads_per_account = 4        # uploads in progress at once
+//! abandon_after = "24h"          # a partial upload with no chunk for this long is removed
+//! loaded_per_model = 8           # adapters kept loaded per llama model (least recently used out)
 //! ```
 //!
 //! BYOK asks go only to `openai` and `anthropic` models (the user's key is for the upstream);
@@ -97,6 +104,30 @@ pub struct Config {
 pub struct Serving {
     pub models: BTreeMap<String, Served>,
     pub escalation: EscalationSettings,
+    pub adapters: AdapterSettings,
+}
+
+/// Accounts' LoRA adapters: upload limits and how many stay loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdapterSettings {
+    pub max_size: u64,
+    pub storage_per_account: u64,
+    pub uploads_per_account: usize,
+    /// A partial upload that received no chunk for this long is removed.
+    pub abandon_after: Duration,
+    pub loaded_per_model: usize,
+}
+
+impl Default for AdapterSettings {
+    fn default() -> Self {
+        AdapterSettings {
+            max_size: 2 << 30,
+            storage_per_account: 10 << 30,
+            uploads_per_account: 4,
+            abandon_after: Duration::from_secs(24 * 3_600),
+            loaded_per_model: 8,
+        }
+    }
 }
 
 /// One served model.
@@ -168,6 +199,41 @@ struct File {
     models: BTreeMap<String, ModelFile>,
     #[serde(default)]
     escalation: EscalationFile,
+    #[serde(default)]
+    adapters: AdaptersFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdaptersFile {
+    max_size: Option<String>,
+    storage_per_account: Option<String>,
+    uploads_per_account: Option<usize>,
+    abandon_after: Option<String>,
+    loaded_per_model: Option<usize>,
+}
+
+/// A size such as `2GiB`, `512MiB`, `64KiB` or a number of bytes.
+fn size(text: &Option<String>, what: &str, default: u64) -> anyhow::Result<u64> {
+    let Some(text) = text else {
+        return Ok(default);
+    };
+    let t = text.trim();
+    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        _ => bail!("{what} = {text:?}: a number of bytes, or with KiB, MiB, GiB or TiB"),
+    };
+    let n: u64 = digits.parse().map_err(|_| {
+        anyhow::anyhow!("{what} = {text:?}: a number of bytes, or with KiB, MiB, GiB or TiB")
+    })?;
+    n.checked_mul(1u64 << shift)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| anyhow::anyhow!("{what} = {text:?}: above zero and below 16 EiB"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -294,6 +360,26 @@ fn parse_all(text: &str, base: &Path) -> anyhow::Result<Config> {
             None => defaults.per_account_max,
         },
     };
+    let a = &file.adapters;
+    let ad = AdapterSettings::default();
+    let adapters = AdapterSettings {
+        max_size: size(&a.max_size, "adapters.max_size", ad.max_size)?,
+        storage_per_account: size(
+            &a.storage_per_account,
+            "adapters.storage_per_account",
+            ad.storage_per_account,
+        )?,
+        uploads_per_account: match a.uploads_per_account {
+            Some(0) => bail!("adapters.uploads_per_account must be at least 1"),
+            Some(n) => n.min(1_000),
+            None => ad.uploads_per_account,
+        },
+        abandon_after: duration(&a.abandon_after, "adapters.abandon_after", ad.abandon_after)?,
+        loaded_per_model: a
+            .loaded_per_model
+            .unwrap_or(ad.loaded_per_model)
+            .clamp(1, 1_000),
+    };
     let mut models = BTreeMap::new();
     for (name, m) in file.models {
         if billing.prices.get(&name).is_none() {
@@ -324,6 +410,7 @@ fn parse_all(text: &str, base: &Path) -> anyhow::Result<Config> {
                         adapters: l.adapters.iter().map(|(n, p)| (n.clone(), at(p))).collect(),
                         n_ctx: l.context.unwrap_or(0),
                         threads: l.threads.unwrap_or(2).clamp(1, 256),
+                        adapters_loaded: adapters.loaded_per_model,
                     }),
                     tiers: tiers.into_iter().filter(|t| *t != Tier::Byok).collect(),
                 }
@@ -343,7 +430,11 @@ fn parse_all(text: &str, base: &Path) -> anyhow::Result<Config> {
     }
     Ok(Config {
         billing,
-        serving: Serving { models, escalation },
+        serving: Serving {
+            models,
+            escalation,
+            adapters,
+        },
     })
 }
 

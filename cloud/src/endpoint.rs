@@ -205,6 +205,8 @@ pub async fn start(options: Options) -> anyhow::Result<Cloud> {
             cert_lifetime: options.cert_lifetime,
         },
         escalations: Arc::new(crate::escalation::Escalations::new(&options.serving)?),
+        data_dir: dir.clone(),
+        adapters: options.serving.adapters,
     });
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(run(endpoint, shared, options, stopped));
@@ -225,6 +227,7 @@ async fn run(
     let watcher = tokio::spawn(watch_revocations(Arc::clone(&shared)));
     let expiry = tokio::spawn(expire_holds(shared.ledger.clone()));
     let presence = tokio::spawn(Arc::clone(&shared.presence).run(shared.storage.clone()));
+    let sweeper = tokio::spawn(crate::upload::sweep(Arc::clone(&shared)));
     let door = Arc::new(Door::default());
     tracing::info!(ca = %shared.pki.ca_fingerprint(), "accepting connections");
     loop {
@@ -241,6 +244,7 @@ async fn run(
     watcher.abort();
     expiry.abort();
     presence.abort();
+    sweeper.abort();
     shared.presence.flush(&shared.storage).await;
     endpoint.close(0u32.into(), b"shutting down");
     let _ = timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
@@ -522,6 +526,7 @@ async fn stream(peer: Arc<Peer>, tx: quinn::SendStream, rx: quinn::RecvStream) {
         t == MessageType::Hello
             || t == MessageType::EscalationRequest
             || t == MessageType::EscalationResume
+            || t == MessageType::UploadBegin
             || (t.stream() == StreamKind::Account && is_request(t))
     };
     match stream
@@ -531,6 +536,9 @@ async fn stream(peer: Arc<Peer>, tx: quinn::SendStream, rx: quinn::RecvStream) {
         First::Message(Message::Hello(hello)) => crate::control::serve(&peer, hello, stream).await,
         First::Message(m @ (Message::EscalationRequest(_) | Message::EscalationResume(_))) => {
             crate::escalation::serve(&peer, m, stream).await;
+        }
+        First::Message(Message::UploadBegin(begin)) => {
+            crate::upload::serve(&peer, begin, stream).await;
         }
         First::Message(request) => crate::account::serve(&peer, request, stream).await,
         First::Empty | First::Refused => {}
@@ -546,6 +554,8 @@ fn is_request(t: MessageType) -> bool {
             | MessageType::PriceRequest
             | MessageType::DeviceLeave
             | MessageType::CertRenew
+            | MessageType::AdaptersRequest
+            | MessageType::AdapterRemove
     )
 }
 

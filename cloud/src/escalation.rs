@@ -121,6 +121,13 @@ impl Escalations {
         })
     }
 
+    /// The architecture accounts' adapters for `model` must have, when it takes uploads.
+    pub(crate) fn adapter_architecture(&self, model: &str) -> Option<String> {
+        self.models
+            .get(model)
+            .and_then(|m| m.provider.adapter_architecture())
+    }
+
     /// A device expects to escalate to `model` soon: its provider gets ready.
     pub(crate) fn prewarm(&self, model: &str) {
         if let Some(m) = self.models.get(model) {
@@ -666,16 +673,52 @@ impl Admission {
                 format!("{} is not offered on the {} tier", r.model, tier_name(tier)),
             ));
         }
-        let ask = self
+        let mut ask = self
             .ask(r)
             .map_err(|why| refuse(ErrorCode::INVALID_REQUEST, why))?;
         if let Some(adapter) = &r.adapter
             && !model.provider.has_adapter(adapter)
         {
-            return Err(refuse(
-                ErrorCode::NOT_FOUND,
-                format!("no adapter {adapter:?} is served with {}", r.model),
-            ));
+            // An adapter the account pushed, in the version its name points to now: requests
+            // admitted before a new push keep theirs (each version is loaded by its digest).
+            let (account, name) = (self.account, adapter.clone());
+            let pushed = self
+                .shared
+                .storage
+                .read(move |db| crate::storage::adapters::adapter(db.connection(), account, &name))
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "adapter lookup failed");
+                    refuse(ErrorCode::INTERNAL, "internal error".into())
+                })?;
+            match pushed {
+                Some(a) if a.base_model == r.model => {
+                    ask.adapter = Some(format!("sha256:{}", a.sha256));
+                    ask.adapter_file = Some(crate::upload::blob_path(
+                        &self.shared.data_dir,
+                        account,
+                        &a.sha256,
+                    ));
+                }
+                Some(a) => {
+                    return Err(refuse(
+                        ErrorCode::NOT_FOUND,
+                        format!(
+                            "the adapter {adapter:?} is for {}, not {}",
+                            a.base_model, r.model
+                        ),
+                    ));
+                }
+                None => {
+                    return Err(refuse(
+                        ErrorCode::NOT_FOUND,
+                        format!(
+                            "no adapter {adapter:?} is served with {}; `synesis cloud adapters` lists this account's",
+                            r.model
+                        ),
+                    ));
+                }
+            }
         }
         let provider = Arc::clone(&model.provider);
         let input_bound = {
@@ -750,6 +793,7 @@ impl Admission {
             seed: p.seed,
             stop: p.stop.clone(),
             adapter: r.adapter.clone(),
+            adapter_file: None,
             key: r.byok_key.as_ref().map(|k| ApiKey::new(k.0.clone())),
         })
     }

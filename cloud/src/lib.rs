@@ -3,8 +3,8 @@
 //!
 //! - [`endpoint`]: the QUIC endpoint ([`endpoint::start`] → [`endpoint::Cloud`], a handle):
 //!   accepts connections within their budgets, identifies the peer, dispatches each stream to
-//!   the module of its kind — [`enrollment`], [`control`], [`account`], [`escalation`] (upload
-//!   comes next, with the same shape: `serve(peer, first_message, stream)`).
+//!   the module of its kind — [`enrollment`], [`control`], [`account`], [`escalation`],
+//!   [`upload`] — each `serve(peer, first_message, stream)`.
 //! - [`provider`]: what answers an escalation — llama.cpp in process, an OpenAI-compatible or
 //!   an Anthropic upstream — behind one trait.
 //! - [`registry`]: every live connection of every device, so revocation reaches all of them.
@@ -30,3 +30,4 @@ pub mod registry;
 pub mod shared;
 pub mod storage;
 pub mod streams;
+pub mod upload;

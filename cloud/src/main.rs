@@ -80,6 +80,9 @@ enum Admin {
     },
     /// List devices with status (online, stale, offline, revoked), last seen, RTT and vitals.
     Devices,
+    /// List adapter uploads (in progress and finished): chunks held and chunks received, so a
+    /// resume that re-sent nothing can be seen.
+    Uploads,
     /// Act on one device.
     Device {
         #[command(subcommand)]
@@ -247,6 +250,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         },
                 } => admin::token_create(&data_dir, &account, ttl, server),
                 Admin::Devices => admin::devices(&data_dir, json),
+                Admin::Uploads => admin::uploads(&data_dir, json),
                 Admin::Device {
                     command: DeviceCommand::Revoke { device_id },
                 } => admin::device_revoke(&data_dir, device_id),

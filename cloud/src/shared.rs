@@ -203,6 +203,9 @@ pub(crate) struct Shared {
     pub(crate) presence: Arc<PresenceQueue>,
     pub(crate) settings: Settings,
     pub(crate) escalations: Arc<crate::escalation::Escalations>,
+    /// The data directory: adapters' content and partial uploads live under it.
+    pub(crate) data_dir: std::path::PathBuf,
+    pub(crate) adapters: crate::config::AdapterSettings,
 }
 
 impl Shared {

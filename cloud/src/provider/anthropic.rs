@@ -526,6 +526,7 @@ mod tests {
             seed: Some(1),
             stop: vec![],
             adapter: None,
+            adapter_file: None,
             key: key.map(ApiKey::new),
         }
     }

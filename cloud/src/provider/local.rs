@@ -37,6 +37,8 @@ pub struct LocalSettings {
     pub n_ctx: u32,
     /// CPU threads per sequence.
     pub threads: u32,
+    /// Accounts' adapters kept loaded (least recently used out).
+    pub adapters_loaded: usize,
 }
 
 /// llama.cpp in this process, for one model file.
@@ -63,6 +65,7 @@ impl Loaded {
                 let settings = Settings {
                     n_ctx: s.n_ctx,
                     threads: s.threads.max(1),
+                    adapters_max: s.adapters_loaded,
                     ..Settings::default()
                 };
                 let started = std::time::Instant::now();
@@ -201,6 +204,7 @@ fn request(ask: &Ask) -> Result<Request, ProviderError> {
             .map_or(0, |s| u32::try_from(s & u64::from(u32::MAX)).unwrap_or(0)),
         stop: ask.stop.clone(),
         lora: ask.adapter.clone().map(|name| (name, 1.0)),
+        lora_file: ask.adapter_file.clone(),
         context: earlier
             .iter()
             .map(|t| ChatMessage {
@@ -282,5 +286,10 @@ impl Provider for Llama {
 
     fn has_adapter(&self, name: &str) -> bool {
         self.shared.settings.adapters.contains_key(name)
+    }
+
+    fn adapter_architecture(&self) -> Option<String> {
+        let meta = synesis_infer::GgufMetadata::read(&self.shared.settings.path).ok()?;
+        meta.architecture().map(str::to_owned)
     }
 }

@@ -42,6 +42,9 @@ pub struct Ask {
     pub stop: Vec<String>,
     /// An adapter the provider serves, by name.
     pub adapter: Option<String>,
+    /// Where to load `adapter` from when the provider has not loaded it (an account's upload;
+    /// the name is then its content digest, so each version is its own).
+    pub adapter_file: Option<std::path::PathBuf>,
     /// BYOK: the user's key for this one call. Never stored, never logged.
     pub key: Option<ApiKey>,
 }
@@ -163,6 +166,12 @@ pub trait Provider: Send + Sync + fmt::Debug {
     fn has_adapter(&self, name: &str) -> bool {
         let _ = name;
         false
+    }
+
+    /// The architecture accounts' uploaded adapters must be for, when this provider can load
+    /// them (a model in this process); `None`: it takes no uploads.
+    fn adapter_architecture(&self) -> Option<String> {
+        None
     }
 }
 

@@ -373,6 +373,7 @@ mod tests {
             seed: Some(42),
             stop: vec!["\n\n".to_owned()],
             adapter: None,
+            adapter_file: None,
             key: key.map(ApiKey::new),
         }
     }

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use synesis_proto::message::Tier;
 use synesis_proto::{AccountId, DeviceId, ErrorCode, MicroUsd, RequestId, Sha256, UnixMillis};
 
+pub mod adapters;
 pub mod answers;
 pub mod schema;
 mod sqlite;

@@ -16,7 +16,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StorageError;
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const BASE_V2: &str = "
 CREATE TABLE IF NOT EXISTS accounts (
@@ -145,6 +145,57 @@ CREATE TABLE escalation_answers (
 ALTER TABLE devices ADD COLUMN prewarm_json TEXT;
 ";
 
+/// Accounts' LoRA adapters (PROTOCOL.md §2, *Upload*; `storage/adapters.rs`): uploads with
+/// the chunks they hold, the content each account holds, and the names pointing to it.
+const STEP_V5: &str = "
+CREATE TABLE adapter_uploads (
+    account_id      TEXT NOT NULL,
+    upload_id       TEXT NOT NULL,
+    body            BLOB NOT NULL,      -- SHA-256 of the declaration, to refuse a reused id
+    name            TEXT NOT NULL,
+    base_model      TEXT NOT NULL,
+    size_bytes      INTEGER NOT NULL,
+    sha256          BLOB NOT NULL,
+    chunk_size      INTEGER NOT NULL,
+    device_id       TEXT NOT NULL,
+    chunks_held     BLOB NOT NULL,      -- a bit per chunk, recorded once its bytes are on disk
+    chunks_received INTEGER NOT NULL,   -- chunks accepted over its life, re-sent ones included
+    started_at      INTEGER NOT NULL,
+    touched_at      INTEGER NOT NULL,
+    completed_at    INTEGER,            -- NULL while in progress
+    PRIMARY KEY (account_id, upload_id)
+) WITHOUT ROWID;
+CREATE INDEX adapter_uploads_by_name ON adapter_uploads (account_id, name)
+    WHERE completed_at IS NULL;
+-- Content an account holds (a file named by its digest); released_at: since when no name
+-- points to it (removed after a grace period).
+CREATE TABLE adapter_blobs (
+    account_id  TEXT NOT NULL,
+    sha256      BLOB NOT NULL,
+    size_bytes  INTEGER NOT NULL,
+    released_at INTEGER,
+    PRIMARY KEY (account_id, sha256)
+) WITHOUT ROWID;
+CREATE TABLE adapters (
+    account_id  TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    sha256      BLOB NOT NULL,
+    size_bytes  INTEGER NOT NULL,
+    base_model  TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    uploaded_at INTEGER NOT NULL,
+    PRIMARY KEY (account_id, name)
+) WITHOUT ROWID;
+CREATE TABLE adapter_removals (
+    account_id  TEXT NOT NULL,
+    request_id  TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    sha256      BLOB NOT NULL,
+    at          INTEGER NOT NULL,
+    PRIMARY KEY (account_id, request_id)
+) WITHOUT ROWID;
+";
+
 /// Brings the database at `path` up to [`SCHEMA_VERSION`].
 pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageError> {
     let schema_error = |reason: String| StorageError::Schema {
@@ -198,10 +249,21 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageE
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version >= 4 {
-            return Ok(());
+            drop(tx);
+            return migrate(conn, path);
         }
         tx.execute_batch(STEP_V4)?;
         tx.pragma_update(None, "user_version", 4)?;
+        tx.commit()?;
+    }
+    if version < 5 {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version >= 5 {
+            return Ok(());
+        }
+        tx.execute_batch(STEP_V5)?;
+        tx.pragma_update(None, "user_version", 5)?;
         tx.commit()?;
     }
     Ok(())

@@ -1,0 +1,547 @@
+//! Accounts' LoRA adapters (schema v5): uploads in progress with the chunks they hold, the
+//! content each account holds (by digest), and the names pointing to it (PROTOCOL.md §2,
+//! *Upload*). The bytes themselves are files in the data directory (`upload.rs`); these rows
+//! say what is there and what is visible.
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use synesis_proto::{AccountId, DeviceId, RequestId, Sha256, UnixMillis};
+
+use super::StorageError;
+
+/// An upload as `UploadBegin` declared it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Declared {
+    pub name: String,
+    pub base_model: String,
+    pub size_bytes: u64,
+    pub sha256: Sha256,
+    pub chunk_size: u32,
+}
+
+impl Declared {
+    pub fn chunks(&self) -> u32 {
+        u32::try_from(self.size_bytes.div_ceil(u64::from(self.chunk_size))).unwrap_or(u32::MAX)
+    }
+
+    /// SHA-256 of the declaration, to refuse an upload id reused for another one.
+    pub fn body(&self) -> [u8; 32] {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(self.name.as_bytes());
+        h.update([0]);
+        h.update(self.base_model.as_bytes());
+        h.update([0]);
+        h.update(self.size_bytes.to_be_bytes());
+        h.update(self.sha256.0);
+        h.update(self.chunk_size.to_be_bytes());
+        h.finalize().into()
+    }
+}
+
+/// What the cloud knows of an upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRow {
+    pub declared: Declared,
+    pub body: [u8; 32],
+    /// One bit per chunk, chunk 0 in the lowest bit of byte 0.
+    pub held: Vec<u8>,
+    /// Chunks accepted over the upload's life, those sent again included.
+    pub received: u64,
+    pub completed: bool,
+}
+
+/// How an `UploadBegin` was admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begun {
+    /// A new upload, or one already known under this id. When the account holds this content
+    /// already, every chunk is marked held: nothing needs sending.
+    Upload(UploadRow),
+    Conflict,
+    /// Another upload to the same name is in progress.
+    Busy,
+    /// The account has `n` uploads in progress already.
+    TooMany(usize),
+    /// The account's storage would go past its limit: what it uses now.
+    NoRoom(u64),
+}
+
+/// Limits an upload is admitted under.
+#[derive(Debug, Clone, Copy)]
+pub struct Quota {
+    pub uploads_in_progress: usize,
+    pub storage_bytes: u64,
+}
+
+/// One name of an account's adapters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterRow {
+    pub name: String,
+    pub sha256: Sha256,
+    pub size_bytes: u64,
+    pub base_model: String,
+    pub uploaded_at: UnixMillis,
+    pub device_id: DeviceId,
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StorageError {
+    StorageError::Corrupt(format!("an adapter record: {what}"))
+}
+
+fn digest(bytes: Vec<u8>) -> Result<Sha256, StorageError> {
+    Ok(Sha256(
+        bytes
+            .try_into()
+            .map_err(|_| corrupt("a digest is not 32 bytes"))?,
+    ))
+}
+
+fn u64_of(v: i64) -> Result<u64, StorageError> {
+    u64::try_from(v).map_err(corrupt)
+}
+
+fn i64_of(v: u64) -> Result<i64, StorageError> {
+    i64::try_from(v).map_err(corrupt)
+}
+
+/// Admits `UploadBegin` in one write transaction (the checks and the insert cannot race
+/// another begin).
+pub fn begin(
+    conn: &mut Connection,
+    account: AccountId,
+    upload: RequestId,
+    device: DeviceId,
+    d: &Declared,
+    quota: Quota,
+    now: UnixMillis,
+) -> Result<Begun, StorageError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let acct = account.to_string();
+    if let Some(row) = upload_row(&tx, account, upload)? {
+        return Ok(if row.body == d.body() {
+            Begun::Upload(row)
+        } else {
+            Begun::Conflict
+        });
+    }
+    let busy: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM adapter_uploads
+                        WHERE account_id = ?1 AND name = ?2 AND completed_at IS NULL)",
+        params![acct, d.name],
+        |r| r.get(0),
+    )?;
+    if busy {
+        return Ok(Begun::Busy);
+    }
+    let chunks = d.chunks();
+    let mut held = vec![0u8; chunks.div_ceil(8) as usize];
+    if holds(&tx, account, &d.sha256)? {
+        for i in 0..chunks {
+            held[(i / 8) as usize] |= 1 << (i % 8);
+        }
+        return insert(tx, account, upload, device, d, held, now);
+    }
+    let (in_progress, pending): (i64, i64) = tx.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM adapter_uploads
+         WHERE account_id = ?1 AND completed_at IS NULL",
+        params![acct],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let in_progress = usize::try_from(in_progress).map_err(corrupt)?;
+    if in_progress >= quota.uploads_in_progress {
+        return Ok(Begun::TooMany(in_progress));
+    }
+    let stored: i64 = tx.query_row(
+        "SELECT COALESCE(SUM(size_bytes), 0) FROM adapter_blobs WHERE account_id = ?1",
+        params![acct],
+        |r| r.get(0),
+    )?;
+    let used = u64_of(stored)? + u64_of(pending)?;
+    if used.saturating_add(d.size_bytes) > quota.storage_bytes {
+        return Ok(Begun::NoRoom(used));
+    }
+    insert(tx, account, upload, device, d, held, now)
+}
+
+/// Whether the account holds content with this digest.
+pub fn holds(conn: &Connection, account: AccountId, sha: &Sha256) -> Result<bool, StorageError> {
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM adapter_blobs WHERE account_id = ?1 AND sha256 = ?2)",
+        params![account.to_string(), &sha.0[..]],
+        |r| r.get(0),
+    )?)
+}
+
+fn insert(
+    tx: rusqlite::Transaction<'_>,
+    account: AccountId,
+    upload: RequestId,
+    device: DeviceId,
+    d: &Declared,
+    held: Vec<u8>,
+    now: UnixMillis,
+) -> Result<Begun, StorageError> {
+    let row = UploadRow {
+        declared: d.clone(),
+        body: d.body(),
+        held,
+        received: 0,
+        completed: false,
+    };
+    tx.execute(
+        "INSERT INTO adapter_uploads (account_id, upload_id, body, name, base_model, size_bytes,
+             sha256, chunk_size, device_id, chunks_held, chunks_received, started_at, touched_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 0, ?11, ?11)",
+        params![
+            account.to_string(),
+            upload.to_string(),
+            &row.body[..],
+            d.name,
+            d.base_model,
+            i64_of(d.size_bytes)?,
+            &d.sha256.0[..],
+            d.chunk_size,
+            device.to_string(),
+            row.held,
+            now.0
+        ],
+    )?;
+    tx.commit()?;
+    Ok(Begun::Upload(row))
+}
+
+pub fn upload_row(
+    conn: &Connection,
+    account: AccountId,
+    upload: RequestId,
+) -> Result<Option<UploadRow>, StorageError> {
+    type Raw = (
+        Vec<u8>,
+        String,
+        String,
+        i64,
+        Vec<u8>,
+        u32,
+        Vec<u8>,
+        i64,
+        bool,
+    );
+    let raw: Option<Raw> = conn
+        .query_row(
+            "SELECT body, name, base_model, size_bytes, sha256, chunk_size, chunks_held,
+                    chunks_received, completed_at IS NOT NULL
+             FROM adapter_uploads WHERE account_id = ?1 AND upload_id = ?2",
+            params![account.to_string(), upload.to_string()],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((body, name, base_model, size, sha, chunk_size, held, received, completed)) = raw
+    else {
+        return Ok(None);
+    };
+    Ok(Some(UploadRow {
+        declared: Declared {
+            name,
+            base_model,
+            size_bytes: u64_of(size)?,
+            sha256: digest(sha)?,
+            chunk_size,
+        },
+        body: body
+            .try_into()
+            .map_err(|_| corrupt("body is not 32 bytes"))?,
+        held,
+        received: u64_of(received)?,
+        completed,
+    }))
+}
+
+/// Adds chunks held (bits set in `held`, never cleared: another stream of the same upload may
+/// have recorded others) and chunks received. Call only once their bytes are on disk.
+pub fn record_chunks(
+    conn: &mut Connection,
+    account: AccountId,
+    upload: RequestId,
+    held: &[u8],
+    received: u64,
+    now: UnixMillis,
+) -> Result<(), StorageError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let current: Option<Vec<u8>> = tx
+        .query_row(
+            "SELECT chunks_held FROM adapter_uploads
+             WHERE account_id = ?1 AND upload_id = ?2 AND completed_at IS NULL",
+            params![account.to_string(), upload.to_string()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(mut current) = current else {
+        return Ok(()); // completed, discarded or swept meanwhile
+    };
+    for (c, h) in current.iter_mut().zip(held) {
+        *c |= h;
+    }
+    tx.execute(
+        "UPDATE adapter_uploads SET chunks_held = ?3, chunks_received = chunks_received + ?4,
+             touched_at = ?5
+         WHERE account_id = ?1 AND upload_id = ?2",
+        params![
+            account.to_string(),
+            upload.to_string(),
+            current,
+            i64_of(received)?,
+            now.0
+        ],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Forgets an upload whose bytes were wrong (its file is removed by the caller).
+pub fn discard(
+    conn: &Connection,
+    account: AccountId,
+    upload: RequestId,
+) -> Result<(), StorageError> {
+    conn.execute(
+        "DELETE FROM adapter_uploads WHERE account_id = ?1 AND upload_id = ?2",
+        params![account.to_string(), upload.to_string()],
+    )?;
+    Ok(())
+}
+
+/// The upload is verified and its content stored: the name points to it now (one
+/// transaction). A completed upload is left as it is (a replay moves no name).
+pub fn complete(
+    conn: &mut Connection,
+    account: AccountId,
+    upload: RequestId,
+    device: DeviceId,
+    d: &Declared,
+    now: UnixMillis,
+) -> Result<(), StorageError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let acct = account.to_string();
+    let done = tx.execute(
+        "UPDATE adapter_uploads SET completed_at = ?3, touched_at = ?3
+         WHERE account_id = ?1 AND upload_id = ?2 AND completed_at IS NULL",
+        params![acct, upload.to_string(), now.0],
+    )?;
+    if done == 1 {
+        tx.execute(
+            "INSERT INTO adapter_blobs (account_id, sha256, size_bytes, released_at)
+             VALUES (?1, ?2, ?3, NULL)
+             ON CONFLICT (account_id, sha256) DO UPDATE SET released_at = NULL",
+            params![acct, &d.sha256.0[..], i64_of(d.size_bytes)?],
+        )?;
+        point(&tx, account, device, d, now)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn point(
+    tx: &rusqlite::Transaction<'_>,
+    account: AccountId,
+    device: DeviceId,
+    d: &Declared,
+    now: UnixMillis,
+) -> Result<(), StorageError> {
+    let acct = account.to_string();
+    let before: Option<Vec<u8>> = tx
+        .query_row(
+            "SELECT sha256 FROM adapters WHERE account_id = ?1 AND name = ?2",
+            params![acct, d.name],
+            |r| r.get(0),
+        )
+        .optional()?;
+    tx.execute(
+        "INSERT INTO adapters (account_id, name, sha256, size_bytes, base_model, device_id,
+             uploaded_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (account_id, name) DO UPDATE SET sha256 = ?3, size_bytes = ?4,
+             base_model = ?5, device_id = ?6, uploaded_at = ?7",
+        params![
+            acct,
+            d.name,
+            &d.sha256.0[..],
+            i64_of(d.size_bytes)?,
+            d.base_model,
+            device.to_string(),
+            now.0
+        ],
+    )?;
+    if let Some(before) = before {
+        release_if_unused(tx, account, &before, now)?;
+    }
+    Ok(())
+}
+
+/// Marks content no name points to any more, so the sweeper removes it after a grace period
+/// (requests admitted before keep using it meanwhile).
+fn release_if_unused(
+    tx: &rusqlite::Transaction<'_>,
+    account: AccountId,
+    sha: &[u8],
+    now: UnixMillis,
+) -> Result<(), StorageError> {
+    tx.execute(
+        "UPDATE adapter_blobs SET released_at = ?3
+         WHERE account_id = ?1 AND sha256 = ?2 AND released_at IS NULL
+           AND NOT EXISTS (SELECT 1 FROM adapters WHERE account_id = ?1 AND sha256 = ?2)",
+        params![account.to_string(), sha, now.0],
+    )?;
+    Ok(())
+}
+
+pub fn adapter(
+    conn: &Connection,
+    account: AccountId,
+    name: &str,
+) -> Result<Option<AdapterRow>, StorageError> {
+    let mut rows = list_where(conn, account, Some(name))?;
+    Ok(rows.pop())
+}
+
+/// The account's adapters, by name.
+pub fn list(conn: &Connection, account: AccountId) -> Result<Vec<AdapterRow>, StorageError> {
+    list_where(conn, account, None)
+}
+
+fn list_where(
+    conn: &Connection,
+    account: AccountId,
+    name: Option<&str>,
+) -> Result<Vec<AdapterRow>, StorageError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT name, sha256, size_bytes, base_model, uploaded_at, device_id FROM adapters
+         WHERE account_id = ?1 AND (?2 IS NULL OR name = ?2) ORDER BY name",
+    )?;
+    let rows = stmt.query_map(params![account.to_string(), name], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Vec<u8>>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, String>(5)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (name, sha, size, base_model, at, device) = row?;
+        out.push(AdapterRow {
+            name,
+            sha256: digest(sha)?,
+            size_bytes: u64_of(size)?,
+            base_model,
+            uploaded_at: UnixMillis(at),
+            device_id: device.parse().map_err(corrupt)?,
+        });
+    }
+    Ok(out)
+}
+
+/// Removes a name, once per request id: a repeated id answers what the first removed.
+pub fn remove(
+    conn: &mut Connection,
+    account: AccountId,
+    request: RequestId,
+    name: &str,
+    now: UnixMillis,
+) -> Result<Option<Sha256>, StorageError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let acct = account.to_string();
+    let earlier: Option<Vec<u8>> = tx
+        .query_row(
+            "SELECT sha256 FROM adapter_removals
+             WHERE account_id = ?1 AND request_id = ?2 AND name = ?3",
+            params![acct, request.to_string(), name],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(sha) = earlier {
+        return digest(sha).map(Some);
+    }
+    let current: Option<Vec<u8>> = tx
+        .query_row(
+            "SELECT sha256 FROM adapters WHERE account_id = ?1 AND name = ?2",
+            params![acct, name],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(sha) = current else {
+        return Ok(None);
+    };
+    tx.execute(
+        "DELETE FROM adapters WHERE account_id = ?1 AND name = ?2",
+        params![acct, name],
+    )?;
+    tx.execute(
+        "INSERT INTO adapter_removals (account_id, request_id, name, sha256, at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![acct, request.to_string(), name, &sha[..], now.0],
+    )?;
+    release_if_unused(&tx, account, &sha, now)?;
+    tx.commit()?;
+    digest(sha).map(Some)
+}
+
+/// What the sweeper removes: uploads untouched since `abandoned_before` (their rows go now,
+/// their files are named for the caller to delete), and content released before
+/// `released_before` that no name points to again.
+#[derive(Debug, Default)]
+pub struct Swept {
+    pub uploads: Vec<(AccountId, RequestId)>,
+    pub blobs: Vec<(AccountId, Sha256)>,
+}
+
+pub fn sweep(
+    conn: &mut Connection,
+    abandoned_before: UnixMillis,
+    released_before: UnixMillis,
+) -> Result<Swept, StorageError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut swept = Swept::default();
+    {
+        let mut stmt = tx.prepare(
+            "DELETE FROM adapter_uploads WHERE completed_at IS NULL AND touched_at < ?1
+             RETURNING account_id, upload_id",
+        )?;
+        let rows = stmt.query_map(params![abandoned_before.0], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        for row in rows {
+            let (a, u) = row?;
+            swept
+                .uploads
+                .push((a.parse().map_err(corrupt)?, u.parse().map_err(corrupt)?));
+        }
+        let mut stmt = tx.prepare(
+            "DELETE FROM adapter_blobs WHERE released_at IS NOT NULL AND released_at < ?1
+             RETURNING account_id, sha256",
+        )?;
+        let rows = stmt.query_map(params![released_before.0], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        for row in rows {
+            let (a, sha) = row?;
+            swept
+                .blobs
+                .push((a.parse().map_err(corrupt)?, digest(sha)?));
+        }
+    }
+    tx.commit()?;
+    Ok(swept)
+}

@@ -1,0 +1,641 @@
+//! Upload streams: an account's LoRA adapter, in chunks, resumable across broken streams and
+//! restarts, verified before it becomes visible (PROTOCOL.md §2, *Upload*).
+//!
+//! Files, under the data directory:
+//! - `uploads/<account>/<upload id>.part`: a partial upload, the size it declared, each chunk
+//!   written at its offset. Which chunks it holds is recorded in `adapter_uploads`
+//!   (`storage/adapters.rs`) after the file is synced, every [`RECORD_EVERY`] chunks and when
+//!   the stream ends, so a record never names a chunk that is not on disk.
+//! - `adapters/<account>/<sha256>.gguf`: content the account holds, moved there from its
+//!   `.part` once verified (hash, GGUF adapter, base architecture). Names point to it in
+//!   `adapters`; nothing is visible before that.
+//!
+//! Two streams of one upload (a resume while the cloud has not yet noticed the old stream is
+//! dead) both write; their records merge (bits are only ever added), so neither loses the
+//! other's chunks. The sweeper ([`sweep`]) removes partial uploads abandoned for
+//! `abandon_after` and content no name has pointed to for [`RELEASE_GRACE`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use synesis_proto::message::{UploadBegin, UploadComplete, UploadResume};
+use synesis_proto::{AccountId, ErrorCode, FrameLimits, Message, MessageType, RequestId, Sha256};
+use synesis_wire::send;
+use tokio::time::timeout;
+
+use crate::endpoint::Peer;
+use crate::shared::{Shared, now};
+use crate::storage::adapters::{self, Begun, Declared, Quota};
+use crate::streams::Stream;
+
+/// Chunk sizes a device may choose.
+pub const CHUNK_MIN: u32 = 64 * 1024;
+pub const CHUNK_MAX: u32 = 8 * 1024 * 1024;
+/// The chunks held are recorded (after a sync) at least this often.
+pub const RECORD_EVERY: u32 = 64;
+/// A stream that sends nothing for this long is ended (what it sent stays held).
+const IDLE: Duration = Duration::from_secs(60);
+/// Content no name points to any more stays this long (requests admitted before still use it).
+pub const RELEASE_GRACE: Duration = Duration::from_secs(3_600);
+/// The longest adapter name.
+const NAME_MAX: usize = 64;
+
+pub(crate) fn blob_path(data: &Path, account: AccountId, sha: &Sha256) -> PathBuf {
+    data.join("adapters")
+        .join(account.to_string())
+        .join(format!("{sha}.gguf"))
+}
+
+fn part_path(data: &Path, account: AccountId, upload: RequestId) -> PathBuf {
+    data.join("uploads")
+        .join(account.to_string())
+        .join(format!("{upload}.part"))
+}
+
+/// A refusal or failure that ends the stream: its code and what the device is told.
+struct Refusal(ErrorCode, String);
+
+impl Refusal {
+    fn internal(e: impl std::fmt::Display) -> Refusal {
+        tracing::error!(error = %e, "upload failed");
+        Refusal(ErrorCode::INTERNAL, "internal error; try again".into())
+    }
+}
+
+pub(crate) async fn serve(peer: &Peer, begin: UploadBegin, mut stream: Stream) {
+    let id = begin.upload_id;
+    if let Err(reply) = crate::account::still_enrolled(peer).await {
+        stream.send_last(&reply).await;
+        return;
+    }
+    match run(peer, begin, &mut stream).await {
+        Ok(()) => {}
+        Err(Refusal(code, why)) => stream.reject(code, why).await,
+    }
+    tracing::debug!(upload = %id, "upload stream ended");
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=NAME_MAX).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The architecture adapters for `base` must have, when `base` takes uploads.
+fn base_architecture(shared: &Shared, base: &str) -> Option<String> {
+    shared.escalations.adapter_architecture(base)
+}
+
+async fn run(peer: &Peer, begin: UploadBegin, stream: &mut Stream) -> Result<(), Refusal> {
+    let shared = &peer.shared;
+    let (account, device, id) = (peer.device.account_id, peer.device.id, begin.upload_id);
+    if !valid_name(&begin.name) {
+        return Err(Refusal(
+            ErrorCode::INVALID_REQUEST,
+            format!(
+                "an adapter name is 1 to {NAME_MAX} characters of A-Z a-z 0-9 . _ -; not {:?}",
+                begin.name
+            ),
+        ));
+    }
+    if !(CHUNK_MIN..=CHUNK_MAX).contains(&begin.chunk_size_bytes) {
+        return Err(Refusal(
+            ErrorCode::INVALID_REQUEST,
+            format!(
+                "chunk_size_bytes is from {CHUNK_MIN} to {CHUNK_MAX}; not {}",
+                begin.chunk_size_bytes
+            ),
+        ));
+    }
+    if base_architecture(shared, &begin.base_model).is_none() {
+        return Err(Refusal(
+            ErrorCode::UNKNOWN_MODEL,
+            format!(
+                "{:?} is not a model this cloud runs itself, so it takes no adapters",
+                begin.base_model
+            ),
+        ));
+    }
+    let limits = shared.adapters;
+    if begin.size_bytes == 0 || begin.size_bytes > limits.max_size {
+        return Err(Refusal(
+            ErrorCode::TOO_LARGE,
+            format!(
+                "an adapter is 1 byte to {} MiB here; this one declares {} bytes",
+                limits.max_size >> 20,
+                begin.size_bytes
+            ),
+        ));
+    }
+    let declared = Declared {
+        name: begin.name.clone(),
+        base_model: begin.base_model.clone(),
+        size_bytes: begin.size_bytes,
+        sha256: begin.sha256,
+        chunk_size: begin.chunk_size_bytes,
+    };
+    let quota = Quota {
+        uploads_in_progress: limits.uploads_per_account,
+        storage_bytes: limits.storage_per_account,
+    };
+    let d = declared.clone();
+    let begun = shared
+        .storage
+        .write(move |db| {
+            adapters::begin(db.connection_mut(), account, id, device, &d, quota, now())
+        })
+        .await
+        .map_err(Refusal::internal)?;
+    let row = match begun {
+        Begun::Upload(row) => row,
+        Begun::Conflict => {
+            return Err(Refusal(
+                ErrorCode::IDEMPOTENCY_CONFLICT,
+                "this upload id was used for another upload".into(),
+            ));
+        }
+        Begun::Busy => {
+            return Err(Refusal(
+                ErrorCode::BUSY,
+                format!(
+                    "another upload to {:?} is in progress; it must finish (or be abandoned) first",
+                    begin.name
+                ),
+            ));
+        }
+        Begun::TooMany(n) => {
+            return Err(Refusal(
+                ErrorCode::LIMIT_EXCEEDED,
+                format!("this account has {n} uploads in progress, the most it may"),
+            ));
+        }
+        Begun::NoRoom(used) => {
+            return Err(Refusal(
+                ErrorCode::TOO_LARGE,
+                format!(
+                    "the account's adapter storage is {} MiB; {} MiB are in use and this upload needs {} MiB",
+                    limits.storage_per_account >> 20,
+                    used >> 20,
+                    begin.size_bytes.div_ceil(1 << 20)
+                ),
+            ));
+        }
+    };
+    let chunks = declared.chunks();
+    let mut held = Held::new(chunks, row.held);
+    let part = part_path(&shared.data_dir, account, id);
+    let file = if row.completed || held.all() {
+        None
+    } else {
+        let (part, size) = (part.clone(), declared.size_bytes);
+        let file = tokio::task::spawn_blocking(move || open_part(&part, size))
+            .await
+            .map_err(Refusal::internal)?
+            .map_err(Refusal::internal)?;
+        Some(Arc::new(file))
+    };
+    // Chunks arrive up to the protocol's largest frame from here on.
+    stream.rx.set_limits(FrameLimits::default());
+    let resume = UploadResume {
+        upload_id: id,
+        chunks_held: held.indexes(),
+    };
+    send(&mut stream.tx, &resume.into(), FrameLimits::default())
+        .await
+        .map_err(|e| Refusal(ErrorCode::INTERNAL, e.to_string()))?;
+
+    let mut unrecorded = 0u32;
+    let mut received = 0u64;
+    loop {
+        let next = timeout(
+            IDLE,
+            stream
+                .rx
+                .next_if(|t| t == MessageType::UploadChunk || t == MessageType::UploadDone),
+        )
+        .await;
+        let message = match next {
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) | Err(_) => {
+                record(shared, account, id, file.as_ref(), &held, received).await?;
+                return Ok(()); // the device went quiet or away; what it sent is held
+            }
+            Ok(Err(e)) => {
+                record(shared, account, id, file.as_ref(), &held, received).await?;
+                let code = e.peer_fault().unwrap_or(ErrorCode::INTERNAL);
+                return Err(Refusal(code, e.to_string()));
+            }
+        };
+        match message {
+            Message::UploadChunk(c) => {
+                if c.upload_id != id {
+                    record(shared, account, id, file.as_ref(), &held, received).await?;
+                    return Err(Refusal(
+                        ErrorCode::INVALID_REQUEST,
+                        format!("a chunk of upload {} on the stream of {id}", c.upload_id),
+                    ));
+                }
+                let expected = chunk_len(&declared, c.index);
+                if expected != Some(c.data.0.len()) {
+                    record(shared, account, id, file.as_ref(), &held, received).await?;
+                    return Err(Refusal(
+                        ErrorCode::INVALID_REQUEST,
+                        match expected {
+                            None => format!(
+                                "chunk {} is out of range: the upload has {chunks} chunks (0 to {})",
+                                c.index,
+                                chunks - 1
+                            ),
+                            Some(n) => format!(
+                                "chunk {} is {} bytes; it must be {n}",
+                                c.index,
+                                c.data.0.len()
+                            ),
+                        },
+                    ));
+                }
+                received += 1;
+                if let Some(file) = &file
+                    && !held.has(c.index)
+                {
+                    let (writer, at) = (
+                        Arc::clone(file),
+                        u64::from(c.index) * u64::from(declared.chunk_size),
+                    );
+                    tokio::task::spawn_blocking(move || {
+                        use std::os::unix::fs::FileExt;
+                        writer.write_all_at(&c.data.0, at)
+                    })
+                    .await
+                    .map_err(Refusal::internal)?
+                    .map_err(Refusal::internal)?;
+                    held.set(c.index);
+                    unrecorded += 1;
+                    if unrecorded >= RECORD_EVERY {
+                        record(shared, account, id, Some(file), &held, received).await?;
+                        (unrecorded, received) = (0, 0);
+                    }
+                }
+            }
+            Message::UploadDone(done) if done.upload_id == id => {
+                record(shared, account, id, file.as_ref(), &held, received).await?;
+                let sha = finish(peer, id, &declared, row.completed, &part).await?;
+                let complete = UploadComplete {
+                    upload_id: id,
+                    sha256: sha,
+                    serving: true,
+                };
+                stream.send_last(&complete.into()).await;
+                return Ok(());
+            }
+            other => {
+                record(shared, account, id, file.as_ref(), &held, received).await?;
+                return Err(Refusal(
+                    ErrorCode::UNEXPECTED_MESSAGE,
+                    format!(
+                        "{} on the stream of upload {id}",
+                        other.message_type().name()
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// The length chunk `index` must have, `None` when out of range.
+fn chunk_len(d: &Declared, index: u32) -> Option<usize> {
+    let start = u64::from(index) * u64::from(d.chunk_size);
+    if index >= d.chunks() || start >= d.size_bytes {
+        return None;
+    }
+    usize::try_from((d.size_bytes - start).min(u64::from(d.chunk_size))).ok()
+}
+
+fn open_part(path: &Path, size: u64) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    if file.metadata()?.len() != size {
+        file.set_len(size)?;
+    }
+    Ok(file)
+}
+
+/// Syncs the part file, then records the chunks held (merged with any other stream's).
+async fn record(
+    shared: &Shared,
+    account: AccountId,
+    id: RequestId,
+    file: Option<&Arc<std::fs::File>>,
+    held: &Held,
+    received: u64,
+) -> Result<(), Refusal> {
+    if let Some(file) = file {
+        let file = Arc::clone(file);
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(Refusal::internal)?
+            .map_err(Refusal::internal)?;
+    }
+    let bits = held.bits.clone();
+    shared
+        .storage
+        .write(move |db| {
+            adapters::record_chunks(db.connection_mut(), account, id, &bits, received, now())
+        })
+        .await
+        .map_err(Refusal::internal)
+}
+
+/// `UploadDone`: every chunk held, the bytes verified, then the content stored and the name
+/// pointed at it (one transaction). Returns the digest.
+async fn finish(
+    peer: &Peer,
+    id: RequestId,
+    d: &Declared,
+    completed: bool,
+    part: &Path,
+) -> Result<Sha256, Refusal> {
+    let shared = &peer.shared;
+    let (account, device) = (peer.device.account_id, peer.device.id);
+    if completed {
+        return Ok(d.sha256); // a replay: the name is not moved again
+    }
+    let row = shared
+        .storage
+        .read(move |db| adapters::upload_row(db.connection(), account, id))
+        .await
+        .map_err(Refusal::internal)?
+        .ok_or_else(|| {
+            Refusal(
+                ErrorCode::NOT_FOUND,
+                "this upload was removed (abandoned too long); start it again".into(),
+            )
+        })?;
+    let held = Held::new(d.chunks(), row.held);
+    if let Some(missing) = held.first_missing() {
+        return Err(Refusal(
+            ErrorCode::INVALID_REQUEST,
+            format!(
+                "chunk {missing} was never received ({} of {} held); send the missing chunks, then UploadDone",
+                held.count(),
+                d.chunks()
+            ),
+        ));
+    }
+    let blob = blob_path(&shared.data_dir, account, &d.sha256);
+    let sha = d.sha256;
+    let held_already = shared
+        .storage
+        .read(move |db| adapters::holds(db.connection(), account, &sha))
+        .await
+        .map_err(Refusal::internal)?;
+    if !held_already {
+        let architecture = base_architecture(shared, &d.base_model).ok_or_else(|| {
+            Refusal(
+                ErrorCode::UNKNOWN_MODEL,
+                format!("{:?} is no longer served", d.base_model),
+            )
+        })?;
+        let (part_file, blob_file, want) = (part.to_owned(), blob.clone(), d.clone());
+        let verified = tokio::task::spawn_blocking(move || {
+            verify_and_store(&part_file, &blob_file, &want, &architecture)
+        })
+        .await
+        .map_err(Refusal::internal)?;
+        if let Err(refusal) = verified {
+            if matches!(
+                refusal.0,
+                ErrorCode::HASH_MISMATCH | ErrorCode::ADAPTER_INVALID
+            ) {
+                let part = part.to_owned();
+                let _ = shared
+                    .storage
+                    .write(move |db| {
+                        adapters::discard(db.connection(), account, id)?;
+                        let _ = std::fs::remove_file(&part);
+                        Ok(())
+                    })
+                    .await;
+            }
+            return Err(refusal);
+        }
+    }
+    let want = d.clone();
+    shared
+        .storage
+        .write(move |db| adapters::complete(db.connection_mut(), account, id, device, &want, now()))
+        .await
+        .map_err(Refusal::internal)?;
+    if held_already {
+        let _ = std::fs::remove_file(part);
+    }
+    tracing::info!(%account, upload = %id, name = %d.name, sha256 = %d.sha256, bytes = d.size_bytes, "adapter stored");
+    Ok(d.sha256)
+}
+
+/// Hashes the part file, checks it is a LoRA adapter for `architecture`, and moves it to its
+/// content address (synced, with its directory).
+fn verify_and_store(
+    part: &Path,
+    blob: &Path,
+    d: &Declared,
+    architecture: &str,
+) -> Result<(), Refusal> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(part).map_err(Refusal::internal)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer).map_err(Refusal::internal)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    let actual = Sha256(hasher.finalize().into());
+    if actual != d.sha256 {
+        return Err(Refusal(
+            ErrorCode::HASH_MISMATCH,
+            format!(
+                "the bytes received hash to {actual}, not the declared {}; the upload was discarded, start it again",
+                d.sha256
+            ),
+        ));
+    }
+    let invalid = |why: String| Refusal(ErrorCode::ADAPTER_INVALID, why);
+    let meta = synesis_infer::GgufMetadata::read(part)
+        .map_err(|e| invalid(format!("not a GGUF file: {e}")))?;
+    if !meta.is_adapter() {
+        return Err(invalid(
+            "a model, not an adapter (general.type is not \"adapter\")".into(),
+        ));
+    }
+    if meta.str("adapter.type") != Some("lora") {
+        return Err(invalid(
+            "an adapter, but not a LoRA (adapter.type is not \"lora\")".into(),
+        ));
+    }
+    let arch = meta.architecture().unwrap_or("unknown");
+    if arch != architecture {
+        return Err(invalid(format!(
+            "an adapter for the {arch} architecture; {} is {architecture}",
+            d.base_model
+        )));
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = blob
+        .parent()
+        .ok_or_else(|| Refusal::internal("a blob path has no directory"))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(Refusal::internal)?;
+    std::fs::rename(part, blob).map_err(Refusal::internal)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(Refusal::internal)?;
+    Ok(())
+}
+
+/// Which chunks one stream knows are on disk.
+struct Held {
+    bits: Vec<u8>,
+    chunks: u32,
+}
+
+impl Held {
+    fn new(chunks: u32, mut bits: Vec<u8>) -> Held {
+        bits.resize(chunks.div_ceil(8) as usize, 0);
+        Held { bits, chunks }
+    }
+
+    fn has(&self, i: u32) -> bool {
+        self.bits
+            .get((i / 8) as usize)
+            .is_some_and(|b| b & (1 << (i % 8)) != 0)
+    }
+
+    fn set(&mut self, i: u32) {
+        if let Some(b) = self.bits.get_mut((i / 8) as usize) {
+            *b |= 1 << (i % 8);
+        }
+    }
+
+    fn indexes(&self) -> Vec<u32> {
+        (0..self.chunks).filter(|&i| self.has(i)).collect()
+    }
+
+    fn count(&self) -> usize {
+        (0..self.chunks).filter(|&i| self.has(i)).count()
+    }
+
+    fn first_missing(&self) -> Option<u32> {
+        (0..self.chunks).find(|&i| !self.has(i))
+    }
+
+    fn all(&self) -> bool {
+        self.first_missing().is_none()
+    }
+}
+
+/// Removes abandoned partial uploads and content released long enough ago, now and then.
+pub(crate) async fn sweep(shared: Arc<Shared>) {
+    let abandon = shared.adapters.abandon_after;
+    let every = (abandon / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        ticker.tick().await;
+        let at = now();
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let (abandoned, released) = (
+            synesis_proto::UnixMillis(at.0.saturating_sub(ms(abandon))),
+            synesis_proto::UnixMillis(at.0.saturating_sub(ms(RELEASE_GRACE))),
+        );
+        let data = shared.data_dir.clone();
+        let swept = shared
+            .storage
+            .write(move |db| {
+                let swept = adapters::sweep(db.connection_mut(), abandoned, released)?;
+                for (account, upload) in &swept.uploads {
+                    let _ = std::fs::remove_file(part_path(&data, *account, *upload));
+                }
+                for (account, sha) in &swept.blobs {
+                    let _ = std::fs::remove_file(blob_path(&data, *account, sha));
+                }
+                Ok(swept)
+            })
+            .await;
+        match swept {
+            Ok(s) if s.uploads.is_empty() && s.blobs.is_empty() => {}
+            Ok(s) => tracing::info!(
+                uploads = s.uploads.len(),
+                contents = s.blobs.len(),
+                "removed abandoned uploads and unused adapter content"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot sweep uploads"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn declared(size: u64, chunk: u32) -> Declared {
+        Declared {
+            name: "a".into(),
+            base_model: "tiny".into(),
+            size_bytes: size,
+            sha256: Sha256([0; 32]),
+            chunk_size: chunk,
+        }
+    }
+
+    #[test]
+    fn every_chunk_is_its_size_and_the_last_is_the_remainder() {
+        let d = declared(10 * 65_536 + 7, 65_536);
+        assert_eq!(d.chunks(), 11);
+        assert_eq!(chunk_len(&d, 0), Some(65_536));
+        assert_eq!(chunk_len(&d, 10), Some(7));
+        assert_eq!(chunk_len(&d, 11), None);
+        assert_eq!(chunk_len(&d, u32::MAX), None);
+        let exact = declared(2 * 65_536, 65_536);
+        assert_eq!((exact.chunks(), chunk_len(&exact, 1)), (2, Some(65_536)));
+    }
+
+    #[test]
+    fn held_chunks_are_bits_and_merge_without_loss() {
+        let mut h = Held::new(10, Vec::new());
+        assert_eq!(h.first_missing(), Some(0));
+        for i in [0, 3, 9] {
+            h.set(i);
+        }
+        h.set(99); // out of range: ignored
+        assert_eq!(h.indexes(), [0, 3, 9]);
+        assert_eq!((h.count(), h.first_missing(), h.all()), (3, Some(1), false));
+    }
+
+    #[test]
+    fn names_are_short_and_plain() {
+        assert!(valid_name("legal-v2.1_x"));
+        for bad in ["", "a/b", "../x", "é", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+}
