@@ -17,7 +17,7 @@ pub enum IdError {
     Syntax(String),
     #[error("the nil UUID is not an id")]
     Nil,
-    #[error("a request id must be a UUID v7, got version {0}")]
+    #[error("a request id must be a UUID v7 (or v8, derived from content), got version {0}")]
     NotV7(usize),
 }
 
@@ -101,11 +101,12 @@ macro_rules! uuid_id {
 }
 
 uuid_id!(
-    /// A client-chosen request id, UUID v7 (time-ordered). It is the idempotency key of the
-    /// request end to end: a retry with the same id is answered from what was already done.
+    /// A client-chosen request id, UUID v7 (time-ordered), or v8 when derived from what the
+    /// request carries ([`RequestId::from_digest`], upload ids). It is the idempotency key of
+    /// the request end to end: a retry with the same id is answered from what was already done.
     RequestId,
     |uuid| match uuid.get_version_num() {
-        7 => Ok(()),
+        7 | 8 => Ok(()),
         other => Err(IdError::NotV7(other)),
     }
 );
@@ -345,6 +346,8 @@ mod tests {
         let v4 = Uuid::from_u128(0x1234_5678_9abc_4def_8123_4567_89ab_cdef);
         assert_eq!(RequestId::try_from_uuid(v4), Err(IdError::NotV7(4)));
         assert_eq!(RequestId::try_from_uuid(Uuid::nil()), Err(IdError::Nil));
+        let derived = RequestId::from_digest([7; 16]);
+        assert_eq!(RequestId::try_from_uuid(*derived.as_uuid()), Ok(derived));
     }
 
     #[test]

@@ -1,0 +1,420 @@
+//! Adapter uploads end to end, for real: a client speaking PROTOCOL.md §2 *Upload* directly
+//! (and `synesis cloud push`) against `synesis-cloud serve` with the tiny GGUF model in its
+//! in-process llama.cpp provider, over QUIC on loopback. What is checked: every refusal the
+//! spec names, with nothing half-visible and the cloud serving on; resume without re-sending
+//! (the cloud's own count, `admin uploads`); the pushed adapter answering `cloud ask --lora`
+//! exactly as `ask --local --lora` does on the same files.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::Digest;
+use synesis_e2e::{Cloud, Device, json_of, run_ok, wait_for};
+use synesis_proto::message::{AdaptersRequest, UploadBegin, UploadChunk, UploadDone};
+use synesis_proto::{Blob, ErrorCode, FrameLimits, Message, RequestId, Sha256};
+use synesis_tunnel::Identity;
+use synesis_wire::FramedRecv;
+
+const CHUNK: u32 = 64 * 1024;
+
+struct Setup {
+    cloud: Cloud,
+    device: Device,
+    files: tempfile::TempDir,
+}
+
+impl Setup {
+    fn file(&self, name: &str) -> PathBuf {
+        self.files.path().join(name)
+    }
+}
+
+/// A cloud serving the tiny model as `tiny` (with `extra` in its cloud.toml), a Managed account
+/// with $10 and a device enrolled in it that has the same model registered locally.
+fn setup(extra: &str) -> Setup {
+    let device = Device::new();
+    let files = tempfile::tempdir().unwrap();
+    let model = files.path().join("tiny.gguf");
+    synesis_infer::tiny::write_model(&model, synesis_infer::tiny::TinySpec::TINY).unwrap();
+    run_ok(
+        device
+            .synesis()
+            .args(["model", "add"])
+            .arg(&model)
+            .args(["--name", "tiny"]),
+    );
+    let toml = files.path().join("cloud.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "{extra}\n[prices.tiny]\ninput_usd_per_mtok = \"1.00\"\noutput_usd_per_mtok = \"2.00\"\n\
+             [models.tiny]\nprovider = \"llama\"\npath = {:?}\nthreads = 1\n",
+            model.display().to_string()
+        ),
+    )
+    .unwrap();
+    let cloud = Cloud::start_with(&["--config", toml.to_str().unwrap()]);
+    run_ok(
+        cloud
+            .admin()
+            .args(["account", "create", "acme", "--tier", "managed"]),
+    );
+    device.login(&cloud.token("acme", "1h"));
+    let out = run_ok(cloud.admin().args(["voucher", "create", "10.00"]));
+    let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    run_ok(
+        device
+            .synesis()
+            .args(["cloud", "topup", "--voucher", &code]),
+    );
+    Setup {
+        cloud,
+        device,
+        files,
+    }
+}
+
+/// A real LoRA adapter for the tiny model (`seed` picks its weights), padded with `pad` bytes
+/// after its tensors (llama.cpp reads tensors at their offsets), so uploads can span chunks.
+fn adapter(dir: &Path, name: &str, seed: u64, pad: usize) -> PathBuf {
+    let path = dir.join(name);
+    synesis_infer::tiny::write_lora(&path, synesis_infer::tiny::TinySpec::TINY, seed).unwrap();
+    if pad > 0 {
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend((0..pad).map(|i| (i % 251) as u8));
+        std::fs::write(&path, bytes).unwrap();
+    }
+    path
+}
+
+/// One mutual-TLS connection of the device, for a client written from the spec.
+async fn connect(device: &Device) -> (quinn::Endpoint, quinn::Connection) {
+    let identity = Identity::load(&device.home().join("data"))
+        .unwrap()
+        .unwrap();
+    let config =
+        synesis_tunnel::tls::device_client_config(&identity, Duration::from_secs(5)).unwrap();
+    let addr = synesis_tunnel::connect::resolve(&identity.info.server)
+        .await
+        .unwrap();
+    let endpoint = synesis_tunnel::connect::client_endpoint(addr).unwrap();
+    let conn = synesis_tunnel::connect::dial(&endpoint, config, addr, Duration::from_secs(10))
+        .await
+        .unwrap();
+    (endpoint, conn)
+}
+
+/// The upload id as PROTOCOL.md §2 *Upload* derives it (written here from the spec).
+fn upload_id(name: &str, sha: &Sha256, size: u64, chunk: u32) -> RequestId {
+    let mut h = sha2::Sha256::new();
+    h.update(b"synesis-upload\0");
+    h.update(name.as_bytes());
+    h.update(b"\0");
+    h.update(sha.0);
+    h.update(size.to_be_bytes());
+    h.update(chunk.to_be_bytes());
+    let digest: [u8; 32] = h.finalize().into();
+    RequestId::from_digest(digest[..16].try_into().unwrap())
+}
+
+fn declare(name: &str, bytes: &[u8]) -> UploadBegin {
+    let sha = Sha256(sha2::Sha256::digest(bytes).into());
+    UploadBegin {
+        upload_id: upload_id(name, &sha, bytes.len() as u64, CHUNK),
+        name: name.into(),
+        base_model: "tiny".into(),
+        size_bytes: bytes.len() as u64,
+        sha256: sha,
+        chunk_size_bytes: CHUNK,
+    }
+}
+
+/// How one upload stream went.
+#[derive(Debug)]
+struct Exchange {
+    held: Vec<u32>,
+    end: Option<Message>,
+}
+
+fn code(e: &Exchange) -> ErrorCode {
+    match &e.end {
+        Some(Message::ErrorMsg(m)) => m.code,
+        other => panic!("no ErrorMsg: {other:?}"),
+    }
+}
+
+/// Sends `begin`, then the chunks `send` picks among those not held (`alter` may change one
+/// before it goes), then `UploadDone` when `done`; reads the cloud's last word.
+async fn upload(
+    conn: &quinn::Connection,
+    begin: &UploadBegin,
+    bytes: &[u8],
+    send: impl Fn(u32) -> bool,
+    alter: impl Fn(&mut UploadChunk),
+    done: bool,
+) -> Exchange {
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    let mut rx = FramedRecv::new(rx, FrameLimits::default());
+    synesis_wire::send(&mut tx, &begin.clone().into(), FrameLimits::default())
+        .await
+        .unwrap();
+    let held = match rx.next().await.unwrap() {
+        Some(Message::UploadResume(r)) => r.chunks_held,
+        end => return Exchange { held: vec![], end },
+    };
+    for (i, piece) in bytes.chunks(CHUNK as usize).enumerate() {
+        let index = u32::try_from(i).unwrap();
+        if held.contains(&index) || !send(index) {
+            continue;
+        }
+        let mut chunk = UploadChunk {
+            upload_id: begin.upload_id,
+            index,
+            data: Blob(piece.to_vec()),
+        };
+        alter(&mut chunk);
+        if synesis_wire::send(&mut tx, &chunk.into(), FrameLimits::default())
+            .await
+            .is_err()
+        {
+            break; // the cloud ended the stream; its reason follows
+        }
+    }
+    if done {
+        let _ = synesis_wire::send(
+            &mut tx,
+            &UploadDone {
+                upload_id: begin.upload_id,
+            }
+            .into(),
+            FrameLimits::default(),
+        )
+        .await;
+    } else {
+        let _ = tx.finish();
+    }
+    let end = rx.next().await.ok().flatten();
+    Exchange { held, end }
+}
+
+async fn listed(conn: &quinn::Connection) -> Vec<String> {
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    let request = AdaptersRequest {
+        request_id: RequestId::from_parts(1, rand_bytes()),
+    };
+    synesis_wire::send(&mut tx, &request.into(), FrameLimits::default())
+        .await
+        .unwrap();
+    match FramedRecv::new(rx, FrameLimits::default())
+        .next()
+        .await
+        .unwrap()
+    {
+        Some(Message::AdaptersReply(r)) => r.adapters.into_iter().map(|a| a.name).collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn rand_bytes() -> [u8; 10] {
+    rand::random()
+}
+
+fn uploads(cloud: &Cloud) -> Vec<serde_json::Value> {
+    json_of(cloud.admin().args(["--json", "uploads"]))
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_upload_is_refused_clearly_nothing_half_visible_and_the_cloud_serves_on() {
+    let s = setup("[adapters]\nmax_size = \"4MiB\"\n");
+    let (_endpoint, conn) = connect(&s.device).await;
+    let good = std::fs::read(adapter(s.files.path(), "good.gguf", 7, 300_000)).unwrap();
+    let all = |_| true;
+    let same = |_: &mut UploadChunk| {};
+
+    // An oversize declaration, a base model the cloud does not run, a chunk size out of range.
+    let mut big = declare("big", &good);
+    big.size_bytes = 5 << 20;
+    let e = upload(&conn, &big, &good, all, same, true).await;
+    assert_eq!(code(&e), ErrorCode::TOO_LARGE, "{e:?}");
+    let mut elsewhere = declare("x", &good);
+    elsewhere.base_model = "gpt-9".into();
+    assert_eq!(
+        code(&upload(&conn, &elsewhere, &good, all, same, true).await),
+        ErrorCode::UNKNOWN_MODEL
+    );
+    let mut tiny_chunks = declare("x", &good);
+    tiny_chunks.chunk_size_bytes = 1_000;
+    assert_eq!(
+        code(&upload(&conn, &tiny_chunks, &good, all, same, true).await),
+        ErrorCode::INVALID_REQUEST
+    );
+
+    // A chunk index out of range, and a chunk of the wrong length: the stream ends; what was
+    // held stays held.
+    let begin = declare("ranged", &good);
+    let e = upload(
+        &conn,
+        &begin,
+        &good,
+        |i| i < 2,
+        |c| {
+            if c.index == 1 {
+                c.index = 1_000;
+            }
+        },
+        true,
+    )
+    .await;
+    assert_eq!(code(&e), ErrorCode::INVALID_REQUEST, "{e:?}");
+    let e = upload(&conn, &begin, &good, |i| i == 1, |c| c.data.0.push(0), true).await;
+    assert_eq!(e.held, [0], "chunk 0 stayed held");
+    assert_eq!(code(&e), ErrorCode::INVALID_REQUEST);
+
+    // A second upload racing the first for the same name.
+    let other = std::fs::read(adapter(s.files.path(), "other.gguf", 8, 300_000)).unwrap();
+    let racing = declare("ranged", &other);
+    assert_eq!(
+        code(&upload(&conn, &racing, &other, all, same, true).await),
+        ErrorCode::BUSY
+    );
+
+    // Wrong bytes in one chunk: the whole hash is wrong; the upload is discarded and the same
+    // declaration starts again from nothing.
+    let e = upload(
+        &conn,
+        &begin,
+        &good,
+        all,
+        |c| {
+            if c.index == 2 {
+                c.data.0[10] ^= 0xff;
+            }
+        },
+        true,
+    )
+    .await;
+    assert_eq!(code(&e), ErrorCode::HASH_MISMATCH, "{e:?}");
+
+    // A model instead of an adapter; an adapter for another architecture (hash correct).
+    let model = std::fs::read(s.file("tiny.gguf")).unwrap();
+    assert_eq!(
+        code(&upload(&conn, &declare("model", &model), &model, all, same, true).await),
+        ErrorCode::ADAPTER_INVALID
+    );
+    let mut foreign = good.clone();
+    let at = foreign.windows(5).position(|w| w == b"llama").unwrap();
+    foreign[at..at + 5].copy_from_slice(b"qwen2");
+    assert_eq!(
+        code(
+            &upload(
+                &conn,
+                &declare("foreign", &foreign),
+                &foreign,
+                all,
+                same,
+                true
+            )
+            .await
+        ),
+        ErrorCode::ADAPTER_INVALID
+    );
+    // Done before every chunk was sent.
+    let e = upload(
+        &conn,
+        &declare("early", &good),
+        &good,
+        |i| i == 0,
+        same,
+        true,
+    )
+    .await;
+    assert_eq!(code(&e), ErrorCode::INVALID_REQUEST);
+
+    assert!(listed(&conn).await.is_empty(), "nothing half-visible");
+
+    // The cloud serves on: the same declaration as the discarded one now starts from nothing
+    // and completes.
+    let e = upload(&conn, &begin, &good, all, same, true).await;
+    assert!(e.held.is_empty(), "a discarded upload keeps nothing: {e:?}");
+    match &e.end {
+        Some(Message::UploadComplete(c)) => {
+            assert_eq!(c.sha256, begin.sha256);
+            assert!(c.serving);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(listed(&conn).await, ["ranged"]);
+    // The same content under another name finishes at once (nothing sent).
+    let again = declare("ranged-copy", &good);
+    let e = upload(&conn, &again, &good, |_| false, same, true).await;
+    assert_eq!(e.held.len(), good.len().div_ceil(CHUNK as usize), "{e:?}");
+    assert!(matches!(e.end, Some(Message::UploadComplete(_))), "{e:?}");
+    assert_eq!(listed(&conn).await, ["ranged", "ranged-copy"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_upload_resumes_from_what_the_cloud_holds_even_across_a_cloud_restart() {
+    let mut s = setup("");
+    let file = adapter(s.files.path(), "a.gguf", 7, 2_000_000);
+    let bytes = std::fs::read(&file).unwrap();
+    let chunks = u32::try_from(bytes.len().div_ceil(CHUNK as usize)).unwrap();
+    let begin = declare("resumable", &bytes);
+    {
+        // Half the chunks, then the connection drops without a word.
+        let (endpoint, conn) = connect(&s.device).await;
+        let e = upload(&conn, &begin, &bytes, |i| i < chunks / 2, |_| {}, false).await;
+        assert!(e.held.is_empty());
+        conn.close(0u32.into(), b"");
+        endpoint.wait_idle().await;
+    }
+    assert!(
+        wait_for(Duration::from_secs(5), || uploads(&s.cloud)
+            .first()
+            .is_some_and(|u| u["chunks_held"] == chunks / 2)),
+        "{:?}",
+        uploads(&s.cloud)
+    );
+    // The cloud is killed and restarted: the chunks it recorded are still held.
+    synesis_e2e::signal(s.cloud.process.pid(), "KILL");
+    s.cloud.restart();
+    let (_endpoint, conn) = connect(&s.device).await;
+    let e = upload(&conn, &begin, &bytes, |_| true, |_| {}, true).await;
+    assert_eq!(e.held, (0..chunks / 2).collect::<Vec<_>>());
+    assert!(matches!(e.end, Some(Message::UploadComplete(_))), "{e:?}");
+    let u = uploads(&s.cloud);
+    assert_eq!(
+        u[0]["chunks_received"], chunks,
+        "no chunk sent twice: {u:?}"
+    );
+    assert_eq!(u[0]["completed"], true);
+    // And it answers with it: the same greedy text as the device's llama.cpp with the same
+    // files, and not the base model's.
+    let ask = |args: &[&str]| {
+        json_of(s.device.synesis().args(["--json"]).args(args).args([
+            "--max-tokens",
+            "24",
+            "hello",
+        ]))["text"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    run_ok(
+        s.device
+            .synesis()
+            .args(["lora", "add"])
+            .arg(&file)
+            .args(["--name", "resumable"]),
+    );
+    let cloud = ask(&["cloud", "ask", "--lora", "resumable"]);
+    assert_eq!(cloud, ask(&["ask", "--local", "--lora", "resumable"]));
+    assert_ne!(
+        cloud,
+        ask(&["cloud", "ask"]),
+        "the adapter changes the answer"
+    );
+}
