@@ -82,7 +82,7 @@ fn adapter(dir: &Path, name: &str, seed: u64, pad: usize) -> PathBuf {
     synesis_infer::tiny::write_lora(&path, synesis_infer::tiny::TinySpec::TINY, seed).unwrap();
     if pad > 0 {
         let mut bytes = std::fs::read(&path).unwrap();
-        bytes.extend((0..pad).map(|i| (i % 251) as u8));
+        bytes.extend((0..pad).map(|i| u8::try_from(i % 251).unwrap()));
         std::fs::write(&path, bytes).unwrap();
     }
     path
