@@ -44,6 +44,7 @@ fn settings(model: &std::path::Path) -> LocalSettings {
         adapters: Default::default(),
         n_ctx: 0,
         threads: 1,
+        adapters_loaded: 8,
     }
 }
 
@@ -59,6 +60,7 @@ async fn direct(provider: &Llama, model: &str) -> (Duration, Duration, u64) {
         seed: None,
         stop: vec![],
         adapter: None,
+        adapter_file: None,
         key: None,
     });
     let (mut first, mut pieces) = (None, 0);
