@@ -31,6 +31,7 @@
 //! base_url = "https://api.openai.com/v1"
 //! api_key_env = "OPENAI_API_KEY" # the operator's key, read from the environment at start
 //! upstream_model = "gpt-4o-mini" # the upstream's name for it (default: the same)
+//! adapters = ["legal"]           # LoRA adapters the server serves by name (vLLM --lora-modules)
 //! connect_timeout = "5s"
 //! first_byte_timeout = "60s"     # until the response headers
 //! idle_timeout = "30s"           # between two events of the stream
@@ -153,6 +154,8 @@ pub struct Upstream {
     /// server; BYOK asks bring their own).
     pub api_key_env: Option<String>,
     pub upstream_model: String,
+    /// LoRA adapters an OpenAI-compatible server serves by name (vLLM `--lora-modules`).
+    pub adapters: Vec<String>,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
@@ -263,6 +266,8 @@ struct UpstreamFile {
     base_url: String,
     api_key_env: Option<String>,
     upstream_model: Option<String>,
+    #[serde(default)]
+    adapters: Vec<String>,
     connect_timeout: Option<String>,
     first_byte_timeout: Option<String>,
     idle_timeout: Option<String>,
@@ -424,6 +429,9 @@ fn parse_all(text: &str, base: &Path) -> anyhow::Result<Config> {
                 )
             }
             ModelFile::Openai(u) => upstream(&name, u, ProviderConfig::OpenAi)?,
+            ModelFile::Anthropic(u) if !u.adapters.is_empty() => {
+                bail!("models.{name}.adapters: Anthropic's API serves no LoRA adapters")
+            }
             ModelFile::Anthropic(u) => upstream(&name, u, ProviderConfig::Anthropic)?,
         };
         models.insert(name, served);
@@ -461,6 +469,7 @@ fn upstream(
             base_url: u.base_url.trim_end_matches('/').to_owned(),
             api_key_env: u.api_key_env,
             upstream_model: u.upstream_model.unwrap_or_else(|| name.to_owned()),
+            adapters: u.adapters,
             connect_timeout: duration(
                 &u.connect_timeout,
                 &what("connect_timeout"),

@@ -194,7 +194,9 @@ pub fn build(
         ProviderConfig::Llama(settings) => {
             std::sync::Arc::new(local::Llama::new(settings.clone())?)
         }
-        ProviderConfig::OpenAi(u) => std::sync::Arc::new(openai::OpenAi::new(http_settings(u)?)?),
+        ProviderConfig::OpenAi(u) => std::sync::Arc::new(
+            openai::OpenAi::new(http_settings(u)?)?.with_adapters(u.adapters.clone()),
+        ),
         ProviderConfig::Anthropic(u) => {
             std::sync::Arc::new(anthropic::Anthropic::new(http_settings(u)?)?)
         }

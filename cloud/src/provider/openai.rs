@@ -18,6 +18,9 @@ use super::{Ask, Event, Generation, Provider, ProviderError, ProviderUsage, byte
 #[derive(Debug)]
 pub struct OpenAi {
     upstream: Upstream,
+    /// LoRA adapters the server serves by name (vLLM's `--lora-modules NAME=PATH`): a request
+    /// with one asks the server for that name as its model.
+    adapters: Vec<String>,
 }
 
 impl OpenAi {
@@ -26,7 +29,14 @@ impl OpenAi {
     pub fn new(settings: HttpSettings) -> Result<OpenAi, SetupError> {
         Ok(OpenAi {
             upstream: Upstream::new(settings, "/chat/completions")?,
+            adapters: Vec::new(),
         })
+    }
+
+    /// The same, for a server that also serves these LoRA adapters by name.
+    pub fn with_adapters(mut self, adapters: Vec<String>) -> OpenAi {
+        self.adapters = adapters;
+        self
     }
 
     fn request(&self, ask: &Ask) -> Result<reqwest::RequestBuilder, ProviderError> {
@@ -50,6 +60,10 @@ impl Provider for OpenAi {
 
     fn takes_user_keys(&self) -> bool {
         true
+    }
+
+    fn has_adapter(&self, name: &str) -> bool {
+        self.adapters.iter().any(|a| a == name)
     }
 }
 
@@ -84,7 +98,8 @@ struct StreamOptions {
 impl<'a> ChatRequest<'a> {
     fn new(ask: &'a Ask) -> ChatRequest<'a> {
         ChatRequest {
-            model: &ask.model,
+            // An adapter the server serves by name is asked for as the model (vLLM's way).
+            model: ask.adapter.as_deref().unwrap_or(&ask.model),
             messages: ask
                 .turns
                 .iter()
@@ -651,5 +666,21 @@ mod tests {
             bytes_bound(&ask.turns, 8)
         );
         assert!(openai.takes_user_keys());
+    }
+
+    #[test]
+    fn an_adapter_the_server_serves_is_asked_for_by_name() {
+        let openai = OpenAi::new(HttpSettings::new("http://127.0.0.1:1/v1"))
+            .unwrap()
+            .with_adapters(vec!["legal".into()]);
+        assert!(openai.has_adapter("legal") && !openai.has_adapter("other"));
+        let plain = serde_json::to_value(ChatRequest::new(&ask(None))).unwrap();
+        assert_eq!(plain["model"], "qwen2.5-7b");
+        let with = Ask {
+            adapter: Some("legal".into()),
+            ..ask(None)
+        };
+        let body = serde_json::to_value(ChatRequest::new(&with)).unwrap();
+        assert_eq!(body["model"], "legal", "vLLM serves a LoRA as a model name");
     }
 }
