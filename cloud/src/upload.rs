@@ -36,6 +36,10 @@ pub const CHUNK_MAX: u32 = 8 * 1024 * 1024;
 pub const RECORD_EVERY: u32 = 64;
 /// A stream that sends nothing for this long is ended (what it sent stays held).
 const IDLE: Duration = Duration::from_secs(60);
+/// Another upload to the same name is `BUSY` while it was active this recently (its record is
+/// written at least every [`RECORD_EVERY`] chunks and when its stream ends); idle longer, a
+/// new upload to the name supersedes it.
+const BUSY_FOR: Duration = Duration::from_secs(120);
 /// Content no name points to any more stays this long (requests admitted before still use it).
 pub const RELEASE_GRACE: Duration = Duration::from_secs(3_600);
 /// The longest adapter name.
@@ -141,15 +145,33 @@ async fn run(peer: &Peer, begin: UploadBegin, stream: &mut Stream) -> Result<(),
         storage_bytes: limits.storage_per_account,
     };
     let d = declared.clone();
+    let at = now();
+    let busy_since =
+        synesis_proto::UnixMillis(at.0 - i64::try_from(BUSY_FOR.as_millis()).unwrap_or(i64::MAX));
     let begun = shared
         .storage
         .write(move |db| {
-            adapters::begin(db.connection_mut(), account, id, device, &d, quota, now())
+            adapters::begin(
+                db.connection_mut(),
+                account,
+                id,
+                device,
+                &d,
+                quota,
+                at,
+                busy_since,
+            )
         })
         .await
         .map_err(Refusal::internal)?;
     let row = match begun {
-        Begun::Upload(row) => row,
+        Begun::Upload(row, superseded) => {
+            for old in superseded {
+                tracing::info!(%account, upload = %old, name = %declared.name, "a new upload to the name superseded an idle one");
+                let _ = std::fs::remove_file(part_path(&shared.data_dir, account, old));
+            }
+            row
+        }
         Begun::Conflict => {
             return Err(Refusal(
                 ErrorCode::IDEMPOTENCY_CONFLICT,
@@ -447,8 +469,10 @@ async fn finish(
     Ok(d.sha256)
 }
 
-/// Hashes the part file, checks it is a LoRA adapter for `architecture`, and moves it to its
-/// content address (synced, with its directory).
+/// Copies the part file to its content address, hashing what it writes, and checks the copy
+/// is a LoRA adapter for `architecture` before it takes the address (synced, with its
+/// directory). The copy is what was verified: a second stream of the same upload still
+/// writing into the part file cannot change it afterwards.
 fn verify_and_store(
     part: &Path,
     blob: &Path,
@@ -456,18 +480,61 @@ fn verify_and_store(
     architecture: &str,
 ) -> Result<(), Refusal> {
     use sha2::Digest;
-    use std::io::Read;
-    let mut file = std::fs::File::open(part).map_err(Refusal::internal)?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buffer).map_err(Refusal::internal)?;
-        if n == 0 {
-            break;
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let dir = blob
+        .parent()
+        .ok_or_else(|| Refusal::internal("a blob path has no directory"))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(Refusal::internal)?;
+    let copy = blob.with_extension("verifying");
+    let result = (|| {
+        let mut from = std::fs::File::open(part).map_err(Refusal::internal)?;
+        let mut to = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&copy)
+            .map_err(Refusal::internal)?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut left = d.size_bytes;
+        while left > 0 {
+            let want = usize::try_from(left.min(buffer.len() as u64)).unwrap_or(buffer.len());
+            let n = from.read(&mut buffer[..want]).map_err(Refusal::internal)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+            to.write_all(&buffer[..n]).map_err(Refusal::internal)?;
+            left -= n as u64;
         }
-        hasher.update(&buffer[..n]);
+        to.sync_all().map_err(Refusal::internal)?;
+        let actual = Sha256(hasher.finalize().into());
+        check(&copy, actual, d, architecture)
+    })();
+    match result {
+        Ok(()) => {
+            std::fs::rename(&copy, blob).map_err(Refusal::internal)?;
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(Refusal::internal)?;
+            let _ = std::fs::remove_file(part);
+            Ok(())
+        }
+        Err(refusal) => {
+            let _ = std::fs::remove_file(&copy);
+            Err(refusal)
+        }
     }
-    let actual = Sha256(hasher.finalize().into());
+}
+
+/// The copy's digest is the declared one, and it is a LoRA adapter for `architecture`.
+fn check(copy: &Path, actual: Sha256, d: &Declared, architecture: &str) -> Result<(), Refusal> {
     if actual != d.sha256 {
         return Err(Refusal(
             ErrorCode::HASH_MISMATCH,
@@ -478,7 +545,7 @@ fn verify_and_store(
         ));
     }
     let invalid = |why: String| Refusal(ErrorCode::ADAPTER_INVALID, why);
-    let meta = synesis_infer::GgufMetadata::read(part)
+    let meta = synesis_infer::GgufMetadata::read(copy)
         .map_err(|e| invalid(format!("not a GGUF file: {e}")))?;
     if !meta.is_adapter() {
         return Err(invalid(
@@ -497,19 +564,6 @@ fn verify_and_store(
             d.base_model
         )));
     }
-    use std::os::unix::fs::DirBuilderExt;
-    let dir = blob
-        .parent()
-        .ok_or_else(|| Refusal::internal("a blob path has no directory"))?;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(Refusal::internal)?;
-    std::fs::rename(part, blob).map_err(Refusal::internal)?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(Refusal::internal)?;
     Ok(())
 }
 

@@ -54,8 +54,10 @@ pub struct UploadRow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Begun {
     /// A new upload, or one already known under this id. When the account holds this content
-    /// already, every chunk is marked held: nothing needs sending.
-    Upload(UploadRow),
+    /// already, every chunk is marked held: nothing needs sending. Uploads to the same name
+    /// that had been idle since `busy_since` were superseded (their rows removed; the caller
+    /// removes their files).
+    Upload(UploadRow, Vec<RequestId>),
     Conflict,
     /// Another upload to the same name is in progress.
     Busy,
@@ -105,6 +107,10 @@ fn i64_of(v: u64) -> Result<i64, StorageError> {
 
 /// Admits `UploadBegin` in one write transaction (the checks and the insert cannot race
 /// another begin).
+/// An upload to a name that another in-progress upload of it touched since `busy_since` is
+/// `Busy`; one idle longer is superseded (a person who stopped a push and changed the file
+/// need not wait for the abandoned one to be swept).
+#[allow(clippy::too_many_arguments)]
 pub fn begin(
     conn: &mut Connection,
     account: AccountId,
@@ -113,32 +119,44 @@ pub fn begin(
     d: &Declared,
     quota: Quota,
     now: UnixMillis,
+    busy_since: UnixMillis,
 ) -> Result<Begun, StorageError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let acct = account.to_string();
     if let Some(row) = upload_row(&tx, account, upload)? {
         return Ok(if row.body == d.body() {
-            Begun::Upload(row)
+            Begun::Upload(row, Vec::new())
         } else {
             Begun::Conflict
         });
     }
     let busy: bool = tx.query_row(
         "SELECT EXISTS (SELECT 1 FROM adapter_uploads
-                        WHERE account_id = ?1 AND name = ?2 AND completed_at IS NULL)",
-        params![acct, d.name],
+                        WHERE account_id = ?1 AND name = ?2 AND completed_at IS NULL
+                          AND touched_at >= ?3)",
+        params![acct, d.name, busy_since.0],
         |r| r.get(0),
     )?;
     if busy {
         return Ok(Begun::Busy);
     }
+    let superseded = {
+        let mut stmt = tx.prepare(
+            "DELETE FROM adapter_uploads
+             WHERE account_id = ?1 AND name = ?2 AND completed_at IS NULL
+             RETURNING upload_id",
+        )?;
+        let ids = stmt.query_map(params![acct, d.name], |r| r.get::<_, String>(0))?;
+        ids.map(|id| id.map_err(StorageError::from)?.parse().map_err(corrupt))
+            .collect::<Result<Vec<RequestId>, _>>()?
+    };
     let chunks = d.chunks();
     let mut held = vec![0u8; chunks.div_ceil(8) as usize];
     if holds(&tx, account, &d.sha256)? {
         for i in 0..chunks {
             held[(i / 8) as usize] |= 1 << (i % 8);
         }
-        return insert(tx, account, upload, device, d, held, now);
+        return insert(tx, account, upload, device, d, held, now, superseded);
     }
     let (in_progress, pending): (i64, i64) = tx.query_row(
         "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM adapter_uploads
@@ -159,7 +177,7 @@ pub fn begin(
     if used.saturating_add(d.size_bytes) > quota.storage_bytes {
         return Ok(Begun::NoRoom(used));
     }
-    insert(tx, account, upload, device, d, held, now)
+    insert(tx, account, upload, device, d, held, now, superseded)
 }
 
 /// Whether the account holds content with this digest.
@@ -171,6 +189,7 @@ pub fn holds(conn: &Connection, account: AccountId, sha: &Sha256) -> Result<bool
     )?)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn insert(
     tx: rusqlite::Transaction<'_>,
     account: AccountId,
@@ -179,6 +198,7 @@ fn insert(
     d: &Declared,
     held: Vec<u8>,
     now: UnixMillis,
+    superseded: Vec<RequestId>,
 ) -> Result<Begun, StorageError> {
     let row = UploadRow {
         declared: d.clone(),
@@ -206,7 +226,7 @@ fn insert(
         ],
     )?;
     tx.commit()?;
-    Ok(Begun::Upload(row))
+    Ok(Begun::Upload(row, superseded))
 }
 
 pub fn upload_row(
@@ -544,4 +564,66 @@ pub fn sweep(
     }
     tx.commit()?;
     Ok(swept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::Db;
+
+    fn declared(name: &str, sha: u8) -> Declared {
+        Declared {
+            name: name.into(),
+            base_model: "tiny".into(),
+            size_bytes: 200_000,
+            sha256: Sha256([sha; 32]),
+            chunk_size: 65_536,
+        }
+    }
+
+    fn id(n: u8) -> RequestId {
+        RequestId::from_digest([n; 16])
+    }
+
+    #[test]
+    fn a_name_is_busy_while_its_upload_is_active_and_superseded_once_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("cloud.db")).unwrap();
+        let conn = db.connection_mut();
+        let (account, device) = (
+            AccountId::try_from_uuid(uuid::Uuid::from_u128(1)).unwrap(),
+            DeviceId::try_from_uuid(uuid::Uuid::from_u128(2)).unwrap(),
+        );
+        let quota = Quota {
+            uploads_in_progress: 4,
+            storage_bytes: 1 << 30,
+        };
+        let begin = |conn: &mut Connection, n: u8, sha: u8, at: i64, busy_since: i64| {
+            begin(
+                conn,
+                account,
+                id(n),
+                device,
+                &declared("legal", sha),
+                quota,
+                UnixMillis(at),
+                UnixMillis(busy_since),
+            )
+            .unwrap()
+        };
+        assert!(matches!(begin(conn, 1, 1, 1_000, 0), Begun::Upload(_, s) if s.is_empty()));
+        // Another declaration under the same id: a conflict, whatever the name's state.
+        assert_eq!(begin(conn, 1, 2, 1_000, 0), Begun::Conflict);
+        // Another upload to the name while the first was touched within the window.
+        assert_eq!(begin(conn, 2, 2, 1_500, 900), Begun::Busy);
+        // The first went idle before the window: the new one supersedes it.
+        match begin(conn, 2, 2, 200_000, 100_000) {
+            Begun::Upload(row, superseded) => {
+                assert_eq!(superseded, [id(1)]);
+                assert!(!row.completed);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(upload_row(conn, account, id(1)).unwrap(), None);
+    }
 }
