@@ -4,8 +4,9 @@
 //! Files, under the data directory:
 //! - `uploads/<account>/<upload id>.part`: a partial upload, the size it declared, each chunk
 //!   written at its offset. Which chunks it holds is recorded in `adapter_uploads`
-//!   (`storage/adapters.rs`) after the file is synced, every [`RECORD_EVERY`] chunks and when
-//!   the stream ends, so a record never names a chunk that is not on disk.
+//!   (`storage/adapters.rs`) after the file is synced, every [`RECORD_EVERY`] chunks, when the
+//!   stream pauses for [`RECORD_WHEN_QUIET`] and when it ends, so a record never names a chunk
+//!   that is not on disk.
 //! - `adapters/<account>/<sha256>.gguf`: content the account holds, moved there from its
 //!   `.part` once verified (hash, GGUF adapter, base architecture). Names point to it in
 //!   `adapters`; nothing is visible before that.
@@ -36,6 +37,8 @@ pub const CHUNK_MAX: u32 = 8 * 1024 * 1024;
 pub const RECORD_EVERY: u32 = 64;
 /// A stream that sends nothing for this long is ended (what it sent stays held).
 const IDLE: Duration = Duration::from_secs(60);
+/// A stream quiet this long has its chunks recorded (a device cut off resumes from them).
+const RECORD_WHEN_QUIET: Duration = Duration::from_millis(500);
 /// Another upload to the same name is `BUSY` while it was active this recently (its record is
 /// written at least every [`RECORD_EVERY`] chunks and when its stream ends); idle longer, a
 /// new upload to the name supersedes it.
@@ -231,8 +234,11 @@ async fn run(peer: &Peer, begin: UploadBegin, stream: &mut Stream) -> Result<(),
     let mut unrecorded = 0u32;
     let mut received = 0u64;
     loop {
+        // Chunks not yet recorded are recorded once the stream pauses, so a device that was
+        // cut off (and whose connection the cloud has not yet given up on) resumes from them.
+        let pending = unrecorded > 0 || received > 0;
         let next = timeout(
-            IDLE,
+            if pending { RECORD_WHEN_QUIET } else { IDLE },
             stream
                 .rx
                 .next_if(|t| t == MessageType::UploadChunk || t == MessageType::UploadDone),
@@ -240,6 +246,11 @@ async fn run(peer: &Peer, begin: UploadBegin, stream: &mut Stream) -> Result<(),
         .await;
         let message = match next {
             Ok(Ok(Some(m))) => m,
+            Err(_) if pending => {
+                record(shared, account, id, file.as_ref(), &held, received).await?;
+                (unrecorded, received) = (0, 0);
+                continue;
+            }
             Ok(Ok(None)) | Err(_) => {
                 record(shared, account, id, file.as_ref(), &held, received).await?;
                 return Ok(()); // the device went quiet or away; what it sent is held
