@@ -207,6 +207,7 @@ pub async fn start(options: Options) -> anyhow::Result<Cloud> {
         escalations: Arc::new(crate::escalation::Escalations::new(&options.serving)?),
         data_dir: dir.clone(),
         adapters: options.serving.adapters,
+        upload_fences: crate::upload::Fences::default(),
     });
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(run(endpoint, shared, options, stopped));

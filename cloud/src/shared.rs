@@ -206,6 +206,8 @@ pub(crate) struct Shared {
     /// The data directory: adapters' content and partial uploads live under it.
     pub(crate) data_dir: std::path::PathBuf,
     pub(crate) adapters: crate::config::AdapterSettings,
+    /// Which stream of each upload may write its part file.
+    pub(crate) upload_fences: crate::upload::Fences,
 }
 
 impl Shared {

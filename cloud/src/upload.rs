@@ -210,129 +210,392 @@ async fn run(peer: &Peer, begin: UploadBegin, stream: &mut Stream) -> Result<(),
     };
     let chunks = declared.chunks();
     let mut held = Held::new(chunks, row.held);
-    let part = part_path(&shared.data_dir, account, id);
-    let file = if row.completed || held.all() {
-        None
-    } else {
-        let (part, size) = (part.clone(), declared.size_bytes);
-        let file = tokio::task::spawn_blocking(move || open_part(&part, size))
+    let key = (account, id);
+    let Some(turn) = shared.upload_fences.claim(key).map(Arc::new) else {
+        return Err(Refusal(
+            ErrorCode::BUSY,
+            "this upload is being verified; ask again in a moment".into(),
+        ));
+    };
+    let mut writer = None;
+    if !row.completed && !held.all() {
+        let (path, size) = (
+            part_path(&shared.data_dir, account, id),
+            declared.size_bytes,
+        );
+        let file = tokio::task::spawn_blocking(move || open_part(&path, size))
             .await
             .map_err(Refusal::internal)?
             .map_err(Refusal::internal)?;
-        Some(Arc::new(file))
+        // Hashed as it is written when it starts from nothing and comes in order.
+        let from_scratch = held.count() == 0;
+        writer = Some(PartWriter::start(
+            file,
+            Arc::clone(&turn),
+            from_scratch,
+            declared.chunk_size,
+        ));
+    }
+    let mut upload = Receiving {
+        peer,
+        id,
+        declared: &declared,
+        held: &mut held,
+        writer,
+        received: 0,
+        unrecorded: 0,
     };
-    // Chunks arrive up to the protocol's largest frame from here on.
-    stream.rx.set_limits(FrameLimits::default());
-    let resume = UploadResume {
-        upload_id: id,
-        chunks_held: held.indexes(),
-    };
-    send(&mut stream.tx, &resume.into(), FrameLimits::default())
-        .await
-        .map_err(|e| Refusal(ErrorCode::INTERNAL, e.to_string()))?;
+    let result = upload.receive(stream, row.completed, &turn).await;
+    drop(upload);
+    shared.upload_fences.release(key, turn);
+    result
+}
 
-    let mut unrecorded = 0u32;
-    let mut received = 0u64;
-    loop {
-        // Chunks not yet recorded are recorded once the stream pauses, so a device that was
-        // cut off (and whose connection the cloud has not yet given up on) resumes from them.
-        let pending = unrecorded > 0 || received > 0;
-        let next = timeout(
-            if pending { RECORD_WHEN_QUIET } else { IDLE },
-            stream
-                .rx
-                .next_if(|t| t == MessageType::UploadChunk || t == MessageType::UploadDone),
-        )
-        .await;
-        let message = match next {
-            Ok(Ok(Some(m))) => m,
-            Err(_) if pending => {
-                record(shared, account, id, file.as_ref(), &held, received).await?;
-                (unrecorded, received) = (0, 0);
-                continue;
-            }
-            Ok(Ok(None)) | Err(_) => {
-                record(shared, account, id, file.as_ref(), &held, received).await?;
-                return Ok(()); // the device went quiet or away; what it sent is held
-            }
-            Ok(Err(e)) => {
-                record(shared, account, id, file.as_ref(), &held, received).await?;
-                let code = e.peer_fault().unwrap_or(ErrorCode::INTERNAL);
-                return Err(Refusal(code, e.to_string()));
-            }
+/// One stream's side of an upload: the chunks it wrote, and what it has not recorded yet.
+struct Receiving<'a> {
+    peer: &'a Peer,
+    id: RequestId,
+    declared: &'a Declared,
+    held: &'a mut Held,
+    writer: Option<PartWriter>,
+    /// Chunks accepted since the last record (those sent again included).
+    received: u64,
+    /// Chunks written since the last record.
+    unrecorded: u32,
+}
+
+impl Receiving<'_> {
+    /// Reads chunks until `UploadDone` (then verifies and answers) or the end of the stream;
+    /// what was written is recorded however it ends.
+    async fn receive(
+        &mut self,
+        stream: &mut Stream,
+        completed: bool,
+        turn: &Turn,
+    ) -> Result<(), Refusal> {
+        // Chunks arrive up to the protocol's largest frame from here on.
+        stream.rx.set_limits(FrameLimits::default());
+        let resume = UploadResume {
+            upload_id: self.id,
+            chunks_held: self.held.indexes(),
         };
-        match message {
-            Message::UploadChunk(c) => {
-                if c.upload_id != id {
-                    record(shared, account, id, file.as_ref(), &held, received).await?;
-                    return Err(Refusal(
-                        ErrorCode::INVALID_REQUEST,
-                        format!("a chunk of upload {} on the stream of {id}", c.upload_id),
-                    ));
-                }
-                let expected = chunk_len(&declared, c.index);
-                if expected != Some(c.data.0.len()) {
-                    record(shared, account, id, file.as_ref(), &held, received).await?;
-                    return Err(Refusal(
-                        ErrorCode::INVALID_REQUEST,
-                        match expected {
-                            None => format!(
-                                "chunk {} is out of range: the upload has {chunks} chunks (0 to {})",
-                                c.index,
-                                chunks - 1
-                            ),
-                            Some(n) => format!(
-                                "chunk {} is {} bytes; it must be {n}",
-                                c.index,
-                                c.data.0.len()
-                            ),
-                        },
-                    ));
-                }
-                received += 1;
-                if let Some(file) = &file
-                    && !held.has(c.index)
-                {
-                    let (writer, at) = (
-                        Arc::clone(file),
-                        u64::from(c.index) * u64::from(declared.chunk_size),
-                    );
-                    tokio::task::spawn_blocking(move || {
-                        use std::os::unix::fs::FileExt;
-                        writer.write_all_at(&c.data.0, at)
-                    })
-                    .await
-                    .map_err(Refusal::internal)?
-                    .map_err(Refusal::internal)?;
-                    held.set(c.index);
-                    unrecorded += 1;
-                    if unrecorded >= RECORD_EVERY {
-                        record(shared, account, id, Some(file), &held, received).await?;
-                        (unrecorded, received) = (0, 0);
-                    }
-                }
-            }
-            Message::UploadDone(done) if done.upload_id == id => {
-                record(shared, account, id, file.as_ref(), &held, received).await?;
-                let sha = finish(peer, id, &declared, row.completed, &part).await?;
+        send(&mut stream.tx, &resume.into(), FrameLimits::default())
+            .await
+            .map_err(|e| Refusal(ErrorCode::INTERNAL, e.to_string()))?;
+        let ended = self.chunks(stream).await;
+        let recorded = self.record().await;
+        match ended? {
+            None => recorded,
+            Some(()) => {
+                recorded?;
+                let hashed = match &mut self.writer {
+                    Some(w) => w.finish().await?,
+                    None => None,
+                };
+                let sha =
+                    finish(self.peer, self.id, self.declared, completed, hashed, turn).await?;
                 let complete = UploadComplete {
-                    upload_id: id,
+                    upload_id: self.id,
                     sha256: sha,
                     serving: true,
                 };
                 stream.send_last(&complete.into()).await;
-                return Ok(());
+                Ok(())
             }
-            other => {
-                record(shared, account, id, file.as_ref(), &held, received).await?;
+        }
+    }
+
+    /// Takes chunks until `UploadDone` (`Some`) or the stream's end or silence (`None`).
+    async fn chunks(&mut self, stream: &mut Stream) -> Result<Option<()>, Refusal> {
+        let (id, chunks) = (self.id, self.declared.chunks());
+        loop {
+            // Chunks not yet recorded are recorded once the stream pauses, so a device that
+            // was cut off (and whose connection the cloud has not given up on yet) resumes
+            // from them.
+            let pending = self.unrecorded > 0 || self.received > 0;
+            let next = timeout(
+                if pending { RECORD_WHEN_QUIET } else { IDLE },
+                stream
+                    .rx
+                    .next_if(|t| t == MessageType::UploadChunk || t == MessageType::UploadDone),
+            )
+            .await;
+            let message = match next {
+                Ok(Ok(Some(m))) => m,
+                Err(_) if pending => {
+                    self.record().await?;
+                    continue;
+                }
+                // The device went quiet or away; what it sent is held.
+                Ok(Ok(None)) | Err(_) => return Ok(None),
+                Ok(Err(e)) => {
+                    let code = e.peer_fault().unwrap_or(ErrorCode::INTERNAL);
+                    return Err(Refusal(code, e.to_string()));
+                }
+            };
+            let c = match message {
+                Message::UploadChunk(c) => c,
+                Message::UploadDone(done) if done.upload_id == id => return Ok(Some(())),
+                other => {
+                    return Err(Refusal(
+                        ErrorCode::UNEXPECTED_MESSAGE,
+                        format!(
+                            "{} on the stream of upload {id}",
+                            other.message_type().name()
+                        ),
+                    ));
+                }
+            };
+            if c.upload_id != id {
                 return Err(Refusal(
-                    ErrorCode::UNEXPECTED_MESSAGE,
-                    format!(
-                        "{} on the stream of upload {id}",
-                        other.message_type().name()
-                    ),
+                    ErrorCode::INVALID_REQUEST,
+                    format!("a chunk of upload {} on the stream of {id}", c.upload_id),
                 ));
             }
+            let expected = chunk_len(self.declared, c.index);
+            if expected != Some(c.data.0.len()) {
+                return Err(Refusal(
+                    ErrorCode::INVALID_REQUEST,
+                    match expected {
+                        None => format!(
+                            "chunk {} is out of range: the upload has {chunks} chunks (0 to {})",
+                            c.index,
+                            chunks - 1
+                        ),
+                        Some(n) => format!(
+                            "chunk {} is {} bytes; it must be {n}",
+                            c.index,
+                            c.data.0.len()
+                        ),
+                    },
+                ));
+            }
+            self.received += 1;
+            if let Some(writer) = &mut self.writer
+                && !self.held.has(c.index)
+            {
+                writer.write(c.index, c.data.0).await?;
+                // Recorded as held only after the writer synced it (`record`).
+                self.held.set(c.index);
+                self.unrecorded += 1;
+                if self.unrecorded >= RECORD_EVERY {
+                    self.record().await?;
+                }
+            }
+        }
+    }
+
+    /// Syncs what was written, then records the chunks held (merged with any other stream's).
+    async fn record(&mut self) -> Result<(), Refusal> {
+        if let Some(writer) = &mut self.writer {
+            writer.sync().await?;
+        }
+        let (account, id) = (self.peer.device.account_id, self.id);
+        let (bits, received) = (self.held.bits.clone(), self.received);
+        self.peer
+            .shared
+            .storage
+            .write(move |db| {
+                adapters::record_chunks(db.connection_mut(), account, id, &bits, received, now())
+            })
+            .await
+            .map_err(Refusal::internal)?;
+        (self.unrecorded, self.received) = (0, 0);
+        Ok(())
+    }
+}
+
+/// Which stream of each upload may write its part file: the newest to begin it, until one
+/// seals it for verification (ARCHITECTURE.md §4). A stream that lost its turn stops at its
+/// next write; none can change the file once it is sealed, so what is verified is what is
+/// stored.
+#[derive(Debug, Default)]
+pub(crate) struct Fences {
+    fences: std::sync::Mutex<std::collections::HashMap<(AccountId, RequestId), Arc<Fence>>>,
+    turns: std::sync::atomic::AtomicU64,
+}
+
+/// One upload's turn: the token of the stream that may write, or `SEALED`.
+#[derive(Debug, Default)]
+pub(crate) struct Fence {
+    owner: std::sync::Mutex<u64>,
+}
+
+/// The turn of no stream: the upload is being verified.
+const SEALED: u64 = 0;
+
+/// A stream's turn to write one upload.
+#[derive(Debug)]
+pub(crate) struct Turn {
+    fence: Arc<Fence>,
+    token: u64,
+}
+
+impl Fences {
+    /// The caller's turn to write `key`, taken from any earlier stream; `None` while it is
+    /// sealed.
+    fn claim(&self, key: (AccountId, RequestId)) -> Option<Turn> {
+        let token = self
+            .turns
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let fence = Arc::clone(
+            self.fences
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(key)
+                .or_default(),
+        );
+        {
+            let mut owner = fence.lock();
+            if *owner == SEALED && Arc::strong_count(&fence) > 2 {
+                return None;
+            }
+            *owner = token;
+        }
+        Some(Turn { fence, token })
+    }
+
+    /// The stream is done with `key`: the entry goes once no stream holds it (a writer that
+    /// has not stopped yet keeps it a little longer; the next claim reuses it).
+    fn release(&self, key: (AccountId, RequestId), turn: Arc<Turn>) {
+        let mut fences = self
+            .fences
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let last = Arc::strong_count(&turn) == 1 && Arc::strong_count(&turn.fence) <= 2;
+        drop(turn);
+        if last {
+            fences.remove(&key);
+        }
+    }
+}
+
+impl Fence {
+    fn lock(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.owner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Turn {
+    /// Runs `write` if this stream still has the turn.
+    fn write<T>(&self, write: impl FnOnce() -> T) -> Option<T> {
+        let owner = self.fence.lock();
+        (*owner == self.token).then(write)
+    }
+
+    /// Ends every stream's turn for verification; `false` if another stream took it.
+    fn seal(&self) -> bool {
+        let mut owner = self.fence.lock();
+        if *owner != self.token {
+            return false;
+        }
+        *owner = SEALED;
+        true
+    }
+}
+
+/// The part file's writer: one blocking task that writes chunks in order of arrival (while
+/// the stream reads the next) and hashes them while they come in order from the first.
+struct PartWriter {
+    ops: tokio::sync::mpsc::Sender<Op>,
+    task: Option<tokio::task::JoinHandle<Result<(), Refusal>>>,
+}
+
+enum Op {
+    Write(u32, Vec<u8>),
+    Sync(tokio::sync::oneshot::Sender<()>),
+    /// The digest when every chunk was hashed in order (`None`: hash the file).
+    Finish(tokio::sync::oneshot::Sender<Option<Sha256>>),
+}
+
+/// Chunks queued for the writer (the most chunk memory a stream holds).
+const WRITE_AHEAD: usize = 4;
+
+impl PartWriter {
+    fn start(file: std::fs::File, turn: Arc<Turn>, from_scratch: bool, chunk_size: u32) -> Self {
+        let (ops, mut queue) = tokio::sync::mpsc::channel::<Op>(WRITE_AHEAD);
+        let task = tokio::task::spawn_blocking(move || {
+            use sha2::Digest;
+            use std::os::unix::fs::FileExt;
+            let mut hasher = from_scratch.then(sha2::Sha256::new);
+            let mut next = 0u32;
+            while let Some(op) = queue.blocking_recv() {
+                match op {
+                    Op::Write(index, data) => {
+                        let at = u64::from(index) * u64::from(chunk_size);
+                        turn.write(|| file.write_all_at(&data, at))
+                            .ok_or_else(|| {
+                                Refusal(
+                                    ErrorCode::CANCELLED,
+                                    "a newer stream of this upload took over".into(),
+                                )
+                            })?
+                            .map_err(Refusal::internal)?;
+                        match &mut hasher {
+                            Some(h) if index == next => {
+                                h.update(&data);
+                                next += 1;
+                            }
+                            _ => hasher = None,
+                        }
+                    }
+                    Op::Sync(done) => {
+                        file.sync_data().map_err(Refusal::internal)?;
+                        let _ = done.send(());
+                    }
+                    Op::Finish(done) => {
+                        file.sync_data().map_err(Refusal::internal)?;
+                        let _ = done.send(hasher.take().map(|h| Sha256(h.finalize().into())));
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(())
+        });
+        PartWriter {
+            ops,
+            task: Some(task),
+        }
+    }
+
+    /// Why the writer stopped (it stops only on an error, or after `Finish`).
+    async fn failure(&mut self) -> Refusal {
+        match self.task.take() {
+            Some(task) => match task.await {
+                Ok(Err(refusal)) => refusal,
+                Ok(Ok(())) => Refusal::internal("the part file's writer stopped"),
+                Err(e) => Refusal::internal(e),
+            },
+            None => Refusal::internal("the part file's writer stopped"),
+        }
+    }
+
+    async fn write(&mut self, index: u32, data: Vec<u8>) -> Result<(), Refusal> {
+        if self.ops.send(Op::Write(index, data)).await.is_err() {
+            return Err(self.failure().await);
+        }
+        Ok(())
+    }
+
+    async fn sync(&mut self) -> Result<(), Refusal> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.ops.send(Op::Sync(tx)).await.is_err() || rx.await.is_err() {
+            return Err(self.failure().await);
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<Option<Sha256>, Refusal> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.ops.send(Op::Finish(tx)).await.is_err() {
+            return Err(self.failure().await);
+        }
+        match rx.await {
+            Ok(digest) => Ok(digest),
+            Err(_) => Err(self.failure().await),
         }
     }
 }
@@ -367,45 +630,27 @@ fn open_part(path: &Path, size: u64) -> std::io::Result<std::fs::File> {
     Ok(file)
 }
 
-/// Syncs the part file, then records the chunks held (merged with any other stream's).
-async fn record(
-    shared: &Shared,
-    account: AccountId,
-    id: RequestId,
-    file: Option<&Arc<std::fs::File>>,
-    held: &Held,
-    received: u64,
-) -> Result<(), Refusal> {
-    if let Some(file) = file {
-        let file = Arc::clone(file);
-        tokio::task::spawn_blocking(move || file.sync_data())
-            .await
-            .map_err(Refusal::internal)?
-            .map_err(Refusal::internal)?;
-    }
-    let bits = held.bits.clone();
-    shared
-        .storage
-        .write(move |db| {
-            adapters::record_chunks(db.connection_mut(), account, id, &bits, received, now())
-        })
-        .await
-        .map_err(Refusal::internal)
-}
-
-/// `UploadDone`: every chunk held, the bytes verified, then the content stored and the name
-/// pointed at it (one transaction). Returns the digest.
+/// `UploadDone`: every chunk held, the part file sealed (no stream writes it any more), the
+/// bytes verified, then the content stored and the name pointed at it (one transaction).
+/// Returns the digest.
 async fn finish(
     peer: &Peer,
     id: RequestId,
     d: &Declared,
     completed: bool,
-    part: &Path,
+    hashed: Option<Sha256>,
+    turn: &Turn,
 ) -> Result<Sha256, Refusal> {
     let shared = &peer.shared;
     let (account, device) = (peer.device.account_id, peer.device.id);
     if completed {
         return Ok(d.sha256); // a replay: the name is not moved again
+    }
+    if !turn.seal() {
+        return Err(Refusal(
+            ErrorCode::CANCELLED,
+            "a newer stream of this upload took over".into(),
+        ));
     }
     let row = shared
         .storage
@@ -429,7 +674,7 @@ async fn finish(
             ),
         ));
     }
-    let blob = blob_path(&shared.data_dir, account, &d.sha256);
+    let part = part_path(&shared.data_dir, account, id);
     let sha = d.sha256;
     let held_already = shared
         .storage
@@ -443,9 +688,10 @@ async fn finish(
                 format!("{:?} is no longer served", d.base_model),
             )
         })?;
-        let (part_file, blob_file, want) = (part.to_owned(), blob.clone(), d.clone());
+        let blob = blob_path(&shared.data_dir, account, &d.sha256);
+        let (part_file, want) = (part.clone(), d.clone());
         let verified = tokio::task::spawn_blocking(move || {
-            verify_and_store(&part_file, &blob_file, &want, &architecture)
+            verify_and_store(&part_file, &blob, &want, hashed, &architecture)
         })
         .await
         .map_err(Refusal::internal)?;
@@ -454,7 +700,6 @@ async fn finish(
                 refusal.0,
                 ErrorCode::HASH_MISMATCH | ErrorCode::ADAPTER_INVALID
             ) {
-                let part = part.to_owned();
                 let _ = shared
                     .storage
                     .write(move |db| {
@@ -474,25 +719,28 @@ async fn finish(
         .await
         .map_err(Refusal::internal)?;
     if held_already {
-        let _ = std::fs::remove_file(part);
+        let _ = std::fs::remove_file(part_path(&shared.data_dir, account, id));
     }
     tracing::info!(%account, upload = %id, name = %d.name, sha256 = %d.sha256, bytes = d.size_bytes, "adapter stored");
     Ok(d.sha256)
 }
 
-/// Copies the part file to its content address, hashing what it writes, and checks the copy
-/// is a LoRA adapter for `architecture` before it takes the address (synced, with its
-/// directory). The copy is what was verified: a second stream of the same upload still
-/// writing into the part file cannot change it afterwards.
+/// Checks the sealed part file — its digest (`hashed` when it was hashed as it was written,
+/// else read again), a LoRA adapter for `architecture` — and moves it to its content address
+/// (synced, with its directory).
 fn verify_and_store(
     part: &Path,
     blob: &Path,
     d: &Declared,
+    hashed: Option<Sha256>,
     architecture: &str,
 ) -> Result<(), Refusal> {
-    use sha2::Digest;
-    use std::io::{Read, Write};
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
+    let actual = match hashed {
+        Some(digest) => digest,
+        None => hash_file(part).map_err(Refusal::internal)?,
+    };
+    check(part, actual, d, architecture)?;
     let dir = blob
         .parent()
         .ok_or_else(|| Refusal::internal("a blob path has no directory"))?;
@@ -501,51 +749,30 @@ fn verify_and_store(
         .mode(0o700)
         .create(dir)
         .map_err(Refusal::internal)?;
-    let copy = blob.with_extension("verifying");
-    let result = (|| {
-        let mut from = std::fs::File::open(part).map_err(Refusal::internal)?;
-        let mut to = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&copy)
-            .map_err(Refusal::internal)?;
-        let mut hasher = sha2::Sha256::new();
-        let mut buffer = vec![0u8; 1 << 20];
-        let mut left = d.size_bytes;
-        while left > 0 {
-            let want = usize::try_from(left.min(buffer.len() as u64)).unwrap_or(buffer.len());
-            let n = from.read(&mut buffer[..want]).map_err(Refusal::internal)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buffer[..n]);
-            to.write_all(&buffer[..n]).map_err(Refusal::internal)?;
-            left -= n as u64;
+    std::fs::rename(part, blob).map_err(Refusal::internal)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(Refusal::internal)?;
+    Ok(())
+}
+
+fn hash_file(path: &Path) -> std::io::Result<Sha256> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            return Ok(Sha256(hasher.finalize().into()));
         }
-        to.sync_all().map_err(Refusal::internal)?;
-        let actual = Sha256(hasher.finalize().into());
-        check(&copy, actual, d, architecture)
-    })();
-    match result {
-        Ok(()) => {
-            std::fs::rename(&copy, blob).map_err(Refusal::internal)?;
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(Refusal::internal)?;
-            let _ = std::fs::remove_file(part);
-            Ok(())
-        }
-        Err(refusal) => {
-            let _ = std::fs::remove_file(&copy);
-            Err(refusal)
-        }
+        hasher.update(&buffer[..n]);
     }
 }
 
-/// The copy's digest is the declared one, and it is a LoRA adapter for `architecture`.
-fn check(copy: &Path, actual: Sha256, d: &Declared, architecture: &str) -> Result<(), Refusal> {
+/// The file's digest is the declared one, and it is a LoRA adapter for `architecture`.
+fn check(file: &Path, actual: Sha256, d: &Declared, architecture: &str) -> Result<(), Refusal> {
     if actual != d.sha256 {
         return Err(Refusal(
             ErrorCode::HASH_MISMATCH,
@@ -556,7 +783,7 @@ fn check(copy: &Path, actual: Sha256, d: &Declared, architecture: &str) -> Resul
         ));
     }
     let invalid = |why: String| Refusal(ErrorCode::ADAPTER_INVALID, why);
-    let meta = synesis_infer::GgufMetadata::read(copy)
+    let meta = synesis_infer::GgufMetadata::read(file)
         .map_err(|e| invalid(format!("not a GGUF file: {e}")))?;
     if !meta.is_adapter() {
         return Err(invalid(

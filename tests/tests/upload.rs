@@ -418,3 +418,62 @@ async fn a_broken_upload_resumes_from_what_the_cloud_holds_even_across_a_cloud_r
         "the adapter changes the answer"
     );
 }
+
+/// Two streams of one upload (a resume while the cloud still holds the old stream): the newer
+/// takes over, and the older cannot write into it any more — what was verified is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_stream_of_an_upload_takes_over_and_the_older_cannot_write_into_it() {
+    let s = setup("");
+    let (_endpoint, conn) = connect(&s.device).await;
+    let bytes = std::fs::read(adapter(s.files.path(), "t.gguf", 7, 1_000_000)).unwrap();
+    let begin = declare("taken", &bytes);
+    let chunk = |index: u32, data: &[u8]| -> Message {
+        UploadChunk {
+            upload_id: begin.upload_id,
+            index,
+            data: Blob(data.to_vec()),
+        }
+        .into()
+    };
+    // The older stream: begun, one chunk sent, left open.
+    let (mut old_tx, old_rx) = conn.open_bi().await.unwrap();
+    let mut old_rx = FramedRecv::new(old_rx, FrameLimits::default());
+    synesis_wire::send(&mut old_tx, &begin.clone().into(), FrameLimits::default())
+        .await
+        .unwrap();
+    assert!(matches!(
+        old_rx.next().await.unwrap(),
+        Some(Message::UploadResume(_))
+    ));
+    let first = &bytes[..CHUNK as usize];
+    synesis_wire::send(&mut old_tx, &chunk(0, first), FrameLimits::default())
+        .await
+        .unwrap();
+    // The newer stream sends everything and completes.
+    let e = upload(&conn, &begin, &bytes, |_| true, |_| {}, true).await;
+    assert!(matches!(e.end, Some(Message::UploadComplete(_))), "{e:?}");
+    // The older one now tries to overwrite a chunk with other bytes: refused, stream ended.
+    let _ = synesis_wire::send(
+        &mut old_tx,
+        &chunk(1, &vec![0u8; CHUNK as usize]),
+        FrameLimits::default(),
+    )
+    .await;
+    match old_rx.next().await {
+        Ok(Some(Message::ErrorMsg(m))) => assert_eq!(m.code, ErrorCode::CANCELLED, "{m:?}"),
+        other => panic!("{other:?}"),
+    }
+    // The stored content is what was declared.
+    let stored = s
+        .cloud
+        .dir()
+        .join("adapters")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join(format!("{}.gguf", begin.sha256));
+    assert_eq!(std::fs::read(stored).unwrap(), bytes);
+}
