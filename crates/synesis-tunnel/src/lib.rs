@@ -8,6 +8,9 @@
 //!   [`answer`](request::answer) makes an `ErrorMsg` reply a typed [`RequestError`].
 //! - [`escalate`](escalate::escalate): one escalation, streamed and resumed across broken
 //!   connections, through the service or a connection of its own.
+//! - [`upload`](upload::push): one adapter file pushed to the cloud in chunks, resumed across
+//!   broken connections from what the cloud holds.
+//! - [`route`]: which way those streams go (the service, or a connection of one's own).
 //! - [`renew`]: the device certificate renewed over the tunnel before it expires.
 //! - [`identity`], [`tls`], [`connect`]: the device's files, TLS configuration and dialing.
 //! - [`clock`]: the device's one reading of the wall clock and one maker of request ids.
@@ -26,7 +29,11 @@ pub mod local;
 pub mod machine;
 pub mod renew;
 pub mod request;
+pub mod route;
+#[cfg(test)]
+mod testing;
 pub mod tls;
+pub mod upload;
 
 pub use driver::{OpenError, Options, PingError, Tunnel, TunnelHandle, TunnelState, TunnelStatus};
 pub use identity::{Identity, IdentityError, IdentityInfo};

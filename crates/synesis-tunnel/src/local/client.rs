@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use synesis_proto::{Decoded, FRAME_HEADER_BYTES, FrameLimits, Message, decode_frame};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -167,6 +167,14 @@ pub struct StreamSender {
 impl StreamSender {
     pub async fn send(&mut self, message: &Message) -> Result<(), ClientError> {
         synesis_wire::send(&mut self.write, message, FrameLimits::default()).await?;
+        Ok(())
+    }
+
+    /// Writes one cloud frame encoded already (an upload chunk built in place). The caller
+    /// vouches that it is one whole, valid frame: the service checks its type byte and length
+    /// and passes the payload through unread.
+    pub(crate) async fn send_frame(&mut self, frame: &[u8]) -> Result<(), ClientError> {
+        self.write.write_all(frame).await?;
         Ok(())
     }
 

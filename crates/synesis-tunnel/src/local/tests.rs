@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use synesis_proto::message::{EscalationChunk, Hello, PriceReply, PriceRequest, Tier};
-use synesis_proto::{DeviceId, ErrorCode, FrameLimits, Message, RequestId};
+use synesis_proto::{ErrorCode, FrameLimits, Message, RequestId};
 use synesis_wire::{FramedRecv, send};
 use tokio::sync::{mpsc, oneshot};
 
 use super::*;
-use crate::{OpenError, PingError, TunnelState};
+use crate::testing::{self, FakeTunnel, Loopback};
 
 /// Chunks in the fake cloud's streamed answer; one of them larger than a copy chunk.
 const CHUNKS: u32 = 200;
@@ -54,61 +54,16 @@ struct FakeCloud {
 
 impl FakeCloud {
     async fn start() -> FakeCloud {
-        let provider = synesis_wire::tls::provider();
-        let name = synesis_wire::tls::SERVER_NAME.to_owned();
-        let certified = rcgen::generate_simple_self_signed(vec![name]).unwrap();
-        let cert = certified.cert.der().clone();
-        let key =
-            rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
-        let mut server_tls = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap();
-        server_tls.alpn_protocols = synesis_wire::tls::alpn();
-        let server_config = quinn::ServerConfig::with_crypto(Arc::new(
-            quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).unwrap(),
-        ));
-        let server =
-            quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
-
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert).unwrap();
-        let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        client_tls.alpn_protocols = synesis_wire::tls::alpn();
-        let client_config = quinn::ClientConfig::new(Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).unwrap(),
-        ));
-        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-
         let (seen_tx, seen) = mpsc::channel(16);
         let (first_seen, first_seen_rx) = mpsc::channel(16);
         let first_seen_rx = Arc::new(tokio::sync::Mutex::new(first_seen_rx));
-        let accepting = server.clone();
-        tokio::spawn(async move {
-            let incoming = accepting.accept().await.unwrap();
-            let conn = incoming.await.unwrap();
-            while let Ok((tx, rx)) = conn.accept_bi().await {
-                tokio::spawn(answer(tx, rx, seen_tx.clone(), Arc::clone(&first_seen_rx)));
-            }
-        });
-        let conn = client
-            .connect_with(
-                client_config,
-                server.local_addr().unwrap(),
-                synesis_wire::tls::SERVER_NAME,
-            )
-            .unwrap()
-            .await
-            .unwrap();
+        let loopback = Loopback::start(move |tx, rx| {
+            answer(tx, rx, seen_tx.clone(), Arc::clone(&first_seen_rx))
+        })
+        .await;
         FakeCloud {
-            conn,
-            _endpoints: (server, client),
+            conn: loopback.conn,
+            _endpoints: (loopback.server, loopback.client),
             seen,
             first_seen,
         }
@@ -177,34 +132,6 @@ async fn device_end(rx: &mut quinn::RecvStream) -> Seen {
     }
 }
 
-struct FakeTunnel {
-    conn: quinn::Connection,
-}
-
-impl Backend for FakeTunnel {
-    fn current_status(&self) -> TunnelStatus {
-        TunnelStatus {
-            state: TunnelState::Connected,
-            device_id: DeviceId::try_from_uuid(uuid::Uuid::from_u128(7)).unwrap(),
-            account: "acme".into(),
-            server: "127.0.0.1:1".into(),
-            rtt_ms: Some(0.25),
-            last_heartbeat_ack_at: None,
-            connected_since: None,
-            reconnects: 2,
-            failure: None,
-        }
-    }
-
-    async fn measure_ping(&self) -> Result<Duration, PingError> {
-        Ok(Duration::from_micros(1234))
-    }
-
-    async fn open_cloud_stream(&self) -> Result<(quinn::SendStream, quinn::RecvStream), OpenError> {
-        Ok(self.conn.open_bi().await?)
-    }
-}
-
 /// A service on a fresh runtime directory in front of a fake cloud.
 struct Service {
     client: LocalClient,
@@ -219,22 +146,16 @@ struct Service {
 impl Service {
     async fn start() -> Service {
         let cloud = FakeCloud::start().await;
-        let dir = tempfile::tempdir().unwrap();
-        let (listener, lock) = bind(dir.path()).unwrap();
         let backend = Arc::new(FakeTunnel { conn: cloud.conn });
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, Arc::clone(&backend), async move {
-            let _ = stopped.await;
-            drop(lock);
-        }));
+        let service = testing::Service::start(Arc::clone(&backend));
         Service {
-            client: LocalClient::new(dir.path()),
+            client: service.client,
             cloud_seen: cloud.seen,
             first_seen: cloud.first_seen,
             backend,
-            stop: Some(stop),
-            task,
-            dir,
+            stop: service.stop,
+            task: service.task,
+            dir: service.dir,
         }
     }
 
