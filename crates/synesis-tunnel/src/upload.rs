@@ -348,9 +348,21 @@ pub enum PushError {
         held_bytes: Option<u64>,
         total_bytes: u64,
     },
-    /// The cloud could not be reached, or not again in time; or it refused this device.
+    /// The cloud could not be reached (within [`FIRST_CONTACT_FOR`]), or it refused this
+    /// device (revoked, unknown certificate).
     #[error(transparent)]
     Cloud(#[from] RequestError),
+    /// The upload broke off and the cloud could not be reached again within [`RECONNECT_FOR`].
+    /// It keeps what it holds (at least `held_bytes`): the same push resumes from there.
+    #[error(
+        "the upload broke off ({why}) and could not be resumed within {} s",
+        RECONNECT_FOR.as_secs()
+    )]
+    BrokeOff {
+        why: String,
+        held_bytes: u64,
+        total_bytes: u64,
+    },
     /// The cloud broke the upload protocol.
     #[error("the cloud broke the upload protocol: {0}")]
     Protocol(String),
@@ -464,15 +476,21 @@ async fn push_as(
             return Err(match cause {
                 Some(refused @ PushError::Refused { .. }) => refused,
                 Some(cause) if !tally.contacted => cause,
-                _ => PushError::Cloud(RequestError::TimedOut(format!(
-                    "the upload broke off ({why}) and could not be resumed within {} s",
-                    RECONNECT_FOR.as_secs()
-                ))),
+                _ if !tally.contacted => PushError::Cloud(RequestError::TimedOut(why)),
+                _ => PushError::BrokeOff {
+                    why,
+                    held_bytes: tally.held.unwrap_or(0),
+                    total_bytes: plan.size_bytes(),
+                },
             });
         }
-        tracing::debug!(why, "the upload broke off; resuming it");
-        on(Progress::Interrupted(&why));
-        tally.resumes += 1;
+        if tally.contacted {
+            tracing::debug!(why, "the upload broke off; resuming it");
+            on(Progress::Interrupted(&why));
+            tally.resumes += 1;
+        } else {
+            tracing::debug!(error = why, "the cloud is not reachable yet");
+        }
         tokio::select! {
             biased;
             () = cancelled(&mut cancel) => {
