@@ -17,7 +17,8 @@ Files:
   SYNESIS_HOME=DIR moves all three under DIR (config/, data/, run/); `synesis paths` shows
   where they are now.
 
-Exit codes: 0 success, 1 failure, 2 bad usage, 3 the tunnel service is not running.
+Exit codes: 0 success, 1 failure, 2 bad usage, 3 the tunnel service is not running,
+130 stopped by Ctrl-C before the end (`cloud push`: run it again to resume).
 Logs: -v, -vv, -vvv, or RUST_LOG (e.g. RUST_LOG=synesis=debug).";
 
 #[derive(Debug, Parser)]
@@ -178,7 +179,8 @@ pub(crate) struct ModelAddArgs {
 pub(crate) enum LoraCommand {
     /// Register a LoRA adapter (GGUF, general.type=adapter), or write a tiny one with --tiny.
     Add(LoraAddArgs),
-    /// The registered adapters.
+    /// The registered adapters, and whether the cloud holds the same content (asked for 2 s at
+    /// most: `?` when it cannot say).
     List,
     /// Forget an adapter.
     Rm { name: String },
@@ -225,6 +227,72 @@ pub(crate) enum CloudCommand {
     Price,
     /// Ask the cloud: the answer streams back through the tunnel, charged once.
     Ask(CloudAskArgs),
+    /// Upload a LoRA adapter (GGUF) to the cloud, which then serves it: `cloud ask --lora NAME`.
+    Push(CloudPushArgs),
+    /// The account's adapters on the cloud; `adapters rm NAME` removes one.
+    Adapters(CloudAdaptersArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  synesis cloud push ./legal.gguf                     the name is the file's: legal
+  synesis cloud push legal                            an adapter registered with `synesis lora add`
+  synesis cloud push ./out/adapter.gguf --name legal-v2 --base llama-3-8b
+  synesis cloud push legal --json                     one object at the end, nothing else on stdout
+
+The file is checked here first (a GGUF with general.type = adapter), hashed, then sent in chunks;
+the cloud verifies the whole (its SHA-256, and that it is a LoRA adapter for --base) before the
+name points to it. Only what the cloud lacks is sent: a push that broke off, or was stopped with
+Ctrl-C (exit code 130), goes on where it was when the same command runs again, and content the
+account already holds is not sent at all. A broken connection is resumed on its own.
+The upload goes through `synesis tunnel run` when it runs, else on a connection of its own.
+Progress goes to stderr: a bar on a terminal, a line every 10 % otherwise.
+With --json: {name, sha256, bytes, resumed_from_bytes, sent_bytes, seconds, throughput_mib_s, …}
+(throughput over the bytes this run sent).")]
+pub(crate) struct CloudPushArgs {
+    /// The adapter: a GGUF LoRA file, or the name of one registered with `synesis lora add` (a
+    /// registered name wins over a file of the same name in this directory; write ./NAME for
+    /// the file).
+    #[arg(value_name = "PATH|NAME")]
+    pub(crate) adapter: String,
+    /// Its name on the cloud, what `cloud ask --lora` names (default: the registered name, else
+    /// the file name without .gguf). 1 to 64 letters, digits, '-', '_' or '.'.
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// The cloud model it attaches to (default: config.toml [escalation] cloud_model, else tiny:
+    /// the model `synesis ask` escalates to).
+    #[arg(long, value_name = "MODEL")]
+    pub(crate) base: Option<String>,
+    /// Bytes per chunk: 64KiB to 8MiB (a number of bytes, or with KiB/MiB). Another chunk size
+    /// starts the upload over rather than resuming it.
+    #[arg(long, value_name = "BYTES", default_value = "1MiB", value_parser = crate::commands::push::parse_chunk_size)]
+    pub(crate) chunk_size: u32,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "\
+Examples:
+  synesis cloud adapters                 name, digest, size, base model, when and from which device
+  synesis cloud adapters --json
+  synesis cloud adapters rm legal        the name goes; escalations already running finish on it
+
+`synesis lora list` marks the local adapters whose content is on the cloud."
+)]
+pub(crate) struct CloudAdaptersArgs {
+    #[command(subcommand)]
+    pub(crate) command: Option<AdaptersCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AdaptersCommand {
+    /// Remove an adapter from the cloud, by name.
+    Rm {
+        /// The adapter's name on the cloud.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@ pub(crate) mod cloud;
 pub(crate) mod escalate;
 pub(crate) mod model;
 pub(crate) mod paths;
+pub(crate) mod push;
 pub(crate) mod tunnel;
 pub(crate) mod usage;
 pub(crate) mod vitals;

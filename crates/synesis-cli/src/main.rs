@@ -51,7 +51,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
         },
         cli::Command::Lora { command } => match command {
             cli::LoraCommand::Add(args) => commands::model::lora_add(&out, &paths, args),
-            cli::LoraCommand::List => commands::model::lora_list(&out, &paths),
+            cli::LoraCommand::List => runtime.block_on(commands::model::lora_list(&out, &paths)),
             cli::LoraCommand::Rm { name } => commands::model::lora_remove(&out, &paths, name),
         },
         cli::Command::Vitals(args) => runtime.block_on(commands::vitals::run(&out, &paths, args)),
@@ -71,6 +71,10 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
                 cli::CloudCommand::Sync => commands::cloud::sync(&out, &paths).await,
                 cli::CloudCommand::Price => commands::cloud::price(&out, &paths).await,
                 cli::CloudCommand::Ask(args) => commands::escalate::run(&out, &paths, args).await,
+                cli::CloudCommand::Push(args) => commands::push::push(&out, &paths, args).await,
+                cli::CloudCommand::Adapters(args) => {
+                    commands::push::adapters(&out, &paths, args).await
+                }
             }
         }),
         cli::Command::Tunnel {

@@ -219,7 +219,7 @@ pub(crate) async fn ping(out: &Output, paths: &Paths, args: &PingArgs) -> anyhow
 /// connected, otherwise on a connection of its own. The same message (the same request id)
 /// goes either way, so a request the service sent before failing is not applied twice. An
 /// `ErrorMsg` reply becomes [`RequestError::Refused`] with its code.
-async fn account_request(paths: &Paths, message: Message) -> anyhow::Result<Message> {
+pub(crate) async fn account_request(paths: &Paths, message: Message) -> anyhow::Result<Message> {
     let Some(identity) = Identity::load(&paths.data.path)? else {
         bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
     };

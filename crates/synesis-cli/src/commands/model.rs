@@ -1,11 +1,14 @@
 //! `synesis model …` and `synesis lora …`: the registry of what this device can run.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Serialize;
 use synesis_infer::tiny::{TinySpec, write_lora, write_model};
 use synesis_infer::{GgufMetadata, Model, Settings};
+use synesis_tunnel::Identity;
 
 use super::Output;
 use crate::cli::{LoraAddArgs, ModelAddArgs};
@@ -300,18 +303,53 @@ pub(crate) fn lora_add(out: &Output, paths: &Paths, args: &LoraAddArgs) -> anyho
     Ok(())
 }
 
-pub(crate) fn lora_list(out: &Output, paths: &Paths) -> anyhow::Result<()> {
+/// How long `synesis lora list` waits for the cloud to say which adapters it holds: listing
+/// stays quick offline, and says `?` instead.
+const ON_CLOUD_WITHIN: Duration = Duration::from_secs(2);
+
+/// The digests (hex) of the adapters the account holds on the cloud, or `None` when this device
+/// is not enrolled or the cloud does not answer within [`ON_CLOUD_WITHIN`].
+async fn cloud_digests(paths: &Paths) -> Option<HashSet<String>> {
+    if !matches!(Identity::load(&paths.data.path), Ok(Some(_))) {
+        return None;
+    }
+    match tokio::time::timeout(ON_CLOUD_WITHIN, super::push::cloud_adapters(paths)).await {
+        Ok(Ok(adapters)) => Some(adapters.iter().map(|a| a.sha256.to_string()).collect()),
+        Ok(Err(e)) => {
+            tracing::info!("the cloud's adapters are unknown: {e:#}");
+            None
+        }
+        Err(_) => {
+            tracing::info!("the cloud did not list its adapters within {ON_CLOUD_WITHIN:?}");
+            None
+        }
+    }
+}
+
+pub(crate) async fn lora_list(out: &Output, paths: &Paths) -> anyhow::Result<()> {
     let config = Config::load(&paths.config_file())?;
+    let on_cloud = if config.adapters.is_empty() {
+        None
+    } else {
+        cloud_digests(paths).await
+    };
     #[derive(Serialize)]
     struct Row<'a> {
         name: &'a str,
         #[serde(flatten)]
         entry: &'a AdapterEntry,
+        /// The cloud holds this content (by the digest recorded at `lora add`); `null` when it
+        /// could not be asked.
+        on_cloud: Option<bool>,
     }
     let rows: Vec<Row<'_>> = config
         .adapters
         .iter()
-        .map(|(name, entry)| Row { name, entry })
+        .map(|(name, entry)| Row {
+            name,
+            entry,
+            on_cloud: on_cloud.as_ref().map(|d| d.contains(&entry.sha256)),
+        })
         .collect();
     out.report(&rows, || {
         if rows.is_empty() {
@@ -320,10 +358,15 @@ pub(crate) fn lora_list(out: &Output, paths: &Paths) -> anyhow::Result<()> {
         rows.iter()
             .map(|r| {
                 format!(
-                    "{:<16} {:<8} base {:<12} {}\n",
+                    "{:<16} {:<8} base {:<12} cloud {:<3} {}\n",
                     r.name,
                     r.entry.architecture,
                     r.entry.base.as_deref().unwrap_or("-"),
+                    match r.on_cloud {
+                        Some(true) => "yes",
+                        Some(false) => "no",
+                        None => "?",
+                    },
                     r.entry.path.display()
                 )
             })
