@@ -415,14 +415,15 @@ pub(crate) struct Fences {
     turns: std::sync::atomic::AtomicU64,
 }
 
-/// One upload's turn: the token of the stream that may write, or `SEALED`.
+/// One upload's turn: the token of the stream that may write (tokens start at 1), `0` for
+/// none, or `VERIFYING`.
 #[derive(Debug, Default)]
 pub(crate) struct Fence {
     owner: std::sync::Mutex<u64>,
 }
 
-/// The turn of no stream: the upload is being verified.
-const SEALED: u64 = 0;
+/// No stream may write, nor take a turn: the upload is being verified.
+const VERIFYING: u64 = u64::MAX;
 
 /// A stream's turn to write one upload.
 #[derive(Debug)]
@@ -448,7 +449,7 @@ impl Fences {
         );
         {
             let mut owner = fence.lock();
-            if *owner == SEALED && Arc::strong_count(&fence) > 2 {
+            if *owner == VERIFYING {
                 return None;
             }
             *owner = token;
@@ -486,14 +487,25 @@ impl Turn {
         (*owner == self.token).then(write)
     }
 
-    /// Ends every stream's turn for verification; `false` if another stream took it.
-    fn seal(&self) -> bool {
+    /// Ends every stream's turn while the caller verifies (until the guard is dropped);
+    /// `None` if another stream took the turn.
+    fn seal(&self) -> Option<Sealed<'_>> {
         let mut owner = self.fence.lock();
         if *owner != self.token {
-            return false;
+            return None;
         }
-        *owner = SEALED;
-        true
+        *owner = VERIFYING;
+        Some(Sealed(&self.fence))
+    }
+}
+
+/// While it lives, no stream writes the upload or takes a turn; then none has the turn (a
+/// stream that begins the upload again takes it).
+struct Sealed<'a>(&'a Fence);
+
+impl Drop for Sealed<'_> {
+    fn drop(&mut self) {
+        *self.0.lock() = 0;
     }
 }
 
@@ -646,12 +658,12 @@ async fn finish(
     if completed {
         return Ok(d.sha256); // a replay: the name is not moved again
     }
-    if !turn.seal() {
+    let Some(_sealed) = turn.seal() else {
         return Err(Refusal(
             ErrorCode::CANCELLED,
             "a newer stream of this upload took over".into(),
         ));
-    }
+    };
     let row = shared
         .storage
         .read(move |db| adapters::upload_row(db.connection(), account, id))

@@ -477,3 +477,86 @@ async fn a_newer_stream_of_an_upload_takes_over_and_the_older_cannot_write_into_
         .join(format!("{}.gguf", begin.sha256));
     assert_eq!(std::fs::read(stored).unwrap(), bytes);
 }
+
+/// `synesis cloud push` killed with SIGKILL about half way (over a relay that slows the
+/// connection): the same command again sends only what the cloud does not hold — counted by
+/// the cloud — and says how much was there; then `cloud adapters` lists it and `lora list`
+/// marks the local file as on the cloud.
+#[test]
+fn a_push_killed_half_way_resumes_without_resending_what_the_cloud_holds() {
+    let s = setup("");
+    let relay = synesis_e2e::UdpRelay::start(s.cloud.addr);
+    let device = Device::new();
+    device.login(&relay.token_via(&s.cloud.token("acme", "1h")));
+    let file = adapter(s.files.path(), "big.gguf", 7, 40 << 20);
+    let size = std::fs::metadata(&file).unwrap().len();
+    let chunk = 64 * 1024;
+    let chunks = size.div_ceil(chunk);
+    let push = || {
+        let mut cmd = device.synesis();
+        cmd.args(["--json", "cloud", "push"]).arg(&file).args([
+            "--name",
+            "big",
+            "--base",
+            "tiny",
+            "--chunk-size",
+            "64KiB",
+        ]);
+        cmd
+    };
+    let held = || {
+        uploads(&s.cloud)
+            .first()
+            .map_or(0, |u| u["chunks_held"].as_u64().unwrap())
+    };
+    relay.set_delay(Duration::from_millis(40));
+    let mut first = push()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(60), || held() >= chunks / 3),
+        "{:?}",
+        uploads(&s.cloud)
+    );
+    synesis_e2e::signal(first.id(), "KILL");
+    first.wait().unwrap();
+    // The cloud records what it wrote once the stream goes quiet.
+    let mut before = held();
+    loop {
+        std::thread::sleep(Duration::from_millis(1_500));
+        let now = held();
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    assert!(before > 0 && before < chunks, "{before} of {chunks}");
+    relay.set_delay(Duration::ZERO);
+    let v = json_of(&mut push());
+    assert_eq!(v["resumed_from_bytes"], before * chunk, "{v}");
+    assert_eq!(v["bytes"], size, "{v}");
+    let u = uploads(&s.cloud);
+    assert_eq!(u[0]["completed"], true, "{u:?}");
+    assert_eq!(
+        u[0]["chunks_received"], chunks,
+        "every chunk received once, none sent again: {u:?}"
+    );
+    // Listed on the cloud; the local registry knows it is there.
+    let listed = json_of(device.synesis().args(["--json", "cloud", "adapters"]));
+    assert_eq!(listed.to_string().matches("\"big\"").count(), 1, "{listed}");
+    run_ok(
+        device
+            .synesis()
+            .args(["lora", "add"])
+            .arg(&file)
+            .args(["--name", "big"]),
+    );
+    let local = json_of(device.synesis().args(["--json", "lora", "list"]));
+    assert!(local.to_string().contains("\"on_cloud\":true"), "{local}");
+    // Again: already there, nothing sent.
+    let again = json_of(&mut push());
+    assert_eq!(again["resumed_from_bytes"], size, "{again}");
+    assert_eq!(again["sent_bytes"], 0, "{again}");
+}
