@@ -247,7 +247,7 @@ name points to it. Only what the cloud lacks is sent: a push that broke off, or 
 Ctrl-C (exit code 130), goes on where it was when the same command runs again, and content the
 account already holds is not sent at all. A broken connection is resumed on its own.
 The upload goes through `synesis tunnel run` when it runs, else on a connection of its own.
-Progress goes to stderr: a bar on a terminal, a line every 10 % otherwise.
+Progress goes to stderr: a bar on a terminal, otherwise a line per tenth (or every 2 s).
 With --json: {name, sha256, bytes, resumed_from_bytes, sent_bytes, seconds, throughput_mib_s, …}
 (throughput over the bytes this run sent).")]
 pub(crate) struct CloudPushArgs {
