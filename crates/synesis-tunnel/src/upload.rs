@@ -392,17 +392,6 @@ impl PushError {
 pub async fn push(
     route: &mut Route,
     upload: &Upload,
-    cancel: watch::Receiver<bool>,
-    on: &mut (dyn FnMut(Progress<'_>) + Send),
-) -> Result<Pushed, PushError> {
-    push_as(route, upload, upload_id, cancel, on).await
-}
-
-/// [`push`], with the id made by `id_of` (tests choose their own).
-async fn push_as(
-    route: &mut Route,
-    upload: &Upload,
-    id_of: fn(&str, &Sha256, u64, u32) -> RequestId,
     mut cancel: watch::Receiver<bool>,
     on: &mut (dyn FnMut(Progress<'_>) + Send),
 ) -> Result<Pushed, PushError> {
@@ -416,7 +405,7 @@ async fn push_as(
         return Err(PushError::Changed(path.clone()));
     }
     let plan = ChunkPlan::new(digest.size_bytes, upload.chunk_size_bytes)?;
-    let id = id_of(
+    let id = upload_id(
         &upload.name,
         &digest.sha256,
         digest.size_bytes,

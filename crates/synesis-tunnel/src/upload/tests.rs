@@ -54,10 +54,8 @@ fn the_upload_id_is_deterministic_and_changes_with_every_input() {
     );
 }
 
-/// Waits for PROTOCOL.md §4 to admit the UUID v8 ids §2 derives for uploads: today a `RequestId`
-/// must be a v7 to decode, so a derived id does not survive the wire.
+/// The UUID v8 id §2 derives for an upload survives the wire (PROTOCOL.md §4 admits it).
 #[test]
-#[ignore = "proto decodes only v7 request ids; PROTOCOL.md §2 derives upload ids as v8"]
 fn a_derived_upload_id_survives_the_wire() {
     let id = upload_id("legal", &Sha256([0xab; 32]), 10_000, 1 << 20);
     let done: Message = UploadDone { upload_id: id }.into();
@@ -275,14 +273,6 @@ fn names_the_cloud_would_refuse_are_refused_here() {
 /// Bytes that differ from chunk to chunk, so a chunk in the wrong place changes the digest.
 fn pattern(len: u64) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 65_536) as u8).collect()
-}
-
-/// The derived id as a UUID v7 (same bytes but the version), which the codec decodes today.
-fn wire_id(name: &str, sha256: &Sha256, size: u64, chunk: u32) -> RequestId {
-    let derived = upload_id(name, sha256, size, chunk);
-    let mut random = [0u8; 10];
-    random.copy_from_slice(&derived.as_bytes()[6..]);
-    RequestId::from_parts(1_795_000_000_000, random)
 }
 
 /// How a stream to the fake cloud ended, as the cloud saw it.
@@ -544,7 +534,7 @@ impl Setup {
         };
         let pushed = tokio::time::timeout(
             Duration::from_secs(30),
-            push_as(&mut self.route, upload, wire_id, cancel_rx, &mut on),
+            push(&mut self.route, upload, cancel_rx, &mut on),
         )
         .await
         .expect("the push ends");
@@ -554,7 +544,7 @@ impl Setup {
     fn id(&self, upload: &Upload) -> RequestId {
         let content = std::fs::read(&upload.path).unwrap();
         let digest = Sha256(sha2::Sha256::digest(&content).into());
-        wire_id(
+        upload_id(
             &upload.name,
             &digest,
             content.len() as u64,
