@@ -1,11 +1,13 @@
-//! What the cloud's adapter upload path (PROTOCOL.md §2 *Upload*) costs against the transport
-//! alone: a 64 MiB LoRA adapter pushed through the cloud's upload stream by a client speaking
-//! the protocol directly (`UploadBegin` → `UploadResume` → 1 MiB `UploadChunk`s, pipelined →
-//! `UploadDone` → `UploadComplete`: the chunks written at their offsets and synced, the bytes
-//! hashed, the GGUF verified, the content stored and named) against the **anchor**, the same
-//! 64 MiB written in the same 1 MiB slices over one bidirectional stream of a plain quinn
-//! connection on loopback to a server in the same process that reads to the end and answers
-//! one byte.
+//! What pushing an adapter costs against the transport alone (PROTOCOL.md §2 *Upload*): a
+//! 64 MiB LoRA adapter pushed by the device's own client (`synesis_tunnel::upload::push`, what
+//! `synesis cloud push` runs, on a connection of its own) to the cloud's upload stream
+//! (`UploadBegin` → `UploadResume` → 1 MiB `UploadChunk`s, pipelined → `UploadDone` →
+//! `UploadComplete`: the chunks written at their offsets and synced, hashed as they come, the
+//! GGUF verified, the content named) against the **anchor**, the same 64 MiB written in the same
+//! 1 MiB slices over one bidirectional stream of a plain quinn connection on loopback to a
+//! server in the same process that reads to the end and answers one byte. The push's time is
+//! the one it reports (from `UploadBegin` to `UploadComplete`); the client's hashing of the
+//! file before it is not counted.
 //!
 //! - `upload/64MiB/ours` and `upload/64MiB/raw_quinn`: with `Throughput::Bytes`, criterion
 //!   reports bytes/s; the bench also prints `upload: ours X MiB/s, raw quinn Y MiB/s, ratio Z`
@@ -29,14 +31,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
-use sha2::Digest;
 use synesis_cloud::config::{AdapterSettings, ProviderConfig, Served, Serving};
 use synesis_cloud::endpoint::{CERT_LIFETIME_DEFAULT, Options, start};
 use synesis_cloud::provider::local::LocalSettings;
-use synesis_proto::message::{
-    ChatRole, ChatTurn, EscalationRequest, Preferences, Tier, UploadBegin, UploadChunk, UploadDone,
-};
-use synesis_proto::{Blob, FrameLimits, Message, RequestId, Sha256};
+use synesis_proto::message::{ChatRole, ChatTurn, EscalationRequest, Preferences, Tier};
+use synesis_proto::{FrameLimits, Message, RequestId};
+use synesis_tunnel::Identity;
+use synesis_tunnel::upload::{Route, Upload, push};
 use synesis_wire::FramedRecv;
 
 /// The adapter's size.
@@ -44,68 +45,21 @@ const SIZE: usize = 64 << 20;
 /// One chunk (and one write of the anchor).
 const CHUNK: u32 = 1 << 20;
 
-/// The upload id as PROTOCOL.md §2 *Upload* derives it.
-fn upload_id(name: &str, sha: &Sha256, size: u64, chunk: u32) -> RequestId {
-    let mut h = sha2::Sha256::new();
-    h.update(b"synesis-upload\0");
-    h.update(name.as_bytes());
-    h.update(b"\0");
-    h.update(sha.0);
-    h.update(size.to_be_bytes());
-    h.update(chunk.to_be_bytes());
-    let digest: [u8; 32] = h.finalize().into();
-    RequestId::from_digest(digest[..16].try_into().unwrap())
-}
-
-/// New content and a new name for iteration `n`: the base adapter with `n` in its last 8 bytes.
-fn declare(base: &mut [u8], n: u64) -> UploadBegin {
-    let len = base.len();
-    base[len - 8..].copy_from_slice(&n.to_be_bytes());
-    let sha = Sha256(sha2::Sha256::digest(&*base).into());
-    let name = format!("bench-{n}");
-    UploadBegin {
-        upload_id: upload_id(&name, &sha, base.len() as u64, CHUNK),
+/// One push of `path` with the device's own client (`synesis_tunnel::upload::push`, what
+/// `synesis cloud push` runs) on its connection: the time it reports from `UploadBegin` to
+/// `UploadComplete` (the client's hashing of the file comes before and is not counted).
+async fn ours(route: &mut Route, path: &std::path::Path, name: String) -> Duration {
+    let upload = Upload {
+        path: path.to_owned(),
         name,
         base_model: "tiny".into(),
-        size_bytes: base.len() as u64,
-        sha256: sha,
         chunk_size_bytes: CHUNK,
-    }
-}
-
-/// One upload through the cloud: every chunk sent without waiting, then `UploadDone`; the time
-/// until `UploadComplete`.
-async fn ours(conn: &quinn::Connection, begin: UploadBegin, bytes: &[u8]) -> Duration {
-    let limits = FrameLimits::default();
-    let started = Instant::now();
-    let (mut tx, rx) = conn.open_bi().await.unwrap();
-    let mut rx = FramedRecv::new(rx, limits);
-    let id = begin.upload_id;
-    synesis_wire::send(&mut tx, &begin.into(), limits)
-        .await
-        .unwrap();
-    match rx.next().await.unwrap() {
-        Some(Message::UploadResume(r)) => assert!(r.chunks_held.is_empty(), "new content"),
-        other => panic!("{other:?}"),
-    }
-    for (i, piece) in bytes.chunks(CHUNK as usize).enumerate() {
-        let chunk = UploadChunk {
-            upload_id: id,
-            index: u32::try_from(i).unwrap(),
-            data: Blob(piece.to_vec()),
-        };
-        synesis_wire::send(&mut tx, &chunk.into(), limits)
-            .await
-            .unwrap();
-    }
-    synesis_wire::send(&mut tx, &UploadDone { upload_id: id }.into(), limits)
-        .await
-        .unwrap();
-    match rx.next().await.unwrap() {
-        Some(Message::UploadComplete(c)) => assert!(c.serving, "{c:?}"),
-        other => panic!("{other:?}"),
-    }
-    started.elapsed()
+    };
+    let (_cancel, cancel) = tokio::sync::watch::channel(false);
+    let pushed = push(route, &upload, cancel, &mut |_| {}).await.unwrap();
+    assert_eq!(pushed.resumed_from_bytes, 0, "new content");
+    assert!(pushed.complete.serving);
+    Duration::from_secs_f64(pushed.seconds)
 }
 
 /// An answer of the tiny model through the cloud, with `adapter` if any: the time to the first
@@ -148,12 +102,21 @@ async fn ttft(conn: &quinn::Connection, adapter: Option<&str>) -> Duration {
     first.expect("at least one chunk")
 }
 
-/// Pushes `bytes` as iteration `n`'s adapter (`bench-{n}`); its name.
-async fn push(conn: &quinn::Connection, bytes: &mut [u8], n: u64) -> String {
-    let begin = declare(bytes, n);
-    let name = begin.name.clone();
-    ours(conn, begin, bytes).await;
-    name
+/// Iteration `n`'s adapter: `bytes` with `n` in its last 8 bytes (new content each time),
+/// written to a file in `dir`, pushed as `bench-{n}`. Its name and the push's time.
+async fn push_new(
+    route: &mut Route,
+    dir: &std::path::Path,
+    bytes: &mut [u8],
+    n: u64,
+) -> (String, Duration) {
+    let len = bytes.len();
+    bytes[len - 8..].copy_from_slice(&n.to_be_bytes());
+    let path = dir.join(format!("adapter-{}.gguf", n % 2));
+    std::fs::write(&path, &*bytes).unwrap();
+    let name = format!("bench-{n}");
+    let took = ours(route, &path, name.clone()).await;
+    (name, took)
 }
 
 /// The same bytes over one plain quinn stream, in the same slices; the time until the server's
@@ -240,6 +203,7 @@ async fn cloud(
     synesis_cloud::endpoint::Cloud,
     quinn::Endpoint,
     quinn::Connection,
+    Identity,
 ) {
     let data_dir = dir.join("cloud");
     let mut billing = synesis_cloud::config::Billing::default();
@@ -309,7 +273,7 @@ async fn cloud(
         synesis_tunnel::connect::dial(&endpoint, config, cloud.addr(), Duration::from_secs(10))
             .await
             .unwrap();
-    (cloud, endpoint, conn)
+    (cloud, endpoint, conn, identity)
 }
 
 /// The median of `times`, as MiB/s for `SIZE` bytes each.
@@ -337,7 +301,8 @@ fn upload(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let (_cloud, _endpoint, conn) = runtime.block_on(cloud(dir.path(), &model));
+    let (_cloud, _endpoint, conn, identity) = runtime.block_on(cloud(dir.path(), &model));
+    let mut route = Route::Direct(identity, None);
     let (_server, _client, plain) = runtime.block_on(plain_quinn());
     let next = AtomicU64::new(0);
     let (mut ours_times, mut raw_times) = (Vec::new(), Vec::new());
@@ -349,8 +314,8 @@ fn upload(c: &mut Criterion) {
         b.iter_custom(|n| {
             let mut total = Duration::ZERO;
             for _ in 0..n {
-                let begin = declare(&mut base, next.fetch_add(1, Ordering::Relaxed));
-                let took = runtime.block_on(ours(&conn, begin, &base));
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let (_, took) = runtime.block_on(push_new(&mut route, dir.path(), &mut base, n));
                 ours_times.push(took);
                 total += took;
             }
@@ -385,8 +350,9 @@ fn upload(c: &mut Criterion) {
     // first, outside the timed part).
     let mut small = std::fs::read(&lora).unwrap();
     small.extend([0u8; 8]);
-    let warm = runtime.block_on(push(
-        &conn,
+    let (warm, _) = runtime.block_on(push_new(
+        &mut route,
+        dir.path(),
         &mut small,
         next.fetch_add(1, Ordering::Relaxed),
     ));
@@ -410,7 +376,8 @@ fn upload(c: &mut Criterion) {
             (0..n)
                 .map(|_| {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let name = runtime.block_on(push(&conn, &mut small, i));
+                    let (name, _) =
+                        runtime.block_on(push_new(&mut route, dir.path(), &mut small, i));
                     runtime.block_on(ttft(&conn, Some(&name)))
                 })
                 .sum()
