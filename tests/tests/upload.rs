@@ -560,3 +560,134 @@ fn a_push_killed_half_way_resumes_without_resending_what_the_cloud_holds() {
     assert_eq!(again["resumed_from_bytes"], size, "{again}");
     assert_eq!(again["sent_bytes"], 0, "{again}");
 }
+
+/// Limits: uploads in progress per account, storage per account (uploads in progress count at
+/// their declared size), and an abandoned partial upload removed after `abandon_after`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_limits_hold_and_an_abandoned_upload_is_removed() {
+    let s = setup(
+        "[adapters]\nuploads_per_account = 1\nstorage_per_account = \"2MiB\"\nabandon_after = \"1s\"\n",
+    );
+    let (_endpoint, conn) = connect(&s.device).await;
+    let a = std::fs::read(adapter(s.files.path(), "a.gguf", 7, 1_300_000)).unwrap();
+    let b = std::fs::read(adapter(s.files.path(), "b.gguf", 8, 1_300_000)).unwrap();
+    // One chunk of `a`, then the stream ends: an upload in progress.
+    let e = upload(&conn, &declare("a", &a), &a, |i| i == 0, |_| {}, false).await;
+    assert!(e.end.is_none(), "{e:?}");
+    assert_eq!(
+        code(&upload(&conn, &declare("b", &b), &b, |_| true, |_| {}, true).await),
+        ErrorCode::LIMIT_EXCEEDED
+    );
+    // Abandoned for longer than a second: removed, with its file.
+    let parts = s.cloud.dir().join("uploads");
+    assert!(
+        wait_for(Duration::from_secs(10), || uploads(&s.cloud).is_empty()),
+        "{:?}",
+        uploads(&s.cloud)
+    );
+    let left: Vec<_> = walk(&parts);
+    assert!(left.is_empty(), "{left:?}");
+    // Room again: `b` completes (1.3 MB of 2 MiB); then `a` no longer fits.
+    let e = upload(&conn, &declare("b", &b), &b, |_| true, |_| {}, true).await;
+    assert!(matches!(e.end, Some(Message::UploadComplete(_))), "{e:?}");
+    assert_eq!(
+        code(&upload(&conn, &declare("a", &a), &a, |_| true, |_| {}, true).await),
+        ErrorCode::TOO_LARGE
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .flat_map(|e| {
+            let p = e.path();
+            if p.is_dir() { walk(&p) } else { vec![p] }
+        })
+        .collect()
+}
+
+/// A new version pushed under the same name answers new requests; removing the name makes the
+/// cloud refuse it (and say how to see what there is).
+#[test]
+fn a_new_version_under_the_same_name_answers_next_and_rm_removes_it() {
+    let s = setup("");
+    let ask_cloud = || {
+        let out = s
+            .device
+            .synesis()
+            .args([
+                "--json",
+                "cloud",
+                "ask",
+                "--lora",
+                "style",
+                "--max-tokens",
+                "24",
+                "hi",
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .map(|v| v["text"].as_str().unwrap_or_default().to_owned())
+                .unwrap_or_default(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let local = |file: &Path, name: &str| {
+        run_ok(
+            s.device
+                .synesis()
+                .args(["lora", "add"])
+                .arg(file)
+                .args(["--name", name]),
+        );
+        json_of(s.device.synesis().args([
+            "--json",
+            "ask",
+            "--local",
+            "--lora",
+            name,
+            "--max-tokens",
+            "24",
+            "hi",
+        ]))["text"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let v1 = adapter(s.files.path(), "v1.gguf", 7, 0);
+    let v2 = adapter(s.files.path(), "v2.gguf", 8, 0);
+    let push = |file: &Path| {
+        json_of(
+            s.device
+                .synesis()
+                .args(["--json", "cloud", "push"])
+                .arg(file)
+                .args(["--name", "style", "--base", "tiny"]),
+        )
+    };
+    push(&v1);
+    let (ok, first, err) = ask_cloud();
+    assert!(ok, "{err}");
+    assert_eq!(first, local(&v1, "one"));
+    push(&v2);
+    let (ok, second, err) = ask_cloud();
+    assert!(ok, "{err}");
+    assert_eq!(second, local(&v2, "two"), "the new version answers");
+    assert_ne!(first, second);
+    let removed = json_of(
+        s.device
+            .synesis()
+            .args(["--json", "cloud", "adapters", "rm", "style"]),
+    );
+    assert_eq!(removed["removed"], "style", "{removed}");
+    let (ok, _, err) = ask_cloud();
+    assert!(!ok && err.contains("no adapter \"style\""), "{err}");
+    let listed = json_of(s.device.synesis().args(["--json", "cloud", "adapters"]));
+    assert!(!listed.to_string().contains("style"), "{listed}");
+}
