@@ -234,6 +234,7 @@ async fn run(peer: &Peer, begin: UploadBegin, stream: &mut Stream) -> Result<(),
             Arc::clone(&turn),
             from_scratch,
             declared.chunk_size,
+            chunks,
         ));
     }
     let mut upload = Receiving {
@@ -509,11 +510,19 @@ impl Drop for Sealed<'_> {
     }
 }
 
-/// The part file's writer: one blocking task that writes chunks in order of arrival (while
-/// the stream reads the next) and hashes them while they come in order from the first.
+/// The part file's writer: one task that writes chunks in order of arrival (while the stream
+/// reads the next) and hashes them while they come in order from the first.
 struct PartWriter {
     ops: tokio::sync::mpsc::Sender<Op>,
     task: Option<tokio::task::JoinHandle<Result<(), Refusal>>>,
+}
+
+async fn sync(file: &Arc<std::fs::File>) -> Result<(), Refusal> {
+    let file = Arc::clone(file);
+    tokio::task::spawn_blocking(move || file.sync_data())
+        .await
+        .map_err(Refusal::internal)?
+        .map_err(Refusal::internal)
 }
 
 enum Op {
@@ -527,40 +536,65 @@ enum Op {
 const WRITE_AHEAD: usize = 4;
 
 impl PartWriter {
-    fn start(file: std::fs::File, turn: Arc<Turn>, from_scratch: bool, chunk_size: u32) -> Self {
+    /// A writer for `file` (an upload of `chunks` chunks). A task, not a thread: each write or
+    /// sync runs on the blocking pool only while it runs, so a stream that sends nothing
+    /// holds no thread.
+    fn start(
+        file: std::fs::File,
+        turn: Arc<Turn>,
+        from_scratch: bool,
+        chunk_size: u32,
+        chunks: u32,
+    ) -> Self {
         let (ops, mut queue) = tokio::sync::mpsc::channel::<Op>(WRITE_AHEAD);
-        let task = tokio::task::spawn_blocking(move || {
+        let task = tokio::spawn(async move {
             use sha2::Digest;
-            use std::os::unix::fs::FileExt;
+            let file = Arc::new(file);
+            // The digest of chunks 0..next, while they came in order from the first.
             let mut hasher = from_scratch.then(sha2::Sha256::new);
             let mut next = 0u32;
-            while let Some(op) = queue.blocking_recv() {
+            while let Some(op) = queue.recv().await {
                 match op {
                     Op::Write(index, data) => {
-                        let at = u64::from(index) * u64::from(chunk_size);
-                        turn.write(|| file.write_all_at(&data, at))
-                            .ok_or_else(|| {
-                                Refusal(
-                                    ErrorCode::CANCELLED,
-                                    "a newer stream of this upload took over".into(),
-                                )
-                            })?
-                            .map_err(Refusal::internal)?;
-                        match &mut hasher {
-                            Some(h) if index == next => {
+                        let in_order = hasher.is_some() && index == next;
+                        let carried = if in_order { hasher.take() } else { None };
+                        let (file, turn) = (Arc::clone(&file), Arc::clone(&turn));
+                        let hashed = tokio::task::spawn_blocking(move || {
+                            use std::os::unix::fs::FileExt;
+                            let at = u64::from(index) * u64::from(chunk_size);
+                            turn.write(|| file.write_all_at(&data, at))
+                                .ok_or_else(|| {
+                                    Refusal(
+                                        ErrorCode::CANCELLED,
+                                        "a newer stream of this upload took over".into(),
+                                    )
+                                })?
+                                .map_err(Refusal::internal)?;
+                            Ok::<_, Refusal>(carried.map(|mut h| {
                                 h.update(&data);
-                                next += 1;
-                            }
-                            _ => hasher = None,
+                                h
+                            }))
+                        })
+                        .await
+                        .map_err(Refusal::internal)??;
+                        hasher = hashed;
+                        if hasher.is_some() {
+                            next += 1;
                         }
                     }
                     Op::Sync(done) => {
-                        file.sync_data().map_err(Refusal::internal)?;
+                        sync(&file).await?;
                         let _ = done.send(());
                     }
                     Op::Finish(done) => {
-                        file.sync_data().map_err(Refusal::internal)?;
-                        let _ = done.send(hasher.take().map(|h| Sha256(h.finalize().into())));
+                        sync(&file).await?;
+                        // Only a digest of every chunk, each written by this stream in order
+                        // after it took its turn, is the file's.
+                        let digest = hasher
+                            .take()
+                            .filter(|_| next == chunks)
+                            .map(|h| Sha256(h.finalize().into()));
+                        let _ = done.send(digest);
                         return Ok(());
                     }
                 }

@@ -691,3 +691,74 @@ fn a_new_version_under_the_same_name_answers_next_and_rm_removes_it() {
     let listed = json_of(s.device.synesis().args(["--json", "cloud", "adapters"]));
     assert!(!listed.to_string().contains("style"), "{listed}");
 }
+
+/// An attack on the digest: one stream writes the tail of an upload with bytes of its own,
+/// then a second stream of the same upload (which took over before the tail was recorded)
+/// sends only the head and declares the head's digest. The cloud must hash what is on disk,
+/// not what the second stream sent: `HASH_MISMATCH`, nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_covering_only_what_one_stream_sent_is_not_taken_for_the_files() {
+    let s = setup("");
+    let (_endpoint, conn) = connect(&s.device).await;
+    let bytes = std::fs::read(adapter(s.files.path(), "h.gguf", 7, 600_000)).unwrap();
+    let chunks = u32::try_from(bytes.len().div_ceil(CHUNK as usize)).unwrap();
+    let head = 3u32;
+    let head_len = (head * CHUNK) as usize;
+    // Declared: the full size, but the digest of the head alone.
+    let mut begin = declare("h", &bytes);
+    begin.sha256 = Sha256(sha2::Sha256::digest(&bytes[..head_len]).into());
+    begin.upload_id = upload_id("h", &begin.sha256, begin.size_bytes, CHUNK);
+    let chunk = |index: u32| -> Message {
+        let at = (index * CHUNK) as usize;
+        let end = (at + CHUNK as usize).min(bytes.len());
+        UploadChunk {
+            upload_id: begin.upload_id,
+            index,
+            data: Blob(bytes[at..end].to_vec()),
+        }
+        .into()
+    };
+    // Stream 1 writes the tail and stays open.
+    let (mut tx1, rx1) = conn.open_bi().await.unwrap();
+    let mut rx1 = FramedRecv::new(rx1, FrameLimits::default());
+    synesis_wire::send(&mut tx1, &begin.clone().into(), FrameLimits::default())
+        .await
+        .unwrap();
+    assert!(matches!(
+        rx1.next().await.unwrap(),
+        Some(Message::UploadResume(_))
+    ));
+    for i in head..chunks {
+        synesis_wire::send(&mut tx1, &chunk(i), FrameLimits::default())
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await; // written, not yet recorded
+    // Stream 2 takes over, sends the head only, and waits for stream 1's record.
+    let (mut tx2, rx2) = conn.open_bi().await.unwrap();
+    let mut rx2 = FramedRecv::new(rx2, FrameLimits::default());
+    synesis_wire::send(&mut tx2, &begin.clone().into(), FrameLimits::default())
+        .await
+        .unwrap();
+    match rx2.next().await.unwrap() {
+        Some(Message::UploadResume(r)) => assert!(r.chunks_held.is_empty(), "{r:?}"),
+        other => panic!("{other:?}"),
+    }
+    for i in 0..head {
+        synesis_wire::send(&mut tx2, &chunk(i), FrameLimits::default())
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let done = UploadDone {
+        upload_id: begin.upload_id,
+    };
+    synesis_wire::send(&mut tx2, &done.into(), FrameLimits::default())
+        .await
+        .unwrap();
+    match rx2.next().await.unwrap() {
+        Some(Message::ErrorMsg(m)) => assert_eq!(m.code, ErrorCode::HASH_MISMATCH, "{m:?}"),
+        other => panic!("stored under a digest that is not its bytes': {other:?}"),
+    }
+    assert!(listed(&conn).await.is_empty());
+}
