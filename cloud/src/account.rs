@@ -13,6 +13,7 @@ use synesis_proto::{Blob, ErrorCode, Message, RequestId, UnixMillis};
 use crate::endpoint::Peer;
 use crate::ledger::LedgerReads;
 use crate::shared::now;
+use crate::storage::adapters::Removed;
 use crate::storage::{Accounts, Devices, IssuedCert, Renewal};
 use crate::streams::{Stream, error_msg};
 
@@ -315,15 +316,20 @@ async fn remove_adapter(peer: &Peer, request_id: RequestId, name: String) -> Mes
         })
         .await
     {
-        Ok(Some(sha256)) => AdapterRemoved {
+        Ok(Removed::Removed(sha256)) => AdapterRemoved {
             request_id,
             name,
             sha256,
         }
         .into(),
-        Ok(None) => error_msg(
+        Ok(Removed::NotFound) => error_msg(
             ErrorCode::NOT_FOUND,
             format!("this account has no adapter named {name:?}"),
+            Some(request_id),
+        ),
+        Ok(Removed::Conflict) => error_msg(
+            ErrorCode::IDEMPOTENCY_CONFLICT,
+            "this request id removed another adapter",
             Some(request_id),
         ),
         Err(e) => internal(e, request_id),

@@ -39,6 +39,9 @@ pub const RECORD_EVERY: u32 = 64;
 const IDLE: Duration = Duration::from_secs(60);
 /// A stream quiet this long has its chunks recorded (a device cut off resumes from them).
 const RECORD_WHEN_QUIET: Duration = Duration::from_millis(500);
+/// A stream that keeps sending is recorded at least this often (however large its chunks),
+/// which keeps its upload from counting as idle (`BUSY_FOR`).
+const RECORD_AT_LEAST_EVERY: Duration = Duration::from_secs(30);
 /// Another upload to the same name is `BUSY` while it was active this recently (its record is
 /// written at least every [`RECORD_EVERY`] chunks and when its stream ends); idle longer, a
 /// new upload to the name supersedes it.
@@ -211,11 +214,21 @@ async fn run(peer: &Peer, begin: UploadBegin, stream: &mut Stream) -> Result<(),
     let chunks = declared.chunks();
     let mut held = Held::new(chunks, row.held);
     let key = (account, id);
-    let Some(turn) = shared.upload_fences.claim(key).map(Arc::new) else {
-        return Err(Refusal(
-            ErrorCode::BUSY,
-            "this upload is being verified; ask again in a moment".into(),
-        ));
+    let max_streams = shared.adapters.uploads_per_account.saturating_mul(2);
+    let turn = match shared.upload_fences.claim(key, max_streams) {
+        Ok(turn) => Arc::new(turn),
+        Err(NoTurn::Verifying) => {
+            return Err(Refusal(
+                ErrorCode::BUSY,
+                "this upload is being verified; ask again in a moment".into(),
+            ));
+        }
+        Err(NoTurn::Streams(n)) => {
+            return Err(Refusal(
+                ErrorCode::LIMIT_EXCEEDED,
+                format!("this account has {n} upload streams open, the most it may"),
+            ));
+        }
     };
     let mut writer = None;
     if !row.completed && !held.all() {
@@ -245,10 +258,17 @@ async fn run(peer: &Peer, begin: UploadBegin, stream: &mut Stream) -> Result<(),
         writer,
         received: 0,
         unrecorded: 0,
+        last_record: tokio::time::Instant::now(),
     };
     let result = upload.receive(stream, row.completed, &turn).await;
+    if let Some(writer) = upload.writer.take() {
+        writer.close().await;
+    }
     drop(upload);
-    shared.upload_fences.release(key, turn);
+    // The writer held the other reference.
+    if let Some(turn) = Arc::into_inner(turn) {
+        shared.upload_fences.release(key, turn);
+    }
     result
 }
 
@@ -263,6 +283,7 @@ struct Receiving<'a> {
     received: u64,
     /// Chunks written since the last record.
     unrecorded: u32,
+    last_record: tokio::time::Instant,
 }
 
 impl Receiving<'_> {
@@ -379,7 +400,9 @@ impl Receiving<'_> {
                 // Recorded as held only after the writer synced it (`record`).
                 self.held.set(c.index);
                 self.unrecorded += 1;
-                if self.unrecorded >= RECORD_EVERY {
+                if self.unrecorded >= RECORD_EVERY
+                    || self.last_record.elapsed() >= RECORD_AT_LEAST_EVERY
+                {
                     self.record().await?;
                 }
             }
@@ -388,6 +411,10 @@ impl Receiving<'_> {
 
     /// Syncs what was written, then records the chunks held (merged with any other stream's).
     async fn record(&mut self) -> Result<(), Refusal> {
+        self.last_record = tokio::time::Instant::now();
+        if self.unrecorded == 0 && self.received == 0 {
+            return Ok(()); // nothing came: the upload is not touched (nor kept alive)
+        }
         if let Some(writer) = &mut self.writer {
             writer.sync().await?;
         }
@@ -409,11 +436,18 @@ impl Receiving<'_> {
 /// Which stream of each upload may write its part file: the newest to begin it, until one
 /// seals it for verification (ARCHITECTURE.md §4). A stream that lost its turn stops at its
 /// next write; none can change the file once it is sealed, so what is verified is what is
-/// stored.
+/// stored. Also counts each account's upload streams, so that streams left open (each with
+/// its chunk queue and frame buffer) stay bounded.
 #[derive(Debug, Default)]
 pub(crate) struct Fences {
-    fences: std::sync::Mutex<std::collections::HashMap<(AccountId, RequestId), Arc<Fence>>>,
+    inner: std::sync::Mutex<FencesInner>,
     turns: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct FencesInner {
+    fences: std::collections::HashMap<(AccountId, RequestId), Arc<Fence>>,
+    streams: std::collections::HashMap<AccountId, usize>,
 }
 
 /// One upload's turn: the token of the stream that may write (tokens start at 1), `0` for
@@ -433,43 +467,59 @@ pub(crate) struct Turn {
     token: u64,
 }
 
+/// Why a stream got no turn.
+enum NoTurn {
+    Verifying,
+    /// The account has this many upload streams open already.
+    Streams(usize),
+}
+
 impl Fences {
-    /// The caller's turn to write `key`, taken from any earlier stream; `None` while it is
-    /// sealed.
-    fn claim(&self, key: (AccountId, RequestId)) -> Option<Turn> {
+    /// The caller's turn to write `key`, taken from any earlier stream: not while it is being
+    /// verified, nor past `max_streams` upload streams of the account.
+    fn claim(&self, key: (AccountId, RequestId), max_streams: usize) -> Result<Turn, NoTurn> {
         let token = self
             .turns
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
-        let fence = Arc::clone(
-            self.fences
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .entry(key)
-                .or_default(),
-        );
+        let mut inner = self.lock();
+        let open = inner.streams.get(&key.0).copied().unwrap_or(0);
+        if open >= max_streams {
+            return Err(NoTurn::Streams(open));
+        }
+        let fence = Arc::clone(inner.fences.entry(key).or_default());
         {
             let mut owner = fence.lock();
             if *owner == VERIFYING {
-                return None;
+                return Err(NoTurn::Verifying);
             }
             *owner = token;
         }
-        Some(Turn { fence, token })
+        *inner.streams.entry(key.0).or_default() += 1;
+        Ok(Turn { fence, token })
     }
 
-    /// The stream is done with `key`: the entry goes once no stream holds it (a writer that
-    /// has not stopped yet keeps it a little longer; the next claim reuses it).
-    fn release(&self, key: (AccountId, RequestId), turn: Arc<Turn>) {
-        let mut fences = self
-            .fences
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let last = Arc::strong_count(&turn) == 1 && Arc::strong_count(&turn.fence) <= 2;
+    /// The stream is done with `key` (its writer stopped): the entry goes once no other
+    /// stream holds it.
+    fn release(&self, key: (AccountId, RequestId), turn: Turn) {
+        let mut inner = self.lock();
+        if let Some(n) = inner.streams.get_mut(&key.0) {
+            *n -= 1;
+            if *n == 0 {
+                inner.streams.remove(&key.0);
+            }
+        }
+        let last = Arc::strong_count(&turn.fence) <= 2;
         drop(turn);
         if last {
-            fences.remove(&key);
+            inner.fences.remove(&key);
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FencesInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -607,6 +657,15 @@ impl PartWriter {
         }
     }
 
+    /// Stops the writer once it has done what was queued.
+    async fn close(mut self) {
+        let task = self.task.take();
+        drop(self);
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
     /// Why the writer stopped (it stops only on an error, or after `Finish`).
     async fn failure(&mut self) -> Refusal {
         match self.task.take() {
@@ -721,30 +780,46 @@ async fn finish(
         ));
     }
     let part = part_path(&shared.data_dir, account, id);
-    let sha = d.sha256;
+    let blob = blob_path(&shared.data_dir, account, &d.sha256);
+    let (sha, size) = (d.sha256, d.size_bytes);
     let held_already = shared
         .storage
-        .read(move |db| adapters::holds(db.connection(), account, &sha))
+        .read(move |db| adapters::holds(db.connection(), account, &sha, size))
         .await
         .map_err(Refusal::internal)?;
-    if !held_already {
-        let architecture = base_architecture(shared, &d.base_model).ok_or_else(|| {
-            Refusal(
-                ErrorCode::UNKNOWN_MODEL,
-                format!("{:?} is no longer served", d.base_model),
-            )
-        })?;
-        let blob = blob_path(&shared.data_dir, account, &d.sha256);
-        let (part_file, want) = (part.clone(), d.clone());
+    let architecture = base_architecture(shared, &d.base_model).ok_or_else(|| {
+        Refusal(
+            ErrorCode::UNKNOWN_MODEL,
+            format!("{:?} is no longer served", d.base_model),
+        )
+    })?;
+    {
+        // Content the account holds is checked against this base model (a header read); a new
+        // upload is verified whole. A part file already moved into place (a crash between the
+        // move and the record) is verified where it is.
+        let (part_file, blob_file, want) = (part.clone(), blob.clone(), d.clone());
         let verified = tokio::task::spawn_blocking(move || {
-            verify_and_store(&part_file, &blob, &want, hashed, &architecture)
+            if held_already {
+                check_header(&blob_file, &want, &architecture)
+            } else if !part_file.exists() && blob_file.exists() {
+                let actual = hash_file(&blob_file).map_err(Refusal::internal)?;
+                check(&blob_file, actual, &want, &architecture)
+            } else if !part_file.exists() {
+                Err(Refusal(
+                    ErrorCode::NOT_FOUND,
+                    "this upload's data is gone from the cloud; push it again".into(),
+                ))
+            } else {
+                verify_and_store(&part_file, &blob_file, &want, hashed, &architecture)
+            }
         })
         .await
         .map_err(Refusal::internal)?;
         if let Err(refusal) = verified {
+            // Nothing this upload holds can complete it any more: it starts again.
             if matches!(
                 refusal.0,
-                ErrorCode::HASH_MISMATCH | ErrorCode::ADAPTER_INVALID
+                ErrorCode::HASH_MISMATCH | ErrorCode::ADAPTER_INVALID | ErrorCode::NOT_FOUND
             ) {
                 let _ = shared
                     .storage
@@ -759,11 +834,29 @@ async fn finish(
         }
     }
     let want = d.clone();
-    shared
+    // On the write connection, where the sweeper also deletes content: the file is there when
+    // the name is pointed at it.
+    let stored = shared
         .storage
-        .write(move |db| adapters::complete(db.connection_mut(), account, id, device, &want, now()))
+        .write(move |db| {
+            if !blob.exists() {
+                return Ok(false);
+            }
+            adapters::complete(db.connection_mut(), account, id, device, &want, now())?;
+            Ok(true)
+        })
         .await
         .map_err(Refusal::internal)?;
+    if !stored {
+        let _ = shared
+            .storage
+            .write(move |db| adapters::discard(db.connection(), account, id))
+            .await;
+        return Err(Refusal(
+            ErrorCode::NOT_FOUND,
+            "the content this upload named was removed meanwhile; push it again".into(),
+        ));
+    }
     if held_already {
         let _ = std::fs::remove_file(part_path(&shared.data_dir, account, id));
     }
@@ -828,6 +921,11 @@ fn check(file: &Path, actual: Sha256, d: &Declared, architecture: &str) -> Resul
             ),
         ));
     }
+    check_header(file, d, architecture)
+}
+
+/// The file is a GGUF LoRA adapter for `architecture`.
+fn check_header(file: &Path, d: &Declared, architecture: &str) -> Result<(), Refusal> {
     let invalid = |why: String| Refusal(ErrorCode::ADAPTER_INVALID, why);
     let meta = synesis_infer::GgufMetadata::read(file)
         .map_err(|e| invalid(format!("not a GGUF file: {e}")))?;

@@ -762,3 +762,68 @@ async fn a_digest_covering_only_what_one_stream_sent_is_not_taken_for_the_files(
     }
     assert!(listed(&conn).await.is_empty());
 }
+
+/// Content the account already holds is not a way around the checks: declared with another
+/// size it is not "held" (it must be sent), and named for a base model of another architecture
+/// it is `ADAPTER_INVALID`; a removal's request id used again for another name is a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_content_is_checked_again_for_each_declaration() {
+    let other = tempfile::tempdir().unwrap();
+    let qwen = other.path().join("qwen.gguf");
+    synesis_infer::tiny::write_model(&qwen, synesis_infer::tiny::TinySpec::TINY).unwrap();
+    let mut model = std::fs::read(&qwen).unwrap();
+    let at = model.windows(5).position(|w| w == b"llama").unwrap();
+    model[at..at + 5].copy_from_slice(b"qwen2");
+    std::fs::write(&qwen, model).unwrap();
+    let s = setup(&format!(
+        "[prices.qwen]\ninput_usd_per_mtok = \"1.00\"\noutput_usd_per_mtok = \"2.00\"\n\
+         [models.qwen]\nprovider = \"llama\"\npath = {:?}\n",
+        qwen.display().to_string()
+    ));
+    let (_endpoint, conn) = connect(&s.device).await;
+    let bytes = std::fs::read(adapter(s.files.path(), "c.gguf", 7, 200_000)).unwrap();
+    let e = upload(&conn, &declare("c", &bytes), &bytes, |_| true, |_| {}, true).await;
+    assert!(matches!(e.end, Some(Message::UploadComplete(_))), "{e:?}");
+
+    let mut resized = declare("c-big", &bytes);
+    resized.size_bytes += 1_000;
+    resized.upload_id = upload_id("c-big", &resized.sha256, resized.size_bytes, CHUNK);
+    let e = upload(&conn, &resized, &bytes, |_| false, |_| {}, false).await;
+    assert!(e.held.is_empty(), "another size is other content: {e:?}");
+
+    let mut elsewhere = declare("c-qwen", &bytes);
+    elsewhere.base_model = "qwen".into();
+    let e = upload(&conn, &elsewhere, &bytes, |_| false, |_| {}, true).await;
+    assert_eq!(code(&e), ErrorCode::ADAPTER_INVALID, "{e:?}");
+    assert_eq!(listed(&conn).await, ["c"]);
+
+    let remove = |name: &str| synesis_proto::message::AdapterRemove {
+        request_id: RequestId::from_parts(7, [7; 10]),
+        name: name.into(),
+    };
+    let ask = |m: synesis_proto::message::AdapterRemove| {
+        let conn = conn.clone();
+        async move {
+            let (mut tx, rx) = conn.open_bi().await.unwrap();
+            synesis_wire::send(&mut tx, &m.into(), FrameLimits::default())
+                .await
+                .unwrap();
+            FramedRecv::new(rx, FrameLimits::default())
+                .next()
+                .await
+                .unwrap()
+        }
+    };
+    assert!(matches!(
+        ask(remove("c")).await,
+        Some(Message::AdapterRemoved(_))
+    ));
+    assert!(
+        matches!(ask(remove("c")).await, Some(Message::AdapterRemoved(_))),
+        "a replay"
+    );
+    match ask(remove("other")).await {
+        Some(Message::ErrorMsg(m)) => assert_eq!(m.code, ErrorCode::IDEMPOTENCY_CONFLICT),
+        other => panic!("{other:?}"),
+    }
+}

@@ -152,7 +152,7 @@ pub fn begin(
     };
     let chunks = d.chunks();
     let mut held = vec![0u8; chunks.div_ceil(8) as usize];
-    if holds(&tx, account, &d.sha256)? {
+    if holds(&tx, account, &d.sha256, d.size_bytes)? {
         for i in 0..chunks {
             held[(i / 8) as usize] |= 1 << (i % 8);
         }
@@ -180,11 +180,17 @@ pub fn begin(
     insert(tx, account, upload, device, d, held, now, superseded)
 }
 
-/// Whether the account holds content with this digest.
-pub fn holds(conn: &Connection, account: AccountId, sha: &Sha256) -> Result<bool, StorageError> {
+/// Whether the account holds content with this digest and size.
+pub fn holds(
+    conn: &Connection,
+    account: AccountId,
+    sha: &Sha256,
+    size: u64,
+) -> Result<bool, StorageError> {
     Ok(conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM adapter_blobs WHERE account_id = ?1 AND sha256 = ?2)",
-        params![account.to_string(), &sha.0[..]],
+        "SELECT EXISTS (SELECT 1 FROM adapter_blobs
+                        WHERE account_id = ?1 AND sha256 = ?2 AND size_bytes = ?3)",
+        params![account.to_string(), &sha.0[..], i64_of(size)?],
         |r| r.get(0),
     )?)
 }
@@ -473,6 +479,16 @@ fn list_where(
     Ok(out)
 }
 
+/// What removing a name came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removed {
+    /// The content the name pointed to (now, or for the first try of this request id).
+    Removed(Sha256),
+    NotFound,
+    /// The request id removed another name.
+    Conflict,
+}
+
 /// Removes a name, once per request id: a repeated id answers what the first removed.
 pub fn remove(
     conn: &mut Connection,
@@ -480,19 +496,22 @@ pub fn remove(
     request: RequestId,
     name: &str,
     now: UnixMillis,
-) -> Result<Option<Sha256>, StorageError> {
+) -> Result<Removed, StorageError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let acct = account.to_string();
-    let earlier: Option<Vec<u8>> = tx
+    let earlier: Option<(String, Vec<u8>)> = tx
         .query_row(
-            "SELECT sha256 FROM adapter_removals
-             WHERE account_id = ?1 AND request_id = ?2 AND name = ?3",
-            params![acct, request.to_string(), name],
-            |r| r.get(0),
+            "SELECT name, sha256 FROM adapter_removals WHERE account_id = ?1 AND request_id = ?2",
+            params![acct, request.to_string()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    if let Some(sha) = earlier {
-        return digest(sha).map(Some);
+    if let Some((removed, sha)) = earlier {
+        return Ok(if removed == name {
+            Removed::Removed(digest(sha)?)
+        } else {
+            Removed::Conflict
+        });
     }
     let current: Option<Vec<u8>> = tx
         .query_row(
@@ -502,7 +521,7 @@ pub fn remove(
         )
         .optional()?;
     let Some(sha) = current else {
-        return Ok(None);
+        return Ok(Removed::NotFound);
     };
     tx.execute(
         "DELETE FROM adapters WHERE account_id = ?1 AND name = ?2",
@@ -515,7 +534,7 @@ pub fn remove(
     )?;
     release_if_unused(&tx, account, &sha, now)?;
     tx.commit()?;
-    digest(sha).map(Some)
+    digest(sha).map(Removed::Removed)
 }
 
 /// What the sweeper removes: uploads untouched since `abandoned_before` (their rows go now,
@@ -548,6 +567,15 @@ pub fn sweep(
                 .uploads
                 .push((a.parse().map_err(corrupt)?, u.parse().map_err(corrupt)?));
         }
+        // Finished uploads and removals are kept for replays as long as partial uploads are.
+        tx.execute(
+            "DELETE FROM adapter_uploads WHERE completed_at IS NOT NULL AND completed_at < ?1",
+            params![abandoned_before.0],
+        )?;
+        tx.execute(
+            "DELETE FROM adapter_removals WHERE at < ?1",
+            params![abandoned_before.0],
+        )?;
         let mut stmt = tx.prepare(
             "DELETE FROM adapter_blobs WHERE released_at IS NOT NULL AND released_at < ?1
              RETURNING account_id, sha256",
