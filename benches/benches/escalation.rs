@@ -16,11 +16,14 @@
 //! provider alone.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // bench code
 
+#[allow(dead_code)] // each bench uses part of it
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{BenchCloud, cloud_with_device};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use synesis_cloud::config::{EscalationSettings, ProviderConfig, Served, Serving};
-use synesis_cloud::endpoint::{CERT_LIFETIME_DEFAULT, Options, start};
 use synesis_cloud::provider::local::{Llama, LocalSettings};
 use synesis_cloud::provider::{Ask, Event, Provider};
 use synesis_proto::message::{ChatRole, ChatTurn, EscalationRequest, Preferences, Tier};
@@ -115,28 +118,12 @@ async fn tunnelled(conn: &quinn::Connection, model: &str) -> (Duration, Duration
 }
 
 /// An embedded cloud serving `models` (name, file), an enrolled device, its connection.
-async fn cloud(
-    dir: &std::path::Path,
-    models: &[(&str, std::path::PathBuf)],
-) -> (
-    synesis_cloud::endpoint::Cloud,
-    quinn::Endpoint,
-    quinn::Connection,
-) {
-    let data_dir = dir.join("cloud");
-    let mut billing = synesis_cloud::config::Billing::default();
+async fn cloud(dir: &std::path::Path, models: &[(&str, std::path::PathBuf)]) -> BenchCloud {
     let mut serving = Serving {
         escalation: EscalationSettings::default(),
         ..Serving::default()
     };
     for (name, file) in models {
-        billing.prices.set(
-            name,
-            synesis_billing::ModelPrice {
-                input_per_mtok: synesis_billing::MicroUsd(1_000_000),
-                output_per_mtok: synesis_billing::MicroUsd(2_000_000),
-            },
-        );
         serving.models.insert(
             (*name).into(),
             Served {
@@ -145,44 +132,7 @@ async fn cloud(
             },
         );
     }
-    let cloud = start(Options {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: data_dir.clone(),
-        drain_window: Duration::from_millis(100),
-        drain_grace: Duration::from_millis(500),
-        billing,
-        serving,
-        cert_lifetime: CERT_LIFETIME_DEFAULT,
-    })
-    .await
-    .unwrap();
-    synesis_cloud::admin::account_create(&data_dir, "bench", Tier::Managed, false).unwrap();
-    synesis_cloud::admin::credit(
-        &data_dir,
-        "bench",
-        synesis_proto::MicroUsd(1_000_000_000),
-        false,
-    )
-    .unwrap();
-    let token = synesis_cloud::admin::token_issue(
-        &data_dir,
-        "bench",
-        Duration::from_secs(600),
-        Some(cloud.addr().to_string()),
-    )
-    .unwrap();
-    let pending = synesis_tunnel::enroll::PendingEnrollment::begin(&token, "bench").unwrap();
-    let identity = synesis_tunnel::enroll::enroll(&token, &pending)
-        .await
-        .unwrap();
-    let config =
-        synesis_tunnel::tls::device_client_config(&identity, Duration::from_secs(5)).unwrap();
-    let endpoint = synesis_tunnel::connect::client_endpoint(cloud.addr()).unwrap();
-    let conn =
-        synesis_tunnel::connect::dial(&endpoint, config, cloud.addr(), Duration::from_secs(10))
-            .await
-            .unwrap();
-    (cloud, endpoint, conn)
+    cloud_with_device(dir, serving).await
 }
 
 fn escalation(c: &mut Criterion) {
@@ -205,12 +155,13 @@ fn escalation(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let (_cloud, _endpoint, conn) = runtime.block_on(cloud(dir.path(), &models));
+    let bench = runtime.block_on(cloud(dir.path(), &models));
+    let conn = &bench.conn;
     for (name, file) in &models {
         let provider = Llama::new(settings(file)).unwrap();
         // Warm both (model loads, first contexts) and check they answer alike.
         let (_, _, alone) = runtime.block_on(direct(&provider, name));
-        let (_, _, through) = runtime.block_on(tunnelled(&conn, name));
+        let (_, _, through) = runtime.block_on(tunnelled(conn, name));
         assert_eq!(alone, through, "the same greedy answer both ways");
 
         let mut ttft = c.benchmark_group(format!("escalation/{name}/ttft"));
@@ -224,7 +175,7 @@ fn escalation(c: &mut Criterion) {
         ttft.bench_function("tunnel", |b| {
             b.iter_custom(|n| {
                 (0..n)
-                    .map(|_| runtime.block_on(tunnelled(&conn, name)).0)
+                    .map(|_| runtime.block_on(tunnelled(conn, name)).0)
                     .sum()
             });
         });
@@ -242,7 +193,7 @@ fn escalation(c: &mut Criterion) {
         answer.bench_function("tunnel", |b| {
             b.iter_custom(|n| {
                 (0..n)
-                    .map(|_| runtime.block_on(tunnelled(&conn, name)).1)
+                    .map(|_| runtime.block_on(tunnelled(conn, name)).1)
                     .sum()
             });
         });

@@ -26,17 +26,19 @@
 //! path's own cost from the disk's. Goal: ours/raw ≥ 0.90.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // bench code
 
+#[allow(dead_code)] // each bench uses part of it
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::{BenchCloud, cloud_with_device};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use synesis_cloud::config::{AdapterSettings, ProviderConfig, Served, Serving};
-use synesis_cloud::endpoint::{CERT_LIFETIME_DEFAULT, Options, start};
 use synesis_cloud::provider::local::LocalSettings;
 use synesis_proto::message::{ChatRole, ChatTurn, EscalationRequest, Preferences, Tier};
 use synesis_proto::{FrameLimits, Message, RequestId};
-use synesis_tunnel::Identity;
 use synesis_tunnel::upload::{Route, Upload, push};
 use synesis_wire::FramedRecv;
 
@@ -194,26 +196,8 @@ async fn plain_quinn() -> (quinn::Endpoint, quinn::Endpoint, quinn::Connection) 
     (server, client, conn)
 }
 
-/// An embedded cloud serving the tiny model as `tiny`, with room for every upload of the run;
-/// an enrolled device of a Managed account, its connection.
-async fn cloud(
-    dir: &std::path::Path,
-    model: &std::path::Path,
-) -> (
-    synesis_cloud::endpoint::Cloud,
-    quinn::Endpoint,
-    quinn::Connection,
-    Identity,
-) {
-    let data_dir = dir.join("cloud");
-    let mut billing = synesis_cloud::config::Billing::default();
-    billing.prices.set(
-        "tiny",
-        synesis_billing::ModelPrice {
-            input_per_mtok: synesis_billing::MicroUsd(1_000_000),
-            output_per_mtok: synesis_billing::MicroUsd(2_000_000),
-        },
-    );
+/// An embedded cloud serving the tiny model (and room for every upload), and a device.
+async fn cloud(dir: &std::path::Path, model: &std::path::Path) -> BenchCloud {
     let mut serving = Serving {
         adapters: AdapterSettings {
             storage_per_account: 1 << 40,
@@ -236,44 +220,7 @@ async fn cloud(
             tiers: vec![Tier::Free, Tier::Managed],
         },
     );
-    let cloud = start(Options {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: data_dir.clone(),
-        drain_window: Duration::from_millis(100),
-        drain_grace: Duration::from_millis(500),
-        billing,
-        serving,
-        cert_lifetime: CERT_LIFETIME_DEFAULT,
-    })
-    .await
-    .unwrap();
-    synesis_cloud::admin::account_create(&data_dir, "bench", Tier::Managed, false).unwrap();
-    synesis_cloud::admin::credit(
-        &data_dir,
-        "bench",
-        synesis_proto::MicroUsd(1_000_000_000),
-        false,
-    )
-    .unwrap();
-    let token = synesis_cloud::admin::token_issue(
-        &data_dir,
-        "bench",
-        Duration::from_secs(600),
-        Some(cloud.addr().to_string()),
-    )
-    .unwrap();
-    let pending = synesis_tunnel::enroll::PendingEnrollment::begin(&token, "bench").unwrap();
-    let identity = synesis_tunnel::enroll::enroll(&token, &pending)
-        .await
-        .unwrap();
-    let config =
-        synesis_tunnel::tls::device_client_config(&identity, Duration::from_secs(5)).unwrap();
-    let endpoint = synesis_tunnel::connect::client_endpoint(cloud.addr()).unwrap();
-    let conn =
-        synesis_tunnel::connect::dial(&endpoint, config, cloud.addr(), Duration::from_secs(10))
-            .await
-            .unwrap();
-    (cloud, endpoint, conn, identity)
+    cloud_with_device(dir, serving).await
 }
 
 /// The median of `times`, as MiB/s for `SIZE` bytes each.
@@ -301,8 +248,9 @@ fn upload(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let (_cloud, _endpoint, conn, identity) = runtime.block_on(cloud(dir.path(), &model));
-    let mut route = Route::Direct(identity, None);
+    let bench = runtime.block_on(cloud(dir.path(), &model));
+    let conn = &bench.conn;
+    let mut route = Route::Direct(bench.identity.clone(), None);
     let (_server, _client, plain) = runtime.block_on(plain_quinn());
     let next = AtomicU64::new(0);
     let (mut ours_times, mut raw_times) = (Vec::new(), Vec::new());
@@ -356,18 +304,18 @@ fn upload(c: &mut Criterion) {
         &mut small,
         next.fetch_add(1, Ordering::Relaxed),
     ));
-    runtime.block_on(ttft(&conn, Some(&warm)));
-    runtime.block_on(ttft(&conn, None));
+    runtime.block_on(ttft(conn, Some(&warm)));
+    runtime.block_on(ttft(conn, None));
     let mut ask = c.benchmark_group("upload/ask_ttft");
     ask.sampling_mode(SamplingMode::Flat);
     ask.measurement_time(Duration::from_secs(2));
     ask.bench_function("no_adapter", |b| {
-        b.iter_custom(|n| (0..n).map(|_| runtime.block_on(ttft(&conn, None))).sum());
+        b.iter_custom(|n| (0..n).map(|_| runtime.block_on(ttft(conn, None))).sum());
     });
     ask.bench_function("warm_adapter", |b| {
         b.iter_custom(|n| {
             (0..n)
-                .map(|_| runtime.block_on(ttft(&conn, Some(&warm))))
+                .map(|_| runtime.block_on(ttft(conn, Some(&warm))))
                 .sum()
         });
     });
@@ -378,7 +326,7 @@ fn upload(c: &mut Criterion) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let (name, _) =
                         runtime.block_on(push_new(&mut route, dir.path(), &mut small, i));
-                    runtime.block_on(ttft(&conn, Some(&name)))
+                    runtime.block_on(ttft(conn, Some(&name)))
                 })
                 .sum()
         });

@@ -458,3 +458,22 @@ pub fn empty_vitals() -> synesis_proto::vitals::Vitals {
         gpu_unavailable_reason: None,
     }
 }
+
+/// One mutual-TLS connection of `device` (enrolled) to its cloud, for a client speaking the
+/// protocol itself: the endpoint (keep it alive) and the connection.
+pub async fn connect(device: &Device) -> (quinn::Endpoint, quinn::Connection) {
+    use std::time::Duration;
+    let identity = synesis_tunnel::Identity::load(&device.home().join("data"))
+        .expect("the device's identity reads")
+        .expect("the device is enrolled");
+    let config = synesis_tunnel::tls::device_client_config(&identity, Duration::from_secs(5))
+        .expect("a client config");
+    let addr = synesis_tunnel::connect::resolve(&identity.info.server)
+        .await
+        .expect("the cloud's address resolves");
+    let endpoint = synesis_tunnel::connect::client_endpoint(addr).expect("a client endpoint");
+    let conn = synesis_tunnel::connect::dial(&endpoint, config, addr, Duration::from_secs(10))
+        .await
+        .expect("the cloud answers");
+    (endpoint, conn)
+}

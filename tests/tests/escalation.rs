@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use synesis_e2e::{Cloud, Device, json_of, run_ok, wait_for};
+use synesis_e2e::{Cloud, Device, connect, json_of, run_ok, wait_for};
 use synesis_proto::message::{
     ChatRole, ChatTurn, EscalationCancel, EscalationRequest, FinishReason, Preferences,
 };
@@ -160,23 +160,6 @@ fn request(id: RequestId, max_tokens: u32) -> EscalationRequest {
         },
         byok_key: None,
     }
-}
-
-/// A raw protocol client: one mutual-TLS connection of the device.
-async fn connect(device: &Device) -> (quinn::Endpoint, quinn::Connection) {
-    let identity = Identity::load(&device.home().join("data"))
-        .unwrap()
-        .unwrap();
-    let config =
-        synesis_tunnel::tls::device_client_config(&identity, Duration::from_secs(5)).unwrap();
-    let addr = synesis_tunnel::connect::resolve(&identity.info.server)
-        .await
-        .unwrap();
-    let endpoint = synesis_tunnel::connect::client_endpoint(addr).unwrap();
-    let conn = synesis_tunnel::connect::dial(&endpoint, config, addr, Duration::from_secs(10))
-        .await
-        .unwrap();
-    (endpoint, conn)
 }
 
 /// What came back on one escalation stream.

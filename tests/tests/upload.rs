@@ -10,10 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sha2::Digest;
-use synesis_e2e::{Cloud, Device, json_of, run_ok, wait_for};
+use synesis_e2e::{Cloud, Device, connect, json_of, run_ok, wait_for};
 use synesis_proto::message::{AdaptersRequest, UploadBegin, UploadChunk, UploadDone};
 use synesis_proto::{Blob, ErrorCode, FrameLimits, Message, RequestId, Sha256};
-use synesis_tunnel::Identity;
 use synesis_wire::FramedRecv;
 
 const CHUNK: u32 = 64 * 1024;
@@ -86,23 +85,6 @@ fn adapter(dir: &Path, name: &str, seed: u64, pad: usize) -> PathBuf {
         std::fs::write(&path, bytes).unwrap();
     }
     path
-}
-
-/// One mutual-TLS connection of the device, for a client written from the spec.
-async fn connect(device: &Device) -> (quinn::Endpoint, quinn::Connection) {
-    let identity = Identity::load(&device.home().join("data"))
-        .unwrap()
-        .unwrap();
-    let config =
-        synesis_tunnel::tls::device_client_config(&identity, Duration::from_secs(5)).unwrap();
-    let addr = synesis_tunnel::connect::resolve(&identity.info.server)
-        .await
-        .unwrap();
-    let endpoint = synesis_tunnel::connect::client_endpoint(addr).unwrap();
-    let conn = synesis_tunnel::connect::dial(&endpoint, config, addr, Duration::from_secs(10))
-        .await
-        .unwrap();
-    (endpoint, conn)
 }
 
 /// The upload id as PROTOCOL.md §2 *Upload* derives it (written here from the spec).
