@@ -21,14 +21,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{BenchCloud, cloud_with_device};
+use common::{BenchCloud, cloud_with_device, escalate};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use synesis_cloud::config::{EscalationSettings, ProviderConfig, Served, Serving};
 use synesis_cloud::provider::local::{Llama, LocalSettings};
 use synesis_cloud::provider::{Ask, Event, Provider};
-use synesis_proto::message::{ChatRole, ChatTurn, EscalationRequest, Preferences, Tier};
-use synesis_proto::{FrameLimits, Message, RequestId};
-use synesis_wire::FramedRecv;
+use synesis_proto::message::{ChatRole, ChatTurn, Tier};
 
 const MAX_TOKENS: u32 = 64;
 
@@ -82,39 +80,7 @@ async fn direct(provider: &Llama, model: &str) -> (Duration, Duration, u64) {
 
 /// One answer through the cloud on `conn`: (time to the first chunk, whole time, chunks).
 async fn tunnelled(conn: &quinn::Connection, model: &str) -> (Duration, Duration, u64) {
-    let request = EscalationRequest {
-        request_id: RequestId::try_from_uuid(uuid::Uuid::now_v7()).unwrap(),
-        model: model.into(),
-        adapter: None,
-        context: turns(),
-        preferences: Preferences {
-            max_tokens: MAX_TOKENS,
-            temperature: 0.0,
-            top_p: None,
-            seed: None,
-            stop: vec![],
-            max_cost: None,
-        },
-        byok_key: None,
-    };
-    let started = Instant::now();
-    let (mut tx, rx) = conn.open_bi().await.unwrap();
-    synesis_wire::send(&mut tx, &request.into(), FrameLimits::default())
-        .await
-        .unwrap();
-    let mut rx = FramedRecv::new(rx, FrameLimits::default());
-    let (mut first, mut chunks) = (None, 0);
-    loop {
-        match rx.next().await.unwrap() {
-            Some(Message::EscalationChunk(_)) => {
-                first.get_or_insert_with(|| started.elapsed());
-                chunks += 1;
-            }
-            Some(Message::EscalationDone(_)) => break,
-            other => panic!("{other:?}"),
-        }
-    }
-    (first.unwrap_or_default(), started.elapsed(), chunks)
+    escalate(conn, model, None, turns(), MAX_TOKENS).await
 }
 
 /// An embedded cloud serving `models` (name, file), an enrolled device, its connection.

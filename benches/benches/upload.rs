@@ -33,14 +33,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{BenchCloud, cloud_with_device};
+use common::{BenchCloud, cloud_with_device, escalate};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use synesis_cloud::config::{AdapterSettings, ProviderConfig, Served, Serving};
 use synesis_cloud::provider::local::LocalSettings;
-use synesis_proto::message::{ChatRole, ChatTurn, EscalationRequest, Preferences, Tier};
-use synesis_proto::{FrameLimits, Message, RequestId};
+use synesis_proto::message::{ChatRole, ChatTurn, Tier};
 use synesis_tunnel::upload::{Route, Upload, push};
-use synesis_wire::FramedRecv;
 
 /// The adapter's size.
 const SIZE: usize = 64 << 20;
@@ -67,41 +65,11 @@ async fn ours(route: &mut Route, path: &std::path::Path, name: String) -> Durati
 /// An answer of the tiny model through the cloud, with `adapter` if any: the time to the first
 /// chunk (the whole answer is read before returning).
 async fn ttft(conn: &quinn::Connection, adapter: Option<&str>) -> Duration {
-    let request = EscalationRequest {
-        request_id: RequestId::try_from_uuid(uuid::Uuid::now_v7()).unwrap(),
-        model: "tiny".into(),
-        adapter: adapter.map(Into::into),
-        context: vec![ChatTurn {
-            role: ChatRole::User,
-            content: "hello".into(),
-        }],
-        preferences: Preferences {
-            max_tokens: 16,
-            temperature: 0.0,
-            top_p: None,
-            seed: None,
-            stop: vec![],
-            max_cost: None,
-        },
-        byok_key: None,
-    };
-    let started = Instant::now();
-    let (mut tx, rx) = conn.open_bi().await.unwrap();
-    synesis_wire::send(&mut tx, &request.into(), FrameLimits::default())
-        .await
-        .unwrap();
-    let mut rx = FramedRecv::new(rx, FrameLimits::default());
-    let mut first = None;
-    loop {
-        match rx.next().await.unwrap() {
-            Some(Message::EscalationChunk(_)) => {
-                first.get_or_insert_with(|| started.elapsed());
-            }
-            Some(Message::EscalationDone(_)) => break,
-            other => panic!("{other:?}"),
-        }
-    }
-    first.expect("at least one chunk")
+    let turns = vec![ChatTurn {
+        role: ChatRole::User,
+        content: "hello".into(),
+    }];
+    escalate(conn, "tiny", adapter, turns, 16).await.0
 }
 
 /// Iteration `n`'s adapter: `bytes` with `n` in its last 8 bytes (new content each time),

@@ -256,6 +256,25 @@ impl Cloud {
             .to_owned()
     }
 
+    /// A new voucher worth `dollars` (e.g. `"10.00"`): its code.
+    pub fn voucher(&self, dollars: &str) -> String {
+        let out = run_ok(self.admin().args(["voucher", "create", dollars]));
+        String::from_utf8(out.stdout)
+            .expect("UTF-8")
+            .trim()
+            .to_owned()
+    }
+
+    /// Credits `device`'s account with `dollars` through a voucher it redeems.
+    pub fn top_up(&self, device: &Device, dollars: &str) {
+        let code = self.voucher(dollars);
+        run_ok(
+            device
+                .synesis()
+                .args(["cloud", "topup", "--voucher", &code]),
+        );
+    }
+
     pub fn devices(&self) -> Vec<serde_json::Value> {
         match json_of(self.admin().args(["devices", "--json"])) {
             serde_json::Value::Array(devices) => devices,

@@ -15,8 +15,7 @@ fn a_voucher_tops_up_exactly_once() {
             .admin()
             .args(["account", "set-tier", "acme", "managed"]),
     );
-    let out = run_ok(cloud.admin().args(["voucher", "create", "10.00"]));
-    let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let code = cloud.voucher("10.00");
 
     let topped = json_of(
         device

@@ -68,13 +68,7 @@ fn setup_with(
     let token = cloud.token("acme", "1h");
     device.login(&token);
     if let Some(amount) = credit {
-        let out = run_ok(cloud.admin().args(["voucher", "create", amount]));
-        let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-        run_ok(
-            device
-                .synesis()
-                .args(["cloud", "topup", "--voucher", &code]),
-        );
+        cloud.top_up(&device, amount);
     }
     Setup {
         cloud,
@@ -382,13 +376,7 @@ fn refusals_come_first_are_clear_and_cost_nothing() {
     );
     let byok = ask(&["--byok"]);
     assert!(byok.contains("SYNESIS_BYOK_KEY"), "{byok}");
-    let out = run_ok(s.cloud.admin().args(["voucher", "create", "1.00"]));
-    let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    run_ok(
-        s.device
-            .synesis()
-            .args(["cloud", "topup", "--voucher", &code]),
-    );
+    s.cloud.top_up(&s.device, "1.00");
     let capped = ask(&["--max-tokens", "1000", "--max-cost", "0.000001"]);
     assert!(capped.contains("MAX_COST_EXCEEDED"), "{capped}");
     let u = usage(&s);

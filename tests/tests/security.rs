@@ -182,8 +182,7 @@ async fn a_voucher_redeemed_by_one_account_is_refused_to_another_with_the_same_r
     let cloud = Cloud::start();
     let (alice, _) = managed_account_and_device(&cloud, "alice");
     let (mallory, _) = managed_account_and_device(&cloud, "mallory");
-    let out = run_ok(cloud.admin().args(["voucher", "create", "10.00"]));
-    let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let code = cloud.voucher("10.00");
     let topup = TopupRequest {
         request_id: new_id(),
         voucher: code,

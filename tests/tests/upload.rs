@@ -60,13 +60,7 @@ fn setup(extra: &str) -> Setup {
             .args(["account", "create", "acme", "--tier", "managed"]),
     );
     device.login(&cloud.token("acme", "1h"));
-    let out = run_ok(cloud.admin().args(["voucher", "create", "10.00"]));
-    let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    run_ok(
-        device
-            .synesis()
-            .args(["cloud", "topup", "--voucher", &code]),
-    );
+    cloud.top_up(&device, "10.00");
     Setup {
         cloud,
         device,

@@ -2,12 +2,14 @@
 //! device of it (`mod common;` in each).
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use synesis_cloud::config::Serving;
 use synesis_cloud::endpoint::{CERT_LIFETIME_DEFAULT, Options, start};
-use synesis_proto::message::Tier;
+use synesis_proto::message::{ChatTurn, EscalationRequest, Preferences, Tier};
+use synesis_proto::{FrameLimits, Message, RequestId};
 use synesis_tunnel::Identity;
+use synesis_wire::FramedRecv;
 
 /// A cloud in this process and a device of the account `bench` (Managed, $1,000). Keep it
 /// whole while it is used: dropping it stops the cloud.
@@ -77,4 +79,48 @@ pub(crate) async fn cloud_with_device(dir: &Path, serving: Serving) -> BenchClou
         identity,
         conn,
     }
+}
+
+/// One greedy answer of `model` (with `adapter`) to `turns` on a new stream of `conn`, read to
+/// its end: (time to the first chunk, whole time, chunks).
+pub(crate) async fn escalate(
+    conn: &quinn::Connection,
+    model: &str,
+    adapter: Option<&str>,
+    turns: Vec<ChatTurn>,
+    max_tokens: u32,
+) -> (Duration, Duration, u64) {
+    let request = EscalationRequest {
+        request_id: RequestId::try_from_uuid(uuid::Uuid::now_v7()).unwrap(),
+        model: model.into(),
+        adapter: adapter.map(Into::into),
+        context: turns,
+        preferences: Preferences {
+            max_tokens,
+            temperature: 0.0,
+            top_p: None,
+            seed: None,
+            stop: vec![],
+            max_cost: None,
+        },
+        byok_key: None,
+    };
+    let started = Instant::now();
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    synesis_wire::send(&mut tx, &request.into(), FrameLimits::default())
+        .await
+        .unwrap();
+    let mut rx = FramedRecv::new(rx, FrameLimits::default());
+    let (mut first, mut chunks) = (None, 0);
+    loop {
+        match rx.next().await.unwrap() {
+            Some(Message::EscalationChunk(_)) => {
+                first.get_or_insert_with(|| started.elapsed());
+                chunks += 1;
+            }
+            Some(Message::EscalationDone(_)) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    (first.unwrap_or_default(), started.elapsed(), chunks)
 }
