@@ -19,8 +19,11 @@ use synesis_proto::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Bytes asked of the transport per read.
+/// Bytes asked of the transport per read, while frames are small.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// Bytes asked per read while a large frame (an upload's chunk) comes in: a buffer of this
+/// size is kept by a receiver only once it has received such a frame.
+const READ_LARGE_BYTES: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecvError {
@@ -57,6 +60,8 @@ pub enum SendError {
 pub struct FramedRecv<R> {
     inner: R,
     buffer: FrameBuffer,
+    /// For reads of large frames (empty until one comes).
+    large: Vec<u8>,
 }
 
 impl<R: AsyncRead + Unpin> FramedRecv<R> {
@@ -64,6 +69,7 @@ impl<R: AsyncRead + Unpin> FramedRecv<R> {
         FramedRecv {
             inner,
             buffer: FrameBuffer::new(limits),
+            large: Vec::new(),
         }
     }
 
@@ -91,13 +97,25 @@ impl<R: AsyncRead + Unpin> FramedRecv<R> {
             }
             // Never read more than the frame at the front still needs (and at most a chunk),
             // so an oversize header is refused before its payload is read.
-            let want = self.buffer.wanted()?.clamp(1, READ_CHUNK_BYTES);
-            let n = self.inner.read(&mut scratch[..want]).await?;
+            let wanted = self.buffer.wanted()?;
+            let n = if wanted > READ_CHUNK_BYTES {
+                let want = wanted.min(READ_LARGE_BYTES);
+                if self.large.len() < want {
+                    self.large.resize(READ_LARGE_BYTES, 0);
+                }
+                let n = self.inner.read(&mut self.large[..want]).await?;
+                self.buffer.extend(&self.large[..n]);
+                n
+            } else {
+                let want = wanted.max(1);
+                let n = self.inner.read(&mut scratch[..want]).await?;
+                self.buffer.extend(&scratch[..n]);
+                n
+            };
             if n == 0 {
                 self.buffer.finish()?;
                 return Ok(None);
             }
-            self.buffer.extend(&scratch[..n]);
         }
     }
 
