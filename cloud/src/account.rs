@@ -6,7 +6,8 @@
 use synesis_billing::ledger::LedgerError;
 use synesis_proto::message::{
     AdapterInfo, AdapterRemoved, AdaptersReply, CertRenew, CertRenewed, DeviceLeave, DeviceLeft,
-    ModelPrice, PriceReply, PriceRequest, Tier, TopupReply, TopupRequest, UsageRequest,
+    Member, MembersReply, ModelPrice, PriceReply, PriceRequest, Tier, TopupReply, TopupRequest,
+    UsageRequest,
 };
 use synesis_proto::{Blob, ErrorCode, Message, RequestId, UnixMillis};
 
@@ -19,22 +20,20 @@ use crate::streams::{Stream, error_msg};
 
 pub(crate) async fn serve(peer: &Peer, request: Message, mut stream: Stream) {
     let request_id = request_id_of(&request);
-    let reply = match still_enrolled(peer).await {
-        Err(reply) => reply,
-        Ok(()) => match request {
-            Message::TopupRequest(r) => topup(peer, r).await,
-            Message::UsageRequest(r) => usage(peer, r).await,
-            Message::PriceRequest(r) => price(peer, r).await,
-            Message::DeviceLeave(r) => leave(peer, r).await,
-            Message::CertRenew(r) => renew(peer, r).await,
-            Message::AdaptersRequest(r) => adapters(peer, r.request_id).await,
-            Message::AdapterRemove(r) => remove_adapter(peer, r.request_id, r.name).await,
-            other => error_msg(
-                ErrorCode::UNEXPECTED_MESSAGE,
-                format!("{} is not served yet", other.message_type().name()),
-                request_id,
-            ),
-        },
+    let reply = match request {
+        Message::TopupRequest(r) => topup(peer, r).await,
+        Message::UsageRequest(r) => usage(peer, r).await,
+        Message::PriceRequest(r) => price(peer, r).await,
+        Message::DeviceLeave(r) => leave(peer, r).await,
+        Message::CertRenew(r) => renew(peer, r).await,
+        Message::AdaptersRequest(r) => adapters(peer, r.request_id).await,
+        Message::MembersRequest(r) => members(peer, r.request_id).await,
+        Message::AdapterRemove(r) => remove_adapter(peer, r.request_id, r.name).await,
+        other => error_msg(
+            ErrorCode::UNEXPECTED_MESSAGE,
+            format!("{} is not served yet", other.message_type().name()),
+            request_id,
+        ),
     };
     stream.send_last(&reply).await;
 }
@@ -47,6 +46,7 @@ fn request_id_of(m: &Message) -> Option<RequestId> {
         Message::DeviceLeave(r) => Some(r.request_id),
         Message::CertRenew(r) => Some(r.request_id),
         Message::AdaptersRequest(r) => Some(r.request_id),
+        Message::MembersRequest(r) => Some(r.request_id),
         Message::AdapterRemove(r) => Some(r.request_id),
         _ => None,
     }
@@ -54,10 +54,10 @@ fn request_id_of(m: &Message) -> Option<RequestId> {
 
 /// The device's current state, read now: revoked means refused (and every connection of it
 /// closed).
-pub(crate) async fn still_enrolled(peer: &Peer) -> Result<(), Message> {
+pub(crate) async fn still_enrolled(peer: &Peer) -> Result<crate::storage::Device, Message> {
     let id = peer.device.id;
     match peer.shared.storage.identify(move |db| db.device(id)).await {
-        Ok(Some(d)) if !d.revoked => Ok(()),
+        Ok(Some(d)) if !d.revoked => Ok(d),
         Ok(_) => {
             peer.shared.registry.close_device(
                 id,
@@ -332,6 +332,31 @@ async fn remove_adapter(peer: &Peer, request_id: RequestId, name: String) -> Mes
             "this request id removed another adapter",
             Some(request_id),
         ),
+        Err(e) => internal(e, request_id),
+    }
+}
+
+/// `synesis cloud members`: the account's people and their roles, the owner first.
+async fn members(peer: &Peer, request_id: RequestId) -> Message {
+    let account = peer.device.account_id;
+    match peer
+        .shared
+        .storage
+        .read(move |db| crate::storage::members::list(db.connection(), account))
+        .await
+    {
+        Ok(rows) => MembersReply {
+            request_id,
+            members: rows
+                .into_iter()
+                .map(|m| Member {
+                    name: m.name,
+                    role: m.role,
+                    joined_at: m.joined_at,
+                })
+                .collect(),
+        }
+        .into(),
         Err(e) => internal(e, request_id),
     }
 }

@@ -48,14 +48,106 @@ pub fn account_create(
     Ok(())
 }
 
-/// Prints one setup token on stdout and nothing else.
+/// Prints one setup token on stdout and nothing else: for a device of `member` (default: the
+/// owner).
 pub fn token_create(
     dir: &Path,
     account: &str,
     ttl: Duration,
     server: Option<String>,
+    member: Option<&str>,
 ) -> anyhow::Result<()> {
-    println!("{}", token_issue(dir, account, ttl, server)?);
+    let token = token_issue(dir, account, ttl, server)?;
+    if let Some(name) = member {
+        let db = open(dir)?;
+        let acct = db.account_by_name(account)?;
+        let id = crate::storage::members::id_of(db.connection(), acct.id, name)?;
+        crate::storage::members::token_for(db.connection(), &token.token_id, &id)?;
+    }
+    println!("{token}");
+    Ok(())
+}
+
+pub fn member_add(
+    dir: &Path,
+    account: &str,
+    name: &str,
+    role: synesis_proto::message::Role,
+) -> anyhow::Result<()> {
+    let db = open(dir)?;
+    let acct = db.account_by_name(account)?;
+    let name = crate::storage::printable(name);
+    if name.is_empty() || name.len() > 254 {
+        bail!("a member's name is 1 to 254 bytes (an e-mail address, a name)");
+    }
+    let id = uuid::Uuid::now_v7().to_string();
+    crate::storage::members::add(db.connection(), acct.id, &id, &name, role, now())?;
+    println!(
+        "added {name} to {account} as {}",
+        crate::storage::members::role_str(role)
+    );
+    Ok(())
+}
+
+pub fn member_role(
+    dir: &Path,
+    account: &str,
+    name: &str,
+    role: synesis_proto::message::Role,
+) -> anyhow::Result<()> {
+    let db = open(dir)?;
+    let acct = db.account_by_name(account)?;
+    crate::storage::members::set_role(db.connection(), acct.id, name, role)?;
+    println!(
+        "{name} is now {} in {account}",
+        crate::storage::members::role_str(role)
+    );
+    Ok(())
+}
+
+pub fn member_remove(dir: &Path, account: &str, name: &str) -> anyhow::Result<()> {
+    let mut db = open(dir)?;
+    let acct = db.account_by_name(account)?;
+    let revoked = crate::storage::members::remove(db.connection_mut(), acct.id, name, now())?;
+    println!("removed {name} from {account}; {revoked} of their devices revoked");
+    Ok(())
+}
+
+/// One member as `admin member list` shows it.
+#[derive(Debug, serde::Serialize)]
+struct MemberView {
+    name: String,
+    role: &'static str,
+    joined_at: UnixMillis,
+    devices: u64,
+}
+
+pub fn members(dir: &Path, account: &str, json: bool) -> anyhow::Result<()> {
+    let db = open(dir)?;
+    let acct = db.account_by_name(account)?;
+    let views: Vec<MemberView> = crate::storage::members::list(db.connection(), acct.id)?
+        .into_iter()
+        .map(|m| MemberView {
+            name: crate::storage::printable(&m.name),
+            role: crate::storage::members::role_str(m.role),
+            joined_at: m.joined_at,
+            devices: m.devices,
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string(&views)?);
+        return Ok(());
+    }
+    println!("{:<32}  {:<9}  {:>7}  joined", "member", "role", "devices");
+    for v in views {
+        println!(
+            "{:<32}  {:<9}  {:>7}  {}",
+            v.name,
+            v.role,
+            v.devices,
+            v.joined_at.to_rfc3339().unwrap_or_default()
+        );
+    }
     Ok(())
 }
 

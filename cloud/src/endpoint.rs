@@ -530,19 +530,43 @@ async fn stream(peer: Arc<Peer>, tx: quinn::SendStream, rx: quinn::RecvStream) {
             || t == MessageType::UploadBegin
             || (t.stream() == StreamKind::Account && is_request(t))
     };
-    match stream
+    let first = match stream
         .first(opens_a_stream, ErrorCode::UNEXPECTED_MESSAGE)
         .await
     {
-        First::Message(Message::Hello(hello)) => crate::control::serve(&peer, hello, stream).await,
-        First::Message(m @ (Message::EscalationRequest(_) | Message::EscalationResume(_))) => {
+        First::Message(m) => m,
+        First::Empty | First::Refused => return,
+    };
+    // Every request is checked against the device as it is now: revoked (or its member
+    // removed), and what its member's role allows (`roles`).
+    let device = match crate::account::still_enrolled(&peer).await {
+        Ok(device) => device,
+        Err(reply) => {
+            stream.send_last(&reply).await;
+            return;
+        }
+    };
+    let kind = first.message_type();
+    if !crate::roles::allows(device.role, kind) {
+        stream
+            .reject(
+                ErrorCode::FORBIDDEN,
+                format!(
+                    "a {} of this account may not send {}",
+                    crate::roles::name(device.role),
+                    kind.name()
+                ),
+            )
+            .await;
+        return;
+    }
+    match first {
+        Message::Hello(hello) => crate::control::serve(&peer, hello, stream).await,
+        m @ (Message::EscalationRequest(_) | Message::EscalationResume(_)) => {
             crate::escalation::serve(&peer, m, stream).await;
         }
-        First::Message(Message::UploadBegin(begin)) => {
-            crate::upload::serve(&peer, begin, stream).await;
-        }
-        First::Message(request) => crate::account::serve(&peer, request, stream).await,
-        First::Empty | First::Refused => {}
+        Message::UploadBegin(begin) => crate::upload::serve(&peer, begin, stream).await,
+        request => crate::account::serve(&peer, request, stream).await,
     }
 }
 
@@ -557,6 +581,7 @@ fn is_request(t: MessageType) -> bool {
             | MessageType::CertRenew
             | MessageType::AdaptersRequest
             | MessageType::AdapterRemove
+            | MessageType::MembersRequest
     )
 }
 

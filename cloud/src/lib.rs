@@ -27,6 +27,7 @@ pub mod ledger;
 pub mod pki;
 pub mod provider;
 pub mod registry;
+pub mod roles;
 pub mod shared;
 pub mod storage;
 pub mod streams;

@@ -83,6 +83,11 @@ enum Admin {
     /// List adapter uploads (in progress and finished): chunks held and chunks received, so a
     /// resume that re-sent nothing can be seen.
     Uploads,
+    /// The people of an account and their roles.
+    Member {
+        #[command(subcommand)]
+        command: MemberCommand,
+    },
     /// Act on one device.
     Device {
         #[command(subcommand)]
@@ -165,7 +170,38 @@ enum TokenCommand {
         /// The address devices dial (default: the address the running cloud listens on).
         #[arg(long)]
         server: Option<String>,
+        /// Enroll the device as this member's (default: the owner's); see `admin member add`.
+        #[arg(long)]
+        member: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum MemberCommand {
+    /// Add a person to an account with a role (editor, commenter or viewer); their devices
+    /// enroll with `admin token create --account A --member NAME`.
+    Add {
+        account: String,
+        name: String,
+        #[arg(long, value_parser = parse_role)]
+        role: synesis_proto::message::Role,
+    },
+    /// Give a member another role (takes effect on their devices' next request).
+    Role {
+        account: String,
+        name: String,
+        #[arg(long, value_parser = parse_role)]
+        role: synesis_proto::message::Role,
+    },
+    /// Remove a member: their devices are revoked (connections closed within seconds).
+    Rm { account: String, name: String },
+    /// List an account's members, their roles and devices.
+    List { account: String },
+}
+
+fn parse_role(s: &str) -> Result<synesis_proto::message::Role, String> {
+    storage::members::parse_role(s)
+        .ok_or_else(|| format!("{s:?} is not a role: editor, commenter or viewer"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -247,8 +283,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             account,
                             ttl,
                             server,
+                            member,
                         },
-                } => admin::token_create(&data_dir, &account, ttl, server),
+                } => admin::token_create(&data_dir, &account, ttl, server, member.as_deref()),
+                Admin::Member { command } => match command {
+                    MemberCommand::Add {
+                        account,
+                        name,
+                        role,
+                    } => admin::member_add(&data_dir, &account, &name, role),
+                    MemberCommand::Role {
+                        account,
+                        name,
+                        role,
+                    } => admin::member_role(&data_dir, &account, &name, role),
+                    MemberCommand::Rm { account, name } => {
+                        admin::member_remove(&data_dir, &account, &name)
+                    }
+                    MemberCommand::List { account } => admin::members(&data_dir, &account, json),
+                },
                 Admin::Devices => admin::devices(&data_dir, json),
                 Admin::Uploads => admin::uploads(&data_dir, json),
                 Admin::Device {

@@ -75,10 +75,6 @@ impl Refusal {
 
 pub(crate) async fn serve(peer: &Peer, begin: UploadBegin, mut stream: Stream) {
     let id = begin.upload_id;
-    if let Err(reply) = crate::account::still_enrolled(peer).await {
-        stream.send_last(&reply).await;
-        return;
-    }
     match run(peer, begin, &mut stream).await {
         Ok(()) => {}
         Err(Refusal(code, why)) => stream.reject(code, why).await,

@@ -10,11 +10,12 @@
 
 use std::path::{Path, PathBuf};
 
-use synesis_proto::message::Tier;
+use synesis_proto::message::{Role, Tier};
 use synesis_proto::{AccountId, DeviceId, ErrorCode, MicroUsd, RequestId, Sha256, UnixMillis};
 
 pub mod adapters;
 pub mod answers;
+pub mod members;
 pub mod schema;
 mod sqlite;
 
@@ -165,7 +166,10 @@ pub enum Renewal {
 pub struct Device {
     pub id: DeviceId,
     pub account_id: AccountId,
+    /// Revoked, or its member was removed from the account.
     pub revoked: bool,
+    /// The role of the member it belongs to: what it may do in the account.
+    pub role: Role,
 }
 
 /// A device as `admin devices` lists it.

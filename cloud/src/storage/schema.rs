@@ -16,7 +16,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StorageError;
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 const BASE_V2: &str = "
 CREATE TABLE IF NOT EXISTS accounts (
@@ -196,6 +196,31 @@ CREATE TABLE adapter_removals (
 ) WITHOUT ROWID;
 ";
 
+/// The people of an account, with their roles (ARCHITECTURE.md §4, *Roles*). A device acts
+/// with the role of the member it was enrolled for; an account's owner is the member whose id
+/// is the account's own. Setup tokens name the member their device will belong to (none: the
+/// owner).
+const STEP_V6: &str = "
+CREATE TABLE members (
+    id          TEXT PRIMARY KEY,
+    account_id  TEXT NOT NULL REFERENCES accounts(id),
+    name        TEXT NOT NULL,
+    role        TEXT NOT NULL CHECK (role IN ('owner', 'editor', 'commenter', 'viewer')),
+    joined_at   INTEGER NOT NULL,
+    removed_at  INTEGER,
+    UNIQUE (account_id, name)
+);
+INSERT INTO members (id, account_id, name, role, joined_at)
+    SELECT id, id, name, 'owner', created_at FROM accounts;
+ALTER TABLE devices ADD COLUMN member_id TEXT REFERENCES members(id);
+UPDATE devices SET member_id = account_id;
+-- A setup token made for a member other than the owner (`admin token create --member`).
+CREATE TABLE setup_token_members (
+    token_id    BLOB PRIMARY KEY,
+    member_id   TEXT NOT NULL REFERENCES members(id)
+) WITHOUT ROWID;
+";
+
 /// Brings the database at `path` up to [`SCHEMA_VERSION`].
 pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageError> {
     let schema_error = |reason: String| StorageError::Schema {
@@ -260,10 +285,21 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageE
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version >= 5 {
-            return Ok(());
+            drop(tx);
+            return migrate(conn, path);
         }
         tx.execute_batch(STEP_V5)?;
         tx.pragma_update(None, "user_version", 5)?;
+        tx.commit()?;
+    }
+    if version < 6 {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version >= 6 {
+            return Ok(());
+        }
+        tx.execute_batch(STEP_V6)?;
+        tx.pragma_update(None, "user_version", 6)?;
         tx.commit()?;
     }
     Ok(())

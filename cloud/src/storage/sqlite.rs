@@ -11,7 +11,7 @@
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
-use synesis_proto::message::Tier;
+use synesis_proto::message::{Role, Tier};
 use synesis_proto::{AccountId, DeviceId, MicroUsd, RequestId, Sha256, UnixMillis};
 
 use super::{
@@ -147,6 +147,11 @@ impl Accounts for Db {
         if inserted == 0 {
             return Err(StorageError::AccountExists(name.to_owned()));
         }
+        // Its owner: the member whose id is the account's.
+        self.conn.execute(
+            "INSERT INTO members (id, account_id, name, role, joined_at) VALUES (?1, ?1, ?2, 'owner', ?3)",
+            params![id.to_string(), name, now.0],
+        )?;
         Ok(Account {
             id,
             name: name.to_owned(),
@@ -270,9 +275,11 @@ impl Devices for Db {
                 }
                 let cert = sign(new_device_id).map_err(EnrollError::BadRequest)?;
                 let fpr = sha256(&cert.der);
+                // The member the token was made for (none: the owner).
                 tx.execute(
-                    "INSERT INTO devices (id, account_id, name, cert_sha256, cert_der, enroll_request, enrolled_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    "INSERT INTO devices (id, account_id, name, cert_sha256, cert_der, enroll_request, enrolled_at, member_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7,
+                             COALESCE((SELECT member_id FROM setup_token_members WHERE token_id = ?8), ?2))",
                     params![
                         new_device_id.to_string(),
                         account_id.to_string(),
@@ -280,7 +287,8 @@ impl Devices for Db {
                         fpr.as_slice(),
                         cert.der,
                         request.to_string(),
-                        now.0
+                        now.0,
+                        token_id.as_slice()
                     ],
                 )?;
                 tx.execute(
@@ -372,22 +380,27 @@ impl Devices for Db {
         let row = self
             .conn
             .prepare_cached(
-                "SELECT d.id, d.account_id, d.revoked_at FROM device_certs c
-                 JOIN devices d ON d.id = c.device_id WHERE c.cert_sha256 = ?1",
+                "SELECT d.id, d.account_id, d.revoked_at, m.role, m.removed_at FROM device_certs c
+                 JOIN devices d ON d.id = c.device_id
+                 LEFT JOIN members m ON m.id = d.member_id
+                 WHERE c.cert_sha256 = ?1",
             )?
             .query_row([cert_sha256.0.as_slice()], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, Option<i64>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
                 ))
             })
             .optional()?;
-        row.map(|(id, account, revoked)| {
+        row.map(|(id, account, revoked, role, removed)| {
             Ok(Device {
                 id: parse_id(&id)?,
                 account_id: parse_id(&account)?,
-                revoked: revoked.is_some(),
+                revoked: revoked.is_some() || removed.is_some(),
+                role: member_role(role.as_deref())?,
             })
         })
         .transpose()
@@ -396,16 +409,25 @@ impl Devices for Db {
     fn device(&self, id: DeviceId) -> Result<Option<Device>, StorageError> {
         let row = self
             .conn
-            .prepare_cached("SELECT account_id, revoked_at FROM devices WHERE id = ?1")?
+            .prepare_cached(
+                "SELECT d.account_id, d.revoked_at, m.role, m.removed_at FROM devices d
+                 LEFT JOIN members m ON m.id = d.member_id WHERE d.id = ?1",
+            )?
             .query_row([id.to_string()], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<i64>>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                ))
             })
             .optional()?;
-        row.map(|(account, revoked)| {
+        row.map(|(account, revoked, role, removed)| {
             Ok(Device {
                 id,
                 account_id: parse_id(&account)?,
-                revoked: revoked.is_some(),
+                revoked: revoked.is_some() || removed.is_some(),
+                role: member_role(role.as_deref())?,
             })
         })
         .transpose()
@@ -542,5 +564,18 @@ impl Vouchers for Db {
             params![sha256(code.as_bytes()).as_slice(), amount.0, now.0],
         )?;
         Ok(())
+    }
+}
+
+/// A member's role as stored (a device from before members were recorded: the owner's).
+fn member_role(role: Option<&str>) -> Result<Role, StorageError> {
+    match role {
+        None | Some("owner") => Ok(Role::Owner),
+        Some("editor") => Ok(Role::Editor),
+        Some("commenter") => Ok(Role::Commenter),
+        Some("viewer") => Ok(Role::Viewer),
+        Some(other) => Err(StorageError::Corrupt(format!(
+            "unknown member role {other:?}"
+        ))),
     }
 }

@@ -231,6 +231,8 @@ pub(crate) enum CloudCommand {
     Push(CloudPushArgs),
     /// The account's adapters on the cloud; `adapters rm NAME` removes one.
     Adapters(CloudAdaptersArgs),
+    /// The account's members and their roles (owner, editor, commenter, viewer).
+    Members,
 }
 
 #[derive(Debug, Args)]

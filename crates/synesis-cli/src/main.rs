@@ -75,6 +75,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
                 cli::CloudCommand::Adapters(args) => {
                     commands::push::adapters(&out, &paths, args).await
                 }
+                cli::CloudCommand::Members => commands::cloud::members(&out, &paths).await,
             }
         }),
         cli::Command::Tunnel {

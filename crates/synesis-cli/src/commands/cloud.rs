@@ -401,3 +401,40 @@ pub(crate) async fn price(out: &Output, paths: &Paths) -> anyhow::Result<()> {
     })?;
     Ok(())
 }
+
+/// `synesis cloud members`: the account's people and their roles (editors and the owner may
+/// list them).
+pub(crate) async fn members(out: &Output, paths: &Paths) -> anyhow::Result<()> {
+    let message = synesis_proto::message::MembersRequest {
+        request_id: new_request_id(),
+    };
+    let Message::MembersReply(r) = account_request(paths, message.into()).await? else {
+        bail!("the cloud answered something else than a list of members");
+    };
+    let role = |role: synesis_proto::message::Role| match role {
+        synesis_proto::message::Role::Owner => "owner",
+        synesis_proto::message::Role::Editor => "editor",
+        synesis_proto::message::Role::Commenter => "commenter",
+        synesis_proto::message::Role::Viewer => "viewer",
+    };
+    let rows: Vec<serde_json::Value> = r
+        .members
+        .iter()
+        .map(
+            |m| serde_json::json!({"name": m.name, "role": role(m.role), "joined_at": m.joined_at}),
+        )
+        .collect();
+    out.report(&rows, || {
+        let mut s = format!("{:<32}  {:<9}  joined\n", "MEMBER", "ROLE");
+        for m in &r.members {
+            s.push_str(&format!(
+                "{:<32}  {:<9}  {}\n",
+                m.name,
+                role(m.role),
+                m.joined_at.to_rfc3339().unwrap_or_default()
+            ));
+        }
+        s
+    })?;
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! Roles, enforced by the cloud on every request (`cloud/src/roles.rs`): devices enrolled for
+//! members of an account act with their member's role, read fresh on each request — a viewer
+//! cannot ask or push, a commenter can ask but not push, an editor can push; a changed role
+//! takes effect on the next request; a removed member's devices are refused at once and their
+//! connections closed within seconds. Real binaries, real QUIC, the tiny model.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::time::Duration;
+
+use synesis_e2e::{Cloud, Device, json_of, run_ok, wait_for};
+
+/// `synesis --json ARGS…` on `device`: success, stdout, stderr.
+fn try_run(device: &Device, args: &[&str]) -> (bool, String, String) {
+    let out = device.synesis().arg("--json").args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn forbidden(device: &Device, args: &[&str]) {
+    let (ok, _, err) = try_run(device, args);
+    assert!(!ok && err.contains("may not"), "{args:?}: {err}");
+}
+
+fn allowed(device: &Device, args: &[&str]) {
+    let (ok, _, err) = try_run(device, args);
+    assert!(ok, "{args:?}: {err}");
+}
+
+#[test]
+fn each_role_does_what_it_may_and_nothing_more() {
+    let files = tempfile::tempdir().unwrap();
+    let model = files.path().join("tiny.gguf");
+    synesis_infer::tiny::write_model(&model, synesis_infer::tiny::TinySpec::TINY).unwrap();
+    let lora = files.path().join("style.gguf");
+    synesis_infer::tiny::write_lora(&lora, synesis_infer::tiny::TinySpec::TINY, 7).unwrap();
+    let toml = files.path().join("cloud.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[prices.tiny]\ninput_usd_per_mtok = \"1.00\"\noutput_usd_per_mtok = \"2.00\"\n\
+             [models.tiny]\nprovider = \"llama\"\npath = {:?}\nthreads = 1\n",
+            model.display().to_string()
+        ),
+    )
+    .unwrap();
+    let cloud = Cloud::start_with(&["--config", toml.to_str().unwrap()]);
+    run_ok(
+        cloud
+            .admin()
+            .args(["account", "create", "acme", "--tier", "managed"]),
+    );
+    let owner = Device::new();
+    owner.login(&cloud.token("acme", "1h"));
+    cloud.top_up(&owner, "10.00");
+    let member = |name: &str, role: &str| {
+        run_ok(
+            cloud
+                .admin()
+                .args(["member", "add", "acme", name, "--role", role]),
+        );
+        let out =
+            run_ok(
+                cloud
+                    .admin()
+                    .args(["token", "create", "--account", "acme", "--member", name]),
+            );
+        let device = Device::new();
+        device.login(String::from_utf8(out.stdout).unwrap().trim());
+        device
+    };
+    let viewer = member("vera@example.com", "viewer");
+    let commenter = member("carl@example.com", "commenter");
+    let editor = member("eda@example.com", "editor");
+    let lora = lora.to_str().unwrap();
+    let ask = ["cloud", "ask", "--max-tokens", "4", "hi"];
+    let push = ["cloud", "push", lora, "--name", "style", "--base", "tiny"];
+
+    forbidden(&viewer, &ask);
+    forbidden(&viewer, &push);
+    allowed(&viewer, &["cloud", "usage"]);
+    allowed(&viewer, &["cloud", "adapters"]);
+    forbidden(&viewer, &["cloud", "members"]);
+
+    allowed(&commenter, &ask);
+    forbidden(&commenter, &push);
+    forbidden(&commenter, &["cloud", "topup", "--voucher", "VCH-NOPE"]);
+
+    allowed(&editor, &push);
+    allowed(
+        &editor,
+        &["cloud", "ask", "--lora", "style", "--max-tokens", "4", "hi"],
+    );
+    let members = json_of(editor.synesis().args(["--json", "cloud", "members"]));
+    let roles: Vec<(String, String)> = members
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap().to_owned(),
+                m["role"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(roles[0], ("acme".into(), "owner".into()), "{members}");
+    assert_eq!(roles.len(), 4, "{members}");
+    forbidden(&editor, &["cloud", "topup", "--voucher", "VCH-NOPE"]);
+
+    // A new role counts from the next request.
+    run_ok(cloud.admin().args([
+        "member",
+        "role",
+        "acme",
+        "carl@example.com",
+        "--role",
+        "viewer",
+    ]));
+    forbidden(&commenter, &ask);
+
+    // A removed member's devices: refused at once, their connections closed within seconds.
+    let _tunnel = editor.tunnel("1s");
+    assert!(wait_for(Duration::from_secs(15), || editor
+        .state()
+        .as_deref()
+        == Some("connected")));
+    run_ok(
+        cloud
+            .admin()
+            .args(["member", "rm", "acme", "eda@example.com"]),
+    );
+    let (ok, _, err) = try_run(&editor, &["cloud", "usage"]);
+    assert!(!ok && err.contains("revoked"), "{err}");
+    assert!(
+        wait_for(Duration::from_secs(10), || editor.state().as_deref()
+            != Some("connected")),
+        "{:?}",
+        editor.state()
+    );
+    // The owner is not a member anyone can remove.
+    let out = cloud
+        .admin()
+        .args(["member", "rm", "acme", "acme"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    allowed(&owner, &["cloud", "usage"]);
+}
