@@ -6,8 +6,8 @@
 use synesis_billing::ledger::LedgerError;
 use synesis_proto::message::{
     AdapterInfo, AdapterRemoved, AdaptersReply, CertRenew, CertRenewed, DeviceLeave, DeviceLeft,
-    Member, MembersReply, ModelPrice, PriceReply, PriceRequest, Tier, TopupReply, TopupRequest,
-    UsageRequest,
+    InviteCreated, Member, MembersReply, ModelPrice, PriceReply, PriceRequest, Tier, TopupReply,
+    TopupRequest, UsageRequest,
 };
 use synesis_proto::{Blob, ErrorCode, Message, RequestId, UnixMillis};
 
@@ -28,6 +28,7 @@ pub(crate) async fn serve(peer: &Peer, request: Message, mut stream: Stream) {
         Message::CertRenew(r) => renew(peer, r).await,
         Message::AdaptersRequest(r) => adapters(peer, r.request_id).await,
         Message::MembersRequest(r) => members(peer, r.request_id).await,
+        Message::InviteCreate(r) => invite(peer, r).await,
         Message::AdapterRemove(r) => remove_adapter(peer, r.request_id, r.name).await,
         other => error_msg(
             ErrorCode::UNEXPECTED_MESSAGE,
@@ -47,6 +48,7 @@ fn request_id_of(m: &Message) -> Option<RequestId> {
         Message::CertRenew(r) => Some(r.request_id),
         Message::AdaptersRequest(r) => Some(r.request_id),
         Message::MembersRequest(r) => Some(r.request_id),
+        Message::InviteCreate(r) => Some(r.request_id),
         Message::AdapterRemove(r) => Some(r.request_id),
         _ => None,
     }
@@ -357,6 +359,95 @@ async fn members(peer: &Peer, request_id: RequestId) -> Message {
                 .collect(),
         }
         .into(),
+        Err(e) => internal(e, request_id),
+    }
+}
+
+/// The shortest and longest an invitation may stay usable.
+const INVITE_TTL_MS: std::ops::RangeInclusive<u64> = 60_000..=30 * 24 * 3_600_000;
+
+/// `synesis cloud invite` (the owner's, `roles`): a one-time code that enrolls a device as a
+/// new member with `role` — a setup token whose device becomes the invitee's (PROTOCOL.md §2,
+/// *Roles*).
+async fn invite(peer: &Peer, r: synesis_proto::message::InviteCreate) -> Message {
+    use crate::storage::members::{Invitation, Invited};
+    let request_id = r.request_id;
+    let invitee = crate::storage::printable(&r.invitee);
+    if invitee.is_empty() || invitee.len() > 254 {
+        return error_msg(
+            ErrorCode::INVALID_REQUEST,
+            "the invitee is 1 to 254 bytes (an e-mail address, a name)",
+            Some(request_id),
+        );
+    }
+    if r.role == synesis_proto::message::Role::Owner {
+        return error_msg(
+            ErrorCode::INVALID_REQUEST,
+            "an account has one owner; invite an editor and hand the account over",
+            Some(request_id),
+        );
+    }
+    if !INVITE_TTL_MS.contains(&r.ttl_ms) {
+        return error_msg(
+            ErrorCode::INVALID_REQUEST,
+            "an invitation lasts from a minute to 30 days",
+            Some(request_id),
+        );
+    }
+    let account = peer.device.account_id;
+    let token_id: [u8; 16] = {
+        let mut id = [0u8; 16];
+        let digest =
+            crate::storage::sha256(format!("synesis-invite\0{account}\0{request_id}").as_bytes());
+        id.copy_from_slice(&digest[..16]);
+        id
+    };
+    let secret: [u8; 32] = rand::random();
+    let at = now();
+    let expires_at = UnixMillis(at.0.saturating_add(i64::try_from(r.ttl_ms).unwrap_or(0)));
+    let (role, device) = (r.role, peer.device.id);
+    let secret_sha256 = crate::storage::sha256(&secret);
+    let made = peer
+        .shared
+        .storage
+        .write(move |db| {
+            let invitation = Invitation {
+                account,
+                request: request_id,
+                token_id,
+                secret_sha256,
+                invitee: &invitee,
+                role,
+                created_by: device,
+                expires_at,
+            };
+            crate::storage::members::invite(db.connection_mut(), &invitation, at)
+                .map_err(|e| crate::storage::StorageError::Corrupt(e.to_string()))
+        })
+        .await;
+    match made {
+        Ok(Invited::Issued) => InviteCreated {
+            request_id,
+            code: synesis_proto::SetupToken {
+                server: String::new(),
+                ca_sha256: synesis_proto::Sha256([0; 32]),
+                token_id,
+                secret,
+            }
+            .presented_secret(),
+            expires_at,
+        }
+        .into(),
+        Ok(Invited::Used) => error_msg(
+            ErrorCode::IDEMPOTENCY_CONFLICT,
+            "this request's invitation was accepted already",
+            Some(request_id),
+        ),
+        Ok(Invited::Conflict) => error_msg(
+            ErrorCode::IDEMPOTENCY_CONFLICT,
+            "this request id made another invitation",
+            Some(request_id),
+        ),
         Err(e) => internal(e, request_id),
     }
 }

@@ -582,6 +582,7 @@ fn is_request(t: MessageType) -> bool {
             | MessageType::AdaptersRequest
             | MessageType::AdapterRemove
             | MessageType::MembersRequest
+            | MessageType::InviteCreate
     )
 }
 

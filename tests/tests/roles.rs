@@ -29,8 +29,9 @@ fn allowed(device: &Device, args: &[&str]) {
     assert!(ok, "{args:?}: {err}");
 }
 
-#[test]
-fn each_role_does_what_it_may_and_nothing_more() {
+/// A cloud serving the tiny model, the account `acme` (Managed, $10) and its owner's device;
+/// the directory holds `tiny.gguf` and `style.gguf` (a LoRA for it).
+fn setup() -> (Cloud, Device, tempfile::TempDir) {
     let files = tempfile::tempdir().unwrap();
     let model = files.path().join("tiny.gguf");
     synesis_infer::tiny::write_model(&model, synesis_infer::tiny::TinySpec::TINY).unwrap();
@@ -55,6 +56,13 @@ fn each_role_does_what_it_may_and_nothing_more() {
     let owner = Device::new();
     owner.login(&cloud.token("acme", "1h"));
     cloud.top_up(&owner, "10.00");
+    (cloud, owner, files)
+}
+
+#[test]
+fn each_role_does_what_it_may_and_nothing_more() {
+    let (cloud, owner, files) = setup();
+    let lora = files.path().join("style.gguf");
     let member = |name: &str, role: &str| {
         run_ok(
             cloud
@@ -147,4 +155,68 @@ fn each_role_does_what_it_may_and_nothing_more() {
         .unwrap();
     assert!(!out.status.success());
     allowed(&owner, &["cloud", "usage"]);
+}
+
+/// The owner invites; a device not enrolled anywhere accepts and becomes the invitee's, with
+/// the role given; a code works once, not after it expires, not forged; only the owner invites.
+#[test]
+fn an_invitation_enrolls_a_new_members_device_once() {
+    let (_cloud, owner, _files) = setup();
+    let invite = |device: &Device, who: &str, role: &str, expires: &str| {
+        try_run(
+            device,
+            &["cloud", "invite", who, "--role", role, "--expires", expires],
+        )
+    };
+    let (ok, out, err) = invite(&owner, "carl@example.com", "commenter", "1h");
+    assert!(ok, "{err}");
+    let code = serde_json::from_str::<serde_json::Value>(&out).unwrap()["code"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let carl = Device::new();
+    let (ok, out, err) = try_run(&carl, &["cloud", "accept", &code]);
+    assert!(ok, "{err}");
+    assert!(out.contains("acme"), "{out}");
+    allowed(&carl, &["cloud", "ask", "--max-tokens", "4", "hi"]);
+    forbidden(
+        &carl,
+        &["cloud", "invite", "x@example.com", "--role", "viewer"],
+    );
+    let members = json_of(owner.synesis().args(["--json", "cloud", "members"]));
+    assert!(
+        members
+            .to_string()
+            .contains(r#""name":"carl@example.com","role":"commenter""#),
+        "{members}"
+    );
+
+    // Used: refused, and the second device stays unenrolled.
+    let again = Device::new();
+    let (ok, _, err) = try_run(&again, &["cloud", "accept", &code]);
+    assert!(!ok && err.contains("already used"), "{err}");
+    // Forged: another secret.
+    let forged = format!(
+        "{}{}",
+        &code[..code.len() - 1],
+        if code.ends_with('0') { '1' } else { '0' }
+    );
+    let (ok, _, err) = try_run(&again, &["cloud", "accept", &forged]);
+    assert!(
+        !ok && err.contains("unknown setup token or wrong secret"),
+        "{err}"
+    );
+    // Expired (a minute is the shortest; the cloud's clock is not ours to move, so the expiry
+    // itself is checked in the storage tests) — and an invitee who is a member already.
+    let (ok, out, _) = invite(&owner, "carl@example.com", "viewer", "1m");
+    assert!(ok);
+    let code = serde_json::from_str::<serde_json::Value>(&out).unwrap()["code"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (ok, _, err) = try_run(&again, &["cloud", "accept", &code]);
+    assert!(!ok && err.contains("already a member"), "{err}");
+    let (ok, _, err) = invite(&owner, "eve@example.com", "owner", "1h");
+    assert!(!ok && err.contains("editor, commenter or viewer"), "{err}");
 }

@@ -185,3 +185,236 @@ pub fn list(conn: &Connection, account: AccountId) -> Result<Vec<MemberRow>, Sto
     }
     Ok(out)
 }
+
+/// An invitation to make.
+#[derive(Debug, Clone)]
+pub struct Invitation<'a> {
+    pub account: AccountId,
+    /// The request that makes it (the same request again issues its code again).
+    pub request: synesis_proto::RequestId,
+    pub token_id: [u8; 16],
+    /// SHA-256 of the code's secret (the secret itself is never stored).
+    pub secret_sha256: [u8; 32],
+    pub invitee: &'a str,
+    pub role: Role,
+    pub created_by: synesis_proto::DeviceId,
+    pub expires_at: UnixMillis,
+}
+
+/// What making an invitation came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invited {
+    /// The code (new, or issued again with a new secret for the same request).
+    Issued,
+    /// The same request made an invitation that was used already.
+    Used,
+    /// The request id was used for another invitation.
+    Conflict,
+}
+
+/// Records an invitation: a setup token for the account and what member it makes (one
+/// transaction). The token id is derived from the request, so the same request again finds
+/// it: unused, it gets the new secret (the earlier code stops working).
+pub fn invite(
+    conn: &mut Connection,
+    i: &Invitation<'_>,
+    now: UnixMillis,
+) -> Result<Invited, MemberError> {
+    if i.role == Role::Owner {
+        return Err(MemberError::SecondOwner);
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let acct = i.account.to_string();
+    let earlier: Option<(Vec<u8>, String, String)> = tx
+        .query_row(
+            "SELECT token_id, invitee, role FROM invites WHERE account_id = ?1 AND request_id = ?2",
+            params![acct, i.request.to_string()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    if let Some((token, invitee, role)) = earlier {
+        if token != i.token_id || invitee != i.invitee || role != role_str(i.role) {
+            return Ok(Invited::Conflict);
+        }
+        let reissued = tx.execute(
+            "UPDATE setup_tokens SET secret_sha256 = ?2, expires_at = ?3
+             WHERE id = ?1 AND used_at IS NULL",
+            params![
+                i.token_id.as_slice(),
+                i.secret_sha256.as_slice(),
+                i.expires_at.0
+            ],
+        )?;
+        tx.commit()?;
+        return Ok(if reissued == 1 {
+            Invited::Issued
+        } else {
+            Invited::Used
+        });
+    }
+    tx.execute(
+        "INSERT INTO setup_tokens (id, account_id, secret_sha256, created_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            i.token_id.as_slice(),
+            acct,
+            i.secret_sha256.as_slice(),
+            now.0,
+            i.expires_at.0
+        ],
+    )?;
+    tx.execute(
+        "INSERT INTO invites (token_id, account_id, request_id, invitee, role, created_by, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            i.token_id.as_slice(),
+            acct,
+            i.request.to_string(),
+            i.invitee,
+            role_str(i.role),
+            i.created_by.to_string(),
+            now.0
+        ],
+    )?;
+    tx.commit()?;
+    Ok(Invited::Issued)
+}
+
+/// At enrollment with an invitation's token (inside the enrollment's transaction): makes the
+/// invitee a member (`member_id`) and the token's device theirs. `Ok(false)`: the token is no
+/// invitation. An invitee who is a member already is refused.
+pub(crate) fn accept_in(
+    tx: &rusqlite::Transaction<'_>,
+    token_id: &[u8; 16],
+    member_id: &str,
+    now: UnixMillis,
+) -> Result<bool, MemberError> {
+    let invite: Option<(String, String, String)> = tx
+        .query_row(
+            "SELECT account_id, invitee, role FROM invites WHERE token_id = ?1",
+            params![token_id.as_slice()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((account, invitee, role)) = invite else {
+        return Ok(false);
+    };
+    // A member of that name exists (a removed one keeps its name: its history stays its own).
+    let exists: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM members WHERE account_id = ?1 AND name = ?2)",
+        params![account, invitee],
+        |r| r.get(0),
+    )?;
+    if exists {
+        return Err(MemberError::Exists(invitee));
+    }
+    tx.execute(
+        "INSERT INTO members (id, account_id, name, role, joined_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![member_id, account, invitee, role, now.0],
+    )?;
+    tx.execute(
+        "INSERT INTO setup_token_members (token_id, member_id) VALUES (?1, ?2)",
+        params![token_id.as_slice(), member_id],
+    )?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{Accounts, Db, Devices, EnrollError, Enrollment, IssuedCert, sha256};
+    use synesis_proto::message::Tier;
+    use synesis_proto::{DeviceId, RequestId};
+
+    fn enroll(
+        db: &mut Db,
+        token_id: [u8; 16],
+        secret: &[u8; 32],
+        n: u8,
+        now: i64,
+    ) -> Result<crate::storage::Enrolled, EnrollError> {
+        let device = DeviceId::try_from_uuid(uuid::Uuid::from_u128(1_000 + u128::from(n))).unwrap();
+        db.enroll(
+            &Enrollment {
+                token_id,
+                secret,
+                request: RequestId::from_parts(1, [n; 10]),
+                device_name: "laptop",
+                new_device_id: device,
+            },
+            UnixMillis(now),
+            &mut |_| {
+                Ok(IssuedCert {
+                    der: vec![n; 8],
+                    not_after: UnixMillis(i64::MAX),
+                })
+            },
+        )
+    }
+
+    /// An invitation is a one-time setup token that makes its device a new member's: it works
+    /// once, not after it expires (virtual clock), and not for someone who is a member already.
+    #[test]
+    fn an_invitation_works_once_and_not_after_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("cloud.db")).unwrap();
+        let account = AccountId::try_from_uuid(uuid::Uuid::from_u128(7)).unwrap();
+        db.create_account(account, "acme", Tier::Managed, UnixMillis(0))
+            .unwrap();
+        let owner_device = DeviceId::try_from_uuid(uuid::Uuid::from_u128(8)).unwrap();
+        let secret = [9u8; 32];
+        let invitation = |n: u8, invitee: &'static str, expires_at: i64| Invitation {
+            account,
+            request: RequestId::from_parts(2, [n; 10]),
+            token_id: [n; 16],
+            secret_sha256: sha256(&secret),
+            invitee,
+            role: Role::Commenter,
+            created_by: owner_device,
+            expires_at: UnixMillis(expires_at),
+        };
+        let conn = db.connection_mut();
+        assert_eq!(
+            invite(conn, &invitation(1, "carl", 10_000), UnixMillis(0)).unwrap(),
+            Invited::Issued
+        );
+        assert_eq!(
+            invite(conn, &invitation(2, "dana", 10_000), UnixMillis(0)).unwrap(),
+            Invited::Issued
+        );
+        assert_eq!(
+            invite(conn, &invitation(3, "carl", 10_000), UnixMillis(0)).unwrap(),
+            Invited::Issued
+        );
+        // Expired one millisecond ago: refused.
+        assert!(matches!(
+            enroll(&mut db, [2; 16], &secret, 2, 10_000),
+            Err(EnrollError::Expired)
+        ));
+        // In time: carl is a commenter, once.
+        let enrolled = enroll(&mut db, [1; 16], &secret, 1, 9_999).unwrap();
+        let device = db.device(enrolled.device_id).unwrap().unwrap();
+        assert_eq!(device.role, Role::Commenter);
+        assert!(matches!(
+            enroll(&mut db, [1; 16], &secret, 4, 9_999),
+            Err(EnrollError::Used)
+        ));
+        // A second invitation for carl: he is a member already.
+        assert!(matches!(
+            enroll(&mut db, [3; 16], &secret, 5, 9_999),
+            Err(EnrollError::BadRequest(m)) if m.contains("already a member")
+        ));
+        let names: Vec<_> = list(db.connection(), account)
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.name, m.role))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("acme".into(), Role::Owner),
+                ("carl".into(), Role::Commenter)
+            ]
+        );
+    }
+}

@@ -16,7 +16,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StorageError;
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 const BASE_V2: &str = "
 CREATE TABLE IF NOT EXISTS accounts (
@@ -221,6 +221,21 @@ CREATE TABLE setup_token_members (
 ) WITHOUT ROWID;
 ";
 
+/// Invitations: a setup token that enrolls its device as a new member (`InviteCreate`); the
+/// token's own row carries the secret's hash, expiry and use.
+const STEP_V7: &str = "
+CREATE TABLE invites (
+    token_id    BLOB PRIMARY KEY,
+    account_id  TEXT NOT NULL REFERENCES accounts(id),
+    request_id  TEXT NOT NULL,
+    invitee     TEXT NOT NULL,
+    role        TEXT NOT NULL CHECK (role IN ('editor', 'commenter', 'viewer')),
+    created_by  TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    UNIQUE (account_id, request_id)
+) WITHOUT ROWID;
+";
+
 /// Brings the database at `path` up to [`SCHEMA_VERSION`].
 pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageError> {
     let schema_error = |reason: String| StorageError::Schema {
@@ -296,10 +311,21 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageE
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version >= 6 {
-            return Ok(());
+            drop(tx);
+            return migrate(conn, path);
         }
         tx.execute_batch(STEP_V6)?;
         tx.pragma_update(None, "user_version", 6)?;
+        tx.commit()?;
+    }
+    if version < 7 {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version >= 7 {
+            return Ok(());
+        }
+        tx.execute_batch(STEP_V7)?;
+        tx.pragma_update(None, "user_version", 7)?;
         tx.commit()?;
     }
     Ok(())

@@ -273,6 +273,15 @@ impl Devices for Db {
                 if reused {
                     return Err(EnrollError::RequestReused);
                 }
+                // An invitation's token makes its invitee a member, whose device this is.
+                let member = format!("m-{new_device_id}");
+                match super::members::accept_in(&tx, &token_id, &member, now) {
+                    Ok(_) => {}
+                    Err(super::members::MemberError::Storage(e)) => return Err(e.into()),
+                    Err(e) => {
+                        return Err(EnrollError::BadRequest(format!("{e}: {account_name}")));
+                    }
+                }
                 let cert = sign(new_device_id).map_err(EnrollError::BadRequest)?;
                 let fpr = sha256(&cert.der);
                 // The member the token was made for (none: the owner).

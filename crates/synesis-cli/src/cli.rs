@@ -233,6 +233,44 @@ pub(crate) enum CloudCommand {
     Adapters(CloudAdaptersArgs),
     /// The account's members and their roles (owner, editor, commenter, viewer).
     Members,
+    /// Invite someone to this account with a role (the owner's): prints a one-time code they
+    /// pass to `synesis cloud accept` on their device.
+    Invite(InviteArgs),
+    /// Join an account with the code an owner's `synesis cloud invite` printed: this device
+    /// becomes the invitee's, with the role the invitation gave (a device not enrolled yet).
+    Accept(LoginArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  synesis cloud invite ada@example.com --role editor        may ask, push and remove adapters
+  synesis cloud invite bob@example.com --role commenter --expires 2h
+
+Roles: editor (ask, push and remove adapters, read usage), commenter (ask, read usage), viewer
+(read usage and adapters). The code works once, until it expires (24h by default); the invitee
+runs `synesis cloud accept CODE` on a device not enrolled yet.")]
+pub(crate) struct InviteArgs {
+    /// Who the invitation is for, as people know them (an e-mail address, a name).
+    pub(crate) invitee: String,
+    /// editor, commenter or viewer.
+    #[arg(long, value_parser = parse_role)]
+    pub(crate) role: synesis_proto::message::Role,
+    /// How long the code stays usable (1m to 30d).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub(crate) expires: std::time::Duration,
+}
+
+fn parse_role(s: &str) -> Result<synesis_proto::message::Role, String> {
+    use synesis_proto::message::Role;
+    match s {
+        "editor" => Ok(Role::Editor),
+        "commenter" => Ok(Role::Commenter),
+        "viewer" => Ok(Role::Viewer),
+        _ => Err(format!(
+            "{s:?} is not a role to invite with: editor, commenter or viewer"
+        )),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -76,6 +76,10 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
                     commands::push::adapters(&out, &paths, args).await
                 }
                 cli::CloudCommand::Members => commands::cloud::members(&out, &paths).await,
+                cli::CloudCommand::Invite(args) => {
+                    commands::cloud::invite(&out, &paths, args).await
+                }
+                cli::CloudCommand::Accept(args) => commands::cloud::login(&out, &paths, args).await,
             }
         }),
         cli::Command::Tunnel {

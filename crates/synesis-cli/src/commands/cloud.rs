@@ -12,7 +12,7 @@ use synesis_tunnel::request::{RequestError, answer, request};
 use synesis_tunnel::{Identity, IdentityError};
 
 use super::{Output, ledger_error};
-use crate::cli::{CloudUsageArgs, LoginArgs, LogoutArgs, PingArgs};
+use crate::cli::{CloudUsageArgs, InviteArgs, LoginArgs, LogoutArgs, PingArgs};
 use crate::exit::UserError;
 use crate::paths::Paths;
 
@@ -435,6 +435,54 @@ pub(crate) async fn members(out: &Output, paths: &Paths) -> anyhow::Result<()> {
             ));
         }
         s
+    })?;
+    Ok(())
+}
+
+/// `synesis cloud invite`: a one-time code for the invitee (the owner's; the cloud checks).
+pub(crate) async fn invite(out: &Output, paths: &Paths, args: &InviteArgs) -> anyhow::Result<()> {
+    let Some(identity) = Identity::load(&paths.data.path)? else {
+        bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
+    };
+    let message = synesis_proto::message::InviteCreate {
+        request_id: new_request_id(),
+        invitee: args.invitee.clone(),
+        role: args.role,
+        ttl_ms: u64::try_from(args.expires.as_millis()).unwrap_or(u64::MAX),
+    };
+    let Message::InviteCreated(r) = account_request(paths, message.into()).await? else {
+        bail!("the cloud answered something else than an invitation");
+    };
+    let Some((token_id, secret)) = SetupToken::parse_presented(&r.code) else {
+        bail!("the cloud's invitation code is damaged");
+    };
+    // The code carries what this device dials and trusts, so the invitee reaches the same cloud.
+    let code = SetupToken {
+        server: identity.info.server.clone(),
+        ca_sha256: synesis_proto::Sha256(
+            sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(
+                &identity.ca_der,
+            ))
+            .into(),
+        ),
+        token_id,
+        secret,
+    }
+    .to_string();
+    let view = serde_json::json!({
+        "code": code,
+        "invitee": args.invitee,
+        "role": format!("{:?}", args.role).to_lowercase(),
+        "expires_at": r.expires_at,
+    });
+    out.report(&view, || {
+        format!(
+            "{code}\n(give it to {}: `synesis cloud accept CODE` on their device makes them a {} of {}; it works once, until {})\n",
+            args.invitee,
+            format!("{:?}", args.role).to_lowercase(),
+            identity.info.account,
+            r.expires_at.to_rfc3339().unwrap_or_default()
+        )
     })?;
     Ok(())
 }
