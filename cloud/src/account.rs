@@ -405,7 +405,7 @@ async fn invite(peer: &Peer, r: synesis_proto::message::InviteCreate) -> Message
     let secret: [u8; 32] = rand::random();
     let at = now();
     let expires_at = UnixMillis(at.0.saturating_add(i64::try_from(r.ttl_ms).unwrap_or(0)));
-    let (role, device) = (r.role, peer.device.id);
+    let (role, device, quota_tokens) = (r.role, peer.device.id, r.quota_tokens);
     let secret_sha256 = crate::storage::sha256(&secret);
     let made = peer
         .shared
@@ -418,6 +418,7 @@ async fn invite(peer: &Peer, r: synesis_proto::message::InviteCreate) -> Message
                 secret_sha256,
                 invitee: &invitee,
                 role,
+                quota_tokens,
                 created_by: device,
                 expires_at,
             };

@@ -73,6 +73,7 @@ pub fn member_add(
     account: &str,
     name: &str,
     role: synesis_proto::message::Role,
+    quota_tokens: Option<u64>,
 ) -> anyhow::Result<()> {
     let db = open(dir)?;
     let acct = db.account_by_name(account)?;
@@ -81,7 +82,15 @@ pub fn member_add(
         bail!("a member's name is 1 to 254 bytes (an e-mail address, a name)");
     }
     let id = uuid::Uuid::now_v7().to_string();
-    crate::storage::members::add(db.connection(), acct.id, &id, &name, role, now())?;
+    crate::storage::members::add(
+        db.connection(),
+        acct.id,
+        &id,
+        &name,
+        role,
+        quota_tokens,
+        now(),
+    )?;
     println!(
         "added {name} to {account} as {}",
         crate::storage::members::role_str(role)

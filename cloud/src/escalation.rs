@@ -820,6 +820,20 @@ impl Admission {
             .ledger
             .run(move |store| {
                 let state = hold_state(store, account, id, at)?;
+                if matches!(state, HoldState::Unused) {
+                    // The member's own monthly quota, read with the hold it decides on (one
+                    // writer: concurrent requests cannot both fit in the same room).
+                    let since = synesis_billing::month_start(at).ok_or(LedgerError::Overflow)?;
+                    let quota =
+                        crate::storage::members::quota_use(store.connection(), device, since)
+                            .map_err(|e| synesis_billing::ledger::StoreError(e.to_string()))?;
+                    if let Some((quota, used)) = quota {
+                        let asked = request
+                            .input_tokens
+                            .saturating_add(request.max_output_tokens);
+                        synesis_billing::admit_free(used, asked, quota)?;
+                    }
+                }
                 match state {
                     HoldState::Unused | HoldState::Active(_) => {
                         // A retry after a restart replays the first hold (or conflicts).

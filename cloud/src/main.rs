@@ -185,6 +185,9 @@ enum MemberCommand {
         name: String,
         #[arg(long, value_parser = parse_role)]
         role: synesis_proto::message::Role,
+        /// Their monthly token quota (input and output tokens of their devices' requests).
+        #[arg(long)]
+        quota: Option<u64>,
     },
     /// Give a member another role (takes effect on their devices' next request).
     Role {
@@ -291,7 +294,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         account,
                         name,
                         role,
-                    } => admin::member_add(&data_dir, &account, &name, role),
+                        quota,
+                    } => admin::member_add(&data_dir, &account, &name, role, quota),
                     MemberCommand::Role {
                         account,
                         name,

@@ -624,6 +624,8 @@ pub struct InviteCreate {
     pub invitee: String,
     pub role: Role,
     pub ttl_ms: u64,
+    /// The member's monthly token quota (none: only the account's own limits).
+    pub quota_tokens: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -282,6 +282,7 @@ fn samples() -> Vec<Message> {
             invitee: "bo@example.com".into(),
             role: Role::Editor,
             ttl_ms: 86_400_000,
+            quota_tokens: Some(100_000),
         }
         .into(),
         InviteCreated {

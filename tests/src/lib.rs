@@ -496,3 +496,31 @@ pub async fn connect(device: &Device) -> (quinn::Endpoint, quinn::Connection) {
         .expect("the cloud answers");
     (endpoint, conn)
 }
+
+/// A greedy escalation of `prompt` to `model`, at most `max_tokens` out.
+pub fn escalation_request(
+    id: synesis_proto::RequestId,
+    model: &str,
+    prompt: &str,
+    max_tokens: u32,
+) -> synesis_proto::message::EscalationRequest {
+    use synesis_proto::message::{ChatRole, ChatTurn, EscalationRequest, Preferences};
+    EscalationRequest {
+        request_id: id,
+        model: model.into(),
+        adapter: None,
+        context: vec![ChatTurn {
+            role: ChatRole::User,
+            content: prompt.into(),
+        }],
+        preferences: Preferences {
+            max_tokens,
+            temperature: 0.0,
+            top_p: None,
+            seed: None,
+            stop: vec![],
+            max_cost: None,
+        },
+        byok_key: None,
+    }
+}

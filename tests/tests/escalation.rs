@@ -8,9 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use synesis_e2e::{Cloud, Device, connect, json_of, run_ok, wait_for};
-use synesis_proto::message::{
-    ChatRole, ChatTurn, EscalationCancel, EscalationRequest, FinishReason, Preferences,
-};
+use synesis_proto::message::{EscalationCancel, EscalationRequest, FinishReason};
 use synesis_proto::{ErrorCode, FrameLimits, Message, RequestId};
 use synesis_tunnel::Identity;
 use synesis_wire::FramedRecv;
@@ -136,24 +134,7 @@ fn spawn_ask(device: &Device, max_tokens: &str) -> std::process::Child {
 }
 
 fn request(id: RequestId, max_tokens: u32) -> EscalationRequest {
-    EscalationRequest {
-        request_id: id,
-        model: "tiny".into(),
-        adapter: None,
-        context: vec![ChatTurn {
-            role: ChatRole::User,
-            content: PROMPT.into(),
-        }],
-        preferences: Preferences {
-            max_tokens,
-            temperature: 0.0,
-            top_p: None,
-            seed: None,
-            stop: vec![],
-            max_cost: None,
-        },
-        byok_key: None,
-    }
+    synesis_e2e::escalation_request(id, "tiny", PROMPT, max_tokens)
 }
 
 /// What came back on one escalation stream.

@@ -220,3 +220,97 @@ fn an_invitation_enrolls_a_new_members_device_once() {
     let (ok, _, err) = invite(&owner, "eve@example.com", "owner", "1h");
     assert!(!ok && err.contains("editor, commenter or viewer"), "{err}");
 }
+
+/// A member's monthly token quota: a request that would cross it is refused before it runs —
+/// also when 32 arrive at once — and what the member used never exceeds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_quota_holds_under_32_concurrent_requests() {
+    use synesis_proto::message::EscalationDone;
+    use synesis_proto::{ErrorCode, FrameLimits, Message, RequestId};
+    let (_cloud, owner, _files) = setup();
+    // What one request holds: its prompt's tokens and its most output.
+    let max_tokens = 8u32;
+    let probe =
+        json_of(
+            owner
+                .synesis()
+                .args(["--json", "cloud", "ask", "--max-tokens", "8", "hi"]),
+        );
+    let per_request = probe["input_tokens"].as_u64().unwrap() + u64::from(max_tokens);
+    let quota = 3 * per_request + per_request / 2;
+    let (ok, out, err) = try_run(
+        &owner,
+        &[
+            "cloud",
+            "invite",
+            "quinn@example.com",
+            "--role",
+            "commenter",
+            "--quota",
+            &quota.to_string(),
+        ],
+    );
+    assert!(ok, "{err}");
+    let code = serde_json::from_str::<serde_json::Value>(&out).unwrap()["code"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let quinn = Device::new();
+    let (ok, _, err) = try_run(&quinn, &["cloud", "accept", &code]);
+    assert!(ok, "{err}");
+
+    let (_endpoint, conn) = synesis_e2e::connect(&quinn).await;
+    let asks = (0..32u8).map(|n| {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let id = RequestId::from_parts(1_795_000_000_000, [n; 10]);
+            let (mut tx, rx) = conn.open_bi().await.unwrap();
+            let first = synesis_e2e::escalation_request(id, "tiny", "hi", max_tokens);
+            synesis_wire::send(&mut tx, &first.into(), FrameLimits::default())
+                .await
+                .unwrap();
+            let mut rx = synesis_wire::FramedRecv::new(rx, FrameLimits::default());
+            loop {
+                match rx.next().await.unwrap() {
+                    Some(Message::EscalationChunk(_)) => {}
+                    Some(Message::EscalationDone(d)) => return Ok::<EscalationDone, ErrorCode>(d),
+                    Some(Message::ErrorMsg(e)) => return Err(e.code),
+                    other => panic!("{other:?}"),
+                }
+            }
+        })
+    });
+    let mut used = 0u64;
+    let (mut answered, mut refused) = (0, 0);
+    for ask in asks.collect::<Vec<_>>() {
+        match ask.await.unwrap() {
+            Ok(done) => {
+                answered += 1;
+                used += done.usage.input_tokens + done.usage.output_tokens;
+            }
+            // More than the account may run at once (16) are told to wait; the others that do
+            // not fit are refused for the quota.
+            Err(ErrorCode::LIMIT_EXCEEDED) => {}
+            Err(code) => {
+                assert_eq!(code, ErrorCode::QUOTA_EXCEEDED);
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        answered >= 3 && refused > 0,
+        "{answered} answered, {refused} refused"
+    );
+    assert!(used <= quota, "{used} tokens used of a quota of {quota}");
+    // Past it, `cloud ask` says so (and the owner, who has no quota, goes on).
+    let mut said = String::new();
+    for _ in 0..8 {
+        let (ok, _, err) = try_run(&quinn, &["cloud", "ask", "--max-tokens", "8", "hi"]);
+        if !ok {
+            said = err;
+            break;
+        }
+    }
+    assert!(said.contains("quota"), "{said}");
+    allowed(&owner, &["cloud", "ask", "--max-tokens", "8", "hi"]);
+}

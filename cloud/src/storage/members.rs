@@ -68,15 +68,24 @@ pub fn add(
     id: &str,
     name: &str,
     role: Role,
+    quota_tokens: Option<u64>,
     now: UnixMillis,
 ) -> Result<(), MemberError> {
     if role == Role::Owner {
         return Err(MemberError::SecondOwner);
     }
     let inserted = conn.execute(
-        "INSERT INTO members (id, account_id, name, role, joined_at) VALUES (?1, ?2, ?3, ?4, ?5)
+        "INSERT INTO members (id, account_id, name, role, joined_at, quota_tokens)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (account_id, name) DO NOTHING",
-        params![id, account.to_string(), name, role_str(role), now.0],
+        params![
+            id,
+            account.to_string(),
+            name,
+            role_str(role),
+            now.0,
+            quota_tokens.map(i64_of).transpose()?
+        ],
     )?;
     if inserted == 0 {
         return Err(MemberError::Exists(name.to_owned()));
@@ -186,6 +195,47 @@ pub fn list(conn: &Connection, account: AccountId) -> Result<Vec<MemberRow>, Sto
     Ok(out)
 }
 
+fn i64_of(v: u64) -> Result<i64, StorageError> {
+    i64::try_from(v).map_err(|_| StorageError::Corrupt(format!("{v} does not fit")))
+}
+
+/// The monthly token quota of the member `device` belongs to, and the tokens that member's
+/// devices used since `month_start` (settled) or hold now (open holds, at their most): `None`
+/// when the member has no quota. Read in the ledger's writer, with the hold it decides on.
+pub fn quota_use(
+    conn: &Connection,
+    device: synesis_proto::DeviceId,
+    month_start: UnixMillis,
+) -> Result<Option<(u64, u64)>, StorageError> {
+    let member: Option<(String, Option<i64>)> = conn
+        .query_row(
+            "SELECT m.id, m.quota_tokens FROM devices d JOIN members m ON m.id = d.member_id
+             WHERE d.id = ?1",
+            params![device.to_string()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((member, Some(quota))) = member else {
+        return Ok(None);
+    };
+    // Settlements (kind 3) this month, and the holds still open, of the member's devices.
+    let used: i64 = conn.query_row(
+        "SELECT
+           (SELECT COALESCE(SUM(e.input_tokens + e.output_tokens), 0)
+              FROM ledger_entries e JOIN devices d ON d.id = e.device_id
+             WHERE d.member_id = ?1 AND e.kind = 3 AND e.at >= ?2)
+         + (SELECT COALESCE(SUM(e.input_tokens + e.output_tokens), 0)
+              FROM ledger_open_holds h JOIN ledger_entries e ON e.seq = h.seq
+              JOIN devices d ON d.id = e.device_id
+             WHERE d.member_id = ?1)",
+        params![member, month_start.0],
+        |r| r.get(0),
+    )?;
+    let as_u64 =
+        |v: i64| u64::try_from(v).map_err(|_| StorageError::Corrupt(format!("{v} tokens")));
+    Ok(Some((as_u64(quota)?, as_u64(used)?)))
+}
+
 /// An invitation to make.
 #[derive(Debug, Clone)]
 pub struct Invitation<'a> {
@@ -197,6 +247,8 @@ pub struct Invitation<'a> {
     pub secret_sha256: [u8; 32],
     pub invitee: &'a str,
     pub role: Role,
+    /// The member's monthly token quota.
+    pub quota_tokens: Option<u64>,
     pub created_by: synesis_proto::DeviceId,
     pub expires_at: UnixMillis,
 }
@@ -264,8 +316,9 @@ pub fn invite(
         ],
     )?;
     tx.execute(
-        "INSERT INTO invites (token_id, account_id, request_id, invitee, role, created_by, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO invites (token_id, account_id, request_id, invitee, role, created_by, created_at,
+             quota_tokens)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
             i.token_id.as_slice(),
             acct,
@@ -273,7 +326,8 @@ pub fn invite(
             i.invitee,
             role_str(i.role),
             i.created_by.to_string(),
-            now.0
+            now.0,
+            i.quota_tokens.map(i64_of).transpose()?
         ],
     )?;
     tx.commit()?;
@@ -289,14 +343,14 @@ pub(crate) fn accept_in(
     member_id: &str,
     now: UnixMillis,
 ) -> Result<bool, MemberError> {
-    let invite: Option<(String, String, String)> = tx
+    let invite: Option<(String, String, String, Option<i64>)> = tx
         .query_row(
-            "SELECT account_id, invitee, role FROM invites WHERE token_id = ?1",
+            "SELECT account_id, invitee, role, quota_tokens FROM invites WHERE token_id = ?1",
             params![token_id.as_slice()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )
         .optional()?;
-    let Some((account, invitee, role)) = invite else {
+    let Some((account, invitee, role, quota)) = invite else {
         return Ok(false);
     };
     // A member of that name exists (a removed one keeps its name: its history stays its own).
@@ -309,8 +363,9 @@ pub(crate) fn accept_in(
         return Err(MemberError::Exists(invitee));
     }
     tx.execute(
-        "INSERT INTO members (id, account_id, name, role, joined_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![member_id, account, invitee, role, now.0],
+        "INSERT INTO members (id, account_id, name, role, joined_at, quota_tokens)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![member_id, account, invitee, role, now.0, quota],
     )?;
     tx.execute(
         "INSERT INTO setup_token_members (token_id, member_id) VALUES (?1, ?2)",
@@ -370,6 +425,7 @@ mod tests {
             secret_sha256: sha256(&secret),
             invitee,
             role: Role::Commenter,
+            quota_tokens: None,
             created_by: owner_device,
             expires_at: UnixMillis(expires_at),
         };

@@ -16,7 +16,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StorageError;
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 const BASE_V2: &str = "
 CREATE TABLE IF NOT EXISTS accounts (
@@ -236,6 +236,13 @@ CREATE TABLE invites (
 ) WITHOUT ROWID;
 ";
 
+/// A member's monthly token quota (NULL: none), also carried by the invitation that makes
+/// the member.
+const STEP_V8: &str = "
+ALTER TABLE members ADD COLUMN quota_tokens INTEGER;
+ALTER TABLE invites ADD COLUMN quota_tokens INTEGER;
+";
+
 /// Brings the database at `path` up to [`SCHEMA_VERSION`].
 pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageError> {
     let schema_error = |reason: String| StorageError::Schema {
@@ -322,10 +329,21 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageE
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version >= 7 {
-            return Ok(());
+            drop(tx);
+            return migrate(conn, path);
         }
         tx.execute_batch(STEP_V7)?;
         tx.pragma_update(None, "user_version", 7)?;
+        tx.commit()?;
+    }
+    if version < 8 {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version >= 8 {
+            return Ok(());
+        }
+        tx.execute_batch(STEP_V8)?;
+        tx.pragma_update(None, "user_version", 8)?;
         tx.commit()?;
     }
     Ok(())

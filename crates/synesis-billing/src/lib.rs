@@ -28,7 +28,7 @@ pub mod usage;
 
 pub use cost::{BillingError, Quote, Usage, quote};
 pub use price::{ModelPrice, PriceTable, parse_usd};
-pub use quota::{QuotaExceeded, QuotaPeriod, admit_free, quota_period};
+pub use quota::{QuotaExceeded, QuotaPeriod, admit_free, month_start, quota_period};
 pub use synesis_proto::MicroUsd;
 pub use synesis_proto::message::Tier;
 pub use usage::{UsageView, group_key};

@@ -29,6 +29,13 @@ pub struct QuotaExceeded {
     pub requested: u64,
 }
 
+/// When the UTC calendar month `at` falls in began.
+pub fn month_start(at: UnixMillis) -> Option<UnixMillis> {
+    let p = quota_period(at)?;
+    let start = Utc.with_ymd_and_hms(p.year, p.month, 1, 0, 0, 0).single()?;
+    Some(UnixMillis(start.timestamp_millis()))
+}
+
 /// Whether a request of `requested` tokens fits after `used` tokens this month: it must not
 /// cross the quota (ending exactly on it is allowed). Refused before it runs.
 pub fn admit_free(used: u64, requested: u64, quota: u64) -> Result<(), QuotaExceeded> {

@@ -259,6 +259,10 @@ pub(crate) struct InviteArgs {
     /// How long the code stays usable (1m to 30d).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub(crate) expires: std::time::Duration,
+    /// Their monthly token quota: the input and output tokens of their devices' requests (a
+    /// request that would cross it is refused before it runs).
+    #[arg(long)]
+    pub(crate) quota: Option<u64>,
 }
 
 fn parse_role(s: &str) -> Result<synesis_proto::message::Role, String> {

@@ -449,6 +449,7 @@ pub(crate) async fn invite(out: &Output, paths: &Paths, args: &InviteArgs) -> an
         invitee: args.invitee.clone(),
         role: args.role,
         ttl_ms: u64::try_from(args.expires.as_millis()).unwrap_or(u64::MAX),
+        quota_tokens: args.quota,
     };
     let Message::InviteCreated(r) = account_request(paths, message.into()).await? else {
         bail!("the cloud answered something else than an invitation");
@@ -473,6 +474,7 @@ pub(crate) async fn invite(out: &Output, paths: &Paths, args: &InviteArgs) -> an
         "code": code,
         "invitee": args.invitee,
         "role": format!("{:?}", args.role).to_lowercase(),
+        "quota_tokens": args.quota,
         "expires_at": r.expires_at,
     });
     out.report(&view, || {
