@@ -29,6 +29,9 @@ pub(crate) async fn serve(peer: &Peer, request: Message, mut stream: Stream) {
         Message::AdaptersRequest(r) => adapters(peer, r.request_id).await,
         Message::MembersRequest(r) => members(peer, r.request_id).await,
         Message::InviteCreate(r) => invite(peer, r).await,
+        Message::MemberRemove(r) => remove_member(peer, r.request_id, r.name).await,
+        Message::HandoverOffer(r) => offer_handover(peer, r.request_id, r.to).await,
+        Message::HandoverAccept(r) => accept_handover(peer, r.request_id).await,
         Message::AdapterRemove(r) => remove_adapter(peer, r.request_id, r.name).await,
         other => error_msg(
             ErrorCode::UNEXPECTED_MESSAGE,
@@ -49,6 +52,9 @@ fn request_id_of(m: &Message) -> Option<RequestId> {
         Message::AdaptersRequest(r) => Some(r.request_id),
         Message::MembersRequest(r) => Some(r.request_id),
         Message::InviteCreate(r) => Some(r.request_id),
+        Message::MemberRemove(r) => Some(r.request_id),
+        Message::HandoverOffer(r) => Some(r.request_id),
+        Message::HandoverAccept(r) => Some(r.request_id),
         Message::AdapterRemove(r) => Some(r.request_id),
         _ => None,
     }
@@ -450,5 +456,113 @@ async fn invite(peer: &Peer, r: synesis_proto::message::InviteCreate) -> Message
             Some(request_id),
         ),
         Err(e) => internal(e, request_id),
+    }
+}
+
+/// A refusal about members: the message as people read it, with its code.
+fn member_refusal(e: crate::storage::members::MemberError, request_id: RequestId) -> Message {
+    use crate::storage::members::MemberError;
+    match e {
+        MemberError::Storage(e) => internal(e, request_id),
+        MemberError::NoSuchMember(_) => {
+            error_msg(ErrorCode::NOT_FOUND, e.to_string(), Some(request_id))
+        }
+        other => error_msg(
+            ErrorCode::INVALID_REQUEST,
+            other.to_string(),
+            Some(request_id),
+        ),
+    }
+}
+
+/// `synesis cloud members rm NAME` (the owner's): the member goes, their devices are revoked
+/// (the revocation watcher closes their connections).
+async fn remove_member(peer: &Peer, request_id: RequestId, name: String) -> Message {
+    let (account, actor) = (peer.device.account_id, peer.device.id.to_string());
+    let n = name.clone();
+    let removed = peer
+        .shared
+        .storage
+        .write(move |db| {
+            Ok(crate::storage::members::remove(
+                db.connection_mut(),
+                account,
+                &n,
+                &actor,
+                now(),
+            ))
+        })
+        .await;
+    match removed {
+        Ok(Ok(revoked)) => synesis_proto::message::MemberRemoved {
+            request_id,
+            name,
+            devices_revoked: u32::try_from(revoked).unwrap_or(u32::MAX),
+        }
+        .into(),
+        Ok(Err(e)) => member_refusal(e, request_id),
+        Err(e) => internal(e, request_id),
+    }
+}
+
+/// `synesis cloud handover EMAIL` (the owner's): offers the account to a member for 7 days.
+async fn offer_handover(peer: &Peer, request_id: RequestId, to: String) -> Message {
+    let (account, actor) = (peer.device.account_id, peer.device.id.to_string());
+    let t = to.clone();
+    let offered = peer
+        .shared
+        .storage
+        .write(move |db| {
+            Ok(crate::storage::members::offer_handover(
+                db.connection_mut(),
+                account,
+                &actor,
+                &t,
+                now(),
+            ))
+        })
+        .await;
+    match offered {
+        Ok(Ok(expires_at)) => synesis_proto::message::HandoverOffered {
+            request_id,
+            to,
+            expires_at,
+        }
+        .into(),
+        Ok(Err(e)) => member_refusal(e, request_id),
+        Err(e) => internal(e, request_id),
+    }
+}
+
+/// `synesis cloud handover accept` (the offered member's device): the roles swap.
+async fn accept_handover(peer: &Peer, request_id: RequestId) -> Message {
+    use crate::storage::members::HandoverError;
+    let (account, device) = (peer.device.account_id, peer.device.id);
+    let taken = peer
+        .shared
+        .storage
+        .write(move |db| {
+            Ok(crate::storage::members::accept_handover(
+                db.connection_mut(),
+                account,
+                device,
+                now(),
+            ))
+        })
+        .await;
+    match taken {
+        Ok(Ok((account, former_owner))) => synesis_proto::message::HandoverAccepted {
+            request_id,
+            account,
+            former_owner,
+        }
+        .into(),
+        Ok(Err(HandoverError::Storage(e))) | Err(e) => internal(e, request_id),
+        Ok(Err(e @ HandoverError::NotOffered)) => {
+            error_msg(ErrorCode::NOT_FOUND, e.to_string(), Some(request_id))
+        }
+        Ok(Err(e @ HandoverError::Lapsed)) => {
+            error_msg(ErrorCode::INVALID_REQUEST, e.to_string(), Some(request_id))
+        }
     }
 }

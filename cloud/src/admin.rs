@@ -89,6 +89,7 @@ pub fn member_add(
         &name,
         role,
         quota_tokens,
+        "operator",
         now(),
     )?;
     println!(
@@ -106,7 +107,7 @@ pub fn member_role(
 ) -> anyhow::Result<()> {
     let db = open(dir)?;
     let acct = db.account_by_name(account)?;
-    crate::storage::members::set_role(db.connection(), acct.id, name, role)?;
+    crate::storage::members::set_role(db.connection(), acct.id, name, role, "operator", now())?;
     println!(
         "{name} is now {} in {account}",
         crate::storage::members::role_str(role)
@@ -117,7 +118,8 @@ pub fn member_role(
 pub fn member_remove(dir: &Path, account: &str, name: &str) -> anyhow::Result<()> {
     let mut db = open(dir)?;
     let acct = db.account_by_name(account)?;
-    let revoked = crate::storage::members::remove(db.connection_mut(), acct.id, name, now())?;
+    let revoked =
+        crate::storage::members::remove(db.connection_mut(), acct.id, name, "operator", now())?;
     println!("removed {name} from {account}; {revoked} of their devices revoked");
     Ok(())
 }
@@ -634,6 +636,28 @@ pub fn uploads(dir: &Path, json: bool) -> anyhow::Result<()> {
             } else {
                 "in progress"
             }
+        );
+    }
+    Ok(())
+}
+
+/// `admin audit ACCOUNT`: every change to the account's members, oldest first.
+pub fn audit(dir: &Path, account: &str, json: bool) -> anyhow::Result<()> {
+    let db = open(dir)?;
+    let acct = db.account_by_name(account)?;
+    let rows = crate::storage::members::audit_log(db.connection(), acct.id)?;
+    if json {
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(());
+    }
+    for r in rows {
+        println!(
+            "{}  {:<18}  {:<24}  by {}  {}",
+            r.at.to_rfc3339().unwrap_or_default(),
+            r.action,
+            crate::storage::printable(&r.subject),
+            r.actor,
+            r.detail
         );
     }
     Ok(())

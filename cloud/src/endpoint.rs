@@ -583,6 +583,9 @@ fn is_request(t: MessageType) -> bool {
             | MessageType::AdapterRemove
             | MessageType::MembersRequest
             | MessageType::InviteCreate
+            | MessageType::MemberRemove
+            | MessageType::HandoverOffer
+            | MessageType::HandoverAccept
     )
 }
 

@@ -83,6 +83,8 @@ enum Admin {
     /// List adapter uploads (in progress and finished): chunks held and chunks received, so a
     /// resume that re-sent nothing can be seen.
     Uploads,
+    /// Every change to an account's members (invitations, joins, roles, removals, handovers).
+    Audit { account: String },
     /// The people of an account and their roles.
     Member {
         #[command(subcommand)]
@@ -289,6 +291,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             member,
                         },
                 } => admin::token_create(&data_dir, &account, ttl, server, member.as_deref()),
+                Admin::Audit { account } => admin::audit(&data_dir, &account, json),
                 Admin::Member { command } => match command {
                     MemberCommand::Add {
                         account,

@@ -35,9 +35,10 @@ pub fn least_role(first: MessageType) -> Option<Role> {
         // Changing what the account serves, and seeing who is in it.
         T::UploadBegin | T::AdapterRemove | T::MembersRequest => Some(Role::Editor),
         // Money and people: the owner's.
-        T::TopupRequest | T::InviteCreate => Some(Role::Owner),
-        // Joining another account is the invitee's own act, whatever its role here.
-        T::InviteAccept => Some(Role::Viewer),
+        T::TopupRequest | T::InviteCreate | T::MemberRemove | T::HandoverOffer => Some(Role::Owner),
+        // Joining another account is the invitee's own act, whatever its role here; taking an
+        // account over is the offered member's (the offer names them).
+        T::InviteAccept | T::HandoverAccept => Some(Role::Viewer),
         // On a connection without a certificate, not a device's stream.
         T::EnrollRequest => None,
         // Replies, and frames that only follow the first of a stream.
@@ -65,7 +66,10 @@ pub fn least_role(first: MessageType) -> Option<Role> {
         | T::MembersReply
         | T::PriceReply
         | T::DeviceLeft
-        | T::CertRenewed => None,
+        | T::CertRenewed
+        | T::MemberRemoved
+        | T::HandoverOffered
+        | T::HandoverAccepted => None,
     }
 }
 
@@ -101,6 +105,7 @@ mod tests {
             (T::AdaptersRequest, [true, true, true, true]),
             (T::PriceRequest, [true, true, true, true]),
             (T::InviteAccept, [true, true, true, true]),
+            (T::HandoverAccept, [true, true, true, true]),
             (T::EscalationRequest, [true, true, true, false]),
             (T::EscalationResume, [true, true, true, false]),
             (T::UploadBegin, [true, true, false, false]),
@@ -108,6 +113,8 @@ mod tests {
             (T::MembersRequest, [true, true, false, false]),
             (T::TopupRequest, [true, false, false, false]),
             (T::InviteCreate, [true, false, false, false]),
+            (T::MemberRemove, [true, false, false, false]),
+            (T::HandoverOffer, [true, false, false, false]),
         ];
         let roles = [Role::Owner, Role::Editor, Role::Commenter, Role::Viewer];
         for (t, expected) in matrix {

@@ -181,6 +181,15 @@ messages! {
     /// Device → cloud: a new certificate for this device's key, before the current one ends.
     0x5e => CertRenew on Account,
     0x5f => CertRenewed on Account,
+    /// Device → cloud (the owner's): remove a member; their devices are revoked.
+    0x60 => MemberRemove on Account,
+    0x61 => MemberRemoved on Account,
+    /// Device → cloud (the owner's): offer the account to a member, for 7 days.
+    0x62 => HandoverOffer on Account,
+    0x63 => HandoverOffered on Account,
+    /// Device → cloud (the offered member's): take the account over.
+    0x64 => HandoverAccept on Account,
+    0x65 => HandoverAccepted on Account,
 }
 
 // ---------------------------------------------------------------- control
@@ -732,6 +741,54 @@ pub struct CertRenewed {
     pub not_after: UnixMillis,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct MemberRemove {
+    pub request_id: RequestId,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct MemberRemoved {
+    pub request_id: RequestId,
+    pub name: String,
+    /// Devices of the member revoked by the removal.
+    pub devices_revoked: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct HandoverOffer {
+    pub request_id: RequestId,
+    /// The member offered the account.
+    pub to: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct HandoverOffered {
+    pub request_id: RequestId,
+    pub to: String,
+    pub expires_at: UnixMillis,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct HandoverAccept {
+    pub request_id: RequestId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct HandoverAccepted {
+    pub request_id: RequestId,
+    /// The account the caller now owns.
+    pub account: String,
+    /// The former owner, now an editor.
+    pub former_owner: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -771,7 +828,7 @@ mod tests {
 
     #[test]
     fn unassigned_bytes_name_no_type() {
-        for b in [0x00, 0x09, 0x22, 0x35, 0x49, 0x60, 0xff] {
+        for b in [0x00, 0x09, 0x22, 0x35, 0x49, 0x66, 0xff] {
             assert_eq!(MessageType::from_u8(b), None, "0x{b:02x}");
         }
     }

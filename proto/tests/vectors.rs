@@ -348,6 +348,38 @@ fn samples() -> Vec<Message> {
             not_after: UnixMillis(1_795_000_000_000),
         }
         .into(),
+        MemberRemove {
+            request_id: rid(13),
+            name: "bob@example.com".into(),
+        }
+        .into(),
+        MemberRemoved {
+            request_id: rid(13),
+            name: "bob@example.com".into(),
+            devices_revoked: 2,
+        }
+        .into(),
+        HandoverOffer {
+            request_id: rid(14),
+            to: "ada@example.com".into(),
+        }
+        .into(),
+        HandoverOffered {
+            request_id: rid(14),
+            to: "ada@example.com".into(),
+            expires_at: UnixMillis(1_795_604_800_000),
+        }
+        .into(),
+        HandoverAccept {
+            request_id: rid(15),
+        }
+        .into(),
+        HandoverAccepted {
+            request_id: rid(15),
+            account: "acme".into(),
+            former_owner: "acme".into(),
+        }
+        .into(),
     ]
 }
 

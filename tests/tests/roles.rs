@@ -314,3 +314,75 @@ async fn a_members_quota_holds_under_32_concurrent_requests() {
     assert!(said.contains("quota"), "{said}");
     allowed(&owner, &["cloud", "ask", "--max-tokens", "8", "hi"]);
 }
+
+/// The owner hands the account to a member, who accepts: the roles swap (the former owner is
+/// an editor and can no longer invite); a member cannot hand over; the owner removes a member;
+/// the operator's audit log has every change.
+#[test]
+fn a_handover_swaps_the_roles_and_every_change_is_audited() {
+    let (cloud, owner, _files) = setup();
+    let join = |who: &str, role: &str| {
+        let (ok, out, err) = try_run(&owner, &["cloud", "invite", who, "--role", role]);
+        assert!(ok, "{err}");
+        let code = serde_json::from_str::<serde_json::Value>(&out).unwrap()["code"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let device = Device::new();
+        let (ok, _, err) = try_run(&device, &["cloud", "accept", &code]);
+        assert!(ok, "{err}");
+        device
+    };
+    let ada = join("ada@example.com", "editor");
+    let carl = join("carl@example.com", "commenter");
+
+    forbidden(&carl, &["cloud", "handover", "carl@example.com"]);
+    forbidden(&ada, &["cloud", "handover", "ada@example.com"]);
+    let (ok, _, err) = try_run(&ada, &["cloud", "handover", "accept"]);
+    assert!(!ok && err.contains("no handover"), "{err}");
+    allowed(&owner, &["cloud", "handover", "ada@example.com"]);
+    let (ok, _, err) = try_run(&carl, &["cloud", "handover", "accept"]);
+    assert!(
+        !ok && err.contains("no handover"),
+        "not offered to carl: {err}"
+    );
+    allowed(&ada, &["cloud", "handover", "accept"]);
+
+    let members = json_of(ada.synesis().args(["--json", "cloud", "members"]));
+    assert_eq!(members[0]["name"], "ada@example.com", "{members}");
+    assert_eq!(members[0]["role"], "owner", "{members}");
+    assert!(
+        members
+            .to_string()
+            .contains(r#""name":"acme","role":"editor""#),
+        "{members}"
+    );
+    forbidden(
+        &owner,
+        &["cloud", "invite", "x@example.com", "--role", "viewer"],
+    );
+    allowed(&ada, &["cloud", "members", "rm", "carl@example.com"]);
+    let (ok, _, err) = try_run(&carl, &["cloud", "usage"]);
+    assert!(!ok && err.contains("revoked"), "{err}");
+
+    let audit = json_of(cloud.admin().args(["--json", "audit", "acme"]));
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "invited",
+            "member_joined",
+            "invited",
+            "member_joined",
+            "handover_offered",
+            "handover_accepted",
+            "member_removed"
+        ],
+        "{audit}"
+    );
+}

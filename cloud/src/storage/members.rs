@@ -1,6 +1,8 @@
-//! The people of an account and their roles (schema v6; `roles.rs` says what each role may
-//! do). The owner is the member whose id is the account's own; each device belongs to one
-//! member and acts with that member's role.
+//! The people of an account and their roles (schema v6–v9; `roles.rs` says what each role
+//! may do). An account has one owner (the member whose role is `owner`; at first the member
+//! whose id is the account's own, until a handover); each device belongs to one member and
+//! acts with that member's role. Every change to the members is written to the audit log in
+//! the transaction that makes it.
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use synesis_proto::message::Role;
@@ -62,6 +64,7 @@ pub fn parse_role(s: &str) -> Option<Role> {
 }
 
 /// Adds `name` to the account with `role` (not owner) under the new id `id`.
+#[allow(clippy::too_many_arguments)]
 pub fn add(
     conn: &Connection,
     account: AccountId,
@@ -69,6 +72,7 @@ pub fn add(
     name: &str,
     role: Role,
     quota_tokens: Option<u64>,
+    actor: &str,
     now: UnixMillis,
 ) -> Result<(), MemberError> {
     if role == Role::Owner {
@@ -90,18 +94,190 @@ pub fn add(
     if inserted == 0 {
         return Err(MemberError::Exists(name.to_owned()));
     }
+    audit(
+        conn,
+        account,
+        now,
+        actor,
+        "member_added",
+        name,
+        role_str(role),
+    )?;
     Ok(())
 }
 
 /// The id of the member `name` of the account, if present (and not removed).
 pub fn id_of(conn: &Connection, account: AccountId, name: &str) -> Result<String, MemberError> {
-    conn.query_row(
-        "SELECT id FROM members WHERE account_id = ?1 AND name = ?2 AND removed_at IS NULL",
-        params![account.to_string(), name],
+    Ok(member(conn, account, name)?.0)
+}
+
+/// The id and role of the member `name` of the account (not removed).
+fn member(
+    conn: &Connection,
+    account: AccountId,
+    name: &str,
+) -> Result<(String, Role), MemberError> {
+    let row: Option<(String, String)> = conn
+        .query_row(
+            "SELECT id, role FROM members WHERE account_id = ?1 AND name = ?2 AND removed_at IS NULL",
+            params![account.to_string(), name],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let (id, role) = row.ok_or_else(|| MemberError::NoSuchMember(name.to_owned()))?;
+    let role = parse_role(&role)
+        .ok_or_else(|| StorageError::Corrupt(format!("unknown member role {role:?}")))?;
+    Ok((id, role))
+}
+
+/// Writes one line of the account's audit log (inside the caller's transaction).
+pub fn audit(
+    conn: &Connection,
+    account: AccountId,
+    at: UnixMillis,
+    actor: &str,
+    action: &str,
+    subject: &str,
+    detail: &str,
+) -> Result<(), StorageError> {
+    conn.execute(
+        "INSERT INTO audit (account_id, at, actor, action, subject, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![account.to_string(), at.0, actor, action, subject, detail],
+    )?;
+    Ok(())
+}
+
+/// One line of the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditRow {
+    pub at: UnixMillis,
+    pub actor: String,
+    pub action: String,
+    pub subject: String,
+    pub detail: String,
+}
+
+pub fn audit_log(conn: &Connection, account: AccountId) -> Result<Vec<AuditRow>, StorageError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT at, actor, action, subject, detail FROM audit WHERE account_id = ?1 ORDER BY seq",
+    )?;
+    let rows = stmt.query_map(params![account.to_string()], |r| {
+        Ok(AuditRow {
+            at: UnixMillis(r.get(0)?),
+            actor: r.get(1)?,
+            action: r.get(2)?,
+            subject: r.get(3)?,
+            detail: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// How long a handover offer stands.
+pub const HANDOVER_FOR_MS: i64 = 7 * 24 * 3_600_000;
+
+/// The owner offers the account to the member `to` (replacing an earlier offer); when it
+/// lapses.
+pub fn offer_handover(
+    conn: &mut Connection,
+    account: AccountId,
+    actor: &str,
+    to: &str,
+    now: UnixMillis,
+) -> Result<UnixMillis, MemberError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let (id, role) = member(&tx, account, to)?;
+    if role == Role::Owner {
+        return Err(MemberError::Owner);
+    }
+    let expires_at = UnixMillis(now.0.saturating_add(HANDOVER_FOR_MS));
+    tx.execute(
+        "INSERT INTO handovers (account_id, to_member, offered_at, expires_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (account_id) DO UPDATE SET to_member = ?2, offered_at = ?3, expires_at = ?4",
+        params![account.to_string(), id, now.0, expires_at.0],
+    )?;
+    audit(&tx, account, now, actor, "handover_offered", to, "")?;
+    tx.commit()?;
+    Ok(expires_at)
+}
+
+/// Why a handover could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("no handover of this account is offered to you")]
+    NotOffered,
+    #[error("the handover offer lapsed (offers stand 7 days); ask the owner to offer it again")]
+    Lapsed,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl From<rusqlite::Error> for HandoverError {
+    fn from(e: rusqlite::Error) -> Self {
+        HandoverError::Storage(e.into())
+    }
+}
+
+/// The member `device` belongs to takes the account over, if it was offered to them and the
+/// offer stands: they become the owner and the owner an editor (one transaction). The account's
+/// name and the former owner's.
+pub fn accept_handover(
+    conn: &mut Connection,
+    account: AccountId,
+    device: synesis_proto::DeviceId,
+    now: UnixMillis,
+) -> Result<(String, String), HandoverError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let offer: Option<(String, i64, String)> = tx
+        .query_row(
+            "SELECT h.to_member, h.expires_at, m.name FROM handovers h
+             JOIN devices d ON d.member_id = h.to_member
+             JOIN members m ON m.id = h.to_member
+             WHERE h.account_id = ?1 AND d.id = ?2 AND m.removed_at IS NULL",
+            params![account.to_string(), device.to_string()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((to, expires_at, to_name)) = offer else {
+        return Err(HandoverError::NotOffered);
+    };
+    if now.0 >= expires_at {
+        return Err(HandoverError::Lapsed);
+    }
+    let former: String = tx.query_row(
+        "SELECT name FROM members WHERE account_id = ?1 AND role = 'owner'",
+        params![account.to_string()],
         |r| r.get(0),
-    )
-    .optional()?
-    .ok_or_else(|| MemberError::NoSuchMember(name.to_owned()))
+    )?;
+    tx.execute(
+        "UPDATE members SET role = 'editor' WHERE account_id = ?1 AND role = 'owner'",
+        params![account.to_string()],
+    )?;
+    tx.execute(
+        "UPDATE members SET role = 'owner' WHERE id = ?1",
+        params![to],
+    )?;
+    tx.execute(
+        "DELETE FROM handovers WHERE account_id = ?1",
+        params![account.to_string()],
+    )?;
+    audit(
+        &tx,
+        account,
+        now,
+        &device.to_string(),
+        "handover_accepted",
+        &to_name,
+        &format!("former owner {former} is now an editor"),
+    )?;
+    let name: String = tx.query_row(
+        "SELECT name FROM accounts WHERE id = ?1",
+        params![account.to_string()],
+        |r| r.get(0),
+    )?;
+    tx.commit()?;
+    Ok((name, former))
 }
 
 /// Gives the member `name` another role (not owner; not the owner's).
@@ -110,17 +286,28 @@ pub fn set_role(
     account: AccountId,
     name: &str,
     role: Role,
+    actor: &str,
+    now: UnixMillis,
 ) -> Result<(), MemberError> {
     if role == Role::Owner {
         return Err(MemberError::SecondOwner);
     }
-    let id = id_of(conn, account, name)?;
-    if id == account.to_string() {
+    let (id, current) = member(conn, account, name)?;
+    if current == Role::Owner {
         return Err(MemberError::Owner);
     }
     conn.execute(
         "UPDATE members SET role = ?2 WHERE id = ?1",
         params![id, role_str(role)],
+    )?;
+    audit(
+        conn,
+        account,
+        now,
+        actor,
+        "role_changed",
+        name,
+        role_str(role),
     )?;
     Ok(())
 }
@@ -131,11 +318,12 @@ pub fn remove(
     conn: &mut Connection,
     account: AccountId,
     name: &str,
+    actor: &str,
     now: UnixMillis,
 ) -> Result<u64, MemberError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let id = id_of(&tx, account, name)?;
-    if id == account.to_string() {
+    let (id, role) = member(&tx, account, name)?;
+    if role == Role::Owner {
         return Err(MemberError::Owner);
     }
     tx.execute(
@@ -145,6 +333,16 @@ pub fn remove(
     let revoked = tx.execute(
         "UPDATE devices SET revoked_at = ?2 WHERE member_id = ?1 AND revoked_at IS NULL",
         params![id, now.0],
+    )?;
+    tx.execute("DELETE FROM handovers WHERE to_member = ?1", params![id])?;
+    audit(
+        &tx,
+        account,
+        now,
+        actor,
+        "member_removed",
+        name,
+        &format!("{revoked} devices revoked"),
     )?;
     tx.commit()?;
     Ok(revoked as u64)
@@ -169,7 +367,7 @@ pub fn list(conn: &Connection, account: AccountId) -> Result<Vec<MemberRow>, Sto
         "SELECT m.id, m.name, m.role, m.joined_at,
                 (SELECT COUNT(*) FROM devices d WHERE d.member_id = m.id)
          FROM members m WHERE m.account_id = ?1 AND m.removed_at IS NULL
-         ORDER BY m.id != ?1, m.name",
+         ORDER BY m.role != 'owner', m.name",
     )?;
     let rows = stmt.query_map(params![account.to_string()], |r| {
         Ok((
@@ -330,6 +528,15 @@ pub fn invite(
             i.quota_tokens.map(i64_of).transpose()?
         ],
     )?;
+    audit(
+        &tx,
+        i.account,
+        now,
+        &i.created_by.to_string(),
+        "invited",
+        i.invitee,
+        role_str(i.role),
+    )?;
     tx.commit()?;
     Ok(Invited::Issued)
 }
@@ -370,6 +577,18 @@ pub(crate) fn accept_in(
     tx.execute(
         "INSERT INTO setup_token_members (token_id, member_id) VALUES (?1, ?2)",
         params![token_id.as_slice(), member_id],
+    )?;
+    let account_id: AccountId = account
+        .parse()
+        .map_err(|_| StorageError::Corrupt(format!("an account id {account:?}")))?;
+    audit(
+        tx,
+        account_id,
+        now,
+        "invitation",
+        "member_joined",
+        &invitee,
+        &role,
     )?;
     Ok(true)
 }
@@ -470,6 +689,85 @@ mod tests {
             [
                 ("acme".into(), Role::Owner),
                 ("carl".into(), Role::Commenter)
+            ]
+        );
+    }
+
+    /// A handover offered on day 0 is taken on day 6; one offered again and taken on day 8 is
+    /// refused (virtual clock); only the member offered can take it.
+    #[test]
+    fn a_handover_stands_seven_days_and_only_for_the_member_offered() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("cloud.db")).unwrap();
+        let account = AccountId::try_from_uuid(uuid::Uuid::from_u128(7)).unwrap();
+        db.create_account(account, "acme", Tier::Managed, UnixMillis(0))
+            .unwrap();
+        let secret = [9u8; 32];
+        let owner_device = DeviceId::try_from_uuid(uuid::Uuid::from_u128(8)).unwrap();
+        for (n, who) in [(1u8, "ada"), (2, "bob")] {
+            let invitation = Invitation {
+                account,
+                request: RequestId::from_parts(2, [n; 10]),
+                token_id: [n; 16],
+                secret_sha256: sha256(&secret),
+                invitee: who,
+                role: Role::Editor,
+                quota_tokens: None,
+                created_by: owner_device,
+                expires_at: UnixMillis(i64::MAX),
+            };
+            invite(db.connection_mut(), &invitation, UnixMillis(0)).unwrap();
+        }
+        let ada = enroll(&mut db, [1; 16], &secret, 1, 10).unwrap().device_id;
+        let bob = enroll(&mut db, [2; 16], &secret, 2, 10).unwrap().device_id;
+        const DAY: i64 = 24 * 3_600_000;
+
+        let conn = db.connection_mut();
+        offer_handover(conn, account, "owner-device", "ada", UnixMillis(0)).unwrap();
+        assert!(matches!(
+            accept_handover(conn, account, bob, UnixMillis(DAY)),
+            Err(HandoverError::NotOffered)
+        ));
+        let (name, former) = accept_handover(conn, account, ada, UnixMillis(6 * DAY)).unwrap();
+        assert_eq!((name.as_str(), former.as_str()), ("acme", "acme"));
+        assert_eq!(db.device(ada).unwrap().unwrap().role, Role::Owner);
+        let roles: Vec<_> = list(db.connection(), account)
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.name, m.role))
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                ("ada".into(), Role::Owner),
+                ("acme".into(), Role::Editor),
+                ("bob".into(), Role::Editor)
+            ]
+        );
+
+        // Ada offers it to Bob on day 10; day 18 is too late.
+        let conn = db.connection_mut();
+        offer_handover(conn, account, "ada-device", "bob", UnixMillis(10 * DAY)).unwrap();
+        assert!(matches!(
+            accept_handover(conn, account, bob, UnixMillis(18 * DAY)),
+            Err(HandoverError::Lapsed)
+        ));
+        assert_eq!(db.device(bob).unwrap().unwrap().role, Role::Editor);
+        let actions: Vec<_> = audit_log(db.connection(), account)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.action)
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                "invited",
+                "invited",
+                "member_joined",
+                "member_joined",
+                "handover_offered",
+                "handover_accepted",
+                "handover_offered"
             ]
         );
     }

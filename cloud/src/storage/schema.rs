@@ -16,7 +16,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StorageError;
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 const BASE_V2: &str = "
 CREATE TABLE IF NOT EXISTS accounts (
@@ -243,6 +243,27 @@ ALTER TABLE members ADD COLUMN quota_tokens INTEGER;
 ALTER TABLE invites ADD COLUMN quota_tokens INTEGER;
 ";
 
+/// An account's pending handover (one at a time), and the audit log of membership changes
+/// (`admin audit`).
+const STEP_V9: &str = "
+CREATE TABLE handovers (
+    account_id  TEXT PRIMARY KEY REFERENCES accounts(id),
+    to_member   TEXT NOT NULL REFERENCES members(id),
+    offered_at  INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE audit (
+    seq         INTEGER PRIMARY KEY,
+    account_id  TEXT NOT NULL,
+    at          INTEGER NOT NULL,
+    actor       TEXT NOT NULL,      -- a device id, or 'operator'
+    action      TEXT NOT NULL,
+    subject     TEXT NOT NULL,      -- the member concerned
+    detail      TEXT NOT NULL
+);
+CREATE INDEX audit_by_account ON audit (account_id, seq);
+";
+
 /// Brings the database at `path` up to [`SCHEMA_VERSION`].
 pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageError> {
     let schema_error = |reason: String| StorageError::Schema {
@@ -340,10 +361,21 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageE
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version >= 8 {
-            return Ok(());
+            drop(tx);
+            return migrate(conn, path);
         }
         tx.execute_batch(STEP_V8)?;
         tx.pragma_update(None, "user_version", 8)?;
+        tx.commit()?;
+    }
+    if version < 9 {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version >= 9 {
+            return Ok(());
+        }
+        tx.execute_batch(STEP_V9)?;
+        tx.pragma_update(None, "user_version", 9)?;
         tx.commit()?;
     }
     Ok(())

@@ -288,7 +288,8 @@ impl Devices for Db {
                 tx.execute(
                     "INSERT INTO devices (id, account_id, name, cert_sha256, cert_der, enroll_request, enrolled_at, member_id)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7,
-                             COALESCE((SELECT member_id FROM setup_token_members WHERE token_id = ?8), ?2))",
+                             COALESCE((SELECT member_id FROM setup_token_members WHERE token_id = ?8),
+                                      (SELECT id FROM members WHERE account_id = ?2 AND role = 'owner')))",
                     params![
                         new_device_id.to_string(),
                         account_id.to_string(),

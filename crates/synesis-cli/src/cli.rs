@@ -231,14 +231,45 @@ pub(crate) enum CloudCommand {
     Push(CloudPushArgs),
     /// The account's adapters on the cloud; `adapters rm NAME` removes one.
     Adapters(CloudAdaptersArgs),
-    /// The account's members and their roles (owner, editor, commenter, viewer).
-    Members,
+    /// The account's members and their roles (owner, editor, commenter, viewer); `members rm
+    /// NAME` removes one (the owner's; their devices are revoked).
+    Members(MembersArgs),
+    /// Offer the account to a member (the owner's; they accept within 7 days with `synesis
+    /// cloud handover accept`, and you become an editor); `handover accept` takes an offer.
+    Handover(HandoverArgs),
     /// Invite someone to this account with a role (the owner's): prints a one-time code they
     /// pass to `synesis cloud accept` on their device.
     Invite(InviteArgs),
     /// Join an account with the code an owner's `synesis cloud invite` printed: this device
     /// becomes the invitee's, with the role the invitation gave (a device not enrolled yet).
     Accept(LoginArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct MembersArgs {
+    #[command(subcommand)]
+    pub(crate) command: Option<MembersCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum MembersCommand {
+    /// Remove a member: their devices are revoked (connections closed within seconds).
+    Rm { name: String },
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct HandoverArgs {
+    /// The member to offer the account to.
+    pub(crate) to: Option<String>,
+    #[command(subcommand)]
+    pub(crate) command: Option<HandoverCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum HandoverCommand {
+    /// Take over the account offered to you (within 7 days of the offer).
+    Accept,
 }
 
 #[derive(Debug, Args)]

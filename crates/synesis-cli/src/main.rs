@@ -75,7 +75,22 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
                 cli::CloudCommand::Adapters(args) => {
                     commands::push::adapters(&out, &paths, args).await
                 }
-                cli::CloudCommand::Members => commands::cloud::members(&out, &paths).await,
+                cli::CloudCommand::Members(args) => match &args.command {
+                    None => commands::cloud::members(&out, &paths).await,
+                    Some(cli::MembersCommand::Rm { name }) => {
+                        commands::cloud::remove_member(&out, &paths, name).await
+                    }
+                },
+                cli::CloudCommand::Handover(args) => match (&args.to, &args.command) {
+                    (_, Some(cli::HandoverCommand::Accept)) => {
+                        commands::cloud::accept_handover(&out, &paths).await
+                    }
+                    (Some(to), None) => commands::cloud::offer_handover(&out, &paths, to).await,
+                    (None, None) => Err(crate::exit::UserError::Usage(
+                        "name the member to offer the account to, or `handover accept`".into(),
+                    )
+                    .into()),
+                },
                 cli::CloudCommand::Invite(args) => {
                     commands::cloud::invite(&out, &paths, args).await
                 }

@@ -488,3 +488,60 @@ pub(crate) async fn invite(out: &Output, paths: &Paths, args: &InviteArgs) -> an
     })?;
     Ok(())
 }
+
+/// `synesis cloud members rm NAME` (the owner's).
+pub(crate) async fn remove_member(out: &Output, paths: &Paths, name: &str) -> anyhow::Result<()> {
+    let message = synesis_proto::message::MemberRemove {
+        request_id: new_request_id(),
+        name: name.to_owned(),
+    };
+    let Message::MemberRemoved(r) = account_request(paths, message.into()).await? else {
+        bail!("the cloud answered something else than a removal");
+    };
+    let view = serde_json::json!({"removed": r.name, "devices_revoked": r.devices_revoked});
+    out.report(&view, || {
+        format!(
+            "removed {} from the account; {} of their devices revoked\n",
+            r.name, r.devices_revoked
+        )
+    })?;
+    Ok(())
+}
+
+/// `synesis cloud handover EMAIL` (the owner's).
+pub(crate) async fn offer_handover(out: &Output, paths: &Paths, to: &str) -> anyhow::Result<()> {
+    let message = synesis_proto::message::HandoverOffer {
+        request_id: new_request_id(),
+        to: to.to_owned(),
+    };
+    let Message::HandoverOffered(r) = account_request(paths, message.into()).await? else {
+        bail!("the cloud answered something else than a handover offer");
+    };
+    let view = serde_json::json!({"offered_to": r.to, "expires_at": r.expires_at});
+    out.report(&view, || {
+        format!(
+            "offered the account to {}: `synesis cloud handover accept` on their device before {} makes them the owner (and you an editor)\n",
+            r.to,
+            r.expires_at.to_rfc3339().unwrap_or_default()
+        )
+    })?;
+    Ok(())
+}
+
+/// `synesis cloud handover accept` (the offered member's device).
+pub(crate) async fn accept_handover(out: &Output, paths: &Paths) -> anyhow::Result<()> {
+    let message = synesis_proto::message::HandoverAccept {
+        request_id: new_request_id(),
+    };
+    let Message::HandoverAccepted(r) = account_request(paths, message.into()).await? else {
+        bail!("the cloud answered something else than a handover");
+    };
+    let view = serde_json::json!({"account": r.account, "former_owner": r.former_owner});
+    out.report(&view, || {
+        format!(
+            "you own {} now; {} is an editor\n",
+            r.account, r.former_owner
+        )
+    })?;
+    Ok(())
+}
