@@ -32,6 +32,8 @@ pub(crate) async fn serve(peer: &Peer, request: Message, mut stream: Stream) {
         Message::MemberRemove(r) => remove_member(peer, r.request_id, r.name).await,
         Message::HandoverOffer(r) => offer_handover(peer, r.request_id, r.to).await,
         Message::HandoverAccept(r) => accept_handover(peer, r.request_id).await,
+        Message::InvitesRequest(r) => pending_invites(peer, r.request_id).await,
+        Message::InviteRevoke(r) => revoke_invites(peer, r.request_id, r.invitee).await,
         Message::AdapterRemove(r) => remove_adapter(peer, r.request_id, r.name).await,
         other => error_msg(
             ErrorCode::UNEXPECTED_MESSAGE,
@@ -55,6 +57,8 @@ fn request_id_of(m: &Message) -> Option<RequestId> {
         Message::MemberRemove(r) => Some(r.request_id),
         Message::HandoverOffer(r) => Some(r.request_id),
         Message::HandoverAccept(r) => Some(r.request_id),
+        Message::InvitesRequest(r) => Some(r.request_id),
+        Message::InviteRevoke(r) => Some(r.request_id),
         Message::AdapterRemove(r) => Some(r.request_id),
         _ => None,
     }
@@ -564,5 +568,57 @@ async fn accept_handover(peer: &Peer, request_id: RequestId) -> Message {
         Ok(Err(e @ HandoverError::Lapsed)) => {
             error_msg(ErrorCode::INVALID_REQUEST, e.to_string(), Some(request_id))
         }
+    }
+}
+
+/// `synesis cloud invites` (the owner's): those not yet accepted.
+async fn pending_invites(peer: &Peer, request_id: RequestId) -> Message {
+    let account = peer.device.account_id;
+    let at = now();
+    match peer
+        .shared
+        .storage
+        .read(move |db| crate::storage::members::pending_invites(db.connection(), account, at))
+        .await
+    {
+        Ok(invites) => synesis_proto::message::InvitesReply {
+            request_id,
+            invites,
+        }
+        .into(),
+        Err(e) => internal(e, request_id),
+    }
+}
+
+/// `synesis cloud invites revoke INVITEE` (the owner's).
+async fn revoke_invites(peer: &Peer, request_id: RequestId, invitee: String) -> Message {
+    let (account, actor) = (peer.device.account_id, peer.device.id.to_string());
+    let who = invitee.clone();
+    match peer
+        .shared
+        .storage
+        .write(move |db| {
+            crate::storage::members::revoke_invites(
+                db.connection_mut(),
+                account,
+                &who,
+                &actor,
+                now(),
+            )
+        })
+        .await
+    {
+        Ok(0) => error_msg(
+            ErrorCode::NOT_FOUND,
+            format!("no pending invitation for {invitee:?}"),
+            Some(request_id),
+        ),
+        Ok(n) => synesis_proto::message::InviteRevoked {
+            request_id,
+            invitee,
+            revoked: u32::try_from(n).unwrap_or(u32::MAX),
+        }
+        .into(),
+        Err(e) => internal(e, request_id),
     }
 }

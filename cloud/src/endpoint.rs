@@ -586,6 +586,8 @@ fn is_request(t: MessageType) -> bool {
             | MessageType::MemberRemove
             | MessageType::HandoverOffer
             | MessageType::HandoverAccept
+            | MessageType::InvitesRequest
+            | MessageType::InviteRevoke
     )
 }
 

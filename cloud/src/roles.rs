@@ -35,7 +35,12 @@ pub fn least_role(first: MessageType) -> Option<Role> {
         // Changing what the account serves, and seeing who is in it.
         T::UploadBegin | T::AdapterRemove | T::MembersRequest => Some(Role::Editor),
         // Money and people: the owner's.
-        T::TopupRequest | T::InviteCreate | T::MemberRemove | T::HandoverOffer => Some(Role::Owner),
+        T::TopupRequest
+        | T::InviteCreate
+        | T::InvitesRequest
+        | T::InviteRevoke
+        | T::MemberRemove
+        | T::HandoverOffer => Some(Role::Owner),
         // Joining another account is the invitee's own act, whatever its role here; taking an
         // account over is the offered member's (the offer names them).
         T::InviteAccept | T::HandoverAccept => Some(Role::Viewer),
@@ -69,7 +74,9 @@ pub fn least_role(first: MessageType) -> Option<Role> {
         | T::CertRenewed
         | T::MemberRemoved
         | T::HandoverOffered
-        | T::HandoverAccepted => None,
+        | T::HandoverAccepted
+        | T::InvitesReply
+        | T::InviteRevoked => None,
     }
 }
 
@@ -115,6 +122,8 @@ mod tests {
             (T::InviteCreate, [true, false, false, false]),
             (T::MemberRemove, [true, false, false, false]),
             (T::HandoverOffer, [true, false, false, false]),
+            (T::InvitesRequest, [true, false, false, false]),
+            (T::InviteRevoke, [true, false, false, false]),
         ];
         let roles = [Role::Owner, Role::Editor, Role::Commenter, Role::Viewer];
         for (t, expected) in matrix {

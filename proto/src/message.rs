@@ -190,6 +190,12 @@ messages! {
     /// Device → cloud (the offered member's): take the account over.
     0x64 => HandoverAccept on Account,
     0x65 => HandoverAccepted on Account,
+    /// Device → cloud (the owner's): the invitations not yet accepted.
+    0x66 => InvitesRequest on Account,
+    0x67 => InvitesReply on Account,
+    /// Device → cloud (the owner's): withdraw an invitation not yet accepted.
+    0x68 => InviteRevoke on Account,
+    0x69 => InviteRevoked on Account,
 }
 
 // ---------------------------------------------------------------- control
@@ -789,6 +795,45 @@ pub struct HandoverAccepted {
     pub former_owner: String,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct InvitesRequest {
+    pub request_id: RequestId,
+}
+
+/// An invitation not yet accepted (nor withdrawn, nor expired).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct PendingInvite {
+    pub invitee: String,
+    pub role: Role,
+    pub quota_tokens: Option<u64>,
+    pub expires_at: UnixMillis,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct InvitesReply {
+    pub request_id: RequestId,
+    pub invites: Vec<PendingInvite>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct InviteRevoke {
+    pub request_id: RequestId,
+    pub invitee: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct InviteRevoked {
+    pub request_id: RequestId,
+    pub invitee: String,
+    /// Pending invitations of the invitee withdrawn.
+    pub revoked: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -828,7 +873,7 @@ mod tests {
 
     #[test]
     fn unassigned_bytes_name_no_type() {
-        for b in [0x00, 0x09, 0x22, 0x35, 0x49, 0x66, 0xff] {
+        for b in [0x00, 0x09, 0x22, 0x35, 0x49, 0x6a, 0xff] {
             assert_eq!(MessageType::from_u8(b), None, "0x{b:02x}");
         }
     }

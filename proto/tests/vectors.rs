@@ -380,6 +380,31 @@ fn samples() -> Vec<Message> {
             former_owner: "acme".into(),
         }
         .into(),
+        InvitesRequest {
+            request_id: rid(16),
+        }
+        .into(),
+        InvitesReply {
+            request_id: rid(16),
+            invites: vec![PendingInvite {
+                invitee: "bob@example.com".into(),
+                role: Role::Commenter,
+                quota_tokens: Some(100_000),
+                expires_at: UnixMillis(1_795_086_400_000),
+            }],
+        }
+        .into(),
+        InviteRevoke {
+            request_id: rid(17),
+            invitee: "bob@example.com".into(),
+        }
+        .into(),
+        InviteRevoked {
+            request_id: rid(17),
+            invitee: "bob@example.com".into(),
+            revoked: 1,
+        }
+        .into(),
     ]
 }
 

@@ -219,6 +219,27 @@ fn an_invitation_enrolls_a_new_members_device_once() {
     assert!(!ok && err.contains("already a member"), "{err}");
     let (ok, _, err) = invite(&owner, "eve@example.com", "owner", "1h");
     assert!(!ok && err.contains("editor, commenter or viewer"), "{err}");
+
+    // Pending invitations are listed, and withdrawn ones stop working.
+    let (ok, out, _) = invite(&owner, "dana@example.com", "viewer", "1h");
+    assert!(ok);
+    let dana_code = serde_json::from_str::<serde_json::Value>(&out).unwrap()["code"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let pending = json_of(owner.synesis().args(["--json", "cloud", "invites"]));
+    assert!(
+        pending
+            .to_string()
+            .contains(r#""invitee":"dana@example.com""#),
+        "{pending}"
+    );
+    forbidden(&carl, &["cloud", "invites"]);
+    allowed(&owner, &["cloud", "invites", "revoke", "dana@example.com"]);
+    let (ok, _, err) = try_run(&again, &["cloud", "accept", &dana_code]);
+    assert!(!ok && err.contains("already used"), "{err}");
+    let (ok, _, err) = try_run(&owner, &["cloud", "invites", "revoke", "dana@example.com"]);
+    assert!(!ok && err.contains("no pending invitation"), "{err}");
 }
 
 /// A member's monthly token quota: a request that would cross it is refused before it runs —

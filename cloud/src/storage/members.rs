@@ -174,6 +174,62 @@ pub fn audit_log(conn: &Connection, account: AccountId) -> Result<Vec<AuditRow>,
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// The account's invitations not yet accepted, withdrawn or expired at `now`, oldest first.
+pub fn pending_invites(
+    conn: &Connection,
+    account: AccountId,
+    now: UnixMillis,
+) -> Result<Vec<synesis_proto::message::PendingInvite>, StorageError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT i.invitee, i.role, i.quota_tokens, t.expires_at FROM invites i
+         JOIN setup_tokens t ON t.id = i.token_id
+         WHERE i.account_id = ?1 AND t.used_at IS NULL AND t.expires_at > ?2
+         ORDER BY i.created_at",
+    )?;
+    let rows = stmt.query_map(params![account.to_string(), now.0], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<i64>>(2)?,
+            r.get::<_, i64>(3)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (invitee, role, quota, expires) = row?;
+        out.push(synesis_proto::message::PendingInvite {
+            invitee,
+            role: parse_role(&role)
+                .ok_or_else(|| StorageError::Corrupt(format!("unknown member role {role:?}")))?,
+            quota_tokens: quota.and_then(|q| u64::try_from(q).ok()),
+            expires_at: UnixMillis(expires),
+        });
+    }
+    Ok(out)
+}
+
+/// Withdraws the invitee's pending invitations: their codes count as used. How many.
+pub fn revoke_invites(
+    conn: &mut Connection,
+    account: AccountId,
+    invitee: &str,
+    actor: &str,
+    now: UnixMillis,
+) -> Result<u64, StorageError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let revoked = tx.execute(
+        "UPDATE setup_tokens SET used_at = ?3, used_by_request = 'revoked'
+         WHERE used_at IS NULL AND expires_at > ?3 AND id IN
+           (SELECT token_id FROM invites WHERE account_id = ?1 AND invitee = ?2)",
+        params![account.to_string(), invitee, now.0],
+    )?;
+    if revoked > 0 {
+        audit(&tx, account, now, actor, "invite_revoked", invitee, "")?;
+    }
+    tx.commit()?;
+    Ok(revoked as u64)
+}
+
 /// How long a handover offer stands.
 pub const HANDOVER_FOR_MS: i64 = 7 * 24 * 3_600_000;
 

@@ -240,9 +240,23 @@ pub(crate) enum CloudCommand {
     /// Invite someone to this account with a role (the owner's): prints a one-time code they
     /// pass to `synesis cloud accept` on their device.
     Invite(InviteArgs),
+    /// Invitations not yet accepted (the owner's); `invites revoke INVITEE` withdraws them.
+    Invites(InvitesArgs),
     /// Join an account with the code an owner's `synesis cloud invite` printed: this device
     /// becomes the invitee's, with the role the invitation gave (a device not enrolled yet).
     Accept(LoginArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct InvitesArgs {
+    #[command(subcommand)]
+    pub(crate) command: Option<InvitesCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum InvitesCommand {
+    /// Withdraw the invitee's pending invitations (their codes stop working).
+    Revoke { invitee: String },
 }
 
 #[derive(Debug, Args)]

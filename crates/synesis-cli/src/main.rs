@@ -94,6 +94,12 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
                 cli::CloudCommand::Invite(args) => {
                     commands::cloud::invite(&out, &paths, args).await
                 }
+                cli::CloudCommand::Invites(args) => match &args.command {
+                    None => commands::cloud::invites(&out, &paths).await,
+                    Some(cli::InvitesCommand::Revoke { invitee }) => {
+                        commands::cloud::revoke_invites(&out, &paths, invitee).await
+                    }
+                },
                 cli::CloudCommand::Accept(args) => commands::cloud::login(&out, &paths, args).await,
             }
         }),

@@ -411,17 +411,11 @@ pub(crate) async fn members(out: &Output, paths: &Paths) -> anyhow::Result<()> {
     let Message::MembersReply(r) = account_request(paths, message.into()).await? else {
         bail!("the cloud answered something else than a list of members");
     };
-    let role = |role: synesis_proto::message::Role| match role {
-        synesis_proto::message::Role::Owner => "owner",
-        synesis_proto::message::Role::Editor => "editor",
-        synesis_proto::message::Role::Commenter => "commenter",
-        synesis_proto::message::Role::Viewer => "viewer",
-    };
     let rows: Vec<serde_json::Value> = r
         .members
         .iter()
         .map(
-            |m| serde_json::json!({"name": m.name, "role": role(m.role), "joined_at": m.joined_at}),
+            |m| serde_json::json!({"name": m.name, "role": role_name(m.role), "joined_at": m.joined_at}),
         )
         .collect();
     out.report(&rows, || {
@@ -430,7 +424,7 @@ pub(crate) async fn members(out: &Output, paths: &Paths) -> anyhow::Result<()> {
             s.push_str(&format!(
                 "{:<32}  {:<9}  {}\n",
                 m.name,
-                role(m.role),
+                role_name(m.role),
                 m.joined_at.to_rfc3339().unwrap_or_default()
             ));
         }
@@ -473,7 +467,7 @@ pub(crate) async fn invite(out: &Output, paths: &Paths, args: &InviteArgs) -> an
     let view = serde_json::json!({
         "code": code,
         "invitee": args.invitee,
-        "role": format!("{:?}", args.role).to_lowercase(),
+        "role": role_name(args.role),
         "quota_tokens": args.quota,
         "expires_at": r.expires_at,
     });
@@ -481,7 +475,7 @@ pub(crate) async fn invite(out: &Output, paths: &Paths, args: &InviteArgs) -> an
         format!(
             "{code}\n(give it to {}: `synesis cloud accept CODE` on their device makes them a {} of {}; it works once, until {})\n",
             args.invitee,
-            format!("{:?}", args.role).to_lowercase(),
+            role_name(args.role),
             identity.info.account,
             r.expires_at.to_rfc3339().unwrap_or_default()
         )
@@ -544,4 +538,81 @@ pub(crate) async fn accept_handover(out: &Output, paths: &Paths) -> anyhow::Resu
         )
     })?;
     Ok(())
+}
+
+/// `synesis cloud invites` (the owner's): the invitations not yet accepted.
+pub(crate) async fn invites(out: &Output, paths: &Paths) -> anyhow::Result<()> {
+    let message = synesis_proto::message::InvitesRequest {
+        request_id: new_request_id(),
+    };
+    let Message::InvitesReply(r) = account_request(paths, message.into()).await? else {
+        bail!("the cloud answered something else than a list of invitations");
+    };
+    let rows: Vec<serde_json::Value> = r
+        .invites
+        .iter()
+        .map(|i| {
+            serde_json::json!({
+                "invitee": i.invitee,
+                "role": role_name(i.role),
+                "quota_tokens": i.quota_tokens,
+                "expires_at": i.expires_at,
+            })
+        })
+        .collect();
+    out.report(&rows, || {
+        if r.invites.is_empty() {
+            return "no pending invitations; `synesis cloud invite EMAIL --role ROLE` makes one\n"
+                .into();
+        }
+        let mut s = format!(
+            "{:<32}  {:<9}  {:>12}  expires\n",
+            "INVITEE", "ROLE", "QUOTA"
+        );
+        for i in &r.invites {
+            s.push_str(&format!(
+                "{:<32}  {:<9}  {:>12}  {}\n",
+                i.invitee,
+                role_name(i.role),
+                i.quota_tokens.map_or_else(|| "-".into(), |q| q.to_string()),
+                i.expires_at.to_rfc3339().unwrap_or_default()
+            ));
+        }
+        s
+    })?;
+    Ok(())
+}
+
+/// `synesis cloud invites revoke INVITEE` (the owner's).
+pub(crate) async fn revoke_invites(
+    out: &Output,
+    paths: &Paths,
+    invitee: &str,
+) -> anyhow::Result<()> {
+    let message = synesis_proto::message::InviteRevoke {
+        request_id: new_request_id(),
+        invitee: invitee.to_owned(),
+    };
+    let Message::InviteRevoked(r) = account_request(paths, message.into()).await? else {
+        bail!("the cloud answered something else than a withdrawal");
+    };
+    let view = serde_json::json!({"invitee": r.invitee, "revoked": r.revoked});
+    out.report(&view, || {
+        format!(
+            "withdrew {} invitation(s) for {}; their codes no longer work\n",
+            r.revoked, r.invitee
+        )
+    })?;
+    Ok(())
+}
+
+/// A role as people read it.
+fn role_name(role: synesis_proto::message::Role) -> &'static str {
+    use synesis_proto::message::Role;
+    match role {
+        Role::Owner => "owner",
+        Role::Editor => "editor",
+        Role::Commenter => "commenter",
+        Role::Viewer => "viewer",
+    }
 }
