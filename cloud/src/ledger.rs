@@ -468,11 +468,23 @@ pub fn charges(
     } else {
         None
     };
+    // Who each device belongs to, for usage by member.
+    let members: std::collections::HashMap<String, String> = conn
+        .prepare_cached(
+            "SELECT d.id, m.name FROM devices d JOIN members m ON m.id = d.member_id
+             WHERE d.account_id = ?1",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_map(params![account_text], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect()
+        })
+        .map_err(err)?;
     let charges = entries
         .into_iter()
         .map(|e| synesis_proto::message::Charge {
             request_id: e.request_id,
             model: e.model,
+            member: e.device.and_then(|d| members.get(&d.to_string()).cloned()),
             device_id: e.device,
             usage: synesis_proto::message::Usage {
                 input_tokens: e.input_tokens,

@@ -561,6 +561,8 @@ pub enum UsageGrouping {
     Model,
     Device,
     Day,
+    /// The member the charge's device belongs to.
+    Member,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -582,6 +584,8 @@ pub struct Charge {
     pub usage: Usage,
     pub total: MicroUsd,
     pub at: UnixMillis,
+    /// The member the device belongs to (`None`: a charge of no device).
+    pub member: Option<String>,
 }
 
 /// The most charges one `UsageReply` lists: the first ones in the listing's order (by time,

@@ -262,6 +262,7 @@ fn samples() -> Vec<Message> {
                 usage,
                 total: MicroUsd(6_953),
                 at: UnixMillis(1_795_000_000_100),
+                member: Some("ada@example.com".into()),
             }],
             next: Some(rid(3)),
         }

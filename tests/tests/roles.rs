@@ -334,6 +334,18 @@ async fn a_members_quota_holds_under_32_concurrent_requests() {
     }
     assert!(said.contains("quota"), "{said}");
     allowed(&owner, &["cloud", "ask", "--max-tokens", "8", "hi"]);
+
+    // Usage per member: the owner's and Quinn's, apart.
+    let by_member = json_of(
+        owner
+            .synesis()
+            .args(["--json", "cloud", "usage", "--by", "member"]),
+    );
+    let groups = by_member["groups"].to_string();
+    assert!(
+        groups.contains("quinn@example.com") && groups.contains("acme"),
+        "{by_member}"
+    );
 }
 
 /// The owner hands the account to a member, who accepts: the roles swap (the former owner is

@@ -9,8 +9,8 @@ use synesis_proto::{DeviceId, RequestId, UnixMillis};
 
 use crate::ledger::LedgerError;
 
-/// The key a charge is grouped under: the model, the device (`-` for none) or the UTC day
-/// (`YYYY-MM-DD`).
+/// The key a charge is grouped under: the model, the device (`-` for none), the UTC day
+/// (`YYYY-MM-DD`) or the member (`-` for none).
 pub fn group_key(charge: &Charge, by: UsageGrouping) -> String {
     match by {
         UsageGrouping::Model => charge.model.clone(),
@@ -21,6 +21,7 @@ pub fn group_key(charge: &Charge, by: UsageGrouping) -> String {
             || charge.at.0.to_string(),
             |t| t.get(..10).unwrap_or(&t).to_owned(),
         ),
+        UsageGrouping::Member => charge.member.clone().unwrap_or_else(|| "-".to_owned()),
     }
 }
 

@@ -438,12 +438,12 @@ Examples:
   synesis cloud usage --json --by day
 
 With --json, money is integer micro-USD (1 USD = 1,000,000); with --by, `groups` holds one total
-per model, device or UTC day, largest first.")]
+per model, device, UTC day or member, largest first.")]
 pub(crate) struct CloudUsageArgs {
     /// Only charges from DATE on: YYYY-MM-DD (midnight UTC) or an RFC 3339 time.
     #[arg(long, value_name = "DATE", value_parser = crate::commands::usage::parse_since)]
     pub(crate) since: Option<synesis_proto::UnixMillis>,
-    /// Total the charges per model, per device or per UTC day.
+    /// Total the charges per model, per device, per UTC day or per member.
     #[arg(long, value_enum)]
     pub(crate) by: Option<Grouping>,
 }
@@ -453,6 +453,8 @@ pub(crate) enum Grouping {
     Model,
     Device,
     Day,
+    /// The member each charge's device belongs to.
+    Member,
 }
 
 impl From<Grouping> for synesis_proto::message::UsageGrouping {
@@ -461,6 +463,7 @@ impl From<Grouping> for synesis_proto::message::UsageGrouping {
             Grouping::Model => Self::Model,
             Grouping::Device => Self::Device,
             Grouping::Day => Self::Day,
+            Grouping::Member => Self::Member,
         }
     }
 }
