@@ -524,3 +524,52 @@ pub fn escalation_request(
         byok_key: None,
     }
 }
+
+/// A cloud answering with the tiny model as `tiny` (llama.cpp in process), the account `acme`
+/// (Managed, $10) and its owner's device, which has the same model registered as `tiny`.
+#[derive(Debug)]
+pub struct TinyCloud {
+    pub cloud: Cloud,
+    pub owner: Device,
+    /// Holds `tiny.gguf` and `cloud.toml`.
+    pub files: tempfile::TempDir,
+}
+
+/// [`TinyCloud`], with `extra` at the top of its `cloud.toml`.
+pub fn tiny_cloud(extra: &str) -> TinyCloud {
+    let owner = Device::new();
+    let files = tempfile::tempdir().expect("a scratch directory");
+    let model = files.path().join("tiny.gguf");
+    synesis_infer::tiny::write_model(&model, synesis_infer::tiny::TinySpec::TINY)
+        .expect("the tiny model is written");
+    run_ok(
+        owner
+            .synesis()
+            .args(["model", "add"])
+            .arg(&model)
+            .args(["--name", "tiny"]),
+    );
+    let toml = files.path().join("cloud.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "{extra}\n[prices.tiny]\ninput_usd_per_mtok = \"1.00\"\noutput_usd_per_mtok = \"2.00\"\n\
+             [models.tiny]\nprovider = \"llama\"\npath = {:?}\nthreads = 1\n",
+            model.display().to_string()
+        ),
+    )
+    .expect("cloud.toml is written");
+    let cloud = Cloud::start_with(&["--config", toml.to_str().expect("a UTF-8 path")]);
+    run_ok(
+        cloud
+            .admin()
+            .args(["account", "create", "acme", "--tier", "managed"]),
+    );
+    owner.login(&cloud.token("acme", "1h"));
+    cloud.top_up(&owner, "10.00");
+    TinyCloud {
+        cloud,
+        owner,
+        files,
+    }
+}

@@ -32,31 +32,10 @@ fn allowed(device: &Device, args: &[&str]) {
 /// A cloud serving the tiny model, the account `acme` (Managed, $10) and its owner's device;
 /// the directory holds `tiny.gguf` and `style.gguf` (a LoRA for it).
 fn setup() -> (Cloud, Device, tempfile::TempDir) {
-    let files = tempfile::tempdir().unwrap();
-    let model = files.path().join("tiny.gguf");
-    synesis_infer::tiny::write_model(&model, synesis_infer::tiny::TinySpec::TINY).unwrap();
-    let lora = files.path().join("style.gguf");
+    let t = synesis_e2e::tiny_cloud("");
+    let lora = t.files.path().join("style.gguf");
     synesis_infer::tiny::write_lora(&lora, synesis_infer::tiny::TinySpec::TINY, 7).unwrap();
-    let toml = files.path().join("cloud.toml");
-    std::fs::write(
-        &toml,
-        format!(
-            "[prices.tiny]\ninput_usd_per_mtok = \"1.00\"\noutput_usd_per_mtok = \"2.00\"\n\
-             [models.tiny]\nprovider = \"llama\"\npath = {:?}\nthreads = 1\n",
-            model.display().to_string()
-        ),
-    )
-    .unwrap();
-    let cloud = Cloud::start_with(&["--config", toml.to_str().unwrap()]);
-    run_ok(
-        cloud
-            .admin()
-            .args(["account", "create", "acme", "--tier", "managed"]),
-    );
-    let owner = Device::new();
-    owner.login(&cloud.token("acme", "1h"));
-    cloud.top_up(&owner, "10.00");
-    (cloud, owner, files)
+    (t.cloud, t.owner, t.files)
 }
 
 #[test]

@@ -10,62 +10,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sha2::Digest;
-use synesis_e2e::{Cloud, Device, connect, json_of, run_ok, wait_for};
+use synesis_e2e::{Cloud, Device, TinyCloud, connect, json_of, run_ok, tiny_cloud, wait_for};
 use synesis_proto::message::{AdaptersRequest, UploadBegin, UploadChunk, UploadDone};
 use synesis_proto::{Blob, ErrorCode, FrameLimits, Message, RequestId, Sha256};
 use synesis_wire::FramedRecv;
 
 const CHUNK: u32 = 64 * 1024;
 
-struct Setup {
-    cloud: Cloud,
-    device: Device,
-    files: tempfile::TempDir,
-}
-
-impl Setup {
-    fn file(&self, name: &str) -> PathBuf {
-        self.files.path().join(name)
-    }
-}
-
-/// A cloud serving the tiny model as `tiny` (with `extra` in its cloud.toml), a Managed account
-/// with $10 and a device enrolled in it that has the same model registered locally.
-fn setup(extra: &str) -> Setup {
-    let device = Device::new();
-    let files = tempfile::tempdir().unwrap();
-    let model = files.path().join("tiny.gguf");
-    synesis_infer::tiny::write_model(&model, synesis_infer::tiny::TinySpec::TINY).unwrap();
-    run_ok(
-        device
-            .synesis()
-            .args(["model", "add"])
-            .arg(&model)
-            .args(["--name", "tiny"]),
-    );
-    let toml = files.path().join("cloud.toml");
-    std::fs::write(
-        &toml,
-        format!(
-            "{extra}\n[prices.tiny]\ninput_usd_per_mtok = \"1.00\"\noutput_usd_per_mtok = \"2.00\"\n\
-             [models.tiny]\nprovider = \"llama\"\npath = {:?}\nthreads = 1\n",
-            model.display().to_string()
-        ),
-    )
-    .unwrap();
-    let cloud = Cloud::start_with(&["--config", toml.to_str().unwrap()]);
-    run_ok(
-        cloud
-            .admin()
-            .args(["account", "create", "acme", "--tier", "managed"]),
-    );
-    device.login(&cloud.token("acme", "1h"));
-    cloud.top_up(&device, "10.00");
-    Setup {
-        cloud,
-        device,
-        files,
-    }
+fn setup(extra: &str) -> TinyCloud {
+    tiny_cloud(extra)
 }
 
 /// A real LoRA adapter for the tiny model (`seed` picks its weights), padded with `pad` bytes
@@ -206,7 +159,7 @@ fn uploads(cloud: &Cloud) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_upload_is_refused_clearly_nothing_half_visible_and_the_cloud_serves_on() {
     let s = setup("[adapters]\nmax_size = \"4MiB\"\n");
-    let (_endpoint, conn) = connect(&s.device).await;
+    let (_endpoint, conn) = connect(&s.owner).await;
     let good = std::fs::read(adapter(s.files.path(), "good.gguf", 7, 300_000)).unwrap();
     let all = |_| true;
     let same = |_: &mut UploadChunk| {};
@@ -276,7 +229,7 @@ async fn every_bad_upload_is_refused_clearly_nothing_half_visible_and_the_cloud_
     assert_eq!(code(&e), ErrorCode::HASH_MISMATCH, "{e:?}");
 
     // A model instead of an adapter; an adapter for another architecture (hash correct).
-    let model = std::fs::read(s.file("tiny.gguf")).unwrap();
+    let model = std::fs::read(s.files.path().join("tiny.gguf")).unwrap();
     assert_eq!(
         code(&upload(&conn, &declare("model", &model), &model, all, same, true).await),
         ErrorCode::ADAPTER_INVALID
@@ -341,7 +294,7 @@ async fn a_broken_upload_resumes_from_what_the_cloud_holds_even_across_a_cloud_r
     let begin = declare("resumable", &bytes);
     {
         // Half the chunks, then the connection drops without a word.
-        let (endpoint, conn) = connect(&s.device).await;
+        let (endpoint, conn) = connect(&s.owner).await;
         let e = upload(&conn, &begin, &bytes, |i| i < chunks / 2, |_| {}, false).await;
         assert!(e.held.is_empty());
         conn.close(0u32.into(), b"");
@@ -357,7 +310,7 @@ async fn a_broken_upload_resumes_from_what_the_cloud_holds_even_across_a_cloud_r
     // The cloud is killed and restarted: the chunks it recorded are still held.
     synesis_e2e::signal(s.cloud.process.pid(), "KILL");
     s.cloud.restart();
-    let (_endpoint, conn) = connect(&s.device).await;
+    let (_endpoint, conn) = connect(&s.owner).await;
     let e = upload(&conn, &begin, &bytes, |_| true, |_| {}, true).await;
     assert_eq!(e.held, (0..chunks / 2).collect::<Vec<_>>());
     assert!(matches!(e.end, Some(Message::UploadComplete(_))), "{e:?}");
@@ -369,18 +322,19 @@ async fn a_broken_upload_resumes_from_what_the_cloud_holds_even_across_a_cloud_r
     assert_eq!(u[0]["completed"], true);
     // And it answers with it: the same greedy text as the device's llama.cpp with the same
     // files, and not the base model's.
-    let ask = |args: &[&str]| {
-        json_of(s.device.synesis().args(["--json"]).args(args).args([
-            "--max-tokens",
-            "24",
-            "hello",
-        ]))["text"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
+    let ask =
+        |args: &[&str]| {
+            json_of(s.owner.synesis().args(["--json"]).args(args).args([
+                "--max-tokens",
+                "24",
+                "hello",
+            ]))["text"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
     run_ok(
-        s.device
+        s.owner
             .synesis()
             .args(["lora", "add"])
             .arg(&file)
@@ -400,7 +354,7 @@ async fn a_broken_upload_resumes_from_what_the_cloud_holds_even_across_a_cloud_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_stream_of_an_upload_takes_over_and_the_older_cannot_write_into_it() {
     let s = setup("");
-    let (_endpoint, conn) = connect(&s.device).await;
+    let (_endpoint, conn) = connect(&s.owner).await;
     let bytes = std::fs::read(adapter(s.files.path(), "t.gguf", 7, 1_000_000)).unwrap();
     let begin = declare("taken", &bytes);
     let chunk = |index: u32, data: &[u8]| -> Message {
@@ -544,7 +498,7 @@ async fn account_limits_hold_and_an_abandoned_upload_is_removed() {
     let s = setup(
         "[adapters]\nuploads_per_account = 1\nstorage_per_account = \"2MiB\"\nabandon_after = \"1s\"\n",
     );
-    let (_endpoint, conn) = connect(&s.device).await;
+    let (_endpoint, conn) = connect(&s.owner).await;
     let a = std::fs::read(adapter(s.files.path(), "a.gguf", 7, 1_300_000)).unwrap();
     let b = std::fs::read(adapter(s.files.path(), "b.gguf", 8, 1_300_000)).unwrap();
     // One chunk of `a`, then the stream ends: an upload in progress.
@@ -592,7 +546,7 @@ fn a_new_version_under_the_same_name_answers_next_and_rm_removes_it() {
     let s = setup("");
     let ask_cloud = || {
         let out = s
-            .device
+            .owner
             .synesis()
             .args([
                 "--json",
@@ -616,13 +570,13 @@ fn a_new_version_under_the_same_name_answers_next_and_rm_removes_it() {
     };
     let local = |file: &Path, name: &str| {
         run_ok(
-            s.device
+            s.owner
                 .synesis()
                 .args(["lora", "add"])
                 .arg(file)
                 .args(["--name", name]),
         );
-        json_of(s.device.synesis().args([
+        json_of(s.owner.synesis().args([
             "--json",
             "ask",
             "--local",
@@ -640,7 +594,7 @@ fn a_new_version_under_the_same_name_answers_next_and_rm_removes_it() {
     let v2 = adapter(s.files.path(), "v2.gguf", 8, 0);
     let push = |file: &Path| {
         json_of(
-            s.device
+            s.owner
                 .synesis()
                 .args(["--json", "cloud", "push"])
                 .arg(file)
@@ -657,14 +611,14 @@ fn a_new_version_under_the_same_name_answers_next_and_rm_removes_it() {
     assert_eq!(second, local(&v2, "two"), "the new version answers");
     assert_ne!(first, second);
     let removed = json_of(
-        s.device
+        s.owner
             .synesis()
             .args(["--json", "cloud", "adapters", "rm", "style"]),
     );
     assert_eq!(removed["removed"], "style", "{removed}");
     let (ok, _, err) = ask_cloud();
     assert!(!ok && err.contains("no adapter \"style\""), "{err}");
-    let listed = json_of(s.device.synesis().args(["--json", "cloud", "adapters"]));
+    let listed = json_of(s.owner.synesis().args(["--json", "cloud", "adapters"]));
     assert!(!listed.to_string().contains("style"), "{listed}");
 }
 
@@ -675,7 +629,7 @@ fn a_new_version_under_the_same_name_answers_next_and_rm_removes_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_digest_covering_only_what_one_stream_sent_is_not_taken_for_the_files() {
     let s = setup("");
-    let (_endpoint, conn) = connect(&s.device).await;
+    let (_endpoint, conn) = connect(&s.owner).await;
     let bytes = std::fs::read(adapter(s.files.path(), "h.gguf", 7, 600_000)).unwrap();
     let chunks = u32::try_from(bytes.len().div_ceil(CHUNK as usize)).unwrap();
     let head = 3u32;
@@ -756,7 +710,7 @@ async fn held_content_is_checked_again_for_each_declaration() {
          [models.qwen]\nprovider = \"llama\"\npath = {:?}\n",
         qwen.display().to_string()
     ));
-    let (_endpoint, conn) = connect(&s.device).await;
+    let (_endpoint, conn) = connect(&s.owner).await;
     let bytes = std::fs::read(adapter(s.files.path(), "c.gguf", 7, 200_000)).unwrap();
     let e = upload(&conn, &declare("c", &bytes), &bytes, |_| true, |_| {}, true).await;
     assert!(matches!(e.end, Some(Message::UploadComplete(_))), "{e:?}");

@@ -17,6 +17,7 @@ use super::StorageError;
 
 /// The schema this build writes.
 pub const SCHEMA_VERSION: i64 = 9;
+const _: () = assert!(STEPS[STEPS.len() - 1].0 == SCHEMA_VERSION);
 
 const BASE_V2: &str = "
 CREATE TABLE IF NOT EXISTS accounts (
@@ -264,6 +265,17 @@ CREATE TABLE audit (
 CREATE INDEX audit_by_account ON audit (account_id, seq);
 ";
 
+/// The steps after the base (version 2): the version each brings the file to, and its SQL.
+const STEPS: &[(i64, &str)] = &[
+    (3, STEP_V3),
+    (4, STEP_V4),
+    (5, STEP_V5),
+    (6, STEP_V6),
+    (7, STEP_V7),
+    (8, STEP_V8),
+    (9, STEP_V9),
+];
+
 /// Brings the database at `path` up to [`SCHEMA_VERSION`].
 pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageError> {
     let schema_error = |reason: String| StorageError::Schema {
@@ -302,80 +314,19 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageE
         tx.pragma_update(None, "user_version", 2)?;
         tx.commit()?;
     }
-    if version < 3 {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version >= 3 {
-            drop(tx);
-            return migrate(conn, path);
+    // The later steps, each in a transaction of its own, each read again inside it (another
+    // process may have taken the file further meanwhile).
+    for &(to, step) in STEPS {
+        if version >= to {
+            continue;
         }
-        tx.execute_batch(STEP_V3)?;
-        tx.pragma_update(None, "user_version", 3)?;
-        tx.commit()?;
-    }
-    if version < 4 {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version >= 4 {
-            drop(tx);
-            return migrate(conn, path);
+        let current: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if current >= to {
+            continue;
         }
-        tx.execute_batch(STEP_V4)?;
-        tx.pragma_update(None, "user_version", 4)?;
-        tx.commit()?;
-    }
-    if version < 5 {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version >= 5 {
-            drop(tx);
-            return migrate(conn, path);
-        }
-        tx.execute_batch(STEP_V5)?;
-        tx.pragma_update(None, "user_version", 5)?;
-        tx.commit()?;
-    }
-    if version < 6 {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version >= 6 {
-            drop(tx);
-            return migrate(conn, path);
-        }
-        tx.execute_batch(STEP_V6)?;
-        tx.pragma_update(None, "user_version", 6)?;
-        tx.commit()?;
-    }
-    if version < 7 {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version >= 7 {
-            drop(tx);
-            return migrate(conn, path);
-        }
-        tx.execute_batch(STEP_V7)?;
-        tx.pragma_update(None, "user_version", 7)?;
-        tx.commit()?;
-    }
-    if version < 8 {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version >= 8 {
-            drop(tx);
-            return migrate(conn, path);
-        }
-        tx.execute_batch(STEP_V8)?;
-        tx.pragma_update(None, "user_version", 8)?;
-        tx.commit()?;
-    }
-    if version < 9 {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version >= 9 {
-            return Ok(());
-        }
-        tx.execute_batch(STEP_V9)?;
-        tx.pragma_update(None, "user_version", 9)?;
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", to)?;
         tx.commit()?;
     }
     Ok(())
