@@ -831,7 +831,8 @@ impl Admission {
                         let asked = request
                             .input_tokens
                             .saturating_add(request.max_output_tokens);
-                        synesis_billing::admit_free(used, asked, quota)?;
+                        synesis_billing::admit_free(used, asked, quota)
+                            .map_err(LedgerError::MemberQuota)?;
                     }
                 }
                 match state {
@@ -894,6 +895,7 @@ fn unavailable(e: &StorageError, id: RequestId) -> Message {
 fn ledger_refusal(e: LedgerError, id: RequestId) -> Message {
     let (code, why) = match &e {
         LedgerError::Quota(q) => (ErrorCode::QUOTA_EXCEEDED, q.to_string()),
+        e @ LedgerError::MemberQuota(_) => (ErrorCode::QUOTA_EXCEEDED, e.to_string()),
         LedgerError::InsufficientFunds { needed, available } => (
             ErrorCode::INSUFFICIENT_FUNDS,
             format!("this request holds up to ${needed}; the available balance is ${available}"),

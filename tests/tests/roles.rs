@@ -311,7 +311,7 @@ async fn a_members_quota_holds_under_32_concurrent_requests() {
             break;
         }
     }
-    assert!(said.contains("quota"), "{said}");
+    assert!(said.contains("this member's monthly quota"), "{said}");
     allowed(&owner, &["cloud", "ask", "--max-tokens", "8", "hi"]);
 
     // Usage per member: the owner's and Quinn's, apart.

@@ -394,6 +394,12 @@ pub enum LedgerError {
     Billing(#[from] BillingError),
     #[error(transparent)]
     Quota(#[from] QuotaExceeded),
+    /// The asking member's own monthly quota (an account's member may have one).
+    #[error(
+        "this member's monthly quota of {} tokens would be exceeded: {} used, {} more asked",
+        .0.quota, .0.used, .0.requested
+    )]
+    MemberQuota(QuotaExceeded),
     #[error("the request id was used before with a different body")]
     IdempotencyConflict,
     #[error("available balance {available} does not cover {needed}")]
