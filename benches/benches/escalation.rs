@@ -21,10 +21,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{BenchCloud, cloud_with_device, escalate};
+use common::{BenchCloud, cloud_with_device, escalate, llama_settings};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use synesis_cloud::config::{EscalationSettings, ProviderConfig, Served, Serving};
-use synesis_cloud::provider::local::{Llama, LocalSettings};
+use synesis_cloud::provider::local::Llama;
 use synesis_cloud::provider::{Ask, Event, Provider};
 use synesis_proto::message::{ChatRole, ChatTurn, Tier};
 
@@ -35,18 +35,6 @@ fn turns() -> Vec<ChatTurn> {
         role: ChatRole::User,
         content: "hello".into(),
     }]
-}
-
-fn settings(model: &std::path::Path) -> LocalSettings {
-    LocalSettings {
-        path: model.to_owned(),
-        sequences: 1,
-        queue: 4,
-        adapters: Default::default(),
-        n_ctx: 0,
-        threads: 1,
-        adapters_loaded: 8,
-    }
 }
 
 /// One answer from the provider alone: (time to the first piece, whole time, pieces).
@@ -93,7 +81,7 @@ async fn cloud(dir: &std::path::Path, models: &[(&str, std::path::PathBuf)]) -> 
         serving.models.insert(
             (*name).into(),
             Served {
-                provider: ProviderConfig::Llama(settings(file)),
+                provider: ProviderConfig::Llama(llama_settings(file)),
                 tiers: vec![Tier::Free, Tier::Managed],
             },
         );
@@ -124,7 +112,7 @@ fn escalation(c: &mut Criterion) {
     let bench = runtime.block_on(cloud(dir.path(), &models));
     let conn = &bench.conn;
     for (name, file) in &models {
-        let provider = Llama::new(settings(file)).unwrap();
+        let provider = Llama::new(llama_settings(file)).unwrap();
         // Warm both (model loads, first contexts) and check they answer alike.
         let (_, _, alone) = runtime.block_on(direct(&provider, name));
         let (_, _, through) = runtime.block_on(tunnelled(conn, name));

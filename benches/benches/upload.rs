@@ -33,10 +33,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{BenchCloud, cloud_with_device, escalate};
+use common::{BenchCloud, cloud_with_device, escalate, llama_settings};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use synesis_cloud::config::{AdapterSettings, ProviderConfig, Served, Serving};
-use synesis_cloud::provider::local::LocalSettings;
 use synesis_proto::message::{ChatRole, ChatTurn, Tier};
 use synesis_tunnel::upload::{Route, Upload, push};
 
@@ -176,15 +175,7 @@ async fn cloud(dir: &std::path::Path, model: &std::path::Path) -> BenchCloud {
     serving.models.insert(
         "tiny".into(),
         Served {
-            provider: ProviderConfig::Llama(LocalSettings {
-                path: model.to_owned(),
-                sequences: 1,
-                queue: 4,
-                adapters: Default::default(),
-                n_ctx: 0,
-                threads: 1,
-                adapters_loaded: 8,
-            }),
+            provider: ProviderConfig::Llama(llama_settings(model)),
             tiers: vec![Tier::Free, Tier::Managed],
         },
     );

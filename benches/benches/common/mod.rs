@@ -124,3 +124,17 @@ pub(crate) async fn escalate(
     }
     (first.unwrap_or_default(), started.elapsed(), chunks)
 }
+
+/// llama.cpp in the cloud's process on `model`: one sequence, one thread (the benches measure
+/// the path around the model, not the model's parallelism).
+pub(crate) fn llama_settings(model: &Path) -> synesis_cloud::provider::local::LocalSettings {
+    synesis_cloud::provider::local::LocalSettings {
+        path: model.to_owned(),
+        sequences: 1,
+        queue: 4,
+        adapters: Default::default(),
+        n_ctx: 0,
+        threads: 1,
+        adapters_loaded: 8,
+    }
+}
