@@ -43,7 +43,7 @@ pub fn least_role(first: MessageType) -> Option<Role> {
         | T::HandoverOffer => Some(Role::Owner),
         // Joining another account is the invitee's own act, whatever its role here; taking an
         // account over is the offered member's (the offer names them).
-        T::InviteAccept | T::HandoverAccept => Some(Role::Viewer),
+        T::HandoverAccept => Some(Role::Viewer),
         // On a connection without a certificate, not a device's stream.
         T::EnrollRequest => None,
         // Replies, and frames that only follow the first of a stream.
@@ -67,7 +67,6 @@ pub fn least_role(first: MessageType) -> Option<Role> {
         | T::UsageReply
         | T::TopupReply
         | T::InviteCreated
-        | T::InviteAccepted
         | T::MembersReply
         | T::PriceReply
         | T::DeviceLeft
@@ -111,7 +110,6 @@ mod tests {
             (T::UsageRequest, [true, true, true, true]),
             (T::AdaptersRequest, [true, true, true, true]),
             (T::PriceRequest, [true, true, true, true]),
-            (T::InviteAccept, [true, true, true, true]),
             (T::HandoverAccept, [true, true, true, true]),
             (T::EscalationRequest, [true, true, true, false]),
             (T::EscalationResume, [true, true, true, false]),

@@ -166,9 +166,8 @@ messages! {
     /// Device → cloud: invite a collaborator to the account.
     0x54 => InviteCreate on Account,
     0x55 => InviteCreated on Account,
-    /// Device → cloud: accept an invitation code.
-    0x56 => InviteAccept on Account,
-    0x57 => InviteAccepted on Account,
+    // 0x56, 0x57: retired (an `InviteAccept` never served; a device joins an account by
+    // enrolling with the invitation's code). Never to be assigned again.
     /// Device → cloud: list the account's members.
     0x58 => MembersRequest on Account,
     0x59 => MembersReply on Account,
@@ -654,22 +653,6 @@ pub struct InviteCreated {
     /// The one-time code to hand to the invitee.
     pub code: String,
     pub expires_at: UnixMillis,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
-pub struct InviteAccept {
-    pub request_id: RequestId,
-    pub code: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
-pub struct InviteAccepted {
-    pub request_id: RequestId,
-    pub account_id: AccountId,
-    pub account: String,
-    pub role: Role,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

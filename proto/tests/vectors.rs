@@ -292,18 +292,6 @@ fn samples() -> Vec<Message> {
             expires_at: UnixMillis(1_795_086_400_000),
         }
         .into(),
-        InviteAccept {
-            request_id: rid(8),
-            code: "INV-5678".into(),
-        }
-        .into(),
-        InviteAccepted {
-            request_id: rid(8),
-            account_id: account(),
-            account: "acme".into(),
-            role: Role::Editor,
-        }
-        .into(),
         MembersRequest { request_id: rid(9) }.into(),
         MembersReply {
             request_id: rid(9),

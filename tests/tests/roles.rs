@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use synesis_e2e::{Cloud, Device, json_of, run_ok, wait_for};
+use synesis_e2e::{Cloud, Device, json_of, run_ok, signal, wait_for};
 
 /// `synesis --json ARGS…` on `device`: success, stdout, stderr.
 fn try_run(device: &Device, args: &[&str]) -> (bool, String, String) {
@@ -219,6 +219,179 @@ fn an_invitation_enrolls_a_new_members_device_once() {
     assert!(!ok && err.contains("already used"), "{err}");
     let (ok, _, err) = try_run(&owner, &["cloud", "invites", "revoke", "dana@example.com"]);
     assert!(!ok && err.contains("no pending invitation"), "{err}");
+}
+
+/// A device enrolled in an account of its own accepts an invitation to another: it joins it
+/// with an identity of its own there (a device of the invitee's, with the invitation's role and
+/// quota), keeps acting in its own account until told otherwise (`--account`, `cloud use`), and
+/// never sends the other account's requests through its own account's tunnel service.
+#[test]
+fn an_enrolled_device_joins_another_account_and_acts_in_each() {
+    let (cloud, owner, _files) = setup();
+    run_ok(
+        cloud
+            .admin()
+            .args(["account", "create", "globex", "--tier", "managed"]),
+    );
+    let gina = Device::new();
+    let own_device = gina.login(&cloud.token("globex", "1h"));
+    cloud.top_up(&gina, "1.00");
+
+    let probe =
+        json_of(
+            owner
+                .synesis()
+                .args(["--json", "cloud", "ask", "--max-tokens", "8", "hi"]),
+        );
+    let per_request = probe["input_tokens"].as_u64().unwrap() + 8;
+    let quota = 2 * per_request + per_request / 2;
+    let invite = |who: &str| {
+        let (ok, out, err) = try_run(
+            &owner,
+            &[
+                "cloud",
+                "invite",
+                who,
+                "--role",
+                "commenter",
+                "--quota",
+                &quota.to_string(),
+            ],
+        );
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["code"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (ok, out, err) = try_run(&gina, &["cloud", "accept", &invite("gina@example.com")]);
+    assert!(ok, "{err}");
+    let joined: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(joined["account"], "acme");
+    assert_eq!(joined["joined"], true);
+    let member_device = joined["device_id"].as_str().unwrap().to_owned();
+    assert_ne!(
+        member_device, own_device,
+        "a device of its own in each account"
+    );
+
+    // Both listed; the device still acts in its own account.
+    let accounts = json_of(gina.synesis().args(["--json", "cloud", "accounts"]));
+    let listed: Vec<(String, bool)> = accounts["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["account"].as_str().unwrap().to_owned(),
+                a["active"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(listed.len(), 2, "{accounts}");
+    assert!(listed.contains(&("globex".into(), true)), "{accounts}");
+    assert!(listed.contains(&("acme".into(), false)), "{accounts}");
+    allowed(
+        &gina,
+        &["cloud", "invite", "x@example.com", "--role", "viewer"],
+    );
+
+    // In acme, as a commenter within a quota — also while the service of its own account runs.
+    let mut service = gina.tunnel("1s");
+    assert!(wait_for(Duration::from_secs(20), || gina
+        .state()
+        .as_deref()
+        == Some("connected")));
+    allowed(
+        &gina,
+        &[
+            "--account",
+            "acme",
+            "cloud",
+            "ask",
+            "--max-tokens",
+            "8",
+            "hi",
+        ],
+    );
+    forbidden(
+        &gina,
+        &[
+            "--account",
+            "acme",
+            "cloud",
+            "invite",
+            "y@example.com",
+            "--role",
+            "viewer",
+        ],
+    );
+    let mut refused = String::new();
+    for _ in 0..4 {
+        let (ok, _, err) = try_run(
+            &gina,
+            &[
+                "--account",
+                "acme",
+                "cloud",
+                "ask",
+                "--max-tokens",
+                "8",
+                "hi",
+            ],
+        );
+        if !ok {
+            refused = err;
+            break;
+        }
+    }
+    assert!(refused.contains("this member's monthly quota"), "{refused}");
+    // Charged to acme, as Gina's: never to globex through the service's connection.
+    let by_member = json_of(
+        owner
+            .synesis()
+            .args(["--json", "cloud", "usage", "--by", "member"]),
+    );
+    assert!(
+        by_member["groups"].to_string().contains("gina@example.com"),
+        "{by_member}"
+    );
+    let globex = json_of(gina.synesis().args(["--json", "cloud", "usage"]));
+    assert_eq!(
+        globex["charges"].as_array().map(Vec::len),
+        Some(0),
+        "{globex}"
+    );
+    signal(service.pid(), "TERM");
+    service.wait(Duration::from_secs(20));
+
+    // `use` switches for good; `logout` there leaves acme, and the device acts in globex again.
+    allowed(&gina, &["cloud", "use", "acme"]);
+    forbidden(
+        &gina,
+        &["cloud", "invite", "z@example.com", "--role", "viewer"],
+    );
+    let (ok, _, err) = try_run(&gina, &["cloud", "use", "initech"]);
+    assert!(!ok && err.contains("no account named"), "{err}");
+    // A second invitation into an account it is in already: refused, nothing left behind.
+    let (ok, _, err) = try_run(&gina, &["cloud", "accept", &invite("gina2@example.com")]);
+    assert!(!ok && err.contains("in account acme already"), "{err}");
+    let devices = cloud.devices();
+    let active = devices.iter().filter(|d| d["status"] != "revoked").count();
+    assert_eq!(active, 3, "the extra device was revoked: {devices:?}");
+    allowed(&gina, &["cloud", "logout"]);
+    let accounts = json_of(gina.synesis().args(["--json", "cloud", "accounts"]));
+    assert_eq!(
+        accounts["accounts"].as_array().unwrap().len(),
+        1,
+        "{accounts}"
+    );
+    assert_eq!(accounts["accounts"][0]["account"], "globex");
+    assert_eq!(accounts["accounts"][0]["active"], true);
+    assert_eq!(
+        cloud.device_status(&member_device).as_deref(),
+        Some("revoked")
+    );
 }
 
 /// A member's monthly token quota: a request that would cross it is refused before it runs —

@@ -55,6 +55,11 @@ pub(crate) struct GlobalArgs {
     /// Runtime directory: the tunnel service's socket.
     #[arg(long, env = "SYNESIS_RUNTIME_DIR", value_name = "DIR", global = true)]
     pub(crate) runtime_dir: Option<PathBuf>,
+
+    /// Act in this account (its name or id) when the device is in more than one
+    /// (`synesis cloud accounts`); default: the one `synesis cloud use` chose, else the first.
+    #[arg(long, env = "SYNESIS_ACCOUNT", value_name = "ACCOUNT", global = true)]
+    pub(crate) account: Option<String>,
 }
 
 impl GlobalArgs {
@@ -64,6 +69,7 @@ impl GlobalArgs {
             config_dir: self.config_dir.clone(),
             data_dir: self.data_dir.clone(),
             runtime_dir: self.runtime_dir.clone(),
+            account: self.account.clone(),
         }
     }
 }
@@ -242,9 +248,14 @@ pub(crate) enum CloudCommand {
     Invite(InviteArgs),
     /// Invitations not yet accepted (the owner's); `invites revoke INVITEE` withdraws them.
     Invites(InvitesArgs),
-    /// Join an account with the code an owner's `synesis cloud invite` printed: this device
-    /// becomes the invitee's, with the role the invitation gave (a device not enrolled yet).
+    /// Join an account with the code an owner's `synesis cloud invite` printed, with the role
+    /// the invitation gave. A device not enrolled yet is enrolled in it; an enrolled one joins it
+    /// as well, and goes on acting in its own until `synesis cloud use` (or `--account`).
     Accept(LoginArgs),
+    /// The accounts this device is in (`*`: the one commands act in).
+    Accounts,
+    /// Act in ACCOUNT (its name or id) from now on; `--account` does it for one command.
+    Use { account: String },
 }
 
 #[derive(Debug, Args)]
@@ -294,7 +305,7 @@ Examples:
 
 Roles: editor (ask, push and remove adapters, read usage), commenter (ask, read usage), viewer
 (read usage and adapters). The code works once, until it expires (24h by default); the invitee
-runs `synesis cloud accept CODE` on a device not enrolled yet.")]
+runs `synesis cloud accept CODE` on their device (enrolled in an account of its own or not).")]
 pub(crate) struct InviteArgs {
     /// Who the invitation is for, as people know them (an e-mail address, a name).
     pub(crate) invitee: String,

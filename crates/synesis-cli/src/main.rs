@@ -100,7 +100,13 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
                         commands::cloud::revoke_invites(&out, &paths, invitee).await
                     }
                 },
-                cli::CloudCommand::Accept(args) => commands::cloud::login(&out, &paths, args).await,
+                cli::CloudCommand::Accept(args) => {
+                    commands::cloud::accept(&out, &paths, args).await
+                }
+                cli::CloudCommand::Accounts => commands::cloud::accounts(&out, &paths),
+                cli::CloudCommand::Use { account } => {
+                    commands::cloud::use_account(&out, &paths, account)
+                }
             }
         }),
         cli::Command::Tunnel {

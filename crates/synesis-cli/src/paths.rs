@@ -18,6 +18,8 @@ pub(crate) struct PathOverrides {
     pub(crate) config_dir: Option<PathBuf>,
     pub(crate) data_dir: Option<PathBuf>,
     pub(crate) runtime_dir: Option<PathBuf>,
+    /// The account to act in, by name or id (`--account`).
+    pub(crate) account: Option<String>,
 }
 
 /// The XDG base-directory environment. Empty values count as unset, as the XDG spec says.
@@ -68,6 +70,9 @@ pub(crate) struct Paths {
     pub(crate) config: Dir,
     pub(crate) data: Dir,
     pub(crate) runtime: Dir,
+    /// The account commands act in, when one was named (`--account`).
+    #[serde(skip)]
+    pub(crate) account: Option<String>,
 }
 
 impl Paths {
@@ -117,11 +122,18 @@ impl Paths {
             config,
             data,
             runtime,
+            account: o.account.clone(),
         })
     }
 
     pub(crate) fn config_file(&self) -> PathBuf {
         self.config.path.join("config.toml")
+    }
+
+    /// The home of the identity commands act in (`Identity::select`): the `--account` named,
+    /// else the one `synesis cloud use` chose, else the first.
+    pub(crate) fn identity_home(&self) -> Result<PathBuf, synesis_tunnel::IdentityError> {
+        synesis_tunnel::Identity::select(&self.data.path, self.account.as_deref())
     }
 
     /// The local ledger (`synesis_ledger_local`).

@@ -49,11 +49,12 @@ pub struct Direct {
 }
 
 impl Route {
-    /// The service's route when it runs, else a direct one.
+    /// The service's route when it runs as this identity's device, else a direct one (a device
+    /// in several accounts has a service for one of them at most).
     pub async fn choose(client: LocalClient, identity: Identity) -> Route {
         match client.status().await {
-            Ok(_) => Route::Service(client, identity),
-            Err(_) => Route::Direct(identity, None),
+            Ok(s) if s.device_id == identity.info.device_id => Route::Service(client, identity),
+            _ => Route::Direct(identity, None),
         }
     }
 

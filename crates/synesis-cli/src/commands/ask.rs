@@ -3,7 +3,6 @@
 //! force a route, `--explain` says why.
 
 use std::io::Write;
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -104,7 +103,7 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
     };
 
     // What the policy reads: the local model and the prompt's size on it, the vitals, the cloud.
-    let identity = match Identity::load(&paths.data.path) {
+    let identity = match paths.identity_home().and_then(|home| Identity::load(&home)) {
         Ok(identity) => identity,
         Err(e) => {
             eprintln!("synesis: warning: the device identity cannot be read ({e}); staying local");
@@ -113,7 +112,9 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
     };
     let cloud = match &identity {
         None => CloudReach::NotEnrolled,
-        Some(_) => match LocalClient::new(&paths.runtime.path).status().await {
+        Some(me) => match LocalClient::new(&paths.runtime.path).status().await {
+            // The service of another account of this device's: a connection of its own.
+            Ok(s) if s.device_id != me.info.device_id => CloudReach::Reachable,
             Ok(s) if s.state == TunnelState::Connected => CloudReach::Reachable,
             Ok(_) => CloudReach::Unreachable,
             // No service: a connection of its own will be tried.
@@ -368,10 +369,10 @@ async fn answer_locally(out: &Output, paths: &Paths, a: LocalAnswer) -> anyhow::
             output_tokens: u64::try_from(generation.completion_tokens).unwrap_or(u64::MAX),
             at: unix_now(),
         };
-        let (data_dir, ledger_file) = (paths.data.path.clone(), paths.ledger_file());
+        let (paths, ledger_file) = (paths.clone(), paths.ledger_file());
         let reason = a.route.code.clone();
         let recorded = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            record.device_id = enrolled_device(&data_dir);
+            record.device_id = enrolled_device(&paths);
             LocalLedger::open(&ledger_file)
                 .and_then(|mut ledger| {
                     ledger.record_local(&record)?;
@@ -425,8 +426,8 @@ async fn answer_locally(out: &Output, paths: &Paths, a: LocalAnswer) -> anyhow::
 
 /// This device's id when it is enrolled; `None` otherwise, or when the identity cannot be read
 /// (`synesis cloud` commands report that; an answer on the device does not need it).
-fn enrolled_device(data_dir: &Path) -> Option<DeviceId> {
-    match Identity::load(data_dir) {
+fn enrolled_device(paths: &Paths) -> Option<DeviceId> {
+    match paths.identity_home().and_then(|home| Identity::load(&home)) {
         Ok(identity) => identity.map(|i| i.info.device_id),
         Err(e) => {
             tracing::warn!("the device identity cannot be read: {e}");

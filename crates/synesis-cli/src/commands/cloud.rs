@@ -25,10 +25,6 @@ fn host_name() -> String {
 }
 
 pub(crate) async fn login(out: &Output, paths: &Paths, args: &LoginArgs) -> anyhow::Result<()> {
-    let token: SetupToken = args
-        .token
-        .parse()
-        .map_err(|e| UserError::Usage(format!("{e}")))?;
     let data = &paths.data.path;
     if let Some(existing) = Identity::load(data)? {
         bail!(
@@ -37,7 +33,60 @@ pub(crate) async fn login(out: &Output, paths: &Paths, args: &LoginArgs) -> anyh
             existing.info.account
         );
     }
-    let pending = match PendingEnrollment::load(data) {
+    let identity = enroll_from(data, args).await?;
+    identity.save(data)?;
+    PendingEnrollment::remove(data)?;
+    report_enrolled(out, &identity, false)
+}
+
+/// `synesis cloud accept CODE`: on a device not enrolled yet, the same as `login` (the device
+/// becomes the invitee's in the inviting account). On an enrolled one, the device joins the
+/// inviting account as well, with an identity of its own there (`Identity::joined_home`); the
+/// account it acted in before stays the one it acts in until `synesis cloud use`.
+pub(crate) async fn accept(out: &Output, paths: &Paths, args: &LoginArgs) -> anyhow::Result<()> {
+    let data = &paths.data.path;
+    let before = Identity::all(data)?;
+    if before.is_empty() {
+        return login(out, paths, args).await;
+    }
+    let joining = Identity::joining_home(data);
+    let identity = enroll_from(&joining, args).await?;
+    let home = Identity::joined_home(data, identity.info.account_id);
+    if let Some((_, held)) = before
+        .iter()
+        .find(|(_, i)| i.info.account_id == identity.info.account_id)
+    {
+        // Two devices of one machine in one account would only confuse: the new one leaves.
+        let leave: Message = DeviceLeave {
+            request_id: new_request_id(),
+        }
+        .into();
+        let left = request(&identity, leave).await.and_then(answer);
+        PendingEnrollment::remove(&joining)?;
+        let _ = std::fs::remove_dir(Identity::dir(&joining));
+        if let Err(e) = left {
+            tracing::warn!("the second device in the account could not leave: {e}");
+        }
+        bail!(
+            "this device is in account {} already (as device {}); the invitation was used, and the extra device it made was revoked",
+            held.info.account,
+            held.info.device_id
+        );
+    }
+    identity.save(&home)?;
+    PendingEnrollment::remove(&joining)?;
+    let _ = std::fs::remove_dir(Identity::dir(&joining));
+    report_enrolled(out, &identity, true)
+}
+
+/// Enrolls with the setup token (or invitation code) in `args`, resuming an enrollment left
+/// unfinished in `home`; the caller saves the identity and then removes the pending one.
+async fn enroll_from(home: &std::path::Path, args: &LoginArgs) -> anyhow::Result<Identity> {
+    let token: SetupToken = args
+        .token
+        .parse()
+        .map_err(|e| UserError::Usage(format!("{e}")))?;
+    let pending = match PendingEnrollment::load(home) {
         Ok(pending) => pending,
         Err(IdentityError::Damaged(path)) => {
             eprintln!(
@@ -69,44 +118,123 @@ pub(crate) async fn login(out: &Output, paths: &Paths, args: &LoginArgs) -> anyh
             let name = args.name.clone().unwrap_or_else(host_name);
             let pending = PendingEnrollment::begin(&token, &name)?;
             // On disk before the cloud can commit: a crash from here on is resumed, not burned.
-            pending.save(data)?;
+            pending.save(home)?;
             pending
         }
     };
-    let identity = match enroll(&token, &pending).await {
-        Ok(identity) => identity,
+    match enroll(&token, &pending).await {
+        Ok(identity) => Ok(identity),
         Err(e) => {
             // Kept unless the cloud said it can never succeed: it may have committed already.
             if !e.resumable() {
-                PendingEnrollment::remove(data)?;
+                PendingEnrollment::remove(home)?;
             }
-            return Err(anyhow::Error::new(e).context("enrollment failed"));
+            Err(anyhow::Error::new(e).context("enrollment failed"))
         }
-    };
-    identity.save(data)?;
-    PendingEnrollment::remove(data)?;
+    }
+}
+
+fn report_enrolled(out: &Output, identity: &Identity, joined: bool) -> anyhow::Result<()> {
     #[derive(Serialize)]
     struct View<'a> {
         device_id: synesis_proto::DeviceId,
         account: &'a str,
+        account_id: synesis_proto::AccountId,
         server: &'a str,
+        /// In an account besides the one the device acted in before.
+        joined: bool,
     }
+    let info = &identity.info;
     let view = View {
-        device_id: identity.info.device_id,
-        account: &identity.info.account,
-        server: &identity.info.server,
+        device_id: info.device_id,
+        account: &info.account,
+        account_id: info.account_id,
+        server: &info.server,
+        joined,
     };
     out.report(&view, || {
+        if joined {
+            format!(
+                "joined: device {} in account {} at {}
+act in it with `synesis --account {} cloud …`, or make it the default with `synesis cloud use {}`
+",
+                info.device_id, info.account, info.server, info.account, info.account
+            )
+        } else {
+            format!(
+                "enrolled: device {} in account {} at {}
+next: `synesis tunnel run` keeps this device connected
+",
+                info.device_id, info.account, info.server
+            )
+        }
+    })?;
+    Ok(())
+}
+
+/// `synesis cloud accounts`: the accounts this device is in, and which one commands act in.
+pub(crate) fn accounts(out: &Output, paths: &Paths) -> anyhow::Result<()> {
+    let data = &paths.data.path;
+    let active = paths.identity_home()?;
+    let rows: Vec<serde_json::Value> = Identity::all(data)?
+        .into_iter()
+        .map(|(home, i)| {
+            serde_json::json!({
+                "account": i.info.account,
+                "account_id": i.info.account_id,
+                "device_id": i.info.device_id,
+                "server": i.info.server,
+                "enrolled_at": i.info.enrolled_at,
+                "active": home == active,
+            })
+        })
+        .collect();
+    let view = serde_json::json!({ "accounts": rows });
+    out.report(&view, || {
+        if rows.is_empty() {
+            return "this device is in no account; `synesis cloud login TOKEN` enrolls it\n".into();
+        }
+        let mut text = format!("{:<2}{:<24} {:<38} {}\n", "", "ACCOUNT", "DEVICE", "SERVER");
+        for r in &rows {
+            let mark = if r["active"] == true { "*" } else { "" };
+            text.push_str(&format!(
+                "{mark:<2}{:<24} {:<38} {}\n",
+                r["account"].as_str().unwrap_or_default(),
+                r["device_id"].as_str().unwrap_or_default(),
+                r["server"].as_str().unwrap_or_default()
+            ));
+        }
+        text
+    })?;
+    Ok(())
+}
+
+/// `synesis cloud use ACCOUNT`: the account later commands act in.
+pub(crate) fn use_account(out: &Output, paths: &Paths, account: &str) -> anyhow::Result<()> {
+    let data = &paths.data.path;
+    let home =
+        Identity::select(data, Some(account)).map_err(|e| UserError::Usage(e.to_string()))?;
+    let Some(identity) = Identity::load(&home)? else {
+        bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
+    };
+    let first = home == *data;
+    Identity::set_active(data, (!first).then_some(identity.info.account_id))?;
+    let view = serde_json::json!({
+        "account": identity.info.account,
+        "account_id": identity.info.account_id,
+        "device_id": identity.info.device_id,
+    });
+    out.report(&view, || {
         format!(
-            "enrolled: device {} in account {} at {}\nnext: `synesis tunnel run` keeps this device connected\n",
-            view.device_id, view.account, view.server
+            "acting in account {} (device {})\n",
+            identity.info.account, identity.info.device_id
         )
     })?;
     Ok(())
 }
 
 pub(crate) async fn logout(out: &Output, paths: &Paths, args: &LogoutArgs) -> anyhow::Result<()> {
-    let data = &paths.data.path;
+    let data = &paths.identity_home()?;
     let Some(identity) = Identity::load(data)? else {
         bail!("this device is not enrolled; nothing to log out of");
     };
@@ -132,6 +260,10 @@ pub(crate) async fn logout(out: &Output, paths: &Paths, args: &LogoutArgs) -> an
         );
     }
     Identity::remove(data)?;
+    if Identity::active(&paths.data.path)? == Some(identity.info.account_id.to_string()) {
+        // It was the account chosen with `use`: the device acts in its first one again.
+        Identity::set_active(&paths.data.path, None)?;
+    }
     let view =
         serde_json::json!({"device_id": identity.info.device_id, "revoked": revoked.is_ok()});
     out.report(&view, || {
@@ -220,10 +352,17 @@ pub(crate) async fn ping(out: &Output, paths: &Paths, args: &PingArgs) -> anyhow
 /// goes either way, so a request the service sent before failing is not applied twice. An
 /// `ErrorMsg` reply becomes [`RequestError::Refused`] with its code.
 pub(crate) async fn account_request(paths: &Paths, message: Message) -> anyhow::Result<Message> {
-    let Some(identity) = Identity::load(&paths.data.path)? else {
+    let Some(identity) = Identity::load(&paths.identity_home()?)? else {
         bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
     };
-    let reply = match service(paths).request(&message).await {
+    let service = service(paths);
+    let ours = matches!(service.status().await, Ok(s) if s.device_id == identity.info.device_id);
+    let through = if ours {
+        service.request(&message).await
+    } else {
+        Err(ClientError::NotRunning)
+    };
+    let reply = match through {
         Ok(reply) => {
             tracing::info!("account request sent through the tunnel service");
             reply
@@ -316,7 +455,7 @@ pub(crate) async fn usage(
 /// `synesis cloud sync`: this device's charges on the cloud's ledger, reconciled into the
 /// local ledger by request id (the cloud is the authority).
 pub(crate) async fn sync(out: &Output, paths: &Paths) -> anyhow::Result<()> {
-    let Some(identity) = Identity::load(&paths.data.path)? else {
+    let Some(identity) = Identity::load(&paths.identity_home()?)? else {
         bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
     };
     let device = identity.info.device_id;
@@ -435,7 +574,7 @@ pub(crate) async fn members(out: &Output, paths: &Paths) -> anyhow::Result<()> {
 
 /// `synesis cloud invite`: a one-time code for the invitee (the owner's; the cloud checks).
 pub(crate) async fn invite(out: &Output, paths: &Paths, args: &InviteArgs) -> anyhow::Result<()> {
-    let Some(identity) = Identity::load(&paths.data.path)? else {
+    let Some(identity) = Identity::load(&paths.identity_home()?)? else {
         bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
     };
     let message = synesis_proto::message::InviteCreate {

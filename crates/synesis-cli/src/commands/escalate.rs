@@ -105,7 +105,7 @@ pub(crate) fn read_prompt(arg: Option<&str>) -> anyhow::Result<String> {
 }
 
 pub(crate) async fn run(out: &Output, paths: &Paths, args: &CloudAskArgs) -> anyhow::Result<()> {
-    let Some(identity) = Identity::load(&paths.data.path)? else {
+    let Some(identity) = Identity::load(&paths.identity_home()?)? else {
         bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
     };
     let prompt = read_prompt(args.prompt.as_deref())?;

@@ -310,7 +310,8 @@ const ON_CLOUD_WITHIN: Duration = Duration::from_secs(2);
 /// The digests (hex) of the adapters the account holds on the cloud, or `None` when this device
 /// is not enrolled or the cloud does not answer within [`ON_CLOUD_WITHIN`].
 async fn cloud_digests(paths: &Paths) -> Option<HashSet<String>> {
-    if !matches!(Identity::load(&paths.data.path), Ok(Some(_))) {
+    let home = paths.identity_home().ok()?;
+    if !matches!(Identity::load(&home), Ok(Some(_))) {
         return None;
     }
     match tokio::time::timeout(ON_CLOUD_WITHIN, super::push::cloud_adapters(paths)).await {

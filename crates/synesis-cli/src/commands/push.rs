@@ -141,7 +141,7 @@ fn check_adapter(path: &Path) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn push(out: &Output, paths: &Paths, args: &CloudPushArgs) -> anyhow::Result<()> {
-    let Some(identity) = Identity::load(&paths.data.path)? else {
+    let Some(identity) = Identity::load(&paths.identity_home()?)? else {
         bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
     };
     let config = Config::load(&paths.config_file())?;
@@ -592,7 +592,7 @@ struct AdapterRow<'a> {
 }
 
 async fn list(out: &Output, paths: &Paths) -> anyhow::Result<()> {
-    let me = Identity::load(&paths.data.path)?.map(|i| i.info.device_id);
+    let me = Identity::load(&paths.identity_home()?)?.map(|i| i.info.device_id);
     let adapters = cloud_adapters(paths).await?;
     let rows: Vec<AdapterRow<'_>> = adapters
         .iter()

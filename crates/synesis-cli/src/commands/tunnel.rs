@@ -20,7 +20,8 @@ use crate::paths::Paths;
 use crate::signals::Shutdown;
 
 pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<()> {
-    let Some(identity) = Identity::load(&paths.data.path)? else {
+    let home = paths.identity_home()?;
+    let Some(identity) = Identity::load(&home)? else {
         bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
     };
     let (listener, lock) = local::bind(&paths.runtime.path)?;
@@ -41,7 +42,7 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
         config,
         vitals,
         seed: rand::random(),
-        data_dir: Some(paths.data.path.clone()),
+        data_dir: Some(home),
     }));
     let sampling = tokio::spawn(sample_forever(
         sampler,
