@@ -510,6 +510,7 @@ async fn device(shared: Arc<Shared>, conn: quinn::Connection, fpr: synesis_proto
     }
     conn.set_max_concurrent_bi_streams(STREAMS_PER_CONNECTION_MAX.into());
     conn.set_receive_window(DEVICE_RECEIVE_WINDOW.into());
+    tracing::info!(device = %id, remote = %conn.remote_address(), "device connection identified");
     let peer = Arc::new(Peer {
         shared,
         device,

@@ -537,11 +537,16 @@ pub struct TinyCloud {
 
 /// [`TinyCloud`], with `extra` at the top of its `cloud.toml`.
 pub fn tiny_cloud(extra: &str) -> TinyCloud {
+    tiny_cloud_with(synesis_infer::tiny::TinySpec::TINY, extra)
+}
+
+/// [`TinyCloud`] answering with a model of another shape (`TinySpec::BENCH` with a long context
+/// answers slowly enough to stop, kill or cut in the middle).
+pub fn tiny_cloud_with(spec: synesis_infer::tiny::TinySpec, extra: &str) -> TinyCloud {
     let owner = Device::new();
     let files = tempfile::tempdir().expect("a scratch directory");
     let model = files.path().join("tiny.gguf");
-    synesis_infer::tiny::write_model(&model, synesis_infer::tiny::TinySpec::TINY)
-        .expect("the tiny model is written");
+    synesis_infer::tiny::write_model(&model, spec).expect("the tiny model is written");
     run_ok(
         owner
             .synesis()

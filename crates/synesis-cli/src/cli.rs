@@ -510,11 +510,26 @@ pub(crate) struct PingArgs {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum TunnelCommand {
-    /// Run the tunnel in the foreground until Ctrl-C; serves `synesis cloud status` and `ping`.
+    /// Run the service in the foreground: the device's one connection to the cloud, which every
+    /// other `synesis` command on this machine uses while it runs. Ctrl-C or SIGTERM drains it
+    /// (streams in flight finish within --grace); SIGHUP reloads config.toml.
     Run(TunnelRunArgs),
+    /// Start the service in the background; returns once it is connected, or has said why not.
+    Start(TunnelStartArgs),
+    /// Stop the running service: streams in flight finish first (within its --grace).
+    Stop(TunnelStopArgs),
+    /// Whether the service runs (exit 3 if not), its pid, log and connection.
+    Status,
+    /// The service's log (`-f` follows it).
+    Logs(LogsArgs),
+    /// Write and enable a systemd unit that runs the service at boot (`--user`: at login, as
+    /// you). Without systemd it says so and prints the unit.
+    Install(InstallArgs),
+    /// Stop, disable and remove the unit `install` wrote.
+    Uninstall(InstallArgs),
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Clone)]
 pub(crate) struct TunnelRunArgs {
     /// Time between heartbeats; the cloud marks the device stale after three missed ones.
     #[arg(long, default_value = "5s", value_parser = parse_heartbeat_interval)]
@@ -523,6 +538,63 @@ pub(crate) struct TunnelRunArgs {
     /// pre-warm policy, at most once a minute), the cloud is told to get it ready.
     #[arg(long, default_value = crate::commands::escalate::DEFAULT_CLOUD_MODEL)]
     pub(crate) prewarm_model: String,
+    /// On stop, how long streams in flight (an answer being written, an upload) may take to
+    /// finish before they are cut.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub(crate) grace: std::time::Duration,
+}
+
+impl TunnelRunArgs {
+    /// The same settings as `tunnel run` flags (for a service started in the background).
+    pub(crate) fn to_args(&self) -> Vec<String> {
+        vec![
+            "--heartbeat-interval".into(),
+            humantime::format_duration(self.heartbeat_interval).to_string(),
+            "--prewarm-model".into(),
+            self.prewarm_model.clone(),
+            "--grace".into(),
+            humantime::format_duration(self.grace).to_string(),
+        ]
+    }
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+The service's output goes to service.log in the data directory (`synesis tunnel logs -f`).
+`synesis tunnel install` runs it under systemd instead.")]
+pub(crate) struct TunnelStartArgs {
+    #[command(flatten)]
+    pub(crate) run: TunnelRunArgs,
+    /// How long to wait for the connection before returning anyway (the service keeps trying).
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub(crate) wait: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TunnelStopArgs {
+    /// How long to wait for the service to finish its streams and exit.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub(crate) timeout: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct LogsArgs {
+    /// Keep printing what the service writes (Ctrl-C ends).
+    #[arg(short, long)]
+    pub(crate) follow: bool,
+    /// How many of the last lines to print first.
+    #[arg(short = 'n', long, default_value_t = 50)]
+    pub(crate) lines: usize,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct InstallArgs {
+    /// A user unit (`systemctl --user`, in ~/.config/systemd/user), started at login; without
+    /// it, a system unit in /etc/systemd/system (needs root).
+    #[arg(long)]
+    pub(crate) user: bool,
+    #[command(flatten)]
+    pub(crate) run: TunnelRunArgs,
 }
 
 fn parse_heartbeat_interval(text: &str) -> Result<std::time::Duration, String> {

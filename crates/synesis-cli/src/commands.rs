@@ -6,6 +6,7 @@ pub(crate) mod escalate;
 pub(crate) mod model;
 pub(crate) mod paths;
 pub(crate) mod push;
+pub(crate) mod service;
 pub(crate) mod tunnel;
 pub(crate) mod usage;
 pub(crate) mod vitals;

@@ -15,7 +15,7 @@ pub(crate) enum UserError {
     #[error("{0}")]
     Usage(String),
     #[error(
-        "the tunnel service is not running; start it with `synesis tunnel run` (it keeps running in the foreground)"
+        "the tunnel service is not running; `synesis tunnel start` starts it in the background (`synesis tunnel run` in the foreground)"
     )]
     NotRunning,
     /// Stopped before the end; the text says what was left and how to go on.

@@ -109,9 +109,21 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
                 }
             }
         }),
-        cli::Command::Tunnel {
-            command: cli::TunnelCommand::Run(args),
-        } => runtime.block_on(commands::tunnel::run(&paths, args)),
+        cli::Command::Tunnel { command } => match command {
+            cli::TunnelCommand::Run(args) => runtime.block_on(commands::tunnel::run(&paths, args)),
+            cli::TunnelCommand::Start(args) => {
+                runtime.block_on(commands::service::start(&out, &paths, args))
+            }
+            cli::TunnelCommand::Stop(args) => {
+                runtime.block_on(commands::service::stop(&out, &paths, args))
+            }
+            cli::TunnelCommand::Status => runtime.block_on(commands::service::status(&out, &paths)),
+            cli::TunnelCommand::Logs(args) => {
+                runtime.block_on(commands::service::logs(&paths, args))
+            }
+            cli::TunnelCommand::Install(args) => commands::service::install(&out, &paths, args),
+            cli::TunnelCommand::Uninstall(args) => commands::service::uninstall(&out, &paths, args),
+        },
         cli::Command::Paths => commands::paths::run(&out, &paths),
     }
 }

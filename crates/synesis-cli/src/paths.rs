@@ -136,6 +136,11 @@ impl Paths {
         synesis_tunnel::Identity::select(&self.data.path, self.account.as_deref())
     }
 
+    /// Where the service writes its output when it runs in the background.
+    pub(crate) fn service_log(&self) -> PathBuf {
+        self.data.path.join("service.log")
+    }
+
     /// The local ledger (`synesis_ledger_local`).
     pub(crate) fn ledger_file(&self) -> PathBuf {
         self.data.path.join(synesis_ledger_local::LEDGER_FILE)

@@ -125,10 +125,15 @@ impl Service {
         let dir = tempfile::tempdir().unwrap();
         let (listener, lock) = bind(dir.path()).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, backend, async move {
-            let _ = stopped.await;
-            drop(lock);
-        }));
+        let task = tokio::spawn(serve(
+            listener,
+            backend,
+            async move {
+                let _ = stopped.await;
+                drop(lock);
+            },
+            Duration::ZERO,
+        ));
         Service {
             client: LocalClient::new(dir.path()),
             stop: Some(stop),

@@ -56,16 +56,35 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
     ));
     let mut status = tunnel.status();
     let (stop_api, api_stopped) = oneshot::channel::<()>();
-    let api = tokio::spawn(local::serve(listener, Arc::clone(&tunnel), async {
-        let _ = api_stopped.await;
-    }));
+    let mut api = tokio::spawn(local::serve(
+        listener,
+        Arc::clone(&tunnel),
+        async {
+            let _ = api_stopped.await;
+        },
+        args.grace,
+    ));
     eprintln!("synesis: tunnel for device {device} to {server}; Ctrl-C to stop");
+    let mut reload = Reload::listen()?;
+    let mut settings = crate::registry::Config::load(&paths.config_file())?;
+    tracing::info!(models = settings.models.len(), "config loaded");
 
     let mut last_state = None;
     loop {
         tokio::select! {
             biased;
             () = shutdown.requested() => break,
+            () = reload.requested() => {
+                // The settings the service reads from config.toml; a bad edit keeps the old ones.
+                match crate::registry::Config::load(&paths.config_file()) {
+                    Ok(new) => {
+                        settings = new;
+                        tracing::info!(models = settings.models.len(), "config reloaded (SIGHUP)");
+                        eprintln!("synesis: config reloaded");
+                    }
+                    Err(e) => eprintln!("synesis: config not reloaded, the old one stays: {e:#}"),
+                }
+            }
             changed = status.changed() => {
                 if changed.is_err() {
                     break;
@@ -81,9 +100,21 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
             }
         }
     }
-    // The API stops its clients (their cloud streams are reset) and removes the socket.
+    // The API removes its socket and drains: its clients' streams may finish within the grace
+    // period (a second Ctrl-C or SIGTERM cuts them at once), then they are reset.
     let _ = stop_api.send(());
-    let _ = api.await;
+    eprintln!(
+        "synesis: stopping; streams in flight may finish within {}",
+        humantime::format_duration(args.grace)
+    );
+    tokio::select! {
+        _ = &mut api => {}
+        () = shutdown.requested() => {
+            eprintln!("synesis: stopping now");
+            api.abort();
+            let _ = api.await;
+        }
+    }
     sampling.abort();
     if let Ok(tunnel) = Arc::try_unwrap(tunnel) {
         tunnel.shutdown().await;
@@ -92,6 +123,24 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
     drop(lock);
     eprintln!("synesis: stopped");
     Ok(())
+}
+
+/// SIGHUP: reload the config.
+struct Reload {
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Reload {
+    fn listen() -> anyhow::Result<Reload> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Reload {
+            hangup: signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?,
+        })
+    }
+
+    async fn requested(&mut self) {
+        self.hangup.recv().await;
+    }
 }
 
 async fn sample(

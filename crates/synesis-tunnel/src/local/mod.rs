@@ -46,7 +46,7 @@ pub use client::{
 };
 pub use server::{
     Backend, BindError, CLIENT_TIMEOUT, CLIENTS_MAX, CLOUD_STREAMS_MAX,
-    CLOUD_STREAMS_PER_CONNECTION, LocalListener, ServiceLock, bind, serve,
+    CLOUD_STREAMS_PER_CONNECTION, LocalListener, ServiceLock, bind, running_service, serve,
 };
 
 use crate::TunnelStatus;

@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use synesis_proto::{ErrorCode, MessageType, StreamKind};
@@ -151,6 +152,39 @@ pub fn bind(runtime_dir: &Path) -> Result<(LocalListener, ServiceLock), BindErro
     Ok((listener, lock))
 }
 
+/// The pid of the service holding `runtime_dir`'s lock, or `None` when no service runs there
+/// (the lock is free, whatever a stale lock file says). Asks without taking the lock for long:
+/// a free lock is released at once.
+pub fn running_service(runtime_dir: &Path) -> Result<Option<u32>, BindError> {
+    use std::io::Read;
+    let path = lock_path(runtime_dir);
+    let mut file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error("open", &path)(e)),
+    };
+    match file.try_lock_shared() {
+        Ok(()) => return Ok(None),
+        Err(std::fs::TryLockError::WouldBlock) => {}
+        Err(std::fs::TryLockError::Error(e)) => return Err(io_error("lock", &path)(e)),
+    }
+    // The holder writes its pid right after taking the lock.
+    for _ in 0..50 {
+        let mut text = String::new();
+        if file.read_to_string(&mut text).is_ok()
+            && let Ok(pid) = text.trim().parse()
+        {
+            return Ok(Some(pid));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        let _ = std::io::Seek::rewind(&mut file);
+    }
+    Err(BindError::AlreadyRunning {
+        pid: None,
+        lock: path,
+    })
+}
+
 fn set_mode(path: &Path, mode: u32) -> Result<(), BindError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
@@ -187,15 +221,21 @@ fn lock(path: &Path) -> Result<ServiceLock, BindError> {
     Ok(ServiceLock { _file: file })
 }
 
-/// Serves the local API until `stop` completes, then stops every client (their cloud streams
-/// are reset) and returns; the socket file is removed with `listener`.
+/// Serves the local API until `stop` completes. Then it drains: the socket is removed at once
+/// (a new command finds no service and goes on a connection of its own), the clients being
+/// served go on — an escalation streams to its end — for up to `grace`, and those still there
+/// after it are stopped (their cloud streams reset) before it returns.
 pub async fn serve<B: Backend>(
     listener: LocalListener,
     backend: Arc<B>,
     stop: impl Future<Output = ()>,
+    grace: Duration,
 ) {
     let places = Arc::new(Semaphore::new(CLIENTS_MAX));
-    let streams = Arc::new(Semaphore::new(CLOUD_STREAMS_MAX));
+    let streams = Streams {
+        places: Arc::new(Semaphore::new(CLOUD_STREAMS_MAX)),
+        stopping: Arc::new(AtomicBool::new(false)),
+    };
     let mut clients = JoinSet::new();
     let mut pause = ACCEPT_RETRY;
     tokio::pin!(stop);
@@ -227,16 +267,45 @@ pub async fn serve<B: Backend>(
             continue; // too many clients: drop this one, it sees the connection close
         };
         let backend = Arc::clone(&backend);
-        let streams = Arc::clone(&streams);
+        let streams = streams.clone();
         clients.spawn(async move {
             client(stream, &*backend, &streams).await;
             drop(place);
         });
     }
+    drop(listener);
+    // Streams cut from here on are the service's doing, not their clients': the cloud keeps
+    // their work for the clients to resume on connections of their own.
+    streams.stopping.store(true, Ordering::Relaxed);
+    if !clients.is_empty() {
+        tracing::info!(
+            clients = clients.len(),
+            ?grace,
+            "draining: the clients being served may finish"
+        );
+    }
+    let drained = tokio::time::timeout(grace, async {
+        while clients.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            clients = clients.len(),
+            "still busy after the grace period; their streams are reset"
+        );
+    }
     clients.shutdown().await;
 }
 
-async fn client<B: Backend>(stream: UnixStream, backend: &B, streams: &Arc<Semaphore>) {
+/// The cloud streams the service holds for clients: how many more it may open, and whether the
+/// service is stopping.
+#[derive(Clone)]
+struct Streams {
+    places: Arc<Semaphore>,
+    stopping: Arc<AtomicBool>,
+}
+
+async fn client<B: Backend>(stream: UnixStream, backend: &B, streams: &Streams) {
     let (mut read, mut write) = stream.into_split();
     let opened = tokio::time::timeout(
         CLIENT_TIMEOUT,
@@ -261,7 +330,7 @@ async fn opening<B: Backend>(
     read: &mut OwnedReadHalf,
     write: &mut OwnedWriteHalf,
     backend: &B,
-    streams: &Arc<Semaphore>,
+    streams: &Streams,
 ) -> Result<Option<Opened>, FrameFault> {
     let request = match read_request(read).await {
         Ok(request) => request,
@@ -289,7 +358,7 @@ async fn opening<B: Backend>(
             }
             Err(e) => (refused(FailureKind::StreamFailed, e.to_string()), None),
         },
-        LocalRequest::Open => match Arc::clone(streams).try_acquire_owned() {
+        LocalRequest::Open => match Arc::clone(&streams.places).try_acquire_owned() {
             Err(_) => (
                 refused(
                     FailureKind::Busy,
@@ -299,7 +368,11 @@ async fn opening<B: Backend>(
             ),
             Ok(permit) => match backend.open_cloud_stream().await {
                 Ok((send, recv)) => {
-                    let send = Upstream { send, done: false };
+                    let send = Upstream {
+                        send,
+                        done: false,
+                        stopping: Arc::clone(&streams.stopping),
+                    };
                     (LocalReply::Opened, Some((send, recv, permit)))
                 }
                 Err(e @ (OpenError::NotConnected(_) | OpenError::Stopped)) => {
@@ -331,10 +404,13 @@ async fn read_request(read: &mut OwnedReadHalf) -> Result<LocalRequest, FrameFau
 }
 
 /// The QUIC send half of a client's stream: reset when dropped unfinished (quinn would finish
-/// it, and the cloud would take a cut-off stream for a whole one).
+/// it, and the cloud would take a cut-off stream for a whole one) — with `CANCELLED` when its
+/// client went away, `UNAVAILABLE` when the service is stopping (the cloud then keeps the work
+/// for the client to resume elsewhere: PROTOCOL.md §2).
 struct Upstream {
     send: quinn::SendStream,
     done: bool,
+    stopping: Arc<AtomicBool>,
 }
 
 impl Upstream {
@@ -351,7 +427,11 @@ impl Upstream {
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        if !self.done {
+        if self.done {
+        } else if self.stopping.load(Ordering::Relaxed) {
+            self.done = true;
+            let _ = self.send.reset(close_code(ErrorCode::UNAVAILABLE));
+        } else {
             self.cancel();
         }
     }

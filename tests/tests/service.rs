@@ -1,0 +1,158 @@
+//! The tunnel service as people run it: `synesis tunnel start` in the background (returning once
+//! connected), `status`, `logs`, `stop` (draining: an answer being written finishes), a service
+//! killed with SIGKILL replaced by the next start, and every `synesis` command riding its one
+//! connection. Real binaries, real QUIC, the tiny models.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::io::Read;
+use std::time::Duration;
+
+use synesis_e2e::{Device, json_of, run_ok, signal, tiny_cloud, tiny_cloud_with, wait_for};
+
+/// `synesis tunnel status`'s exit code (3: not running).
+fn status_code(device: &Device) -> Option<i32> {
+    device
+        .synesis()
+        .args(["tunnel", "status"])
+        .output()
+        .unwrap()
+        .status
+        .code()
+}
+
+fn start(device: &Device) -> serde_json::Value {
+    json_of(
+        device
+            .synesis()
+            .args(["--json", "tunnel", "start", "--heartbeat-interval", "1s"]),
+    )
+}
+
+/// How many connections of `device` the cloud identified so far.
+fn connections(log: &str, device: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("device connection identified") && l.contains(device))
+        .count()
+}
+
+#[test]
+fn start_returns_connected_and_a_killed_service_is_replaced_by_the_next_start() {
+    let t = tiny_cloud("");
+    let d = &t.owner;
+    assert_eq!(status_code(d), Some(3), "not running yet");
+
+    let first = start(d);
+    assert_eq!(first["state"], "connected", "{first}");
+    let pid = u32::try_from(first["pid"].as_u64().unwrap()).unwrap();
+    let again = start(d);
+    assert_eq!(again["already_running"], true, "{again}");
+    let status = json_of(d.synesis().args(["--json", "tunnel", "status"]));
+    assert_eq!(status["pid"].as_u64(), Some(u64::from(pid)));
+    assert_eq!(status["tunnel"]["state"], "connected", "{status}");
+
+    // SIGKILL: the socket and the lock file stay behind; the next start takes over.
+    signal(pid, "KILL");
+    assert!(wait_for(Duration::from_secs(10), || status_code(d) == Some(3)));
+    let socket = d.home().join("run/tunnel.sock");
+    assert!(socket.exists(), "a killed service leaves its socket");
+    let second = start(d);
+    assert_eq!(second["state"], "connected", "{second}");
+    assert_ne!(second["pid"], first["pid"]);
+    run_ok(d.synesis().args(["cloud", "ping", "--count", "1"]));
+
+    let logs = String::from_utf8(run_ok(d.synesis().args(["tunnel", "logs", "-n", "200"])).stdout)
+        .unwrap();
+    assert!(logs.contains("synesis: connected"), "{logs}");
+    assert_eq!(
+        logs.matches("--- synesis tunnel start").count(),
+        2,
+        "{logs}"
+    );
+
+    let stopped = json_of(d.synesis().args(["--json", "tunnel", "stop"]));
+    assert_eq!(stopped["stopped"], true, "{stopped}");
+    assert_eq!(status_code(d), Some(3));
+    assert!(!socket.exists(), "a stopped service removes its socket");
+    let idle = json_of(d.synesis().args(["--json", "tunnel", "stop"]));
+    assert_eq!(idle["running"], false, "{idle}");
+}
+
+#[test]
+fn two_concurrent_asks_through_the_service_are_one_connection_on_the_cloud() {
+    let t = tiny_cloud("");
+    let d = &t.owner;
+    let device = start(d)["device_id"].as_str().unwrap().to_owned();
+    // The setup's top-up had a connection of its own; the service has one more.
+    let before = connections(&t.cloud.log(), &device);
+    let asks: Vec<_> = (0..2)
+        .map(|_| {
+            d.synesis()
+                .args(["--json", "cloud", "ask", "--max-tokens", "16", "hello"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for ask in asks {
+        let out = ask.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["via"], "service", "{v}");
+    }
+    assert_eq!(
+        connections(&t.cloud.log(), &device),
+        before,
+        "the asks opened no connection of their own: {}",
+        t.cloud.log()
+    );
+    run_ok(d.synesis().args(["tunnel", "stop"]));
+}
+
+#[test]
+fn stop_during_an_escalation_lets_the_answer_finish() {
+    let spec = synesis_infer::tiny::TinySpec {
+        n_ctx: 4_096,
+        ..synesis_infer::tiny::TinySpec::BENCH
+    };
+    let t = tiny_cloud_with(spec, "");
+    let d = &t.owner;
+    let ask = |extra: &[&str]| {
+        let mut cmd = d.synesis();
+        cmd.args(["cloud", "ask", "--max-tokens", "300"])
+            .args(extra)
+            .arg("hello");
+        cmd
+    };
+    // Without the service: the whole answer, to compare with.
+    let reference = String::from_utf8(run_ok(&mut ask(&[])).stdout).unwrap();
+
+    start(d);
+    let mut child = ask(&[])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the answer is streaming, stop the service.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).unwrap();
+    let stopped = json_of(d.synesis().args(["--json", "tunnel", "stop"]));
+    assert_eq!(stopped["stopped"], true, "{stopped}");
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let mut text = first.to_vec();
+    text.extend(rest);
+    assert_eq!(String::from_utf8(text).unwrap(), reference, "{stderr}");
+    assert!(
+        !stderr.contains("resum") && !stderr.contains("again"),
+        "streamed to its end through the draining service: {stderr}"
+    );
+    // Charged once.
+    let usage = json_of(d.synesis().args(["--json", "cloud", "usage"]));
+    assert_eq!(usage["charges"].as_array().unwrap().len(), 2, "{usage}");
+}
