@@ -156,3 +156,98 @@ fn stop_during_an_escalation_lets_the_answer_finish() {
     let usage = json_of(d.synesis().args(["--json", "cloud", "usage"]));
     assert_eq!(usage["charges"].as_array().unwrap().len(), 2, "{usage}");
 }
+
+/// `synesis --json tunnel events` in the background: its lines, as they come.
+fn event_feed(
+    device: &Device,
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<serde_json::Value>,
+) {
+    use std::io::BufRead;
+    let mut child = device
+        .synesis()
+        .args(["--json", "tunnel", "events"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// The next event for which `wanted` holds (within a minute), skipping others.
+fn next_event(
+    events: &std::sync::mpsc::Receiver<serde_json::Value>,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let event = events
+            .recv_timeout(left)
+            .expect("the event within a minute");
+        if wanted(&event) {
+            return event;
+        }
+    }
+}
+
+#[test]
+fn events_show_escalations_with_their_cost_and_a_reconnect_after_a_cloud_restart() {
+    let mut t = tiny_cloud("");
+    let d = &t.owner;
+    start(d);
+    let (mut feed, events) = event_feed(d);
+    let now = next_event(&events, |_| true);
+    assert_eq!(
+        (now["event"].as_str(), now["state"].as_str()),
+        (Some("state"), Some("connected"))
+    );
+
+    let answer = json_of(
+        d.synesis()
+            .args(["--json", "cloud", "ask", "--max-tokens", "4", "hi"]),
+    );
+    let id = answer["request_id"].clone();
+    let started = next_event(&events, |e| e["event"] == "escalation_started");
+    assert_eq!(
+        (&started["request_id"], &started["model"]),
+        (&id, &serde_json::json!("tiny"))
+    );
+    let finished = next_event(&events, |e| e["event"] == "escalation_finished");
+    assert_eq!(finished["request_id"], id);
+    assert_eq!(finished["outcome"], "done");
+    assert_eq!(
+        finished["cost_micro_usd"], answer["total_micro_usd"],
+        "{answer}"
+    );
+
+    // The cloud dies and comes back: the feed shows the tunnel leave and regain it.
+    signal(t.cloud.process.pid(), "KILL");
+    let lost = next_event(&events, |e| {
+        e["event"] == "state" && e["state"] != "connected"
+    });
+    assert!(lost["reason"].is_string(), "a reason: {lost}");
+    t.cloud.restart();
+    let back = next_event(&events, |e| {
+        e["event"] == "state" && e["state"] == "connected"
+    });
+    assert!(back["reconnects"].as_u64().unwrap() >= 1, "{back}");
+
+    run_ok(d.synesis().args(["tunnel", "stop"]));
+    let last = next_event(&events, |e| e["event"] == "stopping");
+    assert_eq!(last["grace_ms"], 30_000);
+    assert!(
+        feed.wait().unwrap().success(),
+        "the feed ends with the service"
+    );
+}

@@ -522,6 +522,10 @@ pub(crate) enum TunnelCommand {
     Status,
     /// The service's log (`-f` follows it).
     Logs(LogsArgs),
+    /// A live feed of what the service does: state changes and reconnects with their reason,
+    /// pre-warm signals, escalations (with their cost) and uploads, config reloads, the drain.
+    /// With --json, one JSON object per line. Ctrl-C ends it.
+    Events,
     /// Write and enable a systemd unit that runs the service at boot (`--user`: at login, as
     /// you). Without systemd it says so and prints the unit.
     Install(InstallArgs),

@@ -121,6 +121,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
             cli::TunnelCommand::Logs(args) => {
                 runtime.block_on(commands::service::logs(&paths, args))
             }
+            cli::TunnelCommand::Events => runtime.block_on(commands::service::events(&out, &paths)),
             cli::TunnelCommand::Install(args) => commands::service::install(&out, &paths, args),
             cli::TunnelCommand::Uninstall(args) => commands::service::uninstall(&out, &paths, args),
         },

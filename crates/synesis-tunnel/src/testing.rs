@@ -132,7 +132,10 @@ impl Service {
                 let _ = stopped.await;
                 drop(lock);
             },
-            Duration::ZERO,
+            crate::local::ServeOptions {
+                grace: Duration::ZERO,
+                events: crate::local::events::channel(),
+            },
         ));
         Service {
             client: LocalClient::new(dir.path()),

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
+use synesis_tunnel::local::events::{Event, Outcome, What};
 use synesis_tunnel::local::{LocalClient, running_service};
 use synesis_tunnel::{Identity, TunnelState};
 
@@ -267,6 +268,139 @@ pub(crate) async fn logs(paths: &Paths, args: &LogsArgs) -> anyhow::Result<()> {
                 return Ok(()); // the reader went away (`| head`)
             }
         }
+    }
+}
+
+pub(crate) async fn events(out: &Output, paths: &Paths) -> anyhow::Result<()> {
+    let mut feed = LocalClient::new(&paths.runtime.path)
+        .events()
+        .await
+        .map_err(|e| match e {
+            synesis_tunnel::local::ClientError::NotRunning => UserError::NotRunning.into(),
+            other => anyhow::Error::from(other),
+        })?;
+    let mut shutdown = crate::signals::Shutdown::listen()?;
+    let mut stdout = std::io::stdout();
+    loop {
+        let next = tokio::select! {
+            () = shutdown.requested() => return Ok(()),
+            next = feed.next() => next?,
+        };
+        let Some(event) = next else {
+            if !out.json() {
+                eprintln!("synesis: the service stopped");
+            }
+            return Ok(());
+        };
+        let line = if out.json() {
+            serde_json::to_string(&event)?
+        } else {
+            describe(&event)
+        };
+        if writeln!(stdout, "{line}")
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            return Ok(()); // the reader went away
+        }
+    }
+}
+
+/// One event, for people.
+fn describe(event: &Event) -> String {
+    let at = event
+        .at
+        .to_rfc3339()
+        .unwrap_or_else(|| event.at.0.to_string());
+    let what = match &event.what {
+        What::State {
+            state,
+            reconnects,
+            reason,
+        } => {
+            let mut text = format!("{state}");
+            if let Some(why) = reason {
+                text.push_str(&format!(" ({why})"));
+            }
+            if *reconnects > 0 {
+                text.push_str(&format!(", {reconnects} reconnects so far"));
+            }
+            text
+        }
+        What::Prewarm {
+            model,
+            reason,
+            sent,
+        } => format!(
+            "pre-warm {model}: {reason}{}",
+            if *sent {
+                ""
+            } else {
+                " (not sent: not connected)"
+            }
+        ),
+        What::EscalationStarted {
+            request_id,
+            model,
+            resumed,
+        } => format!(
+            "escalation {request_id} {}{}",
+            if *resumed { "resumed" } else { "started" },
+            model.as_ref().map_or(String::new(), |m| format!(" ({m})"))
+        ),
+        What::EscalationFinished {
+            request_id,
+            outcome,
+            cost_micro_usd,
+            input_tokens,
+            output_tokens,
+            error,
+        } => {
+            let mut text = format!("escalation {request_id} {}", outcome_word(*outcome));
+            if let (Some(i), Some(o)) = (input_tokens, output_tokens) {
+                text.push_str(&format!(": {i} in + {o} out tokens"));
+            }
+            if let Some(cost) = cost_micro_usd {
+                text.push_str(&format!(", ${}", synesis_proto::MicroUsd(*cost)));
+            }
+            if let Some(why) = error {
+                text.push_str(&format!(": {why}"));
+            }
+            text
+        }
+        What::UploadStarted {
+            upload_id,
+            name,
+            size_bytes,
+        } => format!("upload {upload_id} of {name} ({size_bytes} bytes) started"),
+        What::UploadFinished {
+            upload_id,
+            outcome,
+            error,
+        } => format!(
+            "upload {upload_id} {}{}",
+            outcome_word(*outcome),
+            error.as_ref().map_or(String::new(), |e| format!(": {e}"))
+        ),
+        What::ConfigReloaded { ok: true, .. } => "config reloaded".into(),
+        What::ConfigReloaded { error, .. } => format!(
+            "config not reloaded: {}",
+            error.as_deref().unwrap_or("unreadable")
+        ),
+        What::Stopping { grace_ms } => {
+            format!("stopping; streams in flight may finish within {grace_ms} ms")
+        }
+        What::Missed { count } => format!("(missed {count} events: this feed fell behind)"),
+    };
+    format!("{at}  {what}")
+}
+
+fn outcome_word(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Done => "done",
+        Outcome::Refused => "refused",
+        Outcome::Cancelled => "cancelled",
+        Outcome::Cut => "cut (it may resume)",
     }
 }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use synesis_tunnel::local::events::{What, emit};
 use synesis_tunnel::machine::Config;
 use synesis_tunnel::{Identity, Options, Tunnel, TunnelState, local};
 use synesis_vitals::{PrewarmConfig, PrewarmPolicy, SystemSampler, VitalsSource};
@@ -44,11 +45,13 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
         seed: rand::random(),
         data_dir: Some(home),
     }));
+    let events = local::events::channel();
     let sampling = tokio::spawn(sample_forever(
         sampler,
         args.heartbeat_interval,
         vitals_tx,
         Prewarming {
+            events: events.clone(),
             policy: PrewarmPolicy::new(PrewarmConfig::default()),
             model: args.prewarm_model.clone(),
             tunnel: Arc::clone(&tunnel),
@@ -62,7 +65,10 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
         async {
             let _ = api_stopped.await;
         },
-        args.grace,
+        local::ServeOptions {
+            grace: args.grace,
+            events: events.clone(),
+        },
     ));
     eprintln!("synesis: tunnel for device {device} to {server}; Ctrl-C to stop");
     let mut reload = Reload::listen()?;
@@ -81,8 +87,13 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
                         settings = new;
                         tracing::info!(models = settings.models.len(), "config reloaded (SIGHUP)");
                         eprintln!("synesis: config reloaded");
+                        emit(&events, What::ConfigReloaded { ok: true, error: None });
                     }
-                    Err(e) => eprintln!("synesis: config not reloaded, the old one stays: {e:#}"),
+                    Err(e) => {
+                        eprintln!("synesis: config not reloaded, the old one stays: {e:#}");
+                        let error = Some(format!("{e:#}"));
+                        emit(&events, What::ConfigReloaded { ok: false, error });
+                    }
                 }
             }
             changed = status.changed() => {
@@ -92,6 +103,11 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
                 let s = status.borrow_and_update().clone();
                 if last_state != Some(s.state) {
                     last_state = Some(s.state);
+                    emit(&events, What::State {
+                        state: s.state,
+                        reconnects: s.reconnects,
+                        reason: s.failure.clone(),
+                    });
                     match (&s.failure, s.state) {
                         (Some(why), TunnelState::Failed | TunnelState::Reconnecting) => eprintln!("synesis: {} ({why})", s.state),
                         _ => eprintln!("synesis: {}", s.state),
@@ -156,6 +172,7 @@ async fn sample(
 
 /// The pre-warm policy over the samples, and where its signals go.
 struct Prewarming {
+    events: local::events::EventSender,
     policy: PrewarmPolicy,
     model: String,
     tunnel: Arc<synesis_tunnel::TunnelHandle>,
@@ -182,6 +199,14 @@ async fn sample_forever(
                 reason: signal.reason.to_string(),
             });
             tracing::info!(sent, reason = %signal.reason, "pre-warm");
+            emit(
+                &prewarming.events,
+                What::Prewarm {
+                    model: prewarming.model.clone(),
+                    reason: signal.reason.to_string(),
+                    sent,
+                },
+            );
         }
         if vitals.send(v).is_err() {
             return;

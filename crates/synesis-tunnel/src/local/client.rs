@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
+use super::events::Event;
 use super::server::CLIENT_TIMEOUT;
 use super::{
     FrameFault, Header, LOCAL_REPLY, LOCAL_REQUEST, LocalFailure, LocalReply, LocalRequest,
@@ -102,6 +103,23 @@ impl LocalClient {
         .await
     }
 
+    /// The service's events from now on ([`super::events`]), until the service stops.
+    pub async fn events(&self) -> Result<EventFeed, ClientError> {
+        bounded(async {
+            let (read, mut write) = self.connect().await?;
+            write_local(&mut write, LOCAL_REQUEST, &LocalRequest::Events).await?;
+            let mut recv = StreamReceiver { read, ended: false };
+            match recv.local_reply().await? {
+                LocalReply::Subscribed => Ok(EventFeed {
+                    recv,
+                    _write: write,
+                }),
+                other => Err(unexpected(&other)),
+            }
+        })
+        .await
+    }
+
     async fn open_stream_unbounded(&self) -> Result<LocalStream, ClientError> {
         let (read, mut write) = self.connect().await?;
         write_local(&mut write, LOCAL_REQUEST, &LocalRequest::Open).await?;
@@ -147,6 +165,26 @@ fn unexpected(reply: &LocalReply) -> ClientError {
     match reply {
         LocalReply::Refused { failure } => ClientError::Refused(failure.clone()),
         other => ClientError::Protocol(format!("unexpected reply {other:?}")),
+    }
+}
+
+/// The service's events, as they happen.
+#[derive(Debug)]
+pub struct EventFeed {
+    recv: StreamReceiver,
+    /// Held: closing it tells the service this subscriber left.
+    _write: OwnedWriteHalf,
+}
+
+impl EventFeed {
+    /// The next event; `None` once the service stopped.
+    pub async fn next(&mut self) -> Result<Option<Event>, ClientError> {
+        match self.recv.local_reply().await {
+            Ok(LocalReply::Event { event }) => Ok(Some(event)),
+            Ok(LocalReply::End { .. }) | Err(ClientError::Closed(_)) => Ok(None),
+            Ok(other) => Err(unexpected(&other)),
+            Err(e) => Err(e),
+        }
     }
 }
 

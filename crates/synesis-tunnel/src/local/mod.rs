@@ -18,6 +18,8 @@
 //! cloud. Every other frame is a cloud protocol frame, passed through unchanged.
 //!
 //! A client connection carries one exchange:
+//! - `{"op":"events"}` → `{"reply":"subscribed"}`, then `{"reply":"event","event":{…}}` for each
+//!   thing the service does ([`events`]), until the client leaves or the service stops.
 //! - `{"op":"status"}` → `{"reply":"status","status":{…}}`; `{"op":"ping"}` →
 //!   `{"reply":"pong","rtt_nanos":…}`; a failure → `{"reply":"refused","failure":{…}}`.
 //! - `{"op":"open"}` → `{"reply":"opened"}`: the service opened a bidirectional stream on the
@@ -33,6 +35,7 @@
 //! large upload flows through in constant memory.
 
 pub mod client;
+pub mod events;
 pub mod server;
 
 use std::path::{Path, PathBuf};
@@ -42,11 +45,12 @@ use synesis_proto::{FRAME_HEADER_BYTES, FrameLimits, MessageType};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub use client::{
-    ASK_TIMEOUT, ClientError, LocalClient, LocalStream, StreamReceiver, StreamSender,
+    ASK_TIMEOUT, ClientError, EventFeed, LocalClient, LocalStream, StreamReceiver, StreamSender,
 };
 pub use server::{
     Backend, BindError, CLIENT_TIMEOUT, CLIENTS_MAX, CLOUD_STREAMS_MAX,
-    CLOUD_STREAMS_PER_CONNECTION, LocalListener, ServiceLock, bind, running_service, serve,
+    CLOUD_STREAMS_PER_CONNECTION, LocalListener, ServeOptions, ServiceLock, bind, running_service,
+    serve,
 };
 
 use crate::TunnelStatus;
@@ -81,6 +85,8 @@ pub(crate) enum LocalRequest {
     Open,
     /// Inside a cloud stream: the client sends nothing more.
     Finish,
+    /// The service's events, from now on, until the client leaves.
+    Events,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,6 +99,11 @@ pub(crate) enum LocalReply {
         rtt_nanos: u64,
     },
     Opened,
+    /// Events follow, one `Event` reply each.
+    Subscribed,
+    Event {
+        event: events::Event,
+    },
     /// The last frame of a cloud stream.
     End {
         #[serde(default, skip_serializing_if = "Option::is_none")]

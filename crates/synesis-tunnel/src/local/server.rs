@@ -9,17 +9,17 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use synesis_proto::{ErrorCode, MessageType, StreamKind};
+use synesis_proto::{ErrorCode, FrameLimits, Message, MessageType, StreamKind};
 use synesis_wire::close_code;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tokio::task::JoinSet;
 
+use super::events::{self, Event, EventSender, Outcome, What, emit};
 use super::{
     FailureKind, FrameFault, Header, LOCAL_REPLY, LOCAL_REQUEST, LocalFailure, LocalReply,
     LocalRequest, lock_path, read_header, read_payload, socket_path, write_local,
@@ -221,6 +221,16 @@ fn lock(path: &Path) -> Result<ServiceLock, BindError> {
     Ok(ServiceLock { _file: file })
 }
 
+/// How [`serve`] runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// How long clients being served may go on once `stop` completed.
+    pub grace: Duration,
+    /// Where escalations and uploads passing through are reported, and what `events` clients
+    /// subscribe to (the service's other parts send on it too).
+    pub events: EventSender,
+}
+
 /// Serves the local API until `stop` completes. Then it drains: the socket is removed at once
 /// (a new command finds no service and goes on a connection of its own), the clients being
 /// served go on — an escalation streams to its end — for up to `grace`, and those still there
@@ -229,12 +239,14 @@ pub async fn serve<B: Backend>(
     listener: LocalListener,
     backend: Arc<B>,
     stop: impl Future<Output = ()>,
-    grace: Duration,
+    options: ServeOptions,
 ) {
+    let ServeOptions { grace, events } = options;
     let places = Arc::new(Semaphore::new(CLIENTS_MAX));
     let streams = Streams {
         places: Arc::new(Semaphore::new(CLOUD_STREAMS_MAX)),
-        stopping: Arc::new(AtomicBool::new(false)),
+        stopping: watch::channel(false).0,
+        events,
     };
     let mut clients = JoinSet::new();
     let mut pause = ACCEPT_RETRY;
@@ -276,7 +288,9 @@ pub async fn serve<B: Backend>(
     drop(listener);
     // Streams cut from here on are the service's doing, not their clients': the cloud keeps
     // their work for the clients to resume on connections of their own.
-    streams.stopping.store(true, Ordering::Relaxed);
+    let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+    emit(&streams.events, What::Stopping { grace_ms });
+    streams.stopping.send_replace(true);
     if !clients.is_empty() {
         tracing::info!(
             clients = clients.len(),
@@ -302,7 +316,8 @@ pub async fn serve<B: Backend>(
 #[derive(Clone)]
 struct Streams {
     places: Arc<Semaphore>,
-    stopping: Arc<AtomicBool>,
+    stopping: watch::Sender<bool>,
+    events: EventSender,
 }
 
 async fn client<B: Backend>(stream: UnixStream, backend: &B, streams: &Streams) {
@@ -313,10 +328,13 @@ async fn client<B: Backend>(stream: UnixStream, backend: &B, streams: &Streams) 
     )
     .await;
     match opened {
-        Ok(Ok(None)) => {}
-        Ok(Ok(Some((send, recv, permit)))) => {
-            proxy(read, write, send, recv).await;
+        Ok(Ok(Next::Done)) => {}
+        Ok(Ok(Next::Proxy((send, recv, permit)))) => {
+            proxy(read, write, send, recv, &streams.events).await;
             drop(permit);
+        }
+        Ok(Ok(Next::Events(subscription))) => {
+            feed(read, write, subscription, streams.stopping.subscribe()).await;
         }
         Ok(Err(e)) => tracing::debug!(error = %e, "local API client failed"),
         Err(_) => tracing::debug!("local API client dropped after {CLIENT_TIMEOUT:?}"),
@@ -325,19 +343,76 @@ async fn client<B: Backend>(stream: UnixStream, backend: &B, streams: &Streams) 
 
 type Opened = (Upstream, quinn::RecvStream, OwnedSemaphorePermit);
 
+/// What a client's connection carries after its request was answered.
+enum Next {
+    Done,
+    Proxy(Opened),
+    Events(broadcast::Receiver<Event>),
+}
+
+/// Events to an `events` client until it leaves or the service stops (the drain waits for
+/// no subscriber: the `stopping` event is its last).
+async fn feed(
+    mut read: OwnedReadHalf,
+    mut write: OwnedWriteHalf,
+    mut subscription: broadcast::Receiver<Event>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut probe = [0u8; 1];
+    loop {
+        if *stopping.borrow_and_update() {
+            // What was sent before the stop (the `stopping` event itself) goes out first.
+            while let Ok(event) = subscription.try_recv() {
+                if write_local(&mut write, LOCAL_REPLY, &LocalReply::Event { event })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            break;
+        }
+        let event = tokio::select! {
+            // The client sends nothing more: anything (or the end) means it left.
+            _ = read.read(&mut probe) => return,
+            changed = stopping.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                continue;
+            }
+            received = subscription.recv() => match received {
+                Ok(event) => event,
+                Err(broadcast::error::RecvError::Lagged(count)) => Event {
+                    at: crate::clock::unix_now(),
+                    what: What::Missed { count },
+                },
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+        };
+        if write_local(&mut write, LOCAL_REPLY, &LocalReply::Event { event })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    let _ = write_local(&mut write, LOCAL_REPLY, &LocalReply::End { failure: None }).await;
+}
+
 /// The client's request, answered; a cloud stream when it asked for one.
 async fn opening<B: Backend>(
     read: &mut OwnedReadHalf,
     write: &mut OwnedWriteHalf,
     backend: &B,
     streams: &Streams,
-) -> Result<Option<Opened>, FrameFault> {
+) -> Result<Next, FrameFault> {
     let request = match read_request(read).await {
         Ok(request) => request,
         Err(e) => {
             let failure = LocalFailure::new(FailureKind::BadRequest, e.to_string());
             write_local(write, LOCAL_REPLY, &LocalReply::Refused { failure }).await?;
-            return Ok(None);
+            return Ok(Next::Done);
         }
     };
     let refused = |kind, message: String| LocalReply::Refused {
@@ -371,7 +446,7 @@ async fn opening<B: Backend>(
                     let send = Upstream {
                         send,
                         done: false,
-                        stopping: Arc::clone(&streams.stopping),
+                        stopping: streams.stopping.subscribe(),
                     };
                     (LocalReply::Opened, Some((send, recv, permit)))
                 }
@@ -385,9 +460,25 @@ async fn opening<B: Backend>(
             refused(FailureKind::BadRequest, "no stream to finish".into()),
             None,
         ),
+        LocalRequest::Events => {
+            let subscription = streams.events.subscribe();
+            write_local(write, LOCAL_REPLY, &LocalReply::Subscribed).await?;
+            // Where things stand, first.
+            let now = backend.current_status();
+            let event = Event {
+                at: crate::clock::unix_now(),
+                what: What::State {
+                    state: now.state,
+                    reconnects: now.reconnects,
+                    reason: now.failure,
+                },
+            };
+            write_local(write, LOCAL_REPLY, &LocalReply::Event { event }).await?;
+            return Ok(Next::Events(subscription));
+        }
     };
     write_local(write, LOCAL_REPLY, &reply).await?;
-    Ok(opened)
+    Ok(opened.map_or(Next::Done, Next::Proxy))
 }
 
 async fn read_request(read: &mut OwnedReadHalf) -> Result<LocalRequest, FrameFault> {
@@ -410,7 +501,7 @@ async fn read_request(read: &mut OwnedReadHalf) -> Result<LocalRequest, FrameFau
 struct Upstream {
     send: quinn::SendStream,
     done: bool,
-    stopping: Arc<AtomicBool>,
+    stopping: watch::Receiver<bool>,
 }
 
 impl Upstream {
@@ -428,7 +519,7 @@ impl Upstream {
 impl Drop for Upstream {
     fn drop(&mut self) {
         if self.done {
-        } else if self.stopping.load(Ordering::Relaxed) {
+        } else if *self.stopping.borrow() {
             self.done = true;
             let _ = self.send.reset(close_code(ErrorCode::UNAVAILABLE));
         } else {
@@ -465,12 +556,16 @@ async fn proxy(
     mut write: OwnedWriteHalf,
     mut send: Upstream,
     mut recv: quinn::RecvStream,
+    events: &EventSender,
 ) {
     let mut up_done = None;
     let mut down_done = None;
+    // What the stream is (from its first frame) and the cloud's last word on it.
+    let mut start: Option<What> = None;
+    let mut last: Option<Message> = None;
     {
-        let up = upstream(&mut read, &mut send);
-        let down = downstream(&mut recv, &mut write);
+        let up = upstream(&mut read, &mut send, &mut start, events);
+        let down = downstream(&mut recv, &mut write, &mut last);
         tokio::pin!(up, down);
         loop {
             tokio::select! {
@@ -511,11 +606,28 @@ async fn proxy(
     if cancelled {
         let _ = recv.stop(close_code(ErrorCode::CANCELLED));
     }
+    let cut = if cancelled {
+        Outcome::Cancelled
+    } else {
+        Outcome::Cut
+    };
+    if let Some(end) = start
+        .as_ref()
+        .and_then(|s| events::finished(s, last.as_ref(), cut))
+    {
+        emit(events, end);
+    }
     drop(send); // reset unless finished
 }
 
-/// Client → cloud: frames through, until `finish` or the client is gone.
-async fn upstream(read: &mut OwnedReadHalf, send: &mut Upstream) -> Up {
+/// Client → cloud: frames through, until `finish` or the client is gone. The first frame is
+/// decoded on its way (`start`, reported to `events`).
+async fn upstream(
+    read: &mut OwnedReadHalf,
+    send: &mut Upstream,
+    start: &mut Option<What>,
+    events: &EventSender,
+) -> Up {
     let mut kind: Option<StreamKind> = None;
     let mut buf = vec![0u8; COPY_CHUNK_BYTES];
     loop {
@@ -550,6 +662,7 @@ async fn upstream(read: &mut OwnedReadHalf, send: &mut Upstream) -> Up {
             }
             Header::Cloud { ty, .. } => ty,
         };
+        let first = kind.is_none();
         match (kind, ty.stream()) {
             (None, k @ (StreamKind::Escalation | StreamKind::Upload | StreamKind::Account)) => {
                 kind = Some(k);
@@ -562,8 +675,14 @@ async fn upstream(read: &mut OwnedReadHalf, send: &mut Upstream) -> Up {
                 ));
             }
         }
-        match copy_frame(read, &mut send.send, header, &mut buf).await {
-            Ok(()) => {}
+        let keep = first && kind != Some(StreamKind::Account);
+        match copy_frame(read, &mut send.send, header, &mut buf, keep).await {
+            Ok(kept) => {
+                if let Some(what) = kept.as_ref().and_then(events::started) {
+                    *start = Some(what.clone());
+                    emit(events, what);
+                }
+            }
             Err(CopyError::Read(why)) => return Up::ClientGone(why),
             Err(CopyError::Write(why)) => {
                 tracing::debug!(why, "the cloud takes no more of this stream");
@@ -573,8 +692,13 @@ async fn upstream(read: &mut OwnedReadHalf, send: &mut Upstream) -> Up {
     }
 }
 
-/// Cloud → client: frames through, then the end (finished or failed) as a local reply.
-async fn downstream(recv: &mut quinn::RecvStream, write: &mut OwnedWriteHalf) -> Down {
+/// Cloud → client: frames through, then the end (finished or failed) as a local reply. The
+/// frames that end a stream are decoded on their way (`last`).
+async fn downstream(
+    recv: &mut quinn::RecvStream,
+    write: &mut OwnedWriteHalf,
+    last: &mut Option<Message>,
+) -> Down {
     let mut buf = vec![0u8; COPY_CHUNK_BYTES];
     let failure = loop {
         let header = match read_header(recv, false).await {
@@ -582,8 +706,13 @@ async fn downstream(recv: &mut quinn::RecvStream, write: &mut OwnedWriteHalf) ->
             Ok(None) => break None,
             Err(e) => break Some(e.to_string()),
         };
-        match copy_frame(recv, write, header, &mut buf).await {
-            Ok(()) => {}
+        let keep = matches!(header, Header::Cloud { ty, .. } if events::ends_a_stream(ty));
+        match copy_frame(recv, write, header, &mut buf, keep).await {
+            Ok(kept) => {
+                if kept.is_some() {
+                    *last = kept;
+                }
+            }
             Err(CopyError::Read(why)) => break Some(why),
             Err(CopyError::Write(_)) => return Down::ClientGone,
         }
@@ -606,19 +735,24 @@ enum CopyError {
 }
 
 /// One frame from `from` to `to`, its payload in chunks: never more than one chunk in memory,
-/// whatever the frame's size.
+/// whatever the frame's size — unless `keep` asks for the frame decoded on its way (a first
+/// frame, at most 256 KiB, or a small last one); one that does not decode is passed on all the
+/// same, for the cloud or the client to refuse.
 async fn copy_frame<R, W>(
     from: &mut R,
     to: &mut W,
     header: Header,
     buf: &mut [u8],
-) -> Result<(), CopyError>
+    keep: bool,
+) -> Result<Option<Message>, CopyError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let write = |e: std::io::Error| CopyError::Write(e.to_string());
-    to.write_all(&header.bytes()).await.map_err(write)?;
+    let head = header.bytes();
+    to.write_all(&head).await.map_err(write)?;
+    let mut kept = keep.then(|| head.to_vec());
     let mut left = header.len() as usize;
     while left > 0 {
         let want = left.min(buf.len());
@@ -630,7 +764,16 @@ where
             return Err(CopyError::Read(FrameFault::Truncated.to_string()));
         }
         to.write_all(&buf[..n]).await.map_err(write)?;
+        if let Some(kept) = &mut kept {
+            kept.extend_from_slice(&buf[..n]);
+        }
         left -= n;
     }
-    to.flush().await.map_err(write)
+    to.flush().await.map_err(write)?;
+    Ok(kept.and_then(|bytes| {
+        match synesis_proto::decode_frame(&bytes, FrameLimits::new(u32::MAX)) {
+            Ok(synesis_proto::Decoded::Frame { message, .. }) => Some(message),
+            _ => None,
+        }
+    }))
 }
