@@ -97,6 +97,9 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: CloudCommand,
     },
+    /// Serve the OpenAI-compatible API (and, on an enrolled device, the tunnel service) in the
+    /// foreground: `synesis tunnel run --listen 127.0.0.1:11435`.
+    Serve(ServeArgs),
     /// Run the tunnel service: keep this device connected to its cloud.
     Tunnel {
         #[command(subcommand)]
@@ -546,20 +549,104 @@ pub(crate) struct TunnelRunArgs {
     /// finish before they are cut.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub(crate) grace: std::time::Duration,
+    #[command(flatten)]
+    pub(crate) http: HttpArgs,
+}
+
+/// The OpenAI-compatible HTTP API the service may serve.
+#[derive(Debug, Args, Clone)]
+pub(crate) struct HttpArgs {
+    /// Serve the OpenAI-compatible API on ADDR (`synesis serve`: 127.0.0.1:11435 by default).
+    /// An address off this machine also needs --allow-remote and an API key.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) listen: Option<std::net::SocketAddr>,
+    /// Allow --listen on an address other machines can reach (requests then need the key).
+    #[arg(long)]
+    pub(crate) allow_remote: bool,
+    /// A file holding the API key requests must carry (`Authorization: Bearer KEY`); the
+    /// variable SYNESIS_API_KEY does the same. Without either, loopback needs no key.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) api_key_file: Option<std::path::PathBuf>,
+    /// How long a local model stays loaded after its last answer (0s: unloaded at once).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub(crate) keep_alive: std::time::Duration,
+    /// Requests answered at once; more are refused with 429.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub(crate) max_concurrent: u16,
+    /// The longest one request may take (then 504, and the answer is cancelled).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub(crate) request_timeout: std::time::Duration,
+    /// The largest request body, in bytes (413 above it).
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub(crate) max_body_bytes: usize,
+}
+
+impl HttpArgs {
+    /// The API key: the file's first line, else SYNESIS_API_KEY (read here, at the edge).
+    pub(crate) fn api_key(&self) -> anyhow::Result<Option<String>> {
+        use anyhow::Context;
+        if let Some(path) = &self.api_key_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the API key from {}", path.display()))?;
+            let key = text.lines().next().unwrap_or_default().trim().to_owned();
+            anyhow::ensure!(!key.is_empty(), "{} holds no API key", path.display());
+            return Ok(Some(key));
+        }
+        Ok(std::env::var("SYNESIS_API_KEY")
+            .ok()
+            .filter(|k| !k.trim().is_empty()))
+    }
 }
 
 impl TunnelRunArgs {
     /// The same settings as `tunnel run` flags (for a service started in the background).
     pub(crate) fn to_args(&self) -> Vec<String> {
-        vec![
+        let mut args = vec![
             "--heartbeat-interval".into(),
             humantime::format_duration(self.heartbeat_interval).to_string(),
             "--prewarm-model".into(),
             self.prewarm_model.clone(),
             "--grace".into(),
             humantime::format_duration(self.grace).to_string(),
-        ]
+        ];
+        let h = &self.http;
+        if let Some(listen) = h.listen {
+            args.extend(["--listen".into(), listen.to_string()]);
+            if h.allow_remote {
+                args.push("--allow-remote".into());
+            }
+            if let Some(file) = &h.api_key_file {
+                args.extend(["--api-key-file".into(), file.display().to_string()]);
+            }
+            args.extend([
+                "--keep-alive".into(),
+                humantime::format_duration(h.keep_alive).to_string(),
+                "--max-concurrent".into(),
+                h.max_concurrent.to_string(),
+                "--request-timeout".into(),
+                humantime::format_duration(h.request_timeout).to_string(),
+                "--max-body-bytes".into(),
+                h.max_body_bytes.to_string(),
+            ]);
+        }
+        args
     }
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Any OpenAI client library works against it:
+
+  from openai import OpenAI
+  client = OpenAI(base_url=\"http://127.0.0.1:11435/v1\", api_key=\"unused\")
+  client.chat.completions.create(model=\"auto\", messages=[{\"role\": \"user\", \"content\": \"hi\"}])
+
+`model` names a local model (`synesis model list`), a cloud model, or `auto` (the local-first
+policy of `synesis ask`). Responses say the route, request id and cost in x-synesis-* headers.
+`synesis tunnel start --listen 127.0.0.1:11435` runs the same in the background.")]
+pub(crate) struct ServeArgs {
+    #[command(flatten)]
+    pub(crate) run: TunnelRunArgs,
 }
 
 #[derive(Debug, Args)]

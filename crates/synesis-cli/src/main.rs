@@ -11,6 +11,7 @@
 mod cli;
 mod commands;
 mod exit;
+mod openai;
 mod paths;
 mod registry;
 mod signals;
@@ -109,6 +110,13 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
                 }
             }
         }),
+        cli::Command::Serve(args) => {
+            let mut run = args.run.clone();
+            run.http
+                .listen
+                .get_or_insert(openai::DEFAULT_LISTEN.parse()?);
+            runtime.block_on(commands::tunnel::run(&paths, &run))
+        }
         cli::Command::Tunnel { command } => match command {
             cli::TunnelCommand::Run(args) => runtime.block_on(commands::tunnel::run(&paths, args)),
             cli::TunnelCommand::Start(args) => {

@@ -138,15 +138,8 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
         }
         _ => None,
     };
-    let stress_limits = config.escalation.stress()?;
-    let stress = match SystemSampler::new(&paths.data.path) {
-        Ok(mut sampler) => assess(&sampler.sample(), &stress_limits).reasons,
-        Err(e) => {
-            tracing::warn!("vitals cannot be read: {e}");
-            Vec::new()
-        }
-    };
-    let mut inputs = Inputs {
+    let stress = stress_now(paths, &config)?;
+    let inputs = Inputs {
         mode,
         local: loaded.as_ref().map(|(m, _)| LocalModel {
             context_tokens: m.info().context_length,
@@ -158,35 +151,18 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
         standing: None,
         confidence: None,
     };
-    let mut decided = route(&inputs, &thresholds).map_err(|e| UserError::Usage(e.to_string()))?;
-
-    // The cascade: the first tokens, generated here and not shown, say how sure the model is.
-    let mut first = None;
-    let mut cascade_ms = None;
-    if decided.measure_confidence
-        && let Some((model, _)) = &loaded
-    {
-        let probe = Request {
-            max_tokens: thresholds.cascade_tokens.min(args.max_tokens),
-            ..request.clone()
-        };
-        let model = Arc::clone(model);
-        let started = std::time::Instant::now();
-        let g = tokio::task::spawn_blocking(move || {
-            model.generate(&probe, &CancelToken::default(), &mut |_| {})
-        })
-        .await
-        .context("the generation thread failed")??;
-        cascade_ms = Some(started.elapsed().as_secs_f64() * 1_000.0);
-        inputs.confidence = g.mean_logprob;
-        if inputs.confidence.is_some() {
-            decided = route(&inputs, &thresholds).map_err(|e| UserError::Usage(e.to_string()))?;
-        }
-        // An answer that ended within the probe is the answer.
-        if g.finish_reason != FinishReason::Length || args.max_tokens <= thresholds.cascade_tokens {
-            first = Some(g);
-        }
-    }
+    let Decided {
+        route: decided,
+        inputs,
+        first,
+        cascade_ms,
+    } = decide(
+        inputs,
+        &thresholds,
+        loaded.as_ref().map(|(m, _)| m),
+        &request,
+    )
+    .await?;
     let explained = Explained {
         decision: decided.decision,
         code: decided
@@ -253,6 +229,77 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
         },
     )
     .await
+}
+
+/// The device's stress now, as the policy reads it (none when the vitals cannot be read).
+pub(crate) fn stress_now(
+    paths: &Paths,
+    config: &Config,
+) -> anyhow::Result<Vec<synesis_vitals::StressReason>> {
+    let limits = config.escalation.stress()?;
+    Ok(match SystemSampler::new(&paths.data.path) {
+        Ok(mut sampler) => assess(&sampler.sample(), &limits).reasons,
+        Err(e) => {
+            tracing::warn!("vitals cannot be read: {e}");
+            Vec::new()
+        }
+    })
+}
+
+/// The local-first policy's decision on one request, as `synesis ask` and the HTTP API make it.
+pub(crate) struct Decided {
+    pub(crate) route: synesis_route::Route,
+    /// What it was decided from (with the confidence, when it was measured).
+    pub(crate) inputs: Inputs,
+    /// A whole answer the confidence probe already made.
+    pub(crate) first: Option<synesis_infer::Generation>,
+    /// What measuring the confidence cost, when it was measured.
+    pub(crate) cascade_ms: Option<f64>,
+}
+
+/// Decides from `inputs`; when the policy asks how sure the local model is, its first tokens
+/// are generated here (not shown) and the policy decides again with their confidence.
+pub(crate) async fn decide(
+    mut inputs: Inputs,
+    thresholds: &Thresholds,
+    model: Option<&Arc<Model>>,
+    request: &Request,
+) -> anyhow::Result<Decided> {
+    let mut decided = route(&inputs, thresholds).map_err(|e| UserError::Usage(e.to_string()))?;
+    let mut first = None;
+    let mut cascade_ms = None;
+    if decided.measure_confidence
+        && let Some(model) = model
+    {
+        let probe = Request {
+            max_tokens: thresholds.cascade_tokens.min(request.max_tokens),
+            ..request.clone()
+        };
+        let model = Arc::clone(model);
+        let started = std::time::Instant::now();
+        let g = tokio::task::spawn_blocking(move || {
+            model.generate(&probe, &CancelToken::default(), &mut |_| {})
+        })
+        .await
+        .context("the generation thread failed")??;
+        cascade_ms = Some(started.elapsed().as_secs_f64() * 1_000.0);
+        inputs.confidence = g.mean_logprob;
+        if inputs.confidence.is_some() {
+            decided = route(&inputs, thresholds).map_err(|e| UserError::Usage(e.to_string()))?;
+        }
+        // An answer that ended within the probe is the answer.
+        if g.finish_reason != FinishReason::Length
+            || request.max_tokens <= thresholds.cascade_tokens
+        {
+            first = Some(g);
+        }
+    }
+    Ok(Decided {
+        route: decided,
+        inputs,
+        first,
+        cascade_ms,
+    })
 }
 
 /// The policy's decision and what it was made from (`--explain`, and `route` in `--json`).
@@ -361,29 +408,14 @@ async fn answer_locally(out: &Output, paths: &Paths, a: LocalAnswer) -> anyhow::
     .context("the generation thread failed")??;
 
     if generation.finish_reason != FinishReason::Cancelled {
-        let mut record = LocalGeneration {
-            request_id: a.request_id,
-            model: a.model_name.clone(),
-            device_id: None,
-            input_tokens: u64::try_from(generation.prompt_tokens).unwrap_or(u64::MAX),
-            output_tokens: u64::try_from(generation.completion_tokens).unwrap_or(u64::MAX),
-            at: unix_now(),
-        };
-        let (paths, ledger_file) = (paths.clone(), paths.ledger_file());
-        let reason = a.route.code.clone();
-        let recorded = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            record.device_id = enrolled_device(&paths);
-            LocalLedger::open(&ledger_file)
-                .and_then(|mut ledger| {
-                    ledger.record_local(&record)?;
-                    ledger.note_route(record.request_id, &reason)
-                })
-                .map_err(ledger_error)?;
-            Ok(())
-        })
-        .await
-        .map_err(anyhow::Error::from)
-        .and_then(|r| r);
+        let recorded = record_local(
+            paths,
+            a.request_id,
+            &a.model_name,
+            &generation,
+            a.route.code.clone(),
+        )
+        .await;
         // The answer is made and shown: a ledger that cannot take it is worth a warning, not a
         // failed command.
         if let Err(e) = recorded {
@@ -422,6 +454,36 @@ async fn answer_locally(out: &Output, paths: &Paths, a: LocalAnswer) -> anyhow::
         );
     }
     Ok(())
+}
+
+/// Records an answer made on this device in the local ledger, with the policy's reason.
+pub(crate) async fn record_local(
+    paths: &Paths,
+    request_id: RequestId,
+    model: &str,
+    generation: &synesis_infer::Generation,
+    reason: String,
+) -> anyhow::Result<()> {
+    let mut record = LocalGeneration {
+        request_id,
+        model: model.to_owned(),
+        device_id: None,
+        input_tokens: u64::try_from(generation.prompt_tokens).unwrap_or(u64::MAX),
+        output_tokens: u64::try_from(generation.completion_tokens).unwrap_or(u64::MAX),
+        at: unix_now(),
+    };
+    let (paths, ledger_file) = (paths.clone(), paths.ledger_file());
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        record.device_id = enrolled_device(&paths);
+        LocalLedger::open(&ledger_file)
+            .and_then(|mut ledger| {
+                ledger.record_local(&record)?;
+                ledger.note_route(record.request_id, &reason)
+            })
+            .map_err(ledger_error)?;
+        Ok(())
+    })
+    .await?
 }
 
 /// This device's id when it is enrolled; `None` otherwise, or when the identity cannot be read

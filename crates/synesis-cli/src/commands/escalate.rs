@@ -153,6 +153,24 @@ pub(crate) fn request_of(
     Ok(request)
 }
 
+/// Mirrors a cloud charge into the local ledger, with the reason the cloud was chosen.
+pub(crate) async fn record_cloud(
+    paths: &Paths,
+    charge: CloudCharge,
+    reason: String,
+) -> anyhow::Result<()> {
+    let ledger_file = paths.ledger_file();
+    tokio::task::spawn_blocking(move || {
+        LocalLedger::open(&ledger_file)
+            .and_then(|mut l| {
+                l.record_cloud(&charge)?;
+                l.note_route(charge.request_id, &reason)
+            })
+            .map_err(ledger_error)
+    })
+    .await?
+}
+
 /// Runs `request` to its end: streams it (or reports it as JSON, with `route` when the local-first
 /// policy chose the cloud), records the charge in the local ledger.
 pub(crate) async fn ask_cloud(
@@ -240,24 +258,12 @@ pub(crate) async fn ask_cloud(
         total_micro_usd: d.cost.total,
         at: unix_now(),
     };
-    let ledger_file = paths.ledger_file();
     let reason = route_json
         .as_ref()
         .and_then(|r| r["code"].as_str())
         .unwrap_or("forced_cloud")
         .to_owned();
-    let recorded = tokio::task::spawn_blocking(move || {
-        LocalLedger::open(&ledger_file)
-            .and_then(|mut l| {
-                l.record_cloud(&charge)?;
-                l.note_route(charge.request_id, &reason)
-            })
-            .map_err(ledger_error)
-    })
-    .await
-    .map_err(anyhow::Error::from)
-    .and_then(|r| r);
-    if let Err(e) = recorded {
+    if let Err(e) = record_cloud(paths, charge, reason).await {
         eprintln!(
             "synesis: warning: this charge is not in the local ledger (`synesis cloud sync` adds it): {e:#}"
         );

@@ -21,62 +21,37 @@ use crate::paths::Paths;
 use crate::signals::Shutdown;
 
 pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<()> {
-    let home = paths.identity_home()?;
-    let Some(identity) = Identity::load(&home)? else {
-        bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
-    };
-    let (listener, lock) = local::bind(&paths.runtime.path)?;
     let mut shutdown = Shutdown::listen().context("cannot listen for Ctrl-C")?;
-
-    let sampler =
-        SystemSampler::new(&paths.data.path).context("cannot read this device's vitals")?;
-    let (sampler, first) = sample(sampler).await?;
-    let (vitals_tx, vitals) = watch::channel(first);
-
-    let config = Config {
-        heartbeat_interval: args.heartbeat_interval,
-        ..Config::default()
-    };
-    let (device, server) = (identity.info.device_id, identity.info.server.clone());
-    let tunnel = Arc::new(Tunnel::spawn(Options {
-        identity,
-        config,
-        vitals,
-        seed: rand::random(),
-        data_dir: Some(home),
-    }));
-    let events = local::events::channel();
-    let sampling = tokio::spawn(sample_forever(
-        sampler,
-        args.heartbeat_interval,
-        vitals_tx,
-        Prewarming {
-            events: events.clone(),
-            policy: PrewarmPolicy::new(PrewarmConfig::default()),
-            model: args.prewarm_model.clone(),
-            tunnel: Arc::clone(&tunnel),
-        },
-    ));
-    let mut status = tunnel.status();
-    let (stop_api, api_stopped) = oneshot::channel::<()>();
-    let mut api = tokio::spawn(local::serve(
-        listener,
-        Arc::clone(&tunnel),
-        async {
-            let _ = api_stopped.await;
-        },
-        local::ServeOptions {
-            grace: args.grace,
-            events: events.clone(),
-        },
-    ));
-    eprintln!("synesis: tunnel for device {device} to {server}; Ctrl-C to stop");
     let mut reload = Reload::listen()?;
-    let mut settings = crate::registry::Config::load(&paths.config_file())?;
-    tracing::info!(models = settings.models.len(), "config loaded");
+    let (config_tx, config) = watch::channel(crate::registry::Config::load(&paths.config_file())?);
+    let events = local::events::channel();
+    let home = paths.identity_home()?;
+    let identity = Identity::load(&home)?;
+    let mut connected = match identity {
+        Some(identity) => Some(Connected::start(paths, args, identity, home, &events).await?),
+        None if args.http.listen.is_some() => {
+            eprintln!(
+                "synesis: this device is not enrolled: the HTTP API answers with local models only"
+            );
+            None
+        }
+        None => bail!("this device is not enrolled; run `synesis cloud login TOKEN` first"),
+    };
+    let http = match args.http.listen {
+        Some(addr) => Some(Http::start(paths, args, addr, config).await?),
+        None => None,
+    };
+    tracing::info!(models = config_tx.borrow().models.len(), "config loaded");
 
+    let mut status = connected.as_ref().map(|c| c.tunnel.status());
     let mut last_state = None;
     loop {
+        let changed = async {
+            match status.as_mut() {
+                Some(s) => s.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             () = shutdown.requested() => break,
@@ -84,8 +59,8 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
                 // The settings the service reads from config.toml; a bad edit keeps the old ones.
                 match crate::registry::Config::load(&paths.config_file()) {
                     Ok(new) => {
-                        settings = new;
-                        tracing::info!(models = settings.models.len(), "config reloaded (SIGHUP)");
+                        tracing::info!(models = new.models.len(), "config reloaded (SIGHUP)");
+                        config_tx.send_replace(new);
                         eprintln!("synesis: config reloaded");
                         emit(&events, What::ConfigReloaded { ok: true, error: None });
                     }
@@ -96,10 +71,10 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
                     }
                 }
             }
-            changed = status.changed() => {
-                if changed.is_err() {
+            alive = changed => {
+                let Some(status) = status.as_mut().filter(|_| alive) else {
                     break;
-                }
+                };
                 let s = status.borrow_and_update().clone();
                 if last_state != Some(s.state) {
                     last_state = Some(s.state);
@@ -116,29 +91,179 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
             }
         }
     }
-    // The API removes its socket and drains: its clients' streams may finish within the grace
-    // period (a second Ctrl-C or SIGTERM cuts them at once), then they are reset.
-    let _ = stop_api.send(());
+    // The local API removes its socket and the HTTP API stops taking connections; what they
+    // serve may finish within the grace period (a second Ctrl-C or SIGTERM cuts it at once).
     eprintln!(
         "synesis: stopping; streams in flight may finish within {}",
         humantime::format_duration(args.grace)
     );
+    let grace = args.grace;
+    let draining = async {
+        let http = async {
+            if let Some(http) = http {
+                http.stop(grace).await;
+            }
+        };
+        let api = async {
+            if let Some(c) = connected.as_mut() {
+                c.drain().await;
+            }
+        };
+        tokio::join!(http, api);
+    };
     tokio::select! {
-        _ = &mut api => {}
-        () = shutdown.requested() => {
-            eprintln!("synesis: stopping now");
+        () = draining => {}
+        () = shutdown.requested() => eprintln!("synesis: stopping now"),
+    }
+    if let Some(c) = connected {
+        c.stop().await;
+    }
+    eprintln!("synesis: stopped");
+    Ok(())
+}
+
+/// The tunnel, the vitals feeding its heartbeats, and the local API over its connection.
+struct Connected {
+    tunnel: Arc<synesis_tunnel::TunnelHandle>,
+    sampling: tokio::task::JoinHandle<()>,
+    api: Option<tokio::task::JoinHandle<()>>,
+    stop_api: Option<oneshot::Sender<()>>,
+    lock: local::ServiceLock,
+}
+
+impl Connected {
+    async fn start(
+        paths: &Paths,
+        args: &TunnelRunArgs,
+        identity: Identity,
+        home: std::path::PathBuf,
+        events: &local::events::EventSender,
+    ) -> anyhow::Result<Connected> {
+        let (listener, lock) = local::bind(&paths.runtime.path)?;
+        let sampler =
+            SystemSampler::new(&paths.data.path).context("cannot read this device's vitals")?;
+        let (sampler, first) = sample(sampler).await?;
+        let (vitals_tx, vitals) = watch::channel(first);
+        let config = Config {
+            heartbeat_interval: args.heartbeat_interval,
+            ..Config::default()
+        };
+        let (device, server) = (identity.info.device_id, identity.info.server.clone());
+        let tunnel = Arc::new(Tunnel::spawn(Options {
+            identity,
+            config,
+            vitals,
+            seed: rand::random(),
+            data_dir: Some(home),
+        }));
+        let sampling = tokio::spawn(sample_forever(
+            sampler,
+            args.heartbeat_interval,
+            vitals_tx,
+            Prewarming {
+                events: events.clone(),
+                policy: PrewarmPolicy::new(PrewarmConfig::default()),
+                model: args.prewarm_model.clone(),
+                tunnel: Arc::clone(&tunnel),
+            },
+        ));
+        let (stop_api, api_stopped) = oneshot::channel::<()>();
+        let api = tokio::spawn(local::serve(
+            listener,
+            Arc::clone(&tunnel),
+            async {
+                let _ = api_stopped.await;
+            },
+            local::ServeOptions {
+                grace: args.grace,
+                events: events.clone(),
+            },
+        ));
+        eprintln!("synesis: tunnel for device {device} to {server}; Ctrl-C to stop");
+        Ok(Connected {
+            tunnel,
+            sampling,
+            api: Some(api),
+            stop_api: Some(stop_api),
+            lock,
+        })
+    }
+
+    /// The local API drains (within its grace period).
+    async fn drain(&mut self) {
+        if let Some(stop) = self.stop_api.take() {
+            let _ = stop.send(());
+        }
+        if let Some(api) = self.api.as_mut() {
+            let _ = api.await;
+            self.api = None;
+        }
+    }
+
+    /// Everything stops (streams still open are cut), the connection closes, and only then is
+    /// the lock let go: the next service finds neither socket nor connection.
+    async fn stop(mut self) {
+        if let Some(api) = self.api.take() {
             api.abort();
             let _ = api.await;
         }
+        self.sampling.abort();
+        if let Ok(tunnel) = Arc::try_unwrap(self.tunnel) {
+            tunnel.shutdown().await;
+        }
+        drop(self.lock);
     }
-    sampling.abort();
-    if let Ok(tunnel) = Arc::try_unwrap(tunnel) {
-        tunnel.shutdown().await;
+}
+
+/// The OpenAI-compatible HTTP API ([`crate::openai`]).
+struct Http {
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    stop: oneshot::Sender<()>,
+}
+
+impl Http {
+    async fn start(
+        paths: &Paths,
+        args: &TunnelRunArgs,
+        addr: std::net::SocketAddr,
+        config: watch::Receiver<crate::registry::Config>,
+    ) -> anyhow::Result<Http> {
+        let api_key = args.http.api_key()?;
+        crate::openai::check_listen(addr, args.http.allow_remote, api_key.as_deref())
+            .map_err(crate::exit::UserError::Usage)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let bound = listener.local_addr()?;
+        let api = crate::openai::Api::new(
+            paths.clone(),
+            config,
+            crate::openai::ApiOptions {
+                api_key,
+                max_body_bytes: args.http.max_body_bytes,
+                max_concurrent: usize::from(args.http.max_concurrent),
+                request_timeout: args.http.request_timeout,
+                keep_alive: args.http.keep_alive,
+            },
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(crate::openai::serve(listener, api, async {
+            let _ = stopped.await;
+        }));
+        // A line scripts can wait for (the port, when 0 was asked for).
+        println!("listening on http://{bound}");
+        eprintln!("synesis: OpenAI-compatible API on http://{bound}/v1");
+        Ok(Http { task, stop })
     }
-    // Held until the socket is gone and the connection closed: the next service finds neither.
-    drop(lock);
-    eprintln!("synesis: stopped");
-    Ok(())
+
+    /// Stops taking connections; requests being answered may finish within `grace`.
+    async fn stop(mut self, grace: Duration) {
+        let _ = self.stop.send(());
+        if tokio::time::timeout(grace, &mut self.task).await.is_err() {
+            tracing::warn!("HTTP requests still running after the grace period; cut");
+            self.task.abort();
+        }
+    }
 }
 
 /// SIGHUP: reload the config.

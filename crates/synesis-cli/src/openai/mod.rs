@@ -1,0 +1,757 @@
+//! The device's OpenAI-compatible HTTP API, served by the service (`synesis serve`, or
+//! `synesis tunnel run --listen ADDR`): `POST /v1/chat/completions` (streamed as server-sent
+//! events or not), `GET /v1/models`, `GET /health`.
+//!
+//! A request is routed as `synesis ask` routes one ([`crate::commands::ask::decide`]): its
+//! `model` names a local model (answered here, by a model the service keeps loaded for
+//! `keep_alive`), a cloud model (escalated through the service's connection), or `auto` (the
+//! local-first policy chooses). The route, the request id and the cost travel in the headers
+//! `x-synesis-route`, `x-synesis-request-id` and `x-synesis-cost-micro-usd` (a streamed answer's
+//! cost is known only at its end: it is in its last chunk, `x_synesis.cost_micro_usd`). A client
+//! may name the request id itself (`x-synesis-request-id`, a UUIDv7): the cloud then answers a
+//! repeated request once, charged once.
+//!
+//! Bounded: the body ([`ApiOptions::max_body_bytes`]), requests at once (more are refused with
+//! 429), each request's time ([`ApiOptions::request_timeout`], 504). A client that goes away
+//! cancels its answer: a local generation stops before its next token; an escalation is
+//! cancelled on the cloud, which charges what was produced. Errors have OpenAI's shape and
+//! status codes. It listens on loopback unless told otherwise, and then only with a bearer key.
+
+pub(crate) mod host;
+mod wire;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use synesis_infer::{CancelToken, Model};
+use synesis_proto::message::{ChatRole, ChatTurn, EscalationRequest, Preferences};
+use synesis_proto::{ErrorCode, RequestId};
+use synesis_route::{CloudReach, Decision, Inputs, LocalModel, Mode};
+use synesis_tunnel::escalate::{Progress, Route, escalate};
+use synesis_tunnel::local::LocalClient;
+use synesis_tunnel::{Identity, RequestError, TunnelState};
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use self::host::ModelHost;
+use self::wire::{ApiError, ChatRequest, Ending, Piece};
+use crate::commands::ask::{Decided, decide, record_local, stress_now};
+use crate::commands::escalate::{DEFAULT_CLOUD_MODEL, record_cloud};
+use crate::paths::Paths;
+use crate::registry::Config;
+
+/// Where `synesis serve` listens unless told otherwise (Ollama's port, plus one).
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:11435";
+
+/// How the API is bounded and who may use it.
+#[derive(Debug, Clone)]
+pub(crate) struct ApiOptions {
+    /// A bearer key every request but `/health` must carry (`Authorization: Bearer KEY`).
+    pub(crate) api_key: Option<String>,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) max_concurrent: usize,
+    pub(crate) request_timeout: Duration,
+    pub(crate) keep_alive: Duration,
+}
+
+/// What the handlers share.
+pub(crate) struct Api {
+    paths: Paths,
+    /// `config.toml`, replaced when the service reloads it.
+    config: watch::Receiver<Config>,
+    host: Arc<ModelHost>,
+    options: ApiOptions,
+    permits: Arc<Semaphore>,
+}
+
+impl Api {
+    pub(crate) fn new(
+        paths: Paths,
+        config: watch::Receiver<Config>,
+        options: ApiOptions,
+    ) -> Arc<Api> {
+        Arc::new(Api {
+            paths,
+            config,
+            host: ModelHost::new(options.keep_alive),
+            permits: Arc::new(Semaphore::new(options.max_concurrent)),
+            options,
+        })
+    }
+
+    pub(crate) fn host(&self) -> &Arc<ModelHost> {
+        &self.host
+    }
+}
+
+/// Refuses an address off this machine unless `allow_remote` and a key (the API spends the
+/// account's money).
+pub(crate) fn check_listen(
+    addr: SocketAddr,
+    allow_remote: bool,
+    api_key: Option<&str>,
+) -> Result<(), String> {
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    if !allow_remote {
+        return Err(format!(
+            "{addr} is reachable from other machines; pass --allow-remote (with an API key) to serve there"
+        ));
+    }
+    if api_key.is_none_or(str::is_empty) {
+        return Err(format!(
+            "serving on {addr} needs an API key: set SYNESIS_API_KEY or pass --api-key-file"
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn router(api: Arc<Api>) -> Router {
+    let max_body = api.options.max_body_bytes;
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "not_found",
+                "no such endpoint; this server has /v1/chat/completions, /v1/models and /health",
+            )
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&api),
+            authorize,
+        ))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(api)
+}
+
+/// Serves until `stop` completes; requests being answered finish first.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    api: Arc<Api>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let unloading = tokio::spawn(Arc::clone(api.host()).unload_forever());
+    let served = axum::serve(listener, router(api))
+        .with_graceful_shutdown(stop)
+        .await;
+    unloading.abort();
+    served
+}
+
+async fn authorize(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
+    let Some(key) = api.options.api_key.as_deref() else {
+        return next.run(request).await;
+    };
+    if request.uri().path() == "/health" {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(p) if constant_time_eq(p.as_bytes(), key.as_bytes()) => next.run(request).await,
+        _ => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            "a valid API key is required (Authorization: Bearer KEY)",
+        )
+        .into_response(),
+    }
+}
+
+/// Compares without stopping at the first difference (the key's length is not secret).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn health(State(api): State<Arc<Api>>) -> Response {
+    let tunnel = LocalClient::new(&api.paths.runtime.path)
+        .status()
+        .await
+        .ok();
+    axum::Json(serde_json::json!({
+        "status": "ok",
+        "models_loaded": api.host.names().await,
+        "tunnel": tunnel.map(|s| s.state),
+    }))
+    .into_response()
+}
+
+async fn models(State(api): State<Arc<Api>>) -> Response {
+    let config = api.config.borrow().clone();
+    let mut data: Vec<serde_json::Value> = config
+        .models
+        .keys()
+        .map(|name| wire::model_entry(name, "synesis-local"))
+        .collect();
+    data.push(wire::model_entry("auto", "synesis"));
+    // The cloud's models: those it prices for this account (a cloud that does not answer soon
+    // leaves them out).
+    if enrolled(&api.paths).is_some() {
+        let asked = synesis_proto::message::PriceRequest {
+            request_id: synesis_tunnel::clock::new_request_id(),
+        };
+        let reply = tokio::time::timeout(
+            Duration::from_secs(3),
+            crate::commands::cloud::account_request(&api.paths, asked.into()),
+        )
+        .await;
+        match reply {
+            Ok(Ok(synesis_proto::Message::PriceReply(p))) => {
+                // A local model of the same name shadows the cloud's (requests go to it).
+                let cloud = p
+                    .prices
+                    .iter()
+                    .filter(|m| !config.models.contains_key(&m.model));
+                data.extend(cloud.map(|m| wire::model_entry(&m.model, "synesis-cloud")));
+            }
+            other => tracing::info!("the cloud's models are left out: {other:?}"),
+        }
+    }
+    axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
+
+fn enrolled(paths: &Paths) -> Option<Identity> {
+    paths
+        .identity_home()
+        .ok()
+        .and_then(|home| Identity::load(&home).ok().flatten())
+}
+
+/// Where one request goes, decided.
+enum Target {
+    Local {
+        request_id: RequestId,
+        name: String,
+        model: Arc<Model>,
+        request: synesis_infer::Request,
+        /// A whole answer the policy's confidence probe already made.
+        first: Option<synesis_infer::Generation>,
+        reason: String,
+    },
+    Cloud {
+        identity: Identity,
+        request: EscalationRequest,
+        reason: String,
+    },
+}
+
+async fn chat(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match answer(&api, &headers, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn answer(
+    api: &Arc<Api>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+                format!(
+                    "the body is larger than this server takes ({} bytes)",
+                    api.options.max_body_bytes
+                ),
+            )
+        } else {
+            ApiError::invalid(e.body_text())
+        }
+    })?;
+    let chat: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::invalid(format!("the body is not a chat completion request: {e}"))
+    })?;
+    let (context, prompt) = chat.turns()?;
+    let request_id = match headers.get("x-synesis-request-id") {
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<RequestId>().ok())
+            .ok_or_else(|| ApiError::invalid("x-synesis-request-id must be a UUIDv7"))?,
+        None => synesis_tunnel::clock::new_request_id(),
+    };
+    let Ok(permit) = Arc::clone(&api.permits).try_acquire_owned() else {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            format!(
+                "{} requests are being answered; try again shortly",
+                api.options.max_concurrent
+            ),
+        ));
+    };
+    let target = route(api, &chat, request_id, context, prompt).await?;
+    let (route_name, model_name) = match &target {
+        Target::Local { name, .. } => ("local", name.clone()),
+        Target::Cloud { request, .. } => ("cloud", request.model.clone()),
+    };
+    let (tx, rx) = mpsc::channel(wire::PIECES_MAX);
+    let producer = Producer {
+        api: Arc::clone(api),
+        tx,
+        timeout: api.options.request_timeout,
+        _permit: permit,
+    };
+    tokio::spawn(producer.run(target));
+    let meta = wire::Meta {
+        id: format!("chatcmpl-{request_id}"),
+        created: synesis_tunnel::clock::unix_now().0 / 1_000,
+        model: model_name,
+        route: route_name,
+        request_id,
+    };
+    let mut response = if chat.stream {
+        wire::streamed(meta.clone(), rx, chat.include_usage())
+    } else {
+        wire::collected(meta.clone(), rx).await?
+    };
+    let h = response.headers_mut();
+    h.insert("x-synesis-route", HeaderValue::from_static(route_name));
+    if let Ok(v) = HeaderValue::from_str(&request_id.to_string()) {
+        h.insert("x-synesis-request-id", v);
+    }
+    Ok(response)
+}
+
+/// Decides where the request goes: the model it names, or the local-first policy for `auto`.
+async fn route(
+    api: &Arc<Api>,
+    chat: &ChatRequest,
+    request_id: RequestId,
+    context: Vec<ChatTurn>,
+    prompt: String,
+) -> Result<Target, ApiError> {
+    let config = api.config.borrow().clone();
+    let identity = enrolled(&api.paths);
+    let (mode, local) = if chat.model == "auto" {
+        let local = config
+            .model(None)
+            .ok()
+            .map(|(n, e)| (n.to_owned(), e.clone()));
+        (Mode::Auto, local)
+    } else if let Some(entry) = config.models.get(&chat.model) {
+        (Mode::Local, Some((chat.model.clone(), entry.clone())))
+    } else if identity.is_some() {
+        (Mode::Cloud, None)
+    } else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!(
+                "no model {:?} on this device (`synesis model list`), and it is not enrolled in a cloud",
+                chat.model
+            ),
+        ));
+    };
+    let max_tokens = chat.max_tokens();
+    let local_request = synesis_infer::Request {
+        max_tokens,
+        temperature: chat.temperature.unwrap_or(wire::DEFAULT_TEMPERATURE),
+        top_p: chat.top_p,
+        // llama.cpp's seed is 32 bits: the low ones.
+        seed: chat
+            .seed
+            .map_or(0, |s| u32::try_from(s & u64::from(u32::MAX)).unwrap_or(0)),
+        stop: chat.stop_list(),
+        context: context
+            .iter()
+            .map(|t| synesis_infer::ChatMessage {
+                role: match t.role {
+                    ChatRole::System => "system",
+                    ChatRole::User => "user",
+                    ChatRole::Assistant => "assistant",
+                }
+                .into(),
+                content: t.content.clone(),
+            })
+            .collect(),
+        ..synesis_infer::Request::new(prompt.clone())
+    };
+    let loaded = match &local {
+        Some((name, entry)) => {
+            let (model, _) = api
+                .host
+                .get(name, &entry.path)
+                .await
+                .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+            let counting = (Arc::clone(&model), local_request.clone());
+            let tokens = tokio::task::spawn_blocking(move || counting.0.prompt_tokens(&counting.1))
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))?
+                .map_err(|e| ApiError::invalid(e.to_string()))?;
+            Some((model, tokens as u64))
+        }
+        None => None,
+    };
+    let cloud = match &identity {
+        None => CloudReach::NotEnrolled,
+        Some(me) => match LocalClient::new(&api.paths.runtime.path).status().await {
+            Ok(s) if s.device_id == me.info.device_id && s.state != TunnelState::Connected => {
+                CloudReach::Unreachable
+            }
+            _ => CloudReach::Reachable,
+        },
+    };
+    let stress = {
+        let (paths, config) = (api.paths.clone(), config.clone());
+        tokio::task::spawn_blocking(move || stress_now(&paths, &config))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| ApiError::internal(format!("{e:#}")))?
+    };
+    let thresholds = config
+        .escalation
+        .thresholds()
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    let inputs = Inputs {
+        mode,
+        local: loaded.as_ref().map(|(m, _)| LocalModel {
+            context_tokens: m.info().context_length,
+        }),
+        prompt_tokens: loaded.as_ref().map_or(0, |(_, n)| *n),
+        max_tokens,
+        stress,
+        cloud,
+        standing: None,
+        confidence: None,
+    };
+    let Decided { route, first, .. } = decide(
+        inputs,
+        &thresholds,
+        loaded.as_ref().map(|(m, _)| m),
+        &local_request,
+    )
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "no_route",
+            format!("{e:#}"),
+        )
+    })?;
+    let reason = route
+        .reasons
+        .first()
+        .map_or("auto", synesis_route::Reason::code)
+        .to_owned();
+    match (route.decision, loaded, local, identity) {
+        (Decision::Local, Some((model, _)), Some((name, _)), _) => Ok(Target::Local {
+            request_id,
+            name,
+            model,
+            request: local_request,
+            first,
+            reason,
+        }),
+        (Decision::Cloud, _, _, Some(identity)) => {
+            let model = if mode == Mode::Cloud {
+                chat.model.clone()
+            } else {
+                config
+                    .escalation
+                    .cloud_model
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_CLOUD_MODEL.to_owned())
+            };
+            let mut turns = context;
+            turns.push(ChatTurn {
+                role: ChatRole::User,
+                content: prompt,
+            });
+            let request = EscalationRequest {
+                request_id,
+                model,
+                adapter: None,
+                context: turns,
+                preferences: Preferences {
+                    max_tokens,
+                    temperature: chat.temperature.unwrap_or(wire::DEFAULT_TEMPERATURE),
+                    top_p: chat.top_p,
+                    seed: chat.seed,
+                    stop: chat.stop_list(),
+                    max_cost: None,
+                },
+                byok_key: None,
+            };
+            Ok(Target::Cloud {
+                identity,
+                request,
+                reason: if mode == Mode::Cloud {
+                    "forced_cloud".into()
+                } else {
+                    reason
+                },
+            })
+        }
+        _ => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "no_route",
+            "neither this device nor the cloud can answer now",
+        )),
+    }
+}
+
+/// Makes the answer and hands it over piece by piece; stops (and cancels the work) when the
+/// receiving side is gone or the request's time is up.
+struct Producer {
+    api: Arc<Api>,
+    tx: mpsc::Sender<Piece>,
+    timeout: Duration,
+    /// The request's place among those answered at once, until the answer is made.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Producer {
+    async fn run(self, target: Target) {
+        match target {
+            Target::Local {
+                request_id,
+                name,
+                model,
+                request,
+                first,
+                reason,
+            } => {
+                self.local(request_id, name, model, request, first, reason)
+                    .await;
+            }
+            Target::Cloud {
+                identity,
+                request,
+                reason,
+            } => self.cloud(identity, request, reason).await,
+        }
+    }
+
+    fn timed_out(&self) -> Piece {
+        Piece::Failed(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "server_error",
+            "timeout",
+            format!(
+                "the answer took longer than {}",
+                humantime::format_duration(self.timeout)
+            ),
+        ))
+    }
+
+    async fn local(
+        self,
+        request_id: RequestId,
+        name: String,
+        model: Arc<Model>,
+        request: synesis_infer::Request,
+        first: Option<synesis_infer::Generation>,
+        reason: String,
+    ) {
+        let generation = match first {
+            Some(made) => {
+                let _ = self.tx.send(Piece::Text(made.text.clone())).await;
+                made
+            }
+            None => {
+                let cancel = CancelToken::default();
+                // A client gone before the first token stops the work too.
+                let watcher = {
+                    let (tx, cancel) = (self.tx.clone(), cancel.clone());
+                    tokio::spawn(async move {
+                        tx.closed().await;
+                        cancel.cancel();
+                    })
+                };
+                let (tx, worker_cancel) = (self.tx.clone(), cancel.clone());
+                let mut work = tokio::task::spawn_blocking(move || {
+                    model.generate(&request, &worker_cancel, &mut |piece| {
+                        // Waits while the client is slower than the model (back-pressure).
+                        if tx.blocking_send(Piece::Text(piece.to_owned())).is_err() {
+                            worker_cancel.cancel();
+                        }
+                    })
+                });
+                let done = tokio::select! {
+                    done = &mut work => done,
+                    () = tokio::time::sleep(self.timeout) => {
+                        cancel.cancel();
+                        let _ = self.tx.send(self.timed_out()).await;
+                        let _ = work.await;
+                        watcher.abort();
+                        return;
+                    }
+                };
+                watcher.abort();
+                match done {
+                    Ok(Ok(g)) => g,
+                    Ok(Err(e)) => {
+                        let failed = Piece::Failed(ApiError::invalid(e.to_string()));
+                        let _ = self.tx.send(failed).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let failed = Piece::Failed(ApiError::internal(e.to_string()));
+                        let _ = self.tx.send(failed).await;
+                        return;
+                    }
+                }
+            }
+        };
+        let ending = Piece::End(Ending {
+            finish_reason: match generation.finish_reason {
+                synesis_infer::FinishReason::Length => "length",
+                _ => "stop",
+            },
+            prompt_tokens: generation.prompt_tokens as u64,
+            completion_tokens: generation.completion_tokens as u64,
+            cost_micro_usd: 0,
+        });
+        let _ = self.tx.send(ending).await;
+        if generation.finish_reason != synesis_infer::FinishReason::Cancelled
+            && let Err(e) =
+                record_local(&self.api.paths, request_id, &name, &generation, reason).await
+        {
+            tracing::warn!("this answer is not in the local ledger: {e:#}");
+        }
+    }
+
+    async fn cloud(self, identity: Identity, request: EscalationRequest, reason: String) {
+        let mut route = Route::choose(
+            LocalClient::new(&self.api.paths.runtime.path),
+            identity.clone(),
+        )
+        .await;
+        let (cancel_tx, cancel) = watch::channel(false);
+        let result = {
+            let tx = &self.tx;
+            let mut on = |p: Progress<'_>| {
+                if let Progress::Text(text) = p
+                    // Full only for a client that reads nothing while the cloud streams
+                    // `PIECES_MAX` pieces: it is treated as gone.
+                    && tx.try_send(Piece::Text(text.to_owned())).is_err()
+                {
+                    let _ = cancel_tx.send(true);
+                }
+            };
+            let work = escalate(&mut route, &request, cancel, &mut on);
+            tokio::pin!(work);
+            let deadline = tokio::time::sleep(self.timeout);
+            tokio::pin!(deadline);
+            let mut timed_out = false;
+            loop {
+                tokio::select! {
+                    r = &mut work => break r,
+                    // The client went away: the cloud stops and charges what it produced.
+                    () = tx.closed(), if !*cancel_tx.borrow() => {
+                        let _ = cancel_tx.send(true);
+                    }
+                    () = &mut deadline, if !timed_out => {
+                        timed_out = true;
+                        let _ = cancel_tx.send(true);
+                        let _ = tx.try_send(self.timed_out());
+                    }
+                }
+            }
+        };
+        route.close().await;
+        match result {
+            Ok(done) => {
+                let d = &done.done;
+                let ending = Piece::End(Ending {
+                    finish_reason: match d.finish_reason {
+                        synesis_proto::message::FinishReason::Length => "length",
+                        _ => "stop",
+                    },
+                    prompt_tokens: d.usage.input_tokens,
+                    completion_tokens: d.usage.output_tokens,
+                    cost_micro_usd: d.cost.total.0,
+                });
+                let _ = self.tx.send(ending).await;
+                let charge = synesis_ledger_local::CloudCharge {
+                    request_id: d.request_id,
+                    model: request.model.clone(),
+                    device_id: Some(identity.info.device_id),
+                    input_tokens: d.usage.input_tokens,
+                    output_tokens: d.usage.output_tokens,
+                    total_micro_usd: d.cost.total,
+                    at: synesis_tunnel::clock::unix_now(),
+                };
+                if let Err(e) = record_cloud(&self.api.paths, charge, reason).await {
+                    tracing::warn!("this charge is not in the local ledger: {e:#}");
+                }
+            }
+            Err(e) => {
+                let _ = self.tx.send(Piece::Failed(cloud_error(&e))).await;
+            }
+        }
+    }
+}
+
+/// A refusal or failure of the cloud, as OpenAI's errors say it.
+fn cloud_error(e: &RequestError) -> ApiError {
+    let (status, kind, code) = match e {
+        RequestError::Refused { code, .. } => match *code {
+            ErrorCode::INSUFFICIENT_FUNDS | ErrorCode::QUOTA_EXCEEDED => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                "insufficient_quota",
+            ),
+            ErrorCode::LIMIT_EXCEEDED | ErrorCode::BUSY => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "rate_limit_exceeded",
+            ),
+            ErrorCode::FORBIDDEN | ErrorCode::MODEL_NOT_ALLOWED => {
+                (StatusCode::FORBIDDEN, "permission_error", "forbidden")
+            }
+            ErrorCode::NOT_FOUND | ErrorCode::UNKNOWN_MODEL => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+            ),
+            ErrorCode::INVALID_REQUEST | ErrorCode::IDEMPOTENCY_CONFLICT => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_request",
+            ),
+            _ => (StatusCode::BAD_GATEWAY, "server_error", "cloud_error"),
+        },
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "cloud_unreachable",
+        ),
+    };
+    ApiError::new(status, kind, code, e.to_string())
+}
+
+/// The body of a response made of text, for `wire`.
+pub(crate) fn json_body(value: &serde_json::Value) -> Body {
+    Body::from(value.to_string())
+}

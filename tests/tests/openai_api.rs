@@ -1,0 +1,193 @@
+//! The device's OpenAI-compatible HTTP API (`synesis serve`) as other programs use it: the
+//! official `openai` Python client (tests/python/openai_client.py) against a real service with a
+//! local model and a cloud one, and raw HTTP for who may call it. The Python test is skipped,
+//! with a message, where Python or the `openai` package is missing (`pip install openai`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::io::{BufRead, Read, Write};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use synesis_e2e::{Device, json_of, run_ok, signal, wait_for};
+
+/// `synesis serve` running, stopped with SIGTERM when dropped.
+struct Serving {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        signal(self.child.id(), "TERM");
+        let _ = self.child.wait();
+    }
+}
+
+/// `synesis serve ARGS…` on `device`, once it says where it listens.
+fn serve(device: &Device, args: &[&str], env: &[(&str, &str)]) -> Result<Serving, String> {
+    let mut child = device
+        .synesis()
+        .args(["serve", "--heartbeat-interval", "1s"])
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    match line.trim().strip_prefix("listening on http://") {
+        Some(addr) => Ok(Serving {
+            addr: addr.to_owned(),
+            child,
+        }),
+        None => {
+            let mut stderr = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            let _ = child.wait();
+            Err(stderr)
+        }
+    }
+}
+
+/// One HTTP/1.1 request: the status code and the body.
+fn http(addr: &str, method: &str, path: &str, key: Option<&str>) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn python_has_openai() -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn the_openai_client_chats_streams_lists_models_and_gets_openai_errors() {
+    if !python_has_openai() {
+        eprintln!(
+            "SKIPPED: python3 with the `openai` package is not installed (pip install openai)"
+        );
+        return;
+    }
+    // The cloud answers as `tiny` with a model slow enough to cut mid-answer; the device has a
+    // small local model of its own, `pocket`.
+    let spec = synesis_infer::tiny::TinySpec {
+        n_ctx: 4_096,
+        ..synesis_infer::tiny::TinySpec::BENCH
+    };
+    let t = synesis_e2e::tiny_cloud_with(spec, "");
+    let d = &t.owner;
+    run_ok(d.synesis().args(["model", "rm", "tiny"]));
+    let pocket = t.files.path().join("pocket.gguf");
+    synesis_infer::tiny::write_model(&pocket, synesis_infer::tiny::TinySpec::TINY).unwrap();
+    run_ok(
+        d.synesis()
+            .args(["model", "add"])
+            .arg(&pocket)
+            .args(["--name", "pocket"]),
+    );
+    let serving = serve(d, &["--listen", "127.0.0.1:0"], &[]).unwrap();
+    assert!(wait_for(Duration::from_secs(20), || d.state().as_deref()
+        == Some("connected")));
+
+    let out = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/python/openai_client.py"
+        ))
+        .env("BASE_URL", format!("http://{}/v1", serving.addr))
+        .env("LOCAL_MODEL", "pocket")
+        .env("CLOUD_MODEL", "tiny")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let cut = last["cut_request_id"].as_str().unwrap().to_owned();
+
+    // The cut answer: cancelled on the cloud, charged for what it made.
+    let mut charged = None;
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let usage = json_of(d.synesis().args(["--json", "cloud", "usage"]));
+            charged = usage["charges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["request_id"] == cut.as_str())
+                .cloned();
+            charged.is_some()
+        }),
+        "the cut request is charged: {}",
+        t.cloud.log()
+    );
+    let charged = charged.unwrap();
+    let output = charged["output_tokens"].as_u64().unwrap();
+    assert!(
+        (1..400).contains(&output),
+        "charged for what was made, not all 400 tokens: {charged}"
+    );
+    drop(serving);
+}
+
+#[test]
+fn a_remote_address_needs_allow_remote_and_a_key_which_requests_then_carry() {
+    let device = Device::new();
+    run_ok(device.synesis().args(["model", "add", "--tiny", "pocket"]));
+    let refused = serve(&device, &["--listen", "0.0.0.0:0"], &[])
+        .err()
+        .unwrap();
+    assert!(refused.contains("--allow-remote"), "{refused}");
+    let refused = serve(&device, &["--listen", "0.0.0.0:0", "--allow-remote"], &[])
+        .err()
+        .unwrap();
+    assert!(refused.contains("needs an API key"), "{refused}");
+
+    let serving = serve(
+        &device,
+        &["--listen", "0.0.0.0:0", "--allow-remote"],
+        &[("SYNESIS_API_KEY", "sekrit")],
+    )
+    .unwrap();
+    let port = serving.addr.rsplit_once(':').unwrap().1;
+    let addr = format!("127.0.0.1:{port}");
+    let (status, body) = http(&addr, "GET", "/v1/models", None);
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains(r#""code":"invalid_api_key""#), "{body}");
+    assert_eq!(http(&addr, "GET", "/v1/models", Some("wrong")).0, 401);
+    let (status, body) = http(&addr, "GET", "/v1/models", Some("sekrit"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""id":"pocket""#), "{body}");
+    assert_eq!(
+        http(&addr, "GET", "/health", None).0,
+        200,
+        "health needs no key"
+    );
+}
