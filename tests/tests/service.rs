@@ -251,3 +251,31 @@ fn events_show_escalations_with_their_cost_and_a_reconnect_after_a_cloud_restart
         "the feed ends with the service"
     );
 }
+
+#[test]
+fn the_service_keeps_the_model_loaded_so_a_second_ask_skips_the_load() {
+    let t = tiny_cloud("");
+    let d = &t.owner;
+    let ask = || {
+        json_of(
+            d.synesis()
+                .args(["--json", "ask", "--local", "--max-tokens", "4", "hello"]),
+        )
+    };
+    let alone = ask();
+    assert_eq!(
+        (&alone["model_in"], &alone["model_loaded_now"]),
+        (&serde_json::json!("this process"), &serde_json::json!(true))
+    );
+    start(d);
+    let first = ask();
+    assert_eq!(first["model_in"], "the service", "{first}");
+    assert_eq!(first["model_loaded_now"], true, "{first}");
+    let second = ask();
+    assert_eq!(second["model_loaded_now"], false, "kept loaded: {second}");
+    assert_eq!(
+        second["text"], alone["text"],
+        "the same greedy answer either way"
+    );
+    run_ok(d.synesis().args(["tunnel", "stop"]));
+}

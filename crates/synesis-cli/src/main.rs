@@ -11,6 +11,7 @@
 mod cli;
 mod commands;
 mod exit;
+mod hosted;
 mod openai;
 mod paths;
 mod registry;

@@ -122,6 +122,14 @@ pub(crate) struct Service {
 
 impl Service {
     pub(crate) fn start<B: Backend>(backend: Arc<B>) -> Service {
+        Service::start_with(backend, None)
+    }
+
+    /// [`Service::start`], doing `work` for its clients.
+    pub(crate) fn start_with<B: Backend>(
+        backend: Arc<B>,
+        work: Option<Arc<dyn crate::local::LocalWork>>,
+    ) -> Service {
         let dir = tempfile::tempdir().unwrap();
         let (listener, lock) = bind(dir.path()).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -135,6 +143,7 @@ impl Service {
             crate::local::ServeOptions {
                 grace: Duration::ZERO,
                 events: crate::local::events::channel(),
+                work,
             },
         ));
         Service {

@@ -5,10 +5,12 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use serde::Serialize;
-use synesis_infer::{CancelToken, FinishReason, Model, Request, Settings};
+use synesis_infer::{CancelToken, FinishReason, Request};
 use synesis_ledger_local::{LocalGeneration, LocalLedger};
+
+use crate::hosted::LocalRunner;
 use synesis_proto::{DeviceId, RequestId};
 use synesis_route::{CloudReach, Decision, Inputs, LocalModel, Mode, Reason, Thresholds, route};
 use synesis_tunnel::clock::{new_request_id, unix_now};
@@ -42,6 +44,10 @@ struct Answer {
     finish_reason: &'static str,
     /// Why this device answered (the local-first policy's decision and its figures).
     route: Explained,
+    /// Whether the model was loaded for this answer; `false` when the service kept it loaded.
+    model_loaded_now: bool,
+    /// Where the model ran: this process, or the service.
+    model_in: &'static str,
 }
 
 /// `NAME` or `NAME:SCALE`.
@@ -99,6 +105,8 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
         temperature: args.temperature,
         seed: args.seed,
         lora: lora.as_ref().map(|(n, s, _)| (n.clone(), *s)),
+        // For the service's model, which loads the adapter on demand.
+        lora_file: lora.as_ref().map(|(_, _, file)| file.clone()),
         ..Request::new(prompt.clone())
     };
 
@@ -121,30 +129,22 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
             Err(_) => CloudReach::Reachable,
         },
     };
+    // The service's model when it runs (it keeps it loaded), else one loaded here.
     let loaded = match (&local_entry, mode) {
-        (Some((_, entry)), Mode::Auto | Mode::Local) => {
-            let (path, lora_file, counted) = (entry.path.clone(), lora.clone(), request.clone());
-            let model = tokio::task::spawn_blocking(move || -> anyhow::Result<(Model, u64)> {
-                let model = Model::load(&path, Settings::default())?;
-                if let Some((name, _, file)) = &lora_file {
-                    model.load_adapter(name, file)?;
-                }
-                let tokens = model.prompt_tokens(&counted)? as u64;
-                Ok((model, tokens))
-            })
-            .await
-            .context("the model thread failed")??;
-            Some((Arc::new(model.0), model.1))
+        (Some((name, entry)), Mode::Auto | Mode::Local) => {
+            let adapter = lora.as_ref().map(|(n, _, file)| (n.clone(), file.clone()));
+            let client = LocalClient::new(&paths.runtime.path);
+            Some(LocalRunner::open(client, name, entry.path.clone(), adapter, &request).await?)
         }
         _ => None,
     };
     let stress = stress_now(paths, &config)?;
     let inputs = Inputs {
         mode,
-        local: loaded.as_ref().map(|(m, _)| LocalModel {
-            context_tokens: m.info().context_length,
+        local: loaded.as_ref().map(|(_, m)| LocalModel {
+            context_tokens: m.context_tokens,
         }),
-        prompt_tokens: loaded.as_ref().map_or(0, |(_, n)| *n),
+        prompt_tokens: loaded.as_ref().map_or(0, |(_, m)| m.prompt_tokens),
         max_tokens: args.max_tokens,
         stress,
         cloud,
@@ -159,7 +159,7 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
     } = decide(
         inputs,
         &thresholds,
-        loaded.as_ref().map(|(m, _)| m),
+        loaded.as_ref().map(|(runner, _)| runner),
         &request,
     )
     .await?;
@@ -212,7 +212,7 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
             Err(e) => return Err(e.into()),
         }
     }
-    let Some(((model_name, _), (model, _))) = local_entry.zip(loaded) else {
+    let Some(((model_name, _), (model, measured))) = local_entry.zip(loaded) else {
         bail!("no local model can answer; add one with `synesis model add PATH`");
     };
     answer_locally(
@@ -222,6 +222,7 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
             request_id,
             model_name,
             model,
+            loaded_now: measured.loaded_now,
             request,
             lora: args.lora.as_ref().map(|(n, _)| n.clone()),
             first,
@@ -262,7 +263,7 @@ pub(crate) struct Decided {
 pub(crate) async fn decide(
     mut inputs: Inputs,
     thresholds: &Thresholds,
-    model: Option<&Arc<Model>>,
+    model: Option<&LocalRunner>,
     request: &Request,
 ) -> anyhow::Result<Decided> {
     let mut decided = route(&inputs, thresholds).map_err(|e| UserError::Usage(e.to_string()))?;
@@ -275,13 +276,10 @@ pub(crate) async fn decide(
             max_tokens: thresholds.cascade_tokens.min(request.max_tokens),
             ..request.clone()
         };
-        let model = Arc::clone(model);
         let started = std::time::Instant::now();
-        let g = tokio::task::spawn_blocking(move || {
-            model.generate(&probe, &CancelToken::default(), &mut |_| {})
-        })
-        .await
-        .context("the generation thread failed")??;
+        let g = model
+            .generate(&probe, &CancelToken::default(), Box::new(|_| {}))
+            .await?;
         cascade_ms = Some(started.elapsed().as_secs_f64() * 1_000.0);
         inputs.confidence = g.mean_logprob;
         if inputs.confidence.is_some() {
@@ -356,7 +354,9 @@ impl Explained {
 struct LocalAnswer {
     request_id: RequestId,
     model_name: String,
-    model: Arc<Model>,
+    model: LocalRunner,
+    /// Whether the model was loaded for this answer (not kept loaded by the service).
+    loaded_now: bool,
     request: Request,
     lora: Option<String>,
     /// A whole answer the cascade already made.
@@ -367,45 +367,44 @@ struct LocalAnswer {
 async fn answer_locally(out: &Output, paths: &Paths, a: LocalAnswer) -> anyhow::Result<()> {
     let stream = !out.json();
     let cancel = CancelToken::default();
-    let worker_cancel = cancel.clone();
-    let (model, request, first) = (Arc::clone(&a.model), a.request.clone(), a.first);
-    let mut work =
-        tokio::task::spawn_blocking(move || -> anyhow::Result<synesis_infer::Generation> {
+    let reader_gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let show = {
+        let (cancel, reader_gone) = (cancel.clone(), Arc::clone(&reader_gone));
+        move |piece: &str| {
             let mut stdout = std::io::stdout().lock();
-            let mut reader_gone = false;
-            let mut show = |piece: &str| {
-                if stream
-                    && !reader_gone
-                    && let Err(e) = stdout
-                        .write_all(piece.as_bytes())
-                        .and_then(|()| stdout.flush())
-                {
-                    // `| head`: stop generating for a reader that left.
-                    reader_gone = is_closed_pipe(&e);
-                    worker_cancel.cancel();
-                }
-            };
-            let generation = match first {
-                Some(g) => {
-                    show(&g.text);
-                    g
-                }
-                None => model.generate(&request, &worker_cancel, &mut show)?,
-            };
-            if stream && !reader_gone {
-                let _ = writeln!(stdout);
+            if stream
+                && !reader_gone.load(std::sync::atomic::Ordering::Relaxed)
+                && let Err(e) = stdout
+                    .write_all(piece.as_bytes())
+                    .and_then(|()| stdout.flush())
+            {
+                // `| head`: stop generating for a reader that left.
+                reader_gone.store(is_closed_pipe(&e), std::sync::atomic::Ordering::Relaxed);
+                cancel.cancel();
             }
-            Ok(generation)
-        });
-    let mut shutdown = Shutdown::listen()?;
-    let generation = tokio::select! {
-        done = &mut work => done,
-        () = shutdown.requested() => {
-            cancel.cancel();
-            work.await
         }
+    };
+    let generation = match a.first {
+        Some(g) => {
+            show(&g.text);
+            g
+        }
+        None => {
+            let work = a.model.generate(&a.request, &cancel, Box::new(show));
+            tokio::pin!(work);
+            let mut shutdown = Shutdown::listen()?;
+            tokio::select! {
+                done = &mut work => done,
+                () = shutdown.requested() => {
+                    cancel.cancel();
+                    work.await
+                }
+            }?
+        }
+    };
+    if stream && !reader_gone.load(std::sync::atomic::Ordering::Relaxed) {
+        println!();
     }
-    .context("the generation thread failed")??;
 
     if generation.finish_reason != FinishReason::Cancelled {
         let recorded = record_local(
@@ -439,6 +438,8 @@ async fn answer_locally(out: &Output, paths: &Paths, a: LocalAnswer) -> anyhow::
         },
         text: generation.text,
         route: a.route,
+        model_loaded_now: a.loaded_now,
+        model_in: a.model.place(),
     };
     if out.json() {
         out.report(&answer, String::new)?;

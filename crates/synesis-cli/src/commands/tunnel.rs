@@ -17,6 +17,8 @@ use synesis_vitals::{PrewarmConfig, PrewarmPolicy, SystemSampler, VitalsSource};
 use tokio::sync::{oneshot, watch};
 
 use crate::cli::TunnelRunArgs;
+use crate::hosted::Hosted;
+use crate::openai::host::ModelHost;
 use crate::paths::Paths;
 use crate::signals::Shutdown;
 
@@ -25,10 +27,19 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
     let mut reload = Reload::listen()?;
     let (config_tx, config) = watch::channel(crate::registry::Config::load(&paths.config_file())?);
     let events = local::events::channel();
+    // The local models, kept loaded between answers for the local API's clients (`synesis
+    // ask`) and the HTTP API alike.
+    let host = ModelHost::new(args.http.keep_alive);
+    let unloading = tokio::spawn(Arc::clone(&host).unload_forever());
     let home = paths.identity_home()?;
     let identity = Identity::load(&home)?;
     let mut connected = match identity {
-        Some(identity) => Some(Connected::start(paths, args, identity, home, &events).await?),
+        Some(identity) => {
+            let work = Arc::new(Hosted {
+                host: Arc::clone(&host),
+            });
+            Some(Connected::start(paths, args, identity, home, &events, work).await?)
+        }
         None if args.http.listen.is_some() => {
             eprintln!(
                 "synesis: this device is not enrolled: the HTTP API answers with local models only"
@@ -38,7 +49,7 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
         None => bail!("this device is not enrolled; run `synesis cloud login TOKEN` first"),
     };
     let http = match args.http.listen {
-        Some(addr) => Some(Http::start(paths, args, addr, config).await?),
+        Some(addr) => Some(Http::start(paths, args, addr, config, Arc::clone(&host)).await?),
         None => None,
     };
     tracing::info!(models = config_tx.borrow().models.len(), "config loaded");
@@ -118,6 +129,7 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
     if let Some(c) = connected {
         c.stop().await;
     }
+    unloading.abort();
     eprintln!("synesis: stopped");
     Ok(())
 }
@@ -138,6 +150,7 @@ impl Connected {
         identity: Identity,
         home: std::path::PathBuf,
         events: &local::events::EventSender,
+        work: Arc<Hosted>,
     ) -> anyhow::Result<Connected> {
         let (listener, lock) = local::bind(&paths.runtime.path)?;
         let sampler =
@@ -177,6 +190,7 @@ impl Connected {
             local::ServeOptions {
                 grace: args.grace,
                 events: events.clone(),
+                work: Some(work),
             },
         ));
         eprintln!("synesis: tunnel for device {device} to {server}; Ctrl-C to stop");
@@ -227,6 +241,7 @@ impl Http {
         args: &TunnelRunArgs,
         addr: std::net::SocketAddr,
         config: watch::Receiver<crate::registry::Config>,
+        host: Arc<ModelHost>,
     ) -> anyhow::Result<Http> {
         let api_key = args.http.api_key()?;
         crate::openai::check_listen(addr, args.http.allow_remote, api_key.as_deref())
@@ -238,12 +253,12 @@ impl Http {
         let api = crate::openai::Api::new(
             paths.clone(),
             config,
+            host,
             crate::openai::ApiOptions {
                 api_key,
                 max_body_bytes: args.http.max_body_bytes,
                 max_concurrent: usize::from(args.http.max_concurrent),
                 request_timeout: args.http.request_timeout,
-                keep_alive: args.http.keep_alive,
             },
         );
         let (stop, stopped) = oneshot::channel::<()>();

@@ -59,7 +59,6 @@ pub(crate) struct ApiOptions {
     pub(crate) max_body_bytes: usize,
     pub(crate) max_concurrent: usize,
     pub(crate) request_timeout: Duration,
-    pub(crate) keep_alive: Duration,
 }
 
 /// What the handlers share.
@@ -76,19 +75,16 @@ impl Api {
     pub(crate) fn new(
         paths: Paths,
         config: watch::Receiver<Config>,
+        host: Arc<ModelHost>,
         options: ApiOptions,
     ) -> Arc<Api> {
         Arc::new(Api {
             paths,
             config,
-            host: ModelHost::new(options.keep_alive),
+            host,
             permits: Arc::new(Semaphore::new(options.max_concurrent)),
             options,
         })
-    }
-
-    pub(crate) fn host(&self) -> &Arc<ModelHost> {
-        &self.host
     }
 }
 
@@ -143,12 +139,9 @@ pub(crate) async fn serve(
     api: Arc<Api>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let unloading = tokio::spawn(Arc::clone(api.host()).unload_forever());
-    let served = axum::serve(listener, router(api))
+    axum::serve(listener, router(api))
         .with_graceful_shutdown(stop)
-        .await;
-    unloading.abort();
-    served
+        .await
 }
 
 async fn authorize(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
@@ -430,6 +423,9 @@ async fn route(
         .escalation
         .thresholds()
         .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    let runner = loaded
+        .as_ref()
+        .map(|(m, _)| crate::hosted::LocalRunner::InProcess(Arc::clone(m)));
     let inputs = Inputs {
         mode,
         local: loaded.as_ref().map(|(m, _)| LocalModel {
@@ -442,21 +438,16 @@ async fn route(
         standing: None,
         confidence: None,
     };
-    let Decided { route, first, .. } = decide(
-        inputs,
-        &thresholds,
-        loaded.as_ref().map(|(m, _)| m),
-        &local_request,
-    )
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "no_route",
-            format!("{e:#}"),
-        )
-    })?;
+    let Decided { route, first, .. } = decide(inputs, &thresholds, runner.as_ref(), &local_request)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "no_route",
+                format!("{e:#}"),
+            )
+        })?;
     let reason = route
         .reasons
         .first()

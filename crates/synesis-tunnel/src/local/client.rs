@@ -120,6 +120,31 @@ impl LocalClient {
         .await
     }
 
+    /// Work the service does itself (a generation with a model it keeps loaded): each piece of
+    /// text to `on_piece` as it comes, then the result. Dropping the future stops the work.
+    pub async fn work(
+        &self,
+        work: &serde_json::Value,
+        on_piece: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<serde_json::Value, ClientError> {
+        let (read, mut write) = bounded(self.connect()).await?;
+        write_local(
+            &mut write,
+            LOCAL_REQUEST,
+            &LocalRequest::Work { work: work.clone() },
+        )
+        .await?;
+        let mut recv = StreamReceiver { read, ended: false };
+        // `write` stays open until the end: closing it tells the service this client left.
+        loop {
+            match recv.local_reply().await? {
+                LocalReply::Piece { text } => on_piece(&text),
+                LocalReply::Worked { result } => return Ok(result),
+                other => return Err(unexpected(&other)),
+            }
+        }
+    }
+
     async fn open_stream_unbounded(&self) -> Result<LocalStream, ClientError> {
         let (read, mut write) = self.connect().await?;
         write_local(&mut write, LOCAL_REQUEST, &LocalRequest::Open).await?;

@@ -18,6 +18,9 @@
 //! cloud. Every other frame is a cloud protocol frame, passed through unchanged.
 //!
 //! A client connection carries one exchange:
+//! - `{"op":"work","work":{…}}` → `{"reply":"piece","text":…}`* then `{"reply":"worked",
+//!   "result":{…}}` (or a refusal): work the service does itself, with the models it keeps
+//!   loaded ([`LocalWork`]); a client that leaves stops it.
 //! - `{"op":"events"}` → `{"reply":"subscribed"}`, then `{"reply":"event","event":{…}}` for each
 //!   thing the service does ([`events`]), until the client leaves or the service stops.
 //! - `{"op":"status"}` → `{"reply":"status","status":{…}}`; `{"op":"ping"}` →
@@ -49,8 +52,8 @@ pub use client::{
 };
 pub use server::{
     Backend, BindError, CLIENT_TIMEOUT, CLIENTS_MAX, CLOUD_STREAMS_MAX,
-    CLOUD_STREAMS_PER_CONNECTION, LocalListener, ServeOptions, ServiceLock, bind, running_service,
-    serve,
+    CLOUD_STREAMS_PER_CONNECTION, LocalListener, LocalWork, ServeOptions, ServiceLock, WorkFuture,
+    bind, running_service, serve,
 };
 
 use crate::TunnelStatus;
@@ -63,8 +66,9 @@ pub const LOCAL_REPLY: u8 = 0xf1;
 const _: () = assert!(
     MessageType::from_u8(LOCAL_REQUEST).is_none() && MessageType::from_u8(LOCAL_REPLY).is_none()
 );
-/// The largest local frame's payload: a status is a few hundred bytes.
-pub const LOCAL_PAYLOAD_MAX_BYTES: u32 = 64 * 1024;
+/// The largest local frame's payload: a status is a few hundred bytes; a local generation's
+/// request carries its prompt, and its result the whole answer.
+pub const LOCAL_PAYLOAD_MAX_BYTES: u32 = 4 * 1024 * 1024;
 
 /// The socket in `runtime_dir`.
 pub fn socket_path(runtime_dir: &Path) -> PathBuf {
@@ -87,6 +91,11 @@ pub(crate) enum LocalRequest {
     Finish,
     /// The service's events, from now on, until the client leaves.
     Events,
+    /// Work the service does itself ([`LocalWork`]: a generation with a model it keeps
+    /// loaded), described in the worker's own JSON.
+    Work {
+        work: serde_json::Value,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,6 +112,14 @@ pub(crate) enum LocalReply {
     Subscribed,
     Event {
         event: events::Event,
+    },
+    /// A piece of text the work produced, in order.
+    Piece {
+        text: String,
+    },
+    /// The work's result; the exchange ends.
+    Worked {
+        result: serde_json::Value,
     },
     /// The last frame of a cloud stream.
     End {
@@ -144,6 +161,8 @@ pub enum FailureKind {
     /// The stream could not be opened, or failed once open (reset by the cloud, connection lost,
     /// a bad frame from the cloud).
     StreamFailed,
+    /// Local work failed (its message says why), or this service does none.
+    WorkFailed,
 }
 
 /// A frame header, checked.

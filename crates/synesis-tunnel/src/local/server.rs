@@ -16,7 +16,7 @@ use synesis_wire::close_code;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::events::{self, Event, EventSender, Outcome, What, emit};
@@ -222,14 +222,40 @@ fn lock(path: &Path) -> Result<ServiceLock, BindError> {
 }
 
 /// How [`serve`] runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeOptions {
     /// How long clients being served may go on once `stop` completed.
     pub grace: Duration,
     /// Where escalations and uploads passing through are reported, and what `events` clients
     /// subscribe to (the service's other parts send on it too).
     pub events: EventSender,
+    /// The work the service does itself for `work` clients, if any.
+    pub work: Option<Arc<dyn LocalWork>>,
 }
+
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("grace", &self.grace)
+            .field("work", &self.work.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`LocalWork::run`] returns: the work's result, or why it failed.
+pub type WorkFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send + 'static>>;
+
+/// Work the service does itself for its clients — generations with the models it keeps loaded
+/// (the CLI's model host) — described in the worker's own JSON, so that this crate knows
+/// nothing of models. Dropping the future stops the work (its client left).
+pub trait LocalWork: Send + Sync + 'static {
+    /// Starts `work`; each piece of text it makes goes to `pieces`, in order.
+    fn run(&self, work: serde_json::Value, pieces: mpsc::Sender<String>) -> WorkFuture;
+}
+
+/// Pieces of local work waiting for their client (the work waits while they are this many).
+const WORK_PIECES_BUFFERED: usize = 64;
 
 /// Serves the local API until `stop` completes. Then it drains: the socket is removed at once
 /// (a new command finds no service and goes on a connection of its own), the clients being
@@ -241,12 +267,17 @@ pub async fn serve<B: Backend>(
     stop: impl Future<Output = ()>,
     options: ServeOptions,
 ) {
-    let ServeOptions { grace, events } = options;
+    let ServeOptions {
+        grace,
+        events,
+        work,
+    } = options;
     let places = Arc::new(Semaphore::new(CLIENTS_MAX));
     let streams = Streams {
         places: Arc::new(Semaphore::new(CLOUD_STREAMS_MAX)),
         stopping: watch::channel(false).0,
         events,
+        work,
     };
     let mut clients = JoinSet::new();
     let mut pause = ACCEPT_RETRY;
@@ -318,6 +349,7 @@ struct Streams {
     places: Arc<Semaphore>,
     stopping: watch::Sender<bool>,
     events: EventSender,
+    work: Option<Arc<dyn LocalWork>>,
 }
 
 async fn client<B: Backend>(stream: UnixStream, backend: &B, streams: &Streams) {
@@ -336,6 +368,7 @@ async fn client<B: Backend>(stream: UnixStream, backend: &B, streams: &Streams) 
         Ok(Ok(Next::Events(subscription))) => {
             feed(read, write, subscription, streams.stopping.subscribe()).await;
         }
+        Ok(Ok(Next::Work(worker, work))) => serve_work(read, write, &*worker, work).await,
         Ok(Err(e)) => tracing::debug!(error = %e, "local API client failed"),
         Err(_) => tracing::debug!("local API client dropped after {CLIENT_TIMEOUT:?}"),
     }
@@ -348,6 +381,54 @@ enum Next {
     Done,
     Proxy(Opened),
     Events(broadcast::Receiver<Event>),
+    Work(Arc<dyn LocalWork>, serde_json::Value),
+}
+
+/// Local work for one client: its pieces as they come, then its result; the client leaving
+/// (its socket's end) drops the work, which stops it.
+async fn serve_work(
+    mut read: OwnedReadHalf,
+    mut write: OwnedWriteHalf,
+    worker: &dyn LocalWork,
+    work: serde_json::Value,
+) {
+    let (tx, mut pieces) = mpsc::channel(WORK_PIECES_BUFFERED);
+    let running = worker.run(work, tx);
+    tokio::pin!(running);
+    let mut probe = [0u8; 1];
+    let mut more = true;
+    let result = loop {
+        tokio::select! {
+            biased;
+            piece = pieces.recv(), if more => match piece {
+                Some(text) => {
+                    if write_local(&mut write, LOCAL_REPLY, &LocalReply::Piece { text }).await.is_err() {
+                        return;
+                    }
+                }
+                None => more = false,
+            },
+            result = &mut running => break result,
+            // The client sends nothing more: anything (or the end) means it left.
+            _ = read.read(&mut probe) => return,
+        }
+    };
+    // What the work made before it ended, then its end.
+    while let Ok(text) = pieces.try_recv() {
+        if write_local(&mut write, LOCAL_REPLY, &LocalReply::Piece { text })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    let reply = match result {
+        Ok(result) => LocalReply::Worked { result },
+        Err(why) => LocalReply::Refused {
+            failure: LocalFailure::new(FailureKind::WorkFailed, why),
+        },
+    };
+    let _ = write_local(&mut write, LOCAL_REPLY, &reply).await;
 }
 
 /// Events to an `events` client until it leaves or the service stops (the drain waits for
@@ -460,6 +541,18 @@ async fn opening<B: Backend>(
             refused(FailureKind::BadRequest, "no stream to finish".into()),
             None,
         ),
+        LocalRequest::Work { work } => match &streams.work {
+            Some(worker) => {
+                return Ok(Next::Work(Arc::clone(worker), work));
+            }
+            None => (
+                refused(
+                    FailureKind::WorkFailed,
+                    "this service does no local work".into(),
+                ),
+                None,
+            ),
+        },
         LocalRequest::Events => {
             let subscription = streams.events.subscribe();
             write_local(write, LOCAL_REPLY, &LocalReply::Subscribed).await?;

@@ -312,3 +312,97 @@ async fn nothing_listening_is_not_running() {
         Err(ClientError::NotRunning)
     ));
 }
+
+/// Local work that counts to `n` in pieces, a piece at a time when told to go on; its drop is
+/// reported (the service dropping it is how the work stops).
+struct Counting {
+    go: Arc<tokio::sync::Semaphore>,
+    dropped: mpsc::Sender<()>,
+}
+
+struct DropSignal(mpsc::Sender<()>);
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        let _ = self.0.try_send(());
+    }
+}
+
+impl LocalWork for Counting {
+    fn run(&self, work: serde_json::Value, pieces: mpsc::Sender<String>) -> WorkFuture {
+        let (go, signal) = (Arc::clone(&self.go), DropSignal(self.dropped.clone()));
+        Box::pin(async move {
+            let _signal = signal;
+            let n = work["count"].as_u64().ok_or("no count")?;
+            for i in 0..n {
+                go.acquire().await.unwrap().forget();
+                pieces
+                    .send(format!("{i} "))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(serde_json::json!({"counted": n}))
+        })
+    }
+}
+
+#[tokio::test]
+async fn local_work_streams_its_pieces_then_its_result_and_stops_when_its_client_leaves() {
+    let loopback = Loopback::start(|_tx, _rx| async {}).await;
+    let (dropped, mut was_dropped) = mpsc::channel(4);
+    let go = Arc::new(tokio::sync::Semaphore::new(0));
+    let worker = Arc::new(Counting {
+        go: Arc::clone(&go),
+        dropped,
+    });
+    let service = testing::Service::start_with(
+        Arc::new(FakeTunnel {
+            conn: loopback.conn.clone(),
+        }),
+        Some(worker),
+    );
+
+    go.add_permits(3);
+    let mut text = String::new();
+    let result = service
+        .client
+        .work(&serde_json::json!({"count": 3}), &mut |p| text.push_str(p))
+        .await
+        .unwrap();
+    assert_eq!(
+        (text.as_str(), result["counted"].as_u64()),
+        ("0 1 2 ", Some(3))
+    );
+    was_dropped.recv().await.unwrap();
+
+    // A failure is the worker's own words.
+    let refused = service
+        .client
+        .work(&serde_json::json!({}), &mut |_| {})
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("no count"), "{refused}");
+    was_dropped.recv().await.unwrap();
+
+    // A client that leaves mid-work: the work is dropped, not finished.
+    go.add_permits(1);
+    let mut first = None;
+    let client = service.client.clone();
+    let (got_first, mut first_seen) = mpsc::channel(1);
+    let leaving = tokio::spawn(async move {
+        client
+            .work(&serde_json::json!({"count": 1000}), &mut |p| {
+                if first.is_none() {
+                    first = Some(p.to_owned());
+                    let _ = got_first.try_send(());
+                }
+            })
+            .await
+    });
+    first_seen.recv().await.unwrap();
+    leaving.abort();
+    tokio::time::timeout(Duration::from_secs(5), was_dropped.recv())
+        .await
+        .expect("the work stops when its client leaves")
+        .unwrap();
+}
