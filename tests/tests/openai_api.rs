@@ -59,13 +59,32 @@ fn serve(device: &Device, args: &[&str], env: &[(&str, &str)]) -> Result<Serving
 
 /// One HTTP/1.1 request: the status code and the body.
 fn http(addr: &str, method: &str, path: &str, key: Option<&str>) -> (u16, String) {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let mut headers = vec![("Host", addr)];
+    if let Some(auth) = &auth {
+        headers.push(("Authorization", auth));
+    }
+    raw_http(addr, method, path, &headers, "")
+}
+
+/// One HTTP/1.1 request with exactly these headers and body: the status code and the body.
+fn raw_http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    stream.write_all(request.as_bytes()).unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let status = response
@@ -190,4 +209,63 @@ fn a_remote_address_needs_allow_remote_and_a_key_which_requests_then_carry() {
         200,
         "health needs no key"
     );
+}
+
+/// A web page must not make the loopback API spend: a cross-site "simple" POST (text/plain,
+/// no preflight), a page whose name was rebound to 127.0.0.1 (its own `Host`), or any request
+/// a page sends with its `Origin` is refused before anything is read or run.
+#[test]
+fn web_pages_cannot_use_the_loopback_api() {
+    let device = Device::new();
+    run_ok(device.synesis().args(["model", "add", "--tiny", "pocket"]));
+    let serving = serve(&device, &["--listen", "127.0.0.1:0"], &[]).unwrap();
+    let addr = serving.addr.as_str();
+    let chat = r#"{"model":"pocket","max_tokens":2,"messages":[{"role":"user","content":"hi"}]}"#;
+    let json = ("Content-Type", "application/json");
+    // What a program sends: answered.
+    let (status, body) = raw_http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Host", addr), json],
+        chat,
+    );
+    assert_eq!(status, 200, "{body}");
+    // A page on another site, with a body it may send without asking first.
+    let evil = ("Origin", "https://evil.example");
+    let plain = ("Content-Type", "text/plain");
+    let (status, body) = raw_http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Host", addr), evil, plain],
+        chat,
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains(r#""code":"forbidden_origin""#), "{body}");
+    let (status, _) = raw_http(addr, "GET", "/v1/models", &[("Host", addr), evil], "");
+    assert_eq!(status, 403);
+    // DNS rebinding: the page's own name, resolved to 127.0.0.1.
+    let rebound = ("Host", "evil.example:11435");
+    let (status, _) = raw_http(addr, "POST", "/v1/chat/completions", &[rebound, json], chat);
+    assert_eq!(status, 403);
+    // Not JSON at all (a form, say): refused too.
+    let (status, body) = raw_http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Host", addr), plain],
+        chat,
+    );
+    assert_eq!(status, 415, "{body}");
+    // A page on this machine (a local dev server) may.
+    let local = ("Origin", "http://localhost:3000");
+    let (status, _) = raw_http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Host", addr), local, json],
+        chat,
+    );
+    assert_eq!(status, 200);
 }

@@ -64,6 +64,14 @@ pub async fn escalate(
     let mut cancelled = *cancel.borrow();
     let mut giving_up_at = tokio::time::Instant::now() + FIRST_CONTACT_FOR;
     loop {
+        // Cancelled before the cloud has the request (still looking for it, or it lost it):
+        // nothing to stop there, and nothing to send that would be charged.
+        if fresh && *cancel.borrow() {
+            return Err(RequestError::Refused {
+                code: ErrorCode::CANCELLED,
+                message: "cancelled before the request reached the cloud".into(),
+            });
+        }
         let mut opened = match route.open().await {
             Ok(o) => o,
             Err(e) if retryable(&e) && tokio::time::Instant::now() < giving_up_at => {

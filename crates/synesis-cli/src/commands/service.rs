@@ -441,21 +441,19 @@ fn target(paths: &Paths, user: bool) -> Target {
 
 /// The unit that runs the service: restarted when it fails, reloaded with SIGHUP, stopped with
 /// SIGTERM (it drains within `TimeoutStopSec`), its output appended to the service log.
-pub(crate) fn unit_text(exe: &Path, paths: &Paths, user: bool, run: &[String]) -> String {
-    let quote = |s: &std::ffi::OsStr| {
-        let s = s.to_string_lossy();
-        if s.chars()
-            .any(|c| c.is_whitespace() || c == '"' || c == '\\')
-        {
-            format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-        } else {
-            s.into_owned()
-        }
-    };
-    let mut exec = vec![quote(exe.as_os_str())];
-    exec.extend(service_args(paths).iter().map(|a| quote(a)));
-    exec.extend(run.iter().map(|a| quote(a.as_ref())));
-    let log = paths.service_log();
+pub(crate) fn unit_text(
+    exe: &Path,
+    paths: &Paths,
+    user: bool,
+    run: &crate::cli::TunnelRunArgs,
+) -> String {
+    let mut exec = vec![unit_word(exe.as_os_str())];
+    exec.extend(service_args(paths).iter().map(|a| unit_word(a)));
+    exec.extend(run.to_args().iter().map(|a| unit_word(a.as_ref())));
+    // systemd expands specifiers (`%`) in paths too.
+    let log = paths.service_log().display().to_string().replace('%', "%%");
+    // The drain's grace, and time to close the connection after it.
+    let stop_secs = run.grace.as_secs() + 30;
     format!(
         "# Written by `synesis tunnel install{}`; `synesis tunnel uninstall` removes it.\n\
          [Unit]\n\
@@ -469,7 +467,7 @@ pub(crate) fn unit_text(exe: &Path, paths: &Paths, user: bool, run: &[String]) -
          ExecReload=/bin/kill -HUP $MAINPID\n\
          Restart=on-failure\n\
          RestartSec=5\n\
-         TimeoutStopSec=60\n\
+         TimeoutStopSec={stop_secs}\n\
          Environment=RUST_LOG=info\n\
          StandardOutput=append:{}\n\
          StandardError=append:{}\n\
@@ -478,14 +476,29 @@ pub(crate) fn unit_text(exe: &Path, paths: &Paths, user: bool, run: &[String]) -
          WantedBy={}\n",
         if user { " --user" } else { "" },
         exec.join(" "),
-        log.display(),
-        log.display(),
+        log,
+        log,
         if user {
             "default.target"
         } else {
             "multi-user.target"
         },
     )
+}
+
+/// One word of a unit's command line: systemd's specifiers (`%`) and variables (`$`) escaped,
+/// quoted when it holds spaces or quotes.
+fn unit_word(word: &std::ffi::OsStr) -> String {
+    let word = word.to_string_lossy().replace('%', "%%").replace('$', "$$");
+    if word.is_empty()
+        || word
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '"' | '\'' | '\\' | ';'))
+    {
+        format!("\"{}\"", word.replace('\\', "\\\\").replace('"', "\\\""))
+    } else {
+        word
+    }
 }
 
 fn systemctl(user: bool, args: &[&str]) -> anyhow::Result<()> {
@@ -518,7 +531,23 @@ struct InstallView<'a> {
 pub(crate) fn install(out: &Output, paths: &Paths, args: &InstallArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot tell where this program is")?;
     let t = target(paths, args.user);
-    let unit = unit_text(&exe, paths, t.user, &args.run.to_args());
+    let mut run = args.run.clone();
+    if run.http.listen.is_some() {
+        match &run.http.api_key_file {
+            // systemd runs it from `/`: the key file by its whole path.
+            Some(file) => {
+                run.http.api_key_file =
+                    Some(std::fs::canonicalize(file).with_context(|| {
+                        format!("cannot find the API key file {}", file.display())
+                    })?);
+            }
+            None if std::env::var_os("SYNESIS_API_KEY").is_some() => bail!(
+                "the unit would serve without the key in SYNESIS_API_KEY (a unit does not see this shell's variables); put it in a file and pass --api-key-file"
+            ),
+            None => {}
+        }
+    }
+    let unit = unit_text(&exe, paths, t.user, &run);
     if !t.systemd {
         let view = InstallView {
             unit_path: &t.unit_path,
@@ -586,4 +615,20 @@ pub(crate) fn uninstall(out: &Output, paths: &Paths, args: &InstallArgs) -> anyh
         format!("stopped, disabled and removed {}\n", t.unit_path.display())
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_words_escape_what_systemd_would_expand() {
+        let word = |s: &str| unit_word(std::ffi::OsStr::new(s));
+        assert_eq!(word("/usr/bin/synesis"), "/usr/bin/synesis");
+        assert_eq!(word("/home/a b/x"), "\"/home/a b/x\"");
+        assert_eq!(word("100%"), "100%%");
+        assert_eq!(word("$HOME"), "$$HOME");
+        assert_eq!(word("it's"), "\"it's\"");
+        assert_eq!(word(""), "\"\"");
+    }
 }

@@ -221,9 +221,12 @@ impl Connected {
             api.abort();
             let _ = api.await;
         }
+        // Awaited: it holds the tunnel's handle, which must be the last one to shut it down.
         self.sampling.abort();
-        if let Ok(tunnel) = Arc::try_unwrap(self.tunnel) {
-            tunnel.shutdown().await;
+        let _ = self.sampling.await;
+        match Arc::try_unwrap(self.tunnel) {
+            Ok(tunnel) => tunnel.shutdown().await,
+            Err(_) => tracing::warn!("the tunnel is still shared; its connection closes on exit"),
         }
         drop(self.lock);
     }
@@ -259,6 +262,7 @@ impl Http {
                 max_body_bytes: args.http.max_body_bytes,
                 max_concurrent: usize::from(args.http.max_concurrent),
                 request_timeout: args.http.request_timeout,
+                loopback_only: addr.ip().is_loopback(),
             },
         );
         let (stop, stopped) = oneshot::channel::<()>();

@@ -59,6 +59,9 @@ pub(crate) struct ApiOptions {
     pub(crate) max_body_bytes: usize,
     pub(crate) max_concurrent: usize,
     pub(crate) request_timeout: Duration,
+    /// Listening on loopback only: then requests must name a loopback host (`Host`), which
+    /// keeps out web pages that rebind a name of theirs to 127.0.0.1.
+    pub(crate) loopback_only: bool,
 }
 
 /// What the handlers share.
@@ -125,9 +128,22 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
                 "no such endpoint; this server has /v1/chat/completions, /v1/models and /health",
             )
         })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
+        })
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&api),
             authorize,
+        ))
+        // Outermost: a web page is refused before its key is even looked at.
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&api),
+            same_machine,
         ))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(api)
@@ -142,6 +158,51 @@ pub(crate) async fn serve(
     axum::serve(listener, router(api))
         .with_graceful_shutdown(stop)
         .await
+}
+
+/// Keeps web pages out: a browser tells the page's origin (`Origin`) on a cross-site request,
+/// and names the host it resolved (`Host`), so a page on another site — or one that rebinds its
+/// own name to 127.0.0.1 — is refused before anything is read or spent. Programs send no
+/// `Origin`, and a loopback `Host`.
+async fn same_machine(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let origin_ok = headers
+        .get(header::ORIGIN)
+        .is_none_or(|o| o.to_str().is_ok_and(loopback_origin));
+    let host_ok = !api.options.loopback_only
+        || headers
+            .get(header::HOST)
+            .is_some_and(|h| h.to_str().is_ok_and(loopback_host));
+    if origin_ok && host_ok {
+        return next.run(request).await;
+    }
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "invalid_request_error",
+        "forbidden_origin",
+        "requests from web pages, or naming another host, are refused (this API serves programs on this machine)",
+    )
+    .into_response()
+}
+
+/// `127.0.0.1`, `localhost` or `[::1]`, with or without a port.
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.split(':').next().unwrap_or_default(),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// An origin on this machine: `http://localhost:3000`, `http://127.0.0.1`, …
+fn loopback_origin(origin: &str) -> bool {
+    origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .is_some_and(|rest| !rest.contains('/') && loopback_host(rest))
 }
 
 async fn authorize(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
@@ -261,6 +322,21 @@ async fn answer(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    // JSON only: a browser page can POST a "simple" text/plain body to loopback without asking
+    // first, never an application/json one.
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "unsupported_media_type",
+            "the body must be JSON (Content-Type: application/json)",
+        ));
+    }
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -288,6 +364,8 @@ async fn answer(
             .ok_or_else(|| ApiError::invalid("x-synesis-request-id must be a UUIDv7"))?,
         None => synesis_tunnel::clock::new_request_id(),
     };
+    // The place is held by the work, not by this handler: a client that leaves while its
+    // request is routed (a model loading, a confidence probe) frees it only when that work ends.
     let Ok(permit) = Arc::clone(&api.permits).try_acquire_owned() else {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -299,19 +377,27 @@ async fn answer(
             ),
         ));
     };
-    let target = route(api, &chat, request_id, context, prompt).await?;
-    let (route_name, model_name) = match &target {
-        Target::Local { name, .. } => ("local", name.clone()),
-        Target::Cloud { request, .. } => ("cloud", request.model.clone()),
-    };
-    let (tx, rx) = mpsc::channel(wire::PIECES_MAX);
+    let (tx, mut rx) = mpsc::channel(wire::PIECES_MAX);
     let producer = Producer {
         api: Arc::clone(api),
         tx,
         timeout: api.options.request_timeout,
         _permit: permit,
     };
-    tokio::spawn(producer.run(target));
+    let stream = chat.stream;
+    let include_usage = chat.include_usage();
+    tokio::spawn(producer.run(chat, request_id, context, prompt));
+    // Where it went, then its first piece: a refusal before any output keeps its own status.
+    let (route_name, model_name) = match rx.recv().await {
+        Some(Piece::Routed { route, model }) => (route, model),
+        Some(Piece::Failed(e)) => return Err(e),
+        _ => return Err(ApiError::internal("the request ended before it was routed")),
+    };
+    let first = match rx.recv().await {
+        Some(Piece::Failed(e)) => return Err(e),
+        Some(piece) => piece,
+        None => return Err(ApiError::internal("the answer ended before it began")),
+    };
     let meta = wire::Meta {
         id: format!("chatcmpl-{request_id}"),
         created: synesis_tunnel::clock::unix_now().0 / 1_000,
@@ -319,10 +405,10 @@ async fn answer(
         route: route_name,
         request_id,
     };
-    let mut response = if chat.stream {
-        wire::streamed(meta.clone(), rx, chat.include_usage())
+    let mut response = if stream {
+        wire::streamed(meta, first, rx, include_usage)
     } else {
-        wire::collected(meta.clone(), rx).await?
+        wire::collected(meta, first, rx).await?
     };
     let h = response.headers_mut();
     h.insert("x-synesis-route", HeaderValue::from_static(route_name));
@@ -522,7 +608,43 @@ struct Producer {
 }
 
 impl Producer {
-    async fn run(self, target: Target) {
+    /// Routes the request (within its time), says where it went, then answers it.
+    async fn run(
+        self,
+        chat: ChatRequest,
+        request_id: RequestId,
+        context: Vec<ChatTurn>,
+        prompt: String,
+    ) {
+        let routed = tokio::time::timeout(
+            self.timeout,
+            route(&self.api, &chat, request_id, context, prompt),
+        )
+        .await;
+        let target = match routed {
+            Ok(Ok(target)) => target,
+            Ok(Err(e)) => {
+                let _ = self.tx.send(Piece::Failed(e)).await;
+                return;
+            }
+            Err(_) => {
+                let _ = self.tx.send(self.timed_out()).await;
+                return;
+            }
+        };
+        let routed = match &target {
+            Target::Local { name, .. } => Piece::Routed {
+                route: "local",
+                model: name.clone(),
+            },
+            Target::Cloud { request, .. } => Piece::Routed {
+                route: "cloud",
+                model: request.model.clone(),
+            },
+        };
+        if self.tx.send(routed).await.is_err() {
+            return; // the client left
+        }
         match target {
             Target::Local {
                 request_id,
@@ -674,15 +796,35 @@ impl Producer {
         match result {
             Ok(done) => {
                 let d = &done.done;
-                let ending = Piece::End(Ending {
-                    finish_reason: match d.finish_reason {
-                        synesis_proto::message::FinishReason::Length => "length",
-                        _ => "stop",
-                    },
-                    prompt_tokens: d.usage.input_tokens,
-                    completion_tokens: d.usage.output_tokens,
-                    cost_micro_usd: d.cost.total.0,
-                });
+                use synesis_proto::message::FinishReason as Finish;
+                let ending = match d.finish_reason {
+                    Finish::Stop | Finish::Length => Piece::End(Ending {
+                        finish_reason: if d.finish_reason == Finish::Length {
+                            "length"
+                        } else {
+                            "stop"
+                        },
+                        prompt_tokens: d.usage.input_tokens,
+                        completion_tokens: d.usage.output_tokens,
+                        cost_micro_usd: d.cost.total.0,
+                    }),
+                    // Not a whole answer, whatever was streamed: never a `stop`.
+                    Finish::Failed => Piece::Failed(ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "server_error",
+                        "upstream_failed",
+                        "the cloud's model failed partway through the answer (what it made is charged)",
+                    )),
+                    Finish::Cancelled => Piece::Failed(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "invalid_request_error",
+                        "request_cancelled",
+                        format!(
+                            "request {} was cancelled; send it again with a new x-synesis-request-id",
+                            d.request_id
+                        ),
+                    )),
+                };
                 let _ = self.tx.send(ending).await;
                 let charge = synesis_ledger_local::CloudCharge {
                     request_id: d.request_id,
@@ -726,10 +868,15 @@ fn cloud_error(e: &RequestError) -> ApiError {
                 "invalid_request_error",
                 "model_not_found",
             ),
-            ErrorCode::INVALID_REQUEST | ErrorCode::IDEMPOTENCY_CONFLICT => (
+            ErrorCode::INVALID_REQUEST => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "invalid_request",
+            ),
+            ErrorCode::IDEMPOTENCY_CONFLICT => (
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "idempotency_conflict",
             ),
             _ => (StatusCode::BAD_GATEWAY, "server_error", "cloud_error"),
         },
@@ -745,4 +892,41 @@ fn cloud_error(e: &RequestError) -> ApiError {
 /// The body of a response made of text, for `wire`.
 pub(crate) fn json_body(value: &serde_json::Value) -> Body {
     Body::from(value.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_machines_hosts_and_origins_pass() {
+        for host in [
+            "127.0.0.1:11435",
+            "localhost",
+            "LOCALHOST:1",
+            "[::1]:11435",
+            "127.0.0.2",
+        ] {
+            assert!(loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example:11435",
+            "127.0.0.1.evil.example",
+            "[::2]:1",
+            "",
+            "0.0.0.0",
+        ] {
+            assert!(!loopback_host(host), "{host}");
+        }
+        assert!(loopback_origin("http://localhost:3000"));
+        assert!(loopback_origin("http://127.0.0.1"));
+        for origin in [
+            "https://evil.example",
+            "null",
+            "http://localhost.evil.example",
+            "http://127.0.0.1/x",
+        ] {
+            assert!(!loopback_origin(origin), "{origin}");
+        }
+    }
 }

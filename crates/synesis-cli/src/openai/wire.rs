@@ -219,6 +219,11 @@ impl IntoResponse for ApiError {
 /// What the producer of an answer hands over, in order: text, then an end or a failure.
 #[derive(Debug)]
 pub(crate) enum Piece {
+    /// Where the request went (always first, unless it failed before).
+    Routed {
+        route: &'static str,
+        model: String,
+    },
     Text(String),
     End(Ending),
     Failed(ApiError),
@@ -273,14 +278,21 @@ impl Meta {
 /// The whole answer, once made: `chat.completion`, with the cost in its header.
 pub(crate) async fn collected(
     meta: Meta,
+    first: Piece,
     mut rx: mpsc::Receiver<Piece>,
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
+    let mut next = Some(first);
     let ending = loop {
-        match rx.recv().await {
+        let piece = match next.take() {
+            Some(p) => Some(p),
+            None => rx.recv().await,
+        };
+        match piece {
             Some(Piece::Text(t)) => text.push_str(&t),
             Some(Piece::End(e)) => break e,
             Some(Piece::Failed(e)) => return Err(e),
+            Some(Piece::Routed { .. }) => {}
             None => return Err(ApiError::internal("the answer ended without its end")),
         }
     };
@@ -310,48 +322,32 @@ pub(crate) async fn collected(
 /// The answer as it is made: server-sent `chat.completion.chunk`s, the usage last when asked
 /// for (with the cost), then `data: [DONE]`. A failure after the first byte can only be told in
 /// the stream: an `error` object, then the end.
-pub(crate) fn streamed(meta: Meta, rx: mpsc::Receiver<Piece>, include_usage: bool) -> Response {
-    enum Step {
-        First,
-        Next,
-        Done,
-    }
-    let state = (rx, Step::First);
+pub(crate) fn streamed(
+    meta: Meta,
+    first: Piece,
+    rx: mpsc::Receiver<Piece>,
+    include_usage: bool,
+) -> Response {
+    let state = (rx, Step::First(first));
     let events = futures_util::stream::unfold(state, move |(mut rx, step)| {
         let meta = meta.clone();
         async move {
-            let event = match step {
+            let piece = match step {
                 Step::Done => return None,
-                Step::First => {
-                    let role = meta.chunk(
+                Step::First(piece) => {
+                    let mut role = sse(&meta.chunk(
                         serde_json::json!({"role": "assistant", "content": ""}),
                         None,
-                    );
-                    return Some((Ok::<_, Infallible>(sse(&role)), (rx, Step::Next)));
+                    ));
+                    // The first piece in the same write: a text, or already the end.
+                    let (text, next) = event(&meta, Some(piece), include_usage);
+                    role.push_str(&text);
+                    return Some((Ok::<_, Infallible>(role), (rx, next)));
                 }
-                Step::Next => match rx.recv().await {
-                    Some(Piece::Text(t)) => {
-                        let chunk = meta.chunk(serde_json::json!({"content": t}), None);
-                        return Some((Ok(sse(&chunk)), (rx, Step::Next)));
-                    }
-                    Some(Piece::End(e)) => {
-                        let mut text =
-                            sse(&meta.chunk(serde_json::json!({}), Some(e.finish_reason)));
-                        if include_usage {
-                            let mut usage = meta.chunk(serde_json::json!({}), None);
-                            usage["choices"] = serde_json::json!([]);
-                            usage["usage"] = e.usage();
-                            usage["x_synesis"] = meta.synesis(Some(e.cost_micro_usd));
-                            text.push_str(&sse(&usage));
-                        }
-                        text.push_str("data: [DONE]\n\n");
-                        text
-                    }
-                    Some(Piece::Failed(e)) => sse(&e.json()),
-                    None => sse(&ApiError::internal("the answer ended without its end").json()),
-                },
+                Step::Next => rx.recv().await,
             };
-            Some((Ok(event), (rx, Step::Done)))
+            let (text, next) = event(&meta, piece, include_usage);
+            Some((Ok(text), (rx, next)))
         }
     });
     let mut response = Response::new(Body::from_stream(events));
@@ -362,6 +358,39 @@ pub(crate) fn streamed(meta: Meta, rx: mpsc::Receiver<Piece>, include_usage: boo
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
+}
+
+/// Where a stream of server-sent events is.
+enum Step {
+    First(Piece),
+    Next,
+    Done,
+}
+
+/// One piece as server-sent events, and what comes after.
+fn event(meta: &Meta, piece: Option<Piece>, include_usage: bool) -> (String, Step) {
+    let text = match piece {
+        Some(Piece::Text(t)) => {
+            let chunk = meta.chunk(serde_json::json!({"content": t}), None);
+            return (sse(&chunk), Step::Next);
+        }
+        Some(Piece::Routed { .. }) => return (String::new(), Step::Next),
+        Some(Piece::End(e)) => {
+            let mut text = sse(&meta.chunk(serde_json::json!({}), Some(e.finish_reason)));
+            if include_usage {
+                let mut usage = meta.chunk(serde_json::json!({}), None);
+                usage["choices"] = serde_json::json!([]);
+                usage["usage"] = e.usage();
+                usage["x_synesis"] = meta.synesis(Some(e.cost_micro_usd));
+                text.push_str(&sse(&usage));
+            }
+            text.push_str("data: [DONE]\n\n");
+            text
+        }
+        Some(Piece::Failed(e)) => sse(&e.json()),
+        None => sse(&ApiError::internal("the answer ended without its end").json()),
+    };
+    (text, Step::Done)
 }
 
 fn sse(value: &serde_json::Value) -> String {

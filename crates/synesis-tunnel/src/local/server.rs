@@ -254,6 +254,11 @@ pub trait LocalWork: Send + Sync + 'static {
     fn run(&self, work: serde_json::Value, pieces: mpsc::Sender<String>) -> WorkFuture;
 }
 
+/// `events` clients at once: each holds a client's place for as long as it listens, so they
+/// never take the places status, ping and streams need.
+pub const EVENT_SUBSCRIBERS_MAX: usize = 4;
+const _: () = assert!(EVENT_SUBSCRIBERS_MAX + CLOUD_STREAMS_MAX < CLIENTS_MAX);
+
 /// Pieces of local work waiting for their client (the work waits while they are this many).
 const WORK_PIECES_BUFFERED: usize = 64;
 
@@ -278,6 +283,7 @@ pub async fn serve<B: Backend>(
         stopping: watch::channel(false).0,
         events,
         work,
+        subscribers: Arc::new(Semaphore::new(EVENT_SUBSCRIBERS_MAX)),
     };
     let mut clients = JoinSet::new();
     let mut pause = ACCEPT_RETRY;
@@ -350,6 +356,7 @@ struct Streams {
     stopping: watch::Sender<bool>,
     events: EventSender,
     work: Option<Arc<dyn LocalWork>>,
+    subscribers: Arc<Semaphore>,
 }
 
 async fn client<B: Backend>(stream: UnixStream, backend: &B, streams: &Streams) {
@@ -365,8 +372,9 @@ async fn client<B: Backend>(stream: UnixStream, backend: &B, streams: &Streams) 
             proxy(read, write, send, recv, &streams.events).await;
             drop(permit);
         }
-        Ok(Ok(Next::Events(subscription))) => {
+        Ok(Ok(Next::Events(subscription, place))) => {
             feed(read, write, subscription, streams.stopping.subscribe()).await;
+            drop(place);
         }
         Ok(Ok(Next::Work(worker, work))) => serve_work(read, write, &*worker, work).await,
         Ok(Err(e)) => tracing::debug!(error = %e, "local API client failed"),
@@ -380,7 +388,7 @@ type Opened = (Upstream, quinn::RecvStream, OwnedSemaphorePermit);
 enum Next {
     Done,
     Proxy(Opened),
-    Events(broadcast::Receiver<Event>),
+    Events(broadcast::Receiver<Event>, OwnedSemaphorePermit),
     Work(Arc<dyn LocalWork>, serde_json::Value),
 }
 
@@ -554,6 +562,14 @@ async fn opening<B: Backend>(
             ),
         },
         LocalRequest::Events => {
+            let Ok(place) = Arc::clone(&streams.subscribers).try_acquire_owned() else {
+                let failure = LocalFailure::new(
+                    FailureKind::Busy,
+                    format!("{EVENT_SUBSCRIBERS_MAX} clients follow the events already"),
+                );
+                write_local(write, LOCAL_REPLY, &LocalReply::Refused { failure }).await?;
+                return Ok(Next::Done);
+            };
             let subscription = streams.events.subscribe();
             write_local(write, LOCAL_REPLY, &LocalReply::Subscribed).await?;
             // Where things stand, first.
@@ -567,7 +583,7 @@ async fn opening<B: Backend>(
                 },
             };
             write_local(write, LOCAL_REPLY, &LocalReply::Event { event }).await?;
-            return Ok(Next::Events(subscription));
+            return Ok(Next::Events(subscription, place));
         }
     };
     write_local(write, LOCAL_REPLY, &reply).await?;
@@ -697,6 +713,8 @@ async fn proxy(
         _ => false,
     };
     if cancelled {
+        // `CANCELLED` also while the service drains: nobody comes back for this one.
+        send.cancel();
         let _ = recv.stop(close_code(ErrorCode::CANCELLED));
     }
     let cut = if cancelled {
