@@ -631,4 +631,43 @@ mod tests {
         assert_eq!(word("it's"), "\"it's\"");
         assert_eq!(word(""), "\"\"");
     }
+    #[test]
+    fn the_unit_runs_the_service_with_these_directories_and_restarts_it_on_failure() {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from([
+            "synesis",
+            "tunnel",
+            "install",
+            "--user",
+            "--listen",
+            "127.0.0.1:11435",
+            "--grace",
+            "10s",
+        ])
+        .unwrap();
+        let crate::cli::Command::Tunnel {
+            command: crate::cli::TunnelCommand::Install(args),
+        } = cli.command
+        else {
+            panic!("not install");
+        };
+        let overrides = crate::paths::PathOverrides {
+            home: Some("/home/ada/100% synesis".into()),
+            ..Default::default()
+        };
+        let paths = Paths::resolve(&overrides, &crate::paths::XdgEnv::default()).unwrap();
+        let unit = unit_text(Path::new("/usr/bin/synesis"), &paths, true, &args.run);
+        for line in [
+            "ExecStart=/usr/bin/synesis --config-dir \"/home/ada/100%% synesis/config\"",
+            " -v tunnel run --heartbeat-interval 5s",
+            " --grace 10s --listen 127.0.0.1:11435 ",
+            "ExecReload=/bin/kill -HUP $MAINPID\n",
+            "Restart=on-failure\n",
+            "TimeoutStopSec=40\n",
+            "StandardError=append:/home/ada/100%% synesis/data/service.log\n",
+            "WantedBy=default.target\n",
+        ] {
+            assert!(unit.contains(line), "{line:?} in:\n{unit}");
+        }
+    }
 }
