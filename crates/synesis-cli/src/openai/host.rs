@@ -11,6 +11,10 @@ use anyhow::Context;
 use synesis_infer::{Model, Settings};
 use tokio::sync::Mutex;
 
+/// Models kept loaded at once: loading one more unloads the least recently used one not in
+/// use (each is its weights in memory, hundreds of megabytes and more).
+pub(crate) const MODELS_LOADED_MAX: usize = 3;
+
 struct Loaded {
     model: Arc<Model>,
     path: PathBuf,
@@ -48,6 +52,16 @@ impl ModelHost {
             .with_context(|| format!("cannot load model {name:?} from {}", path.display()))?;
         let model = Arc::new(model);
         if !self.keep_alive.is_zero() {
+            while loaded.len() >= MODELS_LOADED_MAX {
+                let idle = loaded
+                    .iter()
+                    .filter(|(_, slot)| Arc::strong_count(&slot.model) == 1)
+                    .min_by_key(|(_, slot)| slot.last_used)
+                    .map(|(name, _)| name.clone());
+                let Some(idle) = idle else { break };
+                tracing::info!(model = %idle, "unloaded to make room");
+                loaded.remove(&idle);
+            }
             loaded.insert(
                 name.to_owned(),
                 Loaded {
@@ -120,5 +134,11 @@ mod tests {
         assert!(host.names().await.is_empty());
         let (_, loaded) = host.get("tiny", &path).await.unwrap();
         assert!(loaded, "loaded again after it was unloaded");
+
+        // At most MODELS_LOADED_MAX: the least recently used one makes room.
+        for name in ["a", "b", "c"] {
+            host.get(name, &path).await.unwrap();
+        }
+        assert_eq!(host.names().await, ["a", "b", "c"]);
     }
 }
