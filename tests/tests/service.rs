@@ -28,6 +28,28 @@ fn start(device: &Device) -> serde_json::Value {
     )
 }
 
+/// Kills the device's service when the test ends, however it ends (a failed assertion too):
+/// a service started in the background outlives its test otherwise.
+struct KillsService<'a>(&'a Device);
+
+impl Drop for KillsService<'_> {
+    fn drop(&mut self) {
+        let Ok(out) = self
+            .0
+            .synesis()
+            .args(["--json", "tunnel", "status"])
+            .output()
+        else {
+            return;
+        };
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            && let Some(pid) = v["pid"].as_u64().and_then(|p| u32::try_from(p).ok())
+        {
+            signal(pid, "KILL");
+        }
+    }
+}
+
 /// How many connections of `device` the cloud identified so far.
 fn connections(log: &str, device: &str) -> usize {
     log.lines()
@@ -39,6 +61,7 @@ fn connections(log: &str, device: &str) -> usize {
 fn start_returns_connected_and_a_killed_service_is_replaced_by_the_next_start() {
     let t = tiny_cloud("");
     let d = &t.owner;
+    let _service = KillsService(d);
     assert_eq!(status_code(d), Some(3), "not running yet");
 
     let first = start(d);
@@ -81,6 +104,7 @@ fn start_returns_connected_and_a_killed_service_is_replaced_by_the_next_start() 
 fn two_concurrent_asks_through_the_service_are_one_connection_on_the_cloud() {
     let t = tiny_cloud("");
     let d = &t.owner;
+    let _service = KillsService(d);
     let device = start(d)["device_id"].as_str().unwrap().to_owned();
     // The setup's top-up had a connection of its own; the service has one more.
     let before = connections(&t.cloud.log(), &device);
@@ -118,6 +142,7 @@ fn stop_during_an_escalation_lets_the_answer_finish() {
     };
     let t = tiny_cloud_with(spec, "");
     let d = &t.owner;
+    let _service = KillsService(d);
     let ask = |extra: &[&str]| {
         let mut cmd = d.synesis();
         cmd.args(["cloud", "ask", "--max-tokens", "300"])
@@ -205,6 +230,7 @@ fn next_event(
 fn events_show_escalations_with_their_cost_and_a_reconnect_after_a_cloud_restart() {
     let mut t = tiny_cloud("");
     let d = &t.owner;
+    let _service = KillsService(d);
     start(d);
     let (mut feed, events) = event_feed(d);
     let now = next_event(&events, |_| true);
@@ -256,6 +282,7 @@ fn events_show_escalations_with_their_cost_and_a_reconnect_after_a_cloud_restart
 fn the_service_keeps_the_model_loaded_so_a_second_ask_skips_the_load() {
     let t = tiny_cloud("");
     let d = &t.owner;
+    let _service = KillsService(d);
     let ask = || {
         json_of(
             d.synesis()
