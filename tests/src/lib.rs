@@ -8,6 +8,8 @@
 // Test support: a setup step that fails should fail the test, loudly and at once.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+pub mod wire;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -4,146 +4,21 @@
 
 use std::time::Duration;
 
-use synesis_e2e::{Cloud, Device, empty_vitals, json_of, run_ok, wait_for};
-use synesis_proto::message::{
-    DeviceLeave, EnrollRequest, Heartbeat, Hello, TopupRequest, UsageRequest,
+use synesis_e2e::wire::{
+    ANSWER_TIMEOUT, anonymous_conn, closed_with, code_of, device_conn, enrolled, exchange,
+    exchange_raw, frame, header, heartbeat, hello, new_id, usage_request,
 };
-use synesis_proto::{
-    Blob, ErrorCode, FrameLimits, Message, MessageType, PROTOCOL_VERSION, RequestId, SetupToken,
-    UnixMillis,
-};
+use synesis_e2e::{Cloud, Device, json_of, run_ok, wait_for};
+use synesis_proto::message::{DeviceLeave, EnrollRequest, TopupRequest};
+use synesis_proto::{Blob, ErrorCode, FrameLimits, Message, MessageType, SetupToken};
 use synesis_tunnel::Identity;
 use synesis_wire::FramedRecv;
-
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(8);
-
-fn new_id() -> RequestId {
-    synesis_tunnel::clock::new_request_id()
-}
-
-/// A connection presenting `device`'s certificate (no `Hello` sent).
-async fn device_conn(cloud: &Cloud, device: &Device, heartbeat: Duration) -> quinn::Connection {
-    let identity = Identity::load(&device.home().join("data"))
-        .unwrap()
-        .unwrap();
-    let config = synesis_tunnel::tls::device_client_config(&identity, heartbeat).unwrap();
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint
-        .connect_with(config, cloud.addr, synesis_wire::tls::SERVER_NAME)
-        .unwrap()
-        .await
-        .unwrap()
-}
-
-/// A connection without a client certificate (what enrollment uses), pinned to the cloud's CA.
-async fn anonymous_conn(endpoint: &quinn::Endpoint, cloud: &Cloud) -> quinn::Connection {
-    endpoint
-        .connect_with(
-            anonymous_config(cloud),
-            cloud.addr,
-            synesis_wire::tls::SERVER_NAME,
-        )
-        .unwrap()
-        .await
-        .unwrap()
-}
-
-fn anonymous_config(cloud: &Cloud) -> quinn::ClientConfig {
-    let ca = std::fs::read(cloud.dir().join("ca.crt.der")).unwrap();
-    let pin = synesis_wire::tls::fingerprint(&ca.into());
-    synesis_tunnel::tls::enrollment_client_config(pin).unwrap()
-}
-
-fn frame(message: impl Into<Message>) -> Vec<u8> {
-    synesis_proto::encode_frame_vec(&message.into(), FrameLimits::default()).unwrap()
-}
-
-/// Writes `bytes` on a new stream (left open) and returns the first message that comes back,
-/// or `None` when the stream or connection ends without one.
-async fn exchange_raw(conn: &quinn::Connection, bytes: &[u8]) -> Option<Message> {
-    let Ok((mut tx, rx)) = conn.open_bi().await else {
-        return None;
-    };
-    if tx.write_all(bytes).await.is_err() {
-        return None;
-    }
-    let mut rx = FramedRecv::new(rx, FrameLimits::default());
-    let reply = tokio::time::timeout(ANSWER_TIMEOUT, rx.next())
-        .await
-        .expect("an answer in time");
-    // Keep the send half open until the answer is in: a finished stream is a different case.
-    drop(tx);
-    reply.ok().flatten()
-}
-
-async fn exchange(conn: &quinn::Connection, message: impl Into<Message>) -> Option<Message> {
-    exchange_raw(conn, &frame(message)).await
-}
-
-fn code_of(reply: &Option<Message>) -> Option<ErrorCode> {
-    match reply {
-        Some(Message::ErrorMsg(e)) => Some(e.code),
-        _ => None,
-    }
-}
-
-fn usage_request() -> UsageRequest {
-    UsageRequest {
-        request_id: new_id(),
-        since: None,
-        group_by: None,
-        after: None,
-    }
-}
 
 fn renewal(csr_der: Vec<u8>) -> synesis_proto::message::CertRenew {
     synesis_proto::message::CertRenew {
         request_id: new_id(),
         csr_der: Blob(csr_der),
     }
-}
-
-fn hello(interval_ms: u32) -> Message {
-    Hello {
-        protocol_versions: vec![PROTOCOL_VERSION],
-        client: "security-test/0".into(),
-        heartbeat_interval_ms: interval_ms,
-        max_frame_bytes: 1 << 20,
-    }
-    .into()
-}
-
-fn heartbeat(seq: u64) -> Message {
-    Heartbeat {
-        seq,
-        sent_at: UnixMillis(0),
-        vitals: empty_vitals(),
-    }
-    .into()
-}
-
-/// The code a connection was closed with, waiting at most `limit` for the close.
-async fn closed_with(conn: &quinn::Connection, limit: Duration) -> Option<Option<ErrorCode>> {
-    tokio::time::timeout(limit, conn.closed())
-        .await
-        .ok()
-        .map(|e| synesis_wire::error_code_of(&e))
-}
-
-/// A cloud, a device enrolled in account `acme`, and a connection of that device (no `Hello`).
-async fn enrolled() -> (Cloud, Device, quinn::Connection) {
-    let cloud = Cloud::start();
-    let device = Device::new();
-    device.login(&cloud.account_and_token("acme"));
-    let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
-    (cloud, device, conn)
-}
-
-/// A frame header of type `t` announcing `length` payload bytes (which never come).
-fn header(t: MessageType, length: u32) -> Vec<u8> {
-    let mut h = vec![t.as_u8()];
-    h.extend_from_slice(&length.to_be_bytes());
-    h
 }
 
 fn managed_account_and_device(cloud: &Cloud, account: &str) -> (Device, String) {

@@ -1,0 +1,446 @@
+//! The conformance suite: `proto/PROTOCOL.md`'s promises, held against a running cloud through
+//! the wire alone — connections and frames made here (`synesis_e2e::wire`), never the device's
+//! client code. Each test is named after the clause it checks (`s<section>_…`);
+//! `proto/CONFORMANCE.md` maps every clause to its test, and says which have none yet.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::time::Duration;
+
+use synesis_e2e::wire::{
+    anonymous_conn, closed_with, code_of, device_conn, enrolled, exchange, exchange_raw, frame,
+    new_id, usage_request,
+};
+use synesis_e2e::{Cloud, escalation_request, tiny_cloud};
+use synesis_proto::message::{EnrollRequest, EscalationDone, Hello, TopupRequest};
+use synesis_proto::{
+    Blob, ErrorCode, FrameLimits, Message, PROTOCOL_VERSION, RequestId, SetupToken,
+};
+use synesis_wire::FramedRecv;
+
+/// A real CSR for a new key (what a device sends to enroll).
+fn csr() -> Vec<u8> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec()
+}
+
+fn enroll_request(token: &SetupToken, csr_der: Vec<u8>) -> EnrollRequest {
+    EnrollRequest {
+        request_id: new_id(),
+        token_secret: token.presented_secret(),
+        csr_der: Blob(csr_der),
+        device_name: "conformance".into(),
+    }
+}
+
+/// `request` on a connection of its own without a certificate: the reply.
+async fn enroll(cloud: &Cloud, request: &EnrollRequest) -> Option<Message> {
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = anonymous_conn(&endpoint, cloud).await;
+    exchange(&conn, request.clone()).await
+}
+
+// §1 Enrollment and identity ------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_enroll_a_wrong_secret_is_token_invalid_and_burns_nothing() {
+    let cloud = Cloud::start();
+    let token: SetupToken = cloud.account_and_token("acme").parse().unwrap();
+    let mut wrong = enroll_request(&token, csr());
+    let (id, _) = wrong.token_secret.split_once('.').unwrap();
+    wrong.token_secret = format!("{id}.{}", "0".repeat(64));
+    assert_eq!(
+        code_of(&enroll(&cloud, &wrong).await),
+        Some(ErrorCode::TOKEN_INVALID)
+    );
+    // The token still works with its secret.
+    let right = enroll_request(&token, csr());
+    assert!(matches!(
+        enroll(&cloud, &right).await,
+        Some(Message::EnrollResponse(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_enroll_the_same_request_again_gets_the_same_device_and_certificate() {
+    let cloud = Cloud::start();
+    let token: SetupToken = cloud.account_and_token("acme").parse().unwrap();
+    let request = enroll_request(&token, csr());
+    let Some(Message::EnrollResponse(first)) = enroll(&cloud, &request).await else {
+        panic!("enrolled");
+    };
+    let Some(Message::EnrollResponse(again)) = enroll(&cloud, &request).await else {
+        panic!("the same request is answered again");
+    };
+    assert_eq!(first.device_id, again.device_id);
+    assert_eq!(first.client_cert_der, again.client_cert_der);
+    // Another request with the used token: refused.
+    let other = enroll_request(&token, csr());
+    assert_eq!(
+        code_of(&enroll(&cloud, &other).await),
+        Some(ErrorCode::TOKEN_USED)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_enroll_a_csr_whose_signature_fails_is_refused() {
+    let cloud = Cloud::start();
+    let token: SetupToken = cloud.account_and_token("acme").parse().unwrap();
+    let mut forged = csr();
+    // The signature is the CSR's last bytes.
+    let last = forged.len() - 1;
+    forged[last] ^= 0x01;
+    let reply = enroll(&cloud, &enroll_request(&token, forged)).await;
+    assert!(
+        matches!(&reply, Some(Message::ErrorMsg(e)) if e.code == ErrorCode::INVALID_REQUEST),
+        "{reply:?}"
+    );
+    // The token was not used up by the refusal.
+    assert!(matches!(
+        enroll(&cloud, &enroll_request(&token, csr())).await,
+        Some(Message::EnrollResponse(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_a_connection_without_certificate_carries_only_enrollment() {
+    let cloud = Cloud::start();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    for message in [usage_request().into(), synesis_e2e::wire::hello(1_000)] {
+        let conn = anonymous_conn(&endpoint, &cloud).await;
+        assert_eq!(
+            code_of(&exchange(&conn, message).await),
+            Some(ErrorCode::UNAUTHENTICATED)
+        );
+    }
+}
+
+// §1 Transport limits -------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_no_unidirectional_streams() {
+    let (_cloud, _device, conn) = enrolled().await;
+    // The cloud grants no credit for them: one can never be opened.
+    let opened = tokio::time::timeout(Duration::from_secs(1), conn.open_uni()).await;
+    assert!(opened.is_err(), "a unidirectional stream was opened");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_the_first_frame_of_a_stream_within_10_s() {
+    let (_cloud, _device, conn) = enrolled().await;
+    let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+    // Half a header, then nothing: the cloud gives up on the stream, not on the connection.
+    tx.write_all(&[MessageTypeByte::USAGE_REQUEST])
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(20), rx.read_to_end(1 << 16)).await;
+    assert!(
+        ended.is_ok(),
+        "the stream is ended within 10 s (and some margin)"
+    );
+    assert_eq!(
+        closed_with(&conn, Duration::from_millis(100)).await,
+        None,
+        "the connection stays"
+    );
+    assert!(matches!(
+        exchange(&conn, usage_request()).await,
+        Some(Message::UsageReply(_))
+    ));
+}
+
+/// Type bytes this file writes by hand.
+struct MessageTypeByte;
+
+impl MessageTypeByte {
+    const USAGE_REQUEST: u8 = 0x50;
+}
+
+// §2 Session ----------------------------------------------------------------------------------
+
+/// Sends `hello` on a new control stream: the cloud's first answer.
+async fn session(conn: &quinn::Connection, hello: Hello) -> Option<Message> {
+    exchange(conn, hello).await
+}
+
+fn hello_with(versions: Vec<u16>, max_frame_bytes: u32) -> Hello {
+    Hello {
+        protocol_versions: versions,
+        client: "conformance/0".into(),
+        heartbeat_interval_ms: 1_000,
+        max_frame_bytes,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_session_chooses_the_highest_version_both_speak() {
+    let (_cloud, _device, conn) = enrolled().await;
+    let versions = vec![PROTOCOL_VERSION + 7, PROTOCOL_VERSION, 0];
+    let Some(Message::Welcome(w)) = session(&conn, hello_with(versions, 1 << 20)).await else {
+        panic!("welcomed");
+    };
+    assert_eq!(w.protocol_version, PROTOCOL_VERSION);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_session_without_a_common_version_is_unsupported_version() {
+    let (_cloud, _device, conn) = enrolled().await;
+    let reply = session(&conn, hello_with(vec![PROTOCOL_VERSION + 7], 1 << 20)).await;
+    assert_eq!(code_of(&reply), Some(ErrorCode::UNSUPPORTED_VERSION));
+    assert_eq!(
+        closed_with(&conn, Duration::from_secs(5)).await,
+        Some(Some(ErrorCode::UNSUPPORTED_VERSION)),
+        "the connection is closed with the code"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_a_maximum_below_64_kib_counts_as_64_kib() {
+    let (_cloud, _device, conn) = enrolled().await;
+    let Some(Message::Welcome(w)) = session(&conn, hello_with(vec![PROTOCOL_VERSION], 1_000)).await
+    else {
+        panic!("a maximum below the floor is not an error");
+    };
+    assert!(
+        w.max_frame_bytes >= synesis_proto::frame::FRAME_PAYLOAD_MAX_BYTES_FLOOR,
+        "{}",
+        w.max_frame_bytes
+    );
+}
+
+// §2 Requests and idempotency -----------------------------------------------------------------
+
+/// Runs `request` on a stream of its own: its chunks' text and its end.
+async fn escalate(
+    conn: &quinn::Connection,
+    request: synesis_proto::message::EscalationRequest,
+) -> Result<(String, EscalationDone), ErrorCode> {
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    tx.write_all(&frame(request)).await.unwrap();
+    let mut rx = FramedRecv::new(rx, FrameLimits::default());
+    let mut text = String::new();
+    loop {
+        match rx.next().await.unwrap() {
+            Some(Message::EscalationChunk(c)) => text.push_str(&c.text),
+            Some(Message::EscalationDone(d)) => return Ok((text, d)),
+            Some(Message::ErrorMsg(e)) => return Err(e.code),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_a_repeated_request_id_gets_the_same_outcome_charged_once() {
+    let t = tiny_cloud("");
+    let (_endpoint, conn) = synesis_e2e::connect(&t.owner).await;
+    let id = new_id();
+    let request = escalation_request(id, "tiny", "hello", 8);
+    let (first, done) = escalate(&conn, request.clone()).await.unwrap();
+    let (again, replayed) = escalate(&conn, request).await.unwrap();
+    assert_eq!(
+        (first, done.usage, done.cost),
+        (again, replayed.usage, replayed.cost)
+    );
+    let usage = synesis_e2e::json_of(t.owner.synesis().args(["--json", "cloud", "usage"]));
+    let charged = usage["charges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["request_id"] == id.to_string().as_str())
+        .count();
+    assert_eq!(charged, 1, "{usage}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_a_request_id_reused_with_another_body_is_idempotency_conflict() {
+    let t = tiny_cloud("");
+    let (_endpoint, conn) = synesis_e2e::connect(&t.owner).await;
+    let id = new_id();
+    escalate(&conn, escalation_request(id, "tiny", "hello", 8))
+        .await
+        .unwrap();
+    assert_eq!(
+        escalate(&conn, escalation_request(id, "tiny", "goodbye", 8))
+            .await
+            .unwrap_err(),
+        ErrorCode::IDEMPOTENCY_CONFLICT
+    );
+    // Account requests too: a voucher's top-up id with another voucher.
+    let voucher = t.cloud.voucher("1.00");
+    let topup = TopupRequest {
+        request_id: new_id(),
+        voucher,
+    };
+    assert!(matches!(
+        exchange(&conn, topup.clone()).await,
+        Some(Message::TopupReply(_))
+    ));
+    let replay = exchange(&conn, topup.clone()).await;
+    assert!(matches!(replay, Some(Message::TopupReply(_))), "{replay:?}");
+    let other = TopupRequest {
+        voucher: t.cloud.voucher("2.00"),
+        ..topup
+    };
+    assert_eq!(
+        code_of(&exchange(&conn, other).await),
+        Some(ErrorCode::IDEMPOTENCY_CONFLICT)
+    );
+}
+
+// §4 Payload encoding -------------------------------------------------------------------------
+
+/// A `UsageRequest` frame whose request id's 16 bytes are `id`.
+fn usage_with_id_bytes(id: [u8; 16]) -> Vec<u8> {
+    let mut bytes = frame(usage_request());
+    // Header (5 bytes), then the request id: the payload's first 16 bytes.
+    bytes[5..21].copy_from_slice(&id);
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s4_a_nil_or_not_v7_request_id_is_frame_malformed() {
+    let (_cloud, _device, conn) = enrolled().await;
+    let nil = [0u8; 16];
+    let v7 = *RequestId::from_parts(1_795_000_000_000, [7; 10]).as_bytes();
+    let mut v4 = v7;
+    v4[6] = (v4[6] & 0x0f) | 0x40; // the version nibble
+    for id in [nil, v4] {
+        assert_eq!(
+            code_of(&exchange_raw(&conn, &usage_with_id_bytes(id)).await),
+            Some(ErrorCode::FRAME_MALFORMED),
+            "{id:02x?}"
+        );
+    }
+    // A v7 id is taken.
+    assert!(matches!(
+        exchange_raw(&conn, &usage_with_id_bytes(v7)).await,
+        Some(Message::UsageReply(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s4_invalid_utf8_in_a_string_is_frame_malformed() {
+    let (_cloud, _device, conn) = enrolled().await;
+    let topup = TopupRequest {
+        request_id: new_id(),
+        voucher: "VCH-AAAA".into(),
+    };
+    let mut bytes = frame(topup);
+    // The voucher's text is the payload's last 8 bytes.
+    let at = bytes.len() - 2;
+    bytes[at] = 0xff;
+    assert_eq!(
+        code_of(&exchange_raw(&conn, &bytes).await),
+        Some(ErrorCode::FRAME_MALFORMED)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s4_a_longer_varint_than_needed_is_accepted() {
+    let (_cloud, _device, conn) = enrolled().await;
+    // `UsageRequest` with `since: Some(…)`: re-encode the `i64` zigzag varint in the `0xfd` form.
+    let request = synesis_proto::message::UsageRequest {
+        since: Some(synesis_proto::UnixMillis(5)),
+        ..usage_request()
+    };
+    let short = frame(request);
+    // payload: id (16) | Some (1) | varint(zigzag 5 = 10) (1) | None (1) | None (1)
+    assert_eq!(&short[5 + 16..5 + 18], &[1, 10]);
+    let mut long = short[..5 + 17].to_vec();
+    long.push(0xfd);
+    long.extend_from_slice(&10u64.to_le_bytes());
+    long.extend_from_slice(&short[5 + 18..]);
+    let length = u32::try_from(long.len() - 5).unwrap();
+    long[1..5].copy_from_slice(&length.to_be_bytes());
+    assert!(matches!(
+        exchange_raw(&conn, &long).await,
+        Some(Message::UsageReply(_))
+    ));
+}
+
+// §2 Usage ------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_usage_a_cursor_that_names_no_charge_is_invalid_request() {
+    let (_cloud, _device, conn) = enrolled().await;
+    let request = synesis_proto::message::UsageRequest {
+        after: Some(new_id()),
+        ..usage_request()
+    };
+    assert_eq!(
+        code_of(&exchange(&conn, request).await),
+        Some(ErrorCode::INVALID_REQUEST)
+    );
+}
+
+// §1 Close codes ------------------------------------------------------------------------------
+
+/// A control stream kept open (its halves are returned): the session lives while they do.
+async fn open_session(
+    conn: &quinn::Connection,
+) -> (quinn::SendStream, FramedRecv<quinn::RecvStream>, Message) {
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    tx.write_all(&frame(hello_with(vec![PROTOCOL_VERSION], 1 << 20)))
+        .await
+        .unwrap();
+    let mut rx = FramedRecv::new(rx, FrameLimits::default());
+    let first = rx.next().await.unwrap().unwrap();
+    (tx, rx, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_close_a_newer_control_connection_replaces_the_older_with_unavailable() {
+    let (cloud, device, older) = enrolled().await;
+    let (_tx, _rx, welcome) = open_session(&older).await;
+    assert!(matches!(welcome, Message::Welcome(_)), "{welcome:?}");
+    let newer = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    let (_tx2, _rx2, welcome) = open_session(&newer).await;
+    assert!(matches!(welcome, Message::Welcome(_)), "{welcome:?}");
+    assert_eq!(
+        closed_with(&older, Duration::from_secs(5)).await,
+        Some(Some(ErrorCode::UNAVAILABLE))
+    );
+    assert_eq!(
+        closed_with(&newer, Duration::from_millis(200)).await,
+        None,
+        "the newer one stays"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_drain_spreads_the_returns_over_the_window_then_closes_with_0() {
+    let cloud = Cloud::start(); // `--drain-window 1s --drain-grace 3s`
+    let mut sessions = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        let device = synesis_e2e::Device::new();
+        device.login(&cloud.account_and_token(name));
+        let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+        let (tx, rx, welcome) = open_session(&conn).await;
+        assert!(matches!(welcome, Message::Welcome(_)));
+        sessions.push((device, conn, tx, rx));
+    }
+    synesis_e2e::signal(cloud.process.pid(), "TERM");
+    for (_, conn, _tx, rx) in &mut sessions {
+        let drain = loop {
+            match tokio::time::timeout(Duration::from_secs(5), rx.next()).await {
+                Ok(Ok(Some(Message::Drain(d)))) => break d,
+                Ok(Ok(Some(Message::HeartbeatAck(_) | Message::BalanceUpdate(_)))) => {}
+                other => panic!("a Drain: {other:?}"),
+            }
+        };
+        assert!(
+            (500..=1_000).contains(&drain.reconnect_after_ms),
+            "within the 1 s window: {}",
+            drain.reconnect_after_ms
+        );
+        // This client stays: after the grace period the cloud closes it with 0.
+        assert_eq!(
+            closed_with(conn, Duration::from_secs(10)).await,
+            Some(Some(ErrorCode(0)))
+        );
+    }
+}
