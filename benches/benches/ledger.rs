@@ -9,6 +9,13 @@
 //! `…_unordered_ids` the same with ids in no order, the worst case for the request index;
 //! `settled_charge_1_client` is one client alone (two commits per charge).
 //!
+//! The limit itself is the second anchor, `anchor_bare_sqlite_batch_<n>`: bare SQLite writing
+//! the rows a settled charge writes (a hold entry, its open hold and the account's totals; then
+//! the settlement entry, the hold gone, the totals again) into the same schema with the same
+//! pragmas, `n` charges per transaction — with no ledger rules, hashing, queue or tasks. Group
+//! commit under 512 clients cannot beat the batch size it reaches; the ratio to these says what
+//! the ledger's own work costs.
+//!
 //! `cargo bench -p synesis-benches --bench ledger`
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark whose fixture fails stops
 
@@ -80,6 +87,71 @@ impl Ids {
 }
 
 /// One settled charge: a hold for 1,000 + up to 250 tokens of Sonnet, settled at 1,000 + 200.
+/// `batch` settled charges' rows in bare SQLite: the holds in one transaction, then the
+/// settlements in another (as the writer commits the holds of a batch of clients together,
+/// then their settlements).
+fn bare_charges(conn: &mut rusqlite::Connection, account: &str, ids: &Ids, batch: usize) {
+    let requests: Vec<String> = (0..batch).map(|_| ids.next().to_string()).collect();
+    let at = now().0;
+    let hash = [0x5au8; 32];
+    let body = [0x11u8; 96];
+    for settle in [false, true] {
+        let tx = conn.transaction().unwrap();
+        {
+            let mut entry = tx
+                .prepare_cached(
+                    "INSERT INTO ledger_entries (account_id, request_id, kind, model, device_id,
+                       input_tokens, output_tokens, amount, quota_tokens, body, at, expires_at,
+                       prev_hash, hash)
+                     VALUES (?1, ?2, ?3, 'claude-sonnet', NULL, 1000, 250, 6180, 0, ?4, ?5, ?6,
+                       ?7, ?8)",
+                )
+                .unwrap();
+            let mut hold = tx
+                .prepare_cached(
+                    "INSERT INTO ledger_open_holds (account_id, request_id, seq, amount,
+                       quota_tokens, expires_at) VALUES (?1, ?2, last_insert_rowid(), 6180, 0, ?3)",
+                )
+                .unwrap();
+            let mut release = tx
+                .prepare_cached(
+                    "DELETE FROM ledger_open_holds WHERE account_id = ?1 AND request_id = ?2",
+                )
+                .unwrap();
+            let mut totals = tx
+                .prepare_cached(
+                    "UPDATE ledger_totals SET balance = balance - 1, open_held = open_held + 1
+                     WHERE account_id = ?1",
+                )
+                .unwrap();
+            for request in &requests {
+                let kind = if settle { 3 } else { 2 };
+                let expires = if settle { None } else { Some(at + 60_000) };
+                entry
+                    .execute(rusqlite::params![
+                        account,
+                        request,
+                        kind,
+                        body.as_slice(),
+                        at,
+                        expires,
+                        hash.as_slice(),
+                        hash.as_slice()
+                    ])
+                    .unwrap();
+                if settle {
+                    release.execute([account, request.as_str()]).unwrap();
+                } else {
+                    hold.execute(rusqlite::params![account, request, at + 60_000])
+                        .unwrap();
+                }
+                totals.execute([account]).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+}
+
 async fn settled_charge(ledger: &LedgerWriter, account: Account, id: RequestId) {
     let (prices, rules) = (PriceTable::default(), TierRules::default());
     let request = HoldRequest {
@@ -142,9 +214,37 @@ fn ledger(c: &mut Criterion) {
         .execute_batch("CREATE TABLE t (seq INTEGER PRIMARY KEY, body BLOB NOT NULL)")
         .unwrap();
 
+    // The limit: the same schema and pragmas as the ledger's writer, driven bare.
+    let bare_path = dir.path().join("bare.db");
+    let bare_id = AccountId::try_from_uuid(uuid::Uuid::now_v7()).unwrap();
+    Db::open(&bare_path)
+        .unwrap()
+        .create_account(bare_id, "bare", Tier::Managed, now())
+        .unwrap();
+    let mut bare = rusqlite::Connection::open(&bare_path).unwrap();
+    bare.pragma_update(None, "journal_mode", "WAL").unwrap();
+    bare.pragma_update(None, "synchronous", "FULL").unwrap();
+    bare.pragma_update(None, "cache_size", -65_536).unwrap();
+    bare.pragma_update(None, "wal_autocheckpoint", 10_000)
+        .unwrap();
+    bare.execute(
+        "INSERT OR IGNORE INTO ledger_totals (account_id, balance, quota_settled, open_held, open_quota)
+         VALUES (?1, 1000000000000, 0, 0, 0)",
+        [bare_id.to_string()],
+    )
+    .unwrap();
+    let bare_account = bare_id.to_string();
+
     let mut group = c.benchmark_group("ledger");
-    group.throughput(Throughput::Elements(1));
     group.measurement_time(Duration::from_secs(10));
+    for batch in [1usize, 64, 512] {
+        group.throughput(Throughput::Elements(batch as u64));
+        let bare_ids = Ids::ordered();
+        group.bench_function(format!("anchor_bare_sqlite_batch_{batch}"), |b| {
+            b.iter(|| bare_charges(&mut bare, &bare_account, &bare_ids, batch));
+        });
+    }
+    group.throughput(Throughput::Elements(1));
     group.bench_function("anchor_one_durable_sqlite_commit", |b| {
         b.iter(|| {
             anchor

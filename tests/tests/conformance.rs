@@ -444,3 +444,223 @@ async fn s2_drain_spreads_the_returns_over_the_window_then_closes_with_0() {
         );
     }
 }
+
+/// `proto/CONFORMANCE.md` names only tests that exist here, and names every one of them.
+#[test]
+fn the_clause_table_names_exactly_the_tests_of_this_suite() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let table = std::fs::read_to_string(format!("{root}/proto/CONFORMANCE.md")).unwrap();
+    let suite = std::fs::read_to_string(format!("{root}/tests/tests/conformance.rs")).unwrap();
+    let named: std::collections::BTreeSet<&str> = table
+        .split("conformance.rs::")
+        .skip(1)
+        .map(|rest| rest.split('`').next().unwrap())
+        .filter(|name| !name.starts_with('<'))
+        .collect();
+    let tests: std::collections::BTreeSet<&str> = suite
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("async fn ")
+                .or_else(|| l.strip_prefix("fn "))
+        })
+        .map(|l| l.split('(').next().unwrap())
+        .filter(|name| {
+            name.starts_with('s') && name.as_bytes().get(1).is_some_and(u8::is_ascii_digit)
+        })
+        .collect();
+    let unknown: Vec<_> = named.difference(&tests).collect();
+    let unlisted: Vec<_> = tests.difference(&named).collect();
+    assert!(
+        unknown.is_empty(),
+        "named in CONFORMANCE.md, not in the suite: {unknown:?}"
+    );
+    assert!(
+        unlisted.is_empty(),
+        "in the suite, not in CONFORMANCE.md: {unlisted:?}"
+    );
+}
+
+// §1 Close codes, §2 Streams: more ---------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_close_a_certificate_the_cloud_does_not_know_is_unauthenticated() {
+    let cloud = Cloud::start();
+    // A certificate the cloud's own CA signed, for a device it never enrolled.
+    let pki = synesis_cloud::pki::Pki::load_or_create(cloud.dir()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap();
+    let device = synesis_proto::DeviceId::try_from_uuid(*new_id().as_uuid()).unwrap();
+    let now = synesis_tunnel::clock::unix_now().0;
+    let cert = pki
+        .sign_device(
+            csr.der(),
+            device,
+            (
+                synesis_proto::UnixMillis(now - 60_000),
+                synesis_proto::UnixMillis(now + 3_600_000),
+            ),
+        )
+        .unwrap();
+    let identity = synesis_tunnel::Identity {
+        info: synesis_tunnel::IdentityInfo {
+            device_id: device,
+            account_id: synesis_proto::AccountId::try_from_uuid(*new_id().as_uuid()).unwrap(),
+            account: "nobody".into(),
+            server: cloud.addr.to_string(),
+            enrolled_at: synesis_proto::UnixMillis(now),
+        },
+        key_der: key.serialize_der(),
+        cert_der: cert.to_vec(),
+        ca_der: pki.ca_der().to_vec(),
+    };
+    let config =
+        synesis_tunnel::tls::device_client_config(&identity, Duration::from_secs(1)).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(config, cloud.addr, synesis_wire::tls::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(
+        closed_with(&conn, Duration::from_secs(5)).await,
+        Some(Some(ErrorCode::UNAUTHENTICATED))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_stream_a_message_of_the_other_direction_or_out_of_order_is_unexpected_message() {
+    let (_cloud, _device, conn) = enrolled().await;
+    // What only the cloud sends, sent by a device; and an upload's chunk before its begin.
+    let welcome = synesis_proto::message::Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        device_id: synesis_proto::DeviceId::try_from_uuid(*new_id().as_uuid()).unwrap(),
+        account_id: synesis_proto::AccountId::try_from_uuid(*new_id().as_uuid()).unwrap(),
+        server_time: synesis_proto::UnixMillis(0),
+        max_frame_bytes: 1 << 20,
+    };
+    let chunk = synesis_proto::message::UploadChunk {
+        upload_id: new_id(),
+        index: 0,
+        data: Blob(vec![1, 2, 3]),
+    };
+    for message in [Message::from(welcome), chunk.into()] {
+        assert_eq!(
+            code_of(&exchange(&conn, message).await),
+            Some(ErrorCode::UNEXPECTED_MESSAGE)
+        );
+    }
+    // The connection serves on.
+    assert!(matches!(
+        exchange(&conn, usage_request()).await,
+        Some(Message::UsageReply(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_at_most_32_streams_at_once_on_a_devices_connection() {
+    let (_cloud, _device, conn) = enrolled().await;
+    // The first stream asks for usage and stays open: once answered, the cloud has identified
+    // the device and raised the connection's stream credit from 1 to 32.
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    tx.write_all(&frame(usage_request())).await.unwrap();
+    let mut first = FramedRecv::new(rx, FrameLimits::default());
+    assert!(matches!(
+        first.next().await.unwrap(),
+        Some(Message::UsageReply(_))
+    ));
+    let _first = (tx, first);
+    let mut open = Vec::new();
+    for _ in 1..32 {
+        let (mut tx, rx) = tokio::time::timeout(Duration::from_secs(5), conn.open_bi())
+            .await
+            .expect("one of the 32")
+            .unwrap();
+        // Half a header: the stream exists on the cloud, and stays open (for 10 s).
+        tx.write_all(&[0x50]).await.unwrap();
+        open.push((tx, rx));
+    }
+    let one_more = tokio::time::timeout(Duration::from_secs(1), conn.open_bi()).await;
+    assert!(one_more.is_err(), "a 33rd stream opened");
+    // Streams that end give their places back.
+    for (mut tx, mut rx) in open {
+        tx.reset(quinn::VarInt::from_u32(0)).unwrap();
+        rx.stop(quinn::VarInt::from_u32(0)).unwrap();
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(15), conn.open_bi())
+            .await
+            .is_ok(),
+        "a place came back"
+    );
+}
+
+/// A `UsageRequest` frame with its payload changed by `change`, the header's length fixed.
+fn usage_with(change: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut bytes = frame(usage_request());
+    let mut payload = bytes.split_off(5);
+    change(&mut payload);
+    bytes[1..5].copy_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+    bytes.extend(payload);
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s4_an_option_tag_other_than_0_or_1_is_frame_malformed() {
+    let (_cloud, _device, conn) = enrolled().await;
+    // payload: id (16) | since: Option tag | group_by | after
+    let bad = usage_with(|p| p[16] = 2);
+    assert_eq!(
+        code_of(&exchange_raw(&conn, &bad).await),
+        Some(ErrorCode::FRAME_MALFORMED)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_bytes_left_over_after_the_message_are_frame_trailing_bytes() {
+    let (_cloud, _device, conn) = enrolled().await;
+    let bad = usage_with(|p| p.push(0));
+    assert_eq!(
+        code_of(&exchange_raw(&conn, &bad).await),
+        Some(ErrorCode::FRAME_TRAILING_BYTES)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_esc_values_out_of_range_are_invalid_request_and_charge_nothing() {
+    let t = tiny_cloud("");
+    let (_endpoint, conn) = synesis_e2e::connect(&t.owner).await;
+    let base = || escalation_request(new_id(), "tiny", "hello", 8);
+    let mut no_tokens = base();
+    no_tokens.preferences.max_tokens = 0;
+    let mut too_hot = base();
+    too_hot.preferences.temperature = 9.0;
+    let mut last_not_user = base();
+    last_not_user
+        .context
+        .push(synesis_proto::message::ChatTurn {
+            role: synesis_proto::message::ChatRole::Assistant,
+            content: "hi".into(),
+        });
+    let refused_id = no_tokens.request_id;
+    for request in [no_tokens, too_hot, last_not_user] {
+        assert_eq!(
+            escalate(&conn, request.clone()).await.unwrap_err(),
+            ErrorCode::INVALID_REQUEST,
+            "{request:?}"
+        );
+    }
+    // A refusal writes nothing: the same request id, sent again acceptable, runs.
+    let fixed = escalation_request(refused_id, "tiny", "hello", 8);
+    let (_, done) = escalate(&conn, fixed).await.unwrap();
+    assert_eq!(done.request_id, refused_id);
+    let usage = synesis_e2e::json_of(t.owner.synesis().args(["--json", "cloud", "usage"]));
+    // The setup's top-up only: no charge, no hold.
+    assert_eq!(usage["held_micro_usd"], 0, "{usage}");
+    let charges = usage["charges"].as_array().unwrap();
+    let tiny: Vec<_> = charges.iter().filter(|c| c["model"] == "tiny").collect();
+    assert_eq!(tiny.len(), 1, "only the accepted one is charged: {usage}");
+    assert_eq!(tiny[0]["request_id"], refused_id.to_string().as_str());
+}
