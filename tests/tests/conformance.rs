@@ -664,3 +664,244 @@ async fn s2_esc_values_out_of_range_are_invalid_request_and_charge_nothing() {
     assert_eq!(tiny.len(), 1, "only the accepted one is charged: {usage}");
     assert_eq!(tiny[0]["request_id"], refused_id.to_string().as_str());
 }
+
+// §2 Streams: kinds and ends ------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_stream_enrollment_is_refused_on_a_devices_connection() {
+    let (cloud, _device, conn) = enrolled().await;
+    let token: SetupToken = cloud.account_and_token("globex").parse().unwrap();
+    assert_eq!(
+        code_of(&exchange(&conn, enroll_request(&token, csr())).await),
+        Some(ErrorCode::UNEXPECTED_MESSAGE)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_stream_an_error_msg_ends_its_stream() {
+    let (_cloud, _device, conn) = enrolled().await;
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    let bad = usage_with(|p| p.push(0));
+    tx.write_all(&bad).await.unwrap();
+    let mut rx = FramedRecv::new(rx, FrameLimits::default());
+    assert!(matches!(rx.next().await, Ok(Some(Message::ErrorMsg(_)))));
+    // Nothing follows it: the cloud finished its half.
+    assert!(
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), rx.next()).await,
+            Ok(Ok(None))
+        ),
+        "the stream ends after the ErrorMsg"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s5_type_retired_and_local_api_type_bytes_are_unknown_to_the_cloud() {
+    let (_cloud, _device, conn) = enrolled().await;
+    for ty in [0x56u8, 0x57, 0xf0, 0xf1] {
+        let mut bytes = vec![ty];
+        bytes.extend_from_slice(&2u32.to_be_bytes());
+        bytes.extend_from_slice(b"{}");
+        assert_eq!(
+            code_of(&exchange_raw(&conn, &bytes).await),
+            Some(ErrorCode::FRAME_UNKNOWN_TYPE),
+            "{ty:#04x}"
+        );
+    }
+}
+
+// §2 Roles, invitations, members, handover ----------------------------------------------------
+
+/// A device of a new member `name` of account `acme`, with `role`, and its connection.
+async fn member(cloud: &Cloud, name: &str, role: &str) -> (synesis_e2e::Device, quinn::Connection) {
+    synesis_e2e::run_ok(
+        cloud
+            .admin()
+            .args(["member", "add", "acme", name, "--role", role]),
+    );
+    let out = synesis_e2e::run_ok(cloud.admin().args([
+        "token",
+        "create",
+        "--account",
+        "acme",
+        "--member",
+        name,
+    ]));
+    let device = synesis_e2e::Device::new();
+    device.login(String::from_utf8(out.stdout).unwrap().trim());
+    let conn = device_conn(cloud, &device, Duration::from_secs(1)).await;
+    (device, conn)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_role_forbidden_ends_the_stream_not_the_connection() {
+    let (cloud, _owner, _conn) = enrolled().await;
+    let (_viewer, conn) = member(&cloud, "val@example.com", "viewer").await;
+    let topup = TopupRequest {
+        request_id: new_id(),
+        voucher: "VCH-0000".into(),
+    };
+    assert_eq!(
+        code_of(&exchange(&conn, topup).await),
+        Some(ErrorCode::FORBIDDEN)
+    );
+    assert!(matches!(
+        exchange(&conn, usage_request()).await,
+        Some(Message::UsageReply(_))
+    ));
+}
+
+fn invite(
+    invitee: &str,
+    role: synesis_proto::message::Role,
+    ttl_ms: u64,
+) -> synesis_proto::message::InviteCreate {
+    synesis_proto::message::InviteCreate {
+        request_id: new_id(),
+        invitee: invitee.into(),
+        role,
+        ttl_ms,
+        quota_tokens: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_invite_an_owner_role_or_a_ttl_out_of_range_is_invalid_request() {
+    use synesis_proto::message::Role;
+    let (_cloud, _owner, conn) = enrolled().await;
+    for bad in [
+        invite("a@example.com", Role::Owner, 3_600_000),
+        invite("a@example.com", Role::Viewer, 59_000),
+        invite("a@example.com", Role::Viewer, 31 * 86_400_000),
+    ] {
+        assert_eq!(
+            code_of(&exchange(&conn, bad.clone()).await),
+            Some(ErrorCode::INVALID_REQUEST),
+            "{bad:?}"
+        );
+    }
+    assert!(matches!(
+        exchange(&conn, invite("a@example.com", Role::Viewer, 60_000)).await,
+        Some(Message::InviteCreated(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_invite_the_same_request_reissues_the_code_and_conflicts_once_used() {
+    use synesis_proto::message::Role;
+    let (cloud, _owner, conn) = enrolled().await;
+    let request = invite("ivy@example.com", Role::Commenter, 3_600_000);
+    let Some(Message::InviteCreated(first)) = exchange(&conn, request.clone()).await else {
+        panic!("invited");
+    };
+    let Some(Message::InviteCreated(again)) = exchange(&conn, request.clone()).await else {
+        panic!("the same request is answered again");
+    };
+    assert_ne!(first.code, again.code, "a new secret");
+    // The invitation's code is a setup token's id and secret: enroll with it over the wire.
+    let with = |code: &str| EnrollRequest {
+        request_id: new_id(),
+        token_secret: code.to_owned(),
+        csr_der: Blob(csr()),
+        device_name: "ivy".into(),
+    };
+    assert_eq!(
+        code_of(&enroll(&cloud, &with(&first.code)).await),
+        Some(ErrorCode::TOKEN_INVALID),
+        "the earlier code stops working"
+    );
+    assert!(matches!(
+        enroll(&cloud, &with(&again.code)).await,
+        Some(Message::EnrollResponse(_))
+    ));
+    assert_eq!(
+        code_of(&exchange(&conn, request).await),
+        Some(ErrorCode::IDEMPOTENCY_CONFLICT),
+        "used: the same request is a conflict"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_member_removing_the_owner_is_invalid_request_and_an_unknown_name_not_found() {
+    let (_cloud, _owner, conn) = enrolled().await;
+    let remove = |name: &str| synesis_proto::message::MemberRemove {
+        request_id: new_id(),
+        name: name.into(),
+    };
+    assert_eq!(
+        code_of(&exchange(&conn, remove("acme")).await),
+        Some(ErrorCode::INVALID_REQUEST)
+    );
+    assert_eq!(
+        code_of(&exchange(&conn, remove("nobody@example.com")).await),
+        Some(ErrorCode::NOT_FOUND)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_handover_a_newer_offer_replaces_the_older() {
+    use synesis_proto::message::{HandoverAccept, HandoverOffer};
+    let (cloud, _owner, conn) = enrolled().await;
+    let (_ada, ada) = member(&cloud, "ada@example.com", "editor").await;
+    let (_bob, bob) = member(&cloud, "bob@example.com", "editor").await;
+    for to in ["ada@example.com", "bob@example.com"] {
+        let offer = HandoverOffer {
+            request_id: new_id(),
+            to: to.into(),
+        };
+        assert!(matches!(
+            exchange(&conn, offer).await,
+            Some(Message::HandoverOffered(_))
+        ));
+    }
+    let accept = || HandoverAccept {
+        request_id: new_id(),
+    };
+    assert_eq!(
+        code_of(&exchange(&ada, accept()).await),
+        Some(ErrorCode::NOT_FOUND),
+        "Ada's offer was replaced"
+    );
+    assert!(matches!(
+        exchange(&bob, accept()).await,
+        Some(Message::HandoverAccepted(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_idem_request_ids_are_scoped_to_their_account() {
+    let t = tiny_cloud("");
+    synesis_e2e::run_ok(
+        t.cloud
+            .admin()
+            .args(["account", "create", "globex", "--tier", "managed"]),
+    );
+    let other = synesis_e2e::Device::new();
+    other.login(&t.cloud.token("globex", "1h"));
+    t.cloud.top_up(&other, "1.00");
+    let (_e1, acme) = synesis_e2e::connect(&t.owner).await;
+    let (_e2, globex) = synesis_e2e::connect(&other).await;
+    // The same id, and even the same body, in two accounts: two requests, each run and charged.
+    let id = new_id();
+    let request = escalation_request(id, "tiny", "hello", 8);
+    escalate(&acme, request.clone()).await.unwrap();
+    escalate(&globex, request).await.unwrap();
+    // Within one account the id still binds its body.
+    let mut changed = escalation_request(new_id(), "tiny", "goodbye", 8);
+    changed.request_id = id;
+    assert!(
+        escalate(&globex, changed)
+            .await
+            .is_err_and(|c| c == ErrorCode::IDEMPOTENCY_CONFLICT)
+    );
+    for device in [&t.owner, &other] {
+        let usage = synesis_e2e::json_of(device.synesis().args(["--json", "cloud", "usage"]));
+        let charged = usage["charges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["request_id"] == id.to_string().as_str())
+            .count();
+        assert_eq!(charged, 1, "{usage}");
+    }
+}
