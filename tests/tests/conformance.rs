@@ -905,3 +905,57 @@ async fn s2_idem_request_ids_are_scoped_to_their_account() {
         assert_eq!(charged, 1, "{usage}");
     }
 }
+
+// §1 Certificate renewal ----------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_renew_the_same_request_gets_the_same_certificate_and_a_fourth_is_limit_exceeded() {
+    let cloud = Cloud::start_with(&["--cert-lifetime", "24s"]);
+    let device = synesis_e2e::Device::new();
+    device.login(&cloud.account_and_token("acme"));
+    let identity = synesis_tunnel::Identity::load(&device.home().join("data"))
+        .unwrap()
+        .unwrap();
+    // Renewable once the certificate is in the second half of its life.
+    let (not_before, not_after) = synesis_wire::tls::validity(&identity.cert_der).unwrap();
+    let half = not_before.0 + (not_after.0 - not_before.0) / 2;
+    let wait = u64::try_from(half - synesis_tunnel::clock::unix_now().0 + 500).unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    let key = rcgen::KeyPair::try_from(identity.key_der.as_slice()).unwrap();
+    let own_csr = || {
+        rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .der()
+            .to_vec()
+    };
+    let renewal = |csr: Vec<u8>| synesis_proto::message::CertRenew {
+        request_id: new_id(),
+        csr_der: Blob(csr),
+    };
+    let first = renewal(own_csr());
+    let Some(Message::CertRenewed(a)) = exchange(&conn, first.clone()).await else {
+        panic!("renewed");
+    };
+    let Some(Message::CertRenewed(b)) = exchange(&conn, first).await else {
+        panic!("the same request is answered again");
+    };
+    assert_eq!(a.client_cert_der, b.client_cert_der, "the same certificate");
+    for _ in 0..2 {
+        let reply = exchange(&conn, renewal(own_csr())).await;
+        assert!(matches!(reply, Some(Message::CertRenewed(_))), "{reply:?}");
+    }
+    assert_eq!(
+        code_of(&exchange(&conn, renewal(own_csr())).await),
+        Some(ErrorCode::LIMIT_EXCEEDED),
+        "a fourth within half a lifetime"
+    );
+    // The certificates signed before stay good until their own end: the first still connects.
+    let again = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    assert!(matches!(
+        exchange(&again, usage_request()).await,
+        Some(Message::UsageReply(_))
+    ));
+}

@@ -364,7 +364,9 @@ impl Devices for Db {
         let (since, max) = recent;
         let issued: i64 = tx
             .prepare_cached(
-                "SELECT COUNT(*) FROM device_certs WHERE device_id = ?1 AND issued_at >= ?2",
+                // Renewals only: the certificate of the enrollment is not one (PROTOCOL.md §1).
+                "SELECT COUNT(*) FROM device_certs
+                 WHERE device_id = ?1 AND issued_at >= ?2 AND renew_request IS NOT NULL",
             )?
             .query_row(params![device.to_string(), since.0], |r| r.get(0))?;
         if usize::try_from(issued).unwrap_or(usize::MAX) >= max {
