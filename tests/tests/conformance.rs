@@ -644,8 +644,10 @@ async fn s2_esc_values_out_of_range_are_invalid_request_and_charge_nothing() {
             role: synesis_proto::message::ChatRole::Assistant,
             content: "hi".into(),
         });
+    // The tiny model's context is 256 tokens.
+    let too_long = escalation_request(new_id(), "tiny", &"word ".repeat(2_000), 8);
     let refused_id = no_tokens.request_id;
-    for request in [no_tokens, too_hot, last_not_user] {
+    for request in [no_tokens, too_hot, last_not_user, too_long] {
         assert_eq!(
             escalate(&conn, request.clone()).await.unwrap_err(),
             ErrorCode::INVALID_REQUEST,
@@ -656,6 +658,11 @@ async fn s2_esc_values_out_of_range_are_invalid_request_and_charge_nothing() {
     let fixed = escalation_request(refused_id, "tiny", "hello", 8);
     let (_, done) = escalate(&conn, fixed).await.unwrap();
     assert_eq!(done.request_id, refused_id);
+    // At most `max_tokens` chunks, and `EscalationDone` counts them.
+    assert!(
+        done.chunks <= 8 && done.usage.output_tokens <= 8,
+        "{done:?}"
+    );
     let usage = synesis_e2e::json_of(t.owner.synesis().args(["--json", "cloud", "usage"]));
     // The setup's top-up only: no charge, no hold.
     assert_eq!(usage["held_micro_usd"], 0, "{usage}");
@@ -958,4 +965,91 @@ async fn s1_renew_the_same_request_gets_the_same_certificate_and_a_fourth_is_lim
         exchange(&again, usage_request()).await,
         Some(Message::UsageReply(_))
     ));
+}
+
+// §1 Transport limits on the control stream and before identification --------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_close_a_frame_error_on_the_control_stream_closes_the_connection_with_its_code() {
+    let (cloud, device, conn) = enrolled().await;
+    let (mut tx, _rx, welcome) = open_session(&conn).await;
+    assert!(matches!(welcome, Message::Welcome(_)));
+    // An unknown type byte on the control stream.
+    tx.write_all(&[0x00, 0, 0, 0, 1, 0]).await.unwrap();
+    assert_eq!(
+        closed_with(&conn, Duration::from_secs(5)).await,
+        Some(Some(ErrorCode::FRAME_UNKNOWN_TYPE))
+    );
+    // A frame over 64 KiB on the control stream, whatever maximum was negotiated.
+    let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    let (mut tx, _rx, welcome) = open_session(&conn).await;
+    assert!(matches!(welcome, Message::Welcome(_)));
+    let prewarm = synesis_proto::message::Prewarm {
+        model: Some("tiny".into()),
+        reason: "x".repeat(70 * 1024),
+    };
+    tx.write_all(&frame(prewarm)).await.unwrap();
+    assert_eq!(
+        closed_with(&conn, Duration::from_secs(5)).await,
+        Some(Some(ErrorCode::FRAME_OVERSIZE))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_a_connection_without_certificate_has_one_stream_and_a_64_kib_enrollment_frame() {
+    let cloud = Cloud::start();
+    let token: SetupToken = cloud.account_and_token("acme").parse().unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = anonymous_conn(&endpoint, &cloud).await;
+    let (mut tx, _rx) = conn.open_bi().await.unwrap();
+    tx.write_all(&[0x20]).await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(1), conn.open_bi()).await;
+    assert!(second.is_err(), "a second stream was opened");
+    // An enrollment frame over 64 KiB: refused from its header (the payload never needs to
+    // come; it could not, past the connection's 64 KiB window).
+    let conn = anonymous_conn(&endpoint, &cloud).await;
+    let big = synesis_e2e::wire::header(synesis_proto::MessageType::EnrollRequest, 70 * 1024);
+    assert_eq!(
+        code_of(&exchange_raw(&conn, &big).await),
+        Some(ErrorCode::FRAME_OVERSIZE)
+    );
+    // The token is untouched.
+    let conn = anonymous_conn(&endpoint, &cloud).await;
+    assert!(matches!(
+        exchange(&conn, enroll_request(&token, csr())).await,
+        Some(Message::EnrollResponse(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_enroll_the_certificate_names_the_device_for_client_authentication_only() {
+    let cloud = Cloud::start();
+    let token: SetupToken = cloud.account_and_token("acme").parse().unwrap();
+    let Some(Message::EnrollResponse(r)) = enroll(&cloud, &enroll_request(&token, csr())).await
+    else {
+        panic!("enrolled");
+    };
+    let der = &r.client_cert_der.0;
+    let has = |needle: &[u8]| der.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        has(r.device_id.to_string().as_bytes()),
+        "the subject is the device id"
+    );
+    // The extended key usage's OIDs (DER): id-kp-clientAuth present, id-kp-serverAuth absent.
+    let oid = |last: u8| [0x06, 0x08, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, last];
+    assert!(has(&oid(2)), "clientAuth");
+    assert!(!has(&oid(1)), "never serverAuth");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_upload_removing_an_adapter_that_does_not_exist_is_not_found() {
+    let (_cloud, _device, conn) = enrolled().await;
+    let remove = synesis_proto::message::AdapterRemove {
+        request_id: new_id(),
+        name: "never-pushed".into(),
+    };
+    assert_eq!(
+        code_of(&exchange(&conn, remove).await),
+        Some(ErrorCode::NOT_FOUND)
+    );
 }
