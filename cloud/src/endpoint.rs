@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -456,6 +457,8 @@ pub(crate) struct Peer {
     pub(crate) shared: Arc<Shared>,
     pub(crate) device: Device,
     pub(crate) conn: quinn::Connection,
+    /// Whether this connection opened its control stream (`Hello`): one per connection.
+    pub(crate) control_opened: AtomicBool,
 }
 
 /// A device's connection: checked against the registry, recorded (so revocation reaches it,
@@ -515,6 +518,7 @@ async fn device(shared: Arc<Shared>, conn: quinn::Connection, fpr: synesis_proto
         shared,
         device,
         conn,
+        control_opened: AtomicBool::new(false),
     });
     while let Ok((tx, rx)) = peer.conn.accept_bi().await {
         tokio::spawn(stream(Arc::clone(&peer), tx, rx));
@@ -562,6 +566,16 @@ async fn stream(peer: Arc<Peer>, tx: quinn::SendStream, rx: quinn::RecvStream) {
         return;
     }
     match first {
+        // One control stream per connection (PROTOCOL.md §2): a second would replace the
+        // connection's own session, and close the connection with it.
+        Message::Hello(_) if peer.control_opened.swap(true, Ordering::AcqRel) => {
+            stream
+                .reject(
+                    ErrorCode::UNEXPECTED_MESSAGE,
+                    "this connection has its control stream already".into(),
+                )
+                .await;
+        }
         Message::Hello(hello) => crate::control::serve(&peer, hello, stream).await,
         m @ (Message::EscalationRequest(_) | Message::EscalationResume(_)) => {
             crate::escalation::serve(&peer, m, stream).await;

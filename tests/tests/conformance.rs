@@ -1053,3 +1053,21 @@ async fn s2_upload_removing_an_adapter_that_does_not_exist_is_not_found() {
         Some(ErrorCode::NOT_FOUND)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_stream_one_control_stream_per_connection() {
+    let (_cloud, _device, conn) = enrolled().await;
+    let (_tx, _rx, welcome) = open_session(&conn).await;
+    assert!(matches!(welcome, Message::Welcome(_)));
+    // A second `Hello` on another stream of the same connection: refused, the session stays.
+    let (_tx2, _rx2, second) = open_session(&conn).await;
+    assert!(
+        matches!(&second, Message::ErrorMsg(e) if e.code == ErrorCode::UNEXPECTED_MESSAGE),
+        "{second:?}"
+    );
+    assert_eq!(closed_with(&conn, Duration::from_millis(300)).await, None);
+    assert!(matches!(
+        exchange(&conn, usage_request()).await,
+        Some(Message::UsageReply(_))
+    ));
+}
