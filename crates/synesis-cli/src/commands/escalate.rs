@@ -153,12 +153,24 @@ pub(crate) fn request_of(
     Ok(request)
 }
 
-/// Mirrors a cloud charge into the local ledger, with the reason the cloud was chosen.
+/// Mirrors the charge of a finished escalation (`done`, to `model`, from `device`) into the
+/// local ledger, with the reason the cloud was chosen.
 pub(crate) async fn record_cloud(
     paths: &Paths,
-    charge: CloudCharge,
+    done: &synesis_proto::message::EscalationDone,
+    model: &str,
+    device: synesis_proto::DeviceId,
     reason: String,
 ) -> anyhow::Result<()> {
+    let charge = CloudCharge {
+        request_id: done.request_id,
+        model: model.to_owned(),
+        device_id: Some(device),
+        input_tokens: done.usage.input_tokens,
+        output_tokens: done.usage.output_tokens,
+        total_micro_usd: done.cost.total,
+        at: unix_now(),
+    };
     let ledger_file = paths.ledger_file();
     tokio::task::spawn_blocking(move || {
         LocalLedger::open(&ledger_file)
@@ -249,21 +261,12 @@ pub(crate) async fn ask_cloud(
     }
 
     let d = &done.done;
-    let charge = CloudCharge {
-        request_id: d.request_id,
-        model: request.model.clone(),
-        device_id: Some(identity.info.device_id),
-        input_tokens: d.usage.input_tokens,
-        output_tokens: d.usage.output_tokens,
-        total_micro_usd: d.cost.total,
-        at: unix_now(),
-    };
     let reason = route_json
         .as_ref()
         .and_then(|r| r["code"].as_str())
         .unwrap_or("forced_cloud")
         .to_owned();
-    if let Err(e) = record_cloud(paths, charge, reason).await {
+    if let Err(e) = record_cloud(paths, d, &request.model, identity.info.device_id, reason).await {
         eprintln!(
             "synesis: warning: this charge is not in the local ledger (`synesis cloud sync` adds it): {e:#}"
         );

@@ -288,17 +288,20 @@ fn enrolled(paths: &Paths) -> Option<Identity> {
         .and_then(|home| Identity::load(&home).ok().flatten())
 }
 
+/// A request answered on this device.
+struct LocalTarget {
+    request_id: RequestId,
+    name: String,
+    model: Arc<Model>,
+    request: synesis_infer::Request,
+    /// A whole answer the policy's confidence probe already made.
+    first: Option<synesis_infer::Generation>,
+    reason: String,
+}
+
 /// Where one request goes, decided.
 enum Target {
-    Local {
-        request_id: RequestId,
-        name: String,
-        model: Arc<Model>,
-        request: synesis_infer::Request,
-        /// A whole answer the policy's confidence probe already made.
-        first: Option<synesis_infer::Generation>,
-        reason: String,
-    },
+    Local(LocalTarget),
     Cloud {
         identity: Identity,
         request: EscalationRequest,
@@ -540,14 +543,14 @@ async fn route(
         .map_or("auto", synesis_route::Reason::code)
         .to_owned();
     match (route.decision, loaded, local, identity) {
-        (Decision::Local, Some((model, _)), Some((name, _)), _) => Ok(Target::Local {
+        (Decision::Local, Some((model, _)), Some((name, _)), _) => Ok(Target::Local(LocalTarget {
             request_id,
             name,
             model,
             request: local_request,
             first,
             reason,
-        }),
+        })),
         (Decision::Cloud, _, _, Some(identity)) => {
             let model = if mode == Mode::Cloud {
                 chat.model.clone()
@@ -633,9 +636,9 @@ impl Producer {
             }
         };
         let routed = match &target {
-            Target::Local { name, .. } => Piece::Routed {
+            Target::Local(local) => Piece::Routed {
                 route: "local",
-                model: name.clone(),
+                model: local.name.clone(),
             },
             Target::Cloud { request, .. } => Piece::Routed {
                 route: "cloud",
@@ -646,17 +649,7 @@ impl Producer {
             return; // the client left
         }
         match target {
-            Target::Local {
-                request_id,
-                name,
-                model,
-                request,
-                first,
-                reason,
-            } => {
-                self.local(request_id, name, model, request, first, reason)
-                    .await;
-            }
+            Target::Local(local) => self.local(local).await,
             Target::Cloud {
                 identity,
                 request,
@@ -677,15 +670,15 @@ impl Producer {
         ))
     }
 
-    async fn local(
-        self,
-        request_id: RequestId,
-        name: String,
-        model: Arc<Model>,
-        request: synesis_infer::Request,
-        first: Option<synesis_infer::Generation>,
-        reason: String,
-    ) {
+    async fn local(self, target: LocalTarget) {
+        let LocalTarget {
+            request_id,
+            name,
+            model,
+            request,
+            first,
+            reason,
+        } = target;
         let generation = match first {
             Some(made) => {
                 let _ = self.tx.send(Piece::Text(made.text.clone())).await;
@@ -826,16 +819,9 @@ impl Producer {
                     )),
                 };
                 let _ = self.tx.send(ending).await;
-                let charge = synesis_ledger_local::CloudCharge {
-                    request_id: d.request_id,
-                    model: request.model.clone(),
-                    device_id: Some(identity.info.device_id),
-                    input_tokens: d.usage.input_tokens,
-                    output_tokens: d.usage.output_tokens,
-                    total_micro_usd: d.cost.total,
-                    at: synesis_tunnel::clock::unix_now(),
-                };
-                if let Err(e) = record_cloud(&self.api.paths, charge, reason).await {
+                let device = identity.info.device_id;
+                let recorded = record_cloud(&self.api.paths, d, &request.model, device, reason);
+                if let Err(e) = recorded.await {
                     tracing::warn!("this charge is not in the local ledger: {e:#}");
                 }
             }
