@@ -757,3 +757,107 @@ async fn held_content_is_checked_again_for_each_declaration() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Upload ids and content belong to their account (PROTOCOL.md §2 *Upload*): another account
+/// that declares the same upload (the same id, the same content) holds none of it and must send
+/// it all; a chunk sent again is accepted and ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_and_their_content_belong_to_their_account_and_a_chunk_sent_twice_is_ignored() {
+    let s = setup("");
+    run_ok(
+        s.cloud
+            .admin()
+            .args(["account", "create", "globex", "--tier", "managed"]),
+    );
+    let other = Device::new();
+    other.login(&s.cloud.token("globex", "1h"));
+    let (_e1, acme) = connect(&s.owner).await;
+    let (_e2, globex) = connect(&other).await;
+    let bytes = std::fs::read(adapter(s.files.path(), "a.gguf", 7, 200_000)).unwrap();
+    let chunks = u32::try_from(bytes.len().div_ceil(CHUNK as usize)).unwrap();
+    let begin = declare("shared", &bytes);
+
+    // Acme: chunk 0, twice, then the stream ends without a word.
+    {
+        let (mut tx, rx) = acme.open_bi().await.unwrap();
+        let mut rx = FramedRecv::new(rx, FrameLimits::default());
+        synesis_wire::send(&mut tx, &begin.clone().into(), FrameLimits::default())
+            .await
+            .unwrap();
+        assert!(matches!(
+            rx.next().await.unwrap(),
+            Some(Message::UploadResume(_))
+        ));
+        let chunk = UploadChunk {
+            upload_id: begin.upload_id,
+            index: 0,
+            data: Blob(bytes[..CHUNK as usize].to_vec()),
+        };
+        for _ in 0..2 {
+            synesis_wire::send(&mut tx, &chunk.clone().into(), FrameLimits::default())
+                .await
+                .unwrap();
+        }
+        tx.finish().unwrap();
+        let end = rx.next().await;
+        assert!(matches!(end, Ok(None)), "accepted, no error: {end:?}");
+    }
+    assert!(
+        wait_for(Duration::from_secs(5), || uploads(&s.cloud)
+            .iter()
+            .any(|u| u["chunks_held"] == 1)),
+        "{:?}",
+        uploads(&s.cloud)
+    );
+    // Globex, the same upload id: holds nothing of Acme's.
+    let e = upload(&globex, &begin, &bytes, |_| false, |_| {}, false).await;
+    assert!(e.held.is_empty(), "{e:?}");
+    // Acme completes it; Globex, declaring the same content again, still holds nothing and
+    // must send every chunk.
+    let e = upload(&acme, &begin, &bytes, |_| true, |_| {}, true).await;
+    assert_eq!(e.held, [0]);
+    assert!(matches!(e.end, Some(Message::UploadComplete(_))), "{e:?}");
+    let e = upload(&globex, &begin, &bytes, |_| true, |_| {}, true).await;
+    assert!(e.held.is_empty(), "{e:?}");
+    assert!(matches!(e.end, Some(Message::UploadComplete(_))), "{e:?}");
+    let received: Vec<_> = uploads(&s.cloud)
+        .iter()
+        .map(|u| u["chunks_received"].clone())
+        .collect();
+    assert!(
+        received.contains(&serde_json::json!(chunks)),
+        "Globex sent all {chunks}: {received:?}"
+    );
+}
+
+/// Upload streams an account may hold open: fewer than twice its uploads in progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_streams_past_twice_the_uploads_in_progress_are_limit_exceeded() {
+    let s = setup("[adapters]\nuploads_per_account = 1\n");
+    let (_endpoint, conn) = connect(&s.owner).await;
+    let bytes = std::fs::read(adapter(s.files.path(), "a.gguf", 7, 0)).unwrap();
+    let begin = declare("streams", &bytes);
+    let open = || async {
+        let (mut tx, rx) = conn.open_bi().await.unwrap();
+        let mut rx = FramedRecv::new(rx, FrameLimits::default());
+        synesis_wire::send(&mut tx, &begin.clone().into(), FrameLimits::default())
+            .await
+            .unwrap();
+        let first = rx.next().await.unwrap();
+        (tx, rx, first)
+    };
+    // Two streams of the one upload in progress (the newer takes over): both answered.
+    let (_tx1, _rx1, first) = open().await;
+    assert!(matches!(first, Some(Message::UploadResume(_))), "{first:?}");
+    let (_tx2, _rx2, second) = open().await;
+    assert!(
+        matches!(second, Some(Message::UploadResume(_))),
+        "{second:?}"
+    );
+    // A third while they are open: refused.
+    let (_tx3, _rx3, third) = open().await;
+    assert!(
+        matches!(&third, Some(Message::ErrorMsg(e)) if e.code == ErrorCode::LIMIT_EXCEEDED),
+        "{third:?}"
+    );
+}
