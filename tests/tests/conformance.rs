@@ -1071,3 +1071,112 @@ async fn s2_stream_one_control_stream_per_connection() {
         Some(Message::UsageReply(_))
     ));
 }
+
+// §1 TLS ----------------------------------------------------------------------------------------
+
+/// `device`'s TLS client configuration, offering `alpn` instead of `synesis/1`.
+fn client_config_with_alpn(device: &synesis_e2e::Device, alpn: &[u8]) -> quinn::ClientConfig {
+    use quinn::rustls;
+    let identity = synesis_tunnel::Identity::load(&device.home().join("data"))
+        .unwrap()
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(identity.ca()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![identity.cert()], identity.key())
+        .unwrap();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    quinn::ClientConfig::new(std::sync::Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_tls_another_alpn_than_synesis_1_is_refused_and_datagrams_are_not_offered() {
+    let (cloud, device, conn) = enrolled().await;
+    assert_eq!(
+        conn.max_datagram_size(),
+        None,
+        "the cloud takes no datagrams"
+    );
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let attempt = endpoint
+        .connect_with(
+            client_config_with_alpn(&device, b"h3"),
+            cloud.addr,
+            synesis_wire::tls::SERVER_NAME,
+        )
+        .unwrap()
+        .await;
+    assert!(attempt.is_err(), "a connection that negotiated h3");
+    // The same configuration with the right protocol is taken.
+    let right = endpoint
+        .connect_with(
+            client_config_with_alpn(&device, synesis_proto::ALPN),
+            cloud.addr,
+            synesis_wire::tls::SERVER_NAME,
+        )
+        .unwrap()
+        .await;
+    assert!(right.is_ok(), "{right:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_renew_a_certificate_past_its_end_is_refused_by_tls() {
+    let cloud = Cloud::start_with(&["--cert-lifetime", "10s"]);
+    let device = synesis_e2e::Device::new();
+    device.login(&cloud.account_and_token("acme"));
+    let identity = synesis_tunnel::Identity::load(&device.home().join("data"))
+        .unwrap()
+        .unwrap();
+    let (_, not_after) = synesis_wire::tls::validity(&identity.cert_der).unwrap();
+    let wait =
+        u64::try_from(not_after.0 - synesis_tunnel::clock::unix_now().0 + 1_500).unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let config =
+        synesis_tunnel::tls::device_client_config(&identity, Duration::from_secs(1)).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let attempt = endpoint
+        .connect_with(config, cloud.addr, synesis_wire::tls::SERVER_NAME)
+        .unwrap()
+        .await;
+    // Refused in the handshake, or closed right after it: never served.
+    match attempt {
+        Err(_) => {}
+        Ok(conn) => assert!(
+            closed_with(&conn, Duration::from_secs(5)).await.is_some(),
+            "an expired certificate was served"
+        ),
+    }
+}
+
+// §2 Escalation: tiers ----------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_esc_a_byok_account_must_send_a_key_and_an_in_process_model_takes_none() {
+    let t = tiny_cloud("");
+    let (_endpoint, conn) = synesis_e2e::connect(&t.owner).await;
+    let mut with_key = escalation_request(new_id(), "tiny", "hello", 8);
+    with_key.byok_key = Some(synesis_proto::Secret("sk-test".into()));
+    assert_eq!(
+        escalate(&conn, with_key).await.unwrap_err(),
+        ErrorCode::MODEL_NOT_ALLOWED,
+        "the in-process model takes no key"
+    );
+    synesis_e2e::run_ok(
+        t.cloud
+            .admin()
+            .args(["account", "set-tier", "acme", "byok"]),
+    );
+    assert_eq!(
+        escalate(&conn, escalation_request(new_id(), "tiny", "hello", 8))
+            .await
+            .unwrap_err(),
+        ErrorCode::MODEL_NOT_ALLOWED,
+        "a BYOK account without a key"
+    );
+}
