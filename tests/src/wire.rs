@@ -26,13 +26,23 @@ pub async fn device_conn(cloud: &Cloud, device: &Device, heartbeat: Duration) ->
         .expect("the device is enrolled");
     let config =
         synesis_tunnel::tls::device_client_config(&identity, heartbeat).expect("a client config");
+    dial(cloud, config)
+        .await
+        .expect("the cloud accepts the device")
+}
+
+/// A connection to `cloud` with `config` (any TLS setup a test makes), from a new endpoint:
+/// the handshake's outcome.
+pub async fn dial(
+    cloud: &Cloud,
+    config: quinn::ClientConfig,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
     let endpoint =
         quinn::Endpoint::client("127.0.0.1:0".parse().expect("an address")).expect("an endpoint");
     endpoint
         .connect_with(config, cloud.addr, synesis_wire::tls::SERVER_NAME)
         .expect("a connection starts")
         .await
-        .expect("the cloud accepts the device")
 }
 
 /// A connection without a client certificate (what enrollment uses), pinned to the cloud's CA.

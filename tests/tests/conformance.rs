@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use synesis_e2e::wire::{
-    anonymous_conn, closed_with, code_of, device_conn, enrolled, exchange, exchange_raw, frame,
-    new_id, usage_request,
+    anonymous_conn, closed_with, code_of, device_conn, dial, enrolled, exchange, exchange_raw,
+    frame, new_id, usage_request,
 };
 use synesis_e2e::{Cloud, escalation_request, tiny_cloud};
 use synesis_proto::message::{EnrollRequest, EscalationDone, Hello, TopupRequest};
@@ -518,12 +518,7 @@ async fn s1_close_a_certificate_the_cloud_does_not_know_is_unauthenticated() {
     };
     let config =
         synesis_tunnel::tls::device_client_config(&identity, Duration::from_secs(1)).unwrap();
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = endpoint
-        .connect_with(config, cloud.addr, synesis_wire::tls::SERVER_NAME)
-        .unwrap()
-        .await
-        .unwrap();
+    let conn = dial(&cloud, config).await.unwrap();
     assert_eq!(
         closed_with(&conn, Duration::from_secs(5)).await,
         Some(Some(ErrorCode::UNAUTHENTICATED))
@@ -1103,25 +1098,14 @@ async fn s1_tls_another_alpn_than_synesis_1_is_refused_and_datagrams_are_not_off
         None,
         "the cloud takes no datagrams"
     );
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let attempt = endpoint
-        .connect_with(
-            client_config_with_alpn(&device, b"h3"),
-            cloud.addr,
-            synesis_wire::tls::SERVER_NAME,
-        )
-        .unwrap()
-        .await;
+    let attempt = dial(&cloud, client_config_with_alpn(&device, b"h3")).await;
     assert!(attempt.is_err(), "a connection that negotiated h3");
     // The same configuration with the right protocol is taken.
-    let right = endpoint
-        .connect_with(
-            client_config_with_alpn(&device, synesis_proto::ALPN),
-            cloud.addr,
-            synesis_wire::tls::SERVER_NAME,
-        )
-        .unwrap()
-        .await;
+    let right = dial(
+        &cloud,
+        client_config_with_alpn(&device, synesis_proto::ALPN),
+    )
+    .await;
     assert!(right.is_ok(), "{right:?}");
 }
 
@@ -1139,11 +1123,7 @@ async fn s1_renew_a_certificate_past_its_end_is_refused_by_tls() {
     tokio::time::sleep(Duration::from_millis(wait)).await;
     let config =
         synesis_tunnel::tls::device_client_config(&identity, Duration::from_secs(1)).unwrap();
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let attempt = endpoint
-        .connect_with(config, cloud.addr, synesis_wire::tls::SERVER_NAME)
-        .unwrap()
-        .await;
+    let attempt = dial(&cloud, config).await;
     // Refused in the handshake, or closed right after it: never served.
     match attempt {
         Err(_) => {}

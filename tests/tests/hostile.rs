@@ -118,11 +118,7 @@ async fn garbage_and_oversize_frames_get_error_codes_and_everyone_is_still_serve
     // (the error message before it is best effort: a close may overtake it).
     let config =
         synesis_tunnel::tls::device_client_config(&identity, Duration::from_secs(5)).unwrap();
-    let conn = endpoint
-        .connect_with(config, cloud.addr, synesis_wire::tls::SERVER_NAME)
-        .unwrap()
-        .await
-        .unwrap();
+    let conn = synesis_e2e::wire::dial(&cloud, config).await.unwrap();
     let reply = raw_stream(&conn, &old).await;
     let closed_with = synesis_wire::error_code_of(&conn.closed().await);
     assert!(
