@@ -22,8 +22,9 @@
 //!    produced; one that produced nothing is voided.
 //!
 //! Idempotency: a request id already running is followed, not run again; one finished is
-//! streamed again from its stored answer; one used for another body is
-//! `IDEMPOTENCY_CONFLICT`. After a restart a request whose hold is still open runs again from
+//! streamed again from its stored answer; one that ended without an answer after its hold was
+//! placed (voided) is spent, `INVALID_REQUEST`, whether the run is still in memory or not; one
+//! used for another body is `IDEMPOTENCY_CONFLICT`. After a restart a request whose hold is still open runs again from
 //! the start under the same hold (the device says so to its user), and is charged once.
 
 use std::collections::{BTreeMap, HashMap};
@@ -247,6 +248,14 @@ impl Run {
         });
     }
 
+    /// The message of the `ErrorMsg` the run ended with, if it ended without an answer.
+    fn refused(&self) -> Option<String> {
+        match &self.state().end {
+            Some(Message::ErrorMsg(e)) => Some(e.message.clone()),
+            _ => None,
+        }
+    }
+
     fn produced(&self) -> usize {
         self.state().chunks.len()
     }
@@ -307,6 +316,19 @@ pub(crate) async fn serve(peer: &Peer, first: Message, mut stream: Stream) {
             };
             if run.body != body {
                 return conflict(&mut stream, r.request_id).await;
+            }
+            if let Some(why) = run.refused() {
+                // It ended without an answer after its hold was placed (a refusal that wrote
+                // nothing is forgotten before it ends): the id is spent, as the ledger will say
+                // once the run is forgotten.
+                let reply = error_msg(
+                    ErrorCode::INVALID_REQUEST,
+                    format!(
+                        "this request id is spent: {why}; send the request again with a new id"
+                    ),
+                    Some(r.request_id),
+                );
+                return stream.send_last(&reply).await;
             }
             if fresh {
                 let admission = Admission {
@@ -520,12 +542,12 @@ impl Drop for EndGuard {
         self.escalations.release(self.key.0);
         if self.run.state().end.is_none() {
             tracing::error!(request = %self.key.1, "an escalation ended without an outcome");
+            self.escalations.forget(self.key, &self.run);
             self.run.end(error_msg(
                 ErrorCode::INTERNAL,
                 "the cloud failed; send the request again with a new id",
                 Some(self.key.1),
             ));
-            self.escalations.forget(self.key, &self.run);
         }
     }
 }
@@ -583,17 +605,17 @@ impl Admission {
         match admitted {
             Err(refusal) => {
                 // Nothing was written: the same id may come again (after a top-up, say).
-                self.run.end(refusal);
                 self.shared.escalations.forget(key, &self.run);
+                self.run.end(refusal);
             }
             Ok((Held::Stored(answer), _)) if answer.body != self.run.body => {
+                // At once: the right body may come next and must find the stored answer.
+                self.shared.escalations.forget(key, &self.run);
                 self.run.end(error_msg(
                     ErrorCode::IDEMPOTENCY_CONFLICT,
                     "this request id was used for another request",
                     Some(r.request_id),
                 ));
-                // At once: the right body may come next and must find the stored answer.
-                self.shared.escalations.forget(key, &self.run);
             }
             Ok((Held::Stored(answer), _)) => {
                 self.run.update(|s| {
@@ -605,12 +627,12 @@ impl Admission {
                     .forget_later(key, Arc::clone(&self.run));
             }
             Ok((Held::Run { .. }, None)) => {
+                self.shared.escalations.forget(key, &self.run);
                 self.run.end(error_msg(
                     ErrorCode::INTERNAL,
                     "no provider",
                     Some(r.request_id),
                 ));
-                self.shared.escalations.forget(key, &self.run);
             }
             Ok((Held::Run { tier, expires_at }, Some((provider, ask, input_bound)))) => {
                 let model = r.model.clone();

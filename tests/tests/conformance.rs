@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use synesis_e2e::upstream::{Script, upstream, upstream_model};
 use synesis_e2e::wire::{
     anonymous_conn, closed_with, code_of, device_conn, dial, enrolled, exchange, exchange_raw,
     frame, new_id, usage_request,
@@ -1159,4 +1160,264 @@ async fn s2_esc_a_byok_account_must_send_a_key_and_an_in_process_model_takes_non
         ErrorCode::MODEL_NOT_ALLOWED,
         "a BYOK account without a key"
     );
+}
+
+// §2 Escalation against an HTTP upstream: tiers, keys, failures, cancels, the quota ---------------
+
+/// The account's usage, over the wire.
+async fn usage(conn: &quinn::Connection) -> synesis_proto::message::UsageReply {
+    match exchange(conn, usage_request()).await {
+        Some(Message::UsageReply(u)) => u,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Polls the account's usage until `done` holds (a cloud's own work after a stream ends is not
+/// synchronous with the test); `None` past the deadline.
+async fn usage_until(
+    conn: &quinn::Connection,
+    done: impl Fn(&synesis_proto::message::UsageReply) -> bool,
+) -> Option<synesis_proto::message::UsageReply> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let u = usage(conn).await;
+        if done(&u) {
+            return Some(u);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A stream with `request` sent on it, its answer not read yet.
+async fn start_escalation(
+    conn: &quinn::Connection,
+    request: synesis_proto::message::EscalationRequest,
+) -> (quinn::SendStream, FramedRecv<quinn::RecvStream>) {
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    tx.write_all(&frame(request)).await.unwrap();
+    (tx, FramedRecv::new(rx, FrameLimits::default()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_esc_a_model_not_served_to_the_accounts_tier_is_model_not_allowed() {
+    let up = upstream(vec![]).await;
+    let t = tiny_cloud(&upstream_model(up.port, "[\"managed\"]"));
+    synesis_e2e::run_ok(
+        t.cloud
+            .admin()
+            .args(["account", "set-tier", "acme", "free"]),
+    );
+    let (_endpoint, conn) = synesis_e2e::connect(&t.owner).await;
+    let id = new_id();
+    assert_eq!(
+        escalate(&conn, escalation_request(id, "up", "hello", 8))
+            .await
+            .unwrap_err(),
+        ErrorCode::MODEL_NOT_ALLOWED
+    );
+    assert!(
+        up.seen.lock().unwrap().is_empty(),
+        "the upstream was never asked"
+    );
+    // A refusal writes nothing: the same id is answered once the tier allows the model.
+    synesis_e2e::run_ok(
+        t.cloud
+            .admin()
+            .args(["account", "set-tier", "acme", "managed"]),
+    );
+    let (text, _) = escalate(&conn, escalation_request(id, "up", "hello", 8))
+        .await
+        .unwrap();
+    assert_eq!(text, "Hi there");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_esc_a_provider_failing_before_its_first_chunk_charges_nothing_and_spends_the_id() {
+    // Every try fails: the first and the cloud's retries (2 by default).
+    let up = upstream(vec![Script::Fail500; 3]).await;
+    let t = tiny_cloud(&upstream_model(up.port, "[\"managed\"]"));
+    let (_endpoint, conn) = synesis_e2e::connect(&t.owner).await;
+    let id = new_id();
+    let request = escalation_request(id, "up", "hello", 8);
+    let code = escalate(&conn, request.clone()).await.unwrap_err();
+    assert!(
+        code == ErrorCode::UNAVAILABLE || code == ErrorCode::INTERNAL,
+        "{code}"
+    );
+    assert_eq!(
+        up.seen.lock().unwrap().len(),
+        3,
+        "tried, then retried twice"
+    );
+    let u = usage(&conn).await;
+    assert!(u.charges.is_empty(), "{u:?}");
+    assert_eq!(
+        (u.held.0, u.balance.0),
+        (0, 10_000_000),
+        "the hold was voided"
+    );
+    // The id is spent, even though the upstream now answers; a new id is answered.
+    assert_eq!(
+        escalate(&conn, request).await.unwrap_err(),
+        ErrorCode::INVALID_REQUEST
+    );
+    let (text, _) = escalate(&conn, escalation_request(new_id(), "up", "hello", 8))
+        .await
+        .unwrap();
+    assert_eq!(text, "Hi there");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_esc_the_byok_key_is_not_part_of_the_body_but_whether_one_came_is() {
+    let up = upstream(vec![]).await;
+    let t = tiny_cloud(&upstream_model(up.port, "[\"managed\", \"byok\"]"));
+    let (_endpoint, conn) = synesis_e2e::connect(&t.owner).await;
+    let id = new_id();
+    let with_key = |key: &str| {
+        let mut r = escalation_request(id, "up", "hello", 8);
+        r.byok_key = Some(synesis_proto::Secret(key.into()));
+        r
+    };
+    let (_, first) = escalate(&conn, with_key("sk-first")).await.unwrap();
+    // Another key: the same request, its stored answer.
+    let (_, again) = escalate(&conn, with_key("sk-second")).await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(
+        up.seen.lock().unwrap().clone(),
+        vec!["bearer sk-first".to_owned()],
+        "the upstream was asked once, with the first key"
+    );
+    // No key: another body.
+    assert_eq!(
+        escalate(&conn, escalation_request(id, "up", "hello", 8))
+            .await
+            .unwrap_err(),
+        ErrorCode::IDEMPOTENCY_CONFLICT
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_esc_a_cancel_or_a_cancelled_reset_before_any_chunk_charges_nothing() {
+    // The upstream never answers; the cloud would wait 120 s for it, far past this test's polls.
+    let up = upstream(vec![Script::Silent, Script::Silent]).await;
+    let t = tiny_cloud(&format!(
+        "[escalation]\nidle_timeout = \"120s\"\n{}",
+        upstream_model(up.port, "[\"managed\"]")
+    ));
+    let (_endpoint, conn) = synesis_e2e::connect(&t.owner).await;
+
+    // EscalationCancel once the hold is placed: ErrorMsg CANCELLED, nothing charged.
+    let id = new_id();
+    let (mut tx, mut rx) = start_escalation(&conn, escalation_request(id, "up", "hello", 8)).await;
+    usage_until(&conn, |u| u.held.0 > 0)
+        .await
+        .expect("the hold is placed");
+    tx.write_all(&frame(synesis_proto::message::EscalationCancel {
+        request_id: id,
+    }))
+    .await
+    .unwrap();
+    let reply = rx.next().await.unwrap();
+    assert!(
+        matches!(&reply, Some(Message::ErrorMsg(e)) if e.code == ErrorCode::CANCELLED),
+        "{reply:?}"
+    );
+    let u = usage_until(&conn, |u| u.held.0 == 0)
+        .await
+        .expect("the hold is voided");
+    assert!(u.charges.is_empty(), "{u:?}");
+    // Its hold was voided: the id is spent.
+    assert_eq!(
+        escalate(&conn, escalation_request(id, "up", "hello", 8))
+            .await
+            .unwrap_err(),
+        ErrorCode::INVALID_REQUEST
+    );
+
+    // A reset with the code of CANCELLED: the same.
+    let (mut tx, _rx) =
+        start_escalation(&conn, escalation_request(new_id(), "up", "hello", 8)).await;
+    usage_until(&conn, |u| u.held.0 > 0)
+        .await
+        .expect("the hold is placed");
+    tx.reset(quinn::VarInt::from_u32(u32::from(ErrorCode::CANCELLED.0)))
+        .unwrap();
+    let u = usage_until(&conn, |u| u.held.0 == 0)
+        .await
+        .expect("the reset cancels the request and voids its hold");
+    assert!(u.charges.is_empty(), "{u:?}");
+    assert_eq!(u.balance.0, 10_000_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_quota_counts_settled_tokens_of_the_month_and_open_holds() {
+    const QUOTA: u64 = 1_000;
+    let up = upstream(vec![Script::Silent, Script::AnswerUncounted]).await;
+    let t = tiny_cloud(&format!(
+        "[tiers]\nfree_quota_tokens = {QUOTA}\n[escalation]\nidle_timeout = \"120s\"\n{}",
+        upstream_model(up.port, "[\"free\", \"managed\"]")
+    ));
+    synesis_e2e::run_ok(
+        t.cloud
+            .admin()
+            .args(["account", "set-tier", "acme", "free"]),
+    );
+    let (_endpoint, conn) = synesis_e2e::connect(&t.owner).await;
+    let prompt = "hello";
+
+    // An open hold for 600 tokens of output: another 600 does not fit beside it.
+    let open = new_id();
+    let (mut tx, mut rx) =
+        start_escalation(&conn, escalation_request(open, "up", prompt, 600)).await;
+    usage_until(&conn, |u| u.quota_tokens_used > 600)
+        .await
+        .expect("the open hold counts");
+    let second = escalation_request(new_id(), "up", prompt, 600);
+    assert_eq!(
+        escalate(&conn, second.clone()).await.unwrap_err(),
+        ErrorCode::QUOTA_EXCEEDED
+    );
+    tx.write_all(&frame(synesis_proto::message::EscalationCancel {
+        request_id: open,
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(
+        rx.next().await.unwrap(),
+        Some(Message::ErrorMsg(_))
+    ));
+    usage_until(&conn, |u| u.quota_tokens_used == 0)
+        .await
+        .expect("the cancelled hold no longer counts");
+
+    // Now it fits. The upstream gives no counts: the input counted is the hold's (at most one
+    // token per byte of the turns, plus the chat format's), the output one per chunk.
+    let (_, done) = escalate(&conn, second).await.unwrap();
+    assert!(done.usage_counted);
+    assert_eq!(done.usage.output_tokens, 2);
+    let input = done.usage.input_tokens;
+    assert!(input >= prompt.len() as u64, "{input}");
+    let settled = input + 2;
+    assert_eq!(usage(&conn).await.quota_tokens_used, settled);
+
+    // The settled tokens count: a hold of one token more than is left is refused, and one of
+    // exactly what is left is placed (its input counted as the hold's was above).
+    let left = QUOTA - settled;
+    let over = escalation_request(
+        new_id(),
+        "up",
+        prompt,
+        u32::try_from(left - input + 1).unwrap(),
+    );
+    assert_eq!(
+        escalate(&conn, over).await.unwrap_err(),
+        ErrorCode::QUOTA_EXCEEDED
+    );
+    let exact = escalation_request(new_id(), "up", prompt, u32::try_from(left - input).unwrap());
+    escalate(&conn, exact)
+        .await
+        .expect("exactly the quota left");
 }

@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use synesis_e2e::upstream::{Script, upstream, upstream_model};
 use synesis_e2e::{Cloud, Device, connect, json_of, run_ok, wait_for};
 use synesis_proto::message::{EscalationCancel, EscalationRequest, FinishReason};
 use synesis_proto::{ErrorCode, FrameLimits, Message, RequestId};
@@ -729,88 +730,6 @@ async fn a_conflicting_repeat_does_not_block_the_original_answer() {
     let again = exchange(&conn, request(id, 16).into(), None).await;
     assert_eq!(done(&again), &answer, "the stored answer, replayed");
     assert_eq!(again.text, first.text);
-}
-
-/// A scripted OpenAI-compatible upstream on loopback (real HTTP over TCP): each request gets the
-/// next reply of the script; the requests' `Authorization` headers are kept.
-struct Upstream {
-    port: u16,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-#[derive(Clone, Copy)]
-enum Script {
-    Fail500,
-    Answer,
-    /// One delta, then silence with the connection open.
-    Hang,
-}
-
-async fn upstream(script: Vec<Script>) -> Upstream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let log = std::sync::Arc::clone(&seen);
-    tokio::spawn(async move {
-        for reply in script.into_iter().chain(std::iter::repeat(Script::Answer)) {
-            let (mut conn, _) = listener.accept().await.unwrap();
-            let mut request = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = conn.read(&mut buf).await.unwrap();
-                request.extend_from_slice(&buf[..n]);
-            }
-            let text = String::from_utf8_lossy(&request).to_lowercase();
-            let auth = text
-                .lines()
-                .find_map(|l| l.strip_prefix("authorization: "))
-                .unwrap_or("")
-                .to_owned();
-            log.lock().unwrap().push(auth);
-            let delta = |t: &str| {
-                format!(
-                    "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{t}\"}},\"finish_reason\":null}}]}}\n\n"
-                )
-            };
-            let head =
-                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
-            match reply {
-                Script::Fail500 => {
-                    let _ = conn
-                        .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                        .await;
-                }
-                Script::Answer => {
-                    let body = format!(
-                        "{head}{}{}data: {{\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\n\
-                         data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":7,\"completion_tokens\":2}}}}\n\ndata: [DONE]\n\n",
-                        delta("Hi"),
-                        delta(" there")
-                    );
-                    let _ = conn.write_all(body.as_bytes()).await;
-                }
-                Script::Hang => {
-                    let _ = conn
-                        .write_all(format!("{head}{}", delta("Hi")).as_bytes())
-                        .await;
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(120)).await;
-                        drop(conn);
-                    });
-                }
-            }
-        }
-    });
-    Upstream { port, seen }
-}
-
-fn upstream_model(port: u16, tiers: &str) -> String {
-    format!(
-        "[prices.up]\ninput_usd_per_mtok = \"1.00\"\noutput_usd_per_mtok = \"2.00\"\n\
-         [models.up]\nprovider = \"openai\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\n\
-         api_key_env = \"SYNESIS_TEST_OPERATOR_KEY\"\ntiers = {tiers}\n"
-    )
 }
 
 /// An upstream that fails before its first chunk is retried; BYOK sends the user's key to it

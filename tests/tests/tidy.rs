@@ -195,3 +195,25 @@ fn the_device_reads_the_wall_clock_and_makes_request_ids_in_one_place() {
         }
     }
 }
+
+/// PROTOCOL.md §2: an escalation is never sent in 0-RTT data. The device's TLS turns early data
+/// off, and no device code asks quinn for a 0-RTT connection.
+#[test]
+fn the_device_never_sends_0rtt_data() {
+    let crates = root().join("crates");
+    for file in rust_files(&crates) {
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            !text.contains("into_0rtt"),
+            "{} asks for a 0-RTT connection",
+            file.display()
+        );
+        assert!(
+            !text.contains("enable_early_data = true"),
+            "{} turns early data on",
+            file.display()
+        );
+    }
+    let tls = std::fs::read_to_string(crates.join("synesis-tunnel/src/tls.rs")).unwrap();
+    assert!(tls.contains("tls.enable_early_data = false;"));
+}

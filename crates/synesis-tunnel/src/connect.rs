@@ -78,13 +78,19 @@ fn is_crypto(code: u64) -> bool {
     (0x100..0x200).contains(&code)
 }
 
-/// What an error code from the cloud means for the tunnel.
+/// What an error code from the cloud means for the tunnel. A code this build does not know is
+/// taken by its hundred (PROTOCOL.md §6): a 2xx refuses the session or identity, so retrying
+/// unchanged cannot help; the rest (a broken stream, a refused request, the cloud failing) end
+/// this connection only.
 pub fn classify_code(code: ErrorCode, message: &str) -> Failure {
     match code {
         ErrorCode::DEVICE_REVOKED => Failure::Fatal(Fatal::Revoked),
         ErrorCode::UNAUTHENTICATED => Failure::Fatal(Fatal::BadIdentity(message.to_owned())),
         ErrorCode::UNSUPPORTED_VERSION => {
             Failure::Fatal(Fatal::IncompatibleVersion(message.to_owned()))
+        }
+        code if code.0 / 100 == 2 => {
+            Failure::Fatal(Fatal::BadIdentity(format!("{code}: {message}")))
         }
         _ => Failure::Transient(format!(
             "the cloud closed the connection: {code}: {message}"
@@ -101,4 +107,30 @@ pub fn classify_error_msg(e: &ErrorMsg) -> Failure {
 pub fn closed_or(conn: &quinn::Connection, why: String) -> Failure {
     conn.close_reason()
         .map_or(Failure::Transient(why), |reason| classify(&reason))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_code_is_final_or_retried_by_its_hundred_known_or_not() {
+        let fatal = |code: u16| matches!(classify_code(ErrorCode(code), "x"), Failure::Fatal(_));
+        assert_eq!(
+            classify_code(ErrorCode::DEVICE_REVOKED, "x"),
+            Failure::Fatal(Fatal::Revoked)
+        );
+        assert!(matches!(
+            classify_code(ErrorCode::UNSUPPORTED_VERSION, "x"),
+            Failure::Fatal(Fatal::IncompatibleVersion(_))
+        ));
+        // Known and unknown 2xx: the session or identity is refused, never retried unchanged.
+        for code in [201, 203, 206, 250, 299] {
+            assert!(fatal(code), "{code}");
+        }
+        // 1xx, 3xx and 5xx, known or not: this connection ends, the tunnel dials again.
+        for code in [100, 105, 199, 304, 399, 500, 501, 599, 600] {
+            assert!(!fatal(code), "{code}");
+        }
+    }
 }

@@ -36,13 +36,28 @@ pub enum TlsError {
 /// keep-alive every interval (only sent when nothing else was), idle timeout one interval after
 /// the heartbeat logic would have declared the peer dead.
 pub fn transport_config(heartbeat_interval: Duration) -> quinn::TransportConfig {
-    let keep_alive = heartbeat_interval.max(KEEP_ALIVE_INTERVAL_MIN);
-    let idle = heartbeat_interval.saturating_mul(HEARTBEAT_MISSES_MAX + 1);
-    debug_assert!(keep_alive < idle);
+    let QuicTimers { keep_alive, idle } = QuicTimers::for_heartbeat(heartbeat_interval);
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(keep_alive));
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
     t
+}
+
+/// QUIC's own timers for a heartbeat interval (PROTOCOL.md §1): keep-alive every interval, idle
+/// after four, so the heartbeat logic (three misses) decides first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct QuicTimers {
+    keep_alive: Duration,
+    idle: Duration,
+}
+
+impl QuicTimers {
+    fn for_heartbeat(heartbeat_interval: Duration) -> QuicTimers {
+        let keep_alive = heartbeat_interval.max(KEEP_ALIVE_INTERVAL_MIN);
+        let idle = heartbeat_interval.saturating_mul(HEARTBEAT_MISSES_MAX + 1);
+        debug_assert!(keep_alive < idle);
+        QuicTimers { keep_alive, idle }
+    }
 }
 
 /// For `synesis cloud login`: no client certificate, the CA pinned by fingerprint.
@@ -81,9 +96,12 @@ pub fn device_client_config(
 }
 
 fn quic_client(
-    tls: rustls::ClientConfig,
+    mut tls: rustls::ClientConfig,
     transport: quinn::TransportConfig,
 ) -> Result<quinn::ClientConfig, TlsError> {
+    // An escalation is never sent in 0-RTT data (PROTOCOL.md §2): nothing the device sends may
+    // be replayable by someone on the path; nor does the connect code ask quinn for 0-RTT.
+    tls.enable_early_data = false;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Identity(format!("no TLS 1.3 cipher suite for QUIC: {e}")))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
@@ -156,5 +174,32 @@ impl ServerCertVerifier for PinnedCa {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_alive_is_the_heartbeat_interval_and_idle_four_intervals() {
+        let at = |ms| QuicTimers::for_heartbeat(Duration::from_millis(ms));
+        assert_eq!(
+            at(2_000),
+            QuicTimers {
+                keep_alive: Duration::from_secs(2),
+                idle: Duration::from_secs(8)
+            }
+        );
+        assert_eq!(
+            at(15_000),
+            QuicTimers {
+                keep_alive: Duration::from_secs(15),
+                idle: Duration::from_secs(60)
+            }
+        );
+        // Keep-alives are never more often than every 100 ms.
+        assert_eq!(at(100).keep_alive, Duration::from_millis(100));
+        assert_eq!(at(100).idle, Duration::from_millis(400));
     }
 }
