@@ -97,6 +97,7 @@ pub(crate) async fn serve(peer: &Peer, hello: Hello, mut stream: Stream) {
         return;
     }
     let limits = FrameLimits::default().negotiate(hello.max_frame_bytes);
+    peer.negotiated(limits);
     // What the device sends here is small (heartbeats); the connection's maximum is for the
     // streams that carry answers and uploads.
     stream

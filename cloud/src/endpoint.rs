@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -459,6 +459,22 @@ pub(crate) struct Peer {
     pub(crate) conn: quinn::Connection,
     /// Whether this connection opened its control stream (`Hello`): one per connection.
     pub(crate) control_opened: AtomicBool,
+    /// The largest frame payload taken from this device: the protocol's until its `Hello`
+    /// announces a lower one (PROTOCOL.md §3: both then use the lower).
+    max_frame_bytes: AtomicU32,
+}
+
+impl Peer {
+    /// The frame limits of this connection, as negotiated so far.
+    pub(crate) fn frame_limits(&self) -> FrameLimits {
+        FrameLimits::new(self.max_frame_bytes.load(Ordering::Acquire))
+    }
+
+    /// The limits the session's `Hello` and `Welcome` agreed on.
+    pub(crate) fn negotiated(&self, limits: FrameLimits) {
+        self.max_frame_bytes
+            .store(limits.max_payload_bytes(), Ordering::Release);
+    }
 }
 
 /// A device's connection: checked against the registry, recorded (so revocation reaches it,
@@ -519,6 +535,7 @@ async fn device(shared: Arc<Shared>, conn: quinn::Connection, fpr: synesis_proto
         device,
         conn,
         control_opened: AtomicBool::new(false),
+        max_frame_bytes: AtomicU32::new(FrameLimits::default().max_payload_bytes()),
     });
     while let Ok((tx, rx)) = peer.conn.accept_bi().await {
         tokio::spawn(stream(Arc::clone(&peer), tx, rx));
@@ -527,7 +544,8 @@ async fn device(shared: Arc<Shared>, conn: quinn::Connection, fpr: synesis_proto
 
 /// A new stream of a device: its first frame says its kind; its handler takes it from there.
 async fn stream(peer: Arc<Peer>, tx: quinn::SendStream, rx: quinn::RecvStream) {
-    let mut stream = Stream::new(tx, rx, FIRST_FRAME_LIMITS);
+    let limits = FIRST_FRAME_LIMITS.negotiate(peer.frame_limits().max_payload_bytes());
+    let mut stream = Stream::new(tx, rx, limits);
     let opens_a_stream = |t: MessageType| {
         t == MessageType::Hello
             || t == MessageType::EscalationRequest

@@ -291,8 +291,8 @@ impl Receiving<'_> {
         completed: bool,
         turn: &Turn,
     ) -> Result<(), Refusal> {
-        // Chunks arrive up to the protocol's largest frame from here on.
-        stream.rx.set_limits(FrameLimits::default());
+        // Chunks arrive up to the connection's largest frame from here on.
+        stream.rx.set_limits(self.peer.frame_limits());
         let resume = UploadResume {
             upload_id: self.id,
             chunks_held: self.held.indexes(),

@@ -384,10 +384,15 @@ async fn s2_usage_a_cursor_that_names_no_charge_is_invalid_request() {
 async fn open_session(
     conn: &quinn::Connection,
 ) -> (quinn::SendStream, FramedRecv<quinn::RecvStream>, Message) {
+    open_session_with(conn, hello_with(vec![PROTOCOL_VERSION], 1 << 20)).await
+}
+
+async fn open_session_with(
+    conn: &quinn::Connection,
+    hello: Hello,
+) -> (quinn::SendStream, FramedRecv<quinn::RecvStream>, Message) {
     let (mut tx, rx) = conn.open_bi().await.unwrap();
-    tx.write_all(&frame(hello_with(vec![PROTOCOL_VERSION], 1 << 20)))
-        .await
-        .unwrap();
+    tx.write_all(&frame(hello)).await.unwrap();
     let mut rx = FramedRecv::new(rx, FrameLimits::default());
     let first = rx.next().await.unwrap().unwrap();
     (tx, rx, first)
@@ -1420,4 +1425,160 @@ async fn s2_quota_counts_settled_tokens_of_the_month_and_open_holds() {
     escalate(&conn, exact)
         .await
         .expect("exactly the quota left");
+}
+
+// §1 Transport limits: the certificate-less budget in all, a device's frame maximum, heartbeats ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_certificate_less_connections_are_256_at_once_in_all() {
+    use synesis_e2e::wire::anonymous_config;
+    let cloud = Cloud::start();
+    let config = anonymous_config(&cloud);
+    // 8 per source (the per-source budget, never reached past), from 33 loopback sources: 264.
+    let mut endpoints = Vec::new();
+    let mut conns = Vec::new();
+    for source in 2..=34u8 {
+        let mut endpoint =
+            quinn::Endpoint::client(std::net::SocketAddr::from(([127, 0, 0, source], 0))).unwrap();
+        endpoint.set_default_client_config(config.clone());
+        for _ in 0..8 {
+            let conn = endpoint
+                .connect(cloud.addr, "synesis-cloud")
+                .unwrap()
+                .await
+                .unwrap();
+            conns.push(conn);
+        }
+        endpoints.push(endpoint);
+    }
+    let limited = |conns: &[quinn::Connection]| {
+        conns
+            .iter()
+            .filter(|c| {
+                c.close_reason().is_some_and(|r| {
+                    synesis_wire::error_code_of(&r) == Some(ErrorCode::LIMIT_EXCEEDED)
+                })
+            })
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while limited(&conns) < 8 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(limited(&conns), 8, "264 connections, 256 kept");
+    assert_eq!(
+        conns.iter().filter(|c| c.close_reason().is_none()).count(),
+        256,
+        "the others are kept (until their 25 s are up)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_the_cloud_holds_a_device_to_the_lower_maximum_it_announced() {
+    let (cloud, device, conn) = enrolled().await;
+    // A 100 KiB frame: under the first-frame bound (256 KiB), over the 64 KiB announced.
+    let mut big = synesis_e2e::wire::header(synesis_proto::MessageType::UsageRequest, 100 * 1024);
+    big.resize(5 + 100 * 1024, 0);
+    let (_tx, _rx, welcome) =
+        open_session_with(&conn, hello_with(vec![PROTOCOL_VERSION], 64 * 1024)).await;
+    let Message::Welcome(w) = welcome else {
+        panic!("{welcome:?}");
+    };
+    assert_eq!(w.max_frame_bytes, 64 * 1024);
+    assert_eq!(
+        code_of(&exchange_raw(&conn, &big).await),
+        Some(ErrorCode::FRAME_OVERSIZE)
+    );
+    // Without the lower maximum the same bytes are read, and refused for what they say (a nil
+    // request id).
+    let other = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    let (_tx, _rx, _) = open_session(&other).await;
+    assert_eq!(
+        code_of(&exchange_raw(&other, &big).await),
+        Some(ErrorCode::FRAME_MALFORMED)
+    );
+}
+
+/// The interval a device's session was recorded with, as the cloud's database holds it.
+fn recorded_interval(cloud: &Cloud) -> Option<i64> {
+    let db = rusqlite::Connection::open(cloud.dir().join("cloud.db")).unwrap();
+    db.query_row(
+        "SELECT heartbeat_interval_ms FROM devices WHERE connected = 1",
+        [],
+        |row| row.get(0),
+    )
+    .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_heartbeat_intervals_are_held_to_100_ms_to_15_s() {
+    let (cloud, device, conn) = enrolled().await;
+    let mut asked = Vec::new();
+    let mut held = Vec::new();
+    for (i, interval_ms) in [1, 60_000, 2_000].into_iter().enumerate() {
+        // A newer connection replaces the older one's session.
+        let conn = if i == 0 {
+            conn.clone()
+        } else {
+            device_conn(&cloud, &device, Duration::from_secs(1)).await
+        };
+        let hello = Hello {
+            heartbeat_interval_ms: interval_ms,
+            ..hello_with(vec![PROTOCOL_VERSION], 1 << 20)
+        };
+        let (_tx, _rx, welcome) = open_session_with(&conn, hello).await;
+        assert!(matches!(welcome, Message::Welcome(_)), "{welcome:?}");
+        let expected = i64::from(interval_ms.clamp(100, 15_000));
+        assert!(
+            synesis_e2e::wait_for(Duration::from_secs(20), || {
+                recorded_interval(&cloud) == Some(expected)
+            }),
+            "{interval_ms} ms held as {:?}",
+            recorded_interval(&cloud)
+        );
+        asked.push(interval_ms);
+        held.push(expected);
+    }
+    assert_eq!(held, [100, 15_000, 2_000], "{asked:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_enroll_the_cloud_never_stores_a_tokens_secret() {
+    let cloud = Cloud::start();
+    let token: SetupToken = cloud.account_and_token("acme").parse().unwrap();
+    let secret = token.presented_secret();
+    let (_, secret_part) = secret.split_once('.').unwrap();
+    // Used once, and the other not: both kinds of row.
+    let _unused: SetupToken = cloud.token("acme", "1h").parse().unwrap();
+    assert!(matches!(
+        enroll(&cloud, &enroll_request(&token, csr())).await,
+        Some(Message::EnrollResponse(_))
+    ));
+    let needle = secret_part.as_bytes();
+    let raw = token.secret;
+    for entry in std::fs::read_dir(cloud.dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.is_file() {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle)
+                && !bytes.windows(raw.len()).any(|w| w == raw),
+            "{} holds the token's secret",
+            path.display()
+        );
+    }
+    assert!(!cloud.log().contains(secret_part), "nor logs it");
+    // What it keeps is the secret's SHA-256.
+    let db = rusqlite::Connection::open(cloud.dir().join("cloud.db")).unwrap();
+    let hashes: Vec<Vec<u8>> = db
+        .prepare("SELECT secret_sha256 FROM setup_tokens")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(raw).to_vec();
+    assert!(hashes.contains(&digest), "{hashes:?}");
 }
