@@ -12,7 +12,7 @@ use synesis_wire::FramedRecv;
 use crate::{Cloud, Device};
 
 /// How long a test waits for the cloud's answer on a stream.
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(8);
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn new_id() -> RequestId {
     synesis_tunnel::clock::new_request_id()

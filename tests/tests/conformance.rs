@@ -172,7 +172,9 @@ fn hello_with(versions: Vec<u16>, max_frame_bytes: u32) -> Hello {
     Hello {
         protocol_versions: versions,
         client: "conformance/0".into(),
-        heartbeat_interval_ms: 1_000,
+        // The longest interval: these sessions send no heartbeats, and none may be closed for
+        // silence (six intervals) however slowly a loaded machine runs the test.
+        heartbeat_interval_ms: 15_000,
         max_frame_bytes,
     }
 }
@@ -193,7 +195,7 @@ async fn s2_session_without_a_common_version_is_unsupported_version() {
     let reply = session(&conn, hello_with(vec![PROTOCOL_VERSION + 7], 1 << 20)).await;
     assert_eq!(code_of(&reply), Some(ErrorCode::UNSUPPORTED_VERSION));
     assert_eq!(
-        closed_with(&conn, Duration::from_secs(5)).await,
+        closed_with(&conn, Duration::from_secs(20)).await,
         Some(Some(ErrorCode::UNSUPPORTED_VERSION)),
         "the connection is closed with the code"
     );
@@ -407,7 +409,7 @@ async fn s1_close_a_newer_control_connection_replaces_the_older_with_unavailable
     let (_tx2, _rx2, welcome) = open_session(&newer).await;
     assert!(matches!(welcome, Message::Welcome(_)), "{welcome:?}");
     assert_eq!(
-        closed_with(&older, Duration::from_secs(5)).await,
+        closed_with(&older, Duration::from_secs(20)).await,
         Some(Some(ErrorCode::UNAVAILABLE))
     );
     assert_eq!(
@@ -420,10 +422,16 @@ async fn s1_close_a_newer_control_connection_replaces_the_older_with_unavailable
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s2_drain_spreads_the_returns_over_the_window_then_closes_with_0() {
     let cloud = Cloud::start(); // `--drain-window 1s --drain-grace 3s`
+    let devices: Vec<_> = ["a", "b", "c", "d"]
+        .into_iter()
+        .map(|name| {
+            let device = synesis_e2e::Device::new();
+            device.login(&cloud.account_and_token(name));
+            device
+        })
+        .collect();
     let mut sessions = Vec::new();
-    for name in ["a", "b", "c", "d"] {
-        let device = synesis_e2e::Device::new();
-        device.login(&cloud.account_and_token(name));
+    for device in devices {
         let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
         let (tx, rx, welcome) = open_session(&conn).await;
         assert!(matches!(welcome, Message::Welcome(_)));
@@ -432,7 +440,7 @@ async fn s2_drain_spreads_the_returns_over_the_window_then_closes_with_0() {
     synesis_e2e::signal(cloud.process.pid(), "TERM");
     for (_, conn, _tx, rx) in &mut sessions {
         let drain = loop {
-            match tokio::time::timeout(Duration::from_secs(5), rx.next()).await {
+            match tokio::time::timeout(Duration::from_secs(20), rx.next()).await {
                 Ok(Ok(Some(Message::Drain(d)))) => break d,
                 Ok(Ok(Some(Message::HeartbeatAck(_) | Message::BalanceUpdate(_)))) => {}
                 other => panic!("a Drain: {other:?}"),
@@ -445,7 +453,7 @@ async fn s2_drain_spreads_the_returns_over_the_window_then_closes_with_0() {
         );
         // This client stays: after the grace period the cloud closes it with 0.
         assert_eq!(
-            closed_with(conn, Duration::from_secs(10)).await,
+            closed_with(conn, Duration::from_secs(30)).await,
             Some(Some(ErrorCode(0)))
         );
     }
@@ -526,7 +534,7 @@ async fn s1_close_a_certificate_the_cloud_does_not_know_is_unauthenticated() {
         synesis_tunnel::tls::device_client_config(&identity, Duration::from_secs(1)).unwrap();
     let conn = dial(&cloud, config).await.unwrap();
     assert_eq!(
-        closed_with(&conn, Duration::from_secs(5)).await,
+        closed_with(&conn, Duration::from_secs(20)).await,
         Some(Some(ErrorCode::UNAUTHENTICATED))
     );
 }
@@ -575,7 +583,7 @@ async fn s1_at_most_32_streams_at_once_on_a_devices_connection() {
     let _first = (tx, first);
     let mut open = Vec::new();
     for _ in 1..32 {
-        let (mut tx, rx) = tokio::time::timeout(Duration::from_secs(5), conn.open_bi())
+        let (mut tx, rx) = tokio::time::timeout(Duration::from_secs(20), conn.open_bi())
             .await
             .expect("one of the 32")
             .unwrap();
@@ -696,7 +704,7 @@ async fn s2_stream_an_error_msg_ends_its_stream() {
     // Nothing follows it: the cloud finished its half.
     assert!(
         matches!(
-            tokio::time::timeout(Duration::from_secs(5), rx.next()).await,
+            tokio::time::timeout(Duration::from_secs(20), rx.next()).await,
             Ok(Ok(None))
         ),
         "the stream ends after the ErrorMsg"
@@ -978,7 +986,7 @@ async fn s1_close_a_frame_error_on_the_control_stream_closes_the_connection_with
     // An unknown type byte on the control stream.
     tx.write_all(&[0x00, 0, 0, 0, 1, 0]).await.unwrap();
     assert_eq!(
-        closed_with(&conn, Duration::from_secs(5)).await,
+        closed_with(&conn, Duration::from_secs(20)).await,
         Some(Some(ErrorCode::FRAME_UNKNOWN_TYPE))
     );
     // A frame over 64 KiB on the control stream, whatever maximum was negotiated.
@@ -991,7 +999,7 @@ async fn s1_close_a_frame_error_on_the_control_stream_closes_the_connection_with
     };
     tx.write_all(&frame(prewarm)).await.unwrap();
     assert_eq!(
-        closed_with(&conn, Duration::from_secs(5)).await,
+        closed_with(&conn, Duration::from_secs(20)).await,
         Some(Some(ErrorCode::FRAME_OVERSIZE))
     );
 }
@@ -1134,7 +1142,7 @@ async fn s1_renew_a_certificate_past_its_end_is_refused_by_tls() {
     match attempt {
         Err(_) => {}
         Ok(conn) => assert!(
-            closed_with(&conn, Duration::from_secs(5)).await.is_some(),
+            closed_with(&conn, Duration::from_secs(20)).await.is_some(),
             "an expired certificate was served"
         ),
     }
@@ -1499,11 +1507,13 @@ async fn s3_the_cloud_holds_a_device_to_the_lower_maximum_it_announced() {
     );
 }
 
-/// The interval a device's session was recorded with, as the cloud's database holds it.
+/// The interval the device's last session was recorded with, as the cloud's database holds it.
 fn recorded_interval(cloud: &Cloud) -> Option<i64> {
     let db = rusqlite::Connection::open(cloud.dir().join("cloud.db")).unwrap();
     db.query_row(
-        "SELECT heartbeat_interval_ms FROM devices WHERE connected = 1",
+        // The one device; the row keeps its interval after a session ends (one announced at
+        // 100 ms ends soon, for silence: this test sends no heartbeats).
+        "SELECT heartbeat_interval_ms FROM devices",
         [],
         |row| row.get(0),
     )
