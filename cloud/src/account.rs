@@ -239,8 +239,9 @@ async fn renew(peer: &Peer, r: CertRenew) -> Message {
             "the signing request is not for this device's key",
         );
     }
-    let lifetime =
-        i64::try_from(peer.shared.settings.cert_lifetime.as_millis()).unwrap_or(i64::MAX);
+    // What a certificate signed now lives (its backdating included, as in the current one's).
+    let validity = peer.shared.cert_validity();
+    let lifetime = validity.1.0.saturating_sub(validity.0.0);
     let at = now();
     if let Some((from, until)) = synesis_wire::tls::validity(&current) {
         let (current_lifetime, left) =
@@ -252,7 +253,6 @@ async fn renew(peer: &Peer, r: CertRenew) -> Message {
             );
         }
     }
-    let validity = peer.shared.cert_validity();
     let cert = match peer.shared.pki.sign_device(&r.csr_der.0, id, validity) {
         Ok(c) => IssuedCert {
             der: c.to_vec(),

@@ -216,11 +216,20 @@ impl Cloud {
         (Running { child }, addr)
     }
 
-    /// Starts the cloud again on the same data directory and port (after a kill).
+    /// Starts the cloud again on the same data directory and port (killing it first if it
+    /// still runs).
     pub fn restart(&mut self) {
+        let args = self.args.clone();
+        self.restart_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
+    /// [`restart`](Self::restart) with other `serve` flags (kept for later restarts).
+    pub fn restart_with(&mut self, args: &[&str]) {
+        self.args = args.iter().map(|a| (*a).to_owned()).collect();
+        let _ = self.process.child.kill();
+        let _ = self.process.child.wait();
         let listen = self.addr.to_string();
-        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let (process, addr) = Cloud::spawn(&self.dir, &listen, &args);
+        let (process, addr) = Cloud::spawn(&self.dir, &listen, args);
         let old = std::mem::replace(&mut self.process, process);
         drop(old);
         assert_eq!(addr, self.addr);

@@ -1592,3 +1592,46 @@ async fn s1_enroll_the_cloud_never_stores_a_tokens_secret() {
     let digest = <sha2::Sha256 as sha2::Digest>::digest(raw).to_vec();
     assert!(hashes.contains(&digest), "{hashes:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_renew_a_certificate_living_over_twice_what_the_cloud_now_signs_is_renewable_at_once() {
+    let mut cloud = Cloud::start_with(&["--cert-lifetime", "20days"]);
+    let device = synesis_e2e::Device::new();
+    device.login(&cloud.account_and_token("acme"));
+    let identity = synesis_tunnel::Identity::load(&device.home().join("data"))
+        .unwrap()
+        .unwrap();
+    let key = rcgen::KeyPair::try_from(identity.key_der.as_slice()).unwrap();
+    let renewal = || synesis_proto::message::CertRenew {
+        request_id: new_id(),
+        csr_der: Blob(
+            rcgen::CertificateParams::new(Vec::<String>::new())
+                .unwrap()
+                .serialize_request(&key)
+                .unwrap()
+                .der()
+                .to_vec(),
+        ),
+    };
+    // A new 20-day certificate, renewed at once: not due. Still not due when the cloud signs
+    // for 10 days (exactly twice), due when it signs for 9.
+    for (lifetime, due) in [("20days", false), ("10days", false), ("9days", true)] {
+        cloud.restart_with(&["--cert-lifetime", lifetime]);
+        let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+        let reply = exchange(&conn, renewal()).await;
+        match reply {
+            Some(Message::CertRenewed(r)) if due => {
+                let (from, until) = synesis_wire::tls::validity(&r.client_cert_der.0).unwrap();
+                let day = 86_400_000;
+                assert!(
+                    (until.0 - from.0).abs_diff(9 * day) < 86_400_000,
+                    "signed for the cloud's lifetime now"
+                );
+            }
+            Some(Message::ErrorMsg(e)) if !due => {
+                assert_eq!(e.code, ErrorCode::INVALID_REQUEST, "{lifetime}: {e:?}");
+            }
+            other => panic!("{lifetime}: {other:?}"),
+        }
+    }
+}

@@ -86,15 +86,7 @@ pub async fn renew(
         }
         other => return Err(RenewError::Protocol(other.message_type())),
     };
-    // Kept only if it is for this device's key and valid now: a wrong one would lock the
-    // device out at its next connection.
-    let now = crate::clock::unix_now();
-    let for_this_key = synesis_wire::tls::public_key(&cert).is_some()
-        && synesis_wire::tls::public_key(&cert)
-            == synesis_wire::tls::public_key(&identity.cert_der);
-    let valid_now =
-        synesis_wire::tls::validity(&cert).is_some_and(|(from, until)| from <= now && now < until);
-    if !for_this_key || !valid_now {
+    if !acceptable(&cert, &identity.cert_der, crate::clock::unix_now()) {
         return Err(RenewError::Mismatch);
     }
     if let Some(dir) = data_dir {
@@ -103,9 +95,50 @@ pub async fn renew(
     Ok(cert)
 }
 
+/// Whether a renewed certificate may replace `current` (PROTOCOL.md §1): only one for the same
+/// key and valid at `now`; a wrong one would lock the device out at its next connection.
+fn acceptable(renewed: &[u8], current: &[u8], now: UnixMillis) -> bool {
+    let key = synesis_wire::tls::public_key(renewed);
+    let for_this_key = key.is_some() && key == synesis_wire::tls::public_key(current);
+    let valid_now = synesis_wire::tls::validity(renewed)
+        .is_some_and(|(from, until)| from <= now && now < until);
+    for_this_key && valid_now
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A certificate for `key`, valid in the years `from` to `until`.
+    fn cert(key: &rcgen::KeyPair, from: i32, until: i32) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.not_before = rcgen::date_time_ymd(from, 1, 1);
+        params.not_after = rcgen::date_time_ymd(until, 1, 1);
+        params.self_signed(key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn a_renewed_certificate_is_kept_only_for_this_key_and_valid_now() {
+        let mine = rcgen::KeyPair::generate().unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        let current = cert(&mine, 2020, 2030);
+        // 2026-11-30, in milliseconds since the epoch.
+        let now = UnixMillis(1_796_000_000_000);
+        assert!(acceptable(&cert(&mine, 2026, 2027), &current, now));
+        assert!(
+            !acceptable(&cert(&other, 2026, 2027), &current, now),
+            "another key"
+        );
+        assert!(
+            !acceptable(&cert(&mine, 2020, 2021), &current, now),
+            "expired"
+        );
+        assert!(
+            !acceptable(&cert(&mine, 2027, 2028), &current, now),
+            "not yet valid"
+        );
+        assert!(!acceptable(b"not a certificate", &current, now));
+    }
 
     #[test]
     fn renewal_is_due_when_a_third_of_the_lifetime_is_left() {
