@@ -375,3 +375,75 @@ fn more_charges_than_one_reply_holds_are_all_listed_and_synced() {
     let local = json_of(device.synesis().args(["--json", "usage"]));
     assert_eq!(local["cloud"]["total_micro_usd"], total);
 }
+
+/// PROTOCOL.md §2 *Usage*: each reply is one snapshot of the ledger (its balance and its charges
+/// agree), and a charge settled between pages shows on the next page only when it comes after
+/// the cursor in the listing's order. Over the wire: `UsageRequest` frames made here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_a_charge_settled_between_pages_shows_only_if_after_the_cursor() {
+    use synesis_e2e::wire::{exchange, usage_request};
+    use synesis_proto::Message;
+    use synesis_proto::message::{USAGE_CHARGES_MAX, UsageReply, UsageRequest};
+
+    let (cloud, device, device_id) = managed_device("1000.00");
+    let credit = 1_000_000_000;
+    let t = now();
+    let mut db = Db::open(&cloud.dir().join("cloud.db")).unwrap();
+    // One page and one charge, a millisecond apart, ten seconds ago.
+    let (ids, total) = settle_many(&mut db, device_id, USAGE_CHARGES_MAX + 1, |n| {
+        UnixMillis(t.0 - 10_000 + i64::try_from(n).unwrap())
+    });
+    let (_endpoint, conn) = synesis_e2e::connect(&device).await;
+    let page = |after: Option<RequestId>| {
+        let conn = conn.clone();
+        async move {
+            match exchange(
+                &conn,
+                UsageRequest {
+                    after,
+                    ..usage_request()
+                },
+            )
+            .await
+            {
+                Some(Message::UsageReply(u)) => u,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let listed = |u: &UsageReply| u.charges.iter().map(|c| c.request_id).collect::<Vec<_>>();
+
+    let first = page(None).await;
+    assert_eq!(listed(&first), ids[..USAGE_CHARGES_MAX]);
+    assert_eq!(first.next, Some(ids[USAGE_CHARGES_MAX - 1]));
+    assert_eq!(
+        first.balance.0,
+        credit - total,
+        "the balance of the same snapshot"
+    );
+
+    // Between the pages: one charge earlier than the cursor, one later than every other.
+    let usage = Usage {
+        input_tokens: 1_000,
+        output_tokens: 100,
+    };
+    let (early, early_total) = charge(
+        &cloud,
+        device_id,
+        "claude-sonnet",
+        usage,
+        UnixMillis(t.0 - 20_000),
+    );
+    let (late, late_total) = charge(&cloud, device_id, "claude-sonnet", usage, t);
+
+    let second = page(first.next).await;
+    assert_eq!(
+        listed(&second),
+        [ids[USAGE_CHARGES_MAX], late],
+        "the later one follows the cursor; the earlier one is behind it"
+    );
+    assert_eq!(second.next, None);
+    assert_eq!(second.balance.0, credit - total - early_total - late_total);
+    // A listing from the start has it, first.
+    assert_eq!(listed(&page(None).await)[0], early);
+}
