@@ -1635,3 +1635,36 @@ async fn s1_renew_a_certificate_living_over_twice_what_the_cloud_now_signs_is_re
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_esc_a_request_nobody_follows_stops_after_the_resume_window_and_charges_what_it_made() {
+    // One chunk, then an upstream that stays silent for 120 s (the cloud's idle time too): only
+    // the resume window can end the request before then.
+    let up = upstream(vec![Script::Hang]).await;
+    let t = tiny_cloud(&format!(
+        "[escalation]\nidle_timeout = \"120s\"\nresume_window = \"1s\"\n{}",
+        upstream_model(up.port, "[\"managed\"]")
+    ));
+    let (endpoint, conn) = synesis_e2e::connect(&t.owner).await;
+    let id = new_id();
+    let (_tx, mut rx) = start_escalation(&conn, escalation_request(id, "up", "hello", 50)).await;
+    let first = rx.next().await.unwrap();
+    assert!(
+        matches!(&first, Some(Message::EscalationChunk(c)) if c.seq == 0 && c.text == "Hi"),
+        "{first:?}"
+    );
+    // The device goes away.
+    conn.close(quinn::VarInt::from_u32(0), b"gone");
+    drop((rx, endpoint));
+    let (_endpoint, conn) = synesis_e2e::connect(&t.owner).await;
+    let u = usage_until(&conn, |u| !u.charges.is_empty())
+        .await
+        .expect("stopped and charged well before the upstream's 120 s");
+    assert_eq!(u.charges.len(), 1, "{u:?}");
+    assert_eq!(u.charges[0].request_id, id);
+    assert_eq!(
+        u.charges[0].usage.output_tokens, 1,
+        "the one chunk it produced"
+    );
+    assert_eq!(u.held.0, 0);
+}
