@@ -1668,3 +1668,29 @@ async fn s2_esc_a_request_nobody_follows_stops_after_the_resume_window_and_charg
     );
     assert_eq!(u.held.0, 0);
 }
+
+// §6 Error codes ---------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s6_internal_the_same_request_id_retried_later_is_served() {
+    let (cloud, _device, conn) = enrolled().await;
+    let topup = TopupRequest {
+        request_id: new_id(),
+        voucher: cloud.voucher("1.00"),
+    };
+    // Another writer holds the database past the cloud's wait for it: the cloud fails.
+    let lock = rusqlite::Connection::open(cloud.dir().join("cloud.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let failed = exchange(&conn, topup.clone()).await;
+    assert_eq!(code_of(&failed), Some(ErrorCode::INTERNAL), "{failed:?}");
+    lock.execute_batch("ROLLBACK").unwrap();
+    // Later, the same request id: served, once.
+    let Some(Message::TopupReply(served)) = exchange(&conn, topup.clone()).await else {
+        panic!("served");
+    };
+    assert_eq!(served.credited.0, 1_000_000);
+    let Some(Message::TopupReply(again)) = exchange(&conn, topup).await else {
+        panic!("replayed");
+    };
+    assert_eq!(again.balance, served.balance, "credited once");
+}
