@@ -1694,3 +1694,33 @@ async fn s6_internal_the_same_request_id_retried_later_is_served() {
     };
     assert_eq!(again.balance, served.balance, "credited once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_a_connection_idle_for_60_s_is_closed() {
+    let cloud = Cloud::start();
+    let device = synesis_e2e::Device::new();
+    device.login(&cloud.account_and_token("acme"));
+    let identity = synesis_tunnel::Identity::load(&device.home().join("data"))
+        .unwrap()
+        .unwrap();
+    let mut config =
+        synesis_tunnel::tls::device_client_config(&identity, Duration::from_secs(1)).unwrap();
+    // No keep-alives, and a longer idle time than the cloud's: QUIC takes the lower of the two,
+    // so the connection lives exactly as long as the cloud's idle timeout allows.
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(None);
+    transport.max_idle_timeout(Some(Duration::from_secs(600).try_into().unwrap()));
+    config.transport_config(std::sync::Arc::new(transport));
+    let conn = dial(&cloud, config).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(180), conn.closed())
+        .await
+        .expect("closed long before its own 600 s");
+    let idle = started.elapsed();
+    assert!(
+        matches!(closed, quinn::ConnectionError::TimedOut),
+        "{closed:?}"
+    );
+    // A loaded machine can only make it later, never earlier.
+    assert!(idle >= Duration::from_secs(59), "closed after {idle:?}");
+}
