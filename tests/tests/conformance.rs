@@ -1724,3 +1724,73 @@ async fn s1_a_connection_idle_for_60_s_is_closed() {
     // A loaded machine can only make it later, never earlier.
     assert!(idle >= Duration::from_secs(59), "closed after {idle:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_a_handshake_not_finished_within_5_s_is_given_up() {
+    use std::time::Instant;
+    let cloud = Cloud::start();
+    let (config, addr) = (synesis_e2e::wire::anonymous_config(&cloud), cloud.addr);
+    // A client (sans-IO) that sends its first flight, reads what comes back, and never says
+    // another word: the cloud's handshake cannot finish.
+    let lost = tokio::task::spawn_blocking(move || {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut endpoint = quinn_proto::Endpoint::new(
+            std::sync::Arc::new(quinn_proto::EndpointConfig::default()),
+            None,
+            false,
+            None,
+        );
+        let started = Instant::now();
+        let (handle, mut conn) = endpoint
+            .connect(started, config, addr, synesis_wire::tls::SERVER_NAME)
+            .unwrap();
+        let mut first = Vec::new();
+        let sent = conn.poll_transmit(Instant::now(), 1, &mut first).unwrap();
+        first.truncate(sent.size);
+        let mut buf = vec![0u8; 65_536];
+        let mut resent: Option<Instant> = None;
+        while started.elapsed() < Duration::from_secs(50) {
+            // The same first datagram again and again (the cloud drops it as a duplicate): it
+            // lets the cloud send, within QUIC's anti-amplification limit, a close when it
+            // gives up.
+            if resent.is_none_or(|at| at.elapsed() >= Duration::from_millis(300)) {
+                socket.send_to(&first, addr).unwrap();
+                resent = Some(Instant::now());
+            }
+            let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                continue;
+            };
+            let mut reply = Vec::new();
+            if let Some(quinn_proto::DatagramEvent::ConnectionEvent(h, event)) = endpoint.handle(
+                Instant::now(),
+                from,
+                None,
+                None,
+                bytes::BytesMut::from(&buf[..n]),
+                &mut reply,
+            ) && h == handle
+            {
+                conn.handle_event(event);
+            }
+            while let Some(event) = conn.poll() {
+                if let quinn_proto::Event::ConnectionLost { reason } = event {
+                    return Some((started.elapsed(), reason));
+                }
+            }
+        }
+        None
+    })
+    .await
+    .unwrap();
+    let (after, reason) =
+        lost.expect("the cloud gave the handshake up (long before its 60 s idle time)");
+    // The cloud's own 5 s: a loaded machine makes it later, never earlier.
+    assert!(
+        after >= Duration::from_millis(4_900),
+        "given up after {after:?}: {reason}"
+    );
+    assert!(after < Duration::from_secs(50), "{after:?}");
+}
