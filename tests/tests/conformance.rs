@@ -1794,3 +1794,102 @@ async fn s1_a_handshake_not_finished_within_5_s_is_given_up() {
     );
     assert!(after < Duration::from_secs(50), "{after:?}");
 }
+
+// §2 Upload: adapter versions under running requests ----------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_upload_a_running_request_keeps_its_adapter_version_and_finishes_on_a_removed_one() {
+    use synesis_infer::tiny::TinySpec;
+    // A model slow enough that an answer of 600 tokens outlasts an upload (a few hundred ms).
+    let spec = TinySpec {
+        n_ctx: 4_096,
+        ..TinySpec::BENCH
+    };
+    let t = synesis_e2e::tiny_cloud_with(spec, "");
+    let lora = |name: &str, seed: u64| {
+        let path = t.files.path().join(name);
+        synesis_infer::tiny::write_lora(&path, spec, seed).unwrap();
+        path
+    };
+    let (v1, v2) = (lora("v1.gguf", 7), lora("v2.gguf", 8));
+    let push = |file: &std::path::Path| {
+        synesis_e2e::run_ok(
+            t.owner
+                .synesis()
+                .args(["cloud", "push"])
+                .arg(file)
+                .args(["--name", "style", "--base", "tiny"]),
+        );
+    };
+    let (_endpoint, conn) = synesis_e2e::connect(&t.owner).await;
+    let styled = || {
+        let mut r = escalation_request(new_id(), "tiny", "hello", 600);
+        r.adapter = Some("style".into());
+        r
+    };
+    // Still running: its hold is open (each step below runs while one answer is under way).
+    let running = || async { usage(&conn).await.held.0 > 0 };
+    let follow = |mut rx: FramedRecv<quinn::RecvStream>| async move {
+        let mut text = String::new();
+        loop {
+            match rx.next().await.unwrap() {
+                Some(Message::EscalationChunk(c)) => text.push_str(&c.text),
+                Some(Message::EscalationDone(_)) => return text,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    push(&v1);
+    let (text_v1, _) = escalate(&conn, styled()).await.unwrap();
+
+    // A request under way when version 2 lands keeps version 1; one admitted after gets 2.
+    let (_tx, mut rx) = start_escalation(&conn, styled()).await;
+    let first = rx.next().await.unwrap();
+    assert!(
+        matches!(first, Some(Message::EscalationChunk(_))),
+        "{first:?}"
+    );
+    push(&v2);
+    assert!(
+        running().await,
+        "the answer ended before the upload: make it longer"
+    );
+    let (text_v2, _) = escalate(&conn, styled()).await.unwrap();
+    assert_ne!(text_v1, text_v2, "the versions answer differently");
+    let Some(Message::EscalationChunk(first)) = first else {
+        unreachable!()
+    };
+    assert_eq!(
+        first.text + &follow(rx).await,
+        text_v1,
+        "the running request kept version 1"
+    );
+
+    // A request under way when its adapter is removed finishes on it; a new one is NOT_FOUND.
+    let (_tx, mut rx) = start_escalation(&conn, styled()).await;
+    let Some(Message::EscalationChunk(first)) = rx.next().await.unwrap() else {
+        panic!("a first chunk");
+    };
+    let removal = synesis_proto::message::AdapterRemove {
+        request_id: new_id(),
+        name: "style".into(),
+    };
+    let removed = exchange(&conn, removal).await;
+    assert!(
+        matches!(removed, Some(Message::AdapterRemoved(_))),
+        "{removed:?}"
+    );
+    assert!(
+        running().await,
+        "the answer ended before the removal: make it longer"
+    );
+    assert_eq!(
+        escalate(&conn, styled()).await.unwrap_err(),
+        ErrorCode::NOT_FOUND
+    );
+    assert_eq!(
+        first.text + &follow(rx).await,
+        text_v2,
+        "finished on the removed adapter"
+    );
+}
