@@ -54,6 +54,7 @@
 //! storage_per_account = "10GiB"  # content held plus uploads in progress (declared sizes)
 //! uploads_per_account = 4        # uploads in progress at once
 //! abandon_after = "24h"          # a partial upload with no chunk for this long is removed
+//! record_when_quiet = "500ms"    # an upload stream this quiet has the chunks it wrote recorded
 //! loaded_per_model = 8           # adapters kept loaded per llama model (least recently used out)
 //! ```
 //!
@@ -116,6 +117,9 @@ pub struct AdapterSettings {
     pub uploads_per_account: usize,
     /// A partial upload that received no chunk for this long is removed.
     pub abandon_after: Duration,
+    /// An upload stream that sends nothing for this long has the chunks it wrote recorded (a
+    /// device cut off resumes from them).
+    pub record_when_quiet: Duration,
     pub loaded_per_model: usize,
 }
 
@@ -126,6 +130,7 @@ impl Default for AdapterSettings {
             storage_per_account: 10 << 30,
             uploads_per_account: 4,
             abandon_after: Duration::from_secs(24 * 3_600),
+            record_when_quiet: Duration::from_millis(500),
             loaded_per_model: 8,
         }
     }
@@ -213,6 +218,7 @@ struct AdaptersFile {
     storage_per_account: Option<String>,
     uploads_per_account: Option<usize>,
     abandon_after: Option<String>,
+    record_when_quiet: Option<String>,
     loaded_per_model: Option<usize>,
 }
 
@@ -380,6 +386,11 @@ fn parse_all(text: &str, base: &Path) -> anyhow::Result<Config> {
             None => ad.uploads_per_account,
         },
         abandon_after: duration(&a.abandon_after, "adapters.abandon_after", ad.abandon_after)?,
+        record_when_quiet: duration(
+            &a.record_when_quiet,
+            "adapters.record_when_quiet",
+            ad.record_when_quiet,
+        )?,
         loaded_per_model: a
             .loaded_per_model
             .unwrap_or(ad.loaded_per_model)
@@ -614,5 +625,21 @@ mod tests {
             let err = format!("{:#}", parse(text).unwrap_err());
             assert!(err.contains(says), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn an_upload_stream_is_recorded_after_the_quiet_it_sets() {
+        let quiet = |text: &str| {
+            parse_all(text, Path::new("."))
+                .map(|c| c.serving.adapters.record_when_quiet)
+                .map_err(|e| format!("{e:#}"))
+        };
+        assert_eq!(quiet(""), Ok(Duration::from_millis(500)));
+        assert_eq!(
+            quiet("[adapters]\nrecord_when_quiet = \"60s\""),
+            Ok(Duration::from_secs(60))
+        );
+        let err = quiet("[adapters]\nrecord_when_quiet = \"0s\"").unwrap_err();
+        assert!(err.contains("adapters.record_when_quiet"), "{err}");
     }
 }

@@ -5,8 +5,8 @@
 //! - `uploads/<account>/<upload id>.part`: a partial upload, the size it declared, each chunk
 //!   written at its offset. Which chunks it holds is recorded in `adapter_uploads`
 //!   (`storage/adapters.rs`) after the file is synced, every [`RECORD_EVERY`] chunks, when the
-//!   stream pauses for [`RECORD_WHEN_QUIET`] and when it ends, so a record never names a chunk
-//!   that is not on disk.
+//!   stream pauses for `record_when_quiet` (`[adapters]` in `cloud.toml`, 500 ms by default)
+//!   and when it ends, so a record never names a chunk that is not on disk.
 //! - `adapters/<account>/<sha256>.gguf`: content the account holds, moved there from its
 //!   `.part` once verified (hash, GGUF adapter, base architecture). Names point to it in
 //!   `adapters`; nothing is visible before that.
@@ -37,8 +37,6 @@ pub const CHUNK_MAX: u32 = 8 * 1024 * 1024;
 pub const RECORD_EVERY: u32 = 64;
 /// A stream that sends nothing for this long is ended (what it sent stays held).
 const IDLE: Duration = Duration::from_secs(60);
-/// A stream quiet this long has its chunks recorded (a device cut off resumes from them).
-const RECORD_WHEN_QUIET: Duration = Duration::from_millis(500);
 /// A stream that keeps sending is recorded at least this often (however large its chunks),
 /// which keeps its upload from counting as idle (`BUSY_FOR`).
 const RECORD_AT_LEAST_EVERY: Duration = Duration::from_secs(30);
@@ -332,7 +330,11 @@ impl Receiving<'_> {
             // from them.
             let pending = self.unrecorded > 0 || self.received > 0;
             let next = timeout(
-                if pending { RECORD_WHEN_QUIET } else { IDLE },
+                if pending {
+                    self.peer.shared.adapters.record_when_quiet
+                } else {
+                    IDLE
+                },
                 stream
                     .rx
                     .next_if(|t| t == MessageType::UploadChunk || t == MessageType::UploadDone),

@@ -6,9 +6,17 @@ use std::time::Duration;
 
 use synesis_e2e::{Cloud, Device, Running, UdpRelay, json_of, signal, wait_for};
 
-/// Long enough that the test sees the cloud's commit and cuts the path before the reply is
-/// passed on, whatever the machine's load.
-const REPLY_DELAY: Duration = Duration::from_secs(2);
+/// How long each datagram from the cloud is held on its way to the device. The handshake
+/// takes one such trip before the cloud's handshake timeout (5 s); the reply takes another
+/// after the commit, which is this long for the test to notice the commit and cut the path.
+const REPLY_DELAY: Duration = Duration::from_millis(2_500);
+
+/// Devices the cloud committed so far, read from its database (a read takes milliseconds: a
+/// `synesis-cloud admin` process could take most of the delay on a loaded machine).
+fn committed_devices(db: &rusqlite::Connection) -> i64 {
+    db.query_row("SELECT COUNT(*) FROM devices", [], |row| row.get(0))
+        .unwrap()
+}
 
 #[test]
 fn login_again_with_the_same_token_after_a_crash_gets_the_device_the_cloud_committed() {
@@ -16,6 +24,8 @@ fn login_again_with_the_same_token_after_a_crash_gets_the_device_the_cloud_commi
     let relay = UdpRelay::start(cloud.addr);
     let token = relay.token_via(&cloud.account_and_token("acme"));
     let device = Device::new();
+    let db = rusqlite::Connection::open(cloud.dir().join("cloud.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(30)).unwrap();
 
     relay.set_delay(REPLY_DELAY);
     let mut login = Running {
@@ -28,7 +38,7 @@ fn login_again_with_the_same_token_after_a_crash_gets_the_device_the_cloud_commi
             .unwrap(),
     };
     assert!(
-        wait_for(Duration::from_secs(15), || !cloud.devices().is_empty()),
+        wait_for(Duration::from_secs(30), || committed_devices(&db) > 0),
         "the cloud never committed the enrollment"
     );
     // The reply is on its way; the device dies before it arrives.
@@ -38,7 +48,7 @@ fn login_again_with_the_same_token_after_a_crash_gets_the_device_the_cloud_commi
         "the login finished before the crash"
     );
     signal(login.pid(), "KILL");
-    login.wait(Duration::from_secs(5));
+    login.wait(Duration::from_secs(20));
     assert!(!device.home().join("data/identity/identity.json").exists());
     let committed = cloud.devices()[0]["device_id"].as_str().unwrap().to_owned();
 
@@ -51,7 +61,7 @@ fn login_again_with_the_same_token_after_a_crash_gets_the_device_the_cloud_commi
     // The identity works: its key is the one the cloud's certificate is for.
     let _tunnel = device.tunnel("1s");
     assert!(
-        wait_for(Duration::from_secs(10), || device.state().as_deref()
+        wait_for(Duration::from_secs(20), || device.state().as_deref()
             == Some("connected")),
         "never connected:\n{}",
         device.tunnel_log()

@@ -1,5 +1,6 @@
-//! A flood of connections without a certificate, from one process, does not keep an enrolled
-//! device out, and the cloud's memory stays bounded while it lasts.
+//! A flood of connections without a certificate, from one process (on another address of this
+//! machine), does not keep an enrolled device out, and the cloud's memory stays bounded while
+//! it lasts.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
 use std::sync::Arc;
@@ -11,8 +12,12 @@ use synesis_e2e::{Cloud, Device, wait_for};
 /// Connection attempts in the flood, and how many are in flight at once.
 const ATTEMPTS: usize = 2_000;
 const IN_FLIGHT: usize = 200;
-/// How long the device may take to connect: its own first attempt plus one backoff step.
-const DEVICE_CONNECT_LIMIT: Duration = Duration::from_secs(10);
+/// How long the test waits for the device to connect (it returns as soon as it has). The
+/// promise, its own first attempt plus one backoff step, is checked on the attempts the
+/// tunnel counts, not on this clock.
+const DEVICE_CONNECT_LIMIT: Duration = Duration::from_secs(60);
+/// Failed attempts the device may have before it connects: one backoff step.
+const DEVICE_FAILED_ATTEMPTS_MAX: u64 = 1;
 /// The cloud's resident memory may not grow past this during the flood.
 const CLOUD_RSS_GROWTH_MAX_KIB: u64 = 128 * 1024;
 
@@ -69,7 +74,9 @@ fn a_flood_of_certificateless_connections_does_not_keep_a_device_out() {
                 .build()
                 .unwrap();
             runtime.block_on(async move {
-                let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+                // From another address than the device's (127.0.0.1): the cloud's handshake
+                // budget per source (64) is the flood's own to fill, as another host's would be.
+                let endpoint = quinn::Endpoint::client("127.0.0.2:0".parse().unwrap()).unwrap();
                 let config = synesis_tunnel::tls::enrollment_client_config(pin).unwrap();
                 let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
                 let mut tasks = Vec::with_capacity(ATTEMPTS);
@@ -116,14 +123,25 @@ fn a_flood_of_certificateless_connections_does_not_keep_a_device_out() {
         })
     };
 
-    // Let the flood fill the door, then the device connects through it.
-    std::thread::sleep(Duration::from_millis(500));
+    // Let the flood fill the door (its first answers are the evidence), then the device
+    // connects through it.
+    assert!(wait_for(Duration::from_secs(60), || {
+        outcomes.established.load(Ordering::Relaxed) + outcomes.failed.load(Ordering::Relaxed)
+            >= IN_FLIGHT as u64
+    }));
     let started = Instant::now();
     let _tunnel = device.tunnel("1s");
+    // The status that first said connected: how many attempts failed before.
+    let mut status = None;
     let connected = wait_for(DEVICE_CONNECT_LIMIT, || {
-        device.state().as_deref() == Some("connected")
+        status = device.status();
+        status.as_ref().is_some_and(|s| s["state"] == "connected")
     });
     let took = started.elapsed();
+    let failed_attempts = status
+        .as_ref()
+        .and_then(|s| s["reconnects"].as_u64())
+        .unwrap_or(u64::MAX);
     let still_flooding = !flood.is_finished();
     flood.join().unwrap();
     flooding.store(false, Ordering::Relaxed);
@@ -132,7 +150,8 @@ fn a_flood_of_certificateless_connections_does_not_keep_a_device_out() {
     let peak = peak.load(Ordering::Relaxed);
     eprintln!(
         "flood: {ATTEMPTS} attempts ({} established, {} closed with LIMIT_EXCEEDED, {} failed); \
-         device connected in {:.2} s (flood still running then: {still_flooding}); \
+         device connected in {:.2} s after {failed_attempts} failed attempts (flood still \
+         running then: {still_flooding}); \
          cloud RSS {} KiB before, {} KiB at peak",
         outcomes.established.load(Ordering::Relaxed),
         outcomes.limited.load(Ordering::Relaxed),
@@ -147,11 +166,16 @@ fn a_flood_of_certificateless_connections_does_not_keep_a_device_out() {
         device.tunnel_log()
     );
     assert!(
+        failed_attempts <= DEVICE_FAILED_ATTEMPTS_MAX,
+        "the device connected after {failed_attempts} failed attempts: {status:?}\n{}",
+        device.tunnel_log()
+    );
+    assert!(
         peak.saturating_sub(rss_before) < CLOUD_RSS_GROWTH_MAX_KIB,
         "the cloud grew from {rss_before} KiB to {peak} KiB"
     );
     // The cloud serves on after the flood.
-    assert!(wait_for(Duration::from_secs(5), || device
+    assert!(wait_for(Duration::from_secs(20), || device
         .state()
         .as_deref()
         == Some("connected")));

@@ -14,7 +14,8 @@ async fn raw_stream(conn: &quinn::Connection, bytes: &[u8]) -> Option<Message> {
     let (mut tx, rx) = conn.open_bi().await.unwrap();
     tx.write_all(bytes).await.unwrap();
     let mut rx = FramedRecv::new(rx, FrameLimits::default());
-    tokio::time::timeout(Duration::from_secs(5), rx.next())
+    // A generous bound: the answer is expected at once, but a loaded machine may be slow.
+    tokio::time::timeout(synesis_e2e::wire::ANSWER_TIMEOUT, rx.next())
         .await
         .expect("an answer in time")
         .ok()
@@ -35,7 +36,7 @@ async fn garbage_and_oversize_frames_get_error_codes_and_everyone_is_still_serve
     let bystander = Device::new();
     bystander.login(&cloud.account_and_token("acme"));
     let _tunnel = bystander.tunnel("1s");
-    assert!(wait_for(Duration::from_secs(10), || bystander
+    assert!(wait_for(Duration::from_secs(20), || bystander
         .state()
         .as_deref()
         == Some("connected")));
@@ -98,7 +99,7 @@ async fn garbage_and_oversize_frames_get_error_codes_and_everyone_is_still_serve
 
     // And the bystander was served all along.
     let before = bystander.status().unwrap()["last_heartbeat_ack_at"].clone();
-    assert!(wait_for(Duration::from_secs(5), || bystander
+    assert!(wait_for(Duration::from_secs(20), || bystander
         .status()
         .unwrap()["last_heartbeat_ack_at"]
         != before));

@@ -452,20 +452,32 @@ fn a_push_killed_half_way_resumes_without_resending_what_the_cloud_holds() {
     );
     synesis_e2e::signal(first.id(), "KILL");
     first.wait().unwrap();
-    // The cloud records what it wrote once the stream goes quiet.
+    // The cloud records what it wrote once the stream goes quiet (half a second): taken as
+    // done once the count has not changed for 5 s.
     let mut before = held();
-    loop {
-        std::thread::sleep(Duration::from_millis(1_500));
+    let mut since = std::time::Instant::now();
+    let settled = wait_for(Duration::from_secs(60), || {
         let now = held();
-        if now == before {
-            break;
+        if now != before {
+            (before, since) = (now, std::time::Instant::now());
         }
-        before = now;
-    }
+        since.elapsed() >= Duration::from_secs(5)
+    });
+    assert!(settled, "the count kept changing: {:?}", uploads(&s.cloud));
     assert!(before > 0 && before < chunks, "{before} of {chunks}");
     relay.set_delay(Duration::ZERO);
     let v = json_of(&mut push());
-    assert_eq!(v["resumed_from_bytes"], before * chunk, "{v}");
+    // From what the cloud held (more, should a record land after the 5 s): whole chunks.
+    let resumed = v["resumed_from_bytes"].as_u64().unwrap();
+    assert!(
+        resumed >= before * chunk && resumed < size && resumed.is_multiple_of(chunk),
+        "held {before} chunks: {v}"
+    );
+    assert_eq!(
+        v["sent_bytes"],
+        size - resumed,
+        "only what was missing: {v}"
+    );
     assert_eq!(v["bytes"], size, "{v}");
     let u = uploads(&s.cloud);
     assert_eq!(u[0]["completed"], true, "{u:?}");
@@ -628,7 +640,9 @@ fn a_new_version_under_the_same_name_answers_next_and_rm_removes_it() {
 /// not what the second stream sent: `HASH_MISMATCH`, nothing stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_digest_covering_only_what_one_stream_sent_is_not_taken_for_the_files() {
-    let s = setup("");
+    // A stream records what it wrote only when it ends here (or after a minute of quiet), so
+    // the test decides when stream 1's tail is recorded, whatever the machine's load.
+    let s = setup("[adapters]\nrecord_when_quiet = \"60s\"\n");
     let (_endpoint, conn) = connect(&s.owner).await;
     let bytes = std::fs::read(adapter(s.files.path(), "h.gguf", 7, 600_000)).unwrap();
     let chunks = u32::try_from(bytes.len().div_ceil(CHUNK as usize)).unwrap();
@@ -663,7 +677,26 @@ async fn a_digest_covering_only_what_one_stream_sent_is_not_taken_for_the_files(
             .await
             .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(150)).await; // written, not yet recorded
+    // Written (the part file holds the tail), not yet recorded.
+    let parts = s.cloud.dir().join("uploads");
+    let tail_written = || {
+        walk(&parts)
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "part"))
+            .any(|p| {
+                std::fs::read(p).is_ok_and(|on_disk| {
+                    on_disk.len() == bytes.len() && on_disk[head_len..] == bytes[head_len..]
+                })
+            })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !tail_written() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stream 1's chunks were not written"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Stream 2 takes over, sends the head only, and waits for stream 1's record.
     let (mut tx2, rx2) = conn.open_bi().await.unwrap();
     let mut rx2 = FramedRecv::new(rx2, FrameLimits::default());
@@ -679,7 +712,22 @@ async fn a_digest_covering_only_what_one_stream_sent_is_not_taken_for_the_files(
             .await
             .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Stream 1 ends, which records its tail (merged with nothing: stream 2 has recorded
+    // nothing yet).
+    tx1.finish().unwrap();
+    let tail = u64::from(chunks - head);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let u = uploads(&s.cloud);
+        if u.first().and_then(|u| u["chunks_held"].as_u64()) == Some(tail) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stream 1's tail ({tail} chunks) was not recorded: {u:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let done = UploadDone {
         upload_id: begin.upload_id,
     };

@@ -690,7 +690,7 @@ mod tests {
         let mut generation = Anthropic::new(settings).unwrap().start(ask(None));
         assert_eq!(next(&mut generation).await, Some(text("Hello")));
         drop(generation);
-        tokio::time::timeout(Duration::from_secs(1), server.closed)
+        tokio::time::timeout(Duration::from_secs(10), server.closed)
             .await
             .unwrap()
             .unwrap();

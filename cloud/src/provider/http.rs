@@ -541,7 +541,7 @@ pub(crate) mod testing {
     }
 
     /// Settings for `base_url` with limits long enough for a loaded machine (well under the
-    /// 2 s [`collect`] waits).
+    /// 10 s [`collect`] and [`next`] wait).
     pub(crate) fn settings(base_url: String) -> HttpSettings {
         HttpSettings {
             base_url,
@@ -668,10 +668,11 @@ pub(crate) mod testing {
         }
     }
 
-    /// Every event of `generation` until its sender goes (within 2 s).
+    /// Every event of `generation` until its sender goes (within 10 s: far past any timeout
+    /// of [`settings`], so a test fails here only when nothing ends the generation).
     pub(crate) async fn collect(mut generation: Generation) -> Vec<Event> {
         let mut events = Vec::new();
-        tokio::time::timeout(Duration::from_secs(2), async {
+        tokio::time::timeout(Duration::from_secs(10), async {
             while let Some(event) = generation.events.recv().await {
                 events.push(event);
             }
@@ -707,9 +708,9 @@ pub(crate) mod testing {
         out
     }
 
-    /// The next event within 2 s.
+    /// The next event within 10 s.
     pub(crate) async fn next(generation: &mut Generation) -> Option<Event> {
-        tokio::time::timeout(Duration::from_secs(2), generation.events.recv())
+        tokio::time::timeout(Duration::from_secs(10), generation.events.recv())
             .await
             .unwrap()
     }
