@@ -142,6 +142,30 @@ pub async fn closed_with(conn: &quinn::Connection, limit: Duration) -> Option<Op
         .map(|e| synesis_wire::error_code_of(&e))
 }
 
+/// How many of `conns` are closed with `code`: counted once at least `at_least` are, or when
+/// `limit` has passed (the cloud closes them as it gets to them, not at once).
+pub async fn closed_count(
+    conns: &[quinn::Connection],
+    code: ErrorCode,
+    at_least: usize,
+    limit: Duration,
+) -> usize {
+    let count = || {
+        conns
+            .iter()
+            .filter(|c| {
+                c.close_reason()
+                    .is_some_and(|r| synesis_wire::error_code_of(&r) == Some(code))
+            })
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + limit;
+    while count() < at_least && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    count()
+}
+
 /// A cloud, a device enrolled in account `acme`, and a connection of that device (no `Hello`).
 pub async fn enrolled() -> (Cloud, Device, quinn::Connection) {
     let cloud = Cloud::start();

@@ -1459,21 +1459,14 @@ async fn s1_certificate_less_connections_are_256_at_once_in_all() {
         }
         endpoints.push(endpoint);
     }
-    let limited = |conns: &[quinn::Connection]| {
-        conns
-            .iter()
-            .filter(|c| {
-                c.close_reason().is_some_and(|r| {
-                    synesis_wire::error_code_of(&r) == Some(ErrorCode::LIMIT_EXCEEDED)
-                })
-            })
-            .count()
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while limited(&conns) < 8 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(limited(&conns), 8, "264 connections, 256 kept");
+    let limited = synesis_e2e::wire::closed_count(
+        &conns,
+        ErrorCode::LIMIT_EXCEEDED,
+        8,
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(limited, 8, "264 connections, 256 kept");
     assert_eq!(
         conns.iter().filter(|c| c.close_reason().is_none()).count(),
         256,

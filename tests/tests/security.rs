@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use synesis_e2e::wire::{
-    ANSWER_TIMEOUT, anonymous_conn, closed_with, code_of, device_conn, enrolled, exchange,
-    exchange_raw, frame, header, heartbeat, hello, new_id, usage_request,
+    ANSWER_TIMEOUT, anonymous_conn, closed_count, closed_with, code_of, device_conn, enrolled,
+    exchange, exchange_raw, frame, header, heartbeat, hello, new_id, usage_request,
 };
 use synesis_e2e::{Cloud, Device, json_of, run_ok, wait_for};
 use synesis_proto::message::{DeviceLeave, EnrollRequest, TopupRequest};
@@ -216,22 +216,15 @@ async fn one_device_cannot_open_connections_without_end() {
     for _ in 0..12 {
         conns.push(device_conn(&cloud, &device, Duration::from_secs(1)).await);
     }
-    let limited = || {
-        conns
-            .iter()
-            .filter(|c| {
-                c.close_reason().is_some_and(|r| {
-                    synesis_wire::error_code_of(&r) == Some(ErrorCode::LIMIT_EXCEEDED)
-                })
-            })
-            .count()
-    };
     // The four over the limit are closed as the cloud gets to them; then none more.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while limited() < 4 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(limited(), 4, "12 connections of one device, 8 allowed");
+    let limited = closed_count(
+        &conns,
+        ErrorCode::LIMIT_EXCEEDED,
+        4,
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(limited, 4, "12 connections of one device, 8 allowed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,21 +254,14 @@ async fn certificateless_connections_from_one_source_are_limited() {
     // None of them says anything. Those over the per-source budget (8) are closed at once; the
     // 8 in it keep their slots until the first-frame timeout (10 s), so all 32 others are closed
     // with the code, and no more, unless setting up the 40 took that long.
-    let closed_with = |code: ErrorCode| {
-        conns
-            .iter()
-            .filter(|c| {
-                c.close_reason()
-                    .is_some_and(|r| synesis_wire::error_code_of(&r) == Some(code))
-            })
-            .count()
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while closed_with(ErrorCode::LIMIT_EXCEEDED) < 32 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let closed = closed_with(ErrorCode::LIMIT_EXCEEDED);
-    let timed_out = closed_with(ErrorCode::UNEXPECTED_MESSAGE);
+    let closed = closed_count(
+        &conns,
+        ErrorCode::LIMIT_EXCEEDED,
+        32,
+        Duration::from_secs(15),
+    )
+    .await;
+    let timed_out = closed_count(&conns, ErrorCode::UNEXPECTED_MESSAGE, 0, Duration::ZERO).await;
     assert_eq!(
         closed, 32,
         "{closed} of 40 idle anonymous connections were limited, 8 allowed \
