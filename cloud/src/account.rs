@@ -9,7 +9,7 @@ use synesis_proto::message::{
     InviteCreated, Member, MembersReply, ModelPrice, PriceReply, PriceRequest, Tier, TopupReply,
     TopupRequest, UsageRequest,
 };
-use synesis_proto::{Blob, ErrorCode, Message, RequestId, UnixMillis};
+use synesis_proto::{Blob, ErrorCode, FrameLimits, Message, RequestId, UnixMillis};
 
 use crate::endpoint::Peer;
 use crate::ledger::LedgerReads;
@@ -132,25 +132,41 @@ async fn topup(peer: &Peer, r: TopupRequest) -> Message {
     }
 }
 
-/// `synesis cloud usage`: balance, holds, quota, charges.
+/// `synesis cloud usage`: balance, holds, quota, charges. A page is as many charges as fit
+/// the largest frame the device takes (up to `USAGE_CHARGES_MAX`): one that announced a lower
+/// maximum gets smaller pages, each read from one snapshot, each with its `next`.
 async fn usage(peer: &Peer, r: UsageRequest) -> Message {
     let account = peer.device.account_id;
     let (at, request_id, rules) = (now(), r.request_id, peer.shared.billing.rules);
-    let result = peer
-        .shared
-        .storage
-        .read(move |db| {
-            let acct = db.account_by_id(account)?;
-            Ok(db.usage(&acct, &r, at, &rules))
-        })
-        .await;
-    match result {
-        Ok(Ok(reply)) => reply.into(),
-        Ok(Err(e)) => match e.code() {
-            ErrorCode::INTERNAL => internal(e, request_id),
-            code => error_msg(code, e.to_string(), Some(request_id)),
-        },
-        Err(e) => internal(e, request_id),
+    let fits = peer.frame_limits().max_payload_bytes() as usize;
+    let mut page = synesis_proto::message::USAGE_CHARGES_MAX;
+    loop {
+        let request = r.clone();
+        let result = peer
+            .shared
+            .storage
+            .read(move |db| {
+                let acct = db.account_by_id(account)?;
+                Ok(db.usage(&acct, &request, at, &rules, page))
+            })
+            .await;
+        let reply: Message = match result {
+            Ok(Ok(reply)) => reply.into(),
+            Ok(Err(e)) => match e.code() {
+                ErrorCode::INTERNAL => return internal(e, request_id),
+                code => return error_msg(code, e.to_string(), Some(request_id)),
+            },
+            Err(e) => return internal(e, request_id),
+        };
+        let size = synesis_proto::encode_frame_vec(&reply, FrameLimits::default())
+            .map_or(usize::MAX, |frame| {
+                frame.len() - synesis_proto::frame::FRAME_HEADER_BYTES
+            });
+        if size <= fits || page == 1 {
+            return reply;
+        }
+        // Charges are of about one size: scale the page to what fits, with room to spare.
+        page = (page * fits / size * 9 / 10).clamp(1, page - 1);
     }
 }
 

@@ -547,12 +547,14 @@ pub fn usage(
         after: None,
     };
     let at = now();
-    let mut reply = crate::ledger::LedgerReads::usage(&db, &account, &request, at, &billing.rules)?;
+    let page = synesis_proto::message::USAGE_CHARGES_MAX;
+    let mut reply =
+        crate::ledger::LedgerReads::usage(&db, &account, &request, at, &billing.rules, page)?;
     // Every charge, page after page (the balance is the first page's).
     request.after = reply.next.take();
     while request.after.is_some() {
         let mut page =
-            crate::ledger::LedgerReads::usage(&db, &account, &request, at, &billing.rules)?;
+            crate::ledger::LedgerReads::usage(&db, &account, &request, at, &billing.rules, page)?;
         reply.charges.append(&mut page.charges);
         request.after = page.next;
     }

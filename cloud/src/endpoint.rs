@@ -544,8 +544,13 @@ async fn device(shared: Arc<Shared>, conn: quinn::Connection, fpr: synesis_proto
 
 /// A new stream of a device: its first frame says its kind; its handler takes it from there.
 async fn stream(peer: Arc<Peer>, tx: quinn::SendStream, rx: quinn::RecvStream) {
-    let limits = FIRST_FRAME_LIMITS.negotiate(peer.frame_limits().max_payload_bytes());
-    let mut stream = Stream::new(tx, rx, limits);
+    let negotiated = peer.frame_limits();
+    let mut stream = Stream::new(
+        tx,
+        rx,
+        FIRST_FRAME_LIMITS.negotiate(negotiated.max_payload_bytes()),
+    );
+    stream.sends = negotiated;
     let opens_a_stream = |t: MessageType| {
         t == MessageType::Hello
             || t == MessageType::EscalationRequest

@@ -436,7 +436,7 @@ async fn follow_attached(run: &Run, stream: &mut Stream, from: u32) {
                 seq: u32::try_from(next).unwrap_or(u32::MAX),
                 text,
             };
-            match synesis_proto::encode_frame_vec(&chunk.into(), FrameLimits::default()) {
+            match synesis_proto::encode_frame_vec(&chunk.into(), stream.sends) {
                 Ok(frame) => frames.extend_from_slice(&frame),
                 Err(e) => {
                     tracing::error!(error = %e, "a chunk does not fit a frame");

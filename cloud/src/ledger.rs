@@ -432,7 +432,25 @@ pub fn charges(
     since: Option<UnixMillis>,
     after: Option<RequestId>,
 ) -> Result<(Vec<synesis_proto::message::Charge>, Option<RequestId>), UsageError> {
-    use synesis_proto::message::USAGE_CHARGES_MAX;
+    charges_page(
+        conn,
+        account,
+        since,
+        after,
+        synesis_proto::message::USAGE_CHARGES_MAX,
+    )
+}
+
+/// [`charges`], at most `page` of them (a smaller page where a larger one would not fit the
+/// frames the device takes).
+pub fn charges_page(
+    conn: &Connection,
+    account: AccountId,
+    since: Option<UnixMillis>,
+    after: Option<RequestId>,
+    page: usize,
+) -> Result<(Vec<synesis_proto::message::Charge>, Option<RequestId>), UsageError> {
+    let page = page.clamp(1, synesis_proto::message::USAGE_CHARGES_MAX);
     // The kind is written out (not bound) so that the partial index `ledger_charges` serves; its
     // entries end with the rowid, which is `seq`, so it holds them in the listing's order.
     const _: () = assert!(EntryKind::Settle.code() == 3);
@@ -455,15 +473,15 @@ pub fn charges(
         from = from.max(cursor);
     }
     // One more than a page, to know whether another follows.
-    let limit = i64::try_from(USAGE_CHARGES_MAX + 1).unwrap_or(i64::MAX);
+    let limit = i64::try_from(page + 1).unwrap_or(i64::MAX);
     let mut entries = query_entries_ordered(
         conn,
         "WHERE account_id = ?1 AND kind = 3 AND (at, seq) > (?2, ?3)",
         "ORDER BY at, seq LIMIT ?4",
         &[&account_text, &from.0, &from.1, &limit],
     )?;
-    let next = if entries.len() > USAGE_CHARGES_MAX {
-        entries.truncate(USAGE_CHARGES_MAX);
+    let next = if entries.len() > page {
+        entries.truncate(page);
         entries.last().map(|e| e.request_id)
     } else {
         None
@@ -500,13 +518,15 @@ pub fn charges(
 /// The ledger's read side, as handlers and the operator's commands use it; a backend implements
 /// it beside `synesis_billing::ledger::Store` (ARCHITECTURE.md §3).
 pub trait LedgerReads {
-    /// An account's balance, holds, quota and one page of its charges, from one snapshot.
+    /// An account's balance, holds, quota and one page of at most `page` of its charges, from
+    /// one snapshot.
     fn usage(
         &self,
         account: &crate::storage::Account,
         request: &synesis_proto::message::UsageRequest,
         now: UnixMillis,
         rules: &synesis_billing::TierRules,
+        page: usize,
     ) -> Result<synesis_proto::message::UsageReply, UsageError>;
 }
 
@@ -517,8 +537,9 @@ impl LedgerReads for crate::storage::Db {
         request: &synesis_proto::message::UsageRequest,
         now: UnixMillis,
         rules: &synesis_billing::TierRules,
+        page: usize,
     ) -> Result<synesis_proto::message::UsageReply, UsageError> {
-        usage_reply(self.connection(), account, request, now, rules)
+        usage_reply(self.connection(), account, request, now, rules, page)
     }
 }
 
@@ -531,13 +552,15 @@ pub fn usage_reply(
     request: &synesis_proto::message::UsageRequest,
     now: UnixMillis,
     rules: &synesis_billing::TierRules,
+    page: usize,
 ) -> Result<synesis_proto::message::UsageReply, UsageError> {
     // One snapshot for every read, so the balance, the holds and the charges agree even while
     // the ledger writer commits beside it.
     let snapshot = conn.unchecked_transaction().map_err(err)?;
     let store = SqliteLedger::new(&snapshot);
     let balance = synesis_billing::ledger::balance(&store, account.id, now)?;
-    let (mut charges, next) = charges(&snapshot, account.id, request.since, request.after)?;
+    let (mut charges, next) =
+        charges_page(&snapshot, account.id, request.since, request.after, page)?;
     snapshot.finish().map_err(err)?;
     if let Some(by) = request.group_by {
         // Stable: the list came in the listing's order.

@@ -21,6 +21,9 @@ const LAST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(1);
 pub(crate) struct Stream {
     pub(crate) tx: quinn::SendStream,
     pub(crate) rx: FramedRecv<quinn::RecvStream>,
+    /// The frames the peer takes: the protocol's maximum, or the lower one its `Hello`
+    /// announced (PROTOCOL.md §3: both then use the lower).
+    pub(crate) sends: FrameLimits,
 }
 
 /// How a stream's first frame went.
@@ -39,6 +42,7 @@ impl Stream {
         Stream {
             tx,
             rx: FramedRecv::new(rx, limits),
+            sends: FrameLimits::default(),
         }
     }
 
@@ -92,16 +96,28 @@ impl Stream {
 
     /// Sends a stream's last message and waits (briefly) until the peer has it, so that
     /// closing the connection next does not discard it.
+    ///
+    /// A message too large for the frames the peer takes is not sent: the peer gets `INTERNAL`
+    /// saying so (a reply that can be cut to fit, like a usage page, is cut before it comes
+    /// here).
     pub(crate) async fn send_last(&mut self, message: &Message) {
-        send_last(&mut self.tx, message).await;
-    }
-}
-
-pub(crate) async fn send_last(tx: &mut quinn::SendStream, message: &Message) {
-    // A peer that gives no flow-control credit holds this task for `SEND_TIMEOUT` at most.
-    let sent = timeout(SEND_TIMEOUT, send(tx, message, FrameLimits::default())).await;
-    if matches!(sent, Ok(Ok(()))) && tx.finish().is_ok() {
-        let _ = timeout(LAST_MESSAGE_TIMEOUT, tx.stopped()).await;
+        let tx = &mut self.tx;
+        // A peer that gives no flow-control credit holds this task for `SEND_TIMEOUT` at most.
+        let sent = match timeout(SEND_TIMEOUT, send(tx, message, self.sends)).await {
+            Ok(Err(synesis_wire::SendError::Encode(e))) => {
+                tracing::error!(error = %e, kind = message.message_type().name(), "a reply does not fit the peer's frames");
+                let reply = error_msg(
+                    ErrorCode::INTERNAL,
+                    format!("the reply does not fit the largest frame this connection takes: {e}"),
+                    None,
+                );
+                timeout(SEND_TIMEOUT, send(tx, &reply, self.sends)).await
+            }
+            sent => sent,
+        };
+        if matches!(sent, Ok(Ok(()))) && tx.finish().is_ok() {
+            let _ = timeout(LAST_MESSAGE_TIMEOUT, tx.stopped()).await;
+        }
     }
 }
 

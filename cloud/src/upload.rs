@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use synesis_proto::message::{UploadBegin, UploadComplete, UploadResume};
-use synesis_proto::{AccountId, ErrorCode, FrameLimits, Message, MessageType, RequestId, Sha256};
+use synesis_proto::{AccountId, ErrorCode, Message, MessageType, RequestId, Sha256};
 use synesis_wire::send;
 use tokio::time::timeout;
 
@@ -295,7 +295,7 @@ impl Receiving<'_> {
             upload_id: self.id,
             chunks_held: self.held.indexes(),
         };
-        send(&mut stream.tx, &resume.into(), FrameLimits::default())
+        send(&mut stream.tx, &resume.into(), stream.sends)
             .await
             .map_err(|e| Refusal(ErrorCode::INTERNAL, e.to_string()))?;
         let ended = self.chunks(stream).await;

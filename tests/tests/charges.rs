@@ -447,3 +447,84 @@ async fn usage_a_charge_settled_between_pages_shows_only_if_after_the_cursor() {
     // A listing from the start has it, first.
     assert_eq!(listed(&page(None).await)[0], early);
 }
+
+/// PROTOCOL.md §3: a device that announced a lower frame maximum in `Hello` gets every reply
+/// within it. A page of 1,000 charges is larger than 64 KiB, so the cloud sends smaller pages,
+/// each with its `next`, and together they list every charge once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_pages_fit_the_frame_maximum_the_device_announced() {
+    use synesis_e2e::wire::{frame, usage_request};
+    use synesis_proto::message::{Hello, USAGE_CHARGES_MAX, UsageRequest};
+    use synesis_proto::{FrameLimits, Message, PROTOCOL_VERSION};
+    use synesis_wire::FramedRecv;
+
+    // A device of a member with a long name (254 bytes, the most): each charge names its member,
+    // so a page of 1,000 is about 320 KB.
+    let (cloud, _owner, _) = managed_device("1000.00");
+    let member = "m".repeat(254);
+    run_ok(
+        cloud
+            .admin()
+            .args(["member", "add", "acme", &member, "--role", "viewer"]),
+    );
+    let token =
+        run_ok(
+            cloud
+                .admin()
+                .args(["token", "create", "--account", "acme", "--member", &member]),
+        );
+    let device = Device::new();
+    let device_id: DeviceId = device
+        .login(String::from_utf8(token.stdout).unwrap().trim())
+        .parse()
+        .unwrap();
+    let mut db = Db::open(&cloud.dir().join("cloud.db")).unwrap();
+    let t = now();
+    let (ids, _) = settle_many(&mut db, device_id, USAGE_CHARGES_MAX + 1, |_| t);
+    let small = FrameLimits::new(64 * 1024);
+    let (_endpoint, conn) = synesis_e2e::connect(&device).await;
+    let (mut control, rx) = conn.open_bi().await.unwrap();
+    let hello = Hello {
+        protocol_versions: vec![PROTOCOL_VERSION],
+        client: "charges-test/0".into(),
+        heartbeat_interval_ms: 15_000,
+        max_frame_bytes: small.max_payload_bytes(),
+    };
+    control.write_all(&frame(hello)).await.unwrap();
+    let mut welcome = FramedRecv::new(rx, small);
+    assert!(matches!(
+        welcome.next().await.unwrap(),
+        Some(Message::Welcome(_))
+    ));
+
+    let mut listed = Vec::new();
+    let mut pages = 0;
+    let mut after = None;
+    loop {
+        let (mut tx, rx) = conn.open_bi().await.unwrap();
+        tx.write_all(&frame(UsageRequest {
+            after,
+            ..usage_request()
+        }))
+        .await
+        .unwrap();
+        // Held to 64 KiB here: a larger frame is FRAME_OVERSIZE on this side.
+        let mut rx = FramedRecv::new(rx, small);
+        let Some(Message::UsageReply(page)) = rx.next().await.unwrap() else {
+            panic!("a usage page within 64 KiB");
+        };
+        pages += 1;
+        listed.extend(page.charges.iter().map(|c| c.request_id));
+        after = page.next;
+        if after.is_none() {
+            break;
+        }
+        assert_eq!(
+            after,
+            listed.last().copied(),
+            "next names the page's last charge"
+        );
+    }
+    assert_eq!(listed, ids, "every charge once, in order");
+    assert!(pages > 2, "{pages} pages: smaller than {USAGE_CHARGES_MAX}");
+}
