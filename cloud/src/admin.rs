@@ -57,13 +57,7 @@ pub fn token_create(
     server: Option<String>,
     member: Option<&str>,
 ) -> anyhow::Result<()> {
-    let token = token_issue(dir, account, ttl, server)?;
-    if let Some(name) = member {
-        let db = open(dir)?;
-        let acct = db.account_by_name(account)?;
-        let id = crate::storage::members::id_of(db.connection(), acct.id, name)?;
-        crate::storage::members::token_for(db.connection(), &token.token_id, &id)?;
-    }
+    let token = token_issue(dir, account, member, ttl, server)?;
     println!("{token}");
     Ok(())
 }
@@ -162,10 +156,12 @@ pub fn members(dir: &Path, account: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A new setup token for `account` (benches and tests embed the cloud and enroll in process).
+/// A new setup token for a device of `member` of `account` (`None`: its owner now), bound to
+/// that member as it is issued (benches and tests embed the cloud and enroll in process).
 pub fn token_issue(
     dir: &Path,
     account: &str,
+    member: Option<&str>,
     ttl: Duration,
     server: Option<String>,
 ) -> anyhow::Result<SetupToken> {
@@ -202,6 +198,7 @@ pub fn token_issue(
         account.id,
         token_id,
         &secret,
+        member,
         created,
         UnixMillis(created.0.saturating_add(ttl_ms)),
     )?;

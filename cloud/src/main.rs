@@ -172,7 +172,8 @@ enum TokenCommand {
         /// The address devices dial (default: the address the running cloud listens on).
         #[arg(long)]
         server: Option<String>,
-        /// Enroll the device as this member's (default: the owner's); see `admin member add`.
+        /// Enroll the device as this member's (default: whoever owns the account now). The token
+        /// is bound to that member as it is made: a new role, a handover or removal ends it.
         #[arg(long)]
         member: Option<String>,
     },

@@ -58,6 +58,7 @@ pub(crate) async fn cloud_with_device(dir: &Path, serving: Serving) -> BenchClou
     let token = synesis_cloud::admin::token_issue(
         &data_dir,
         "bench",
+        None,
         Duration::from_secs(600),
         Some(cloud.addr().to_string()),
     )

@@ -301,11 +301,14 @@ pub fn accept_handover(
     if now.0 >= expires_at {
         return Err(HandoverError::Lapsed);
     }
-    let former: String = tx.query_row(
-        "SELECT name FROM members WHERE account_id = ?1 AND role = 'owner'",
+    let (former_id, former): (String, String) = tx.query_row(
+        "SELECT id, name FROM members WHERE account_id = ?1 AND role = 'owner'",
         params![account.to_string()],
-        |r| r.get(0),
+        |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
+    // Both roles change: tokens either of them holds were issued for rights they no longer have.
+    end_tokens_of(&tx, &former_id, now)?;
+    end_tokens_of(&tx, &to, now)?;
     tx.execute(
         "UPDATE members SET role = 'editor' WHERE account_id = ?1 AND role = 'owner'",
         params![account.to_string()],
@@ -348,16 +351,18 @@ pub fn set_role(
     if role == Role::Owner {
         return Err(MemberError::SecondOwner);
     }
-    let (id, current) = member(conn, account, name)?;
+    let tx = conn.unchecked_transaction()?;
+    let (id, current) = member(&tx, account, name)?;
     if current == Role::Owner {
         return Err(MemberError::Owner);
     }
-    conn.execute(
+    tx.execute(
         "UPDATE members SET role = ?2 WHERE id = ?1",
         params![id, role_str(role)],
     )?;
+    end_tokens_of(&tx, &id, now)?;
     audit(
-        conn,
+        &tx,
         account,
         now,
         actor,
@@ -365,6 +370,7 @@ pub fn set_role(
         name,
         role_str(role),
     )?;
+    tx.commit()?;
     Ok(())
 }
 
@@ -391,6 +397,7 @@ pub fn remove(
         params![id, now.0],
     )?;
     tx.execute("DELETE FROM handovers WHERE to_member = ?1", params![id])?;
+    end_tokens_of(&tx, &id, now)?;
     audit(
         &tx,
         account,
@@ -402,6 +409,39 @@ pub fn remove(
     )?;
     tx.commit()?;
     Ok(revoked as u64)
+}
+
+/// The member a setup token enrolls its device for, if that member is still one.
+pub(crate) fn token_member(
+    conn: &Connection,
+    token_id: &[u8; 16],
+) -> Result<Option<String>, StorageError> {
+    Ok(conn
+        .query_row(
+            "SELECT s.member_id FROM setup_token_members s JOIN members m ON m.id = s.member_id
+             WHERE s.token_id = ?1 AND m.removed_at IS NULL",
+            params![token_id.as_slice()],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+/// Ends every unused setup token of the member `member_id` (they count as used, as a withdrawn
+/// invitation does): a token carries the rights its member had when it was issued, so any
+/// change of those rights — a new role, a handover, removal — must not leave one lying
+/// around. How many. Inside the caller's transaction.
+pub(crate) fn end_tokens_of(
+    conn: &Connection,
+    member_id: &str,
+    now: UnixMillis,
+) -> Result<u64, StorageError> {
+    let ended = conn.execute(
+        "UPDATE setup_tokens SET used_at = ?2, used_by_request = 'revoked'
+         WHERE used_at IS NULL AND id IN
+           (SELECT token_id FROM setup_token_members WHERE member_id = ?1)",
+        params![member_id, now.0],
+    )?;
+    Ok(ended as u64)
 }
 
 /// Makes a setup token enroll its device as the member `member_id`'s.
@@ -826,5 +866,169 @@ mod tests {
                 "handover_offered"
             ]
         );
+    }
+
+    /// The review's takeover (issue 23, item 1): the owner keeps a spare setup token, hands the
+    /// account to Ada, and Ada removes the former owner. The spare token enrolls nothing: it
+    /// was the former owner's, and its rights ended with the handover. Before tokens were bound
+    /// at issue, it made a device of whoever owned the account when it was used (Ada), with the
+    /// owner's rights.
+    #[test]
+    fn a_spare_setup_token_does_not_outlive_a_handover() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("cloud.db")).unwrap();
+        let account = AccountId::try_from_uuid(uuid::Uuid::from_u128(7)).unwrap();
+        db.create_account(account, "acme", Tier::Managed, UnixMillis(0))
+            .unwrap();
+        let secret = [9u8; 32];
+        // Two tokens for the owner: one used, one kept.
+        db.create_token(
+            account,
+            [1; 16],
+            &secret,
+            None,
+            UnixMillis(0),
+            UnixMillis(1_000),
+        )
+        .unwrap();
+        db.create_token(
+            account,
+            [2; 16],
+            &secret,
+            None,
+            UnixMillis(0),
+            UnixMillis(1_000),
+        )
+        .unwrap();
+        let owner = enroll(&mut db, [1; 16], &secret, 1, 10).unwrap().device_id;
+        assert_eq!(db.device(owner).unwrap().unwrap().role, Role::Owner);
+        invite(
+            db.connection_mut(),
+            &Invitation {
+                account,
+                request: RequestId::from_parts(2, [3; 10]),
+                token_id: [3; 16],
+                secret_sha256: sha256(&secret),
+                invitee: "ada",
+                role: Role::Editor,
+                quota_tokens: None,
+                created_by: owner,
+                expires_at: UnixMillis(1_000),
+            },
+            UnixMillis(0),
+        )
+        .unwrap();
+        let ada = enroll(&mut db, [3; 16], &secret, 3, 20).unwrap().device_id;
+        let conn = db.connection_mut();
+        offer_handover(conn, account, "owner-device", "ada", UnixMillis(30)).unwrap();
+        accept_handover(conn, account, ada, UnixMillis(40)).unwrap();
+        remove(conn, account, "acme", "ada-device", UnixMillis(50)).unwrap();
+
+        assert!(matches!(
+            enroll(&mut db, [2; 16], &secret, 4, 60),
+            Err(EnrollError::Used)
+        ));
+        let devices: Vec<_> = list(db.connection(), account)
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.name, m.role, m.devices))
+            .collect();
+        assert_eq!(devices, [("ada".into(), Role::Owner, 1)]);
+    }
+
+    /// A token is its member's from the moment it is issued: a new role or removal ends it,
+    /// a token for a member who is not one is refused, and an unchanged member's token works.
+    #[test]
+    fn a_setup_token_is_bound_to_its_member_when_issued() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("cloud.db")).unwrap();
+        let account = AccountId::try_from_uuid(uuid::Uuid::from_u128(7)).unwrap();
+        db.create_account(account, "acme", Tier::Managed, UnixMillis(0))
+            .unwrap();
+        let secret = [9u8; 32];
+        for name in ["bob", "cy", "di"] {
+            add(
+                db.connection(),
+                account,
+                &format!("m-{name}"),
+                name,
+                Role::Editor,
+                None,
+                "operator",
+                UnixMillis(0),
+            )
+            .unwrap();
+        }
+        for (n, name) in [(1u8, "bob"), (2, "cy"), (3, "di")] {
+            db.create_token(
+                account,
+                [n; 16],
+                &secret,
+                Some(name),
+                UnixMillis(0),
+                UnixMillis(1_000),
+            )
+            .unwrap();
+        }
+        assert!(matches!(
+            db.create_token(account, [9; 16], &secret, Some("eve"), UnixMillis(0), UnixMillis(1_000)),
+            Err(StorageError::NoSuchMember(name)) if name == "eve"
+        ));
+        // Bob is made a viewer, Cy is removed: their tokens end; Di's still works, as Di's.
+        set_role(
+            db.connection(),
+            account,
+            "bob",
+            Role::Viewer,
+            "operator",
+            UnixMillis(5),
+        )
+        .unwrap();
+        remove(
+            db.connection_mut(),
+            account,
+            "cy",
+            "operator",
+            UnixMillis(5),
+        )
+        .unwrap();
+        assert!(matches!(
+            enroll(&mut db, [1; 16], &secret, 1, 10),
+            Err(EnrollError::Used)
+        ));
+        assert!(matches!(
+            enroll(&mut db, [2; 16], &secret, 2, 10),
+            Err(EnrollError::Used)
+        ));
+        let di = enroll(&mut db, [3; 16], &secret, 3, 10).unwrap().device_id;
+        assert_eq!(db.device(di).unwrap().unwrap().role, Role::Editor);
+    }
+
+    /// A device whose member record is missing acts as no one (before: read as the owner).
+    #[test]
+    fn a_device_without_a_member_is_refused_not_read_as_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("cloud.db")).unwrap();
+        let account = AccountId::try_from_uuid(uuid::Uuid::from_u128(7)).unwrap();
+        db.create_account(account, "acme", Tier::Managed, UnixMillis(0))
+            .unwrap();
+        let secret = [9u8; 32];
+        db.create_token(
+            account,
+            [1; 16],
+            &secret,
+            None,
+            UnixMillis(0),
+            UnixMillis(1_000),
+        )
+        .unwrap();
+        let device = enroll(&mut db, [1; 16], &secret, 1, 10).unwrap().device_id;
+        db.connection()
+            .execute(
+                "UPDATE devices SET member_id = NULL WHERE id = ?1",
+                params![device.to_string()],
+            )
+            .unwrap();
+        assert!(matches!(db.device(device), Err(StorageError::Corrupt(_))));
     }
 }

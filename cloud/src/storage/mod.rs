@@ -41,6 +41,8 @@ pub enum StorageError {
     NoSuchAccount(String),
     #[error("no device {0}")]
     NoSuchDevice(DeviceId),
+    #[error("no member named {0:?} in this account")]
+    NoSuchMember(String),
     #[error("the database holds a value this build cannot read: {0}")]
     Corrupt(String),
     #[error("{path}: {reason}")]
@@ -78,7 +80,7 @@ pub enum EnrollError {
     Invalid,
     #[error("the setup token expired")]
     Expired,
-    #[error("the setup token was already used")]
+    #[error("the setup token was already used, or withdrawn")]
     Used,
     #[error("this request id was already used by another enrollment")]
     RequestReused,
@@ -241,11 +243,15 @@ pub trait Accounts {
 }
 
 pub trait Devices {
+    /// Records a setup token for a device of the member named `member` (`None`: whoever owns
+    /// the account now). The member is bound when the token is issued, never when it is used:
+    /// a token outlives no change of its member (`members::end_tokens_of`).
     fn create_token(
         &mut self,
         account: AccountId,
         token_id: [u8; 16],
         secret: &[u8; 32],
+        member: Option<&str>,
         now: UnixMillis,
         expires_at: UnixMillis,
     ) -> Result<(), StorageError>;

@@ -207,13 +207,40 @@ impl Devices for Db {
         account: AccountId,
         token_id: [u8; 16],
         secret: &[u8; 32],
+        member: Option<&str>,
         now: UnixMillis,
         expires_at: UnixMillis,
     ) -> Result<(), StorageError> {
-        self.conn.execute(
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let member_id: Option<String> = match member {
+            Some(name) => tx
+                .query_row(
+                    "SELECT id FROM members WHERE account_id = ?1 AND name = ?2 AND removed_at IS NULL",
+                    params![account.to_string(), name],
+                    |r| r.get(0),
+                )
+                .optional()?,
+            None => tx
+                .query_row(
+                    "SELECT id FROM members WHERE account_id = ?1 AND role = 'owner' AND removed_at IS NULL",
+                    params![account.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?,
+        };
+        let Some(member_id) = member_id else {
+            return Err(StorageError::NoSuchMember(
+                member.unwrap_or("(the owner)").to_owned(),
+            ));
+        };
+        tx.execute(
             "INSERT INTO setup_tokens (id, account_id, secret_sha256, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![token_id.as_slice(), account.to_string(), sha256(secret).as_slice(), now.0, expires_at.0],
         )?;
+        super::members::token_for(&tx, &token_id, &member_id)?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -282,14 +309,17 @@ impl Devices for Db {
                         return Err(EnrollError::BadRequest(format!("{e}: {account_name}")));
                     }
                 }
+                // The member the token was issued for, still a member. A token bound to no
+                // one (issued before tokens were bound) enrolls nobody: deciding its member
+                // now would hand whoever owns the account today a device made by someone else.
+                let Some(member_id) = super::members::token_member(&tx, &token_id)? else {
+                    return Err(EnrollError::Used);
+                };
                 let cert = sign(new_device_id).map_err(EnrollError::BadRequest)?;
                 let fpr = sha256(&cert.der);
-                // The member the token was made for (none: the owner).
                 tx.execute(
                     "INSERT INTO devices (id, account_id, name, cert_sha256, cert_der, enroll_request, enrolled_at, member_id)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7,
-                             COALESCE((SELECT member_id FROM setup_token_members WHERE token_id = ?8),
-                                      (SELECT id FROM members WHERE account_id = ?2 AND role = 'owner')))",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     params![
                         new_device_id.to_string(),
                         account_id.to_string(),
@@ -298,7 +328,7 @@ impl Devices for Db {
                         cert.der,
                         request.to_string(),
                         now.0,
-                        token_id.as_slice()
+                        member_id
                     ],
                 )?;
                 tx.execute(
@@ -579,10 +609,14 @@ impl Vouchers for Db {
     }
 }
 
-/// A member's role as stored (a device from before members were recorded: the owner's).
+/// A member's role as stored. A device whose member is missing acts as no one: it is refused,
+/// never read as the owner (schema v6 gave every earlier device its member).
 fn member_role(role: Option<&str>) -> Result<Role, StorageError> {
     match role {
-        None | Some("owner") => Ok(Role::Owner),
+        None => Err(StorageError::Corrupt(
+            "a device belongs to no member".to_owned(),
+        )),
+        Some("owner") => Ok(Role::Owner),
         Some("editor") => Ok(Role::Editor),
         Some("commenter") => Ok(Role::Commenter),
         Some("viewer") => Ok(Role::Viewer),
