@@ -69,6 +69,28 @@ impl Default for Device {
 }
 
 /// Runs `cmd`, asserts it succeeded, and parses its stdout as one JSON value.
+/// Whether `python3` can import `module` (a peer or client a test drives).
+pub fn python_has(module: &str) -> bool {
+    Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Whether a test that lacks a peer may skip itself: outside CI it may (and says why on
+/// stderr); inside CI (`CI` set, as `.ci/run` does) a skip is a failure, so a missing peer
+/// never passes as a test that ran. Returns `true` when the caller should return early.
+pub fn skip_unless(available: bool, what: &str) -> bool {
+    if available {
+        return false;
+    }
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false") {
+        panic!("CI must run this test, but {what} (.ci/run installs it)");
+    }
+    eprintln!("SKIPPED (outside CI): {what}");
+    true
+}
+
 pub fn json_of(cmd: &mut Command) -> serde_json::Value {
     let out = run_ok(cmd);
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {

@@ -99,19 +99,12 @@ fn raw_http(
     (status, body)
 }
 
-fn python_has_openai() -> bool {
-    std::process::Command::new("python3")
-        .args(["-c", "import openai"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 #[test]
 fn the_openai_client_chats_streams_lists_models_and_gets_openai_errors() {
-    if !python_has_openai() {
-        eprintln!(
-            "SKIPPED: python3 with the `openai` package is not installed (pip install openai)"
-        );
+    if synesis_e2e::skip_unless(
+        synesis_e2e::python_has("openai"),
+        "python3 with the `openai` package is not installed (pip install openai)",
+    ) {
         return;
     }
     // The cloud answers as `tiny` with a model slow enough to cut mid-answer; the device has a
