@@ -360,3 +360,43 @@ async fn an_uncounted_upstream_with_long_chunks_is_not_billed_one_token_per_chun
         .expect("answered");
     assert_eq!(capped.usage.output_tokens, 8, "{capped:?}");
 }
+
+/// Issue 23 item 5, in process: a request cancelled mid-answer is charged the model's own
+/// count of the tokens it generated (`usage_counted: false`), not the cloud's estimate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_process_model_reports_its_exact_count_when_cancelled() {
+    // A context long enough for an answer that is still running when the cancel comes.
+    let spec = synesis_infer::tiny::TinySpec {
+        n_ctx: 4_096,
+        ..synesis_infer::tiny::TinySpec::TINY
+    };
+    let t = synesis_e2e::tiny_cloud_with(spec, "");
+    let conn = device_conn(&t.cloud, &t.owner, HEARTBEAT).await;
+    let id = new_id();
+    let (mut tx, mut rx) = open(&conn, escalation_request(id, "tiny", "hello", 4_000)).await;
+    let mut chunks = 0;
+    let done = loop {
+        let next = tokio::time::timeout(ANSWER_MAX, rx.next())
+            .await
+            .expect("the cloud answers in time");
+        match next.expect("the stream reads") {
+            Some(Message::EscalationChunk(_)) => {
+                chunks += 1;
+                if chunks == 5 {
+                    tx.write_all(&frame(EscalationCancel { request_id: id }))
+                        .await
+                        .expect("the cancel is sent");
+                }
+            }
+            Some(Message::EscalationDone(d)) => break d,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(done.finish_reason, FinishReason::Cancelled, "{done:?}");
+    assert_eq!(done.chunks, chunks, "{done:?}");
+    assert!(!done.usage_counted, "the model's own count: {done:?}");
+    assert!(
+        done.usage.output_tokens >= u64::from(chunks) && done.usage.output_tokens < 4_000,
+        "{done:?}"
+    );
+}
