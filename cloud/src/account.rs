@@ -6,8 +6,8 @@
 use synesis_billing::ledger::LedgerError;
 use synesis_proto::message::{
     AdapterInfo, AdapterRemoved, AdaptersReply, CertRenew, CertRenewed, DeviceLeave, DeviceLeft,
-    InviteCreated, Member, MembersReply, ModelPrice, PriceReply, PriceRequest, Tier, TopupReply,
-    TopupRequest, UsageRequest,
+    InviteCreated, Member, MembersReply, ModelPrice, PriceReply, PriceRequest, Role, Tier,
+    TopupReply, TopupRequest, UsageRequest,
 };
 use synesis_proto::{Blob, ErrorCode, FrameLimits, Message, RequestId, UnixMillis};
 
@@ -135,8 +135,11 @@ async fn topup(peer: &Peer, r: TopupRequest) -> Message {
 /// `synesis cloud usage`: balance, holds, quota, charges. A page is as many charges as fit
 /// the largest frame the device takes (up to `USAGE_CHARGES_MAX`): one that announced a lower
 /// maximum gets smaller pages, each read from one snapshot, each with its `next`.
+///
+/// The owner's devices list every member's charges; any other member's devices only their
+/// own member's, so that nobody learns another member's request ids (PROTOCOL.md §2, *Usage*).
 async fn usage(peer: &Peer, r: UsageRequest) -> Message {
-    let account = peer.device.account_id;
+    let (account, device) = (peer.device.account_id, peer.device.id);
     let (at, request_id, rules) = (now(), r.request_id, peer.shared.billing.rules);
     let fits = peer.frame_limits().max_payload_bytes() as usize;
     let mut page = synesis_proto::message::USAGE_CHARGES_MAX;
@@ -147,7 +150,16 @@ async fn usage(peer: &Peer, r: UsageRequest) -> Message {
             .storage
             .read(move |db| {
                 let acct = db.account_by_id(account)?;
-                Ok(db.usage(&acct, &request, at, &rules, page))
+                // The role as it is now (a handover changes it), read with the listing.
+                let role = db.device(device)?.map(|d| d.role);
+                let member = match role {
+                    Some(Role::Owner) => None,
+                    _ => Some(
+                        crate::storage::answers::asker_of_device(db.connection(), device)?
+                            .ok_or(crate::storage::StorageError::NoSuchDevice(device))?,
+                    ),
+                };
+                Ok(db.member_usage(&acct, member.as_ref(), &request, at, &rules, page))
             })
             .await;
         let reply: Message = match result {

@@ -16,18 +16,25 @@
 //!    of the same request id, an `EscalationResume` after a reconnect. An upstream that fails
 //!    before its first chunk is retried; after that, never.
 //! 3. **Settlement**: the actual usage (the provider's count, or the cloud's when it gave
-//!    none), never more than the hold, in one ledger transaction with the answer itself
-//!    (`escalation_answers`). A request cancelled, abandoned (no device for `resume_window`),
-//!    idle (`idle_timeout`) or failed after it produced something is charged for what it
-//!    produced; one that produced nothing is voided.
+//!    none: [`Produced::usage`]), never more than the hold, in one ledger transaction with the
+//!    answer itself (`escalation_answers`). A request cancelled, abandoned (no device for
+//!    `resume_window`), idle (`idle_timeout`) or failed after it produced something is charged
+//!    for what it produced. One cancelled or abandoned before its first chunk but after the
+//!    provider had it is charged its input; one that failed (or was cut, or cancelled before
+//!    its provider had it) before its first chunk is voided.
 //!
 //! Idempotency: a request id already running is followed, not run again; one finished is
 //! streamed again from its stored answer; one that ended without an answer after its hold was
 //! placed (voided) is spent, `INVALID_REQUEST`, whether the run is still in memory or not; one
 //! used for another body is `IDEMPOTENCY_CONFLICT`. After a restart a request whose hold is still open runs again from
 //! the start under the same hold (the device says so to its user), and is charged once.
+//! All of this only for the devices of the member that asked (the run's [`Asker`]; stored,
+//! the member of the device the hold was placed for): another member's `EscalationResume` is
+//! `NOT_FOUND` as for an unknown id, and its `EscalationRequest` with the id
+//! `IDEMPOTENCY_CONFLICT` whatever its body.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -51,7 +58,7 @@ use crate::config::{EscalationSettings, ProviderConfig, Serving};
 use crate::endpoint::Peer;
 use crate::provider::{ApiKey, Ask, Event, Provider, ProviderError, ProviderUsage};
 use crate::shared::{Shared, now};
-use crate::storage::answers::{self, StoredAnswer};
+use crate::storage::answers::{self, Asker, StoredAnswer};
 use crate::storage::{Accounts, StorageError};
 use crate::streams::{Stream, error_msg};
 
@@ -142,7 +149,7 @@ impl Escalations {
 
     /// The run of `key`: the one already there, or a new one for the caller to admit when the
     /// account has room for one more.
-    fn claim(&self, key: (AccountId, RequestId), body: [u8; 32]) -> Claim {
+    fn claim(&self, key: (AccountId, RequestId), body: [u8; 32], asker: &Asker) -> Claim {
         let mut runs = self.runs();
         if let Some(run) = runs.get(&key) {
             return Claim::Existing(Arc::clone(run));
@@ -155,7 +162,7 @@ impl Escalations {
             }
             *n += 1;
         }
-        let run = Arc::new(Run::new(key.1, body));
+        let run = Arc::new(Run::new(key.1, body, asker.clone()));
         runs.insert(key, Arc::clone(&run));
         Claim::Fresh(run)
     }
@@ -199,10 +206,15 @@ impl Escalations {
 struct Run {
     request_id: RequestId,
     body: [u8; 32],
+    /// The member that asked: only its devices follow the run (anyone else is told the id is
+    /// unknown, or used for another request).
+    asker: Asker,
     state: Mutex<RunState>,
     /// Bumped at every change; followers wait on it.
     changed: watch::Sender<u64>,
     cancel: Notify,
+    /// A device asked to cancel (also before the provider was started: it then never is).
+    cancel_asked: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -216,16 +228,18 @@ struct RunState {
 }
 
 impl Run {
-    fn new(request_id: RequestId, body: [u8; 32]) -> Run {
+    fn new(request_id: RequestId, body: [u8; 32], asker: Asker) -> Run {
         Run {
             request_id,
             body,
+            asker,
             state: Mutex::new(RunState {
                 alone_since: Some(Instant::now()),
                 ..RunState::default()
             }),
             changed: watch::channel(0).0,
             cancel: Notify::new(),
+            cancel_asked: AtomicBool::new(false),
         }
     }
 
@@ -260,6 +274,22 @@ impl Run {
         self.state().chunks.len()
     }
 
+    /// The UTF-8 bytes of the chunks so far.
+    fn produced_bytes(&self) -> u64 {
+        self.state().chunks.iter().map(|c| c.len() as u64).sum()
+    }
+
+    /// A device cancels the request: the generation stops (or never starts).
+    fn cancel(&self) {
+        // Relaxed: read before the provider starts, the `Notify` carries it after.
+        self.cancel_asked.store(true, Ordering::Relaxed);
+        self.cancel.notify_one();
+    }
+
+    fn cancel_asked(&self) -> bool {
+        self.cancel_asked.load(Ordering::Relaxed)
+    }
+
     fn chunks(&self) -> Vec<String> {
         self.state().chunks.clone()
     }
@@ -292,13 +322,17 @@ pub(crate) async fn serve(peer: &Peer, first: Message, mut stream: Stream) {
         stream.send_last(&reply).await;
         return;
     }
+    let asker = match asker_of(peer).await {
+        Ok(asker) => asker,
+        Err(reply) => return stream.send_last(&reply).await,
+    };
     let escalations = &peer.shared.escalations;
     let account = peer.device.account_id;
     match first {
         Message::EscalationRequest(r) => {
             let key = (account, r.request_id);
             let body = body_of(&r);
-            let (run, fresh) = match escalations.claim(key, body) {
+            let (run, fresh) = match escalations.claim(key, body, &asker) {
                 Claim::Existing(run) => (run, false),
                 Claim::Fresh(run) => (run, true),
                 Claim::Busy => {
@@ -314,7 +348,9 @@ pub(crate) async fn serve(peer: &Peer, first: Message, mut stream: Stream) {
                     return stream.send_last(&reply.into()).await;
                 }
             };
-            if run.body != body {
+            // Another member's request: a conflict whatever its body, so that nobody learns
+            // whether they guessed the body, and before anything of the run is read.
+            if run.asker != asker || run.body != body {
                 return conflict(&mut stream, r.request_id).await;
             }
             if let Some(why) = run.refused() {
@@ -341,7 +377,7 @@ pub(crate) async fn serve(peer: &Peer, first: Message, mut stream: Stream) {
             }
             follow(&run, &mut stream, 0).await;
         }
-        Message::EscalationResume(r) => resume(peer, r, &mut stream).await,
+        Message::EscalationResume(r) => resume(peer, &asker, r, &mut stream).await,
         other => {
             let reply = error_msg(
                 ErrorCode::UNEXPECTED_MESSAGE,
@@ -349,6 +385,28 @@ pub(crate) async fn serve(peer: &Peer, first: Message, mut stream: Stream) {
                 None,
             );
             stream.send_last(&reply).await;
+        }
+    }
+}
+
+/// The member the calling device belongs to, read now.
+async fn asker_of(peer: &Peer) -> Result<Asker, Message> {
+    let device = peer.device.id;
+    match peer
+        .shared
+        .storage
+        .read(move |db| answers::asker_of_device(db.connection(), device))
+        .await
+    {
+        Ok(Some(asker)) => Ok(asker),
+        Ok(None) => Err(error_msg(
+            ErrorCode::DEVICE_REVOKED,
+            "this device belongs to no member of the account",
+            None,
+        )),
+        Err(e) => {
+            tracing::error!(error = %e, "reading the device's member failed");
+            Err(error_msg(ErrorCode::UNAVAILABLE, "try again", None))
         }
     }
 }
@@ -363,35 +421,39 @@ async fn conflict(stream: &mut Stream, request_id: RequestId) {
 }
 
 /// `EscalationResume`: the rest of a request from `next_seq`, from memory while it runs or
-/// was just finished, else from its stored answer.
-async fn resume(peer: &Peer, r: EscalationResume, stream: &mut Stream) {
+/// was just finished, else from its stored answer. Only for the member that asked it: for
+/// anyone else the id is unknown (the same `NOT_FOUND`, word for word).
+async fn resume(peer: &Peer, asker: &Asker, r: EscalationResume, stream: &mut Stream) {
     let key = (peer.device.account_id, r.request_id);
+    let (account, request_id) = key;
+    let unknown = || {
+        error_msg(
+            ErrorCode::NOT_FOUND,
+            "no answer is held for this request (the cloud restarted, or it never ran): send the request again with the same id",
+            Some(request_id),
+        )
+    };
     if let Some(run) = peer.shared.escalations.get(key) {
+        if run.asker != *asker {
+            return stream.send_last(&unknown()).await;
+        }
         return follow(&run, stream, r.next_seq).await;
     }
-    let (account, request_id) = key;
     let stored = peer
         .shared
         .storage
         .read(move |db| answers::get(db.connection(), account, request_id))
         .await;
     match stored {
-        Ok(Some(answer)) => {
-            let run = Arc::new(Run::new(request_id, answer.body));
+        Ok(Some(answer)) if answer.asker.as_ref() == Some(asker) => {
+            let run = Arc::new(Run::new(request_id, answer.body, asker.clone()));
             run.update(|s| {
                 s.chunks = answer.chunks;
                 s.end = Some(answer.done.into());
             });
             follow(&run, stream, r.next_seq).await;
         }
-        Ok(None) => {
-            let reply = error_msg(
-                ErrorCode::NOT_FOUND,
-                "no answer is held for this request (the cloud restarted, or it never ran): send the request again with the same id",
-                Some(request_id),
-            );
-            stream.send_last(&reply).await;
-        }
+        Ok(_) => stream.send_last(&unknown()).await,
         Err(e) => {
             tracing::error!(error = %e, "reading a stored answer failed");
             let reply = error_msg(ErrorCode::UNAVAILABLE, "try again", Some(request_id));
@@ -449,7 +511,7 @@ async fn follow_attached(run: &Run, stream: &mut Stream, from: u32) {
             && let Err(e) = stream.tx.write_all(&frames).await
         {
             if stopped_as_cancelled(&e) {
-                run.cancel.notify_one();
+                run.cancel();
             }
             return; // the device went away; it may resume on another stream
         }
@@ -461,7 +523,7 @@ async fn follow_attached(run: &Run, stream: &mut Stream, from: u32) {
             frame = stream.rx.next_if(|t| t == MessageType::EscalationCancel), if reading => {
                 match frame {
                     Ok(Some(Message::EscalationCancel(c))) if c.request_id == run.request_id => {
-                        run.cancel.notify_one();
+                        run.cancel();
                     }
                     Ok(Some(_)) => {
                         let reply = error_msg(
@@ -475,7 +537,7 @@ async fn follow_attached(run: &Run, stream: &mut Stream, from: u32) {
                     Ok(None) => reading = false,
                     Err(e) if reset_as_cancelled(&e) => {
                         // A local client that went away: its stream is reset with CANCELLED.
-                        run.cancel.notify_one();
+                        run.cancel();
                         return;
                     }
                     Err(e) => match e.peer_fault() {
@@ -608,7 +670,11 @@ impl Admission {
                 self.shared.escalations.forget(key, &self.run);
                 self.run.end(refusal);
             }
-            Ok((Held::Stored(answer), _)) if answer.body != self.run.body => {
+            Ok((Held::Stored(answer), _))
+                if answer.body != self.run.body
+                    || answer.asker.as_ref() != Some(&self.run.asker) =>
+            {
+                // Another body, or another member's request (whatever its body: no oracle).
                 // At once: the right body may come next and must find the stored answer.
                 self.shared.escalations.forget(key, &self.run);
                 self.run.end(error_msg(
@@ -837,11 +903,21 @@ impl Admission {
             request_body: Some(self.run.body),
         };
         let (billing, at) = (self.shared.billing.clone(), now());
+        let asker = self.run.asker.clone();
         let found = self
             .shared
             .ledger
             .run(move |store| {
                 let state = hold_state(store, account, id, at)?;
+                if !matches!(state, HoldState::Unused | HoldState::Other) {
+                    // Another member's request id, in whatever state: a conflict, nothing of
+                    // it told (its answer, whether it was spent).
+                    let theirs = answers::asker(store.connection(), account, id)
+                        .map_err(|e| synesis_billing::ledger::StoreError(e.to_string()))?;
+                    if theirs.as_ref() != Some(&asker) {
+                        return Err(LedgerError::IdempotencyConflict);
+                    }
+                }
                 if matches!(state, HoldState::Unused) {
                     // The member's own monthly quota, read with the hold it decides on (one
                     // writer: concurrent requests cannot both fit in the same room).
@@ -922,9 +998,10 @@ fn ledger_refusal(e: LedgerError, id: RequestId) -> Message {
             ErrorCode::INSUFFICIENT_FUNDS,
             format!("this request holds up to ${needed}; the available balance is ${available}"),
         ),
+        // The words of every other conflict here: another member's id says nothing more.
         LedgerError::IdempotencyConflict => (
             ErrorCode::IDEMPOTENCY_CONFLICT,
-            "this request id was used for something else".into(),
+            "this request id was used for another request".into(),
         ),
         LedgerError::Billing(b) => (ErrorCode::UNKNOWN_MODEL, b.to_string()),
         _ => {
@@ -963,10 +1040,11 @@ fn provider_refusal(e: &ProviderError, id: RequestId) -> Message {
 /// How a generation ended.
 enum Ended {
     Done(FinishReason, Option<ProviderUsage>),
-    /// Cancelled by the device, or abandoned (nobody followed for `resume_window`).
-    Stopped,
+    /// Cancelled by the device, or abandoned (nobody followed for `resume_window`); the
+    /// provider's own count when it gave one on stopping (in process).
+    Stopped(Option<ProviderUsage>),
     /// Stopped at `max_tokens` chunks, or before its hold expired.
-    Cut,
+    Cut(Option<ProviderUsage>),
     Failed(ProviderError),
 }
 
@@ -981,9 +1059,21 @@ async fn drive(
     deadline: Option<Instant>,
 ) {
     let settings = a.shared.escalations.settings;
+    let max_output = u64::from(ask.max_tokens);
     let mut attempt = 0;
+    // Whether the provider was given the request: from then on it has the prompt, and a
+    // request cancelled before its first chunk is charged its input (PROTOCOL.md §2).
+    let mut dispatched = false;
     let ended = loop {
-        let ended = generate(&a.run, provider.as_ref(), ask.clone(), &settings, deadline).await;
+        let ended = generate(
+            &a.run,
+            provider.as_ref(),
+            ask.clone(),
+            &settings,
+            deadline,
+            &mut dispatched,
+        )
+        .await;
         match ended {
             Ended::Failed(e)
                 if a.run.produced() == 0 && e.retryable() && attempt < settings.retries =>
@@ -1004,15 +1094,34 @@ async fn drive(
     };
     let produced = a.run.produced() as u64;
     let id = a.run.request_id;
-    let (finish_reason, usage, counted) = match ended {
-        Ended::Done(f, Some(u)) => (f, u, false),
-        Ended::Done(f, None) => (f, counted(input_bound, produced), true),
-        Ended::Stopped | Ended::Cut | Ended::Failed(_) if produced == 0 => {
+    let count = || Produced {
+        input_bound,
+        chunks: produced,
+        bytes: a.run.produced_bytes(),
+        max_output,
+    };
+    // The provider's own count on stopping, else the cloud's.
+    let own_or_counted =
+        |own: Option<ProviderUsage>| own.map_or_else(|| (count().usage(), true), |u| (u, false));
+    let (finish_reason, (usage, counted)) = match ended {
+        Ended::Done(f, Some(u)) => (f, (u, false)),
+        Ended::Done(f, None) => (f, (count().usage(), true)),
+        // Cancelled (or abandoned) once the provider had the prompt: it did the work of
+        // reading it, so the input is charged even though no chunk came.
+        Ended::Stopped(own) if produced == 0 && dispatched => {
+            (FinishReason::Cancelled, own_or_counted(own))
+        }
+        Ended::Stopped(_) | Ended::Cut(_) | Ended::Failed(_) if produced == 0 => {
             let why = match ended {
                 Ended::Failed(e) => provider_refusal(&e, id),
+                Ended::Cut(_) => error_msg(
+                    ErrorCode::CANCELLED,
+                    "stopped before any output; not charged",
+                    Some(id),
+                ),
                 _ => error_msg(
                     ErrorCode::CANCELLED,
-                    "cancelled before any output; not charged",
+                    "cancelled before the request reached its provider; not charged",
                     Some(id),
                 ),
             };
@@ -1028,15 +1137,11 @@ async fn drive(
             }
             return a.run.end(why);
         }
-        Ended::Stopped => (
-            FinishReason::Cancelled,
-            counted(input_bound, produced),
-            true,
-        ),
-        Ended::Cut => (FinishReason::Length, counted(input_bound, produced), true),
+        Ended::Stopped(own) => (FinishReason::Cancelled, own_or_counted(own)),
+        Ended::Cut(own) => (FinishReason::Length, own_or_counted(own)),
         Ended::Failed(e) => {
             tracing::warn!(error = %e, %id, produced, "the provider failed mid-answer");
-            (FinishReason::Failed, counted(input_bound, produced), true)
+            (FinishReason::Failed, (count().usage(), true))
         }
     };
     let end = settle_and_store(a, tier, model, finish_reason, usage, counted).await;
@@ -1053,24 +1158,86 @@ async fn drive(
     a.run.end(end);
 }
 
-/// The cloud's own count: the input bound (the provider gave none) and one token per chunk.
-fn counted(input_bound: u64, produced: u64) -> ProviderUsage {
-    ProviderUsage {
-        input_tokens: input_bound,
-        output_tokens: produced,
+/// What the cloud saw of a generation whose provider gave no count of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Produced {
+    /// The input count the hold was placed with (exact in process; an HTTP upstream's bound).
+    input_bound: u64,
+    /// Chunks received, and their UTF-8 bytes.
+    chunks: u64,
+    bytes: u64,
+    /// The request's `max_tokens`: the output the hold covers.
+    max_output: u64,
+}
+
+/// Bytes per token the output estimate assumes: fewer than any tokenizer's average on text,
+/// so the estimate does not undercount (a token is one to a few bytes; English averages ~4).
+const OUTPUT_BYTES_PER_TOKEN: u64 = 4;
+
+impl Produced {
+    /// The cloud's own count (PROTOCOL.md §2, *Escalation*): the input bound, and for the
+    /// output the larger of one token per chunk and one per [`OUTPUT_BYTES_PER_TOKEN`] bytes
+    /// (rounded up), never more than the hold's `max_tokens`. One per chunk alone undercounts
+    /// an upstream that sends several tokens per delta.
+    fn usage(self) -> ProviderUsage {
+        let by_bytes = self.bytes.div_ceil(OUTPUT_BYTES_PER_TOKEN);
+        ProviderUsage {
+            input_tokens: self.input_bound,
+            output_tokens: self.chunks.max(by_bytes).min(self.max_output),
+        }
     }
 }
 
-/// One generation attempt, its chunks pushed into the run as they come.
+/// How long a halted in-process generation may take to report its count (it stops within one
+/// token; a prompt batch being decoded may take longer, and then the cloud counts).
+const HALT_REPORT_MAX: Duration = Duration::from_secs(2);
+
+/// Stops `generation`: a provider that can be halted reports its exact usage (the text it
+/// made up to then is kept, up to `max_chunks`); any other is closed, and `None` is returned.
+async fn stop(
+    run: &Run,
+    generation: &mut crate::provider::Generation,
+    max_chunks: usize,
+) -> Option<ProviderUsage> {
+    let mut usage = None;
+    if let Some(halt) = generation.halt.take() {
+        halt.cancel();
+        let report = tokio::time::timeout(HALT_REPORT_MAX, async {
+            loop {
+                match generation.events.recv().await {
+                    Some(Event::Text(text)) => {
+                        if !text.is_empty() && run.produced() < max_chunks {
+                            run.push(text);
+                        }
+                    }
+                    Some(Event::Done { usage, .. }) => return usage,
+                    Some(Event::Failed(_)) | None => return None,
+                }
+            }
+        })
+        .await;
+        usage = report.ok().flatten();
+    }
+    generation.stop();
+    usage
+}
+
+/// One generation attempt, its chunks pushed into the run as they come. `dispatched` turns
+/// true once the provider has the request (a cancel before that never starts it).
 async fn generate(
     run: &Run,
     provider: &dyn Provider,
     ask: Ask,
     settings: &EscalationSettings,
     deadline: Option<Instant>,
+    dispatched: &mut bool,
 ) -> Ended {
     let max_chunks = ask.max_tokens as usize;
+    if run.cancel_asked() {
+        return Ended::Stopped(None);
+    }
     let mut generation = provider.start(ask);
+    *dispatched = true;
     let mut check = tokio::time::interval(FOLLOWER_CHECK);
     // The idle clock starts with the first event: waiting in a provider's queue is not idling
     // (the hold's deadline bounds that wait).
@@ -1080,19 +1247,16 @@ async fn generate(
     loop {
         tokio::select! {
             () = run.cancel.notified() => {
-                generation.stop();
-                return Ended::Stopped;
+                return Ended::Stopped(stop(run, &mut generation, max_chunks).await);
             }
             () = tokio::time::sleep_until(deadline) => {
                 tracing::warn!(request = %run.request_id, "stopped before its hold expires");
-                generation.stop();
-                return Ended::Cut;
+                return Ended::Cut(stop(run, &mut generation, max_chunks).await);
             }
             _ = check.tick() => {
                 if run.abandoned(settings.resume_window) {
                     tracing::info!(request = %run.request_id, "no device followed the request; stopped");
-                    generation.stop();
-                    return Ended::Stopped;
+                    return Ended::Stopped(stop(run, &mut generation, max_chunks).await);
                 }
             }
             event = tokio::time::timeout_at(idle_until, generation.events.recv()) => match event {
@@ -1107,7 +1271,7 @@ async fn generate(
                     if run.produced() >= max_chunks {
                         // An upstream past max_tokens: the device is promised at most that many.
                         generation.stop();
-                        return Ended::Cut;
+                        return Ended::Cut(None);
                     }
                     if !text.is_empty() {
                         run.push(text);
@@ -1163,7 +1327,12 @@ async fn settle_and_store(
                 cost: cost_parts(q, charged.amount),
                 usage_counted,
             };
-            let answer = StoredAnswer { body, chunks, done };
+            let answer = StoredAnswer {
+                body,
+                chunks,
+                done,
+                asker: None, // derived from the hold when read
+            };
             answers::put(store.connection(), account, id, &answer, at)
                 .map_err(|e| synesis_billing::ledger::StoreError(e.to_string()))?;
             Ok(answer.done)
@@ -1193,5 +1362,55 @@ fn cost_parts(q: Quote, charged: synesis_proto::MicroUsd) -> Cost {
             .checked_sub(base)
             .unwrap_or(synesis_proto::MicroUsd::ZERO),
         total,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn produced(chunks: u64, bytes: u64, max_output: u64) -> u64 {
+        Produced {
+            input_bound: 100,
+            chunks,
+            bytes,
+            max_output,
+        }
+        .usage()
+        .output_tokens
+    }
+
+    #[test]
+    fn the_output_estimate_counts_long_chunks_by_their_bytes() {
+        // Two deltas of 40 bytes each: ten tokens, not two.
+        assert_eq!(produced(2, 80, 1_000), 20);
+        // Rounded up: a 5-byte answer is two tokens.
+        assert_eq!(produced(1, 5, 1_000), 2);
+    }
+
+    #[test]
+    fn the_output_estimate_is_never_below_one_token_per_chunk() {
+        // Short pieces (a token of one or two bytes each): one per chunk.
+        assert_eq!(produced(10, 12, 1_000), 10);
+        assert_eq!(produced(0, 0, 1_000), 0);
+    }
+
+    #[test]
+    fn the_output_estimate_never_passes_the_hold() {
+        assert_eq!(produced(3, 4_000, 100), 100);
+        assert_eq!(produced(500, 500, 100), 100);
+        assert_eq!(produced(u64::MAX, u64::MAX, 7), 7);
+    }
+
+    #[test]
+    fn the_input_is_the_count_the_hold_was_placed_with() {
+        let usage = Produced {
+            input_bound: 8_208,
+            chunks: 0,
+            bytes: 0,
+            max_output: 16,
+        }
+        .usage();
+        assert_eq!((usage.input_tokens, usage.output_tokens), (8_208, 0));
     }
 }

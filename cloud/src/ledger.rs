@@ -435,6 +435,7 @@ pub fn charges(
     charges_page(
         conn,
         account,
+        None,
         since,
         after,
         synesis_proto::message::USAGE_CHARGES_MAX,
@@ -442,10 +443,13 @@ pub fn charges(
 }
 
 /// [`charges`], at most `page` of them (a smaller page where a larger one would not fit the
-/// frames the device takes).
+/// frames the device takes); with `member`, only the charges of that member's devices (what a
+/// member other than the owner lists: PROTOCOL.md §2, *Usage*), and `after` must name one of
+/// them.
 pub fn charges_page(
     conn: &Connection,
     account: AccountId,
+    member: Option<&crate::storage::answers::Asker>,
     since: Option<UnixMillis>,
     after: Option<RequestId>,
     page: usize,
@@ -455,15 +459,18 @@ pub fn charges_page(
     // entries end with the rowid, which is `seq`, so it holds them in the listing's order.
     const _: () = assert!(EntryKind::Settle.code() == 3);
     let account_text = account.to_string();
+    // NULL: every member's charges.
+    let member = member.map(crate::storage::answers::Asker::as_str);
     // "At or after `since`" is "after (since, -1)": every seq is at least 0.
     let mut from = (since.map_or(i64::MIN, |t| t.0), -1_i64);
     if let Some(after) = after {
         let cursor: (i64, i64) = conn
             .prepare_cached(
-                "SELECT at, seq FROM ledger_entries WHERE account_id = ?1 AND request_id = ?2 AND kind = 3",
+                "SELECT at, seq FROM ledger_entries WHERE account_id = ?1 AND request_id = ?2 AND kind = 3
+                 AND (?3 IS NULL OR device_id IN (SELECT id FROM devices WHERE member_id = ?3))",
             )
             .and_then(|mut stmt| {
-                stmt.query_row(params![account_text, after.to_string()], |r| {
+                stmt.query_row(params![account_text, after.to_string(), member], |r| {
                     Ok((r.get(0)?, r.get(1)?))
                 })
                 .optional()
@@ -476,9 +483,10 @@ pub fn charges_page(
     let limit = i64::try_from(page + 1).unwrap_or(i64::MAX);
     let mut entries = query_entries_ordered(
         conn,
-        "WHERE account_id = ?1 AND kind = 3 AND (at, seq) > (?2, ?3)",
+        "WHERE account_id = ?1 AND kind = 3 AND (at, seq) > (?2, ?3)
+         AND (?5 IS NULL OR device_id IN (SELECT id FROM devices WHERE member_id = ?5))",
         "ORDER BY at, seq LIMIT ?4",
-        &[&account_text, &from.0, &from.1, &limit],
+        &[&account_text, &from.0, &from.1, &limit, &member],
     )?;
     let next = if entries.len() > page {
         entries.truncate(page);
@@ -528,6 +536,17 @@ pub trait LedgerReads {
         rules: &synesis_billing::TierRules,
         page: usize,
     ) -> Result<synesis_proto::message::UsageReply, UsageError>;
+
+    /// [`usage`](Self::usage) with the charges of `member`'s devices only (`None`: all).
+    fn member_usage(
+        &self,
+        account: &crate::storage::Account,
+        member: Option<&crate::storage::answers::Asker>,
+        request: &synesis_proto::message::UsageRequest,
+        now: UnixMillis,
+        rules: &synesis_billing::TierRules,
+        page: usize,
+    ) -> Result<synesis_proto::message::UsageReply, UsageError>;
 }
 
 impl LedgerReads for crate::storage::Db {
@@ -539,7 +558,27 @@ impl LedgerReads for crate::storage::Db {
         rules: &synesis_billing::TierRules,
         page: usize,
     ) -> Result<synesis_proto::message::UsageReply, UsageError> {
-        usage_reply(self.connection(), account, request, now, rules, page)
+        usage_reply(self.connection(), account, None, request, now, rules, page)
+    }
+
+    fn member_usage(
+        &self,
+        account: &crate::storage::Account,
+        member: Option<&crate::storage::answers::Asker>,
+        request: &synesis_proto::message::UsageRequest,
+        now: UnixMillis,
+        rules: &synesis_billing::TierRules,
+        page: usize,
+    ) -> Result<synesis_proto::message::UsageReply, UsageError> {
+        usage_reply(
+            self.connection(),
+            account,
+            member,
+            request,
+            now,
+            rules,
+            page,
+        )
     }
 }
 
@@ -549,6 +588,7 @@ impl LedgerReads for crate::storage::Db {
 pub fn usage_reply(
     conn: &Connection,
     account: &crate::storage::Account,
+    member: Option<&crate::storage::answers::Asker>,
     request: &synesis_proto::message::UsageRequest,
     now: UnixMillis,
     rules: &synesis_billing::TierRules,
@@ -559,8 +599,14 @@ pub fn usage_reply(
     let snapshot = conn.unchecked_transaction().map_err(err)?;
     let store = SqliteLedger::new(&snapshot);
     let balance = synesis_billing::ledger::balance(&store, account.id, now)?;
-    let (mut charges, next) =
-        charges_page(&snapshot, account.id, request.since, request.after, page)?;
+    let (mut charges, next) = charges_page(
+        &snapshot,
+        account.id,
+        member,
+        request.since,
+        request.after,
+        page,
+    )?;
     snapshot.finish().map_err(err)?;
     if let Some(by) = request.group_by {
         // Stable: the list came in the listing's order.

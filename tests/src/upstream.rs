@@ -25,6 +25,9 @@ pub enum Script {
     Hang,
     /// The response head, then silence: no chunk ever comes.
     Silent,
+    /// These deltas (each may be several tokens, as Anthropic's often are), then `stop`,
+    /// without any usage: the cloud counts.
+    Deltas(&'static [&'static str]),
 }
 
 /// Starts the upstream on `127.0.0.1:0`, on the running tokio runtime.
@@ -76,6 +79,10 @@ pub async fn upstream(script: Vec<Script>) -> Upstream {
                     format!("{head}{}{}{stop}data: [DONE]\n\n", delta("Hi"), delta(" there"))
                 }
                 Script::Hang => format!("{head}{}", delta("Hi")),
+                Script::Deltas(texts) => {
+                    let deltas: String = texts.iter().map(|t| delta(t)).collect();
+                    format!("{head}{deltas}{stop}data: [DONE]\n\n")
+                }
                 Script::Silent => head.to_owned(),
             };
             let _ = conn.write_all(body.as_bytes()).await;

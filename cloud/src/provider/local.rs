@@ -7,7 +7,8 @@
 //! latency without bound. The model (and its configured adapters) is loaded on first use, or
 //! earlier when a device's pre-warm signal names it.
 //!
-//! Stopping: the handler closes the generation's receiver; the worker checks before every
+//! Stopping: the handler cancels the generation's `halt` token (then reads the `Done` with the
+//! exact count of tokens generated) or closes its receiver; the worker checks before every
 //! token (through the cancel token it passes to llama.cpp), so generation stops within one.
 
 use std::collections::BTreeMap;
@@ -91,6 +92,8 @@ impl Loaded {
 struct Job {
     request: Request,
     events: Sender<Event>,
+    /// The generation's `halt`: cancelled by the handler, or here when `events` closes.
+    cancel: CancelToken,
 }
 
 impl Llama {
@@ -130,6 +133,14 @@ fn work(shared: &Loaded, queue: &Mutex<Receiver<Job>>) {
         if job.events.is_closed() {
             continue; // the asker left while it waited
         }
+        if job.cancel.is_cancelled() {
+            // Halted while it waited: nothing generated (the prompt counts as the hold did).
+            let _ = job.events.blocking_send(Event::Done {
+                finish_reason: FinishReason::Cancelled,
+                usage: None,
+            });
+            continue;
+        }
         let last = match shared.model() {
             // A panic in one generation fails that request, not this sequence.
             Ok(model) => {
@@ -145,7 +156,7 @@ fn work(shared: &Loaded, queue: &Mutex<Receiver<Job>>) {
 }
 
 fn run(model: &Model, job: &Job) -> Event {
-    let cancel = CancelToken::default();
+    let cancel = &job.cancel;
     let mut on_text = |piece: &str| {
         if piece.is_empty() {
             return;
@@ -159,7 +170,7 @@ fn run(model: &Model, job: &Job) -> Event {
             cancel.cancel();
         }
     };
-    match model.generate(&job.request, &cancel, &mut on_text) {
+    match model.generate(&job.request, cancel, &mut on_text) {
         Ok(g) => Event::Done {
             finish_reason: match g.finish_reason {
                 synesis_infer::FinishReason::Stop => FinishReason::Stop,
@@ -237,7 +248,9 @@ impl Provider for Llama {
     }
 
     fn start(&self, ask: Ask) -> Generation {
-        let (events, generation) = Generation::channel();
+        let (events, mut generation) = Generation::channel();
+        let cancel = CancelToken::default();
+        generation.halt = Some(cancel.clone());
         let refused = |e: ProviderError| {
             // The channel is new and has room for this one event.
             let _ = events.try_send(Event::Failed(e));
@@ -247,6 +260,7 @@ impl Provider for Llama {
             Ok(request) => match self.jobs.try_send(Job {
                 request,
                 events: events.clone(),
+                cancel,
             }) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => refused(ProviderError::Unavailable {

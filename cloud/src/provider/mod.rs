@@ -9,8 +9,9 @@
 //!
 //! A provider streams [`Event`]s on a channel. The escalation handler owns everything else
 //! (holds, settlement, sequence numbers, resume): a provider knows nothing of money or of the
-//! device. Closing the receiver (or dropping it) is the one way to stop a generation: the
-//! in-process provider checks before every token, an HTTP provider drops its response.
+//! device. Closing the receiver (or dropping it) stops a generation: the in-process provider
+//! checks before every token, an HTTP provider drops its response. The in-process provider can
+//! also be halted through [`Generation::halt`], and then reports its exact count.
 
 use std::fmt;
 
@@ -128,13 +129,18 @@ impl ProviderError {
 #[derive(Debug)]
 pub struct Generation {
     pub events: tokio::sync::mpsc::Receiver<Event>,
+    /// A provider that counts its own tokens (llama.cpp in this process) can be stopped
+    /// without closing `events`: cancelling this token ends the generation within one token
+    /// with `Done { finish_reason: Cancelled, usage }`, its exact count. `None`: closing is
+    /// the one way, and the handler counts what came.
+    pub halt: Option<synesis_infer::CancelToken>,
 }
 
 impl Generation {
     /// A generation with its sending end, for a provider to fill.
     pub fn channel() -> (tokio::sync::mpsc::Sender<Event>, Generation) {
         let (tx, events) = tokio::sync::mpsc::channel(EVENTS_BUFFER);
-        (tx, Generation { events })
+        (tx, Generation { events, halt: None })
     }
 
     /// Asks the provider to stop; events already queued can still be read.

@@ -1,12 +1,33 @@
 //! Finished escalations' answers (`escalation_answers`, schema v4): what a repeated request id
 //! streams again, chunk for chunk, instead of running the model a second time. Written by the
 //! ledger writer in the transaction that settles the request (ARCHITECTURE.md §3).
+//!
+//! An answer is the asking member's alone (PROTOCOL.md §2, *Escalation*): who asked is the
+//! member of the device its hold was placed for (`ledger_entries.device_id`, kept for ever),
+//! so no column of its own is needed and answers stored before this rule carry it too.
 
 use rusqlite::{Connection, OptionalExtension, params};
+use synesis_billing::ledger::EntryKind;
 use synesis_proto::message::EscalationDone;
-use synesis_proto::{AccountId, FrameLimits, Message, RequestId, UnixMillis};
+use synesis_proto::{AccountId, DeviceId, FrameLimits, Message, RequestId, UnixMillis};
 
 use super::StorageError;
+
+/// The member an escalation belongs to: only the devices of the member that asked may follow,
+/// resume or replay it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Asker(String);
+
+impl Asker {
+    /// The member whose id this is (`members.id`).
+    pub fn new(member_id: impl Into<String>) -> Asker {
+        Asker(member_id.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
 
 /// A finished request as it was streamed.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,6 +36,39 @@ pub struct StoredAnswer {
     pub body: [u8; 32],
     pub chunks: Vec<String>,
     pub done: EscalationDone,
+    /// The member that asked (`None`: its device is gone from the database, and nobody may
+    /// follow it).
+    pub asker: Option<Asker>,
+}
+
+/// The member `device` belongs to (`None`: no such device, or one of no member).
+pub fn asker_of_device(conn: &Connection, device: DeviceId) -> Result<Option<Asker>, StorageError> {
+    let member: Option<Option<String>> = conn
+        .prepare_cached("SELECT member_id FROM devices WHERE id = ?1")?
+        .query_row([device.to_string()], |r| r.get(0))
+        .optional()?;
+    Ok(member.flatten().map(Asker))
+}
+
+/// The member whose device asked `request_id` in `account`: the device its hold was placed
+/// for. `None` when the id holds no hold (unused, or a top-up's).
+pub fn asker(
+    conn: &Connection,
+    account: AccountId,
+    request_id: RequestId,
+) -> Result<Option<Asker>, StorageError> {
+    const _: () = assert!(EntryKind::Hold.code() == 2);
+    let member: Option<Option<String>> = conn
+        .prepare_cached(
+            "SELECT d.member_id FROM ledger_entries e JOIN devices d ON d.id = e.device_id
+             WHERE e.account_id = ?1 AND e.request_id = ?2 AND e.kind = 2
+             ORDER BY e.seq LIMIT 1",
+        )?
+        .query_row(params![account.to_string(), request_id.to_string()], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(member.flatten().map(Asker))
 }
 
 fn corrupt(what: impl std::fmt::Display) -> StorageError {
@@ -77,5 +131,11 @@ pub fn get(
         } => done,
         _ => return Err(corrupt("done is not an EscalationDone frame")),
     };
-    Ok(Some(StoredAnswer { body, chunks, done }))
+    let asker = asker(conn, account, request_id)?;
+    Ok(Some(StoredAnswer {
+        body,
+        chunks,
+        done,
+        asker,
+    }))
 }
