@@ -1313,7 +1313,7 @@ async fn s2_esc_the_byok_key_is_not_part_of_the_body_but_whether_one_came_is() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s2_esc_a_cancel_or_a_cancelled_reset_before_any_chunk_charges_nothing() {
+async fn s2_esc_a_cancel_or_a_cancelled_reset_before_any_chunk_charges_the_input() {
     // The upstream never answers; the cloud would wait 120 s for it, far past this test's polls.
     let up = upstream(vec![Script::Silent, Script::Silent]).await;
     let t = tiny_cloud(&format!(
@@ -1322,47 +1322,59 @@ async fn s2_esc_a_cancel_or_a_cancelled_reset_before_any_chunk_charges_nothing()
     ));
     let (_endpoint, conn) = synesis_e2e::connect(&t.owner).await;
 
-    // EscalationCancel once the hold is placed: ErrorMsg CANCELLED, nothing charged.
+    // EscalationCancel once the upstream has the request: EscalationDone, Cancelled, no chunk,
+    // charged its input (the upstream has the prompt).
     let id = new_id();
     let (mut tx, mut rx) = start_escalation(&conn, escalation_request(id, "up", "hello", 8)).await;
-    usage_until(&conn, |u| u.held.0 > 0)
-        .await
-        .expect("the hold is placed");
+    while up.seen.lock().unwrap().is_empty() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     tx.write_all(&frame(synesis_proto::message::EscalationCancel {
         request_id: id,
     }))
     .await
     .unwrap();
     let reply = rx.next().await.unwrap();
+    let Some(Message::EscalationDone(done)) = reply else {
+        panic!("{reply:?}");
+    };
+    assert_eq!(
+        (done.finish_reason, done.chunks, done.usage.output_tokens),
+        (synesis_proto::message::FinishReason::Cancelled, 0, 0)
+    );
     assert!(
-        matches!(&reply, Some(Message::ErrorMsg(e)) if e.code == ErrorCode::CANCELLED),
-        "{reply:?}"
+        done.usage.input_tokens > 0 && done.cost.total.0 > 0,
+        "{done:?}"
     );
     let u = usage_until(&conn, |u| u.held.0 == 0)
         .await
-        .expect("the hold is voided");
-    assert!(u.charges.is_empty(), "{u:?}");
-    // Its hold was voided: the id is spent.
+        .expect("the hold is settled");
+    assert_eq!(u.charges.len(), 1, "{u:?}");
+    // Settled: the same id replays the same end.
     assert_eq!(
         escalate(&conn, escalation_request(id, "up", "hello", 8))
             .await
-            .unwrap_err(),
-        ErrorCode::INVALID_REQUEST
+            .unwrap()
+            .1,
+        done
     );
 
     // A reset with the code of CANCELLED: the same.
     let (mut tx, _rx) =
         start_escalation(&conn, escalation_request(new_id(), "up", "hello", 8)).await;
-    usage_until(&conn, |u| u.held.0 > 0)
-        .await
-        .expect("the hold is placed");
+    while up.seen.lock().unwrap().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     tx.reset(quinn::VarInt::from_u32(u32::from(ErrorCode::CANCELLED.0)))
         .unwrap();
-    let u = usage_until(&conn, |u| u.held.0 == 0)
+    let u = usage_until(&conn, |u| u.held.0 == 0 && u.charges.len() == 2)
         .await
-        .expect("the reset cancels the request and voids its hold");
-    assert!(u.charges.is_empty(), "{u:?}");
-    assert_eq!(u.balance.0, 10_000_000);
+        .expect("the reset cancels the request and charges its input");
+    assert_eq!(u.charges[1].usage.output_tokens, 0, "{u:?}");
+    assert_eq!(
+        u.balance.0,
+        10_000_000 - u.charges.iter().map(|c| c.total.0).sum::<i64>()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1398,13 +1410,14 @@ async fn s2_quota_counts_settled_tokens_of_the_month_and_open_holds() {
     }))
     .await
     .unwrap();
-    assert!(matches!(
-        rx.next().await.unwrap(),
-        Some(Message::ErrorMsg(_))
-    ));
-    usage_until(&conn, |u| u.quota_tokens_used == 0)
+    // The upstream had it: its input is charged, its hold's output no longer counts.
+    let Some(Message::EscalationDone(cancelled)) = rx.next().await.unwrap() else {
+        panic!("the cancel settles the request");
+    };
+    let cancelled = cancelled.usage.input_tokens;
+    usage_until(&conn, |u| u.quota_tokens_used == cancelled)
         .await
-        .expect("the cancelled hold no longer counts");
+        .expect("the cancelled hold no longer counts, its input does");
 
     // Now it fits. The upstream gives no counts: the input counted is the hold's (at most one
     // token per byte of the turns, plus the chat format's), the output one per chunk.
@@ -1413,7 +1426,7 @@ async fn s2_quota_counts_settled_tokens_of_the_month_and_open_holds() {
     assert_eq!(done.usage.output_tokens, 2);
     let input = done.usage.input_tokens;
     assert!(input >= prompt.len() as u64, "{input}");
-    let settled = input + 2;
+    let settled = cancelled + input + 2;
     assert_eq!(usage(&conn).await.quota_tokens_used, settled);
 
     // The settled tokens count: a hold of one token more than is left is refused, and one of
