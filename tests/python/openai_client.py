@@ -1,6 +1,7 @@
 """The device's OpenAI-compatible API (`synesis serve`) through the official `openai` client.
 
-Run by tests/tests/openai_api.rs with BASE_URL, LOCAL_MODEL and CLOUD_MODEL set. Each check
+Run by tests/tests/openai_api.rs with BASE_URL, LOCAL_MODEL, CLOUD_MODEL and API_KEY (the
+enrolled device's key, which every request carries) set. Each check
 raises on failure; the last line printed is a JSON object with what the Rust side checks next
 (the request cut mid-stream, whose charge the cloud settles).
 """
@@ -15,7 +16,8 @@ import openai
 base_url = os.environ["BASE_URL"]
 local_model = os.environ["LOCAL_MODEL"]
 cloud_model = os.environ["CLOUD_MODEL"]
-client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+api_key = os.environ.get("API_KEY", "unused")
+client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120)
 hello = [{"role": "user", "content": "hello"}]
 
 
@@ -76,6 +78,7 @@ def post(body):
     """Status and JSON body of a raw POST to /chat/completions."""
     request = urllib.request.Request(f"{base_url}/chat/completions", data=body, method="POST")
     request.add_header("Content-Type", "application/json")
+    request.add_header("Authorization", f"Bearer {api_key}")
     try:
         with urllib.request.urlopen(request, timeout=30) as r:
             return r.status, json.load(r)

@@ -136,6 +136,13 @@ fn the_openai_client_chats_streams_lists_models_and_gets_openai_errors() {
         .env("BASE_URL", format!("http://{}/v1", serving.addr))
         .env("LOCAL_MODEL", "pocket")
         .env("CLOUD_MODEL", "tiny")
+        // The enrolled device's API needs its key (made on the service's first start).
+        .env(
+            "API_KEY",
+            std::fs::read_to_string(d.home().join("config/api-key"))
+                .unwrap()
+                .trim(),
+        )
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

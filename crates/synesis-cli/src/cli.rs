@@ -223,8 +223,10 @@ pub(crate) enum CloudCommand {
     Ping(PingArgs),
     /// Redeem a voucher code as credit on this device's account.
     Topup {
-        /// The code (VCH-…), from the account's operator.
-        #[arg(long)]
+        /// The code (VCH-…), from the account's operator. `--voucher -` reads it from standard
+        /// input, which keeps it out of the process list every user of this machine can read:
+        /// paste it, or `synesis cloud topup --voucher - < voucher.txt`.
+        #[arg(long, value_name = "CODE|-")]
         voucher: String,
     },
     /// The account's balance, holds, quota and charges, from the cloud's ledger.
@@ -487,7 +489,10 @@ impl From<Grouping> for synesis_proto::message::UsageGrouping {
 `synesis-cloud admin token create --account NAME`. It names the cloud, pins its certificate \
 authority and works once. The device makes its key here; only a signing request leaves it.")]
 pub(crate) struct LoginArgs {
-    /// The setup token (SYN1:…).
+    /// The setup token or invitation code (SYN1:…). `-` reads it from standard input, which
+    /// keeps it out of the process list every user of this machine can read: paste it, or
+    /// `synesis cloud login - < token.txt`.
+    #[arg(value_name = "TOKEN|-")]
     pub(crate) token: String,
     /// A name for this device on the cloud (default: the host name).
     #[arg(long)]
@@ -564,7 +569,10 @@ pub(crate) struct HttpArgs {
     #[arg(long)]
     pub(crate) allow_remote: bool,
     /// A file holding the API key requests must carry (`Authorization: Bearer KEY`); the
-    /// variable SYNESIS_API_KEY does the same. Without either, loopback needs no key.
+    /// variable SYNESIS_API_KEY does the same. Without either, the key is the device's own:
+    /// `api-key` in the config directory, made on the first start (0600; `synesis paths` shows
+    /// where), needed on every request once the device is in an account (a device in none may
+    /// be used without it on loopback).
     #[arg(long, value_name = "PATH")]
     pub(crate) api_key_file: Option<std::path::PathBuf>,
     /// How long a local model stays loaded after its last answer (0s: unloaded at once).
@@ -638,8 +646,16 @@ impl TunnelRunArgs {
 Any OpenAI client library works against it:
 
   from openai import OpenAI
-  client = OpenAI(base_url=\"http://127.0.0.1:11435/v1\", api_key=\"unused\")
+  key = open(\"/home/you/.config/synesis/api-key\").read().strip()  # `synesis paths`
+  client = OpenAI(base_url=\"http://127.0.0.1:11435/v1\", api_key=key)
   client.chat.completions.create(model=\"auto\", messages=[{\"role\": \"user\", \"content\": \"hi\"}])
+
+On a device in an account, every request but /health carries the API key (Authorization:
+Bearer KEY): the device's own is in `api-key` in the config directory (`synesis paths`), made
+on the first start and readable by you alone; other users of this machine cannot spend your
+account through the port. A device in no account answers loopback requests without it.
+Connections that send no request within 10 s (or sit idle that long) are closed, and at most
+256 are open at once (more are answered 503).
 
 `model` names a local model (`synesis model list`), a cloud model, or `auto` (the local-first
 policy of `synesis ask`). Responses say the route, request id and cost in x-synesis-* headers.

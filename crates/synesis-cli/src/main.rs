@@ -4,7 +4,8 @@
 //! command, map whatever failed to an exit code in one place ([`exit::code_for`]).
 //!
 //! Modules: [`cli`] (the clap definitions: every flag and its help), [`paths`] (where config,
-//! data and the daemon socket live), [`exit`] (exit codes), [`signals`] (Ctrl-C and SIGTERM),
+//! data and the daemon socket live), [`secure_fs`] (those files private to their owner),
+//! [`exit`] (exit codes), [`signals`] (Ctrl-C and SIGTERM),
 //! [`commands`] (one module per command). The local ledger (on-device answers and mirrored cloud
 //! charges) is the `synesis-ledger-local` crate; the commands only call it and render.
 
@@ -15,6 +16,8 @@ mod hosted;
 mod openai;
 mod paths;
 mod registry;
+mod secret_arg;
+mod secure_fs;
 mod signals;
 
 use std::process::ExitCode;
@@ -38,6 +41,13 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
     let paths =
         paths::Paths::resolve(&cli.global.path_overrides(), &paths::XdgEnv::from_process())?;
     let out = commands::Output::new(cli.global.json);
+    // Before any command writes: our directories private, and what an older version left
+    // readable by others narrowed (`synesis paths` only looks).
+    if !matches!(cli.command, cli::Command::Paths)
+        && let Err(e) = secure_fs::secure_home(&paths)
+    {
+        eprintln!("synesis: warning: {e}");
+    }
     // One thread: the CLI waits on the network and on timers; blocking work goes to the
     // blocking pool (THREAD_SAFETY_PATTERNS.md §7).
     let runtime = tokio::runtime::Builder::new_current_thread()

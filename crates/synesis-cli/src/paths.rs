@@ -136,6 +136,11 @@ impl Paths {
         synesis_tunnel::Identity::select(&self.data.path, self.account.as_deref())
     }
 
+    /// The key the HTTP API asks for (`synesis serve`), made on its first start (0600).
+    pub(crate) fn api_key_file(&self) -> PathBuf {
+        self.config.path.join(crate::openai::auth::API_KEY_FILE)
+    }
+
     /// Where the service writes its output when it runs in the background.
     pub(crate) fn service_log(&self) -> PathBuf {
         self.data.path.join("service.log")

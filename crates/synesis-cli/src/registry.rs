@@ -154,7 +154,7 @@ impl Config {
 
     pub(crate) fn save(&self, path: &Path) -> anyhow::Result<()> {
         let text = toml::to_string_pretty(self)?;
-        synesis_wire::files::write_public_file(path, text.as_bytes())
+        synesis_wire::files::write_secret_file(path, text.as_bytes())
             .with_context(|| format!("cannot write {}", path.display()))
     }
 

@@ -13,6 +13,11 @@ pub enum LedgerError {
         path: PathBuf,
         error: std::io::Error,
     },
+    #[error("cannot create the local ledger {path}: {error}")]
+    CreateFile {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     /// Not an SQLite database, damaged, or another program's database.
     #[error(
         "{path} is not a Synesis local ledger (not an SQLite database, damaged, or another \

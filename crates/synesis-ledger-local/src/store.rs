@@ -134,13 +134,33 @@ pub struct LocalLedger {
 
 impl LocalLedger {
     /// Opens (creating the file, its directory and the schema when missing) the ledger at `path`.
+    /// What it creates is its owner's alone (the directory 0700, the file 0600, and so SQLite's
+    /// `-wal` and `-shm` beside it, which take the file's mode): it lists every request, model
+    /// and cost.
     pub fn open(path: &Path) -> Result<LocalLedger, LedgerError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|error| LedgerError::CreateDir {
-                path: dir.to_owned(),
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            builder
+                .create(dir)
+                .map_err(|error| LedgerError::CreateDir {
+                    path: dir.to_owned(),
+                    error,
+                })?;
+        }
+        // Made here rather than by SQLite, which would use the umask's mode (0644, usually).
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options
+            .open(path)
+            .map_err(|error| LedgerError::CreateFile {
+                path: path.to_owned(),
                 error,
             })?;
-        }
         let err = sql_error(path);
         let conn = Connection::open(path).map_err(&err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(&err)?;
@@ -531,6 +551,27 @@ mod tests {
 
     fn open_in(dir: &tempfile::TempDir) -> LocalLedger {
         LocalLedger::open(&dir.path().join("data").join(LEDGER_FILE)).unwrap()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_ledger_and_its_directory_are_readable_by_their_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = open_in(&dir);
+        ledger.record_local(&local(1, 10, 5, 86_400_000)).unwrap();
+        let mode = |name: &str| {
+            std::fs::metadata(dir.path().join("data").join(name))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode(""), 0o700, "the directory");
+        assert_eq!(mode(LEDGER_FILE), 0o600);
+        let wal = format!("{LEDGER_FILE}-wal");
+        assert!(dir.path().join("data").join(&wal).exists(), "WAL mode");
+        assert_eq!(mode(&wal), 0o600, "SQLite gives its WAL the file's mode");
     }
 
     #[test]

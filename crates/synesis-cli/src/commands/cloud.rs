@@ -76,14 +76,17 @@ pub(crate) async fn accept(out: &Output, paths: &Paths, args: &LoginArgs) -> any
     identity.save(&home)?;
     PendingEnrollment::remove(&joining)?;
     let _ = std::fs::remove_dir(Identity::dir(&joining));
+    // The directories made on the way to the identity (`accounts/<id>/`), as private as it.
+    if let Some(accounts) = home.parent() {
+        crate::secure_fs::tighten(&[accounts]);
+    }
     report_enrolled(out, &identity, true)
 }
 
 /// Enrolls with the setup token (or invitation code) in `args`, resuming an enrollment left
 /// unfinished in `home`; the caller saves the identity and then removes the pending one.
 async fn enroll_from(home: &std::path::Path, args: &LoginArgs) -> anyhow::Result<Identity> {
-    let token: SetupToken = args
-        .token
+    let token: SetupToken = crate::secret_arg::secret_arg(&args.token, "setup token")?
         .parse()
         .map_err(|e| UserError::Usage(format!("{e}")))?;
     let pending = match PendingEnrollment::load(home) {
@@ -378,7 +381,9 @@ pub(crate) async fn account_request(paths: &Paths, message: Message) -> anyhow::
 pub(crate) async fn topup(out: &Output, paths: &Paths, voucher: &str) -> anyhow::Result<()> {
     let message = synesis_proto::message::TopupRequest {
         request_id: new_request_id(),
-        voucher: voucher.trim().to_owned(),
+        voucher: crate::secret_arg::secret_arg(voucher, "voucher")?
+            .trim()
+            .to_owned(),
     };
     let Message::TopupReply(r) = account_request(paths, message.into()).await? else {
         bail!("the cloud answered something else than a top-up reply");

@@ -60,10 +60,11 @@ pub(crate) fn register(
                 bail!("a model named {name:?} is already registered");
             }
             let dir = models_dir(paths);
-            std::fs::create_dir_all(&dir)?;
+            crate::secure_fs::private_dir(&dir)?;
             let path = dir.join(format!("{name}.gguf"));
             write_model(&path, TinySpec::TINY)
                 .with_context(|| format!("cannot write {}", path.display()))?;
+            crate::secure_fs::tighten(&[&path]);
             (name.to_owned(), path, true)
         }
         Source::File { path, name } => {
@@ -238,10 +239,11 @@ pub(crate) fn lora_add(out: &Output, paths: &Paths, args: &LoraAddArgs) -> anyho
             bail!("--tiny adapters fit only tiny models, and {base_name} is not one");
         }
         let dir = adapters_dir(paths);
-        std::fs::create_dir_all(&dir)?;
+        crate::secure_fs::private_dir(&dir)?;
         let path = dir.join(format!("{}.gguf", args.name));
         write_lora(&path, TinySpec::TINY, 7)
             .with_context(|| format!("cannot write {}", path.display()))?;
+        crate::secure_fs::tighten(&[&path]);
         path
     } else {
         match &args.path {

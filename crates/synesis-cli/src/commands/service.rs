@@ -135,13 +135,14 @@ fn service_args(paths: &Paths) -> Vec<std::ffi::OsString> {
 /// The log, for appending; moved aside first when it grew past [`LOG_ROTATE_BYTES`].
 fn open_log(path: &Path) -> anyhow::Result<std::fs::File> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        crate::secure_fs::private_dir(dir)?;
     }
     if std::fs::metadata(path).is_ok_and(|m| m.len() > LOG_ROTATE_BYTES) {
         std::fs::rename(path, path.with_extension("log.1"))
             .with_context(|| format!("cannot rotate {}", path.display()))?;
     }
-    let mut file = std::fs::OpenOptions::new()
+    // Every request id, model and cost passes through it: its owner's only.
+    let mut file = crate::secure_fs::private_file_options()
         .create(true)
         .append(true)
         .open(path)
@@ -569,7 +570,7 @@ pub(crate) fn install(out: &Output, paths: &Paths, args: &InstallArgs) -> anyhow
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     if let Some(dir) = paths.service_log().parent() {
-        std::fs::create_dir_all(dir)?;
+        crate::secure_fs::private_dir(dir)?;
     }
     synesis_wire::files::write_public_file(&t.unit_path, unit.as_bytes())
         .with_context(|| format!("cannot write {}", t.unit_path.display()))?;

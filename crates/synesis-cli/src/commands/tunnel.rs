@@ -246,9 +246,33 @@ impl Http {
         config: watch::Receiver<crate::registry::Config>,
         host: Arc<ModelHost>,
     ) -> anyhow::Result<Http> {
-        let api_key = args.http.api_key()?;
-        crate::openai::check_listen(addr, args.http.allow_remote, api_key.as_deref())
+        use crate::openai::auth::{self, KeyRequired};
+        let given = args.http.api_key()?;
+        crate::openai::check_listen(addr, args.http.allow_remote, given.as_deref())
             .map_err(crate::exit::UserError::Usage)?;
+        // The key given, else the device's own (made on the first start): needed on every
+        // request once the device is in an account, whose money the API spends.
+        let (api_key, key_required) = match given {
+            Some(key) => (key, KeyRequired::Always),
+            None => {
+                let file = paths.api_key_file();
+                let key = auth::load_or_create(&file)?;
+                let required = if synesis_tunnel::Identity::all(&paths.data.path)?.is_empty() {
+                    eprintln!(
+                        "synesis: this device is in no account, so loopback requests need no key; once it is, they need the key in {}",
+                        file.display()
+                    );
+                    KeyRequired::WhenEnrolled
+                } else {
+                    eprintln!(
+                        "synesis: requests need the key in {} (Authorization: Bearer KEY)",
+                        file.display()
+                    );
+                    KeyRequired::Always
+                };
+                (key, required)
+            }
+        };
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
@@ -258,7 +282,8 @@ impl Http {
             config,
             host,
             crate::openai::ApiOptions {
-                api_key,
+                api_key: Some(api_key),
+                key_required,
                 max_body_bytes: args.http.max_body_bytes,
                 max_concurrent: usize::from(args.http.max_concurrent),
                 request_timeout: args.http.request_timeout,

@@ -16,8 +16,12 @@
 //! cancels its answer: a local generation stops before its next token; an escalation is
 //! cancelled on the cloud, which charges what was produced. Errors have OpenAI's shape and
 //! status codes. It listens on loopback unless told otherwise, and then only with a bearer key.
+//! An enrolled device's API needs its key on loopback too ([`auth`]); connections are bounded
+//! before any request on them is read ([`limits`]).
 
+pub(crate) mod auth;
 pub(crate) mod host;
+mod limits;
 mod wire;
 
 use std::net::SocketAddr;
@@ -56,6 +60,8 @@ pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:11435";
 pub(crate) struct ApiOptions {
     /// A bearer key every request but `/health` must carry (`Authorization: Bearer KEY`).
     pub(crate) api_key: Option<String>,
+    /// Always, or only once the device is in an account ([`auth`]).
+    pub(crate) key_required: auth::KeyRequired,
     pub(crate) max_body_bytes: usize,
     pub(crate) max_concurrent: usize,
     pub(crate) request_timeout: Duration,
@@ -138,7 +144,7 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
         })
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&api),
-            authorize,
+            auth::authorize,
         ))
         // Outermost: a web page is refused before its key is even looked at.
         .layer(axum::middleware::from_fn_with_state(
@@ -149,15 +155,14 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
         .with_state(api)
 }
 
-/// Serves until `stop` completes; requests being answered finish first.
+/// Serves until `stop` completes; requests being answered finish first. Each connection is
+/// bounded before any request on it is looked at ([`limits`]).
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     api: Arc<Api>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(api))
-        .with_graceful_shutdown(stop)
-        .await
+    limits::serve(listener, router(api), stop).await
 }
 
 /// Keeps web pages out: a browser tells the page's origin (`Origin`) on a cross-site request,
@@ -203,35 +208,6 @@ fn loopback_origin(origin: &str) -> bool {
         .strip_prefix("http://")
         .or_else(|| origin.strip_prefix("https://"))
         .is_some_and(|rest| !rest.contains('/') && loopback_host(rest))
-}
-
-async fn authorize(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
-    let Some(key) = api.options.api_key.as_deref() else {
-        return next.run(request).await;
-    };
-    if request.uri().path() == "/health" {
-        return next.run(request).await;
-    }
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        Some(p) if constant_time_eq(p.as_bytes(), key.as_bytes()) => next.run(request).await,
-        _ => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "invalid_api_key",
-            "a valid API key is required (Authorization: Bearer KEY)",
-        )
-        .into_response(),
-    }
-}
-
-/// Compares without stopping at the first difference (the key's length is not secret).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn health(State(api): State<Arc<Api>>) -> Response {
