@@ -90,6 +90,8 @@ async fn answer(
                 tier: Tier::Free,
                 markup_bps: 0,
                 prices: vec![],
+                served: vec![],
+                default_model: None,
             }
             .into();
             send(&mut tx, &reply, limits).await.unwrap();
