@@ -6,8 +6,8 @@
 use synesis_billing::ledger::LedgerError;
 use synesis_proto::message::{
     AdapterInfo, AdapterRemoved, AdaptersReply, CertRenew, CertRenewed, DeviceLeave, DeviceLeft,
-    InviteCreated, Member, MembersReply, ModelPrice, PriceReply, PriceRequest, Role, Tier,
-    TopupReply, TopupRequest, UsageRequest,
+    InviteCreated, Member, MembersReply, ModelPrice, PriceReply, PriceRequest, Role, ServedModel,
+    Tier, TopupReply, TopupRequest, UsageRequest,
 };
 use synesis_proto::{Blob, ErrorCode, FrameLimits, Message, RequestId, UnixMillis};
 
@@ -182,7 +182,8 @@ async fn usage(peer: &Peer, r: UsageRequest) -> Message {
     }
 }
 
-/// `synesis cloud price`: the account's tier and the price table.
+/// `synesis cloud price` and `synesis cloud models`: the account's tier, the price table, the
+/// models served to the tier and the default among them.
 async fn price(peer: &Peer, r: PriceRequest) -> Message {
     let account = peer.device.account_id;
     let acct = match peer
@@ -209,11 +210,27 @@ async fn price(peer: &Peer, r: PriceRequest) -> Message {
             output_per_mtok: p.output_per_mtok,
         })
         .collect();
+    // A served model always has a price (checked when `cloud.toml` is loaded).
+    let (served, default_model) = peer.shared.escalations.served_to(acct.tier);
+    let served = served
+        .into_iter()
+        .filter_map(|(model, context_tokens)| {
+            let p = billing.prices.get(&model)?;
+            Some(ServedModel {
+                input_per_mtok: p.input_per_mtok,
+                output_per_mtok: p.output_per_mtok,
+                model,
+                context_tokens,
+            })
+        })
+        .collect();
     PriceReply {
         request_id: r.request_id,
         tier: acct.tier,
         markup_bps,
         prices,
+        served,
+        default_model,
     }
     .into()
 }

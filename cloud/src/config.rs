@@ -105,6 +105,8 @@ pub struct Config {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Serving {
     pub models: BTreeMap<String, Served>,
+    /// `[escalation] default_model`: a served model (checked at load).
+    pub default_model: Option<String>,
     pub escalation: EscalationSettings,
     pub adapters: AdapterSettings,
 }
@@ -288,6 +290,7 @@ struct EscalationFile {
     max_output_tokens: Option<u32>,
     retries: Option<u32>,
     per_account_max: Option<usize>,
+    default_model: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -447,9 +450,18 @@ fn parse_all(text: &str, base: &Path) -> anyhow::Result<Config> {
         };
         models.insert(name, served);
     }
+    if let Some(default) = &e.default_model
+        && !models.contains_key(default)
+    {
+        bail!(
+            "escalation.default_model = {default:?}: not a served model (served: {})",
+            models.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
     Ok(Config {
         billing,
         serving: Serving {
+            default_model: file.escalation.default_model,
             models,
             escalation,
             adapters,
@@ -625,6 +637,34 @@ mod tests {
             let err = format!("{:#}", parse(text).unwrap_err());
             assert!(err.contains(says), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn the_default_model_must_be_served() {
+        let served = "[prices.house]\ninput_usd_per_mtok = \"1\"\noutput_usd_per_mtok = \"1\"\n\
+                      [models.house]\nprovider = \"openai\"\nbase_url = \"http://127.0.0.1:9\"\n";
+        let config = parse_all(
+            &format!("{served}[escalation]\ndefault_model = \"house\"\n"),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(config.serving.default_model.as_deref(), Some("house"));
+        assert_eq!(
+            parse_all(served, Path::new("."))
+                .unwrap()
+                .serving
+                .default_model,
+            None
+        );
+        let err = format!(
+            "{:#}",
+            parse_all(
+                &format!("{served}[escalation]\ndefault_model = \"tiny\"\n"),
+                Path::new(".")
+            )
+            .unwrap_err()
+        );
+        assert!(err.contains("escalation.default_model"), "{err}");
     }
 
     #[test]

@@ -79,6 +79,8 @@ const STOP_BYTES_MAX: usize = 256;
 #[derive(Debug)]
 pub(crate) struct Escalations {
     models: BTreeMap<String, Model>,
+    /// `[escalation] default_model` (a served model).
+    default_model: Option<String>,
     settings: EscalationSettings,
     runs: Mutex<HashMap<(AccountId, RequestId), Arc<Run>>>,
     /// Requests being admitted or generated, per account (at most `per_account_max`).
@@ -123,10 +125,30 @@ impl Escalations {
         }
         Ok(Escalations {
             models,
+            default_model: serving.default_model.clone(),
             settings: serving.escalation,
             runs: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The models served to `tier`, by name, with their context when known; and the one a
+    /// device of that tier asks when it names none: the operator's default when the tier may
+    /// use it, else the first of them.
+    pub(crate) fn served_to(&self, tier: Tier) -> (Vec<(String, Option<u32>)>, Option<String>) {
+        let served: Vec<(String, Option<u32>)> = self
+            .models
+            .iter()
+            .filter(|(_, m)| m.tiers.contains(&tier))
+            .map(|(name, m)| (name.clone(), m.provider.context_tokens()))
+            .collect();
+        let default = self
+            .default_model
+            .as_ref()
+            .filter(|d| served.iter().any(|(name, _)| name == *d))
+            .cloned()
+            .or_else(|| served.first().map(|(name, _)| name.clone()));
+        (served, default)
     }
 
     /// The architecture accounts' adapters for `model` must have, when it takes uploads.

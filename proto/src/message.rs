@@ -698,7 +698,23 @@ pub struct PriceReply {
     pub tier: Tier,
     /// The Managed markup or the BYOK fee, in basis points of the provider price (300 = 3 %).
     pub markup_bps: u32,
+    /// Every model the cloud prices (what a charge for it would cost).
     pub prices: Vec<ModelPrice>,
+    /// The models the cloud serves to this account's tier, by name.
+    pub served: Vec<ServedModel>,
+    /// The model a device asks when it names none: one of `served` (`None`: it serves none).
+    pub default_model: Option<String>,
+}
+
+/// A model the cloud answers with for this account: its price, and how many tokens its
+/// context holds (prompt plus output), when the cloud knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ServedModel {
+    pub model: String,
+    pub input_per_mtok: MicroUsd,
+    pub output_per_mtok: MicroUsd,
+    pub context_tokens: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -315,6 +315,13 @@ fn samples() -> Vec<Message> {
                 input_per_mtok: MicroUsd(3_000_000),
                 output_per_mtok: MicroUsd(15_000_000),
             }],
+            served: vec![ServedModel {
+                model: "claude-sonnet".into(),
+                input_per_mtok: MicroUsd(3_000_000),
+                output_per_mtok: MicroUsd(15_000_000),
+                context_tokens: Some(200_000),
+            }],
+            default_model: Some("claude-sonnet".into()),
         }
         .into(),
         DeviceLeave {

@@ -228,6 +228,17 @@ fn request(ask: &Ask) -> Result<Request, ProviderError> {
 }
 
 impl Provider for Llama {
+    fn context_tokens(&self) -> Option<u32> {
+        match self.shared.settings.n_ctx {
+            // The model's own, known once it is loaded (asking must not load it).
+            0 => match self.shared.model.get() {
+                Some(Ok(model)) => Some(model.info().context_length),
+                _ => None,
+            },
+            n => Some(n),
+        }
+    }
+
     fn input_tokens_bound(&self, ask: &Ask) -> Result<u64, ProviderError> {
         let request = request(ask)?;
         let model = self.shared.model()?;

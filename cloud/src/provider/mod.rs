@@ -163,6 +163,12 @@ pub trait Provider: Send + Sync + fmt::Debug {
     /// A device said it will probably escalate here soon: get ready (load the model).
     fn prewarm(&self) {}
 
+    /// The tokens one request's context holds (prompt plus output), when known here: a model
+    /// in this process knows it (from its settings, or once loaded); an upstream does not say.
+    fn context_tokens(&self) -> Option<u32> {
+        None
+    }
+
     /// Whether this provider can serve BYOK asks (an upstream that takes the user's key).
     fn takes_user_keys(&self) -> bool {
         false

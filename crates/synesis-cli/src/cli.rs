@@ -236,6 +236,9 @@ pub(crate) enum CloudCommand {
     Sync,
     /// The account's tier and the price table.
     Price,
+    /// The models the cloud serves to this account (price, context) and its default, the one
+    /// `cloud ask` and `ask` use unless told otherwise.
+    Models,
     /// Ask the cloud: the answer streams back through the tunnel, charged once.
     Ask(CloudAskArgs),
     /// Upload a LoRA adapter (GGUF) to the cloud, which then serves it: `cloud ask --lora NAME`.
@@ -417,9 +420,10 @@ in the config directory; it travels with this request only and is never stored b
 pub(crate) struct CloudAskArgs {
     /// The prompt; read from stdin when absent or `-`.
     pub(crate) prompt: Option<String>,
-    /// A model the cloud serves (`synesis cloud price` lists them).
-    #[arg(long, default_value = crate::commands::escalate::DEFAULT_CLOUD_MODEL)]
-    pub(crate) model: String,
+    /// A model the cloud serves (`synesis cloud models` lists them); default: `[escalation]
+    /// cloud_model` in config.toml, else the cloud's default for this account.
+    #[arg(long)]
+    pub(crate) model: Option<String>,
     /// An adapter the cloud serves with the model, by name.
     #[arg(long)]
     pub(crate) lora: Option<String>,
@@ -547,15 +551,29 @@ pub(crate) struct TunnelRunArgs {
     #[arg(long, default_value = "5s", value_parser = parse_heartbeat_interval)]
     pub(crate) heartbeat_interval: std::time::Duration,
     /// The cloud model this device escalates to: when the local GPU is under stress (the
-    /// pre-warm policy, at most once a minute), the cloud is told to get it ready.
-    #[arg(long, default_value = crate::commands::escalate::DEFAULT_CLOUD_MODEL)]
-    pub(crate) prewarm_model: String,
+    /// pre-warm policy, at most once a minute), the cloud is told to get it ready. Default:
+    /// `[escalation] cloud_model` in config.toml, else the cloud's default for this account.
+    #[arg(long)]
+    pub(crate) prewarm_model: Option<String>,
     /// On stop, how long streams in flight (an answer being written, an upload) may take to
     /// finish before they are cut.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub(crate) grace: std::time::Duration,
+    /// While the tunnel reconnects, how long a command's cloud request waits for it (at most
+    /// 14s) before it goes on a connection of its own.
+    #[arg(long, default_value = "10s", value_parser = parse_reconnect_wait)]
+    pub(crate) reconnect_wait: std::time::Duration,
     #[command(flatten)]
     pub(crate) http: HttpArgs,
+}
+
+fn parse_reconnect_wait(text: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    let max = synesis_tunnel::local::RECONNECT_WAIT_MAX;
+    if d > max {
+        return Err(format!("at most {}", humantime::format_duration(max)));
+    }
+    Ok(d)
 }
 
 /// The OpenAI-compatible HTTP API the service may serve.
@@ -612,11 +630,14 @@ impl TunnelRunArgs {
         let mut args = vec![
             "--heartbeat-interval".into(),
             humantime::format_duration(self.heartbeat_interval).to_string(),
-            "--prewarm-model".into(),
-            self.prewarm_model.clone(),
             "--grace".into(),
             humantime::format_duration(self.grace).to_string(),
+            "--reconnect-wait".into(),
+            humantime::format_duration(self.reconnect_wait).to_string(),
         ];
+        if let Some(model) = &self.prewarm_model {
+            args.extend(["--prewarm-model".into(), model.clone()]);
+        }
         let h = &self.http;
         if let Some(listen) = h.listen {
             args.extend(["--listen".into(), listen.to_string()]);

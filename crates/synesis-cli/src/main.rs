@@ -9,6 +9,7 @@
 //! [`commands`] (one module per command). The local ledger (on-device answers and mirrored cloud
 //! charges) is the `synesis-ledger-local` crate; the commands only call it and render.
 
+mod answer;
 mod cli;
 mod commands;
 mod exit;
@@ -82,6 +83,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
                 cli::CloudCommand::Usage(args) => commands::cloud::usage(&out, &paths, args).await,
                 cli::CloudCommand::Sync => commands::cloud::sync(&out, &paths).await,
                 cli::CloudCommand::Price => commands::cloud::price(&out, &paths).await,
+                cli::CloudCommand::Models => commands::cloud::models(&out, &paths).await,
                 cli::CloudCommand::Ask(args) => commands::escalate::run(&out, &paths, args).await,
                 cli::CloudCommand::Push(args) => commands::push::push(&out, &paths, args).await,
                 cli::CloudCommand::Adapters(args) => {

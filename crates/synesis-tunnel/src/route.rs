@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::connect::{classify, client_endpoint, dial, resolve};
 use crate::identity::Identity;
-use crate::local::{ClientError, LocalClient, StreamSender};
+use crate::local::{ClientError, FailureKind, LocalClient, StreamSender};
 use crate::machine::{CONNECT_TIMEOUT, HEARTBEAT_INTERVAL_DEFAULT};
 use crate::request::RequestError;
 use crate::tls::device_client_config;
@@ -90,6 +90,15 @@ impl Route {
                 Err(ClientError::NotRunning) => {
                     tracing::info!(
                         "the tunnel service is gone; continuing on a connection of its own"
+                    );
+                    *self = Route::Direct(identity.clone(), None);
+                }
+                // The service waited for its tunnel to reconnect (`reconnect_wait`) in vain:
+                // the cloud may still be reachable on a connection of this process's own.
+                Err(ClientError::Refused(f)) if f.kind == FailureKind::NotConnected => {
+                    tracing::info!(
+                        why = %f.message,
+                        "the tunnel service is not connected; continuing on a connection of its own"
                     );
                     *self = Route::Direct(identity.clone(), None);
                 }

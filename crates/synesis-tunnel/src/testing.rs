@@ -130,6 +130,16 @@ impl Service {
         backend: Arc<B>,
         work: Option<Arc<dyn crate::local::LocalWork>>,
     ) -> Service {
+        Service::start_waiting(backend, work, Duration::ZERO)
+    }
+
+    /// [`Service::start_with`], its clients' streams waiting `reconnect_wait` for a tunnel
+    /// that is not connected.
+    pub(crate) fn start_waiting<B: Backend>(
+        backend: Arc<B>,
+        work: Option<Arc<dyn crate::local::LocalWork>>,
+        reconnect_wait: Duration,
+    ) -> Service {
         let dir = tempfile::tempdir().unwrap();
         let (listener, lock) = bind(dir.path()).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -144,6 +154,7 @@ impl Service {
                 grace: Duration::ZERO,
                 events: crate::local::events::channel(),
                 work,
+                reconnect_wait,
             },
         ));
         Service {

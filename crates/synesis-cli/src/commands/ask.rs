@@ -10,12 +10,13 @@ use serde::Serialize;
 use synesis_infer::{CancelToken, FinishReason, Request};
 use synesis_ledger_local::{LocalGeneration, LocalLedger};
 
+use crate::answer::{Gathered, Measured, cloud_model_or_ask, fall_back, gather};
 use crate::hosted::LocalRunner;
 use synesis_proto::{DeviceId, RequestId};
-use synesis_route::{CloudReach, Decision, Inputs, LocalModel, Mode, Reason, Thresholds, route};
+use synesis_route::{Decision, Inputs, Mode, Reason, Thresholds, route};
+use synesis_tunnel::Identity;
 use synesis_tunnel::clock::{new_request_id, unix_now};
 use synesis_tunnel::local::LocalClient;
-use synesis_tunnel::{Identity, TunnelState};
 use synesis_vitals::{SystemSampler, VitalsSource, assess};
 
 use super::escalate::CloudFailure;
@@ -110,25 +111,6 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
         ..Request::new(prompt.clone())
     };
 
-    // What the policy reads: the local model and the prompt's size on it, the vitals, the cloud.
-    let identity = match paths.identity_home().and_then(|home| Identity::load(&home)) {
-        Ok(identity) => identity,
-        Err(e) => {
-            eprintln!("synesis: warning: the device identity cannot be read ({e}); staying local");
-            None
-        }
-    };
-    let cloud = match &identity {
-        None => CloudReach::NotEnrolled,
-        Some(me) => match LocalClient::new(&paths.runtime.path).status().await {
-            // The service of another account of this device's: a connection of its own.
-            Ok(s) if s.device_id != me.info.device_id => CloudReach::Reachable,
-            Ok(s) if s.state == TunnelState::Connected => CloudReach::Reachable,
-            Ok(_) => CloudReach::Unreachable,
-            // No service: a connection of its own will be tried.
-            Err(_) => CloudReach::Reachable,
-        },
-    };
     // The service's model when it runs (it keeps it loaded), else one loaded here.
     let loaded = match (&local_entry, mode) {
         (Some((name, entry)), Mode::Auto | Mode::Local) => {
@@ -138,19 +120,21 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
         }
         _ => None,
     };
-    let stress = stress_now(paths, &config)?;
-    let inputs = Inputs {
+    // What the policy reads, gathered as the HTTP API gathers it.
+    let Gathered {
+        inputs, identity, ..
+    } = gather(
+        paths,
+        &config,
         mode,
-        local: loaded.as_ref().map(|(_, m)| LocalModel {
+        loaded.as_ref().map(|(_, m)| Measured {
             context_tokens: m.context_tokens,
+            prompt_tokens: m.prompt_tokens,
         }),
-        prompt_tokens: loaded.as_ref().map_or(0, |(_, m)| m.prompt_tokens),
-        max_tokens: args.max_tokens,
-        stress,
-        cloud,
-        standing: None,
-        confidence: None,
-    };
+        args.max_tokens,
+        args.cloud_model.as_deref(),
+    )
+    .await?;
     let Decided {
         route: decided,
         inputs,
@@ -186,11 +170,7 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
         };
         let cloud_args = CloudAskArgs {
             prompt: None,
-            model: args
-                .cloud_model
-                .clone()
-                .or_else(|| config.escalation.cloud_model.clone())
-                .unwrap_or_else(|| super::escalate::DEFAULT_CLOUD_MODEL.to_owned()),
+            model: None,
             lora: None,
             system: None,
             max_tokens: args.max_tokens,
@@ -200,14 +180,25 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
             max_cost: None,
             byok: false,
         };
-        let escalation = super::escalate::request_of(paths, &cloud_args, prompt)?;
-        let route_json = serde_json::to_value(&explained)?;
-        match super::escalate::ask_cloud(out, paths, identity, &escalation, Some(route_json)).await
-        {
+        let asked = async {
+            let model = cloud_model_or_ask(paths, identity, args.cloud_model.as_deref(), &config)
+                .await
+                .map_err(CloudFailure::Other)?;
+            let escalation = super::escalate::request_of(paths, &cloud_args, model, prompt)?;
+            let route_json = serde_json::to_value(&explained).map_err(anyhow::Error::from)?;
+            super::escalate::ask_cloud(out, paths, identity, &escalation, Some(route_json)).await
+        };
+        match asked.await {
             Ok(()) => return Ok(()),
             // Never fail where a local answer is possible: the cloud said no before any output.
-            Err(CloudFailure::NothingShown(e)) if mode == Mode::Auto && loaded.is_some() => {
-                eprintln!("synesis: the cloud could not answer ({e}); answering on this device");
+            Err(CloudFailure::NothingShown(e)) => match fall_back(mode, loaded.is_some(), &e) {
+                Some(why) => eprintln!("synesis: {why}; answering on this device"),
+                None => return Err(e.into()),
+            },
+            Err(CloudFailure::Other(e)) if mode == Mode::Auto && loaded.is_some() => {
+                eprintln!(
+                    "synesis: the cloud could not be asked ({e:#}); answering on this device"
+                );
             }
             Err(e) => return Err(e.into()),
         }

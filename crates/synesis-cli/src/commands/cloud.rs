@@ -546,6 +546,66 @@ pub(crate) async fn price(out: &Output, paths: &Paths) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `synesis cloud models`: the models the cloud serves to this account, their prices and
+/// contexts, and its default (marked `*`; the one `cloud ask` and `ask` use unless told).
+pub(crate) async fn models(out: &Output, paths: &Paths) -> anyhow::Result<()> {
+    let message = synesis_proto::message::PriceRequest {
+        request_id: new_request_id(),
+    };
+    let Message::PriceReply(r) = account_request(paths, message.into()).await? else {
+        bail!("the cloud answered something else than a price reply");
+    };
+    let models: Vec<serde_json::Value> = r
+        .served
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "model": m.model,
+                "default": r.default_model.as_deref() == Some(m.model.as_str()),
+                "input_micro_usd_per_mtok": m.input_per_mtok.0,
+                "output_micro_usd_per_mtok": m.output_per_mtok.0,
+                "context_tokens": m.context_tokens,
+            })
+        })
+        .collect();
+    let view = serde_json::json!({
+        "tier": r.tier.as_str(),
+        "markup_bps": r.markup_bps,
+        "default_model": r.default_model,
+        "models": models,
+    });
+    out.report(&view, || {
+        if r.served.is_empty() {
+            return format!(
+                "the cloud serves no model to this account (tier {}); ask its operator\n",
+                r.tier.as_str()
+            );
+        }
+        let mut s = format!(
+            "tier {} (markup or fee {} bps); * is the default\n",
+            r.tier.as_str(),
+            r.markup_bps
+        );
+        for m in &r.served {
+            let mark = if r.default_model.as_deref() == Some(m.model.as_str()) {
+                '*'
+            } else {
+                ' '
+            };
+            s.push_str(&format!(
+                "{mark} {:<16} ${} in, ${} out per million tokens · context {}\n",
+                m.model,
+                m.input_per_mtok,
+                m.output_per_mtok,
+                m.context_tokens
+                    .map_or("not known yet".to_owned(), |n| format!("{n} tokens")),
+            ));
+        }
+        s
+    })?;
+    Ok(())
+}
+
 /// `synesis cloud members`: the account's people and their roles (editors and the owner may
 /// list them).
 pub(crate) async fn members(out: &Output, paths: &Paths) -> anyhow::Result<()> {

@@ -20,9 +20,6 @@ use crate::exit::UserError;
 use crate::paths::Paths;
 use crate::signals::Shutdown;
 
-/// The cloud model `cloud ask` uses, and the one a pre-warm names, unless told otherwise.
-pub(crate) const DEFAULT_CLOUD_MODEL: &str = "tiny";
-
 /// Where a BYOK key may come from, in this order.
 const BYOK_ENV: &str = "SYNESIS_BYOK_KEY";
 const BYOK_FILE: &str = "byok.key";
@@ -109,14 +106,18 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &CloudAskArgs) -> any
         bail!("this device is not enrolled; run `synesis cloud login TOKEN` first");
     };
     let prompt = read_prompt(args.prompt.as_deref())?;
-    let request = request_of(paths, args, prompt)?;
+    let config = crate::registry::Config::load(&paths.config_file())?;
+    let model =
+        crate::answer::cloud_model_or_ask(paths, &identity, args.model.as_deref(), &config).await?;
+    let request = request_of(paths, args, model, prompt)?;
     Ok(ask_cloud(out, paths, &identity, &request, None).await?)
 }
 
-/// The escalation `args` describe, for `prompt`.
+/// The escalation `args` describe, to `model`, for `prompt`.
 pub(crate) fn request_of(
     paths: &Paths,
     args: &CloudAskArgs,
+    model: String,
     prompt: String,
 ) -> anyhow::Result<EscalationRequest> {
     let byok_key = if args.byok {
@@ -137,7 +138,7 @@ pub(crate) fn request_of(
     });
     let request = EscalationRequest {
         request_id: new_request_id(),
-        model: args.model.clone(),
+        model,
         adapter: args.lora.clone(),
         context,
         preferences: Preferences {
@@ -192,12 +193,23 @@ pub(crate) async fn ask_cloud(
     request: &EscalationRequest,
     route_json: Option<serde_json::Value>,
 ) -> Result<(), CloudFailure> {
-    let mut route = Route::choose(LocalClient::new(&paths.runtime.path), identity.clone()).await;
+    let service = LocalClient::new(&paths.runtime.path);
+    let mut route = Route::choose(service.clone(), identity.clone()).await;
     let route_name = if route.is_service() {
         "service"
     } else {
         "direct"
     };
+    // The service waits for its tunnel to reconnect (`tunnel run --reconnect-wait`): say so.
+    if route.is_service()
+        && let Ok(s) = service.status().await
+        && s.state != synesis_tunnel::TunnelState::Connected
+    {
+        eprintln!(
+            "synesis: the tunnel is {} (the cloud is not connected); waiting for it to connect…",
+            s.state
+        );
+    }
     let (cancel_tx, cancel) = tokio::sync::watch::channel(false);
     let mut shutdown = Shutdown::listen()?;
     let stream = !out.json();

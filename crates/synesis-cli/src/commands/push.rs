@@ -154,11 +154,8 @@ pub(crate) async fn push(out: &Output, paths: &Paths, args: &CloudPushArgs) -> a
         ))
         .into());
     }
-    let base = args
-        .base
-        .clone()
-        .or_else(|| config.escalation.cloud_model.clone())
-        .unwrap_or_else(|| super::escalate::DEFAULT_CLOUD_MODEL.to_owned());
+    let base =
+        crate::answer::cloud_model_or_ask(paths, &identity, args.base.as_deref(), &config).await?;
     check_adapter(&path)?;
     let upload = Upload {
         path,

@@ -661,7 +661,7 @@ mod tests {
         for line in [
             "ExecStart=/usr/bin/synesis --config-dir \"/home/ada/100%% synesis/config\"",
             " -v tunnel run --heartbeat-interval 5s",
-            " --grace 10s --listen 127.0.0.1:11435 ",
+            " --grace 10s --reconnect-wait 10s --listen 127.0.0.1:11435 ",
             "ExecReload=/bin/kill -HUP $MAINPID\n",
             "Restart=on-failure\n",
             "TimeoutStopSec=40\n",

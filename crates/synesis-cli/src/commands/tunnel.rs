@@ -138,6 +138,8 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
 struct Connected {
     tunnel: Arc<synesis_tunnel::TunnelHandle>,
     sampling: tokio::task::JoinHandle<()>,
+    /// Keeps `$RUNTIME/cloud.json` fresh ([`crate::answer`]).
+    facts: tokio::task::JoinHandle<()>,
     api: Option<tokio::task::JoinHandle<()>>,
     stop_api: Option<oneshot::Sender<()>>,
     lock: local::ServiceLock,
@@ -177,8 +179,15 @@ impl Connected {
                 events: events.clone(),
                 policy: PrewarmPolicy::new(PrewarmConfig::default()),
                 model: args.prewarm_model.clone(),
+                paths: paths.clone(),
+                device,
                 tunnel: Arc::clone(&tunnel),
             },
+        ));
+        let facts = tokio::spawn(keep_facts(
+            Arc::clone(&tunnel),
+            device,
+            crate::answer::facts_file(paths),
         ));
         let (stop_api, api_stopped) = oneshot::channel::<()>();
         let api = tokio::spawn(local::serve(
@@ -191,12 +200,14 @@ impl Connected {
                 grace: args.grace,
                 events: events.clone(),
                 work: Some(work),
+                reconnect_wait: args.reconnect_wait,
             },
         ));
         eprintln!("synesis: tunnel for device {device} to {server}; Ctrl-C to stop");
         Ok(Connected {
             tunnel,
             sampling,
+            facts,
             api: Some(api),
             stop_api: Some(stop_api),
             lock,
@@ -221,14 +232,56 @@ impl Connected {
             api.abort();
             let _ = api.await;
         }
-        // Awaited: it holds the tunnel's handle, which must be the last one to shut it down.
+        // Awaited: they hold the tunnel's handle, which must be the last one to shut it down.
         self.sampling.abort();
         let _ = self.sampling.await;
+        self.facts.abort();
+        let _ = self.facts.await;
         match Arc::try_unwrap(self.tunnel) {
             Ok(tunnel) => tunnel.shutdown().await,
             Err(_) => tracing::warn!("the tunnel is still shared; its connection closes on exit"),
         }
         drop(self.lock);
+    }
+}
+
+/// Asks the cloud for the account's facts (served models, default, standing) on the tunnel's
+/// connection each time it connects and every [`crate::answer::FACTS_REFRESH_EVERY`] while it
+/// is, and keeps them in `file` for every command to read (`crate::answer`).
+async fn keep_facts(
+    tunnel: Arc<synesis_tunnel::TunnelHandle>,
+    device: synesis_proto::DeviceId,
+    file: std::path::PathBuf,
+) {
+    let mut status = tunnel.status();
+    loop {
+        if status
+            .wait_for(|s| s.state == TunnelState::Connected)
+            .await
+            .is_err()
+        {
+            return; // the tunnel stopped
+        }
+        let ask = |m: synesis_proto::Message| {
+            let tunnel = Arc::clone(&tunnel);
+            async move {
+                let reply = synesis_tunnel::request::answer(tunnel.request(m).await?)?;
+                Ok::<_, anyhow::Error>(reply)
+            }
+        };
+        match crate::answer::fetch_facts(device, ask).await {
+            Ok(facts) => {
+                if let Err(e) = crate::answer::save_facts(&file, &facts) {
+                    tracing::warn!(file = %file.display(), "the cloud's facts cannot be kept: {e}");
+                }
+            }
+            Err(e) => tracing::info!("the cloud's facts are not refreshed: {e:#}"),
+        }
+        // Again after a while, or at once after a reconnect.
+        let reconnected = async {
+            let _ = status.wait_for(|s| s.state != TunnelState::Connected).await;
+        };
+        let _ = tokio::time::timeout(crate::answer::FACTS_REFRESH_EVERY, reconnected).await;
     }
 }
 
@@ -343,7 +396,10 @@ async fn sample(
 struct Prewarming {
     events: local::events::EventSender,
     policy: PrewarmPolicy,
-    model: String,
+    /// `--prewarm-model`; else the config's cloud model, else the cloud's default.
+    model: Option<String>,
+    paths: Paths,
+    device: synesis_proto::DeviceId,
     tunnel: Arc<synesis_tunnel::TunnelHandle>,
 }
 
@@ -363,15 +419,19 @@ async fn sample_forever(
         };
         sampler = s;
         if let Some(signal) = prewarming.policy.observe(std::time::Instant::now(), &v) {
+            let p = &prewarming;
+            let config = crate::registry::Config::load(&p.paths.config_file()).unwrap_or_default();
+            let facts = crate::answer::load_facts(&p.paths, p.device);
+            let model = crate::answer::cloud_model(p.model.as_deref(), &config, facts.as_ref());
             let sent = prewarming.tunnel.prewarm(synesis_proto::message::Prewarm {
-                model: Some(prewarming.model.clone()),
+                model: model.clone(),
                 reason: signal.reason.to_string(),
             });
             tracing::info!(sent, reason = %signal.reason, "pre-warm");
             emit(
                 &prewarming.events,
                 What::Prewarm {
-                    model: prewarming.model.clone(),
+                    model: model.unwrap_or_default(),
                     reason: signal.reason.to_string(),
                     sent,
                 },

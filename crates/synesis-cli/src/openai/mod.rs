@@ -39,16 +39,17 @@ use axum::routing::{get, post};
 use synesis_infer::{CancelToken, Model};
 use synesis_proto::message::{ChatRole, ChatTurn, EscalationRequest, Preferences};
 use synesis_proto::{ErrorCode, RequestId};
-use synesis_route::{CloudReach, Decision, Inputs, LocalModel, Mode};
+use synesis_route::{Decision, Mode};
 use synesis_tunnel::escalate::{Progress, Route, escalate};
 use synesis_tunnel::local::LocalClient;
-use synesis_tunnel::{Identity, RequestError, TunnelState};
+use synesis_tunnel::{Identity, RequestError};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use self::host::ModelHost;
 use self::wire::{ApiError, ChatRequest, Ending, Piece};
-use crate::commands::ask::{Decided, decide, record_local, stress_now};
-use crate::commands::escalate::{DEFAULT_CLOUD_MODEL, record_cloud};
+use crate::answer::{Gathered, Measured, ModelName, cloud_model_or_ask, fall_back, gather};
+use crate::commands::ask::{Decided, decide, record_local};
+use crate::commands::escalate::record_cloud;
 use crate::paths::Paths;
 use crate::registry::Config;
 
@@ -223,6 +224,10 @@ async fn health(State(api): State<Arc<Api>>) -> Response {
     .into_response()
 }
 
+/// The models this account may use: this device's (by name), `auto`, and those the cloud serves
+/// to the account (`cloud/NAME` where a local model has the same name; a bare name reaches the
+/// local one). The cloud's come from the service's facts, else from asking it (a cloud that
+/// does not answer soon leaves them out).
 async fn models(State(api): State<Arc<Api>>) -> Response {
     let config = api.config.borrow().clone();
     let mut data: Vec<serde_json::Value> = config
@@ -231,27 +236,31 @@ async fn models(State(api): State<Arc<Api>>) -> Response {
         .map(|name| wire::model_entry(name, "synesis-local"))
         .collect();
     data.push(wire::model_entry("auto", "synesis"));
-    // The cloud's models: those it prices for this account (a cloud that does not answer soon
-    // leaves them out).
-    if enrolled(&api.paths).is_some() {
-        let asked = synesis_proto::message::PriceRequest {
-            request_id: synesis_tunnel::clock::new_request_id(),
-        };
-        let reply = tokio::time::timeout(
-            Duration::from_secs(3),
-            crate::commands::cloud::account_request(&api.paths, asked.into()),
-        )
-        .await;
-        match reply {
-            Ok(Ok(synesis_proto::Message::PriceReply(p))) => {
-                // A local model of the same name shadows the cloud's (requests go to it).
-                let cloud = p
-                    .prices
-                    .iter()
-                    .filter(|m| !config.models.contains_key(&m.model));
-                data.extend(cloud.map(|m| wire::model_entry(&m.model, "synesis-cloud")));
+    if let Some(me) = enrolled(&api.paths) {
+        let served = match crate::answer::load_facts(&api.paths, me.info.device_id) {
+            Some(facts) => Some(facts.served),
+            None => {
+                let asked = synesis_proto::message::PriceRequest {
+                    request_id: synesis_tunnel::clock::new_request_id(),
+                };
+                let reply = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    crate::commands::cloud::account_request(&api.paths, asked.into()),
+                )
+                .await;
+                match reply {
+                    Ok(Ok(synesis_proto::Message::PriceReply(p))) => Some(p.served),
+                    other => {
+                        tracing::info!("the cloud's models are left out: {other:?}");
+                        None
+                    }
+                }
             }
-            other => tracing::info!("the cloud's models are left out: {other:?}"),
+        };
+        if let Some(served) = served {
+            let names =
+                crate::answer::cloud_names(served.iter().map(|m| m.model.as_str()), &config);
+            data.extend(names.iter().map(|n| wire::model_entry(n, "synesis-cloud")));
         }
     }
     axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
@@ -273,6 +282,8 @@ struct LocalTarget {
     /// A whole answer the policy's confidence probe already made.
     first: Option<synesis_infer::Generation>,
     reason: String,
+    /// Why the cloud, chosen first, did not answer (`x-synesis-fallback`).
+    fallback: Option<String>,
 }
 
 /// Where one request goes, decided.
@@ -282,6 +293,8 @@ enum Target {
         identity: Identity,
         request: EscalationRequest,
         reason: String,
+        /// Where the answer is made when the cloud fails before any output (`auto` only).
+        fallback: Option<LocalTarget>,
     },
 }
 
@@ -367,8 +380,13 @@ async fn answer(
     let include_usage = chat.include_usage();
     tokio::spawn(producer.run(chat, request_id, context, prompt));
     // Where it went, then its first piece: a refusal before any output keeps its own status.
-    let (route_name, model_name) = match rx.recv().await {
-        Some(Piece::Routed { route, model }) => (route, model),
+    let (route_name, model_name, reason, fallback) = match rx.recv().await {
+        Some(Piece::Routed {
+            route,
+            model,
+            reason,
+            fallback,
+        }) => (route, model, reason, fallback),
         Some(Piece::Failed(e)) => return Err(e),
         _ => return Err(ApiError::internal("the request ended before it was routed")),
     };
@@ -391,6 +409,26 @@ async fn answer(
     };
     let h = response.headers_mut();
     h.insert("x-synesis-route", HeaderValue::from_static(route_name));
+    if let Ok(v) = HeaderValue::from_str(&reason) {
+        h.insert("x-synesis-route-reason", v);
+    }
+    // Why the cloud did not answer an `auto` request it was chosen for (visible ASCII only).
+    if let Some(why) = fallback {
+        let why: String = why
+            .chars()
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .take(512)
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&why) {
+            h.insert("x-synesis-fallback", v);
+        }
+    }
     if let Ok(v) = HeaderValue::from_str(&request_id.to_string()) {
         h.insert("x-synesis-request-id", v);
     }
@@ -406,27 +444,37 @@ async fn route(
     prompt: String,
 ) -> Result<Target, ApiError> {
     let config = api.config.borrow().clone();
-    let identity = enrolled(&api.paths);
-    let (mode, local) = if chat.model == "auto" {
-        let local = config
-            .model(None)
-            .ok()
-            .map(|(n, e)| (n.to_owned(), e.clone()));
-        (Mode::Auto, local)
-    } else if let Some(entry) = config.models.get(&chat.model) {
-        (Mode::Local, Some((chat.model.clone(), entry.clone())))
-    } else if identity.is_some() {
-        (Mode::Cloud, None)
-    } else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "model_not_found",
-            format!(
-                "no model {:?} on this device (`synesis model list`), and it is not enrolled in a cloud",
-                chat.model
-            ),
-        ));
+    let is_enrolled = enrolled(&api.paths).is_some();
+    let named = ModelName::parse(&chat.model);
+    let (mode, local, cloud_name) = match named {
+        ModelName::Auto => {
+            let local = config
+                .model(None)
+                .ok()
+                .map(|(n, e)| (n.to_owned(), e.clone()));
+            (Mode::Auto, local, None)
+        }
+        ModelName::Local(name) if config.models.contains_key(name) => {
+            let entry = config.models[name].clone();
+            (Mode::Local, Some((name.to_owned(), entry)), None)
+        }
+        ModelName::Cloud(name) if is_enrolled => (Mode::Cloud, None, Some(name)),
+        ModelName::Either(name) if config.models.contains_key(name) => {
+            let entry = config.models[name].clone();
+            (Mode::Local, Some((name.to_owned(), entry)), None)
+        }
+        ModelName::Either(name) if is_enrolled => (Mode::Cloud, None, Some(name)),
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                format!(
+                    "no model {:?} here: `/v1/models` lists those this device and its cloud serve",
+                    chat.model
+                ),
+            ));
+        }
     };
     let max_tokens = chat.max_tokens();
     let local_request = synesis_infer::Request {
@@ -468,22 +516,6 @@ async fn route(
         }
         None => None,
     };
-    let cloud = match &identity {
-        None => CloudReach::NotEnrolled,
-        Some(me) => match LocalClient::new(&api.paths.runtime.path).status().await {
-            Ok(s) if s.device_id == me.info.device_id && s.state != TunnelState::Connected => {
-                CloudReach::Unreachable
-            }
-            _ => CloudReach::Reachable,
-        },
-    };
-    let stress = {
-        let (paths, config) = (api.paths.clone(), config.clone());
-        tokio::task::spawn_blocking(move || stress_now(&paths, &config))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
-            .map_err(|e| ApiError::internal(format!("{e:#}")))?
-    };
     let thresholds = config
         .escalation
         .thresholds()
@@ -491,18 +523,24 @@ async fn route(
     let runner = loaded
         .as_ref()
         .map(|(m, _)| crate::hosted::LocalRunner::InProcess(Arc::clone(m)));
-    let inputs = Inputs {
+    // What the policy reads, gathered as `synesis ask` gathers it.
+    let Gathered {
+        inputs,
+        identity,
+        cloud_model,
+    } = gather(
+        &api.paths,
+        &config,
         mode,
-        local: loaded.as_ref().map(|(m, _)| LocalModel {
+        loaded.as_ref().map(|(m, n)| Measured {
             context_tokens: m.info().context_length,
+            prompt_tokens: *n,
         }),
-        prompt_tokens: loaded.as_ref().map_or(0, |(_, n)| *n),
         max_tokens,
-        stress,
-        cloud,
-        standing: None,
-        confidence: None,
-    };
+        cloud_name,
+    )
+    .await
+    .map_err(|e| ApiError::internal(format!("{e:#}")))?;
     let Decided { route, first, .. } = decide(inputs, &thresholds, runner.as_ref(), &local_request)
         .await
         .map_err(|e| {
@@ -518,24 +556,46 @@ async fn route(
         .first()
         .map_or("auto", synesis_route::Reason::code)
         .to_owned();
-    match (route.decision, loaded, local, identity) {
-        (Decision::Local, Some((model, _)), Some((name, _)), _) => Ok(Target::Local(LocalTarget {
+    // Where the cloud fails before any output, `auto` answers here (as `synesis ask` does).
+    let local_target = |fallback: Option<String>| match (&loaded, &local) {
+        (Some((model, _)), Some((name, _))) => Some(LocalTarget {
             request_id,
-            name,
-            model,
-            request: local_request,
-            first,
-            reason,
-        })),
-        (Decision::Cloud, _, _, Some(identity)) => {
-            let model = if mode == Mode::Cloud {
-                chat.model.clone()
-            } else {
-                config
-                    .escalation
-                    .cloud_model
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_CLOUD_MODEL.to_owned())
+            name: name.clone(),
+            model: Arc::clone(model),
+            request: local_request.clone(),
+            first: first.clone(),
+            reason: reason.clone(),
+            fallback,
+        }),
+        _ => None,
+    };
+    match (route.decision, identity) {
+        (Decision::Local, _) => local_target(None).map(Target::Local).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "no_route",
+                "no local model can answer",
+            )
+        }),
+        (Decision::Cloud, Some(identity)) => {
+            let model = match cloud_model {
+                Some(model) => model,
+                None => match cloud_model_or_ask(&api.paths, &identity, None, &config).await {
+                    Ok(model) => model,
+                    Err(e) => {
+                        let why = format!("the cloud could not be asked ({e:#})");
+                        return match local_target(Some(why.clone())) {
+                            Some(local) if mode == Mode::Auto => Ok(Target::Local(local)),
+                            _ => Err(ApiError::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "server_error",
+                                "no_cloud_model",
+                                why,
+                            )),
+                        };
+                    }
+                },
             };
             let mut turns = context;
             turns.push(ChatTurn {
@@ -563,7 +623,12 @@ async fn route(
                 reason: if mode == Mode::Cloud {
                     "forced_cloud".into()
                 } else {
-                    reason
+                    reason.clone()
+                },
+                fallback: if mode == Mode::Auto {
+                    local_target(None)
+                } else {
+                    None
                 },
             })
         }
@@ -611,26 +676,14 @@ impl Producer {
                 return;
             }
         };
-        let routed = match &target {
-            Target::Local(local) => Piece::Routed {
-                route: "local",
-                model: local.name.clone(),
-            },
-            Target::Cloud { request, .. } => Piece::Routed {
-                route: "cloud",
-                model: request.model.clone(),
-            },
-        };
-        if self.tx.send(routed).await.is_err() {
-            return; // the client left
-        }
         match target {
             Target::Local(local) => self.local(local).await,
             Target::Cloud {
                 identity,
                 request,
                 reason,
-            } => self.cloud(identity, request, reason).await,
+                fallback,
+            } => self.cloud(identity, request, reason, fallback).await,
         }
     }
 
@@ -654,7 +707,17 @@ impl Producer {
             request,
             first,
             reason,
+            fallback,
         } = target;
+        let routed = Piece::Routed {
+            route: "local",
+            model: name.clone(),
+            reason: reason.clone(),
+            fallback,
+        };
+        if self.tx.send(routed).await.is_err() {
+            return; // the client left
+        }
         let generation = match first {
             Some(made) => {
                 let _ = self.tx.send(Piece::Text(made.text.clone())).await;
@@ -723,22 +786,42 @@ impl Producer {
         }
     }
 
-    async fn cloud(self, identity: Identity, request: EscalationRequest, reason: String) {
+    async fn cloud(
+        self,
+        identity: Identity,
+        request: EscalationRequest,
+        reason: String,
+        fallback: Option<LocalTarget>,
+    ) {
         let mut route = Route::choose(
             LocalClient::new(&self.api.paths.runtime.path),
             identity.clone(),
         )
         .await;
         let (cancel_tx, cancel) = watch::channel(false);
+        // Said with the first output: until then the answer may still be made here.
+        let routed = || Piece::Routed {
+            route: "cloud",
+            model: request.model.clone(),
+            reason: reason.clone(),
+            fallback: None,
+        };
+        let mut shown = false;
         let result = {
             let tx = &self.tx;
             let mut on = |p: Progress<'_>| {
-                if let Progress::Text(text) = p
+                if let Progress::Text(text) = p {
+                    if !shown {
+                        shown = true;
+                        if tx.try_send(routed()).is_err() {
+                            let _ = cancel_tx.send(true);
+                        }
+                    }
                     // Full only for a client that reads nothing while the cloud streams
                     // `PIECES_MAX` pieces: it is treated as gone.
-                    && tx.try_send(Piece::Text(text.to_owned())).is_err()
-                {
-                    let _ = cancel_tx.send(true);
+                    if tx.try_send(Piece::Text(text.to_owned())).is_err() {
+                        let _ = cancel_tx.send(true);
+                    }
                 }
             };
             let work = escalate(&mut route, &request, cancel, &mut on);
@@ -762,6 +845,9 @@ impl Producer {
             }
         };
         route.close().await;
+        if !shown && result.is_ok() && self.tx.send(routed()).await.is_err() {
+            return; // the client left
+        }
         match result {
             Ok(done) => {
                 let d = &done.done;
@@ -802,7 +888,25 @@ impl Producer {
                 }
             }
             Err(e) => {
-                let _ = self.tx.send(Piece::Failed(cloud_error(&e))).await;
+                let fell_back = if shown {
+                    None
+                } else {
+                    fallback.and_then(|local| {
+                        fall_back(Mode::Auto, true, &e).map(|why| LocalTarget {
+                            fallback: Some(why),
+                            ..local
+                        })
+                    })
+                };
+                match fell_back {
+                    Some(local) => {
+                        tracing::info!(error = %e, "the cloud could not answer; answering here");
+                        self.local(local).await;
+                    }
+                    None => {
+                        let _ = self.tx.send(Piece::Failed(cloud_error(&e))).await;
+                    }
+                }
             }
         }
     }

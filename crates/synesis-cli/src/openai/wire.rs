@@ -223,6 +223,10 @@ pub(crate) enum Piece {
     Routed {
         route: &'static str,
         model: String,
+        /// The policy's reason (its stable code).
+        reason: String,
+        /// Why the cloud, chosen first, did not answer, when this device answers instead.
+        fallback: Option<String>,
     },
     Text(String),
     End(Ending),

@@ -52,8 +52,8 @@ pub use client::{
 };
 pub use server::{
     Backend, BindError, CLIENT_TIMEOUT, CLIENTS_MAX, CLOUD_STREAMS_MAX,
-    CLOUD_STREAMS_PER_CONNECTION, LocalListener, LocalWork, ServeOptions, ServiceLock, WorkFuture,
-    bind, running_service, serve,
+    CLOUD_STREAMS_PER_CONNECTION, LocalListener, LocalWork, RECONNECT_WAIT_DEFAULT,
+    RECONNECT_WAIT_MAX, ServeOptions, ServiceLock, WorkFuture, bind, running_service, serve,
 };
 
 use crate::TunnelStatus;

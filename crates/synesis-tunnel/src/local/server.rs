@@ -45,8 +45,19 @@ const _: () = assert!(CLOUD_STREAMS_MAX < CLIENTS_MAX);
 /// tunnel's own bound on opening a stream (`CONNECT_TIMEOUT`), below the client's patience
 /// ([`ASK_TIMEOUT`](super::client::ASK_TIMEOUT)). An open stream has no time limit: an
 /// escalation may stream for minutes; the cloud's idle timeout and the client's own bound it.
-pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(25);
 const _: () = assert!(CLIENT_TIMEOUT.as_millis() > CONNECT_TIMEOUT.as_millis());
+/// How long a client's stream waits for a tunnel that is reconnecting before it is refused
+/// ([`ServeOptions::reconnect_wait`], `tunnel run --reconnect-wait`), unless told otherwise.
+pub const RECONNECT_WAIT_DEFAULT: Duration = Duration::from_secs(10);
+/// The longest such wait: it and opening the stream then fit the client's bound.
+pub const RECONNECT_WAIT_MAX: Duration = Duration::from_secs(14);
+const _: () = assert!(RECONNECT_WAIT_DEFAULT.as_millis() <= RECONNECT_WAIT_MAX.as_millis());
+const _: () = assert!(
+    CLIENT_TIMEOUT.as_millis() > RECONNECT_WAIT_MAX.as_millis() + CONNECT_TIMEOUT.as_millis()
+);
+/// How often a waiting client's stream looks at the tunnel's state again.
+const RECONNECT_POLL: Duration = Duration::from_millis(50);
 /// After a failed accept (out of file descriptors, say), the pause before the next; doubled
 /// while failures follow one another, up to `ACCEPT_RETRY_MAX`.
 const ACCEPT_RETRY: Duration = Duration::from_millis(250);
@@ -62,6 +73,22 @@ pub trait Backend: Send + Sync + 'static {
     fn open_cloud_stream(
         &self,
     ) -> impl Future<Output = Result<(quinn::SendStream, quinn::RecvStream), OpenError>> + Send;
+
+    /// Waits until the tunnel is connected, `within` at most: whether it is.
+    fn connected_within(&self, within: Duration) -> impl Future<Output = bool> + Send {
+        async move {
+            let deadline = tokio::time::Instant::now() + within;
+            loop {
+                if self.current_status().state == crate::TunnelState::Connected {
+                    return true;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return false;
+                }
+                tokio::time::sleep(RECONNECT_POLL).await;
+            }
+        }
+    }
 }
 
 impl Backend for TunnelHandle {
@@ -231,6 +258,9 @@ pub struct ServeOptions {
     pub events: EventSender,
     /// The work the service does itself for `work` clients, if any.
     pub work: Option<Arc<dyn LocalWork>>,
+    /// How long a client's stream (`open`) waits for a tunnel that is not connected — one
+    /// reconnecting — before it is refused (at most [`RECONNECT_WAIT_MAX`]).
+    pub reconnect_wait: Duration,
 }
 
 impl std::fmt::Debug for ServeOptions {
@@ -238,6 +268,7 @@ impl std::fmt::Debug for ServeOptions {
         f.debug_struct("ServeOptions")
             .field("grace", &self.grace)
             .field("work", &self.work.is_some())
+            .field("reconnect_wait", &self.reconnect_wait)
             .finish_non_exhaustive()
     }
 }
@@ -276,6 +307,7 @@ pub async fn serve<B: Backend>(
         grace,
         events,
         work,
+        reconnect_wait,
     } = options;
     let places = Arc::new(Semaphore::new(CLIENTS_MAX));
     let streams = Streams {
@@ -284,6 +316,7 @@ pub async fn serve<B: Backend>(
         events,
         work,
         subscribers: Arc::new(Semaphore::new(EVENT_SUBSCRIBERS_MAX)),
+        reconnect_wait: reconnect_wait.min(RECONNECT_WAIT_MAX),
     };
     let mut clients = JoinSet::new();
     let mut pause = ACCEPT_RETRY;
@@ -357,6 +390,7 @@ struct Streams {
     events: EventSender,
     work: Option<Arc<dyn LocalWork>>,
     subscribers: Arc<Semaphore>,
+    reconnect_wait: Duration,
 }
 
 async fn client<B: Backend>(stream: UnixStream, backend: &B, streams: &Streams) {
@@ -530,7 +564,7 @@ async fn opening<B: Backend>(
                 ),
                 None,
             ),
-            Ok(permit) => match backend.open_cloud_stream().await {
+            Ok(permit) => match open_waiting(backend, streams.reconnect_wait).await {
                 Ok((send, recv)) => {
                     let send = Upstream {
                         send,
@@ -588,6 +622,29 @@ async fn opening<B: Backend>(
     };
     write_local(write, LOCAL_REPLY, &reply).await?;
     Ok(opened.map_or(Next::Done, Next::Proxy))
+}
+
+/// A cloud stream; a tunnel that is not connected (reconnecting) is waited for, `wait` at
+/// most, before the stream is refused.
+async fn open_waiting<B: Backend>(
+    backend: &B,
+    wait: Duration,
+) -> Result<(quinn::SendStream, quinn::RecvStream), OpenError> {
+    let state = backend.current_status().state;
+    if state != crate::TunnelState::Connected && !wait.is_zero() {
+        tracing::info!(
+            ?state,
+            ?wait,
+            "a client's stream waits for the tunnel to connect"
+        );
+        if !backend.connected_within(wait).await {
+            tracing::info!(
+                ?wait,
+                "the tunnel did not connect in time; the stream is refused"
+            );
+        }
+    }
+    backend.open_cloud_stream().await
 }
 
 async fn read_request(read: &mut OwnedReadHalf) -> Result<LocalRequest, FrameFault> {

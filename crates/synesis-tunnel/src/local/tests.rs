@@ -90,6 +90,8 @@ async fn answer(
                 tier: Tier::Free,
                 markup_bps: 0,
                 prices: vec![],
+                served: vec![],
+                default_model: None,
             }
             .into();
             send(&mut tx, &reply, limits).await.unwrap();
@@ -405,4 +407,83 @@ async fn local_work_streams_its_pieces_then_its_result_and_stops_when_its_client
         .await
         .expect("the work stops when its client leaves")
         .unwrap();
+}
+
+/// A tunnel that is reconnecting until `connected` is set: until then it opens no stream.
+struct Reconnecting {
+    inner: FakeTunnel,
+    connected: std::sync::atomic::AtomicBool,
+}
+
+impl Backend for Reconnecting {
+    fn current_status(&self) -> crate::TunnelStatus {
+        let mut status = self.inner.current_status();
+        if !self.connected.load(std::sync::atomic::Ordering::SeqCst) {
+            status.state = crate::TunnelState::Reconnecting;
+        }
+        status
+    }
+
+    async fn measure_ping(&self) -> Result<Duration, crate::PingError> {
+        self.inner.measure_ping().await
+    }
+
+    async fn open_cloud_stream(
+        &self,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), crate::OpenError> {
+        if self.connected.load(std::sync::atomic::Ordering::SeqCst) {
+            self.inner.open_cloud_stream().await
+        } else {
+            Err(crate::OpenError::NotConnected(
+                crate::TunnelState::Reconnecting,
+            ))
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stream_asked_for_while_the_tunnel_reconnects_waits_for_it() {
+    let cloud = FakeCloud::start().await;
+    let backend = Arc::new(Reconnecting {
+        inner: FakeTunnel { conn: cloud.conn },
+        connected: false.into(),
+    });
+    let wait = Duration::from_secs(10);
+    let service = testing::Service::start_waiting(Arc::clone(&backend), None, wait);
+    let asked: Message = PriceRequest {
+        request_id: request_id(9),
+    }
+    .into();
+    // The tunnel connects while the request waits: it is answered.
+    let connects = {
+        let backend = Arc::clone(&backend);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            backend
+                .connected
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    match service.client.request(&asked).await {
+        Ok(Message::PriceReply(r)) => assert_eq!(r.request_id, request_id(9)),
+        other => panic!("waited for the tunnel, then answered: {other:?}"),
+    }
+    connects.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_tunnel_that_does_not_reconnect_in_time_is_refused_after_the_wait() {
+    let cloud = FakeCloud::start().await;
+    let backend = Arc::new(Reconnecting {
+        inner: FakeTunnel { conn: cloud.conn },
+        connected: false.into(),
+    });
+    let wait = Duration::from_millis(400);
+    let service = testing::Service::start_waiting(Arc::clone(&backend), None, wait);
+    let started = std::time::Instant::now();
+    match service.client.open_stream().await {
+        Err(ClientError::Refused(f)) => assert_eq!(f.kind, FailureKind::NotConnected),
+        other => panic!("{:?}", other.map(|_| "a stream")),
+    }
+    assert!(started.elapsed() >= wait, "refused only after the wait");
 }
