@@ -141,8 +141,6 @@ fn tighten_below(
 /// whatever an older version left readable below them and the runtime directory. Says so on
 /// stderr when it changed anything, which happens once: afterwards nothing is left to narrow.
 pub(crate) fn secure_home(paths: &crate::paths::Paths) -> Result<(), SecureFsError> {
-    private_dir(&paths.config.path)?;
-    private_dir(&paths.data.path)?;
     // The runtime directory the service makes 0700 on every start; what it holds (a lock
     // with a pid, the socket, 0600) is not looked at.
     let runtime = paths.runtime.path.as_path();
@@ -151,6 +149,9 @@ pub(crate) fn secure_home(paths: &crate::paths::Paths) -> Result<(), SecureFsErr
         roots.push(runtime);
     }
     let done = tighten_except(&roots, &[runtime]);
+    // After the narrowing, which counts what it changed: here only what is missing is made.
+    private_dir(&paths.config.path)?;
+    private_dir(&paths.data.path)?;
     if !done.narrowed.is_empty() {
         eprintln!(
             "synesis: {} of your Synesis files and directories could be read by other users of this machine; they are private now (files 0600, directories 0700), e.g. {}",
