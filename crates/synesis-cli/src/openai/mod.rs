@@ -294,7 +294,7 @@ enum Target {
         request: EscalationRequest,
         reason: String,
         /// Where the answer is made when the cloud fails before any output (`auto` only).
-        fallback: Option<LocalTarget>,
+        fallback: Option<Box<LocalTarget>>,
     },
 }
 
@@ -626,7 +626,7 @@ async fn route(
                     reason.clone()
                 },
                 fallback: if mode == Mode::Auto {
-                    local_target(None)
+                    local_target(None).map(Box::new)
                 } else {
                     None
                 },
@@ -791,7 +791,7 @@ impl Producer {
         identity: Identity,
         request: EscalationRequest,
         reason: String,
-        fallback: Option<LocalTarget>,
+        fallback: Option<Box<LocalTarget>>,
     ) {
         let mut route = Route::choose(
             LocalClient::new(&self.api.paths.runtime.path),
@@ -894,7 +894,7 @@ impl Producer {
                     fallback.and_then(|local| {
                         fall_back(Mode::Auto, true, &e).map(|why| LocalTarget {
                             fallback: Some(why),
-                            ..local
+                            ..*local
                         })
                     })
                 };
