@@ -89,6 +89,8 @@ fn facts_file(device: &Device) -> PathBuf {
 struct Serving {
     child: Child,
     addr: String,
+    /// The device's API key (an enrolled device's API answers only with it).
+    key: String,
 }
 
 impl Drop for Serving {
@@ -125,7 +127,11 @@ fn serve(device: &Device, env: &[(&str, &str)]) -> Serving {
         .strip_prefix("listening on http://")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_owned();
-    Serving { child, addr }
+    let key = std::fs::read_to_string(device.home().join("config").join("api-key"))
+        .expect("the service made the device's API key")
+        .trim()
+        .to_owned();
+    Serving { child, addr, key }
 }
 
 /// A response: status, headers (names lowercased), body.
@@ -144,11 +150,12 @@ impl Response {
     }
 }
 
-fn http(addr: &str, method: &str, path: &str, body: &str) -> Response {
+fn http(api: &Serving, method: &str, path: &str, body: &str) -> Response {
+    let (addr, key) = (&api.addr, &api.key);
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+         Authorization: Bearer {key}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).unwrap();
@@ -172,13 +179,13 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> Response {
     }
 }
 
-fn chat(addr: &str, model: &str) -> Response {
+fn chat(api: &Serving, model: &str) -> Response {
     let body = serde_json::json!({
         "model": model,
         "max_tokens": 8,
         "messages": [{"role": "user", "content": PROMPT}],
     });
-    http(addr, "POST", "/v1/chat/completions", &body.to_string())
+    http(api, "POST", "/v1/chat/completions", &body.to_string())
 }
 
 /// `synesis --json ask --explain …` with `env`: its JSON and stderr.
@@ -295,7 +302,7 @@ fn the_policy_knows_the_spent_quota_from_the_service_in_ask_and_over_http_alike(
         "{stderr}"
     );
 
-    let r = chat(&api.addr, "auto");
+    let r = chat(&api, "auto");
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.header("x-synesis-route"), Some("local"), "{}", r.body);
     assert_eq!(r.header("x-synesis-route-reason"), Some("quota_spent"));
@@ -318,7 +325,7 @@ fn an_auto_request_the_cloud_refuses_is_answered_here_over_http_as_ask_does() {
     );
 
     let api = serve(&s.device, &low);
-    let r = chat(&api.addr, "auto");
+    let r = chat(&api, "auto");
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.header("x-synesis-route"), Some("local"));
     let why = r.header("x-synesis-fallback").unwrap_or_default();
@@ -326,7 +333,7 @@ fn an_auto_request_the_cloud_refuses_is_answered_here_over_http_as_ask_does() {
     let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(body["usage"]["completion_tokens"], 8, "{body}");
     // A request that names the cloud's model keeps the cloud's refusal.
-    let r = chat(&api.addr, "cloud/nope");
+    let r = chat(&api, "cloud/nope");
     assert_eq!(r.status, 404, "{}", r.body);
 }
 
@@ -373,7 +380,7 @@ fn v1_models_lists_what_this_account_can_use_and_tells_a_cloud_model_from_a_loca
     let s = setup(&["house", "tiny"], "", "managed", Some("10.00"), true);
     let api = serve(&s.device, &[]);
     wait_for_file(&facts_file(&s.device));
-    let r = http(&api.addr, "GET", "/v1/models", "");
+    let r = http(&api, "GET", "/v1/models", "");
     assert_eq!(r.status, 200, "{}", r.body);
     let listed: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     let mut ids: Vec<(String, String)> = listed["data"]
@@ -399,13 +406,13 @@ fn v1_models_lists_what_this_account_can_use_and_tells_a_cloud_model_from_a_loca
     .collect();
     assert_eq!(ids, want, "only models this account can use: {listed}");
     // Each listed name reaches its model.
-    let r = chat(&api.addr, "cloud/tiny");
+    let r = chat(&api, "cloud/tiny");
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.header("x-synesis-route"), Some("cloud"));
-    let r = chat(&api.addr, "tiny");
+    let r = chat(&api, "tiny");
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.header("x-synesis-route"), Some("local"));
-    let r = chat(&api.addr, "house");
+    let r = chat(&api, "house");
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.header("x-synesis-route"), Some("cloud"));
 }
