@@ -23,6 +23,8 @@
 //! threads = 2                    # CPU threads per sequence
 //! context = 4096                 # tokens per sequence (default: the model's own)
 //! adapters = { legal = "adapters/legal.gguf" }
+//! pause_while = "hold"           # tests only: while this file exists, generations wait
+//!                                # after each piece (an answer held mid-way on any machine)
 //! tiers = ["free", "managed"]    # who may use it (default: free and managed; BYOK asks go
 //!                                # only to an HTTP model whose list names "byok")
 //!
@@ -263,6 +265,7 @@ struct LlamaFile {
     context: Option<u32>,
     #[serde(default)]
     adapters: BTreeMap<String, PathBuf>,
+    pause_while: Option<PathBuf>,
     tiers: Option<Vec<String>>,
 }
 
@@ -427,6 +430,7 @@ fn parse_all(text: &str, base: &Path) -> anyhow::Result<Config> {
                         n_ctx: l.context.unwrap_or(0),
                         threads: l.threads.unwrap_or(2).clamp(1, 256),
                         adapters_loaded: adapters.loaded_per_model,
+                        pause_while: l.pause_while.as_deref().map(at),
                     }),
                     tiers: tiers.into_iter().filter(|t| *t != Tier::Byok).collect(),
                 }

@@ -23,6 +23,8 @@ use super::{Ask, Event, Generation, Provider, ProviderError, ProviderUsage};
 
 /// How long a refused request is told to wait when every place is taken.
 const RETRY_AFTER_MS: u64 = 1_000;
+/// How often a paused generation (`pause_while`, tests only) looks at its file again.
+const PAUSE_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalSettings {
@@ -39,6 +41,9 @@ pub struct LocalSettings {
     pub threads: u32,
     /// Accounts' adapters kept loaded (least recently used out).
     pub adapters_loaded: usize,
+    /// For tests: while this file exists, a generation waits after each piece it sends (its
+    /// cancel still stops it), so a test holds an answer in the middle on any machine.
+    pub pause_while: Option<PathBuf>,
 }
 
 /// llama.cpp in this process, for one model file.
@@ -133,7 +138,8 @@ fn work(shared: &Loaded, queue: &Mutex<Receiver<Job>>) {
         let last = match shared.model() {
             // A panic in one generation fails that request, not this sequence.
             Ok(model) => {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(model, &job)))
+                let pause = shared.settings.pause_while.as_deref();
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(model, &job, pause)))
                     .unwrap_or_else(|_| {
                         Event::Failed(ProviderError::Failed("the generation panicked".into()))
                     })
@@ -144,7 +150,7 @@ fn work(shared: &Loaded, queue: &Mutex<Receiver<Job>>) {
     }
 }
 
-fn run(model: &Model, job: &Job) -> Event {
+fn run(model: &Model, job: &Job, pause_while: Option<&std::path::Path>) -> Event {
     let cancel = CancelToken::default();
     let mut on_text = |piece: &str| {
         if piece.is_empty() {
@@ -157,6 +163,11 @@ fn run(model: &Model, job: &Job) -> Event {
             .is_err()
         {
             cancel.cancel();
+        }
+        if let Some(file) = pause_while {
+            while file.exists() && !job.events.is_closed() {
+                std::thread::sleep(PAUSE_POLL);
+            }
         }
     };
     match model.generate(&job.request, &cancel, &mut on_text) {
