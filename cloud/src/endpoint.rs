@@ -207,7 +207,7 @@ pub async fn start(options: Options) -> anyhow::Result<Cloud> {
         },
         escalations: Arc::new(crate::escalation::Escalations::new(&options.serving)?),
         data_dir: dir.clone(),
-        adapters: options.serving.adapters,
+        adapters: options.serving.adapters.clone(),
         upload_fences: crate::upload::Fences::default(),
     });
     let (stop, stopped) = watch::channel(false);
