@@ -67,25 +67,40 @@ fn request_id_of(m: &Message) -> Option<RequestId> {
 /// The device's current state, read now: revoked means refused (and every connection of it
 /// closed).
 pub(crate) async fn still_enrolled(peer: &Peer) -> Result<crate::storage::Device, Message> {
+    let checked = enrolled_now(peer).await;
+    if let Err(refusal) = &checked {
+        close_if_revoked(peer, refusal);
+    }
+    checked
+}
+
+/// The device's current state, read now: revoked means refused. The caller sends the refusal
+/// and then [`close_if_revoked`], so that the `DEVICE_REVOKED` reply is not overtaken by the
+/// close (PROTOCOL.md §1 *Revocation*).
+pub(crate) async fn enrolled_now(peer: &Peer) -> Result<crate::storage::Device, Message> {
     let id = peer.device.id;
     match peer.shared.storage.identify(move |db| db.device(id)).await {
         Ok(Some(d)) if !d.revoked => Ok(d),
-        Ok(_) => {
-            peer.shared.registry.close_device(
-                id,
-                ErrorCode::DEVICE_REVOKED,
-                b"this device was revoked",
-            );
-            Err(error_msg(
-                ErrorCode::DEVICE_REVOKED,
-                "this device was revoked",
-                None,
-            ))
-        }
+        Ok(_) => Err(error_msg(
+            ErrorCode::DEVICE_REVOKED,
+            "this device was revoked",
+            None,
+        )),
         Err(e) => {
             tracing::error!(error = %e, "device lookup failed");
             Err(error_msg(ErrorCode::UNAVAILABLE, "try again", None))
         }
+    }
+}
+
+/// After a `DEVICE_REVOKED` refusal: every connection of the device is closed with the code.
+pub(crate) fn close_if_revoked(peer: &Peer, refusal: &Message) {
+    if matches!(refusal, Message::ErrorMsg(e) if e.code == ErrorCode::DEVICE_REVOKED) {
+        peer.shared.registry.close_device(
+            peer.device.id,
+            ErrorCode::DEVICE_REVOKED,
+            b"this device was revoked",
+        );
     }
 }
 

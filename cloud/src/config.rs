@@ -23,6 +23,8 @@
 //! threads = 2                    # CPU threads per sequence
 //! context = 4096                 # tokens per sequence (default: the model's own)
 //! adapters = { legal = "adapters/legal.gguf" }
+//! pause_while = "hold"           # tests only: while this file exists, generations wait
+//!                                # after each piece (an answer held mid-way on any machine)
 //! tiers = ["free", "managed"]    # who may use it (default: free and managed; BYOK asks go
 //!                                # only to an HTTP model whose list names "byok")
 //!
@@ -56,6 +58,8 @@
 //! abandon_after = "24h"          # a partial upload with no chunk for this long is removed
 //! record_when_quiet = "500ms"    # an upload stream this quiet has the chunks it wrote recorded
 //! loaded_per_model = 8           # adapters kept loaded per llama model (least recently used out)
+//! verify_pause_while = "hold"    # tests only: while this file exists, a sealed upload waits
+//!                                # before it is verified (PROTOCOL.md §2's BUSY window, held open)
 //! ```
 //!
 //! BYOK asks go only to `openai` and `anthropic` models (the user's key is for the upstream);
@@ -112,7 +116,7 @@ pub struct Serving {
 }
 
 /// Accounts' LoRA adapters: upload limits and how many stay loaded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdapterSettings {
     pub max_size: u64,
     pub storage_per_account: u64,
@@ -123,6 +127,9 @@ pub struct AdapterSettings {
     /// device cut off resumes from them).
     pub record_when_quiet: Duration,
     pub loaded_per_model: usize,
+    /// For tests: while this file exists, an upload sealed by its `UploadDone` waits before it
+    /// is verified, so a test can act inside that window on any machine.
+    pub verify_pause_while: Option<PathBuf>,
 }
 
 impl Default for AdapterSettings {
@@ -134,6 +141,7 @@ impl Default for AdapterSettings {
             abandon_after: Duration::from_secs(24 * 3_600),
             record_when_quiet: Duration::from_millis(500),
             loaded_per_model: 8,
+            verify_pause_while: None,
         }
     }
 }
@@ -222,6 +230,7 @@ struct AdaptersFile {
     abandon_after: Option<String>,
     record_when_quiet: Option<String>,
     loaded_per_model: Option<usize>,
+    verify_pause_while: Option<PathBuf>,
 }
 
 /// A size such as `2GiB`, `512MiB`, `64KiB` or a number of bytes.
@@ -265,6 +274,7 @@ struct LlamaFile {
     context: Option<u32>,
     #[serde(default)]
     adapters: BTreeMap<String, PathBuf>,
+    pause_while: Option<PathBuf>,
     tiers: Option<Vec<String>>,
 }
 
@@ -398,6 +408,7 @@ fn parse_all(text: &str, base: &Path) -> anyhow::Result<Config> {
             .loaded_per_model
             .unwrap_or(ad.loaded_per_model)
             .clamp(1, 1_000),
+        verify_pause_while: a.verify_pause_while.as_ref().map(|p| base.join(p)),
     };
     let mut models = BTreeMap::new();
     for (name, m) in file.models {
@@ -430,6 +441,7 @@ fn parse_all(text: &str, base: &Path) -> anyhow::Result<Config> {
                         n_ctx: l.context.unwrap_or(0),
                         threads: l.threads.unwrap_or(2).clamp(1, 256),
                         adapters_loaded: adapters.loaded_per_model,
+                        pause_while: l.pause_while.as_deref().map(at),
                     }),
                     tiers: tiers.into_iter().filter(|t| *t != Tier::Byok).collect(),
                 }

@@ -207,7 +207,7 @@ pub async fn start(options: Options) -> anyhow::Result<Cloud> {
         },
         escalations: Arc::new(crate::escalation::Escalations::new(&options.serving)?),
         data_dir: dir.clone(),
-        adapters: options.serving.adapters,
+        adapters: options.serving.adapters.clone(),
         upload_fences: crate::upload::Fences::default(),
     });
     let (stop, stopped) = watch::channel(false);
@@ -567,10 +567,12 @@ async fn stream(peer: Arc<Peer>, tx: quinn::SendStream, rx: quinn::RecvStream) {
     };
     // Every request is checked against the device as it is now: revoked (or its member
     // removed), and what its member's role allows (`roles`).
-    let device = match crate::account::still_enrolled(&peer).await {
+    let device = match crate::account::enrolled_now(&peer).await {
         Ok(device) => device,
         Err(reply) => {
+            // The reply first, then the close: a close sent at once would overtake it.
             stream.send_last(&reply).await;
+            crate::account::close_if_revoked(&peer, &reply);
             return;
         }
     };

@@ -122,7 +122,7 @@ async fn run(peer: &Peer, begin: UploadBegin, stream: &mut Stream) -> Result<(),
             ),
         ));
     }
-    let limits = shared.adapters;
+    let limits = &shared.adapters;
     if begin.size_bytes == 0 || begin.size_bytes > limits.max_size {
         return Err(Refusal(
             ErrorCode::TOO_LARGE,
@@ -755,6 +755,13 @@ async fn finish(
             "a newer stream of this upload took over".into(),
         ));
     };
+    if let Some(file) = &shared.adapters.verify_pause_while {
+        // Tests only (`[adapters] verify_pause_while`): the sealed window, held open.
+        tracing::info!(upload = %id, "sealed for verification; paused while {} exists", file.display());
+        while file.exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     let row = shared
         .storage
         .read(move |db| adapters::upload_row(db.connection(), account, id))

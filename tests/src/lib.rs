@@ -569,6 +569,20 @@ pub struct TinyCloud {
     pub files: tempfile::TempDir,
 }
 
+impl TinyCloud {
+    /// Pauses every generation of `tiny` after its next piece (`pause_while` in `cloud.toml`),
+    /// or lets them go on: an answer held in the middle for as long as a test needs, on any
+    /// machine.
+    pub fn pause(&self, paused: bool) {
+        let file = self.files.path().join("pause");
+        if paused {
+            std::fs::write(&file, b"").expect("the pause file is written");
+        } else {
+            std::fs::remove_file(&file).expect("the pause file is removed");
+        }
+    }
+}
+
 /// [`TinyCloud`], with `extra` at the top of its `cloud.toml`.
 pub fn tiny_cloud(extra: &str) -> TinyCloud {
     tiny_cloud_with(synesis_infer::tiny::TinySpec::TINY, extra)
@@ -593,7 +607,7 @@ pub fn tiny_cloud_with(spec: synesis_infer::tiny::TinySpec, extra: &str) -> Tiny
         &toml,
         format!(
             "{extra}\n[prices.tiny]\ninput_usd_per_mtok = \"1.00\"\noutput_usd_per_mtok = \"2.00\"\n\
-             [models.tiny]\nprovider = \"llama\"\npath = {:?}\nthreads = 1\n",
+             [models.tiny]\nprovider = \"llama\"\npath = {:?}\nthreads = 1\npause_while = \"pause\"\n",
             model.display().to_string()
         ),
     )

@@ -133,15 +133,32 @@ async fn s1_no_unidirectional_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s1_the_first_frame_of_a_stream_within_10_s() {
     let (_cloud, _device, conn) = enrolled().await;
-    let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+    // A first frame that takes 8 s (its first byte, then the rest) is read and answered.
+    let request = frame(usage_request());
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    tx.write_all(&request[..1]).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    tx.write_all(&request[1..]).await.unwrap();
+    let mut rx = FramedRecv::new(rx, FrameLimits::default());
+    let reply = rx.next().await.unwrap();
+    assert!(
+        matches!(reply, Some(Message::UsageReply(_))),
+        "a first frame within 10 s is served: {reply:?}"
+    );
     // Half a header, then nothing: the cloud gives up on the stream, not on the connection.
+    let (mut tx, mut rx) = conn.open_bi().await.unwrap();
     tx.write_all(&[MessageTypeByte::USAGE_REQUEST])
         .await
         .unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(20), rx.read_to_end(1 << 16)).await;
+    // The cloud's 10 s start when the byte arrives, after this.
+    let sent = tokio::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(30), rx.read_to_end(1 << 16)).await;
+    let after = sent.elapsed();
+    assert!(ended.is_ok(), "the stream is ended");
+    // The design bound is 10 s; 5 s of margin for a loaded machine.
     assert!(
-        ended.is_ok(),
-        "the stream is ended within 10 s (and some margin)"
+        after >= Duration::from_secs(10) && after <= Duration::from_secs(15),
+        "the stream ended {after:?} after its first byte"
     );
     assert_eq!(
         closed_with(&conn, Duration::from_millis(100)).await,
@@ -189,6 +206,47 @@ async fn s2_session_chooses_the_highest_version_both_speak() {
     assert_eq!(w.protocol_version, PROTOCOL_VERSION);
 }
 
+/// `Welcome` names the version, the device and its account (each device its own: a second
+/// device in another account is told its own), the cloud's clock (this machine's: between the
+/// test's clock before the `Hello` and after the `Welcome`), and the frame maximum the cloud
+/// takes on this connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_session_welcome_names_the_version_the_device_its_account_the_clock_and_the_frame_maximum()
+ {
+    use synesis_proto::frame::FRAME_PAYLOAD_MAX_BYTES;
+    let cloud = Cloud::start();
+    let (first, second) = (synesis_e2e::Device::new(), synesis_e2e::Device::new());
+    first.login(&cloud.account_and_token("acme"));
+    second.login(&cloud.account_and_token("beta"));
+    let mut accounts = Vec::new();
+    for (device, announced) in [(&first, FRAME_PAYLOAD_MAX_BYTES), (&second, 1 << 20)] {
+        let identity = synesis_tunnel::Identity::load(&device.home().join("data"))
+            .unwrap()
+            .unwrap();
+        let conn = device_conn(&cloud, device, Duration::from_secs(1)).await;
+        let before = synesis_tunnel::clock::unix_now().0;
+        let reply = session(&conn, hello_with(vec![PROTOCOL_VERSION], announced)).await;
+        let after = synesis_tunnel::clock::unix_now().0;
+        let Some(Message::Welcome(w)) = reply else {
+            panic!("welcomed: {reply:?}");
+        };
+        assert_eq!(w.protocol_version, PROTOCOL_VERSION);
+        assert_eq!(w.device_id, identity.info.device_id, "the device's own id");
+        assert_eq!(w.account_id, identity.info.account_id, "its account");
+        assert!(
+            (before..=after).contains(&w.server_time.0),
+            "the cloud's clock {} is not between {before} and {after}",
+            w.server_time.0
+        );
+        assert_eq!(w.max_frame_bytes, announced, "the lower of the two maxima");
+        accounts.push(w.account_id);
+    }
+    assert_ne!(
+        accounts[0], accounts[1],
+        "each device is told its own account"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s2_session_without_a_common_version_is_unsupported_version() {
     let (_cloud, _device, conn) = enrolled().await;
@@ -201,18 +259,76 @@ async fn s2_session_without_a_common_version_is_unsupported_version() {
     );
 }
 
+/// A device that announces 1,000 bytes is held to 64 KiB, both ways: the cloud's reply is not
+/// shrunk to 1,000 bytes (a price list of about 3 KB comes whole, in one frame), a 10 KiB frame
+/// is read (and refused for what it says), and only a frame over 64 KiB is refused from its
+/// header.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_a_maximum_below_64_kib_counts_as_64_kib() {
-    let (_cloud, _device, conn) = enrolled().await;
-    let Some(Message::Welcome(w)) = session(&conn, hello_with(vec![PROTOCOL_VERSION], 1_000)).await
-    else {
-        panic!("a maximum below the floor is not an error");
+    // PROTOCOL.md §3's floor, written here from the spec.
+    const FLOOR: u32 = 64 * 1024;
+    let config = tempfile::tempdir().unwrap();
+    let file = config.path().join("cloud.toml");
+    let models: String = (0..40)
+        .map(|i| {
+            format!(
+                "[prices.a-model-with-a-long-name-for-a-long-price-list-{i:02}]\n\
+                 input_usd_per_mtok = \"1.00\"\noutput_usd_per_mtok = \"2.00\"\n"
+            )
+        })
+        .collect();
+    std::fs::write(&file, models).unwrap();
+    let cloud = Cloud::start_with(&["--config", file.to_str().unwrap()]);
+    let device = synesis_e2e::Device::new();
+    device.login(&cloud.account_and_token("acme"));
+    let conn = device_conn(&cloud, &device, Duration::from_secs(1)).await;
+    let (_tx, _rx, welcome) =
+        open_session_with(&conn, hello_with(vec![PROTOCOL_VERSION], 1_000)).await;
+    let Message::Welcome(w) = welcome else {
+        panic!("a maximum below the floor is not an error: {welcome:?}");
     };
+    assert_eq!(w.max_frame_bytes, FLOOR);
+
+    // What the cloud sends: the whole list, one frame over the 1,000 bytes announced.
+    let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+    let asked = synesis_proto::message::PriceRequest {
+        request_id: new_id(),
+    };
+    tx.write_all(&frame(asked)).await.unwrap();
+    let bytes = rx.read_to_end(1 << 20).await.unwrap();
+    assert!(bytes.len() >= 5, "{bytes:?}");
+    let length = u32::from_be_bytes(bytes[1..5].try_into().unwrap());
     assert!(
-        w.max_frame_bytes >= synesis_proto::frame::FRAME_PAYLOAD_MAX_BYTES_FLOOR,
-        "{}",
-        w.max_frame_bytes
+        (1_001..=FLOOR).contains(&length),
+        "a reply of {length} bytes"
     );
+    let mut buffer = synesis_proto::frame::FrameBuffer::new(FrameLimits::default());
+    buffer.extend(&bytes);
+    let reply = buffer.next_message().unwrap();
+    let Some(Message::PriceReply(prices)) = reply else {
+        panic!("{reply:?}");
+    };
+    assert_eq!(prices.prices.len(), 40 + default_prices(), "every price");
+
+    // What the cloud reads: 10 KiB is read (zeros: a nil request id), 64 KiB + 1 is not.
+    let zeros = |length: u32| {
+        let mut bytes = synesis_e2e::wire::header(synesis_proto::MessageType::UsageRequest, length);
+        bytes.resize(5 + length as usize, 0);
+        bytes
+    };
+    assert_eq!(
+        code_of(&exchange_raw(&conn, &zeros(10 * 1024)).await),
+        Some(ErrorCode::FRAME_MALFORMED)
+    );
+    assert_eq!(
+        code_of(&exchange_raw(&conn, &zeros(FLOOR + 1)).await),
+        Some(ErrorCode::FRAME_OVERSIZE)
+    );
+}
+
+/// How many models the cloud prices with no configuration (its built-in table).
+fn default_prices() -> usize {
+    synesis_billing::PriceTable::default().iter().count()
 }
 
 // §2 Requests and idempotency -----------------------------------------------------------------
@@ -959,21 +1075,35 @@ async fn s1_renew_the_same_request_gets_the_same_certificate_and_a_fourth_is_lim
         panic!("the same request is answered again");
     };
     assert_eq!(a.client_cert_der, b.client_cert_der, "the same certificate");
+    let mut signed = vec![identity.cert_der.clone(), a.client_cert_der.0];
     for _ in 0..2 {
         let reply = exchange(&conn, renewal(own_csr())).await;
-        assert!(matches!(reply, Some(Message::CertRenewed(_))), "{reply:?}");
+        let Some(Message::CertRenewed(c)) = reply else {
+            panic!("renewed: {reply:?}");
+        };
+        signed.push(c.client_cert_der.0);
     }
     assert_eq!(
         code_of(&exchange(&conn, renewal(own_csr())).await),
         Some(ErrorCode::LIMIT_EXCEEDED),
         "a fourth within half a lifetime"
     );
-    // The certificates signed before stay good until their own end: the first still connects.
-    let again = device_conn(&cloud, &device, Duration::from_secs(1)).await;
-    assert!(matches!(
-        exchange(&again, usage_request()).await,
-        Some(Message::UsageReply(_))
-    ));
+    // Every certificate signed stays good until its own end: the enrollment's and each renewed
+    // one (all within their lifetimes still) connects and is served as the device.
+    for (n, cert) in signed.into_iter().enumerate() {
+        let mut holder = identity.clone();
+        holder.cert_der = cert;
+        let config =
+            synesis_tunnel::tls::device_client_config(&holder, Duration::from_secs(1)).unwrap();
+        let conn = dial(&cloud, config)
+            .await
+            .unwrap_or_else(|e| panic!("certificate {n}: {e}"));
+        let reply = exchange(&conn, usage_request()).await;
+        assert!(
+            matches!(reply, Some(Message::UsageReply(_))),
+            "certificate {n} (0: the enrollment's) is not served: {reply:?}"
+        );
+    }
 }
 
 // §1 Transport limits on the control stream and before identification --------------------------
@@ -1727,8 +1857,12 @@ async fn s1_a_connection_idle_for_60_s_is_closed() {
         matches!(closed, quinn::ConnectionError::TimedOut),
         "{closed:?}"
     );
-    // A loaded machine can only make it later, never earlier.
-    assert!(idle >= Duration::from_secs(59), "closed after {idle:?}");
+    // A loaded machine can only make it later, never earlier; the design bound is 60 s, and
+    // 10 s of margin lets a loaded machine's timers run late.
+    assert!(
+        idle >= Duration::from_secs(59) && idle <= Duration::from_secs(70),
+        "closed after {idle:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1806,10 +1940,9 @@ async fn s1_a_handshake_not_finished_within_5_s_is_given_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s2_upload_a_running_request_keeps_its_adapter_version_and_finishes_on_a_removed_one() {
     use synesis_infer::tiny::TinySpec;
-    // A model slow enough that an answer of 600 tokens outlasts an upload (a few hundred ms).
     let spec = TinySpec {
         n_ctx: 4_096,
-        ..TinySpec::BENCH
+        ..TinySpec::TINY
     };
     let t = synesis_e2e::tiny_cloud_with(spec, "");
     let lora = |name: &str, seed: u64| {
@@ -1833,7 +1966,8 @@ async fn s2_upload_a_running_request_keeps_its_adapter_version_and_finishes_on_a
         r.adapter = Some("style".into());
         r
     };
-    // Still running: its hold is open (each step below runs while one answer is under way).
+    // Still running: its hold is open. The cloud pauses generations after a piece while the
+    // test says (`TinyCloud::pause`), so each step below runs while one answer is under way.
     let running = || async { usage(&conn).await.held.0 > 0 };
     let follow = |mut rx: FramedRecv<quinn::RecvStream>| async move {
         let mut text = String::new();
@@ -1849,29 +1983,24 @@ async fn s2_upload_a_running_request_keeps_its_adapter_version_and_finishes_on_a
     let (text_v1, _) = escalate(&conn, styled()).await.unwrap();
 
     // A request under way when version 2 lands keeps version 1; one admitted after gets 2.
+    t.pause(true);
     let (_tx, mut rx) = start_escalation(&conn, styled()).await;
-    let first = rx.next().await.unwrap();
-    assert!(
-        matches!(first, Some(Message::EscalationChunk(_))),
-        "{first:?}"
-    );
-    push(&v2);
-    assert!(
-        running().await,
-        "the answer ended before the upload: make it longer"
-    );
-    let (text_v2, _) = escalate(&conn, styled()).await.unwrap();
-    assert_ne!(text_v1, text_v2, "the versions answer differently");
-    let Some(Message::EscalationChunk(first)) = first else {
-        unreachable!()
+    let Some(Message::EscalationChunk(first)) = rx.next().await.unwrap() else {
+        panic!("a first chunk");
     };
+    push(&v2);
+    assert!(running().await, "paused mid-answer while version 2 landed");
+    t.pause(false);
     assert_eq!(
         first.text + &follow(rx).await,
         text_v1,
         "the running request kept version 1"
     );
+    let (text_v2, _) = escalate(&conn, styled()).await.unwrap();
+    assert_ne!(text_v1, text_v2, "the versions answer differently");
 
     // A request under way when its adapter is removed finishes on it; a new one is NOT_FOUND.
+    t.pause(true);
     let (_tx, mut rx) = start_escalation(&conn, styled()).await;
     let Some(Message::EscalationChunk(first)) = rx.next().await.unwrap() else {
         panic!("a first chunk");
@@ -1885,17 +2014,289 @@ async fn s2_upload_a_running_request_keeps_its_adapter_version_and_finishes_on_a
         matches!(removed, Some(Message::AdapterRemoved(_))),
         "{removed:?}"
     );
-    assert!(
-        running().await,
-        "the answer ended before the removal: make it longer"
-    );
+    assert!(running().await, "paused mid-answer while removed");
     assert_eq!(
         escalate(&conn, styled()).await.unwrap_err(),
         ErrorCode::NOT_FOUND
     );
+    t.pause(false);
     assert_eq!(
         first.text + &follow(rx).await,
         text_v2,
         "finished on the removed adapter"
+    );
+}
+
+// §2 Upload: UploadDone with chunks missing -------------------------------------------------------
+
+/// The upload id as PROTOCOL.md §2 *Upload* derives it.
+fn upload_id(name: &str, sha: &synesis_proto::Sha256, size: u64, chunk: u32) -> RequestId {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"synesis-upload\0");
+    h.update(name.as_bytes());
+    h.update(b"\0");
+    h.update(sha.0);
+    h.update(size.to_be_bytes());
+    h.update(chunk.to_be_bytes());
+    let digest: [u8; 32] = h.finalize().into();
+    RequestId::from_digest(digest[..16].try_into().unwrap())
+}
+
+/// `UploadDone` with chunks 1 and 3 of four missing names chunk 1, the first; with chunk 1 sent
+/// since, it names chunk 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_upload_done_with_a_chunk_missing_is_invalid_request_naming_the_first_missing() {
+    use synesis_proto::message::{UploadBegin, UploadChunk, UploadDone};
+    const CHUNK: u32 = 64 * 1024;
+    let t = tiny_cloud("");
+    let (_endpoint, conn) = synesis_e2e::connect(&t.owner).await;
+    let bytes: Vec<u8> = (0..4 * CHUNK)
+        .map(|i| u8::try_from(i % 251).unwrap())
+        .collect();
+    let sha = {
+        use sha2::Digest;
+        synesis_proto::Sha256(sha2::Sha256::digest(&bytes).into())
+    };
+    let begin = UploadBegin {
+        upload_id: upload_id("gappy", &sha, bytes.len() as u64, CHUNK),
+        name: "gappy".into(),
+        base_model: "tiny".into(),
+        size_bytes: bytes.len() as u64,
+        sha256: sha,
+        chunk_size_bytes: CHUNK,
+    };
+    // Sends `begin`, the chunks `indexes`, then `UploadDone`: the cloud's last word.
+    let stream = |indexes: Vec<u32>| {
+        let (conn, begin, bytes) = (conn.clone(), begin.clone(), bytes.clone());
+        async move {
+            let (mut tx, rx) = conn.open_bi().await.unwrap();
+            let mut rx = FramedRecv::new(rx, FrameLimits::default());
+            tx.write_all(&frame(begin.clone())).await.unwrap();
+            let resume = rx.next().await.unwrap();
+            assert!(
+                matches!(resume, Some(Message::UploadResume(_))),
+                "{resume:?}"
+            );
+            for index in indexes {
+                let at = (index * CHUNK) as usize;
+                let chunk = UploadChunk {
+                    upload_id: begin.upload_id,
+                    index,
+                    data: Blob(bytes[at..at + CHUNK as usize].to_vec()),
+                };
+                tx.write_all(&frame(chunk)).await.unwrap();
+            }
+            let done = UploadDone {
+                upload_id: begin.upload_id,
+            };
+            tx.write_all(&frame(done)).await.unwrap();
+            match rx.next().await.unwrap() {
+                Some(Message::ErrorMsg(e)) => e,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let first = stream(vec![0, 2]).await;
+    assert_eq!(first.code, ErrorCode::INVALID_REQUEST, "{first:?}");
+    assert!(
+        first.message.contains("chunk 1 ") && !first.message.contains("chunk 3"),
+        "names the first missing, 1: {first:?}"
+    );
+    let second = stream(vec![1]).await;
+    assert_eq!(second.code, ErrorCode::INVALID_REQUEST, "{second:?}");
+    assert!(
+        second.message.contains("chunk 3 "),
+        "names the one still missing, 3: {second:?}"
+    );
+}
+
+// §1 Transport limits: the certificate-less deadline -----------------------------------------------
+
+/// A certificate-less connection that stays just inside every other time limit (its stream's
+/// first byte at 8 s, the rest of its frame 8 s later, then no credit for the answer and
+/// keep-alives, so neither the sends nor the idle time end it) is still closed 25 s after its
+/// handshake, `LIMIT_EXCEEDED`. Without that deadline it would live past 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_a_certificate_less_connection_is_closed_25_s_after_its_handshake_whatever_it_does() {
+    let cloud = Cloud::start();
+    let token: SetupToken = cloud.account_and_token("acme").parse().unwrap();
+    let mut config = synesis_e2e::wire::anonymous_config(&cloud);
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .stream_receive_window(0u32.into())
+        .receive_window(0u32.into())
+        .keep_alive_interval(Some(Duration::from_secs(1)))
+        .max_idle_timeout(Some(Duration::from_secs(120).try_into().unwrap()));
+    config.transport_config(std::sync::Arc::new(transport));
+    let conn = dial(&cloud, config).await.unwrap();
+    // The cloud's handshake ends after the client's (it needs the client's last flight).
+    let handshake = tokio::time::Instant::now();
+    let request = frame(enroll_request(&token, csr()));
+    tokio::time::sleep_until(handshake + Duration::from_secs(8)).await;
+    let (mut tx, _rx) = conn.open_bi().await.unwrap();
+    tx.write_all(&request[..1]).await.unwrap();
+    tokio::time::sleep_until(handshake + Duration::from_secs(16)).await;
+    tx.write_all(&request[1..]).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(60), conn.closed())
+        .await
+        .expect("closed within 60 s of the frame");
+    let after = handshake.elapsed();
+    eprintln!("recorded: closed {after:?} after the handshake: {closed:?}");
+    assert_eq!(
+        synesis_wire::error_code_of(&closed),
+        Some(ErrorCode::LIMIT_EXCEEDED),
+        "{closed:?}"
+    );
+    // The design bound is 25 s; 5 s of margin for a loaded machine.
+    assert!(
+        after >= Duration::from_secs(25) && after <= Duration::from_secs(30),
+        "closed {after:?} after the handshake"
+    );
+}
+
+// §1 Revocation: a request from a device revoked since it connected --------------------------------
+
+/// Marks `device` revoked in the cloud's database as long ago: the revocation watcher (which
+/// looks back a few seconds) never picks it up, so only the check each request makes of the
+/// device as it is now can answer, whatever the watcher's timing.
+fn revoke_unseen_by_the_watcher(cloud: &Cloud, device_id: &str) {
+    let db = rusqlite::Connection::open(cloud.dir().join("cloud.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(30)).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE devices SET revoked_at = 1 WHERE id = ?1",
+            [device_id],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+}
+
+/// An account request (`UsageRequest`) and a `CertRenew` from devices revoked after they
+/// connected are each answered `DEVICE_REVOKED`, and their connections are then closed with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_revoke_requests_from_a_device_revoked_since_connecting_are_device_revoked() {
+    let cloud = Cloud::start();
+    let (asker, renewer) = (synesis_e2e::Device::new(), synesis_e2e::Device::new());
+    let asker_id = asker.login(&cloud.account_and_token("acme"));
+    let renewer_id = renewer.login(&cloud.token("acme", "1h"));
+    let asking = device_conn(&cloud, &asker, Duration::from_secs(1)).await;
+    let renewing = device_conn(&cloud, &renewer, Duration::from_secs(1)).await;
+    // Both are served before.
+    assert!(matches!(
+        exchange(&asking, usage_request()).await,
+        Some(Message::UsageReply(_))
+    ));
+    assert!(matches!(
+        exchange(&renewing, usage_request()).await,
+        Some(Message::UsageReply(_))
+    ));
+    revoke_unseen_by_the_watcher(&cloud, &asker_id);
+    revoke_unseen_by_the_watcher(&cloud, &renewer_id);
+
+    let reply = exchange(&asking, usage_request()).await;
+    assert_eq!(
+        code_of(&reply),
+        Some(ErrorCode::DEVICE_REVOKED),
+        "{reply:?}"
+    );
+    let identity = synesis_tunnel::Identity::load(&renewer.home().join("data"))
+        .unwrap()
+        .unwrap();
+    let key = rcgen::KeyPair::try_from(identity.key_der.as_slice()).unwrap();
+    let own_csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec();
+    let renewal = synesis_proto::message::CertRenew {
+        request_id: new_id(),
+        csr_der: Blob(own_csr),
+    };
+    let reply = exchange(&renewing, renewal).await;
+    assert_eq!(
+        code_of(&reply),
+        Some(ErrorCode::DEVICE_REVOKED),
+        "{reply:?}"
+    );
+    for conn in [&asking, &renewing] {
+        assert_eq!(
+            closed_with(conn, Duration::from_secs(20)).await,
+            Some(Some(ErrorCode::DEVICE_REVOKED)),
+            "the connection is closed with the code"
+        );
+    }
+}
+
+// §2 Upload: the verification window --------------------------------------------------------------
+
+/// While `UploadDone` is verified (the cloud holds the sealed upload there for as long as the
+/// test keeps its pause file, `[adapters] verify_pause_while`), a stream that begins the same
+/// upload is `BUSY` and takes no turn; the verification then completes the upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_upload_a_stream_begun_while_upload_done_is_verified_is_busy() {
+    use synesis_proto::message::{UploadBegin, UploadChunk, UploadDone};
+    const CHUNK: u32 = 64 * 1024;
+    let t = tiny_cloud("[adapters]\nverify_pause_while = \"verify-pause\"\n");
+    let pause = t.files.path().join("verify-pause");
+    std::fs::write(&pause, b"").unwrap();
+    let (_endpoint, conn) = synesis_e2e::connect(&t.owner).await;
+    let file = t.files.path().join("style.gguf");
+    synesis_infer::tiny::write_lora(&file, synesis_infer::tiny::TinySpec::TINY, 7).unwrap();
+    let bytes = std::fs::read(&file).unwrap();
+    let sha = {
+        use sha2::Digest;
+        synesis_proto::Sha256(sha2::Sha256::digest(&bytes).into())
+    };
+    let begin = UploadBegin {
+        upload_id: upload_id("style", &sha, bytes.len() as u64, CHUNK),
+        name: "style".into(),
+        base_model: "tiny".into(),
+        size_bytes: bytes.len() as u64,
+        sha256: sha,
+        chunk_size_bytes: CHUNK,
+    };
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    let mut rx = FramedRecv::new(rx, FrameLimits::default());
+    tx.write_all(&frame(begin.clone())).await.unwrap();
+    let resume = rx.next().await.unwrap();
+    assert!(
+        matches!(&resume, Some(Message::UploadResume(r)) if r.chunks_held.is_empty()),
+        "{resume:?}"
+    );
+    for (index, piece) in bytes.chunks(CHUNK as usize).enumerate() {
+        let chunk = UploadChunk {
+            upload_id: begin.upload_id,
+            index: u32::try_from(index).unwrap(),
+            data: Blob(piece.to_vec()),
+        };
+        tx.write_all(&frame(chunk)).await.unwrap();
+    }
+    let done = UploadDone {
+        upload_id: begin.upload_id,
+    };
+    tx.write_all(&frame(done)).await.unwrap();
+    // The cloud says when it has sealed the upload; it then waits for the pause file to go.
+    let sealed = tokio::task::spawn_blocking({
+        let log = t.cloud.dir().with_extension("serve.log");
+        move || {
+            synesis_e2e::wait_for(Duration::from_secs(30), || {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("sealed for verification")
+            })
+        }
+    });
+    assert!(sealed.await.unwrap(), "never sealed:\n{}", t.cloud.log());
+
+    let reply = exchange(&conn, begin.clone()).await;
+    assert_eq!(code_of(&reply), Some(ErrorCode::BUSY), "{reply:?}");
+
+    std::fs::remove_file(&pause).unwrap();
+    let end = rx.next().await.unwrap();
+    assert!(
+        matches!(&end, Some(Message::UploadComplete(c)) if c.sha256 == sha),
+        "the sealed upload completes: {end:?}"
     );
 }

@@ -1,13 +1,16 @@
 //! Escalations end to end, for real: `synesis cloud ask` (and a client speaking the protocol
 //! directly) against `synesis-cloud serve` answering with the tiny GGUF model through its
 //! in-process llama.cpp provider, over QUIC on loopback; charges read back from the cloud's
-//! ledger and the device's local ledger.
+//! ledger and the device's local ledger. A test that must act in the middle of an answer (cut,
+//! kill, cancel, a limit of running requests, a hold's deadline) asks the scripted upstream
+//! (`synesis_e2e::upstream`, model `up`), whose chunks come only as the test releases them:
+//! no verdict depends on how fast this machine generates.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
 use std::path::Path;
 use std::time::Duration;
 
-use synesis_e2e::upstream::{Script, upstream, upstream_model};
+use synesis_e2e::upstream::{Script, Upstream, paced_text, upstream, upstream_model};
 use synesis_e2e::{Cloud, Device, connect, json_of, run_ok, wait_for};
 use synesis_proto::message::{EscalationCancel, EscalationRequest, FinishReason};
 use synesis_proto::{ErrorCode, FrameLimits, Message, RequestId};
@@ -25,28 +28,13 @@ struct Setup {
 }
 
 fn setup(tier: &str, credit: Option<&str>, extra_config: &str) -> Setup {
-    setup_with(
-        synesis_infer::tiny::TinySpec::TINY,
-        tier,
-        credit,
-        extra_config,
-    )
-}
-
-/// [`setup`] with a model of another shape (a bigger one answers slowly enough to be cut).
-fn setup_with(
-    spec: synesis_infer::tiny::TinySpec,
-    tier: &str,
-    credit: Option<&str>,
-    extra_config: &str,
-) -> Setup {
     let device = Device::new();
     let config = tempfile::tempdir().unwrap();
-    // The tiny model with a context long enough for answers that take seconds.
+    // The tiny model with a context long enough for long answers.
     let model = config.path().join("tiny-long.gguf");
     let spec = synesis_infer::tiny::TinySpec {
         n_ctx: 4_096,
-        ..spec
+        ..synesis_infer::tiny::TinySpec::TINY
     };
     synesis_infer::tiny::write_model(&model, spec).unwrap();
     run_ok(
@@ -96,34 +84,29 @@ fn usage(s: &Setup) -> serde_json::Value {
     json_of(s.device.synesis().args(["--json", "cloud", "usage"]))
 }
 
-/// Waits (30 s at most) until the account holds money for a request: one is running.
-fn wait_until_running(s: &Setup) {
-    let mut last = serde_json::Value::Null;
-    let running = wait_for(Duration::from_secs(30), || {
-        last = usage(s);
-        last["held_micro_usd"].as_i64().unwrap() > 0
-    });
-    assert!(running, "no request started: {last}\n{}", s.cloud.log());
+/// Chunks in a paced answer.
+const PACED: u32 = 40;
+
+/// A Managed account with $10 whose model `up` is the scripted upstream answering `script`
+/// (`Script::Paced` answers wait for the test at every chunk).
+async fn paced(script: Vec<Script>, extra_config: &str) -> (Setup, Upstream) {
+    let up = upstream(script).await;
+    let extra = format!(
+        "{extra_config}\n{}",
+        upstream_model(up.port, "[\"managed\"]")
+    );
+    (setup("managed", Some("10.00"), &extra), up)
 }
 
-/// A Managed account with $10 and a model big enough (26 M parameters) that an answer of a few
-/// hundred tokens takes seconds: long enough to cut, kill or cancel in the middle.
-fn slow(extra_config: &str) -> Setup {
-    setup_with(
-        synesis_infer::tiny::TinySpec::BENCH,
-        "managed",
-        Some("10.00"),
-        extra_config,
-    )
-}
-
-/// The greedy answer of 600 tokens, unbroken: what a broken one must add up to.
-fn reference(s: &Setup) -> serde_json::Value {
-    json_of(
-        s.device
-            .synesis()
-            .args(["--json", "cloud", "ask", "--max-tokens", "600", PROMPT]),
-    )
+/// Waits (30 s at most) until `condition` holds of the upstream, or panics saying `what`.
+fn wait_upstream(s: &Setup, up: &Upstream, what: &str, condition: impl Fn(&Upstream) -> bool) {
+    assert!(
+        wait_for(Duration::from_secs(30), || condition(up)),
+        "{what}: {} requests, {} chunks written\n{}",
+        up.requests(),
+        up.written(),
+        s.cloud.log()
+    );
 }
 
 /// A finished `synesis --json cloud ask`: its JSON, or a panic with its stderr and `context`.
@@ -133,11 +116,13 @@ fn answered(out: &std::process::Output, context: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"))
 }
 
-/// `synesis --json cloud ask --max-tokens N PROMPT` in the background.
-fn spawn_ask(device: &Device, max_tokens: &str) -> std::process::Child {
+/// `synesis --json cloud ask --model up --max-tokens PACED PROMPT` in the background.
+fn spawn_ask(device: &Device) -> std::process::Child {
     device
         .synesis()
-        .args(["--json", "cloud", "ask", "--max-tokens", max_tokens, PROMPT])
+        .args(["--json", "cloud", "ask", "--model", "up", "--max-tokens"])
+        .arg(PACED.to_string())
+        .arg(PROMPT)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -146,6 +131,11 @@ fn spawn_ask(device: &Device, max_tokens: &str) -> std::process::Child {
 
 fn request(id: RequestId, max_tokens: u32) -> EscalationRequest {
     synesis_e2e::escalation_request(id, "tiny", PROMPT, max_tokens)
+}
+
+/// A request to the scripted upstream, `up`.
+fn up_request(id: RequestId, max_tokens: u32) -> EscalationRequest {
+    synesis_e2e::escalation_request(id, "up", PROMPT, max_tokens)
 }
 
 /// What came back on one escalation stream.
@@ -318,29 +308,21 @@ async fn the_same_request_id_fifty_times_runs_the_model_once_and_charges_once() 
     assert_eq!(refusal(&other), ErrorCode::IDEMPOTENCY_CONFLICT);
 }
 
+/// The upstream has made five chunks and waits: a cancel then gets exactly those five, charged,
+/// and the cloud hangs up on the upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_after_some_chunks_is_charged_for_those_only() {
-    let s = setup("managed", Some("10.00"), "");
+    let (s, up) = paced(vec![Script::Paced(PACED)], "").await;
+    up.release(5);
     let (_endpoint, conn) = connect(&s.device).await;
     let id = synesis_tunnel::clock::new_request_id();
-    let reply = exchange(&conn, request(id, 4_000).into(), Some(5)).await;
+    let reply = exchange(&conn, up_request(id, PACED).into(), Some(5)).await;
     let d = done(&reply);
     assert_eq!(d.finish_reason, FinishReason::Cancelled);
-    assert!(
-        reply.chunks.len() >= 5 && reply.chunks.len() < 4_000,
-        "{}",
-        reply.chunks.len()
-    );
-    assert_eq!(
-        d.chunks as usize,
-        reply.chunks.len(),
-        "the device has every chunk made"
-    );
-    assert_eq!(
-        d.usage.output_tokens,
-        u64::from(d.chunks),
-        "charged per chunk produced"
-    );
+    assert_eq!(reply.chunks, (0..5).collect::<Vec<_>>(), "the five made");
+    assert_eq!(reply.text, paced_text(5));
+    assert_eq!(d.chunks, 5, "the device has every chunk made");
+    assert_eq!(d.usage.output_tokens, 5, "charged per chunk produced");
     assert_eq!(
         d.cost.total.0,
         managed_total(d.usage.input_tokens, d.usage.output_tokens)
@@ -355,6 +337,9 @@ async fn a_cancel_after_some_chunks_is_charged_for_those_only() {
         u["charges"][0]["total_micro_usd"].as_i64().unwrap(),
         d.cost.total.0
     );
+    wait_upstream(&s, &up, "the cloud stopped the upstream", |up| {
+        up.dropped() == 1
+    });
 }
 
 #[test]
@@ -488,10 +473,12 @@ async fn sixty_four_at_once_never_overdraw_and_the_refused_cost_nothing() {
     assert_eq!(u["held_micro_usd"].as_i64().unwrap(), 0);
 }
 
-#[test]
-fn an_answer_survives_a_tunnel_cut_longer_than_three_heartbeats() {
-    let s = slow("");
-    let reference = reference(&s);
+/// The answer is held at a quarter while the tunnel is cut; a second quarter is made during the
+/// cut, which lasts until the tunnel gives the connection up (three missed heartbeats); the rest
+/// only after. The device resumes and has the whole answer, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_survives_a_tunnel_cut_longer_than_three_heartbeats() {
+    let (s, up) = paced(vec![Script::Paced(PACED)], "").await;
     let relay = synesis_e2e::UdpRelay::start(s.cloud.addr);
     // A second device of the account, whose tunnel goes through the relay.
     let device = Device::new();
@@ -501,38 +488,59 @@ fn an_answer_survives_a_tunnel_cut_longer_than_three_heartbeats() {
         .state()
         .as_deref()
         == Some("connected")));
-    let ask = spawn_ask(&device, "600");
-    wait_until_running(&s);
+    let ask = spawn_ask(&device);
+    wait_upstream(&s, &up, "the cloud asked the upstream", |up| {
+        up.requests() == 1
+    });
+    up.release(PACED / 4);
+    wait_upstream(&s, &up, "a quarter made", |up| up.written() == PACED / 4);
     relay.cut(true);
-    std::thread::sleep(Duration::from_secs(5));
+    up.release(PACED / 4);
+    assert!(
+        wait_for(Duration::from_secs(30), || device.state().as_deref()
+            != Some("connected")),
+        "the tunnel never gave up the cut connection:\n{}",
+        device.tunnel_log()
+    );
+    wait_upstream(&s, &up, "half made during the cut", |up| {
+        up.written() == PACED / 2
+    });
     relay.cut(false);
+    up.release(PACED);
     let out = ask.wait_with_output().unwrap();
     let v = answered(&out, &device.tunnel_log());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(v["text"], reference["text"], "no gap, no repeat: {stderr}");
+    assert_eq!(v["text"], paced_text(PACED), "no gap, no repeat: {stderr}");
     assert!(v["resumed"].as_u64().unwrap() >= 1, "it was cut: {stderr}");
     assert_eq!(v["via"], "service");
     let u = usage(&s);
-    assert_eq!(
-        u["charges"].as_array().unwrap().len(),
-        2,
-        "one charge each: {u}"
-    );
+    assert_eq!(u["charges"].as_array().unwrap().len(), 1, "one charge: {u}");
+    assert_eq!(u["charges"][0]["output_tokens"], PACED, "{u}");
 }
 
-#[test]
-fn a_cloud_killed_mid_answer_and_restarted_finishes_it_charged_once() {
-    let mut s = slow("");
-    let reference = reference(&s);
-    let ask = spawn_ask(&s.device, "600");
-    wait_until_running(&s);
+/// The cloud is killed with half the answer made and the rest not yet released; restarted, it
+/// runs the request again under its hold (a second upstream request), and the device ends
+/// with the whole answer, charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_killed_mid_answer_and_restarted_finishes_it_charged_once() {
+    let (mut s, up) = paced(vec![Script::Paced(PACED), Script::Paced(PACED)], "").await;
+    let ask = spawn_ask(&s.device);
+    wait_upstream(&s, &up, "the cloud asked the upstream", |up| {
+        up.requests() == 1
+    });
+    up.release(PACED / 2);
+    wait_upstream(&s, &up, "half made", |up| up.written() == PACED / 2);
     synesis_e2e::signal(s.cloud.process.pid(), "KILL");
-    std::thread::sleep(Duration::from_millis(500));
+    let _ = s.cloud.process.wait(Duration::from_secs(20));
     s.cloud.restart();
+    wait_upstream(&s, &up, "the restarted cloud ran it again", |up| {
+        up.requests() == 2
+    });
+    up.release(PACED);
     let out = ask.wait_with_output().unwrap();
     let v = answered(&out, &s.cloud.log());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(v["text"], reference["text"], "{stderr}");
+    assert_eq!(v["text"], paced_text(PACED), "{stderr}");
     assert!(
         v["started_over"].as_u64().unwrap() + v["resumed"].as_u64().unwrap() >= 1,
         "{stderr}"
@@ -540,9 +548,10 @@ fn a_cloud_killed_mid_answer_and_restarted_finishes_it_charged_once() {
     let u = usage(&s);
     assert_eq!(
         u["charges"].as_array().unwrap().len(),
-        2,
+        1,
         "charged once: {u}"
     );
+    assert_eq!(u["charges"][0]["output_tokens"], PACED, "{u}");
     assert_eq!(
         u["held_micro_usd"].as_i64().unwrap(),
         0,
@@ -688,28 +697,36 @@ async fn a_prewarm_signal_loads_the_model_and_shows_in_admin_devices() {
 /// A generation longer than its hold's time stops before the hold expires and is charged for
 /// what it produced. Before, the settlement was refused (hold expired): the whole answer was
 /// delivered and nothing was charged.
-#[test]
-fn a_generation_outlasting_its_hold_is_cut_and_charged_not_given_away() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_outlasting_its_hold_is_cut_and_charged_not_given_away() {
     // The generation stops 2 s (a fifth of the hold's time) before the hold expires, which
-    // leaves the settlement room on a loaded machine; 4,000 tokens take far longer than the
-    // 8 s it runs (about 1,300 are made on an idle two-core machine).
-    let s = slow("[ledger]\nhold_ttl = \"10s\"\n");
+    // leaves the settlement room on a loaded machine. The upstream makes three chunks and then
+    // waits for a release that never comes (its idle time and the cloud's are 30 s): only the
+    // hold's deadline can end the answer, at 8 s.
+    let (s, up) = paced(vec![Script::Paced(PACED)], "[ledger]\nhold_ttl = \"10s\"\n").await;
+    up.release(3);
     let out = s
         .device
         .synesis()
-        .args(["--json", "cloud", "ask", "--max-tokens", "4000", PROMPT])
+        .args(["--json", "cloud", "ask", "--model", "up", "--max-tokens"])
+        .arg(PACED.to_string())
+        .arg(PROMPT)
         .output()
         .unwrap();
     let v = answered(&out, &s.cloud.log());
     assert_eq!(v["finish_reason"], "length", "{v}");
-    let produced = v["output_tokens"].as_u64().unwrap();
-    assert!(produced > 0 && produced < 4_000, "{v}");
+    assert_eq!(v["text"], paced_text(3), "{v}");
+    assert_eq!(v["output_tokens"], 3, "{v}");
     let u = usage(&s);
     assert_eq!(u["charges"].as_array().unwrap().len(), 1, "{u}");
     assert_eq!(
         u["charges"][0]["total_micro_usd"].as_i64().unwrap(),
-        managed_total(v["input_tokens"].as_u64().unwrap(), produced)
+        managed_total(v["input_tokens"].as_u64().unwrap(), 3)
     );
+    assert_eq!(u["held_micro_usd"].as_i64().unwrap(), 0, "{u}");
+    wait_upstream(&s, &up, "the cloud stopped the upstream", |up| {
+        up.dropped() == 1
+    });
 }
 
 /// BYOK is a tier the operator grants per model: a key sent to an upstream whose `tiers` do not
@@ -834,47 +851,58 @@ async fn an_upstream_silent_mid_answer_ends_at_the_idle_time_and_releases_the_ho
     assert_eq!(u["charges"].as_array().unwrap().len(), 1, "{u}");
 }
 
-/// Ctrl-C on `synesis cloud ask`: the cloud stops generating and charges what it produced.
-#[test]
-fn ctrl_c_cancels_the_answer_and_charges_what_was_produced() {
+/// Ctrl-C on `synesis cloud ask` with three chunks shown and the upstream waiting: the cloud
+/// stops the upstream and charges the three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_cancels_the_answer_and_charges_what_was_produced() {
     use std::io::Read;
-    let s = slow("");
-    // Not `--json`: the answer streams to stdout, so the test sees it has begun; the summary
+    let (s, up) = paced(vec![Script::Paced(PACED)], "").await;
+    up.release(3);
+    // Not `--json`: the answer streams to stdout, so the test sees what was shown; the summary
     // (tokens in and out, how it finished) is the last line on stderr.
     let mut ask = s
         .device
         .synesis()
-        .args(["cloud", "ask", "--max-tokens", "2000", PROMPT])
+        .args(["cloud", "ask", "--model", "up", "--max-tokens"])
+        .arg(PACED.to_string())
+        .arg(PROMPT)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut stdout = ask.stdout.take().unwrap();
-    let (began, first_text) = std::sync::mpsc::channel();
+    let (shows, shown_so_far) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
         let mut text = Vec::new();
         let mut buf = [0u8; 4_096];
         while let Ok(n @ 1..) = stdout.read(&mut buf) {
             text.extend_from_slice(&buf[..n]);
-            let _ = began.send(());
+            let _ = shows.send(String::from_utf8_lossy(&text).into_owned());
         }
         text
     });
-    if let Err(e) = first_text.recv_timeout(Duration::from_secs(30)) {
-        let _ = ask.kill();
-        let out = ask.wait_with_output().unwrap();
-        panic!(
-            "the answer did not begin within 30 s ({e}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let three = paced_text(3);
+    let mut shown = String::new();
+    while !shown.contains(&three) {
+        match shown_so_far.recv_timeout(Duration::from_secs(30)) {
+            Ok(text) => shown = text,
+            Err(e) => {
+                let _ = ask.kill();
+                let out = ask.wait_with_output().unwrap();
+                panic!(
+                    "three chunks not shown within 30 s ({e}): {shown:?} {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
     }
     synesis_e2e::signal(ask.id(), "INT");
     let out = ask.wait_with_output().unwrap();
-    let shown = reader.join().unwrap();
+    let shown = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(!shown.is_empty());
-    // "[tiny · 57 in + 30 out tokens (counted by the cloud) · … · cancelled]"
+    assert_eq!(shown.trim_end(), three.trim_end(), "shown, nothing more");
+    // "[up · 57 in + 3 out tokens (counted by the cloud) · … · cancelled]"
     let summary = stderr
         .lines()
         .rfind(|l| l.starts_with('[') && l.contains(" out tokens"))
@@ -893,20 +921,29 @@ fn ctrl_c_cancels_the_answer_and_charges_what_was_produced() {
             .unwrap()
     };
     let (input, produced) = (count(0), count(3));
-    assert!(produced > 0 && produced < 2_000, "{summary}");
+    assert_eq!(produced, 3, "{summary}");
     let u = usage(&s);
     assert_eq!(u["held_micro_usd"].as_i64().unwrap(), 0, "{u}");
     assert_eq!(
         u["charges"][0]["total_micro_usd"].as_i64().unwrap(),
         managed_total(input, produced)
     );
+    wait_upstream(&s, &up, "the cloud stopped the upstream", |up| {
+        up.dropped() == 1
+    });
 }
 
 /// One account cannot take every sequence: past `per_account_max` running requests it is told
-/// to wait (`LIMIT_EXCEEDED`, with `retry_after_ms`), and charged nothing for that.
+/// to wait (`LIMIT_EXCEEDED`, with `retry_after_ms`), and charged nothing for that. The two
+/// running ones are held after their first chunk until the third was refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_account_at_its_limit_of_running_requests_is_told_to_wait() {
-    let s = slow("[escalation]\nper_account_max = 2\n");
+    let (s, up) = paced(
+        vec![Script::Paced(PACED), Script::Paced(PACED)],
+        "[escalation]\nper_account_max = 2\n",
+    )
+    .await;
+    up.release(1);
     let (_endpoint, conn) = connect(&s.device).await;
     let (running, started): (Vec<_>, Vec<_>) = (0..2)
         .map(|_| {
@@ -914,12 +951,12 @@ async fn an_account_at_its_limit_of_running_requests_is_told_to_wait() {
             let (tell, started) = tokio::sync::oneshot::channel();
             let run = tokio::spawn(async move {
                 let id = synesis_tunnel::clock::new_request_id();
-                exchange_telling(&conn, request(id, 600).into(), None, Some(tell)).await
+                exchange_telling(&conn, up_request(id, PACED).into(), None, Some(tell)).await
             });
             (run, started)
         })
         .unzip();
-    // Both are running (each sent its first chunk).
+    // Both are running (each sent its first chunk, and waits for the rest).
     for started in started {
         tokio::time::timeout(Duration::from_secs(30), started)
             .await
@@ -928,7 +965,7 @@ async fn an_account_at_its_limit_of_running_requests_is_told_to_wait() {
     }
     let third = exchange(
         &conn,
-        request(synesis_tunnel::clock::new_request_id(), 8).into(),
+        up_request(synesis_tunnel::clock::new_request_id(), 8).into(),
         None,
     )
     .await;
@@ -939,17 +976,22 @@ async fn an_account_at_its_limit_of_running_requests_is_told_to_wait() {
         }
         other => panic!("the third ran: {other:?}"),
     }
+    assert_eq!(up.requests(), 2, "the third never reached the upstream");
+    up.release(PACED);
     for r in running {
-        done(&r.await.unwrap());
+        let r = r.await.unwrap();
+        done(&r);
+        assert_eq!(r.text, paced_text(PACED));
     }
     // Room again once they ended.
     let later = exchange(
         &conn,
-        request(synesis_tunnel::clock::new_request_id(), 8).into(),
+        up_request(synesis_tunnel::clock::new_request_id(), 8).into(),
         None,
     )
     .await;
     done(&later);
+    assert_eq!(later.text, "Hi there");
     let u = usage(&s);
     assert_eq!(u["charges"].as_array().unwrap().len(), 3, "{u}");
 }

@@ -8,6 +8,7 @@ use std::io::{BufRead, Read, Write};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
+use synesis_e2e::upstream::{Script, upstream, upstream_model};
 use synesis_e2e::{Device, json_of, run_ok, signal, wait_for};
 
 /// `synesis serve` running, stopped with SIGTERM when dropped.
@@ -99,21 +100,21 @@ fn raw_http(
     (status, body)
 }
 
-#[test]
-fn the_openai_client_chats_streams_lists_models_and_gets_openai_errors() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_client_chats_streams_lists_models_and_gets_openai_errors() {
     if synesis_e2e::skip_unless(
         synesis_e2e::python_has("openai"),
         "python3 with the `openai` package is not installed (pip install openai)",
     ) {
         return;
     }
-    // The cloud answers as `tiny` with a model slow enough to cut mid-answer; the device has a
-    // small local model of its own, `pocket`.
-    let spec = synesis_infer::tiny::TinySpec {
-        n_ctx: 4_096,
-        ..synesis_infer::tiny::TinySpec::BENCH
-    };
-    let t = synesis_e2e::tiny_cloud_with(spec, "");
+    // The cloud answers as `up`, the scripted upstream: the script's first two cloud requests
+    // (one whole, one streamed) are answered at once; the third, the one the client cuts after
+    // three pieces, gets three chunks and then waits for a release that never comes, so the
+    // cut is in the middle on any machine. The device has a small local model, `pocket`.
+    let up = upstream(vec![Script::Answer, Script::Answer, Script::Paced(400)]).await;
+    up.release(3);
+    let t = synesis_e2e::tiny_cloud(&upstream_model(up.port, "[\"managed\"]"));
     let d = &t.owner;
     run_ok(d.synesis().args(["model", "rm", "tiny"]));
     let pocket = t.files.path().join("pocket.gguf");
@@ -135,7 +136,7 @@ fn the_openai_client_chats_streams_lists_models_and_gets_openai_errors() {
         ))
         .env("BASE_URL", format!("http://{}/v1", serving.addr))
         .env("LOCAL_MODEL", "pocket")
-        .env("CLOUD_MODEL", "tiny")
+        .env("CLOUD_MODEL", "up")
         // The enrolled device's API needs its key (made on the service's first start).
         .env(
             "API_KEY",
@@ -168,10 +169,14 @@ fn the_openai_client_chats_streams_lists_models_and_gets_openai_errors() {
         t.cloud.log()
     );
     let charged = charged.unwrap();
-    let output = charged["output_tokens"].as_u64().unwrap();
+    assert_eq!(
+        charged["output_tokens"], 3,
+        "charged for the three made, not all 400 tokens: {charged}"
+    );
+    assert_eq!(up.requests(), 3, "the cut request was the script's third");
     assert!(
-        (1..400).contains(&output),
-        "charged for what was made, not all 400 tokens: {charged}"
+        wait_for(Duration::from_secs(30), || up.dropped() == 1),
+        "the cloud stopped the upstream"
     );
     drop(serving);
 }

@@ -137,5 +137,6 @@ pub(crate) fn llama_settings(model: &Path) -> synesis_cloud::provider::local::Lo
         n_ctx: 0,
         threads: 1,
         adapters_loaded: 8,
+        pause_while: None,
     }
 }

@@ -24,6 +24,8 @@ use super::{Ask, Event, Generation, Provider, ProviderError, ProviderUsage};
 
 /// How long a refused request is told to wait when every place is taken.
 const RETRY_AFTER_MS: u64 = 1_000;
+/// How often a paused generation (`pause_while`, tests only) looks at its file again.
+const PAUSE_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalSettings {
@@ -40,6 +42,9 @@ pub struct LocalSettings {
     pub threads: u32,
     /// Accounts' adapters kept loaded (least recently used out).
     pub adapters_loaded: usize,
+    /// For tests: while this file exists, a generation waits after each piece it sends (its
+    /// cancel still stops it), so a test holds an answer in the middle on any machine.
+    pub pause_while: Option<PathBuf>,
 }
 
 /// llama.cpp in this process, for one model file.
@@ -144,7 +149,8 @@ fn work(shared: &Loaded, queue: &Mutex<Receiver<Job>>) {
         let last = match shared.model() {
             // A panic in one generation fails that request, not this sequence.
             Ok(model) => {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(model, &job)))
+                let pause = shared.settings.pause_while.as_deref();
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(model, &job, pause)))
                     .unwrap_or_else(|_| {
                         Event::Failed(ProviderError::Failed("the generation panicked".into()))
                     })
@@ -155,7 +161,7 @@ fn work(shared: &Loaded, queue: &Mutex<Receiver<Job>>) {
     }
 }
 
-fn run(model: &Model, job: &Job) -> Event {
+fn run(model: &Model, job: &Job, pause_while: Option<&std::path::Path>) -> Event {
     let cancel = &job.cancel;
     let mut on_text = |piece: &str| {
         if piece.is_empty() {
@@ -168,6 +174,11 @@ fn run(model: &Model, job: &Job) -> Event {
             .is_err()
         {
             cancel.cancel();
+        }
+        if let Some(file) = pause_while {
+            while file.exists() && !job.events.is_closed() {
+                std::thread::sleep(PAUSE_POLL);
+            }
         }
     };
     match model.generate(&job.request, cancel, &mut on_text) {
