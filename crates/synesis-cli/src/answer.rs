@@ -138,10 +138,18 @@ pub(crate) fn load_facts(paths: &Paths, device: DeviceId) -> Option<CloudFacts> 
         .filter(|f| f.device_id == device)
 }
 
-/// Replaces the facts file whole (written aside, then renamed: a reader never sees half).
+/// Replaces the facts file whole (written aside, then renamed: a reader never sees half). It
+/// holds the account's balance, so it is its owner's alone (0600), whatever the umask.
 pub(crate) fn save_facts(path: &Path, facts: &CloudFacts) -> std::io::Result<()> {
+    use std::io::Write as _;
     let aside = path.with_extension("json.new");
-    std::fs::write(&aside, serde_json::to_vec(facts)?)?;
+    let _ = std::fs::remove_file(&aside);
+    let mut file = crate::secure_fs::private_file_options()
+        .write(true)
+        .create_new(true)
+        .open(&aside)?;
+    file.write_all(&serde_json::to_vec(facts)?)?;
+    drop(file);
     std::fs::rename(&aside, path)
 }
 
@@ -402,6 +410,22 @@ mod tests {
             .unwrap();
         assert_eq!(free.quota_tokens_left, Some(30));
         assert_eq!(free.hold_micro_usd, None);
+    }
+
+    /// The facts hold the account's balance: the file is its owner's alone, even where the
+    /// umask would let others read it, and a reader finds it whole.
+    #[test]
+    fn the_facts_file_is_its_owners_alone() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FACTS_FILE);
+        std::fs::write(path.with_extension("json.new"), b"half").unwrap();
+        save_facts(&path, &facts(Tier::Managed)).unwrap();
+        save_facts(&path, &facts(Tier::Managed)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let back: CloudFacts = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(back.device_id, facts(Tier::Managed).device_id);
     }
 
     #[test]
