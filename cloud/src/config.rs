@@ -20,7 +20,8 @@
 //! path = "models/tiny.gguf"      # relative paths are from this file's directory
 //! sequences = 2                  # generations at once on the one load
 //! queue = 16                     # requests that may wait; past that: UNAVAILABLE
-//! threads = 2                    # CPU threads per sequence
+//! threads = 2                    # CPU threads a sequence decodes with; sequences take turns
+//!                                # on the cores (never more threads than cores at once)
 //! context = 4096                 # tokens per sequence (default: the model's own)
 //! adapters = { legal = "adapters/legal.gguf" }
 //! pause_while = "hold"           # tests only: while this file exists, generations wait

@@ -2,7 +2,9 @@
 //!
 //! One model load serves every request for the model: [`Model::generate`] takes `&self` and
 //! makes a context per generation, so `sequences` worker threads generate in parallel on the
-//! one load. Requests beyond them wait in a queue of `queue` places; past that a request is
+//! one load, their steps taking turns on the process's compute threads
+//! ([`synesis_infer::compute_budget`]: never more llama.cpp threads than cores, whatever
+//! `sequences` × `threads` is; THREAD_SAFETY_PATTERNS.md §9). Requests beyond them wait in a queue of `queue` places; past that a request is
 //! refused at once with `Unavailable` and a `retry_after_ms`, so a burst never grows memory or
 //! latency without bound. The model (and its configured adapters) is loaded on first use, or
 //! earlier when a device's pre-warm signal names it.
@@ -38,7 +40,8 @@ pub struct LocalSettings {
     pub adapters: BTreeMap<String, PathBuf>,
     /// Context length per sequence (0: the model's own).
     pub n_ctx: u32,
-    /// CPU threads per sequence.
+    /// CPU threads a sequence decodes with (at most the process's compute budget, which all
+    /// sequences share step by step).
     pub threads: u32,
     /// Accounts' adapters kept loaded (least recently used out).
     pub adapters_loaded: usize,

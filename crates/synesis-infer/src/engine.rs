@@ -6,7 +6,9 @@
 //! llama.cpp rules hold by construction: contexts are never *created* in parallel (creating one
 //! mutates the model; a mutex serialises that step only), and adapters are loaded and freed
 //! only while no context reserves its compute graph (`adapters.rs`), so they can come and go
-//! while generations run.
+//! while generations run. Generations share the process's cores through one budget
+//! (`compute.rs`): each step decodes with the threads it leased, so generations at once take
+//! turns on the cores instead of spinning against each other.
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -24,6 +26,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
 use crate::adapters::Adapters;
+use crate::compute::{ComputeLease, compute_budget};
 use crate::metadata::{GgufMetadata, MetadataError};
 use crate::stream::TextStream;
 
@@ -82,7 +85,8 @@ pub fn backend() -> Result<&'static LlamaBackend, InferError> {
 pub struct Settings {
     /// Context length in tokens; 0 means the model's own.
     pub n_ctx: u32,
-    /// CPU threads for generation and for prompt processing.
+    /// CPU threads for generation and for prompt processing, at most the process's compute
+    /// budget ([`crate::compute_budget`]), which every generation's steps share.
     pub threads: u32,
     /// The most prompt tokens decoded in one step.
     pub batch: u32,
@@ -371,7 +375,12 @@ impl Model {
             });
         }
 
-        let threads = i32::try_from(self.settings.threads).unwrap_or(4);
+        // Never more than the budget holds, or a step could never get its threads.
+        let budget = compute_budget();
+        let leased = usize::try_from(self.settings.threads)
+            .unwrap_or(usize::MAX)
+            .clamp(1, budget.threads());
+        let threads = i32::try_from(leased).unwrap_or(1);
         let batch_size = self.settings.batch.max(1);
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx))
@@ -417,6 +426,10 @@ impl Model {
         };
 
         let started = Instant::now();
+        // A step holds the threads it computes with: a decode, and the sampling of the token
+        // it gives. Dropped before anything that may wait (`on_text`, a slow client), and
+        // before the next step asks again, so others get their turn in between.
+        let mut step: Option<ComputeLease<'_>> = None;
         // The prompt, in batches; logits only for its last token.
         let chunk = batch_size as usize;
         let mut batch = LlamaBatch::new(chunk.max(1), 1);
@@ -441,6 +454,8 @@ impl Model {
                     )
                     .map_err(|e| InferError::Llama(e.to_string()))?;
             }
+            drop(step.take());
+            step = Some(budget.acquire(leased));
             ctx.decode(&mut batch)
                 .map_err(|e| InferError::Llama(e.to_string()))?;
         }
@@ -459,10 +474,13 @@ impl Model {
             if cancel.is_cancelled() {
                 break FinishReason::Cancelled;
             }
+            // Sampled within the step that decoded: `step` holds its lease still.
+            debug_assert!(step.is_some());
             let index = batch.n_tokens() - 1;
             let token = sampler.sample(&ctx, index);
             logprob_sum += logprob(ctx.get_logits_ith(index), token);
             sampler.accept(token);
+            drop(step.take());
             generated += 1;
             first_token_at.get_or_insert_with(Instant::now);
             if vocab.is_eog(token) {
@@ -485,9 +503,11 @@ impl Model {
                 .add(token, i32::try_from(n_past).unwrap_or(i32::MAX), &[0], true)
                 .map_err(|e| InferError::Llama(e.to_string()))?;
             n_past += 1;
+            step = Some(budget.acquire(leased));
             ctx.decode(&mut batch)
                 .map_err(|e| InferError::Llama(e.to_string()))?;
         };
+        drop(step);
         text.finish(on_text);
         let ended = Instant::now();
 

@@ -6,6 +6,9 @@
 //!   tokens, stop strings, temperature, top-p/top-k, seed, the model's chat template, and
 //!   cancellation ([`CancelToken`]); each [`Generation`] reports tokens, time to first token,
 //!   tokens/s and the mean log-probability (the device's confidence).
+//! - [`ComputeBudget`]: the process's compute threads ([`compute_budget`]); every decode step
+//!   of every generation takes its threads from it, so generations at once never run more
+//!   llama.cpp threads than the machine has cores.
 //! - [`GgufMetadata`]: a bounded Rust reader of GGUF headers, so files are checked before
 //!   llama.cpp sees them.
 //! - `tiny` (feature `tiny`): writes small random llama models and matching LoRA adapters,
@@ -15,6 +18,7 @@
 //! caller decides).
 
 mod adapters;
+mod compute;
 mod engine;
 #[cfg(feature = "tiny")]
 mod gguf;
@@ -23,6 +27,7 @@ mod stream;
 #[cfg(feature = "tiny")]
 pub mod tiny;
 
+pub use compute::{ComputeBudget, ComputeLease, compute_budget};
 pub use engine::{
     CancelToken, ChatMessage, FinishReason, Generation, InferError, Model, ModelInfo, Request,
     Settings, backend,
