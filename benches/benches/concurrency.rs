@@ -91,6 +91,7 @@ fn cloud(c: &mut Criterion, model: &Path) {
         n_ctx: 0,
         threads: 2,
         adapters_loaded: 8,
+        pause_while: None,
     })
     .unwrap();
     let answer = || {

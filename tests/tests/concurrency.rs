@@ -170,6 +170,7 @@ fn the_clouds_in_process_model_answers_two_at_once_in_about_twice_one() {
         n_ctx: 0,
         threads: cores(),
         adapters_loaded: 8,
+        pause_while: None,
     })
     .unwrap();
     let answer = || {
