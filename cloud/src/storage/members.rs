@@ -696,6 +696,30 @@ mod tests {
     use synesis_proto::message::Tier;
     use synesis_proto::{DeviceId, RequestId};
 
+    /// A database in a temporary directory (kept while the handle lives) with the account
+    /// `acme` (Managed).
+    fn acme() -> (tempfile::TempDir, Db, AccountId) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("cloud.db")).unwrap();
+        let account = AccountId::try_from_uuid(uuid::Uuid::from_u128(7)).unwrap();
+        db.create_account(account, "acme", Tier::Managed, UnixMillis(0))
+            .unwrap();
+        (dir, db, account)
+    }
+
+    /// A setup token `[n; 16]` for the member `member` (`None`: the owner), valid until 1 s.
+    fn token(db: &mut Db, account: AccountId, n: u8, member: Option<&str>, secret: &[u8; 32]) {
+        db.create_token(
+            account,
+            [n; 16],
+            secret,
+            member,
+            UnixMillis(0),
+            UnixMillis(1_000),
+        )
+        .unwrap();
+    }
+
     fn enroll(
         db: &mut Db,
         token_id: [u8; 16],
@@ -726,11 +750,7 @@ mod tests {
     /// once, not after it expires (virtual clock), and not for someone who is a member already.
     #[test]
     fn an_invitation_works_once_and_not_after_it_expires() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut db = Db::open(&dir.path().join("cloud.db")).unwrap();
-        let account = AccountId::try_from_uuid(uuid::Uuid::from_u128(7)).unwrap();
-        db.create_account(account, "acme", Tier::Managed, UnixMillis(0))
-            .unwrap();
+        let (_dir, mut db, account) = acme();
         let owner_device = DeviceId::try_from_uuid(uuid::Uuid::from_u128(8)).unwrap();
         let secret = [9u8; 32];
         let invitation = |n: u8, invitee: &'static str, expires_at: i64| Invitation {
@@ -793,11 +813,7 @@ mod tests {
     /// refused (virtual clock); only the member offered can take it.
     #[test]
     fn a_handover_stands_seven_days_and_only_for_the_member_offered() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut db = Db::open(&dir.path().join("cloud.db")).unwrap();
-        let account = AccountId::try_from_uuid(uuid::Uuid::from_u128(7)).unwrap();
-        db.create_account(account, "acme", Tier::Managed, UnixMillis(0))
-            .unwrap();
+        let (_dir, mut db, account) = acme();
         let secret = [9u8; 32];
         let owner_device = DeviceId::try_from_uuid(uuid::Uuid::from_u128(8)).unwrap();
         for (n, who) in [(1u8, "ada"), (2, "bob")] {
@@ -875,31 +891,11 @@ mod tests {
     /// owner's rights.
     #[test]
     fn a_spare_setup_token_does_not_outlive_a_handover() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut db = Db::open(&dir.path().join("cloud.db")).unwrap();
-        let account = AccountId::try_from_uuid(uuid::Uuid::from_u128(7)).unwrap();
-        db.create_account(account, "acme", Tier::Managed, UnixMillis(0))
-            .unwrap();
+        let (_dir, mut db, account) = acme();
         let secret = [9u8; 32];
         // Two tokens for the owner: one used, one kept.
-        db.create_token(
-            account,
-            [1; 16],
-            &secret,
-            None,
-            UnixMillis(0),
-            UnixMillis(1_000),
-        )
-        .unwrap();
-        db.create_token(
-            account,
-            [2; 16],
-            &secret,
-            None,
-            UnixMillis(0),
-            UnixMillis(1_000),
-        )
-        .unwrap();
+        token(&mut db, account, 1, None, &secret);
+        token(&mut db, account, 2, None, &secret);
         let owner = enroll(&mut db, [1; 16], &secret, 1, 10).unwrap().device_id;
         assert_eq!(db.device(owner).unwrap().unwrap().role, Role::Owner);
         invite(
@@ -940,11 +936,7 @@ mod tests {
     /// a token for a member who is not one is refused, and an unchanged member's token works.
     #[test]
     fn a_setup_token_is_bound_to_its_member_when_issued() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut db = Db::open(&dir.path().join("cloud.db")).unwrap();
-        let account = AccountId::try_from_uuid(uuid::Uuid::from_u128(7)).unwrap();
-        db.create_account(account, "acme", Tier::Managed, UnixMillis(0))
-            .unwrap();
+        let (_dir, mut db, account) = acme();
         let secret = [9u8; 32];
         for name in ["bob", "cy", "di"] {
             add(
@@ -960,15 +952,7 @@ mod tests {
             .unwrap();
         }
         for (n, name) in [(1u8, "bob"), (2, "cy"), (3, "di")] {
-            db.create_token(
-                account,
-                [n; 16],
-                &secret,
-                Some(name),
-                UnixMillis(0),
-                UnixMillis(1_000),
-            )
-            .unwrap();
+            token(&mut db, account, n, Some(name), &secret);
         }
         assert!(matches!(
             db.create_token(account, [9; 16], &secret, Some("eve"), UnixMillis(0), UnixMillis(1_000)),
@@ -1007,21 +991,9 @@ mod tests {
     /// A device whose member record is missing acts as no one (before: read as the owner).
     #[test]
     fn a_device_without_a_member_is_refused_not_read_as_owner() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut db = Db::open(&dir.path().join("cloud.db")).unwrap();
-        let account = AccountId::try_from_uuid(uuid::Uuid::from_u128(7)).unwrap();
-        db.create_account(account, "acme", Tier::Managed, UnixMillis(0))
-            .unwrap();
+        let (_dir, mut db, account) = acme();
         let secret = [9u8; 32];
-        db.create_token(
-            account,
-            [1; 16],
-            &secret,
-            None,
-            UnixMillis(0),
-            UnixMillis(1_000),
-        )
-        .unwrap();
+        token(&mut db, account, 1, None, &secret);
         let device = enroll(&mut db, [1; 16], &secret, 1, 10).unwrap().device_id;
         db.connection()
             .execute(
