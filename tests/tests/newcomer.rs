@@ -325,6 +325,14 @@ fn an_auto_request_the_cloud_refuses_is_answered_here_over_http_as_ask_does() {
     );
 
     let api = serve(&s.device, &low);
+    // Until the service's tunnel is up, the cloud is unreachable and the request is answered
+    // here for that reason, not for the cloud's refusal this test is about.
+    assert!(
+        wait_for(Duration::from_secs(30), || s.device.state().as_deref()
+            == Some("connected")),
+        "the service never connected: {}",
+        s.device.tunnel_log()
+    );
     let r = chat(&api, "auto");
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.header("x-synesis-route"), Some("local"));
