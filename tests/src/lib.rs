@@ -8,6 +8,7 @@
 // Test support: a setup step that fails should fail the test, loudly and at once.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+pub mod hub;
 pub mod upstream;
 pub mod wire;
 

@@ -8,7 +8,6 @@
 //! The per-API meaning of the stream is a `Decoder`, pure and IO-free, so tests feed it
 //! recorded sequences.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue};
@@ -183,16 +182,8 @@ fn endpoint(base_url: &str, path: &str) -> Result<Url, SetupError> {
 /// The client: HTTP/1.1, rustls with ring and the webpki roots, no redirects (a redirect
 /// would be a misconfigured base URL, and must not carry a key elsewhere).
 fn client(connect_timeout: Duration) -> Result<reqwest::Client, SetupError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| SetupError::Client(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls =
+        synesis_wire::tls::web_client_config().map_err(|e| SetupError::Client(e.to_string()))?;
     let builder = reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .http1_only()

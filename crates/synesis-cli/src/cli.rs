@@ -163,12 +163,51 @@ pub(crate) struct AskArgs {
 pub(crate) enum ModelCommand {
     /// Register a GGUF model (it is loaded once to check it), or write a tiny one with --tiny.
     Add(ModelAddArgs),
+    /// Download a model by name from Hugging Face (or any https:// URL), verify it, register it.
+    #[command(after_help = PULL_HELP)]
+    Pull(ModelPullArgs),
     /// The registered models; `*` marks the default.
     List,
-    /// Forget a model (a file Synesis wrote itself is deleted too).
+    /// Forget a model (a file Synesis wrote or pulled is deleted once no name points to it).
     Rm { name: String },
     /// Make a registered model the default for `synesis ask`.
     Default { name: String },
+}
+
+const PULL_HELP: &str = "\
+REF is one of:
+  a short name     gemma3:270m, …  (`synesis model pull --list` shows them: pinned files,
+                   size and SHA-256 checked)
+  OWNER/REPO:QUANT a Hugging Face repository and a quantisation, as llama.cpp's -hf takes it
+                   (hf.co/OWNER/REPO:QUANT as Ollama does; QUANT defaults to Q4_K_M)
+  hf:OWNER/REPO/FILE.gguf   one file of a repository
+  https://…        any URL of a GGUF file
+
+The file's SHA-256 is checked against the one the Hub publishes (X-Linked-Etag) before the model
+is registered. Ctrl-C or a cut connection keeps what arrived: the same command again resumes it.
+Files are stored once by content under the data directory (models/blobs/); `synesis model rm`
+deletes one when no name points to it.
+
+Environment:
+  HF_TOKEN     an access token, for gated or private repositories
+  HF_ENDPOINT  another Hub (a mirror); default https://huggingface.co
+
+Examples:
+  synesis model pull gemma3:270m
+  synesis model pull ggml-org/gemma-3-270m-it-GGUF:Q8_0 --name gemma
+  synesis ask --model gemma \"Why is the sky blue?\"";
+
+#[derive(Debug, Args)]
+pub(crate) struct ModelPullArgs {
+    /// What to pull (see below).
+    #[arg(required_unless_present = "list")]
+    pub(crate) reference: Option<String>,
+    /// The name to register it under (default: the short name, else the file name).
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// List the short names and what each pulls, and exit.
+    #[arg(long, conflicts_with_all = ["reference", "name"])]
+    pub(crate) list: bool,
 }
 
 #[derive(Debug, Args)]

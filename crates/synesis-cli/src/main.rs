@@ -16,6 +16,7 @@ mod exit;
 mod hosted;
 mod openai;
 mod paths;
+mod pull;
 mod registry;
 mod secret_arg;
 mod secure_fs;
@@ -58,6 +59,9 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Ask(args) => runtime.block_on(commands::ask::run(&out, &paths, args)),
         cli::Command::Model { command } => match command {
             cli::ModelCommand::Add(args) => commands::model::add(&out, &paths, args),
+            cli::ModelCommand::Pull(args) => {
+                runtime.block_on(commands::model::pull(&out, &paths, args))
+            }
             cli::ModelCommand::List => commands::model::list(&out, &paths),
             cli::ModelCommand::Rm { name } => commands::model::remove(&out, &paths, name),
             cli::ModelCommand::Default { name } => commands::model::set_default(&out, &paths, name),

@@ -179,9 +179,13 @@ pub(crate) fn check_name(name: &str) -> anyhow::Result<()> {
         && name.len() <= 64
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+        && !name.starts_with(['.', ':']);
     if !ok {
-        bail!("{name:?} is not a usable name: use 1 to 64 letters, digits, '-', '_' or '.'");
+        bail!(
+            "{name:?} is not a usable name: use 1 to 64 letters, digits, '-', '_', '.' or ':' \
+             (not first)"
+        );
     }
     Ok(())
 }

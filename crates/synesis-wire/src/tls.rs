@@ -18,6 +18,20 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// TLS for HTTPS clients on the public web (the cloud's HTTP providers, `synesis model pull`):
+/// the same [`provider`], the webpki roots, HTTP/1.1. Passed to reqwest explicitly.
+pub fn web_client_config() -> Result<rustls::ClientConfig, rustls::Error> {
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
 /// The ALPN list both ends set.
 pub fn alpn() -> Vec<Vec<u8>> {
     vec![synesis_proto::ALPN.to_vec()]

@@ -11,8 +11,10 @@ use synesis_infer::{GgufMetadata, Model, Settings};
 use synesis_tunnel::Identity;
 
 use super::Output;
-use crate::cli::{LoraAddArgs, ModelAddArgs};
+use crate::cli::{LoraAddArgs, ModelAddArgs, ModelPullArgs};
 use crate::paths::Paths;
+use crate::pull::Reference;
+use crate::pull::reference::CATALOG;
 use crate::registry::{AdapterEntry, Config, ModelEntry, check_name, digest};
 
 fn models_dir(paths: &Paths) -> PathBuf {
@@ -43,6 +45,11 @@ pub(crate) enum Source<'a> {
         path: &'a Path,
         name: Option<String>,
     },
+    /// A file in the store (`synesis model pull`), already digested.
+    Pulled {
+        fetched: &'a crate::pull::Fetched,
+        name: String,
+    },
 }
 
 /// Checks (by loading it) and registers a model; the first one becomes the default.
@@ -53,6 +60,7 @@ pub(crate) fn register(
 ) -> anyhow::Result<(String, ModelEntry, bool)> {
     let config_file = paths.config_file();
     let mut config = Config::load(&config_file)?;
+    let mut known = None;
     let (name, path, tiny) = match source {
         Source::Tiny(name) => {
             check_name(name)?;
@@ -72,6 +80,11 @@ pub(crate) fn register(
             check_name(&name)?;
             (name, absolute(path)?, false)
         }
+        Source::Pulled { fetched, name } => {
+            check_name(&name)?;
+            known = Some((fetched.sha256.clone(), fetched.size_bytes));
+            (name, fetched.path.clone(), false)
+        }
     };
     if config.models.contains_key(&name) {
         bail!("a model named {name:?} is already registered; `synesis model rm {name}` first");
@@ -86,7 +99,10 @@ pub(crate) fn register(
     )?;
     let info = model.info().clone();
     drop(model);
-    let (sha256, size_bytes) = digest(&path)?;
+    let (sha256, size_bytes) = match known {
+        Some(known) => known,
+        None => digest(&path)?,
+    };
     let entry = ModelEntry {
         path,
         size_bytes,
@@ -141,6 +157,118 @@ pub(crate) fn add(out: &Output, paths: &Paths, args: &ModelAddArgs) -> anyhow::R
     Ok(())
 }
 
+/// `synesis model pull`: fetch into the store (or find it there), then register.
+pub(crate) async fn pull(out: &Output, paths: &Paths, args: &ModelPullArgs) -> anyhow::Result<()> {
+    if args.list {
+        return pull_list(out);
+    }
+    let Some(text) = &args.reference else {
+        bail!("give a model to pull: `synesis model pull --list` shows the short names");
+    };
+    let reference = Reference::parse(text)?;
+    if let Some(name) = &args.name {
+        check_name(name)?;
+    }
+    let fetched = crate::pull::fetch(paths, &reference, !out.json()).await?;
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| fetched.default_name.clone());
+    let config = Config::load(&paths.config_file())?;
+    let (entry, is_default, registered) = match config.models.get(&name) {
+        Some(existing) if existing.sha256 == fetched.sha256 => (
+            existing.clone(),
+            config.default_model.as_deref() == Some(name.as_str()),
+            false,
+        ),
+        Some(_) => bail!(
+            "a model named {name:?} is already registered with other content; --name NAME \
+             registers this one under another name (it is stored: pulling again is instant)"
+        ),
+        None => {
+            let (name_, entry, is_default) = register(
+                paths,
+                Source::Pulled {
+                    fetched: &fetched,
+                    name: name.clone(),
+                },
+            )?;
+            debug_assert_eq!(name_, name);
+            (entry, is_default, true)
+        }
+    };
+    #[derive(Serialize)]
+    struct View<'a> {
+        name: &'a str,
+        #[serde(flatten)]
+        entry: &'a ModelEntry,
+        default: bool,
+        /// False when this name already pointed to this content.
+        registered: bool,
+        pulled: &'a crate::pull::Fetched,
+    }
+    out.report(
+        &View {
+            name: &name,
+            entry: &entry,
+            default: is_default,
+            registered,
+            pulled: &fetched,
+        },
+        || {
+            let how = if fetched.already_stored {
+                "already stored".to_owned()
+            } else if fetched.resumed_from_bytes > 0 {
+                format!(
+                    "resumed at {} bytes, {} more received, SHA-256 checked",
+                    fetched.resumed_from_bytes, fetched.downloaded_bytes
+                )
+            } else {
+                "SHA-256 checked".to_owned()
+            };
+            format!(
+                "{} model {name}: {} ({}, {} bytes, context {}; {how}){}\n\
+                 try it: synesis ask --model {name} \"Why is the sky blue?\"\n",
+                if registered { "pulled" } else { "already have" },
+                fetched.source,
+                entry.architecture,
+                entry.size_bytes,
+                entry.context_length,
+                if is_default { ", the default" } else { "" }
+            )
+        },
+    )?;
+    Ok(())
+}
+
+fn pull_list(out: &Output) -> anyhow::Result<()> {
+    let rows: Vec<serde_json::Value> = CATALOG
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "name": p.name, "repo": p.repo, "revision": p.revision, "file": p.file,
+                "size_bytes": p.size_bytes, "sha256": p.sha256, "about": p.about,
+            })
+        })
+        .collect();
+    out.report(&rows, || {
+        CATALOG
+            .iter()
+            .map(|p| {
+                format!(
+                    "{:<16} {:>5} MB  {}  (hf:{}/{})\n",
+                    p.name,
+                    p.size_bytes / 1_000_000,
+                    p.about,
+                    p.repo,
+                    p.file
+                )
+            })
+            .collect()
+    })?;
+    Ok(())
+}
+
 pub(crate) fn list(out: &Output, paths: &Paths) -> anyhow::Result<()> {
     let config = Config::load(&paths.config_file())?;
     #[derive(Serialize)]
@@ -190,8 +318,11 @@ pub(crate) fn remove(out: &Output, paths: &Paths, name: &str) -> anyhow::Result<
         config.default_model = None;
     }
     config.save(&config_file)?;
-    // A file Synesis wrote itself goes too; a user's file stays where it is.
-    if entry.path.starts_with(models_dir(paths)) {
+    // A file Synesis wrote or pulled goes too once no other name points to it (the store
+    // holds a file once, whatever names it has); a user's file stays where it is.
+    if entry.path.starts_with(models_dir(paths))
+        && !config.models.values().any(|m| m.path == entry.path)
+    {
         let _ = std::fs::remove_file(&entry.path);
     }
     out.report(&serde_json::json!({"removed": name}), || {
