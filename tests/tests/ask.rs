@@ -104,13 +104,20 @@ fn mistakes_get_clear_messages() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // No model at all: the first ask uses the built-in demo model and says so.
-    let first = run_ok(
-        device
-            .synesis()
-            .args(["ask", "--local", "--max-tokens", "4", "hi"]),
-    );
-    assert!(String::from_utf8_lossy(&first.stderr).contains("built-in tiny demo model"));
+    // No model at all and no cloud: one line says what to do, and nothing is written.
+    for args in [&["ask", "--local", "hi"][..], &["ask", "hi"][..]] {
+        let first = device.synesis().args(args).output().unwrap();
+        assert_eq!(first.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&first.stderr);
+        assert!(
+            stderr.contains("no model on this device")
+                && stderr.contains("synesis model pull gemma3:270m")
+                && stderr.lines().count() == 1,
+            "{stderr}"
+        );
+    }
+    assert!(!device.home().join("data/models").exists());
+    run_ok(device.synesis().args(["model", "add", "--tiny", "demo"]));
     let model_as_lora = device.home().join("data/models/demo.gguf");
     let out = device
         .synesis()
@@ -139,9 +146,4 @@ fn mistakes_get_clear_messages() {
         stderr.contains("answering on this device: not enrolled with a cloud"),
         "{stderr}"
     );
-    // With no model and no cloud there is no way to answer, and it says so.
-    let bare = Device::new();
-    let out = bare.synesis().args(["ask", "hi"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no local model; not enrolled"));
 }

@@ -27,6 +27,7 @@ fn avoided(input_tokens: u64, output_tokens: u64) -> i64 {
 #[test]
 fn each_local_answer_is_recorded_with_the_cloud_cost_it_avoided() {
     let device = Device::new();
+    run_ok(device.synesis().args(["model", "add", "--tiny", "demo"]));
     let mut input = 0;
     let mut output = 0;
     let mut expected_avoided = 0;
@@ -135,6 +136,7 @@ fn a_damaged_ledger_does_not_fail_the_answer_but_usage_names_it() {
     let ledger = device.home().join("data/ledger.db");
     std::fs::create_dir_all(ledger.parent().unwrap()).unwrap();
     std::fs::write(&ledger, vec![b'x'; 4096]).unwrap();
+    run_ok(device.synesis().args(["model", "add", "--tiny", "demo"]));
 
     let ask = run_ok(
         device

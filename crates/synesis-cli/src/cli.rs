@@ -112,6 +112,7 @@ pub(crate) enum Command {
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Examples:
+  synesis model pull gemma3:270m && synesis ask \"Why is the sky blue?\"
   synesis ask \"hello\"                          this device if it can, else the cloud
   synesis ask --explain \"hello\"                the same, and why (on stderr)
   synesis model add --tiny demo && synesis ask --local \"hello\"

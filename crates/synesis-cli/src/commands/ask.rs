@@ -2,7 +2,7 @@
 //! local-first policy, `synesis-route`), streaming as the model writes; `--local` and `--cloud`
 //! force a route, `--explain` says why.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 
 use anyhow::bail;
@@ -24,11 +24,44 @@ use super::{Output, is_closed_pipe, ledger_error};
 use crate::cli::{AskArgs, CloudAskArgs};
 use crate::exit::UserError;
 use crate::paths::Paths;
+use crate::pull::reference::{CATALOG, Pinned};
 use crate::registry::Config;
 use crate::signals::Shutdown;
 
-/// The model a first `synesis ask` registers when there is none.
-const DEMO_MODEL: &str = "demo";
+/// The model a first `synesis ask` offers to pull when there is none (the catalog's first).
+const FIRST_MODEL: &Pinned = &CATALOG[0];
+
+/// No model here, and no cloud to ask (or `--local`): one line that says what to do; on an
+/// interactive terminal, an offer to pull [`FIRST_MODEL`] now (y/N).
+async fn first_model(out: &Output, paths: &Paths, enrolled: bool) -> anyhow::Result<()> {
+    let size = FIRST_MODEL.size_bytes / 1_000_000;
+    let name = FIRST_MODEL.name;
+    let interactive =
+        !out.json() && std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+    if interactive {
+        eprint!("synesis: no model on this device yet. Pull {name} ({size} MB) now? [y/N] ");
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        if matches!(line.trim(), "y" | "Y" | "yes") {
+            let reference = crate::pull::Reference::parse(name)?;
+            let fetched = crate::pull::fetch(paths, &reference, true).await?;
+            super::model::register(
+                paths,
+                super::model::Source::Pulled {
+                    fetched: &fetched,
+                    name: name.to_owned(),
+                },
+            )?;
+            return Ok(());
+        }
+    }
+    let cloud = if enrolled { "" } else { " and no cloud to ask" };
+    Err(UserError::Usage(format!(
+        "no model on this device{cloud}: `synesis model pull {name}` gets one ({size} MB; \
+         `synesis model pull --list` shows others), `synesis demo` shows the whole product"
+    ))
+    .into())
+}
 
 #[derive(Debug, Serialize)]
 struct Answer {
@@ -76,14 +109,14 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
     };
     let prompt = super::escalate::read_prompt(Some(&args.prompt))?;
     let mut config = Config::load(&paths.config_file())?;
-    if config.models.is_empty() && args.model.is_none() && mode == Mode::Local {
-        // Embedded defaults: a first `--local` answers at once, with the built-in demo model.
-        eprintln!(
-            "synesis: no model registered yet; using the built-in tiny demo model (random weights: \
-             its answers are noise). Add a real one with `synesis model add PATH`."
-        );
-        super::model::register(paths, super::model::Source::Tiny(DEMO_MODEL))?;
-        config = Config::load(&paths.config_file())?;
+    if config.models.is_empty() && args.model.is_none() {
+        let enrolled = paths
+            .identity_home()
+            .is_ok_and(|home| matches!(synesis_tunnel::Identity::load(&home), Ok(Some(_))));
+        if mode == Mode::Local || (mode == Mode::Auto && !enrolled) {
+            first_model(out, paths, enrolled).await?;
+            config = Config::load(&paths.config_file())?;
+        }
     }
     let thresholds = config.escalation.thresholds()?;
     let local_entry = if config.models.is_empty() && args.model.is_none() {
