@@ -4,7 +4,14 @@
 //! (chat-free prompt, streaming UTF-8, stop-string checks, log-probabilities, cancellation).
 //! Goal: ≥ 0.97.
 //!
+//! With a real model (`SYNESIS_GEMMA=PATH`, e.g. from `scripts/fetch-gemma.sh`) and
+//! llama-cpp-python installed, a second anchor: the peer. The same Gemma file, the same prompt,
+//! greedy, 64 tokens, 2 threads, its KV cache reset before each answer as ours is; the ratio
+//! llama-cpp-python/synesis is decode speed against the peer (goal: ≥ 1.00 from a plain
+//! `cargo build --release`, which `.cargo/config.toml` makes a native build).
+//!
 //! `cargo bench -p synesis-benches --bench infer`
+//! `SYNESIS_GEMMA=$(bash scripts/fetch-gemma.sh) cargo bench -p synesis-benches --bench infer -- gemma`
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,
@@ -119,5 +126,112 @@ fn infer(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, infer);
+/// llama-cpp-python, kept running: each line `N` on its stdin generates N tokens (greedy, the
+/// KV cache reset first) and answers with the count.
+const PEER: &str = r#"
+import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_threads=int(sys.argv[2]), n_threads_batch=int(sys.argv[2]),
+            n_ctx=512, n_batch=512, verbose=False)
+prompt = sys.argv[3]
+for line in sys.stdin:
+    llm.reset()
+    out = llm.create_completion(prompt, max_tokens=int(line), temperature=0.0, top_k=1)
+    print(out["usage"]["completion_tokens"], flush=True)
+"#;
+
+struct Peer {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Peer {
+    fn start(model: &Path, prompt: &str) -> Option<Peer> {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("python3")
+            .args(["-c", PEER])
+            .arg(model)
+            .arg(THREADS.to_string())
+            .arg(prompt)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .ok()?;
+        let stdin = child.stdin.take()?;
+        let stdout = std::io::BufReader::new(child.stdout.take()?);
+        Some(Peer {
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    fn generate(&mut self, n: usize) -> usize {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{n}").expect("the peer reads");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("the peer answers");
+        line.trim().parse().expect("the peer's token count")
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Ours against llama-cpp-python on a real model (see the top of this file).
+fn gemma(c: &mut Criterion) {
+    const GEMMA_PROMPT: &str = "Here is a short explanation of why the sky is blue:";
+    const N: usize = 64;
+    let Some(path) = std::env::var_os("SYNESIS_GEMMA") else {
+        eprintln!("gemma: skipped (SYNESIS_GEMMA names no model; scripts/fetch-gemma.sh gets it)");
+        return;
+    };
+    let path = std::path::PathBuf::from(path);
+    let Some(mut peer) = Peer::start(&path, GEMMA_PROMPT) else {
+        eprintln!("gemma: skipped (python3 with llama_cpp cannot start)");
+        return;
+    };
+    let settings = Settings {
+        n_ctx: N_CTX,
+        threads: THREADS,
+        batch: BATCH,
+        gpu_layers: 0,
+        ..Settings::default()
+    };
+    let mut ours = Model::load(&path, settings).expect("load gemma");
+    let run_n = |model: &mut Model, n: usize| {
+        let request = Request {
+            chat: false,
+            max_tokens: n as u32,
+            ..Request::new(GEMMA_PROMPT)
+        };
+        model
+            .generate(&request, &CancelToken::default(), &mut |p| {
+                black_box(p);
+            })
+            .expect("generation")
+            .completion_tokens
+    };
+    let run = |model: &mut Model| run_n(model, N);
+    let (mine, theirs) = (run(&mut ours), peer.generate(N));
+    eprintln!("gemma: synesis makes {mine} tokens, llama-cpp-python {theirs}");
+    // What each answer costs before its tokens: the prompt, and (ours) a new context.
+    let mut group = c.benchmark_group("gemma_first_token");
+    group.sample_size(20);
+    group.bench_function("llama_cpp_python", |b| b.iter(|| peer.generate(1)));
+    group.bench_function("synesis_infer", |b| b.iter(|| run_n(&mut ours, 1)));
+    group.finish();
+    let mut group = c.benchmark_group(format!("gemma_{N}_tokens"));
+    group.sample_size(10);
+    group.bench_function("llama_cpp_python", |b| b.iter(|| peer.generate(N)));
+    group.bench_function("synesis_infer", |b| b.iter(|| run(&mut ours)));
+    group.finish();
+}
+
+criterion_group!(benches, infer, gemma);
 criterion_main!(benches);

@@ -20,18 +20,27 @@ fn open(dir: &Path) -> anyhow::Result<Db> {
     Ok(Db::open(&dir.join(DB_FILE))?)
 }
 
+/// A new account (`synesis demo` embeds the cloud and makes its account here).
+pub fn account_new(
+    dir: &Path,
+    name: &str,
+    tier: synesis_proto::message::Tier,
+) -> anyhow::Result<crate::storage::Account> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > 64 {
+        bail!("an account name is 1 to 64 characters");
+    }
+    let id = AccountId::try_from_uuid(uuid::Uuid::now_v7())?;
+    Ok(open(dir)?.create_account(id, name, tier, now())?)
+}
+
 pub fn account_create(
     dir: &Path,
     name: &str,
     tier: synesis_proto::message::Tier,
     json: bool,
 ) -> anyhow::Result<()> {
-    let name = name.trim();
-    if name.is_empty() || name.len() > 64 {
-        bail!("an account name is 1 to 64 characters");
-    }
-    let id = AccountId::try_from_uuid(uuid::Uuid::now_v7())?;
-    let account = open(dir)?.create_account(id, name, tier, now())?;
+    let account = account_new(dir, name, tier)?;
     if json {
         println!(
             "{}",
@@ -384,17 +393,18 @@ pub fn credit(
     Ok(())
 }
 
-/// Prints `count` one-time voucher codes worth `amount` each; only their hashes are stored.
-pub fn voucher_create(
+/// `count` new one-time voucher codes worth `amount` each; only their hashes are stored.
+pub fn vouchers_new(
     dir: &Path,
     amount: synesis_proto::MicroUsd,
     count: u32,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<String>> {
     if amount.0 <= 0 {
         bail!("a voucher must be worth more than $0");
     }
     let mut db = open(dir)?;
     let mut rng = rand::rng();
+    let mut codes = Vec::new();
     for _ in 0..count {
         let mut raw = [0u8; 10];
         rng.fill_bytes(&mut raw);
@@ -403,6 +413,18 @@ pub fn voucher_create(
             raw.iter().map(|b| format!("{b:02X}")).collect::<String>()
         );
         db.create_voucher(&code, amount, now())?;
+        codes.push(code);
+    }
+    Ok(codes)
+}
+
+/// Prints `count` one-time voucher codes worth `amount` each.
+pub fn voucher_create(
+    dir: &Path,
+    amount: synesis_proto::MicroUsd,
+    count: u32,
+) -> anyhow::Result<()> {
+    for code in vouchers_new(dir, amount, count)? {
         println!("{code}");
     }
     Ok(())

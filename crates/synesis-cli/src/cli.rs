@@ -107,6 +107,37 @@ pub(crate) enum Command {
     },
     /// Show where Synesis keeps its config, data and runtime files, and why.
     Paths,
+    /// The whole product on this machine in one command: a cloud on loopback, an account, a
+    /// device, a local answer, an escalation, an adapter push, an invitation, usage, shutdown.
+    #[command(after_help = DEMO_HELP)]
+    Demo(DemoArgs),
+}
+
+const DEMO_HELP: &str = "\
+Everything runs here and goes away at the end: the cloud (in this process, SQLite in a temporary
+directory, models answered by llama.cpp in process), two devices in their own homes under that
+directory (this device's own files are not touched), each step run as the real `synesis`
+command. Nothing is downloaded unless --model names something to pull.
+
+The model: --model, else a real model registered on this device (`synesis model pull
+gemma3:270m` gets one), else the built-in tiny model (random weights: its text is noise).
+
+Exit status: 0 when every step held; 1 naming the step that failed.
+
+Examples:
+  synesis demo
+  synesis demo --model gemma3:270m          pulls it first when it is not here yet
+  synesis demo --keep /tmp/synesis-demo     keep the cloud's and devices' files to explore
+  synesis demo --json | jq '.steps[] | {step, figures}'";
+
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// The model: a registered name, a GGUF file, or anything `synesis model pull` takes.
+    #[arg(long, value_name = "NAME|PATH|REF")]
+    pub(crate) model: Option<String>,
+    /// Keep the demo's files in DIR (new or empty) and print how to go on by hand.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) keep: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

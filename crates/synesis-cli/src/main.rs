@@ -57,6 +57,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
         .build()?;
     match &cli.command {
         cli::Command::Ask(args) => runtime.block_on(commands::ask::run(&out, &paths, args)),
+        cli::Command::Demo(args) => runtime.block_on(commands::demo::run(&out, &paths, args)),
         cli::Command::Model { command } => match command {
             cli::ModelCommand::Add(args) => commands::model::add(&out, &paths, args),
             cli::ModelCommand::Pull(args) => {
