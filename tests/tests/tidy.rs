@@ -159,6 +159,15 @@ fn the_cloud_storage_layer_never_imports_the_ledger_and_the_cli_holds_no_storage
         !cli.iter().any(|d| d == "rusqlite"),
         "synesis-cli depends on rusqlite"
     );
+    // The device uses the cloud in one place: `synesis demo` runs one in process.
+    for file in rust_files(&root().join("crates/synesis-cli/src")) {
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            !text.contains("synesis_cloud") || file.ends_with("commands/demo.rs"),
+            "{} uses the cloud; only `synesis demo` may",
+            file.display()
+        );
+    }
     let cloud = dependencies(&root().join("cloud/Cargo.toml"));
     for banned in ["synesis-cli", "synesis-tunnel"] {
         assert!(

@@ -2,6 +2,7 @@
 
 pub(crate) mod ask;
 pub(crate) mod cloud;
+#[cfg(feature = "demo")]
 pub(crate) mod demo;
 pub(crate) mod escalate;
 pub(crate) mod model;

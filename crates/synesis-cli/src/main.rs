@@ -57,7 +57,12 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
         .build()?;
     match &cli.command {
         cli::Command::Ask(args) => runtime.block_on(commands::ask::run(&out, &paths, args)),
+        #[cfg(feature = "demo")]
         cli::Command::Demo(args) => runtime.block_on(commands::demo::run(&out, &paths, args)),
+        #[cfg(not(feature = "demo"))]
+        cli::Command::Demo(_) => Err(anyhow::anyhow!(
+            "this synesis was built without the demo (its `demo` feature, on by default)"
+        )),
         cli::Command::Model { command } => match command {
             cli::ModelCommand::Add(args) => commands::model::add(&out, &paths, args),
             cli::ModelCommand::Pull(args) => {

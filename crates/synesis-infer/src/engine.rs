@@ -69,6 +69,8 @@ pub fn backend() -> Result<&'static LlamaBackend, InferError> {
     static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
     BACKEND
         .get_or_init(|| {
+            #[cfg(feature = "dynamic-backends")]
+            load_cpu_backends();
             let mut backend = LlamaBackend::init().map_err(|e| e.to_string())?;
             // llama.cpp logs every load to stderr; the CLI's own messages say what matters.
             if std::env::var_os("SYNESIS_LLAMA_LOGS").is_none() {
@@ -78,6 +80,22 @@ pub fn backend() -> Result<&'static LlamaBackend, InferError> {
         })
         .as_ref()
         .map_err(|e| InferError::Backend(e.clone()))
+}
+
+/// With `dynamic-backends`, ggml's kernels are loadable modules, one per CPU variant; ggml
+/// picks the best the CPU supports. They are looked for in `SYNESIS_GGML_BACKENDS` when set,
+/// else in `ggml-backends/` beside the executable (where a package puts them), else where the
+/// build wrote them.
+#[cfg(feature = "dynamic-backends")]
+fn load_cpu_backends() {
+    let named = std::env::var_os("SYNESIS_GGML_BACKENDS").map(std::path::PathBuf::from);
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("ggml-backends")));
+    match named.or(beside).filter(|dir| dir.is_dir()) {
+        Some(dir) => llama_cpp_2::llama_backend::load_backends_from_path(&dir),
+        None => llama_cpp_2::llama_backend::load_backends(),
+    }
 }
 
 /// How contexts are made for a model.
