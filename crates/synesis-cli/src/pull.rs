@@ -45,6 +45,8 @@ const REDIRECTS_MAX: usize = 5;
 /// Room left free on the disk beyond the file itself.
 const DISK_MARGIN_BYTES: u64 = 64 << 20;
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+/// How often a download of unknown size looks at the free disk again.
+const UNSIZED_CHECK_BYTES: u64 = 64 << 20;
 
 /// Where models come from: the Hub's endpoint (`HF_ENDPOINT`), its token (`HF_TOKEN`), one client.
 pub(crate) struct Hub {
@@ -442,6 +444,15 @@ pub(crate) async fn fetch(
                 drop(file);
                 let _ = std::fs::remove_file(&partial);
                 bail!("{source}: the server sent more than the {size} bytes it announced");
+            }
+            // A server that announced no size could fill the disk: look again every so often.
+            if expected_size.is_none()
+                && received % UNSIZED_CHECK_BYTES < chunk.len() as u64
+                && let Err(e) = check_free_disk(&partial_dir, 0)
+            {
+                drop(file);
+                let _ = std::fs::remove_file(&partial);
+                return Err(e.context(format!("{source} announced no size")));
             }
             meter.at(start + received);
         }
