@@ -85,18 +85,22 @@ fn synesis(model: &mut Model, n: u32) -> usize {
     g.expect("generation").completion_tokens
 }
 
-fn infer(c: &mut Criterion) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("bench.gguf");
-    write_model(&path, TinySpec::BENCH).expect("write the bench model");
-    let settings = Settings {
+/// The same context settings as the anchors'.
+fn settings() -> Settings {
+    Settings {
         n_ctx: N_CTX,
         threads: THREADS,
         batch: BATCH,
         gpu_layers: 0,
         ..Settings::default()
-    };
-    let mut ours = Model::load(&path, settings).expect("load");
+    }
+}
+
+fn infer(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("bench.gguf");
+    write_model(&path, TinySpec::BENCH).expect("write the bench model");
+    let mut ours = Model::load(&path, settings()).expect("load");
     let backend = synesis_infer::backend().expect("backend");
     let theirs = LlamaModel::load_from_file(
         backend,
@@ -196,14 +200,7 @@ fn gemma(c: &mut Criterion) {
         eprintln!("gemma: skipped (python3 with llama_cpp cannot start)");
         return;
     };
-    let settings = Settings {
-        n_ctx: N_CTX,
-        threads: THREADS,
-        batch: BATCH,
-        gpu_layers: 0,
-        ..Settings::default()
-    };
-    let mut ours = Model::load(&path, settings).expect("load gemma");
+    let mut ours = Model::load(&path, settings()).expect("load gemma");
     let run_n = |model: &mut Model, n: usize| {
         let request = Request {
             chat: false,

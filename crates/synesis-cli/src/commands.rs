@@ -76,6 +76,20 @@ pub(crate) fn is_closed_pipe(err: &std::io::Error) -> bool {
     err.kind() == std::io::ErrorKind::BrokenPipe
 }
 
+/// A progress bar in bytes on stderr (message, bar, bytes of total, rate, time left): the one
+/// look of every long transfer (`cloud push`, `model pull`).
+pub(crate) fn bytes_bar(total: Option<u64>) -> indicatif::ProgressBar {
+    let bar =
+        indicatif::ProgressBar::with_draw_target(total, indicatif::ProgressDrawTarget::stderr());
+    let style = indicatif::ProgressStyle::with_template(
+        "{msg:12} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;

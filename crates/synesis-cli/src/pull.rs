@@ -24,15 +24,14 @@
 
 pub(crate) mod reference;
 
-use std::fs::File;
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use reqwest::{StatusCode, Url, header};
-use sha2::Digest;
+use sha2::Digest as _;
 use synesis_infer::{GgufMetadata, MetadataError};
 
 pub(crate) use reference::Reference;
@@ -553,21 +552,9 @@ fn digest_with_progress(path: &Path, progress: bool) -> anyhow::Result<String> {
     let total = std::fs::metadata(path)?.len();
     let mut meter = Meter::new(progress, Some(total), 0);
     meter.message("verifying");
-    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut done = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        done += n as u64;
-        meter.at(done);
-    }
+    let (sha256, _) = crate::registry::digest_with(path, &mut |done| meter.at(done))?;
     meter.finish();
-    Ok(hex(&hasher.finalize()))
+    Ok(sha256)
 }
 
 /// Progress on stderr: a bar (bytes, rate, time left) on a terminal, a line per tenth otherwise,
@@ -585,13 +572,7 @@ impl Meter {
     fn new(progress: bool, total: Option<u64>, at: u64) -> Meter {
         let terminal = progress && std::io::stderr().is_terminal();
         let bar = terminal.then(|| {
-            let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
-            let style = ProgressStyle::with_template(
-                "{msg:11} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}",
-            )
-            .map(|s| s.progress_chars("=> "))
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
-            bar.set_style(style);
+            let bar = crate::commands::bytes_bar(total);
             bar.set_message("downloading");
             bar.set_position(at);
             bar.reset_eta();

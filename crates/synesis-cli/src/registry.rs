@@ -192,6 +192,14 @@ pub(crate) fn check_name(name: &str) -> anyhow::Result<()> {
 
 /// SHA-256 and size of a file, read in 1 MiB pieces.
 pub(crate) fn digest(path: &Path) -> anyhow::Result<(String, u64)> {
+    digest_with(path, &mut |_| {})
+}
+
+/// [`digest`], telling `on_progress` the bytes read so far after each piece.
+pub(crate) fn digest_with(
+    path: &Path,
+    on_progress: &mut dyn FnMut(u64),
+) -> anyhow::Result<(String, u64)> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut hasher = sha2::Sha256::new();
@@ -204,6 +212,7 @@ pub(crate) fn digest(path: &Path) -> anyhow::Result<(String, u64)> {
         }
         hasher.update(&buf[..n]);
         size += n as u64;
+        on_progress(size);
     }
     let hex = hasher
         .finalize()

@@ -145,16 +145,23 @@ pub(crate) fn add(out: &Output, paths: &Paths, args: &ModelAddArgs) -> anyhow::R
         },
         || {
             format!(
-                "added model {name}: {} ({}, {} bytes, context {}){}\n",
-                entry.path.display(),
-                entry.architecture,
-                entry.size_bytes,
-                entry.context_length,
-                if is_default { ", the default" } else { "" }
+                "added model {name}: {}\n",
+                described(&entry.path.display().to_string(), &entry, is_default, "")
             )
         },
     )?;
     Ok(())
+}
+
+/// `WHERE (ARCH, N bytes, context N[EXTRA])[, the default]`.
+fn described(place: &str, entry: &ModelEntry, is_default: bool, extra: &str) -> String {
+    format!(
+        "{place} ({}, {} bytes, context {}{extra}){}",
+        entry.architecture,
+        entry.size_bytes,
+        entry.context_length,
+        if is_default { ", the default" } else { "" }
+    )
 }
 
 /// `synesis model pull`: fetch into the store (or find it there), then register.
@@ -227,14 +234,9 @@ pub(crate) async fn pull(out: &Output, paths: &Paths, args: &ModelPullArgs) -> a
                 "SHA-256 checked".to_owned()
             };
             format!(
-                "{} model {name}: {} ({}, {} bytes, context {}; {how}){}\n\
-                 try it: synesis ask --model {name} \"Why is the sky blue?\"\n",
+                "{} model {name}: {}\ntry it: synesis ask --model {name} \"Why is the sky blue?\"\n",
                 if registered { "pulled" } else { "already have" },
-                fetched.source,
-                entry.architecture,
-                entry.size_bytes,
-                entry.context_length,
-                if is_default { ", the default" } else { "" }
+                described(&fetched.source, &entry, is_default, &format!("; {how}")),
             )
         },
     )?;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::Serialize;
 use synesis_infer::GgufMetadata;
 use synesis_proto::message::{AdapterInfo, AdapterRemove, AdaptersRequest};
@@ -369,14 +369,7 @@ impl ProgressView {
         if !terminal {
             return ProgressView::Lines(Lines::new(name));
         }
-        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-        let style = ProgressStyle::with_template(
-            "{msg:12} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}",
-        )
-        .map(|s| s.progress_chars("=> "))
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
-        bar.set_style(style);
-        ProgressView::Bar(bar)
+        ProgressView::Bar(super::bytes_bar(None))
     }
 
     fn show(&mut self, p: &Progress<'_>, now: Instant) {
