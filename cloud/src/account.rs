@@ -4,6 +4,8 @@
 //! was made is refused here, whatever the revocation watcher has done yet.
 
 use synesis_billing::ledger::LedgerError;
+
+use crate::storage::Retryable;
 use synesis_proto::message::{
     AdapterInfo, AdapterRemoved, AdaptersReply, CertRenew, CertRenewed, DeviceLeave, DeviceLeft,
     InviteCreated, Member, MembersReply, ModelPrice, PriceReply, PriceRequest, Role, ServedModel,
@@ -104,7 +106,17 @@ pub(crate) fn close_if_revoked(peer: &Peer, refusal: &Message) {
     }
 }
 
-fn internal(e: impl std::fmt::Display, request_id: RequestId) -> Message {
+/// A failure of ours: `UNAVAILABLE` when the store was only busy (nothing written; the same
+/// request may be sent again), else `INTERNAL`.
+fn internal(e: impl std::fmt::Display + Retryable, request_id: RequestId) -> Message {
+    if e.is_retryable() {
+        tracing::warn!(error = %e, %request_id, "account request met a busy store");
+        return error_msg(
+            ErrorCode::UNAVAILABLE,
+            "the cloud is busy; send the same request again",
+            Some(request_id),
+        );
+    }
     tracing::error!(error = %e, %request_id, "account request failed");
     error_msg(ErrorCode::INTERNAL, "internal error", Some(request_id))
 }

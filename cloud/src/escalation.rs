@@ -935,7 +935,7 @@ impl Admission {
                     // Another member's request id, in whatever state: a conflict, nothing of
                     // it told (its answer, whether it was spent).
                     let theirs = answers::asker(store.connection(), account, id)
-                        .map_err(|e| synesis_billing::ledger::StoreError(e.to_string()))?;
+                        .map_err(synesis_billing::ledger::StoreError::from)?;
                     if theirs.as_ref() != Some(&asker) {
                         return Err(LedgerError::IdempotencyConflict);
                     }
@@ -946,7 +946,7 @@ impl Admission {
                     let since = synesis_billing::month_start(at).ok_or(LedgerError::Overflow)?;
                     let quota =
                         crate::storage::members::quota_use(store.connection(), device, since)
-                            .map_err(|e| synesis_billing::ledger::StoreError(e.to_string()))?;
+                            .map_err(synesis_billing::ledger::StoreError::from)?;
                     if let Some((quota, used)) = quota {
                         let asked = request
                             .input_tokens
@@ -971,7 +971,7 @@ impl Admission {
                         Ok(Some(Ok(Err(held.expires_at))))
                     }
                     HoldState::Settled(_) => answers::get(store.connection(), account, id)
-                        .map_err(|e| synesis_billing::ledger::StoreError(e.to_string()).into())
+                        .map_err(|e| synesis_billing::ledger::StoreError::from(e).into())
                         .map(|a| Some(a.map(Ok).ok_or("settled, but its answer is not stored"))),
                     HoldState::Voided => Ok(Some(Err(
                         "it failed before it produced anything, and was not charged",
@@ -1026,6 +1026,13 @@ fn ledger_refusal(e: LedgerError, id: RequestId) -> Message {
             "this request id was used for another request".into(),
         ),
         LedgerError::Billing(b) => (ErrorCode::UNKNOWN_MODEL, b.to_string()),
+        e if crate::storage::Retryable::is_retryable(e) => {
+            tracing::warn!(error = %e, %id, "escalation met a busy ledger");
+            (
+                ErrorCode::UNAVAILABLE,
+                "the cloud is busy; retry with the same id".into(),
+            )
+        }
         _ => {
             tracing::error!(error = %e, %id, "escalation ledger operation failed");
             (
@@ -1356,7 +1363,7 @@ async fn settle_and_store(
                 asker: None, // derived from the hold when read
             };
             answers::put(store.connection(), account, id, &answer, at)
-                .map_err(|e| synesis_billing::ledger::StoreError(e.to_string()))?;
+                .map_err(synesis_billing::ledger::StoreError::from)?;
             Ok(answer.done)
         })
         .await;
@@ -1400,6 +1407,25 @@ mod tests {
         }
         .usage()
         .output_tokens
+    }
+
+    #[test]
+    fn a_busy_ledger_tells_the_device_to_retry_and_a_broken_one_does_not() {
+        use synesis_billing::ledger::StoreError;
+        let id = RequestId::from_parts(1, [7; 10]);
+        let code = |e: StoreError| match ledger_refusal(LedgerError::Store(e), id) {
+            Message::ErrorMsg(m) => m.code,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            code(StoreError::Conflict("busy".into())),
+            ErrorCode::UNAVAILABLE
+        );
+        assert_eq!(
+            code(StoreError::Unavailable("full".into())),
+            ErrorCode::INTERNAL
+        );
+        assert_eq!(code(StoreError::Corrupt("x".into())), ErrorCode::INTERNAL);
     }
 
     #[test]

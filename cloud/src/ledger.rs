@@ -109,13 +109,34 @@ pub fn transaction<T>(
 
 const COLUMNS: &str = "seq, account_id, request_id, kind, model, device_id, input_tokens, output_tokens, amount, quota_tokens, body, at, expires_at, prev_hash, hash";
 
-fn err(e: impl std::fmt::Display) -> StoreError {
-    StoreError(e.to_string())
+/// A database error as the ledger's rules see it: busy is a retryable conflict, a constraint a
+/// refusal, the disk or the connection unavailable, anything else corrupt data.
+pub(crate) fn err(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode as C;
+    let words = e.to_string();
+    match e.sqlite_error_code() {
+        Some(C::DatabaseBusy | C::DatabaseLocked) => StoreError::Conflict(words),
+        Some(C::ConstraintViolation) => StoreError::Constraint(words),
+        Some(
+            C::DiskFull
+            | C::SystemIoFailure
+            | C::CannotOpen
+            | C::ReadOnly
+            | C::PermissionDenied
+            | C::OutOfMemory,
+        ) => StoreError::Unavailable(words),
+        _ => StoreError::Corrupt(words),
+    }
+}
+
+/// A stored value that does not parse.
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
 }
 
 fn hash32(v: Vec<u8>) -> Result<[u8; 32], StoreError> {
     v.try_into()
-        .map_err(|_| StoreError("a stored hash is not 32 bytes".into()))
+        .map_err(|_| StoreError::Corrupt("a stored hash is not 32 bytes".into()))
 }
 
 /// Reads entries; a row that does not parse is an error (the chain check names it).
@@ -140,7 +161,7 @@ fn query_entries_ordered(
 }
 
 fn u64_of(v: i64, what: &str) -> Result<u64, StoreError> {
-    u64::try_from(v).map_err(|_| StoreError(format!("a stored {what} is negative: {v}")))
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("a stored {what} is negative: {v}")))
 }
 
 /// One row as an entry; a value that does not parse is an error (the chain check names it).
@@ -160,14 +181,14 @@ fn read_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Entry, StoreErro
     Ok((|| {
         Ok(Entry {
             seq: u64_of(seq, "sequence number")?,
-            account: account.parse().map_err(err)?,
-            request_id: request.parse().map_err(err)?,
+            account: account.parse().map_err(corrupt)?,
+            request_id: request.parse().map_err(corrupt)?,
             kind: u8::try_from(kind)
                 .ok()
                 .and_then(EntryKind::from_code)
-                .ok_or_else(|| StoreError(format!("entry {seq}: unknown kind {kind}")))?,
+                .ok_or_else(|| StoreError::Corrupt(format!("entry {seq}: unknown kind {kind}")))?,
             model,
-            device: device.map(|d| d.parse()).transpose().map_err(err)?,
+            device: device.map(|d| d.parse()).transpose().map_err(corrupt)?,
             input_tokens: u64_of(input, "token count")?,
             output_tokens: u64_of(output, "token count")?,
             amount: MicroUsd(amount),
@@ -204,7 +225,7 @@ fn open_holds(
     rows.map(|row| {
         let (request, amount, tokens, expires_at) = row.map_err(err)?;
         Ok(OpenHold {
-            request_id: request.parse().map_err(err)?,
+            request_id: request.parse().map_err(corrupt)?,
             amount: MicroUsd(amount),
             quota_tokens: u64_of(tokens, "token count")?,
             expires_at: expires_at.map(UnixMillis),
@@ -214,7 +235,8 @@ fn open_holds(
 }
 
 fn i64_of(v: u64) -> Result<i64, StoreError> {
-    i64::try_from(v).map_err(|_| StoreError(format!("{v} does not fit a stored integer")))
+    i64::try_from(v)
+        .map_err(|_| StoreError::Constraint(format!("{v} does not fit a stored integer")))
 }
 
 impl Store for SqliteLedger<'_> {
@@ -383,7 +405,7 @@ pub fn stored_states(
     };
     let store = SqliteLedger::new(conn);
     for account in accounts {
-        let id: AccountId = account.parse().map_err(err)?;
+        let id: AccountId = account.parse().map_err(corrupt)?;
         let open_holds = open_holds(conn, "WHERE account_id = ?1", &[&account])?
             .into_iter()
             .map(|h| (h.request_id, h))
@@ -409,6 +431,15 @@ pub enum UsageError {
 impl From<StoreError> for UsageError {
     fn from(e: StoreError) -> Self {
         UsageError::Ledger(e.into())
+    }
+}
+
+impl crate::storage::Retryable for UsageError {
+    fn is_retryable(&self) -> bool {
+        match self {
+            UsageError::Ledger(e) => e.is_retryable(),
+            UsageError::UnknownCursor(_) => false,
+        }
     }
 }
 
@@ -645,7 +676,7 @@ pub async fn expire_lapsed(writer: &LedgerWriter, now: UnixMillis) -> Result<usi
             let rows = stmt
                 .query_map([now.0], |r| r.get::<_, String>(0))
                 .map_err(err)?;
-            rows.map(|id| id.map_err(err)?.parse::<AccountId>().map_err(err))
+            rows.map(|id| id.map_err(err)?.parse::<AccountId>().map_err(corrupt))
                 .collect::<Result<Vec<_>, StoreError>>()
                 .map_err(LedgerError::from)
         })
@@ -657,4 +688,43 @@ pub async fn expire_lapsed(writer: &LedgerWriter, now: UnixMillis) -> Result<usi
             .await?;
     }
     Ok(expired)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_errors_keep_their_kind_so_busy_can_be_retried() {
+        let failure = |code| {
+            err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                None,
+            ))
+        };
+        for busy in [rusqlite::ffi::SQLITE_BUSY, rusqlite::ffi::SQLITE_LOCKED] {
+            let e = failure(busy);
+            assert!(
+                matches!(e, StoreError::Conflict(_)) && e.is_retryable(),
+                "{e}"
+            );
+        }
+        let e = failure(rusqlite::ffi::SQLITE_CONSTRAINT);
+        assert!(
+            matches!(e, StoreError::Constraint(_)) && !e.is_retryable(),
+            "{e}"
+        );
+        for gone in [rusqlite::ffi::SQLITE_FULL, rusqlite::ffi::SQLITE_IOERR] {
+            let e = failure(gone);
+            assert!(
+                matches!(e, StoreError::Unavailable(_)) && !e.is_retryable(),
+                "{e}"
+            );
+        }
+        let e = corrupt("not an id");
+        assert!(matches!(e, StoreError::Corrupt(_)), "{e}");
+        // Through the storage layer's error as well.
+        let e = StoreError::from(crate::storage::StorageError::Conflict);
+        assert!(e.is_retryable(), "{e}");
+    }
 }

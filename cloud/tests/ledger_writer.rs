@@ -74,7 +74,7 @@ async fn each_operation_is_all_or_nothing_inside_a_shared_transaction() {
     assert!(
         results
             .iter()
-            .filter(|r| matches!(r, Err(LedgerError::Store(StoreError(_)))))
+            .filter(|r| matches!(r, Err(LedgerError::Store(StoreError::Unavailable(_)))))
             .count()
             == 100
     );
@@ -228,11 +228,11 @@ fn cap(writer: &LedgerWriter, pages: Option<u64>) {
             let now: u64 = s
                 .connection()
                 .query_row("PRAGMA page_count", [], |r| r.get(0))
-                .map_err(|e| StoreError(e.to_string()))?;
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
             let limit = pages.unwrap_or(now).to_string();
             s.connection()
                 .pragma_update(None, "max_page_count", limit)
-                .map_err(|e| StoreError(e.to_string()))?;
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
             Ok(())
         })
         .unwrap();
@@ -257,7 +257,7 @@ fn a_full_disk_refuses_cleanly_and_the_writer_goes_on() {
         }
     };
     assert!(
-        matches!(&refused, LedgerError::Store(StoreError(why)) if why.contains("full")),
+        matches!(&refused, LedgerError::Store(StoreError::Unavailable(why)) if why.contains("full")),
         "{refused}"
     );
 
@@ -292,4 +292,33 @@ fn a_full_disk_refuses_cleanly_and_the_writer_goes_on() {
         .run_blocking(move |s| top_up(s, account, id, MicroUsd(1), NOW))
         .unwrap();
     check(kept + 1);
+}
+
+/// Another process holding the database's write lock past the busy timeout: the operation is
+/// refused as a conflict (retryable: nothing was written), and the same request, sent again once
+/// the lock is gone, is applied once.
+#[test]
+fn a_database_held_by_another_writer_is_a_retryable_conflict() {
+    let (dir, account, writer) = managed_account();
+    let other = rusqlite::Connection::open(dir.path().join("cloud.db")).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let id = rid(1);
+    let refused = writer
+        .run_blocking(move |s| top_up(s, account, id, MicroUsd(5), NOW))
+        .unwrap_err();
+    assert!(
+        matches!(&refused, LedgerError::Store(e @ StoreError::Conflict(_)) if e.is_retryable()),
+        "{refused}"
+    );
+    other.execute_batch("ROLLBACK").unwrap();
+    writer
+        .run_blocking(move |s| top_up(s, account, id, MicroUsd(5), NOW))
+        .unwrap();
+    writer
+        .run_blocking(move |s| top_up(s, account, id, MicroUsd(5), NOW))
+        .unwrap();
+    let b = writer
+        .run_blocking(move |s| balance(s, account, NOW))
+        .unwrap();
+    assert_eq!(b.balance, MicroUsd(5));
 }

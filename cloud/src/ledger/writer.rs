@@ -78,7 +78,9 @@ where
             (Some(Err(refused)), _) => Err(refused),
             (Some(Ok(value)), Ok(())) => Ok(value),
             (_, Err(e)) => Err(e.into()),
-            (None, Ok(())) => Err(StoreError("the ledger operation did not run".into()).into()),
+            (None, Ok(())) => {
+                Err(StoreError::Unavailable("the ledger operation did not run".into()).into())
+            }
         };
         // The caller may have gone (a closed connection); the outcome is kept regardless.
         let _ = self.reply.send(answer);
@@ -86,7 +88,7 @@ where
 }
 
 fn stopped() -> LedgerError {
-    StoreError("the ledger writer has stopped".into()).into()
+    StoreError::Unavailable("the ledger writer has stopped".into()).into()
 }
 
 impl LedgerWriter {
@@ -191,7 +193,7 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), StoreE
         conn.prepare_cached(sql)
             .and_then(|mut stmt| stmt.execute([]))
             .map(drop)
-            .map_err(|e| StoreError(e.to_string()))
+            .map_err(crate::ledger::err)
     };
     sql("BEGIN IMMEDIATE")?;
     let ran = (|| {

@@ -72,6 +72,47 @@ impl From<rusqlite::Error> for StorageError {
     }
 }
 
+/// Whether a failure meant "busy, nothing written": the same request, with the same id, may be
+/// sent again. Devices are told so (`UNAVAILABLE`) instead of `INTERNAL`.
+pub trait Retryable {
+    fn is_retryable(&self) -> bool;
+}
+
+impl Retryable for StorageError {
+    fn is_retryable(&self) -> bool {
+        StorageError::is_retryable(self)
+    }
+}
+
+impl Retryable for synesis_billing::ledger::StoreError {
+    fn is_retryable(&self) -> bool {
+        synesis_billing::ledger::StoreError::is_retryable(self)
+    }
+}
+
+impl Retryable for synesis_billing::ledger::LedgerError {
+    fn is_retryable(&self) -> bool {
+        matches!(self, synesis_billing::ledger::LedgerError::Store(s) if s.is_retryable())
+    }
+}
+
+/// A storage error inside a ledger operation: its kind kept, so the retry signal survives.
+impl From<StorageError> for synesis_billing::ledger::StoreError {
+    fn from(e: StorageError) -> Self {
+        use synesis_billing::ledger::StoreError as S;
+        match e {
+            StorageError::Conflict => S::Conflict(e.to_string()),
+            StorageError::Backend(db) => crate::ledger::err(db),
+            StorageError::Io { .. } => S::Unavailable(e.to_string()),
+            StorageError::Corrupt(_) | StorageError::Schema { .. } => S::Corrupt(e.to_string()),
+            StorageError::AccountExists(_)
+            | StorageError::NoSuchAccount(_)
+            | StorageError::NoSuchDevice(_)
+            | StorageError::NoSuchMember(_) => S::Constraint(e.to_string()),
+        }
+    }
+}
+
 /// Why an enrollment was refused: each maps to a protocol error code. The messages are what an
 /// unauthenticated peer reads: plain words, never database text.
 #[derive(Debug, thiserror::Error)]

@@ -291,10 +291,31 @@ pub fn rebuild_states(entries: &[Entry]) -> Result<BTreeMap<AccountId, AccountSt
     Ok(states)
 }
 
-/// A storage failure, as text (each store has its own error type).
+/// A storage failure: what kind (callers branch on it), and the store's own words.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("ledger storage: {0}")]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    /// The store was busy (another writer held it, a serialisation conflict, a full queue):
+    /// nothing was written, and the same operation, with the same request id, may be retried.
+    #[error("ledger storage is busy, nothing was written: {0}")]
+    Conflict(String),
+    /// A rule the store enforces refused the write (a duplicate key, a check): retrying the same
+    /// write gets the same answer.
+    #[error("ledger storage refused the write: {0}")]
+    Constraint(String),
+    /// The store cannot be read or written now (IO, a full disk, a stopped writer).
+    #[error("ledger storage is unavailable: {0}")]
+    Unavailable(String),
+    /// What the store holds does not read as ledger data.
+    #[error("ledger storage holds data this build cannot read: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Whether the same operation may succeed if tried again (nothing was written).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Conflict(_))
+    }
+}
 
 /// Where entries live. Implementations append atomically and in order, and keep each account's
 /// [`Totals`] and open holds as the entries say.
@@ -378,9 +399,12 @@ impl Store for MemoryStore {
     fn append(&mut self, entry: &Entry, totals: &Totals) -> Result<(), StoreError> {
         let state = self.states.entry(entry.account).or_default();
         let mut next = state.clone();
-        next.apply(entry).map_err(|e| StoreError(e.to_string()))?;
+        next.apply(entry)
+            .map_err(|e| StoreError::Constraint(e.to_string()))?;
         if next.totals != *totals {
-            return Err(StoreError("the totals do not follow from the entry".into()));
+            return Err(StoreError::Constraint(
+                "the totals do not follow from the entry".into(),
+            ));
         }
         *state = next;
         self.entries.push(entry.clone());
