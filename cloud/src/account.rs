@@ -4,8 +4,6 @@
 //! was made is refused here, whatever the revocation watcher has done yet.
 
 use synesis_billing::ledger::LedgerError;
-
-use crate::storage::Retryable;
 use synesis_proto::message::{
     AdapterInfo, AdapterRemoved, AdaptersReply, CertRenew, CertRenewed, DeviceLeave, DeviceLeft,
     InviteCreated, Member, MembersReply, ModelPrice, PriceReply, PriceRequest, Role, ServedModel,
@@ -17,7 +15,9 @@ use crate::endpoint::Peer;
 use crate::ledger::LedgerReads;
 use crate::shared::now;
 use crate::storage::adapters::Removed;
-use crate::storage::{Accounts, Devices, IssuedCert, Renewal};
+use crate::storage::{
+    Accounts, AdapterStore, AnswerStore, Devices, IssuedCert, MemberStore, Renewal,
+};
 use crate::streams::{Stream, error_msg};
 
 pub(crate) async fn serve(peer: &Peer, request: Message, mut stream: Stream) {
@@ -106,17 +106,7 @@ pub(crate) fn close_if_revoked(peer: &Peer, refusal: &Message) {
     }
 }
 
-/// A failure of ours: `UNAVAILABLE` when the store was only busy (nothing written; the same
-/// request may be sent again), else `INTERNAL`.
-fn internal(e: impl std::fmt::Display + Retryable, request_id: RequestId) -> Message {
-    if e.is_retryable() {
-        tracing::warn!(error = %e, %request_id, "account request met a busy store");
-        return error_msg(
-            ErrorCode::UNAVAILABLE,
-            "the cloud is busy; send the same request again",
-            Some(request_id),
-        );
-    }
+fn internal(e: impl std::fmt::Display, request_id: RequestId) -> Message {
     tracing::error!(error = %e, %request_id, "account request failed");
     error_msg(ErrorCode::INTERNAL, "internal error", Some(request_id))
 }
@@ -182,7 +172,8 @@ async fn usage(peer: &Peer, r: UsageRequest) -> Message {
                 let member = match role {
                     Some(Role::Owner) => None,
                     _ => Some(
-                        crate::storage::answers::asker_of_device(db.connection(), device)?
+                        db.unit()
+                            .asker_of_device(device)?
                             .ok_or(crate::storage::StorageError::NoSuchDevice(device))?,
                     ),
                 };
@@ -366,7 +357,7 @@ async fn adapters(peer: &Peer, request_id: RequestId) -> Message {
     match peer
         .shared
         .storage
-        .read(move |db| crate::storage::adapters::list(db.connection(), account))
+        .read(move |db| db.unit().adapters(account))
         .await
     {
         Ok(rows) => AdaptersReply {
@@ -426,7 +417,7 @@ async fn members(peer: &Peer, request_id: RequestId) -> Message {
     match peer
         .shared
         .storage
-        .read(move |db| crate::storage::members::list(db.connection(), account))
+        .read(move |db| db.unit().members(account))
         .await
     {
         Ok(rows) => MembersReply {
@@ -650,7 +641,7 @@ async fn pending_invites(peer: &Peer, request_id: RequestId) -> Message {
     match peer
         .shared
         .storage
-        .read(move |db| crate::storage::members::pending_invites(db.connection(), account, at))
+        .read(move |db| db.unit().pending_invites(account, at))
         .await
     {
         Ok(invites) => synesis_proto::message::InvitesReply {

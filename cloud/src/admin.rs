@@ -13,7 +13,7 @@ use synesis_proto::{AccountId, DeviceId, SetupToken, UnixMillis};
 use crate::endpoint::LISTEN_ADDR_FILE;
 use crate::pki::Pki;
 use crate::shared::now;
-use crate::storage::{Accounts, DB_FILE, Db, DeviceRow, Devices, Vouchers};
+use crate::storage::{Accounts, DB_FILE, Db, DeviceRow, Devices, MemberStore, Vouchers};
 
 fn open(dir: &Path) -> anyhow::Result<Db> {
     crate::storage::open_dir(dir)?;
@@ -85,16 +85,8 @@ pub fn member_add(
         bail!("a member's name is 1 to 254 bytes (an e-mail address, a name)");
     }
     let id = uuid::Uuid::now_v7().to_string();
-    crate::storage::members::add(
-        db.connection(),
-        acct.id,
-        &id,
-        &name,
-        role,
-        quota_tokens,
-        "operator",
-        now(),
-    )?;
+    db.unit()
+        .add_member(acct.id, &id, &name, role, quota_tokens, "operator", now())?;
     println!(
         "added {name} to {account} as {}",
         crate::storage::members::role_str(role)
@@ -110,7 +102,8 @@ pub fn member_role(
 ) -> anyhow::Result<()> {
     let db = open(dir)?;
     let acct = db.account_by_name(account)?;
-    crate::storage::members::set_role(db.connection(), acct.id, name, role, "operator", now())?;
+    db.unit()
+        .set_member_role(acct.id, name, role, "operator", now())?;
     println!(
         "{name} is now {} in {account}",
         crate::storage::members::role_str(role)
@@ -139,7 +132,9 @@ struct MemberView {
 pub fn members(dir: &Path, account: &str, json: bool) -> anyhow::Result<()> {
     let db = open(dir)?;
     let acct = db.account_by_name(account)?;
-    let views: Vec<MemberView> = crate::storage::members::list(db.connection(), acct.id)?
+    let views: Vec<MemberView> = db
+        .unit()
+        .members(acct.id)?
         .into_iter()
         .map(|m| MemberView {
             name: crate::storage::printable(&m.name),
@@ -666,7 +661,7 @@ pub fn uploads(dir: &Path, json: bool) -> anyhow::Result<()> {
 pub fn audit(dir: &Path, account: &str, json: bool) -> anyhow::Result<()> {
     let db = open(dir)?;
     let acct = db.account_by_name(account)?;
-    let rows = crate::storage::members::audit_log(db.connection(), acct.id)?;
+    let rows = db.unit().audit_log(acct.id)?;
     if json {
         println!("{}", serde_json::to_string(&rows)?);
         return Ok(());

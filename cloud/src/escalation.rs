@@ -58,8 +58,8 @@ use crate::config::{EscalationSettings, ProviderConfig, Serving};
 use crate::endpoint::Peer;
 use crate::provider::{ApiKey, Ask, Event, Provider, ProviderError, ProviderUsage};
 use crate::shared::{Shared, now};
-use crate::storage::answers::{self, Asker, StoredAnswer};
-use crate::storage::{Accounts, StorageError};
+use crate::storage::answers::{Asker, StoredAnswer};
+use crate::storage::{Accounts, AdapterStore, AnswerStore, MemberStore, StorageError};
 use crate::streams::{Stream, error_msg};
 
 /// A generation stops this long (at most a fifth of its hold's time) before its hold expires,
@@ -417,7 +417,7 @@ async fn asker_of(peer: &Peer) -> Result<Asker, Message> {
     match peer
         .shared
         .storage
-        .read(move |db| answers::asker_of_device(db.connection(), device))
+        .read(move |db| db.unit().asker_of_device(device))
         .await
     {
         Ok(Some(asker)) => Ok(asker),
@@ -464,7 +464,7 @@ async fn resume(peer: &Peer, asker: &Asker, r: EscalationResume, stream: &mut St
     let stored = peer
         .shared
         .storage
-        .read(move |db| answers::get(db.connection(), account, request_id))
+        .read(move |db| db.unit().answer(account, request_id))
         .await;
     match stored {
         Ok(Some(answer)) if answer.asker.as_ref() == Some(asker) => {
@@ -672,7 +672,7 @@ impl Admission {
             .shared
             .storage
             .read(move |db| {
-                Ok(match answers::get(db.connection(), account, id)? {
+                Ok(match db.unit().answer(account, id)? {
                     Some(answer) => Err(answer),
                     None => Ok(db.account_by_id(account)?),
                 })
@@ -795,7 +795,7 @@ impl Admission {
             let pushed = self
                 .shared
                 .storage
-                .read(move |db| crate::storage::adapters::adapter(db.connection(), account, &name))
+                .read(move |db| db.unit().adapter(account, &name))
                 .await
                 .map_err(|e| {
                     tracing::error!(error = %e, "adapter lookup failed");
@@ -934,7 +934,9 @@ impl Admission {
                 if !matches!(state, HoldState::Unused | HoldState::Other) {
                     // Another member's request id, in whatever state: a conflict, nothing of
                     // it told (its answer, whether it was spent).
-                    let theirs = answers::asker(store.connection(), account, id)
+                    let theirs = store
+                        .unit()
+                        .asker(account, id)
                         .map_err(synesis_billing::ledger::StoreError::from)?;
                     if theirs.as_ref() != Some(&asker) {
                         return Err(LedgerError::IdempotencyConflict);
@@ -944,9 +946,10 @@ impl Admission {
                     // The member's own monthly quota, read with the hold it decides on (one
                     // writer: concurrent requests cannot both fit in the same room).
                     let since = synesis_billing::month_start(at).ok_or(LedgerError::Overflow)?;
-                    let quota =
-                        crate::storage::members::quota_use(store.connection(), device, since)
-                            .map_err(synesis_billing::ledger::StoreError::from)?;
+                    let quota = store
+                        .unit()
+                        .member_quota_use(device, since)
+                        .map_err(synesis_billing::ledger::StoreError::from)?;
                     if let Some((quota, used)) = quota {
                         let asked = request
                             .input_tokens
@@ -970,7 +973,9 @@ impl Admission {
                         )?;
                         Ok(Some(Ok(Err(held.expires_at))))
                     }
-                    HoldState::Settled(_) => answers::get(store.connection(), account, id)
+                    HoldState::Settled(_) => store
+                        .unit()
+                        .answer(account, id)
                         .map_err(|e| synesis_billing::ledger::StoreError::from(e).into())
                         .map(|a| Some(a.map(Ok).ok_or("settled, but its answer is not stored"))),
                     HoldState::Voided => Ok(Some(Err(
@@ -1026,13 +1031,6 @@ fn ledger_refusal(e: LedgerError, id: RequestId) -> Message {
             "this request id was used for another request".into(),
         ),
         LedgerError::Billing(b) => (ErrorCode::UNKNOWN_MODEL, b.to_string()),
-        e if crate::storage::Retryable::is_retryable(e) => {
-            tracing::warn!(error = %e, %id, "escalation met a busy ledger");
-            (
-                ErrorCode::UNAVAILABLE,
-                "the cloud is busy; retry with the same id".into(),
-            )
-        }
         _ => {
             tracing::error!(error = %e, %id, "escalation ledger operation failed");
             (
@@ -1362,7 +1360,9 @@ async fn settle_and_store(
                 done,
                 asker: None, // derived from the hold when read
             };
-            answers::put(store.connection(), account, id, &answer, at)
+            store
+                .unit()
+                .put_answer(account, id, &answer, at)
                 .map_err(synesis_billing::ledger::StoreError::from)?;
             Ok(answer.done)
         })
@@ -1407,25 +1407,6 @@ mod tests {
         }
         .usage()
         .output_tokens
-    }
-
-    #[test]
-    fn a_busy_ledger_tells_the_device_to_retry_and_a_broken_one_does_not() {
-        use synesis_billing::ledger::StoreError;
-        let id = RequestId::from_parts(1, [7; 10]);
-        let code = |e: StoreError| match ledger_refusal(LedgerError::Store(e), id) {
-            Message::ErrorMsg(m) => m.code,
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(
-            code(StoreError::Conflict("busy".into())),
-            ErrorCode::UNAVAILABLE
-        );
-        assert_eq!(
-            code(StoreError::Unavailable("full".into())),
-            ErrorCode::INTERNAL
-        );
-        assert_eq!(code(StoreError::Corrupt("x".into())), ErrorCode::INTERNAL);
     }
 
     #[test]

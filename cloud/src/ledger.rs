@@ -25,6 +25,11 @@ impl<'c> SqliteLedger<'c> {
         SqliteLedger { conn }
     }
 
+    /// Reads and writes inside the operation's transaction, through the repository traits.
+    pub fn unit(&self) -> crate::storage::Unit<'c> {
+        crate::storage::Unit::new(self.conn)
+    }
+
     /// The connection the operation runs on, inside its transaction and savepoint.
     pub fn connection(&self) -> &'c Connection {
         self.conn
@@ -431,15 +436,6 @@ pub enum UsageError {
 impl From<StoreError> for UsageError {
     fn from(e: StoreError) -> Self {
         UsageError::Ledger(e.into())
-    }
-}
-
-impl crate::storage::Retryable for UsageError {
-    fn is_retryable(&self) -> bool {
-        match self {
-            UsageError::Ledger(e) => e.is_retryable(),
-            UsageError::UnknownCursor(_) => false,
-        }
     }
 }
 

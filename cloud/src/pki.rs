@@ -39,13 +39,6 @@ pub enum PkiError {
     BadExpiry,
 }
 
-/// Signing and key files: never a busy store.
-impl crate::storage::Retryable for PkiError {
-    fn is_retryable(&self) -> bool {
-        false
-    }
-}
-
 pub struct Pki {
     ca_der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,

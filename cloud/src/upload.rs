@@ -27,6 +27,7 @@ use tokio::time::timeout;
 
 use crate::endpoint::Peer;
 use crate::shared::{Shared, now};
+use crate::storage::AdapterStore;
 use crate::storage::adapters::{self, Begun, Declared, Quota};
 use crate::streams::Stream;
 
@@ -764,7 +765,7 @@ async fn finish(
     }
     let row = shared
         .storage
-        .read(move |db| adapters::upload_row(db.connection(), account, id))
+        .read(move |db| db.unit().upload(account, id))
         .await
         .map_err(Refusal::internal)?
         .ok_or_else(|| {
@@ -789,7 +790,7 @@ async fn finish(
     let (sha, size) = (d.sha256, d.size_bytes);
     let held_already = shared
         .storage
-        .read(move |db| adapters::holds(db.connection(), account, &sha, size))
+        .read(move |db| db.unit().holds_content(account, &sha, size))
         .await
         .map_err(Refusal::internal)?;
     let architecture = base_architecture(shared, &d.base_model).ok_or_else(|| {
@@ -829,7 +830,7 @@ async fn finish(
                 let _ = shared
                     .storage
                     .write(move |db| {
-                        adapters::discard(db.connection(), account, id)?;
+                        db.unit().discard_upload(account, id)?;
                         let _ = std::fs::remove_file(&part);
                         Ok(())
                     })
@@ -855,7 +856,7 @@ async fn finish(
     if !stored {
         let _ = shared
             .storage
-            .write(move |db| adapters::discard(db.connection(), account, id))
+            .write(move |db| db.unit().discard_upload(account, id))
             .await;
         return Err(Refusal(
             ErrorCode::NOT_FOUND,

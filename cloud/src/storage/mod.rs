@@ -18,8 +18,10 @@ pub mod answers;
 pub mod members;
 pub mod schema;
 mod sqlite;
+pub mod unit;
 
 pub use sqlite::{Db, connect};
+pub use unit::{AdapterStore, AnswerStore, MemberStore, Unit};
 
 /// The database file in the data directory.
 pub const DB_FILE: &str = "cloud.db";
@@ -69,30 +71,6 @@ impl From<rusqlite::Error> for StorageError {
             }
             _ => StorageError::Backend(e),
         }
-    }
-}
-
-/// Whether a failure meant "busy, nothing written": the same request, with the same id, may be
-/// sent again. Devices are told so (`UNAVAILABLE`) instead of `INTERNAL`.
-pub trait Retryable {
-    fn is_retryable(&self) -> bool;
-}
-
-impl Retryable for StorageError {
-    fn is_retryable(&self) -> bool {
-        StorageError::is_retryable(self)
-    }
-}
-
-impl Retryable for synesis_billing::ledger::StoreError {
-    fn is_retryable(&self) -> bool {
-        synesis_billing::ledger::StoreError::is_retryable(self)
-    }
-}
-
-impl Retryable for synesis_billing::ledger::LedgerError {
-    fn is_retryable(&self) -> bool {
-        matches!(self, synesis_billing::ledger::LedgerError::Store(s) if s.is_retryable())
     }
 }
 

@@ -122,6 +122,11 @@ impl Db {
         Ok(Db { conn })
     }
 
+    /// Reads and writes on this connection, through the repository traits.
+    pub fn unit(&self) -> super::Unit<'_> {
+        super::Unit::new(&self.conn)
+    }
+
     /// The raw connection, for the ledger's transactions and reports over the same file.
     pub fn connection(&self) -> &Connection {
         &self.conn

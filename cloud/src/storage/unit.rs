@@ -1,0 +1,221 @@
+//! The unit of work handlers go through, and one repository trait per aggregate over it.
+//!
+//! A [`Unit`] is where a handler's reads and writes land: the storage thread's connection
+//! ([`super::Db::unit`]) or the ledger writer's open transaction ([`crate::ledger::SqliteLedger::unit`]),
+//! so a handler that changes two aggregates atomically does it through one unit. Handlers name
+//! what they need (`MemberStore`, `AdapterStore`, `AnswerStore`); how it is stored stays in this
+//! module's siblings. SQLite is the one backend today.
+
+use rusqlite::Connection;
+use synesis_proto::message::{PendingInvite, Role};
+use synesis_proto::{AccountId, DeviceId, RequestId, Sha256, UnixMillis};
+
+use super::StorageError;
+use super::adapters::{AdapterRow, UploadRow};
+use super::answers::{Asker, StoredAnswer};
+use super::members::{AuditRow, MemberError, MemberRow};
+
+/// Reads and writes inside one transaction (or on one connection), whatever the aggregate.
+#[derive(Debug, Clone, Copy)]
+pub struct Unit<'c> {
+    conn: &'c Connection,
+}
+
+impl<'c> Unit<'c> {
+    pub(crate) fn new(conn: &'c Connection) -> Unit<'c> {
+        Unit { conn }
+    }
+}
+
+/// Members of an account, their roles, quotas, invitations and the audit log.
+pub trait MemberStore {
+    fn members(&self, account: AccountId) -> Result<Vec<MemberRow>, StorageError>;
+    #[allow(clippy::too_many_arguments)]
+    fn add_member(
+        &self,
+        account: AccountId,
+        id: &str,
+        name: &str,
+        role: Role,
+        quota_tokens: Option<u64>,
+        actor: &str,
+        now: UnixMillis,
+    ) -> Result<(), MemberError>;
+    fn set_member_role(
+        &self,
+        account: AccountId,
+        name: &str,
+        role: Role,
+        actor: &str,
+        now: UnixMillis,
+    ) -> Result<(), MemberError>;
+    /// Tokens the device's member used since `month_start`, and their quota (`None`: the
+    /// device has no member with a quota).
+    fn member_quota_use(
+        &self,
+        device: DeviceId,
+        month_start: UnixMillis,
+    ) -> Result<Option<(u64, u64)>, StorageError>;
+    fn pending_invites(
+        &self,
+        account: AccountId,
+        now: UnixMillis,
+    ) -> Result<Vec<PendingInvite>, StorageError>;
+    fn audit_log(&self, account: AccountId) -> Result<Vec<AuditRow>, StorageError>;
+}
+
+/// Adapter uploads in progress, the content an account holds, and adapter names.
+pub trait AdapterStore {
+    fn upload(
+        &self,
+        account: AccountId,
+        upload: RequestId,
+    ) -> Result<Option<UploadRow>, StorageError>;
+    /// Whether the account holds content with this digest and size.
+    fn holds_content(
+        &self,
+        account: AccountId,
+        sha: &Sha256,
+        size: u64,
+    ) -> Result<bool, StorageError>;
+    fn discard_upload(&self, account: AccountId, upload: RequestId) -> Result<(), StorageError>;
+    fn adapter(&self, account: AccountId, name: &str) -> Result<Option<AdapterRow>, StorageError>;
+    fn adapters(&self, account: AccountId) -> Result<Vec<AdapterRow>, StorageError>;
+}
+
+/// Finished escalations' answers, and who may read them.
+pub trait AnswerStore {
+    /// The member a device acts for.
+    fn asker_of_device(&self, device: DeviceId) -> Result<Option<Asker>, StorageError>;
+    /// The member whose device asked `request_id` of `account`.
+    fn asker(
+        &self,
+        account: AccountId,
+        request_id: RequestId,
+    ) -> Result<Option<Asker>, StorageError>;
+    fn answer(
+        &self,
+        account: AccountId,
+        request_id: RequestId,
+    ) -> Result<Option<StoredAnswer>, StorageError>;
+    fn put_answer(
+        &self,
+        account: AccountId,
+        request_id: RequestId,
+        answer: &StoredAnswer,
+        at: UnixMillis,
+    ) -> Result<(), StorageError>;
+}
+
+impl MemberStore for Unit<'_> {
+    fn members(&self, account: AccountId) -> Result<Vec<MemberRow>, StorageError> {
+        super::members::list(self.conn, account)
+    }
+
+    fn add_member(
+        &self,
+        account: AccountId,
+        id: &str,
+        name: &str,
+        role: Role,
+        quota_tokens: Option<u64>,
+        actor: &str,
+        now: UnixMillis,
+    ) -> Result<(), MemberError> {
+        super::members::add(self.conn, account, id, name, role, quota_tokens, actor, now)
+    }
+
+    fn set_member_role(
+        &self,
+        account: AccountId,
+        name: &str,
+        role: Role,
+        actor: &str,
+        now: UnixMillis,
+    ) -> Result<(), MemberError> {
+        super::members::set_role(self.conn, account, name, role, actor, now)
+    }
+
+    fn member_quota_use(
+        &self,
+        device: DeviceId,
+        month_start: UnixMillis,
+    ) -> Result<Option<(u64, u64)>, StorageError> {
+        super::members::quota_use(self.conn, device, month_start)
+    }
+
+    fn pending_invites(
+        &self,
+        account: AccountId,
+        now: UnixMillis,
+    ) -> Result<Vec<PendingInvite>, StorageError> {
+        super::members::pending_invites(self.conn, account, now)
+    }
+
+    fn audit_log(&self, account: AccountId) -> Result<Vec<AuditRow>, StorageError> {
+        super::members::audit_log(self.conn, account)
+    }
+}
+
+impl AdapterStore for Unit<'_> {
+    fn upload(
+        &self,
+        account: AccountId,
+        upload: RequestId,
+    ) -> Result<Option<UploadRow>, StorageError> {
+        super::adapters::upload_row(self.conn, account, upload)
+    }
+
+    fn holds_content(
+        &self,
+        account: AccountId,
+        sha: &Sha256,
+        size: u64,
+    ) -> Result<bool, StorageError> {
+        super::adapters::holds(self.conn, account, sha, size)
+    }
+
+    fn discard_upload(&self, account: AccountId, upload: RequestId) -> Result<(), StorageError> {
+        super::adapters::discard(self.conn, account, upload)
+    }
+
+    fn adapter(&self, account: AccountId, name: &str) -> Result<Option<AdapterRow>, StorageError> {
+        super::adapters::adapter(self.conn, account, name)
+    }
+
+    fn adapters(&self, account: AccountId) -> Result<Vec<AdapterRow>, StorageError> {
+        super::adapters::list(self.conn, account)
+    }
+}
+
+impl AnswerStore for Unit<'_> {
+    fn asker_of_device(&self, device: DeviceId) -> Result<Option<Asker>, StorageError> {
+        super::answers::asker_of_device(self.conn, device)
+    }
+
+    fn asker(
+        &self,
+        account: AccountId,
+        request_id: RequestId,
+    ) -> Result<Option<Asker>, StorageError> {
+        super::answers::asker(self.conn, account, request_id)
+    }
+
+    fn answer(
+        &self,
+        account: AccountId,
+        request_id: RequestId,
+    ) -> Result<Option<StoredAnswer>, StorageError> {
+        super::answers::get(self.conn, account, request_id)
+    }
+
+    fn put_answer(
+        &self,
+        account: AccountId,
+        request_id: RequestId,
+        answer: &StoredAnswer,
+        at: UnixMillis,
+    ) -> Result<(), StorageError> {
+        super::answers::put(self.conn, account, request_id, answer, at)
+    }
+}
