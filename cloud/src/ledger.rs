@@ -114,24 +114,9 @@ pub fn transaction<T>(
 
 const COLUMNS: &str = "seq, account_id, request_id, kind, model, device_id, input_tokens, output_tokens, amount, quota_tokens, body, at, expires_at, prev_hash, hash";
 
-/// A database error as the ledger's rules see it: busy is a retryable conflict, a constraint a
-/// refusal, the disk or the connection unavailable, anything else corrupt data.
+/// A database error, its kind kept ([`crate::storage::store_error`]).
 pub(crate) fn err(e: rusqlite::Error) -> StoreError {
-    use rusqlite::ErrorCode as C;
-    let words = e.to_string();
-    match e.sqlite_error_code() {
-        Some(C::DatabaseBusy | C::DatabaseLocked) => StoreError::Conflict(words),
-        Some(C::ConstraintViolation) => StoreError::Constraint(words),
-        Some(
-            C::DiskFull
-            | C::SystemIoFailure
-            | C::CannotOpen
-            | C::ReadOnly
-            | C::PermissionDenied
-            | C::OutOfMemory,
-        ) => StoreError::Unavailable(words),
-        _ => StoreError::Corrupt(words),
-    }
+    crate::storage::store_error(e)
 }
 
 /// A stored value that does not parse.

@@ -74,13 +74,34 @@ impl From<rusqlite::Error> for StorageError {
     }
 }
 
+/// A database error as the ledger's rules see it: busy is a retryable conflict, a constraint a
+/// refusal, the disk or the connection unavailable, anything else corrupt data.
+pub fn store_error(e: rusqlite::Error) -> synesis_billing::ledger::StoreError {
+    use rusqlite::ErrorCode as C;
+    use synesis_billing::ledger::StoreError as S;
+    let words = e.to_string();
+    match e.sqlite_error_code() {
+        Some(C::DatabaseBusy | C::DatabaseLocked) => S::Conflict(words),
+        Some(C::ConstraintViolation) => S::Constraint(words),
+        Some(
+            C::DiskFull
+            | C::SystemIoFailure
+            | C::CannotOpen
+            | C::ReadOnly
+            | C::PermissionDenied
+            | C::OutOfMemory,
+        ) => S::Unavailable(words),
+        _ => S::Corrupt(words),
+    }
+}
+
 /// A storage error inside a ledger operation: its kind kept, so the retry signal survives.
 impl From<StorageError> for synesis_billing::ledger::StoreError {
     fn from(e: StorageError) -> Self {
         use synesis_billing::ledger::StoreError as S;
         match e {
             StorageError::Conflict => S::Conflict(e.to_string()),
-            StorageError::Backend(db) => crate::ledger::err(db),
+            StorageError::Backend(db) => store_error(db),
             StorageError::Io { .. } => S::Unavailable(e.to_string()),
             StorageError::Corrupt(_) | StorageError::Schema { .. } => S::Corrupt(e.to_string()),
             StorageError::AccountExists(_)

@@ -1,8 +1,8 @@
 //! The unit of work handlers go through, and one repository trait per aggregate over it.
 //!
 //! A [`Unit`] is where a handler's reads and writes land: the storage thread's connection
-//! ([`super::Db::unit`]) or the ledger writer's open transaction ([`crate::ledger::SqliteLedger::unit`]),
-//! so a handler that changes two aggregates atomically does it through one unit. Handlers name
+//! ([`super::Db::unit`]) or the ledger writer's open transaction (`SqliteLedger::unit`), so a
+//! handler that changes two aggregates atomically does it through one unit. Handlers name
 //! what they need (`MemberStore`, `AdapterStore`, `AnswerStore`); how it is stored stays in this
 //! module's siblings. SQLite is the one backend today.
 
