@@ -16,7 +16,8 @@ use crate::ledger::LedgerReads;
 use crate::shared::now;
 use crate::storage::adapters::Removed;
 use crate::storage::{
-    Accounts, AdapterStore, AnswerStore, Devices, IssuedCert, MemberStore, Renewal,
+    Accounts, AdapterChanges, AdapterStore, AnswerStore, Devices, IssuedCert, MemberChanges,
+    MemberStore, Renewal,
 };
 use crate::streams::{Stream, error_msg};
 
@@ -386,9 +387,7 @@ async fn remove_adapter(peer: &Peer, request_id: RequestId, name: String) -> Mes
     match peer
         .shared
         .storage
-        .write(move |db| {
-            crate::storage::adapters::remove(db.connection_mut(), account, request_id, &n, now())
-        })
+        .write(move |db| db.remove_adapter(account, request_id, &n, now()))
         .await
     {
         Ok(Removed::Removed(sha256)) => AdapterRemoved {
@@ -495,7 +494,7 @@ async fn invite(peer: &Peer, r: synesis_proto::message::InviteCreate) -> Message
                 created_by: device,
                 expires_at,
             };
-            crate::storage::members::invite(db.connection_mut(), &invitation, at)
+            db.invite(&invitation, at)
                 .map_err(|e| crate::storage::StorageError::Corrupt(e.to_string()))
         })
         .await;
@@ -550,15 +549,7 @@ async fn remove_member(peer: &Peer, request_id: RequestId, name: String) -> Mess
     let removed = peer
         .shared
         .storage
-        .write(move |db| {
-            Ok(crate::storage::members::remove(
-                db.connection_mut(),
-                account,
-                &n,
-                &actor,
-                now(),
-            ))
-        })
+        .write(move |db| Ok(db.remove_member(account, &n, &actor, now())))
         .await;
     match removed {
         Ok(Ok(revoked)) => synesis_proto::message::MemberRemoved {
@@ -579,15 +570,7 @@ async fn offer_handover(peer: &Peer, request_id: RequestId, to: String) -> Messa
     let offered = peer
         .shared
         .storage
-        .write(move |db| {
-            Ok(crate::storage::members::offer_handover(
-                db.connection_mut(),
-                account,
-                &actor,
-                &t,
-                now(),
-            ))
-        })
+        .write(move |db| Ok(db.offer_handover(account, &actor, &t, now())))
         .await;
     match offered {
         Ok(Ok(expires_at)) => synesis_proto::message::HandoverOffered {
@@ -608,14 +591,7 @@ async fn accept_handover(peer: &Peer, request_id: RequestId) -> Message {
     let taken = peer
         .shared
         .storage
-        .write(move |db| {
-            Ok(crate::storage::members::accept_handover(
-                db.connection_mut(),
-                account,
-                device,
-                now(),
-            ))
-        })
+        .write(move |db| Ok(db.accept_handover(account, device, now())))
         .await;
     match taken {
         Ok(Ok((account, former_owner))) => synesis_proto::message::HandoverAccepted {
@@ -660,15 +636,7 @@ async fn revoke_invites(peer: &Peer, request_id: RequestId, invitee: String) -> 
     match peer
         .shared
         .storage
-        .write(move |db| {
-            crate::storage::members::revoke_invites(
-                db.connection_mut(),
-                account,
-                &who,
-                &actor,
-                now(),
-            )
-        })
+        .write(move |db| db.revoke_invites(account, &who, &actor, now()))
         .await
     {
         Ok(0) => error_msg(

@@ -13,7 +13,9 @@ use synesis_proto::{AccountId, DeviceId, SetupToken, UnixMillis};
 use crate::endpoint::LISTEN_ADDR_FILE;
 use crate::pki::Pki;
 use crate::shared::now;
-use crate::storage::{Accounts, DB_FILE, Db, DeviceRow, Devices, MemberStore, Vouchers};
+use crate::storage::{
+    Accounts, AdapterStore, DB_FILE, Db, DeviceRow, Devices, MemberChanges, MemberStore, Vouchers,
+};
 
 fn open(dir: &Path) -> anyhow::Result<Db> {
     crate::storage::open_dir(dir)?;
@@ -114,8 +116,7 @@ pub fn member_role(
 pub fn member_remove(dir: &Path, account: &str, name: &str) -> anyhow::Result<()> {
     let mut db = open(dir)?;
     let acct = db.account_by_name(account)?;
-    let revoked =
-        crate::storage::members::remove(db.connection_mut(), acct.id, name, "operator", now())?;
+    let revoked = db.remove_member(acct.id, name, "operator", now())?;
     println!("removed {name} from {account}; {revoked} of their devices revoked");
     Ok(())
 }
@@ -475,13 +476,10 @@ pub fn quote(
 /// Walks the hash chain; an error (exit 1) names the first entry that does not fit.
 pub fn ledger_verify(dir: &Path, json: bool) -> anyhow::Result<()> {
     let db = open(dir)?;
-    // One snapshot: a running server may commit between two reads.
-    let snapshot = db.connection().unchecked_transaction()?;
-    let entries = crate::ledger::query_entries(&snapshot, "", &[])?;
+    let crate::storage::ledger::LedgerSnapshot { entries, states } = db.ledger_snapshot()?;
     let checked = synesis_billing::ledger::verify(&entries)
         .map_err(|e| (e.seq, e.reason.to_owned(), e.to_string()))
-        .and_then(|()| states_agree(&snapshot, &entries));
-    snapshot.finish()?;
+        .and_then(|()| states_agree(&states, &entries));
     match checked {
         Ok(()) => {
             if json {
@@ -509,7 +507,10 @@ pub fn ledger_verify(dir: &Path, json: bool) -> anyhow::Result<()> {
 /// Whether the kept totals and open holds are what the (verified) entries say; the first
 /// account that differs is named, with the last entry of that account.
 fn states_agree(
-    conn: &rusqlite::Connection,
+    have: &std::collections::BTreeMap<
+        synesis_proto::AccountId,
+        synesis_billing::ledger::AccountState,
+    >,
     entries: &[synesis_billing::ledger::Entry],
 ) -> Result<(), (u64, String, String)> {
     let fail = |account: synesis_proto::AccountId, reason: String| {
@@ -523,7 +524,6 @@ fn states_agree(
     };
     let want = synesis_billing::ledger::rebuild_states(entries)
         .map_err(|e| (0, e.to_string(), e.to_string()))?;
-    let have = crate::ledger::stored_states(conn).map_err(|e| (0, e.to_string(), e.to_string()))?;
     for (account, state) in &want {
         if have.get(account) != Some(state) {
             return fail(
@@ -581,51 +581,9 @@ pub fn usage(
     Ok(())
 }
 
-/// One upload as `admin uploads` shows it.
-#[derive(Debug, serde::Serialize)]
-struct UploadView {
-    account: String,
-    upload_id: String,
-    name: String,
-    base_model: String,
-    size_bytes: u64,
-    sha256: String,
-    chunks: u64,
-    chunks_held: u64,
-    /// Chunks accepted over the upload's life, re-sent ones included.
-    chunks_received: u64,
-    completed: bool,
-}
-
 pub fn uploads(dir: &Path, json: bool) -> anyhow::Result<()> {
     let db = open(dir)?;
-    let mut stmt = db.connection().prepare(
-        "SELECT a.name, u.upload_id, u.name, u.base_model, u.size_bytes, u.sha256, u.chunk_size,
-                u.chunks_held, u.chunks_received, u.completed_at IS NOT NULL
-         FROM adapter_uploads u JOIN accounts a ON a.id = u.account_id
-         ORDER BY u.started_at",
-    )?;
-    let views = stmt
-        .query_map([], |r| {
-            let size: i64 = r.get(4)?;
-            let chunk: i64 = r.get(6)?;
-            let held: Vec<u8> = r.get(7)?;
-            let sha: Vec<u8> = r.get(5)?;
-            let size = u64::try_from(size).unwrap_or(0);
-            Ok(UploadView {
-                account: r.get(0)?,
-                upload_id: r.get(1)?,
-                name: r.get(2)?,
-                base_model: r.get(3)?,
-                size_bytes: size,
-                sha256: sha.iter().map(|b| format!("{b:02x}")).collect(),
-                chunks: size.div_ceil(u64::try_from(chunk).unwrap_or(1).max(1)),
-                chunks_held: held.iter().map(|b| u64::from(b.count_ones())).sum(),
-                chunks_received: u64::try_from(r.get::<_, i64>(8)?).unwrap_or(0),
-                completed: r.get(9)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
+    let views = db.unit().upload_summaries()?;
     if json {
         println!("{}", serde_json::to_string(&views)?);
         return Ok(());

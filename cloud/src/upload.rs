@@ -27,8 +27,9 @@ use tokio::time::timeout;
 
 use crate::endpoint::Peer;
 use crate::shared::{Shared, now};
+use crate::storage::AdapterChanges;
 use crate::storage::AdapterStore;
-use crate::storage::adapters::{self, Begun, Declared, Quota};
+use crate::storage::adapters::{Begun, Declared, Quota};
 use crate::streams::Stream;
 
 /// Chunk sizes a device may choose.
@@ -151,18 +152,7 @@ async fn run(peer: &Peer, begin: UploadBegin, stream: &mut Stream) -> Result<(),
         synesis_proto::UnixMillis(at.0 - i64::try_from(BUSY_FOR.as_millis()).unwrap_or(i64::MAX));
     let begun = shared
         .storage
-        .write(move |db| {
-            adapters::begin(
-                db.connection_mut(),
-                account,
-                id,
-                device,
-                &d,
-                quota,
-                at,
-                busy_since,
-            )
-        })
+        .write(move |db| db.begin_upload(account, id, device, &d, quota, at, busy_since))
         .await
         .map_err(Refusal::internal)?;
     let row = match begun {
@@ -422,9 +412,7 @@ impl Receiving<'_> {
         self.peer
             .shared
             .storage
-            .write(move |db| {
-                adapters::record_chunks(db.connection_mut(), account, id, &bits, received, now())
-            })
+            .write(move |db| db.record_chunks(account, id, &bits, received, now()))
             .await
             .map_err(Refusal::internal)?;
         (self.unrecorded, self.received) = (0, 0);
@@ -848,7 +836,7 @@ async fn finish(
             if !blob.exists() {
                 return Ok(false);
             }
-            adapters::complete(db.connection_mut(), account, id, device, &want, now())?;
+            db.complete_upload(account, id, device, &want, now())?;
             Ok(true)
         })
         .await
@@ -1013,7 +1001,7 @@ pub(crate) async fn sweep(shared: Arc<Shared>) {
         let swept = shared
             .storage
             .write(move |db| {
-                let swept = adapters::sweep(db.connection_mut(), abandoned, released)?;
+                let swept = db.sweep_uploads(abandoned, released)?;
                 for (account, upload) in &swept.uploads {
                     let _ = std::fs::remove_file(part_path(&data, *account, *upload));
                 }

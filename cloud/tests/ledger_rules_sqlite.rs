@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 use synesis_billing::ledger::{Entry, EntryKind, LedgerError, rebuild_states, verify};
 use synesis_billing::{MicroUsd, Tier, Usage};
-use synesis_cloud::ledger::{LedgerWriter, query_entries, stored_states};
+use synesis_cloud::ledger::LedgerWriter;
 use synesis_cloud::storage::Db;
 
 #[path = "../../crates/synesis-billing/tests/rules/mod.rs"]
@@ -48,14 +48,11 @@ impl Sqlite {
     /// What another connection sees: the committed entries, the kept states, and whether they
     /// agree and chain.
     fn committed(&self) -> Vec<Entry> {
-        let conn = rusqlite::Connection::open(self.path()).unwrap();
-        let entries = query_entries(&conn, "", &[]).unwrap();
-        verify(&entries).unwrap();
-        assert_eq!(
-            stored_states(&conn).unwrap(),
-            rebuild_states(&entries).unwrap()
-        );
-        entries
+        let db = synesis_cloud::storage::Db::open(&self.path()).unwrap();
+        let snapshot = db.ledger_snapshot().unwrap();
+        verify(&snapshot.entries).unwrap();
+        assert_eq!(snapshot.states, rebuild_states(&snapshot.entries).unwrap());
+        snapshot.entries
     }
 }
 

@@ -86,7 +86,7 @@ async fn each_operation_is_all_or_nothing_inside_a_shared_transaction() {
         balance(&store, account, NOW).unwrap().balance,
         MicroUsd(100)
     );
-    let entries = synesis_cloud::ledger::query_entries(reader.connection(), "", &[]).unwrap();
+    let entries = reader.ledger_snapshot().unwrap().entries;
     assert_eq!(entries.len(), 100);
     synesis_billing::ledger::verify(&entries).unwrap();
 
@@ -165,9 +165,9 @@ async fn lapsed_holds_get_their_expiry_entries() {
             "one hold left"
         );
     }
-    let entries = synesis_cloud::ledger::query_entries(reader.connection(), "", &[]).unwrap();
+    let entries = reader.ledger_snapshot().unwrap().entries;
     synesis_billing::ledger::verify(&entries).unwrap();
-    let stored = synesis_cloud::ledger::stored_states(reader.connection()).unwrap();
+    let stored = reader.ledger_snapshot().unwrap().states;
     assert_eq!(
         stored,
         synesis_billing::ledger::rebuild_states(&entries).unwrap()
@@ -268,10 +268,10 @@ fn a_full_disk_refuses_cleanly_and_the_writer_goes_on() {
             balance(&store, account, NOW).unwrap().balance,
             MicroUsd(expect)
         );
-        let entries = synesis_cloud::ledger::query_entries(reader.connection(), "", &[]).unwrap();
+        let entries = reader.ledger_snapshot().unwrap().entries;
         assert_eq!(entries.len() as i64, expect);
         synesis_billing::ledger::verify(&entries).unwrap();
-        let stored = synesis_cloud::ledger::stored_states(reader.connection()).unwrap();
+        let stored = reader.ledger_snapshot().unwrap().states;
         assert_eq!(
             stored,
             synesis_billing::ledger::rebuild_states(&entries).unwrap()

@@ -288,8 +288,8 @@ fn settle_many(
 /// than a page in a single millisecond lists as a full page naming its last charge, then one.
 #[test]
 fn usage_pages_meet_exactly_inside_one_millisecond() {
-    use synesis_cloud::ledger::{UsageError, charges};
-    use synesis_proto::message::USAGE_CHARGES_MAX;
+    use synesis_cloud::ledger::{LedgerReads, UsageError};
+    use synesis_proto::message::{USAGE_CHARGES_MAX, UsageRequest};
 
     let dir = tempfile::tempdir().unwrap();
     let mut db = Db::open(&dir.path().join("cloud.db")).unwrap();
@@ -310,28 +310,40 @@ fn usage_pages_meet_exactly_inside_one_millisecond() {
     let device: DeviceId = "01a20356-1a9c-7054-9319-b9394efbaad6".parse().unwrap();
     let t = now();
     let (ids, _) = settle_many(&mut db, device, USAGE_CHARGES_MAX + 1, |_| t);
-    let conn = db.connection();
+    let acct = db.account_by_id(account).unwrap();
+    let rules = synesis_billing::TierRules::default();
+    // One page of charges at or after `since`, after the charge `after`.
+    let charges = |since: Option<UnixMillis>, after: Option<RequestId>| {
+        let request = UsageRequest {
+            request_id: RequestId::from_parts(2, [1; 10]),
+            since,
+            group_by: None,
+            after,
+        };
+        db.usage(&acct, &request, now(), &rules, USAGE_CHARGES_MAX)
+            .map(|reply| (reply.charges, reply.next))
+    };
     let listed = |page: &[synesis_proto::message::Charge]| -> Vec<RequestId> {
         page.iter().map(|c| c.request_id).collect()
     };
 
-    let (first, next) = charges(conn, account, None, None).unwrap();
+    let (first, next) = charges(None, None).unwrap();
     assert_eq!(listed(&first), ids[..USAGE_CHARGES_MAX]);
     assert_eq!(next, Some(ids[USAGE_CHARGES_MAX - 1]));
-    let (second, next) = charges(conn, account, None, next).unwrap();
+    let (second, next) = charges(None, next).unwrap();
     assert_eq!(listed(&second), ids[USAGE_CHARGES_MAX..]);
     assert_eq!(next, None);
 
     // Exactly a page after the first charge: nothing follows it.
-    let (rest, next) = charges(conn, account, Some(t), Some(ids[0])).unwrap();
+    let (rest, next) = charges(Some(t), Some(ids[0])).unwrap();
     assert_eq!(listed(&rest), ids[1..]);
     assert_eq!(next, None);
     // `since` past the cursor wins; a cursor that names no charge is the device's mistake.
-    let (none, next) = charges(conn, account, Some(UnixMillis(t.0 + 1)), Some(ids[0])).unwrap();
+    let (none, next) = charges(Some(UnixMillis(t.0 + 1)), Some(ids[0])).unwrap();
     assert!(none.is_empty() && next.is_none());
     let stranger = RequestId::from_parts(1, [7; 10]);
     assert!(matches!(
-        charges(conn, account, None, Some(stranger)),
+        charges(None, Some(stranger)),
         Err(UsageError::UnknownCursor(id)) if id == stranger
     ));
     assert_eq!(

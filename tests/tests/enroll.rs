@@ -13,9 +13,9 @@ const REPLY_DELAY: Duration = Duration::from_millis(2_500);
 
 /// Devices the cloud committed so far, read from its database (a read takes milliseconds: a
 /// `synesis-cloud admin` process could take most of the delay on a loaded machine).
-fn committed_devices(db: &rusqlite::Connection) -> i64 {
-    db.query_row("SELECT COUNT(*) FROM devices", [], |row| row.get(0))
-        .unwrap()
+fn committed_devices(db: &synesis_cloud::storage::Db) -> usize {
+    use synesis_cloud::storage::Devices;
+    db.devices().unwrap().len()
 }
 
 #[test]
@@ -24,8 +24,7 @@ fn login_again_with_the_same_token_after_a_crash_gets_the_device_the_cloud_commi
     let relay = UdpRelay::start(cloud.addr);
     let token = relay.token_via(&cloud.account_and_token("acme"));
     let device = Device::new();
-    let db = rusqlite::Connection::open(cloud.dir().join("cloud.db")).unwrap();
-    db.busy_timeout(Duration::from_secs(30)).unwrap();
+    let db = synesis_cloud::storage::Db::open(&cloud.dir().join("cloud.db")).unwrap();
 
     relay.set_delay(REPLY_DELAY);
     let mut login = Running {

@@ -32,21 +32,16 @@ fn managed_account_and_device(cloud: &Cloud, account: &str) -> (Device, String) 
     (device, id)
 }
 
-/// Holds SQLite's write lock on the cloud's database until dropped (an operator's long
+/// Holds the write lock on the cloud's database until dropped (an operator's long
 /// transaction, or a slow disk).
-struct WriteLock(rusqlite::Connection);
+struct WriteLock;
 
 impl WriteLock {
-    fn take(cloud: &Cloud) -> WriteLock {
-        let conn = rusqlite::Connection::open(cloud.dir().join("cloud.db")).unwrap();
-        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
-        WriteLock(conn)
-    }
-}
-
-impl Drop for WriteLock {
-    fn drop(&mut self) {
-        let _ = self.0.execute_batch("ROLLBACK");
+    fn take(cloud: &Cloud) -> synesis_cloud::storage::WriteLock {
+        synesis_cloud::storage::Db::open(&cloud.dir().join("cloud.db"))
+            .unwrap()
+            .hold_write_lock()
+            .unwrap()
     }
 }
 

@@ -226,3 +226,116 @@ fn the_device_never_sends_0rtt_data() {
     let tls = std::fs::read_to_string(crates.join("synesis-tunnel/src/tls.rs")).unwrap();
     assert!(tls.contains("tls.enable_early_data = false;"));
 }
+
+/// The synesis crates a manifest names under `[dependencies]` (optional ones included).
+fn synesis_dependencies(manifest: &Path) -> Vec<String> {
+    let mut deps: Vec<String> = dependencies(manifest)
+        .into_iter()
+        .filter(|d| d.starts_with("synesis-"))
+        .collect();
+    deps.sort();
+    deps
+}
+
+#[test]
+fn the_crates_import_each_other_as_the_architecture_draws_it() {
+    // ARCHITECTURE.md §1, "Imports flow one way", as a table: each crate and every synesis
+    // crate it may name. A new edge is a change to the drawing first.
+    let graph: &[(&str, &[&str])] = &[
+        ("proto", &[]),
+        ("crates/synesis-wire", &["synesis-proto"]),
+        ("crates/synesis-vitals", &["synesis-proto"]),
+        ("crates/synesis-billing", &["synesis-proto"]),
+        ("crates/synesis-infer", &[]),
+        ("crates/synesis-route", &["synesis-vitals"]),
+        ("crates/synesis-tunnel", &["synesis-proto", "synesis-wire"]),
+        (
+            "crates/synesis-ledger-local",
+            &["synesis-billing", "synesis-proto"],
+        ),
+        (
+            "cloud",
+            &[
+                "synesis-billing",
+                "synesis-infer",
+                "synesis-proto",
+                "synesis-wire",
+            ],
+        ),
+        (
+            "crates/synesis-cli",
+            &[
+                "synesis-billing",
+                "synesis-cloud",
+                "synesis-infer",
+                "synesis-ledger-local",
+                "synesis-proto",
+                "synesis-route",
+                "synesis-tunnel",
+                "synesis-vitals",
+                "synesis-wire",
+            ],
+        ),
+    ];
+    for (dir, allowed) in graph {
+        for dep in synesis_dependencies(&root().join(dir).join("Cargo.toml")) {
+            assert!(
+                allowed.contains(&dep.as_str()),
+                "{dir} depends on {dep}, which ARCHITECTURE.md §1 does not draw"
+            );
+        }
+    }
+    // Every library crate of the workspace is in the table (tests and benches may use anything).
+    let manifest = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    for (dir, _) in graph {
+        assert!(
+            manifest.contains(&format!("\"{dir}\"")),
+            "{dir} is no member"
+        );
+    }
+    let members = manifest
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix('"')?
+                .strip_suffix("\",")
+                .map(str::to_owned)
+        })
+        .filter(|m| m != "tests" && m != "benches");
+    for member in members {
+        assert!(
+            graph.iter().any(|(dir, _)| *dir == member),
+            "{member} is missing from the crate graph this test checks"
+        );
+    }
+}
+
+#[test]
+fn the_cloud_reaches_its_database_only_through_the_storage_layer() {
+    // No driver, no connection and no SQL outside `cloud/src/storage/`: handlers and `admin` go
+    // through the repository traits, so a second backend is a change in one place.
+    let storage = root().join("cloud/src/storage");
+    let banned = [
+        "rusqlite",
+        ".connection()",
+        ".connection_mut()",
+        "SELECT ",
+        "INSERT INTO",
+        "DELETE FROM",
+        "CREATE TABLE",
+        "BEGIN IMMEDIATE",
+    ];
+    for file in rust_files(&root().join("cloud/src")) {
+        if file.starts_with(&storage) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        for word in banned {
+            assert!(
+                !text.contains(word),
+                "{} names `{word}`: the database is the storage layer's (cloud/src/storage/)",
+                file.display()
+            );
+        }
+    }
+}

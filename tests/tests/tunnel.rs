@@ -407,14 +407,11 @@ fn token_reuse_expiry_and_a_wrong_ca_pin_are_clear_errors() {
 
 /// The revocation time the cloud recorded for `id` (milliseconds since the Unix epoch).
 fn revoked_at(cloud: &Cloud, id: &str) -> i64 {
-    let db = rusqlite::Connection::open(cloud.dir().join("cloud.db")).unwrap();
-    db.busy_timeout(Duration::from_secs(30)).unwrap();
-    db.query_row(
-        "SELECT revoked_at FROM devices WHERE id = ?1",
-        [id],
-        |row| row.get(0),
-    )
-    .unwrap()
+    use synesis_cloud::storage::Devices;
+    let db = synesis_cloud::storage::Db::open(&cloud.dir().join("cloud.db")).unwrap();
+    let devices = db.devices().unwrap();
+    let row = devices.iter().find(|d| d.id.to_string() == id).unwrap();
+    row.revoked_at.expect("revoked").0
 }
 
 #[test]

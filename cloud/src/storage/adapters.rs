@@ -50,6 +50,52 @@ pub struct UploadRow {
     pub completed: bool,
 }
 
+/// One upload as the operator's listing (`admin uploads`) shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UploadSummary {
+    pub account: String,
+    pub upload_id: String,
+    pub name: String,
+    pub base_model: String,
+    pub size_bytes: u64,
+    pub sha256: String,
+    pub chunks: u64,
+    pub chunks_held: u64,
+    /// Chunks accepted over the upload's life, re-sent ones included.
+    pub chunks_received: u64,
+    pub completed: bool,
+}
+
+/// Every account's uploads, oldest first.
+pub fn summaries(conn: &Connection) -> Result<Vec<UploadSummary>, StorageError> {
+    let mut stmt = conn.prepare(
+        "SELECT a.name, u.upload_id, u.name, u.base_model, u.size_bytes, u.sha256, u.chunk_size,
+                u.chunks_held, u.chunks_received, u.completed_at IS NOT NULL
+         FROM adapter_uploads u JOIN accounts a ON a.id = u.account_id
+         ORDER BY u.started_at",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let size: i64 = r.get(4)?;
+        let chunk: i64 = r.get(6)?;
+        let held: Vec<u8> = r.get(7)?;
+        let sha: Vec<u8> = r.get(5)?;
+        let size = u64::try_from(size).unwrap_or(0);
+        Ok(UploadSummary {
+            account: r.get(0)?,
+            upload_id: r.get(1)?,
+            name: r.get(2)?,
+            base_model: r.get(3)?,
+            size_bytes: size,
+            sha256: sha.iter().map(|b| format!("{b:02x}")).collect(),
+            chunks: size.div_ceil(u64::try_from(chunk).unwrap_or(1).max(1)),
+            chunks_held: held.iter().map(|b| u64::from(b.count_ones())).sum(),
+            chunks_received: u64::try_from(r.get::<_, i64>(8)?).unwrap_or(0),
+            completed: r.get(9)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// How an `UploadBegin` was admitted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Begun {

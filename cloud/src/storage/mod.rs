@@ -15,13 +15,14 @@ use synesis_proto::{AccountId, DeviceId, ErrorCode, MicroUsd, RequestId, Sha256,
 
 pub mod adapters;
 pub mod answers;
+pub mod ledger;
 pub mod members;
 pub mod schema;
 mod sqlite;
 pub mod unit;
 
-pub use sqlite::{Db, connect};
-pub use unit::{AdapterStore, AnswerStore, MemberStore, Unit};
+pub use sqlite::{Db, WriteLock, connect};
+pub use unit::{AdapterChanges, AdapterStore, AnswerStore, MemberChanges, MemberStore, Unit};
 
 /// The database file in the data directory.
 pub const DB_FILE: &str = "cloud.db";

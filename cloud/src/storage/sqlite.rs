@@ -38,6 +38,18 @@ pub fn connect(path: &Path) -> Result<Connection, StorageError> {
     Ok(conn)
 }
 
+/// The write lock [`Db::hold_write_lock`] took; released (nothing written) when dropped.
+#[derive(Debug)]
+pub struct WriteLock {
+    conn: Connection,
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        let _ = self.conn.execute_batch("ROLLBACK");
+    }
+}
+
 #[derive(Debug)]
 pub struct Db {
     conn: Connection,
@@ -127,7 +139,16 @@ impl Db {
         super::Unit::new(&self.conn)
     }
 
-    /// The raw connection, for the ledger's transactions and reports over the same file.
+    /// Holds the database's write lock until the guard is dropped: what an operator's long
+    /// transaction or a stalled disk does to every other writer. Tests use it to make the
+    /// store busy.
+    pub fn hold_write_lock(self) -> Result<WriteLock, StorageError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(WriteLock { conn: self.conn })
+    }
+
+    /// The raw connection: for the storage layer and its own tests (`cloud/tests`). Handlers
+    /// and `admin` go through the repository traits (the tidy test holds them to it).
     pub fn connection(&self) -> &Connection {
         &self.conn
     }

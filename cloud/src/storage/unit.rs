@@ -11,9 +11,11 @@ use synesis_proto::message::{PendingInvite, Role};
 use synesis_proto::{AccountId, DeviceId, RequestId, Sha256, UnixMillis};
 
 use super::StorageError;
-use super::adapters::{AdapterRow, UploadRow};
+use super::adapters::{
+    AdapterRow, Begun, Declared, Quota, Removed, Swept, UploadRow, UploadSummary,
+};
 use super::answers::{Asker, StoredAnswer};
-use super::members::{AuditRow, MemberError, MemberRow};
+use super::members::{AuditRow, HandoverError, Invitation, Invited, MemberError, MemberRow};
 
 /// Reads and writes inside one transaction (or on one connection), whatever the aggregate.
 #[derive(Debug, Clone, Copy)]
@@ -81,6 +83,8 @@ pub trait AdapterStore {
     fn discard_upload(&self, account: AccountId, upload: RequestId) -> Result<(), StorageError>;
     fn adapter(&self, account: AccountId, name: &str) -> Result<Option<AdapterRow>, StorageError>;
     fn adapters(&self, account: AccountId) -> Result<Vec<AdapterRow>, StorageError>;
+    /// Every account's uploads, oldest first (the operator's listing).
+    fn upload_summaries(&self) -> Result<Vec<UploadSummary>, StorageError>;
 }
 
 /// Finished escalations' answers, and who may read them.
@@ -186,6 +190,10 @@ impl AdapterStore for Unit<'_> {
     fn adapters(&self, account: AccountId) -> Result<Vec<AdapterRow>, StorageError> {
         super::adapters::list(self.conn, account)
     }
+
+    fn upload_summaries(&self) -> Result<Vec<UploadSummary>, StorageError> {
+        super::adapters::summaries(self.conn)
+    }
 }
 
 impl AnswerStore for Unit<'_> {
@@ -217,5 +225,211 @@ impl AnswerStore for Unit<'_> {
         at: UnixMillis,
     ) -> Result<(), StorageError> {
         super::answers::put(self.conn, account, request_id, answer, at)
+    }
+}
+
+/// Changes to members that are a transaction of their own (each checks and writes at once,
+/// under the database's write lock).
+pub trait MemberChanges {
+    fn invite(
+        &mut self,
+        invitation: &Invitation<'_>,
+        now: UnixMillis,
+    ) -> Result<Invited, MemberError>;
+    /// Removes the member, revoking its devices and unused tokens; how many devices.
+    fn remove_member(
+        &mut self,
+        account: AccountId,
+        name: &str,
+        actor: &str,
+        now: UnixMillis,
+    ) -> Result<u64, MemberError>;
+    /// Ends the unused invitations of `invitee`; how many.
+    fn revoke_invites(
+        &mut self,
+        account: AccountId,
+        invitee: &str,
+        actor: &str,
+        now: UnixMillis,
+    ) -> Result<u64, StorageError>;
+    /// Offers the account to `to`; until when the offer stands.
+    fn offer_handover(
+        &mut self,
+        account: AccountId,
+        actor: &str,
+        to: &str,
+        now: UnixMillis,
+    ) -> Result<UnixMillis, MemberError>;
+    /// The offered member's device takes the account: the former and the new owner's names.
+    fn accept_handover(
+        &mut self,
+        account: AccountId,
+        device: DeviceId,
+        now: UnixMillis,
+    ) -> Result<(String, String), HandoverError>;
+}
+
+/// Changes to uploads and adapters that are a transaction of their own.
+pub trait AdapterChanges {
+    #[allow(clippy::too_many_arguments)]
+    fn begin_upload(
+        &mut self,
+        account: AccountId,
+        upload: RequestId,
+        device: DeviceId,
+        declared: &Declared,
+        quota: Quota,
+        now: UnixMillis,
+        busy_since: UnixMillis,
+    ) -> Result<Begun, StorageError>;
+    fn record_chunks(
+        &mut self,
+        account: AccountId,
+        upload: RequestId,
+        held: &[u8],
+        received: u64,
+        now: UnixMillis,
+    ) -> Result<(), StorageError>;
+    fn complete_upload(
+        &mut self,
+        account: AccountId,
+        upload: RequestId,
+        device: DeviceId,
+        declared: &Declared,
+        now: UnixMillis,
+    ) -> Result<(), StorageError>;
+    fn remove_adapter(
+        &mut self,
+        account: AccountId,
+        request: RequestId,
+        name: &str,
+        now: UnixMillis,
+    ) -> Result<Removed, StorageError>;
+    /// Drops uploads idle since `abandoned_before` and content unnamed since
+    /// `released_before`: what the caller deletes from disk.
+    fn sweep_uploads(
+        &mut self,
+        abandoned_before: UnixMillis,
+        released_before: UnixMillis,
+    ) -> Result<Swept, StorageError>;
+}
+
+impl MemberChanges for super::Db {
+    fn invite(
+        &mut self,
+        invitation: &Invitation<'_>,
+        now: UnixMillis,
+    ) -> Result<Invited, MemberError> {
+        super::members::invite(self.connection_mut(), invitation, now)
+    }
+
+    fn remove_member(
+        &mut self,
+        account: AccountId,
+        name: &str,
+        actor: &str,
+        now: UnixMillis,
+    ) -> Result<u64, MemberError> {
+        super::members::remove(self.connection_mut(), account, name, actor, now)
+    }
+
+    fn revoke_invites(
+        &mut self,
+        account: AccountId,
+        invitee: &str,
+        actor: &str,
+        now: UnixMillis,
+    ) -> Result<u64, StorageError> {
+        super::members::revoke_invites(self.connection_mut(), account, invitee, actor, now)
+    }
+
+    fn offer_handover(
+        &mut self,
+        account: AccountId,
+        actor: &str,
+        to: &str,
+        now: UnixMillis,
+    ) -> Result<UnixMillis, MemberError> {
+        super::members::offer_handover(self.connection_mut(), account, actor, to, now)
+    }
+
+    fn accept_handover(
+        &mut self,
+        account: AccountId,
+        device: DeviceId,
+        now: UnixMillis,
+    ) -> Result<(String, String), HandoverError> {
+        super::members::accept_handover(self.connection_mut(), account, device, now)
+    }
+}
+
+impl AdapterChanges for super::Db {
+    fn begin_upload(
+        &mut self,
+        account: AccountId,
+        upload: RequestId,
+        device: DeviceId,
+        declared: &Declared,
+        quota: Quota,
+        now: UnixMillis,
+        busy_since: UnixMillis,
+    ) -> Result<Begun, StorageError> {
+        super::adapters::begin(
+            self.connection_mut(),
+            account,
+            upload,
+            device,
+            declared,
+            quota,
+            now,
+            busy_since,
+        )
+    }
+
+    fn record_chunks(
+        &mut self,
+        account: AccountId,
+        upload: RequestId,
+        held: &[u8],
+        received: u64,
+        now: UnixMillis,
+    ) -> Result<(), StorageError> {
+        super::adapters::record_chunks(self.connection_mut(), account, upload, held, received, now)
+    }
+
+    fn complete_upload(
+        &mut self,
+        account: AccountId,
+        upload: RequestId,
+        device: DeviceId,
+        declared: &Declared,
+        now: UnixMillis,
+    ) -> Result<(), StorageError> {
+        super::adapters::complete(
+            self.connection_mut(),
+            account,
+            upload,
+            device,
+            declared,
+            now,
+        )
+    }
+
+    fn remove_adapter(
+        &mut self,
+        account: AccountId,
+        request: RequestId,
+        name: &str,
+        now: UnixMillis,
+    ) -> Result<Removed, StorageError> {
+        super::adapters::remove(self.connection_mut(), account, request, name, now)
+    }
+
+    fn sweep_uploads(
+        &mut self,
+        abandoned_before: UnixMillis,
+        released_before: UnixMillis,
+    ) -> Result<Swept, StorageError> {
+        super::adapters::sweep(self.connection_mut(), abandoned_before, released_before)
     }
 }

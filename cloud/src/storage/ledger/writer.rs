@@ -193,7 +193,7 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), StoreE
         conn.prepare_cached(sql)
             .and_then(|mut stmt| stmt.execute([]))
             .map(drop)
-            .map_err(crate::ledger::err)
+            .map_err(super::err)
     };
     sql("BEGIN IMMEDIATE")?;
     let ran = (|| {
