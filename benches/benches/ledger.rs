@@ -90,7 +90,14 @@ impl Ids {
 /// `batch` settled charges' rows in bare SQLite: the holds in one transaction, then the
 /// settlements in another (as the writer commits the holds of a batch of clients together,
 /// then their settlements).
-fn bare_charges(conn: &mut rusqlite::Connection, account: &str, ids: &Ids, batch: usize) {
+/// `next_seq` is the account's chain head (the key is `(account_id, seq)`).
+fn bare_charges(
+    conn: &mut rusqlite::Connection,
+    account: &str,
+    next_seq: &mut i64,
+    ids: &Ids,
+    batch: usize,
+) {
     let requests: Vec<String> = (0..batch).map(|_| ids.next().to_string()).collect();
     let at = now().0;
     let hash = [0x5au8; 32];
@@ -100,17 +107,17 @@ fn bare_charges(conn: &mut rusqlite::Connection, account: &str, ids: &Ids, batch
         {
             let mut entry = tx
                 .prepare_cached(
-                    "INSERT INTO ledger_entries (account_id, request_id, kind, model, device_id,
+                    "INSERT INTO ledger_entries (account_id, seq, request_id, kind, model, device_id,
                        input_tokens, output_tokens, amount, quota_tokens, body, at, expires_at,
                        prev_hash, hash)
-                     VALUES (?1, ?2, ?3, 'claude-sonnet', NULL, 1000, 250, 6180, 0, ?4, ?5, ?6,
+                     VALUES (?1, ?9, ?2, ?3, 'claude-sonnet', NULL, 1000, 250, 6180, 0, ?4, ?5, ?6,
                        ?7, ?8)",
                 )
                 .unwrap();
             let mut hold = tx
                 .prepare_cached(
                     "INSERT INTO ledger_open_holds (account_id, request_id, seq, amount,
-                       quota_tokens, expires_at) VALUES (?1, ?2, last_insert_rowid(), 6180, 0, ?3)",
+                       quota_tokens, expires_at) VALUES (?1, ?2, ?4, 6180, 0, ?3)",
                 )
                 .unwrap();
             let mut release = tx
@@ -136,15 +143,17 @@ fn bare_charges(conn: &mut rusqlite::Connection, account: &str, ids: &Ids, batch
                         at,
                         expires,
                         hash.as_slice(),
-                        hash.as_slice()
+                        hash.as_slice(),
+                        *next_seq
                     ])
                     .unwrap();
                 if settle {
                     release.execute([account, request.as_str()]).unwrap();
                 } else {
-                    hold.execute(rusqlite::params![account, request, at + 60_000])
+                    hold.execute(rusqlite::params![account, request, at + 60_000, *next_seq])
                         .unwrap();
                 }
+                *next_seq += 1;
                 totals.execute([account]).unwrap();
             }
         }
@@ -234,6 +243,7 @@ fn ledger(c: &mut Criterion) {
     )
     .unwrap();
     let bare_account = bare_id.to_string();
+    let mut bare_seq = 0i64;
 
     let mut group = c.benchmark_group("ledger");
     group.measurement_time(Duration::from_secs(10));
@@ -241,7 +251,7 @@ fn ledger(c: &mut Criterion) {
         group.throughput(Throughput::Elements(batch as u64));
         let bare_ids = Ids::ordered();
         group.bench_function(format!("anchor_bare_sqlite_batch_{batch}"), |b| {
-            b.iter(|| bare_charges(&mut bare, &bare_account, &bare_ids, batch));
+            b.iter(|| bare_charges(&mut bare, &bare_account, &mut bare_seq, &bare_ids, batch));
         });
     }
     group.throughput(Throughput::Elements(1));

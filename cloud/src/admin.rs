@@ -473,57 +473,99 @@ pub fn quote(
     Ok(())
 }
 
-/// Walks the hash chain; an error (exit 1) names the first entry that does not fit.
+/// The first thing `ledger verify` found wrong: in which account's chain, at which entry.
+struct Broken {
+    account: Option<AccountId>,
+    seq: u64,
+    reason: String,
+    message: String,
+}
+
+/// Walks every account's hash chain; an error (exit 1) names the account and the first entry
+/// of its chain that does not fit.
 pub fn ledger_verify(dir: &Path, json: bool) -> anyhow::Result<()> {
     let db = open(dir)?;
     let crate::storage::ledger::LedgerSnapshot { entries, states } = db.ledger_snapshot()?;
+    let chains = entries
+        .iter()
+        .map(|e| e.account)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
     let checked = synesis_billing::ledger::verify(&entries)
-        .map_err(|e| (e.seq, e.reason.to_owned(), e.to_string()))
+        .map_err(|e| Broken {
+            account: Some(e.account),
+            seq: e.seq,
+            reason: e.reason.to_owned(),
+            message: e.to_string(),
+        })
         .and_then(|()| states_agree(&states, &entries));
     match checked {
         Ok(()) => {
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"intact": true, "entries": entries.len()})
+                    serde_json::json!({"intact": true, "entries": entries.len(), "chains": chains})
                 );
             } else {
-                println!("ledger intact: {} entries", entries.len());
+                println!(
+                    "ledger intact: {} entries in {chains} account chains",
+                    entries.len()
+                );
             }
             Ok(())
         }
-        Err((seq, reason, message)) => {
+        Err(broken) => {
+            // The account's name, when it still has one (an id alone is hard to act on).
+            let name = broken
+                .account
+                .and_then(|id| db.account_by_id(id).ok())
+                .map(|a| a.name);
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"intact": false, "entries": entries.len(), "first_bad_seq": seq, "reason": reason})
+                    serde_json::json!({
+                        "intact": false,
+                        "entries": entries.len(),
+                        "chains": chains,
+                        "first_bad_account": broken.account.map(|a| a.to_string()),
+                        "first_bad_account_name": name,
+                        "first_bad_seq": broken.seq,
+                        "reason": broken.reason,
+                    })
                 );
             }
-            bail!("ledger tampered: {message}")
+            let named = name.map(|n| format!(" ({n})")).unwrap_or_default();
+            bail!("ledger tampered{named}: {}", broken.message)
         }
     }
 }
 
 /// Whether the kept totals and open holds are what the (verified) entries say; the first
-/// account that differs is named, with the last entry of that account.
+/// account that differs is named, with the last entry of its chain.
 fn states_agree(
-    have: &std::collections::BTreeMap<
-        synesis_proto::AccountId,
-        synesis_billing::ledger::AccountState,
-    >,
+    have: &std::collections::BTreeMap<AccountId, synesis_billing::ledger::AccountState>,
     entries: &[synesis_billing::ledger::Entry],
-) -> Result<(), (u64, String, String)> {
-    let fail = |account: synesis_proto::AccountId, reason: String| {
+) -> Result<(), Broken> {
+    let fail = |account: AccountId, reason: String| {
         let seq = entries
             .iter()
             .rev()
             .find(|e| e.account == account)
             .map_or(0, |e| e.seq);
         let message = format!("account {account}: {reason} (its last entry is {seq})");
-        Err((seq, reason, message))
+        Err(Broken {
+            account: Some(account),
+            seq,
+            reason,
+            message,
+        })
     };
-    let want = synesis_billing::ledger::rebuild_states(entries)
-        .map_err(|e| (0, e.to_string(), e.to_string()))?;
+    let want = synesis_billing::ledger::rebuild_states(entries).map_err(|e| Broken {
+        account: None,
+        seq: 0,
+        reason: e.to_string(),
+        message: e.to_string(),
+    })?;
     for (account, state) in &want {
         if have.get(account) != Some(state) {
             return fail(

@@ -80,6 +80,44 @@ fn an_edited_entry_is_named_by_ledger_verify() {
     );
 }
 
+/// Each account has its own chain: an edit in one account's chain is named with that account
+/// (its id and name) and the entry's number in its chain.
+#[test]
+fn ledger_verify_names_the_account_whose_chain_breaks() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["acme", "globex"] {
+        json(&admin(dir.path(), &["--json", "account", "create", name]));
+    }
+    for amount in ["1", "2", "3"] {
+        for name in ["acme", "globex"] {
+            json(&admin(dir.path(), &["--json", "credit", name, amount]));
+        }
+    }
+    let verified = json(&admin(dir.path(), &["--json", "ledger", "verify"]));
+    assert_eq!(
+        (verified["intact"].as_bool(), verified["chains"].as_u64()),
+        (Some(true), Some(2)),
+        "{verified}"
+    );
+    let db = rusqlite::Connection::open(dir.path().join("cloud.db")).unwrap();
+    db.execute(
+        "UPDATE ledger_entries SET amount = 99000000
+         WHERE seq = 2 AND account_id = (SELECT id FROM accounts WHERE name = 'globex')",
+        [],
+    )
+    .unwrap();
+    let out = admin(dir.path(), &["--json", "ledger", "verify"]);
+    assert!(!out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["first_bad_account_name"], "globex", "{v}");
+    assert_eq!(v["first_bad_seq"], 2, "{v}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("globex") && stderr.contains("entry 2"),
+        "{stderr}"
+    );
+}
+
 /// `admin ledger verify --json` on a damaged ledger: it fails, naming entry `seq` as the first
 /// bad one; what it said on stderr.
 fn verify_fails_at(dir: &std::path::Path, seq: u64) -> String {

@@ -153,7 +153,40 @@ fn query_entries(
     where_clause: &str,
     args: &[&dyn rusqlite::ToSql],
 ) -> Result<Vec<Entry>, StoreError> {
-    query_entries_ordered(conn, where_clause, "ORDER BY seq", args)
+    query_entries_ordered(conn, where_clause, "ORDER BY account_id, seq", args)
+}
+
+/// Every entry of a ledger still in one global chain (schema 9 and before), in its order: what
+/// the migration to per-account chains reads.
+pub(super) fn entries_in_global_order(conn: &Connection) -> Result<Vec<Entry>, StoreError> {
+    query_entries_ordered(conn, "", "ORDER BY seq", &[])
+}
+
+/// Writes one entry into `table` (the entries' table, or the migration's new one).
+pub(super) fn insert_entry(conn: &Connection, table: &str, e: &Entry) -> Result<(), StoreError> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO {table} ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+    ))
+    .map_err(err)?
+    .execute(params![
+        i64_of(e.seq)?,
+        e.account.to_string(),
+        e.request_id.to_string(),
+        i64::from(e.kind.code()),
+        e.model,
+        e.device.map(|d| d.to_string()),
+        i64_of(e.input_tokens)?,
+        i64_of(e.output_tokens)?,
+        e.amount.0,
+        i64_of(e.quota_tokens)?,
+        e.body.as_slice(),
+        e.at.0,
+        e.expires_at.map(|t| t.0),
+        e.prev_hash.as_slice(),
+        e.hash.as_slice(),
+    ])
+    .map_err(err)?;
+    Ok(())
 }
 
 fn query_entries_ordered(
@@ -260,12 +293,16 @@ impl Store for SqliteLedger<'_> {
         )
     }
 
-    fn head(&self) -> Result<(u64, [u8; 32]), StoreError> {
+    fn head(&self, account: AccountId) -> Result<(u64, [u8; 32]), StoreError> {
         let row = self
             .conn
-            .prepare_cached("SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1")
+            .prepare_cached(
+                "SELECT seq, hash FROM ledger_entries WHERE account_id = ?1 ORDER BY seq DESC LIMIT 1",
+            )
             .map_err(err)?
-            .query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .query_row([account.to_string()], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
             .optional()
             .map_err(err)?;
         match row {
@@ -324,29 +361,7 @@ impl Store for SqliteLedger<'_> {
         let account = e.account.to_string();
         let request = e.request_id.to_string();
         let seq = i64_of(e.seq)?;
-        self.conn
-            .prepare_cached(&format!(
-                "INSERT INTO ledger_entries ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
-            ))
-            .map_err(err)?
-            .execute(params![
-                seq,
-                account,
-                request,
-                i64::from(e.kind.code()),
-                e.model,
-                e.device.map(|d| d.to_string()),
-                i64_of(e.input_tokens)?,
-                i64_of(e.output_tokens)?,
-                e.amount.0,
-                i64_of(e.quota_tokens)?,
-                e.body.as_slice(),
-                e.at.0,
-                e.expires_at.map(|t| t.0),
-                e.prev_hash.as_slice(),
-                e.hash.as_slice(),
-            ])
-            .map_err(err)?;
+        insert_entry(self.conn, "ledger_entries", e)?;
         self.conn
             .prepare_cached(
                 "INSERT INTO ledger_totals (account_id, balance, quota_year, quota_month, quota_settled, open_held, open_quota)
@@ -400,7 +415,7 @@ impl Store for SqliteLedger<'_> {
 /// The whole ledger as one snapshot sees it: what `admin ledger verify` checks.
 #[derive(Debug, Clone, Default)]
 pub struct LedgerSnapshot {
-    /// Every entry, in sequence order.
+    /// Every entry: each account's chain whole, in its order (accounts one after another).
     pub entries: Vec<Entry>,
     /// Every account's kept totals and open holds.
     pub states: std::collections::BTreeMap<AccountId, synesis_billing::ledger::AccountState>,
@@ -507,7 +522,8 @@ pub fn charges_page(
 ) -> Result<(Vec<synesis_proto::message::Charge>, Option<RequestId>), UsageError> {
     let page = page.clamp(1, synesis_proto::message::USAGE_CHARGES_MAX);
     // The kind is written out (not bound) so that the partial index `ledger_charges` serves; its
-    // entries end with the rowid, which is `seq`, so it holds them in the listing's order.
+    // entries end with the table's key `(account_id, seq)`, so it holds them in the listing's
+    // order.
     const _: () = assert!(EntryKind::Settle.code() == 3);
     let account_text = account.to_string();
     // NULL: every member's charges.

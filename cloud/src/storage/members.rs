@@ -519,7 +519,8 @@ pub fn quota_use(
               FROM ledger_entries e JOIN devices d ON d.id = e.device_id
              WHERE d.member_id = ?1 AND e.kind = 3 AND e.at >= ?2)
          + (SELECT COALESCE(SUM(e.input_tokens + e.output_tokens), 0)
-              FROM ledger_open_holds h JOIN ledger_entries e ON e.seq = h.seq
+              FROM ledger_open_holds h
+              JOIN ledger_entries e ON e.account_id = h.account_id AND e.seq = h.seq
               JOIN devices d ON d.id = e.device_id
              WHERE d.member_id = ?1)",
         params![member, month_start.0],

@@ -8,6 +8,10 @@
 //! - 3: a voucher records the account that redeemed it (a request id is a key only within its
 //!   account); `device_certs` holds every certificate signed for a device, with its expiry,
 //!   so a device can renew its certificate and keep its id.
+//! - 4–9: stored answers, adapters, members, invitations, quotas, handovers and audit (each
+//!   step's comment below).
+//! - 10: one hash chain per account instead of one for the whole ledger (code, not SQL alone:
+//!   the old chain is verified, then each account's entries are renumbered and rehashed).
 
 use std::path::Path;
 
@@ -16,8 +20,29 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StorageError;
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: i64 = 9;
+pub const SCHEMA_VERSION: i64 = 10;
 const _: () = assert!(STEPS[STEPS.len() - 1].0 == SCHEMA_VERSION);
+
+/// How a step changes the file: SQL alone, or code (inside the step's transaction) where the
+/// change needs more than SQL can say.
+#[derive(Clone, Copy)]
+enum Step {
+    Sql(&'static str),
+    Code(fn(&rusqlite::Transaction<'_>) -> Result<(), StepError>),
+}
+
+/// Why a step could not run.
+enum StepError {
+    Database(rusqlite::Error),
+    /// The file holds what this step cannot carry over: said to the operator as is.
+    Refused(String),
+}
+
+impl From<rusqlite::Error> for StepError {
+    fn from(e: rusqlite::Error) -> Self {
+        StepError::Database(e)
+    }
+}
 
 const BASE_V2: &str = "
 CREATE TABLE IF NOT EXISTS accounts (
@@ -266,15 +291,144 @@ CREATE INDEX audit_by_account ON audit (account_id, seq);
 ";
 
 /// The steps after the base (version 2): the version each brings the file to, and its SQL.
-const STEPS: &[(i64, &str)] = &[
-    (3, STEP_V3),
-    (4, STEP_V4),
-    (5, STEP_V5),
-    (6, STEP_V6),
-    (7, STEP_V7),
-    (8, STEP_V8),
-    (9, STEP_V9),
+const STEPS: &[(i64, Step)] = &[
+    (3, Step::Sql(STEP_V3)),
+    (4, Step::Sql(STEP_V4)),
+    (5, Step::Sql(STEP_V5)),
+    (6, Step::Sql(STEP_V6)),
+    (7, Step::Sql(STEP_V7)),
+    (8, Step::Sql(STEP_V8)),
+    (9, Step::Sql(STEP_V9)),
+    (10, Step::Code(chain_per_account)),
 ];
+
+/// The ledger, chained per account (ARCHITECTURE.md §4): each entry is numbered within its
+/// account and links to that account's previous entry, so writers for different accounts never
+/// wait for one another. The key becomes `(account_id, seq)`; an open hold names its entry by it.
+const STEP_V10: &str = "
+CREATE TABLE ledger_chained (
+    account_id   TEXT NOT NULL,
+    seq          INTEGER NOT NULL,             -- 0, 1, 2, … with no gaps within the account
+    request_id   TEXT NOT NULL,
+    kind         INTEGER NOT NULL,
+    model        TEXT NOT NULL,
+    device_id    TEXT,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    amount       INTEGER NOT NULL CHECK (amount >= 0),  -- micro-USD
+    quota_tokens INTEGER NOT NULL,
+    body         BLOB NOT NULL,
+    at           INTEGER NOT NULL,
+    expires_at   INTEGER,
+    prev_hash    BLOB NOT NULL,
+    hash         BLOB NOT NULL,
+    PRIMARY KEY (account_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE ledger_open_holds_chained (
+    account_id   TEXT NOT NULL,
+    request_id   TEXT NOT NULL,
+    seq          INTEGER NOT NULL,             -- the hold entry, in its account's chain
+    amount       INTEGER NOT NULL,
+    quota_tokens INTEGER NOT NULL,
+    expires_at   INTEGER,
+    PRIMARY KEY (account_id, request_id),
+    FOREIGN KEY (account_id, seq) REFERENCES ledger_chained (account_id, seq)
+) WITHOUT ROWID;
+-- Where the one chain of the earlier schema ended, kept when it was rewritten per account.
+CREATE TABLE ledger_global_chain (
+    entries      INTEGER NOT NULL,
+    head_hash    BLOB NOT NULL
+);
+";
+
+/// After the tables of [`STEP_V10`] are filled: the new ones take the old names.
+const STEP_V10_SWAP: &str = "
+DROP TABLE ledger_open_holds;
+DROP TABLE ledger_entries;
+ALTER TABLE ledger_chained RENAME TO ledger_entries;
+ALTER TABLE ledger_open_holds_chained RENAME TO ledger_open_holds;
+-- Also serves an account's listing (its prefix).
+CREATE INDEX ledger_by_request ON ledger_entries(account_id, request_id);
+-- An account's charges (settlements, kind 3) by time, then chain order (the key ends every
+-- index entry), for usage pages.
+CREATE INDEX ledger_charges ON ledger_entries(account_id, at) WHERE kind = 3;
+CREATE INDEX ledger_open_holds_by_expiry ON ledger_open_holds(account_id, expires_at);
+";
+
+/// Schema 10: rewrites the one global chain as one chain per account. The old chain must
+/// verify first (a file whose ledger was tampered with is refused, untouched: rewriting it
+/// would launder the change). Each account's entries keep their order and contents; their
+/// numbers, links and hashes are made anew; where the old chain ended is kept.
+fn chain_per_account(tx: &rusqlite::Transaction<'_>) -> Result<(), StepError> {
+    tx.execute_batch(STEP_V10)?;
+    let old = super::ledger::entries_in_global_order(tx)
+        .map_err(|e| StepError::Refused(format!("its ledger cannot be read: {e}")))?;
+    let mut prev = [0u8; 32];
+    for (position, e) in old.iter().enumerate() {
+        let fits = e.seq == position as u64 && e.prev_hash == prev && e.hash == e.compute_hash();
+        if !fits {
+            return Err(StepError::Refused(format!(
+                "its ledger does not verify at entry {} (account {}), so it cannot be rechained per account; keep the file and check it with the previous build's `admin ledger verify`",
+                e.seq, e.account
+            )));
+        }
+        prev = e.hash;
+    }
+    let mut heads: std::collections::HashMap<_, (u64, [u8; 32])> = Default::default();
+    let mut renumbered = std::collections::HashMap::new();
+    for e in &old {
+        let (next, link) = heads.get(&e.account).copied().unwrap_or((0, [0; 32]));
+        let mut chained = e.clone();
+        chained.seq = next;
+        chained.prev_hash = link;
+        chained.hash = chained.compute_hash();
+        super::ledger::insert_entry(tx, "ledger_chained", &chained)
+            .map_err(|e| StepError::Refused(format!("an entry cannot be rewritten: {e}")))?;
+        renumbered.insert(e.seq, next);
+        heads.insert(e.account, (next + 1, chained.hash));
+    }
+    {
+        let mut holds = tx.prepare("SELECT account_id, request_id, seq, amount, quota_tokens, expires_at FROM ledger_open_holds")?;
+        let rows = holds.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, Option<i64>>(5)?,
+            ))
+        })?;
+        let mut insert = tx.prepare(
+            "INSERT INTO ledger_open_holds_chained (account_id, request_id, seq, amount, quota_tokens, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for row in rows {
+            let (account, request, seq, amount, tokens, expires_at) = row?;
+            let seq = u64::try_from(seq)
+                .ok()
+                .and_then(|s| renumbered.get(&s))
+                .and_then(|s| i64::try_from(*s).ok())
+                .ok_or_else(|| {
+                    StepError::Refused(format!(
+                        "the open hold of request {request} names entry {seq}, which the ledger does not hold"
+                    ))
+                })?;
+            insert.execute(rusqlite::params![
+                account, request, seq, amount, tokens, expires_at
+            ])?;
+        }
+    }
+    tx.execute(
+        "INSERT INTO ledger_global_chain (entries, head_hash) VALUES (?1, ?2)",
+        rusqlite::params![
+            i64::try_from(old.len()).unwrap_or(i64::MAX),
+            prev.as_slice()
+        ],
+    )?;
+    tx.execute_batch(STEP_V10_SWAP)?;
+    Ok(())
+}
 
 /// Brings the database at `path` up to [`SCHEMA_VERSION`].
 pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageError> {
@@ -325,7 +479,13 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageE
         if current >= to {
             continue;
         }
-        tx.execute_batch(step)?;
+        match step {
+            Step::Sql(sql) => tx.execute_batch(sql)?,
+            Step::Code(run) => run(&tx).map_err(|e| match e {
+                StepError::Database(e) => StorageError::from(e),
+                StepError::Refused(reason) => schema_error(reason),
+            })?,
+        }
         tx.pragma_update(None, "user_version", to)?;
         tx.commit()?;
     }

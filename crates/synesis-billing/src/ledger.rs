@@ -73,6 +73,7 @@ impl EntryKind {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// The entry's place in its account's chain: 0, 1, 2, … with no gaps.
     pub seq: u64,
     pub account: AccountId,
     pub request_id: RequestId,
@@ -326,8 +327,10 @@ pub trait Store {
         account: AccountId,
         request: RequestId,
     ) -> Result<Vec<Entry>, StoreError>;
-    /// The next sequence number and the hash of the last entry (zeros when empty).
-    fn head(&self) -> Result<(u64, [u8; 32]), StoreError>;
+    /// The account's chain: the next sequence number in it and the hash of its last entry
+    /// (zeros for an account without entries). Accounts chain independently, so writers for
+    /// different accounts never wait for each other (ARCHITECTURE.md §4).
+    fn head(&self, account: AccountId) -> Result<(u64, [u8; 32]), StoreError>;
     /// The account's totals (all zero for an account without entries).
     fn totals(&self, account: AccountId) -> Result<Totals, StoreError>;
     /// The account's open holds that are past their time at `now` (not active, not yet
@@ -363,10 +366,12 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    fn head(&self) -> Result<(u64, [u8; 32]), StoreError> {
+    fn head(&self, account: AccountId) -> Result<(u64, [u8; 32]), StoreError> {
         Ok(self
             .entries
-            .last()
+            .iter()
+            .rev()
+            .find(|e| e.account == account)
             .map_or((0, [0; 32]), |e| (e.seq + 1, e.hash)))
     }
 
@@ -544,7 +549,7 @@ impl Draft<'_> {
 
 fn append(store: &mut impl Store, d: Draft<'_>) -> Result<Entry, LedgerError> {
     debug_assert!(d.amount >= MicroUsd::ZERO);
-    let (seq, prev_hash) = store.head()?;
+    let (seq, prev_hash) = store.head(d.account)?;
     let mut e = Entry {
         seq,
         account: d.account,
@@ -861,25 +866,33 @@ pub fn expire_due(
 
 /// Why a chain does not verify: the first entry that does not fit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("ledger entry {seq} (position {position}): {reason}")]
+#[error("account {account}: ledger entry {seq} (position {position} of the list): {reason}")]
 pub struct ChainError {
+    /// The account whose chain breaks there.
+    pub account: AccountId,
+    /// Where the entry is in the list that was checked.
     pub position: usize,
+    /// Its sequence number in its account's chain.
     pub seq: u64,
     pub reason: &'static str,
 }
 
-/// Walks the chain from the start.
+/// Walks every account's chain from its start. `entries` holds whole chains, each in sequence
+/// order (accounts may interleave); the first entry that does not follow its account's
+/// previous one is named.
 pub fn verify(entries: &[Entry]) -> Result<(), ChainError> {
-    let mut prev = [0u8; 32];
+    let mut heads: BTreeMap<AccountId, (u64, [u8; 32])> = BTreeMap::new();
     for (position, e) in entries.iter().enumerate() {
         let fail = |reason| {
             Err(ChainError {
+                account: e.account,
                 position,
                 seq: e.seq,
                 reason,
             })
         };
-        if e.seq != position as u64 {
+        let (next, prev) = heads.get(&e.account).copied().unwrap_or((0, [0; 32]));
+        if e.seq != next {
             return fail("out of sequence (an entry was removed or moved)");
         }
         if e.prev_hash != prev {
@@ -888,7 +901,7 @@ pub fn verify(entries: &[Entry]) -> Result<(), ChainError> {
         if e.hash != e.compute_hash() {
             return fail("its contents were changed");
         }
-        prev = e.hash;
+        heads.insert(e.account, (next + 1, e.hash));
     }
     Ok(())
 }

@@ -77,7 +77,8 @@ pub(crate) enum Op {
         account: AccountId,
         at: UnixMillis,
     },
-    Head,
+    /// The account's chain head.
+    Head(AccountId),
 }
 
 /// What an [`Op`] answered.
@@ -134,8 +135,8 @@ impl Op {
             Op::Balance { account, at } => Done::Balance(balance(s, account, at)?),
             Op::Totals(account) => Done::Totals(s.totals(account)?),
             Op::Lapsed { account, at } => Done::Lapsed(s.lapsed_holds(account, at)?),
-            Op::Head => {
-                let (seq, hash) = s.head()?;
+            Op::Head(account) => {
+                let (seq, hash) = s.head(account)?;
                 Done::Head(seq, hash)
             }
         })
@@ -164,6 +165,7 @@ macro_rules! rule_tests {
             bad_input_is_a_typed_error_and_leaves_the_chain_unchanged,
             the_free_quota_refuses_a_request_that_would_cross_it,
             tampering_is_found_at_the_first_bad_entry,
+            each_account_chains_on_its_own,
             the_kept_totals_are_what_the_entries_say,
         );
     };
@@ -266,7 +268,7 @@ pub(crate) fn balance_of(ledger: &impl Ledger, account: AccountId, at: UnixMilli
 }
 
 fn head(ledger: &impl Ledger) -> Done {
-    ledger.run(Op::Head).unwrap()
+    ledger.run(Op::Head(managed().id)).unwrap()
 }
 
 fn count(entries: &[Entry], kind: EntryKind) -> usize {
@@ -629,6 +631,65 @@ pub(crate) fn tampering_is_found_at_the_first_bad_entry(l: &impl Ledger) {
     let mut reordered = entries;
     reordered.swap(1, 4);
     assert_eq!(verify(&reordered).unwrap_err().position, 1);
+}
+
+/// Accounts chain independently: each account's entries number 0, 1, 2, … and link to that
+/// account's previous entry, however the accounts' operations interleave; a break is named
+/// with its account, and another account's chain is not its concern.
+pub(crate) fn each_account_chains_on_its_own(l: &impl Ledger) {
+    let other: AccountId = "0190f3a2-7c1e-7b3d-9f00-00000000b002".parse().unwrap();
+    for n in 0..3 {
+        for account in [managed().id, other] {
+            l.run(Op::TopUp {
+                account,
+                id: rid(n),
+                amount: MicroUsd(1_000),
+                at: NOW,
+            })
+            .unwrap();
+        }
+    }
+    for account in [managed().id, other] {
+        let Done::Head(next, last) = l.run(Op::Head(account)).unwrap() else {
+            panic!("a head");
+        };
+        let chain: Vec<Entry> = l
+            .entries()
+            .into_iter()
+            .filter(|e| e.account == account)
+            .collect();
+        assert_eq!(
+            chain.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [0, 1, 2],
+            "its own numbering"
+        );
+        assert_eq!(chain[0].prev_hash, [0; 32], "its own start");
+        assert_eq!(chain[2].prev_hash, chain[1].hash, "its own links");
+        assert_eq!((next, last), (3, chain[2].hash), "its own head");
+    }
+    let entries = l.entries();
+    verify(&entries).unwrap();
+    // The other account's middle entry, edited: named with its account.
+    let mut edited = entries.clone();
+    let at = edited
+        .iter()
+        .position(|e| e.account == other && e.seq == 1)
+        .unwrap();
+    edited[at].amount = MicroUsd(1);
+    let err = verify(&edited).unwrap_err();
+    assert_eq!(
+        (err.account, err.seq, err.position),
+        (other, 1, at),
+        "{err}"
+    );
+    // One account's chain alone verifies; a chain without its start does not.
+    let managed_only: Vec<Entry> = entries
+        .iter()
+        .filter(|e| e.account == managed().id)
+        .cloned()
+        .collect();
+    verify(&managed_only).unwrap();
+    assert_eq!(verify(&managed_only[1..]).unwrap_err().seq, 1);
 }
 
 pub(crate) fn the_kept_totals_are_what_the_entries_say(l: &impl Ledger) {
