@@ -16,6 +16,13 @@
 //! commit under 512 clients cannot beat the batch size it reaches; the ratio to these says what
 //! the ledger's own work costs.
 //!
+//! The group `ledger_postgres` is the same on PostgreSQL (`SYNESIS_TEST_POSTGRES` names the
+//! server; `scripts/postgres.sh start DIR` makes one; without it the group is skipped, saying
+//! so): the cloud's PostgreSQL writer (`storage::postgres::ledger`) at 1 and 512 clients,
+//! against `anchor_bare_postgres_batch_<n>`, bare PostgreSQL inserting the rows a settled charge
+//! writes, `n` charges per transaction, as four array statements per transaction (the fewest
+//! round trips those rows can take), with no ledger rules, hashing, locks or queue.
+//!
 //! `cargo bench -p synesis-benches --bench ledger`
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark whose fixture fails stops
 
@@ -162,17 +169,11 @@ fn bare_charges(
 }
 
 async fn settled_charge(ledger: &LedgerWriter, account: Account, id: RequestId) {
-    let (prices, rules) = (PriceTable::default(), TierRules::default());
-    let request = HoldRequest {
-        model: "claude-sonnet".into(),
-        device: None,
-        input_tokens: 1_000,
-        max_output_tokens: 250,
-        request_body: None,
-    };
+    let (request, usage) = charge_shape();
     let at = now();
     ledger
         .run(move |s| {
+            let (prices, rules) = (PriceTable::default(), TierRules::default());
             hold(
                 s,
                 account,
@@ -186,13 +187,11 @@ async fn settled_charge(ledger: &LedgerWriter, account: Account, id: RequestId) 
         })
         .await
         .unwrap();
-    let usage = Usage {
-        input_tokens: 1_000,
-        output_tokens: 200,
-    };
-    let (prices, rules) = (PriceTable::default(), TierRules::default());
     ledger
-        .run(move |s| settle(s, account, id, usage, at, &prices, &rules))
+        .run(move |s| {
+            let (prices, rules) = (PriceTable::default(), TierRules::default());
+            settle(s, account, id, usage, at, &prices, &rules)
+        })
         .await
         .unwrap();
 }
@@ -304,5 +303,249 @@ fn ledger(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, ledger);
+/// Bare PostgreSQL's statements, prepared once (a statement prepared on the fly costs a round
+/// trip, and pipelined ones would no longer reach the server in order).
+struct BareStatements {
+    entries: tokio_postgres::Statement,
+    open: tokio_postgres::Statement,
+    close: tokio_postgres::Statement,
+    totals: tokio_postgres::Statement,
+}
+
+impl BareStatements {
+    async fn prepare(c: &tokio_postgres::Client) -> BareStatements {
+        BareStatements {
+            entries: c
+                .prepare(
+                    "INSERT INTO ledger_entries (seq, account_id, request_id, kind, model, device_id,
+                       input_tokens, output_tokens, amount, quota_tokens, body, at, expires_at, prev_hash, hash)
+                     SELECT s, a, r, k, 'claude-sonnet', NULL, 1000, 250, 6180, 0, b, $6, e, h, h
+                     FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::smallint[], $5::bytea[],
+                        $7::bigint[], $8::bytea[]) AS x (s, a, r, k, b, e, h)",
+                )
+                .await
+                .unwrap(),
+            open: c
+                .prepare(
+                    "INSERT INTO ledger_open_holds (account_id, request_id, seq, amount, quota_tokens, expires_at)
+                     SELECT a, r, s, 6180, 0, $4 FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS x (a, r, s)",
+                )
+                .await
+                .unwrap(),
+            close: c
+                .prepare(
+                    "DELETE FROM ledger_open_holds h USING UNNEST($1::text[], $2::text[]) AS d (a, r)
+                     WHERE h.account_id = d.a AND h.request_id = d.r",
+                )
+                .await
+                .unwrap(),
+            totals: c
+                .prepare(
+                    "UPDATE ledger_totals SET balance = balance - 1, open_held = open_held + 1
+                     WHERE account_id = $1",
+                )
+                .await
+                .unwrap(),
+        }
+    }
+}
+
+/// `batch` settled charges' rows in bare PostgreSQL: the holds in one transaction (entries,
+/// open holds, the totals), then the settlements in another (entries, holds gone, totals),
+/// each transaction's statements pipelined.
+async fn bare_pg_charges(
+    client: &tokio_postgres::Client,
+    statements: &BareStatements,
+    account: &str,
+    next_seq: &mut i64,
+    ids: &Ids,
+    batch: usize,
+) {
+    type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+    let requests: Vec<String> = (0..batch).map(|_| ids.next().to_string()).collect();
+    let at = now().0;
+    let accounts = vec![account.to_owned(); batch];
+    let hash = vec![vec![0x5au8; 32]; batch];
+    let body = vec![vec![0x11u8; 32]; batch];
+    let expiry = at + 60_000;
+    for settle in [false, true] {
+        let seqs: Vec<i64> = (0..batch as i64).map(|n| *next_seq + n).collect();
+        *next_seq += batch as i64;
+        let kind = vec![if settle { 3i16 } else { 2 }; batch];
+        let expires: Vec<Option<i64>> = vec![(!settle).then_some(expiry); batch];
+        let entry_params: [Param<'_>; 8] = [
+            &seqs, &accounts, &requests, &kind, &body, &at, &expires, &hash,
+        ];
+        let open_params: [Param<'_>; 4] = [&accounts, &requests, &seqs, &expiry];
+        let close_params: [Param<'_>; 2] = [&accounts, &requests];
+        let totals_params: [Param<'_>; 1] = [&account];
+        let (holds, params) = if settle {
+            (&statements.close, &close_params[..])
+        } else {
+            (&statements.open, &open_params[..])
+        };
+        tokio::try_join!(
+            client.batch_execute("BEGIN"),
+            client.execute(&statements.entries, &entry_params),
+            client.execute(holds, params),
+            client.execute(&statements.totals, &totals_params),
+            client.batch_execute("COMMIT"),
+        )
+        .unwrap();
+    }
+}
+
+/// The same charges on PostgreSQL, when `SYNESIS_TEST_POSTGRES` names a server.
+fn ledger_postgres(c: &mut Criterion) {
+    use synesis_cloud::storage::postgres::ledger::PgLedgerWriter;
+    use synesis_cloud::storage::postgres::{Pg, create_database};
+
+    let Some(server) = std::env::var("SYNESIS_TEST_POSTGRES")
+        .ok()
+        .filter(|s| !s.is_empty())
+    else {
+        eprintln!("ledger_postgres: SKIPPED, SYNESIS_TEST_POSTGRES names no PostgreSQL server");
+        return;
+    };
+    let suffix = uuid::Uuid::now_v7().simple().to_string();
+    let url = create_database(&server, &format!("synesis_bench_{suffix}")).unwrap();
+    let bare_url = create_database(&server, &format!("synesis_bench_bare_{suffix}")).unwrap();
+    drop(Pg::open(&url).unwrap());
+    drop(Pg::open(&bare_url).unwrap());
+    let writer = PgLedgerWriter::open(&url).unwrap();
+    let id = AccountId::try_from_uuid(uuid::Uuid::now_v7()).unwrap();
+    let account = Account {
+        id,
+        tier: Tier::Managed,
+    };
+    let ids = Ids::ordered();
+    let credit = ids.next();
+    writer
+        .run_blocking(move |s| top_up(s, id, credit, MicroUsd(1_000_000_000_000), now()))
+        .unwrap();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let bare_account = uuid::Uuid::now_v7().to_string();
+    let (bare, bare_statements) = rt.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&bare_url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .execute(
+                "INSERT INTO ledger_totals (account_id, balance, quota_settled, open_held, open_quota)
+                 VALUES ($1, 1000000000000, 0, 0, 0)",
+                &[&bare_account],
+            )
+            .await
+            .unwrap();
+        let statements = BareStatements::prepare(&client).await;
+        (client, statements)
+    });
+    let mut bare_seq = 0i64;
+
+    let mut group = c.benchmark_group("ledger_postgres");
+    group.measurement_time(Duration::from_secs(10));
+    for batch in [1usize, 64, 512] {
+        group.throughput(Throughput::Elements(batch as u64));
+        let bare_ids = Ids::ordered();
+        group.bench_function(format!("anchor_bare_postgres_batch_{batch}"), |b| {
+            b.iter(|| {
+                rt.block_on(bare_pg_charges(
+                    &bare,
+                    &bare_statements,
+                    &bare_account,
+                    &mut bare_seq,
+                    &bare_ids,
+                    batch,
+                ))
+            });
+        });
+    }
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("settled_charge_1_client", |b| {
+        b.iter(|| rt.block_on(settled_charge_on(&writer, account, ids.next())))
+    });
+    group.bench_function(format!("settled_charges_{CLIENTS}_clients"), |b| {
+        b.iter_custom(|iters| {
+            let left = Arc::new(AtomicU64::new(iters));
+            let start = Instant::now();
+            rt.block_on(async {
+                let mut clients = tokio::task::JoinSet::new();
+                for _ in 0..CLIENTS {
+                    let (left, writer, ids) = (Arc::clone(&left), writer.clone(), ids.clone());
+                    clients.spawn(async move {
+                        while left
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                                n.checked_sub(1)
+                            })
+                            .is_ok()
+                        {
+                            settled_charge_on(&writer, account, ids.next()).await;
+                        }
+                    });
+                }
+                clients.join_all().await;
+            });
+            start.elapsed()
+        })
+    });
+    group.finish();
+}
+
+/// [`settled_charge`] through the PostgreSQL writer.
+async fn settled_charge_on(
+    ledger: &synesis_cloud::storage::postgres::ledger::PgLedgerWriter,
+    account: Account,
+    id: RequestId,
+) {
+    let (request, usage) = charge_shape();
+    let at = now();
+    ledger
+        .run_keyed(account.id, id, move |s| {
+            let (prices, rules) = (PriceTable::default(), TierRules::default());
+            hold(
+                s,
+                account,
+                id,
+                &request,
+                at,
+                HOLD_TTL_DEFAULT_MS,
+                &prices,
+                &rules,
+            )
+        })
+        .await
+        .unwrap();
+    ledger
+        .run_keyed(account.id, id, move |s| {
+            let (prices, rules) = (PriceTable::default(), TierRules::default());
+            settle(s, account, id, usage, at, &prices, &rules)
+        })
+        .await
+        .unwrap();
+}
+
+/// What one settled charge asks for and uses.
+fn charge_shape() -> (HoldRequest, Usage) {
+    (
+        HoldRequest {
+            model: "claude-sonnet".into(),
+            device: None,
+            input_tokens: 1_000,
+            max_output_tokens: 250,
+            request_body: None,
+        },
+        Usage {
+            input_tokens: 1_000,
+            output_tokens: 200,
+        },
+    )
+}
+
+criterion_group!(benches, ledger, ledger_postgres);
 criterion_main!(benches);

@@ -60,7 +60,8 @@ pub fn asker(
     const _: () = assert!(EntryKind::Hold.code() == 2);
     let member: Option<Option<String>> = conn
         .prepare_cached(
-            "SELECT d.member_id FROM ledger_entries e JOIN devices d ON d.id = e.device_id
+            "SELECT d.member_id FROM ledger_entries AS e INDEXED BY ledger_by_request
+             JOIN devices d ON d.id = e.device_id
              WHERE e.account_id = ?1 AND e.request_id = ?2 AND e.kind = 2
              ORDER BY e.seq LIMIT 1",
         )?

@@ -13,6 +13,7 @@ use synesis_proto::{AccountId, MicroUsd, RequestId, UnixMillis};
 
 mod writer;
 pub use writer::LedgerWriter;
+pub(crate) use writer::answer_of;
 
 /// The ledger store inside one open transaction.
 #[derive(Debug)]
@@ -288,7 +289,9 @@ impl Store for SqliteLedger<'_> {
     ) -> Result<Vec<Entry>, StoreError> {
         query_entries(
             self.conn,
-            "WHERE account_id = ?1 AND request_id = ?2",
+            // Named, since without statistics SQLite would rather walk the account's entries
+            // by the key (account_id, seq), which costs the account's history on every operation.
+            "INDEXED BY ledger_by_request WHERE account_id = ?1 AND request_id = ?2",
             &[&account.to_string(), &request.to_string()],
         )
     }
@@ -533,7 +536,8 @@ pub fn charges_page(
     if let Some(after) = after {
         let cursor: (i64, i64) = conn
             .prepare_cached(
-                "SELECT at, seq FROM ledger_entries WHERE account_id = ?1 AND request_id = ?2 AND kind = 3
+                "SELECT at, seq FROM ledger_entries INDEXED BY ledger_by_request
+                 WHERE account_id = ?1 AND request_id = ?2 AND kind = 3
                  AND (?3 IS NULL OR device_id IN (SELECT id FROM devices WHERE member_id = ?3))",
             )
             .and_then(|mut stmt| {

@@ -17,6 +17,7 @@ pub mod adapters;
 pub mod answers;
 pub mod ledger;
 pub mod members;
+pub mod postgres;
 pub mod schema;
 mod sqlite;
 pub mod unit;

@@ -73,17 +73,25 @@ where
     }
 
     fn answer(self: Box<Self>, committed: Result<(), StoreError>) {
-        let answer = match (self.result, committed) {
-            // A refusal stands whatever became of the others: it wrote nothing.
-            (Some(Err(refused)), _) => Err(refused),
-            (Some(Ok(value)), Ok(())) => Ok(value),
-            (_, Err(e)) => Err(e.into()),
-            (None, Ok(())) => {
-                Err(StoreError::Unavailable("the ledger operation did not run".into()).into())
-            }
-        };
         // The caller may have gone (a closed connection); the outcome is kept regardless.
-        let _ = self.reply.send(answer);
+        let _ = self.reply.send(answer_of(self.result, committed));
+    }
+}
+
+/// What the caller of an operation is told, from its own result and the fate of its batch's
+/// transaction (every backend's writer answers this way).
+pub(crate) fn answer_of<T>(
+    result: Option<Result<T, LedgerError>>,
+    committed: Result<(), StoreError>,
+) -> Result<T, LedgerError> {
+    match (result, committed) {
+        // A refusal stands whatever became of the others: it wrote nothing.
+        (Some(Err(refused)), _) => Err(refused),
+        (Some(Ok(value)), Ok(())) => Ok(value),
+        (_, Err(e)) => Err(e.into()),
+        (None, Ok(())) => {
+            Err(StoreError::Unavailable("the ledger operation did not run".into()).into())
+        }
     }
 }
 

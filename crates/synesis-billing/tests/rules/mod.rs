@@ -94,6 +94,18 @@ pub(crate) enum Done {
 }
 
 impl Op {
+    /// The account and request it is about, for a store that reads ahead by them.
+    #[allow(dead_code)] // the stores that read ahead use it; the others need not
+    pub(crate) fn key(&self) -> Option<(AccountId, RequestId)> {
+        match self {
+            Op::TopUp { account, id, .. } | Op::Void { account, id, .. } => Some((*account, *id)),
+            Op::Hold { account, id, .. } | Op::Settle { account, id, .. } => {
+                Some((account.id, *id))
+            }
+            _ => None,
+        }
+    }
+
     pub(crate) fn apply<S: Store>(self, s: &mut S) -> Result<Done, LedgerError> {
         let prices = PriceTable::default();
         Ok(match self {
@@ -156,7 +168,15 @@ impl Done {
 /// each followed by [`check_kept_state`].
 macro_rules! rule_tests {
     ($fresh:path) => {
-        $crate::rules::rule_tests!(@each $fresh;
+        $crate::rules::rule_tests!(@names each $fresh);
+    };
+    // `$fresh` returns `None` where the store is not at hand (a test then passes, having said
+    // why it did nothing: outside CI only, which is `$fresh`'s to enforce).
+    (optional $fresh:path) => {
+        $crate::rules::rule_tests!(@names each_optional $fresh);
+    };
+    (@names $arm:ident $fresh:path) => {
+        $crate::rules::rule_tests!(@$arm $fresh;
             hold_then_settle_charges_the_actual_usage_at_most_the_hold,
             a_duplicate_storm_charges_once,
             the_same_id_with_another_body_is_refused_and_changes_nothing,
@@ -174,6 +194,18 @@ macro_rules! rule_tests {
             #[test]
             fn $name() {
                 let ledger = $fresh();
+                $crate::rules::$name(&ledger);
+                $crate::rules::check_kept_state(&ledger);
+            }
+        )*
+    };
+    (@each_optional $fresh:path; $($name:ident,)*) => {
+        $(
+            #[test]
+            fn $name() {
+                let Some(ledger) = $fresh() else {
+                    return;
+                };
                 $crate::rules::$name(&ledger);
                 $crate::rules::check_kept_state(&ledger);
             }

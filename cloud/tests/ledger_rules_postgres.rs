@@ -1,0 +1,212 @@
+//! The ledger rules on PostgreSQL, as the cloud's PostgreSQL writer runs them, with real
+//! concurrency: the table of `crates/synesis-billing/tests/rules` (the scenarios the in-memory
+//! store and SQLite run), each operation through a [`PgLedgerWriter`], each test on a database
+//! of its own; then two writers on one database, as two cloud nodes would have.
+//!
+//! The server is `SYNESIS_TEST_POSTGRES` (a URL; `scripts/postgres.sh start DIR` makes one).
+//! Without it these tests say they skipped, outside CI; inside CI they fail.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)] // test code
+
+use synesis_billing::ledger::{Entry, LedgerError, rebuild_states, verify};
+use synesis_billing::{MicroUsd, Tier, Usage};
+use synesis_cloud::storage::postgres::ledger::PgLedgerWriter;
+use synesis_cloud::storage::postgres::{Pg, create_database};
+
+#[path = "../../crates/synesis-billing/tests/rules/mod.rs"]
+mod rules;
+
+use rules::{Done, Op, rid};
+
+/// The server the tests make their databases on, if one is named.
+fn server() -> Option<String> {
+    match std::env::var("SYNESIS_TEST_POSTGRES") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            let ci =
+                std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false");
+            assert!(
+                !ci,
+                "CI must run the PostgreSQL tests, but SYNESIS_TEST_POSTGRES names no server (.ci/run starts one)"
+            );
+            eprintln!("SKIPPED (outside CI): SYNESIS_TEST_POSTGRES names no PostgreSQL server");
+            None
+        }
+    }
+}
+
+/// A new database of its own on the test server, with the cloud's schema.
+fn fresh_database() -> Option<(Pg, String)> {
+    let server = server()?;
+    let name = format!("synesis_test_{}", uuid::Uuid::now_v7().simple());
+    let url = create_database(&server, &name).unwrap();
+    Some((Pg::open(&url).unwrap(), url))
+}
+
+/// A database and its ledger writer.
+#[derive(Debug)]
+struct Postgres {
+    pg: Pg,
+    writer: PgLedgerWriter,
+}
+
+impl Postgres {
+    fn fresh() -> Option<Postgres> {
+        let (pg, url) = fresh_database()?;
+        let writer = PgLedgerWriter::open(&url).unwrap();
+        Some(Postgres { pg, writer })
+    }
+
+    /// What another connection sees: the committed entries, the kept states, and whether they
+    /// agree and chain.
+    fn committed(&self) -> Vec<Entry> {
+        let snapshot = self.pg.ledger_snapshot().unwrap();
+        verify(&snapshot.entries).unwrap();
+        assert_eq!(snapshot.states, rebuild_states(&snapshot.entries).unwrap());
+        snapshot.entries
+    }
+}
+
+impl rules::Ledger for Postgres {
+    /// Keyed where the operation has a key (what the cloud's hot paths do: the batch reads
+    /// ahead), and not where it has none (read as it runs): both paths under the same rules.
+    fn run(&self, op: Op) -> Result<Done, LedgerError> {
+        match op.key() {
+            Some((account, request)) => {
+                self.writer
+                    .run_keyed_blocking(account, request, move |s| op.apply(s))
+            }
+            None => self.writer.run_blocking(move |s| op.apply(s)),
+        }
+    }
+
+    fn entries(&self) -> Vec<Entry> {
+        self.committed()
+    }
+}
+
+rules::rule_tests!(optional Postgres::fresh);
+
+fn managed() -> synesis_billing::ledger::Account {
+    rules::account(Tier::Managed)
+}
+
+const USAGE: Usage = Usage {
+    input_tokens: 1_000,
+    output_tokens: 100,
+};
+
+/// Retries of one request (hold, then settle) from 400 tokio tasks, half through each of two
+/// writers on one database (two nodes): one hold, one charge, every answer the first outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_across_two_writers_charges_once() {
+    let Some(ledger) = tokio::task::spawn_blocking(Postgres::fresh).await.unwrap() else {
+        return;
+    };
+    let second = {
+        let url = ledger.pg.url().to_owned();
+        tokio::task::spawn_blocking(move || PgLedgerWriter::open(&url).unwrap())
+            .await
+            .unwrap()
+    };
+    let writers = [ledger.writer.clone(), second];
+    writers[0]
+        .run(move |s| {
+            Op::TopUp {
+                account: managed().id,
+                id: rid(1_000_000),
+                amount: MicroUsd(10_000_000),
+                at: rules::NOW,
+            }
+            .apply(s)
+        })
+        .await
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..400 {
+        let writer = writers[t % 2].clone();
+        tasks.spawn(async move {
+            let hold = rules::sonnet_hold(rid(7));
+            let settle = rules::settle_op(managed(), rid(7), USAGE, rules::NOW);
+            // Half the tasks unkeyed (read as they run), half keyed (read ahead), on both writers.
+            if t % 4 < 2 {
+                (
+                    writer.run(move |s| hold.apply(s)).await,
+                    writer.run(move |s| settle.apply(s)).await,
+                )
+            } else {
+                (
+                    writer
+                        .run_keyed(managed().id, rid(7), move |s| hold.apply(s))
+                        .await,
+                    writer
+                        .run_keyed(managed().id, rid(7), move |s| settle.apply(s))
+                        .await,
+                )
+            }
+        });
+    }
+    let answers = tasks.join_all().await;
+    let (holds, settles): (Vec<_>, Vec<_>) = answers.into_iter().unzip();
+    let first_hold = holds[0].clone().unwrap();
+    assert!(holds.iter().all(|h| h.as_ref() == Ok(&first_hold)));
+    let first_settle = settles[0].clone().unwrap();
+    assert!(settles.iter().all(|s| s.as_ref() == Ok(&first_settle)));
+    let entries = tokio::task::spawn_blocking(move || ledger.committed())
+        .await
+        .unwrap();
+    // The top-up, one hold, one settlement.
+    assert_eq!(entries.len(), 3, "{entries:#?}");
+}
+
+/// Two writers taking money from one account at once (as two nodes would): the holds never
+/// overdraw it, whichever writer places them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_across_two_writers_never_overdraw() {
+    let Some(ledger) = tokio::task::spawn_blocking(Postgres::fresh).await.unwrap() else {
+        return;
+    };
+    let second = {
+        let url = ledger.pg.url().to_owned();
+        tokio::task::spawn_blocking(move || PgLedgerWriter::open(&url).unwrap())
+            .await
+            .unwrap()
+    };
+    let writers = [ledger.writer.clone(), second];
+    // Room for exactly ten Sonnet holds (6,953 µUSD each).
+    writers[0]
+        .run(move |s| {
+            Op::TopUp {
+                account: managed().id,
+                id: rid(1_000_000),
+                amount: MicroUsd(69_530),
+                at: rules::NOW,
+            }
+            .apply(s)
+        })
+        .await
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..60u64 {
+        let writer = writers[(n % 2) as usize].clone();
+        tasks.spawn(async move {
+            let hold = rules::sonnet_hold(rid(n));
+            writer
+                .run_keyed(managed().id, rid(n), move |s| hold.apply(s))
+                .await
+        });
+    }
+    let placed = tasks
+        .join_all()
+        .await
+        .into_iter()
+        .filter(Result::is_ok)
+        .count();
+    assert_eq!(placed, 10, "exactly as many holds as the balance covers");
+    tokio::task::spawn_blocking(move || ledger.committed())
+        .await
+        .unwrap();
+}
