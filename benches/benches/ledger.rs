@@ -93,6 +93,33 @@ impl Ids {
     }
 }
 
+/// [`CLIENTS`] clients at once settle `iters` charges between them, each charge with a fresh
+/// request id (`charge` makes it); how long that took.
+fn clients<F, Fut>(rt: &tokio::runtime::Runtime, iters: u64, charge: F, ids: &Ids) -> Duration
+where
+    F: Fn(RequestId) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let left = Arc::new(AtomicU64::new(iters));
+    let start = Instant::now();
+    rt.block_on(async {
+        let mut clients = tokio::task::JoinSet::new();
+        for _ in 0..CLIENTS {
+            let (left, charge, ids) = (Arc::clone(&left), charge.clone(), ids.clone());
+            clients.spawn(async move {
+                while left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    charge(ids.next()).await;
+                }
+            });
+        }
+        clients.join_all().await;
+    });
+    start.elapsed()
+}
+
 /// One settled charge: a hold for 1,000 + up to 250 tokens of Sonnet, settled at 1,000 + 200.
 /// `batch` settled charges' rows in bare SQLite: the holds in one transaction, then the
 /// settlements in another (as the writer commits the holds of a batch of clients together,
@@ -277,26 +304,12 @@ fn ledger(c: &mut Criterion) {
     ] {
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
-                let left = Arc::new(AtomicU64::new(iters));
-                let start = Instant::now();
-                rt.block_on(async {
-                    let mut clients = tokio::task::JoinSet::new();
-                    for _ in 0..CLIENTS {
-                        let (left, writer, ids) = (Arc::clone(&left), writer.clone(), ids.clone());
-                        clients.spawn(async move {
-                            while left
-                                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                                    n.checked_sub(1)
-                                })
-                                .is_ok()
-                            {
-                                settled_charge(&writer, account, ids.next()).await;
-                            }
-                        });
-                    }
-                    clients.join_all().await;
-                });
-                start.elapsed()
+                let writer = writer.clone();
+                let charge = move |id| {
+                    let writer = writer.clone();
+                    async move { settled_charge(&writer, account, id).await }
+                };
+                clients(&rt, iters, charge, &ids)
             })
         });
     }
@@ -472,26 +485,12 @@ fn ledger_postgres(c: &mut Criterion) {
     });
     group.bench_function(format!("settled_charges_{CLIENTS}_clients"), |b| {
         b.iter_custom(|iters| {
-            let left = Arc::new(AtomicU64::new(iters));
-            let start = Instant::now();
-            rt.block_on(async {
-                let mut clients = tokio::task::JoinSet::new();
-                for _ in 0..CLIENTS {
-                    let (left, writer, ids) = (Arc::clone(&left), writer.clone(), ids.clone());
-                    clients.spawn(async move {
-                        while left
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                                n.checked_sub(1)
-                            })
-                            .is_ok()
-                        {
-                            settled_charge_on(&writer, account, ids.next()).await;
-                        }
-                    });
-                }
-                clients.join_all().await;
-            });
-            start.elapsed()
+            let writer = writer.clone();
+            let charge = move |id| {
+                let writer = writer.clone();
+                async move { settled_charge_on(&writer, account, id).await }
+            };
+            clients(&rt, iters, charge, &ids)
         })
     });
     group.finish();

@@ -99,32 +99,33 @@ const USAGE: Usage = Usage {
     output_tokens: 100,
 };
 
+/// A database with `balance` µUSD on the managed account, and two writers on it (two nodes).
+async fn two_writers(balance: i64) -> Option<(Postgres, [PgLedgerWriter; 2])> {
+    let ledger = tokio::task::spawn_blocking(Postgres::fresh)
+        .await
+        .unwrap()?;
+    let url = ledger.pg.url().to_owned();
+    let second = tokio::task::spawn_blocking(move || PgLedgerWriter::open(&url).unwrap())
+        .await
+        .unwrap();
+    let writers = [ledger.writer.clone(), second];
+    let top_up = Op::TopUp {
+        account: managed().id,
+        id: rid(1_000_000),
+        amount: MicroUsd(balance),
+        at: rules::NOW,
+    };
+    writers[0].run(move |s| top_up.apply(s)).await.unwrap();
+    Some((ledger, writers))
+}
+
 /// Retries of one request (hold, then settle) from 400 tokio tasks, half through each of two
 /// writers on one database (two nodes): one hold, one charge, every answer the first outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_across_two_writers_charges_once() {
-    let Some(ledger) = tokio::task::spawn_blocking(Postgres::fresh).await.unwrap() else {
+    let Some((ledger, writers)) = two_writers(10_000_000).await else {
         return;
     };
-    let second = {
-        let url = ledger.pg.url().to_owned();
-        tokio::task::spawn_blocking(move || PgLedgerWriter::open(&url).unwrap())
-            .await
-            .unwrap()
-    };
-    let writers = [ledger.writer.clone(), second];
-    writers[0]
-        .run(move |s| {
-            Op::TopUp {
-                account: managed().id,
-                id: rid(1_000_000),
-                amount: MicroUsd(10_000_000),
-                at: rules::NOW,
-            }
-            .apply(s)
-        })
-        .await
-        .unwrap();
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..400 {
         let writer = writers[t % 2].clone();
@@ -166,29 +167,10 @@ async fn a_storm_across_two_writers_charges_once() {
 /// overdraw it, whichever writer places them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holds_across_two_writers_never_overdraw() {
-    let Some(ledger) = tokio::task::spawn_blocking(Postgres::fresh).await.unwrap() else {
+    // Room for exactly ten Sonnet holds (6,953 µUSD each).
+    let Some((ledger, writers)) = two_writers(69_530).await else {
         return;
     };
-    let second = {
-        let url = ledger.pg.url().to_owned();
-        tokio::task::spawn_blocking(move || PgLedgerWriter::open(&url).unwrap())
-            .await
-            .unwrap()
-    };
-    let writers = [ledger.writer.clone(), second];
-    // Room for exactly ten Sonnet holds (6,953 µUSD each).
-    writers[0]
-        .run(move |s| {
-            Op::TopUp {
-                account: managed().id,
-                id: rid(1_000_000),
-                amount: MicroUsd(69_530),
-                at: rules::NOW,
-            }
-            .apply(s)
-        })
-        .await
-        .unwrap();
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..60u64 {
         let writer = writers[(n % 2) as usize].clone();
@@ -209,4 +191,38 @@ async fn holds_across_two_writers_never_overdraw() {
     tokio::task::spawn_blocking(move || ledger.committed())
         .await
         .unwrap();
+}
+
+/// A database whose schema a newer build wrote is refused, not guessed at; a second open of
+/// this build's schema changes nothing; a URL that is not one says so.
+#[test]
+fn schema_versions_are_checked_on_postgres() {
+    let Some((pg, url)) = fresh_database() else {
+        return;
+    };
+    drop(pg);
+    // Opening again (another node starting) finds the schema in place.
+    drop(Pg::open(&url).unwrap());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let driver = tokio::spawn(connection);
+        client
+            .batch_execute("UPDATE schema_version SET version = 99")
+            .await
+            .unwrap();
+        drop(client);
+        let _ = driver.await;
+    });
+    let err = Pg::open(&url).unwrap_err().to_string();
+    assert!(err.contains("newer than this build"), "{err}");
+    let err = Pg::open("postgres://nobody@[not a host")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a PostgreSQL URL"), "{err}");
 }

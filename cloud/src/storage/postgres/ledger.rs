@@ -807,9 +807,7 @@ impl PgLedgerWriter {
         T: Send + 'static,
         F: FnOnce(&mut PgLedger<'_>) -> Result<T, LedgerError> + Send + 'static,
     {
-        let (job, answer) = Self::job(Some((account, request)), op);
-        self.jobs.blocking_send(job).map_err(|_| stopped())?;
-        answer.blocking_recv().map_err(|_| stopped())?
+        self.send_blocking(Some((account, request)), op)
     }
 
     /// [`run`](Self::run) for a thread outside the async runtime.
@@ -818,7 +816,19 @@ impl PgLedgerWriter {
         T: Send + 'static,
         F: FnOnce(&mut PgLedger<'_>) -> Result<T, LedgerError> + Send + 'static,
     {
-        let (job, answer) = Self::job(None, op);
+        self.send_blocking(None, op)
+    }
+
+    fn send_blocking<T, F>(
+        &self,
+        key: Option<(AccountId, RequestId)>,
+        op: F,
+    ) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut PgLedger<'_>) -> Result<T, LedgerError> + Send + 'static,
+    {
+        let (job, answer) = Self::job(key, op);
         self.jobs.blocking_send(job).map_err(|_| stopped())?;
         answer.blocking_recv().map_err(|_| stopped())?
     }
