@@ -333,7 +333,7 @@ impl BareStatements {
                     "INSERT INTO ledger_entries (seq, account_id, request_id, kind, model, device_id,
                        input_tokens, output_tokens, amount, quota_tokens, body, at, expires_at, prev_hash, hash)
                      SELECT s, a, r, k, 'claude-sonnet', NULL, 1000, 250, 6180, 0, b, $6, e, h, h
-                     FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::smallint[], $5::bytea[],
+                     FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bytea[],
                         $7::bigint[], $8::bytea[]) AS x (s, a, r, k, b, e, h)",
                 )
                 .await
@@ -384,7 +384,7 @@ async fn bare_pg_charges(
     for settle in [false, true] {
         let seqs: Vec<i64> = (0..batch as i64).map(|n| *next_seq + n).collect();
         *next_seq += batch as i64;
-        let kind = vec![if settle { 3i16 } else { 2 }; batch];
+        let kind = vec![if settle { 3i64 } else { 2 }; batch];
         let expires: Vec<Option<i64>> = vec![(!settle).then_some(expiry); batch];
         let entry_params: [Param<'_>; 8] = [
             &seqs, &accounts, &requests, &kind, &body, &at, &expires, &hash,

@@ -678,3 +678,34 @@ pub fn audit(dir: &Path, account: &str, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `admin migrate --to postgres://…`: copies this cloud's database into an empty PostgreSQL
+/// database and checks the copy; the SQLite file is only read.
+pub fn migrate(dir: &Path, to: &str, json: bool) -> anyhow::Result<()> {
+    use crate::storage::postgres::{Pg, copy, redacted};
+    let source = dir.join(DB_FILE);
+    if !source.exists() {
+        bail!("no cloud database at {}", source.display());
+    }
+    // Its errors name the database (without the password).
+    let target = Pg::open(to)?;
+    let copied = copy::from_sqlite(&source, &target, |table, rows| {
+        if !json {
+            eprintln!("  copied {table}: {rows} rows");
+        }
+    })
+    .with_context(|| format!("copying {} into {}", source.display(), redacted(to)))?;
+    if json {
+        println!("{}", serde_json::to_string(&copied)?);
+    } else {
+        println!(
+            "copied {} tables into {}; the ledger's {} entries in {} account chains verify, and {} accounts' totals and holds are the source's",
+            copied.tables.len(),
+            redacted(to),
+            copied.entries,
+            copied.chains,
+            copied.accounts_agreeing
+        );
+    }
+    Ok(())
+}

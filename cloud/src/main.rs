@@ -124,6 +124,15 @@ enum Admin {
     },
     /// An account's balance, holds, quota and charges.
     Usage { account: String },
+    /// Copy this SQLite cloud into an empty PostgreSQL database, then check the copy (rows of
+    /// every table, every ledger chain, every account's totals and holds). The SQLite file is
+    /// only read (from a snapshot; a running cloud may go on meanwhile, but what it writes
+    /// after the snapshot is not copied: stop it first for a move).
+    Migrate {
+        /// The target, as `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -334,6 +343,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     command: LedgerCommand::Verify,
                 } => admin::ledger_verify(&data_dir, json),
                 Admin::Usage { account } => admin::usage(&data_dir, &account, &billing()?, json),
+                Admin::Migrate { to } => admin::migrate(&data_dir, &to, json),
             }
         }
     }

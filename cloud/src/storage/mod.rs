@@ -49,6 +49,12 @@ pub enum StorageError {
     NoSuchMember(String),
     #[error("the database holds a value this build cannot read: {0}")]
     Corrupt(String),
+    /// PostgreSQL answered with an error (the server's words, after the SQLSTATE).
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
+    /// What was asked cannot be done to this database, for the reason given.
+    #[error("{0}")]
+    Refused(String),
     #[error("{path}: {reason}")]
     Schema { path: String, reason: String },
     #[error("{path}: {source}")]
@@ -104,8 +110,9 @@ impl From<StorageError> for synesis_billing::ledger::StoreError {
         match e {
             StorageError::Conflict => S::Conflict(e.to_string()),
             StorageError::Backend(db) => store_error(db),
-            StorageError::Io { .. } => S::Unavailable(e.to_string()),
+            StorageError::Io { .. } | StorageError::Postgres(_) => S::Unavailable(e.to_string()),
             StorageError::Corrupt(_) | StorageError::Schema { .. } => S::Corrupt(e.to_string()),
+            StorageError::Refused(_) => S::Constraint(e.to_string()),
             StorageError::AccountExists(_)
             | StorageError::NoSuchAccount(_)
             | StorageError::NoSuchDevice(_)

@@ -159,7 +159,7 @@ impl Statements {
             insert_entries: c
                 .prepare(&format!(
                     "INSERT INTO ledger_entries ({COLUMNS})
-                     SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::smallint[],
+                     SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[],
                         $5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::bigint[],
                         $10::bigint[], $11::bytea[], $12::bigint[], $13::bigint[], $14::bytea[],
                         $15::bytea[])"
@@ -183,7 +183,7 @@ impl Statements {
                 .prepare(
                     "INSERT INTO ledger_totals (account_id, balance, quota_year, quota_month,
                         quota_settled, open_held, open_quota)
-                     SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::int[], $4::int[],
+                     SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[],
                         $5::bigint[], $6::bigint[], $7::bigint[])
                      ON CONFLICT (account_id) DO UPDATE SET balance = EXCLUDED.balance,
                         quota_year = EXCLUDED.quota_year, quota_month = EXCLUDED.quota_month,
@@ -587,7 +587,7 @@ struct EntryColumns {
     seq: Vec<i64>,
     account: Vec<String>,
     request: Vec<String>,
-    kind: Vec<i16>,
+    kind: Vec<i64>,
     model: Vec<String>,
     device: Vec<Option<String>>,
     input: Vec<i64>,
@@ -606,7 +606,7 @@ impl EntryColumns {
         self.seq.push(i64_of(e.seq)?);
         self.account.push(e.account.to_string());
         self.request.push(e.request_id.to_string());
-        self.kind.push(i16::from(e.kind.code()));
+        self.kind.push(i64::from(e.kind.code()));
         self.model.push(e.model.clone());
         self.device.push(e.device.map(|d| d.to_string()));
         self.input.push(i64_of(e.input_tokens)?);
@@ -648,8 +648,8 @@ impl HoldColumns {
 struct TotalsColumns {
     account: Vec<String>,
     balance: Vec<i64>,
-    year: Vec<Option<i32>>,
-    month: Vec<Option<i32>>,
+    year: Vec<Option<i64>>,
+    month: Vec<Option<i64>>,
     settled: Vec<i64>,
     held: Vec<i64>,
     quota: Vec<i64>,
@@ -659,13 +659,8 @@ impl TotalsColumns {
     fn push(&mut self, account: AccountId, t: &Totals) -> Result<(), StoreError> {
         self.account.push(account.to_string());
         self.balance.push(t.balance.0);
-        self.year.push(t.quota_period.map(|p| p.year));
-        self.month.push(
-            t.quota_period
-                .map(|p| i32::try_from(p.month))
-                .transpose()
-                .map_err(|_| StoreError::Constraint("a month past i32".into()))?,
-        );
+        self.year.push(t.quota_period.map(|p| i64::from(p.year)));
+        self.month.push(t.quota_period.map(|p| i64::from(p.month)));
         self.settled.push(i64_of(t.quota_settled)?);
         self.held.push(t.open_held.0);
         self.quota.push(i64_of(t.open_quota)?);
