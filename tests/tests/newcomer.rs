@@ -345,8 +345,10 @@ fn an_auto_request_the_cloud_refuses_is_answered_here_over_http_as_ask_does() {
     assert_eq!(r.status, 404, "{}", r.body);
 }
 
-#[test]
-fn a_cloud_ask_while_the_tunnel_reconnects_waits_for_it_and_says_so() {
+/// Runs `synesis --json ARGS PROMPT` while the service's tunnel reconnects (its cloud killed),
+/// and brings the cloud back a second later: what the command printed, and the device's
+/// tunnel log.
+fn asked_while_reconnecting(args: &[&str]) -> (std::process::Output, String) {
     let mut s = setup(&["tiny"], "", "managed", Some("10.00"), false);
     let _tunnel = s.device.tunnel("1s");
     assert!(wait_for(Duration::from_secs(15), || s
@@ -364,7 +366,9 @@ fn a_cloud_ask_while_the_tunnel_reconnects_waits_for_it_and_says_so() {
     let asking = s
         .device
         .synesis()
-        .args(["--json", "cloud", "ask", "--max-tokens", "4", PROMPT])
+        .arg("--json")
+        .args(args)
+        .args(["--max-tokens", "4", PROMPT])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -372,15 +376,36 @@ fn a_cloud_ask_while_the_tunnel_reconnects_waits_for_it_and_says_so() {
     // The cloud comes back while the request waits.
     std::thread::sleep(Duration::from_secs(1));
     s.cloud.restart();
-    let out = asking.wait_with_output().unwrap();
+    (asking.wait_with_output().unwrap(), s.device.tunnel_log())
+}
+
+#[test]
+fn a_cloud_ask_while_the_tunnel_reconnects_waits_for_it_and_says_so() {
+    let (out, log) = asked_while_reconnecting(&["cloud", "ask"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}\n{}", s.device.tunnel_log());
+    assert!(out.status.success(), "{stderr}\n{log}");
     assert!(
         stderr.contains("waiting for it to connect"),
         "the wait is shown: {stderr}"
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["model"], "tiny", "{v}");
+}
+
+/// `synesis ask` lets the policy choose: with no model on the device, a tunnel that is
+/// reconnecting is a cloud to wait for, as `cloud ask` waits, not one to give up on.
+#[test]
+fn an_ask_the_policy_sends_to_the_cloud_waits_for_a_reconnecting_tunnel() {
+    let (out, log) = asked_while_reconnecting(&["ask"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{log}");
+    assert!(
+        stderr.contains("waiting for it to connect"),
+        "the wait is shown: {stderr}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["route"]["decision"], "cloud", "{v}");
+    assert_eq!(v["via"], "service", "{v}");
 }
 
 #[test]
