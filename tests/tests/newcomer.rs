@@ -9,7 +9,7 @@
 use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use synesis_e2e::{Cloud, Device, json_of, run_ok, signal, wait_for};
 
@@ -406,6 +406,60 @@ fn an_ask_the_policy_sends_to_the_cloud_waits_for_a_reconnecting_tunnel() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["route"]["decision"], "cloud", "{v}");
     assert_eq!(v["via"], "service", "{v}");
+}
+
+/// A tunnel deep in its backoff (the cloud was away long enough that the next attempt is 12 s
+/// or more off) is asked to try sooner by a request that waits for it: the cloud is back, so
+/// the request is answered through the service within the wait, not after it on a connection
+/// of its own.
+#[test]
+fn a_request_brings_a_long_reconnect_backoff_forward() {
+    let mut s = setup(&["tiny"], "", "managed", Some("10.00"), false);
+    let _tunnel = s.device.tunnel("1s");
+    assert!(wait_for(Duration::from_secs(15), || s
+        .device
+        .state()
+        .as_deref()
+        == Some("connected")));
+    signal(s.cloud.process.pid(), "KILL");
+    let _ = s.cloud.process.wait(Duration::from_secs(5));
+    // Each attempt at a dead loopback port waits out its 10 s connect timeout, so this takes
+    // a minute or so.
+    let far = || {
+        s.device
+            .status()
+            .and_then(|v| chrono::DateTime::parse_from_rfc3339(v["next_attempt_at"].as_str()?).ok())
+            .is_some_and(|at| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap();
+                i128::from(at.timestamp_millis()) > now.as_millis() as i128 + 12_000
+            })
+    };
+    assert!(
+        wait_for(Duration::from_secs(150), far),
+        "the backoff never reached 12 s: {}",
+        s.device.tunnel_log()
+    );
+    s.cloud.restart();
+    let asked = Instant::now();
+    let out = s
+        .device
+        .synesis()
+        .args(["--json", "cloud", "ask", "--max-tokens", "4", PROMPT])
+        .output()
+        .unwrap();
+    let took = asked.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", s.device.tunnel_log());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["via"], "service", "{v}");
+    // The service's own record: the stream waited, and the tunnel connected within the wait
+    // (without the request's nudge it waited out its 10 s and was refused).
+    let log = s.device.tunnel_log();
+    assert!(log.contains("waits for the tunnel to connect"), "{log}");
+    assert!(!log.contains("did not connect in time"), "{log}");
+    eprintln!("answered in {took:?} with the next attempt 12 s or more away");
 }
 
 #[test]

@@ -89,6 +89,9 @@ pub struct TunnelStatus {
     pub connected_since: Option<UnixMillis>,
     pub reconnects: u64,
     pub failure: Option<String>,
+    /// While reconnecting: when the next attempt starts (sooner when a client waits).
+    #[serde(default)]
+    pub next_attempt_at: Option<UnixMillis>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +125,8 @@ enum Command {
     Connection(oneshot::Sender<Result<quinn::Connection, TunnelState>>),
     Request(Box<Message>, oneshot::Sender<Result<Message, RequestError>>),
     Prewarm(synesis_proto::message::Prewarm),
+    /// A client waits for the connection ([`Event::Wanted`]).
+    Wanted,
 }
 
 #[derive(Debug)]
@@ -200,6 +205,13 @@ impl TunnelHandle {
         self.commands.try_send(Command::Prewarm(signal)).is_ok()
     }
 
+    /// Says that a client waits for the connection: a reconnect in a long backoff is tried
+    /// sooner (at most one attempt a second; [`Event::Wanted`]). Dropped when the command queue
+    /// is full: others are waiting already.
+    pub fn want_connection(&self) {
+        let _ = self.commands.try_send(Command::Wanted);
+    }
+
     /// Stops the tunnel and waits until its connection is closed.
     pub async fn shutdown(self) {
         let TunnelHandle { commands, task, .. } = self;
@@ -266,6 +278,7 @@ fn status_of(identity: &Identity, machine: &Machine, clock: &Clock) -> TunnelSta
         connected_since: s.connected_since.map(|t| clock.wall(t)),
         reconnects: s.reconnects,
         failure: s.failure,
+        next_attempt_at: s.retry_at.map(|t| clock.wall(t)),
     }
 }
 
@@ -374,6 +387,7 @@ impl Driver {
                     Some(Command::Request(message, reply)) => self.request(*message, reply),
                     Some(Command::Connection(reply)) => self.connection(reply),
                     Some(Command::Prewarm(signal)) => self.prewarm(signal),
+                    Some(Command::Wanted) => self.machine.handle(Instant::now(), Event::Wanted),
                     None => break,
                 },
                 result = connecting => {

@@ -100,6 +100,7 @@ impl Backend for FakeTunnel {
             connected_since: None,
             reconnects: 2,
             failure: None,
+            next_attempt_at: None,
         }
     }
 

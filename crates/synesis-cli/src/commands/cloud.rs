@@ -314,6 +314,9 @@ pub(crate) async fn status(out: &Output, paths: &Paths) -> anyhow::Result<()> {
         if !status["failure"].is_null() {
             text.push_str(&format!("failure          {}\n", field("failure")));
         }
+        if !status["next_attempt_at"].is_null() {
+            text.push_str(&format!("next attempt     {}\n", field("next_attempt_at")));
+        }
         text
     })?;
     Ok(())

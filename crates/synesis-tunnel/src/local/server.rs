@@ -74,6 +74,9 @@ pub trait Backend: Send + Sync + 'static {
         &self,
     ) -> impl Future<Output = Result<(quinn::SendStream, quinn::RecvStream), OpenError>> + Send;
 
+    /// Says that a client waits for the connection (a reconnect may be tried sooner).
+    fn want_connection(&self) {}
+
     /// Waits until the tunnel is connected, `within` at most: whether it is.
     fn connected_within(&self, within: Duration) -> impl Future<Output = bool> + Send {
         async move {
@@ -105,6 +108,10 @@ impl Backend for TunnelHandle {
     ) -> impl Future<Output = Result<(quinn::SendStream, quinn::RecvStream), OpenError>> + Send
     {
         TunnelHandle::open_stream(self)
+    }
+
+    fn want_connection(&self) {
+        TunnelHandle::want_connection(self);
     }
 }
 
@@ -637,6 +644,7 @@ async fn open_waiting<B: Backend>(
             ?wait,
             "a client's stream waits for the tunnel to connect"
         );
+        backend.want_connection();
         if !backend.connected_within(wait).await {
             tracing::info!(
                 ?wait,

@@ -410,9 +410,12 @@ async fn local_work_streams_its_pieces_then_its_result_and_stops_when_its_client
 }
 
 /// A tunnel that is reconnecting until `connected` is set: until then it opens no stream.
+/// With `connects_when_wanted`, a client's wait connects it (a reconnect brought forward).
 struct Reconnecting {
     inner: FakeTunnel,
     connected: std::sync::atomic::AtomicBool,
+    connects_when_wanted: bool,
+    wanted: std::sync::atomic::AtomicUsize,
 }
 
 impl Backend for Reconnecting {
@@ -426,6 +429,15 @@ impl Backend for Reconnecting {
 
     async fn measure_ping(&self) -> Result<Duration, crate::PingError> {
         self.inner.measure_ping().await
+    }
+
+    fn want_connection(&self) {
+        self.wanted
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.connects_when_wanted {
+            self.connected
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     async fn open_cloud_stream(
@@ -447,6 +459,8 @@ async fn a_stream_asked_for_while_the_tunnel_reconnects_waits_for_it() {
     let backend = Arc::new(Reconnecting {
         inner: FakeTunnel { conn: cloud.conn },
         connected: false.into(),
+        connects_when_wanted: false,
+        wanted: 0.into(),
     });
     let wait = Duration::from_secs(10);
     let service = testing::Service::start_waiting(Arc::clone(&backend), None, wait);
@@ -471,12 +485,38 @@ async fn a_stream_asked_for_while_the_tunnel_reconnects_waits_for_it() {
     connects.await.unwrap();
 }
 
+/// The wait tells the tunnel that a client waits, so that a reconnect in a long backoff is
+/// tried sooner (`Event::Wanted`): here that attempt connects, and the request is answered.
+#[tokio::test]
+async fn a_waiting_stream_asks_the_tunnel_to_reconnect_sooner() {
+    let cloud = FakeCloud::start().await;
+    let backend = Arc::new(Reconnecting {
+        inner: FakeTunnel { conn: cloud.conn },
+        connected: false.into(),
+        connects_when_wanted: true,
+        wanted: 0.into(),
+    });
+    let service =
+        testing::Service::start_waiting(Arc::clone(&backend), None, Duration::from_secs(10));
+    let asked: Message = PriceRequest {
+        request_id: request_id(10),
+    }
+    .into();
+    match service.client.request(&asked).await {
+        Ok(Message::PriceReply(r)) => assert_eq!(r.request_id, request_id(10)),
+        other => panic!("the wanted reconnect answered it: {other:?}"),
+    }
+    assert_eq!(backend.wanted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn a_tunnel_that_does_not_reconnect_in_time_is_refused_after_the_wait() {
     let cloud = FakeCloud::start().await;
     let backend = Arc::new(Reconnecting {
         inner: FakeTunnel { conn: cloud.conn },
         connected: false.into(),
+        connects_when_wanted: false,
+        wanted: 0.into(),
     });
     let wait = Duration::from_millis(400);
     let service = testing::Service::start_waiting(Arc::clone(&backend), None, wait);

@@ -9,6 +9,9 @@
 //!   any state --fatal error--> Failed (stays; no retries)
 //! ```
 //!
+//! A client waiting for the connection ([`Event::Wanted`]) brings a reconnect forward, at most
+//! one attempt per [`Config::reconnect_delay_min`].
+//!
 //! Input: [`Machine::handle`] with an [`Event`] and the time it happened, and
 //! [`Machine::handle_timeout`] when the time from [`Machine::poll_timeout`] has come. Output:
 //! [`Machine::poll_action`] (connect, send a heartbeat, close) and [`Machine::status`]. Nothing in
@@ -133,6 +136,11 @@ pub enum Event {
     Drain {
         reconnect_after: Duration,
     },
+    /// A client is waiting for the connection (a command's stream, through the local API):
+    /// while reconnecting, the next attempt is brought forward to now, but never sooner than
+    /// [`Config::reconnect_delay_min`] after the last attempt began, and never before a drain's
+    /// `reconnect_after`. The backoff itself is unchanged: a failed attempt still doubles it.
+    Wanted,
     /// Stop for good (the service is shutting down).
     Stop,
 }
@@ -185,9 +193,15 @@ pub struct Status {
 #[derive(Debug, Clone)]
 enum Phase {
     Disconnected,
-    Connecting { deadline: Instant },
+    Connecting {
+        deadline: Instant,
+    },
     Connected(Link),
-    Reconnecting { retry_at: Instant },
+    Reconnecting {
+        retry_at: Instant,
+        /// The earliest a wanted attempt may start ([`Event::Wanted`]).
+        not_before: Instant,
+    },
     Failed(Fatal),
 }
 
@@ -221,6 +235,8 @@ pub struct Machine {
     rtt: Option<Duration>,
     last_ack_at: Option<Instant>,
     last_failure: Option<String>,
+    /// When the last connection attempt began.
+    last_attempt_at: Option<Instant>,
 }
 
 impl Machine {
@@ -236,6 +252,7 @@ impl Machine {
             rtt: None,
             last_ack_at: None,
             last_failure: None,
+            last_attempt_at: None,
         }
     }
 
@@ -284,7 +301,27 @@ impl Machine {
                 self.last_failure = Some("the cloud is draining".to_owned());
                 self.phase = Phase::Reconnecting {
                     retry_at: now + reconnect_after,
+                    not_before: now + reconnect_after,
                 };
+            }
+            (
+                Phase::Reconnecting {
+                    retry_at,
+                    not_before,
+                },
+                Event::Wanted,
+            ) => {
+                let wanted = now.max(*not_before);
+                if wanted < *retry_at {
+                    tracing::debug!(
+                        sooner_by = ?retry_at.saturating_duration_since(wanted),
+                        "a client waits: the next attempt comes sooner"
+                    );
+                    *retry_at = wanted;
+                }
+                if now >= *retry_at {
+                    self.connect(now);
+                }
             }
             // Anything else is an event for a state we already left (a late report from a
             // connection we abandoned): ignore it.
@@ -320,7 +357,7 @@ impl Machine {
                     tracing::trace!(seq, "heartbeat due");
                 }
             }
-            Phase::Reconnecting { retry_at } if now >= *retry_at => self.connect(now),
+            Phase::Reconnecting { retry_at, .. } if now >= *retry_at => self.connect(now),
             _ => {}
         }
     }
@@ -370,7 +407,7 @@ impl Machine {
             Phase::Connected(link) => {
                 Some(link.next_heartbeat.min(link.ack_deadline(&self.config)))
             }
-            Phase::Reconnecting { retry_at } => Some(*retry_at),
+            Phase::Reconnecting { retry_at, .. } => Some(*retry_at),
             Phase::Disconnected | Phase::Failed(_) => None,
         }
     }
@@ -403,7 +440,7 @@ impl Machine {
                 _ => None,
             },
             retry_at: match self.phase {
-                Phase::Reconnecting { retry_at } => Some(retry_at),
+                Phase::Reconnecting { retry_at, .. } => Some(retry_at),
                 _ => None,
             },
             failure: match &self.phase {
@@ -414,6 +451,7 @@ impl Machine {
     }
 
     fn connect(&mut self, now: Instant) {
+        self.last_attempt_at = Some(now);
         self.phase = Phase::Connecting {
             deadline: now + self.config.connect_timeout,
         };
@@ -444,8 +482,12 @@ impl Machine {
         self.attempt = self.attempt.saturating_add(1);
         self.reconnects += 1;
         self.last_failure = Some(reason);
+        let not_before = self
+            .last_attempt_at
+            .map_or(now, |at| at + self.config.reconnect_delay_min);
         self.phase = Phase::Reconnecting {
             retry_at: now + delay,
+            not_before: not_before.min(now + delay),
         };
     }
 }

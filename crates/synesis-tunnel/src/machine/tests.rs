@@ -347,3 +347,114 @@ fn stale_and_duplicate_acks_are_ignored() {
     p.machine.handle(p.now, Event::HeartbeatAck { seq: 0 }); // already acknowledged
     assert_eq!(p.machine.status(), before);
 }
+
+/// Failed attempts until the next is at least `far` away: where the backoff has grown.
+fn backed_off(p: &mut Pair, far: Duration) -> Instant {
+    p.refuse = Some(Failure::Transient("refused".into()));
+    p.start();
+    loop {
+        let at = p.machine.status().retry_at;
+        if let Some(at) = at.filter(|at| *at >= p.now + far) {
+            return at;
+        }
+        assert!(
+            p.step(p.now + Duration::from_secs(3_600)),
+            "never backed off"
+        );
+    }
+}
+
+#[test]
+fn a_waiting_client_brings_a_long_backoff_forward_once_a_second_at_most() {
+    for seed in 0..20 {
+        let mut p = Pair::new(seed);
+        let retry_at = backed_off(&mut p, SEC * 12);
+        let attempts = p.connects.len();
+        let last = *p.connects.last().unwrap();
+        // The cloud is back; a client waits.
+        p.refuse = None;
+        p.run_for(SEC * 2);
+        assert_eq!(
+            p.connects.len(),
+            attempts,
+            "seed {seed}: nothing before it is wanted"
+        );
+        p.machine.handle(p.now, Event::Wanted);
+        p.react();
+        assert_eq!(
+            p.connects.len(),
+            attempts + 1,
+            "seed {seed}: wanted, attempted at once"
+        );
+        assert!(p.now >= last + RECONNECT_DELAY_MIN && p.now < retry_at);
+        p.run_until(State::Connected);
+    }
+}
+
+#[test]
+fn wanting_the_connection_again_and_again_makes_at_most_one_attempt_a_second() {
+    let mut p = Pair::new(7);
+    backed_off(&mut p, SEC * 12);
+    assert_eq!(p.machine.attempt as usize, p.connects.len());
+    let before = p.connects.len();
+    let first = p.now;
+    // A client every 100 ms for 5 s, the cloud still refusing.
+    while p.now < first + SEC * 5 {
+        p.machine.handle(p.now, Event::Wanted);
+        p.react();
+        p.run_for(Duration::from_millis(100));
+    }
+    let wanted = &p.connects[before..];
+    assert!(
+        wanted
+            .windows(2)
+            .all(|w| w[1] - w[0] >= RECONNECT_DELAY_MIN),
+        "{wanted:?}"
+    );
+    assert!(
+        (4..=6).contains(&wanted.len()),
+        "{} attempts in 5 s",
+        wanted.len()
+    );
+    // Each wanted attempt that failed counts in the backoff as any other.
+    assert_eq!(p.machine.attempt as usize, p.connects.len());
+}
+
+#[test]
+fn a_waiting_client_does_not_cut_a_drain_short() {
+    let mut p = Pair::new(5);
+    p.start();
+    p.run_for(SEC * 2);
+    let hint = Duration::from_secs(30);
+    p.machine.handle(
+        p.now,
+        Event::Drain {
+            reconnect_after: hint,
+        },
+    );
+    p.react();
+    let drained_at = p.now;
+    p.run_for(SEC * 3);
+    p.machine.handle(p.now, Event::Wanted);
+    p.react();
+    p.run_until(State::Connected);
+    assert_eq!(p.connects.len(), 2);
+    assert_eq!(p.connects[1] - drained_at, hint);
+}
+
+#[test]
+fn wanting_a_connection_that_is_up_or_failed_changes_nothing() {
+    let mut p = Pair::new(9);
+    p.start();
+    p.run_for(SEC * 2);
+    p.machine.handle(p.now, Event::Wanted);
+    p.react();
+    assert_eq!((p.state(), p.connects.len()), (State::Connected, 1));
+    p.machine
+        .handle(p.now, Event::ConnectionLost(Failure::Fatal(Fatal::Revoked)));
+    p.react();
+    p.machine.handle(p.now, Event::Wanted);
+    p.react();
+    p.run_for(SEC * 60);
+    assert_eq!((p.state(), p.connects.len()), (State::Failed, 1));
+}
