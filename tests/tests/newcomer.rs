@@ -345,12 +345,11 @@ fn an_auto_request_the_cloud_refuses_is_answered_here_over_http_as_ask_does() {
     assert_eq!(r.status, 404, "{}", r.body);
 }
 
-/// Runs `synesis --json ARGS PROMPT` while the service's tunnel reconnects (its cloud killed),
-/// and brings the cloud back a second later: what the command printed, and the device's
-/// tunnel log.
-fn asked_while_reconnecting(args: &[&str]) -> (std::process::Output, String) {
+/// A device in a managed account with its service connected (1 s heartbeats), then its cloud
+/// killed: the setup, and the running service.
+fn connected_then_cloud_killed() -> (Setup, synesis_e2e::Running) {
     let mut s = setup(&["tiny"], "", "managed", Some("10.00"), false);
-    let _tunnel = s.device.tunnel("1s");
+    let tunnel = s.device.tunnel("1s");
     assert!(wait_for(Duration::from_secs(15), || s
         .device
         .state()
@@ -358,6 +357,14 @@ fn asked_while_reconnecting(args: &[&str]) -> (std::process::Output, String) {
         == Some("connected")));
     signal(s.cloud.process.pid(), "KILL");
     let _ = s.cloud.process.wait(Duration::from_secs(5));
+    (s, tunnel)
+}
+
+/// Runs `synesis --json ARGS PROMPT` while the service's tunnel reconnects (its cloud killed),
+/// and brings the cloud back a second later: what the command printed, and the device's
+/// tunnel log.
+fn asked_while_reconnecting(args: &[&str]) -> (std::process::Output, String) {
+    let (mut s, _tunnel) = connected_then_cloud_killed();
     assert!(wait_for(Duration::from_secs(15), || s
         .device
         .state()
@@ -414,15 +421,7 @@ fn an_ask_the_policy_sends_to_the_cloud_waits_for_a_reconnecting_tunnel() {
 /// of its own.
 #[test]
 fn a_request_brings_a_long_reconnect_backoff_forward() {
-    let mut s = setup(&["tiny"], "", "managed", Some("10.00"), false);
-    let _tunnel = s.device.tunnel("1s");
-    assert!(wait_for(Duration::from_secs(15), || s
-        .device
-        .state()
-        .as_deref()
-        == Some("connected")));
-    signal(s.cloud.process.pid(), "KILL");
-    let _ = s.cloud.process.wait(Duration::from_secs(5));
+    let (mut s, _tunnel) = connected_then_cloud_killed();
     // Each attempt at a dead loopback port waits out its 10 s connect timeout, so this takes
     // a minute or so.
     let far = || {

@@ -104,6 +104,51 @@ async fn enrollment_connections_that_never_take_an_answer_give_their_slots_back(
     drop(stalled);
 }
 
+/// A sans-IO QUIC client's socket (reads time out after `read_timeout`) and endpoint: the
+/// tests' clients decide themselves what they send and when.
+fn sans_io_client(
+    local: impl std::net::ToSocketAddrs,
+    read_timeout: Duration,
+) -> (std::net::UdpSocket, quinn_proto::Endpoint) {
+    let socket = std::net::UdpSocket::bind(local).unwrap();
+    socket.set_read_timeout(Some(read_timeout)).unwrap();
+    let endpoint = quinn_proto::Endpoint::new(
+        Arc::new(quinn_proto::EndpointConfig::default()),
+        None,
+        false,
+        None,
+    );
+    (socket, endpoint)
+}
+
+/// Sends what `conn` has due.
+fn transmit(socket: &std::net::UdpSocket, conn: &mut quinn_proto::Connection) {
+    let mut out = Vec::new();
+    while let Some(t) = conn.poll_transmit(Instant::now(), 1, &mut out) {
+        let _ = socket.send_to(&out[..t.size], t.destination);
+        out.clear();
+    }
+}
+
+/// Begins a handshake with `server`: its first flight is sent.
+fn start(
+    endpoint: &mut quinn_proto::Endpoint,
+    socket: &std::net::UdpSocket,
+    config: &quinn::ClientConfig,
+    server: std::net::SocketAddr,
+) -> (quinn_proto::ConnectionHandle, quinn_proto::Connection) {
+    let (handle, mut conn) = endpoint
+        .connect(
+            Instant::now(),
+            config.clone(),
+            server,
+            synesis_wire::tls::SERVER_NAME,
+        )
+        .unwrap();
+    transmit(socket, &mut conn);
+    (handle, conn)
+}
+
 /// Starts `count` handshakes from `local` and never finishes one: it answers the cloud's Retry
 /// (so its address counts as proven) and ignores everything else. Until `stop`, it starts a
 /// few more every 100 ms, so that the slots the cloud gives up on (its handshake timeout is
@@ -117,23 +162,8 @@ fn half_open_handshakes(
     ready: std::sync::mpsc::Sender<()>,
 ) -> (usize, usize) {
     use std::collections::HashMap;
-    let socket = std::net::UdpSocket::bind(local).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(10)))
-        .unwrap();
-    let send_all = |conn: &mut quinn_proto::Connection| {
-        let mut out = Vec::new();
-        while let Some(t) = conn.poll_transmit(Instant::now(), 1, &mut out) {
-            let _ = socket.send_to(&out[..t.size], t.destination);
-            out.clear();
-        }
-    };
-    let mut endpoint = quinn_proto::Endpoint::new(
-        Arc::new(quinn_proto::EndpointConfig::default()),
-        None,
-        false,
-        None,
-    );
+    let (socket, mut endpoint) = sans_io_client(local, Duration::from_millis(10));
+    let send_all = |conn: &mut quinn_proto::Connection| transmit(&socket, conn);
     let mut conns = HashMap::new();
     let mut buf = vec![0u8; 65_536];
     let (mut received, mut retries) = (0, 0);
@@ -168,22 +198,14 @@ fn half_open_handshakes(
                 }
             }
         };
-    let start =
+    let begin =
         |endpoint: &mut quinn_proto::Endpoint,
          conns: &mut HashMap<quinn_proto::ConnectionHandle, quinn_proto::Connection>| {
-            let (handle, mut conn) = endpoint
-                .connect(
-                    Instant::now(),
-                    config.clone(),
-                    server,
-                    synesis_wire::tls::SERVER_NAME,
-                )
-                .unwrap();
-            send_all(&mut conn);
+            let (handle, conn) = start(endpoint, &socket, &config, server);
             conns.insert(handle, conn);
         };
     for i in 0..count {
-        start(&mut endpoint, &mut conns);
+        begin(&mut endpoint, &mut conns);
         // A few at a time, so the answers fit the socket's receive buffer.
         if i % 8 == 7 {
             drain(
@@ -204,7 +226,7 @@ fn half_open_handshakes(
     let give_up = Instant::now() + Duration::from_secs(120);
     while !stop.load(Ordering::Relaxed) && Instant::now() < give_up {
         for _ in 0..8 {
-            start(&mut endpoint, &mut conns);
+            begin(&mut endpoint, &mut conns);
         }
         drain(
             &mut endpoint,
@@ -229,24 +251,8 @@ fn honest_handshake(
     config: quinn::ClientConfig,
     limit: Duration,
 ) -> (Result<(), String>, bool) {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(10)))
-        .unwrap();
-    let mut endpoint = quinn_proto::Endpoint::new(
-        Arc::new(quinn_proto::EndpointConfig::default()),
-        None,
-        false,
-        None,
-    );
-    let (handle, mut conn) = endpoint
-        .connect(
-            Instant::now(),
-            config,
-            server,
-            synesis_wire::tls::SERVER_NAME,
-        )
-        .unwrap();
+    let (socket, mut endpoint) = sans_io_client("127.0.0.1:0", Duration::from_millis(10));
+    let (handle, mut conn) = start(&mut endpoint, &socket, &config, server);
     let deadline = Instant::now() + limit;
     let mut buf = vec![0u8; 65_536];
     let mut retried = false;
@@ -262,11 +268,7 @@ fn honest_handshake(
         }
         // What is due goes out first: the last flight too, so that the cloud's side of the
         // handshake ends here and holds no slot after.
-        let mut out = Vec::new();
-        while let Some(t) = conn.poll_transmit(Instant::now(), 1, &mut out) {
-            let _ = socket.send_to(&out[..t.size], t.destination);
-            out.clear();
-        }
+        transmit(&socket, &mut conn);
         while let Some(event) = conn.poll() {
             match event {
                 quinn_proto::Event::Connected => return (Ok(()), retried),
@@ -388,38 +390,15 @@ fn door_outcomes(
     let began = Instant::now();
     let mut all = Vec::new();
     for source in sources {
-        let socket = std::net::UdpSocket::bind((*source, 0)).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(5)))
-            .unwrap();
-        let mut endpoint = quinn_proto::Endpoint::new(
-            Arc::new(quinn_proto::EndpointConfig::default()),
-            None,
-            false,
-            None,
-        );
+        let (socket, mut endpoint) = sans_io_client((*source, 0), Duration::from_millis(5));
         let mut outcomes = vec![Door::Silent; count];
         // In flight: the connection, its attempt's index, when it gives up.
         let mut flying = std::collections::HashMap::new();
         let (mut next, mut buf) = (0, vec![0u8; 65_536]);
-        let send_all = |conn: &mut quinn_proto::Connection| {
-            let mut out = Vec::new();
-            while let Some(t) = conn.poll_transmit(Instant::now(), 1, &mut out) {
-                let _ = socket.send_to(&out[..t.size], t.destination);
-                out.clear();
-            }
-        };
+        let send_all = |conn: &mut quinn_proto::Connection| transmit(&socket, conn);
         while next < count || !flying.is_empty() {
             while next < count && flying.len() < IN_FLIGHT {
-                let (handle, mut conn) = endpoint
-                    .connect(
-                        Instant::now(),
-                        config.clone(),
-                        server,
-                        synesis_wire::tls::SERVER_NAME,
-                    )
-                    .unwrap();
-                send_all(&mut conn);
+                let (handle, conn) = start(&mut endpoint, &socket, config, server);
                 flying.insert(
                     handle,
                     (conn, next, Instant::now() + Duration::from_secs(2)),

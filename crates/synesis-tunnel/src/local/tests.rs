@@ -418,6 +418,17 @@ struct Reconnecting {
     wanted: std::sync::atomic::AtomicUsize,
 }
 
+impl Reconnecting {
+    fn new(conn: quinn::Connection, connects_when_wanted: bool) -> Arc<Reconnecting> {
+        Arc::new(Reconnecting {
+            inner: FakeTunnel { conn },
+            connected: false.into(),
+            connects_when_wanted,
+            wanted: 0.into(),
+        })
+    }
+}
+
 impl Backend for Reconnecting {
     fn current_status(&self) -> crate::TunnelStatus {
         let mut status = self.inner.current_status();
@@ -456,12 +467,7 @@ impl Backend for Reconnecting {
 #[tokio::test]
 async fn a_stream_asked_for_while_the_tunnel_reconnects_waits_for_it() {
     let cloud = FakeCloud::start().await;
-    let backend = Arc::new(Reconnecting {
-        inner: FakeTunnel { conn: cloud.conn },
-        connected: false.into(),
-        connects_when_wanted: false,
-        wanted: 0.into(),
-    });
+    let backend = Reconnecting::new(cloud.conn, false);
     let wait = Duration::from_secs(10);
     let service = testing::Service::start_waiting(Arc::clone(&backend), None, wait);
     let asked: Message = PriceRequest {
@@ -490,12 +496,7 @@ async fn a_stream_asked_for_while_the_tunnel_reconnects_waits_for_it() {
 #[tokio::test]
 async fn a_waiting_stream_asks_the_tunnel_to_reconnect_sooner() {
     let cloud = FakeCloud::start().await;
-    let backend = Arc::new(Reconnecting {
-        inner: FakeTunnel { conn: cloud.conn },
-        connected: false.into(),
-        connects_when_wanted: true,
-        wanted: 0.into(),
-    });
+    let backend = Reconnecting::new(cloud.conn, true);
     let service =
         testing::Service::start_waiting(Arc::clone(&backend), None, Duration::from_secs(10));
     let asked: Message = PriceRequest {
@@ -512,12 +513,7 @@ async fn a_waiting_stream_asks_the_tunnel_to_reconnect_sooner() {
 #[tokio::test]
 async fn a_tunnel_that_does_not_reconnect_in_time_is_refused_after_the_wait() {
     let cloud = FakeCloud::start().await;
-    let backend = Arc::new(Reconnecting {
-        inner: FakeTunnel { conn: cloud.conn },
-        connected: false.into(),
-        connects_when_wanted: false,
-        wanted: 0.into(),
-    });
+    let backend = Reconnecting::new(cloud.conn, false);
     let wait = Duration::from_millis(400);
     let service = testing::Service::start_waiting(Arc::clone(&backend), None, wait);
     let started = std::time::Instant::now();

@@ -295,7 +295,11 @@ fn a_drain_hint_is_honoured_over_the_backoff() {
     let drained_at = p.now;
     assert_eq!(p.closes.last().map(|c| c.1), Some(CloseReason::Drained));
     assert_eq!(p.state(), State::Reconnecting);
-    p.run_for(SEC * 60);
+    // Nor does a client waiting for the connection cut the drain short.
+    p.run_for(SEC * 3);
+    p.machine.handle(p.now, Event::Wanted);
+    p.react();
+    p.run_for(SEC * 57);
     assert_eq!(p.connects.len(), 2);
     assert_eq!(p.connects[1] - drained_at, hint);
     assert_eq!(p.state(), State::Connected);
@@ -418,28 +422,6 @@ fn wanting_the_connection_again_and_again_makes_at_most_one_attempt_a_second() {
     );
     // Each wanted attempt that failed counts in the backoff as any other.
     assert_eq!(p.machine.attempt as usize, p.connects.len());
-}
-
-#[test]
-fn a_waiting_client_does_not_cut_a_drain_short() {
-    let mut p = Pair::new(5);
-    p.start();
-    p.run_for(SEC * 2);
-    let hint = Duration::from_secs(30);
-    p.machine.handle(
-        p.now,
-        Event::Drain {
-            reconnect_after: hint,
-        },
-    );
-    p.react();
-    let drained_at = p.now;
-    p.run_for(SEC * 3);
-    p.machine.handle(p.now, Event::Wanted);
-    p.react();
-    p.run_until(State::Connected);
-    assert_eq!(p.connects.len(), 2);
-    assert_eq!(p.connects[1] - drained_at, hint);
 }
 
 #[test]
