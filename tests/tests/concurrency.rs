@@ -119,15 +119,8 @@ fn mean_runnable(pid: u32, work: impl FnOnce()) -> f64 {
 /// One alone and `n` at once, each twice, interleaved, the best of each (load from others on
 /// this machine slows either side, never only one); asserts the wall-time bound, and that
 /// while `n` ran at once the process `pid` kept no more threads runnable than the cores (plus
-/// one, for the moments a generation streams its piece outside its step). `wall`: whether the
-/// wall-time bound is asserted too (else it is only reported).
-fn assert_about_n_times_one(
-    path: &str,
-    pid: u32,
-    n: usize,
-    wall: bool,
-    answer: &(dyn Fn() + Sync),
-) {
+/// one, for the moments a generation streams its piece outside its step).
+fn assert_about_n_times_one(path: &str, pid: u32, n: usize, answer: &(dyn Fn() + Sync)) {
     answer(); // warm: the model is loaded, the first context made
     let (mut one, mut many, mut busy) = (Duration::MAX, Duration::MAX, 0.0f64);
     for _ in 0..2 {
@@ -145,7 +138,7 @@ fn assert_about_n_times_one(
     );
     let bound = u32::try_from(n).unwrap() * MARGIN;
     assert!(
-        !wall || many <= one * bound,
+        many <= one * bound,
         "{path}: {n} answers at once took {many:?}, {ratio:.1} times one ({one:?}); the bound is {bound}"
     );
     assert!(
@@ -204,7 +197,7 @@ fn the_clouds_in_process_model_answers_two_at_once_in_about_twice_one() {
             }
         }
     };
-    assert_about_n_times_one("cloud provider", std::process::id(), 2, true, &answer);
+    assert_about_n_times_one("cloud provider", std::process::id(), 2, &answer);
 }
 
 /// `synesis serve` running, stopped with SIGTERM when dropped.
@@ -297,10 +290,9 @@ fn the_devices_http_api_answers_two_at_once_in_about_twice_one() {
             "same work in each: {reply}"
         );
     };
-    // Only the threads are asserted here: the wall time of two requests at once through the
-    // service varied from 0.3 to 12 times one, with the threads in bound, in runs on a loaded
-    // 2-core machine. What else a request does before generating (the route's vitals sample,
-    // the policy under a busy CPU) is not yet understood; the ratio is printed.
+    // Both bounds, as on the cloud's provider. (Before the service kept its vitals sampler,
+    // every request first waited 200 ms for a CPU reading, which made one request's time
+    // mostly that wait and the wall-time ratio meaningless: 0.3 to 12 times one.)
     let pid = serving.child.id();
-    assert_about_n_times_one("device HTTP API", pid, 2, false, &answer);
+    assert_about_n_times_one("device HTTP API", pid, 2, &answer);
 }

@@ -27,6 +27,57 @@ use synesis_tunnel::{Identity, RequestError, TunnelState};
 use crate::paths::Paths;
 use crate::registry::Config;
 
+/// Where the policy reads how stressed this device is: one vitals sampler, made on first use
+/// and kept. A CPU usage figure needs two readings of the counters some time apart
+/// ([`synesis_vitals::CPU_READING_INTERVAL_MIN`], 200 ms): a kept sampler pays that wait once
+/// (a service warms it when it starts, [`StressGauge::warm`]), and every later reading covers
+/// the time since the one before, with no wait. Made for one command (`synesis ask`), it waits
+/// once.
+#[derive(Debug)]
+pub(crate) struct StressGauge {
+    data_dir: PathBuf,
+    /// `None` until first used, and when the vitals cannot be read.
+    sampler: std::sync::Mutex<Option<synesis_vitals::SystemSampler>>,
+}
+
+impl StressGauge {
+    pub(crate) fn new(paths: &Paths) -> std::sync::Arc<StressGauge> {
+        std::sync::Arc::new(StressGauge {
+            data_dir: paths.data.path.clone(),
+            sampler: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Takes the first reading now, off the caller's path (a service, as it starts).
+    pub(crate) fn warm(self: &std::sync::Arc<Self>, config: &Config) {
+        let (gauge, config) = (std::sync::Arc::clone(self), config.clone());
+        tokio::task::spawn_blocking(move || gauge.reasons(&config));
+    }
+
+    /// The device's stress now, by the config's thresholds (none when the vitals cannot be
+    /// read). Blocks: the first reading waits for the CPU counters.
+    pub(crate) fn reasons(
+        &self,
+        config: &Config,
+    ) -> anyhow::Result<Vec<synesis_vitals::StressReason>> {
+        use synesis_vitals::VitalsSource;
+        let limits = config.escalation.stress()?;
+        let mut sampler = self
+            .sampler
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if sampler.is_none() {
+            match synesis_vitals::SystemSampler::new(&self.data_dir) {
+                Ok(made) => *sampler = Some(made),
+                Err(e) => tracing::warn!("vitals cannot be read: {e}"),
+            }
+        }
+        Ok(sampler.as_mut().map_or_else(Vec::new, |s| {
+            synesis_vitals::assess(&s.sample(), &limits).reasons
+        }))
+    }
+}
+
 /// The file, in the runtime directory, where the service keeps what it last heard.
 pub(crate) const FACTS_FILE: &str = "cloud.json";
 /// How often the service asks the cloud again while connected.
@@ -247,6 +298,7 @@ pub(crate) struct Gathered {
 pub(crate) async fn gather(
     paths: &Paths,
     config: &Config,
+    stress: &std::sync::Arc<StressGauge>,
     mode: Mode,
     local: Option<Measured>,
     max_tokens: u32,
@@ -291,9 +343,8 @@ pub(crate) async fn gather(
         )
     });
     let stress = {
-        let (paths, config) = (paths.clone(), config.clone());
-        tokio::task::spawn_blocking(move || crate::commands::ask::stress_now(&paths, &config))
-            .await??
+        let (gauge, config) = (std::sync::Arc::clone(stress), config.clone());
+        tokio::task::spawn_blocking(move || gauge.reasons(&config)).await??
     };
     Ok(Gathered {
         inputs: Inputs {

@@ -17,7 +17,6 @@ use synesis_route::{Decision, Inputs, Mode, Reason, Thresholds, route};
 use synesis_tunnel::Identity;
 use synesis_tunnel::clock::{new_request_id, unix_now};
 use synesis_tunnel::local::LocalClient;
-use synesis_vitals::{SystemSampler, VitalsSource, assess};
 
 use super::escalate::CloudFailure;
 use super::{Output, is_closed_pipe, ledger_error};
@@ -159,6 +158,7 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
     } = gather(
         paths,
         &config,
+        &crate::answer::StressGauge::new(paths),
         mode,
         loaded.as_ref().map(|(_, m)| Measured {
             context_tokens: m.context_tokens,
@@ -254,21 +254,6 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
         },
     )
     .await
-}
-
-/// The device's stress now, as the policy reads it (none when the vitals cannot be read).
-pub(crate) fn stress_now(
-    paths: &Paths,
-    config: &Config,
-) -> anyhow::Result<Vec<synesis_vitals::StressReason>> {
-    let limits = config.escalation.stress()?;
-    Ok(match SystemSampler::new(&paths.data.path) {
-        Ok(mut sampler) => assess(&sampler.sample(), &limits).reasons,
-        Err(e) => {
-            tracing::warn!("vitals cannot be read: {e}");
-            Vec::new()
-        }
-    })
 }
 
 /// The local-first policy's decision on one request, as `synesis ask` and the HTTP API make it.

@@ -79,6 +79,8 @@ pub(crate) struct Api {
     host: Arc<ModelHost>,
     options: ApiOptions,
     permits: Arc<Semaphore>,
+    /// Kept for the service's life, so a request reads the device's stress without waiting.
+    stress: Arc<crate::answer::StressGauge>,
 }
 
 impl Api {
@@ -88,12 +90,15 @@ impl Api {
         host: Arc<ModelHost>,
         options: ApiOptions,
     ) -> Arc<Api> {
+        let stress = crate::answer::StressGauge::new(&paths);
+        stress.warm(&config.borrow());
         Arc::new(Api {
             paths,
             config,
             host,
             permits: Arc::new(Semaphore::new(options.max_concurrent)),
             options,
+            stress,
         })
     }
 }
@@ -531,6 +536,7 @@ async fn route(
     } = gather(
         &api.paths,
         &config,
+        &api.stress,
         mode,
         loaded.as_ref().map(|(m, n)| Measured {
             context_tokens: m.info().context_length,
