@@ -11,40 +11,19 @@
     clippy::cast_possible_truncation
 )] // test code
 
+#[path = "support/postgres.rs"]
+mod support;
+
+use support::fresh_database;
 use synesis_billing::ledger::{Entry, LedgerError, rebuild_states, verify};
 use synesis_billing::{MicroUsd, Tier, Usage};
+use synesis_cloud::storage::postgres::Pg;
 use synesis_cloud::storage::postgres::ledger::PgLedgerWriter;
-use synesis_cloud::storage::postgres::{Pg, create_database};
 
 #[path = "../../crates/synesis-billing/tests/rules/mod.rs"]
 mod rules;
 
 use rules::{Done, Op, rid};
-
-/// The server the tests make their databases on, if one is named.
-fn server() -> Option<String> {
-    match std::env::var("SYNESIS_TEST_POSTGRES") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            let ci =
-                std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false");
-            assert!(
-                !ci,
-                "CI must run the PostgreSQL tests, but SYNESIS_TEST_POSTGRES names no server (.ci/run starts one)"
-            );
-            eprintln!("SKIPPED (outside CI): SYNESIS_TEST_POSTGRES names no PostgreSQL server");
-            None
-        }
-    }
-}
-
-/// A new database of its own on the test server, with the cloud's schema.
-fn fresh_database() -> Option<(Pg, String)> {
-    let server = server()?;
-    let name = format!("synesis_test_{}", uuid::Uuid::now_v7().simple());
-    let url = create_database(&server, &name).unwrap();
-    Some((Pg::open(&url).unwrap(), url))
-}
 
 /// A database and its ledger writer.
 #[derive(Debug)]

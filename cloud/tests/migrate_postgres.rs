@@ -6,26 +6,14 @@
 //! Runs when `SYNESIS_TEST_POSTGRES` names a server (see `ledger_rules_postgres.rs`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
+#[path = "support/postgres.rs"]
+mod support;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
+use support::server;
 use synesis_cloud::storage::postgres::{Pg, create_database};
-
-fn server() -> Option<String> {
-    match std::env::var("SYNESIS_TEST_POSTGRES") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            let ci =
-                std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false");
-            assert!(
-                !ci,
-                "CI must run the PostgreSQL tests, but SYNESIS_TEST_POSTGRES names no server (.ci/run starts one)"
-            );
-            eprintln!("SKIPPED (outside CI): SYNESIS_TEST_POSTGRES names no PostgreSQL server");
-            None
-        }
-    }
-}
 
 fn admin(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_synesis-cloud"))

@@ -18,6 +18,7 @@ pub mod answers;
 pub mod ledger;
 pub mod members;
 pub mod postgres;
+mod registry;
 pub mod schema;
 mod sqlite;
 pub mod unit;

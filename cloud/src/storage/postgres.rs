@@ -11,12 +11,14 @@
 //! the pool's connections; a call blocks its thread on that runtime, never a runtime worker.
 //!
 //! What is here: the schema and its steps, the ledger's store and its group-commit writer
-//! ([`ledger`]), the ledger snapshot `admin ledger verify` reads. The other aggregates
-//! (accounts, devices, members, adapters, answers) are still SQLite's alone: the cloud does not
-//! yet serve on PostgreSQL.
+//! ([`ledger`]), the ledger snapshot `admin ledger verify` reads, the copy from SQLite
+//! ([`copy`]), and accounts, setup tokens, devices and vouchers (`registry`). Members, adapters
+//! and answers (the `Unit` traits) are still SQLite's alone: the cloud does not yet serve on
+//! PostgreSQL.
 
 pub mod copy;
 pub mod ledger;
+mod registry;
 
 use std::future::Future;
 

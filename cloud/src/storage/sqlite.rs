@@ -11,22 +11,16 @@
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
-use synesis_proto::message::{Role, Tier};
+use synesis_proto::message::Tier;
 use synesis_proto::{AccountId, DeviceId, MicroUsd, RequestId, Sha256, UnixMillis};
 
+use super::registry::{
+    DEVICE_NAME_BYTES_MAX, Token, TokenCheck, check_token, member_role, parse_id,
+};
 use super::{
     Account, Accounts, BUSY_TIMEOUT, Device, DeviceRow, Devices, EnrollError, Enrolled, Enrollment,
-    IssuedCert, Presence, Renewal, StorageError, Vouchers, parse_tier, printable, same_hash,
-    sha256,
+    IssuedCert, Presence, Renewal, StorageError, Vouchers, parse_tier, printable, sha256,
 };
-
-/// The longest device name kept, in bytes.
-const DEVICE_NAME_BYTES_MAX: usize = 255;
-
-fn parse_id<T: std::str::FromStr>(s: &str) -> Result<T, StorageError> {
-    s.parse()
-        .map_err(|_| StorageError::Corrupt(format!("bad id {s:?}")))
-}
 
 /// A connection with the settings every user of the file shares.
 pub fn connect(path: &Path) -> Result<Connection, StorageError> {
@@ -55,15 +49,6 @@ pub struct Db {
     conn: Connection,
 }
 
-struct Token {
-    account_id: String,
-    account_name: String,
-    secret_hash: Vec<u8>,
-    expires_at: i64,
-    used_at: Option<i64>,
-    used_by: Option<String>,
-}
-
 fn read_token(conn: &Connection, token_id: &[u8; 16]) -> Result<Option<Token>, rusqlite::Error> {
     conn.prepare_cached(
         "SELECT t.account_id, a.name, t.secret_sha256, t.expires_at, t.used_at, t.used_by_request
@@ -80,50 +65,6 @@ fn read_token(conn: &Connection, token_id: &[u8; 16]) -> Result<Option<Token>, r
         })
     })
     .optional()
-}
-
-/// What a token allows this request: refusals need no write.
-enum TokenCheck {
-    /// The token was used by this very request: answer what it made.
-    Replay {
-        account_id: AccountId,
-        account_name: String,
-    },
-    Fresh {
-        account_id: AccountId,
-        account_name: String,
-    },
-}
-
-fn check_token(
-    token: Option<Token>,
-    secret: &[u8; 32],
-    request: RequestId,
-    now: UnixMillis,
-) -> Result<TokenCheck, EnrollError> {
-    let Some(t) = token else {
-        return Err(EnrollError::Invalid);
-    };
-    if !same_hash(&t.secret_hash, &sha256(secret)) {
-        return Err(EnrollError::Invalid);
-    }
-    let account_id: AccountId = parse_id(&t.account_id)?;
-    if t.used_at.is_some() {
-        if t.used_by.as_deref() == Some(request.to_string().as_str()) {
-            return Ok(TokenCheck::Replay {
-                account_id,
-                account_name: t.account_name,
-            });
-        }
-        return Err(EnrollError::Used);
-    }
-    if now.0 >= t.expires_at {
-        return Err(EnrollError::Expired);
-    }
-    Ok(TokenCheck::Fresh {
-        account_id,
-        account_name: t.account_name,
-    })
 }
 
 impl Db {
@@ -632,22 +573,5 @@ impl Vouchers for Db {
             params![sha256(code.as_bytes()).as_slice(), amount.0, now.0],
         )?;
         Ok(())
-    }
-}
-
-/// A member's role as stored. A device whose member is missing acts as no one: it is refused,
-/// never read as the owner (schema v6 gave every earlier device its member).
-fn member_role(role: Option<&str>) -> Result<Role, StorageError> {
-    match role {
-        None => Err(StorageError::Corrupt(
-            "a device belongs to no member".to_owned(),
-        )),
-        Some("owner") => Ok(Role::Owner),
-        Some("editor") => Ok(Role::Editor),
-        Some("commenter") => Ok(Role::Commenter),
-        Some("viewer") => Ok(Role::Viewer),
-        Some(other) => Err(StorageError::Corrupt(format!(
-            "unknown member role {other:?}"
-        ))),
     }
 }
