@@ -293,7 +293,8 @@ pub(crate) struct Gathered {
 
 /// Gathers what the policy reads, for `synesis ask` and the HTTP API alike: the local model
 /// (measured by the caller, who loads it its own way), the vitals' stress verdict, whether the
-/// cloud can be asked (enrolled; the service connected or on its way to), and the account's standing from the
+/// cloud can be asked (enrolled; the service connected, or on its way to when this device has
+/// no model to answer with), and the account's standing from the
 /// service's facts.
 pub(crate) async fn gather(
     paths: &Paths,
@@ -316,14 +317,16 @@ pub(crate) async fn gather(
         Some(me) => match LocalClient::new(&paths.runtime.path).status().await {
             // The service of another account of this device's: a connection of its own.
             Ok(s) if s.device_id != me.info.device_id => CloudReach::Reachable,
-            // A tunnel that is (re)connecting is waited for, up to the service's bound
-            // (`--reconnect-wait`), as `cloud ask` waits; a request that still finds no cloud
-            // then falls back as any refused before output does.
             Ok(s) => match s.state {
-                TunnelState::Connected | TunnelState::Connecting | TunnelState::Reconnecting => {
+                TunnelState::Connected => CloudReach::Reachable,
+                // A tunnel on its way back: with a model here, local first answers here now
+                // (and says why); with none, the cloud is the only way to answer, so it is
+                // waited for, up to the service's bound (`--reconnect-wait`), as `cloud ask`
+                // waits.
+                TunnelState::Connecting | TunnelState::Reconnecting if local.is_none() => {
                     CloudReach::Reachable
                 }
-                TunnelState::Failed | TunnelState::Stopped => CloudReach::Unreachable,
+                _ => CloudReach::Unreachable,
             },
             // No service: a connection of its own will be tried.
             Err(_) => CloudReach::Reachable,
