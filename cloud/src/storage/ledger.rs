@@ -13,7 +13,7 @@ use synesis_proto::{AccountId, MicroUsd, RequestId, UnixMillis};
 
 mod writer;
 pub use writer::LedgerWriter;
-pub(crate) use writer::answer_of;
+pub(crate) use writer::{MAX_BATCH, QUEUE, answer_of, next_batch, stopped};
 
 /// The ledger store inside one open transaction.
 #[derive(Debug)]

@@ -28,11 +28,11 @@ use tokio::sync::{mpsc, oneshot};
 use super::SqliteLedger;
 use crate::storage::StorageError;
 
-/// The most operations one transaction carries.
-const MAX_BATCH: usize = 1_024;
+/// The most operations one transaction carries (every backend's writer).
+pub(crate) const MAX_BATCH: usize = 1_024;
 
-/// Operations waiting for the writer, at most (senders wait beyond it).
-const QUEUE: usize = 4 * MAX_BATCH;
+/// Operations waiting for a writer, at most (senders wait beyond it).
+pub(crate) const QUEUE: usize = 4 * MAX_BATCH;
 
 /// The handle every task uses; cheap to clone. The writer thread ends when the last handle is
 /// dropped, after answering everything already sent.
@@ -95,8 +95,25 @@ pub(crate) fn answer_of<T>(
     }
 }
 
-fn stopped() -> LedgerError {
+pub(crate) fn stopped() -> LedgerError {
     StoreError::Unavailable("the ledger writer has stopped".into()).into()
+}
+
+/// Waits for the next operation, then takes every one already waiting, up to [`MAX_BATCH`]:
+/// one transaction's worth, into `batch` (empty before). `false` once every sender is gone and
+/// nothing is left.
+pub(crate) fn next_batch<J>(queue: &mut mpsc::Receiver<J>, batch: &mut Vec<J>) -> bool {
+    let Some(first) = queue.blocking_recv() else {
+        return false;
+    };
+    batch.push(first);
+    while batch.len() < MAX_BATCH {
+        match queue.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    true
 }
 
 impl LedgerWriter {
@@ -163,14 +180,7 @@ fn connect(path: &Path) -> Result<Connection, StorageError> {
 
 fn serve(mut conn: Connection, path: &Path, mut queue: mpsc::Receiver<Box<dyn Job>>) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = queue.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+    while next_batch(&mut queue, &mut batch) {
         let committed = run_batch(&conn, &mut batch);
         if let Err(e) = &committed {
             tracing::error!(error = %e, operations = batch.len(), "a ledger transaction failed");

@@ -33,12 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{COLUMNS, i64_of, read_entry, read_hold, read_totals, store_error};
 use crate::storage::StorageError;
-
-/// The most operations one transaction carries.
-const MAX_BATCH: usize = 1_024;
-
-/// Operations waiting for the writer, at most (senders wait beyond it).
-const QUEUE: usize = 4 * MAX_BATCH;
+use crate::storage::ledger::{MAX_BATCH, QUEUE, answer_of, next_batch, stopped};
 
 /// The writer's own connection, driven by a runtime on the writer's thread.
 struct Conn {
@@ -714,14 +709,8 @@ where
     }
 
     fn answer(self: Box<Self>, committed: Result<(), StoreError>) {
-        let _ = self
-            .reply
-            .send(crate::storage::ledger::answer_of(self.result, committed));
+        let _ = self.reply.send(answer_of(self.result, committed));
     }
-}
-
-fn stopped() -> LedgerError {
-    StoreError::Unavailable("the ledger writer has stopped".into()).into()
 }
 
 impl PgLedgerWriter {
@@ -831,14 +820,7 @@ impl PgLedgerWriter {
 
 fn serve(mut conn: Conn, url: &str, mut queue: mpsc::Receiver<Box<dyn Job>>) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = queue.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+    while next_batch(&mut queue, &mut batch) {
         let committed = run_batch(&conn, &mut batch);
         if let Err(e) = &committed {
             tracing::error!(error = %e, operations = batch.len(), "a ledger transaction failed");
