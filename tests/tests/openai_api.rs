@@ -274,3 +274,47 @@ fn web_pages_cannot_use_the_loopback_api() {
     );
     assert_eq!(status, 200);
 }
+
+/// A client that sends each request once it has the last answer is never refused for being
+/// too many at once: an answer's place among `--max-concurrent` is free by the time its client
+/// has the end of it. (The service wrote its ledger entry after the answer's end went out, and
+/// held the place meanwhile, so the next request of a quick client met a 429.)
+#[test]
+fn a_client_that_waits_for_each_answer_is_never_refused() {
+    let device = Device::new();
+    run_ok(device.synesis().args(["model", "add", "--tiny", "pocket"]));
+    let serving = serve(
+        &device,
+        &["--listen", "127.0.0.1:0", "--max-concurrent", "1"],
+        &[],
+    )
+    .unwrap();
+    let body = r#"{"model":"pocket","max_tokens":2,"messages":[{"role":"user","content":"hi"}]}"#;
+    let headers = [
+        ("Host", serving.addr.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    for n in 0..20 {
+        let (status, reply) = raw_http(
+            &serving.addr,
+            "POST",
+            "/v1/chat/completions",
+            &headers,
+            body,
+        );
+        assert_eq!(status, 200, "request {n}: {reply}");
+    }
+    // Streamed as well: the place is free once the stream has ended.
+    let body = body.replace(r#""max_tokens""#, r#""stream":true,"max_tokens""#);
+    for n in 0..10 {
+        let (status, reply) = raw_http(
+            &serving.addr,
+            "POST",
+            "/v1/chat/completions",
+            &headers,
+            &body,
+        );
+        assert_eq!(status, 200, "streamed request {n}: {reply}");
+        assert!(reply.contains("[DONE]"), "{reply}");
+    }
+}

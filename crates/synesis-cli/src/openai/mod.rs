@@ -674,11 +674,12 @@ impl Producer {
         let target = match routed {
             Ok(Ok(target)) => target,
             Ok(Err(e)) => {
-                let _ = self.tx.send(Piece::Failed(e)).await;
+                self.finish(Piece::Failed(e)).await;
                 return;
             }
             Err(_) => {
-                let _ = self.tx.send(self.timed_out()).await;
+                let timed_out = self.timed_out();
+                self.finish(timed_out).await;
                 return;
             }
         };
@@ -691,6 +692,16 @@ impl Producer {
                 fallback,
             } => self.cloud(identity, request, reason, fallback).await,
         }
+    }
+
+    /// Hands over the answer's last piece once its work is done: the request's place among
+    /// those answered at once is given back first, so a client that sends its next request as
+    /// it hears the end finds the place free (the work held it past the end, writing the
+    /// ledger, and such a client met a 429 with `--max-concurrent 1`).
+    async fn finish(self, last: Piece) {
+        let tx = self.tx.clone();
+        drop(self);
+        let _ = tx.send(last).await;
     }
 
     fn timed_out(&self) -> Piece {
@@ -763,12 +774,12 @@ impl Producer {
                     Ok(Ok(g)) => g,
                     Ok(Err(e)) => {
                         let failed = Piece::Failed(ApiError::invalid(e.to_string()));
-                        let _ = self.tx.send(failed).await;
+                        self.finish(failed).await;
                         return;
                     }
                     Err(e) => {
                         let failed = Piece::Failed(ApiError::internal(e.to_string()));
-                        let _ = self.tx.send(failed).await;
+                        self.finish(failed).await;
                         return;
                     }
                 }
@@ -783,13 +794,14 @@ impl Producer {
             completion_tokens: generation.completion_tokens as u64,
             cost_micro_usd: 0,
         });
-        let _ = self.tx.send(ending).await;
+        // In the ledger before the client has the end.
         if generation.finish_reason != synesis_infer::FinishReason::Cancelled
             && let Err(e) =
                 record_local(&self.api.paths, request_id, &name, &generation, reason).await
         {
             tracing::warn!("this answer is not in the local ledger: {e:#}");
         }
+        self.finish(ending).await;
     }
 
     async fn cloud(
@@ -886,12 +898,13 @@ impl Producer {
                         ),
                     )),
                 };
-                let _ = self.tx.send(ending).await;
+                // In the ledger before the client has the end, as an answer made here.
                 let device = identity.info.device_id;
                 let recorded = record_cloud(&self.api.paths, d, &request.model, device, reason);
                 if let Err(e) = recorded.await {
                     tracing::warn!("this charge is not in the local ledger: {e:#}");
                 }
+                self.finish(ending).await;
             }
             Err(e) => {
                 let fell_back = if shown {
@@ -909,9 +922,7 @@ impl Producer {
                         tracing::info!(error = %e, "the cloud could not answer; answering here");
                         self.local(local).await;
                     }
-                    None => {
-                        let _ = self.tx.send(Piece::Failed(cloud_error(&e))).await;
-                    }
+                    None => self.finish(Piece::Failed(cloud_error(&e))).await,
                 }
             }
         }
