@@ -76,6 +76,43 @@ fn corrupt(what: impl std::fmt::Display) -> StorageError {
     StorageError::Corrupt(format!("a stored escalation answer: {what}"))
 }
 
+/// An answer's chunks and its end as they are stored (JSON, and the end's frame).
+pub(crate) fn encode(answer: &StoredAnswer) -> Result<(String, Vec<u8>), StorageError> {
+    let chunks = serde_json::to_string(&answer.chunks).map_err(corrupt)?;
+    let done = synesis_proto::encode_frame_vec(
+        &Message::EscalationDone(answer.done.clone()),
+        FrameLimits::default(),
+    )
+    .map_err(corrupt)?;
+    Ok((chunks, done))
+}
+
+/// An answer from its stored columns.
+pub(crate) fn decode(
+    body: &[u8],
+    chunks: &str,
+    done: &[u8],
+    asker: Option<Asker>,
+) -> Result<StoredAnswer, StorageError> {
+    let body: [u8; 32] = body
+        .try_into()
+        .map_err(|_| corrupt("body is not 32 bytes"))?;
+    let chunks: Vec<String> = serde_json::from_str(chunks).map_err(corrupt)?;
+    let done = match synesis_proto::decode_frame(done, FrameLimits::default()).map_err(corrupt)? {
+        synesis_proto::Decoded::Frame {
+            message: Message::EscalationDone(done),
+            ..
+        } => done,
+        _ => return Err(corrupt("done is not an EscalationDone frame")),
+    };
+    Ok(StoredAnswer {
+        body,
+        chunks,
+        done,
+        asker,
+    })
+}
+
 /// Records a finished request (once: the primary key refuses a second).
 pub fn put(
     conn: &Connection,
@@ -84,12 +121,7 @@ pub fn put(
     answer: &StoredAnswer,
     at: UnixMillis,
 ) -> Result<(), StorageError> {
-    let chunks = serde_json::to_string(&answer.chunks).map_err(corrupt)?;
-    let done = synesis_proto::encode_frame_vec(
-        &Message::EscalationDone(answer.done.clone()),
-        FrameLimits::default(),
-    )
-    .map_err(corrupt)?;
+    let (chunks, done) = encode(answer)?;
     conn.execute(
         "INSERT INTO escalation_answers (account_id, request_id, body, chunks, done, at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -121,22 +153,6 @@ pub fn get(
     let Some((body, chunks, done)) = row else {
         return Ok(None);
     };
-    let body: [u8; 32] = body
-        .try_into()
-        .map_err(|_| corrupt("body is not 32 bytes"))?;
-    let chunks: Vec<String> = serde_json::from_str(&chunks).map_err(corrupt)?;
-    let done = match synesis_proto::decode_frame(&done, FrameLimits::default()).map_err(corrupt)? {
-        synesis_proto::Decoded::Frame {
-            message: Message::EscalationDone(done),
-            ..
-        } => done,
-        _ => return Err(corrupt("done is not an EscalationDone frame")),
-    };
     let asker = asker(conn, account, request_id)?;
-    Ok(Some(StoredAnswer {
-        body,
-        chunks,
-        done,
-        asker,
-    }))
+    decode(&body, &chunks, &done, asker).map(Some)
 }

@@ -12,12 +12,13 @@
 //!
 //! What is here: the schema and its steps, the ledger's store and its group-commit writer
 //! ([`ledger`]), the ledger snapshot `admin ledger verify` reads, the copy from SQLite
-//! ([`copy`]), and accounts, setup tokens, devices and vouchers (`registry`). Members, adapters
-//! and answers (the `Unit` traits) are still SQLite's alone: the cloud does not yet serve on
-//! PostgreSQL.
+//! ([`copy`]), accounts, setup tokens, devices and vouchers (`registry`), and members,
+//! invitations, handovers, the audit log and stored answers (`members`). Adapters and uploads
+//! are still SQLite's alone: the cloud does not yet serve on PostgreSQL.
 
 pub mod copy;
 pub mod ledger;
+mod members;
 mod registry;
 
 use std::future::Future;
