@@ -355,13 +355,7 @@ fn members_and_answers_on_sqlite() {
 
 #[test]
 fn members_and_answers_on_postgres_as_on_sqlite() {
-    let Some((mut pg, _)) = support::fresh_database() else {
-        return;
-    };
-    let on_postgres = scenario(&mut pg);
-    let dir = tempfile::tempdir().unwrap();
-    let on_sqlite = scenario(&mut Db::open(&dir.path().join("cloud.db")).unwrap());
-    assert_eq!(on_postgres, on_sqlite);
+    support::same_on_both(scenario, scenario);
 }
 
 /// The owner-to-be removed while the handover is being taken: one of the two happens, never

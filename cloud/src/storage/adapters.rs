@@ -75,25 +75,49 @@ pub fn summaries(conn: &Connection) -> Result<Vec<UploadSummary>, StorageError> 
          ORDER BY u.started_at",
     )?;
     let rows = stmt.query_map([], |r| {
-        let size: i64 = r.get(4)?;
-        let chunk: i64 = r.get(6)?;
-        let held: Vec<u8> = r.get(7)?;
-        let sha: Vec<u8> = r.get(5)?;
-        let size = u64::try_from(size).unwrap_or(0);
-        Ok(UploadSummary {
-            account: r.get(0)?,
-            upload_id: r.get(1)?,
-            name: r.get(2)?,
-            base_model: r.get(3)?,
-            size_bytes: size,
-            sha256: sha.iter().map(|b| format!("{b:02x}")).collect(),
-            chunks: size.div_ceil(u64::try_from(chunk).unwrap_or(1).max(1)),
-            chunks_held: held.iter().map(|b| u64::from(b.count_ones())).sum(),
-            chunks_received: u64::try_from(r.get::<_, i64>(8)?).unwrap_or(0),
-            completed: r.get(9)?,
-        })
+        Ok(summary(
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            &r.get::<_, Vec<u8>>(5)?,
+            r.get(6)?,
+            &r.get::<_, Vec<u8>>(7)?,
+            r.get(8)?,
+            r.get(9)?,
+        ))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// One row of the operator's listing, from its stored columns.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn summary(
+    account: String,
+    upload_id: String,
+    name: String,
+    base_model: String,
+    size: i64,
+    sha: &[u8],
+    chunk: i64,
+    held: &[u8],
+    received: i64,
+    completed: bool,
+) -> UploadSummary {
+    let size = u64::try_from(size).unwrap_or(0);
+    UploadSummary {
+        account,
+        upload_id,
+        name,
+        base_model,
+        size_bytes: size,
+        sha256: sha.iter().map(|b| format!("{b:02x}")).collect(),
+        chunks: size.div_ceil(u64::try_from(chunk).unwrap_or(1).max(1)),
+        chunks_held: held.iter().map(|b| u64::from(b.count_ones())).sum(),
+        chunks_received: u64::try_from(received).unwrap_or(0),
+        completed,
+    }
 }
 
 /// How an `UploadBegin` was admitted.
@@ -131,11 +155,11 @@ pub struct AdapterRow {
     pub device_id: DeviceId,
 }
 
-fn corrupt(what: impl std::fmt::Display) -> StorageError {
+pub(crate) fn corrupt(what: impl std::fmt::Display) -> StorageError {
     StorageError::Corrupt(format!("an adapter record: {what}"))
 }
 
-fn digest(bytes: Vec<u8>) -> Result<Sha256, StorageError> {
+pub(crate) fn digest(bytes: Vec<u8>) -> Result<Sha256, StorageError> {
     Ok(Sha256(
         bytes
             .try_into()
@@ -143,11 +167,11 @@ fn digest(bytes: Vec<u8>) -> Result<Sha256, StorageError> {
     ))
 }
 
-fn u64_of(v: i64) -> Result<u64, StorageError> {
+pub(crate) fn u64_of(v: i64) -> Result<u64, StorageError> {
     u64::try_from(v).map_err(corrupt)
 }
 
-fn i64_of(v: u64) -> Result<i64, StorageError> {
+pub(crate) fn i64_of(v: u64) -> Result<i64, StorageError> {
     i64::try_from(v).map_err(corrupt)
 }
 
@@ -322,21 +346,33 @@ pub fn upload_row(
     else {
         return Ok(None);
     };
-    Ok(Some(UploadRow {
-        declared: Declared {
-            name,
-            base_model,
-            size_bytes: u64_of(size)?,
-            sha256: digest(sha)?,
-            chunk_size,
-        },
+    let declared = Declared {
+        name,
+        base_model,
+        size_bytes: u64_of(size)?,
+        sha256: digest(sha)?,
+        chunk_size,
+    };
+    upload_of(declared, body, held, received, completed).map(Some)
+}
+
+/// An upload from its stored columns.
+pub(crate) fn upload_of(
+    declared: Declared,
+    body: Vec<u8>,
+    held: Vec<u8>,
+    received: i64,
+    completed: bool,
+) -> Result<UploadRow, StorageError> {
+    Ok(UploadRow {
+        declared,
         body: body
             .try_into()
             .map_err(|_| corrupt("body is not 32 bytes"))?,
         held,
         received: u64_of(received)?,
         completed,
-    }))
+    })
 }
 
 /// Adds chunks held (bits set in `held`, never cleared: another stream of the same upload may
@@ -513,16 +549,28 @@ fn list_where(
     let mut out = Vec::new();
     for row in rows {
         let (name, sha, size, base_model, at, device) = row?;
-        out.push(AdapterRow {
-            name,
-            sha256: digest(sha)?,
-            size_bytes: u64_of(size)?,
-            base_model,
-            uploaded_at: UnixMillis(at),
-            device_id: device.parse().map_err(corrupt)?,
-        });
+        out.push(adapter_of(name, sha, size, base_model, at, &device)?);
     }
     Ok(out)
+}
+
+/// One name of an account's adapters, from its stored columns.
+pub(crate) fn adapter_of(
+    name: String,
+    sha: Vec<u8>,
+    size: i64,
+    base_model: String,
+    at: i64,
+    device: &str,
+) -> Result<AdapterRow, StorageError> {
+    Ok(AdapterRow {
+        name,
+        sha256: digest(sha)?,
+        size_bytes: u64_of(size)?,
+        base_model,
+        uploaded_at: UnixMillis(at),
+        device_id: device.parse().map_err(corrupt)?,
+    })
 }
 
 /// What removing a name came to.

@@ -12,10 +12,12 @@
 //!
 //! What is here: the schema and its steps, the ledger's store and its group-commit writer
 //! ([`ledger`]), the ledger snapshot `admin ledger verify` reads, the copy from SQLite
-//! ([`copy`]), accounts, setup tokens, devices and vouchers (`registry`), and members,
-//! invitations, handovers, the audit log and stored answers (`members`). Adapters and uploads
-//! are still SQLite's alone: the cloud does not yet serve on PostgreSQL.
+//! ([`copy`]), accounts, setup tokens, devices and vouchers (`registry`), members,
+//! invitations, handovers, the audit log and stored answers (`members`), and adapters and
+//! uploads (`adapters`): every storage trait. The cloud does not serve on PostgreSQL yet: its
+//! handlers hold SQLite's `Db`, and its ledger writer is SQLite's.
 
+mod adapters;
 pub mod copy;
 pub mod ledger;
 mod members;
@@ -329,6 +331,24 @@ impl Io {
     pub(crate) fn wait<T>(&self, f: impl Future<Output = T>) -> T {
         self.runtime().block_on(f)
     }
+}
+
+/// Waits for the other changes to the account's members or adapters, to the end of the
+/// transaction: the account's row locked `FOR NO KEY UPDATE`, which rows that merely refer to
+/// the account (a new device, a ledger entry) do not wait for. Where SQLite's `BEGIN IMMEDIATE`
+/// serialises every writer, this serialises the changes that decide on an account's whole
+/// state (one owner; its uploads in progress and its storage), account by account.
+pub(crate) async fn lock_account(
+    client: &impl deadpool_postgres::GenericClient,
+    account: AccountId,
+) -> Result<(), StorageError> {
+    client
+        .execute(
+            "SELECT 1 FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
+            &[&account.to_string()],
+        )
+        .await?;
+    Ok(())
 }
 
 /// A PostgreSQL cloud database: a pool of connections and the runtime they run on.

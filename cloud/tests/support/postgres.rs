@@ -29,3 +29,19 @@ pub(crate) fn fresh_database() -> Option<(Pg, String)> {
     let url = create_database(&server, &name).expect("a database of the test's own");
     Some((Pg::open(&url).expect("the cloud's schema"), url))
 }
+
+/// Runs a scenario on a new SQLite file and on a new PostgreSQL database (when a server is
+/// named), and asserts the two came to the same.
+#[allow(dead_code)] // not every test file compares the backends this way
+pub(crate) fn same_on_both<T: PartialEq + std::fmt::Debug>(
+    on_sqlite: impl FnOnce(&mut synesis_cloud::storage::Db) -> T,
+    on_postgres: impl FnOnce(&mut Pg) -> T,
+) {
+    let Some((mut pg, _)) = fresh_database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    let mut db =
+        synesis_cloud::storage::Db::open(&dir.path().join("cloud.db")).expect("a SQLite cloud");
+    assert_eq!(on_postgres(&mut pg), on_sqlite(&mut db));
+}

@@ -13,7 +13,7 @@ use synesis_billing::ledger::EntryKind;
 use synesis_proto::message::{PendingInvite, Role};
 use synesis_proto::{AccountId, DeviceId, RequestId, UnixMillis};
 
-use super::Pg;
+use super::{Pg, lock_account};
 use crate::storage::StorageError;
 use crate::storage::answers::{Asker, StoredAnswer};
 use crate::storage::members::{
@@ -40,17 +40,6 @@ fn role_of(role: &str) -> Result<Role, StorageError> {
 
 fn i64_of(v: u64) -> Result<i64, StorageError> {
     i64::try_from(v).map_err(|_| StorageError::Corrupt(format!("{v} does not fit")))
-}
-
-/// Waits for the other changes to the account's members (to the end of the transaction).
-async fn lock_members(client: &impl GenericClient, account: AccountId) -> Result<(), StorageError> {
-    client
-        .execute(
-            "SELECT 1 FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
-            &[&account.to_string()],
-        )
-        .await?;
-    Ok(())
 }
 
 /// The id and role of the member `name` of the account (not removed).
@@ -193,7 +182,7 @@ impl MemberStore for Pg {
         self.io().wait(async {
             let mut client = self.client().await?;
             let tx = client.transaction().await?;
-            lock_members(&tx, account).await?;
+            lock_account(&tx, account).await?;
             let (id, current) = member(&tx, account, name).await?;
             if current == Role::Owner {
                 return Err(MemberError::Owner);
@@ -323,7 +312,7 @@ impl MemberChanges for Pg {
         self.io().wait(async {
             let mut client = self.client().await?;
             let tx = client.transaction().await?;
-            lock_members(&tx, i.account).await?;
+            lock_account(&tx, i.account).await?;
             let acct = i.account.to_string();
             let earlier = tx
                 .query_opt(
@@ -401,7 +390,7 @@ impl MemberChanges for Pg {
         self.io().wait(async {
             let mut client = self.client().await?;
             let tx = client.transaction().await?;
-            lock_members(&tx, account).await?;
+            lock_account(&tx, account).await?;
             let (id, role) = member(&tx, account, name).await?;
             if role == Role::Owner {
                 return Err(MemberError::Owner);
@@ -437,7 +426,7 @@ impl MemberChanges for Pg {
         self.io().wait(async {
             let mut client = self.client().await?;
             let tx = client.transaction().await?;
-            lock_members(&tx, account).await?;
+            lock_account(&tx, account).await?;
             let revoked = tx
                 .execute(
                     "UPDATE setup_tokens SET used_at = $3, used_by_request = 'revoked'
@@ -464,7 +453,7 @@ impl MemberChanges for Pg {
         self.io().wait(async {
             let mut client = self.client().await?;
             let tx = client.transaction().await?;
-            lock_members(&tx, account).await?;
+            lock_account(&tx, account).await?;
             let (id, role) = member(&tx, account, to).await?;
             if role == Role::Owner {
                 return Err(MemberError::Owner);
@@ -493,7 +482,7 @@ impl MemberChanges for Pg {
         self.io().wait(async {
             let mut client = self.client().await?;
             let tx = client.transaction().await?;
-            lock_members(&tx, account).await?;
+            lock_account(&tx, account).await?;
             let acct = account.to_string();
             let offer = tx
                 .query_opt(
