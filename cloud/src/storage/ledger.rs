@@ -11,7 +11,9 @@ use synesis_billing::ledger::{
 };
 use synesis_proto::{AccountId, MicroUsd, RequestId, UnixMillis};
 
+mod any;
 mod writer;
+pub use any::{LedgerTx, Writer};
 pub use writer::LedgerWriter;
 pub(crate) use writer::{MAX_BATCH, QUEUE, answer_of, next_batch, stopped};
 
@@ -112,6 +114,82 @@ impl<'c> SqliteLedger<'c> {
                 Ok(Some(MicroUsd(amount)))
             }
         }
+    }
+}
+
+/// What a ledger operation reads and writes beside the ledger, inside its transaction: the
+/// member quota a hold is admitted under, who asked a request, and its stored answer. Each
+/// backend answers as of the operation's place in its batch (the operations before it in the
+/// same transaction included), so a member's concurrent requests cannot both fit in the same
+/// room.
+pub trait LedgerUnit {
+    /// The monthly token quota of the member `device` belongs to, and what that member's
+    /// devices used since `month_start` or hold now (`None`: no quota).
+    fn member_quota_use(
+        &self,
+        device: synesis_proto::DeviceId,
+        month_start: UnixMillis,
+    ) -> Result<Option<(u64, u64)>, StoreError>;
+    /// The member whose device asked `request` (its hold's device).
+    fn asker(
+        &self,
+        account: AccountId,
+        request: RequestId,
+    ) -> Result<Option<crate::storage::answers::Asker>, StoreError>;
+    fn answer(
+        &self,
+        account: AccountId,
+        request: RequestId,
+    ) -> Result<Option<crate::storage::answers::StoredAnswer>, StoreError>;
+    /// Stores a finished request's answer, once (a second is refused).
+    fn put_answer(
+        &self,
+        account: AccountId,
+        request: RequestId,
+        answer: &crate::storage::answers::StoredAnswer,
+        at: UnixMillis,
+    ) -> Result<(), StoreError>;
+}
+
+impl LedgerUnit for SqliteLedger<'_> {
+    fn member_quota_use(
+        &self,
+        device: synesis_proto::DeviceId,
+        month_start: UnixMillis,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        Ok(crate::storage::members::quota_use(
+            self.conn,
+            device,
+            month_start,
+        )?)
+    }
+
+    fn asker(
+        &self,
+        account: AccountId,
+        request: RequestId,
+    ) -> Result<Option<crate::storage::answers::Asker>, StoreError> {
+        Ok(crate::storage::answers::asker(self.conn, account, request)?)
+    }
+
+    fn answer(
+        &self,
+        account: AccountId,
+        request: RequestId,
+    ) -> Result<Option<crate::storage::answers::StoredAnswer>, StoreError> {
+        Ok(crate::storage::answers::get(self.conn, account, request)?)
+    }
+
+    fn put_answer(
+        &self,
+        account: AccountId,
+        request: RequestId,
+        answer: &crate::storage::answers::StoredAnswer,
+        at: UnixMillis,
+    ) -> Result<(), StoreError> {
+        Ok(crate::storage::answers::put(
+            self.conn, account, request, answer, at,
+        )?)
     }
 }
 

@@ -26,13 +26,14 @@ use std::collections::{HashMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use synesis_billing::ledger::{
-    Entry, HoldChange, LedgerError, OpenHold, Store, StoreError, Totals,
+    Entry, EntryKind, HoldChange, LedgerError, OpenHold, Store, StoreError, Totals,
 };
-use synesis_proto::{AccountId, RequestId, UnixMillis};
+use synesis_proto::{AccountId, DeviceId, MicroUsd, RequestId, UnixMillis};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{COLUMNS, i64_of, read_entry, read_hold, read_totals, store_error};
 use crate::storage::StorageError;
+use crate::storage::answers::{Asker, StoredAnswer};
 use crate::storage::ledger::{MAX_BATCH, QUEUE, answer_of, next_batch, stopped};
 
 /// The writer's own connection, driven by a runtime on the writer's thread.
@@ -57,6 +58,8 @@ struct Statements {
     delete_holds: tokio_postgres::Statement,
     insert_holds: tokio_postgres::Statement,
     upsert_totals: tokio_postgres::Statement,
+    insert_answers: tokio_postgres::Statement,
+    redeem_vouchers: tokio_postgres::Statement,
 }
 
 impl Conn {
@@ -186,6 +189,22 @@ impl Statements {
                         open_quota = EXCLUDED.open_quota",
                 )
                 .await?,
+            insert_answers: c
+                .prepare(
+                    "INSERT INTO escalation_answers (account_id, request_id, body, chunks, done, at)
+                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[],
+                        $5::bytea[], $6::bigint[])",
+                )
+                .await?,
+            redeem_vouchers: c
+                .prepare(
+                    "UPDATE vouchers v SET redeemed_by = r.by, redeemed_account = r.account,
+                        redeemed_at = r.at
+                     FROM UNNEST($1::bytea[], $2::text[], $3::text[], $4::bigint[])
+                        AS r (code, by, account, at)
+                     WHERE v.code_sha256 = r.code",
+                )
+                .await?,
         })
     }
 }
@@ -214,6 +233,8 @@ enum HoldWrite {
 
 /// How to take back one change an operation made to the batch.
 enum Undo {
+    Answer((AccountId, RequestId)),
+    Voucher([u8; 32], Voucher),
     Head(AccountId, Option<(u64, [u8; 32])>),
     Totals(AccountId, Option<Totals>, bool),
     Request((AccountId, RequestId)),
@@ -237,8 +258,22 @@ struct Batch {
     entries: Vec<Entry>,
     dirty: HashSet<AccountId>,
     hold_writes: HashMap<(AccountId, RequestId), HoldWrite>,
+    /// Answers stored by the batch's operations, written at the flush.
+    answers: HashMap<(AccountId, RequestId), (StoredAnswer, UnixMillis)>,
+    /// The vouchers the batch read (locked), as its operations left them; the changed ones
+    /// are written at the flush.
+    vouchers: HashMap<[u8; 32], Voucher>,
     /// The running operation's changes, newest last.
     undo: Vec<Undo>,
+}
+
+/// A voucher as the batch sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Voucher {
+    amount: i64,
+    /// The request and account that redeemed it, and when.
+    redeemed: Option<(String, String, i64)>,
+    changed: bool,
 }
 
 impl Batch {
@@ -246,6 +281,12 @@ impl Batch {
     fn roll_back(&mut self) {
         while let Some(u) = self.undo.pop() {
             match u {
+                Undo::Answer(key) => {
+                    self.answers.remove(&key);
+                }
+                Undo::Voucher(code, before) => {
+                    self.vouchers.insert(code, before);
+                }
                 Undo::Head(a, Some(h)) => {
                     self.heads.insert(a, h);
                 }
@@ -344,6 +385,253 @@ impl PgLedger<'_> {
             }
         }
         batch.holds.insert(account, holds);
+        Ok(())
+    }
+}
+
+impl PgLedger<'_> {
+    /// A statement outside the prepared ones, in the batch's transaction.
+    fn sql(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        self.conn
+            .wait(self.conn.client.query(sql, params))
+            .map_err(|e| store_error(&e))
+    }
+
+    /// The accounts with an open hold past its time at `now`.
+    pub fn accounts_with_lapsed_holds(
+        &self,
+        now: UnixMillis,
+    ) -> Result<Vec<AccountId>, StoreError> {
+        let rows = self.sql(
+            "SELECT DISTINCT account_id FROM ledger_open_holds WHERE expires_at <= $1",
+            &[&now.0],
+        )?;
+        rows.iter().map(|r| super::parse(r.get(0))).collect()
+    }
+
+    /// `SqliteLedger::redeem_voucher`'s rules: the voucher's row locked for the batch, its
+    /// redemption written at the flush.
+    pub fn redeem_voucher(
+        &self,
+        code: &str,
+        account: AccountId,
+        request: RequestId,
+        now: UnixMillis,
+    ) -> Result<Option<MicroUsd>, LedgerError> {
+        self.lock(account)?;
+        let hash = crate::storage::sha256(code.trim().as_bytes());
+        let cached = self.batch.borrow().vouchers.get(&hash).cloned();
+        let voucher = match cached {
+            Some(v) => v,
+            None => {
+                let rows = self.sql(
+                    "SELECT amount, redeemed_by, redeemed_account, redeemed_at FROM vouchers
+                     WHERE code_sha256 = $1 FOR UPDATE",
+                    &[&hash.as_slice()],
+                )?;
+                let Some(r) = rows.first() else {
+                    return Ok(None);
+                };
+                let redeemed = match (r.get(1), r.get(2), r.get(3)) {
+                    (Some(by), Some(account), Some(at)) => Some((by, account, at)),
+                    _ => None,
+                };
+                let v = Voucher {
+                    amount: r.get(0),
+                    redeemed,
+                    changed: false,
+                };
+                self.batch.borrow_mut().vouchers.insert(hash, v.clone());
+                v
+            }
+        };
+        let (acct, req) = (account.to_string(), request.to_string());
+        match &voucher.redeemed {
+            Some((by, a, _)) if *by == req && *a == acct => Ok(Some(MicroUsd(voucher.amount))),
+            Some(_) => Ok(None),
+            None => {
+                let mine = |v: &Voucher| {
+                    v.redeemed
+                        .as_ref()
+                        .is_some_and(|(by, a, _)| *by == req && *a == acct)
+                };
+                let other = self.batch.borrow().vouchers.values().any(mine)
+                    || !self
+                        .sql(
+                            "SELECT 1 FROM vouchers WHERE redeemed_account = $1 AND redeemed_by = $2",
+                            &[&acct, &req],
+                        )?
+                        .is_empty();
+                if other {
+                    return Err(LedgerError::IdempotencyConflict);
+                }
+                let redeemed = Voucher {
+                    redeemed: Some((req, acct, now.0)),
+                    changed: true,
+                    ..voucher.clone()
+                };
+                let mut batch = self.batch.borrow_mut();
+                batch.vouchers.insert(hash, redeemed);
+                batch.undo.push(Undo::Voucher(hash, voucher.clone()));
+                Ok(Some(MicroUsd(voucher.amount)))
+            }
+        }
+    }
+}
+
+impl crate::storage::ledger::LedgerUnit for PgLedger<'_> {
+    /// What the member's devices used this month or hold now, as the batch sees it: the
+    /// database's settlements and open holds (those the batch closed or replaced left out),
+    /// and the batch's own. The account is locked first, so no other writer changes them.
+    fn member_quota_use(
+        &self,
+        device: DeviceId,
+        month_start: UnixMillis,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        let rows = self.sql(
+            "SELECT m.id, m.quota_tokens, m.account_id FROM devices d
+             JOIN members m ON m.id = d.member_id WHERE d.id = $1",
+            &[&device.to_string()],
+        )?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let (member, quota): (String, Option<i64>) = (row.get(0), row.get(1));
+        let Some(quota) = quota else {
+            return Ok(None);
+        };
+        let account: AccountId = super::parse(row.get(2))?;
+        self.lock(account)?;
+        let devices = self
+            .sql("SELECT id FROM devices WHERE member_id = $1", &[&member])?
+            .iter()
+            .map(|r| super::parse::<DeviceId>(r.get(0)))
+            .collect::<Result<HashSet<_>, _>>()?;
+        let settled: i64 = self.sql(
+            "SELECT COALESCE(SUM(e.input_tokens + e.output_tokens), 0)::BIGINT
+             FROM ledger_entries e JOIN devices d ON d.id = e.device_id
+             WHERE d.member_id = $1 AND e.kind = 3 AND e.at >= $2",
+            &[&member, &month_start.0],
+        )?[0]
+            .get(0);
+        let held = self.sql(
+            "SELECT h.request_id, e.input_tokens + e.output_tokens FROM ledger_open_holds h
+             JOIN ledger_entries e ON e.account_id = h.account_id AND e.seq = h.seq
+             JOIN devices d ON d.id = e.device_id
+             WHERE d.member_id = $1",
+            &[&member],
+        )?;
+        let as_u64 =
+            |v: i64| u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{v} tokens")));
+        let mut used = as_u64(settled)?;
+        let batch = self.batch.borrow();
+        for r in &held {
+            let request: RequestId = super::parse(r.get(0))?;
+            if !batch.hold_writes.contains_key(&(account, request)) {
+                used = used.saturating_add(as_u64(r.get(1))?);
+            }
+        }
+        let tokens = |e: &Entry| e.input_tokens.saturating_add(e.output_tokens);
+        let members = |e: &&Entry| e.device.is_some_and(|d| devices.contains(&d));
+        const _: () = assert!(EntryKind::Settle.code() == 3);
+        for e in batch.entries.iter().filter(members) {
+            if e.kind == EntryKind::Settle && e.at >= month_start {
+                used = used.saturating_add(tokens(e));
+            }
+        }
+        for ((a, _), write) in &batch.hold_writes {
+            let (HoldWrite::Open { seq, .. } | HoldWrite::Replace { seq, .. }) = write else {
+                continue;
+            };
+            let opened = batch
+                .entries
+                .iter()
+                .filter(members)
+                .find(|e| e.account == *a && e.seq == *seq);
+            if let Some(e) = opened {
+                used = used.saturating_add(tokens(e));
+            }
+        }
+        Ok(Some((as_u64(quota)?, used)))
+    }
+
+    /// The member of the device the request's hold was placed for (the batch's entries
+    /// included).
+    fn asker(&self, account: AccountId, request: RequestId) -> Result<Option<Asker>, StoreError> {
+        let entries = self.request_entries(account, request)?;
+        let Some(device) = entries
+            .iter()
+            .find(|e| e.kind == EntryKind::Hold)
+            .and_then(|e| e.device)
+        else {
+            return Ok(None);
+        };
+        let rows = self.sql(
+            "SELECT member_id FROM devices WHERE id = $1",
+            &[&device.to_string()],
+        )?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .map(Asker::new))
+    }
+
+    fn answer(
+        &self,
+        account: AccountId,
+        request: RequestId,
+    ) -> Result<Option<StoredAnswer>, StoreError> {
+        let pending = self
+            .batch
+            .borrow()
+            .answers
+            .get(&(account, request))
+            .map(|(a, _)| a.clone());
+        let found = match pending {
+            Some(answer) => answer,
+            None => {
+                let rows = self.sql(
+                    "SELECT body, chunks, done FROM escalation_answers
+                     WHERE account_id = $1 AND request_id = $2",
+                    &[&account.to_string(), &request.to_string()],
+                )?;
+                let Some(r) = rows.first() else {
+                    return Ok(None);
+                };
+                crate::storage::answers::decode(r.get(0), r.get(1), r.get(2), None)?
+            }
+        };
+        let asker = self.asker(account, request)?;
+        Ok(Some(StoredAnswer { asker, ..found }))
+    }
+
+    fn put_answer(
+        &self,
+        account: AccountId,
+        request: RequestId,
+        answer: &StoredAnswer,
+        at: UnixMillis,
+    ) -> Result<(), StoreError> {
+        let key = (account, request);
+        let stored = self.batch.borrow().answers.contains_key(&key)
+            || !self
+                .sql(
+                    "SELECT 1 FROM escalation_answers WHERE account_id = $1 AND request_id = $2",
+                    &[&account.to_string(), &request.to_string()],
+                )?
+                .is_empty();
+        if stored {
+            return Err(StoreError::Constraint(format!(
+                "an answer to request {request} is stored already"
+            )));
+        }
+        let mut batch = self.batch.borrow_mut();
+        batch.answers.insert(key, (answer.clone(), at));
+        batch.undo.push(Undo::Answer(key));
         Ok(())
     }
 }
@@ -502,8 +790,30 @@ fn flush_and_commit(conn: &Conn, batch: Batch) -> Result<(), StoreError> {
         dirty,
         totals,
         hold_writes,
+        answers,
+        vouchers,
         ..
     } = batch;
+    let mut a = AnswerColumns::default();
+    for ((account, request), (answer, at)) in &answers {
+        let (chunks, done) = crate::storage::answers::encode(answer).map_err(StoreError::from)?;
+        a.account.push(account.to_string());
+        a.request.push(request.to_string());
+        a.body.push(answer.body.to_vec());
+        a.chunks.push(chunks);
+        a.done.push(done);
+        a.at.push(at.0);
+    }
+    let (mut v_code, mut v_by, mut v_account, mut v_at) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (code, v) in &vouchers {
+        if let (true, Some((by, account, at))) = (v.changed, &v.redeemed) {
+            v_code.push(code.to_vec());
+            v_by.push(by.clone());
+            v_account.push(account.clone());
+            v_at.push(*at);
+        }
+    }
     let mut e = EntryColumns::default();
     for entry in &entries {
         e.push(entry)?;
@@ -563,17 +873,33 @@ fn flush_and_commit(conn: &Conn, batch: Batch) -> Result<(), StoreError> {
     let totals_params: [Param<'_>; 7] = [
         &t.account, &t.balance, &t.year, &t.month, &t.settled, &t.held, &t.quota,
     ];
+    let answer_params: [Param<'_>; 6] =
+        [&a.account, &a.request, &a.body, &a.chunks, &a.done, &a.at];
+    let voucher_params: [Param<'_>; 4] = [&v_code, &v_by, &v_account, &v_at];
     conn.wait(async {
         tokio::try_join!(
             c.execute(&s.insert_entries, &entry_params),
             c.execute(&s.delete_holds, &delete_params),
             c.execute(&s.insert_holds, &hold_params),
             c.execute(&s.upsert_totals, &totals_params),
+            c.execute(&s.insert_answers, &answer_params),
+            c.execute(&s.redeem_vouchers, &voucher_params),
             c.batch_execute("COMMIT"),
         )
     })
     .map(drop)
     .map_err(|e| store_error(&e))
+}
+
+/// The batch's stored answers, as one array per column.
+#[derive(Default)]
+struct AnswerColumns {
+    account: Vec<String>,
+    request: Vec<String>,
+    body: Vec<Vec<u8>>,
+    chunks: Vec<String>,
+    done: Vec<Vec<u8>>,
+    at: Vec<i64>,
 }
 
 /// The batch's new entries, as one array per column.
