@@ -12,13 +12,9 @@ use synesis_proto::message::{
 use synesis_proto::{Blob, ErrorCode, FrameLimits, Message, RequestId, UnixMillis};
 
 use crate::endpoint::Peer;
-use crate::ledger::LedgerReads;
 use crate::shared::now;
 use crate::storage::adapters::Removed;
-use crate::storage::{
-    Accounts, AdapterChanges, AdapterStore, AnswerStore, Devices, IssuedCert, MemberChanges,
-    MemberStore, Renewal,
-};
+use crate::storage::{IssuedCert, Renewal};
 use crate::streams::{Stream, error_msg};
 
 pub(crate) async fn serve(peer: &Peer, request: Message, mut stream: Stream) {

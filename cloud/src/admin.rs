@@ -2,7 +2,7 @@
 //! `serve` (SQLite WAL lets both work at once); a running server picks up revocations within
 //! `REVOCATION_POLL_INTERVAL`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -13,18 +13,41 @@ use synesis_proto::{AccountId, DeviceId, SetupToken, UnixMillis};
 use crate::endpoint::LISTEN_ADDR_FILE;
 use crate::pki::Pki;
 use crate::shared::now;
-use crate::storage::{
-    Accounts, AdapterStore, DB_FILE, Db, DeviceRow, Devices, MemberChanges, MemberStore, Vouchers,
-};
+use crate::storage::{Backend, DB_FILE, DeviceRow};
 
-fn open(dir: &Path) -> anyhow::Result<Db> {
-    crate::storage::open_dir(dir)?;
-    Ok(Db::open(&dir.join(DB_FILE))?)
+/// Where the cloud the operator acts on keeps its data: the data directory (the CA, the
+/// adapters' content, SQLite's file) and, when it is not SQLite, the database's URL
+/// (`--database`, `[storage] url`).
+#[derive(Debug, Clone)]
+pub struct Place {
+    pub dir: PathBuf,
+    pub database: Option<String>,
+}
+
+impl Place {
+    /// The data directory's own SQLite database.
+    pub fn dir(dir: &Path) -> Place {
+        Place {
+            dir: dir.to_owned(),
+            database: None,
+        }
+    }
+
+    pub fn location(&self) -> Result<crate::storage::Location, crate::storage::StorageError> {
+        crate::storage::Location::new(&self.dir, self.database.as_deref())
+    }
+}
+
+fn open(at: &Place) -> anyhow::Result<Box<dyn Backend>> {
+    if at.database.is_none() {
+        crate::storage::open_dir(&at.dir)?;
+    }
+    Ok(at.location()?.open()?)
 }
 
 /// A new account (`synesis demo` embeds the cloud and makes its account here).
 pub fn account_new(
-    dir: &Path,
+    at: &Place,
     name: &str,
     tier: synesis_proto::message::Tier,
 ) -> anyhow::Result<crate::storage::Account> {
@@ -33,16 +56,16 @@ pub fn account_new(
         bail!("an account name is 1 to 64 characters");
     }
     let id = AccountId::try_from_uuid(uuid::Uuid::now_v7())?;
-    Ok(open(dir)?.create_account(id, name, tier, now())?)
+    Ok(open(at)?.create_account(id, name, tier, now())?)
 }
 
 pub fn account_create(
-    dir: &Path,
+    at: &Place,
     name: &str,
     tier: synesis_proto::message::Tier,
     json: bool,
 ) -> anyhow::Result<()> {
-    let account = account_new(dir, name, tier)?;
+    let account = account_new(at, name, tier)?;
     if json {
         println!(
             "{}",
@@ -62,25 +85,25 @@ pub fn account_create(
 /// Prints one setup token on stdout and nothing else: for a device of `member` (default: the
 /// owner).
 pub fn token_create(
-    dir: &Path,
+    at: &Place,
     account: &str,
     ttl: Duration,
     server: Option<String>,
     member: Option<&str>,
 ) -> anyhow::Result<()> {
-    let token = token_issue(dir, account, member, ttl, server)?;
+    let token = token_issue(at, account, member, ttl, server)?;
     println!("{token}");
     Ok(())
 }
 
 pub fn member_add(
-    dir: &Path,
+    at: &Place,
     account: &str,
     name: &str,
     role: synesis_proto::message::Role,
     quota_tokens: Option<u64>,
 ) -> anyhow::Result<()> {
-    let db = open(dir)?;
+    let db = open(at)?;
     let acct = db.account_by_name(account)?;
     let name = crate::storage::printable(name);
     if name.is_empty() || name.len() > 254 {
@@ -97,12 +120,12 @@ pub fn member_add(
 }
 
 pub fn member_role(
-    dir: &Path,
+    at: &Place,
     account: &str,
     name: &str,
     role: synesis_proto::message::Role,
 ) -> anyhow::Result<()> {
-    let db = open(dir)?;
+    let db = open(at)?;
     let acct = db.account_by_name(account)?;
     db.unit()
         .set_member_role(acct.id, name, role, "operator", now())?;
@@ -113,8 +136,8 @@ pub fn member_role(
     Ok(())
 }
 
-pub fn member_remove(dir: &Path, account: &str, name: &str) -> anyhow::Result<()> {
-    let mut db = open(dir)?;
+pub fn member_remove(at: &Place, account: &str, name: &str) -> anyhow::Result<()> {
+    let mut db = open(at)?;
     let acct = db.account_by_name(account)?;
     let revoked = db.remove_member(acct.id, name, "operator", now())?;
     println!("removed {name} from {account}; {revoked} of their devices revoked");
@@ -130,8 +153,8 @@ struct MemberView {
     devices: u64,
 }
 
-pub fn members(dir: &Path, account: &str, json: bool) -> anyhow::Result<()> {
-    let db = open(dir)?;
+pub fn members(at: &Place, account: &str, json: bool) -> anyhow::Result<()> {
+    let db = open(at)?;
     let acct = db.account_by_name(account)?;
     let views: Vec<MemberView> = db
         .unit()
@@ -164,7 +187,7 @@ pub fn members(dir: &Path, account: &str, json: bool) -> anyhow::Result<()> {
 /// A new setup token for a device of `member` of `account` (`None`: its owner now), bound to
 /// that member as it is issued (benches and tests embed the cloud and enroll in process).
 pub fn token_issue(
-    dir: &Path,
+    at: &Place,
     account: &str,
     member: Option<&str>,
     ttl: Duration,
@@ -173,7 +196,7 @@ pub fn token_issue(
     let server = match server {
         Some(s) => s,
         None => {
-            let recorded = std::fs::read_to_string(dir.join(LISTEN_ADDR_FILE)).context(
+            let recorded = std::fs::read_to_string(at.dir.join(LISTEN_ADDR_FILE)).context(
                 "no --server given and no running cloud recorded its address here; pass --server HOST:PORT",
             )?;
             let addr: std::net::SocketAddr =
@@ -189,8 +212,8 @@ pub fn token_issue(
     if !server.contains(':') {
         bail!("--server must be HOST:PORT, got {server:?}");
     }
-    let pki = Pki::load_or_create(dir)?;
-    let mut db = open(dir)?;
+    let pki = Pki::load_or_create(&at.dir)?;
+    let mut db = open(at)?;
     let account = db.account_by_name(account)?;
     let mut token_id = [0u8; 16];
     let mut secret = [0u8; 32];
@@ -254,8 +277,8 @@ struct DeviceView {
     prewarm: Option<serde_json::Value>,
 }
 
-pub fn devices(dir: &Path, json: bool) -> anyhow::Result<()> {
-    let rows = open(dir)?.devices()?;
+pub fn devices(at: &Place, json: bool) -> anyhow::Result<()> {
+    let rows = open(at)?.devices()?;
     let at = now();
     let views: Vec<DeviceView> = rows
         .into_iter()
@@ -311,8 +334,8 @@ pub fn devices(dir: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn device_revoke(dir: &Path, id: DeviceId) -> anyhow::Result<()> {
-    open(dir)?.revoke(id, now())?;
+pub fn device_revoke(at: &Place, id: DeviceId) -> anyhow::Result<()> {
+    open(at)?.revoke(id, now())?;
     println!("revoked {id}; a running cloud closes its connection within a few seconds");
     Ok(())
 }
@@ -357,26 +380,26 @@ fn operator_request_id() -> anyhow::Result<synesis_proto::RequestId> {
     )?)
 }
 
-pub fn set_tier(dir: &Path, name: &str, tier: synesis_proto::message::Tier) -> anyhow::Result<()> {
-    open(dir)?.set_tier(name, tier)?;
+pub fn set_tier(at: &Place, name: &str, tier: synesis_proto::message::Tier) -> anyhow::Result<()> {
+    open(at)?.set_tier(name, tier)?;
     println!("account {name} is now on the {} tier", tier.as_str());
     Ok(())
 }
 
 /// Adds credit to an account (one ledger entry, keyed by a fresh request id).
 pub fn credit(
-    dir: &Path,
+    at: &Place,
     name: &str,
     amount: synesis_proto::MicroUsd,
     json: bool,
 ) -> anyhow::Result<()> {
-    let mut db = open(dir)?;
-    let account = db.account_by_name(name)?;
+    let account = open(at)?.account_by_name(name)?;
     let request = operator_request_id()?;
-    let at = now();
-    let balance = crate::ledger::transaction(&mut db, |store| {
-        synesis_billing::ledger::top_up(store, account.id, request, amount, at)?;
-        synesis_billing::ledger::balance(store, account.id, at)
+    let when = now();
+    // Through the ledger's writer, as the server's own operations go (either backend).
+    let balance = at.location()?.ledger_writer()?.run_blocking(move |store| {
+        synesis_billing::ledger::top_up(store, account.id, request, amount, when)?;
+        synesis_billing::ledger::balance(store, account.id, when)
     })?;
     if json {
         println!(
@@ -391,14 +414,14 @@ pub fn credit(
 
 /// `count` new one-time voucher codes worth `amount` each; only their hashes are stored.
 pub fn vouchers_new(
-    dir: &Path,
+    at: &Place,
     amount: synesis_proto::MicroUsd,
     count: u32,
 ) -> anyhow::Result<Vec<String>> {
     if amount.0 <= 0 {
         bail!("a voucher must be worth more than $0");
     }
-    let mut db = open(dir)?;
+    let mut db = open(at)?;
     let mut rng = rand::rng();
     let mut codes = Vec::new();
     for _ in 0..count {
@@ -416,11 +439,11 @@ pub fn vouchers_new(
 
 /// Prints `count` one-time voucher codes worth `amount` each.
 pub fn voucher_create(
-    dir: &Path,
+    at: &Place,
     amount: synesis_proto::MicroUsd,
     count: u32,
 ) -> anyhow::Result<()> {
-    for code in vouchers_new(dir, amount, count)? {
+    for code in vouchers_new(at, amount, count)? {
         println!("{code}");
     }
     Ok(())
@@ -483,8 +506,8 @@ struct Broken {
 
 /// Walks every account's hash chain; an error (exit 1) names the account and the first entry
 /// of its chain that does not fit.
-pub fn ledger_verify(dir: &Path, json: bool) -> anyhow::Result<()> {
-    let db = open(dir)?;
+pub fn ledger_verify(at: &Place, json: bool) -> anyhow::Result<()> {
+    let db = open(at)?;
     let crate::storage::ledger::LedgerSnapshot { entries, states } = db.ledger_snapshot()?;
     let chains = entries
         .iter()
@@ -586,12 +609,12 @@ fn states_agree(
 /// Balance, holds, quota and charges of one account: what its devices see with
 /// `synesis cloud usage`, in the same shape.
 pub fn usage(
-    dir: &Path,
+    at: &Place,
     name: &str,
     billing: &crate::config::Billing,
     json: bool,
 ) -> anyhow::Result<()> {
-    let db = open(dir)?;
+    let db = open(at)?;
     let account = db.account_by_name(name)?;
     let mut request = synesis_proto::message::UsageRequest {
         request_id: synesis_proto::RequestId::from_parts(
@@ -604,13 +627,11 @@ pub fn usage(
     };
     let at = now();
     let page = synesis_proto::message::USAGE_CHARGES_MAX;
-    let mut reply =
-        crate::ledger::LedgerReads::usage(&db, &account, &request, at, &billing.rules, page)?;
+    let mut reply = db.usage(&account, &request, at, &billing.rules, page)?;
     // Every charge, page after page (the balance is the first page's).
     request.after = reply.next.take();
     while request.after.is_some() {
-        let mut page =
-            crate::ledger::LedgerReads::usage(&db, &account, &request, at, &billing.rules, page)?;
+        let mut page = db.usage(&account, &request, at, &billing.rules, page)?;
         reply.charges.append(&mut page.charges);
         request.after = page.next;
     }
@@ -623,8 +644,8 @@ pub fn usage(
     Ok(())
 }
 
-pub fn uploads(dir: &Path, json: bool) -> anyhow::Result<()> {
-    let db = open(dir)?;
+pub fn uploads(at: &Place, json: bool) -> anyhow::Result<()> {
+    let db = open(at)?;
     let views = db.unit().upload_summaries()?;
     if json {
         println!("{}", serde_json::to_string(&views)?);
@@ -658,8 +679,8 @@ pub fn uploads(dir: &Path, json: bool) -> anyhow::Result<()> {
 }
 
 /// `admin audit ACCOUNT`: every change to the account's members, oldest first.
-pub fn audit(dir: &Path, account: &str, json: bool) -> anyhow::Result<()> {
-    let db = open(dir)?;
+pub fn audit(at: &Place, account: &str, json: bool) -> anyhow::Result<()> {
+    let db = open(at)?;
     let acct = db.account_by_name(account)?;
     let rows = db.unit().audit_log(acct.id)?;
     if json {
@@ -681,9 +702,9 @@ pub fn audit(dir: &Path, account: &str, json: bool) -> anyhow::Result<()> {
 
 /// `admin migrate --to postgres://…`: copies this cloud's database into an empty PostgreSQL
 /// database and checks the copy; the SQLite file is only read.
-pub fn migrate(dir: &Path, to: &str, json: bool) -> anyhow::Result<()> {
+pub fn migrate(at: &Place, to: &str, json: bool) -> anyhow::Result<()> {
     use crate::storage::postgres::{Pg, copy, redacted};
-    let source = dir.join(DB_FILE);
+    let source = at.dir.join(DB_FILE);
     if !source.exists() {
         bail!("no cloud database at {}", source.display());
     }

@@ -104,6 +104,9 @@ impl Default for Billing {
 pub struct Config {
     pub billing: Billing,
     pub serving: Serving,
+    /// `[storage] url`: the database (`postgres://…`); `None`, SQLite in the data directory.
+    /// `--database` overrides it.
+    pub database: Option<String>,
 }
 
 /// The models the cloud answers with, and how escalations run.
@@ -220,6 +223,14 @@ struct File {
     escalation: EscalationFile,
     #[serde(default)]
     adapters: AdaptersFile,
+    #[serde(default)]
+    storage: StorageFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StorageFile {
+    url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -479,6 +490,7 @@ fn parse_all(text: &str, base: &Path) -> anyhow::Result<Config> {
             escalation,
             adapters,
         },
+        database: file.storage.url,
     })
 }
 

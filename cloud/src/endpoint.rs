@@ -32,11 +32,11 @@ use synesis_wire::tls::fingerprint;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::timeout;
 
-use crate::ledger::LedgerWriter;
+use crate::ledger::Writer;
 use crate::pki::Pki;
 use crate::registry::{ControlCommand, Registry};
 use crate::shared::{PresenceQueue, Settings, Shared, Storage, now};
-use crate::storage::{DB_FILE, Db, Device, Devices};
+use crate::storage::Device;
 use crate::streams::{First, Stream};
 
 /// Where `serve` records the address it listens on, for `admin token create`.
@@ -112,6 +112,8 @@ pub struct Options {
     pub serving: crate::config::Serving,
     /// How long a device certificate is valid; devices renew well before it ends.
     pub cert_lifetime: Duration,
+    /// The database (`--database`, `[storage] url`): `None`, SQLite in the data directory.
+    pub database: Option<String>,
 }
 
 /// A running cloud. [`Cloud::shutdown`] drains it and waits until it has stopped; dropping
@@ -184,10 +186,17 @@ pub async fn start(options: Options) -> anyhow::Result<Cloud> {
     let dir = &options.data_dir;
     crate::storage::open_dir(dir)?;
     let pki = Arc::new(Pki::load_or_create(dir)?);
-    let db_path = dir.join(DB_FILE);
-    let mut db = Db::open(&db_path)?;
-    db.reset_connections()?;
-    let (reader, identifier) = (Db::open(&db_path)?, Db::open(&db_path)?);
+    let location = crate::storage::Location::new(dir, options.database.as_deref())?;
+    tracing::info!(%location, "storage");
+    // Opening blocks (PostgreSQL's handles wait on runtimes of their own).
+    let (storage, ledger) = tokio::task::spawn_blocking(move || {
+        let mut db = location.open()?;
+        db.reset_connections()?;
+        let (reader, identifier) = (location.open()?, location.open()?);
+        let ledger = location.ledger_writer()?;
+        Ok::<_, crate::storage::StorageError>((Storage::new(db, reader, identifier), ledger))
+    })
+    .await??;
     let endpoint = quinn::Endpoint::server(server_config(&pki)?, options.listen)
         .with_context(|| format!("cannot listen on {}", options.listen))?;
     let addr = endpoint.local_addr()?;
@@ -196,8 +205,8 @@ pub async fn start(options: Options) -> anyhow::Result<Cloud> {
         addr.to_string().as_bytes(),
     )?;
     let shared = Arc::new(Shared {
-        storage: Storage::new(db, reader, identifier),
-        ledger: LedgerWriter::open(&db_path)?,
+        storage,
+        ledger,
         billing: options.billing.clone(),
         pki,
         registry: Arc::new(Registry::default()),
@@ -656,7 +665,7 @@ async fn drain(shared: &Shared, options: &Options) {
 }
 
 /// Expires holds that were never settled, now and then.
-async fn expire_holds(ledger: LedgerWriter) {
+async fn expire_holds(ledger: Writer) {
     let mut ticker = tokio::time::interval(HOLD_EXPIRY_INTERVAL);
     loop {
         ticker.tick().await;

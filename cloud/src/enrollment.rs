@@ -13,7 +13,7 @@ use synesis_wire::close_code;
 use tokio::time::timeout;
 
 use crate::shared::{Shared, now};
-use crate::storage::{Devices, Enrollment, IssuedCert};
+use crate::storage::{Enrollment, IssuedCert};
 use crate::streams::{FIRST_FRAME_TIMEOUT, First, Stream, error_msg};
 
 /// Serves a connection without a certificate: one enrollment request, one reply.

@@ -58,8 +58,9 @@ use crate::config::{EscalationSettings, ProviderConfig, Serving};
 use crate::endpoint::Peer;
 use crate::provider::{ApiKey, Ask, Event, Provider, ProviderError, ProviderUsage};
 use crate::shared::{Shared, now};
+use crate::storage::StorageError;
 use crate::storage::answers::{Asker, StoredAnswer};
-use crate::storage::{Accounts, AdapterStore, AnswerStore, MemberStore, StorageError};
+use crate::storage::ledger::LedgerUnit;
 use crate::streams::{Stream, error_msg};
 
 /// A generation stops this long (at most a fifth of its hold's time) before its hold expires,
@@ -934,10 +935,7 @@ impl Admission {
                 if !matches!(state, HoldState::Unused | HoldState::Other) {
                     // Another member's request id, in whatever state: a conflict, nothing of
                     // it told (its answer, whether it was spent).
-                    let theirs = store
-                        .unit()
-                        .asker(account, id)
-                        .map_err(synesis_billing::ledger::StoreError::from)?;
+                    let theirs = store.asker(account, id)?;
                     if theirs.as_ref() != Some(&asker) {
                         return Err(LedgerError::IdempotencyConflict);
                     }
@@ -946,10 +944,7 @@ impl Admission {
                     // The member's own monthly quota, read with the hold it decides on (one
                     // writer: concurrent requests cannot both fit in the same room).
                     let since = synesis_billing::month_start(at).ok_or(LedgerError::Overflow)?;
-                    let quota = store
-                        .unit()
-                        .member_quota_use(device, since)
-                        .map_err(synesis_billing::ledger::StoreError::from)?;
+                    let quota = store.member_quota_use(device, since)?;
                     if let Some((quota, used)) = quota {
                         let asked = request
                             .input_tokens
@@ -974,9 +969,8 @@ impl Admission {
                         Ok(Some(Ok(Err(held.expires_at))))
                     }
                     HoldState::Settled(_) => store
-                        .unit()
                         .answer(account, id)
-                        .map_err(|e| synesis_billing::ledger::StoreError::from(e).into())
+                        .map_err(LedgerError::from)
                         .map(|a| Some(a.map(Ok).ok_or("settled, but its answer is not stored"))),
                     HoldState::Voided => Ok(Some(Err(
                         "it failed before it produced anything, and was not charged",
@@ -1360,10 +1354,7 @@ async fn settle_and_store(
                 done,
                 asker: None, // derived from the hold when read
             };
-            store
-                .unit()
-                .put_answer(account, id, &answer, at)
-                .map_err(synesis_billing::ledger::StoreError::from)?;
+            store.put_answer(account, id, &answer, at)?;
             Ok(answer.done)
         })
         .await;

@@ -50,6 +50,12 @@ enum Command {
         /// connection when a third of it is left.
         #[arg(long, default_value = "90days", value_parser = parse_cert_lifetime)]
         cert_lifetime: Duration,
+        /// The database: a PostgreSQL URL (postgres://USER@HOST:PORT/NAME; a password is best
+        /// left to ~/.pgpass or PGPASSWORD), which several cloud processes may share. Default:
+        /// `[storage] url` in the config, else SQLite in the data directory. The CA and the
+        /// adapters' content stay in the data directory either way.
+        #[arg(long, env = "SYNESIS_CLOUD_DATABASE", value_name = "URL")]
+        database: Option<String>,
     },
     /// Operator commands; they work beside a running server on the same data directory.
     Admin {
@@ -58,6 +64,15 @@ enum Command {
         /// Prices and tier rules (default: cloud.toml in the data directory, when present).
         #[arg(long, value_name = "PATH", global = true)]
         config: Option<PathBuf>,
+        /// The cloud's database when it is not SQLite in the data directory: the PostgreSQL URL
+        /// `serve --database` was given (default: `[storage] url` in the config).
+        #[arg(
+            long,
+            env = "SYNESIS_CLOUD_DATABASE",
+            value_name = "URL",
+            global = true
+        )]
+        database: Option<String>,
         /// Print JSON instead of text.
         #[arg(long, global = true)]
         json: bool,
@@ -265,8 +280,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             drain_grace,
             config,
             cert_lifetime,
+            database,
         } => {
             let config = synesis_cloud::config::load(config.as_deref(), &data_dir)?;
+            let database = database.or(config.database);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -278,20 +295,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 billing: config.billing,
                 serving: config.serving,
                 cert_lifetime,
+                database,
             }))
         }
         Command::Admin {
             data_dir,
             config,
+            database,
             json,
             command,
         } => {
+            // `migrate` copies the data directory's SQLite file wherever the config points.
+            let database = match database {
+                Some(url) => Some(url),
+                None if matches!(command, Admin::Migrate { .. }) => None,
+                None => synesis_cloud::config::load(config.as_deref(), &data_dir)?.database,
+            };
+            let at = admin::Place {
+                dir: data_dir.clone(),
+                database,
+            };
             let billing =
                 || synesis_cloud::config::load(config.as_deref(), &data_dir).map(|c| c.billing);
             match command {
                 Admin::Account {
                     command: AccountCommand::Create { name, tier },
-                } => admin::account_create(&data_dir, &name, tier, json),
+                } => admin::account_create(&at, &name, tier, json),
                 Admin::Token {
                     command:
                         TokenCommand::Create {
@@ -300,39 +329,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             server,
                             member,
                         },
-                } => admin::token_create(&data_dir, &account, ttl, server, member.as_deref()),
-                Admin::Audit { account } => admin::audit(&data_dir, &account, json),
+                } => admin::token_create(&at, &account, ttl, server, member.as_deref()),
+                Admin::Audit { account } => admin::audit(&at, &account, json),
                 Admin::Member { command } => match command {
                     MemberCommand::Add {
                         account,
                         name,
                         role,
                         quota,
-                    } => admin::member_add(&data_dir, &account, &name, role, quota),
+                    } => admin::member_add(&at, &account, &name, role, quota),
                     MemberCommand::Role {
                         account,
                         name,
                         role,
-                    } => admin::member_role(&data_dir, &account, &name, role),
+                    } => admin::member_role(&at, &account, &name, role),
                     MemberCommand::Rm { account, name } => {
-                        admin::member_remove(&data_dir, &account, &name)
+                        admin::member_remove(&at, &account, &name)
                     }
-                    MemberCommand::List { account } => admin::members(&data_dir, &account, json),
+                    MemberCommand::List { account } => admin::members(&at, &account, json),
                 },
-                Admin::Devices => admin::devices(&data_dir, json),
-                Admin::Uploads => admin::uploads(&data_dir, json),
+                Admin::Devices => admin::devices(&at, json),
+                Admin::Uploads => admin::uploads(&at, json),
                 Admin::Device {
                     command: DeviceCommand::Revoke { device_id },
-                } => admin::device_revoke(&data_dir, device_id),
+                } => admin::device_revoke(&at, device_id),
                 Admin::Account {
                     command: AccountCommand::SetTier { name, tier },
-                } => admin::set_tier(&data_dir, &name, tier),
-                Admin::Credit { account, amount } => {
-                    admin::credit(&data_dir, &account, amount, json)
-                }
+                } => admin::set_tier(&at, &name, tier),
+                Admin::Credit { account, amount } => admin::credit(&at, &account, amount, json),
                 Admin::Voucher {
                     command: VoucherCommand::Create { amount, count },
-                } => admin::voucher_create(&data_dir, amount, count),
+                } => admin::voucher_create(&at, amount, count),
                 Admin::Quote {
                     tier,
                     model,
@@ -341,9 +368,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 } => admin::quote(&billing()?, tier, &model, input_tokens, output_tokens, json),
                 Admin::Ledger {
                     command: LedgerCommand::Verify,
-                } => admin::ledger_verify(&data_dir, json),
-                Admin::Usage { account } => admin::usage(&data_dir, &account, &billing()?, json),
-                Admin::Migrate { to } => admin::migrate(&data_dir, &to, json),
+                } => admin::ledger_verify(&at, json),
+                Admin::Usage { account } => admin::usage(&at, &account, &billing()?, json),
+                Admin::Migrate { to } => admin::migrate(&at, &to, json),
             }
         }
     }

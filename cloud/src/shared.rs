@@ -8,10 +8,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use synesis_proto::{DeviceId, UnixMillis};
 
-use crate::ledger::LedgerWriter;
+use crate::ledger::Writer;
 use crate::pki::Pki;
 use crate::registry::Registry;
-use crate::storage::{Db, Presence, StorageError};
+use crate::storage::{Backend, Presence, StorageError};
 
 /// How often presence changes (connects, heartbeats, disconnects) are written, together.
 pub(crate) const PRESENCE_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
@@ -37,13 +37,17 @@ pub fn now() -> UnixMillis {
 /// is a `std::sync::Mutex` locked only inside `spawn_blocking`.
 #[derive(Debug, Clone)]
 pub(crate) struct Storage {
-    writer: Arc<Mutex<Db>>,
-    reader: Arc<Mutex<Db>>,
-    identifier: Arc<Mutex<Db>>,
+    writer: Arc<Mutex<Box<dyn Backend>>>,
+    reader: Arc<Mutex<Box<dyn Backend>>>,
+    identifier: Arc<Mutex<Box<dyn Backend>>>,
 }
 
 impl Storage {
-    pub(crate) fn new(writer: Db, reader: Db, identifier: Db) -> Storage {
+    pub(crate) fn new(
+        writer: Box<dyn Backend>,
+        reader: Box<dyn Backend>,
+        identifier: Box<dyn Backend>,
+    ) -> Storage {
         Storage {
             writer: Arc::new(Mutex::new(writer)),
             reader: Arc::new(Mutex::new(reader)),
@@ -54,19 +58,19 @@ impl Storage {
     /// Runs `f` on the connection kept for identification and revocation checks.
     pub(crate) async fn identify<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Db) -> Result<T, StorageError> + Send + 'static,
+        f: impl FnOnce(&dyn Backend) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, StorageError> {
         Self::on(&self.identifier, |db| f(db)).await
     }
 
     async fn on<T: Send + 'static>(
-        db: &Arc<Mutex<Db>>,
-        f: impl FnOnce(&mut Db) -> Result<T, StorageError> + Send + 'static,
+        db: &Arc<Mutex<Box<dyn Backend>>>,
+        f: impl FnOnce(&mut dyn Backend) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, StorageError> {
         let db = Arc::clone(db);
         tokio::task::spawn_blocking(move || {
             let mut guard = db.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            f(&mut guard)
+            f(&mut **guard)
         })
         .await
         .map_err(|e| StorageError::Corrupt(format!("database task failed: {e}")))?
@@ -75,7 +79,7 @@ impl Storage {
     /// Runs `f` on the write connection, on the blocking pool.
     pub(crate) async fn write<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Db) -> Result<T, StorageError> + Send + 'static,
+        f: impl FnOnce(&mut dyn Backend) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, StorageError> {
         Self::on(&self.writer, f).await
     }
@@ -83,7 +87,7 @@ impl Storage {
     /// Runs `f` on the read connection, on the blocking pool.
     pub(crate) async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Db) -> Result<T, StorageError> + Send + 'static,
+        f: impl FnOnce(&dyn Backend) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, StorageError> {
         Self::on(&self.reader, |db| f(db)).await
     }
@@ -196,7 +200,7 @@ pub(crate) struct Settings {
 pub(crate) struct Shared {
     pub(crate) storage: Storage,
     /// Every ledger operation the server makes goes through it (group commit, durable).
-    pub(crate) ledger: LedgerWriter,
+    pub(crate) ledger: Writer,
     pub(crate) billing: crate::config::Billing,
     pub(crate) pki: Arc<Pki>,
     pub(crate) registry: Arc<Registry>,

@@ -27,8 +27,6 @@ use tokio::time::timeout;
 
 use crate::endpoint::Peer;
 use crate::shared::{Shared, now};
-use crate::storage::AdapterChanges;
-use crate::storage::AdapterStore;
 use crate::storage::adapters::{Begun, Declared, Quota};
 use crate::streams::Stream;
 

@@ -144,6 +144,7 @@ async fn lapsed_holds_get_their_expiry_entries() {
         }
     }
     let later = UnixMillis(NOW.0 + 120_000);
+    let writer = synesis_cloud::ledger::Writer::Sqlite(writer);
     let expired = synesis_cloud::ledger::expire_lapsed(&writer, later)
         .await
         .unwrap();

@@ -44,19 +44,27 @@ pub(crate) async fn cloud_with_device(dir: &Path, serving: Serving) -> BenchClou
         billing,
         serving,
         cert_lifetime: CERT_LIFETIME_DEFAULT,
+        database: None,
     })
     .await
     .unwrap();
-    synesis_cloud::admin::account_create(&data_dir, "bench", Tier::Managed, false).unwrap();
-    synesis_cloud::admin::credit(
-        &data_dir,
-        "bench",
-        synesis_proto::MicroUsd(1_000_000_000),
-        false,
-    )
+    let place = synesis_cloud::admin::Place::dir(&data_dir);
+    synesis_cloud::admin::account_create(&place, "bench", Tier::Managed, false).unwrap();
+    let crediting = place.clone();
+    // The operator's credit waits on the ledger writer: off the runtime.
+    tokio::task::spawn_blocking(move || {
+        synesis_cloud::admin::credit(
+            &crediting,
+            "bench",
+            synesis_proto::MicroUsd(1_000_000_000),
+            false,
+        )
+    })
+    .await
+    .unwrap()
     .unwrap();
     let token = synesis_cloud::admin::token_issue(
-        &data_dir,
+        &place,
         "bench",
         None,
         Duration::from_secs(600),

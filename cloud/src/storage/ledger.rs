@@ -637,12 +637,7 @@ pub fn charges_page(
         "ORDER BY at, seq LIMIT ?4",
         &[&account_text, &from.0, &from.1, &limit, &member],
     )?;
-    let next = if entries.len() > page {
-        entries.truncate(page);
-        entries.last().map(|e| e.request_id)
-    } else {
-        None
-    };
+    let next = next_page(&mut entries, page);
     // Who each device belongs to, for usage by member.
     let members: std::collections::HashMap<String, String> = conn
         .prepare_cached(
@@ -654,7 +649,27 @@ pub fn charges_page(
                 .collect()
         })
         .map_err(err)?;
-    let charges = entries
+    Ok((charges_of(entries, &members), next))
+}
+
+/// Cuts `entries` (a page and one more, if there is one) to `page`: the cursor of the next page,
+/// if one follows.
+pub(crate) fn next_page(entries: &mut Vec<Entry>, page: usize) -> Option<RequestId> {
+    if entries.len() > page {
+        entries.truncate(page);
+        entries.last().map(|e| e.request_id)
+    } else {
+        None
+    }
+}
+
+/// Settlements as the charges a usage reply lists, each with its device's member's name
+/// (`members`: device id to name).
+pub(crate) fn charges_of(
+    entries: Vec<Entry>,
+    members: &std::collections::HashMap<String, String>,
+) -> Vec<synesis_proto::message::Charge> {
+    entries
         .into_iter()
         .map(|e| synesis_proto::message::Charge {
             request_id: e.request_id,
@@ -668,8 +683,7 @@ pub fn charges_page(
             total: e.amount,
             at: e.at,
         })
-        .collect();
-    Ok((charges, next))
+        .collect()
 }
 
 /// The ledger's read side, as handlers and the operator's commands use it; a backend implements
@@ -748,7 +762,7 @@ pub fn usage_reply(
     let snapshot = conn.unchecked_transaction().map_err(err)?;
     let store = SqliteLedger::new(&snapshot);
     let balance = synesis_billing::ledger::balance(&store, account.id, now)?;
-    let (mut charges, next) = charges_page(
+    let (charges, next) = charges_page(
         &snapshot,
         account.id,
         member,
@@ -757,11 +771,23 @@ pub fn usage_reply(
         page,
     )?;
     snapshot.finish().map_err(err)?;
+    Ok(reply_of(account, request, &balance, charges, next, rules))
+}
+
+/// A usage reply from what one snapshot read: the balance, and a page of charges.
+pub(crate) fn reply_of(
+    account: &crate::storage::Account,
+    request: &synesis_proto::message::UsageRequest,
+    balance: &synesis_billing::ledger::Balance,
+    mut charges: Vec<synesis_proto::message::Charge>,
+    next: Option<RequestId>,
+    rules: &synesis_billing::TierRules,
+) -> synesis_proto::message::UsageReply {
     if let Some(by) = request.group_by {
         // Stable: the list came in the listing's order.
         charges.sort_by_cached_key(|c| synesis_billing::group_key(c, by));
     }
-    Ok(synesis_proto::message::UsageReply {
+    synesis_proto::message::UsageReply {
         request_id: request.request_id,
         account: account.name.clone(),
         tier: account.tier,
@@ -774,7 +800,7 @@ pub fn usage_reply(
         quota_tokens_used: balance.quota_tokens_used,
         charges,
         next,
-    })
+    }
 }
 
 #[cfg(test)]

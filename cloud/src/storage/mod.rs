@@ -344,6 +344,110 @@ pub trait Vouchers {
     ) -> Result<(), StorageError>;
 }
 
+/// What a unit reads and writes: members, adapters, stored answers.
+pub trait Reads: MemberStore + AdapterStore + AnswerStore {}
+
+impl<T: MemberStore + AdapterStore + AnswerStore> Reads for T {}
+
+/// A cloud database on either backend, as the server's handlers use it: every change that is a
+/// transaction of its own, the usage reads, and [`Backend::unit`] for the rest. SQLite's [`Db`]
+/// is one connection; PostgreSQL's [`postgres::Pg`] a pool.
+pub trait Backend:
+    Accounts
+    + Devices
+    + Vouchers
+    + MemberChanges
+    + AdapterChanges
+    + ledger::LedgerReads
+    + Send
+    + std::fmt::Debug
+{
+    /// Reads and writes through the repository traits (members, adapters, answers).
+    fn unit(&self) -> Box<dyn Reads + '_>;
+    /// Every ledger entry and the kept states, from one snapshot (`admin ledger verify`).
+    fn ledger_snapshot(
+        &self,
+    ) -> Result<ledger::LedgerSnapshot, synesis_billing::ledger::StoreError>;
+}
+
+impl Backend for Db {
+    fn unit(&self) -> Box<dyn Reads + '_> {
+        Box::new(Db::unit(self))
+    }
+
+    fn ledger_snapshot(
+        &self,
+    ) -> Result<ledger::LedgerSnapshot, synesis_billing::ledger::StoreError> {
+        Db::ledger_snapshot(self)
+    }
+}
+
+impl Backend for postgres::Pg {
+    fn unit(&self) -> Box<dyn Reads + '_> {
+        Box::new(self.clone())
+    }
+
+    fn ledger_snapshot(
+        &self,
+    ) -> Result<ledger::LedgerSnapshot, synesis_billing::ledger::StoreError> {
+        postgres::Pg::ledger_snapshot(self)
+    }
+}
+
+/// Where a cloud keeps its data: SQLite in the data directory (the default), or a PostgreSQL
+/// database that several cloud processes may share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl Location {
+    /// `postgres://…` (or `postgresql://…`) names a PostgreSQL database; no URL, the data
+    /// directory's SQLite file.
+    pub fn new(data_dir: &Path, url: Option<&str>) -> Result<Location, StorageError> {
+        match url {
+            None => Ok(Location::Sqlite(data_dir.join(DB_FILE))),
+            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+                Ok(Location::Postgres(u.to_owned()))
+            }
+            Some(u) => Err(StorageError::Refused(format!(
+                "{}: not a database URL this cloud can use (postgres://USER@HOST:PORT/NAME; \
+                 without one, SQLite in the data directory)",
+                postgres::redacted(u)
+            ))),
+        }
+    }
+
+    /// A new handle on the database (a connection to SQLite's file, or a pool), its schema
+    /// brought up to this build's.
+    pub fn open(&self) -> Result<Box<dyn Backend>, StorageError> {
+        Ok(match self {
+            Location::Sqlite(path) => Box::new(Db::open(path)?),
+            Location::Postgres(url) => Box::new(postgres::Pg::open(url)?),
+        })
+    }
+
+    /// The ledger's group-commit writer on this database.
+    pub fn ledger_writer(&self) -> Result<ledger::Writer, StorageError> {
+        Ok(match self {
+            Location::Sqlite(path) => ledger::Writer::Sqlite(ledger::LedgerWriter::open(path)?),
+            Location::Postgres(url) => {
+                ledger::Writer::Postgres(postgres::ledger::PgLedgerWriter::open(url)?)
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Sqlite(path) => write!(f, "SQLite {}", path.display()),
+            Location::Postgres(url) => write!(f, "PostgreSQL {}", postgres::redacted(url)),
+        }
+    }
+}
+
 pub fn parse_tier(s: &str) -> Option<Tier> {
     match s {
         "free" => Some(Tier::Free),

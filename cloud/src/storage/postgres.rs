@@ -22,6 +22,7 @@ pub mod copy;
 pub mod ledger;
 mod members;
 mod registry;
+mod usage;
 
 use std::future::Future;
 

@@ -389,6 +389,7 @@ impl Demo {
             billing: config.billing,
             serving: config.serving,
             cert_lifetime: Duration::from_secs(90 * 24 * 3600),
+            database: None,
         })
         .await
         .context("the cloud did not start")?;
@@ -411,7 +412,7 @@ impl Demo {
     /// service started.
     async fn enroll(&self, addr: std::net::SocketAddr) -> anyhow::Result<(String, Value)> {
         use synesis_proto::message::Tier;
-        let data_dir = self.dir.join("cloud");
+        let data_dir = synesis_cloud::admin::Place::dir(&self.dir.join("cloud"));
         synesis_cloud::admin::account_new(&data_dir, ACCOUNT, Tier::Managed)?;
         let token = synesis_cloud::admin::token_issue(
             &data_dir,
