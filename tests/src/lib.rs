@@ -179,7 +179,35 @@ pub struct Cloud {
     dir: PathBuf,
     /// The `serve` flags it was started with (a restart keeps them).
     args: Vec<String>,
+    /// Its database, when it is not SQLite in the data directory ([`e2e_database`]).
+    database: Option<String>,
     _scratch: tempfile::TempDir,
+}
+
+/// The database a new cloud of this run gets: SQLite in its data directory, or, when
+/// `SYNESIS_E2E_BACKEND=postgres`, a new PostgreSQL database of its own on the server
+/// `SYNESIS_TEST_POSTGRES` names (`.ci/run` runs the escalation, upload, member and
+/// enrollment suites a second time so).
+pub fn e2e_database() -> Option<String> {
+    match std::env::var("SYNESIS_E2E_BACKEND").as_deref() {
+        Ok("postgres") => {
+            let server = std::env::var("SYNESIS_TEST_POSTGRES")
+                .expect("SYNESIS_E2E_BACKEND=postgres needs SYNESIS_TEST_POSTGRES (a server URL)");
+            let name = format!("synesis_e2e_{}", uuid::Uuid::now_v7().simple());
+            // On a thread of its own: the PostgreSQL handle blocks on a runtime of its own, and
+            // async tests start clouds too.
+            let made = std::thread::spawn(move || {
+                synesis_cloud::storage::postgres::create_database(&server, &name)
+            });
+            Some(
+                made.join()
+                    .expect("the database thread")
+                    .expect("a database of the test's own"),
+            )
+        }
+        Ok("sqlite") | Ok("") | Err(_) => None,
+        Ok(other) => panic!("SYNESIS_E2E_BACKEND={other:?}: sqlite or postgres"),
+    }
 }
 
 impl Cloud {
@@ -192,19 +220,30 @@ impl Cloud {
     pub fn start_with(args: &[&str]) -> Cloud {
         let scratch = tempfile::tempdir().expect("a scratch directory");
         let dir = scratch.path().join("cloud");
-        let (process, addr) = Cloud::spawn(&dir, "127.0.0.1:0", args);
+        let database = e2e_database();
+        let (process, addr) = Cloud::spawn(&dir, database.as_deref(), "127.0.0.1:0", args);
         Cloud {
             process,
             addr,
             dir,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
+            database,
             _scratch: scratch,
         }
     }
 
-    fn spawn(dir: &Path, listen: &str, args: &[&str]) -> (Running, std::net::SocketAddr) {
+    fn spawn(
+        dir: &Path,
+        database: Option<&str>,
+        listen: &str,
+        args: &[&str],
+    ) -> (Running, std::net::SocketAddr) {
         use std::io::BufRead;
-        let mut child = Command::new(bin("synesis-cloud"))
+        let mut serve = Command::new(bin("synesis-cloud"));
+        if let Some(url) = database {
+            serve.env("SYNESIS_CLOUD_DATABASE", url);
+        }
+        let mut child = serve
             .args([
                 "serve",
                 "--listen",
@@ -252,7 +291,7 @@ impl Cloud {
         let _ = self.process.child.kill();
         let _ = self.process.child.wait();
         let listen = self.addr.to_string();
-        let (process, addr) = Cloud::spawn(&self.dir, &listen, args);
+        let (process, addr) = Cloud::spawn(&self.dir, self.database.as_deref(), &listen, args);
         let old = std::mem::replace(&mut self.process, process);
         drop(old);
         assert_eq!(addr, self.addr);
@@ -260,6 +299,18 @@ impl Cloud {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The cloud's database, opened here (either backend): for reads quicker than an `admin`
+    /// process.
+    pub fn store(&self) -> Box<dyn synesis_cloud::storage::Backend> {
+        let at = synesis_cloud::storage::Location::new(&self.dir, self.database.as_deref())
+            .expect("the cloud's database");
+        // Opened off any runtime (PostgreSQL's handle blocks on one of its own).
+        std::thread::spawn(move || at.open())
+            .join()
+            .expect("the database thread")
+            .expect("the cloud's database")
     }
 
     /// What the cloud wrote to stderr so far (for failure messages).
@@ -270,6 +321,9 @@ impl Cloud {
     pub fn admin(&self) -> Command {
         let mut cmd = Command::new(bin("synesis-cloud"));
         cmd.arg("admin").arg("--data-dir").arg(&self.dir);
+        if let Some(url) = &self.database {
+            cmd.env("SYNESIS_CLOUD_DATABASE", url);
+        }
         cmd
     }
 

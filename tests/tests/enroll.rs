@@ -13,8 +13,7 @@ const REPLY_DELAY: Duration = Duration::from_millis(2_500);
 
 /// Devices the cloud committed so far, read from its database (a read takes milliseconds: a
 /// `synesis-cloud admin` process could take most of the delay on a loaded machine).
-fn committed_devices(db: &synesis_cloud::storage::Db) -> usize {
-    use synesis_cloud::storage::Devices;
+fn committed_devices(db: &dyn synesis_cloud::storage::Backend) -> usize {
     db.devices().unwrap().len()
 }
 
@@ -24,7 +23,7 @@ fn login_again_with_the_same_token_after_a_crash_gets_the_device_the_cloud_commi
     let relay = UdpRelay::start(cloud.addr);
     let token = relay.token_via(&cloud.account_and_token("acme"));
     let device = Device::new();
-    let db = synesis_cloud::storage::Db::open(&cloud.dir().join("cloud.db")).unwrap();
+    let db = cloud.store();
 
     relay.set_delay(REPLY_DELAY);
     let mut login = Running {
@@ -37,7 +36,7 @@ fn login_again_with_the_same_token_after_a_crash_gets_the_device_the_cloud_commi
             .unwrap(),
     };
     assert!(
-        wait_for(Duration::from_secs(30), || committed_devices(&db) > 0),
+        wait_for(Duration::from_secs(30), || committed_devices(&*db) > 0),
         "the cloud never committed the enrollment"
     );
     // The reply is on its way; the device dies before it arrives.
