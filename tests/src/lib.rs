@@ -190,24 +190,32 @@ pub struct Cloud {
 /// enrollment suites a second time so).
 pub fn e2e_database() -> Option<String> {
     match std::env::var("SYNESIS_E2E_BACKEND").as_deref() {
-        Ok("postgres") => {
-            let server = std::env::var("SYNESIS_TEST_POSTGRES")
-                .expect("SYNESIS_E2E_BACKEND=postgres needs SYNESIS_TEST_POSTGRES (a server URL)");
-            let name = format!("synesis_e2e_{}", uuid::Uuid::now_v7().simple());
-            // On a thread of its own: the PostgreSQL handle blocks on a runtime of its own, and
-            // async tests start clouds too.
-            let made = std::thread::spawn(move || {
-                synesis_cloud::storage::postgres::create_database(&server, &name)
-            });
-            Some(
-                made.join()
-                    .expect("the database thread")
-                    .expect("a database of the test's own"),
-            )
-        }
+        Ok("postgres") => Some(
+            postgres_database()
+                .expect("SYNESIS_E2E_BACKEND=postgres needs SYNESIS_TEST_POSTGRES (a server URL)"),
+        ),
         Ok("sqlite") | Ok("") | Err(_) => None,
         Ok(other) => panic!("SYNESIS_E2E_BACKEND={other:?}: sqlite or postgres"),
     }
+}
+
+/// A new, empty PostgreSQL database on the server `SYNESIS_TEST_POSTGRES` names (`None`: it
+/// names none), and its URL.
+pub fn postgres_database() -> Option<String> {
+    let server = std::env::var("SYNESIS_TEST_POSTGRES")
+        .ok()
+        .filter(|s| !s.is_empty())?;
+    let name = format!("synesis_e2e_{}", uuid::Uuid::now_v7().simple());
+    // On a thread of its own: the PostgreSQL handle blocks on a runtime of its own, and async
+    // tests start clouds too.
+    let made = std::thread::spawn(move || {
+        synesis_cloud::storage::postgres::create_database(&server, &name)
+    });
+    Some(
+        made.join()
+            .expect("the database thread")
+            .expect("a database of the test's own"),
+    )
 }
 
 impl Cloud {
