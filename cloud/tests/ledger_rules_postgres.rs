@@ -15,10 +15,11 @@
 mod support;
 
 use support::fresh_database;
-use synesis_billing::ledger::{Entry, LedgerError, rebuild_states, verify};
+use synesis_billing::ledger::{Entry, LedgerError, balance, expire_due, rebuild_states, verify};
 use synesis_billing::{MicroUsd, Tier, Usage};
 use synesis_cloud::storage::postgres::Pg;
 use synesis_cloud::storage::postgres::ledger::PgLedgerWriter;
+use synesis_proto::UnixMillis;
 
 #[path = "../../crates/synesis-billing/tests/rules/mod.rs"]
 mod rules;
@@ -204,4 +205,79 @@ fn schema_versions_are_checked_on_postgres() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("not a PostgreSQL URL"), "{err}");
+}
+
+/// Ten minutes and one second after [`rules::NOW`]: a hold made at `NOW` has lapsed.
+const LAPSED: UnixMillis =
+    UnixMillis(rules::NOW.0 + synesis_billing::ledger::HOLD_TTL_DEFAULT_MS + 1_000);
+
+/// A funded database with one open hold made at [`rules::NOW`].
+fn one_open_hold() -> Option<Postgres> {
+    let ledger = Postgres::fresh()?;
+    rules::fund(&ledger, 1_000_000);
+    rules::Ledger::run(&ledger, rules::sonnet_hold(rid(1))).unwrap();
+    Some(ledger)
+}
+
+/// The writer reads an account's open holds for a window of time ahead of an operation, not all
+/// of them: one unit of work that asks for the balance now and then after its hold has lapsed
+/// sees the hold lapse, as a unit asking only later does.
+#[test]
+fn a_batch_that_asks_again_later_sees_the_holds_that_lapsed_meanwhile() {
+    let Some(ledger) = one_open_hold() else {
+        return;
+    };
+    let id = managed().id;
+    let (now, later) = ledger
+        .writer
+        .run_blocking(move |s| Ok((balance(s, id, rules::NOW)?, balance(s, id, LAPSED)?)))
+        .unwrap();
+    let alone = ledger
+        .writer
+        .run_blocking(move |s| balance(s, id, LAPSED))
+        .unwrap();
+    assert_eq!(later, alone);
+    assert!(now.held > alone.held, "{now:?} then {alone:?}");
+}
+
+/// An operation that closed a hold and was then refused leaves the hold open for the rest of its
+/// batch: the next operation there still finds it lapsed, and closes it once.
+#[test]
+fn a_refused_operation_leaves_the_holds_it_closed_open_for_its_batch() {
+    let Some(ledger) = one_open_hold() else {
+        return;
+    };
+    let id = managed().id;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        // The writer is busy with this one while the next two wait: they make one batch.
+        let writer = ledger.writer.clone();
+        let busy = scope.spawn(move || {
+            writer.run_blocking(move |_| {
+                tx.send(()).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                Ok(())
+            })
+        });
+        rx.recv().unwrap();
+        let writer = ledger.writer.clone();
+        let refused = scope.spawn(move || {
+            writer.run_blocking(move |s| {
+                assert_eq!(expire_due(s, id, LAPSED)?, 1);
+                Err::<(), _>(LedgerError::NotPositive)
+            })
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let writer = ledger.writer.clone();
+        let expired = scope.spawn(move || writer.run_blocking(move |s| expire_due(s, id, LAPSED)));
+        busy.join().unwrap().unwrap();
+        assert_eq!(refused.join().unwrap(), Err(LedgerError::NotPositive));
+        assert_eq!(expired.join().unwrap(), Ok(1));
+    });
+    let expiries = ledger
+        .committed()
+        .iter()
+        .filter(|e| e.kind == synesis_billing::ledger::EntryKind::Expire)
+        .count();
+    assert_eq!(expiries, 1);
 }

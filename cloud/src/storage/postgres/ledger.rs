@@ -36,6 +36,12 @@ use crate::storage::StorageError;
 use crate::storage::answers::{Asker, StoredAnswer};
 use crate::storage::ledger::{MAX_BATCH, QUEUE, answer_of, next_batch, stopped};
 
+/// How far ahead of an operation's time the batch reads an account's open holds (see
+/// `PgLedger::load_holds`): a batch of operations made within this much of each other reads
+/// them once. The holds the ledger opens live far longer (ten minutes by default), so a busy
+/// account's fresh holds are not read at all.
+const HOLDS_AHEAD_MS: i64 = 60_000;
+
 /// The writer's own connection, driven by a runtime on the writer's thread.
 struct Conn {
     client: tokio_postgres::Client,
@@ -160,7 +166,7 @@ impl Statements {
             holds: c
                 .prepare(
                     "SELECT request_id, amount, quota_tokens, expires_at FROM ledger_open_holds
-                     WHERE account_id = $1",
+                     WHERE account_id = $1 AND expires_at <= $2",
                 )
                 .await?,
             insert_entries: c
@@ -251,7 +257,6 @@ enum Undo {
     Hold {
         key: (AccountId, RequestId),
         write: Option<HoldWrite>,
-        cached: Option<Option<OpenHold>>,
     },
 }
 
@@ -262,8 +267,9 @@ struct Batch {
     heads: HashMap<AccountId, (u64, [u8; 32])>,
     totals: HashMap<AccountId, Totals>,
     requests: HashMap<(AccountId, RequestId), Vec<Entry>>,
-    /// Each account's open holds, for the accounts whose holds were read.
-    holds: HashMap<AccountId, HashMap<RequestId, OpenHold>>,
+    /// Each account's open holds that lapse by a time (the map's key), as far as the batch
+    /// read them: enough to answer which are lapsed at any time up to it.
+    holds: HashMap<AccountId, (UnixMillis, HashMap<RequestId, OpenHold>)>,
     entries: Vec<Entry>,
     dirty: HashSet<AccountId>,
     hold_writes: HashMap<(AccountId, RequestId), HoldWrite>,
@@ -319,17 +325,14 @@ impl Batch {
                 Undo::Entry => {
                     self.entries.pop();
                 }
-                Undo::Hold { key, write, cached } => {
+                Undo::Hold { key, write } => {
                     match write {
                         Some(w) => self.hold_writes.insert(key, w),
                         None => self.hold_writes.remove(&key),
                     };
-                    if let (Some(prev), Some(holds)) = (cached, self.holds.get_mut(&key.0)) {
-                        match prev {
-                            Some(h) => holds.insert(key.1, h),
-                            None => holds.remove(&key.1),
-                        };
-                    }
+                    // Read again when next asked: the database and the batch's writes are
+                    // what the account's holds are.
+                    self.holds.remove(&key.0);
                 }
             }
         }
@@ -369,12 +372,20 @@ impl PgLedger<'_> {
         Ok(())
     }
 
-    /// The account's open holds as the batch sees them.
-    fn load_holds(&self, account: AccountId) -> Result<(), StoreError> {
-        if self.batch.borrow().holds.contains_key(&account) {
+    /// The account's open holds as the batch sees them, those that lapse after
+    /// `now` + [`HOLDS_AHEAD_MS`] left out: the database is asked for a window of time ahead, not
+    /// for every open hold of a busy account.
+    fn load_holds(&self, account: AccountId, now: UnixMillis) -> Result<(), StoreError> {
+        if let Some((until, _)) = self.batch.borrow().holds.get(&account)
+            && now <= *until
+        {
             return Ok(());
         }
-        let rows = self.query(&self.conn.statements.holds, &[&account.to_string()])?;
+        let until = UnixMillis(now.0.saturating_add(HOLDS_AHEAD_MS));
+        let rows = self.query(
+            &self.conn.statements.holds,
+            &[&account.to_string(), &until.0],
+        )?;
         let mut holds = rows
             .iter()
             .map(|r| read_hold(r, 0).map(|h| (h.request_id, h)))
@@ -393,7 +404,7 @@ impl PgLedger<'_> {
                 }
             }
         }
-        batch.holds.insert(account, holds);
+        batch.holds.insert(account, (until, holds));
         Ok(())
     }
 }
@@ -723,12 +734,12 @@ impl Store for PgLedger<'_> {
         now: UnixMillis,
     ) -> Result<Vec<OpenHold>, StoreError> {
         self.lock(account)?;
-        self.load_holds(account)?;
+        self.load_holds(account, now)?;
         let batch = self.batch.borrow();
         let mut lapsed: Vec<OpenHold> = batch
             .holds
             .get(&account)
-            .map(|holds| {
+            .map(|(_, holds)| {
                 holds
                     .values()
                     .filter(|h| !h.active_at(now))
@@ -779,14 +790,15 @@ impl Store for PgLedger<'_> {
             }
         };
         let previous = b.hold_writes.insert(key, write);
-        let previously_cached = b.holds.get_mut(&account).map(|holds| match cached {
-            Some(h) => holds.insert(key.1, h),
-            None => holds.remove(&key.1),
-        });
+        if let Some((_, holds)) = b.holds.get_mut(&account) {
+            match cached {
+                Some(h) => holds.insert(key.1, h),
+                None => holds.remove(&key.1),
+            };
+        }
         b.undo.push(Undo::Hold {
             key,
             write: previous,
-            cached: previously_cached,
         });
         Ok(())
     }
