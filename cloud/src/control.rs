@@ -161,10 +161,12 @@ pub(crate) async fn serve(peer: &Peer, hello: Hello, mut stream: Stream) {
                     if !matches!(tokio::time::timeout(silence, send(&mut stream.tx, &ack.into(), limits)).await, Ok(Ok(()))) {
                         break;
                     }
+                    let rtt = peer.conn.rtt();
+                    shared.metrics.heartbeat_rtt.observe(rtt.as_secs_f64());
                     shared.presence.note(Presence::Seen {
                         device: id,
                         at: now(),
-                        rtt_us: i64::try_from(peer.conn.rtt().as_micros()).unwrap_or(i64::MAX),
+                        rtt_us: i64::try_from(rtt.as_micros()).unwrap_or(i64::MAX),
                         vitals_json: serde_json::to_string(&hb.vitals).unwrap_or_default(),
                     });
                 }

@@ -33,6 +33,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::timeout;
 
 use crate::ledger::Writer;
+use crate::metrics::{Metrics, Outcome};
 use crate::pki::Pki;
 use crate::registry::{ControlCommand, Registry};
 use crate::shared::{PresenceQueue, Settings, Shared, Storage, now};
@@ -114,6 +115,8 @@ pub struct Options {
     pub cert_lifetime: Duration,
     /// The database (`--database`, `[storage] url`): `None`, SQLite in the data directory.
     pub database: Option<String>,
+    /// Where to serve `/metrics`, `/live` and `/ready` (`--metrics-listen`): `None`, nowhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// A running cloud. [`Cloud::shutdown`] drains it and waits until it has stopped; dropping
@@ -121,6 +124,7 @@ pub struct Options {
 #[derive(Debug)]
 pub struct Cloud {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -129,6 +133,11 @@ impl Cloud {
     /// The address the endpoint listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address `/metrics` is served on, when it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Drains the devices (each told to come back at its own time), gives in-flight work the
@@ -188,15 +197,37 @@ pub async fn start(options: Options) -> anyhow::Result<Cloud> {
     let pki = Arc::new(Pki::load_or_create(dir)?);
     let location = crate::storage::Location::new(dir, options.database.as_deref())?;
     tracing::info!(%location, "storage");
+    let metrics = Metrics::new();
+    let metrics_listener = match options.metrics_listen {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
     // Opening blocks (PostgreSQL's handles wait on runtimes of their own).
+    let waits = Arc::clone(&metrics);
     let (storage, ledger) = tokio::task::spawn_blocking(move || {
         let mut db = location.open()?;
         db.reset_connections()?;
         let (reader, identifier) = (location.open()?, location.open()?);
         let ledger = location.ledger_writer()?;
-        Ok::<_, crate::storage::StorageError>((Storage::new(db, reader, identifier), ledger))
+        Ok::<_, crate::storage::StorageError>((
+            Storage::new(db, reader, identifier, &waits),
+            ledger,
+        ))
     })
     .await??;
+    {
+        let metrics = Arc::clone(&metrics);
+        ledger.observe(Box::new(move |operations, committed| {
+            let outcome = if committed { "committed" } else { "failed" };
+            metrics
+                .ledger_batches
+                .get_or_create(&Outcome { outcome })
+                .inc();
+            metrics
+                .ledger_batch_operations
+                .observe(f64::from(u32::try_from(operations).unwrap_or(u32::MAX)));
+        }));
+    }
     let endpoint = quinn::Endpoint::server(server_config(&pki)?, options.listen)
         .with_context(|| format!("cannot listen on {}", options.listen))?;
     let addr = endpoint.local_addr()?;
@@ -218,12 +249,21 @@ pub async fn start(options: Options) -> anyhow::Result<Cloud> {
         data_dir: dir.clone(),
         adapters: options.serving.adapters.clone(),
         upload_fences: crate::upload::Fences::default(),
+        metrics,
     });
+    let metrics_addr = match &metrics_listener {
+        Some(listener) => Some(listener.local_addr()?),
+        None => None,
+    };
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(run(endpoint, shared, options, stopped));
+    let task = tokio::spawn(run(endpoint, shared, options, stopped, metrics_listener));
     tracing::info!(%addr, "serving");
+    if let Some(at) = metrics_addr {
+        tracing::info!(addr = %at, "serving metrics");
+    }
     Ok(Cloud {
         addr,
+        metrics_addr,
         stop,
         task: Some(task),
     })
@@ -234,7 +274,15 @@ async fn run(
     shared: Arc<Shared>,
     options: Options,
     mut stop: watch::Receiver<bool>,
+    metrics_listener: Option<tokio::net::TcpListener>,
 ) {
+    let metrics = metrics_listener.map(|listener| {
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            Arc::clone(&shared.metrics),
+            shared.storage.clone(),
+        ))
+    });
     let watcher = tokio::spawn(watch_revocations(Arc::clone(&shared)));
     let expiry = tokio::spawn(expire_holds(shared.ledger.clone()));
     let presence = tokio::spawn(Arc::clone(&shared.presence).run(shared.storage.clone()));
@@ -259,6 +307,9 @@ async fn run(
     shared.presence.flush(&shared.storage).await;
     endpoint.close(0u32.into(), b"shutting down");
     let _ = timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     tracing::info!("stopped");
 }
 
@@ -372,6 +423,7 @@ impl Door {
             if let Err(e) = incoming.retry() {
                 tracing::debug!(error = %e, "retry failed");
             }
+            shared.metrics.handshake("retry");
             return;
         }
         let remote = incoming.remote_address();
@@ -379,11 +431,13 @@ impl Door {
         let Some(source_handshake) = self.handshakes_per_source.take(source) else {
             tracing::debug!(%remote, limit = HANDSHAKES_PER_SOURCE_MAX, "handshakes from this source at their limit; refusing");
             incoming.refuse();
+            shared.metrics.handshake("refused_source_limit");
             return;
         };
         let Ok(handshake) = Arc::clone(&self.handshakes).try_acquire_owned() else {
             tracing::warn!(limit = HANDSHAKES_MAX, "handshake limit reached; refusing");
             incoming.refuse();
+            shared.metrics.handshake("refused_handshake_limit");
             return;
         };
         let (door, shared) = (Arc::clone(self), Arc::clone(shared));
@@ -392,10 +446,12 @@ impl Door {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {
                     tracing::debug!(%remote, error = %e, "handshake failed");
+                    shared.metrics.handshake("failed");
                     return;
                 }
                 Err(_) => {
                     tracing::debug!(%remote, "handshake timed out");
+                    shared.metrics.handshake("timed_out");
                     return;
                 }
             };
@@ -403,12 +459,14 @@ impl Door {
             match peer_fingerprint(&conn) {
                 None => {
                     let Some(slot) = door.anonymous_slot(source) else {
+                        shared.metrics.handshake("refused_anonymous_limit");
                         conn.close(
                             close_code(ErrorCode::LIMIT_EXCEEDED),
                             b"too many connections without a certificate",
                         );
                         return;
                     };
+                    shared.metrics.handshake("enrollment");
                     // However the peer stalls (no stream credit, a trickle of bytes), its slot
                     // comes back after this.
                     if timeout(
@@ -428,6 +486,7 @@ impl Door {
                 Some(fpr) => {
                     let Ok(_permit) = Arc::clone(&door.devices).try_acquire_owned() else {
                         tracing::warn!(limit = CONNECTIONS_MAX, "device connection limit reached");
+                        shared.metrics.handshake("refused_connection_limit");
                         conn.close(close_code(ErrorCode::UNAVAILABLE), b"the cloud is full");
                         return;
                     };
@@ -497,6 +556,7 @@ async fn device(shared: Arc<Shared>, conn: quinn::Connection, fpr: synesis_proto
         Ok(Some(d)) if !d.revoked => d,
         Ok(Some(d)) => {
             tracing::info!(device = %d.id, "refusing a revoked device");
+            shared.metrics.handshake("refused_revoked");
             conn.close(
                 close_code(ErrorCode::DEVICE_REVOKED),
                 b"this device was revoked",
@@ -504,6 +564,7 @@ async fn device(shared: Arc<Shared>, conn: quinn::Connection, fpr: synesis_proto
             return;
         }
         Ok(None) => {
+            shared.metrics.handshake("refused_unknown_certificate");
             conn.close(
                 close_code(ErrorCode::UNAUTHENTICATED),
                 b"unknown device certificate",
@@ -512,6 +573,7 @@ async fn device(shared: Arc<Shared>, conn: quinn::Connection, fpr: synesis_proto
         }
         Err(e) => {
             tracing::error!(error = %e, "device lookup failed");
+            shared.metrics.handshake("refused_unavailable");
             conn.close(close_code(ErrorCode::UNAVAILABLE), b"try again");
             return;
         }
@@ -520,6 +582,7 @@ async fn device(shared: Arc<Shared>, conn: quinn::Connection, fpr: synesis_proto
         .registry
         .add(device.id, &conn, DEVICE_CONNECTIONS_MAX)
     else {
+        shared.metrics.handshake("refused_device_connections");
         conn.close(
             close_code(ErrorCode::LIMIT_EXCEEDED),
             b"too many connections of this device",
@@ -530,6 +593,7 @@ async fn device(shared: Arc<Shared>, conn: quinn::Connection, fpr: synesis_proto
     let id = device.id;
     if !matches!(shared.storage.identify(move |db| db.device(id)).await, Ok(Some(d)) if !d.revoked)
     {
+        shared.metrics.handshake("refused_revoked");
         conn.close(
             close_code(ErrorCode::DEVICE_REVOKED),
             b"this device was revoked",
@@ -539,6 +603,8 @@ async fn device(shared: Arc<Shared>, conn: quinn::Connection, fpr: synesis_proto
     conn.set_max_concurrent_bi_streams(STREAMS_PER_CONNECTION_MAX.into());
     conn.set_receive_window(DEVICE_RECEIVE_WINDOW.into());
     tracing::info!(device = %id, remote = %conn.remote_address(), "device connection identified");
+    shared.metrics.handshake("device");
+    let _connected = shared.metrics.connected();
     let peer = Arc::new(Peer {
         shared,
         device,
@@ -643,6 +709,7 @@ fn is_request(t: MessageType) -> bool {
 /// Tells every device to go away and come back later (each at its own time), then gives their
 /// connections up to the grace period to close.
 async fn drain(shared: &Shared, options: &Options) {
+    shared.metrics.set_draining();
     let targets = shared.registry.sessions();
     tracing::info!(devices = targets.len(), "draining");
     let window = options.drain_window.max(DRAIN_DELAY_MIN);

@@ -136,6 +136,16 @@ impl Escalations {
     /// The models served to `tier`, by name, with their context when known; and the one a
     /// device of that tier asks when it names none: the operator's default when the tier may
     /// use it, else the first of them.
+    /// `model` as a metric's label: its name when served here, else `other` (a device names
+    /// whatever it likes).
+    pub(crate) fn label(&self, model: &str) -> String {
+        if self.models.contains_key(model) {
+            model.to_owned()
+        } else {
+            "other".to_owned()
+        }
+    }
+
     pub(crate) fn served_to(&self, tier: Tier) -> (Vec<(String, Option<u32>)>, Option<String>) {
         let served: Vec<(String, Option<u32>)> = self
             .models
@@ -248,6 +258,8 @@ struct RunState {
     followers: usize,
     /// Since when nobody follows (`None` while someone does).
     alone_since: Option<Instant>,
+    /// When the first chunk came (`/metrics`: time to first chunk).
+    first_chunk_at: Option<Instant>,
 }
 
 impl Run {
@@ -276,7 +288,10 @@ impl Run {
     }
 
     fn push(&self, text: String) {
-        self.update(|s| s.chunks.push(text));
+        self.update(|s| {
+            s.first_chunk_at.get_or_insert_with(Instant::now);
+            s.chunks.push(text);
+        });
     }
 
     fn end(&self, message: Message) {
@@ -658,6 +673,56 @@ enum Held {
 
 impl Admission {
     async fn run(self, r: EscalationRequest) {
+        let arrived = Instant::now();
+        let model = self.shared.escalations.label(&r.model);
+        let replayed = self.admit_and_run(r).await;
+        self.count(&model, arrived, replayed);
+    }
+
+    /// Counts the run's outcome, its tokens and its first chunk's time (`/metrics`).
+    fn count(&self, model: &str, arrived: Instant, replayed: bool) {
+        let metrics = &self.shared.metrics;
+        let state = self.run.state();
+        let outcome = match &state.end {
+            _ if replayed => "replayed",
+            Some(Message::EscalationDone(done)) => {
+                for (direction, n) in [
+                    ("in", done.usage.input_tokens),
+                    ("out", done.usage.output_tokens),
+                ] {
+                    metrics
+                        .tokens
+                        .get_or_create(&crate::metrics::Tokens {
+                            model: model.to_owned(),
+                            direction,
+                        })
+                        .inc_by(n);
+                }
+                crate::metrics::finish_reason(done.finish_reason)
+            }
+            Some(Message::ErrorMsg(e)) => e.code.name().unwrap_or("unknown"),
+            _ => "unknown",
+        };
+        metrics
+            .escalations
+            .get_or_create(&crate::metrics::ModelOutcome {
+                model: model.to_owned(),
+                outcome,
+            })
+            .inc();
+        if let (Some(first), false) = (state.first_chunk_at, replayed) {
+            metrics
+                .first_chunk
+                .get_or_create(&crate::metrics::Model {
+                    model: model.to_owned(),
+                })
+                .observe(first.saturating_duration_since(arrived).as_secs_f64());
+        }
+    }
+
+    /// Replays a finished request, or checks, holds, runs and settles a new one; whether it
+    /// was a replay.
+    async fn admit_and_run(&self, r: EscalationRequest) -> bool {
         let key = (self.account, r.request_id);
         // Whatever happens below (a panic too), the run ends and followers are answered.
         let _guard = EndGuard {
@@ -714,6 +779,7 @@ impl Admission {
                 self.shared
                     .escalations
                     .forget_later(key, Arc::clone(&self.run));
+                return true;
             }
             Ok((Held::Run { .. }, None)) => {
                 self.shared.escalations.forget(key, &self.run);
@@ -726,12 +792,13 @@ impl Admission {
             Ok((Held::Run { tier, expires_at }, Some((provider, ask, input_bound)))) => {
                 let model = r.model.clone();
                 let deadline = expires_at.map(hold_deadline);
-                drive(&self, tier, &model, provider, ask, input_bound, deadline).await;
+                drive(self, tier, &model, provider, ask, input_bound, deadline).await;
                 self.shared
                     .escalations
                     .forget_later(key, Arc::clone(&self.run));
             }
         }
+        false
     }
 
     /// The checks, in order, then the hold. `Err` is the refusal to send.
@@ -1085,7 +1152,11 @@ async fn drive(
     // Whether the provider was given the request: from then on it has the prompt, and a
     // request cancelled before its first chunk is charged its input (PROTOCOL.md §2).
     let mut dispatched = false;
+    let label = crate::metrics::Model {
+        model: a.shared.escalations.label(model),
+    };
     let ended = loop {
+        let started = Instant::now();
         let ended = generate(
             &a.run,
             provider.as_ref(),
@@ -1095,6 +1166,23 @@ async fn drive(
             &mut dispatched,
         )
         .await;
+        let metrics = &a.shared.metrics;
+        match &ended {
+            Ended::Done(..) => metrics
+                .provider_duration
+                .get_or_create(&label)
+                .observe(started.elapsed().as_secs_f64()),
+            Ended::Failed(e) => {
+                metrics
+                    .provider_errors
+                    .get_or_create(&crate::metrics::ModelOutcome {
+                        model: label.model.clone(),
+                        outcome: e.kind(),
+                    })
+                    .inc();
+            }
+            Ended::Stopped(_) | Ended::Cut(_) => {}
+        }
         match ended {
             Ended::Failed(e)
                 if a.run.produced() == 0 && e.retryable() && attempt < settings.retries =>

@@ -24,6 +24,7 @@ pub mod endpoint;
 pub mod enrollment;
 pub mod escalation;
 pub mod ledger;
+mod metrics;
 pub mod pki;
 pub mod provider;
 pub mod registry;

@@ -56,6 +56,12 @@ enum Command {
         /// adapters' content stay in the data directory either way.
         #[arg(long, env = "SYNESIS_CLOUD_DATABASE", value_name = "URL")]
         database: Option<String>,
+        /// Serve /metrics (Prometheus text format), /live and /ready over HTTP on this address
+        /// (TCP; port 0 picks one, and the line `metrics on ADDR` on stdout says which).
+        /// Ready means the database answers with this build's schema and the node is not
+        /// draining. Off unless given.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Operator commands; they work beside a running server on the same data directory.
     Admin {
@@ -281,6 +287,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             cert_lifetime,
             database,
+            metrics_listen,
         } => {
             let config = synesis_cloud::config::load(config.as_deref(), &data_dir)?;
             let database = database.or(config.database);
@@ -296,6 +303,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 serving: config.serving,
                 cert_lifetime,
                 database,
+                metrics_listen,
             }))
         }
         Command::Admin {
@@ -383,6 +391,9 @@ async fn serve(options: endpoint::Options) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let cloud = endpoint::start(options).await?;
     println!("listening on {}", cloud.addr());
+    if let Some(addr) = cloud.metrics_addr() {
+        println!("metrics on {addr}");
+    }
     tokio::select! {
         _ = sigterm.recv() => {}
         _ = sigint.recv() => {}

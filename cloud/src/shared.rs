@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use synesis_proto::{DeviceId, UnixMillis};
 
 use crate::ledger::Writer;
+use crate::metrics::Metrics;
 use crate::pki::Pki;
 use crate::registry::Registry;
 use crate::storage::{Backend, Presence, StorageError};
@@ -37,9 +38,28 @@ pub fn now() -> UnixMillis {
 /// is a `std::sync::Mutex` locked only inside `spawn_blocking`.
 #[derive(Debug, Clone)]
 pub(crate) struct Storage {
-    writer: Arc<Mutex<Box<dyn Backend>>>,
-    reader: Arc<Mutex<Box<dyn Backend>>>,
-    identifier: Arc<Mutex<Box<dyn Backend>>>,
+    writer: Handle,
+    reader: Handle,
+    identifier: Handle,
+}
+
+/// One database handle, and how long its callers wait for it (`/metrics`).
+#[derive(Debug, Clone)]
+struct Handle {
+    db: Arc<Mutex<Box<dyn Backend>>>,
+    waits: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Handle {
+    fn new(db: Box<dyn Backend>, name: &'static str, metrics: &Metrics) -> Handle {
+        Handle {
+            db: Arc::new(Mutex::new(db)),
+            waits: metrics
+                .database_wait
+                .get_or_create(&crate::metrics::Connection { connection: name })
+                .clone(),
+        }
+    }
 }
 
 impl Storage {
@@ -47,11 +67,12 @@ impl Storage {
         writer: Box<dyn Backend>,
         reader: Box<dyn Backend>,
         identifier: Box<dyn Backend>,
+        metrics: &Metrics,
     ) -> Storage {
         Storage {
-            writer: Arc::new(Mutex::new(writer)),
-            reader: Arc::new(Mutex::new(reader)),
-            identifier: Arc::new(Mutex::new(identifier)),
+            writer: Handle::new(writer, "writer", metrics),
+            reader: Handle::new(reader, "reader", metrics),
+            identifier: Handle::new(identifier, "identifier", metrics),
         }
     }
 
@@ -63,13 +84,17 @@ impl Storage {
         Self::on(&self.identifier, |db| f(db)).await
     }
 
+    /// Runs `f` on `handle` on the blocking pool; the time until it had the handle (the pool's
+    /// queue, then the handle's lock) is its wait.
     async fn on<T: Send + 'static>(
-        db: &Arc<Mutex<Box<dyn Backend>>>,
+        handle: &Handle,
         f: impl FnOnce(&mut dyn Backend) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, StorageError> {
-        let db = Arc::clone(db);
+        let (db, waits) = (Arc::clone(&handle.db), handle.waits.clone());
+        let asked = std::time::Instant::now();
         tokio::task::spawn_blocking(move || {
             let mut guard = db.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            waits.observe(asked.elapsed().as_secs_f64());
             f(&mut **guard)
         })
         .await
@@ -212,6 +237,8 @@ pub(crate) struct Shared {
     pub(crate) adapters: crate::config::AdapterSettings,
     /// Which stream of each upload may write its part file.
     pub(crate) upload_fences: crate::upload::Fences,
+    /// What the node counts (`/metrics`).
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {

@@ -73,10 +73,18 @@ impl Refusal {
 
 pub(crate) async fn serve(peer: &Peer, begin: UploadBegin, mut stream: Stream) {
     let id = begin.upload_id;
-    match run(peer, begin, &mut stream).await {
-        Ok(()) => {}
-        Err(Refusal(code, why)) => stream.reject(code, why).await,
-    }
+    let outcome = match run(peer, begin, &mut stream).await {
+        Ok(()) => "ended",
+        Err(Refusal(code, why)) => {
+            stream.reject(code, why).await;
+            code.name().unwrap_or("unknown")
+        }
+    };
+    peer.shared
+        .metrics
+        .uploads
+        .get_or_create(&crate::metrics::Outcome { outcome })
+        .inc();
     tracing::debug!(upload = %id, "upload stream ended");
 }
 
@@ -383,7 +391,9 @@ impl Receiving<'_> {
             if let Some(writer) = &mut self.writer
                 && !self.held.has(c.index)
             {
+                let bytes = c.data.0.len() as u64;
                 writer.write(c.index, c.data.0).await?;
+                self.peer.shared.metrics.upload_bytes.inc_by(bytes);
                 // Recorded as held only after the writer synced it (`record`).
                 self.held.set(c.index);
                 self.unrecorded += 1;

@@ -181,6 +181,8 @@ pub struct Cloud {
     args: Vec<String>,
     /// Its database, when it is not SQLite in the data directory ([`e2e_database`]).
     database: Option<String>,
+    /// Where it serves `/metrics`, when started with `--metrics-listen`.
+    metrics: Option<std::net::SocketAddr>,
     _scratch: tempfile::TempDir,
 }
 
@@ -229,10 +231,11 @@ impl Cloud {
         let scratch = tempfile::tempdir().expect("a scratch directory");
         let dir = scratch.path().join("cloud");
         let database = e2e_database();
-        let (process, addr) = Cloud::spawn(&dir, database.as_deref(), "127.0.0.1:0", args);
+        let (process, addr, metrics) = Cloud::spawn(&dir, database.as_deref(), "127.0.0.1:0", args);
         Cloud {
             process,
             addr,
+            metrics,
             dir,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
             database,
@@ -245,7 +248,7 @@ impl Cloud {
         database: Option<&str>,
         listen: &str,
         args: &[&str],
-    ) -> (Running, std::net::SocketAddr) {
+    ) -> (Running, std::net::SocketAddr, Option<std::net::SocketAddr>) {
         use std::io::BufRead;
         let mut serve = Command::new(bin("synesis-cloud"));
         if let Some(url) = database {
@@ -273,17 +276,28 @@ impl Cloud {
             .spawn()
             .expect("synesis-cloud starts");
         let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("the cloud says where it listens");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .expect("an address");
-        (Running { child }, addr)
+        let mut stdout = std::io::BufReader::new(stdout);
+        let mut said = |prefix: &str| -> std::net::SocketAddr {
+            let mut line = String::new();
+            stdout
+                .read_line(&mut line)
+                .expect("the cloud says where it listens");
+            line.trim()
+                .strip_prefix(prefix)
+                .unwrap_or_else(|| panic!("expected {prefix:?}, got {line:?}"))
+                .parse()
+                .expect("an address")
+        };
+        let addr = said("listening on ");
+        let metrics = args
+            .contains(&"--metrics-listen")
+            .then(|| said("metrics on "));
+        (Running { child }, addr, metrics)
+    }
+
+    /// Where it serves `/metrics`, `/live` and `/ready` (started with `--metrics-listen`).
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.metrics.expect("a cloud started with --metrics-listen")
     }
 
     /// Starts the cloud again on the same data directory and port (killing it first if it
@@ -299,7 +313,9 @@ impl Cloud {
         let _ = self.process.child.kill();
         let _ = self.process.child.wait();
         let listen = self.addr.to_string();
-        let (process, addr) = Cloud::spawn(&self.dir, self.database.as_deref(), &listen, args);
+        let (process, addr, metrics) =
+            Cloud::spawn(&self.dir, self.database.as_deref(), &listen, args);
+        self.metrics = metrics;
         let old = std::mem::replace(&mut self.process, process);
         drop(old);
         assert_eq!(addr, self.addr);

@@ -21,6 +21,7 @@ async fn the_cloud_starts_and_stops_through_its_handle() {
         drain_grace: Duration::from_secs(1),
         cert_lifetime: CERT_LIFETIME_DEFAULT,
         database: None,
+        metrics_listen: None,
     })
     .await
     .unwrap();

@@ -45,6 +45,7 @@ pub(crate) async fn cloud_with_device(dir: &Path, serving: Serving) -> BenchClou
         serving,
         cert_lifetime: CERT_LIFETIME_DEFAULT,
         database: None,
+        metrics_listen: None,
     })
     .await
     .unwrap();

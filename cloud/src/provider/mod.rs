@@ -115,6 +115,16 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// The failure's kind, in a word (`/metrics`).
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            ProviderError::Unavailable { .. } => "unavailable",
+            ProviderError::Refused(_) => "refused",
+            ProviderError::TimedOut(_) => "timed_out",
+            ProviderError::Failed(_) => "failed",
+        }
+    }
+
     /// Whether a failure before the first piece of text may be retried.
     pub fn retryable(&self) -> bool {
         matches!(

@@ -14,8 +14,8 @@ use synesis_proto::{AccountId, MicroUsd, RequestId, UnixMillis};
 mod any;
 mod writer;
 pub use any::{LedgerTx, Writer};
-pub use writer::LedgerWriter;
-pub(crate) use writer::{MAX_BATCH, QUEUE, answer_of, next_batch, stopped};
+pub use writer::{BatchObserver, LedgerWriter};
+pub(crate) use writer::{MAX_BATCH, Observer, QUEUE, answer_of, next_batch, stopped};
 
 /// The ledger store inside one open transaction.
 #[derive(Debug)]

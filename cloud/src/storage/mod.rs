@@ -368,6 +368,9 @@ pub trait Backend:
     fn ledger_snapshot(
         &self,
     ) -> Result<ledger::LedgerSnapshot, synesis_billing::ledger::StoreError>;
+    /// Whether the database answers and its schema is the one this build writes (a node's
+    /// readiness: another node may have migrated it further).
+    fn schema_current(&self) -> Result<bool, StorageError>;
 }
 
 impl Backend for Db {
@@ -380,6 +383,10 @@ impl Backend for Db {
     ) -> Result<ledger::LedgerSnapshot, synesis_billing::ledger::StoreError> {
         Db::ledger_snapshot(self)
     }
+
+    fn schema_current(&self) -> Result<bool, StorageError> {
+        Ok(self.schema_version()? == schema::SCHEMA_VERSION)
+    }
 }
 
 impl Backend for postgres::Pg {
@@ -391,6 +398,10 @@ impl Backend for postgres::Pg {
         &self,
     ) -> Result<ledger::LedgerSnapshot, synesis_billing::ledger::StoreError> {
         postgres::Pg::ledger_snapshot(self)
+    }
+
+    fn schema_current(&self) -> Result<bool, StorageError> {
+        Ok(self.schema_version()? == i64::from(postgres::SCHEMA_VERSION))
     }
 }
 

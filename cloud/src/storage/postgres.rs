@@ -453,6 +453,17 @@ impl Pg {
         &self.io
     }
 
+    /// The schema version the database is at (what a node's readiness compares with its own).
+    pub fn schema_version(&self) -> Result<i64, StorageError> {
+        self.io.wait(async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt("SELECT version FROM schema_version", &[])
+                .await?;
+            Ok(row.map_or(0, |r| i64::from(r.get::<_, i32>(0))))
+        })
+    }
+
     /// A connection from the pool.
     async fn client(&self) -> Result<deadpool_postgres::Object, StorageError> {
         self.pool.get().await.map_err(|e| StorageError::Schema {

@@ -90,6 +90,13 @@ impl Db {
 
     /// The raw connection: for the storage layer and its own tests (`cloud/tests`). Handlers
     /// and `admin` go through the repository traits (the tidy test holds them to it).
+    /// The schema version the file is at (what a node's readiness compares with its own).
+    pub fn schema_version(&self) -> Result<i64, StorageError> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
     pub fn connection(&self) -> &Connection {
         &self.conn
     }

@@ -118,6 +118,14 @@ pub enum Writer {
 }
 
 impl Writer {
+    /// Tells `observe` of every batch the writer runs from now on.
+    pub fn observe(&self, observe: super::BatchObserver) {
+        match self {
+            Writer::Sqlite(w) => w.observe(observe),
+            Writer::Postgres(w) => w.observe(observe),
+        }
+    }
+
     /// Runs `op` as one ledger operation and answers once it is durable.
     pub async fn run<T, F>(&self, op: F) -> Result<T, LedgerError>
     where

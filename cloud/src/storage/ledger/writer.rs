@@ -20,6 +20,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use rusqlite::Connection;
 use synesis_billing::ledger::{LedgerError, StoreError};
@@ -39,6 +40,36 @@ pub(crate) const QUEUE: usize = 4 * MAX_BATCH;
 #[derive(Debug, Clone)]
 pub struct LedgerWriter {
     jobs: mpsc::Sender<Box<dyn Job>>,
+    observer: Observer,
+}
+
+/// Told how each batch a writer ran ended: its operations, and whether it committed (a node's
+/// metrics).
+pub type BatchObserver = Box<dyn Fn(usize, bool) + Send + Sync>;
+
+/// The writer thread's [`BatchObserver`], once one is set.
+#[derive(Clone, Default)]
+pub(crate) struct Observer(Arc<OnceLock<BatchObserver>>);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Observer")
+            .field(&self.0.get().is_some())
+            .finish()
+    }
+}
+
+impl Observer {
+    /// Sets the observer; a second one is ignored (one node, one set of metrics).
+    pub(crate) fn set(&self, observe: BatchObserver) {
+        let _ = self.0.set(observe);
+    }
+
+    pub(crate) fn ran(&self, operations: usize, committed: bool) {
+        if let Some(observe) = self.0.get() {
+            observe(operations, committed);
+        }
+    }
 }
 
 /// An operation in the queue, with its answer.
@@ -123,11 +154,18 @@ impl LedgerWriter {
         let conn = connect(path)?;
         let (jobs, queue) = mpsc::channel(QUEUE);
         let path = path.to_owned();
+        let observer = Observer::default();
+        let told = observer.clone();
         std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || serve(conn, &path, queue))
+            .spawn(move || serve(conn, &path, queue, &told))
             .map_err(|e| StorageError::Corrupt(format!("cannot start the ledger writer: {e}")))?;
-        Ok(LedgerWriter { jobs })
+        Ok(LedgerWriter { jobs, observer })
+    }
+
+    /// Tells `observe` of every batch from now on.
+    pub fn observe(&self, observe: BatchObserver) {
+        self.observer.set(observe);
     }
 
     fn job<T, F>(op: F) -> (Box<dyn Job>, oneshot::Receiver<Result<T, LedgerError>>)
@@ -182,10 +220,16 @@ fn connect(path: &Path) -> Result<Connection, StorageError> {
     Ok(conn)
 }
 
-fn serve(mut conn: Connection, path: &Path, mut queue: mpsc::Receiver<Box<dyn Job>>) {
+fn serve(
+    mut conn: Connection,
+    path: &Path,
+    mut queue: mpsc::Receiver<Box<dyn Job>>,
+    observer: &Observer,
+) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
     while next_batch(&mut queue, &mut batch) {
         let committed = run_batch(&conn, &mut batch);
+        observer.ran(batch.len(), committed.is_ok());
         if let Err(e) = &committed {
             tracing::error!(error = %e, operations = batch.len(), "a ledger transaction failed");
             if !conn.is_autocommit() {

@@ -34,7 +34,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::{COLUMNS, i64_of, read_entry, read_hold, read_totals, store_error};
 use crate::storage::StorageError;
 use crate::storage::answers::{Asker, StoredAnswer};
-use crate::storage::ledger::{MAX_BATCH, QUEUE, answer_of, next_batch, stopped};
+use crate::storage::ledger::{
+    BatchObserver, MAX_BATCH, Observer, QUEUE, answer_of, next_batch, stopped,
+};
 
 /// How far ahead of an operation's time the batch reads an account's open holds (see
 /// `PgLedger::load_holds`): a batch of operations made within this much of each other reads
@@ -1026,6 +1028,7 @@ impl TotalsColumns {
 #[derive(Debug, Clone)]
 pub struct PgLedgerWriter {
     jobs: mpsc::Sender<Box<dyn Job>>,
+    observer: Observer,
 }
 
 /// An operation in the queue, with its answer.
@@ -1078,11 +1081,18 @@ impl PgLedgerWriter {
         let conn = Conn::open(url)?;
         let (jobs, queue) = mpsc::channel(QUEUE);
         let url = url.to_owned();
+        let observer = Observer::default();
+        let told = observer.clone();
         std::thread::Builder::new()
             .name("ledger-writer-pg".into())
-            .spawn(move || serve(conn, &url, queue))
+            .spawn(move || serve(conn, &url, queue, &told))
             .map_err(|e| StorageError::Corrupt(format!("cannot start the ledger writer: {e}")))?;
-        Ok(PgLedgerWriter { jobs })
+        Ok(PgLedgerWriter { jobs, observer })
+    }
+
+    /// Tells `observe` of every batch from now on.
+    pub fn observe(&self, observe: BatchObserver) {
+        self.observer.set(observe);
     }
 
     fn job<T, F>(
@@ -1176,10 +1186,11 @@ impl PgLedgerWriter {
     }
 }
 
-fn serve(mut conn: Conn, url: &str, mut queue: mpsc::Receiver<Box<dyn Job>>) {
+fn serve(mut conn: Conn, url: &str, mut queue: mpsc::Receiver<Box<dyn Job>>, observer: &Observer) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
     while next_batch(&mut queue, &mut batch) {
         let committed = run_batch(&conn, &mut batch);
+        observer.ran(batch.len(), committed.is_ok());
         if let Err(e) = &committed {
             tracing::error!(error = %e, operations = batch.len(), "a ledger transaction failed");
             if conn.client.is_closed() {

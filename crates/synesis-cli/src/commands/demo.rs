@@ -390,6 +390,7 @@ impl Demo {
             serving: config.serving,
             cert_lifetime: Duration::from_secs(90 * 24 * 3600),
             database: None,
+            metrics_listen: None,
         })
         .await
         .context("the cloud did not start")?;
