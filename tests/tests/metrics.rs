@@ -147,6 +147,14 @@ fn an_operator_scrapes_what_the_node_did_and_sees_it_drain() {
     );
     assert!(output > 0.0, "{answer}");
     let finish = answer["finish_reason"].as_str().unwrap().to_owned();
+    // A model the node does not serve: refused, and counted under `other`, never under a name
+    // a device chose (each new name would be a new series in the node's memory).
+    let refused = device
+        .synesis()
+        .args(["cloud", "ask", "--model", "no-such-model-7f3a", "hello"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
 
     let (status, text) = get(at, "/metrics");
     assert_eq!(status, 200, "{text}");
@@ -154,6 +162,15 @@ fn an_operator_scrapes_what_the_node_did_and_sees_it_drain() {
     let escalations =
         format!("synesis_cloud_escalations_total{{model=\"tiny\",outcome=\"{finish}\"}}");
     assert_eq!(sample(&s, &escalations), 1.0, "{text}");
+    assert_eq!(
+        sample(
+            &s,
+            "synesis_cloud_escalations_total{model=\"other\",outcome=\"UNKNOWN_MODEL\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    assert!(!text.contains("no-such-model"), "{text}");
     assert_eq!(
         sample(
             &s,
