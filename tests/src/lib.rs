@@ -92,6 +92,48 @@ pub fn skip_unless(available: bool, what: &str) -> bool {
     true
 }
 
+/// A `/metrics` scrape as the Prometheus project's Python parser (`prometheus_client`) reads it:
+/// every sample as `name{label="value",…}` (labels sorted) → value. A text it cannot parse fails the test.
+pub fn prometheus_samples(text: &str) -> std::collections::HashMap<String, f64> {
+    let script = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = {}
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+        out[f"{s.name}{{{labels}}}"] = s.value
+print(json.dumps(out))
+"#;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused the scrape: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+pub fn sample(samples: &std::collections::HashMap<String, f64>, key: &str) -> f64 {
+    *samples
+        .get(key)
+        .unwrap_or_else(|| panic!("no sample {key}; have {:#?}", sorted(samples)))
+}
+
+fn sorted(samples: &std::collections::HashMap<String, f64>) -> Vec<(&String, &f64)> {
+    let mut all: Vec<_> = samples.iter().collect();
+    all.sort_by(|a, b| a.0.cmp(b.0));
+    all
+}
+
 pub fn json_of(cmd: &mut Command) -> serde_json::Value {
     let out = run_ok(cmd);
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {

@@ -5,11 +5,10 @@
 //! drains.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use synesis_e2e::{Cloud, Device, json_of, run_ok};
+use synesis_e2e::{Cloud, Device, json_of, prometheus_samples as parsed, run_ok, sample};
 
 /// `GET path` on the metrics listener: the status code and the body.
 fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
@@ -34,53 +33,6 @@ fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
-}
-
-/// The scrape as the Prometheus client library's parser reads it: every sample as
-/// `name{label="value",…}` (labels sorted) → value. A text it cannot parse fails the test.
-fn parsed(text: &str) -> HashMap<String, f64> {
-    let script = r#"
-import json, sys
-from prometheus_client.parser import text_string_to_metric_families
-out = {}
-for family in text_string_to_metric_families(sys.stdin.read()):
-    for s in family.samples:
-        labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-        out[f"{s.name}{{{labels}}}"] = s.value
-print(json.dumps(out))
-"#;
-    let mut child = std::process::Command::new("python3")
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the Prometheus parser refused the scrape: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn sample(samples: &HashMap<String, f64>, key: &str) -> f64 {
-    *samples
-        .get(key)
-        .unwrap_or_else(|| panic!("no sample {key}; have {:#?}", sorted(samples)))
-}
-
-fn sorted(samples: &HashMap<String, f64>) -> Vec<(&String, &f64)> {
-    let mut all: Vec<_> = samples.iter().collect();
-    all.sort_by(|a, b| a.0.cmp(b.0));
-    all
 }
 
 #[test]

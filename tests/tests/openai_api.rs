@@ -318,3 +318,82 @@ fn a_client_that_waits_for_each_answer_is_never_refused() {
         assert!(reply.contains("[DONE]"), "{reply}");
     }
 }
+
+/// `/metrics` takes the key every endpoint but `/health` takes, and counts what the API did:
+/// requests by endpoint and status, answers by route and outcome, tokens, the first token's
+/// time; the Prometheus project's own parser reads it.
+#[test]
+fn the_api_counts_its_requests_and_answers_for_prometheus() {
+    if synesis_e2e::skip_unless(
+        synesis_e2e::python_has("prometheus_client"),
+        "python3 with the `prometheus_client` package is not installed (pip install prometheus_client)",
+    ) {
+        return;
+    }
+    let device = Device::new();
+    run_ok(device.synesis().args(["model", "add", "--tiny", "pocket"]));
+    let key = "metrics-test-key";
+    let serving = serve(
+        &device,
+        &["--listen", "127.0.0.1:0"],
+        &[("SYNESIS_API_KEY", key)],
+    )
+    .unwrap();
+    let addr = serving.addr.as_str();
+    assert_eq!(http(addr, "GET", "/metrics", None).0, 401);
+    let auth = format!("Bearer {key}");
+    let headers = [
+        ("Host", addr),
+        ("Content-Type", "application/json"),
+        ("Authorization", auth.as_str()),
+    ];
+    let body = r#"{"model":"pocket","max_tokens":3,"messages":[{"role":"user","content":"hi"}]}"#;
+    let streamed = body.replace(r#""max_tokens""#, r#""stream":true,"max_tokens""#);
+    let mut tokens = (0.0, 0.0);
+    for body in [body, body, streamed.as_str()] {
+        let (status, reply) = raw_http(addr, "POST", "/v1/chat/completions", &headers, body);
+        assert_eq!(status, 200, "{reply}");
+        if !reply.contains("[DONE]") {
+            let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+            tokens.0 += v["usage"]["prompt_tokens"].as_f64().unwrap();
+            tokens.1 += v["usage"]["completion_tokens"].as_f64().unwrap();
+        }
+    }
+    assert_eq!(http(addr, "GET", "/no/such/path", Some(key)).0, 404);
+
+    let (status, text) = http(addr, "GET", "/metrics", Some(key));
+    assert_eq!(status, 200, "{text}");
+    let s = synesis_e2e::prometheus_samples(&text);
+    let sample = |key: &str| synesis_e2e::sample(&s, key);
+    assert_eq!(
+        sample("synesis_api_requests_total{path=\"/v1/chat/completions\",status=\"200\"}"),
+        3.0
+    );
+    assert_eq!(
+        sample("synesis_api_requests_total{path=\"/metrics\",status=\"401\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample("synesis_api_requests_total{path=\"other\",status=\"404\"}"),
+        1.0
+    );
+    let answered: f64 = ["stop", "length"]
+        .iter()
+        .map(|f| {
+            s.get(&format!(
+                "synesis_api_answers_total{{outcome=\"{f}\",route=\"local\"}}"
+            ))
+            .copied()
+            .unwrap_or(0.0)
+        })
+        .sum();
+    assert_eq!(answered, 3.0, "{text}");
+    assert_eq!(
+        sample("synesis_api_time_to_first_token_seconds_count{route=\"local\"}"),
+        3.0
+    );
+    // The two collected answers' usage, plus the streamed one's (at least one token each way).
+    assert!(sample("synesis_api_tokens_total{direction=\"in\",route=\"local\"}") > tokens.0);
+    assert!(sample("synesis_api_tokens_total{direction=\"out\",route=\"local\"}") > tokens.1);
+    assert_eq!(sample("synesis_api_in_flight{}"), 0.0);
+}

@@ -22,6 +22,7 @@
 pub(crate) mod auth;
 pub(crate) mod host;
 mod limits;
+mod metrics;
 mod wire;
 
 use std::net::SocketAddr;
@@ -81,6 +82,8 @@ pub(crate) struct Api {
     permits: Arc<Semaphore>,
     /// Kept for the service's life, so a request reads the device's stress without waiting.
     stress: Arc<crate::answer::StressGauge>,
+    /// What it counts (`/metrics`).
+    metrics: Arc<metrics::ApiMetrics>,
 }
 
 impl Api {
@@ -99,6 +102,7 @@ impl Api {
             permits: Arc::new(Semaphore::new(options.max_concurrent)),
             options,
             stress,
+            metrics: metrics::ApiMetrics::new(),
         })
     }
 }
@@ -132,12 +136,13 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
         .route("/health", get(health))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
+        .route("/metrics", get(scrape))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 "not_found",
-                "no such endpoint; this server has /v1/chat/completions, /v1/models and /health",
+                "no such endpoint; this server has /v1/chat/completions, /v1/models, /metrics and /health",
             )
         })
         .method_not_allowed_fallback(|| async {
@@ -158,7 +163,29 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
             same_machine,
         ))
         .layer(DefaultBodyLimit::max(max_body))
+        // Outermost of all: every request is counted, refusals too.
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&api),
+            metrics::count_requests,
+        ))
         .with_state(api)
+}
+
+/// `/metrics`: what this API counted, in the Prometheus text format.
+async fn scrape(State(api): State<Arc<Api>>) -> Response {
+    let busy = api
+        .options
+        .max_concurrent
+        .saturating_sub(api.permits.available_permits());
+    api.metrics
+        .in_flight
+        .set(i64::try_from(busy).unwrap_or(i64::MAX));
+    let mut response = Response::new(Body::from(api.metrics.encode()));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(prometheus_client::encoding::prometheus_text::CONTENT_TYPE),
+    );
+    response
 }
 
 /// Serves until `stop` completes; requests being answered finish first. Each connection is
@@ -319,6 +346,7 @@ async fn answer(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let arrived = std::time::Instant::now();
     // JSON only: a browser page can POST a "simple" text/plain body to loopback without asking
     // first, never an application/json one.
     let json = headers
@@ -395,6 +423,7 @@ async fn answer(
         Some(Piece::Failed(e)) => return Err(e),
         _ => return Err(ApiError::internal("the request ended before it was routed")),
     };
+    let mut rx = metrics::Pieces::new(rx, Arc::clone(&api.metrics), route_name, arrived);
     let first = match rx.recv().await {
         Some(Piece::Failed(e)) => return Err(e),
         Some(piece) => piece,

@@ -10,9 +10,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use synesis_proto::RequestId;
 use synesis_proto::message::{ChatRole, ChatTurn};
-use tokio::sync::mpsc;
 
 use super::json_body;
+use super::metrics::Pieces;
 
 /// When the request names none (OpenAI's own default is 1; this is gentler on small models).
 pub(crate) const DEFAULT_TEMPERATURE: f32 = 0.8;
@@ -165,6 +165,11 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
+    /// Its stable code (`rate_limit_exceeded`, …).
+    pub(crate) fn code(&self) -> &'static str {
+        self.code
+    }
+
     pub(crate) fn new(
         status: StatusCode,
         kind: &'static str,
@@ -283,7 +288,7 @@ impl Meta {
 pub(crate) async fn collected(
     meta: Meta,
     first: Piece,
-    mut rx: mpsc::Receiver<Piece>,
+    mut rx: Pieces,
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
     let mut next = Some(first);
@@ -326,12 +331,7 @@ pub(crate) async fn collected(
 /// The answer as it is made: server-sent `chat.completion.chunk`s, the usage last when asked
 /// for (with the cost), then `data: [DONE]`. A failure after the first byte can only be told in
 /// the stream: an `error` object, then the end.
-pub(crate) fn streamed(
-    meta: Meta,
-    first: Piece,
-    rx: mpsc::Receiver<Piece>,
-    include_usage: bool,
-) -> Response {
+pub(crate) fn streamed(meta: Meta, first: Piece, rx: Pieces, include_usage: bool) -> Response {
     let state = (rx, Step::First(first));
     let events = futures_util::stream::unfold(state, move |(mut rx, step)| {
         let meta = meta.clone();
