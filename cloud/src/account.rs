@@ -260,7 +260,7 @@ async fn leave(peer: &Peer, leave: DeviceLeave) -> Message {
             // The reply goes out on this stream first; the connections close right after.
             let registry_peer = peer.shared.clone();
             tokio::spawn(async move {
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                tokio::time::sleep(crate::endpoint::REVOKED_CLOSE_AFTER).await;
                 registry_peer.registry.close_device(
                     id,
                     ErrorCode::DEVICE_REVOKED,
@@ -547,6 +547,9 @@ async fn remove_member(peer: &Peer, request_id: RequestId, name: String) -> Mess
         .storage
         .write(move |db| Ok(db.remove_member(account, &n, &actor, now())))
         .await;
+    // This node's connections of the removed member's devices close at once (other nodes hear
+    // of it from the database).
+    peer.shared.changed.notify_one();
     match removed {
         Ok(Ok(revoked)) => synesis_proto::message::MemberRemoved {
             request_id,

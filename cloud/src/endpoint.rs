@@ -77,6 +77,9 @@ pub const ANONYMOUS_FRAME_LIMITS: FrameLimits = FrameLimits::new(64 * 1024);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often revocations made by `admin device revoke` (another process) are picked up.
 pub const REVOCATION_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How long after finding a device revoked its connections close (a reply on one of them
+/// goes out first).
+pub(crate) const REVOKED_CLOSE_AFTER: Duration = Duration::from_millis(200);
 /// How often holds past their time get their expiry entries (their amount is released the
 /// moment they lapse either way).
 pub const HOLD_EXPIRY_INTERVAL: Duration = Duration::from_secs(30);
@@ -204,6 +207,8 @@ pub async fn start(options: Options) -> anyhow::Result<Cloud> {
     };
     // Opening blocks (PostgreSQL's handles wait on runtimes of their own).
     let waits = Arc::clone(&metrics);
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let listener = location.changes(Arc::clone(&changed)).map(tokio::spawn);
     let (storage, ledger) = tokio::task::spawn_blocking(move || {
         let mut db = location.open()?;
         db.reset_connections()?;
@@ -250,13 +255,19 @@ pub async fn start(options: Options) -> anyhow::Result<Cloud> {
         adapters: options.serving.adapters.clone(),
         upload_fences: crate::upload::Fences::default(),
         metrics,
+        changed,
     });
     let metrics_addr = match &metrics_listener {
         Some(listener) => Some(listener.local_addr()?),
         None => None,
     };
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(run(endpoint, shared, options, stopped, metrics_listener));
+    let task = tokio::spawn(async move {
+        run(endpoint, shared, options, stopped, metrics_listener).await;
+        if let Some(listener) = listener {
+            listener.abort();
+        }
+    });
     tracing::info!(%addr, "serving");
     if let Some(at) = metrics_addr {
         tracing::info!(addr = %at, "serving metrics");
@@ -751,7 +762,12 @@ async fn watch_revocations(shared: Arc<Shared>) {
     // last query ran is not missed; closing twice is harmless.
     let mut since = now();
     loop {
-        ticker.tick().await;
+        // Every tick, and at once when told of a change (by this node, or by another over the
+        // database).
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shared.changed.notified() => {}
+        }
         let polled_at = now();
         let revoked = match shared
             .storage
@@ -768,15 +784,24 @@ async fn watch_revocations(shared: Arc<Shared>) {
         // so look back past that as well as past the last poll.
         let look_back = REVOCATION_POLL_INTERVAL * 2 + crate::storage::BUSY_TIMEOUT;
         since = UnixMillis(polled_at.0 - i64::try_from(look_back.as_millis()).unwrap_or(0));
-        for id in revoked {
-            let closed = shared.registry.close_device(
-                id,
-                ErrorCode::DEVICE_REVOKED,
-                b"this device was revoked",
-            );
-            if closed > 0 {
-                tracing::info!(device = %id, connections = closed, "closed the connections of a revoked device");
-            }
+        if revoked.is_empty() {
+            continue;
         }
+        // A device that revoked itself (`cloud logout`) is being answered on one of its
+        // connections: that reply goes out first.
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            tokio::time::sleep(REVOKED_CLOSE_AFTER).await;
+            for id in revoked {
+                let closed = shared.registry.close_device(
+                    id,
+                    ErrorCode::DEVICE_REVOKED,
+                    b"this device was revoked",
+                );
+                if closed > 0 {
+                    tracing::info!(device = %id, connections = closed, at_ms = now().0, "closed the connections of a revoked device");
+                }
+            }
+        });
     }
 }

@@ -239,6 +239,9 @@ pub(crate) struct Shared {
     pub(crate) upload_fences: crate::upload::Fences,
     /// What the node counts (`/metrics`).
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// Woken when a device was revoked (here, or on another node of the same database), so
+    /// its connections here close at once rather than at the next poll.
+    pub(crate) changed: Arc<tokio::sync::Notify>,
 }
 
 impl Shared {

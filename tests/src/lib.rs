@@ -225,7 +225,9 @@ pub struct Cloud {
     database: Option<String>,
     /// Where it serves `/metrics`, when started with `--metrics-listen`.
     metrics: Option<std::net::SocketAddr>,
-    _scratch: tempfile::TempDir,
+    /// Where its stderr goes (one file per node).
+    log: PathBuf,
+    _scratch: std::sync::Arc<tempfile::TempDir>,
 }
 
 /// The database a new cloud of this run gets: SQLite in its data directory, or, when
@@ -273,7 +275,9 @@ impl Cloud {
         let scratch = tempfile::tempdir().expect("a scratch directory");
         let dir = scratch.path().join("cloud");
         let database = e2e_database();
-        let (process, addr, metrics) = Cloud::spawn(&dir, database.as_deref(), "127.0.0.1:0", args);
+        let log = dir.with_extension("serve.log");
+        let (process, addr, metrics) =
+            Cloud::spawn(&dir, database.as_deref(), "127.0.0.1:0", args, &log);
         Cloud {
             process,
             addr,
@@ -281,8 +285,55 @@ impl Cloud {
             dir,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
             database,
-            _scratch: scratch,
+            log,
+            _scratch: std::sync::Arc::new(scratch),
         }
+    }
+
+    /// Another node of this cloud, on PostgreSQL: a second `serve` process on the same data
+    /// directory (the CA and the adapters' content every node reads) and the same database, on
+    /// a port of its own, with these `serve` flags.
+    pub fn node(&self, args: &[&str]) -> Cloud {
+        let database = self
+            .database
+            .clone()
+            .expect("several nodes share a PostgreSQL database");
+        let log = self
+            .dir
+            .with_extension(format!("serve-{}.log", uuid::Uuid::now_v7().simple()));
+        let (process, addr, metrics) =
+            Cloud::spawn(&self.dir, Some(&database), "127.0.0.1:0", args, &log);
+        Cloud {
+            process,
+            addr,
+            metrics,
+            dir: self.dir.clone(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            database: Some(database),
+            log,
+            _scratch: std::sync::Arc::clone(&self._scratch),
+        }
+    }
+
+    /// A cloud on a new data directory and a new PostgreSQL database of its own (`None` when
+    /// `SYNESIS_TEST_POSTGRES` names no server), with these `serve` flags.
+    pub fn start_on_postgres(args: &[&str]) -> Option<Cloud> {
+        let database = postgres_database()?;
+        let scratch = tempfile::tempdir().expect("a scratch directory");
+        let dir = scratch.path().join("cloud");
+        let log = dir.with_extension("serve.log");
+        let (process, addr, metrics) =
+            Cloud::spawn(&dir, Some(&database), "127.0.0.1:0", args, &log);
+        Some(Cloud {
+            process,
+            addr,
+            metrics,
+            dir,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            database: Some(database),
+            log,
+            _scratch: std::sync::Arc::new(scratch),
+        })
     }
 
     fn spawn(
@@ -290,6 +341,7 @@ impl Cloud {
         database: Option<&str>,
         listen: &str,
         args: &[&str],
+        log: &Path,
     ) -> (Running, std::net::SocketAddr, Option<std::net::SocketAddr>) {
         use std::io::BufRead;
         let mut serve = Command::new(bin("synesis-cloud"));
@@ -312,8 +364,7 @@ impl Cloud {
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::piped())
             .stderr(
-                std::fs::File::create(dir.with_extension("serve.log"))
-                    .map_or_else(|_| std::process::Stdio::null(), Into::into),
+                std::fs::File::create(log).map_or_else(|_| std::process::Stdio::null(), Into::into),
             )
             .spawn()
             .expect("synesis-cloud starts");
@@ -355,8 +406,13 @@ impl Cloud {
         let _ = self.process.child.kill();
         let _ = self.process.child.wait();
         let listen = self.addr.to_string();
-        let (process, addr, metrics) =
-            Cloud::spawn(&self.dir, self.database.as_deref(), &listen, args);
+        let (process, addr, metrics) = Cloud::spawn(
+            &self.dir,
+            self.database.as_deref(),
+            &listen,
+            args,
+            &self.log,
+        );
         self.metrics = metrics;
         let old = std::mem::replace(&mut self.process, process);
         drop(old);
@@ -381,7 +437,7 @@ impl Cloud {
 
     /// What the cloud wrote to stderr so far (for failure messages).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.with_extension("serve.log")).unwrap_or_default()
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn admin(&self) -> Command {
@@ -591,13 +647,18 @@ impl UdpRelay {
 
     /// `token` with its server replaced by this relay.
     pub fn token_via(&self, token: &str) -> String {
-        // SYN1:<server>:<ca>:<token id>:<secret>, split from the right.
-        let mut parts: Vec<&str> = token.rsplitn(4, ':').collect();
-        let server = self.addr.to_string();
-        parts[3] = &server;
-        parts.reverse();
-        format!("SYN1:{}", parts.join(":"))
+        token_naming(token, self.addr)
     }
+}
+
+/// A setup token with its server replaced by `server` (a relay, another node).
+pub fn token_naming(token: &str, server: std::net::SocketAddr) -> String {
+    // SYN1:<server>:<ca>:<token id>:<secret>, split from the right.
+    let mut parts: Vec<&str> = token.rsplitn(4, ':').collect();
+    let server = server.to_string();
+    parts[3] = &server;
+    parts.reverse();
+    format!("SYN1:{}", parts.join(":"))
 }
 
 impl Drop for UdpRelay {

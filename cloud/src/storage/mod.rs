@@ -432,6 +432,19 @@ impl Location {
 
     /// A new handle on the database (a connection to SQLite's file, or a pool), its schema
     /// brought up to this build's.
+    /// A task that wakes `wake` whenever another process commits a change every node must
+    /// act on at once (PostgreSQL's `LISTEN`/`NOTIFY`); `None` for SQLite, which one process
+    /// serves.
+    pub fn changes(
+        &self,
+        wake: std::sync::Arc<tokio::sync::Notify>,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        match self {
+            Location::Sqlite(_) => None,
+            Location::Postgres(url) => Some(postgres::changes::listen(url.clone(), wake)),
+        }
+    }
+
     pub fn open(&self) -> Result<Box<dyn Backend>, StorageError> {
         Ok(match self {
             Location::Sqlite(path) => Box::new(Db::open(path)?),

@@ -18,6 +18,7 @@
 //! handlers hold SQLite's `Db`, and its ledger writer is SQLite's.
 
 mod adapters;
+pub mod changes;
 pub mod copy;
 pub mod ledger;
 mod members;

@@ -411,6 +411,7 @@ impl MemberChanges for Pg {
             end_tokens_of(&tx, &id, now).await?;
             let detail = format!("{revoked} devices revoked");
             audit(&tx, account, now, actor, ("member_removed", name, &detail)).await?;
+            tx.execute(super::changes::NOTIFY, &[&"revoked"]).await?;
             tx.commit().await?;
             Ok(revoked)
         })

@@ -574,6 +574,9 @@ impl Devices for Pg {
             if n == 0 {
                 return Err(StorageError::NoSuchDevice(id));
             }
+            client
+                .execute(super::changes::NOTIFY, &[&"revoked"])
+                .await?;
             Ok(())
         })
     }
