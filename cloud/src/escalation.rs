@@ -994,6 +994,7 @@ impl Admission {
         };
         let (billing, at) = (self.shared.billing.clone(), now());
         let asker = self.run.asker.clone();
+        let max_running = self.shared.escalations.settings.per_account_max;
         let found = self
             .shared
             .ledger
@@ -1008,6 +1009,12 @@ impl Admission {
                     }
                 }
                 if matches!(state, HoldState::Unused) {
+                    // Requests running for the account on every node (their open holds),
+                    // read with the hold it decides on: the account is locked, so two nodes
+                    // cannot both take the last place.
+                    if store.running(account, at, max_running)? >= max_running {
+                        return Err(LedgerError::Running(max_running));
+                    }
                     // The member's own monthly quota, read with the hold it decides on (one
                     // writer: concurrent requests cannot both fit in the same room).
                     let since = synesis_billing::month_start(at).ok_or(LedgerError::Overflow)?;
@@ -1079,6 +1086,16 @@ fn unavailable(e: &StorageError, id: RequestId) -> Message {
 }
 
 fn ledger_refusal(e: LedgerError, id: RequestId) -> Message {
+    if let LedgerError::Running(_) = e {
+        // Told to wait as a node's own limit tells it (`Claim::Busy`).
+        return ErrorMsg {
+            code: ErrorCode::LIMIT_EXCEEDED,
+            message: format!("{e}"),
+            request_id: Some(id),
+            retry_after_ms: Some(BUSY_RETRY_AFTER_MS),
+        }
+        .into();
+    }
     let (code, why) = match &e {
         LedgerError::Quota(q) => (ErrorCode::QUOTA_EXCEEDED, q.to_string()),
         e @ LedgerError::MemberQuota(_) => (ErrorCode::QUOTA_EXCEEDED, e.to_string()),

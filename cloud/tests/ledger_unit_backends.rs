@@ -9,7 +9,7 @@
 mod support;
 
 use synesis_billing::ledger::{
-    Account, HoldRequest, LedgerError, StoreError, hold, settle, top_up,
+    Account, HoldRequest, LedgerError, StoreError, hold, settle, top_up, void,
 };
 use synesis_billing::{PriceTable, Tier, TierRules, Usage};
 use synesis_cloud::storage::answers::{Asker, StoredAnswer};
@@ -197,6 +197,33 @@ async fn scenario(writer: Writer) -> Vec<String> {
         .await
         .unwrap();
 
+    // Requests running (holds open, not lapsed), as the operation's batch sees them: capped,
+    // lapsed, one closed and one opened within the operation; all of it gone with a refusal.
+    let closing = admitted[1];
+    let (tell, told) = std::sync::mpsc::channel();
+    let refused = writer
+        .run(move |s| {
+            let counts = [
+                s.running(account, NOW, 10)?,
+                s.running(account, NOW, 2)?,
+                s.running(account, UnixMillis(NOW.0 + 120_000), 10)?,
+            ];
+            void(s, account, closing, NOW)?;
+            let closed = [s.running(account, NOW, 10)?, s.running(account, NOW, 3)?];
+            admitted_hold(s, rid(901), device(3))?;
+            let opened = s.running(account, NOW, 10)?;
+            tell.send((counts, closed, opened)).unwrap();
+            Err::<(), _>(LedgerError::NotPositive)
+        })
+        .await;
+    assert!(matches!(refused, Err(LedgerError::NotPositive)));
+    said.push(format!("running {:?}", told.recv().unwrap()));
+    let after = writer
+        .run(move |s| Ok(s.running(account, NOW, 10)?))
+        .await
+        .unwrap();
+    said.push(format!("running after the refusal {after}"));
+
     // A settled request's answer: read back within its operation, stored once.
     let id = admitted[0];
     let read_back = writer
@@ -298,6 +325,8 @@ async fn on_sqlite() {
         said,
         [
             "holds admitted 3, over quota 9",
+            "running ([4, 2, 0], [3, 3], 4)",
+            "running after the refusal 4",
             "asker Some(Asker(\"m-kid\"))",
             "refused answer stored: false",
             "quota use Some((100, 81))",

@@ -694,18 +694,98 @@ pub fn empty_vitals() -> synesis_proto::vitals::Vitals {
     }
 }
 
+/// What came back on one escalation stream.
+#[derive(Debug, Default)]
+pub struct Reply {
+    pub text: String,
+    pub chunks: Vec<u32>,
+    pub end: Option<synesis_proto::Message>,
+}
+
+/// Sends `first` on a new stream; reads to the end, sending a cancel after `cancel_after`
+/// chunks.
+pub async fn exchange(
+    conn: &quinn::Connection,
+    first: synesis_proto::Message,
+    cancel_after: Option<usize>,
+) -> Reply {
+    exchange_telling(conn, first, cancel_after, None).await
+}
+
+/// [`exchange`], telling `started` when the first chunk came (the request is running).
+pub async fn exchange_telling(
+    conn: &quinn::Connection,
+    first: synesis_proto::Message,
+    cancel_after: Option<usize>,
+    mut started: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Reply {
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    synesis_wire::send(&mut tx, &first, synesis_proto::FrameLimits::default())
+        .await
+        .unwrap();
+    let mut rx = synesis_wire::FramedRecv::new(rx, synesis_proto::FrameLimits::default());
+    let mut reply = Reply::default();
+    while let Some(m) = rx.next().await.unwrap() {
+        match m {
+            synesis_proto::Message::EscalationChunk(c) => {
+                reply.text.push_str(&c.text);
+                reply.chunks.push(c.seq);
+                if let Some(started) = started.take() {
+                    let _ = started.send(());
+                }
+                if cancel_after == Some(reply.chunks.len()) {
+                    let cancel = synesis_proto::message::EscalationCancel {
+                        request_id: c.request_id,
+                    };
+                    synesis_wire::send(
+                        &mut tx,
+                        &cancel.into(),
+                        synesis_proto::FrameLimits::default(),
+                    )
+                    .await
+                    .unwrap();
+                }
+            }
+            end => {
+                reply.end = Some(end);
+                break;
+            }
+        }
+    }
+    reply
+}
+
+pub fn done(reply: &Reply) -> &synesis_proto::message::EscalationDone {
+    match &reply.end {
+        Some(synesis_proto::Message::EscalationDone(d)) => d,
+        other => panic!("no EscalationDone: {other:?}"),
+    }
+}
+
 /// One mutual-TLS connection of `device` (enrolled) to its cloud, for a client speaking the
 /// protocol itself: the endpoint (keep it alive) and the connection.
 pub async fn connect(device: &Device) -> (quinn::Endpoint, quinn::Connection) {
+    connect_to(device, None).await
+}
+
+/// [`connect`] to `addr` (another node of the cloud) instead of the address the device enrolled
+/// with (`None`).
+pub async fn connect_to(
+    device: &Device,
+    addr: Option<std::net::SocketAddr>,
+) -> (quinn::Endpoint, quinn::Connection) {
     use std::time::Duration;
     let identity = synesis_tunnel::Identity::load(&device.home().join("data"))
         .expect("the device's identity reads")
         .expect("the device is enrolled");
     let config = synesis_tunnel::tls::device_client_config(&identity, Duration::from_secs(5))
         .expect("a client config");
-    let addr = synesis_tunnel::connect::resolve(&identity.info.server)
-        .await
-        .expect("the cloud's address resolves");
+    let addr = match addr {
+        Some(addr) => addr,
+        None => synesis_tunnel::connect::resolve(&identity.info.server)
+            .await
+            .expect("the cloud's address resolves"),
+    };
     let endpoint = synesis_tunnel::connect::client_endpoint(addr).expect("a client endpoint");
     let conn = synesis_tunnel::connect::dial(&endpoint, config, addr, Duration::from_secs(10))
         .await

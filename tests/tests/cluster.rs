@@ -129,3 +129,91 @@ fn a_member_removed_through_one_node_is_cut_off_on_another_within_a_second() {
     );
     eprintln!("member removed through node A; node B closed the connection {took} ms later");
 }
+
+/// `per_account_max = 2` holds across the cluster: with two requests of the account running
+/// through node A, a third is refused whichever node it reaches (`LIMIT_EXCEEDED`, told to
+/// wait), and never reaches the upstream; once they end, node B takes one. The count is the
+/// account's open holds, read in the database under the account's lock as the hold is placed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_limit_of_an_account_holds_across_nodes() {
+    use synesis_e2e::upstream::{Script, paced_text, upstream, upstream_model};
+    use synesis_proto::{ErrorCode, Message};
+    const PACED: u32 = 8;
+    if synesis_e2e::skip_unless(
+        std::env::var("SYNESIS_TEST_POSTGRES").is_ok_and(|u| !u.is_empty()),
+        "SYNESIS_TEST_POSTGRES names no PostgreSQL server (scripts/postgres.sh start DIR makes one)",
+    ) {
+        return;
+    }
+    let up = upstream(vec![Script::Paced(PACED), Script::Paced(PACED)]).await;
+    up.release(1);
+    let files = tempfile::tempdir().unwrap();
+    let toml = files.path().join("cloud.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[escalation]\nper_account_max = 2\n{}",
+            upstream_model(up.port, "[\"managed\"]")
+        ),
+    )
+    .unwrap();
+    let config = ["--config", toml.to_str().unwrap()];
+    let a = Cloud::start_on_postgres(&config).expect("a database");
+    let b = a.node(&config);
+    run_ok(
+        a.admin()
+            .args(["account", "create", "acme", "--tier", "managed"]),
+    );
+    let device = Device::new();
+    device.login(&synesis_e2e::token_naming(&a.token("acme", "1h"), a.addr));
+    a.top_up(&device, "10.00");
+    let request = |max_tokens| {
+        synesis_e2e::escalation_request(
+            synesis_tunnel::clock::new_request_id(),
+            "up",
+            "hello",
+            max_tokens,
+        )
+    };
+
+    let (_on_a, conn_a) = synesis_e2e::connect_to(&device, Some(a.addr)).await;
+    let (_on_b, conn_b) = synesis_e2e::connect_to(&device, Some(b.addr)).await;
+    let (running, started): (Vec<_>, Vec<_>) = (0..2)
+        .map(|_| {
+            let (conn, first) = (conn_a.clone(), request(PACED).into());
+            let (tell, started) = tokio::sync::oneshot::channel();
+            let run = tokio::spawn(async move {
+                synesis_e2e::exchange_telling(&conn, first, None, Some(tell)).await
+            });
+            (run, started)
+        })
+        .unzip();
+    for started in started {
+        tokio::time::timeout(Duration::from_secs(30), started)
+            .await
+            .expect("a request started within 30 s")
+            .expect("it sent a chunk");
+    }
+    for (node, conn) in [("B", &conn_b), ("A", &conn_a)] {
+        let third = synesis_e2e::exchange(conn, request(8).into(), None).await;
+        match &third.end {
+            Some(Message::ErrorMsg(e)) => {
+                assert_eq!(e.code, ErrorCode::LIMIT_EXCEEDED, "node {node}: {e:?}");
+                assert!(e.retry_after_ms.is_some(), "{e:?}");
+            }
+            other => panic!("a third request ran on node {node}: {other:?}"),
+        }
+    }
+    assert_eq!(up.requests(), 2, "no third request reached the upstream");
+    up.release(PACED);
+    for r in running {
+        let r = r.await.unwrap();
+        synesis_e2e::done(&r);
+        assert_eq!(r.text, paced_text(PACED));
+    }
+    let later = synesis_e2e::exchange(&conn_b, request(8).into(), None).await;
+    synesis_e2e::done(&later);
+    let usage = json_of(device.synesis().args(["--json", "cloud", "usage"]));
+    assert_eq!(usage["charges"].as_array().unwrap().len(), 3, "{usage}");
+    assert_eq!(usage["held_micro_usd"].as_i64().unwrap(), 0, "{usage}");
+}

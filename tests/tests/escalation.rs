@@ -11,11 +11,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use synesis_e2e::upstream::{Script, Upstream, paced_text, upstream, upstream_model};
-use synesis_e2e::{Cloud, Device, connect, json_of, run_ok, wait_for};
-use synesis_proto::message::{EscalationCancel, EscalationRequest, FinishReason};
-use synesis_proto::{ErrorCode, FrameLimits, Message, RequestId};
+use synesis_e2e::{
+    Cloud, Device, Reply, connect, done, exchange, exchange_telling, json_of, run_ok, wait_for,
+};
+use synesis_proto::message::{EscalationRequest, FinishReason};
+use synesis_proto::{ErrorCode, Message, RequestId};
 use synesis_tunnel::Identity;
-use synesis_wire::FramedRecv;
 
 const PROMPT: &str = "hello";
 
@@ -136,66 +137,6 @@ fn request(id: RequestId, max_tokens: u32) -> EscalationRequest {
 /// A request to the scripted upstream, `up`.
 fn up_request(id: RequestId, max_tokens: u32) -> EscalationRequest {
     synesis_e2e::escalation_request(id, "up", PROMPT, max_tokens)
-}
-
-/// What came back on one escalation stream.
-#[derive(Debug, Default)]
-struct Reply {
-    text: String,
-    chunks: Vec<u32>,
-    end: Option<Message>,
-}
-
-/// Sends `first` on a new stream; reads to the end, sending a cancel after `cancel_after`
-/// chunks.
-async fn exchange(conn: &quinn::Connection, first: Message, cancel_after: Option<usize>) -> Reply {
-    exchange_telling(conn, first, cancel_after, None).await
-}
-
-/// [`exchange`], telling `started` when the first chunk came (the request is running).
-async fn exchange_telling(
-    conn: &quinn::Connection,
-    first: Message,
-    cancel_after: Option<usize>,
-    mut started: Option<tokio::sync::oneshot::Sender<()>>,
-) -> Reply {
-    let (mut tx, rx) = conn.open_bi().await.unwrap();
-    synesis_wire::send(&mut tx, &first, FrameLimits::default())
-        .await
-        .unwrap();
-    let mut rx = FramedRecv::new(rx, FrameLimits::default());
-    let mut reply = Reply::default();
-    while let Some(m) = rx.next().await.unwrap() {
-        match m {
-            Message::EscalationChunk(c) => {
-                reply.text.push_str(&c.text);
-                reply.chunks.push(c.seq);
-                if let Some(started) = started.take() {
-                    let _ = started.send(());
-                }
-                if cancel_after == Some(reply.chunks.len()) {
-                    let cancel = EscalationCancel {
-                        request_id: c.request_id,
-                    };
-                    synesis_wire::send(&mut tx, &cancel.into(), FrameLimits::default())
-                        .await
-                        .unwrap();
-                }
-            }
-            end => {
-                reply.end = Some(end);
-                break;
-            }
-        }
-    }
-    reply
-}
-
-fn done(reply: &Reply) -> &synesis_proto::message::EscalationDone {
-    match &reply.end {
-        Some(Message::EscalationDone(d)) => d,
-        other => panic!("no EscalationDone: {other:?}"),
-    }
 }
 
 fn refusal(reply: &Reply) -> ErrorCode {

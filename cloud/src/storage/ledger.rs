@@ -123,6 +123,14 @@ impl<'c> SqliteLedger<'c> {
 /// same transaction included), so a member's concurrent requests cannot both fit in the same
 /// room.
 pub trait LedgerUnit {
+    /// How many of the account's holds are open and not lapsed at `now` (requests running,
+    /// on whichever node), counted up to `at_most`.
+    fn running(
+        &self,
+        account: AccountId,
+        now: UnixMillis,
+        at_most: usize,
+    ) -> Result<usize, StoreError>;
     /// The monthly token quota of the member `device` belongs to, and what that member's
     /// devices used since `month_start` or hold now (`None`: no quota).
     fn member_quota_use(
@@ -152,6 +160,32 @@ pub trait LedgerUnit {
 }
 
 impl LedgerUnit for SqliteLedger<'_> {
+    fn running(
+        &self,
+        account: AccountId,
+        now: UnixMillis,
+        at_most: usize,
+    ) -> Result<usize, StoreError> {
+        let n: i64 = self
+            .conn
+            .prepare_cached(
+                "SELECT count(*) FROM (SELECT 1 FROM ledger_open_holds
+                 WHERE account_id = ?1 AND (expires_at IS NULL OR expires_at > ?2) LIMIT ?3)",
+            )
+            .and_then(|mut s| {
+                s.query_row(
+                    params![
+                        account.to_string(),
+                        now.0,
+                        i64::try_from(at_most).unwrap_or(i64::MAX)
+                    ],
+                    |r| r.get(0),
+                )
+            })
+            .map_err(err)?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
     fn member_quota_use(
         &self,
         device: synesis_proto::DeviceId,

@@ -431,6 +431,9 @@ pub enum LedgerError {
     MemberQuota(QuotaExceeded),
     #[error("the request id was used before with a different body")]
     IdempotencyConflict,
+    /// The account has as many requests running as it may (on any node of the cloud).
+    #[error("the account already has {0} requests running; wait for one to finish")]
+    Running(usize),
     #[error("available balance {available} does not cover {needed}")]
     InsufficientFunds {
         needed: MicroUsd,

@@ -58,6 +58,15 @@ impl Store for LedgerTx<'_, '_> {
 }
 
 impl LedgerUnit for LedgerTx<'_, '_> {
+    fn running(
+        &self,
+        account: AccountId,
+        now: UnixMillis,
+        at_most: usize,
+    ) -> Result<usize, StoreError> {
+        on!(self, s => s.running(account, now, at_most))
+    }
+
     fn member_quota_use(
         &self,
         device: DeviceId,

@@ -506,6 +506,52 @@ impl PgLedger<'_> {
 }
 
 impl crate::storage::ledger::LedgerUnit for PgLedger<'_> {
+    /// The database's open holds of the account not lapsed at `now` (those the batch closed or
+    /// replaced left out), and the batch's own; the account is locked first, so every node's
+    /// writer counts the same holds.
+    fn running(
+        &self,
+        account: AccountId,
+        now: UnixMillis,
+        at_most: usize,
+    ) -> Result<usize, StoreError> {
+        self.lock(account)?;
+        let written: HashMap<RequestId, Option<OpenHold>> = self
+            .batch
+            .borrow()
+            .hold_writes
+            .iter()
+            .filter(|((a, _), _)| *a == account)
+            .map(|((_, request), write)| {
+                let opened = match write {
+                    HoldWrite::Open { hold, .. } | HoldWrite::Replace { hold, .. } => Some(*hold),
+                    HoldWrite::Close | HoldWrite::Neither => None,
+                };
+                (*request, opened)
+            })
+            .collect();
+        // Enough rows that `at_most` would remain with the batch's own taken out.
+        let limit = i64::try_from(at_most.saturating_add(written.len())).unwrap_or(i64::MAX);
+        let rows = self.sql(
+            "SELECT request_id FROM ledger_open_holds
+             WHERE account_id = $1 AND (expires_at IS NULL OR expires_at > $2) LIMIT $3",
+            &[&account.to_string(), &now.0, &limit],
+        )?;
+        let mut n = 0usize;
+        for r in &rows {
+            let request: RequestId = super::parse(r.get(0))?;
+            if !written.contains_key(&request) {
+                n += 1;
+            }
+        }
+        n += written
+            .values()
+            .flatten()
+            .filter(|h| h.active_at(now))
+            .count();
+        Ok(n.min(at_most))
+    }
+
     /// What the member's devices used this month or hold now, as the batch sees it: the
     /// database's settlements and open holds (those the batch closed or replaced left out),
     /// and the batch's own. The account is locked first, so no other writer changes them.
