@@ -277,6 +277,44 @@ struct DeviceView {
     prewarm: Option<serde_json::Value>,
 }
 
+/// `admin nodes`: the cloud's nodes (the processes serving it), each `serving`, `stopped`, or
+/// `dead` (no heartbeat for 10 s, and no clean stop).
+pub fn nodes(at: &Place, json: bool) -> anyhow::Result<()> {
+    #[derive(serde::Serialize)]
+    struct NodeView {
+        #[serde(flatten)]
+        row: crate::storage::NodeRow,
+        state: &'static str,
+    }
+    let t = now();
+    let views: Vec<NodeView> = open(at)?
+        .nodes()?
+        .into_iter()
+        .map(|row| NodeView {
+            state: row.state(t),
+            row,
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string(&views)?);
+        return Ok(());
+    }
+    if views.is_empty() {
+        println!("no nodes; one records itself as `synesis-cloud serve` starts");
+    }
+    for v in views {
+        println!(
+            "{}  {:<8}  {:<22}  started {}  last seen {}",
+            v.row.id,
+            v.state,
+            v.row.addr,
+            v.row.started_at.to_rfc3339().unwrap_or_default(),
+            v.row.seen_at.to_rfc3339().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
 pub fn devices(at: &Place, json: bool) -> anyhow::Result<()> {
     let rows = open(at)?.devices()?;
     let at = now();

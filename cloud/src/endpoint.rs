@@ -294,6 +294,14 @@ async fn run(
             shared.storage.clone(),
         ))
     });
+    let node = Node {
+        id: uuid::Uuid::now_v7().to_string(),
+        addr: endpoint
+            .local_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string()),
+        started_at: now(),
+    };
+    let heartbeat = tokio::spawn(node.clone().heartbeat(shared.storage.clone()));
     let watcher = tokio::spawn(watch_revocations(Arc::clone(&shared)));
     let expiry = tokio::spawn(expire_holds(shared.ledger.clone()));
     let presence = tokio::spawn(Arc::clone(&shared.presence).run(shared.storage.clone()));
@@ -311,6 +319,8 @@ async fn run(
         }
     }
     drain(&shared, &options).await;
+    heartbeat.abort();
+    node.stopped(&shared.storage).await;
     watcher.abort();
     expiry.abort();
     presence.abort();
@@ -322,6 +332,47 @@ async fn run(
         metrics.abort();
     }
     tracing::info!("stopped");
+}
+
+/// How often a node records that it is serving (other nodes take it for dead after
+/// `storage::NODE_DEAD_AFTER_MS` without).
+const NODE_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+const _: () = assert!(
+    NODE_HEARTBEAT_INTERVAL.as_secs() * 3_000 < crate::storage::NODE_DEAD_AFTER_MS.unsigned_abs(),
+    "a node missing two heartbeats is not yet dead"
+);
+
+/// This process as one node of the cloud.
+#[derive(Debug, Clone)]
+struct Node {
+    id: String,
+    addr: String,
+    started_at: UnixMillis,
+}
+
+impl Node {
+    /// Records the node as serving, now and every [`NODE_HEARTBEAT_INTERVAL`].
+    async fn heartbeat(self, storage: Storage) {
+        let mut ticker = tokio::time::interval(NODE_HEARTBEAT_INTERVAL);
+        loop {
+            ticker.tick().await;
+            let me = self.clone();
+            if let Err(e) = storage
+                .write(move |db| db.node_seen(&me.id, &me.addr, me.started_at, now()))
+                .await
+            {
+                tracing::warn!(error = %e, "cannot record this node's heartbeat");
+            }
+        }
+    }
+
+    /// Records a clean stop.
+    async fn stopped(&self, storage: &Storage) {
+        let id = self.id.clone();
+        if let Err(e) = storage.write(move |db| db.node_stopped(&id, now())).await {
+            tracing::warn!(error = %e, "cannot record this node's stop");
+        }
+    }
 }
 
 /// Where a connection comes from, for per-source budgets: an IPv4 address, or an IPv6 /64 (one

@@ -101,6 +101,9 @@ enum Admin {
     },
     /// List devices with status (online, stale, offline, revoked), last seen, RTT and vitals.
     Devices,
+    /// List the cloud's nodes (each `serve` process on this database): serving, stopped, or
+    /// dead (no heartbeat for 10 s without a clean stop).
+    Nodes,
     /// List adapter uploads (in progress and finished): chunks held and chunks received, so a
     /// resume that re-sent nothing can be seen.
     Uploads,
@@ -357,6 +360,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     MemberCommand::List { account } => admin::members(&at, &account, json),
                 },
                 Admin::Devices => admin::devices(&at, json),
+                Admin::Nodes => admin::nodes(&at, json),
                 Admin::Uploads => admin::uploads(&at, json),
                 Admin::Device {
                     command: DeviceCommand::Revoke { device_id },

@@ -217,3 +217,58 @@ async fn the_running_limit_of_an_account_holds_across_nodes() {
     assert_eq!(usage["charges"].as_array().unwrap().len(), 3, "{usage}");
     assert_eq!(usage["held_micro_usd"].as_i64().unwrap(), 0, "{usage}");
 }
+
+/// Each node records itself while it serves: `admin nodes` lists both as serving; one killed
+/// (no clean stop) is listed dead within 10 s of its last heartbeat, one stopped with SIGTERM as
+/// stopped.
+#[test]
+fn the_nodes_know_each_other_and_a_dead_one_is_noticed() {
+    let Some((mut a, b)) = two_nodes() else {
+        return;
+    };
+    let states = |cloud: &Cloud| -> Vec<(String, String)> {
+        let nodes = json_of(cloud.admin().args(["--json", "nodes"]));
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["addr"].as_str().unwrap().to_owned(),
+                    n["state"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let (addr_a, addr_b) = (a.addr.to_string(), b.addr.to_string());
+    let serving = vec![
+        (addr_a.clone(), "serving".to_owned()),
+        (addr_b.clone(), "serving".to_owned()),
+    ];
+    assert!(
+        wait_for(Duration::from_secs(10), || states(&a) == serving),
+        "{:?}",
+        states(&a)
+    );
+    synesis_e2e::signal(b.process.pid(), "KILL");
+    let killed = std::time::Instant::now();
+    let dead = vec![
+        (addr_a.clone(), "serving".to_owned()),
+        (addr_b.clone(), "dead".to_owned()),
+    ];
+    assert!(
+        wait_for(Duration::from_secs(20), || states(&a) == dead),
+        "{:?}",
+        states(&a)
+    );
+    let noticed = killed.elapsed();
+    // Its last heartbeat was at most 2 s before the kill.
+    assert!(noticed <= Duration::from_secs(11), "{noticed:?}");
+    synesis_e2e::signal(a.process.pid(), "TERM");
+    assert_eq!(a.process.wait(Duration::from_secs(30)), Some(0));
+    assert_eq!(
+        states(&b),
+        vec![(addr_a, "stopped".to_owned()), (addr_b, "dead".to_owned())]
+    );
+    eprintln!("a killed node was listed dead {noticed:?} after the kill");
+}

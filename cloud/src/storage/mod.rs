@@ -352,9 +352,53 @@ impl<T: MemberStore + AdapterStore + AnswerStore> Reads for T {}
 /// A cloud database on either backend, as the server's handlers use it: every change that is a
 /// transaction of its own, the usage reads, and [`Backend::unit`] for the rest. SQLite's [`Db`]
 /// is one connection; PostgreSQL's [`postgres::Pg`] a pool.
+/// One node of the cloud as it recorded itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeRow {
+    pub id: String,
+    pub addr: String,
+    pub started_at: UnixMillis,
+    pub seen_at: UnixMillis,
+    pub stopped_at: Option<UnixMillis>,
+}
+
+/// How long after its last heartbeat a node that did not stop is taken for dead.
+pub const NODE_DEAD_AFTER_MS: i64 = 10_000;
+
+impl NodeRow {
+    /// `serving`, `stopped`, or `dead` (no heartbeat for [`NODE_DEAD_AFTER_MS`]) at `now`.
+    pub fn state(&self, now: UnixMillis) -> &'static str {
+        if self.stopped_at.is_some() {
+            "stopped"
+        } else if now.0.saturating_sub(self.seen_at.0) > NODE_DEAD_AFTER_MS {
+            "dead"
+        } else {
+            "serving"
+        }
+    }
+}
+
+/// The cloud's nodes, each recording itself (a heartbeat) while it serves.
+pub trait Nodes {
+    /// Records that node `id`, reached at `addr` and started at `started_at`, is serving at
+    /// `now`.
+    fn node_seen(
+        &mut self,
+        id: &str,
+        addr: &str,
+        started_at: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<(), StorageError>;
+    /// Records that node `id` stopped cleanly.
+    fn node_stopped(&mut self, id: &str, now: UnixMillis) -> Result<(), StorageError>;
+    /// Every node that ever recorded itself, oldest first.
+    fn nodes(&self) -> Result<Vec<NodeRow>, StorageError>;
+}
+
 pub trait Backend:
     Accounts
     + Devices
+    + Nodes
     + Vouchers
     + MemberChanges
     + AdapterChanges

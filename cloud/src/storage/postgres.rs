@@ -35,7 +35,7 @@ use super::StorageError;
 /// The schema this build writes. A PostgreSQL database starts at version 10, the layout SQLite
 /// reached at its own version 10 (`admin migrate` copies from that); later steps are
 /// PostgreSQL's own.
-pub const SCHEMA_VERSION: i32 = 11;
+pub const SCHEMA_VERSION: i32 = 12;
 
 /// Version 10: every table of SQLite's schema 10, in PostgreSQL's types (64-bit integers,
 /// `bytea`), with the same names, columns, keys, checks and indexes, so that a SQLite cloud
@@ -245,7 +245,18 @@ const STEP_V11: &str = "
 ALTER TABLE ledger_open_holds DROP CONSTRAINT IF EXISTS ledger_open_holds_account_id_seq_fkey;
 ";
 
-const STEPS: &[(i32, &str)] = &[(10, STEP_V10), (11, STEP_V11)];
+/// Version 12: the cloud's nodes (SQLite's step 11).
+const STEP_V12: &str = "
+CREATE TABLE nodes (
+    id          TEXT PRIMARY KEY,
+    addr        TEXT NOT NULL,
+    started_at  BIGINT NOT NULL,
+    seen_at     BIGINT NOT NULL,
+    stopped_at  BIGINT
+);
+";
+
+const STEPS: &[(i32, &str)] = &[(10, STEP_V10), (11, STEP_V11), (12, STEP_V12)];
 const _: () = assert!(STEPS[STEPS.len() - 1].0 == SCHEMA_VERSION);
 
 /// Any number, the same in every build: the advisory lock that keeps two processes from

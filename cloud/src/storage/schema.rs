@@ -20,7 +20,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StorageError;
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: i64 = 10;
+pub const SCHEMA_VERSION: i64 = 11;
 const _: () = assert!(STEPS[STEPS.len() - 1].0 == SCHEMA_VERSION);
 
 /// How a step changes the file: SQL alone, or code (inside the step's transaction) where the
@@ -300,7 +300,20 @@ const STEPS: &[(i64, Step)] = &[
     (8, Step::Sql(STEP_V8)),
     (9, Step::Sql(STEP_V9)),
     (10, Step::Code(chain_per_account)),
+    (11, Step::Sql(STEP_V11)),
 ];
+
+/// Version 11: the cloud's nodes, each recording itself as it serves (`Nodes`): several
+/// processes on one PostgreSQL database know each other; on SQLite the one node is listed.
+const STEP_V11: &str = "
+CREATE TABLE nodes (
+    id          TEXT PRIMARY KEY,
+    addr        TEXT NOT NULL,      -- where devices reach it
+    started_at  INTEGER NOT NULL,
+    seen_at     INTEGER NOT NULL,   -- its last heartbeat
+    stopped_at  INTEGER             -- a clean stop; a node never seen again without one died
+) WITHOUT ROWID;
+";
 
 /// The ledger, chained per account (ARCHITECTURE.md §4): each entry is numbered within its
 /// account and links to that account's previous entry, so writers for different accounts never

@@ -175,6 +175,47 @@ impl Accounts for Db {
     }
 }
 
+impl super::Nodes for Db {
+    fn node_seen(
+        &mut self,
+        id: &str,
+        addr: &str,
+        started_at: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<(), StorageError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO nodes (id, addr, started_at, seen_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+            )?
+            .execute(params![id, addr, started_at.0, now.0])?;
+        Ok(())
+    }
+
+    fn node_stopped(&mut self, id: &str, now: UnixMillis) -> Result<(), StorageError> {
+        self.conn
+            .prepare_cached("UPDATE nodes SET stopped_at = ?2 WHERE id = ?1")?
+            .execute(params![id, now.0])?;
+        Ok(())
+    }
+
+    fn nodes(&self) -> Result<Vec<super::NodeRow>, StorageError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, addr, started_at, seen_at, stopped_at FROM nodes ORDER BY started_at, id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(super::NodeRow {
+                id: r.get(0)?,
+                addr: r.get(1)?,
+                started_at: UnixMillis(r.get(2)?),
+                seen_at: UnixMillis(r.get(3)?),
+                stopped_at: r.get::<_, Option<i64>>(4)?.map(UnixMillis),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
 impl Devices for Db {
     fn create_token(
         &mut self,

@@ -220,6 +220,64 @@ impl Accounts for Pg {
     }
 }
 
+impl crate::storage::Nodes for Pg {
+    fn node_seen(
+        &mut self,
+        id: &str,
+        addr: &str,
+        started_at: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<(), StorageError> {
+        self.io().wait(async {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "INSERT INTO nodes (id, addr, started_at, seen_at) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (id) DO UPDATE SET seen_at = EXCLUDED.seen_at",
+                    &[&id, &addr, &started_at.0, &now.0],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn node_stopped(&mut self, id: &str, now: UnixMillis) -> Result<(), StorageError> {
+        self.io().wait(async {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "UPDATE nodes SET stopped_at = $2 WHERE id = $1",
+                    &[&id, &now.0],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn nodes(&self) -> Result<Vec<crate::storage::NodeRow>, StorageError> {
+        self.io().wait(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT id, addr, started_at, seen_at, stopped_at FROM nodes
+                     ORDER BY started_at, id",
+                    &[],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| crate::storage::NodeRow {
+                    id: r.get(0),
+                    addr: r.get(1),
+                    started_at: UnixMillis(r.get(2)),
+                    seen_at: UnixMillis(r.get(3)),
+                    stopped_at: r.get::<_, Option<i64>>(4).map(UnixMillis),
+                })
+                .collect())
+        })
+    }
+}
+
 impl Devices for Pg {
     fn create_token(
         &mut self,
