@@ -134,6 +134,54 @@ fn sorted(samples: &std::collections::HashMap<String, f64>) -> Vec<(&String, &f6
     all
 }
 
+/// One HTTP/1.1 request with exactly these headers and body: the status code and the body.
+pub fn raw_http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).expect("the server accepts");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .expect("a read timeout");
+    let mut request = format!("{method} {path} HTTP/1.1\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    std::io::Write::write_all(&mut stream, request.as_bytes()).expect("the request is sent");
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut response).expect("a response");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The resident memory of process `pid`, in KiB (0 when it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 pub fn json_of(cmd: &mut Command) -> serde_json::Value {
     let out = run_ok(cmd);
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use synesis_e2e::{Cloud, Device, wait_for};
+use synesis_e2e::{Cloud, Device, rss_kib, wait_for};
 
 /// Connection attempts in the flood, and how many are in flight at once.
 const ATTEMPTS: usize = 2_000;
@@ -20,18 +20,6 @@ const DEVICE_CONNECT_LIMIT: Duration = Duration::from_secs(60);
 const DEVICE_FAILED_ATTEMPTS_MAX: u64 = 1;
 /// The cloud's resident memory may not grow past this during the flood.
 const CLOUD_RSS_GROWTH_MAX_KIB: u64 = 128 * 1024;
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 #[derive(Default)]
 struct Outcomes {

@@ -5,34 +5,14 @@
 //! drains.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use synesis_e2e::{Cloud, Device, json_of, prometheus_samples as parsed, run_ok, sample};
 
 /// `GET path` on the metrics listener: the status code and the body.
 fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    let host = addr.to_string();
+    synesis_e2e::raw_http(&host, "GET", path, &[("Host", &host)], "")
 }
 
 #[test]

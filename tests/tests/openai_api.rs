@@ -4,12 +4,12 @@
 //! with a message, where Python or the `openai` package is missing (`pip install openai`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Read};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use synesis_e2e::upstream::{Script, upstream, upstream_model};
-use synesis_e2e::{Device, json_of, run_ok, signal, wait_for};
+use synesis_e2e::{Device, json_of, raw_http, run_ok, signal, wait_for};
 
 /// `synesis serve` running, stopped with SIGTERM when dropped.
 struct Serving {
@@ -66,38 +66,6 @@ fn http(addr: &str, method: &str, path: &str, key: Option<&str>) -> (u16, String
         headers.push(("Authorization", auth));
     }
     raw_http(addr, method, path, &headers, "")
-}
-
-/// One HTTP/1.1 request with exactly these headers and body: the status code and the body.
-fn raw_http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    let mut request = format!("{method} {path} HTTP/1.1\r\n");
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str(&format!(
-        "Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    ));
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -137,13 +137,7 @@ fn usage(pid: u32) -> (Duration, u64) {
         .split_whitespace()
         .collect();
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|n| n.parse().ok())
-        .unwrap();
+    let rss = synesis_e2e::rss_kib(pid);
     // Linux counts CPU time in clock ticks of 1/100 s (USER_HZ).
     (Duration::from_millis(ticks * 10), rss)
 }
