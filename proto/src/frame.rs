@@ -227,6 +227,45 @@ impl FrameBuffer {
     pub fn buffered(&self) -> usize {
         self.buf.len()
     }
+
+    /// Room for `len` more bytes at the end of the buffer, for a read to fill in place (no
+    /// scratch buffer between the transport and this one). Only what [`Room::filled`] says is
+    /// kept: a read that fails, or is cancelled halfway, leaves the buffer as it was.
+    pub fn room(&mut self, len: usize) -> Room<'_> {
+        let start = self.buf.len();
+        self.buf.resize(start + len, 0);
+        Room {
+            buf: &mut self.buf,
+            start,
+            kept: 0,
+        }
+    }
+}
+
+/// Bytes at the end of a [`FrameBuffer`] that a read is filling.
+#[derive(Debug)]
+pub struct Room<'a> {
+    buf: &'a mut Vec<u8>,
+    start: usize,
+    kept: usize,
+}
+
+impl Room<'_> {
+    /// Where the read writes.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..]
+    }
+
+    /// Keeps the first `n` bytes the read wrote.
+    pub fn filled(mut self, n: usize) {
+        self.kept = n.min(self.buf.len() - self.start);
+    }
+}
+
+impl Drop for Room<'_> {
+    fn drop(&mut self) {
+        self.buf.truncate(self.start + self.kept);
+    }
 }
 
 struct Header {
@@ -257,4 +296,27 @@ fn check_header(buf: &[u8], limits: FrameLimits) -> Result<Option<Header>, Frame
         message_type,
         total: FRAME_HEADER_BYTES + length as usize,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A read into the buffer's room keeps what it filled; one that never finishes (its future
+    /// dropped) or fails leaves the buffer as it was.
+    #[test]
+    fn room_keeps_only_what_was_filled() {
+        let mut b = FrameBuffer::new(FrameLimits::default());
+        b.extend(&[1, 2]);
+        let mut room = b.room(8);
+        room.as_mut_slice()[..3].copy_from_slice(&[3, 4, 5]);
+        room.filled(3);
+        assert_eq!(b.buf, [1, 2, 3, 4, 5]);
+        let mut cancelled = b.room(16);
+        cancelled.as_mut_slice()[0] = 9;
+        drop(cancelled);
+        assert_eq!(b.buf, [1, 2, 3, 4, 5]);
+        b.room(4).filled(10);
+        assert_eq!(b.buf.len(), 9, "never more than the room");
+    }
 }

@@ -28,7 +28,8 @@ mod proptests;
 
 pub use error::{EncodeError, ErrorCode, FrameError};
 pub use frame::{
-    Decoded, FRAME_HEADER_BYTES, FRAME_PAYLOAD_MAX_BYTES, FrameBuffer, FrameLimits, decode_frame,
+    Decoded, FRAME_HEADER_BYTES, FRAME_PAYLOAD_MAX_BYTES, FrameBuffer, FrameLimits, Room,
+    decode_frame,
     encode_frame, encode_frame_vec,
 };
 pub use ids::{

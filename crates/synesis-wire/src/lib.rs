@@ -19,11 +19,9 @@ use synesis_proto::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Bytes asked of the transport per read, while frames are small.
-const READ_CHUNK_BYTES: usize = 16 * 1024;
-/// Bytes asked per read while a large frame (an upload's chunk) comes in: a buffer of this
-/// size is kept by a receiver only once it has received such a frame.
-const READ_LARGE_BYTES: usize = 256 * 1024;
+/// The most bytes asked of the transport per read (a large frame, an upload's chunk, comes in
+/// several reads).
+const READ_MAX_BYTES: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecvError {
@@ -60,8 +58,6 @@ pub enum SendError {
 pub struct FramedRecv<R> {
     inner: R,
     buffer: FrameBuffer,
-    /// For reads of large frames (empty until one comes).
-    large: Vec<u8>,
 }
 
 impl<R: AsyncRead + Unpin> FramedRecv<R> {
@@ -69,7 +65,6 @@ impl<R: AsyncRead + Unpin> FramedRecv<R> {
         FramedRecv {
             inner,
             buffer: FrameBuffer::new(limits),
-            large: Vec::new(),
         }
     }
 
@@ -85,7 +80,6 @@ impl<R: AsyncRead + Unpin> FramedRecv<R> {
         &mut self,
         allowed: impl Fn(MessageType) -> bool,
     ) -> Result<Option<Message>, RecvError> {
-        let mut scratch = [0u8; READ_CHUNK_BYTES];
         loop {
             if let Some(t) = self.buffer.front_type()?
                 && !allowed(t)
@@ -95,23 +89,14 @@ impl<R: AsyncRead + Unpin> FramedRecv<R> {
             if let Some(message) = self.buffer.next_message()? {
                 return Ok(Some(message));
             }
-            // Never read more than the frame at the front still needs (and at most a chunk),
-            // so an oversize header is refused before its payload is read.
-            let wanted = self.buffer.wanted()?;
-            let n = if wanted > READ_CHUNK_BYTES {
-                let want = wanted.min(READ_LARGE_BYTES);
-                if self.large.len() < want {
-                    self.large.resize(READ_LARGE_BYTES, 0);
-                }
-                let n = self.inner.read(&mut self.large[..want]).await?;
-                self.buffer.extend(&self.large[..n]);
-                n
-            } else {
-                let want = wanted.max(1);
-                let n = self.inner.read(&mut scratch[..want]).await?;
-                self.buffer.extend(&scratch[..n]);
-                n
-            };
+            // Never read more than the frame at the front still needs, so an oversize header
+            // is refused before its payload is read. The read fills the buffer in place: a
+            // receiver waiting for its next frame holds no scratch buffer (a device's control
+            // stream waits so between heartbeats, on every connection of a node).
+            let want = self.buffer.wanted()?.clamp(1, READ_MAX_BYTES);
+            let mut room = self.buffer.room(want);
+            let n = self.inner.read(room.as_mut_slice()).await?;
+            room.filled(n);
             if n == 0 {
                 self.buffer.finish()?;
                 return Ok(None);
