@@ -29,8 +29,7 @@ mod proptests;
 pub use error::{EncodeError, ErrorCode, FrameError};
 pub use frame::{
     Decoded, FRAME_HEADER_BYTES, FRAME_PAYLOAD_MAX_BYTES, FrameBuffer, FrameLimits, Room,
-    decode_frame,
-    encode_frame, encode_frame_vec,
+    decode_frame, encode_frame, encode_frame_vec,
 };
 pub use ids::{
     AccountId, Blob, DeviceId, IdError, MicroUsd, RequestId, Secret, Sha256, UnixMillis,
