@@ -499,6 +499,7 @@ async fn invite(peer: &Peer, r: synesis_proto::message::InviteCreate) -> Message
             request_id,
             code: synesis_proto::SetupToken {
                 server: String::new(),
+                nodes: Vec::new(),
                 ca_sha256: synesis_proto::Sha256([0; 32]),
                 token_id,
                 secret,

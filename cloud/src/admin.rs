@@ -221,6 +221,13 @@ pub fn token_issue(
     rng.fill_bytes(&mut token_id);
     rng.fill_bytes(&mut secret);
     let created = now();
+    // The other nodes serving now, so the device can go on without the first.
+    let nodes = db
+        .nodes()?
+        .into_iter()
+        .filter(|n| n.serving(created) && n.addr != server && crate::cluster::dialable(&n.addr))
+        .map(|n| n.addr)
+        .collect();
     let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
     db.create_token(
         account.id,
@@ -232,6 +239,7 @@ pub fn token_issue(
     )?;
     let token = SetupToken {
         server,
+        nodes,
         ca_sha256: pki.ca_fingerprint(),
         token_id,
         secret,
@@ -270,6 +278,8 @@ struct DeviceView {
     account: String,
     name: String,
     status: Status,
+    /// The node it is connected to (its address), while connected.
+    node: Option<String>,
     last_seen_at: Option<UnixMillis>,
     rtt_ms: Option<f64>,
     vitals: Option<serde_json::Value>,
@@ -316,7 +326,10 @@ pub fn nodes(at: &Place, json: bool) -> anyhow::Result<()> {
 }
 
 pub fn devices(at: &Place, json: bool) -> anyhow::Result<()> {
-    let rows = open(at)?.devices()?;
+    let db = open(at)?;
+    let rows = db.devices()?;
+    let addrs: std::collections::HashMap<String, String> =
+        db.nodes()?.into_iter().map(|n| (n.id, n.addr)).collect();
     let at = now();
     let views: Vec<DeviceView> = rows
         .into_iter()
@@ -331,6 +344,11 @@ pub fn devices(at: &Place, json: bool) -> anyhow::Result<()> {
                 .prewarm_json
                 .as_deref()
                 .and_then(|v| serde_json::from_str(v).ok()),
+            node: r
+                .node
+                .as_ref()
+                .filter(|_| r.connected)
+                .map(|id| addrs.get(id).cloned().unwrap_or_else(|| id.clone())),
             account: r.account,
             name: crate::storage::printable(&r.name),
             last_seen_at: r.last_seen_at,
@@ -349,8 +367,8 @@ pub fn devices(at: &Place, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<36}  {:<8}  {:<16}  {:<16}  {:>7}  last seen",
-        "device", "status", "account", "name", "rtt"
+        "{:<36}  {:<8}  {:<16}  {:<16}  {:>7}  {:<24}  node",
+        "device", "status", "account", "name", "rtt", "last seen"
     );
     for v in views {
         let seen = v
@@ -365,8 +383,13 @@ pub fn devices(at: &Place, json: bool) -> anyhow::Result<()> {
             .and_then(|s| s.as_str().map(str::to_owned))
             .unwrap_or_default();
         println!(
-            "{:<36}  {:<8}  {:<16}  {:<16}  {:>7}  {seen}",
-            v.device_id, status, v.account, v.name, rtt
+            "{:<36}  {:<8}  {:<16}  {:<16}  {:>7}  {seen:<24}  {}",
+            v.device_id,
+            status,
+            v.account,
+            v.name,
+            rtt,
+            v.node.as_deref().unwrap_or("-")
         );
     }
     Ok(())
@@ -389,6 +412,7 @@ mod tests {
             name: "n".into(),
             revoked_at: revoked.then_some(UnixMillis(1)),
             connected,
+            node: None,
             last_seen_at: last_seen.map(UnixMillis),
             heartbeat_interval_ms: Some(1_000),
             rtt_us: None,

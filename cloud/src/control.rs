@@ -113,6 +113,7 @@ pub(crate) async fn serve(peer: &Peer, hello: Hello, mut stream: Stream) {
         account_id: peer.device.account_id,
         server_time: now(),
         max_frame_bytes: limits.max_payload_bytes(),
+        nodes: shared.cluster.peers(),
     };
     if send(&mut stream.tx, &welcome.into(), limits).await.is_err() {
         return;
@@ -145,9 +146,13 @@ pub(crate) async fn serve(peer: &Peer, hello: Hello, mut stream: Stream) {
         tokio::select! {
             biased;
             command = control_rx.recv() => match command {
-                Some(ControlCommand::Drain { reconnect_after }) => {
+                Some(ControlCommand::Drain { reconnect_after, to }) => {
                     let ms = u32::try_from(reconnect_after.as_millis()).unwrap_or(u32::MAX);
-                    let drain = Drain { reconnect_after_ms: ms, reason: "the cloud is restarting".into() };
+                    let reason = match &to {
+                        Some(node) => format!("this node is stopping; go on with {node}"),
+                        None => "the cloud is restarting".into(),
+                    };
+                    let drain = Drain { reconnect_after_ms: ms, reason, to };
                     let _ = send(&mut stream.tx, &drain.into(), limits).await;
                 }
                 None => break,

@@ -120,6 +120,9 @@ pub struct Options {
     pub database: Option<String>,
     /// Where to serve `/metrics`, `/live` and `/ready` (`--metrics-listen`): `None`, nowhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// The address devices dial to reach this node, `host:port` (`--advertise`): `None`, the
+    /// address it listens on. Other nodes hand it to their devices.
+    pub advertise: Option<String>,
 }
 
 /// A running cloud. [`Cloud::shutdown`] drains it and waits until it has stopped; dropping
@@ -211,7 +214,7 @@ pub async fn start(options: Options) -> anyhow::Result<Cloud> {
     let listener = location.changes(Arc::clone(&changed)).map(tokio::spawn);
     let (storage, ledger) = tokio::task::spawn_blocking(move || {
         let mut db = location.open()?;
-        db.reset_connections()?;
+        db.reset_connections(now())?;
         let (reader, identifier) = (location.open()?, location.open()?);
         let ledger = location.ledger_writer()?;
         Ok::<_, crate::storage::StorageError>((
@@ -240,13 +243,19 @@ pub async fn start(options: Options) -> anyhow::Result<Cloud> {
         &dir.join(LISTEN_ADDR_FILE),
         addr.to_string().as_bytes(),
     )?;
+    let advertised = options
+        .advertise
+        .clone()
+        .unwrap_or_else(|| addr.to_string());
+    let cluster = Arc::new(crate::cluster::Cluster::new(advertised));
     let shared = Arc::new(Shared {
+        presence: Arc::new(PresenceQueue::new(cluster.node.id.clone())),
+        cluster,
         storage,
         ledger,
         billing: options.billing.clone(),
         pki,
         registry: Arc::new(Registry::default()),
-        presence: Arc::new(PresenceQueue::default()),
         settings: Settings {
             cert_lifetime: options.cert_lifetime,
         },
@@ -294,14 +303,9 @@ async fn run(
             shared.storage.clone(),
         ))
     });
-    let node = Node {
-        id: uuid::Uuid::now_v7().to_string(),
-        addr: endpoint
-            .local_addr()
-            .map_or_else(|_| "?".into(), |a| a.to_string()),
-        started_at: now(),
-    };
-    let heartbeat = tokio::spawn(node.clone().heartbeat(shared.storage.clone()));
+    let heartbeat = tokio::spawn(
+        Arc::clone(&shared.cluster).heartbeat(shared.storage.clone(), shared.ledger.clone()),
+    );
     let watcher = tokio::spawn(watch_revocations(Arc::clone(&shared)));
     let expiry = tokio::spawn(expire_holds(shared.ledger.clone()));
     let presence = tokio::spawn(Arc::clone(&shared.presence).run(shared.storage.clone()));
@@ -320,7 +324,7 @@ async fn run(
     }
     drain(&shared, &options).await;
     heartbeat.abort();
-    node.stopped(&shared.storage).await;
+    shared.cluster.stopped(&shared.storage).await;
     watcher.abort();
     expiry.abort();
     presence.abort();
@@ -332,47 +336,6 @@ async fn run(
         metrics.abort();
     }
     tracing::info!("stopped");
-}
-
-/// How often a node records that it is serving (other nodes take it for dead after
-/// `storage::NODE_DEAD_AFTER_MS` without).
-const NODE_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
-const _: () = assert!(
-    NODE_HEARTBEAT_INTERVAL.as_secs() * 3_000 < crate::storage::NODE_DEAD_AFTER_MS.unsigned_abs(),
-    "a node missing two heartbeats is not yet dead"
-);
-
-/// This process as one node of the cloud.
-#[derive(Debug, Clone)]
-struct Node {
-    id: String,
-    addr: String,
-    started_at: UnixMillis,
-}
-
-impl Node {
-    /// Records the node as serving, now and every [`NODE_HEARTBEAT_INTERVAL`].
-    async fn heartbeat(self, storage: Storage) {
-        let mut ticker = tokio::time::interval(NODE_HEARTBEAT_INTERVAL);
-        loop {
-            ticker.tick().await;
-            let me = self.clone();
-            if let Err(e) = storage
-                .write(move |db| db.node_seen(&me.id, &me.addr, me.started_at, now()))
-                .await
-            {
-                tracing::warn!(error = %e, "cannot record this node's heartbeat");
-            }
-        }
-    }
-
-    /// Records a clean stop.
-    async fn stopped(&self, storage: &Storage) {
-        let id = self.id.clone();
-        if let Err(e) = storage.write(move |db| db.node_stopped(&id, now())).await {
-            tracing::warn!(error = %e, "cannot record this node's stop");
-        }
-    }
 }
 
 /// Where a connection comes from, for per-source budgets: an IPv4 address, or an IPv6 /64 (one
@@ -775,12 +738,18 @@ async fn drain(shared: &Shared, options: &Options) {
     let targets = shared.registry.sessions();
     tracing::info!(devices = targets.len(), "draining");
     let window = options.drain_window.max(DRAIN_DELAY_MIN);
+    // The devices are sent to the other nodes in turn, each at its own time in the window.
+    let peers = shared.cluster.peers();
     {
         let mut rng = rand::rng();
-        for (id, control) in &targets {
+        for (i, (id, control)) in targets.iter().enumerate() {
             let reconnect_after = rng.random_range(DRAIN_DELAY_MIN..=window);
+            let to = (!peers.is_empty()).then(|| peers[i % peers.len()].clone());
             if control
-                .try_send(ControlCommand::Drain { reconnect_after })
+                .try_send(ControlCommand::Drain {
+                    reconnect_after,
+                    to,
+                })
                 .is_err()
             {
                 tracing::debug!(device = %id, "control stream busy or gone; not drained");

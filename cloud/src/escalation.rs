@@ -68,6 +68,9 @@ use crate::streams::{Stream, error_msg};
 const HOLD_MARGIN: Duration = Duration::from_secs(5);
 /// How long an account at its limit of running requests is told to wait.
 const BUSY_RETRY_AFTER_MS: u32 = 1_000;
+/// How long a device asking for a request that runs on another (still serving) node is told
+/// to wait.
+const ELSEWHERE_RETRY_AFTER_MS: u32 = 1_000;
 /// How often a running request checks whether any device still follows it.
 const FOLLOWER_CHECK: Duration = Duration::from_secs(1);
 /// The first wait before retrying an upstream (doubled each time, unless it said how long).
@@ -995,6 +998,7 @@ impl Admission {
         let (billing, at) = (self.shared.billing.clone(), now());
         let asker = self.run.asker.clone();
         let max_running = self.shared.escalations.settings.per_account_max;
+        let node = self.shared.cluster.node.id.clone();
         let found = self
             .shared
             .ledger
@@ -1027,9 +1031,20 @@ impl Admission {
                             .map_err(LedgerError::MemberQuota)?;
                     }
                 }
+                if matches!(state, HoldState::Active(_))
+                    && let Some(runner) = store.runner(account, id)?
+                    && runner != node
+                    && store.node_serving(&runner, at)?
+                {
+                    // Its node still serves (the device lost it, not the cloud): the answer
+                    // goes on there, and is stored when done. Taken over here only once that
+                    // node is known dead.
+                    return Err(LedgerError::RunningElsewhere);
+                }
                 match state {
                     HoldState::Unused | HoldState::Active(_) => {
-                        // A retry after a restart replays the first hold (or conflicts).
+                        // A retry after a restart, or on another node after its own died,
+                        // replays the first hold (or conflicts); this node runs it now.
                         let held = hold(
                             store,
                             LedgerAccount { id: account, tier },
@@ -1040,6 +1055,7 @@ impl Admission {
                             &billing.prices,
                             &billing.rules,
                         )?;
+                        store.set_runner(account, id, &node)?;
                         Ok(Some(Ok(Err(held.expires_at))))
                     }
                     HoldState::Settled(_) => store
@@ -1093,6 +1109,16 @@ fn ledger_refusal(e: LedgerError, id: RequestId) -> Message {
             message: format!("{e}"),
             request_id: Some(id),
             retry_after_ms: Some(BUSY_RETRY_AFTER_MS),
+        }
+        .into();
+    }
+    if let LedgerError::RunningElsewhere = e {
+        // A device that lost its node asks another while the first is not yet known dead.
+        return ErrorMsg {
+            code: ErrorCode::UNAVAILABLE,
+            message: format!("{e}"),
+            request_id: Some(id),
+            retry_after_ms: Some(ELSEWHERE_RETRY_AFTER_MS),
         }
         .into();
     }

@@ -18,6 +18,7 @@
 
 pub mod account;
 pub mod admin;
+mod cluster;
 pub mod config;
 pub mod control;
 pub mod endpoint;

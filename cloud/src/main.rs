@@ -62,6 +62,12 @@ enum Command {
         /// draining. Off unless given.
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<SocketAddr>,
+        /// The address devices dial to reach this node, HOST:PORT (default: the address it
+        /// listens on). With several nodes on one database, each hands the others' addresses
+        /// to its devices (in `Welcome` and in setup tokens), so a device whose node is gone
+        /// dials another: give it whenever the listen address is not what devices dial.
+        #[arg(long, value_name = "HOST:PORT")]
+        advertise: Option<String>,
     },
     /// Operator commands; they work beside a running server on the same data directory.
     Admin {
@@ -291,6 +297,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cert_lifetime,
             database,
             metrics_listen,
+            advertise,
         } => {
             let config = synesis_cloud::config::load(config.as_deref(), &data_dir)?;
             let database = database.or(config.database);
@@ -307,6 +314,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cert_lifetime,
                 database,
                 metrics_listen,
+                advertise,
             }))
         }
         Command::Admin {

@@ -18,6 +18,8 @@ use tokio::sync::mpsc;
 pub(crate) enum ControlCommand {
     Drain {
         reconnect_after: std::time::Duration,
+        /// The node to go to (another node's address), if the cloud has another.
+        to: Option<String>,
     },
 }
 

@@ -120,8 +120,10 @@ impl Storage {
 
 /// Presence changes waiting to be written, in arrival order; a device's newer heartbeat
 /// replaces its older one still waiting.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct PresenceQueue {
+    /// The node the devices are connected to (this one).
+    node: String,
     pending: Mutex<Pending>,
 }
 
@@ -133,6 +135,13 @@ struct Pending {
 }
 
 impl PresenceQueue {
+    pub(crate) fn new(node: String) -> PresenceQueue {
+        PresenceQueue {
+            node,
+            pending: Mutex::default(),
+        }
+    }
+
     /// Queues a change; never waits.
     pub(crate) fn note(&self, change: Presence) {
         let mut p = self
@@ -200,9 +209,10 @@ impl PresenceQueue {
         if changes.is_empty() {
             return;
         }
+        let node = self.node.clone();
         let (result, changes) = storage
             .write(move |db| {
-                let r = crate::storage::Devices::record_presence(db, &changes);
+                let r = crate::storage::Devices::record_presence(db, &node, &changes);
                 Ok((r, changes))
             })
             .await
@@ -223,6 +233,8 @@ pub(crate) struct Settings {
 
 #[derive(Debug)]
 pub(crate) struct Shared {
+    /// This node, and the others it knows.
+    pub(crate) cluster: Arc<crate::cluster::Cluster>,
     pub(crate) storage: Storage,
     /// Every ledger operation the server makes goes through it (group commit, durable).
     pub(crate) ledger: Writer,
@@ -277,7 +289,7 @@ mod tests {
 
     #[test]
     fn a_newer_heartbeat_replaces_the_waiting_one_and_order_is_kept() {
-        let q = PresenceQueue::default();
+        let q = PresenceQueue::new("node".into());
         let (a, b) = (id(), id());
         q.note(Presence::Connected {
             device: a,

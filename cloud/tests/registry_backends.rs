@@ -8,7 +8,7 @@
 mod support;
 
 use synesis_cloud::storage::{
-    Accounts, Db, Devices, EnrollError, Enrolled, Enrollment, IssuedCert, Presence, Renewal,
+    Accounts, Db, Devices, EnrollError, Enrolled, Enrollment, IssuedCert, Nodes, Presence, Renewal,
     StorageError, Vouchers,
 };
 use synesis_proto::message::{Role, Tier};
@@ -57,7 +57,7 @@ fn cert_sha(der: &[u8]) -> Sha256 {
 }
 
 /// Everything the registry promises, on one store.
-fn scenario(store: &mut (impl Accounts + Devices + Vouchers)) {
+fn scenario(store: &mut (impl Accounts + Devices + Nodes + Vouchers)) {
     let acme = AccountId::try_from_uuid(uuid::Uuid::from_u128(7)).unwrap();
     let made = store
         .create_account(acme, "acme", Tier::Free, UnixMillis(0))
@@ -184,25 +184,28 @@ fn scenario(store: &mut (impl Accounts + Devices + Vouchers)) {
     let renewed_device = store.device_by_cert(&cert_sha(&[102; 8])).unwrap().unwrap();
     assert_eq!(renewed_device.id, device_id(1));
 
-    // Presence, as the heartbeat recorder writes it, and what a restart resets.
+    // Presence, as node n1's heartbeat recorder writes it, and what a restart resets.
     store
-        .record_presence(&[
-            Presence::Connected {
-                device: device_id(1),
-                heartbeat_interval_ms: 5_000,
-                at: UnixMillis(200),
-            },
-            Presence::Seen {
-                device: device_id(1),
-                at: UnixMillis(205),
-                rtt_us: 1_234,
-                vitals_json: "{\"cpu\":1}".into(),
-            },
-            Presence::Prewarm {
-                device: device_id(1),
-                prewarm_json: "{\"model\":\"m\"}".into(),
-            },
-        ])
+        .record_presence(
+            "n1",
+            &[
+                Presence::Connected {
+                    device: device_id(1),
+                    heartbeat_interval_ms: 5_000,
+                    at: UnixMillis(200),
+                },
+                Presence::Seen {
+                    device: device_id(1),
+                    at: UnixMillis(205),
+                    rtt_us: 1_234,
+                    vitals_json: "{\"cpu\":1}".into(),
+                },
+                Presence::Prewarm {
+                    device: device_id(1),
+                    prewarm_json: "{\"model\":\"m\"}".into(),
+                },
+            ],
+        )
         .unwrap();
     let rows = store.devices().unwrap();
     assert_eq!(rows.len(), 1);
@@ -229,18 +232,47 @@ fn scenario(store: &mut (impl Accounts + Devices + Vouchers)) {
     );
     assert_eq!(row.vitals_json.as_deref(), Some("{\"cpu\":1}"));
     assert_eq!(row.prewarm_json.as_deref(), Some("{\"model\":\"m\"}"));
-    store.reset_connections().unwrap();
-    assert!(!store.devices().unwrap()[0].connected);
+    assert_eq!(row.node.as_deref(), Some("n1"));
+    // A node starting resets only the devices of nodes not serving: n1 serves until 10 s after
+    // its heartbeat.
     store
-        .record_presence(&[Presence::Disconnected {
-            device: device_id(1),
-            at: UnixMillis(300),
-        }])
+        .node_seen("n1", "127.0.0.1:1", UnixMillis(0), UnixMillis(1_000))
         .unwrap();
-    assert_eq!(
-        store.devices().unwrap()[0].last_seen_at,
-        Some(UnixMillis(300))
+    store.reset_connections(UnixMillis(11_000)).unwrap();
+    assert!(store.devices().unwrap()[0].connected, "n1 still serves");
+    store.reset_connections(UnixMillis(11_001)).unwrap();
+    let row = &store.devices().unwrap()[0];
+    assert!(!row.connected && row.node.is_none(), "n1 is dead: {row:?}");
+    // A device that moved from n1 to n2 stays online when n1 reports it gone, late.
+    let connected = |at| Presence::Connected {
+        device: device_id(1),
+        heartbeat_interval_ms: 5_000,
+        at: UnixMillis(at),
+    };
+    store.record_presence("n1", &[connected(250)]).unwrap();
+    store.record_presence("n2", &[connected(260)]).unwrap();
+    let gone = |at| Presence::Disconnected {
+        device: device_id(1),
+        at: UnixMillis(at),
+    };
+    store.record_presence("n1", &[gone(270)]).unwrap();
+    let row = &store.devices().unwrap()[0];
+    assert!(
+        row.connected && row.node.as_deref() == Some("n2"),
+        "{row:?}"
     );
+    store.record_presence("n2", &[gone(300)]).unwrap();
+    let row = &store.devices().unwrap()[0];
+    assert!(
+        !row.connected && row.last_seen_at == Some(UnixMillis(300)),
+        "{row:?}"
+    );
+    // A node known gone: the devices shown on it are offline.
+    store.record_presence("n3", &[connected(310)]).unwrap();
+    store.node_gone("n2").unwrap();
+    assert!(store.devices().unwrap()[0].connected, "on n3, not n2");
+    store.node_gone("n3").unwrap();
+    assert!(!store.devices().unwrap()[0].connected);
 
     // Revocation: kept the first time, seen by `revoked_since`, refused for no device.
     store.revoke(device_id(1), UnixMillis(400)).unwrap();

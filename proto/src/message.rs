@@ -222,6 +222,9 @@ pub struct Welcome {
     pub server_time: UnixMillis,
     /// The largest frame payload the cloud accepts.
     pub max_frame_bytes: u32,
+    /// The addresses (`host:port`) of the cloud's other nodes serving now: where the device
+    /// goes when this one cannot be reached. Empty for a cloud of one node.
+    pub nodes: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -258,6 +261,9 @@ pub struct Drain {
     /// devices do not all return in the same second.
     pub reconnect_after_ms: u32,
     pub reason: String,
+    /// Another node to reconnect to (`host:port`), when the cloud has one; `None`, this one
+    /// (it restarts).
+    pub to: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

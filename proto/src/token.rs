@@ -17,6 +17,9 @@ const PREFIX: &str = "SYN1:";
 pub struct SetupToken {
     /// Where the cloud listens, `host:port`.
     pub server: String,
+    /// The cloud's other nodes serving when the token was made (`host:port` each): where the
+    /// device goes when `server` cannot be reached. Written after `server`, comma-separated.
+    pub nodes: Vec<String>,
     /// SHA-256 of the cloud CA's certificate (DER): the device pins it during enrollment.
     pub ca_sha256: Sha256,
     /// Names the token on the cloud (not secret).
@@ -29,6 +32,7 @@ impl fmt::Debug for SetupToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SetupToken")
             .field("server", &self.server)
+            .field("nodes", &self.nodes)
             .field("ca_sha256", &self.ca_sha256)
             .field("token_id", &hex(&self.token_id))
             .field("secret", &"<redacted>")
@@ -60,10 +64,15 @@ impl SetupToken {
 
 impl fmt::Display for SetupToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut servers = self.server.clone();
+        for node in &self.nodes {
+            servers.push(',');
+            servers.push_str(node);
+        }
         write!(
             f,
             "{PREFIX}{}:{}:{}:{}",
-            self.server,
+            servers,
             self.ca_sha256,
             hex(&self.token_id),
             hex(&self.secret)
@@ -89,12 +98,24 @@ impl FromStr for SetupToken {
             .next()
             .and_then(unhex)
             .ok_or(TokenError::Damaged("CA fingerprint"))?;
-        let server = parts
+        let mut servers = parts
+            .next()
+            .ok_or(TokenError::Damaged("server address"))?
+            .split(',');
+        let server = servers
             .next()
             .filter(|s| s.contains(':'))
             .ok_or(TokenError::Damaged("server address"))?;
+        let nodes = servers
+            .map(|s| {
+                s.contains(':')
+                    .then(|| s.to_owned())
+                    .ok_or(TokenError::Damaged("node address"))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(SetupToken {
             server: server.to_owned(),
+            nodes,
             ca_sha256: Sha256(ca),
             token_id,
             secret,
@@ -124,10 +145,28 @@ mod tests {
     fn token(server: &str) -> SetupToken {
         SetupToken {
             server: server.into(),
+            nodes: Vec::new(),
             ca_sha256: Sha256([0xab; 32]),
             token_id: [1; 16],
             secret: [2; 32],
         }
+    }
+
+    #[test]
+    fn carries_the_other_nodes_after_the_first() {
+        let mut t = token("10.0.0.1:4433");
+        t.nodes = vec!["10.0.0.2:4433".into(), "[::1]:4433".into()];
+        let text = t.to_string();
+        assert!(
+            text.contains("10.0.0.1:4433,10.0.0.2:4433,[::1]:4433:"),
+            "{text}"
+        );
+        assert_eq!(text.parse::<SetupToken>(), Ok(t));
+        let bad = text.replace(",10.0.0.2:4433", ",nowhere");
+        assert_eq!(
+            bad.parse::<SetupToken>(),
+            Err(TokenError::Damaged("node address"))
+        );
     }
 
     #[test]

@@ -92,6 +92,7 @@ fn samples() -> Vec<Message> {
             account_id: account(),
             server_time: UnixMillis(1_795_000_000_000),
             max_frame_bytes: 10 << 20,
+            nodes: vec!["10.0.0.2:4433".into()],
         }
         .into(),
         Heartbeat {
@@ -114,6 +115,7 @@ fn samples() -> Vec<Message> {
         Drain {
             reconnect_after_ms: 2_500,
             reason: "restart".into(),
+            to: Some("10.0.0.2:4433".into()),
         }
         .into(),
         ErrorMsg {

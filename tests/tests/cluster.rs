@@ -272,3 +272,313 @@ fn the_nodes_know_each_other_and_a_dead_one_is_noticed() {
     );
     eprintln!("a killed node was listed dead {noticed:?} after the kill");
 }
+
+/// Acceptance of several nodes: a device answering through node A; A killed (SIGKILL) in the
+/// middle of the answer. The device's tunnel fails over to node B (which A's `Welcome` named),
+/// the request is asked again there with the same id and, once A is known dead, B takes its
+/// open hold over and runs it from the start: the whole answer, one charge, no hold left, and
+/// `admin devices` (run against either node's data) shows the device online on B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_answer_leaves_the_answer_to_another_charged_once() {
+    use synesis_e2e::upstream::{Script, paced_text, upstream, upstream_model};
+    const PACED: u32 = 20;
+    if synesis_e2e::skip_unless(
+        std::env::var("SYNESIS_TEST_POSTGRES").is_ok_and(|u| !u.is_empty()),
+        "SYNESIS_TEST_POSTGRES names no PostgreSQL server (scripts/postgres.sh start DIR makes one)",
+    ) {
+        return;
+    }
+    let up = upstream(vec![Script::Paced(PACED), Script::Paced(PACED)]).await;
+    let files = tempfile::tempdir().unwrap();
+    let toml = files.path().join("cloud.toml");
+    std::fs::write(&toml, upstream_model(up.port, "[\"managed\"]")).unwrap();
+    let config = ["--config", toml.to_str().unwrap()];
+    let mut a = Cloud::start_on_postgres(&config).expect("a database");
+    let b = a.node(&config);
+    run_ok(
+        a.admin()
+            .args(["account", "create", "acme", "--tier", "managed"]),
+    );
+    // Each node reads the others at its heartbeat (every 2 s): both serving, and one more beat.
+    let serving = || {
+        match json_of(a.admin().args(["nodes", "--json"])) {
+            serde_json::Value::Array(nodes) => nodes,
+            other => panic!("{other}"),
+        }
+        .iter()
+        .filter(|n| n["state"] == "serving")
+        .count()
+    };
+    assert!(wait_for(Duration::from_secs(20), || serving() == 2));
+    std::thread::sleep(Duration::from_millis(2_500));
+    // A token names every node serving; this device is given A's alone, and learns B from A.
+    let token = a.token("acme", "1h");
+    for node in [a.addr, b.addr] {
+        assert!(token.contains(&node.to_string()), "{token}");
+    }
+    let device = Device::new();
+    let device_id = device.login(&synesis_e2e::token_naming(&token, a.addr));
+    a.top_up(&device, "10.00");
+    let _tunnel = device.tunnel("1s");
+    assert!(
+        wait_for(Duration::from_secs(30), || device.state().as_deref()
+            == Some("connected")),
+        "{}",
+        device.tunnel_log()
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || device
+            .tunnel_log()
+            .contains(&b.addr.to_string())),
+        "A's Welcome named B: {}",
+        device.tunnel_log()
+    );
+    let ask = device
+        .synesis()
+        .args(["--json", "cloud", "ask", "--model", "up", "--max-tokens"])
+        .arg(PACED.to_string())
+        .arg("hello")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let upstream_saw = |n: usize, what: &str, limit: u64, a: &Cloud| {
+        assert!(
+            wait_for(Duration::from_secs(limit), || up.requests() >= n),
+            "{what}: {} requests\nA: {}\nB: {}\ntunnel: {}",
+            up.requests(),
+            a.log(),
+            b.log(),
+            device.tunnel_log()
+        );
+    };
+    upstream_saw(1, "node A asked the upstream", 30, &a);
+    up.release(PACED / 2);
+    assert!(wait_for(Duration::from_secs(30), || up.written() >= PACED / 2));
+    synesis_e2e::signal(a.process.pid(), "KILL");
+    let killed_at = std::time::Instant::now();
+    let _ = a.process.wait(Duration::from_secs(20));
+    // B runs it again only once A is known dead (10 s without a heartbeat): until then the
+    // device is told to wait, since A might still be answering.
+    upstream_saw(2, "node B took the request over", 90, &a);
+    let took_over = killed_at.elapsed();
+    up.release(PACED);
+    let out = ask.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{stderr}\nB: {}\ntunnel: {}",
+        b.log(),
+        device.tunnel_log()
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["text"],
+        paced_text(PACED),
+        "the whole answer, once: {stderr}"
+    );
+    assert!(v["started_over"].as_u64().unwrap() >= 1, "{v}");
+    // A's last heartbeat was at most 2 s before the kill, and it is dead 10 s after it.
+    assert!(
+        took_over >= Duration::from_secs(7),
+        "B ran it {took_over:?} after the kill, before A was known dead"
+    );
+    let usage = json_of(device.synesis().args(["--json", "cloud", "usage"]));
+    assert_eq!(
+        usage["charges"].as_array().unwrap().len(),
+        1,
+        "one charge: {usage}"
+    );
+    assert_eq!(usage["charges"][0]["output_tokens"], PACED, "{usage}");
+    assert_eq!(
+        usage["held_micro_usd"].as_i64().unwrap(),
+        0,
+        "no hold left: {usage}"
+    );
+    // Online on B (its tunnel may still be in its backoff: the answer can come over a
+    // connection of its own), whichever node's data `admin devices` reads (one database).
+    for node in [&a, &b] {
+        let row = || {
+            node.devices()
+                .into_iter()
+                .find(|d| d["device_id"] == device_id.as_str())
+                .unwrap()
+        };
+        assert!(
+            wait_for(Duration::from_secs(30), || {
+                let row = row();
+                row["status"] == "online" && row["node"] == b.addr.to_string()
+            }),
+            "{}
+{}",
+            row(),
+            device.tunnel_log()
+        );
+    }
+    eprintln!(
+        "node A killed; node B took the request over {} ms later",
+        took_over.as_millis()
+    );
+}
+
+/// A node that dies running a request whose device never comes back: the nodes that survive it
+/// release its hold (voided, nothing charged) once it has been known dead for 20 s, so the
+/// account's money and its running limit are not held until the hold lapses. The device's own
+/// requests meanwhile go to the node still serving (its token names both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hold_of_a_request_its_dead_node_left_is_released_by_the_others() {
+    use synesis_e2e::upstream::{Script, upstream, upstream_model};
+    use synesis_proto::Message;
+    if synesis_e2e::skip_unless(
+        std::env::var("SYNESIS_TEST_POSTGRES").is_ok_and(|u| !u.is_empty()),
+        "SYNESIS_TEST_POSTGRES names no PostgreSQL server (scripts/postgres.sh start DIR makes one)",
+    ) {
+        return;
+    }
+    let up = upstream(vec![Script::Paced(20)]).await;
+    up.release(1);
+    let files = tempfile::tempdir().unwrap();
+    let toml = files.path().join("cloud.toml");
+    std::fs::write(&toml, upstream_model(up.port, "[\"managed\"]")).unwrap();
+    let config = ["--config", toml.to_str().unwrap()];
+    let mut a = Cloud::start_on_postgres(&config).expect("a database");
+    let b = a.node(&config);
+    run_ok(
+        a.admin()
+            .args(["account", "create", "acme", "--tier", "managed"]),
+    );
+    // Node A first, node B after it.
+    let token = synesis_e2e::token_naming(&a.token("acme", "1h"), a.addr).replacen(
+        &a.addr.to_string(),
+        &format!("{},{}", a.addr, b.addr),
+        1,
+    );
+    let device = Device::new();
+    device.login(&token);
+    a.top_up(&device, "10.00");
+
+    let (_endpoint, conn) = synesis_e2e::connect_to(&device, Some(a.addr)).await;
+    let request =
+        synesis_e2e::escalation_request(synesis_tunnel::clock::new_request_id(), "up", "hello", 20);
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    synesis_wire::send(
+        &mut tx,
+        &request.into(),
+        synesis_proto::FrameLimits::default(),
+    )
+    .await
+    .unwrap();
+    let mut rx = synesis_wire::FramedRecv::new(rx, synesis_proto::FrameLimits::default());
+    match rx.next().await {
+        Ok(Some(Message::EscalationChunk(_))) => {}
+        other => panic!("{other:?}\n{}", a.log()),
+    }
+    synesis_e2e::signal(a.process.pid(), "KILL");
+    let _ = a.process.wait(Duration::from_secs(20));
+    assert!(
+        wait_for(Duration::from_secs(60), || b
+            .log()
+            .contains("swept a node that is gone")),
+        "{}",
+        b.log()
+    );
+    assert!(
+        b.log()
+            .contains("released the hold of a request its node died running"),
+        "{}",
+        b.log()
+    );
+    let usage = json_of(device.synesis().args(["--json", "cloud", "usage"]));
+    assert_eq!(
+        usage["held_micro_usd"].as_i64().unwrap(),
+        0,
+        "released: {usage}"
+    );
+    assert_eq!(
+        usage["charges"].as_array().unwrap().len(),
+        0,
+        "nothing charged: {usage}"
+    );
+    assert_eq!(
+        usage["balance_micro_usd"].as_i64().unwrap(),
+        10_000_000,
+        "{usage}"
+    );
+    let nodes = json_of(b.admin().args(["nodes", "--json"]));
+    let dead = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["addr"] == a.addr.to_string())
+        .unwrap();
+    assert_eq!(dead["state"], "dead", "{nodes}");
+    assert!(!dead["swept_at"].is_null(), "{nodes}");
+}
+
+/// A node stopped with SIGTERM drains: it sends each device to another node (the drain hint
+/// names it), at a time spread over the drain window, and the device's tunnel goes on there.
+#[test]
+fn a_draining_node_sends_its_devices_to_another() {
+    let Some((mut a, b)) = two_nodes() else {
+        return;
+    };
+    run_ok(
+        a.admin()
+            .args(["account", "create", "acme", "--tier", "managed"]),
+    );
+    let device = Device::new();
+    let device_id = device.login(&synesis_e2e::token_naming(&a.token("acme", "1h"), a.addr));
+    // Both nodes serving, and A has read B (its heartbeat, every 2 s) before it drains.
+    assert!(wait_for(Duration::from_secs(20), || {
+        json_of(a.admin().args(["nodes", "--json"]))
+            .as_array()
+            .is_some_and(|n| n.iter().filter(|n| n["state"] == "serving").count() == 2)
+    }));
+    std::thread::sleep(Duration::from_millis(2_500));
+    let _tunnel = device.tunnel("1s");
+    assert!(
+        wait_for(Duration::from_secs(30), || device.state().as_deref()
+            == Some("connected")),
+        "{}",
+        device.tunnel_log()
+    );
+    synesis_e2e::signal(a.process.pid(), "TERM");
+    let on_b = || {
+        device
+            .status()
+            .is_some_and(|s| s["state"] == "connected" && s["server"] == b.addr.to_string())
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), on_b),
+        "{}\nA: {}",
+        device.tunnel_log(),
+        a.log()
+    );
+    assert!(
+        device
+            .tunnel_log()
+            .contains(&format!("go on with {}", b.addr)),
+        "the drain named B: {}",
+        device.tunnel_log()
+    );
+    assert_eq!(
+        a.process.wait(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        a.log()
+    );
+    let row = b
+        .devices()
+        .into_iter()
+        .find(|d| d["device_id"] == device_id.as_str())
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            b.devices()
+                .into_iter()
+                .find(|d| d["device_id"] == device_id.as_str())
+                .is_some_and(|d| d["status"] == "online" && d["node"] == b.addr.to_string())
+        }),
+        "{row}"
+    );
+}

@@ -641,6 +641,7 @@ async fn s1_close_a_certificate_the_cloud_does_not_know_is_unauthenticated() {
             account: "nobody".into(),
             server: cloud.addr.to_string(),
             enrolled_at: synesis_proto::UnixMillis(now),
+            nodes: Vec::new(),
         },
         key_der: key.serialize_der(),
         cert_der: cert.to_vec(),
@@ -665,6 +666,7 @@ async fn s2_stream_a_message_of_the_other_direction_or_out_of_order_is_unexpecte
         account_id: synesis_proto::AccountId::try_from_uuid(*new_id().as_uuid()).unwrap(),
         server_time: synesis_proto::UnixMillis(0),
         max_frame_bytes: 1 << 20,
+        nodes: Vec::new(),
     };
     let chunk = synesis_proto::message::UploadChunk {
         upload_id: new_id(),

@@ -22,6 +22,7 @@ async fn the_cloud_starts_and_stops_through_its_handle() {
         cert_lifetime: CERT_LIFETIME_DEFAULT,
         database: None,
         metrics_listen: None,
+        advertise: None,
     })
     .await
     .unwrap();

@@ -46,6 +46,7 @@ pub(crate) async fn cloud_with_device(dir: &Path, serving: Serving) -> BenchClou
         cert_lifetime: CERT_LIFETIME_DEFAULT,
         database: None,
         metrics_listen: None,
+        advertise: None,
     })
     .await
     .unwrap();

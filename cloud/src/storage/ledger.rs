@@ -157,7 +157,25 @@ pub trait LedgerUnit {
         answer: &crate::storage::answers::StoredAnswer,
         at: UnixMillis,
     ) -> Result<(), StoreError>;
+    /// The node that runs `request` (the last to take it on), if any recorded one.
+    fn runner(&self, account: AccountId, request: RequestId) -> Result<Option<String>, StoreError>;
+    /// Records that `node` runs `request` from now on: its open hold is that node's, and is
+    /// released by the others if that node dies.
+    fn set_runner(
+        &self,
+        account: AccountId,
+        request: RequestId,
+        node: &str,
+    ) -> Result<(), StoreError>;
+    /// Whether node `id` serves at `now` (`NodeRow::serving`); an unknown node does not.
+    fn node_serving(&self, id: &str, now: UnixMillis) -> Result<bool, StoreError>;
 }
+
+const RUNNER: &str = "SELECT node FROM runs WHERE account_id = ?1 AND request_id = ?2";
+const SET_RUNNER: &str = "INSERT INTO runs (account_id, request_id, node) VALUES (?1, ?2, ?3)
+     ON CONFLICT (account_id, request_id) DO UPDATE SET node = excluded.node";
+const NODE_SERVING: &str =
+    "SELECT 1 FROM nodes WHERE id = ?1 AND stopped_at IS NULL AND seen_at >= ?2";
 
 impl LedgerUnit for SqliteLedger<'_> {
     fn running(
@@ -224,6 +242,39 @@ impl LedgerUnit for SqliteLedger<'_> {
         Ok(crate::storage::answers::put(
             self.conn, account, request, answer, at,
         )?)
+    }
+
+    fn runner(&self, account: AccountId, request: RequestId) -> Result<Option<String>, StoreError> {
+        self.conn
+            .prepare_cached(RUNNER)
+            .and_then(|mut s| {
+                s.query_row(params![account.to_string(), request.to_string()], |r| {
+                    r.get(0)
+                })
+                .optional()
+            })
+            .map_err(err)
+    }
+
+    fn set_runner(
+        &self,
+        account: AccountId,
+        request: RequestId,
+        node: &str,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(SET_RUNNER)
+            .and_then(|mut s| s.execute(params![account.to_string(), request.to_string(), node]))
+            .map_err(err)?;
+        Ok(())
+    }
+
+    fn node_serving(&self, id: &str, now: UnixMillis) -> Result<bool, StoreError> {
+        let since = now.0.saturating_sub(crate::storage::NODE_DEAD_AFTER_MS);
+        self.conn
+            .prepare_cached(NODE_SERVING)
+            .and_then(|mut s| s.exists(params![id, since]))
+            .map_err(err)
     }
 }
 

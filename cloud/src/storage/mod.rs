@@ -232,6 +232,8 @@ pub struct DeviceRow {
     pub name: String,
     pub revoked_at: Option<UnixMillis>,
     pub connected: bool,
+    /// The node it is connected to (its id), while connected.
+    pub node: Option<String>,
     pub last_seen_at: Option<UnixMillis>,
     pub heartbeat_interval_ms: Option<i64>,
     /// QUIC's smoothed RTT estimate at the last heartbeat, in microseconds.
@@ -327,9 +329,13 @@ pub trait Devices {
     /// The device a client certificate belongs to (any certificate the cloud signed for it).
     fn device_by_cert(&self, cert_sha256: &Sha256) -> Result<Option<Device>, StorageError>;
     fn device(&self, id: DeviceId) -> Result<Option<Device>, StorageError>;
-    fn reset_connections(&mut self) -> Result<(), StorageError>;
-    /// Applies presence changes in order, in one transaction.
-    fn record_presence(&mut self, changes: &[Presence]) -> Result<(), StorageError>;
+    /// Marks offline the devices left connected to no serving node (none after a crash of
+    /// the only node; with several, those of nodes that stopped or died).
+    fn reset_connections(&mut self, now: UnixMillis) -> Result<(), StorageError>;
+    /// Applies presence changes seen by `node` in order, in one transaction. A device that
+    /// left `node` is marked offline only while `node` is still the one it is connected to:
+    /// one that moved on to another node stays online.
+    fn record_presence(&mut self, node: &str, changes: &[Presence]) -> Result<(), StorageError>;
     fn revoke(&mut self, id: DeviceId, now: UnixMillis) -> Result<(), StorageError>;
     fn revoked_since(&self, since: UnixMillis) -> Result<Vec<DeviceId>, StorageError>;
     fn devices(&self) -> Result<Vec<DeviceRow>, StorageError>;
@@ -360,6 +366,8 @@ pub struct NodeRow {
     pub started_at: UnixMillis,
     pub seen_at: UnixMillis,
     pub stopped_at: Option<UnixMillis>,
+    /// When the other nodes released what it died holding (its requests' holds, its devices).
+    pub swept_at: Option<UnixMillis>,
 }
 
 /// How long after its last heartbeat a node that did not stop is taken for dead.
@@ -370,11 +378,20 @@ impl NodeRow {
     pub fn state(&self, now: UnixMillis) -> &'static str {
         if self.stopped_at.is_some() {
             "stopped"
-        } else if now.0.saturating_sub(self.seen_at.0) > NODE_DEAD_AFTER_MS {
+        } else if self.dead_at(now) {
             "dead"
         } else {
             "serving"
         }
+    }
+
+    /// Whether it serves at `now`: a heartbeat within [`NODE_DEAD_AFTER_MS`], and no stop.
+    pub fn serving(&self, now: UnixMillis) -> bool {
+        self.stopped_at.is_none() && !self.dead_at(now)
+    }
+
+    fn dead_at(&self, now: UnixMillis) -> bool {
+        now.0.saturating_sub(self.seen_at.0) > NODE_DEAD_AFTER_MS
     }
 }
 
@@ -393,6 +410,16 @@ pub trait Nodes {
     fn node_stopped(&mut self, id: &str, now: UnixMillis) -> Result<(), StorageError>;
     /// Every node that ever recorded itself, oldest first.
     fn nodes(&self) -> Result<Vec<NodeRow>, StorageError>;
+    /// The requests node `id` took on whose runs are not forgotten yet (their holds may be
+    /// open or closed: the ledger says which).
+    fn runs_of(&self, id: &str) -> Result<Vec<(AccountId, RequestId)>, StorageError>;
+    /// Node `id` is gone: the devices still shown connected to it are offline.
+    fn node_gone(&mut self, id: &str) -> Result<(), StorageError>;
+    /// What node `id` died holding was released: its runs are forgotten, and it is not swept
+    /// again.
+    fn node_swept(&mut self, id: &str, now: UnixMillis) -> Result<(), StorageError>;
+    /// Forgets node `id`'s runs whose holds are closed; how many.
+    fn prune_runs(&mut self, id: &str) -> Result<usize, StorageError>;
 }
 
 pub trait Backend:

@@ -35,7 +35,7 @@ use super::StorageError;
 /// The schema this build writes. A PostgreSQL database starts at version 10, the layout SQLite
 /// reached at its own version 10 (`admin migrate` copies from that); later steps are
 /// PostgreSQL's own.
-pub const SCHEMA_VERSION: i32 = 12;
+pub const SCHEMA_VERSION: i32 = 13;
 
 /// Version 10: every table of SQLite's schema 10, in PostgreSQL's types (64-bit integers,
 /// `bytea`), with the same names, columns, keys, checks and indexes, so that a SQLite cloud
@@ -256,7 +256,26 @@ CREATE TABLE nodes (
 );
 ";
 
-const STEPS: &[(i32, &str)] = &[(10, STEP_V10), (11, STEP_V11), (12, STEP_V12)];
+/// Version 13: where requests run and devices are connected (SQLite's step 12).
+const STEP_V13: &str = "
+ALTER TABLE devices ADD COLUMN node TEXT;
+CREATE INDEX devices_by_node ON devices (node) WHERE connected = 1;
+ALTER TABLE nodes ADD COLUMN swept_at BIGINT;
+CREATE TABLE runs (
+    account_id  TEXT NOT NULL,
+    request_id  TEXT NOT NULL,
+    node        TEXT NOT NULL,
+    PRIMARY KEY (account_id, request_id)
+);
+CREATE INDEX runs_by_node ON runs (node);
+";
+
+const STEPS: &[(i32, &str)] = &[
+    (10, STEP_V10),
+    (11, STEP_V11),
+    (12, STEP_V12),
+    (13, STEP_V13),
+];
 const _: () = assert!(STEPS[STEPS.len() - 1].0 == SCHEMA_VERSION);
 
 /// Any number, the same in every build: the advisory lock that keeps two processes from

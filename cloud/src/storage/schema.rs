@@ -20,7 +20,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StorageError;
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: i64 = 11;
+pub const SCHEMA_VERSION: i64 = 12;
 const _: () = assert!(STEPS[STEPS.len() - 1].0 == SCHEMA_VERSION);
 
 /// How a step changes the file: SQL alone, or code (inside the step's transaction) where the
@@ -301,6 +301,7 @@ const STEPS: &[(i64, Step)] = &[
     (9, Step::Sql(STEP_V9)),
     (10, Step::Code(chain_per_account)),
     (11, Step::Sql(STEP_V11)),
+    (12, Step::Sql(STEP_V12)),
 ];
 
 /// Version 11: the cloud's nodes, each recording itself as it serves (`Nodes`): several
@@ -313,6 +314,21 @@ CREATE TABLE nodes (
     seen_at     INTEGER NOT NULL,   -- its last heartbeat
     stopped_at  INTEGER             -- a clean stop; a node never seen again without one died
 ) WITHOUT ROWID;
+";
+
+/// Version 12: which node each request runs on and each device is connected to, so that when a
+/// node dies the others release what it held (ARCHITECTURE.md §4, *Several nodes*).
+const STEP_V12: &str = "
+ALTER TABLE devices ADD COLUMN node TEXT;       -- the node it is connected to, while connected
+CREATE INDEX devices_by_node ON devices (node) WHERE connected = 1;
+ALTER TABLE nodes ADD COLUMN swept_at INTEGER;  -- when the others released what it died holding
+CREATE TABLE runs (
+    account_id  TEXT NOT NULL,
+    request_id  TEXT NOT NULL,
+    node        TEXT NOT NULL,      -- the node running it (its hold's owner while open)
+    PRIMARY KEY (account_id, request_id)
+) WITHOUT ROWID;
+CREATE INDEX runs_by_node ON runs (node);
 ";
 
 /// The ledger, chained per account (ARCHITECTURE.md §4): each entry is numbered within its

@@ -201,7 +201,8 @@ impl super::Nodes for Db {
 
     fn nodes(&self) -> Result<Vec<super::NodeRow>, StorageError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, addr, started_at, seen_at, stopped_at FROM nodes ORDER BY started_at, id",
+            "SELECT id, addr, started_at, seen_at, stopped_at, swept_at FROM nodes
+             ORDER BY started_at, id",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok(super::NodeRow {
@@ -210,9 +211,56 @@ impl super::Nodes for Db {
                 started_at: UnixMillis(r.get(2)?),
                 seen_at: UnixMillis(r.get(3)?),
                 stopped_at: r.get::<_, Option<i64>>(4)?.map(UnixMillis),
+                swept_at: r.get::<_, Option<i64>>(5)?.map(UnixMillis),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn runs_of(&self, id: &str) -> Result<Vec<(AccountId, RequestId)>, StorageError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT account_id, request_id FROM runs WHERE node = ?1")?;
+        let rows = stmt.query_map([id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        rows.map(|row| {
+            let (account, request) = row?;
+            Ok((parse_id(&account)?, parse_id(&request)?))
+        })
+        .collect()
+    }
+
+    fn node_gone(&mut self, id: &str) -> Result<(), StorageError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE devices SET connected = 0, node = NULL WHERE node = ?1 AND connected = 1",
+            )?
+            .execute([id])?;
+        Ok(())
+    }
+
+    fn node_swept(&mut self, id: &str, now: UnixMillis) -> Result<(), StorageError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.prepare_cached("DELETE FROM runs WHERE node = ?1")?
+            .execute([id])?;
+        tx.prepare_cached("UPDATE nodes SET swept_at = ?2 WHERE id = ?1")?
+            .execute(params![id, now.0])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn prune_runs(&mut self, id: &str) -> Result<usize, StorageError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "DELETE FROM runs WHERE node = ?1 AND NOT EXISTS (
+                    SELECT 1 FROM ledger_open_holds h
+                    WHERE h.account_id = runs.account_id AND h.request_id = runs.request_id)",
+            )?
+            .execute([id])?)
     }
 }
 
@@ -490,14 +538,16 @@ impl Devices for Db {
         .transpose()
     }
 
-    /// After a restart no connection is live, whatever the last process left behind.
-    fn reset_connections(&mut self) -> Result<(), StorageError> {
-        self.conn
-            .execute("UPDATE devices SET connected = 0 WHERE connected = 1", [])?;
+    fn reset_connections(&mut self, now: UnixMillis) -> Result<(), StorageError> {
+        self.conn.execute(
+            "UPDATE devices SET connected = 0, node = NULL WHERE connected = 1 AND (node IS NULL
+             OR node NOT IN (SELECT id FROM nodes WHERE stopped_at IS NULL AND seen_at >= ?1))",
+            [now.0.saturating_sub(super::NODE_DEAD_AFTER_MS)],
+        )?;
         Ok(())
     }
 
-    fn record_presence(&mut self, changes: &[Presence]) -> Result<(), StorageError> {
+    fn record_presence(&mut self, node: &str, changes: &[Presence]) -> Result<(), StorageError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -508,9 +558,9 @@ impl Devices for Db {
                     heartbeat_interval_ms,
                     at,
                 } => tx.prepare_cached(
-                    "UPDATE devices SET connected = 1, last_seen_at = ?2, heartbeat_interval_ms = ?3 WHERE id = ?1",
+                    "UPDATE devices SET connected = 1, node = ?4, last_seen_at = ?2, heartbeat_interval_ms = ?3 WHERE id = ?1",
                 )?
-                .execute(params![device.to_string(), at.0, heartbeat_interval_ms])?,
+                .execute(params![device.to_string(), at.0, heartbeat_interval_ms, node])?,
                 Presence::Seen {
                     device,
                     at,
@@ -518,13 +568,13 @@ impl Devices for Db {
                     vitals_json,
                 } => tx.prepare_cached(
                     // A heartbeat means connected, whatever order a reconnect's changes came in.
-                    "UPDATE devices SET connected = 1, last_seen_at = ?2, rtt_us = ?3, vitals_json = ?4 WHERE id = ?1",
+                    "UPDATE devices SET connected = 1, node = ?5, last_seen_at = ?2, rtt_us = ?3, vitals_json = ?4 WHERE id = ?1",
                 )?
-                .execute(params![device.to_string(), at.0, rtt_us, vitals_json])?,
+                .execute(params![device.to_string(), at.0, rtt_us, vitals_json, node])?,
                 Presence::Disconnected { device, at } => tx.prepare_cached(
-                    "UPDATE devices SET connected = 0, last_seen_at = ?2 WHERE id = ?1",
+                    "UPDATE devices SET connected = 0, node = NULL, last_seen_at = ?2 WHERE id = ?1 AND node = ?3",
                 )?
-                .execute(params![device.to_string(), at.0])?,
+                .execute(params![device.to_string(), at.0, node])?,
                 Presence::Prewarm {
                     device,
                     prewarm_json,
@@ -561,7 +611,7 @@ impl Devices for Db {
     fn devices(&self) -> Result<Vec<DeviceRow>, StorageError> {
         let mut stmt = self.conn.prepare(
             "SELECT d.id, a.name, d.name, d.revoked_at, d.connected, d.last_seen_at,
-                    d.heartbeat_interval_ms, d.rtt_us, d.vitals_json, d.prewarm_json
+                    d.heartbeat_interval_ms, d.rtt_us, d.vitals_json, d.prewarm_json, d.node
              FROM devices d JOIN accounts a ON a.id = d.account_id ORDER BY d.enrolled_at",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -577,6 +627,7 @@ impl Devices for Db {
                 r.get::<_, Option<i64>>(7)?,
                 r.get::<_, Option<String>>(8)?,
                 r.get::<_, Option<String>>(9)?,
+                r.get::<_, Option<String>>(10)?,
             ))
         })?;
         rows.map(|row| {
@@ -591,6 +642,7 @@ impl Devices for Db {
                 rtt_us,
                 vitals_json,
                 prewarm_json,
+                node,
             ) = row?;
             Ok(DeviceRow {
                 id: parse_id(&id)?,
@@ -598,6 +650,7 @@ impl Devices for Db {
                 name,
                 revoked_at: revoked_at.map(UnixMillis),
                 connected: connected != 0,
+                node,
                 last_seen_at: last_seen_at.map(UnixMillis),
                 heartbeat_interval_ms: interval,
                 rtt_us,

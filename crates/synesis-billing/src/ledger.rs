@@ -434,6 +434,10 @@ pub enum LedgerError {
     /// The account has as many requests running as it may (on any node of the cloud).
     #[error("the account already has {0} requests running; wait for one to finish")]
     Running(usize),
+    /// The request runs on another node of the cloud that is still serving: it continues
+    /// there, or here once that node is known dead.
+    #[error("this request is running on another node of the cloud; retry in a moment")]
+    RunningElsewhere,
     #[error("available balance {available} does not cover {needed}")]
     InsufficientFunds {
         needed: MicroUsd,

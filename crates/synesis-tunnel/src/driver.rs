@@ -228,6 +228,7 @@ impl Tunnel {
         let (commands_tx, commands) = mpsc::channel(COMMAND_INBOX_CAPACITY);
         let initial = status_of(
             &options.identity,
+            &options.identity.info.server,
             &Machine::new(options.config, 0),
             &Clock::now(),
         );
@@ -266,13 +267,13 @@ impl Clock {
     }
 }
 
-fn status_of(identity: &Identity, machine: &Machine, clock: &Clock) -> TunnelStatus {
+fn status_of(identity: &Identity, server: &str, machine: &Machine, clock: &Clock) -> TunnelStatus {
     let s = machine.status();
     TunnelStatus {
         state: s.state.into(),
         device_id: identity.info.device_id,
         account: identity.info.account.clone(),
-        server: identity.info.server.clone(),
+        server: server.to_owned(),
         rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1_000.0),
         last_heartbeat_ack_at: s.last_ack_at.map(|t| clock.wall(t)),
         connected_since: s.connected_since.map(|t| clock.wall(t)),
@@ -301,24 +302,21 @@ enum LinkEvent {
 const RENEW_RETRY: Duration = Duration::from_secs(10);
 const RENEW_RETRY_REFUSED: Duration = Duration::from_secs(3_600);
 
-type Connecting = Pin<
-    Box<
-        dyn Future<
-                Output = Result<
-                    (
-                        quinn::Connection,
-                        quinn::SendStream,
-                        FramedRecv<quinn::RecvStream>,
-                    ),
-                    Failure,
-                >,
-            > + Send,
-    >,
->;
+/// A connection welcomed by the cloud: its control stream, and the other nodes it named.
+struct Session {
+    conn: quinn::Connection,
+    tx: quinn::SendStream,
+    rx: FramedRecv<quinn::RecvStream>,
+    nodes: Vec<String>,
+}
+
+type Connecting = Pin<Box<dyn Future<Output = Result<Session, Failure>> + Send>>;
 
 struct Driver {
     options: Options,
     machine: Machine,
+    /// Which node to dial (the one it was on; the next after a failed dial).
+    nodes: crate::nodes::Nodes,
     clock: Clock,
     commands: mpsc::Receiver<Command>,
     status: watch::Sender<TunnelStatus>,
@@ -343,6 +341,7 @@ impl Driver {
         let renew_at = crate::renew::due(&options.identity);
         Driver {
             machine: Machine::new(options.config, options.seed),
+            nodes: options.identity.nodes(),
             options,
             clock: Clock::now(),
             commands,
@@ -364,6 +363,7 @@ impl Driver {
             self.perform_actions();
             self.status.send_replace(status_of(
                 &self.options.identity,
+                self.nodes.current(),
                 &self.machine,
                 &self.clock,
             ));
@@ -410,6 +410,7 @@ impl Driver {
         self.perform_actions();
         self.status.send_replace(status_of(
             &self.options.identity,
+            self.nodes.current(),
             &self.machine,
             &self.clock,
         ));
@@ -439,8 +440,9 @@ impl Driver {
         let identity = self.options.identity.clone();
         let interval = self.machine.config().heartbeat_interval;
         let limit = self.machine.config().connect_timeout;
+        let server = self.nodes.current().to_owned();
         self.connecting = Some(Box::pin(async move {
-            let addr = resolve(&identity.info.server).await?;
+            let addr = resolve(&server).await?;
             let config = device_client_config(&identity, interval)
                 .map_err(|e| Failure::Fatal(crate::machine::Fatal::BadIdentity(e.to_string())))?;
             let endpoint = client_endpoint(addr).map_err(|e| Failure::Transient(e.to_string()))?;
@@ -464,8 +466,13 @@ impl Driver {
             match first {
                 Ok(Some(Message::Welcome(w))) => {
                     rx.set_limits(FrameLimits::default().negotiate(w.max_frame_bytes));
-                    tracing::info!(handshake_ms = started.elapsed().as_millis(), server = %addr, "session established");
-                    Ok((conn, tx, rx))
+                    tracing::info!(handshake_ms = started.elapsed().as_millis(), server = %addr, nodes = ?w.nodes, "session established");
+                    Ok(Session {
+                        conn,
+                        tx,
+                        rx,
+                        nodes: w.nodes,
+                    })
                 }
                 Ok(Some(Message::ErrorMsg(e))) => Err(classify_error_msg(&e)),
                 Ok(Some(other)) => Err(Failure::Transient(format!(
@@ -481,20 +488,18 @@ impl Driver {
         }));
     }
 
-    fn connected(
-        &mut self,
-        result: Result<
-            (
-                quinn::Connection,
-                quinn::SendStream,
-                FramedRecv<quinn::RecvStream>,
-            ),
-            Failure,
-        >,
-    ) {
+    fn connected(&mut self, result: Result<Session, Failure>) {
         let now = Instant::now();
         match result {
-            Ok((conn, tx, rx)) => {
+            Ok(Session {
+                conn,
+                tx,
+                rx,
+                nodes,
+            }) => {
+                if self.nodes.learned(&nodes) {
+                    self.save_nodes();
+                }
                 self.generation += 1;
                 let generation = self.generation;
                 let (outbox, outbox_rx) = mpsc::channel(OUTBOX_CAPACITY);
@@ -513,7 +518,9 @@ impl Driver {
                 self.machine.handle(now, Event::Connected);
             }
             Err(failure) => {
-                tracing::info!(?failure, "connection attempt failed");
+                tracing::info!(?failure, server = %self.nodes.current(), "connection attempt failed");
+                // The next attempt (after the machine's backoff) dials the next node.
+                self.nodes.failed();
                 self.machine.handle(now, Event::ConnectFailed(failure));
             }
         }
@@ -531,7 +538,10 @@ impl Driver {
                 }
             }
             LinkEvent::Message(Message::Drain(d)) => {
-                tracing::info!(after_ms = d.reconnect_after_ms, reason = %d.reason, "the cloud is draining");
+                tracing::info!(after_ms = d.reconnect_after_ms, reason = %d.reason, to = ?d.to, "the cloud is draining");
+                if let Some(to) = &d.to {
+                    self.nodes.go_to(to);
+                }
                 let reconnect_after = Duration::from_millis(u64::from(d.reconnect_after_ms));
                 self.machine.handle(now, Event::Drain { reconnect_after });
             }
@@ -548,6 +558,18 @@ impl Driver {
                 self.machine.handle(now, Event::ConnectionLost(failure));
             }
             LinkEvent::Renewed(result) => self.renewed(result),
+        }
+    }
+
+    /// Keeps the nodes a `Welcome` named in the identity, so a restarted service knows them.
+    fn save_nodes(&mut self) {
+        self.options.identity.info.nodes = self.nodes.others().to_vec();
+        let Some(dir) = &self.options.data_dir else {
+            return;
+        };
+        match Identity::save_info(dir, &self.options.identity.info) {
+            Ok(()) => tracing::info!(nodes = ?self.nodes.all(), "the cloud's nodes"),
+            Err(e) => tracing::warn!(error = %e, "cannot keep the cloud's nodes"),
         }
     }
 

@@ -240,6 +240,7 @@ pub async fn enroll(
             account: response.account_name,
             server: token.server.clone(),
             enrolled_at: unix_now(),
+            nodes: token.nodes.clone(),
         },
         key_der: pending.key_der.clone(),
         cert_der: response.client_cert_der.0,
@@ -287,6 +288,7 @@ mod tests {
     fn token(id: u8) -> SetupToken {
         SetupToken {
             server: "127.0.0.1:4433".into(),
+            nodes: Vec::new(),
             ca_sha256: synesis_proto::Sha256([0xab; 32]),
             token_id: [id; 16],
             secret: [2; 32],

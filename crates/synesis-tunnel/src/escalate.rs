@@ -63,6 +63,9 @@ pub async fn escalate(
     let mut fresh = true; // send the request itself (not a resume)
     let mut cancelled = *cancel.borrow();
     let mut giving_up_at = tokio::time::Instant::now() + FIRST_CONTACT_FOR;
+    // The last break the caller was told of: the same one again (each retry while waiting
+    // for another node) is not repeated.
+    let mut told = String::new();
     loop {
         // Cancelled before the cloud has the request (still looking for it, or it lost it):
         // nothing to stop there, and nothing to send that would be charged.
@@ -131,6 +134,7 @@ pub async fn escalate(
                         break format!("chunk {} came before chunk {next_seq}", c.seq);
                     }
                     next_seq += 1;
+                    told.clear();
                     giving_up_at = tokio::time::Instant::now() + RECONNECT_FOR;
                     text.push_str(&c.text);
                     on(Progress::Text(&c.text));
@@ -161,10 +165,12 @@ pub async fn escalate(
                     break String::new();
                 }
                 Some(Incoming::Message(m @ Message::ErrorMsg(_))) => {
-                    // Retryable failures of the cloud (it is draining): the same id later.
+                    // Retryable failures of the cloud once it had the request (it is draining;
+                    // the request still runs on a node this device lost, not yet known dead):
+                    // the same id later.
                     if let Message::ErrorMsg(e) = &m
                         && e.code == ErrorCode::UNAVAILABLE
-                        && next_seq > 0
+                        && (next_seq > 0 || resumed > 0)
                         && tokio::time::Instant::now() < giving_up_at
                     {
                         break e.message.clone();
@@ -193,7 +199,10 @@ pub async fn escalate(
                     RECONNECT_FOR.as_secs()
                 )));
             }
-            on(Progress::Interrupted(&broke));
+            if broke != told {
+                on(Progress::Interrupted(&broke));
+                told = broke;
+            }
             resumed += 1;
             fresh = false;
             tokio::time::sleep(RETRY_EVERY).await;

@@ -55,6 +55,10 @@ pub struct IdentityInfo {
     /// The cloud's address, `host:port`, from the setup token.
     pub server: String,
     pub enrolled_at: UnixMillis,
+    /// The cloud's other nodes (`host:port`), from the token and the last `Welcome`: where the
+    /// device goes when `server` cannot be reached ([`Nodes`](crate::nodes::Nodes)).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -255,6 +259,19 @@ impl Identity {
         Ok(dir)
     }
 
+    /// Rewrites `identity.json` (the nodes learned from a `Welcome`), atomically.
+    pub fn save_info(data_dir: &Path, info: &IdentityInfo) -> Result<(), IdentityError> {
+        let path = Self::dir(data_dir).join(INFO);
+        let bytes =
+            serde_json::to_vec_pretty(info).map_err(|_| IdentityError::Damaged(path.clone()))?;
+        write_secret_file(&path, &bytes).map_err(|source| IdentityError::Io { path, source })
+    }
+
+    /// The nodes this identity dials, its token's first.
+    pub fn nodes(&self) -> crate::nodes::Nodes {
+        crate::nodes::Nodes::new(&self.info.server, &self.info.nodes)
+    }
+
     /// Replaces the certificate with a renewed one (same key, same device), atomically.
     pub fn save_cert(data_dir: &Path, cert_der: &[u8]) -> Result<(), IdentityError> {
         let path = Self::dir(data_dir).join(CERT);
@@ -296,6 +313,7 @@ mod tests {
                 account_id: "0190f3a2-7c1e-7b3d-9f00-00000000a001".parse().unwrap(),
                 account: "acme".into(),
                 server: "127.0.0.1:4433".into(),
+                nodes: Vec::new(),
                 enrolled_at: UnixMillis(1),
             },
             key_der: vec![1, 2, 3],
@@ -325,6 +343,7 @@ mod tests {
                 account_id: id.parse().unwrap(),
                 account: name.into(),
                 server: "127.0.0.1:4433".into(),
+                nodes: Vec::new(),
                 enrolled_at: UnixMillis(1),
             },
             key_der: vec![1],

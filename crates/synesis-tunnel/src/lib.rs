@@ -11,6 +11,7 @@
 //! - [`upload`](upload::push): one adapter file pushed to the cloud in chunks, resumed across
 //!   broken connections from what the cloud holds.
 //! - [`route`]: which way those streams go (the service, or a connection of one's own).
+//! - [`nodes`]: which of the cloud's nodes to dial, and the next one when a dial fails.
 //! - [`renew`]: the device certificate renewed over the tunnel before it expires.
 //! - [`identity`], [`tls`], [`connect`]: the device's files, TLS configuration and dialing.
 //! - [`clock`]: the device's one reading of the wall clock and one maker of request ids.
@@ -27,6 +28,7 @@ pub mod escalate;
 pub mod identity;
 pub mod local;
 pub mod machine;
+pub mod nodes;
 pub mod renew;
 pub mod request;
 pub mod route;

@@ -80,10 +80,23 @@ pub fn answer(reply: Message) -> Result<Message, RequestError> {
 }
 
 /// Sends `message` on a new stream of a fresh connection and returns the first message that
-/// comes back, an `ErrorMsg` too ([`answer`] interprets it).
+/// comes back, an `ErrorMsg` too ([`answer`] interprets it). A node that cannot be reached is
+/// passed over for the next the device knows ([`Nodes`](crate::nodes::Nodes)): the request
+/// id makes a repeat harmless.
 pub async fn request(identity: &Identity, message: Message) -> Result<Message, RequestError> {
     let config = device_client_config(identity, HEARTBEAT_INTERVAL_DEFAULT)?;
-    Ok(exchange(config, &identity.info.server, &message).await?)
+    let mut nodes = identity.nodes();
+    let mut tries = nodes.all().len();
+    loop {
+        match exchange(config.clone(), nodes.current(), &message).await {
+            Err(e @ (Failure::TimedOut(_) | Failure::Transient(_))) if tries > 1 => {
+                tracing::info!(server = %nodes.current(), error = ?e, "trying the cloud's next node");
+                nodes.failed();
+                tries -= 1;
+            }
+            result => return Ok(result?),
+        }
+    }
 }
 
 /// One request and its reply on a fresh connection made with `config` to `server`; the

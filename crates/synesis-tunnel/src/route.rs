@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use crate::connect::{classify, client_endpoint, dial, resolve};
 use crate::identity::Identity;
 use crate::local::{ClientError, FailureKind, LocalClient, StreamSender};
-use crate::machine::{CONNECT_TIMEOUT, HEARTBEAT_INTERVAL_DEFAULT};
+use crate::machine::CONNECT_TIMEOUT;
 use crate::request::RequestError;
 use crate::tls::device_client_config;
 
@@ -46,6 +46,24 @@ pub enum Route {
 pub struct Direct {
     pub(crate) endpoint: quinn::Endpoint,
     pub(crate) conn: quinn::Connection,
+    /// The node it is connected to (dialled first the next time).
+    pub(crate) server: String,
+}
+
+/// QUIC's liveness on a connection of one's own: keep-alive every 2 s, dead after 8 s of
+/// silence, so a request whose node died goes on with another node in seconds (the service's
+/// connection has its heartbeats for that).
+const DIRECT_LIVENESS: Duration = Duration::from_secs(2);
+
+/// A connection of one's own to the node at `server`.
+async fn dial_node(
+    server: &str,
+    config: quinn::ClientConfig,
+) -> Result<(quinn::Endpoint, quinn::Connection), RequestError> {
+    let addr = resolve(server).await?;
+    let endpoint = client_endpoint(addr).map_err(|e| RequestError::Transport(e.to_string()))?;
+    let conn = dial(&endpoint, config, addr, CONNECT_TIMEOUT).await?;
+    Ok((endpoint, conn))
 }
 
 impl Route {
@@ -112,15 +130,39 @@ impl Route {
             .as_ref()
             .is_some_and(|d| d.conn.close_reason().is_none());
         if !alive {
-            if let Some(old) = direct.take() {
+            if let Some(old) = &*direct {
                 old.endpoint.close(0u32.into(), b"reconnecting");
             }
-            let config = device_client_config(identity, HEARTBEAT_INTERVAL_DEFAULT)?;
-            let addr = resolve(&identity.info.server).await?;
-            let endpoint =
-                client_endpoint(addr).map_err(|e| RequestError::Transport(e.to_string()))?;
-            let conn = dial(&endpoint, config, addr, CONNECT_TIMEOUT).await?;
-            *direct = Some(Direct { endpoint, conn });
+            let config = device_client_config(identity, DIRECT_LIVENESS)?;
+            let mut nodes = identity.nodes();
+            if let Some(old) = &*direct {
+                nodes.go_to(&old.server);
+            }
+            let (endpoint, conn) = match dial_node(nodes.current(), config.clone()).await {
+                Ok(dialled) => dialled,
+                // The node it was on (or the token's) is gone: the others, each once.
+                Err(first) if nodes.all().len() > 1 => {
+                    let mut last = first;
+                    let mut dialled = None;
+                    for _ in 1..nodes.all().len() {
+                        nodes.failed();
+                        match dial_node(nodes.current(), config.clone()).await {
+                            Ok(d) => {
+                                dialled = Some(d);
+                                break;
+                            }
+                            Err(e) => last = e,
+                        }
+                    }
+                    dialled.ok_or(last)?
+                }
+                Err(first) => return Err(first),
+            };
+            *direct = Some(Direct {
+                endpoint,
+                conn,
+                server: nodes.current().to_owned(),
+            });
         }
         let Some(d) = direct.as_ref() else {
             return Err(RequestError::Stopped);

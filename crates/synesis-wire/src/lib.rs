@@ -157,6 +157,7 @@ mod tests {
                 Drain {
                     reconnect_after_ms: i,
                     reason: "x".repeat(i as usize),
+                    to: None,
                 }
                 .into()
             })

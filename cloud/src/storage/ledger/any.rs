@@ -96,6 +96,23 @@ impl LedgerUnit for LedgerTx<'_, '_> {
     ) -> Result<(), StoreError> {
         on!(self, s => s.put_answer(account, request, answer, at))
     }
+
+    fn runner(&self, account: AccountId, request: RequestId) -> Result<Option<String>, StoreError> {
+        on!(self, s => s.runner(account, request))
+    }
+
+    fn set_runner(
+        &self,
+        account: AccountId,
+        request: RequestId,
+        node: &str,
+    ) -> Result<(), StoreError> {
+        on!(self, s => s.set_runner(account, request, node))
+    }
+
+    fn node_serving(&self, id: &str, now: UnixMillis) -> Result<bool, StoreError> {
+        on!(self, s => s.node_serving(id, now))
+    }
 }
 
 impl LedgerTx<'_, '_> {

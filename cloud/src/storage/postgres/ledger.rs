@@ -702,6 +702,39 @@ impl crate::storage::ledger::LedgerUnit for PgLedger<'_> {
         batch.undo.push(Undo::Answer(key));
         Ok(())
     }
+
+    fn runner(&self, account: AccountId, request: RequestId) -> Result<Option<String>, StoreError> {
+        self.lock(account)?;
+        let rows = self.sql(
+            "SELECT node FROM runs WHERE account_id = $1 AND request_id = $2",
+            &[&account.to_string(), &request.to_string()],
+        )?;
+        Ok(rows.first().map(|r| r.get(0)))
+    }
+
+    fn set_runner(
+        &self,
+        account: AccountId,
+        request: RequestId,
+        node: &str,
+    ) -> Result<(), StoreError> {
+        self.lock(account)?;
+        self.sql(
+            "INSERT INTO runs (account_id, request_id, node) VALUES ($1, $2, $3)
+             ON CONFLICT (account_id, request_id) DO UPDATE SET node = EXCLUDED.node",
+            &[&account.to_string(), &request.to_string(), &node],
+        )?;
+        Ok(())
+    }
+
+    fn node_serving(&self, id: &str, now: UnixMillis) -> Result<bool, StoreError> {
+        let since = now.0.saturating_sub(crate::storage::NODE_DEAD_AFTER_MS);
+        let rows = self.sql(
+            "SELECT 1 FROM nodes WHERE id = $1 AND stopped_at IS NULL AND seen_at >= $2",
+            &[&id, &since],
+        )?;
+        Ok(!rows.is_empty())
+    }
 }
 
 /// A chain's head from the last entry's `seq, hash` starting at column `at`: the next

@@ -259,7 +259,7 @@ impl crate::storage::Nodes for Pg {
             let client = self.client().await?;
             let rows = client
                 .query(
-                    "SELECT id, addr, started_at, seen_at, stopped_at FROM nodes
+                    "SELECT id, addr, started_at, seen_at, stopped_at, swept_at FROM nodes
                      ORDER BY started_at, id",
                     &[],
                 )
@@ -272,8 +272,68 @@ impl crate::storage::Nodes for Pg {
                     started_at: UnixMillis(r.get(2)),
                     seen_at: UnixMillis(r.get(3)),
                     stopped_at: r.get::<_, Option<i64>>(4).map(UnixMillis),
+                    swept_at: r.get::<_, Option<i64>>(5).map(UnixMillis),
                 })
                 .collect())
+        })
+    }
+
+    fn runs_of(&self, id: &str) -> Result<Vec<(AccountId, RequestId)>, StorageError> {
+        self.io().wait(async {
+            let client = self.client().await?;
+            client
+                .query(
+                    "SELECT account_id, request_id FROM runs WHERE node = $1",
+                    &[&id],
+                )
+                .await?
+                .iter()
+                .map(|r| Ok((parse_id(r.get(0))?, parse_id(r.get(1))?)))
+                .collect()
+        })
+    }
+
+    fn node_gone(&mut self, id: &str) -> Result<(), StorageError> {
+        self.io().wait(async {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "UPDATE devices SET connected = 0, node = NULL WHERE node = $1 AND connected = 1",
+                    &[&id],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn node_swept(&mut self, id: &str, now: UnixMillis) -> Result<(), StorageError> {
+        self.io().wait(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            tx.execute("DELETE FROM runs WHERE node = $1", &[&id])
+                .await?;
+            tx.execute(
+                "UPDATE nodes SET swept_at = $2 WHERE id = $1",
+                &[&id, &now.0],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn prune_runs(&mut self, id: &str) -> Result<usize, StorageError> {
+        self.io().wait(async {
+            let client = self.client().await?;
+            let n = client
+                .execute(
+                    "DELETE FROM runs r WHERE r.node = $1 AND NOT EXISTS (
+                        SELECT 1 FROM ledger_open_holds h
+                        WHERE h.account_id = r.account_id AND h.request_id = r.request_id)",
+                    &[&id],
+                )
+                .await?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
         })
     }
 }
@@ -555,19 +615,21 @@ impl Devices for Pg {
         })
     }
 
-    /// After a restart no connection of this node is live. (With several nodes on one
-    /// database this must become per node: issue 26.)
-    fn reset_connections(&mut self) -> Result<(), StorageError> {
+    fn reset_connections(&mut self, now: UnixMillis) -> Result<(), StorageError> {
         self.io().wait(async {
             let client = self.client().await?;
             client
-                .execute("UPDATE devices SET connected = 0 WHERE connected = 1", &[])
+                .execute(
+                    "UPDATE devices SET connected = 0, node = NULL WHERE connected = 1 AND (node IS NULL
+                     OR node NOT IN (SELECT id FROM nodes WHERE stopped_at IS NULL AND seen_at >= $1))",
+                    &[&now.0.saturating_sub(crate::storage::NODE_DEAD_AFTER_MS)],
+                )
                 .await?;
             Ok(())
         })
     }
 
-    fn record_presence(&mut self, changes: &[Presence]) -> Result<(), StorageError> {
+    fn record_presence(&mut self, node: &str, changes: &[Presence]) -> Result<(), StorageError> {
         self.io().wait(async {
             let mut client = self.client().await?;
             let tx = client.transaction().await?;
@@ -580,8 +642,8 @@ impl Devices for Pg {
                         ..
                     } => {
                         tx.execute(
-                            "UPDATE devices SET connected = 1, last_seen_at = $2, heartbeat_interval_ms = $3 WHERE id = $1",
-                            &[&id, &at.0, &i64::from(*heartbeat_interval_ms)],
+                            "UPDATE devices SET connected = 1, node = $4, last_seen_at = $2, heartbeat_interval_ms = $3 WHERE id = $1",
+                            &[&id, &at.0, &i64::from(*heartbeat_interval_ms), &node],
                         )
                         .await?
                     }
@@ -593,15 +655,15 @@ impl Devices for Pg {
                     } => {
                         // A heartbeat means connected, whatever order a reconnect's changes came in.
                         tx.execute(
-                            "UPDATE devices SET connected = 1, last_seen_at = $2, rtt_us = $3, vitals_json = $4 WHERE id = $1",
-                            &[&id, &at.0, rtt_us, vitals_json],
+                            "UPDATE devices SET connected = 1, node = $5, last_seen_at = $2, rtt_us = $3, vitals_json = $4 WHERE id = $1",
+                            &[&id, &at.0, rtt_us, vitals_json, &node],
                         )
                         .await?
                     }
                     Presence::Disconnected { at, .. } => {
                         tx.execute(
-                            "UPDATE devices SET connected = 0, last_seen_at = $2 WHERE id = $1",
-                            &[&id, &at.0],
+                            "UPDATE devices SET connected = 0, node = NULL, last_seen_at = $2 WHERE id = $1 AND node = $3",
+                            &[&id, &at.0, &node],
                         )
                         .await?
                     }
@@ -657,7 +719,7 @@ impl Devices for Pg {
             client
                 .query(
                     "SELECT d.id, a.name, d.name, d.revoked_at, d.connected, d.last_seen_at,
-                            d.heartbeat_interval_ms, d.rtt_us, d.vitals_json, d.prewarm_json
+                            d.heartbeat_interval_ms, d.rtt_us, d.vitals_json, d.prewarm_json, d.node
                      FROM devices d JOIN accounts a ON a.id = d.account_id
                      ORDER BY d.enrolled_at, d.id",
                     &[],
@@ -671,6 +733,7 @@ impl Devices for Pg {
                         name: r.get(2),
                         revoked_at: r.get::<_, Option<i64>>(3).map(UnixMillis),
                         connected: r.get::<_, i64>(4) != 0,
+                        node: r.get(10),
                         last_seen_at: r.get::<_, Option<i64>>(5).map(UnixMillis),
                         heartbeat_interval_ms: r.get(6),
                         rtt_us: r.get(7),

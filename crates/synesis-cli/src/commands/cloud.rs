@@ -661,6 +661,7 @@ pub(crate) async fn invite(out: &Output, paths: &Paths, args: &InviteArgs) -> an
     // The code carries what this device dials and trusts, so the invitee reaches the same cloud.
     let code = SetupToken {
         server: identity.info.server.clone(),
+        nodes: identity.info.nodes.clone(),
         ca_sha256: synesis_proto::Sha256(
             sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(
                 &identity.ca_der,

@@ -391,6 +391,7 @@ impl Demo {
             cert_lifetime: Duration::from_secs(90 * 24 * 3600),
             database: None,
             metrics_listen: None,
+            advertise: None,
         })
         .await
         .context("the cloud did not start")?;

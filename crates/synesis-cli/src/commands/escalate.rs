@@ -239,7 +239,7 @@ pub(crate) async fn ask_cloud(
             }
             Progress::StartedOver => {
                 eprintln!(
-                    "\nsynesis: the cloud lost the answer (it restarted); it starts over (charged once):"
+                    "\nsynesis: the cloud lost the answer (its node restarted or died); it starts over (charged once):"
                 );
             }
         };

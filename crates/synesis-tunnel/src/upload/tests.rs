@@ -463,6 +463,7 @@ fn identity() -> Identity {
             // Nothing listens here: a route that had to dial would not get through.
             server: "127.0.0.1:9".into(),
             enrolled_at: UnixMillis(0),
+            nodes: Vec::new(),
         },
         key_der: vec![],
         cert_der: vec![],
@@ -487,6 +488,7 @@ impl Setup {
                 let direct = Direct {
                     endpoint: loopback.client,
                     conn: loopback.conn,
+                    server: "127.0.0.1:9".into(),
                 };
                 (Route::Direct(identity(), Some(direct)), None)
             }
