@@ -13,7 +13,9 @@
 //!
 //! Two streams of one upload (a resume while the cloud has not yet noticed the old stream is
 //! dead) both write; their records merge (bits are only ever added), so neither loses the
-//! other's chunks. The sweeper ([`sweep`]) removes partial uploads abandoned for
+//! other's chunks. The seal for verification ([`Fences`]) stops this node's streams; a stream
+//! of the same upload on another node (the data directory is shared) is kept out of what is
+//! verified by verifying a copy ([`verify_and_store`]). The sweeper ([`sweep`]) removes partial uploads abandoned for
 //! `abandon_after` and content no name has pointed to for [`RELEASE_GRACE`].
 
 use std::path::{Path, PathBuf};
@@ -231,14 +233,10 @@ async fn run(peer: &Peer, begin: UploadBegin, stream: &mut Stream) -> Result<(),
             .await
             .map_err(Refusal::internal)?
             .map_err(Refusal::internal)?;
-        // Hashed as it is written when it starts from nothing and comes in order.
-        let from_scratch = held.count() == 0;
         writer = Some(PartWriter::start(
             file,
             Arc::clone(&turn),
-            from_scratch,
             declared.chunk_size,
-            chunks,
         ));
     }
     let mut upload = Receiving {
@@ -301,12 +299,10 @@ impl Receiving<'_> {
             None => recorded,
             Some(()) => {
                 recorded?;
-                let hashed = match &mut self.writer {
-                    Some(w) => w.finish().await?,
-                    None => None,
-                };
-                let sha =
-                    finish(self.peer, self.id, self.declared, completed, hashed, turn).await?;
+                if let Some(w) = &mut self.writer {
+                    w.finish().await?;
+                }
+                let sha = finish(self.peer, self.id, self.declared, completed, turn).await?;
                 let complete = UploadComplete {
                     upload_id: self.id,
                     sha256: sha,
@@ -573,8 +569,8 @@ async fn sync(file: &Arc<std::fs::File>) -> Result<(), Refusal> {
 enum Op {
     Write(u32, Vec<u8>),
     Sync(tokio::sync::oneshot::Sender<()>),
-    /// The digest when every chunk was hashed in order (`None`: hash the file).
-    Finish(tokio::sync::oneshot::Sender<Option<Sha256>>),
+    /// Synced, and stopped.
+    Finish(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Chunks queued for the writer (the most chunk memory a stream holds).
@@ -584,27 +580,15 @@ impl PartWriter {
     /// A writer for `file` (an upload of `chunks` chunks). A task, not a thread: each write or
     /// sync runs on the blocking pool only while it runs, so a stream that sends nothing
     /// holds no thread.
-    fn start(
-        file: std::fs::File,
-        turn: Arc<Turn>,
-        from_scratch: bool,
-        chunk_size: u32,
-        chunks: u32,
-    ) -> Self {
+    fn start(file: std::fs::File, turn: Arc<Turn>, chunk_size: u32) -> Self {
         let (ops, mut queue) = tokio::sync::mpsc::channel::<Op>(WRITE_AHEAD);
         let task = tokio::spawn(async move {
-            use sha2::Digest;
             let file = Arc::new(file);
-            // The digest of chunks 0..next, while they came in order from the first.
-            let mut hasher = from_scratch.then(sha2::Sha256::new);
-            let mut next = 0u32;
             while let Some(op) = queue.recv().await {
                 match op {
                     Op::Write(index, data) => {
-                        let in_order = hasher.is_some() && index == next;
-                        let carried = if in_order { hasher.take() } else { None };
                         let (file, turn) = (Arc::clone(&file), Arc::clone(&turn));
-                        let hashed = tokio::task::spawn_blocking(move || {
+                        tokio::task::spawn_blocking(move || {
                             use std::os::unix::fs::FileExt;
                             let at = u64::from(index) * u64::from(chunk_size);
                             turn.write(|| file.write_all_at(&data, at))
@@ -614,18 +598,10 @@ impl PartWriter {
                                         "a newer stream of this upload took over".into(),
                                     )
                                 })?
-                                .map_err(Refusal::internal)?;
-                            Ok::<_, Refusal>(carried.map(|mut h| {
-                                h.update(&data);
-                                h
-                            }))
+                                .map_err(Refusal::internal)
                         })
                         .await
                         .map_err(Refusal::internal)??;
-                        hasher = hashed;
-                        if hasher.is_some() {
-                            next += 1;
-                        }
                     }
                     Op::Sync(done) => {
                         sync(&file).await?;
@@ -633,13 +609,7 @@ impl PartWriter {
                     }
                     Op::Finish(done) => {
                         sync(&file).await?;
-                        // Only a digest of every chunk, each written by this stream in order
-                        // after it took its turn, is the file's.
-                        let digest = hasher
-                            .take()
-                            .filter(|_| next == chunks)
-                            .map(|h| Sha256(h.finalize().into()));
-                        let _ = done.send(digest);
+                        let _ = done.send(());
                         return Ok(());
                     }
                 }
@@ -688,15 +658,12 @@ impl PartWriter {
         Ok(())
     }
 
-    async fn finish(&mut self) -> Result<Option<Sha256>, Refusal> {
+    async fn finish(&mut self) -> Result<(), Refusal> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.ops.send(Op::Finish(tx)).await.is_err() {
+        if self.ops.send(Op::Finish(tx)).await.is_err() || rx.await.is_err() {
             return Err(self.failure().await);
         }
-        match rx.await {
-            Ok(digest) => Ok(digest),
-            Err(_) => Err(self.failure().await),
-        }
+        Ok(())
     }
 }
 
@@ -738,7 +705,6 @@ async fn finish(
     id: RequestId,
     d: &Declared,
     completed: bool,
-    hashed: Option<Sha256>,
     turn: &Turn,
 ) -> Result<Sha256, Refusal> {
     let shared = &peer.shared;
@@ -812,7 +778,7 @@ async fn finish(
                     "this upload's data is gone from the cloud; push it again".into(),
                 ))
             } else {
-                verify_and_store(&part_file, &blob_file, &want, hashed, &architecture)
+                verify_and_store(&part_file, &blob_file, &want, &architecture)
             }
         })
         .await
@@ -866,22 +832,21 @@ async fn finish(
     Ok(d.sha256)
 }
 
-/// Checks the sealed part file — its digest (`hashed` when it was hashed as it was written,
-/// else read again), a LoRA adapter for `architecture` — and moves it to its content address
-/// (synced, with its directory).
+/// Copies the sealed part file to a file of its own, hashing it as it copies; checks the copy —
+/// its digest, a LoRA adapter for `architecture` — and moves it to its content address (synced,
+/// with its directory), then removes the part file.
+///
+/// The copy is what makes "what is verified is what is stored" hold across nodes: the seal
+/// stops this node's streams, but a stream of the same upload on another node (the data
+/// directory is shared) may still hold the part file open and write to it. No writer has the
+/// copy open, so nothing changes it between the check and its use.
 fn verify_and_store(
     part: &Path,
     blob: &Path,
     d: &Declared,
-    hashed: Option<Sha256>,
     architecture: &str,
 ) -> Result<(), Refusal> {
     use std::os::unix::fs::DirBuilderExt;
-    let actual = match hashed {
-        Some(digest) => digest,
-        None => hash_file(part).map_err(Refusal::internal)?,
-    };
-    check(part, actual, d, architecture)?;
     let dir = blob
         .parent()
         .ok_or_else(|| Refusal::internal("a blob path has no directory"))?;
@@ -890,11 +855,46 @@ fn verify_and_store(
         .mode(0o700)
         .create(dir)
         .map_err(Refusal::internal)?;
-    std::fs::rename(part, blob).map_err(Refusal::internal)?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(Refusal::internal)?;
+    let copy = dir.join(format!(".{}.verifying", uuid::Uuid::now_v7().simple()));
+    let result = (|| {
+        let actual = copy_hashing(part, &copy).map_err(Refusal::internal)?;
+        check(&copy, actual, d, architecture)?;
+        std::fs::rename(&copy, blob).map_err(Refusal::internal)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(Refusal::internal)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&copy);
+    }
+    result?;
+    let _ = std::fs::remove_file(part);
     Ok(())
+}
+
+/// Copies `from` to the new file `to` (0600, synced), returning the SHA-256 of what it wrote.
+fn copy_hashing(from: &Path, to: &Path) -> std::io::Result<Sha256> {
+    use sha2::Digest;
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut source = std::fs::File::open(from)?;
+    let mut target = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = source.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        target.write_all(&buffer[..n])?;
+    }
+    target.sync_all()?;
+    Ok(Sha256(hasher.finalize().into()))
 }
 
 fn hash_file(path: &Path) -> std::io::Result<Sha256> {

@@ -582,3 +582,169 @@ fn a_draining_node_sends_its_devices_to_another() {
         "{row}"
     );
 }
+
+/// What is verified is what is stored, across nodes: the data directory is shared, so a stream
+/// of the same upload on another node may still write the part file while this node verifies
+/// it (its own seal stops only its own streams). Node A seals and verifies an upload whose every
+/// chunk it wrote (in order: it knows their digest); meanwhile a stream of the same upload on
+/// node B, begun before A had them, writes other bytes into one chunk. Node A must not store
+/// the changed file under the declared digest: it verifies a copy of its own, refuses it
+/// (`HASH_MISMATCH`), and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_on_another_node_cannot_change_an_upload_being_verified() {
+    use sha2::Digest;
+    use synesis_proto::message::{UploadBegin, UploadChunk, UploadDone};
+    use synesis_proto::{Blob, ErrorCode, FrameLimits, Message, Sha256};
+    const CHUNK: u32 = 64 * 1024;
+    if synesis_e2e::skip_unless(
+        std::env::var("SYNESIS_TEST_POSTGRES").is_ok_and(|u| !u.is_empty()),
+        "SYNESIS_TEST_POSTGRES names no PostgreSQL server (scripts/postgres.sh start DIR makes one)",
+    ) {
+        return;
+    }
+    let files = tempfile::tempdir().unwrap();
+    let model = files.path().join("tiny.gguf");
+    synesis_infer::tiny::write_model(&model, synesis_infer::tiny::TinySpec::TINY).unwrap();
+    let pause = files.path().join("pause");
+    let toml = files.path().join("cloud.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[adapters]\nverify_pause_while = {:?}\n[prices.tiny]\ninput_usd_per_mtok = \"1.00\"\noutput_usd_per_mtok = \"2.00\"\n\
+             [models.tiny]\nprovider = \"llama\"\npath = {:?}\nthreads = 1\n",
+            pause.display().to_string(),
+            model.display().to_string()
+        ),
+    )
+    .unwrap();
+    let config = ["--config", toml.to_str().unwrap()];
+    let a = Cloud::start_on_postgres(&config).expect("a database");
+    let b = a.node(&config);
+    run_ok(
+        a.admin()
+            .args(["account", "create", "acme", "--tier", "managed"]),
+    );
+    let device = Device::new();
+    device.login(&synesis_e2e::token_naming(&a.token("acme", "1h"), a.addr));
+    let (_on_a, conn_a) = synesis_e2e::connect_to(&device, Some(a.addr)).await;
+    let (_on_b, conn_b) = synesis_e2e::connect_to(&device, Some(b.addr)).await;
+
+    // A real adapter, padded past its tensors so that it spans several chunks.
+    let lora = files.path().join("l.gguf");
+    synesis_infer::tiny::write_lora(&lora, synesis_infer::tiny::TinySpec::TINY, 3).unwrap();
+    let mut bytes = std::fs::read(&lora).unwrap();
+    bytes.extend((0..300_000).map(|i| u8::try_from(i % 251).unwrap()));
+    let sha = Sha256(sha2::Sha256::digest(&bytes).into());
+    let size = bytes.len() as u64;
+    let begin = UploadBegin {
+        upload_id: synesis_tunnel::upload::upload_id("l", &sha, size, CHUNK),
+        name: "l".into(),
+        base_model: "tiny".into(),
+        size_bytes: size,
+        sha256: sha,
+        chunk_size_bytes: CHUNK,
+    };
+    let chunks = u32::try_from(bytes.len().div_ceil(CHUNK as usize)).unwrap();
+    let chunk = |index: u32, data: Vec<u8>| -> Message {
+        UploadChunk {
+            upload_id: begin.upload_id,
+            index,
+            data: Blob(data),
+        }
+        .into()
+    };
+    let piece = |index: u32| {
+        let at = (index * CHUNK) as usize;
+        bytes[at..(at + CHUNK as usize).min(bytes.len())].to_vec()
+    };
+    let open = |conn: quinn::Connection| {
+        let begin = begin.clone();
+        async move {
+            let (mut tx, rx) = conn.open_bi().await.unwrap();
+            let mut rx = synesis_wire::FramedRecv::new(rx, FrameLimits::default());
+            synesis_wire::send(&mut tx, &begin.into(), FrameLimits::default())
+                .await
+                .unwrap();
+            match rx.next().await.unwrap() {
+                Some(Message::UploadResume(r)) => assert!(r.chunks_held.is_empty(), "{r:?}"),
+                other => panic!("{other:?}"),
+            }
+            (tx, rx)
+        }
+    };
+    // B's stream begins first: it holds nothing, so it will write what it is sent.
+    let (mut tx_b, _rx_b) = open(conn_b.clone()).await;
+    // A's stream sends every chunk, in order, then UploadDone; A seals and holds there.
+    let (mut tx_a, mut rx_a) = open(conn_a.clone()).await;
+    for i in 0..chunks {
+        synesis_wire::send(&mut tx_a, &chunk(i, piece(i)), FrameLimits::default())
+            .await
+            .unwrap();
+    }
+    std::fs::write(&pause, b"").unwrap();
+    let done = UploadDone {
+        upload_id: begin.upload_id,
+    };
+    synesis_wire::send(&mut tx_a, &done.into(), FrameLimits::default())
+        .await
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || a
+            .log()
+            .contains("sealed for verification")),
+        "{}",
+        a.log()
+    );
+    // B writes other bytes into the last chunk (past the GGUF header: only the digest can tell).
+    let last = chunks - 1;
+    let mut forged = piece(last);
+    forged[0] ^= 0xff;
+    synesis_wire::send(&mut tx_b, &chunk(last, forged), FrameLimits::default())
+        .await
+        .unwrap();
+    let part = walk(&a.dir().join("uploads"))
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "part"))
+        .expect("the part file");
+    let at = (last * CHUNK) as usize;
+    assert!(
+        wait_for(Duration::from_secs(30), || std::fs::read(&part)
+            .is_ok_and(|on_disk| on_disk[at] == bytes[at] ^ 0xff)),
+        "node B wrote into the part file node A is verifying"
+    );
+    std::fs::remove_file(&pause).unwrap();
+    match rx_a.next().await.unwrap() {
+        Some(Message::ErrorMsg(m)) => assert_eq!(m.code, ErrorCode::HASH_MISMATCH, "{m:?}"),
+        other => panic!("stored although its bytes changed under the check: {other:?}"),
+    }
+    let stored: Vec<_> = walk(&a.dir().join("adapters"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .collect();
+    for blob in &stored {
+        let on_disk = std::fs::read(blob).unwrap();
+        assert_eq!(
+            Sha256(sha2::Sha256::digest(&on_disk).into()),
+            sha,
+            "{} is not the bytes it is named for",
+            blob.display()
+        );
+    }
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found
+}

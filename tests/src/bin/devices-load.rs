@@ -9,7 +9,7 @@
 //! one): the time from each request to its first chunk, p50 and p99.
 //!
 //! ```sh
-//! cargo build --release -p synesis-cloud -p synesis-e2e --bin devices-load
+//! cargo build --release -p synesis-cloud -p synesis-e2e --bin synesis-cloud --bin devices-load
 //! target/release/devices-load 1000 5000 10000        # add --json for one JSON object
 //! target/release/devices-load --postgres postgres://postgres@127.0.0.1:5432/postgres 10000
 //! ```
