@@ -480,19 +480,45 @@ async fn resume(peer: &Peer, asker: &Asker, r: EscalationResume, stream: &mut St
         }
         return follow(&run, stream, r.next_seq).await;
     }
+    let (theirs, me) = (asker.clone(), peer.shared.cluster.node.id.clone());
     let stored = peer
         .shared
         .storage
-        .read(move |db| db.unit().answer(account, request_id))
+        .read(move |db| {
+            let unit = db.unit();
+            if let Some(answer) = unit.answer(account, request_id)? {
+                return Ok(Resumed::Stored(answer));
+            }
+            // Still being made on another node that serves (the device lost that node, not
+            // the cloud): resumed here once it is stored. Only for the member that asked.
+            let elsewhere = unit
+                .running_on(account, request_id, now())?
+                .is_some_and(|node| node != me)
+                && unit.asker(account, request_id)?.as_ref() == Some(&theirs);
+            Ok(if elsewhere {
+                Resumed::Elsewhere
+            } else {
+                Resumed::Unknown
+            })
+        })
         .await;
     match stored {
-        Ok(Some(answer)) if answer.asker.as_ref() == Some(asker) => {
+        Ok(Resumed::Stored(answer)) if answer.asker.as_ref() == Some(asker) => {
             let run = Arc::new(Run::new(request_id, answer.body, asker.clone()));
             run.update(|s| {
                 s.chunks = answer.chunks;
                 s.end = Some(answer.done.into());
             });
             follow(&run, stream, r.next_seq).await;
+        }
+        Ok(Resumed::Elsewhere) => {
+            let reply = ErrorMsg {
+                code: ErrorCode::UNAVAILABLE,
+                message: "the answer is still being made on another node of the cloud; resume in a moment".into(),
+                request_id: Some(request_id),
+                retry_after_ms: Some(ELSEWHERE_RETRY_AFTER_MS),
+            };
+            stream.send_last(&reply.into()).await;
         }
         Ok(_) => stream.send_last(&unknown()).await,
         Err(e) => {
@@ -501,6 +527,14 @@ async fn resume(peer: &Peer, asker: &Asker, r: EscalationResume, stream: &mut St
             stream.send_last(&reply).await;
         }
     }
+}
+
+/// What a resume finds of a request this node does not hold.
+enum Resumed {
+    Stored(StoredAnswer),
+    /// It runs on another node that serves.
+    Elsewhere,
+    Unknown,
 }
 
 /// Streams `run` to this stream from chunk `from` to its end, and passes the device's

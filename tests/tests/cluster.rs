@@ -748,3 +748,98 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     found
 }
+
+/// A device that loses node A while A is still answering, and reaches node B: B does not run the
+/// request again while A serves (A goes on making the answer, and stores it); the device's
+/// `EscalationResume` on B is told to wait (`UNAVAILABLE`, `retry_after_ms`), and once A has
+/// stored the answer, the same resume on B streams the rest from where the device was: no gap,
+/// no repeat, one charge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_loses_a_live_node_gets_the_rest_of_its_answer_from_another() {
+    use synesis_e2e::upstream::{Script, paced_text, upstream, upstream_model};
+    use synesis_proto::message::EscalationResume;
+    use synesis_proto::{ErrorCode, FrameLimits, Message};
+    const PACED: u32 = 10;
+    if synesis_e2e::skip_unless(
+        std::env::var("SYNESIS_TEST_POSTGRES").is_ok_and(|u| !u.is_empty()),
+        "SYNESIS_TEST_POSTGRES names no PostgreSQL server (scripts/postgres.sh start DIR makes one)",
+    ) {
+        return;
+    }
+    let up = upstream(vec![Script::Paced(PACED)]).await;
+    let files = tempfile::tempdir().unwrap();
+    let toml = files.path().join("cloud.toml");
+    std::fs::write(&toml, upstream_model(up.port, "[\"managed\"]")).unwrap();
+    let config = ["--config", toml.to_str().unwrap()];
+    let a = Cloud::start_on_postgres(&config).expect("a database");
+    let b = a.node(&config);
+    run_ok(
+        a.admin()
+            .args(["account", "create", "acme", "--tier", "managed"]),
+    );
+    let device = Device::new();
+    device.login(&synesis_e2e::token_naming(&a.token("acme", "1h"), a.addr));
+    a.top_up(&device, "10.00");
+    let id = synesis_tunnel::clock::new_request_id();
+    let request = synesis_e2e::escalation_request(id, "up", "hello", PACED);
+
+    // On A: the first chunks, then the device loses A (its connection closes).
+    let (on_a, conn_a) = synesis_e2e::connect_to(&device, Some(a.addr)).await;
+    let (mut tx, rx) = conn_a.open_bi().await.unwrap();
+    synesis_wire::send(&mut tx, &request.into(), FrameLimits::default())
+        .await
+        .unwrap();
+    let mut rx = synesis_wire::FramedRecv::new(rx, FrameLimits::default());
+    up.release(PACED / 2);
+    let mut text = String::new();
+    for seq in 0..PACED / 2 {
+        match rx.next().await.unwrap() {
+            Some(Message::EscalationChunk(c)) => {
+                assert_eq!(c.seq, seq);
+                text.push_str(&c.text);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    conn_a.close(0u32.into(), b"lost");
+    on_a.wait_idle().await;
+
+    // On B, while A still makes it: wait.
+    let (_on_b, conn_b) = synesis_e2e::connect_to(&device, Some(b.addr)).await;
+    let resume = || EscalationResume {
+        request_id: id,
+        next_seq: PACED / 2,
+    };
+    let reply = synesis_e2e::exchange(&conn_b, resume().into(), None).await;
+    match &reply.end {
+        Some(Message::ErrorMsg(e)) => {
+            assert_eq!(e.code, ErrorCode::UNAVAILABLE, "{e:?}");
+            assert!(e.retry_after_ms.is_some(), "{e:?}");
+        }
+        other => panic!("B answered while A was making the answer: {other:?}"),
+    }
+    assert!(reply.text.is_empty());
+    // A finishes and stores it; the same resume on B gets the rest.
+    up.release(PACED);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let rest = loop {
+        let reply = synesis_e2e::exchange(&conn_b, resume().into(), None).await;
+        match &reply.end {
+            Some(Message::EscalationDone(d)) => {
+                assert_eq!(d.chunks, PACED);
+                break reply;
+            }
+            Some(Message::ErrorMsg(e)) if e.code == ErrorCode::UNAVAILABLE => {
+                assert!(tokio::time::Instant::now() < deadline, "{e:?}\n{}", a.log());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    text.push_str(&rest.text);
+    assert_eq!(text, paced_text(PACED), "no gap, no repeat");
+    assert_eq!(up.requests(), 1, "run once, on A");
+    let usage = json_of(device.synesis().args(["--json", "cloud", "usage"]));
+    assert_eq!(usage["charges"].as_array().unwrap().len(), 1, "{usage}");
+    assert_eq!(usage["held_micro_usd"].as_i64().unwrap(), 0, "{usage}");
+}

@@ -109,7 +109,21 @@ pub trait AnswerStore {
         answer: &StoredAnswer,
         at: UnixMillis,
     ) -> Result<(), StorageError>;
+    /// The node running `request_id` of `account` at `now`, when one is: its hold is open, and
+    /// the node it last ran on serves (`storage::NodeRow::serving`).
+    fn running_on(
+        &self,
+        account: AccountId,
+        request_id: RequestId,
+        now: UnixMillis,
+    ) -> Result<Option<String>, StorageError>;
 }
+
+/// [`AnswerStore::running_on`], in SQL both backends speak (`?1`… are `$1`… on PostgreSQL).
+pub(crate) const RUNNING_ON: &str = "SELECT r.node FROM runs r
+     JOIN nodes n ON n.id = r.node
+     JOIN ledger_open_holds h ON h.account_id = r.account_id AND h.request_id = r.request_id
+     WHERE r.account_id = ?1 AND r.request_id = ?2 AND n.stopped_at IS NULL AND n.seen_at >= ?3";
 
 impl MemberStore for Unit<'_> {
     fn members(&self, account: AccountId) -> Result<Vec<MemberRow>, StorageError> {
@@ -225,6 +239,24 @@ impl AnswerStore for Unit<'_> {
         at: UnixMillis,
     ) -> Result<(), StorageError> {
         super::answers::put(self.conn, account, request_id, answer, at)
+    }
+
+    fn running_on(
+        &self,
+        account: AccountId,
+        request_id: RequestId,
+        now: UnixMillis,
+    ) -> Result<Option<String>, StorageError> {
+        use rusqlite::OptionalExtension;
+        let since = now.0.saturating_sub(super::NODE_DEAD_AFTER_MS);
+        Ok(self
+            .conn
+            .prepare_cached(RUNNING_ON)?
+            .query_row(
+                rusqlite::params![account.to_string(), request_id.to_string(), since],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 }
 

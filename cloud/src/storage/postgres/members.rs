@@ -637,4 +637,27 @@ impl AnswerStore for Pg {
             put_answer(&self.client().await?, account, request_id, answer, at).await
         })
     }
+
+    fn running_on(
+        &self,
+        account: AccountId,
+        request_id: RequestId,
+        now: UnixMillis,
+    ) -> Result<Option<String>, StorageError> {
+        let since = now.0.saturating_sub(crate::storage::NODE_DEAD_AFTER_MS);
+        let sql = crate::storage::unit::RUNNING_ON
+            .replace("?1", "$1")
+            .replace("?2", "$2")
+            .replace("?3", "$3");
+        self.io().wait(async {
+            let client = self.client().await?;
+            Ok(client
+                .query_opt(
+                    &sql,
+                    &[&account.to_string(), &request_id.to_string(), &since],
+                )
+                .await?
+                .map(|r| r.get(0)))
+        })
+    }
 }
