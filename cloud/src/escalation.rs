@@ -1136,23 +1136,19 @@ fn unavailable(e: &StorageError, id: RequestId) -> Message {
 }
 
 fn ledger_refusal(e: LedgerError, id: RequestId) -> Message {
-    if let LedgerError::Running(_) = e {
+    let wait = match e {
         // Told to wait as a node's own limit tells it (`Claim::Busy`).
-        return ErrorMsg {
-            code: ErrorCode::LIMIT_EXCEEDED,
-            message: format!("{e}"),
-            request_id: Some(id),
-            retry_after_ms: Some(BUSY_RETRY_AFTER_MS),
-        }
-        .into();
-    }
-    if let LedgerError::RunningElsewhere = e {
+        LedgerError::Running(_) => Some((ErrorCode::LIMIT_EXCEEDED, BUSY_RETRY_AFTER_MS)),
         // A device that lost its node asks another while the first is not yet known dead.
+        LedgerError::RunningElsewhere => Some((ErrorCode::UNAVAILABLE, ELSEWHERE_RETRY_AFTER_MS)),
+        _ => None,
+    };
+    if let Some((code, after_ms)) = wait {
         return ErrorMsg {
-            code: ErrorCode::UNAVAILABLE,
+            code,
             message: format!("{e}"),
             request_id: Some(id),
-            retry_after_ms: Some(ELSEWHERE_RETRY_AFTER_MS),
+            retry_after_ms: Some(after_ms),
         }
         .into();
     }

@@ -10,10 +10,7 @@ use synesis_e2e::{Cloud, Device, json_of, run_ok, wait_for};
 
 /// Two nodes of one cloud, `None` (having said so) without a PostgreSQL server.
 fn two_nodes() -> Option<(Cloud, Cloud)> {
-    if synesis_e2e::skip_unless(
-        std::env::var("SYNESIS_TEST_POSTGRES").is_ok_and(|u| !u.is_empty()),
-        "SYNESIS_TEST_POSTGRES names no PostgreSQL server (scripts/postgres.sh start DIR makes one)",
-    ) {
+    if !postgres() {
         return None;
     }
     let a = Cloud::start_on_postgres(&[]).expect("a database");
@@ -27,6 +24,50 @@ fn logged_ms(log: &str, what: &str, key: &str) -> Option<i64> {
     let line = log.lines().find(|l| l.contains(what))?;
     let value = line.split(&format!("{key}=")).nth(1)?;
     value.split_whitespace().next()?.parse().ok()
+}
+
+/// Whether a PostgreSQL server is named (having said so when not: the test is skipped).
+fn postgres() -> bool {
+    !synesis_e2e::skip_unless(
+        std::env::var("SYNESIS_TEST_POSTGRES").is_ok_and(|u| !u.is_empty()),
+        "SYNESIS_TEST_POSTGRES names no PostgreSQL server (scripts/postgres.sh start DIR makes one)",
+    )
+}
+
+/// Two nodes whose model `up` is the scripted upstream answering `script` (`extra` at the top
+/// of their `cloud.toml`), with the account `acme` (Managed).
+struct UpCluster {
+    up: synesis_e2e::upstream::Upstream,
+    a: Cloud,
+    b: Cloud,
+    _files: tempfile::TempDir,
+}
+
+async fn up_cluster(script: Vec<synesis_e2e::upstream::Script>, extra: &str) -> UpCluster {
+    let up = synesis_e2e::upstream::upstream(script).await;
+    let files = tempfile::tempdir().unwrap();
+    let toml = files.path().join("cloud.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "{extra}\n{}",
+            synesis_e2e::upstream::upstream_model(up.port, "[\"managed\"]")
+        ),
+    )
+    .unwrap();
+    let config = ["--config", toml.to_str().unwrap()];
+    let a = Cloud::start_on_postgres(&config).expect("a database");
+    let b = a.node(&config);
+    run_ok(
+        a.admin()
+            .args(["account", "create", "acme", "--tier", "managed"]),
+    );
+    UpCluster {
+        up,
+        a,
+        b,
+        _files: files,
+    }
 }
 
 /// A member removed by the owner's device through node A is cut off on node B, where its
@@ -136,34 +177,18 @@ fn a_member_removed_through_one_node_is_cut_off_on_another_within_a_second() {
 /// account's open holds, read in the database under the account's lock as the hold is placed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_running_limit_of_an_account_holds_across_nodes() {
-    use synesis_e2e::upstream::{Script, paced_text, upstream, upstream_model};
+    use synesis_e2e::upstream::{Script, paced_text};
     use synesis_proto::{ErrorCode, Message};
     const PACED: u32 = 8;
-    if synesis_e2e::skip_unless(
-        std::env::var("SYNESIS_TEST_POSTGRES").is_ok_and(|u| !u.is_empty()),
-        "SYNESIS_TEST_POSTGRES names no PostgreSQL server (scripts/postgres.sh start DIR makes one)",
-    ) {
+    if !postgres() {
         return;
     }
-    let up = upstream(vec![Script::Paced(PACED), Script::Paced(PACED)]).await;
-    up.release(1);
-    let files = tempfile::tempdir().unwrap();
-    let toml = files.path().join("cloud.toml");
-    std::fs::write(
-        &toml,
-        format!(
-            "[escalation]\nper_account_max = 2\n{}",
-            upstream_model(up.port, "[\"managed\"]")
-        ),
+    let UpCluster { up, a, b, _files } = up_cluster(
+        vec![Script::Paced(PACED), Script::Paced(PACED)],
+        "[escalation]\nper_account_max = 2",
     )
-    .unwrap();
-    let config = ["--config", toml.to_str().unwrap()];
-    let a = Cloud::start_on_postgres(&config).expect("a database");
-    let b = a.node(&config);
-    run_ok(
-        a.admin()
-            .args(["account", "create", "acme", "--tier", "managed"]),
-    );
+    .await;
+    up.release(1);
     let device = Device::new();
     device.login(&synesis_e2e::token_naming(&a.token("acme", "1h"), a.addr));
     a.top_up(&device, "10.00");
@@ -280,25 +305,17 @@ fn the_nodes_know_each_other_and_a_dead_one_is_noticed() {
 /// `admin devices` (run against either node's data) shows the device online on B.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_answer_leaves_the_answer_to_another_charged_once() {
-    use synesis_e2e::upstream::{Script, paced_text, upstream, upstream_model};
+    use synesis_e2e::upstream::{Script, paced_text};
     const PACED: u32 = 20;
-    if synesis_e2e::skip_unless(
-        std::env::var("SYNESIS_TEST_POSTGRES").is_ok_and(|u| !u.is_empty()),
-        "SYNESIS_TEST_POSTGRES names no PostgreSQL server (scripts/postgres.sh start DIR makes one)",
-    ) {
+    if !postgres() {
         return;
     }
-    let up = upstream(vec![Script::Paced(PACED), Script::Paced(PACED)]).await;
-    let files = tempfile::tempdir().unwrap();
-    let toml = files.path().join("cloud.toml");
-    std::fs::write(&toml, upstream_model(up.port, "[\"managed\"]")).unwrap();
-    let config = ["--config", toml.to_str().unwrap()];
-    let mut a = Cloud::start_on_postgres(&config).expect("a database");
-    let b = a.node(&config);
-    run_ok(
-        a.admin()
-            .args(["account", "create", "acme", "--tier", "managed"]),
-    );
+    let UpCluster {
+        up,
+        mut a,
+        b,
+        _files,
+    } = up_cluster(vec![Script::Paced(PACED), Script::Paced(PACED)], "").await;
     // Each node reads the others at its heartbeat (every 2 s): both serving, and one more beat.
     let serving = || {
         match json_of(a.admin().args(["nodes", "--json"])) {
@@ -427,26 +444,18 @@ async fn a_node_killed_mid_answer_leaves_the_answer_to_another_charged_once() {
 /// requests meanwhile go to the node still serving (its token names both).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hold_of_a_request_its_dead_node_left_is_released_by_the_others() {
-    use synesis_e2e::upstream::{Script, upstream, upstream_model};
+    use synesis_e2e::upstream::Script;
     use synesis_proto::Message;
-    if synesis_e2e::skip_unless(
-        std::env::var("SYNESIS_TEST_POSTGRES").is_ok_and(|u| !u.is_empty()),
-        "SYNESIS_TEST_POSTGRES names no PostgreSQL server (scripts/postgres.sh start DIR makes one)",
-    ) {
+    if !postgres() {
         return;
     }
-    let up = upstream(vec![Script::Paced(20)]).await;
+    let UpCluster {
+        up,
+        mut a,
+        b,
+        _files,
+    } = up_cluster(vec![Script::Paced(20)], "").await;
     up.release(1);
-    let files = tempfile::tempdir().unwrap();
-    let toml = files.path().join("cloud.toml");
-    std::fs::write(&toml, upstream_model(up.port, "[\"managed\"]")).unwrap();
-    let config = ["--config", toml.to_str().unwrap()];
-    let mut a = Cloud::start_on_postgres(&config).expect("a database");
-    let b = a.node(&config);
-    run_ok(
-        a.admin()
-            .args(["account", "create", "acme", "--tier", "managed"]),
-    );
     // Node A first, node B after it.
     let token = synesis_e2e::token_naming(&a.token("acme", "1h"), a.addr).replacen(
         &a.addr.to_string(),
@@ -596,10 +605,7 @@ async fn a_stream_on_another_node_cannot_change_an_upload_being_verified() {
     use synesis_proto::message::{UploadBegin, UploadChunk, UploadDone};
     use synesis_proto::{Blob, ErrorCode, FrameLimits, Message, Sha256};
     const CHUNK: u32 = 64 * 1024;
-    if synesis_e2e::skip_unless(
-        std::env::var("SYNESIS_TEST_POSTGRES").is_ok_and(|u| !u.is_empty()),
-        "SYNESIS_TEST_POSTGRES names no PostgreSQL server (scripts/postgres.sh start DIR makes one)",
-    ) {
+    if !postgres() {
         return;
     }
     let files = tempfile::tempdir().unwrap();
@@ -756,27 +762,14 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 /// no repeat, one charge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_loses_a_live_node_gets_the_rest_of_its_answer_from_another() {
-    use synesis_e2e::upstream::{Script, paced_text, upstream, upstream_model};
+    use synesis_e2e::upstream::{Script, paced_text};
     use synesis_proto::message::EscalationResume;
     use synesis_proto::{ErrorCode, FrameLimits, Message};
     const PACED: u32 = 10;
-    if synesis_e2e::skip_unless(
-        std::env::var("SYNESIS_TEST_POSTGRES").is_ok_and(|u| !u.is_empty()),
-        "SYNESIS_TEST_POSTGRES names no PostgreSQL server (scripts/postgres.sh start DIR makes one)",
-    ) {
+    if !postgres() {
         return;
     }
-    let up = upstream(vec![Script::Paced(PACED)]).await;
-    let files = tempfile::tempdir().unwrap();
-    let toml = files.path().join("cloud.toml");
-    std::fs::write(&toml, upstream_model(up.port, "[\"managed\"]")).unwrap();
-    let config = ["--config", toml.to_str().unwrap()];
-    let a = Cloud::start_on_postgres(&config).expect("a database");
-    let b = a.node(&config);
-    run_ok(
-        a.admin()
-            .args(["account", "create", "acme", "--tier", "managed"]),
-    );
+    let UpCluster { up, a, b, _files } = up_cluster(vec![Script::Paced(PACED)], "").await;
     let device = Device::new();
     device.login(&synesis_e2e::token_naming(&a.token("acme", "1h"), a.addr));
     a.top_up(&device, "10.00");
