@@ -486,19 +486,20 @@ async fn resume(peer: &Peer, asker: &Asker, r: EscalationResume, stream: &mut St
         .storage
         .read(move |db| {
             let unit = db.unit();
-            if let Some(answer) = unit.answer(account, request_id)? {
-                return Ok(Resumed::Stored(answer));
-            }
             // Still being made on another node that serves (the device lost that node, not
             // the cloud): resumed here once it is stored. Only for the member that asked.
+            // Read before the answer: the hold closes in the transaction that stores the
+            // answer, so a request found not running has its answer visible after.
             let elsewhere = unit
                 .running_on(account, request_id, now())?
                 .is_some_and(|node| node != me)
                 && unit.asker(account, request_id)?.as_ref() == Some(&theirs);
-            Ok(if elsewhere {
-                Resumed::Elsewhere
-            } else {
-                Resumed::Unknown
+            if elsewhere {
+                return Ok(Resumed::Elsewhere);
+            }
+            Ok(match unit.answer(account, request_id)? {
+                Some(answer) => Resumed::Stored(answer),
+                None => Resumed::Unknown,
             })
         })
         .await;

@@ -48,6 +48,10 @@ const RECORD_AT_LEAST_EVERY: Duration = Duration::from_secs(30);
 const BUSY_FOR: Duration = Duration::from_secs(120);
 /// Content no name points to any more stays this long (requests admitted before still use it).
 pub const RELEASE_GRACE: Duration = Duration::from_secs(3_600);
+/// A node that recorded a heartbeat this recently, and did not stop cleanly, may still have an
+/// upload stream writing into the shared data directory (even if it is taken for dead: cut off
+/// from the database, not from the files).
+const OTHER_NODE_WRITES_FOR_MS: i64 = 600_000;
 /// The longest adapter name.
 const NAME_MAX: usize = 64;
 
@@ -755,6 +759,20 @@ async fn finish(
         .read(move |db| db.unit().holds_content(account, &sha, size))
         .await
         .map_err(Refusal::internal)?;
+    // Another node that may hold a stream of this upload: its part file is verified as a copy.
+    let me = shared.cluster.node.id.clone();
+    let shared_with_others = shared
+        .storage
+        .read(move |db| {
+            let at = now();
+            Ok(db.nodes()?.iter().any(|n| {
+                n.id != me
+                    && n.stopped_at.is_none()
+                    && at.0.saturating_sub(n.seen_at.0) < OTHER_NODE_WRITES_FOR_MS
+            }))
+        })
+        .await
+        .map_err(Refusal::internal)?;
     let architecture = base_architecture(shared, &d.base_model).ok_or_else(|| {
         Refusal(
             ErrorCode::UNKNOWN_MODEL,
@@ -778,7 +796,13 @@ async fn finish(
                     "this upload's data is gone from the cloud; push it again".into(),
                 ))
             } else {
-                verify_and_store(&part_file, &blob_file, &want, &architecture)
+                verify_and_store(
+                    &part_file,
+                    &blob_file,
+                    &want,
+                    &architecture,
+                    shared_with_others,
+                )
             }
         })
         .await
@@ -832,19 +856,22 @@ async fn finish(
     Ok(d.sha256)
 }
 
-/// Copies the sealed part file to a file of its own, hashing it as it copies; checks the copy —
-/// its digest, a LoRA adapter for `architecture` — and moves it to its content address (synced,
-/// with its directory), then removes the part file.
+/// Checks the sealed part file — its digest, a LoRA adapter for `architecture` — and moves it
+/// to its content address (synced, with its directory).
 ///
-/// The copy is what makes "what is verified is what is stored" hold across nodes: the seal
-/// stops this node's streams, but a stream of the same upload on another node (the data
-/// directory is shared) may still hold the part file open and write to it. No writer has the
-/// copy open, so nothing changes it between the check and its use.
+/// With other nodes about (`shared_with_others`), it first copies the part file to a file of its
+/// own, hashing it as it copies, and checks and moves the copy; then removes the part file. The
+/// copy is what makes "what is verified is what is stored" hold across nodes: the seal stops
+/// this node's streams, but a stream of the same upload on another node (the data directory is
+/// shared) may still hold the part file open and write to it. No writer has the copy open, so
+/// nothing changes it between the check and its use. Alone, the seal is enough, and the copy
+/// (a write and a sync of the whole adapter) is spared.
 fn verify_and_store(
     part: &Path,
     blob: &Path,
     d: &Declared,
     architecture: &str,
+    shared_with_others: bool,
 ) -> Result<(), Refusal> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = blob
@@ -855,6 +882,14 @@ fn verify_and_store(
         .mode(0o700)
         .create(dir)
         .map_err(Refusal::internal)?;
+    if !shared_with_others {
+        let actual = hash_file(part).map_err(Refusal::internal)?;
+        check(part, actual, d, architecture)?;
+        std::fs::rename(part, blob).map_err(Refusal::internal)?;
+        return std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(Refusal::internal);
+    }
     let copy = dir.join(format!(".{}.verifying", uuid::Uuid::now_v7().simple()));
     let result = (|| {
         let actual = copy_hashing(part, &copy).map_err(Refusal::internal)?;
