@@ -237,10 +237,14 @@ async fn run(peer: &Peer, begin: UploadBegin, stream: &mut Stream) -> Result<(),
             .await
             .map_err(Refusal::internal)?
             .map_err(Refusal::internal)?;
+        // Hashed as it is written when it starts from nothing and comes in order.
+        let from_scratch = held.count() == 0;
         writer = Some(PartWriter::start(
             file,
             Arc::clone(&turn),
+            from_scratch,
             declared.chunk_size,
+            chunks,
         ));
     }
     let mut upload = Receiving {
@@ -303,10 +307,12 @@ impl Receiving<'_> {
             None => recorded,
             Some(()) => {
                 recorded?;
-                if let Some(w) = &mut self.writer {
-                    w.finish().await?;
-                }
-                let sha = finish(self.peer, self.id, self.declared, completed, turn).await?;
+                let hashed = match &mut self.writer {
+                    Some(w) => w.finish().await?,
+                    None => None,
+                };
+                let sha =
+                    finish(self.peer, self.id, self.declared, completed, hashed, turn).await?;
                 let complete = UploadComplete {
                     upload_id: self.id,
                     sha256: sha,
@@ -573,8 +579,8 @@ async fn sync(file: &Arc<std::fs::File>) -> Result<(), Refusal> {
 enum Op {
     Write(u32, Vec<u8>),
     Sync(tokio::sync::oneshot::Sender<()>),
-    /// Synced, and stopped.
-    Finish(tokio::sync::oneshot::Sender<()>),
+    /// The digest when every chunk was hashed in order (`None`: hash the file).
+    Finish(tokio::sync::oneshot::Sender<Option<Sha256>>),
 }
 
 /// Chunks queued for the writer (the most chunk memory a stream holds).
@@ -584,15 +590,27 @@ impl PartWriter {
     /// A writer for `file` (an upload of `chunks` chunks). A task, not a thread: each write or
     /// sync runs on the blocking pool only while it runs, so a stream that sends nothing
     /// holds no thread.
-    fn start(file: std::fs::File, turn: Arc<Turn>, chunk_size: u32) -> Self {
+    fn start(
+        file: std::fs::File,
+        turn: Arc<Turn>,
+        from_scratch: bool,
+        chunk_size: u32,
+        chunks: u32,
+    ) -> Self {
         let (ops, mut queue) = tokio::sync::mpsc::channel::<Op>(WRITE_AHEAD);
         let task = tokio::spawn(async move {
+            use sha2::Digest;
             let file = Arc::new(file);
+            // The digest of chunks 0..next, while they came in order from the first.
+            let mut hasher = from_scratch.then(sha2::Sha256::new);
+            let mut next = 0u32;
             while let Some(op) = queue.recv().await {
                 match op {
                     Op::Write(index, data) => {
+                        let in_order = hasher.is_some() && index == next;
+                        let carried = if in_order { hasher.take() } else { None };
                         let (file, turn) = (Arc::clone(&file), Arc::clone(&turn));
-                        tokio::task::spawn_blocking(move || {
+                        let hashed = tokio::task::spawn_blocking(move || {
                             use std::os::unix::fs::FileExt;
                             let at = u64::from(index) * u64::from(chunk_size);
                             turn.write(|| file.write_all_at(&data, at))
@@ -602,10 +620,18 @@ impl PartWriter {
                                         "a newer stream of this upload took over".into(),
                                     )
                                 })?
-                                .map_err(Refusal::internal)
+                                .map_err(Refusal::internal)?;
+                            Ok::<_, Refusal>(carried.map(|mut h| {
+                                h.update(&data);
+                                h
+                            }))
                         })
                         .await
                         .map_err(Refusal::internal)??;
+                        hasher = hashed;
+                        if hasher.is_some() {
+                            next += 1;
+                        }
                     }
                     Op::Sync(done) => {
                         sync(&file).await?;
@@ -613,7 +639,13 @@ impl PartWriter {
                     }
                     Op::Finish(done) => {
                         sync(&file).await?;
-                        let _ = done.send(());
+                        // Only a digest of every chunk, each written by this stream in order
+                        // after it took its turn, is the file's.
+                        let digest = hasher
+                            .take()
+                            .filter(|_| next == chunks)
+                            .map(|h| Sha256(h.finalize().into()));
+                        let _ = done.send(digest);
                         return Ok(());
                     }
                 }
@@ -662,12 +694,15 @@ impl PartWriter {
         Ok(())
     }
 
-    async fn finish(&mut self) -> Result<(), Refusal> {
+    async fn finish(&mut self) -> Result<Option<Sha256>, Refusal> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.ops.send(Op::Finish(tx)).await.is_err() || rx.await.is_err() {
+        if self.ops.send(Op::Finish(tx)).await.is_err() {
             return Err(self.failure().await);
         }
-        Ok(())
+        match rx.await {
+            Ok(digest) => Ok(digest),
+            Err(_) => Err(self.failure().await),
+        }
     }
 }
 
@@ -709,6 +744,7 @@ async fn finish(
     id: RequestId,
     d: &Declared,
     completed: bool,
+    hashed: Option<Sha256>,
     turn: &Turn,
 ) -> Result<Sha256, Refusal> {
     let shared = &peer.shared;
@@ -801,6 +837,7 @@ async fn finish(
                     &blob_file,
                     &want,
                     &architecture,
+                    hashed.filter(|_| !shared_with_others),
                     shared_with_others,
                 )
             }
@@ -856,8 +893,9 @@ async fn finish(
     Ok(d.sha256)
 }
 
-/// Checks the sealed part file — its digest, a LoRA adapter for `architecture` — and moves it
-/// to its content address (synced, with its directory).
+/// Checks the sealed part file — its digest (`hashed` when it was hashed as it was written,
+/// else read again), a LoRA adapter for `architecture` — and moves it to its content address
+/// (synced, with its directory).
 ///
 /// With other nodes about (`shared_with_others`), it first copies the part file to a file of its
 /// own, hashing it as it copies, and checks and moves the copy; then removes the part file. The
@@ -871,6 +909,7 @@ fn verify_and_store(
     blob: &Path,
     d: &Declared,
     architecture: &str,
+    hashed: Option<Sha256>,
     shared_with_others: bool,
 ) -> Result<(), Refusal> {
     use std::os::unix::fs::DirBuilderExt;
@@ -883,7 +922,10 @@ fn verify_and_store(
         .create(dir)
         .map_err(Refusal::internal)?;
     if !shared_with_others {
-        let actual = hash_file(part).map_err(Refusal::internal)?;
+        let actual = match hashed {
+            Some(digest) => digest,
+            None => hash_file(part).map_err(Refusal::internal)?,
+        };
         check(part, actual, d, architecture)?;
         std::fs::rename(part, blob).map_err(Refusal::internal)?;
         return std::fs::File::open(dir)
