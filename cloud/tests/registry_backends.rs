@@ -268,6 +268,31 @@ fn scenario(store: &mut (impl Accounts + Devices + Nodes + Vouchers)) {
         "{row:?}"
     );
     // A node known gone: the devices shown on it are offline.
+    // In one write, in order: heartbeats written together still come before a disconnect
+    // after them, and after a connect before them.
+    let seen = |at| Presence::Seen {
+        device: device_id(1),
+        at: UnixMillis(at),
+        rtt_us: 9,
+        vitals_json: "{}".into(),
+    };
+    store
+        .record_presence("n2", &[connected(301), seen(302), gone(303)])
+        .unwrap();
+    let row = &store.devices().unwrap()[0];
+    assert!(
+        !row.connected && row.last_seen_at == Some(UnixMillis(303)),
+        "{row:?}"
+    );
+    store
+        .record_presence("n2", &[gone(304), seen(305), seen(306)])
+        .unwrap();
+    let row = &store.devices().unwrap()[0];
+    assert!(
+        row.connected && row.last_seen_at == Some(UnixMillis(306)),
+        "{row:?}"
+    );
+    assert_eq!(row.rtt_us, Some(9));
     store.record_presence("n3", &[connected(310)]).unwrap();
     store.node_gone("n2").unwrap();
     assert!(store.devices().unwrap()[0].connected, "on n3, not n2");

@@ -633,8 +633,22 @@ impl Devices for Pg {
         self.io().wait(async {
             let mut client = self.client().await?;
             let tx = client.transaction().await?;
+            // Heartbeats (most of what comes) in one statement per run of them; the rest one
+            // by one, in order, each after the heartbeats before it.
+            let mut seen = SeenRun::default();
             for change in changes {
                 let id = change.device().to_string();
+                if let Presence::Seen {
+                    at,
+                    rtt_us,
+                    vitals_json,
+                    ..
+                } = change
+                {
+                    seen.push(id, *at, *rtt_us, vitals_json.clone());
+                    continue;
+                }
+                seen.flush(&tx, node).await?;
                 match change {
                     Presence::Connected {
                         heartbeat_interval_ms,
@@ -647,19 +661,7 @@ impl Devices for Pg {
                         )
                         .await?
                     }
-                    Presence::Seen {
-                        at,
-                        rtt_us,
-                        vitals_json,
-                        ..
-                    } => {
-                        // A heartbeat means connected, whatever order a reconnect's changes came in.
-                        tx.execute(
-                            "UPDATE devices SET connected = 1, node = $5, last_seen_at = $2, rtt_us = $3, vitals_json = $4 WHERE id = $1",
-                            &[&id, &at.0, rtt_us, vitals_json, &node],
-                        )
-                        .await?
-                    }
+                    Presence::Seen { .. } => 0, // gathered above
                     Presence::Disconnected { at, .. } => {
                         tx.execute(
                             "UPDATE devices SET connected = 0, node = NULL, last_seen_at = $2 WHERE id = $1 AND node = $3",
@@ -676,6 +678,7 @@ impl Devices for Pg {
                     }
                 };
             }
+            seen.flush(&tx, node).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -763,5 +766,53 @@ impl Vouchers for Pg {
                 .await?;
             Ok(())
         })
+    }
+}
+
+/// Heartbeats waiting to be written together (`record_presence`): one `UPDATE … FROM unnest`
+/// for the lot, not a statement (a round trip) each.
+/// A device's later heartbeat replaces its earlier one in the run (an `UPDATE … FROM` with two
+/// rows for one target applies either).
+#[derive(Default)]
+struct SeenRun {
+    ids: Vec<String>,
+    ats: Vec<i64>,
+    rtts: Vec<i64>,
+    vitals: Vec<String>,
+    at: std::collections::HashMap<String, usize>,
+}
+
+impl SeenRun {
+    fn push(&mut self, id: String, at: UnixMillis, rtt_us: i64, vitals_json: String) {
+        if let Some(&i) = self.at.get(&id) {
+            (self.ats[i], self.rtts[i], self.vitals[i]) = (at.0, rtt_us, vitals_json);
+            return;
+        }
+        self.at.insert(id.clone(), self.ids.len());
+        self.ids.push(id);
+        self.ats.push(at.0);
+        self.rtts.push(rtt_us);
+        self.vitals.push(vitals_json);
+    }
+
+    async fn flush(
+        &mut self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        node: &str,
+    ) -> Result<(), StorageError> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        // A heartbeat means connected, whatever order a reconnect's changes came in.
+        tx.execute(
+            "UPDATE devices AS d SET connected = 1, node = $5, last_seen_at = v.at, rtt_us = v.rtt,
+                    vitals_json = v.vitals
+             FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[]) AS v (id, at, rtt, vitals)
+             WHERE d.id = v.id",
+            &[&self.ids, &self.ats, &self.rtts, &self.vitals, &node],
+        )
+        .await?;
+        *self = SeenRun::default();
+        Ok(())
     }
 }
