@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
@@ -61,6 +61,8 @@ pub enum InferError {
     },
     #[error("llama.cpp failed: {0}")]
     Llama(String),
+    #[error("{0}")]
+    Grammar(String),
 }
 
 /// llama.cpp allows one backend per process: this is it. Code that calls `llama-cpp-2` directly
@@ -150,6 +152,52 @@ pub struct Request {
     /// Earlier turns of the conversation (a system prompt first, when there is one); `prompt`
     /// is the user's last turn. Empty for a single question.
     pub context: Vec<ChatMessage>,
+    /// A grammar the answer must follow (JSON mode, a JSON schema, a tool call).
+    pub grammar: Option<Grammar>,
+    /// OpenAI's presence penalty: subtracted from the logit of every token already generated.
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty: subtracted once per earlier occurrence of the token.
+    pub frequency_penalty: f32,
+    /// Record each generated token's log-probability, with this many of the likeliest
+    /// alternatives (at most [`TOP_LOGPROBS_MAX`]) in [`Generation::tokens`].
+    pub logprobs: Option<u8>,
+}
+
+/// The most alternatives [`Request::logprobs`] may ask for (OpenAI's limit).
+pub const TOP_LOGPROBS_MAX: u8 = 20;
+
+/// A grammar in llama.cpp's GBNF that the generated text must follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grammar {
+    pub gbnf: String,
+    /// The rule the text as a whole follows.
+    pub root: String,
+    /// Empty: the grammar holds from the first token. Otherwise the text is free until one of
+    /// these words appears, and the grammar holds from that word on (it must match it).
+    pub triggers: Vec<String>,
+}
+
+impl Grammar {
+    /// The grammar of the JSON documents a JSON schema accepts (llama.cpp's converter, the one
+    /// its server uses); `{"type": "object"}` is any JSON object.
+    pub fn json_schema(schema: &str) -> Result<Grammar, InferError> {
+        let gbnf = llama_cpp_2::json_schema_to_grammar(schema)
+            .map_err(|e| InferError::Grammar(format!("the JSON schema has no grammar: {e}")))?;
+        Ok(Grammar {
+            gbnf,
+            root: "root".into(),
+            triggers: Vec::new(),
+        })
+    }
+}
+
+/// One generated token, and how likely the model found it and its likeliest alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub bytes: Vec<u8>,
+    pub logprob: f64,
+    /// The likeliest tokens at this place, most likely first.
+    pub top: Vec<(Vec<u8>, f64)>,
 }
 
 /// One earlier turn: `role` is `system`, `user` or `assistant`.
@@ -173,6 +221,10 @@ impl Request {
             lora: None,
             lora_file: None,
             context: Vec::new(),
+            grammar: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logprobs: None,
         }
     }
 }
@@ -203,6 +255,9 @@ pub struct Generation {
     pub lora_attach: Option<Duration>,
     /// How long loading the adapter took, when this generation loaded it (a cold adapter).
     pub lora_load: Option<Duration>,
+    /// Each token of `text`, when [`Request::logprobs`] asked for them: their bytes make up
+    /// `text` (a stop string and what came with it are left out).
+    pub tokens: Vec<TokenLogprob>,
 }
 
 /// Cancels a generation from another thread or task; it stops before its next decode step.
@@ -479,8 +534,9 @@ impl Model {
         }
         drop(graph);
 
-        let mut sampler = sampler(request);
+        let mut sampler = sampler(&self.model, request, n_ctx)?;
         let mut text = TextStream::new(&request.stop);
+        let mut tokens_out = Vec::new();
         let mut logprob_sum = 0.0f64;
         let mut generated = 0usize;
         let mut first_token_at = None;
@@ -495,9 +551,26 @@ impl Model {
             // Sampled within the step that decoded: `step` holds its lease still.
             debug_assert!(step.is_some());
             let index = batch.n_tokens() - 1;
+            // `sample` accepts the token into the chain (the grammar and the penalties).
             let token = sampler.sample(&ctx, index);
-            logprob_sum += logprob(ctx.get_logits_ith(index), token);
-            sampler.accept(token);
+            let logits = ctx.get_logits_ith(index);
+            let norm = LogNorm::of(logits);
+            logprob_sum += norm.logprob(logits, token);
+            if let Some(top) = request.logprobs {
+                tokens_out.push(TokenLogprob {
+                    bytes: vocab.token_to_piece(token, false, None),
+                    logprob: norm.logprob(logits, token),
+                    top: top_tokens(logits, top.min(TOP_LOGPROBS_MAX))
+                        .into_iter()
+                        .map(|t| {
+                            (
+                                vocab.token_to_piece(t, false, None),
+                                norm.logprob(logits, t),
+                            )
+                        })
+                        .collect(),
+                });
+            }
             drop(step.take());
             generated += 1;
             first_token_at.get_or_insert_with(Instant::now);
@@ -539,8 +612,15 @@ impl Model {
         };
         #[allow(clippy::cast_precision_loss)]
         let mean_logprob = (generated > 0).then(|| logprob_sum / generated as f64);
+        let text = text.into_text();
+        // The tokens that make up the text: a stop string's are not part of it.
+        let mut kept = 0;
+        tokens_out.retain(|t: &TokenLogprob| {
+            kept += t.bytes.len();
+            kept <= text.len()
+        });
         Ok(Generation {
-            text: text.into_text(),
+            text,
             prompt_tokens: tokens.len(),
             completion_tokens: generated,
             time_to_first_token: ttft,
@@ -549,6 +629,102 @@ impl Model {
             finish_reason: finish,
             lora_attach,
             lora_load,
+            tokens: tokens_out,
+        })
+    }
+}
+
+/// Texts as vectors ([`Model::embed`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    /// One per text, in order, each of unit length (L2).
+    pub vectors: Vec<Vec<f32>>,
+    /// The tokens of every text together.
+    pub prompt_tokens: usize,
+}
+
+impl Model {
+    /// Each text as one vector: its tokens' hidden states pooled as the model says
+    /// (`{arch}.pooling_type`; mean pooling for a model that says nothing, such as a chat
+    /// model), then scaled to unit length. A text must fit the context.
+    pub fn embed(&self, texts: &[String]) -> Result<Embeddings, InferError> {
+        let backend = backend()?;
+        let vocab = self.model.vocab();
+        let tokenized: Vec<Vec<LlamaToken>> = texts
+            .iter()
+            .map(|t| vocab.tokenize(t.as_bytes(), true, true))
+            .collect();
+        let n_ctx = self.info.context_length.max(1);
+        let longest = tokenized.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        if longest > n_ctx as usize {
+            return Err(InferError::PromptTooLong {
+                prompt_tokens: longest,
+                context_tokens: n_ctx,
+            });
+        }
+        let pooling = GgufMetadata::read(&self.path)
+            .ok()
+            .and_then(|m| {
+                let arch = m.architecture()?.to_owned();
+                m.uint(&format!("{arch}.pooling_type"))
+            })
+            .and_then(|p| i32::try_from(p).ok())
+            .filter(|&p| p > 0)
+            .map_or(LlamaPoolingType::Mean, LlamaPoolingType::from);
+        // The whole text in one step: pooling needs every token's state at once.
+        let size = u32::try_from(longest).unwrap_or(u32::MAX);
+        let threads = i32::try_from(self.settings.threads.clamp(1, 64)).unwrap_or(1);
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(size))
+            .with_n_batch(size)
+            .with_n_ubatch(size)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads)
+            .with_embeddings(true)
+            .with_pooling_type(pooling);
+        let mut ctx = {
+            let _creating = self
+                .creating_context
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.model
+                .new_context(backend, params)
+                .map_err(|e| InferError::Llama(e.to_string()))?
+        };
+        let mut batch = LlamaBatch::new(longest, 1);
+        let mut vectors = Vec::with_capacity(texts.len());
+        for tokens in &tokenized {
+            ctx.clear_kv_cache();
+            batch.clear();
+            for (pos, &token) in tokens.iter().enumerate() {
+                batch
+                    .add(token, i32::try_from(pos).unwrap_or(i32::MAX), &[0], true)
+                    .map_err(|e| InferError::Llama(e.to_string()))?;
+            }
+            if tokens.is_empty() {
+                vectors.push(vec![0.0; usize::try_from(self.model.n_embd()).unwrap_or(0)]);
+                continue;
+            }
+            {
+                let _step = compute_budget().acquire(usize::try_from(threads).unwrap_or(1));
+                ctx.decode(&mut batch)
+                    .map_err(|e| InferError::Llama(e.to_string()))?;
+            }
+            let pooled = ctx
+                .embeddings_seq_ith(0)
+                .map_err(|e| InferError::Llama(e.to_string()))?;
+            let norm = pooled
+                .iter()
+                .map(|x| f64::from(*x).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            #[allow(clippy::cast_possible_truncation)] // a unit vector's parts
+            let scale = if norm > 0.0 { (1.0 / norm) as f32 } else { 0.0 };
+            vectors.push(pooled.iter().map(|x| x * scale).collect());
+        }
+        Ok(Embeddings {
+            vectors,
+            prompt_tokens: tokenized.iter().map(Vec::len).sum(),
         })
     }
 }
@@ -569,15 +745,38 @@ impl Generation {
             finish_reason: FinishReason::Cancelled,
             lora_attach,
             lora_load,
+            tokens: Vec::new(),
         }
     }
 }
 
-fn sampler(request: &Request) -> LlamaSampler {
-    if request.temperature <= 0.0 {
-        return LlamaSampler::greedy();
-    }
+/// The request's sampling chain: its grammar first (so only tokens it allows are left), the
+/// penalties, then greedy or the temperature's draw.
+fn sampler(model: &LlamaModel, request: &Request, n_ctx: u32) -> Result<LlamaSampler, InferError> {
     let mut chain = Vec::new();
+    if let Some(g) = &request.grammar {
+        let grammar = if g.triggers.is_empty() {
+            LlamaSampler::grammar(model, &g.gbnf, &g.root)
+        } else {
+            LlamaSampler::grammar_lazy(model, &g.gbnf, &g.root, &g.triggers, &[])
+        };
+        chain.push(
+            grammar.map_err(|e| InferError::Grammar(format!("the grammar is not valid: {e}")))?,
+        );
+    }
+    if request.presence_penalty != 0.0 || request.frequency_penalty != 0.0 {
+        chain.push(LlamaSampler::penalties(
+            model.n_vocab(),
+            i32::try_from(n_ctx).unwrap_or(i32::MAX),
+            1.0,
+            request.frequency_penalty,
+            request.presence_penalty,
+        ));
+    }
+    if request.temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+        return Ok(LlamaSampler::chain_simple(chain));
+    }
     if let Some(k) = request.top_k {
         chain.push(LlamaSampler::top_k(k));
     }
@@ -586,50 +785,92 @@ fn sampler(request: &Request) -> LlamaSampler {
     }
     chain.push(LlamaSampler::temp(request.temperature));
     chain.push(LlamaSampler::dist(request.seed));
-    LlamaSampler::chain_simple(chain)
+    Ok(LlamaSampler::chain_simple(chain))
 }
 
-/// log softmax(logits)[token], computed stably, to a relative error of about 1e-5.
-///
-/// It runs once per generated token over the whole vocabulary (262,144 logits for Gemma 3), so
-/// it is written to vectorise: lanes of [`LANES`] for the maximum and the sum, and
-/// [`exp_nonpositive`] in place of the libm `exp` (a scalar call per logit cost Gemma 1.5 ms a
-/// token, more than the decode's own overhead).
+/// The `n` likeliest tokens, most likely first.
+fn top_tokens(logits: &[f32], n: u8) -> Vec<LlamaToken> {
+    let n = usize::from(n);
+    let mut top: Vec<(f32, usize)> = Vec::with_capacity(n + 1);
+    if n == 0 {
+        return Vec::new();
+    }
+    for (i, &l) in logits.iter().enumerate() {
+        if top.len() == n && top.last().is_some_and(|&(least, _)| l <= least) {
+            continue;
+        }
+        let at = top.partition_point(|&(m, _)| m >= l);
+        top.insert(at, (l, i));
+        top.truncate(n);
+    }
+    top.into_iter()
+        .map(|(_, i)| LlamaToken(i32::try_from(i).unwrap_or(i32::MAX)))
+        .collect()
+}
+
+#[cfg(test)]
 fn logprob(logits: &[f32], token: LlamaToken) -> f64 {
-    let Some(&chosen) = usize::try_from(token.0).ok().and_then(|i| logits.get(i)) else {
-        return f64::NEG_INFINITY;
-    };
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = logits.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (m, &l) in lanes.iter_mut().zip(chunk) {
-            *m = if l > *m { l } else { *m };
+    LogNorm::of(logits).logprob(logits, token)
+}
+
+/// What turns a logit into its log softmax: the largest logit and log Σ exp(l - max).
+#[derive(Debug, Clone, Copy)]
+struct LogNorm {
+    max: f32,
+    ln_sum: f64,
+}
+
+impl LogNorm {
+    /// log softmax(logits)[token] = logits[token] - max - ln_sum.
+    fn logprob(self, logits: &[f32], token: LlamaToken) -> f64 {
+        match usize::try_from(token.0).ok().and_then(|i| logits.get(i)) {
+            Some(&l) => f64::from(l - self.max) - self.ln_sum,
+            None => f64::NEG_INFINITY,
         }
     }
-    let max = chunks
-        .remainder()
-        .iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
-    // Summed in f32 lanes over blocks short enough to keep their rounding small, the blocks
-    // in f64.
-    let mut sum = 0.0f64;
-    for block in logits.chunks(1024) {
-        let mut acc = [0.0f32; LANES];
-        let mut chunks = block.chunks_exact(LANES);
+
+    /// Computed stably, to a relative error of about 1e-5.
+    ///
+    /// It runs once per generated token over the whole vocabulary (262,144 logits for Gemma
+    /// 3), so it is written to vectorise: lanes of [`LANES`] for the maximum and the sum, and
+    /// [`exp_nonpositive`] in place of the libm `exp` (a scalar call per logit cost Gemma
+    /// 1.5 ms a token, more than the decode's own overhead).
+    fn of(logits: &[f32]) -> LogNorm {
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let mut chunks = logits.chunks_exact(LANES);
         for chunk in &mut chunks {
-            for (a, &l) in acc.iter_mut().zip(chunk) {
-                *a += exp_nonpositive(l - max);
+            for (m, &l) in lanes.iter_mut().zip(chunk) {
+                *m = if l > *m { l } else { *m };
             }
         }
-        let tail: f32 = chunks
+        let max = chunks
             .remainder()
             .iter()
-            .map(|&l| exp_nonpositive(l - max))
-            .sum();
-        sum += f64::from(acc.iter().sum::<f32>() + tail);
+            .chain(&lanes)
+            .fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
+        // Summed in f32 lanes over blocks short enough to keep their rounding small, the blocks
+        // in f64.
+        let mut sum = 0.0f64;
+        for block in logits.chunks(1024) {
+            let mut acc = [0.0f32; LANES];
+            let mut chunks = block.chunks_exact(LANES);
+            for chunk in &mut chunks {
+                for (a, &l) in acc.iter_mut().zip(chunk) {
+                    *a += exp_nonpositive(l - max);
+                }
+            }
+            let tail: f32 = chunks
+                .remainder()
+                .iter()
+                .map(|&l| exp_nonpositive(l - max))
+                .sum();
+            sum += f64::from(acc.iter().sum::<f32>() + tail);
+        }
+        LogNorm {
+            max,
+            ln_sum: sum.ln(),
+        }
     }
-    f64::from(chosen - max) - sum.ln()
 }
 
 /// The lanes [`logprob`] works in (a multiple of every x86 and ARM vector width).

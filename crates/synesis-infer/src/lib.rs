@@ -26,10 +26,11 @@ mod metadata;
 mod stream;
 #[cfg(feature = "tiny")]
 pub mod tiny;
+pub mod tools;
 
 pub use compute::{ComputeBudget, ComputeLease, compute_budget};
 pub use engine::{
-    CancelToken, ChatMessage, FinishReason, Generation, InferError, Model, ModelInfo, Request,
-    Settings, backend,
+    CancelToken, ChatMessage, Embeddings, FinishReason, Generation, Grammar, InferError, Model,
+    ModelInfo, Request, Settings, TOP_LOGPROBS_MAX, TokenLogprob, backend,
 };
 pub use metadata::{GgufMetadata, MetaValue, MetadataError};

@@ -117,6 +117,16 @@ fn write_file(path: &Path, gguf: &Gguf) -> io::Result<()> {
 
 /// Writes a llama model of shape `spec` to `path`.
 pub fn write_model(path: &Path, spec: TinySpec) -> io::Result<()> {
+    write(path, spec, None)
+}
+
+/// Writes an embedding model of shape `spec` to `path`: the same llama model, declaring mean
+/// pooling (`llama.pooling_type` 1), as sentence-embedding GGUFs declare theirs.
+pub fn write_embedding_model(path: &Path, spec: TinySpec) -> io::Result<()> {
+    write(path, spec, Some(1))
+}
+
+fn write(path: &Path, spec: TinySpec, pooling: Option<u32>) -> io::Result<()> {
     let (tokens, scores, types) = vocabulary();
     let n_vocab = tokens.len() as u64;
     let (e, ff) = (u64::from(spec.n_embd), u64::from(spec.n_ff));
@@ -128,6 +138,9 @@ pub fn write_model(path: &Path, spec: TinySpec) -> io::Result<()> {
         Value::Str(format!("synesis-tiny-{}x{}", spec.n_layer, spec.n_embd)),
     );
     g.set("llama.context_length", Value::U32(spec.n_ctx));
+    if let Some(pooling) = pooling {
+        g.set("llama.pooling_type", Value::U32(pooling));
+    }
     g.set("llama.embedding_length", Value::U32(spec.n_embd));
     g.set("llama.block_count", Value::U32(spec.n_layer));
     g.set("llama.feed_forward_length", Value::U32(spec.n_ff));

@@ -480,3 +480,131 @@ fn adapters_load_on_demand_while_generations_run_and_the_least_recently_used_is_
         Err(InferError::UnknownAdapter(_))
     ));
 }
+
+/// The tiny model with room for a tool's instructions (its byte-level vocabulary makes every
+/// character a token or so).
+fn roomy() -> Model {
+    static ROOMY: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, path) = ROOMY.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("roomy.gguf");
+        let spec = TinySpec {
+            n_ctx: 4096,
+            ..TinySpec::TINY
+        };
+        write_model(&path, spec).unwrap();
+        (dir, path)
+    });
+    Model::load(path, settings()).unwrap()
+}
+
+#[test]
+fn a_required_tool_call_is_valid_even_on_random_weights_and_parses_back() {
+    use synesis_infer::tools::{Tool, ToolChoice, ToolEvent, ToolParser};
+    let mut model = roomy();
+    let tools = vec![Tool {
+        name: "weather".into(),
+        description: "The weather in a city.".into(),
+        parameters: Some(serde_json::json!({
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]}, "days": {"type": "integer"}},
+            "required": ["city", "days"],
+        })),
+    }];
+    for seed in [1, 2, 3] {
+        let request = Request {
+            max_tokens: 200,
+            temperature: 1.0,
+            seed,
+            grammar: Some(synesis_infer::tools::grammar(&tools, &ToolChoice::Required).unwrap()),
+            ..Request::new("What is the weather in Paris?")
+        };
+        let (g, _) = run(&mut model, &request);
+        let mut parser = ToolParser::new();
+        let mut events = parser.push(&g.text);
+        events.extend(parser.finish());
+        let [ToolEvent::Call { name, arguments }] = events.as_slice() else {
+            panic!("seed {seed}: not one call: {:?} from {:?}", events, g.text);
+        };
+        assert_eq!(name, "weather");
+        let arguments: serde_json::Value = serde_json::from_str(arguments).unwrap();
+        assert!(["Paris", "Oslo"].contains(&arguments["city"].as_str().unwrap()));
+        assert!(arguments["days"].is_i64(), "{arguments}");
+        assert_eq!(g.finish_reason, FinishReason::Stop, "{:?}", g.text);
+    }
+}
+
+#[test]
+fn a_json_schema_holds_the_answer_and_logprobs_spell_the_text() {
+    let mut model = roomy();
+    let schema = r#"{"type":"object","properties":{"ok":{"type":"boolean"},"n":{"type":"integer"}},"required":["ok","n"],"additionalProperties":false}"#;
+    let request = Request {
+        max_tokens: 100,
+        temperature: 0.9,
+        seed: 5,
+        grammar: Some(synesis_infer::Grammar::json_schema(schema).unwrap()),
+        logprobs: Some(3),
+        ..Request::new("hello")
+    };
+    let (g, _) = run(&mut model, &request);
+    let v: serde_json::Value =
+        serde_json::from_str(&g.text).unwrap_or_else(|e| panic!("{e}: {:?}", g.text));
+    assert!(v["ok"].is_boolean() && v["n"].is_i64(), "{v}");
+    let spelled: Vec<u8> = g.tokens.iter().flat_map(|t| t.bytes.clone()).collect();
+    assert_eq!(String::from_utf8(spelled).unwrap(), g.text);
+    assert_eq!(g.tokens.len(), g.completion_tokens);
+    for t in &g.tokens {
+        assert!(t.logprob <= 0.0 && t.top.len() == 3);
+        assert!(
+            t.top.windows(2).all(|w| w[0].1 >= w[1].1),
+            "most likely first"
+        );
+    }
+    let bad = Request {
+        grammar: Some(synesis_infer::Grammar {
+            gbnf: "root ::= nothing".into(),
+            root: "root".into(),
+            triggers: Vec::new(),
+        }),
+        ..Request::new("x")
+    };
+    let err = model
+        .generate(&bad, &CancelToken::default(), &mut |_| {})
+        .unwrap_err();
+    assert!(matches!(err, InferError::Grammar(_)), "{err}");
+}
+
+#[test]
+fn penalties_change_a_greedy_answer() {
+    let mut model = load();
+    let plain = run(&mut model, &greedy("hello", 24)).0.text;
+    let penalised = Request {
+        presence_penalty: 2.0,
+        frequency_penalty: 2.0,
+        ..greedy("hello", 24)
+    };
+    assert_ne!(run(&mut model, &penalised).0.text, plain);
+}
+
+#[test]
+fn an_embedding_model_gives_unit_vectors_of_its_width() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("embed.gguf");
+    synesis_infer::tiny::write_embedding_model(&path, TinySpec::TINY).unwrap();
+    let model = Model::load(&path, settings()).unwrap();
+    let texts = vec![
+        "hello world".to_owned(),
+        "the cloud".to_owned(),
+        "hello world".to_owned(),
+    ];
+    let e = model.embed(&texts).unwrap();
+    assert_eq!(e.vectors.len(), 3);
+    for v in &e.vectors {
+        assert_eq!(v.len(), TinySpec::TINY.n_embd as usize);
+        let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-3, "{norm}");
+    }
+    assert_eq!(e.vectors[0], e.vectors[2], "the same text, the same vector");
+    assert_ne!(e.vectors[0], e.vectors[1]);
+    assert!(e.prompt_tokens > 0);
+}
