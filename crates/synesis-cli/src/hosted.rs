@@ -13,7 +13,7 @@ use synesis_infer::{CancelToken, ChatMessage, FinishReason, Generation, Model, R
 use synesis_tunnel::local::{LocalClient, LocalWork, WorkFuture};
 use tokio::sync::mpsc;
 
-use crate::openai::host::ModelHost;
+use crate::api::host::ModelHost;
 
 /// How often a generation through the service looks at its cancel token.
 const CANCEL_POLL: Duration = Duration::from_millis(50);
@@ -84,6 +84,10 @@ impl From<WireRequest> for Request {
                 .into_iter()
                 .map(|(role, content)| ChatMessage { role, content })
                 .collect(),
+            grammar: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logprobs: None,
         }
     }
 }
@@ -152,6 +156,7 @@ impl From<WireGeneration> for Generation {
             },
             lora_attach: w.lora_attach_secs.map(secs),
             lora_load: w.lora_load_secs.map(secs),
+            tokens: Vec::new(),
         }
     }
 }
@@ -342,6 +347,7 @@ impl LocalRunner {
                         finish_reason: FinishReason::Cancelled,
                         lora_attach: None,
                         lora_load: None,
+                        tokens: Vec::new(),
                     }),
                 }
             }

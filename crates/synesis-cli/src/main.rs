@@ -10,11 +10,11 @@
 //! charges) is the `synesis-ledger-local` crate; the commands only call it and render.
 
 mod answer;
+mod api;
 mod cli;
 mod commands;
 mod exit;
 mod hosted;
-mod openai;
 mod paths;
 mod pull;
 mod registry;
@@ -135,9 +135,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
         }),
         cli::Command::Serve(args) => {
             let mut run = args.run.clone();
-            run.http
-                .listen
-                .get_or_insert(openai::DEFAULT_LISTEN.parse()?);
+            run.http.listen.get_or_insert(api::DEFAULT_LISTEN.parse()?);
             runtime.block_on(commands::tunnel::run(&paths, &run))
         }
         cli::Command::Tunnel { command } => match command {

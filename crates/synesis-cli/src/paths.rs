@@ -138,7 +138,7 @@ impl Paths {
 
     /// The key the HTTP API asks for (`synesis serve`), made on its first start (0600).
     pub(crate) fn api_key_file(&self) -> PathBuf {
-        self.config.path.join(crate::openai::auth::API_KEY_FILE)
+        self.config.path.join(crate::api::auth::API_KEY_FILE)
     }
 
     /// Where the service writes its output when it runs in the background.

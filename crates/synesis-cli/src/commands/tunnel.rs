@@ -16,9 +16,9 @@ use synesis_tunnel::{Identity, Options, Tunnel, TunnelState, local};
 use synesis_vitals::{PrewarmConfig, PrewarmPolicy, SystemSampler, VitalsSource};
 use tokio::sync::{oneshot, watch};
 
+use crate::api::host::ModelHost;
 use crate::cli::TunnelRunArgs;
 use crate::hosted::Hosted;
-use crate::openai::host::ModelHost;
 use crate::paths::Paths;
 use crate::signals::Shutdown;
 
@@ -299,9 +299,9 @@ impl Http {
         config: watch::Receiver<crate::registry::Config>,
         host: Arc<ModelHost>,
     ) -> anyhow::Result<Http> {
-        use crate::openai::auth::{self, KeyRequired};
+        use crate::api::auth::{self, KeyRequired};
         let given = args.http.api_key()?;
-        crate::openai::check_listen(addr, args.http.allow_remote, given.as_deref())
+        crate::api::check_listen(addr, args.http.allow_remote, given.as_deref())
             .map_err(crate::exit::UserError::Usage)?;
         // The key given, else the device's own (made on the first start): needed on every
         // request once the device is in an account, whose money the API spends.
@@ -330,11 +330,11 @@ impl Http {
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         let bound = listener.local_addr()?;
-        let api = crate::openai::Api::new(
+        let api = crate::api::Api::new(
             paths.clone(),
             config,
             host,
-            crate::openai::ApiOptions {
+            crate::api::ApiOptions {
                 api_key: Some(api_key),
                 key_required,
                 max_body_bytes: args.http.max_body_bytes,
@@ -344,7 +344,7 @@ impl Http {
             },
         );
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(crate::openai::serve(listener, api, async {
+        let task = tokio::spawn(crate::api::serve(listener, api, async {
             let _ = stopped.await;
         }));
         // A line scripts can wait for (the port, when 0 was asked for).

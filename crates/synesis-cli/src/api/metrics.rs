@@ -20,7 +20,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::mpsc;
 
 use super::Api;
-use super::wire::Piece;
+use super::pieces::Piece;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Requests {
@@ -175,7 +175,7 @@ impl Pieces {
     fn count(&mut self, piece: Option<&Piece>) {
         let route = self.route;
         let outcome = match piece {
-            Some(Piece::Text(_)) => {
+            Some(Piece::Text(_) | Piece::ToolCall { .. }) => {
                 if !self.texts {
                     self.texts = true;
                     self.metrics
@@ -185,7 +185,7 @@ impl Pieces {
                 }
                 return;
             }
-            Some(Piece::Routed { .. }) => return,
+            Some(Piece::Routed { .. } | Piece::Logprobs(_)) => return,
             Some(Piece::End(e)) => {
                 for (direction, n) in [("in", e.prompt_tokens), ("out", e.completion_tokens)] {
                     self.metrics
@@ -193,7 +193,7 @@ impl Pieces {
                         .get_or_create(&Tokens { route, direction })
                         .inc_by(n);
                 }
-                e.finish_reason
+                e.finish.openai()
             }
             Some(Piece::Failed(e)) => e.code(),
             None => "ended_without_end",

@@ -23,7 +23,9 @@ pub(crate) mod auth;
 pub(crate) mod host;
 mod limits;
 mod metrics;
-mod wire;
+mod openai;
+mod pieces;
+mod request;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,7 +40,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use synesis_infer::{CancelToken, Model};
-use synesis_proto::message::{ChatRole, ChatTurn, EscalationRequest, Preferences};
+use synesis_proto::message::EscalationRequest;
 use synesis_proto::{ErrorCode, RequestId};
 use synesis_route::{Decision, Mode};
 use synesis_tunnel::escalate::{Progress, Route, escalate};
@@ -46,13 +48,22 @@ use synesis_tunnel::local::LocalClient;
 use synesis_tunnel::{Identity, RequestError};
 use tokio::sync::{Semaphore, mpsc, watch};
 
+use synesis_infer::tools::{ToolEvent, ToolParser};
+
 use self::host::ModelHost;
-use self::wire::{ApiError, ChatRequest, Ending, Piece};
+use self::openai::Shape;
+use self::pieces::{ApiError, Ending, Finish, Piece};
+use self::request::AnswerRequest;
 use crate::answer::{Gathered, Measured, ModelName, cloud_model_or_ask, fall_back, gather};
 use crate::commands::ask::{Decided, decide, record_local};
 use crate::commands::escalate::record_cloud;
 use crate::paths::Paths;
 use crate::registry::Config;
+
+/// Pieces of an answer waiting for their client: a local generation waits when they are
+/// this many; a cloud answer (a piece per token at most) fills them only for a client that
+/// reads nothing, and is then cancelled.
+pub(crate) const PIECES_MAX: usize = request::MAX_TOKENS_MAX as usize + 4;
 
 /// Where `synesis serve` listens unless told otherwise (Ollama's port, plus one).
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:11435";
@@ -136,6 +147,8 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
         .route("/health", get(health))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
         .route("/metrics", get(scrape))
         .fallback(|| async {
             ApiError::new(
@@ -265,9 +278,9 @@ async fn models(State(api): State<Arc<Api>>) -> Response {
     let mut data: Vec<serde_json::Value> = config
         .models
         .keys()
-        .map(|name| wire::model_entry(name, "synesis-local"))
+        .map(|name| openai::model_entry(name, "synesis-local"))
         .collect();
-    data.push(wire::model_entry("auto", "synesis"));
+    data.push(openai::model_entry("auto", "synesis"));
     if let Some(me) = enrolled(&api.paths) {
         let served = match crate::answer::load_facts(&api.paths, me.info.device_id) {
             Some(facts) => Some(facts.served),
@@ -292,7 +305,11 @@ async fn models(State(api): State<Arc<Api>>) -> Response {
         if let Some(served) = served {
             let names =
                 crate::answer::cloud_names(served.iter().map(|m| m.model.as_str()), &config);
-            data.extend(names.iter().map(|n| wire::model_entry(n, "synesis-cloud")));
+            data.extend(
+                names
+                    .iter()
+                    .map(|n| openai::model_entry(n, "synesis-cloud")),
+            );
         }
     }
     axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
@@ -311,6 +328,8 @@ struct LocalTarget {
     name: String,
     model: Arc<Model>,
     request: synesis_infer::Request,
+    /// Take tool calls out of the text.
+    tools: bool,
     /// A whole answer the policy's confidence probe already made.
     first: Option<synesis_infer::Generation>,
     reason: String,
@@ -330,23 +349,159 @@ enum Target {
     },
 }
 
+/// Runs a handler's work; its error in OpenAI's shape.
+fn respond(result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
 async fn chat(
     State(api): State<Arc<Api>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match answer(&api, &headers, body).await {
-        Ok(response) => response,
-        Err(e) => e.into_response(),
-    }
+    respond(
+        async {
+            let body = checked_body(&api, &headers, body)?;
+            let chat = openai::ChatRequest::read(&body)?;
+            let started = start(&api, &headers, chat.answer_request()?).await?;
+            let (info, first, rx) = started.parts();
+            let meta = info.openai_meta("chatcmpl");
+            let response = if chat.stream {
+                openai::streamed(meta, Shape::Chat, first, rx, chat.include_usage())
+            } else {
+                openai::collected(meta, Shape::Chat, first, rx).await?
+            };
+            Ok(info.label(response))
+        }
+        .await,
+    )
 }
 
-async fn answer(
+/// `/v1/completions`: the prompt as it is, without the chat template.
+async fn completions(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    respond(
+        async {
+            let body = checked_body(&api, &headers, body)?;
+            let completion = openai::CompletionRequest::read(&body)?;
+            let started = start(&api, &headers, completion.answer_request()?).await?;
+            let (info, first, rx) = started.parts();
+            let meta = info.openai_meta("cmpl");
+            let response = if completion.stream {
+                openai::streamed(
+                    meta,
+                    Shape::Completion,
+                    first,
+                    rx,
+                    completion.include_usage(),
+                )
+            } else {
+                openai::collected(meta, Shape::Completion, first, rx).await?
+            };
+            Ok(info.label(response))
+        }
+        .await,
+    )
+}
+
+/// `/v1/embeddings`: vectors from a local model.
+async fn embeddings(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    respond(
+        async {
+            let body = checked_body(&api, &headers, body)?;
+            let request = openai::EmbeddingRequest::read(&body)?;
+            let (name, made) = embed(&api, &request.model, request.texts()).await?;
+            Ok(json_response(&request.response(&name, &made)?))
+        }
+        .await,
+    )
+}
+
+/// `texts` as vectors, by the local model `model` names (`auto`: the default one).
+pub(crate) async fn embed(
     api: &Arc<Api>,
+    model: &str,
+    texts: Vec<String>,
+) -> Result<(String, synesis_infer::Embeddings), ApiError> {
+    let (name, model) = local_model(api, model).await?;
+    let Ok(_permit) = Arc::clone(&api.permits).try_acquire_owned() else {
+        return Err(busy(api));
+    };
+    let made = tokio::task::spawn_blocking(move || model.embed(&texts))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    Ok((name, made))
+}
+
+/// The local model a request names, loaded: by name, or the default one for `auto`.
+pub(crate) async fn local_model(
+    api: &Arc<Api>,
+    named: &str,
+) -> Result<(String, Arc<Model>), ApiError> {
+    let config = api.config.borrow().clone();
+    let found = match ModelName::parse(named) {
+        ModelName::Auto => config
+            .model(None)
+            .ok()
+            .map(|(n, e)| (n.to_owned(), e.clone())),
+        ModelName::Local(name) | ModelName::Either(name) => config
+            .models
+            .get(name)
+            .map(|e| (name.to_owned(), e.clone())),
+        ModelName::Cloud(_) => None,
+    };
+    let Some((name, entry)) = found else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!("no local model {named:?} here (`synesis model list` shows them)"),
+        ));
+    };
+    let (model, _) = api
+        .host
+        .get(&name, &entry.path)
+        .await
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    Ok((name, model))
+}
+
+fn busy(api: &Api) -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_error",
+        "rate_limit_exceeded",
+        format!(
+            "{} requests are being answered; try again shortly",
+            api.options.max_concurrent
+        ),
+    )
+}
+
+/// A JSON response of `value`.
+pub(crate) fn json_response(value: &serde_json::Value) -> Response {
+    let mut response = Response::new(json_body(value));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The body of a request that posts JSON: refused when it is another type, or too large.
+pub(crate) fn checked_body(
+    api: &Api,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let arrived = std::time::Instant::now();
+) -> Result<Bytes, ApiError> {
     // JSON only: a browser page can POST a "simple" text/plain body to loopback without asking
     // first, never an application/json one.
     let json = headers
@@ -362,7 +517,7 @@ async fn answer(
             "the body must be JSON (Content-Type: application/json)",
         ));
     }
-    let body = body.map_err(|e| {
+    body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -376,11 +531,81 @@ async fn answer(
         } else {
             ApiError::invalid(e.body_text())
         }
-    })?;
-    let chat: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::invalid(format!("the body is not a chat completion request: {e}"))
-    })?;
-    let (context, prompt) = chat.turns()?;
+    })
+}
+
+/// An answer under way: where it went, its first piece, and the rest to come.
+pub(crate) struct Started {
+    info: Routed,
+    first: Piece,
+    rx: metrics::Pieces,
+}
+
+impl Started {
+    pub(crate) fn parts(self) -> (Routed, Piece, metrics::Pieces) {
+        (self.info, self.first, self.rx)
+    }
+}
+
+/// Where an answer went, as every API's response tells it in headers.
+pub(crate) struct Routed {
+    pub(crate) request_id: RequestId,
+    pub(crate) route: &'static str,
+    pub(crate) model: String,
+    reason: String,
+    fallback: Option<String>,
+}
+
+impl Routed {
+    pub(crate) fn openai_meta(&self, prefix: &str) -> openai::Meta {
+        openai::Meta {
+            id: format!("{prefix}-{}", self.request_id),
+            created: synesis_tunnel::clock::unix_now().0 / 1_000,
+            model: self.model.clone(),
+            route: self.route,
+            request_id: self.request_id,
+        }
+    }
+
+    /// `response` with the route, its reason, a fallback's cause and the request id in headers.
+    pub(crate) fn label(&self, mut response: Response) -> Response {
+        let h = response.headers_mut();
+        h.insert("x-synesis-route", HeaderValue::from_static(self.route));
+        if let Ok(v) = HeaderValue::from_str(&self.reason) {
+            h.insert("x-synesis-route-reason", v);
+        }
+        // Why the cloud did not answer an `auto` request it was chosen for (visible ASCII only).
+        if let Some(why) = &self.fallback {
+            let why: String = why
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_graphic() || c == ' ' {
+                        c
+                    } else {
+                        '?'
+                    }
+                })
+                .take(512)
+                .collect();
+            if let Ok(v) = HeaderValue::from_str(&why) {
+                h.insert("x-synesis-fallback", v);
+            }
+        }
+        if let Ok(v) = HeaderValue::from_str(&self.request_id.to_string()) {
+            h.insert("x-synesis-request-id", v);
+        }
+        response
+    }
+}
+
+/// Starts answering `ask`, whatever API it came through: routes it, and waits for where it
+/// went and its first piece (a refusal before any output keeps its own status).
+pub(crate) async fn start(
+    api: &Arc<Api>,
+    headers: &HeaderMap,
+    ask: AnswerRequest,
+) -> Result<Started, ApiError> {
+    let arrived = std::time::Instant::now();
     let request_id = match headers.get("x-synesis-request-id") {
         Some(v) => v
             .to_str()
@@ -392,28 +617,17 @@ async fn answer(
     // The place is held by the work, not by this handler: a client that leaves while its
     // request is routed (a model loading, a confidence probe) frees it only when that work ends.
     let Ok(permit) = Arc::clone(&api.permits).try_acquire_owned() else {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            "rate_limit_exceeded",
-            format!(
-                "{} requests are being answered; try again shortly",
-                api.options.max_concurrent
-            ),
-        ));
+        return Err(busy(api));
     };
-    let (tx, mut rx) = mpsc::channel(wire::PIECES_MAX);
+    let (tx, mut rx) = mpsc::channel(PIECES_MAX);
     let producer = Producer {
         api: Arc::clone(api),
         tx,
         timeout: api.options.request_timeout,
         _permit: permit,
     };
-    let stream = chat.stream;
-    let include_usage = chat.include_usage();
-    tokio::spawn(producer.run(chat, request_id, context, prompt));
-    // Where it went, then its first piece: a refusal before any output keeps its own status.
-    let (route_name, model_name, reason, fallback) = match rx.recv().await {
+    tokio::spawn(producer.run(ask, request_id));
+    let (route, model, reason, fallback) = match rx.recv().await {
         Some(Piece::Routed {
             route,
             model,
@@ -423,70 +637,59 @@ async fn answer(
         Some(Piece::Failed(e)) => return Err(e),
         _ => return Err(ApiError::internal("the request ended before it was routed")),
     };
-    let mut rx = metrics::Pieces::new(rx, Arc::clone(&api.metrics), route_name, arrived);
+    let mut rx = metrics::Pieces::new(rx, Arc::clone(&api.metrics), route, arrived);
     let first = match rx.recv().await {
         Some(Piece::Failed(e)) => return Err(e),
         Some(piece) => piece,
         None => return Err(ApiError::internal("the answer ended before it began")),
     };
-    let meta = wire::Meta {
-        id: format!("chatcmpl-{request_id}"),
-        created: synesis_tunnel::clock::unix_now().0 / 1_000,
-        model: model_name,
-        route: route_name,
-        request_id,
-    };
-    let mut response = if stream {
-        wire::streamed(meta, first, rx, include_usage)
-    } else {
-        wire::collected(meta, first, rx).await?
-    };
-    let h = response.headers_mut();
-    h.insert("x-synesis-route", HeaderValue::from_static(route_name));
-    if let Ok(v) = HeaderValue::from_str(&reason) {
-        h.insert("x-synesis-route-reason", v);
-    }
-    // Why the cloud did not answer an `auto` request it was chosen for (visible ASCII only).
-    if let Some(why) = fallback {
-        let why: String = why
-            .chars()
-            .map(|c| {
-                if c.is_ascii_graphic() || c == ' ' {
-                    c
-                } else {
-                    '?'
-                }
-            })
-            .take(512)
-            .collect();
-        if let Ok(v) = HeaderValue::from_str(&why) {
-            h.insert("x-synesis-fallback", v);
-        }
-    }
-    if let Ok(v) = HeaderValue::from_str(&request_id.to_string()) {
-        h.insert("x-synesis-request-id", v);
-    }
-    Ok(response)
+    Ok(Started {
+        info: Routed {
+            request_id,
+            route,
+            model,
+            reason,
+            fallback,
+        },
+        first,
+        rx,
+    })
 }
 
 /// Decides where the request goes: the model it names, or the local-first policy for `auto`.
+///
+/// A request for what only this device's models do yet ([`AnswerRequest::device_only`]) is
+/// answered here under `auto`, and refused for a cloud model by name.
 async fn route(
     api: &Arc<Api>,
-    chat: &ChatRequest,
+    ask: &AnswerRequest,
     request_id: RequestId,
-    context: Vec<ChatTurn>,
-    prompt: String,
 ) -> Result<Target, ApiError> {
     let config = api.config.borrow().clone();
     let is_enrolled = enrolled(&api.paths).is_some();
-    let named = ModelName::parse(&chat.model);
+    let named = ModelName::parse(&ask.model);
+    let device_only = ask.device_only();
     let (mode, local, cloud_name) = match named {
         ModelName::Auto => {
             let local = config
                 .model(None)
                 .ok()
                 .map(|(n, e)| (n.to_owned(), e.clone()));
-            (Mode::Auto, local, None)
+            match device_only {
+                Some(what) if local.is_none() => return Err(request::cloud_cannot(what)),
+                Some(_) => (Mode::Local, local, None),
+                None => (Mode::Auto, local, None),
+            }
+        }
+        ModelName::Cloud(_) | ModelName::Either(_) if is_enrolled && device_only.is_some() => {
+            if let ModelName::Either(name) = named
+                && config.models.contains_key(name)
+            {
+                let entry = config.models[name].clone();
+                (Mode::Local, Some((name.to_owned(), entry)), None)
+            } else {
+                return Err(request::cloud_cannot(device_only.unwrap_or_default()));
+            }
         }
         ModelName::Local(name) if config.models.contains_key(name) => {
             let entry = config.models[name].clone();
@@ -505,35 +708,15 @@ async fn route(
                 "model_not_found",
                 format!(
                     "no model {:?} here: `/v1/models` lists those this device and its cloud serve",
-                    chat.model
+                    ask.model
                 ),
             ));
         }
     };
-    let max_tokens = chat.max_tokens();
-    let local_request = synesis_infer::Request {
-        max_tokens,
-        temperature: chat.temperature.unwrap_or(wire::DEFAULT_TEMPERATURE),
-        top_p: chat.top_p,
-        // llama.cpp's seed is 32 bits: the low ones.
-        seed: chat
-            .seed
-            .map_or(0, |s| u32::try_from(s & u64::from(u32::MAX)).unwrap_or(0)),
-        stop: chat.stop_list(),
-        context: context
-            .iter()
-            .map(|t| synesis_infer::ChatMessage {
-                role: match t.role {
-                    ChatRole::System => "system",
-                    ChatRole::User => "user",
-                    ChatRole::Assistant => "assistant",
-                }
-                .into(),
-                content: t.content.clone(),
-            })
-            .collect(),
-        ..synesis_infer::Request::new(prompt.clone())
-    };
+    let max_tokens = ask.max_tokens;
+    let local_request = ask.local_request()?;
+    // Calls are taken out of the text only when the model may make them.
+    let tools = ask.tool_choice.is_some();
     let loaded = match &local {
         Some((name, entry)) => {
             let (model, _) = api
@@ -598,6 +781,7 @@ async fn route(
             name: name.clone(),
             model: Arc::clone(model),
             request: local_request.clone(),
+            tools,
             first: first.clone(),
             reason: reason.clone(),
             fallback,
@@ -632,26 +816,7 @@ async fn route(
                     }
                 },
             };
-            let mut turns = context;
-            turns.push(ChatTurn {
-                role: ChatRole::User,
-                content: prompt,
-            });
-            let request = EscalationRequest {
-                request_id,
-                model,
-                adapter: None,
-                context: turns,
-                preferences: Preferences {
-                    max_tokens,
-                    temperature: chat.temperature.unwrap_or(wire::DEFAULT_TEMPERATURE),
-                    top_p: chat.top_p,
-                    seed: chat.seed,
-                    stop: chat.stop_list(),
-                    max_cost: None,
-                },
-                byok_key: None,
-            };
+            let request = ask.escalation(request_id, model)?;
             Ok(Target::Cloud {
                 identity,
                 request,
@@ -688,18 +853,8 @@ struct Producer {
 
 impl Producer {
     /// Routes the request (within its time), says where it went, then answers it.
-    async fn run(
-        self,
-        chat: ChatRequest,
-        request_id: RequestId,
-        context: Vec<ChatTurn>,
-        prompt: String,
-    ) {
-        let routed = tokio::time::timeout(
-            self.timeout,
-            route(&self.api, &chat, request_id, context, prompt),
-        )
-        .await;
+    async fn run(self, ask: AnswerRequest, request_id: RequestId) {
+        let routed = tokio::time::timeout(self.timeout, route(&self.api, &ask, request_id)).await;
         let target = match routed {
             Ok(Ok(target)) => target,
             Ok(Err(e)) => {
@@ -751,10 +906,13 @@ impl Producer {
             name,
             model,
             request,
+            tools,
             first,
             reason,
             fallback,
         } = target;
+        let logprobs = request.logprobs.is_some();
+        let mut pieces = Pieces::new(request_id, tools);
         let routed = Piece::Routed {
             route: "local",
             model: name.clone(),
@@ -764,10 +922,14 @@ impl Producer {
         if self.tx.send(routed).await.is_err() {
             return; // the client left
         }
-        let generation = match first {
+        let (generation, calls) = match first {
             Some(made) => {
-                let _ = self.tx.send(Piece::Text(made.text.clone())).await;
-                made
+                let mut made_pieces = pieces.text(&made.text);
+                made_pieces.extend(pieces.finish());
+                for piece in made_pieces {
+                    let _ = self.tx.send(piece).await;
+                }
+                (made, pieces.calls)
             }
             None => {
                 let cancel = CancelToken::default();
@@ -781,12 +943,17 @@ impl Producer {
                 };
                 let (tx, worker_cancel) = (self.tx.clone(), cancel.clone());
                 let mut work = tokio::task::spawn_blocking(move || {
-                    model.generate(&request, &worker_cancel, &mut |piece| {
-                        // Waits while the client is slower than the model (back-pressure).
-                        if tx.blocking_send(Piece::Text(piece.to_owned())).is_err() {
+                    // Waits while the client is slower than the model (back-pressure).
+                    let send = |piece| {
+                        if tx.blocking_send(piece).is_err() {
                             worker_cancel.cancel();
                         }
-                    })
+                    };
+                    let made = model.generate(&request, &worker_cancel, &mut |text| {
+                        pieces.text(text).into_iter().for_each(send);
+                    });
+                    pieces.finish().into_iter().for_each(send);
+                    made.map(|g| (g, pieces.calls))
                 });
                 let done = tokio::select! {
                     done = &mut work => done,
@@ -800,7 +967,7 @@ impl Producer {
                 };
                 watcher.abort();
                 match done {
-                    Ok(Ok(g)) => g,
+                    Ok(Ok(made)) => made,
                     Ok(Err(e)) => {
                         let failed = Piece::Failed(ApiError::invalid(e.to_string()));
                         self.finish(failed).await;
@@ -814,10 +981,17 @@ impl Producer {
                 }
             }
         };
+        if logprobs {
+            let _ = self
+                .tx
+                .send(Piece::Logprobs(generation.tokens.clone()))
+                .await;
+        }
         let ending = Piece::End(Ending {
-            finish_reason: match generation.finish_reason {
-                synesis_infer::FinishReason::Length => "length",
-                _ => "stop",
+            finish: match generation.finish_reason {
+                _ if calls > 0 => Finish::ToolCalls,
+                synesis_infer::FinishReason::Length => Finish::Length,
+                _ => Finish::Stop,
             },
             prompt_tokens: generation.prompt_tokens as u64,
             completion_tokens: generation.completion_tokens as u64,
@@ -898,26 +1072,26 @@ impl Producer {
         match result {
             Ok(done) => {
                 let d = &done.done;
-                use synesis_proto::message::FinishReason as Finish;
+                use synesis_proto::message::FinishReason as Done;
                 let ending = match d.finish_reason {
-                    Finish::Stop | Finish::Length => Piece::End(Ending {
-                        finish_reason: if d.finish_reason == Finish::Length {
-                            "length"
+                    Done::Stop | Done::Length => Piece::End(Ending {
+                        finish: if d.finish_reason == Done::Length {
+                            Finish::Length
                         } else {
-                            "stop"
+                            Finish::Stop
                         },
                         prompt_tokens: d.usage.input_tokens,
                         completion_tokens: d.usage.output_tokens,
                         cost_micro_usd: d.cost.total.0,
                     }),
                     // Not a whole answer, whatever was streamed: never a `stop`.
-                    Finish::Failed => Piece::Failed(ApiError::new(
+                    Done::Failed => Piece::Failed(ApiError::new(
                         StatusCode::BAD_GATEWAY,
                         "server_error",
                         "upstream_failed",
                         "the cloud's model failed partway through the answer (what it made is charged)",
                     )),
-                    Finish::Cancelled => Piece::Failed(ApiError::new(
+                    Done::Cancelled => Piece::Failed(ApiError::new(
                         StatusCode::CONFLICT,
                         "invalid_request_error",
                         "request_cancelled",
@@ -955,6 +1129,61 @@ impl Producer {
                 }
             }
         }
+    }
+}
+
+/// A local answer's text as pieces: tool calls taken out when the request has tools.
+struct Pieces {
+    request_id: RequestId,
+    parser: Option<ToolParser>,
+    calls: usize,
+}
+
+impl Pieces {
+    fn new(request_id: RequestId, tools: bool) -> Pieces {
+        Pieces {
+            request_id,
+            parser: tools.then(ToolParser::new),
+            calls: 0,
+        }
+    }
+
+    fn text(&mut self, text: &str) -> Vec<Piece> {
+        match &mut self.parser {
+            None => vec![Piece::Text(text.to_owned())],
+            Some(parser) => {
+                let events = parser.push(text);
+                self.pieces(events)
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Vec<Piece> {
+        match &mut self.parser {
+            None => Vec::new(),
+            Some(parser) => {
+                let events = parser.finish();
+                self.pieces(events)
+            }
+        }
+    }
+
+    fn pieces(&mut self, events: Vec<ToolEvent>) -> Vec<Piece> {
+        events
+            .into_iter()
+            .filter_map(|e| match e {
+                ToolEvent::Text(t) if t.is_empty() => None,
+                ToolEvent::Text(t) => Some(Piece::Text(t)),
+                ToolEvent::Call { name, arguments } => {
+                    self.calls += 1;
+                    Some(Piece::ToolCall {
+                        id: format!("call_{}_{}", self.request_id, self.calls),
+                        name,
+                        arguments,
+                    })
+                }
+            })
+            .collect()
     }
 }
 

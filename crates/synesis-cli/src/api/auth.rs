@@ -17,7 +17,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::Api;
-use super::wire::ApiError;
+use super::pieces::ApiError;
 
 /// The device's own key, in the config directory.
 pub(crate) const API_KEY_FILE: &str = "api-key";
