@@ -109,7 +109,8 @@ fn new_key() -> String {
     key
 }
 
-/// Lets a request through only with the key (`Authorization: Bearer KEY`), when one is needed.
+/// Lets a request through only with the key (`Authorization: Bearer KEY`, or `x-api-key: KEY`
+/// as Anthropic's clients send it), when one is needed.
 pub(super) async fn authorize(
     State(api): State<Arc<Api>>,
     request: Request,
@@ -124,18 +125,19 @@ pub(super) async fn authorize(
     if api.options.key_required == KeyRequired::WhenEnrolled && !enrolled(&api.paths.data.path) {
         return next.run(request).await;
     }
-    let presented = request
-        .headers()
+    let headers = request.headers();
+    let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(bearer);
+        .and_then(bearer)
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
     match presented {
         Some(p) if same_key(p, key) => next.run(request).await,
         _ => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_request_error",
             "invalid_api_key",
-            "a valid API key is required (Authorization: Bearer KEY); on the device, `synesis paths` shows the file that holds it",
+            "a valid API key is required (Authorization: Bearer KEY, or x-api-key: KEY); on the device, `synesis paths` shows the file that holds it",
         )
         .into_response(),
     }

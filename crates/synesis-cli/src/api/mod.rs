@@ -19,10 +19,12 @@
 //! An enrolled device's API needs its key on loopback too ([`auth`]); connections are bounded
 //! before any request on them is read ([`limits`]).
 
+mod anthropic;
 pub(crate) mod auth;
 pub(crate) mod host;
 mod limits;
 mod metrics;
+mod ollama;
 mod openai;
 mod pieces;
 mod request;
@@ -149,13 +151,21 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/embed", post(ollama::embed))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/show", post(ollama::show))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/version", get(ollama::version))
         .route("/metrics", get(scrape))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 "not_found",
-                "no such endpoint; this server has /v1/chat/completions, /v1/models, /metrics and /health",
+                "no such endpoint; README.md lists this server's (OpenAI's /v1/…, Ollama's /api/…, Anthropic's /v1/messages, /metrics, /health)",
             )
         })
         .method_not_allowed_fallback(|| async {
