@@ -936,3 +936,54 @@ pub fn tiny_cloud_with(spec: synesis_infer::tiny::TinySpec, extra: &str) -> Tiny
         files,
     }
 }
+
+/// `synesis serve` running, stopped with SIGTERM when dropped.
+#[derive(Debug)]
+pub struct Serving {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        signal(self.child.id(), "TERM");
+        let _ = self.child.wait();
+    }
+}
+
+/// `synesis serve ARGS…` on `device`, once it says where it listens; what it said on stderr
+/// when it did not start.
+pub fn serve(device: &Device, args: &[&str], env: &[(&str, &str)]) -> Result<Serving, String> {
+    use std::io::{BufRead, Read};
+    use std::process::Stdio;
+    let mut child = device
+        .synesis()
+        .args(["serve", "--heartbeat-interval", "1s"])
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    match line.trim().strip_prefix("listening on http://") {
+        Some(addr) => Ok(Serving {
+            addr: addr.to_owned(),
+            child,
+        }),
+        None => {
+            let mut stderr = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            let _ = child.wait();
+            Err(stderr)
+        }
+    }
+}

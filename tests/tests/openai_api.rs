@@ -4,59 +4,10 @@
 //! with a message, where Python or the `openai` package is missing (`pip install openai`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
-use std::io::{BufRead, Read};
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use synesis_e2e::upstream::{Script, upstream, upstream_model};
-use synesis_e2e::{Device, json_of, raw_http, run_ok, signal, wait_for};
-
-/// `synesis serve` running, stopped with SIGTERM when dropped.
-struct Serving {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        signal(self.child.id(), "TERM");
-        let _ = self.child.wait();
-    }
-}
-
-/// `synesis serve ARGS…` on `device`, once it says where it listens.
-fn serve(device: &Device, args: &[&str], env: &[(&str, &str)]) -> Result<Serving, String> {
-    let mut child = device
-        .synesis()
-        .args(["serve", "--heartbeat-interval", "1s"])
-        .args(args)
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    match line.trim().strip_prefix("listening on http://") {
-        Some(addr) => Ok(Serving {
-            addr: addr.to_owned(),
-            child,
-        }),
-        None => {
-            let mut stderr = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut stderr)
-                .unwrap();
-            let _ = child.wait();
-            Err(stderr)
-        }
-    }
-}
+use synesis_e2e::{Device, json_of, raw_http, run_ok, serve, wait_for};
 
 /// One HTTP/1.1 request: the status code and the body.
 fn http(addr: &str, method: &str, path: &str, key: Option<&str>) -> (u16, String) {

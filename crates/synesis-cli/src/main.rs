@@ -18,6 +18,7 @@ mod hosted;
 mod paths;
 mod pull;
 mod registry;
+mod request;
 mod secret_arg;
 mod secure_fs;
 mod signals;

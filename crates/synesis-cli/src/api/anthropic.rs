@@ -16,10 +16,10 @@ use serde::Deserialize;
 use synesis_infer::tools::{Tool, ToolChoice};
 
 use super::metrics::Pieces;
-use super::openai::{known_fields, parse, sse_response};
+use super::openai::{Posted, sse_response};
 use super::pieces::{ApiError, Ending, Finish, Piece, Whole};
-use super::request::{AnswerRequest, Conversation};
 use super::{Api, checked_body, json_response, start};
+use crate::request::{AnswerRequest, Conversation};
 
 /// Anthropic's error shape: `{"type": "error", "error": {"type", "message"}}`.
 fn error_json(e: &ApiError) -> serde_json::Value {
@@ -35,21 +35,6 @@ fn error_json(e: &ApiError) -> serde_json::Value {
     };
     serde_json::json!({"type": "error", "error": {"type": kind, "message": e.message}})
 }
-
-const FIELDS: &[&str] = &[
-    "model",
-    "max_tokens",
-    "messages",
-    "system",
-    "stop_sequences",
-    "temperature",
-    "top_p",
-    "top_k",
-    "stream",
-    "tools",
-    "tool_choice",
-    "metadata",
-];
 
 #[derive(Debug, Deserialize)]
 struct MessagesBody {
@@ -71,6 +56,24 @@ struct MessagesBody {
     /// Accepted and not used (`user_id`, for Anthropic's abuse monitoring).
     #[allow(dead_code)]
     metadata: Option<serde_json::Value>,
+}
+
+impl Posted for MessagesBody {
+    const FIELDS: &'static [&'static str] = &[
+        "model",
+        "max_tokens",
+        "messages",
+        "system",
+        "stop_sequences",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stream",
+        "tools",
+        "tool_choice",
+        "metadata",
+    ];
+    const WHAT: &'static str = "a messages request";
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,10 +237,7 @@ pub(crate) async fn messages(
 ) -> Response {
     let result = async {
         let body = checked_body(&api, &headers, body)?;
-        let m: MessagesBody = parse(
-            known_fields(&body, FIELDS, "a messages request")?,
-            "a messages request",
-        )?;
+        let m = MessagesBody::read(&body)?;
         let started = start(&api, &headers, m.answer_request()?).await?;
         let (info, first, mut rx) = started.parts();
         let id = format!("msg_{}", info.request_id);

@@ -27,7 +27,6 @@ mod metrics;
 mod ollama;
 mod openai;
 mod pieces;
-mod request;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,14 +52,15 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use synesis_infer::tools::{ToolEvent, ToolParser};
 
 use self::host::ModelHost;
-use self::openai::Shape;
-use self::pieces::{ApiError, Ending, Finish, Piece};
-use self::request::AnswerRequest;
+use self::openai::{Posted, Shape};
+pub(crate) use self::pieces::ApiError;
+use self::pieces::{Ending, Finish, Piece};
 use crate::answer::{Gathered, Measured, ModelName, cloud_model_or_ask, fall_back, gather};
 use crate::commands::ask::{Decided, decide, record_local};
 use crate::commands::escalate::record_cloud;
 use crate::paths::Paths;
 use crate::registry::Config;
+use crate::request::{self, AnswerRequest};
 
 /// Pieces of an answer waiting for their client: a local generation waits when they are
 /// this many; a cloud answer (a piece per token at most) fills them only for a client that
@@ -369,22 +369,7 @@ async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    respond(
-        async {
-            let body = checked_body(&api, &headers, body)?;
-            let chat = openai::ChatRequest::read(&body)?;
-            let started = start(&api, &headers, chat.answer_request()?).await?;
-            let (info, first, rx) = started.parts();
-            let meta = info.openai_meta("chatcmpl");
-            let response = if chat.stream {
-                openai::streamed(meta, Shape::Chat, first, rx, chat.include_usage())
-            } else {
-                openai::collected(meta, Shape::Chat, first, rx).await?
-            };
-            Ok(info.label(response))
-        }
-        .await,
-    )
+    respond(openai_answer(&api, &headers, body, Shape::Chat).await)
 }
 
 /// `/v1/completions`: the prompt as it is, without the chat template.
@@ -393,28 +378,42 @@ async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    respond(
-        async {
-            let body = checked_body(&api, &headers, body)?;
-            let completion = openai::CompletionRequest::read(&body)?;
-            let started = start(&api, &headers, completion.answer_request()?).await?;
-            let (info, first, rx) = started.parts();
-            let meta = info.openai_meta("cmpl");
-            let response = if completion.stream {
-                openai::streamed(
-                    meta,
-                    Shape::Completion,
-                    first,
-                    rx,
-                    completion.include_usage(),
-                )
-            } else {
-                openai::collected(meta, Shape::Completion, first, rx).await?
-            };
-            Ok(info.label(response))
+    respond(openai_answer(&api, &headers, body, Shape::Completion).await)
+}
+
+/// A chat completion or a completion, whole or streamed.
+async fn openai_answer(
+    api: &Arc<Api>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    shape: Shape,
+) -> Result<Response, ApiError> {
+    let body = checked_body(api, headers, body)?;
+    let (ask, (stream, include_usage)) = match shape {
+        Shape::Chat => {
+            let chat = openai::ChatRequest::read(&body)?;
+            (chat.answer_request()?, chat.sampling.streaming())
         }
-        .await,
-    )
+        Shape::Completion => {
+            let completion = openai::CompletionRequest::read(&body)?;
+            (
+                completion.answer_request()?,
+                completion.sampling.streaming(),
+            )
+        }
+    };
+    let started = start(api, headers, ask).await?;
+    let (info, first, rx) = started.parts();
+    let meta = info.openai_meta(match shape {
+        Shape::Chat => "chatcmpl",
+        Shape::Completion => "cmpl",
+    });
+    let response = if stream {
+        openai::streamed(meta, shape, first, rx, include_usage)
+    } else {
+        openai::collected(meta, shape, first, rx).await?
+    };
+    Ok(info.label(response))
 }
 
 /// `/v1/embeddings`: vectors from a local model.
@@ -426,7 +425,7 @@ async fn embeddings(
     respond(
         async {
             let body = checked_body(&api, &headers, body)?;
-            let request = openai::EmbeddingRequest::read(&body)?;
+            let request = openai::EmbeddingRequest::read(&body)?.checked()?;
             let (name, made) = embed(&api, &request.model, request.texts()).await?;
             Ok(json_response(&request.response(&name, &made)?))
         }

@@ -16,10 +16,10 @@ use serde::Deserialize;
 use synesis_infer::tools::ToolChoice;
 
 use super::metrics::Pieces;
-use super::openai::{FunctionSpec, known_fields, parse};
+use super::openai::{FunctionSpec, Posted};
 use super::pieces::{ApiError, Ending, Finish, Piece, Whole};
-use super::request::{AnswerRequest, Conversation, Format};
 use super::{Api, checked_body, json_response, local_model, start};
+use crate::request::{AnswerRequest, Conversation, Format};
 
 /// What `/api/version` says: Ollama's clients check it is there; the version is Synesis's.
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -92,7 +92,7 @@ impl Options {
             r.max_tokens = u32::try_from(n)
                 .ok()
                 .filter(|&n| n > 0)
-                .unwrap_or(super::request::MAX_TOKENS_MAX);
+                .unwrap_or(crate::request::MAX_TOKENS_MAX);
         }
         r.stop = self.stop.clone();
         r.presence_penalty = self.presence_penalty.unwrap_or(0.0);
@@ -103,16 +103,6 @@ impl Options {
 fn yes() -> bool {
     true
 }
-
-const CHAT_FIELDS: &[&str] = &[
-    "model",
-    "messages",
-    "stream",
-    "format",
-    "options",
-    "keep_alive",
-    "tools",
-];
 
 #[derive(Debug, Deserialize)]
 struct ChatBody {
@@ -158,17 +148,6 @@ struct ToolSpec {
     function: FunctionSpec,
 }
 
-const GENERATE_FIELDS: &[&str] = &[
-    "model",
-    "prompt",
-    "system",
-    "raw",
-    "stream",
-    "format",
-    "options",
-    "keep_alive",
-];
-
 #[derive(Debug, Deserialize)]
 struct GenerateBody {
     model: String,
@@ -183,6 +162,33 @@ struct GenerateBody {
     options: Option<serde_json::Value>,
     #[allow(dead_code)]
     keep_alive: Option<serde_json::Value>,
+}
+
+impl Posted for ChatBody {
+    const FIELDS: &'static [&'static str] = &[
+        "model",
+        "messages",
+        "stream",
+        "format",
+        "options",
+        "keep_alive",
+        "tools",
+    ];
+    const WHAT: &'static str = "a chat request";
+}
+
+impl Posted for GenerateBody {
+    const FIELDS: &'static [&'static str] = &[
+        "model",
+        "prompt",
+        "system",
+        "raw",
+        "stream",
+        "format",
+        "options",
+        "keep_alive",
+    ];
+    const WHAT: &'static str = "a generate request";
 }
 
 /// Which of Ollama's objects an answer is rendered as.
@@ -203,7 +209,7 @@ pub(crate) async fn chat(
         async {
             let arrived = Instant::now();
             let body = checked_body(&api, &headers, body)?;
-            let chat: ChatBody = parse(known_fields(&body, CHAT_FIELDS, "a chat request")?, "a chat request")?;
+            let chat = ChatBody::read(&body)?;
             let mut conversation = Conversation::default();
             for (i, m) in chat.messages.iter().enumerate() {
                 if !m.images.is_empty() {
@@ -251,10 +257,7 @@ pub(crate) async fn generate(
         async {
             let arrived = Instant::now();
             let body = checked_body(&api, &headers, body)?;
-            let g: GenerateBody = parse(
-                known_fields(&body, GENERATE_FIELDS, "a generate request")?,
-                "a generate request",
-            )?;
+            let g = GenerateBody::read(&body)?;
             if g.prompt.is_empty() {
                 // Ollama's way to load a model: answered once it is loaded.
                 let (name, _) = local_model(&api, &g.model).await?;
@@ -387,8 +390,6 @@ fn streamed(model: String, shape: Shape, first: Piece, rx: Pieces, arrived: Inst
     response
 }
 
-const EMBED_FIELDS: &[&str] = &["model", "input", "truncate", "options", "keep_alive"];
-
 #[derive(Debug, Deserialize)]
 struct EmbedBody {
     model: String,
@@ -400,6 +401,12 @@ struct EmbedBody {
     options: Option<serde_json::Value>,
     #[allow(dead_code)]
     keep_alive: Option<serde_json::Value>,
+}
+
+impl Posted for EmbedBody {
+    const FIELDS: &'static [&'static str] =
+        &["model", "input", "truncate", "options", "keep_alive"];
+    const WHAT: &'static str = "an embed request";
 }
 
 #[derive(Debug, Deserialize)]
@@ -418,10 +425,7 @@ pub(crate) async fn embed(
         async {
             let arrived = Instant::now();
             let body = checked_body(&api, &headers, body)?;
-            let e: EmbedBody = parse(
-                known_fields(&body, EMBED_FIELDS, "an embed request")?,
-                "an embed request",
-            )?;
+            let e = EmbedBody::read(&body)?;
             if e.truncate == Some(true) {
                 return Err(ApiError::unsupported(
                     "truncate",
@@ -505,6 +509,11 @@ struct ShowBody {
     model: String,
 }
 
+impl Posted for ShowBody {
+    const FIELDS: &'static [&'static str] = &["model", "name", "verbose"];
+    const WHAT: &'static str = "a show request";
+}
+
 pub(crate) async fn show(
     State(api): State<Arc<Api>>,
     headers: HeaderMap,
@@ -513,10 +522,7 @@ pub(crate) async fn show(
     respond(
         async {
             let body = checked_body(&api, &headers, body)?;
-            let show: ShowBody = parse(
-                known_fields(&body, &["model", "name", "verbose"], "a show request")?,
-                "a show request",
-            )?;
+            let show = ShowBody::read(&body)?;
             let config = api.config.borrow().clone();
             let Some(entry) = config.models.get(&show.model) else {
                 return Err(not_found(&show.model));

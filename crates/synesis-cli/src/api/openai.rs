@@ -1,7 +1,7 @@
 //! OpenAI's shapes: chat completions (whole, or `chat.completion.chunk` server-sent events
 //! ending with `data: [DONE]`), with tools, response formats and logprobs; legacy completions;
 //! embeddings; the model list. A field this server does not act on is refused by name
-//! ([`known_fields`]), never silently ignored.
+//! ([`Posted`]), never silently ignored.
 
 use std::convert::Infallible;
 
@@ -16,14 +16,27 @@ use synesis_proto::RequestId;
 use super::json_body;
 use super::metrics::Pieces;
 use super::pieces::{ApiError, Ending, Piece, Whole, token_text};
-use super::request::{AnswerRequest, Conversation, DEFAULT_MAX_TOKENS, Format};
+use crate::request::{AnswerRequest, Conversation, DEFAULT_MAX_TOKENS, Format};
 
-/// Refuses a body that is not a JSON object, or that has a field outside `known` (by name).
-pub(crate) fn known_fields(
+/// A request body an endpoint takes: its fields, every one it acts on (any other is refused
+/// by name, never silently ignored), and what it is called in errors.
+pub(crate) trait Posted: serde::de::DeserializeOwned {
+    const FIELDS: &'static [&'static str];
+    const WHAT: &'static str;
+
+    /// Reads a body: a JSON object of known fields, in this shape.
+    fn read(body: &[u8]) -> Result<Self, ApiError> {
+        read_with(body, Self::FIELDS, Self::WHAT)
+    }
+}
+
+/// Reads a body that must be a JSON object of the fields `fields`, in `T`'s shape; `what` names
+/// the request in errors.
+pub(crate) fn read_with<T: serde::de::DeserializeOwned>(
     body: &[u8],
-    known: &[&str],
+    fields: &[&str],
     what: &str,
-) -> Result<serde_json::Value, ApiError> {
+) -> Result<T, ApiError> {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("the body is not JSON: {e}")))?;
     let Some(object) = value.as_object() else {
@@ -31,59 +44,23 @@ pub(crate) fn known_fields(
             "the body must be {what} (a JSON object)"
         )));
     };
-    if let Some(field) = object.keys().find(|k| !known.contains(&k.as_str())) {
+    if let Some(field) = object.keys().find(|k| !fields.contains(&k.as_str())) {
         return Err(ApiError::unsupported(
             field,
             " (README.md lists what each API takes)",
         ));
     }
-    Ok(value)
-}
-
-/// Reads a checked body into `T`, saying which request it is not.
-pub(crate) fn parse<T: serde::de::DeserializeOwned>(
-    value: serde_json::Value,
-    what: &str,
-) -> Result<T, ApiError> {
     serde_json::from_value(value)
         .map_err(|e| ApiError::invalid(format!("the body is not {what}: {e}")))
 }
 
-/// The fields of a chat completion request this server acts on; any other is refused.
-const CHAT_FIELDS: &[&str] = &[
-    "model",
-    "messages",
-    "stream",
-    "stream_options",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-    "stop",
-    "n",
-    "presence_penalty",
-    "frequency_penalty",
-    "logprobs",
-    "top_logprobs",
-    "response_format",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "user",
-];
-
+/// What chat and completion requests share: sampling, length aside, and streaming.
 #[derive(Debug, Deserialize)]
-pub(crate) struct ChatRequest {
-    model: String,
-    messages: Vec<InMessage>,
+pub(crate) struct Sampling {
     #[serde(default)]
-    pub(crate) stream: bool,
+    stream: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
-    max_tokens: Option<u32>,
-    max_completion_tokens: Option<u32>,
     temperature: Option<f32>,
     top_p: Option<f32>,
     top_k: Option<i32>,
@@ -95,6 +72,75 @@ pub(crate) struct ChatRequest {
     presence_penalty: f32,
     #[serde(default)]
     frequency_penalty: f32,
+    /// Accepted and not used (OpenAI's end-user identifier, for its abuse monitoring).
+    #[allow(dead_code)]
+    user: Option<String>,
+}
+
+/// The fields of [`Sampling`].
+const SAMPLING_FIELDS: &[&str] = &[
+    "stream",
+    "stream_options",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "user",
+];
+
+impl Sampling {
+    fn apply(&self, r: &mut AnswerRequest) -> Result<(), ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid("only n = 1 is supported"));
+        }
+        if let Some(t) = self.temperature {
+            r.temperature = t;
+        }
+        r.top_p = self.top_p;
+        r.top_k = self.top_k;
+        r.seed = self.seed;
+        r.stop = Stop::list(self.stop.as_ref());
+        r.presence_penalty = self.presence_penalty;
+        r.frequency_penalty = self.frequency_penalty;
+        Ok(())
+    }
+
+    /// Whether the answer streams, and whether its usage comes last when it does.
+    pub(crate) fn streaming(&self) -> (bool, bool) {
+        let usage = self
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage);
+        (self.stream, usage)
+    }
+}
+
+/// The fields of a chat completion request this server acts on, besides [`SAMPLING_FIELDS`].
+const CHAT_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+];
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ChatRequest {
+    model: String,
+    messages: Vec<InMessage>,
+    #[serde(flatten)]
+    pub(crate) sampling: Sampling,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
     #[serde(default)]
     logprobs: bool,
     top_logprobs: Option<u8>,
@@ -105,9 +151,6 @@ pub(crate) struct ChatRequest {
     /// Accepted either way: an answer makes at most one call.
     #[allow(dead_code)]
     parallel_tool_calls: Option<bool>,
-    /// Accepted and not used (OpenAI's end-user identifier, for its abuse monitoring).
-    #[allow(dead_code)]
-    user: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,23 +277,22 @@ fn content_text(i: usize, content: Option<&Content>) -> Result<String, ApiError>
     }
 }
 
+/// Every field a body of `T` may have: its own and the sampling ones.
+fn with_sampling(own: &'static [&'static str]) -> Vec<&'static str> {
+    own.iter().chain(SAMPLING_FIELDS).copied().collect()
+}
+
 impl ChatRequest {
     pub(crate) fn read(body: &[u8]) -> Result<ChatRequest, ApiError> {
-        let value = known_fields(body, CHAT_FIELDS, "a chat completion request")?;
-        parse(value, "a chat completion request")
-    }
-
-    pub(crate) fn include_usage(&self) -> bool {
-        self.stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage)
+        read_with(
+            body,
+            &with_sampling(CHAT_FIELDS),
+            "a chat completion request",
+        )
     }
 
     /// The request, as every API's is answered.
     pub(crate) fn answer_request(&self) -> Result<AnswerRequest, ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::invalid("only n = 1 is supported"));
-        }
         let mut conversation = Conversation::default();
         for (i, m) in self.messages.iter().enumerate() {
             let text = content_text(i, m.content.as_ref())?;
@@ -278,15 +320,7 @@ impl ChatRequest {
             .max_completion_tokens
             .or(self.max_tokens)
             .unwrap_or(DEFAULT_MAX_TOKENS);
-        if let Some(t) = self.temperature {
-            r.temperature = t;
-        }
-        r.top_p = self.top_p;
-        r.top_k = self.top_k;
-        r.seed = self.seed;
-        r.stop = Stop::list(self.stop.as_ref());
-        r.presence_penalty = self.presence_penalty;
-        r.frequency_penalty = self.frequency_penalty;
+        self.sampling.apply(&mut r)?;
         r.logprobs = match (self.logprobs, self.top_logprobs) {
             (_, Some(n)) if n > TOP_LOGPROBS_MAX => {
                 return Err(ApiError::invalid(format!(
@@ -348,51 +382,20 @@ impl FunctionSpec {
     }
 }
 
-/// The fields of a (legacy) completion request this server acts on.
-const COMPLETION_FIELDS: &[&str] = &[
-    "model",
-    "prompt",
-    "stream",
-    "stream_options",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-    "stop",
-    "n",
-    "presence_penalty",
-    "frequency_penalty",
-    "logprobs",
-    "echo",
-    "user",
-];
+/// The fields of a (legacy) completion request this server acts on, besides
+/// [`SAMPLING_FIELDS`].
+const COMPLETION_FIELDS: &[&str] = &["model", "prompt", "max_tokens", "logprobs", "echo"];
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct CompletionRequest {
     model: String,
     prompt: PromptSpec,
-    #[serde(default)]
-    pub(crate) stream: bool,
-    #[serde(default)]
-    stream_options: Option<StreamOptions>,
+    #[serde(flatten)]
+    pub(crate) sampling: Sampling,
     max_tokens: Option<u32>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    top_k: Option<i32>,
-    seed: Option<u64>,
-    #[serde(default)]
-    stop: Option<Stop>,
-    n: Option<u32>,
-    #[serde(default)]
-    presence_penalty: f32,
-    #[serde(default)]
-    frequency_penalty: f32,
     logprobs: Option<u8>,
     #[serde(default)]
     echo: bool,
-    #[allow(dead_code)]
-    user: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -404,20 +407,14 @@ enum PromptSpec {
 
 impl CompletionRequest {
     pub(crate) fn read(body: &[u8]) -> Result<CompletionRequest, ApiError> {
-        let value = known_fields(body, COMPLETION_FIELDS, "a completion request")?;
-        parse(value, "a completion request")
-    }
-
-    pub(crate) fn include_usage(&self) -> bool {
-        self.stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage)
+        read_with(
+            body,
+            &with_sampling(COMPLETION_FIELDS),
+            "a completion request",
+        )
     }
 
     pub(crate) fn answer_request(&self) -> Result<AnswerRequest, ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::invalid("only n = 1 is supported"));
-        }
         if self.echo {
             return Err(ApiError::unsupported("echo", ""));
         }
@@ -434,15 +431,7 @@ impl CompletionRequest {
         r.raw = true;
         // OpenAI's default for a completion.
         r.max_tokens = self.max_tokens.unwrap_or(16);
-        if let Some(t) = self.temperature {
-            r.temperature = t;
-        }
-        r.top_p = self.top_p;
-        r.top_k = self.top_k;
-        r.seed = self.seed;
-        r.stop = Stop::list(self.stop.as_ref());
-        r.presence_penalty = self.presence_penalty;
-        r.frequency_penalty = self.frequency_penalty;
+        self.sampling.apply(&mut r)?;
         r.logprobs = match self.logprobs {
             Some(n) if n > 5 => return Err(ApiError::invalid("logprobs must be 0 to 5")),
             n => n,
@@ -451,9 +440,6 @@ impl CompletionRequest {
         Ok(r)
     }
 }
-
-/// The fields of an embeddings request this server acts on.
-const EMBEDDING_FIELDS: &[&str] = &["model", "input", "encoding_format", "dimensions", "user"];
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct EmbeddingRequest {
@@ -465,13 +451,24 @@ pub(crate) struct EmbeddingRequest {
     user: Option<String>,
 }
 
+impl Posted for EmbeddingRequest {
+    const FIELDS: &'static [&'static str] =
+        &["model", "input", "encoding_format", "dimensions", "user"];
+    const WHAT: &'static str = "an embeddings request (input: a string or strings)";
+}
+
 impl EmbeddingRequest {
-    pub(crate) fn read(body: &[u8]) -> Result<EmbeddingRequest, ApiError> {
-        let value = known_fields(body, EMBEDDING_FIELDS, "an embeddings request")?;
-        let r: EmbeddingRequest =
-            parse(value, "an embeddings request (input: a string or strings)")?;
-        if r.encoding_format.as_deref().is_some_and(|f| f != "float") {
-            return Err(ApiError::unsupported("encoding_format", " (float only)"));
+    /// The texts, once checked.
+    pub(crate) fn checked(self) -> Result<EmbeddingRequest, ApiError> {
+        let r = self;
+        if r.encoding_format
+            .as_deref()
+            .is_some_and(|f| f != "float" && f != "base64")
+        {
+            return Err(ApiError::unsupported(
+                "encoding_format",
+                " other than float or base64",
+            ));
         }
         Ok(r)
     }
@@ -503,7 +500,19 @@ impl EmbeddingRequest {
             .vectors
             .iter()
             .enumerate()
-            .map(|(i, v)| serde_json::json!({"object": "embedding", "index": i, "embedding": v}))
+            .map(|(i, v)| {
+                // base64: the little-endian f32s, as OpenAI's own clients ask by default.
+                let embedding = if self.encoding_format.as_deref() == Some("base64") {
+                    use base64::Engine;
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    base64::engine::general_purpose::STANDARD
+                        .encode(bytes)
+                        .into()
+                } else {
+                    serde_json::json!(v)
+                };
+                serde_json::json!({"object": "embedding", "index": i, "embedding": embedding})
+            })
             .collect();
         Ok(serde_json::json!({
             "object": "list", "data": data, "model": model,

@@ -16,6 +16,8 @@ pub(crate) struct ApiError {
     pub(crate) kind: &'static str,
     code: &'static str,
     pub(crate) message: String,
+    /// The request's field it is about, when one is.
+    param: Option<String>,
 }
 
 impl ApiError {
@@ -35,6 +37,7 @@ impl ApiError {
             kind,
             code,
             message: message.into(),
+            param: None,
         }
     }
 
@@ -49,12 +52,15 @@ impl ApiError {
 
     /// A field this server does not act on: refused by name, never silently ignored.
     pub(crate) fn unsupported(field: &str, why: &str) -> ApiError {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "unsupported_parameter",
-            format!("`{field}` is not supported by this server{why}"),
-        )
+        ApiError {
+            param: Some(field.to_owned()),
+            ..ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "unsupported_parameter",
+                format!("`{field}` is not supported by this server{why}"),
+            )
+        }
     }
 
     pub(crate) fn internal(message: impl Into<String>) -> ApiError {
@@ -69,7 +75,7 @@ impl ApiError {
     /// OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
     pub(crate) fn openai_json(&self) -> serde_json::Value {
         serde_json::json!({"error": {
-            "message": self.message, "type": self.kind, "param": null, "code": self.code,
+            "message": self.message, "type": self.kind, "param": self.param, "code": self.code,
         }})
     }
 
@@ -84,6 +90,14 @@ impl ApiError {
         response
     }
 }
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

@@ -25,6 +25,7 @@ use crate::exit::UserError;
 use crate::paths::Paths;
 use crate::pull::reference::{CATALOG, Pinned};
 use crate::registry::Config;
+use crate::request::{AnswerRequest, Conversation};
 use crate::signals::Shutdown;
 
 /// The model a first `synesis ask` offers to pull when there is none (the catalog's first).
@@ -133,15 +134,16 @@ pub(crate) async fn run(out: &Output, paths: &Paths, args: &AskArgs) -> anyhow::
         }
         None => None,
     };
-    let request = Request {
-        max_tokens: args.max_tokens,
-        temperature: args.temperature,
-        seed: args.seed,
-        lora: lora.as_ref().map(|(n, s, _)| (n.clone(), *s)),
-        // For the service's model, which loads the adapter on demand.
-        lora_file: lora.as_ref().map(|(_, _, file)| file.clone()),
-        ..Request::new(prompt.clone())
-    };
+    let mut conversation = Conversation::default();
+    conversation.user(prompt.clone());
+    let mut ask = AnswerRequest::new(String::new(), conversation)?;
+    ask.max_tokens = args.max_tokens;
+    ask.temperature = args.temperature;
+    ask.seed = Some(u64::from(args.seed));
+    ask.lora = lora.as_ref().map(|(n, s, _)| (n.clone(), *s));
+    // For the service's model, which loads the adapter on demand.
+    ask.lora_file = lora.as_ref().map(|(_, _, file)| file.clone());
+    let request = ask.local_request()?;
 
     // The service's model when it runs (it keeps it loaded), else one loaded here.
     let loaded = match (&local_entry, mode) {

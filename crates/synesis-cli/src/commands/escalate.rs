@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use serde::Serialize;
 use synesis_ledger_local::{CloudCharge, LocalLedger};
-use synesis_proto::message::{ChatRole, ChatTurn, EscalationRequest, FinishReason, Preferences};
+use synesis_proto::message::{EscalationRequest, FinishReason};
 use synesis_proto::{MicroUsd, Secret};
 use synesis_tunnel::Identity;
 use synesis_tunnel::clock::{new_request_id, unix_now};
@@ -18,6 +18,7 @@ use super::{Output, ledger_error};
 use crate::cli::CloudAskArgs;
 use crate::exit::UserError;
 use crate::paths::Paths;
+use crate::request::{AnswerRequest, Conversation};
 use crate::signals::Shutdown;
 
 /// Where a BYOK key may come from, in this order.
@@ -125,32 +126,20 @@ pub(crate) fn request_of(
     } else {
         None
     };
-    let mut context = Vec::new();
+    let mut conversation = Conversation::default();
     if let Some(system) = &args.system {
-        context.push(ChatTurn {
-            role: ChatRole::System,
-            content: system.clone(),
-        });
+        conversation.system(system.clone());
     }
-    context.push(ChatTurn {
-        role: ChatRole::User,
-        content: prompt,
-    });
-    let request = EscalationRequest {
-        request_id: new_request_id(),
-        model,
-        adapter: args.lora.clone(),
-        context,
-        preferences: Preferences {
-            max_tokens: args.max_tokens,
-            temperature: args.temperature,
-            top_p: None,
-            seed: args.seed,
-            stop: args.stop.clone(),
-            max_cost: args.max_cost,
-        },
-        byok_key,
-    };
+    conversation.user(prompt);
+    let mut ask = AnswerRequest::new(model.clone(), conversation)?;
+    ask.max_tokens = args.max_tokens;
+    ask.temperature = args.temperature;
+    ask.seed = args.seed;
+    ask.stop = args.stop.clone();
+    ask.lora = args.lora.clone().map(|name| (name, 1.0));
+    ask.max_cost = args.max_cost;
+    ask.byok_key = byok_key;
+    let request = ask.escalation(new_request_id(), model)?;
     Ok(request)
 }
 

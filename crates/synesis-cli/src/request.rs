@@ -1,13 +1,15 @@
-//! One request for an answer, whichever API it came through (OpenAI's, Ollama's, Anthropic's):
-//! each API reads its own shape into an [`AnswerRequest`], and from here on there is one path —
-//! routing, the local model's request ([`AnswerRequest::local_request`]) or the cloud's
-//! ([`AnswerRequest::escalation`]), and the pieces of the answer ([`super::pieces`]).
+//! One request for an answer, whoever asks: `synesis ask` and `synesis cloud ask` build one from
+//! their flags, each HTTP API (OpenAI's, Ollama's, Anthropic's) reads its own shape into one.
+//! From an [`AnswerRequest`] come the local model's request ([`AnswerRequest::local_request`])
+//! and the cloud's ([`AnswerRequest::escalation`]); nothing else builds either.
+
+use std::path::PathBuf;
 
 use synesis_infer::tools::{self, Tool, ToolChoice};
-use synesis_proto::RequestId;
 use synesis_proto::message::{ChatRole, ChatTurn, EscalationRequest, Preferences};
+use synesis_proto::{MicroUsd, RequestId, Secret};
 
-use super::pieces::ApiError;
+use crate::api::ApiError;
 
 /// When the request names none (OpenAI's own default is 1; this is gentler on small models).
 pub(crate) const DEFAULT_TEMPERATURE: f32 = 0.8;
@@ -50,6 +52,14 @@ pub(crate) struct AnswerRequest {
     pub(crate) tool_choice: Option<ToolChoice>,
     /// Each token's log-probability, with this many alternatives.
     pub(crate) logprobs: Option<u8>,
+    /// An adapter by name, and its scale (the cloud serves it by name, at its own scale).
+    pub(crate) lora: Option<(String, f32)>,
+    /// Where a local model loads `lora` from when it has not loaded it yet.
+    pub(crate) lora_file: Option<PathBuf>,
+    /// The cloud refuses the request when it could cost more.
+    pub(crate) max_cost: Option<MicroUsd>,
+    /// The person's own provider key (bring your own key).
+    pub(crate) byok_key: Option<Secret>,
 }
 
 impl AnswerRequest {
@@ -76,6 +86,10 @@ impl AnswerRequest {
             tools: Vec::new(),
             tool_choice: None,
             logprobs: None,
+            lora: None,
+            lora_file: None,
+            max_cost: None,
+            byok_key: None,
         })
     }
 
@@ -201,6 +215,8 @@ impl AnswerRequest {
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             logprobs: self.logprobs,
+            lora: self.lora.clone(),
+            lora_file: self.lora_file.clone(),
             ..synesis_infer::Request::new(self.prompt.clone())
         })
     }
@@ -223,7 +239,7 @@ impl AnswerRequest {
         Ok(EscalationRequest {
             request_id,
             model,
-            adapter: None,
+            adapter: self.lora.as_ref().map(|(name, _)| name.clone()),
             context,
             preferences: Preferences {
                 max_tokens: self.max_tokens,
@@ -231,9 +247,9 @@ impl AnswerRequest {
                 top_p: self.top_p,
                 seed: self.seed,
                 stop: self.stop.clone(),
-                max_cost: None,
+                max_cost: self.max_cost,
             },
-            byok_key: None,
+            byok_key: self.byok_key.clone(),
         })
     }
 }

@@ -1,0 +1,157 @@
+//! The three APIs the device's HTTP service speaks on one port, as other programs use them:
+//! OpenAI's (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`), Ollama's (`/api/…`)
+//! and Anthropic's Messages API (`/v1/messages`), each through its official Python client
+//! (tests/python/api_clients.py) against a real `synesis serve` with tiny local models: a chat
+//! model with a context roomy enough for tool instructions, and an embedding model. Random
+//! weights make the text gibberish, but tool calls and JSON answers are held by a grammar, so
+//! they must parse and validate. Then raw HTTP for the errors each API has its own shape for.
+//!
+//! The client test is skipped, with a message, where Python or one of the packages is missing
+//! (`pip install openai ollama anthropic jsonschema`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use synesis_e2e::{Device, python_has, raw_http, run_ok, serve};
+use synesis_infer::tiny::TinySpec;
+
+/// A device (in no account) with `pocket`, a tiny chat model with a 4096-token context (the
+/// tools' instructions fit), and `embedder`, a tiny embedding model 64 wide; and the directory
+/// holding their files.
+fn device_with_models() -> (Device, tempfile::TempDir) {
+    let device = Device::new();
+    let files = tempfile::tempdir().unwrap();
+    let chat = files.path().join("pocket.gguf");
+    synesis_infer::tiny::write_model(
+        &chat,
+        TinySpec {
+            n_ctx: 4096,
+            ..TinySpec::TINY
+        },
+    )
+    .unwrap();
+    let embedder = files.path().join("embedder.gguf");
+    synesis_infer::tiny::write_embedding_model(&embedder, TinySpec::TINY).unwrap();
+    for (path, name) in [(&chat, "pocket"), (&embedder, "embedder")] {
+        run_ok(
+            device
+                .synesis()
+                .args(["model", "add"])
+                .arg(path)
+                .args(["--name", name]),
+        );
+    }
+    (device, files)
+}
+
+#[test]
+fn the_openai_ollama_and_anthropic_clients_use_one_local_service() {
+    if synesis_e2e::skip_unless(
+        python_has("openai")
+            && python_has("ollama")
+            && python_has("anthropic")
+            && python_has("jsonschema"),
+        "python3 with the `openai`, `ollama`, `anthropic` and `jsonschema` packages is not installed \
+         (pip install openai ollama anthropic jsonschema)",
+    ) {
+        return;
+    }
+    let (device, _files) = device_with_models();
+    let serving = serve(&device, &["--listen", "127.0.0.1:0"], &[]).unwrap();
+
+    let out = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/python/api_clients.py"
+        ))
+        .env("BASE", format!("http://{}", serving.addr))
+        .env("CHAT_MODEL", "pocket")
+        .env("EMBED_MODEL", "embedder")
+        // No proxy between the clients and loopback, whatever the developer's shell has.
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("ALL_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .env_remove("all_proxy")
+        .env("NO_PROXY", "*")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the clients' checks failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    drop(serving);
+}
+
+/// `body` as JSON, or the test fails showing it.
+fn json(status: u16, body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {body:?}"))
+}
+
+#[test]
+fn each_api_refuses_in_its_own_shape() {
+    let (device, _files) = device_with_models();
+    let serving = serve(&device, &["--listen", "127.0.0.1:0"], &[]).unwrap();
+    let addr = serving.addr.as_str();
+    let headers = [("Host", addr), ("Content-Type", "application/json")];
+
+    // OpenAI: a field this server does not act on is refused by name, never ignored.
+    for (field, value) in [
+        ("logit_bias", r#"{"65":5}"#),
+        ("audio", r#"{"voice":"alloy","format":"wav"}"#),
+        ("modalities", r#"["text"]"#),
+    ] {
+        let body = format!(
+            r#"{{"model":"pocket","max_tokens":2,"messages":[{{"role":"user","content":"hi"}}],"{field}":{value}}}"#
+        );
+        let (status, reply) = raw_http(addr, "POST", "/v1/chat/completions", &headers, &body);
+        assert_eq!(status, 400, "{field}: {reply}");
+        let error = &json(status, &reply)["error"];
+        for key in ["message", "type", "param", "code"] {
+            assert!(error.get(key).is_some(), "{field}: no `{key}` in {reply}");
+        }
+        assert_eq!(error["code"], "unsupported_parameter", "{field}: {reply}");
+        assert!(
+            error["message"].as_str().unwrap().contains(field),
+            "{field}: the message names it: {reply}"
+        );
+    }
+
+    // Ollama: its version, as its clients ask for it first.
+    let (status, reply) = raw_http(addr, "GET", "/api/version", &[("Host", addr)], "");
+    assert_eq!(status, 200, "/api/version: {reply}");
+    let version = json(status, &reply);
+    assert!(
+        version["version"].as_str().is_some_and(|v| !v.is_empty()),
+        "/api/version: {reply}"
+    );
+    // Its models, under the names they were added as.
+    let (status, reply) = raw_http(addr, "GET", "/api/tags", &[("Host", addr)], "");
+    assert_eq!(status, 200, "/api/tags: {reply}");
+    let names: Vec<String> = json(status, &reply)["models"]
+        .as_array()
+        .unwrap_or_else(|| panic!("/api/tags: no models list: {reply}"))
+        .iter()
+        .filter_map(|m| m["name"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "pocket" || n == "pocket:latest"),
+        "/api/tags: {reply}"
+    );
+    // An unknown model: 404 and Ollama's error, a string, whether streamed (Ollama's default)
+    // or not.
+    for stream in ["", r#","stream":false"#, r#","stream":true"#] {
+        let body = format!(
+            r#"{{"model":"no-such-model","messages":[{{"role":"user","content":"hi"}}]{stream}}}"#
+        );
+        let (status, reply) = raw_http(addr, "POST", "/api/chat", &headers, &body);
+        assert_eq!(status, 404, "/api/chat {body}: {reply}");
+        let error = json(status, &reply);
+        assert!(
+            error["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "/api/chat {body}: the error is a string: {reply}"
+        );
+    }
+}
