@@ -63,6 +63,8 @@ pub enum InferError {
     Llama(String),
     #[error("{0}")]
     Grammar(String),
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// llama.cpp allows one backend per process: this is it. Code that calls `llama-cpp-2` directly
@@ -646,8 +648,9 @@ pub struct Embeddings {
 impl Model {
     /// Each text as one vector: its tokens' hidden states pooled as the model says
     /// (`{arch}.pooling_type`; mean pooling for a model that says nothing, such as a chat
-    /// model), then scaled to unit length. A text must fit the context.
-    pub fn embed(&self, texts: &[String]) -> Result<Embeddings, InferError> {
+    /// model), then scaled to unit length. A text must fit the context. `cancel` stops it
+    /// between texts.
+    pub fn embed(&self, texts: &[String], cancel: &CancelToken) -> Result<Embeddings, InferError> {
         let backend = backend()?;
         let vocab = self.model.vocab();
         let tokenized: Vec<Vec<LlamaToken>> = texts
@@ -694,6 +697,9 @@ impl Model {
         let mut batch = LlamaBatch::new(longest, 1);
         let mut vectors = Vec::with_capacity(texts.len());
         for tokens in &tokenized {
+            if cancel.is_cancelled() {
+                return Err(InferError::Cancelled);
+            }
             ctx.clear_kv_cache();
             batch.clear();
             for (pos, &token) in tokens.iter().enumerate() {

@@ -597,7 +597,13 @@ fn an_embedding_model_gives_unit_vectors_of_its_width() {
         "the cloud".to_owned(),
         "hello world".to_owned(),
     ];
-    let e = model.embed(&texts).unwrap();
+    let e = model.embed(&texts, &CancelToken::default()).unwrap();
+    let cancelled = CancelToken::default();
+    cancelled.cancel();
+    assert!(matches!(
+        model.embed(&texts, &cancelled),
+        Err(InferError::Cancelled)
+    ));
     assert_eq!(e.vectors.len(), 3);
     for v in &e.vectors {
         assert_eq!(v.len(), TinySpec::TINY.n_embd as usize);

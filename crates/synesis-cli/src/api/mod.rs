@@ -67,6 +67,9 @@ use crate::request::{self, AnswerRequest};
 /// reads nothing, and is then cancelled.
 pub(crate) const PIECES_MAX: usize = request::MAX_TOKENS_MAX as usize + 4;
 
+/// The most texts one embeddings request may hold (OpenAI's limit).
+const EMBED_INPUTS_MAX: usize = 2048;
+
 /// Where `synesis serve` listens unless told otherwise (Ollama's port, plus one).
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:11435";
 
@@ -443,11 +446,32 @@ pub(crate) async fn embed(
     let Ok(_permit) = Arc::clone(&api.permits).try_acquire_owned() else {
         return Err(busy(api));
     };
-    let made = tokio::task::spawn_blocking(move || model.embed(&texts))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::invalid(e.to_string()))?;
-    Ok((name, made))
+    if texts.len() > EMBED_INPUTS_MAX {
+        return Err(ApiError::invalid(format!(
+            "at most {EMBED_INPUTS_MAX} texts a request"
+        )));
+    }
+    // Within the request's time, as an answer is: stopped between texts past it.
+    let cancel = CancelToken::default();
+    let stop = cancel.clone();
+    let work = tokio::task::spawn_blocking(move || model.embed(&texts, &stop));
+    let timeout = api.options.request_timeout;
+    let made = match tokio::time::timeout(timeout, work).await {
+        Ok(done) => done.map_err(|e| ApiError::internal(e.to_string()))?,
+        Err(_) => {
+            cancel.cancel();
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "server_error",
+                "timeout",
+                format!(
+                    "the embeddings took longer than {}",
+                    humantime::format_duration(timeout)
+                ),
+            ));
+        }
+    };
+    Ok((name, made.map_err(|e| ApiError::invalid(e.to_string()))?))
 }
 
 /// The local model a request names, loaded: by name, or the default one for `auto`.
