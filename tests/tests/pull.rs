@@ -256,3 +256,74 @@ fn a_real_model_pulled_through_the_hub_protocol_answers() {
         "{answer}"
     );
 }
+
+/// Ollama's `/api/pull` on `synesis serve`, through the official `ollama` client: progress lines
+/// as Ollama sends them, then the model is registered and served by the same service at once;
+/// a damaged file is an error line and nothing is kept.
+#[test]
+fn the_ollama_client_pulls_through_the_service_and_the_model_answers_at_once() {
+    if skip_unless(
+        synesis_e2e::python_has("ollama"),
+        "python3 with the `ollama` package is not installed (pip install ollama)",
+    ) {
+        return;
+    }
+    let hub = Hub::start();
+    hub.add(REPO, FILE, tiny_model_bytes());
+    // The hub damages a blob (by content): the broken one is another model.
+    let other = tempfile::tempdir().unwrap();
+    let other_path = other.path().join("m.gguf");
+    let spec = TinySpec {
+        seed: 9,
+        ..TinySpec::TINY
+    };
+    write_model(&other_path, spec).unwrap();
+    hub.add(
+        "acme/broken-GGUF",
+        "broken-Q4_K_M.gguf",
+        std::fs::read(&other_path).unwrap(),
+    );
+    hub.corrupt("acme/broken-GGUF", "broken-Q4_K_M.gguf", 4096);
+    let device = Device::new();
+    let serving = synesis_e2e::serve(
+        &device,
+        &["--listen", "127.0.0.1:0"],
+        &[("HF_ENDPOINT", hub.endpoint.as_str())],
+    )
+    .unwrap();
+    let script = format!(
+        r#"
+import ollama
+c = ollama.Client(host="http://{addr}")
+lines = list(c.pull("{REPO}:Q4_K_M", stream=True))
+statuses = [l.status for l in lines]
+assert statuses[0] == "pulling manifest" and statuses[-1] == "success", statuses
+assert any(l.total and l.completed == l.total for l in lines if l.status == "downloading"), lines
+names = [m.model for m in c.list().models]
+assert len(names) == 1, names
+answer = c.generate(model=names[0], prompt="hello", options={{"num_predict": 4}})
+assert answer.done and answer.eval_count > 0, answer
+try:
+    list(c.pull("acme/broken-GGUF:Q4_K_M", stream=True))
+    raise AssertionError("a damaged file was pulled")
+except ollama.ResponseError as e:
+    assert "SHA-256" in str(e), e
+assert len(c.list().models) == 1
+print("ok", names[0], statuses[:3])
+"#,
+        addr = serving.addr
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(models(&device).len(), 1);
+    assert!(store(&device, "partial").is_empty());
+}

@@ -327,12 +327,24 @@ pub(crate) fn blob_path(paths: &Paths, sha256: &str) -> PathBuf {
         .join(format!("sha256-{sha256}.gguf"))
 }
 
-/// Fetches what `reference` names into the store (or finds it there). `progress`: show a bar
-/// (or lines) on stderr.
+/// Told what a pull is doing (`downloading`, `verifying`), bytes done, of how many.
+pub(crate) type Report = std::sync::Arc<dyn Fn(&'static str, u64, Option<u64>) + Send + Sync>;
+
+/// Where a pull says how far it is.
+#[derive(Clone)]
+pub(crate) enum Progress {
+    Quiet,
+    /// A bar on a terminal, a line per tenth otherwise.
+    Stderr,
+    /// Told to a function.
+    To(Report),
+}
+
+/// Fetches what `reference` names into the store (or finds it there), saying how far it is.
 pub(crate) async fn fetch(
     paths: &Paths,
     reference: &Reference,
-    progress: bool,
+    progress: Progress,
 ) -> anyhow::Result<Fetched> {
     let hub = Hub::from_env()?;
     let wanted = hub.wanted(reference).await?;
@@ -415,7 +427,7 @@ pub(crate) async fn fetch(
         file
     });
 
-    let mut meter = Meter::new(progress, expected_size, start);
+    let mut meter = Meter::new(&progress, expected_size, start);
     let mut received = 0u64;
     if status != StatusCode::RANGE_NOT_SATISFIABLE {
         loop {
@@ -468,7 +480,7 @@ pub(crate) async fn fetch(
         let _ = std::fs::remove_file(&partial);
         bail!("{source}: {size_bytes} bytes arrived where {size} were announced; run it again");
     }
-    let sha256 = digest_with_progress(&partial, progress)?;
+    let sha256 = digest_with_progress(&partial, &progress)?;
     if let Some(expected) = &expected_sha
         && *expected != sha256
     {
@@ -548,7 +560,7 @@ fn mib(bytes: u64) -> String {
 }
 
 /// The SHA-256 of a file, with the bar saying "verifying".
-fn digest_with_progress(path: &Path, progress: bool) -> anyhow::Result<String> {
+fn digest_with_progress(path: &Path, progress: &Progress) -> anyhow::Result<String> {
     let total = std::fs::metadata(path)?.len();
     let mut meter = Meter::new(progress, Some(total), 0);
     meter.message("verifying");
@@ -558,10 +570,11 @@ fn digest_with_progress(path: &Path, progress: bool) -> anyhow::Result<String> {
 }
 
 /// Progress on stderr: a bar (bytes, rate, time left) on a terminal, a line per tenth otherwise,
-/// nothing when not asked.
+/// nothing when not asked; or each step told to a function.
 struct Meter {
     bar: Option<ProgressBar>,
     lines: bool,
+    to: Option<Report>,
     total: Option<u64>,
     last_tenth: u64,
     started: Instant,
@@ -569,8 +582,9 @@ struct Meter {
 }
 
 impl Meter {
-    fn new(progress: bool, total: Option<u64>, at: u64) -> Meter {
-        let terminal = progress && std::io::stderr().is_terminal();
+    fn new(progress: &Progress, total: Option<u64>, at: u64) -> Meter {
+        let stderr = matches!(progress, Progress::Stderr);
+        let terminal = stderr && std::io::stderr().is_terminal();
         let bar = terminal.then(|| {
             let bar = crate::commands::bytes_bar(total);
             bar.set_message("downloading");
@@ -580,7 +594,11 @@ impl Meter {
         });
         Meter {
             bar,
-            lines: progress && !terminal,
+            lines: stderr && !terminal,
+            to: match progress {
+                Progress::To(to) => Some(std::sync::Arc::clone(to)),
+                _ => None,
+            },
             total,
             last_tenth: total.map_or(0, |t| at.saturating_mul(10) / t.max(1)),
             started: Instant::now(),
@@ -596,6 +614,9 @@ impl Meter {
     }
 
     fn at(&mut self, done: u64) {
+        if let Some(to) = &self.to {
+            to(self.label, done, self.total);
+        }
         if let Some(bar) = &self.bar {
             bar.set_position(done);
         } else if self.lines

@@ -91,8 +91,11 @@ pub(crate) struct ApiOptions {
 /// What the handlers share.
 pub(crate) struct Api {
     paths: Paths,
-    /// `config.toml`, replaced when the service reloads it.
-    config: watch::Receiver<Config>,
+    /// `config.toml`: replaced when the service reloads it, or when `/api/pull` registers a
+    /// model.
+    config: Arc<watch::Sender<Config>>,
+    /// Held by the one pull at a time (`/api/pull`).
+    pub(crate) pulling: tokio::sync::Mutex<()>,
     host: Arc<ModelHost>,
     options: ApiOptions,
     permits: Arc<Semaphore>,
@@ -105,7 +108,7 @@ pub(crate) struct Api {
 impl Api {
     pub(crate) fn new(
         paths: Paths,
-        config: watch::Receiver<Config>,
+        config: Arc<watch::Sender<Config>>,
         host: Arc<ModelHost>,
         options: ApiOptions,
     ) -> Arc<Api> {
@@ -115,6 +118,7 @@ impl Api {
             paths,
             config,
             host,
+            pulling: tokio::sync::Mutex::new(()),
             permits: Arc::new(Semaphore::new(options.max_concurrent)),
             options,
             stress,
@@ -162,6 +166,7 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
         .route("/api/show", post(ollama::show))
         .route("/api/ps", get(ollama::ps))
         .route("/api/version", get(ollama::version))
+        .route("/api/pull", post(ollama::pull))
         .route("/metrics", get(scrape))
         .fallback(|| async {
             ApiError::new(

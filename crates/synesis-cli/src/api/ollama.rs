@@ -550,6 +550,134 @@ pub(crate) async fn show(
     )
 }
 
+#[derive(Debug, Deserialize)]
+struct PullBody {
+    #[serde(alias = "name")]
+    model: String,
+    #[serde(default = "yes")]
+    stream: bool,
+    /// Accepted: the Hub is always reached over TLS, its certificates checked.
+    #[allow(dead_code)]
+    #[serde(default)]
+    insecure: bool,
+}
+
+impl Posted for PullBody {
+    const FIELDS: &'static [&'static str] = &["model", "name", "stream", "insecure"];
+    const WHAT: &'static str = "a pull request";
+}
+
+/// Progress lines a pull may have waiting for a slow client; more are dropped (the next says
+/// where it is).
+const PULL_LINES_MAX: usize = 64;
+
+/// `/api/pull`: `synesis model pull` (a short name from `synesis model pull --list`, or
+/// `hf:OWNER/REPO/FILE.gguf`), with Ollama's progress lines; the model is registered and
+/// served at once. One pull at a time; a client that leaves does not stop it (what it fetched
+/// stays, and a later pull resumes it).
+pub(crate) async fn pull(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    respond(
+        async {
+            let body = checked_body(&api, &headers, body)?;
+            let p = PullBody::read(&body)?;
+            let reference = crate::pull::Reference::parse(&p.model)
+                .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
+            let (tx, rx) = tokio::sync::mpsc::channel::<serde_json::Value>(PULL_LINES_MAX);
+            let work = {
+                let api = Arc::clone(&api);
+                let tx = tx.clone();
+                async move {
+                    let _one = api.pulling.lock().await;
+                    let _ = tx
+                        .send(serde_json::json!({"status": "pulling manifest"}))
+                        .await;
+                    // A line per percent at most (and each change of step).
+                    let last = std::sync::Mutex::new((String::new(), u64::MAX));
+                    let told = tx.clone();
+                    let progress = crate::pull::Progress::To(Arc::new(move |step, done, total| {
+                        let percent = total.map_or(done >> 20, |t| done * 100 / t.max(1));
+                        let mut last = last
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if last.0 == step && last.1 == percent {
+                            return;
+                        }
+                        *last = (step.to_owned(), percent);
+                        let status = if step == "verifying" {
+                            "verifying sha256 digest"
+                        } else {
+                            "downloading"
+                        };
+                        let _ = told.try_send(serde_json::json!({
+                            "status": status, "completed": done, "total": total,
+                        }));
+                    }));
+                    let pulled = crate::commands::model::pull_and_register(
+                        &api.paths, &reference, None, progress,
+                    )
+                    .await;
+                    match pulled.and_then(|p| {
+                        api.config
+                            .send_replace(crate::registry::Config::load(&api.paths.config_file())?);
+                        Ok(p)
+                    }) {
+                        Ok(p) => {
+                            let _ = tx
+                                .send(serde_json::json!({"status": "writing manifest"}))
+                                .await;
+                            let _ = tx
+                                .send(serde_json::json!({
+                                    "status": "success", "model": p.name,
+                                    "digest": format!("sha256:{}", p.entry.sha256),
+                                }))
+                                .await;
+                        }
+                        Err(e) => {
+                            let _ = tx
+                                .send(serde_json::json!({"error": format!("{e:#}")}))
+                                .await;
+                        }
+                    }
+                }
+            };
+            tokio::spawn(work);
+            drop(tx);
+            if p.stream {
+                let lines = futures_util::stream::unfold(rx, |mut rx| async move {
+                    let line = rx.recv().await?;
+                    Some((Ok::<_, Infallible>(format!("{line}\n")), rx))
+                });
+                let mut response = Response::new(Body::from_stream(lines));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-ndjson"),
+                );
+                return Ok(response);
+            }
+            // Whole: the last line, once the pull ends.
+            let mut rx = rx;
+            let mut last = serde_json::Value::Null;
+            while let Some(line) = rx.recv().await {
+                last = line;
+            }
+            match last.get("error").and_then(|e| e.as_str()) {
+                Some(e) => Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "server_error",
+                    "pull_failed",
+                    e,
+                )),
+                None => Ok(json_response(&last)),
+            }
+        }
+        .await,
+    )
+}
+
 fn not_found(model: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,

@@ -44,7 +44,8 @@ async fn first_model(out: &Output, paths: &Paths, enrolled: bool) -> anyhow::Res
         std::io::stdin().read_line(&mut line)?;
         if matches!(line.trim(), "y" | "Y" | "yes") {
             let reference = crate::pull::Reference::parse(name)?;
-            let fetched = crate::pull::fetch(paths, &reference, true).await?;
+            let fetched =
+                crate::pull::fetch(paths, &reference, crate::pull::Progress::Stderr).await?;
             super::model::register(
                 paths,
                 super::model::Source::Pulled {

@@ -202,7 +202,7 @@ async fn choose_model(paths: &Paths, wanted: Option<&str>) -> anyhow::Result<Cho
             format!("--model {wanted:?} is not a registered model, a file, or a model to pull")
         })?;
         eprintln!("synesis demo: pulling {wanted} first (`synesis model pull`)");
-        let fetched = crate::pull::fetch(paths, &reference, true).await?;
+        let fetched = crate::pull::fetch(paths, &reference, crate::pull::Progress::Stderr).await?;
         return Ok(Chosen {
             path: fetched.path,
             real: true,

@@ -173,37 +173,18 @@ pub(crate) async fn pull(out: &Output, paths: &Paths, args: &ModelPullArgs) -> a
         bail!("give a model to pull: `synesis model pull --list` shows the short names");
     };
     let reference = Reference::parse(text)?;
-    if let Some(name) = &args.name {
-        check_name(name)?;
-    }
-    let fetched = crate::pull::fetch(paths, &reference, !out.json()).await?;
-    let name = args
-        .name
-        .clone()
-        .unwrap_or_else(|| fetched.default_name.clone());
-    let config = Config::load(&paths.config_file())?;
-    let (entry, is_default, registered) = match config.models.get(&name) {
-        Some(existing) if existing.sha256 == fetched.sha256 => (
-            existing.clone(),
-            config.default_model.as_deref() == Some(name.as_str()),
-            false,
-        ),
-        Some(_) => bail!(
-            "a model named {name:?} is already registered with other content; --name NAME \
-             registers this one under another name (it is stored: pulling again is instant)"
-        ),
-        None => {
-            let (name_, entry, is_default) = register(
-                paths,
-                Source::Pulled {
-                    fetched: &fetched,
-                    name: name.clone(),
-                },
-            )?;
-            debug_assert_eq!(name_, name);
-            (entry, is_default, true)
-        }
+    let progress = if out.json() {
+        crate::pull::Progress::Quiet
+    } else {
+        crate::pull::Progress::Stderr
     };
+    let Pulled {
+        fetched,
+        name,
+        entry,
+        is_default,
+        registered,
+    } = pull_and_register(paths, &reference, args.name.clone(), progress).await?;
     #[derive(Serialize)]
     struct View<'a> {
         name: &'a str,
@@ -241,6 +222,61 @@ pub(crate) async fn pull(out: &Output, paths: &Paths, args: &ModelPullArgs) -> a
         },
     )?;
     Ok(())
+}
+
+/// A model pulled and registered.
+pub(crate) struct Pulled {
+    pub(crate) fetched: crate::pull::Fetched,
+    pub(crate) name: String,
+    pub(crate) entry: ModelEntry,
+    pub(crate) is_default: bool,
+    /// Registered now (not already, with the same content).
+    pub(crate) registered: bool,
+}
+
+/// Pulls `reference` into the store and registers it under `name` (default: the file's own
+/// name). `synesis model pull` and the HTTP API's `/api/pull`.
+pub(crate) async fn pull_and_register(
+    paths: &Paths,
+    reference: &Reference,
+    name: Option<String>,
+    progress: crate::pull::Progress,
+) -> anyhow::Result<Pulled> {
+    if let Some(name) = &name {
+        check_name(name)?;
+    }
+    let fetched = crate::pull::fetch(paths, reference, progress).await?;
+    let name = name.unwrap_or_else(|| fetched.default_name.clone());
+    let config = Config::load(&paths.config_file())?;
+    match config.models.get(&name) {
+        Some(existing) if existing.sha256 == fetched.sha256 => Ok(Pulled {
+            is_default: config.default_model.as_deref() == Some(name.as_str()),
+            entry: existing.clone(),
+            fetched,
+            name,
+            registered: false,
+        }),
+        Some(_) => bail!(
+            "a model named {name:?} is already registered with other content; --name NAME \
+             registers this one under another name (it is stored: pulling again is instant)"
+        ),
+        None => {
+            let (name, entry, is_default) = register(
+                paths,
+                Source::Pulled {
+                    fetched: &fetched,
+                    name,
+                },
+            )?;
+            Ok(Pulled {
+                fetched,
+                name,
+                entry,
+                is_default,
+                registered: true,
+            })
+        }
+    }
 }
 
 fn pull_list(out: &Output) -> anyhow::Result<()> {

@@ -25,7 +25,9 @@ use crate::signals::Shutdown;
 pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<()> {
     let mut shutdown = Shutdown::listen().context("cannot listen for Ctrl-C")?;
     let mut reload = Reload::listen()?;
-    let (config_tx, config) = watch::channel(crate::registry::Config::load(&paths.config_file())?);
+    // The HTTP API reads it, and replaces it when it registers a model it pulled.
+    let config_tx =
+        Arc::new(watch::channel(crate::registry::Config::load(&paths.config_file())?).0);
     let events = local::events::channel();
     // The local models, kept loaded between answers for the local API's clients (`synesis
     // ask`) and the HTTP API alike.
@@ -49,7 +51,9 @@ pub(crate) async fn run(paths: &Paths, args: &TunnelRunArgs) -> anyhow::Result<(
         None => bail!("this device is not enrolled; run `synesis cloud login TOKEN` first"),
     };
     let http = match args.http.listen {
-        Some(addr) => Some(Http::start(paths, args, addr, config, Arc::clone(&host)).await?),
+        Some(addr) => {
+            Some(Http::start(paths, args, addr, Arc::clone(&config_tx), Arc::clone(&host)).await?)
+        }
         None => None,
     };
     tracing::info!(models = config_tx.borrow().models.len(), "config loaded");
@@ -296,7 +300,7 @@ impl Http {
         paths: &Paths,
         args: &TunnelRunArgs,
         addr: std::net::SocketAddr,
-        config: watch::Receiver<crate::registry::Config>,
+        config: Arc<watch::Sender<crate::registry::Config>>,
         host: Arc<ModelHost>,
     ) -> anyhow::Result<Http> {
         use crate::api::auth::{self, KeyRequired};
