@@ -109,6 +109,7 @@ fn cloud(c: &mut Criterion, model: &Path) {
             adapter: None,
             adapter_file: None,
             key: None,
+            shape: Default::default(),
         });
         loop {
             match generation.events.blocking_recv() {

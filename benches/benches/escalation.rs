@@ -51,6 +51,7 @@ async fn direct(provider: &Llama, model: &str) -> (Duration, Duration, u64) {
         adapter: None,
         adapter_file: None,
         key: None,
+        shape: Default::default(),
     });
     let (mut first, mut pieces) = (None, 0);
     while let Some(event) = generation.events.recv().await {

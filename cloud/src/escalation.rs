@@ -1011,6 +1011,7 @@ impl Admission {
             adapter: r.adapter.clone(),
             adapter_file: None,
             key: r.byok_key.as_ref().map(|k| ApiKey::new(k.0.clone())),
+            shape: (*r.shape).clone(),
         })
     }
 

@@ -43,9 +43,9 @@ pub const ALPN: &[u8] = b"synesis/1";
 
 /// The protocol version this build speaks. Peers exchange the versions they support in
 /// [`message::Hello`] and the cloud picks one in [`message::Welcome`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The oldest protocol version this build can still speak.
-pub const PROTOCOL_VERSION_MIN: u16 = 1;
+pub const PROTOCOL_VERSION_MIN: u16 = 2;
 
 const _: () = assert!(PROTOCOL_VERSION_MIN <= PROTOCOL_VERSION);

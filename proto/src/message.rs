@@ -368,6 +368,57 @@ pub struct EscalationRequest {
     /// uses it for the upstream call only, never stores or logs it, and charges the licensing
     /// fee instead of the provider price. Not part of the request's idempotency body.
     pub byok_key: Option<Secret>,
+    /// What the answer must be beyond text (version 2): tools, a format, penalties, `top_k`.
+    /// Boxed: most requests ask none of it, and every message is as large as its largest.
+    pub shape: Box<AnswerShape>,
+}
+
+/// What an answer must be beyond text. The default asks nothing more than version 1 did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct AnswerShape {
+    /// Functions the model may call; a call comes back in the answer's text as
+    /// `<tool_call>{"name": …, "arguments": {…}}</tool_call>` (§2, *Tools*).
+    pub tools: Vec<ToolSpec>,
+    pub tool_choice: ToolChoice,
+    pub format: AnswerFormat,
+    /// OpenAI's presence and frequency penalties (0: none).
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub top_k: Option<i32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    /// A JSON schema of the arguments, as JSON text; empty for any object.
+    pub parameters: String,
+}
+
+/// Whether the model must call one of the tools.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum ToolChoice {
+    /// The tools are described; none is called.
+    #[default]
+    None,
+    Auto,
+    Required,
+    Named(String),
+}
+
+/// What the answer's text must be.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum AnswerFormat {
+    #[default]
+    Text,
+    /// Any JSON object.
+    Json,
+    /// A JSON document the schema (JSON text) accepts.
+    Schema(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

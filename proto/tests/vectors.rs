@@ -164,6 +164,7 @@ fn samples() -> Vec<Message> {
                 max_cost: Some(MicroUsd(50_000)),
             },
             byok_key: None,
+            shape: Default::default(),
         }
         .into(),
         EscalationChunk {

@@ -866,6 +866,7 @@ pub fn escalation_request(
             max_cost: None,
         },
         byok_key: None,
+        shape: Default::default(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! A scripted OpenAI-compatible upstream on loopback (real HTTP over TCP, one connection per
 //! request): each request gets the next reply of the script, then `Answer` for ever. The
-//! requests' `Authorization` headers are kept, in order.
+//! requests' `Authorization` headers are kept, in order, and their bodies.
 //!
 //! [`Script::Paced`] replies write their chunks only as the test releases them
 //! ([`Upstream::release`]): a test that must act in the middle of an answer holds the answer
@@ -17,6 +17,8 @@ use tokio::sync::watch;
 pub struct Upstream {
     pub port: u16,
     pub seen: Arc<Mutex<Vec<String>>>,
+    /// The requests' bodies, in order.
+    pub bodies: Arc<Mutex<Vec<String>>>,
     pace: Arc<Pace>,
 }
 
@@ -49,6 +51,9 @@ pub enum Script {
     /// `n` chunks ([`paced_text`]), chunk `i` written once the test has released more than
     /// `i`, then `stop` without any usage (the cloud counts, one token per chunk).
     Paced(u32),
+    /// A call of the tool named, its arguments (JSON text) in two pieces, as OpenAI streams
+    /// one, then `tool_calls` and the usage (7 in, 9 out).
+    ToolCall(&'static str, &'static str),
 }
 
 /// The whole text of a `Script::Paced(n)` reply: "w0 w1 … w{n-1} ".
@@ -83,29 +88,38 @@ pub async fn upstream(script: Vec<Script>) -> Upstream {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen = Arc::new(Mutex::new(Vec::new()));
+    let bodies = Arc::new(Mutex::new(Vec::new()));
     let pace = Arc::new(Pace {
         released: watch::channel(0).0,
         written: AtomicU32::new(0),
         dropped: AtomicU32::new(0),
     });
-    let (log, paces) = (Arc::clone(&seen), Arc::clone(&pace));
+    let (log, paces, kept) = (Arc::clone(&seen), Arc::clone(&pace), Arc::clone(&bodies));
     tokio::spawn(async move {
         for reply in script.into_iter().chain(std::iter::repeat(Script::Answer)) {
             let Ok((conn, _)) = listener.accept().await else {
                 return;
             };
             // Each request on its own task: paced replies run side by side.
-            let (log, pace) = (Arc::clone(&log), Arc::clone(&paces));
-            tokio::spawn(serve(conn, reply, log, pace));
+            let (log, pace, kept) = (Arc::clone(&log), Arc::clone(&paces), Arc::clone(&kept));
+            tokio::spawn(serve(conn, reply, (log, kept), pace));
         }
     });
-    Upstream { port, seen, pace }
+    Upstream {
+        port,
+        seen,
+        bodies,
+        pace,
+    }
 }
+
+/// What the upstream keeps of its requests, in order.
+type Kept = Arc<Mutex<Vec<String>>>;
 
 async fn serve(
     mut conn: tokio::net::TcpStream,
     reply: Script,
-    log: Arc<Mutex<Vec<String>>>,
+    (log, bodies): (Kept, Kept),
     pace: Arc<Pace>,
 ) {
     let mut request = Vec::new();
@@ -123,6 +137,27 @@ async fn serve(
         .unwrap_or("")
         .to_owned();
     log.lock().unwrap().push(auth);
+    // The body, as long as the request says.
+    let length: usize = text
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
+    let head_end = request
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(request.len(), |at| at + 4);
+    let mut body = request.split_off(head_end.min(request.len()));
+    while body.len() < length {
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => body.extend_from_slice(&buf[..n]),
+        }
+    }
+    bodies
+        .lock()
+        .unwrap()
+        .push(String::from_utf8_lossy(&body).into_owned());
     let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
     let stop = "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
     let body = match reply {
@@ -148,6 +183,20 @@ async fn serve(
             format!("{head}{deltas}{stop}data: [DONE]\n\n")
         }
         Script::Silent | Script::Paced(_) => head.to_owned(),
+        Script::ToolCall(name, arguments) => {
+            let (first, rest) = arguments.split_at(arguments.len() / 2);
+            let piece = |json: serde_json::Value| {
+                let chunk = serde_json::json!({"choices": [{"index": 0, "delta": {"tool_calls": [json]}, "finish_reason": null}]});
+                format!("data: {chunk}\n\n")
+            };
+            format!(
+                "{head}{}{}data: {{\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"tool_calls\"}}]}}\n\ndata: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":7,\"completion_tokens\":9}}}}\n\ndata: [DONE]\n\n",
+                piece(
+                    serde_json::json!({"index": 0, "id": "call_1", "type": "function", "function": {"name": name, "arguments": first}})
+                ),
+                piece(serde_json::json!({"index": 0, "function": {"arguments": rest}})),
+            )
+        }
     };
     if conn.write_all(body.as_bytes()).await.is_err() {
         return;

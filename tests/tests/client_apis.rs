@@ -155,3 +155,109 @@ fn each_api_refuses_in_its_own_shape() {
         );
     }
 }
+
+/// Tools and response formats through the cloud, asked with the official `openai` client of an
+/// enrolled device's service: the cloud's upstream is sent them in OpenAI's shape (its recorded
+/// request bodies show the tool's schema and the response format's), and its streamed tool call
+/// comes back as a parsed call; the cloud's in-process model holds a forced call and a JSON
+/// schema by the same grammar a local model does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_and_formats_reach_the_clouds_model_and_its_upstream() {
+    if synesis_e2e::skip_unless(
+        python_has("openai") && python_has("jsonschema"),
+        "python3 with the `openai` and `jsonschema` packages is not installed",
+    ) {
+        return;
+    }
+    use synesis_e2e::upstream::{Script, upstream, upstream_model};
+    let up = upstream(vec![
+        Script::ToolCall("get_weather", r#"{"city":"Paris","days":3}"#),
+        Script::Answer,
+    ])
+    .await;
+    let spec = TinySpec {
+        n_ctx: 4096,
+        ..TinySpec::TINY
+    };
+    let t = synesis_e2e::tiny_cloud_with(spec, &upstream_model(up.port, "[\"managed\"]"));
+    let d = &t.owner;
+    let serving = serve(d, &["--listen", "127.0.0.1:0"], &[]).unwrap();
+    assert!(synesis_e2e::wait_for(
+        std::time::Duration::from_secs(20),
+        || d.state().as_deref() == Some("connected")
+    ));
+    let key = std::fs::read_to_string(d.home().join("config/api-key")).unwrap();
+    let script = format!(
+        r#"
+import json, openai, jsonschema
+c = openai.OpenAI(base_url="http://{addr}/v1", api_key="{key}", max_retries=0, timeout=120)
+params = {{"type": "object", "properties": {{"city": {{"type": "string", "enum": ["Paris", "Oslo"]}}, "days": {{"type": "integer"}}}}, "required": ["city", "days"], "additionalProperties": False}}
+tools = [{{"type": "function", "function": {{"name": "get_weather", "description": "The weather.", "parameters": params}}}}]
+forced = {{"type": "function", "function": {{"name": "get_weather"}}}}
+hello = [{{"role": "user", "content": "weather in Paris?"}}]
+schema = {{"type": "object", "properties": {{"ok": {{"type": "boolean"}}}}, "required": ["ok"], "additionalProperties": False}}
+
+# The upstream: its streamed call comes back parsed.
+raw = c.chat.completions.with_raw_response.create(model="up", messages=hello, tools=tools, tool_choice=forced, max_tokens=40)
+r = raw.parse()
+assert raw.headers["x-synesis-route"] == "cloud", raw.headers
+assert r.choices[0].finish_reason == "tool_calls", r
+call = r.choices[0].message.tool_calls[0]
+assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {{"city": "Paris", "days": 3}}, call
+c.chat.completions.create(model="up", messages=hello, max_tokens=8,
+    response_format={{"type": "json_schema", "json_schema": {{"name": "s", "schema": schema}}}})
+
+# The cloud's own model: the grammar holds the call and the schema, whole and streamed.
+for choice in [forced, "required"]:
+    raw = c.chat.completions.with_raw_response.create(model="cloud/tiny", messages=hello, tools=tools, tool_choice=choice, max_tokens=120, temperature=0)
+    r = raw.parse()
+    assert raw.headers["x-synesis-route"] == "cloud", raw.headers
+    call = r.choices[0].message.tool_calls[0]
+    jsonschema.validate(json.loads(call.function.arguments), params)
+chunks = list(c.chat.completions.create(model="cloud/tiny", messages=hello, tools=tools, tool_choice=forced, max_tokens=120, temperature=0, stream=True))
+calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+assert len(calls) == 1 and calls[0].function.name == "get_weather", calls
+jsonschema.validate(json.loads(calls[0].function.arguments), params)
+assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["tool_calls"]
+r = c.chat.completions.create(model="cloud/tiny", messages=hello, max_tokens=60, temperature=0.8, seed=3,
+    response_format={{"type": "json_schema", "json_schema": {{"name": "s", "schema": schema}}}})
+jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+print("ok")
+"#,
+        addr = serving.addr,
+        key = key.trim()
+    );
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        t.cloud.log()
+    );
+    // What the upstream was sent: the tool with its schema and the forced choice, then the
+    // response format with its schema.
+    let bodies = up.bodies.lock().unwrap().clone();
+    let sent: Vec<serde_json::Value> = bodies
+        .iter()
+        .map(|b| serde_json::from_str(b).unwrap())
+        .collect();
+    assert_eq!(sent.len(), 2, "{bodies:?}");
+    let tool = &sent[0]["tools"][0];
+    assert_eq!(tool["function"]["name"], "get_weather", "{}", sent[0]);
+    assert_eq!(
+        tool["function"]["parameters"]["properties"]["city"]["enum"],
+        serde_json::json!(["Paris", "Oslo"])
+    );
+    assert_eq!(sent[0]["tool_choice"]["function"]["name"], "get_weather");
+    assert_eq!(sent[1]["response_format"]["type"], "json_schema");
+    assert_eq!(
+        sent[1]["response_format"]["json_schema"]["schema"]["required"],
+        serde_json::json!(["ok"])
+    );
+    drop(serving);
+}

@@ -199,6 +199,7 @@ fn the_clouds_in_process_model_answers_two_at_once_in_about_twice_one() {
             adapter: None,
             adapter_file: None,
             key: None,
+            shape: Default::default(),
         });
         loop {
             match generation.events.blocking_recv() {

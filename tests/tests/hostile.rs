@@ -105,9 +105,10 @@ async fn garbage_and_oversize_frames_get_error_codes_and_everyone_is_still_serve
         != before));
     assert_eq!(bystander.state().as_deref(), Some("connected"));
 
-    // A version the cloud does not speak is refused with its code.
+    // A version the cloud does not speak is refused with its code: version 1 too, whose
+    // `EscalationRequest` lacks the answer's shape (PROTOCOL.md §7).
     let old: Message = Hello {
-        protocol_versions: vec![0],
+        protocol_versions: vec![0, 1],
         client: "old".into(),
         heartbeat_interval_ms: 1_000,
         max_frame_bytes: 1 << 20,

@@ -115,6 +115,7 @@ pub(crate) async fn escalate(
             max_cost: None,
         },
         byok_key: None,
+        shape: Default::default(),
     };
     let started = Instant::now();
     let (mut tx, rx) = conn.open_bi().await.unwrap();

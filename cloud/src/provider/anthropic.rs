@@ -10,10 +10,10 @@
 //! stopping) is [`super::http`]'s.
 
 use serde::{Deserialize, Serialize};
-use synesis_proto::message::{ChatRole, FinishReason};
+use synesis_proto::message::{AnswerFormat, ChatRole, FinishReason, ToolChoice};
 
 use super::http::{Decoder, HttpSettings, SetupError, Upstream, key_header, one_line};
-use super::{Ask, Event, Generation, Provider, ProviderError, ProviderUsage, bytes_bound};
+use super::{Ask, Event, Generation, Provider, ProviderError, ProviderUsage, ask_bound};
 
 /// The API version sent with every request.
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
@@ -34,6 +34,20 @@ impl Anthropic {
     }
 
     fn request(&self, ask: &Ask) -> Result<reqwest::RequestBuilder, ProviderError> {
+        // What the Messages API has no word for is refused, never dropped.
+        let shape = &ask.shape;
+        if shape.format != AnswerFormat::Text {
+            return Err(ProviderError::Refused(
+                "this model's provider (Anthropic's Messages API) has no JSON mode or schema"
+                    .into(),
+            ));
+        }
+        if shape.presence_penalty != 0.0 || shape.frequency_penalty != 0.0 {
+            return Err(ProviderError::Refused(
+                "this model's provider (Anthropic's Messages API) has no presence or frequency penalty"
+                    .into(),
+            ));
+        }
         let mut request = self
             .upstream
             .post()
@@ -48,7 +62,7 @@ impl Anthropic {
 
 impl Provider for Anthropic {
     fn input_tokens_bound(&self, ask: &Ask) -> Result<u64, ProviderError> {
-        Ok(bytes_bound(&ask.turns, 8))
+        Ok(ask_bound(ask, 8))
     }
 
     fn start(&self, ask: Ask) -> Generation {
@@ -76,6 +90,12 @@ struct MessagesRequest<'a> {
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop_sequences: &'a [String],
     stream: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<i32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -115,6 +135,25 @@ impl<'a> MessagesRequest<'a> {
             top_p: ask.top_p,
             stop_sequences: &ask.stop,
             stream: true,
+            tools: ask
+                .shape
+                .tools
+                .iter()
+                .map(|t| {
+                    let schema = serde_json::from_str(&t.parameters)
+                        .unwrap_or_else(|_| serde_json::json!({"type": "object"}));
+                    serde_json::json!({
+                        "name": t.name, "description": t.description, "input_schema": schema,
+                    })
+                })
+                .collect(),
+            tool_choice: (!ask.shape.tools.is_empty()).then(|| match &ask.shape.tool_choice {
+                ToolChoice::None => serde_json::json!({"type": "none"}),
+                ToolChoice::Auto => serde_json::json!({"type": "auto"}),
+                ToolChoice::Required => serde_json::json!({"type": "any"}),
+                ToolChoice::Named(name) => serde_json::json!({"type": "tool", "name": name}),
+            }),
+            top_k: ask.shape.top_k,
         }
     }
 }
@@ -151,6 +190,7 @@ impl Usage {
 
 #[derive(Debug, Deserialize)]
 struct BlockStart {
+    index: Option<u32>,
     content_block: Block,
 }
 
@@ -159,11 +199,21 @@ struct Block {
     #[serde(rename = "type")]
     kind: String,
     text: Option<String>,
+    /// A `tool_use` block's tool.
+    name: Option<String>,
+    /// An `input_json_delta`'s piece of the tool's input.
+    partial_json: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 struct BlockDelta {
+    index: Option<u32>,
     delta: Block,
+}
+
+#[derive(Debug, Deserialize)]
+struct BlockStop {
+    index: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -201,7 +251,14 @@ pub(crate) struct MessageEvents {
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     finish: Option<FinishReason>,
+    /// The `tool_use` block being streamed: its index, tool and input so far. Handed on whole,
+    /// as text in the one format every model's calls travel in
+    /// ([`synesis_infer::tools::render_call`]), when the block stops.
+    call: Option<(u32, String, String)>,
 }
+
+/// The most one tool call's input may hold.
+const CALL_MAX_BYTES: usize = 1 << 20;
 
 /// `"max_tokens"` (and a full context window) is the token limit; `"end_turn"`,
 /// `"stop_sequence"` and every other reason (`"refusal"`, and `"tool_use"`, which these asks do
@@ -263,11 +320,45 @@ impl Decoder for MessageEvents {
             }
             "content_block_start" => {
                 let start: BlockStart = parse(kind, data)?;
+                if start.content_block.kind == "tool_use" {
+                    let name = start.content_block.name.clone().unwrap_or_default();
+                    self.call = Some((start.index.unwrap_or(0), name, String::new()));
+                }
                 Ok(text_of(start.content_block))
             }
             "content_block_delta" => {
                 let delta: BlockDelta = parse(kind, data)?;
+                if let (Some((index, _, input)), Some(piece)) =
+                    (&mut self.call, &delta.delta.partial_json)
+                    && delta.index.unwrap_or(0) == *index
+                {
+                    input.push_str(piece);
+                    if input.len() > CALL_MAX_BYTES {
+                        return Err(ProviderError::Failed(format!(
+                            "the upstream's tool call passed {CALL_MAX_BYTES} bytes"
+                        )));
+                    }
+                }
                 Ok(text_of(delta.delta))
+            }
+            "content_block_stop" => {
+                let stop: BlockStop = parse(kind, data)?;
+                match self.call.take() {
+                    Some((index, name, input)) if stop.index.unwrap_or(0) == index => {
+                        let input = if input.trim().is_empty() {
+                            "{}".to_owned()
+                        } else {
+                            input
+                        };
+                        Ok(vec![Event::Text(synesis_infer::tools::render_call(
+                            &name, &input,
+                        ))])
+                    }
+                    other => {
+                        self.call = other;
+                        Ok(Vec::new())
+                    }
+                }
             }
             "message_delta" => {
                 let delta: MessageDelta = parse(kind, data)?;
@@ -297,7 +388,7 @@ impl Decoder for MessageEvents {
                 let error: ErrorEvent = parse(kind, data)?;
                 Err(stream_error(error.error))
             }
-            // `ping`, `content_block_stop`, and whatever new types appear.
+            // `ping`, and whatever new types appear.
             _ => Ok(Vec::new()),
         }
     }
@@ -528,6 +619,7 @@ mod tests {
             adapter: None,
             adapter_file: None,
             key: key.map(ApiKey::new),
+            shape: Default::default(),
         }
     }
 
@@ -694,5 +786,79 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    #[test]
+    fn a_tool_use_block_becomes_a_call_in_the_text_and_tools_are_sent_in_anthropics_shape() {
+        let events = decode(&[
+            (
+                "message_start",
+                r#"{"type":"message_start","message":{"usage":{"input_tokens":9,"output_tokens":1}}}"#,
+            ),
+            (
+                "content_block_start",
+                r#"{"type":"content_block_start","index":0,"content_block":{"type":"tool_use","id":"toolu_1","name":"weather","input":{}}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"city\": "}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"\"Oslo\"}"}}"#,
+            ),
+            (
+                "content_block_stop",
+                r#"{"type":"content_block_stop","index":0}"#,
+            ),
+            (
+                "message_delta",
+                r#"{"type":"message_delta","delta":{"stop_reason":"tool_use"},"usage":{"output_tokens":12}}"#,
+            ),
+            ("message_stop", r#"{"type":"message_stop"}"#),
+        ]);
+        assert_eq!(
+            events,
+            vec![
+                text(r#"<tool_call>{"arguments":{"city":"Oslo"},"name":"weather"}</tool_call>"#),
+                done(FinishReason::Stop, 9, 12),
+            ]
+        );
+        let with = Ask {
+            shape: synesis_proto::message::AnswerShape {
+                tools: vec![synesis_proto::message::ToolSpec {
+                    name: "weather".into(),
+                    description: "The weather.".into(),
+                    parameters: r#"{"type":"object","properties":{"city":{"type":"string"}}}"#
+                        .into(),
+                }],
+                tool_choice: ToolChoice::Required,
+                top_k: Some(5),
+                ..Default::default()
+            },
+            ..ask(None)
+        };
+        let body = serde_json::to_value(MessagesRequest::new(&with)).unwrap();
+        assert_eq!(
+            body["tools"][0]["input_schema"]["properties"]["city"]["type"],
+            "string"
+        );
+        assert_eq!(body["tool_choice"], serde_json::json!({"type": "any"}));
+        assert_eq!(body["top_k"], 5);
+        let plain = serde_json::to_value(MessagesRequest::new(&ask(None))).unwrap();
+        assert!(plain.get("tools").is_none() && plain.get("tool_choice").is_none());
+        // No JSON mode in the Messages API: refused, never dropped.
+        let json = Ask {
+            shape: synesis_proto::message::AnswerShape {
+                format: AnswerFormat::Json,
+                ..Default::default()
+            },
+            ..ask(None)
+        };
+        let anthropic = Anthropic::new(HttpSettings::new("http://127.0.0.1:1")).unwrap();
+        assert!(matches!(
+            anthropic.request(&json),
+            Err(ProviderError::Refused(_))
+        ));
     }
 }

@@ -18,8 +18,11 @@ use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
+use synesis_infer::tools::{Tool, ToolChoice};
 use synesis_infer::{CancelToken, ChatMessage, InferError, Model, Request, Settings};
-use synesis_proto::message::{ChatRole, FinishReason};
+use synesis_proto::message::{
+    AnswerFormat, AnswerShape, ChatRole, FinishReason, ToolChoice as WireChoice,
+};
 use tokio::sync::mpsc::Sender;
 
 use super::{Ask, Event, Generation, Provider, ProviderError, ProviderUsage};
@@ -219,7 +222,7 @@ fn request(ask: &Ask) -> Result<Request, ProviderError> {
         ChatRole::User => "user",
         ChatRole::Assistant => "assistant",
     };
-    Ok(Request {
+    let mut request = Request {
         max_tokens: ask.max_tokens,
         temperature: ask.temperature,
         top_p: ask.top_p,
@@ -237,8 +240,49 @@ fn request(ask: &Ask) -> Result<Request, ProviderError> {
                 content: t.content.clone(),
             })
             .collect(),
+        presence_penalty: ask.shape.presence_penalty,
+        frequency_penalty: ask.shape.frequency_penalty,
+        top_k: ask.shape.top_k,
         ..Request::new(last.content.clone())
-    })
+    };
+    shape(&mut request, &ask.shape)?;
+    Ok(request)
+}
+
+/// The tools and format the ask's shape names, held as the device's own model holds them
+/// (`synesis_infer::tools::shape`).
+fn shape(request: &mut Request, shape: &AnswerShape) -> Result<(), ProviderError> {
+    let mut tools = Vec::with_capacity(shape.tools.len());
+    for t in &shape.tools {
+        let parameters = if t.parameters.is_empty() {
+            None
+        } else {
+            Some(serde_json::from_str(&t.parameters).map_err(|e| {
+                ProviderError::Refused(format!(
+                    "the tool {:?}'s parameters are not JSON: {e}",
+                    t.name
+                ))
+            })?)
+        };
+        tools.push(Tool {
+            name: t.name.clone(),
+            description: t.description.clone(),
+            parameters,
+        });
+    }
+    let choice = match &shape.tool_choice {
+        WireChoice::None => None,
+        WireChoice::Auto => Some(ToolChoice::Auto),
+        WireChoice::Required => Some(ToolChoice::Required),
+        WireChoice::Named(name) => Some(ToolChoice::Named(name.clone())),
+    };
+    let schema = match &shape.format {
+        AnswerFormat::Text => None,
+        AnswerFormat::Json => Some(r#"{"type":"object"}"#),
+        AnswerFormat::Schema(schema) => Some(schema.as_str()),
+    };
+    synesis_infer::tools::shape(request, &tools, choice.as_ref(), schema)
+        .map_err(|e| ProviderError::Refused(e.to_string()))
 }
 
 impl Provider for Llama {

@@ -15,6 +15,7 @@
 
 use std::fmt;
 
+use synesis_proto::message::AnswerShape;
 use synesis_proto::message::{ChatTurn, FinishReason};
 
 pub mod anthropic;
@@ -48,6 +49,8 @@ pub struct Ask {
     pub adapter_file: Option<std::path::PathBuf>,
     /// BYOK: the user's key for this one call. Never stored, never logged.
     pub key: Option<ApiKey>,
+    /// Tools, a response format, penalties, `top_k` (the default asks for none).
+    pub shape: AnswerShape,
 }
 
 /// A provider key. Its `Debug` never shows it, so it cannot reach a log by accident.
@@ -206,6 +209,34 @@ pub fn bytes_bound(turns: &[ChatTurn], overhead_per_turn: u64) -> u64 {
             .saturating_add(overhead_per_turn)
     })
 }
+
+/// [`bytes_bound`] for an ask to an upstream, its tools and format counted too: one token per
+/// byte of their names, descriptions and schemas, and [`TOOLS_OVERHEAD_TOKENS`] for the
+/// instructions an upstream adds when tools are given.
+pub fn ask_bound(ask: &Ask, overhead_per_turn: u64) -> u64 {
+    let shape = &ask.shape;
+    let tools = shape.tools.iter().fold(0u64, |n, t| {
+        n.saturating_add((t.name.len() + t.description.len() + t.parameters.len()) as u64)
+            .saturating_add(overhead_per_turn)
+    });
+    let format = match &shape.format {
+        synesis_proto::message::AnswerFormat::Schema(schema) => schema.len() as u64,
+        _ => 0,
+    };
+    let instructions = if shape.tools.is_empty() {
+        0
+    } else {
+        TOOLS_OVERHEAD_TOKENS
+    };
+    bytes_bound(&ask.turns, overhead_per_turn)
+        .saturating_add(tools)
+        .saturating_add(format)
+        .saturating_add(instructions)
+}
+
+/// What an upstream may add to the prompt when tools are given (Anthropic documents a few
+/// hundred tokens of tool-use instructions).
+pub const TOOLS_OVERHEAD_TOKENS: u64 = 1_024;
 
 /// The provider a served model's config names.
 pub fn build(

@@ -9,10 +9,10 @@
 //! statuses, stopping) is [`super::http`]'s.
 
 use serde::{Deserialize, Serialize};
-use synesis_proto::message::{ChatRole, FinishReason};
+use synesis_proto::message::{AnswerFormat, ChatRole, FinishReason, ToolChoice};
 
 use super::http::{Decoder, HttpSettings, SetupError, Upstream, key_header, one_line};
-use super::{Ask, Event, Generation, Provider, ProviderError, ProviderUsage, bytes_bound};
+use super::{Ask, Event, Generation, Provider, ProviderError, ProviderUsage, ask_bound};
 
 /// An OpenAI-compatible chat completions upstream.
 #[derive(Debug)]
@@ -50,7 +50,7 @@ impl OpenAi {
 
 impl Provider for OpenAi {
     fn input_tokens_bound(&self, ask: &Ask) -> Result<u64, ProviderError> {
-        Ok(bytes_bound(&ask.turns, 8))
+        Ok(ask_bound(ask, 8))
     }
 
     fn start(&self, ask: Ask) -> Generation {
@@ -82,6 +82,19 @@ struct ChatRequest<'a> {
     stop: &'a [String],
     stream: bool,
     stream_options: StreamOptions,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f32>,
+    /// Not OpenAI's own (llama.cpp's server, vLLM and Ollama take it); sent only when asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<i32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -121,8 +134,45 @@ impl<'a> ChatRequest<'a> {
             stream_options: StreamOptions {
                 include_usage: true,
             },
+            tools: ask
+                .shape
+                .tools
+                .iter()
+                .map(|t| {
+                    serde_json::json!({"type": "function", "function": {
+                        "name": t.name, "description": t.description,
+                        "parameters": json_or_object(&t.parameters),
+                    }})
+                })
+                .collect(),
+            tool_choice: (!ask.shape.tools.is_empty()).then(|| match &ask.shape.tool_choice {
+                ToolChoice::None => "none".into(),
+                ToolChoice::Auto => "auto".into(),
+                ToolChoice::Required => "required".into(),
+                ToolChoice::Named(name) => {
+                    serde_json::json!({"type": "function", "function": {"name": name}})
+                }
+            }),
+            response_format: match &ask.shape.format {
+                AnswerFormat::Text => None,
+                AnswerFormat::Json => Some(serde_json::json!({"type": "json_object"})),
+                AnswerFormat::Schema(schema) => Some(serde_json::json!({
+                    "type": "json_schema",
+                    "json_schema": {"name": "answer", "schema": json_or_object(schema)},
+                })),
+            },
+            presence_penalty: (ask.shape.presence_penalty != 0.0)
+                .then_some(ask.shape.presence_penalty),
+            frequency_penalty: (ask.shape.frequency_penalty != 0.0)
+                .then_some(ask.shape.frequency_penalty),
+            top_k: ask.shape.top_k,
         }
     }
+}
+
+/// JSON text as a value (a schema); empty or not JSON, any object.
+fn json_or_object(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|_| serde_json::json!({"type": "object"}))
 }
 
 /// One streamed chunk, only the fields read. Everything may be missing or null: servers
@@ -144,6 +194,20 @@ struct Choice {
 #[derive(Debug, Deserialize)]
 struct Delta {
     content: Option<String>,
+    tool_calls: Option<Vec<DeltaCall>>,
+}
+
+/// A piece of a tool call: the first names it, the rest add to its arguments.
+#[derive(Debug, Deserialize)]
+struct DeltaCall {
+    index: Option<u32>,
+    function: Option<DeltaFunction>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DeltaFunction {
+    name: Option<String>,
+    arguments: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,14 +216,31 @@ struct Usage {
     completion_tokens: Option<u64>,
 }
 
+/// The most a stream's tool calls may hold, names and arguments together.
+const CALLS_MAX_BYTES: usize = 1 << 20;
+
 /// The meaning of a chat completions stream, fed one SSE event at a time.
 #[derive(Debug, Default)]
 pub(crate) struct ChatChunks {
     finish: Option<FinishReason>,
     usage: Option<ProviderUsage>,
+    /// Tool calls being streamed, by index: name and arguments so far. Handed on whole, as
+    /// text in the one format every model's calls travel in
+    /// ([`synesis_infer::tools::render_call`]), when the choice finishes.
+    calls: std::collections::BTreeMap<u32, (String, String)>,
 }
 
 impl ChatChunks {
+    /// The calls streamed so far, as text; none are kept.
+    fn calls(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.calls)
+            .into_values()
+            .map(|(name, arguments)| {
+                Event::Text(synesis_infer::tools::render_call(&name, &arguments))
+            })
+            .collect()
+    }
+
     fn done(&self) -> Event {
         Event::Done {
             finish_reason: self.finish.unwrap_or(FinishReason::Stop),
@@ -182,7 +263,9 @@ impl Decoder for ChatChunks {
         let data = data.trim();
         if data == "[DONE]" {
             // `[DONE]` without a finish reason: the server says the answer is whole.
-            return Ok(vec![self.done()]);
+            let mut events = self.calls();
+            events.push(self.done());
+            return Ok(events);
         }
         let chunk: Chunk = serde_json::from_str(data)
             .map_err(|e| ProviderError::Failed(format!("a malformed chunk in the stream ({e})")))?;
@@ -219,13 +302,31 @@ impl Decoder for ChatChunks {
             .into_iter()
             .find(|c| c.index.unwrap_or(0) == 0);
         if let Some(choice) = choice {
-            if let Some(text) = choice.delta.and_then(|d| d.content)
+            let delta = choice.delta.unwrap_or(Delta {
+                content: None,
+                tool_calls: None,
+            });
+            if let Some(text) = delta.content
                 && !text.is_empty()
             {
                 events.push(Event::Text(text));
             }
+            for call in delta.tool_calls.unwrap_or_default() {
+                let (name, arguments) = self.calls.entry(call.index.unwrap_or(0)).or_default();
+                if let Some(f) = call.function {
+                    name.push_str(f.name.as_deref().unwrap_or_default());
+                    arguments.push_str(f.arguments.as_deref().unwrap_or_default());
+                }
+                let held: usize = self.calls.values().map(|(n, a)| n.len() + a.len()).sum();
+                if held > CALLS_MAX_BYTES {
+                    return Err(ProviderError::Failed(format!(
+                        "the upstream's tool calls passed {CALLS_MAX_BYTES} bytes"
+                    )));
+                }
+            }
             if let Some(reason) = choice.finish_reason {
                 self.finish = Some(finish_reason(&reason));
+                events.extend(self.calls());
             }
         }
         Ok(events)
@@ -390,6 +491,7 @@ mod tests {
             adapter: None,
             adapter_file: None,
             key: key.map(ApiKey::new),
+            shape: Default::default(),
         }
     }
 
@@ -665,9 +767,29 @@ mod tests {
         let ask = ask(None);
         assert_eq!(
             openai.input_tokens_bound(&ask).unwrap(),
-            bytes_bound(&ask.turns, 8)
+            super::super::bytes_bound(&ask.turns, 8)
         );
         assert!(openai.takes_user_keys());
+        // Tools count in the hold: their schemas, and the instructions an upstream adds.
+        let parameters = r#"{"type":"object","properties":{"city":{"type":"string"}}}"#;
+        let with = Ask {
+            shape: synesis_proto::message::AnswerShape {
+                tools: vec![synesis_proto::message::ToolSpec {
+                    name: "weather".into(),
+                    description: String::new(),
+                    parameters: parameters.into(),
+                }],
+                tool_choice: ToolChoice::Auto,
+                ..Default::default()
+            },
+            ..ask.clone()
+        };
+        assert!(
+            openai.input_tokens_bound(&with).unwrap()
+                >= openai.input_tokens_bound(&ask).unwrap()
+                    + parameters.len() as u64
+                    + super::super::TOOLS_OVERHEAD_TOKENS
+        );
     }
 
     #[test]
@@ -684,5 +806,61 @@ mod tests {
         };
         let body = serde_json::to_value(ChatRequest::new(&with)).unwrap();
         assert_eq!(body["model"], "legal", "vLLM serves a LoRA as a model name");
+    }
+
+    #[test]
+    fn a_streamed_tool_call_becomes_a_call_in_the_text_and_tools_are_sent_in_openais_shape() {
+        let first = r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"weather","arguments":"{\"city\":"}}]},"finish_reason":null}]}"#;
+        let rest = r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\"Oslo\"}"}}]},"finish_reason":null}]}"#;
+        let end = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#;
+        let events = decode(&[ROLE, first, rest, end, "[DONE]"]);
+        assert_eq!(
+            events,
+            vec![
+                Event::Text(
+                    r#"<tool_call>{"arguments":{"city":"Oslo"},"name":"weather"}</tool_call>"#
+                        .into()
+                ),
+                Event::Done {
+                    finish_reason: FinishReason::Stop,
+                    usage: None
+                },
+            ]
+        );
+        let with = Ask {
+            shape: synesis_proto::message::AnswerShape {
+                tools: vec![synesis_proto::message::ToolSpec {
+                    name: "weather".into(),
+                    description: "The weather.".into(),
+                    parameters: String::new(),
+                }],
+                tool_choice: ToolChoice::Named("weather".into()),
+                format: AnswerFormat::Text,
+                presence_penalty: 0.5,
+                ..Default::default()
+            },
+            ..ask(None)
+        };
+        let body = serde_json::to_value(ChatRequest::new(&with)).unwrap();
+        assert_eq!(
+            body["tools"][0]["function"]["parameters"],
+            serde_json::json!({"type": "object"})
+        );
+        assert_eq!(body["tool_choice"]["function"]["name"], "weather");
+        assert_eq!(body["presence_penalty"], 0.5);
+        assert!(body.get("frequency_penalty").is_none() && body.get("top_k").is_none());
+        let schema = Ask {
+            shape: synesis_proto::message::AnswerShape {
+                format: AnswerFormat::Schema(r#"{"type":"object","required":["ok"]}"#.into()),
+                ..Default::default()
+            },
+            ..ask(None)
+        };
+        let body = serde_json::to_value(ChatRequest::new(&schema)).unwrap();
+        assert_eq!(
+            body["response_format"]["json_schema"]["schema"]["required"][0],
+            "ok"
+        );
+        assert!(body.get("tools").is_none());
     }
 }

@@ -6,7 +6,10 @@
 use std::path::PathBuf;
 
 use synesis_infer::tools::{self, Tool, ToolChoice};
-use synesis_proto::message::{ChatRole, ChatTurn, EscalationRequest, Preferences};
+use synesis_proto::message::{
+    AnswerFormat, AnswerShape, ChatRole, ChatTurn, EscalationRequest, Preferences,
+    ToolChoice as WireChoice, ToolSpec,
+};
 use synesis_proto::{MicroUsd, RequestId, Secret};
 
 use crate::api::ApiError;
@@ -141,16 +144,8 @@ impl AnswerRequest {
     /// What of this request only this device's models can do now (the cloud's protocol does not
     /// carry it yet), by name; `None` when the cloud can answer it as well.
     pub(crate) fn device_only(&self) -> Option<&'static str> {
-        if !self.tools.is_empty() {
-            Some("tools")
-        } else if self.format != Format::Text {
-            Some("a response format (JSON mode or a JSON schema)")
-        } else if self.logprobs.is_some() {
+        if self.logprobs.is_some() {
             Some("logprobs")
-        } else if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
-            Some("presence and frequency penalties")
-        } else if self.top_k.is_some() {
-            Some("top_k")
         } else if self.raw {
             Some("a raw prompt (a completion without the chat template)")
         } else {
@@ -161,7 +156,7 @@ impl AnswerRequest {
     /// The request as this device's model takes it: the tools taught in a system turn and held
     /// by a grammar, a response format held by one.
     pub(crate) fn local_request(&self) -> Result<synesis_infer::Request, ApiError> {
-        let mut context: Vec<synesis_infer::ChatMessage> = self
+        let context: Vec<synesis_infer::ChatMessage> = self
             .context
             .iter()
             .map(|t| synesis_infer::ChatMessage {
@@ -169,37 +164,7 @@ impl AnswerRequest {
                 content: t.content.clone(),
             })
             .collect();
-        let grammar = match (&self.tool_choice, &self.format) {
-            (Some(choice), _) => Some(tools::grammar(&self.tools, choice)),
-            (None, Format::Json) => {
-                Some(synesis_infer::Grammar::json_schema(r#"{"type":"object"}"#))
-            }
-            (None, Format::Schema(schema)) => {
-                Some(synesis_infer::Grammar::json_schema(&schema.to_string()))
-            }
-            (None, Format::Text) => None,
-        }
-        .transpose()
-        .map_err(|e| ApiError::invalid(e.to_string()))?;
-        if !self.tools.is_empty() {
-            let taught = tools::system_text(
-                &self.tools,
-                self.tool_choice.as_ref().unwrap_or(&ToolChoice::Auto),
-            );
-            match context.first_mut() {
-                Some(first) if first.role == "system" => {
-                    first.content = format!("{}\n\n{taught}", first.content);
-                }
-                _ => context.insert(
-                    0,
-                    synesis_infer::ChatMessage {
-                        role: "system".into(),
-                        content: taught,
-                    },
-                ),
-            }
-        }
-        Ok(synesis_infer::Request {
+        let mut request = synesis_infer::Request {
             chat: !self.raw,
             max_tokens: self.max_tokens,
             temperature: self.temperature,
@@ -211,14 +176,59 @@ impl AnswerRequest {
                 .map_or(0, |s| u32::try_from(s & u64::from(u32::MAX)).unwrap_or(0)),
             stop: self.stop.clone(),
             context,
-            grammar,
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             logprobs: self.logprobs,
             lora: self.lora.clone(),
             lora_file: self.lora_file.clone(),
             ..synesis_infer::Request::new(self.prompt.clone())
-        })
+        };
+        let schema = match &self.format {
+            Format::Text => None,
+            Format::Json => Some(r#"{"type":"object"}"#.to_owned()),
+            Format::Schema(schema) => Some(schema.to_string()),
+        };
+        tools::shape(
+            &mut request,
+            &self.tools,
+            self.tool_choice.as_ref(),
+            schema.as_deref(),
+        )
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+        Ok(request)
+    }
+
+    /// What the answer must be beyond text, as the cloud is told it.
+    fn shape(&self) -> AnswerShape {
+        AnswerShape {
+            tools: self
+                .tools
+                .iter()
+                .map(|t| ToolSpec {
+                    name: t.name.clone(),
+                    description: t.description.clone(),
+                    parameters: t
+                        .parameters
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
+                })
+                .collect(),
+            tool_choice: match &self.tool_choice {
+                None => WireChoice::None,
+                Some(ToolChoice::Auto) => WireChoice::Auto,
+                Some(ToolChoice::Required) => WireChoice::Required,
+                Some(ToolChoice::Named(name)) => WireChoice::Named(name.clone()),
+            },
+            format: match &self.format {
+                Format::Text => AnswerFormat::Text,
+                Format::Json => AnswerFormat::Json,
+                Format::Schema(schema) => AnswerFormat::Schema(schema.to_string()),
+            },
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            top_k: self.top_k,
+        }
     }
 
     /// The request as the cloud takes it, for `model`; refused when it asks for what the cloud
@@ -250,6 +260,7 @@ impl AnswerRequest {
                 max_cost: self.max_cost,
             },
             byok_key: self.byok_key.clone(),
+            shape: Box::new(self.shape()),
         })
     }
 }

@@ -15,7 +15,7 @@
 //! (llama.cpp's server applies each model's own Jinja template with tools; `llama-cpp-2`
 //! 0.1.160 no longer exposes that layer, only its grammar parts, which this uses.)
 
-use crate::engine::{Grammar, InferError};
+use crate::engine::{ChatMessage, Grammar, InferError, Request};
 
 /// Where a call starts and ends in the text.
 pub const CALL_OPEN: &str = "<tool_call>";
@@ -113,6 +113,40 @@ pub fn grammar(tools: &[Tool], choice: &ToolChoice) -> Result<Grammar, InferErro
         grammar.triggers = vec![CALL_OPEN.to_owned()];
     }
     Ok(grammar)
+}
+
+/// Shapes `request` for tools or a response format: tools that may be called are taught in a
+/// system turn (the first of `request.context`) and held by [`grammar`]; otherwise a format's
+/// JSON schema (`{"type": "object"}` for any object) holds the answer. Tools that may not be
+/// called (`choice` `None`) are not taught. The device's API and the cloud's model both shape
+/// their requests here.
+pub fn shape(
+    request: &mut Request,
+    tools: &[Tool],
+    choice: Option<&ToolChoice>,
+    schema: Option<&str>,
+) -> Result<(), InferError> {
+    request.grammar = match (choice, schema) {
+        (Some(choice), _) => Some(grammar(tools, choice)?),
+        (None, Some(schema)) => Some(Grammar::json_schema(schema)?),
+        (None, None) => None,
+    };
+    if let Some(choice) = choice {
+        let taught = system_text(tools, choice);
+        match request.context.first_mut() {
+            Some(first) if first.role == "system" => {
+                first.content = format!("{}\n\n{taught}", first.content);
+            }
+            _ => request.context.insert(
+                0,
+                ChatMessage {
+                    role: "system".into(),
+                    content: taught,
+                },
+            ),
+        }
+    }
+    Ok(())
 }
 
 fn gbnf_literal(text: &str) -> String {

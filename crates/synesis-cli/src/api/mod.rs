@@ -1066,8 +1066,12 @@ impl Producer {
             fallback: None,
         };
         let mut shown = false;
+        // The cloud writes tool calls into the text, as a local model does (PROTOCOL.md §2).
+        let callable = request.shape.tool_choice != synesis_proto::message::ToolChoice::None;
+        let mut pieces = Pieces::new(request.request_id, callable);
         let result = {
             let tx = &self.tx;
+            let pieces = &mut pieces;
             let mut on = |p: Progress<'_>| {
                 if let Progress::Text(text) = p {
                     if !shown {
@@ -1078,8 +1082,10 @@ impl Producer {
                     }
                     // Full only for a client that reads nothing while the cloud streams
                     // `PIECES_MAX` pieces: it is treated as gone.
-                    if tx.try_send(Piece::Text(text.to_owned())).is_err() {
-                        let _ = cancel_tx.send(true);
+                    for piece in pieces.text(text) {
+                        if tx.try_send(piece).is_err() {
+                            let _ = cancel_tx.send(true);
+                        }
                     }
                 }
             };
@@ -1110,13 +1116,16 @@ impl Producer {
         match result {
             Ok(done) => {
                 let d = &done.done;
+                for piece in pieces.finish() {
+                    let _ = self.tx.send(piece).await;
+                }
                 use synesis_proto::message::FinishReason as Done;
                 let ending = match d.finish_reason {
                     Done::Stop | Done::Length => Piece::End(Ending {
-                        finish: if d.finish_reason == Done::Length {
-                            Finish::Length
-                        } else {
-                            Finish::Stop
+                        finish: match d.finish_reason {
+                            _ if pieces.calls > 0 => Finish::ToolCalls,
+                            Done::Length => Finish::Length,
+                            _ => Finish::Stop,
                         },
                         prompt_tokens: d.usage.input_tokens,
                         completion_tokens: d.usage.output_tokens,

@@ -187,6 +187,7 @@ fn escalation() -> Message {
             max_cost: None,
         },
         byok_key: None,
+        shape: Default::default(),
     }
     .into()
 }
