@@ -119,6 +119,41 @@ fn each_api_refuses_in_its_own_shape() {
         );
     }
 
+    // A schema no text satisfies ends the answer; one that would expand without end, a raw
+    // prompt of nothing, and tools mentioned in the text are answered or refused: the service
+    // keeps serving (each of these once aborted the process, or filled its memory).
+    let impossible = [
+        (
+            r#""response_format":{"type":"json_schema","json_schema":{"name":"s","schema":{"type":"integer","minimum":5,"maximum":3}}}"#,
+            200,
+        ),
+        (
+            r#""response_format":{"type":"json_schema","json_schema":{"name":"s","schema":{"type":"string","minLength":5,"maxLength":2}}}"#,
+            400,
+        ),
+        (
+            r#""tools":[{"type":"function","function":{"name":"f"}}],"temperature":0"#,
+            200,
+        ),
+    ];
+    for (extra, expected) in impossible {
+        let body = format!(
+            r#"{{"model":"pocket","max_tokens":40,"messages":[{{"role":"user","content":"<tool_call>: one\n<tool_call>: two\n"}}],{extra}}}"#
+        );
+        let (status, reply) = raw_http(addr, "POST", "/v1/chat/completions", &headers, &body);
+        assert_eq!(status, expected, "{extra}: {reply}");
+    }
+    let (status, reply) = raw_http(
+        addr,
+        "POST",
+        "/v1/completions",
+        &headers,
+        r#"{"model":"pocket","prompt":"","max_tokens":4}"#,
+    );
+    assert!(status == 200 || status == 400, "{status} {reply}");
+    let (status, _) = raw_http(addr, "GET", "/health", &[("Host", addr)], "");
+    assert_eq!(status, 200, "still serving");
+
     // Ollama: its version, as its clients ask for it first.
     let (status, reply) = raw_http(addr, "GET", "/api/version", &[("Host", addr)], "");
     assert_eq!(status, 200, "/api/version: {reply}");

@@ -101,7 +101,9 @@ impl Loaded {
 }
 
 struct Job {
-    request: Request,
+    /// Made into llama.cpp's request by the worker (a grammar is built there, off the
+    /// runtime's threads).
+    ask: Ask,
     events: Sender<Event>,
     /// The generation's `halt`: cancelled by the handler, or here when `events` closes.
     cancel: CancelToken,
@@ -187,7 +189,11 @@ fn run(model: &Model, job: &Job, pause_while: Option<&std::path::Path>) -> Event
             }
         }
     };
-    match model.generate(&job.request, cancel, &mut on_text) {
+    let request = match request(&job.ask) {
+        Ok(request) => request,
+        Err(e) => return Event::Failed(e),
+    };
+    match model.generate(&request, cancel, &mut on_text) {
         Ok(g) => Event::Done {
             finish_reason: match g.finish_reason {
                 synesis_infer::FinishReason::Stop => FinishReason::Stop,
@@ -324,10 +330,14 @@ impl Provider for Llama {
             // The channel is new and has room for this one event.
             let _ = events.try_send(Event::Failed(e));
         };
-        match request(&ask) {
+        match request(&Ask {
+            // Checked here with no grammar (a refusal needs no work); built in the worker.
+            shape: Default::default(),
+            ..ask.clone()
+        }) {
             Err(e) => refused(e),
-            Ok(request) => match self.jobs.try_send(Job {
-                request,
+            Ok(_) => match self.jobs.try_send(Job {
+                ask,
                 events: events.clone(),
                 cancel,
             }) {

@@ -65,6 +65,8 @@ pub enum InferError {
     Grammar(String),
     #[error("cancelled")]
     Cancelled,
+    #[error("the prompt is empty (it is no tokens for this model)")]
+    EmptyPrompt,
 }
 
 /// llama.cpp allows one backend per process: this is it. Code that calls `llama-cpp-2` directly
@@ -182,15 +184,80 @@ pub struct Grammar {
 impl Grammar {
     /// The grammar of the JSON documents a JSON schema accepts (llama.cpp's converter, the one
     /// its server uses); `{"type": "object"}` is any JSON object.
+    ///
+    /// Bounded before llama.cpp sees it: a schema of at most [`SCHEMA_MAX_BYTES`] (the
+    /// converter's time grows fast with a schema's properties), and a grammar whose every
+    /// repetition `{m,n}` has m ≤ n ≤ [`REPEAT_MAX`] (llama.cpp's parser expands a repetition
+    /// into rules, and one with m > n into rules without end).
     pub fn json_schema(schema: &str) -> Result<Grammar, InferError> {
+        if schema.len() > SCHEMA_MAX_BYTES {
+            return Err(InferError::Grammar(format!(
+                "the JSON schemas of one request are {} bytes; at most {SCHEMA_MAX_BYTES} are taken",
+                schema.len()
+            )));
+        }
         let gbnf = llama_cpp_2::json_schema_to_grammar(schema)
             .map_err(|e| InferError::Grammar(format!("the JSON schema has no grammar: {e}")))?;
+        check_repetitions(&gbnf)?;
         Ok(Grammar {
             gbnf,
             root: "root".into(),
             triggers: Vec::new(),
         })
     }
+}
+
+/// The most bytes of JSON schema one request's grammar is made from.
+pub const SCHEMA_MAX_BYTES: usize = 16 * 1024;
+/// The most times a grammar may repeat one thing (a schema's `maxLength`, `maxItems`).
+pub const REPEAT_MAX: u64 = 4_096;
+
+/// Refuses a grammar with a repetition `{m,n}` (or `{m,}`, `{m}`) llama.cpp's parser would
+/// expand past [`REPEAT_MAX`] or without end (m > n); quoted text and character classes are
+/// skipped.
+fn check_repetitions(gbnf: &str) -> Result<(), InferError> {
+    let bytes = gbnf.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' | b'[' => {
+                let close = if bytes[i] == b'"' { b'"' } else { b']' };
+                i += 1;
+                while i < bytes.len() && bytes[i] != close {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'#' => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'{' => {
+                let end = gbnf[i..].find('}').map_or(bytes.len(), |e| i + e);
+                let inside = &gbnf[i + 1..end];
+                let (low, high) = match inside.split_once(',') {
+                    Some((low, high)) => (low.trim(), Some(high.trim())),
+                    None => (inside.trim(), None),
+                };
+                let number = |t: &str| t.parse::<u64>().ok();
+                let low = number(low).unwrap_or(0);
+                let high = match high {
+                    Some("") => None,
+                    Some(h) => number(h),
+                    None => Some(low),
+                };
+                if low > REPEAT_MAX || high.is_some_and(|h| h > REPEAT_MAX || h < low) {
+                    return Err(InferError::Grammar(format!(
+                        "the schema asks for a repetition {{{inside}}}: no text satisfies it, or it is over {REPEAT_MAX} (maxLength, maxItems)"
+                    )));
+                }
+                i = end;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
 }
 
 /// One generated token, and how likely the model found it and its likeliest alternatives.
@@ -417,6 +484,21 @@ impl Model {
             .unwrap_or_else(|_| plain()))
     }
 
+    /// A new context on this model: never two made at once (making one mutates the model).
+    fn context(
+        &self,
+        backend: &LlamaBackend,
+        params: LlamaContextParams,
+    ) -> Result<llama_cpp_2::context::LlamaContext<'_>, InferError> {
+        let _creating = self
+            .creating_context
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.model
+            .new_context(backend, params)
+            .map_err(|e| InferError::Llama(e.to_string()))
+    }
+
     /// How many tokens `request`'s prompt is, as [`Model::generate`] would feed it.
     pub fn prompt_tokens(&self, request: &Request) -> Result<usize, InferError> {
         let prompt = self.prompt_text(request)?;
@@ -438,6 +520,9 @@ impl Model {
         let prompt = self.prompt_text(request)?;
         let vocab = self.model.vocab();
         let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
+        if tokens.is_empty() {
+            return Err(InferError::EmptyPrompt);
+        }
         let n_ctx = if self.settings.n_ctx == 0 {
             self.info.context_length
         } else {
@@ -478,15 +563,7 @@ impl Model {
         // Held until the prompt is decoded: the context reserves its graph over the model's
         // adapters when it is created and again on the first decode after attaching one.
         let graph = self.adapters.graph();
-        let mut ctx = {
-            let _creating = self
-                .creating_context
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            self.model
-                .new_context(backend, params)
-                .map_err(|e| InferError::Llama(e.to_string()))?
-        };
+        let mut ctx = self.context(backend, params)?;
 
         let lora_attach = match (&adapter, &request.lora) {
             (Some(found), Some((_, scale))) => {
@@ -553,12 +630,32 @@ impl Model {
             // Sampled within the step that decoded: `step` holds its lease still.
             debug_assert!(step.is_some());
             let index = batch.n_tokens() - 1;
-            // `sample` accepts the token into the chain (the grammar and the penalties).
-            let token = sampler.sample(&ctx, index);
+            let token = if request.grammar.is_some() {
+                // By hand, so that nothing a grammar does can abort the process: a token only
+                // the grammar's rejection left (every candidate was rejected: no text can
+                // follow) is never accepted, and an accept llama.cpp throws on (a lazy
+                // grammar's trigger replayed into text it rejects) ends the answer.
+                let mut candidates = ctx.token_data_array_ith(index);
+                sampler.apply(&mut candidates);
+                let picked = candidates
+                    .selected
+                    .and_then(|i| candidates.data.get(i))
+                    .filter(|d| d.logit().is_finite())
+                    .map(|d| d.id());
+                match picked {
+                    Some(token) if sampler.try_accept(token).is_ok() => token,
+                    _ => break FinishReason::Stop,
+                }
+            } else {
+                // `sample` accepts the token into the chain (the penalties).
+                sampler.sample(&ctx, index)
+            };
             let logits = ctx.get_logits_ith(index);
             let norm = LogNorm::of(logits);
             logprob_sum += norm.logprob(logits, token);
-            if let Some(top) = request.logprobs {
+            if let Some(top) = request.logprobs
+                && !vocab.is_eog(token)
+            {
                 tokens_out.push(TokenLogprob {
                     bytes: vocab.token_to_piece(token, false, None),
                     logprob: norm.logprob(logits, token),
@@ -636,6 +733,9 @@ impl Model {
     }
 }
 
+/// The most tokens one text to embed may be.
+pub const EMBED_TOKENS_MAX: u32 = 512;
+
 /// Texts as vectors ([`Model::embed`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Embeddings {
@@ -657,7 +757,9 @@ impl Model {
             .iter()
             .map(|t| vocab.tokenize(t.as_bytes(), true, true))
             .collect();
-        let n_ctx = self.info.context_length.max(1);
+        // One text is one step, whose output buffers grow with its tokens (times the
+        // vocabulary, for a model that also has logits): texts are bounded.
+        let n_ctx = self.info.context_length.clamp(1, EMBED_TOKENS_MAX);
         let longest = tokenized.iter().map(Vec::len).max().unwrap_or(0).max(1);
         if longest > n_ctx as usize {
             return Err(InferError::PromptTooLong {
@@ -685,15 +787,7 @@ impl Model {
             .with_n_threads_batch(threads)
             .with_embeddings(true)
             .with_pooling_type(pooling);
-        let mut ctx = {
-            let _creating = self
-                .creating_context
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            self.model
-                .new_context(backend, params)
-                .map_err(|e| InferError::Llama(e.to_string()))?
-        };
+        let mut ctx = self.context(backend, params)?;
         let mut batch = LlamaBatch::new(longest, 1);
         let mut vectors = Vec::with_capacity(texts.len());
         for tokens in &tokenized {

@@ -30,7 +30,8 @@ pub mod tools;
 
 pub use compute::{ComputeBudget, ComputeLease, compute_budget};
 pub use engine::{
-    CancelToken, ChatMessage, Embeddings, FinishReason, Generation, Grammar, InferError, Model,
-    ModelInfo, Request, Settings, TOP_LOGPROBS_MAX, TokenLogprob, backend,
+    CancelToken, ChatMessage, EMBED_TOKENS_MAX, Embeddings, FinishReason, Generation, Grammar,
+    InferError, Model, ModelInfo, REPEAT_MAX, Request, SCHEMA_MAX_BYTES, Settings,
+    TOP_LOGPROBS_MAX, TokenLogprob, backend,
 };
 pub use metadata::{GgufMetadata, MetaValue, MetadataError};

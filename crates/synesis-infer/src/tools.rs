@@ -207,7 +207,7 @@ impl ToolParser {
                     break;
                 };
                 let body: String = self.held.drain(..end + CALL_CLOSE.len()).collect();
-                events.push(self.call(&body[..end]));
+                events.push(self.call(&body[..end], CALL_CLOSE));
                 self.in_call = false;
             } else if let Some(at) = self.held.find(CALL_OPEN) {
                 if at > 0 {
@@ -237,7 +237,7 @@ impl ToolParser {
         let held = std::mem::take(&mut self.held);
         if self.in_call {
             self.in_call = false;
-            return vec![self.call(&held)];
+            return vec![self.call(&held, "")];
         }
         if held.is_empty() {
             Vec::new()
@@ -246,7 +246,8 @@ impl ToolParser {
         }
     }
 
-    fn call(&mut self, body: &str) -> ToolEvent {
+    /// The call `body` makes, or the text it was (`close`: the closing tag it had).
+    fn call(&mut self, body: &str, close: &str) -> ToolEvent {
         let parsed: Option<(String, String)> = serde_json::from_str::<serde_json::Value>(body)
             .ok()
             .and_then(|v| {
@@ -259,7 +260,7 @@ impl ToolParser {
                 self.calls += 1;
                 ToolEvent::Call { name, arguments }
             }
-            None => ToolEvent::Text(format!("{CALL_OPEN}{body}")),
+            None => ToolEvent::Text(format!("{CALL_OPEN}{body}{close}")),
         }
     }
 }
@@ -312,8 +313,10 @@ mod tests {
             vec![ToolEvent::Text("a <tool b".into())]
         );
         assert_eq!(
-            all(&["<tool_call>not json</tool_call>"]),
-            vec![ToolEvent::Text("<tool_call>not json".into())]
+            all(&["<tool_call>not json</tool_call> after"]),
+            vec![ToolEvent::Text(
+                "<tool_call>not json</tool_call> after".into()
+            )]
         );
         assert_eq!(
             all(&["ends <tool_c"]),

@@ -552,7 +552,8 @@ fn a_json_schema_holds_the_answer_and_logprobs_spell_the_text() {
     assert!(v["ok"].is_boolean() && v["n"].is_i64(), "{v}");
     let spelled: Vec<u8> = g.tokens.iter().flat_map(|t| t.bytes.clone()).collect();
     assert_eq!(String::from_utf8(spelled).unwrap(), g.text);
-    assert_eq!(g.tokens.len(), g.completion_tokens);
+    // Every token but the end of generation.
+    assert!(g.tokens.len() + 1 >= g.completion_tokens && g.tokens.len() <= g.completion_tokens);
     for t in &g.tokens {
         assert!(t.logprob <= 0.0 && t.top.len() == 3);
         assert!(
@@ -613,4 +614,52 @@ fn an_embedding_model_gives_unit_vectors_of_its_width() {
     assert_eq!(e.vectors[0], e.vectors[2], "the same text, the same vector");
     assert_ne!(e.vectors[0], e.vectors[1]);
     assert!(e.prompt_tokens > 0);
+}
+
+/// What a request's grammar can ask of llama.cpp never aborts the process: a schema no text
+/// satisfies ends the answer, one that would expand without end (or past the bound) is refused
+/// before llama.cpp parses it, and so is an empty prompt.
+#[test]
+fn impossible_schemas_and_empty_prompts_are_answered_or_refused_never_a_crash() {
+    let mut model = roomy();
+    for schema in [
+        r#"{"type":"integer","minimum":5,"maximum":3}"#,
+        r#"{"type":"integer","exclusiveMinimum":3,"exclusiveMaximum":4}"#,
+    ] {
+        let request = Request {
+            max_tokens: 20,
+            grammar: Some(synesis_infer::Grammar::json_schema(schema).unwrap()),
+            ..Request::new("hello")
+        };
+        let (g, _) = run(&mut model, &request);
+        assert_eq!(
+            g.finish_reason,
+            FinishReason::Stop,
+            "{schema}: {:?}",
+            g.text
+        );
+    }
+    for schema in [
+        r#"{"type":"string","minLength":5,"maxLength":2}"#,
+        r#"{"type":"array","items":{"type":"integer"},"maxItems":100000}"#,
+    ] {
+        let err = synesis_infer::Grammar::json_schema(schema).unwrap_err();
+        assert!(matches!(err, InferError::Grammar(_)), "{schema}: {err}");
+    }
+    let huge = format!(
+        r#"{{"type":"object","properties":{{{}}}}}"#,
+        (0..3000)
+            .map(|i| format!(r#""p{i}":{{"type":"string"}}"#))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    assert!(synesis_infer::Grammar::json_schema(&huge).is_err());
+    let empty = Request {
+        chat: false,
+        ..Request::new("")
+    };
+    let unbos = model.generate(&empty, &CancelToken::default(), &mut |_| {});
+    // This model adds a start token, so an empty raw prompt is one token; the check is for
+    // models that add none.
+    assert!(unbos.is_ok() || matches!(unbos, Err(InferError::EmptyPrompt)));
 }

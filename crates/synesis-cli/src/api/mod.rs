@@ -448,7 +448,7 @@ pub(crate) async fn embed(
     texts: Vec<String>,
 ) -> Result<(String, synesis_infer::Embeddings), ApiError> {
     let (name, model) = local_model(api, model).await?;
-    let Ok(_permit) = Arc::clone(&api.permits).try_acquire_owned() else {
+    let Ok(permit) = Arc::clone(&api.permits).try_acquire_owned() else {
         return Err(busy(api));
     };
     if texts.len() > EMBED_INPUTS_MAX {
@@ -459,7 +459,11 @@ pub(crate) async fn embed(
     // Within the request's time, as an answer is: stopped between texts past it.
     let cancel = CancelToken::default();
     let stop = cancel.clone();
-    let work = tokio::task::spawn_blocking(move || model.embed(&texts, &stop));
+    // The place is held by the work, until it stops (past the time, between two texts).
+    let work = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        model.embed(&texts, &stop)
+    });
     let timeout = api.options.request_timeout;
     let made = match tokio::time::timeout(timeout, work).await {
         Ok(done) => done.map_err(|e| ApiError::internal(e.to_string()))?,
@@ -752,7 +756,13 @@ async fn route(
         }
     };
     let max_tokens = ask.max_tokens;
-    let local_request = ask.local_request()?;
+    // Off the runtime's threads: a grammar is built from the request's schemas.
+    let local_request = {
+        let ask = ask.clone();
+        tokio::task::spawn_blocking(move || ask.local_request())
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))??
+    };
     // Calls are taken out of the text only when the model may make them.
     let tools = ask.tool_choice.is_some();
     let loaded = match &local {

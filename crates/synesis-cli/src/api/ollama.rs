@@ -397,7 +397,7 @@ struct EmbedBody {
     /// Ollama truncates by default; a text longer than the context is refused here instead.
     #[serde(default)]
     truncate: Option<bool>,
-    #[allow(dead_code)]
+    /// Refused unless empty: nothing here shapes an embedding.
     options: Option<serde_json::Value>,
     #[allow(dead_code)]
     keep_alive: Option<serde_json::Value>,
@@ -426,6 +426,12 @@ pub(crate) async fn embed(
             let arrived = Instant::now();
             let body = checked_body(&api, &headers, body)?;
             let e = EmbedBody::read(&body)?;
+            if e.options
+                .as_ref()
+                .is_some_and(|o| o.as_object().is_some_and(|o| !o.is_empty()))
+            {
+                return Err(ApiError::unsupported("options", " for embeddings"));
+            }
             if e.truncate == Some(true) {
                 return Err(ApiError::unsupported(
                     "truncate",
@@ -586,6 +592,13 @@ pub(crate) async fn pull(
             let p = PullBody::read(&body)?;
             let reference = crate::pull::Reference::parse(&p.model)
                 .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
+            // The Hub only (`HF_ENDPOINT`): a request may not make the service fetch from any
+            // host it names (`synesis model pull URL` does that, for the person at the shell).
+            if matches!(reference, crate::pull::Reference::Url(_)) {
+                return Err(ApiError::invalid(
+                    "/api/pull takes a model name or a Hub reference, not a URL (`synesis model pull URL` pulls one)",
+                ));
+            }
             let (tx, rx) = tokio::sync::mpsc::channel::<serde_json::Value>(PULL_LINES_MAX);
             let work = {
                 let api = Arc::clone(&api);
