@@ -60,6 +60,7 @@ async fn direct(provider: &Llama, model: &str) -> (Duration, Duration, u64) {
                 first.get_or_insert_with(|| started.elapsed());
                 pieces += 1;
             }
+            Event::Logprobs(_) => {}
             Event::Done { .. } => break,
             Event::Failed(e) => panic!("{e}"),
         }

@@ -256,6 +256,8 @@ struct Run {
 #[derive(Debug, Default)]
 struct RunState {
     chunks: Vec<String>,
+    /// The tokens' log-probabilities, when the request asked and the provider told them.
+    logprobs: Vec<synesis_proto::message::TokenLogprob>,
     /// `EscalationDone` or `ErrorMsg`.
     end: Option<Message>,
     followers: usize,
@@ -333,6 +335,14 @@ impl Run {
 
     fn chunks(&self) -> Vec<String> {
         self.state().chunks.clone()
+    }
+
+    fn set_logprobs(&self, logprobs: Vec<synesis_proto::message::TokenLogprob>) {
+        self.state().logprobs = logprobs;
+    }
+
+    fn logprobs(&self) -> Vec<synesis_proto::message::TokenLogprob> {
+        self.state().logprobs.clone()
     }
 
     fn attach(&self) {
@@ -1394,6 +1404,7 @@ async fn stop(
                             run.push(text);
                         }
                     }
+                    Some(Event::Logprobs(logprobs)) => run.set_logprobs(logprobs),
                     Some(Event::Done { usage, .. }) => return usage,
                     Some(Event::Failed(_)) | None => return None,
                 }
@@ -1462,11 +1473,35 @@ async fn generate(
                     }
                     idle_until = Instant::now() + settings.idle_timeout;
                 }
+                Ok(Some(Event::Logprobs(logprobs))) => run.set_logprobs(logprobs),
                 Ok(Some(Event::Done { finish_reason, usage })) => return Ended::Done(finish_reason, usage),
                 Ok(Some(Event::Failed(e))) => return Ended::Failed(e),
             }
         }
     }
+}
+
+/// The most bytes an `EscalationDone`'s logprobs take: with the rest of it, under the smallest
+/// frame two peers may agree on (`FRAME_PAYLOAD_MAX_BYTES_FLOOR`, 64 KiB).
+const LOGPROBS_MAX_BYTES: usize = 48 * 1024;
+
+/// The first of `logprobs` that fit in `max` bytes as encoded (a token's bytes, its
+/// log-probability, and each alternative's, with their lengths).
+fn fitted(
+    mut logprobs: Vec<synesis_proto::message::TokenLogprob>,
+    max: usize,
+) -> Vec<synesis_proto::message::TokenLogprob> {
+    let mut used = 0usize;
+    let fit = logprobs
+        .iter()
+        .take_while(|t| {
+            used += 9 + t.bytes.0.len() + 9;
+            used += t.top.iter().map(|a| 18 + a.bytes.0.len()).sum::<usize>();
+            used <= max
+        })
+        .count();
+    logprobs.truncate(fit);
+    logprobs
 }
 
 /// Settles the usage (at most the hold) and stores the answer, in one ledger transaction;
@@ -1481,6 +1516,7 @@ async fn settle_and_store(
 ) -> Message {
     let id = a.run.request_id;
     let (account, body, chunks) = (a.account, a.run.body, a.run.chunks());
+    let logprobs = fitted(a.run.logprobs(), LOGPROBS_MAX_BYTES);
     let (billing, model, at) = (a.shared.billing.clone(), model.to_owned(), now());
     let usage = BillingUsage {
         input_tokens: usage.input_tokens,
@@ -1510,6 +1546,7 @@ async fn settle_and_store(
                 },
                 cost: cost_parts(q, charged.amount),
                 usage_counted,
+                logprobs,
             };
             let answer = StoredAnswer {
                 body,

@@ -137,6 +137,7 @@ fn answer(id: RequestId) -> StoredAnswer {
                 total: MicroUsd(1),
             },
             usage_counted: false,
+            logprobs: Vec::new(),
         },
         asker: None,
     }

@@ -306,6 +306,7 @@ fn scenario(store: &mut impl Backend) -> Vec<AuditRow> {
                 total: MicroUsd(103),
             },
             usage_counted: false,
+            logprobs: Vec::new(),
         },
         asker: None,
     };

@@ -386,6 +386,9 @@ pub struct AnswerShape {
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
     pub top_k: Option<i32>,
+    /// Each token's log-probability in `EscalationDone`, with this many alternatives (at most
+    /// 20).
+    pub logprobs: Option<u8>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -461,7 +464,7 @@ pub struct Cost {
     pub total: MicroUsd,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct EscalationDone {
     pub request_id: RequestId,
@@ -474,6 +477,26 @@ pub struct EscalationDone {
     /// token per byte of the prompt plus the chat format's, a bound; output: one per piece
     /// streamed).
     pub usage_counted: bool,
+    /// Each generated token and how likely the model found it, when the request asked
+    /// (`AnswerShape::logprobs`, version 2); their bytes make up the chunks' text.
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// One generated token: its bytes, its log-probability, and the likeliest tokens at its place.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct TokenLogprob {
+    pub bytes: Blob,
+    pub logprob: f32,
+    /// Most likely first.
+    pub top: Vec<TopLogprob>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct TopLogprob {
+    pub bytes: Blob,
+    pub logprob: f32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

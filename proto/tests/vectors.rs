@@ -184,6 +184,7 @@ fn samples() -> Vec<Message> {
                 total: MicroUsd(6_953),
             },
             usage_counted: false,
+            logprobs: Vec::new(),
         }
         .into(),
         EscalationCancel { request_id: rid(3) }.into(),

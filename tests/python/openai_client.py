@@ -72,15 +72,15 @@ try:
 except openai.NotFoundError as e:
     check(e.status_code == 404 and e.body["code"] == "model_not_found", f"unknown model: {e.body}")
 
-# What the cloud does not take yet (logprobs) is refused by name for a cloud model, never
+# What the cloud does not take yet (a raw prompt) is refused by name for a cloud model, never
 # passed on without it.
 try:
-    client.chat.completions.create(model=cloud_model, messages=hello, max_tokens=4, logprobs=True)
-    raise AssertionError("logprobs went to the cloud")
+    client.completions.create(model=cloud_model, prompt="hello", max_tokens=4)
+    raise AssertionError("a raw prompt went to the cloud")
 except openai.BadRequestError as e:
     check(
-        e.body["code"] == "unsupported_parameter" and "logprobs" in e.body["message"],
-        f"logprobs for a cloud model: {e.body['message']}",
+        e.body["code"] == "unsupported_parameter" and "raw prompt" in e.body["message"],
+        f"a raw prompt for a cloud model: {e.body['message']}",
     )
 
 

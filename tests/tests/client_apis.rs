@@ -208,6 +208,7 @@ async fn tools_and_formats_reach_the_clouds_model_and_its_upstream() {
     let up = upstream(vec![
         Script::ToolCall("get_weather", r#"{"city":"Paris","days":3}"#),
         Script::Answer,
+        Script::Answer,
     ])
     .await;
     let spec = TinySpec {
@@ -241,6 +242,7 @@ call = r.choices[0].message.tool_calls[0]
 assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {{"city": "Paris", "days": 3}}, call
 c.chat.completions.create(model="up", messages=hello, max_tokens=8,
     response_format={{"type": "json_schema", "json_schema": {{"name": "s", "schema": schema}}}})
+c.chat.completions.create(model="up", messages=hello, max_tokens=8, logprobs=True, top_logprobs=2)
 
 # The cloud's own model: the grammar holds the call and the schema, whole and streamed.
 for choice in [forced, "required"]:
@@ -257,6 +259,19 @@ assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choice
 r = c.chat.completions.create(model="cloud/tiny", messages=hello, max_tokens=60, temperature=0.8, seed=3,
     response_format={{"type": "json_schema", "json_schema": {{"name": "s", "schema": schema}}}})
 jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+# Logprobs through the cloud: each token's bytes make up the text, with the alternatives asked.
+for stream in [False, True]:
+    if stream:
+        chunks = list(c.chat.completions.create(model="cloud/tiny", messages=hello, max_tokens=12, logprobs=True, top_logprobs=2, stream=True))
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        tokens = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    else:
+        r = c.chat.completions.create(model="cloud/tiny", messages=hello, max_tokens=12, logprobs=True, top_logprobs=2)
+        text, tokens = r.choices[0].message.content, r.choices[0].logprobs.content
+    assert tokens, "logprobs came back"
+    assert bytes(b for t in tokens for b in t.bytes).decode("utf-8", "replace") == text, (tokens, text)
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in tokens), tokens
 print("ok")
 "#,
         addr = serving.addr,
@@ -281,7 +296,9 @@ print("ok")
         .iter()
         .map(|b| serde_json::from_str(b).unwrap())
         .collect();
-    assert_eq!(sent.len(), 2, "{bodies:?}");
+    assert_eq!(sent.len(), 3, "{bodies:?}");
+    assert_eq!(sent[2]["logprobs"], true, "{}", sent[2]);
+    assert_eq!(sent[2]["top_logprobs"], 2);
     let tool = &sent[0]["tools"][0];
     assert_eq!(tool["function"]["name"], "get_weather", "{}", sent[0]);
     assert_eq!(

@@ -39,6 +39,7 @@ fn chunks(id: RequestId, n: u32) -> Vec<Message> {
                 total: MicroUsd(11),
             },
             usage_counted: false,
+            logprobs: Vec::new(),
         }
         .into(),
     );

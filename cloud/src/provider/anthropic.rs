@@ -42,6 +42,11 @@ impl Anthropic {
                     .into(),
             ));
         }
+        if shape.logprobs.is_some() {
+            return Err(ProviderError::Refused(
+                "this model's provider (Anthropic's Messages API) gives no logprobs".into(),
+            ));
+        }
         if shape.presence_penalty != 0.0 || shape.frequency_penalty != 0.0 {
             return Err(ProviderError::Refused(
                 "this model's provider (Anthropic's Messages API) has no presence or frequency penalty"

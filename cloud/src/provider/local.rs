@@ -20,8 +20,10 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use synesis_infer::tools::{Tool, ToolChoice};
 use synesis_infer::{CancelToken, ChatMessage, InferError, Model, Request, Settings};
+use synesis_proto::Blob;
 use synesis_proto::message::{
-    AnswerFormat, AnswerShape, ChatRole, FinishReason, ToolChoice as WireChoice,
+    AnswerFormat, AnswerShape, ChatRole, FinishReason, TokenLogprob, ToolChoice as WireChoice,
+    TopLogprob,
 };
 use tokio::sync::mpsc::Sender;
 
@@ -194,22 +196,47 @@ fn run(model: &Model, job: &Job, pause_while: Option<&std::path::Path>) -> Event
         Err(e) => return Event::Failed(e),
     };
     match model.generate(&request, cancel, &mut on_text) {
-        Ok(g) => Event::Done {
-            finish_reason: match g.finish_reason {
-                synesis_infer::FinishReason::Stop => FinishReason::Stop,
-                synesis_infer::FinishReason::Length => FinishReason::Length,
-                synesis_infer::FinishReason::Cancelled => FinishReason::Cancelled,
-            },
-            usage: Some(ProviderUsage {
-                input_tokens: g.prompt_tokens as u64,
-                output_tokens: g.completion_tokens as u64,
-            }),
-        },
+        Ok(g) => {
+            if request.logprobs.is_some() {
+                let _ = job.events.blocking_send(Event::Logprobs(logprobs(&g)));
+            }
+            Event::Done {
+                finish_reason: match g.finish_reason {
+                    synesis_infer::FinishReason::Stop => FinishReason::Stop,
+                    synesis_infer::FinishReason::Length => FinishReason::Length,
+                    synesis_infer::FinishReason::Cancelled => FinishReason::Cancelled,
+                },
+                usage: Some(ProviderUsage {
+                    input_tokens: g.prompt_tokens as u64,
+                    output_tokens: g.completion_tokens as u64,
+                }),
+            }
+        }
         Err(e @ (InferError::PromptTooLong { .. } | InferError::UnknownAdapter(_))) => {
             Event::Failed(ProviderError::Refused(e.to_string()))
         }
         Err(e) => Event::Failed(ProviderError::Failed(e.to_string())),
     }
+}
+
+/// A generation's tokens and their log-probabilities, as the protocol carries them.
+#[allow(clippy::cast_possible_truncation)] // log-probabilities, to f32
+fn logprobs(g: &synesis_infer::Generation) -> Vec<TokenLogprob> {
+    g.tokens
+        .iter()
+        .map(|t| TokenLogprob {
+            bytes: Blob(t.bytes.clone()),
+            logprob: t.logprob as f32,
+            top: t
+                .top
+                .iter()
+                .map(|(bytes, logprob)| TopLogprob {
+                    bytes: Blob(bytes.clone()),
+                    logprob: *logprob as f32,
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 /// The ask as llama.cpp's request: earlier turns as context, the last (a user turn) as the
@@ -249,6 +276,10 @@ fn request(ask: &Ask) -> Result<Request, ProviderError> {
         presence_penalty: ask.shape.presence_penalty,
         frequency_penalty: ask.shape.frequency_penalty,
         top_k: ask.shape.top_k,
+        logprobs: ask
+            .shape
+            .logprobs
+            .map(|n| n.min(synesis_infer::TOP_LOGPROBS_MAX)),
         ..Request::new(last.content.clone())
     };
     shape(&mut request, &ask.shape)?;

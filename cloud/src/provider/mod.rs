@@ -79,6 +79,9 @@ impl fmt::Debug for ApiKey {
 pub enum Event {
     /// The next piece of the answer (never empty).
     Text(String),
+    /// The answer's tokens with their log-probabilities (at most once, before `Done`; only
+    /// when the ask's shape asked for them).
+    Logprobs(Vec<synesis_proto::message::TokenLogprob>),
     /// The end. `usage` is the provider's own count (its tokenizer, or the upstream's `usage`);
     /// `None` when the upstream gave none, and the handler counts instead.
     Done {

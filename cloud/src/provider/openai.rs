@@ -9,7 +9,10 @@
 //! statuses, stopping) is [`super::http`]'s.
 
 use serde::{Deserialize, Serialize};
-use synesis_proto::message::{AnswerFormat, ChatRole, FinishReason, ToolChoice};
+use synesis_proto::Blob;
+use synesis_proto::message::{
+    AnswerFormat, ChatRole, FinishReason, TokenLogprob, ToolChoice, TopLogprob,
+};
 
 use super::http::{Decoder, HttpSettings, SetupError, Upstream, key_header, one_line};
 use super::{Ask, Event, Generation, Provider, ProviderError, ProviderUsage, ask_bound};
@@ -95,6 +98,10 @@ struct ChatRequest<'a> {
     /// Not OpenAI's own (llama.cpp's server, vLLM and Ollama take it); sent only when asked.
     #[serde(skip_serializing_if = "Option::is_none")]
     top_k: Option<i32>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    logprobs: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_logprobs: Option<u8>,
 }
 
 #[derive(Debug, Serialize)]
@@ -166,6 +173,8 @@ impl<'a> ChatRequest<'a> {
             frequency_penalty: (ask.shape.frequency_penalty != 0.0)
                 .then_some(ask.shape.frequency_penalty),
             top_k: ask.shape.top_k,
+            logprobs: ask.shape.logprobs.is_some(),
+            top_logprobs: ask.shape.logprobs.filter(|&n| n > 0),
         }
     }
 }
@@ -189,6 +198,30 @@ struct Choice {
     index: Option<u32>,
     delta: Option<Delta>,
     finish_reason: Option<String>,
+    logprobs: Option<ChoiceLogprobs>,
+}
+
+/// `choices[0].logprobs`: this chunk's tokens.
+#[derive(Debug, Deserialize)]
+struct ChoiceLogprobs {
+    content: Option<Vec<ChunkToken>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChunkToken {
+    token: String,
+    logprob: f32,
+    /// The token's UTF-8 bytes (a token may be part of a character); else its text's.
+    bytes: Option<Vec<u8>>,
+    #[serde(default)]
+    top_logprobs: Vec<ChunkAlternative>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChunkAlternative {
+    token: String,
+    logprob: f32,
+    bytes: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,6 +249,9 @@ struct Usage {
     completion_tokens: Option<u64>,
 }
 
+/// The most tokens a stream's logprobs may cover (the most any answer is long).
+const LOGPROBS_MAX_TOKENS: usize = 100_000;
+
 /// The most a stream's tool calls may hold, names and arguments together.
 const CALLS_MAX_BYTES: usize = 1 << 20;
 
@@ -228,17 +264,23 @@ pub(crate) struct ChatChunks {
     /// text in the one format every model's calls travel in
     /// ([`synesis_infer::tools::render_call`]), when the choice finishes.
     calls: std::collections::BTreeMap<u32, (String, String)>,
+    /// The tokens' log-probabilities so far, when the ask asked; handed on at the end.
+    logprobs: Vec<TokenLogprob>,
 }
 
 impl ChatChunks {
-    /// The calls streamed so far, as text; none are kept.
+    /// The calls streamed so far, as text, then the log-probabilities; none are kept.
     fn calls(&mut self) -> Vec<Event> {
-        std::mem::take(&mut self.calls)
+        let mut events: Vec<Event> = std::mem::take(&mut self.calls)
             .into_values()
             .map(|(name, arguments)| {
                 Event::Text(synesis_infer::tools::render_call(&name, &arguments))
             })
-            .collect()
+            .collect();
+        if !self.logprobs.is_empty() {
+            events.push(Event::Logprobs(std::mem::take(&mut self.logprobs)));
+        }
+        events
     }
 
     fn done(&self) -> Event {
@@ -310,6 +352,26 @@ impl Decoder for ChatChunks {
                 && !text.is_empty()
             {
                 events.push(Event::Text(text));
+            }
+            for t in choice.logprobs.and_then(|l| l.content).unwrap_or_default() {
+                if self.logprobs.len() >= LOGPROBS_MAX_TOKENS {
+                    return Err(ProviderError::Failed(format!(
+                        "the upstream sent logprobs for more than {LOGPROBS_MAX_TOKENS} tokens"
+                    )));
+                }
+                self.logprobs.push(TokenLogprob {
+                    bytes: Blob(t.bytes.unwrap_or_else(|| t.token.into_bytes())),
+                    logprob: t.logprob,
+                    top: t
+                        .top_logprobs
+                        .into_iter()
+                        .take(usize::from(synesis_infer::TOP_LOGPROBS_MAX))
+                        .map(|a| TopLogprob {
+                            bytes: Blob(a.bytes.unwrap_or_else(|| a.token.into_bytes())),
+                            logprob: a.logprob,
+                        })
+                        .collect(),
+                });
             }
             for call in delta.tool_calls.unwrap_or_default() {
                 let (name, arguments) = self.calls.entry(call.index.unwrap_or(0)).or_default();
@@ -862,5 +924,35 @@ mod tests {
             "ok"
         );
         assert!(body.get("tools").is_none());
+    }
+
+    #[test]
+    fn logprobs_are_asked_for_and_handed_on_before_the_end() {
+        let with = Ask {
+            shape: synesis_proto::message::AnswerShape {
+                logprobs: Some(2),
+                ..Default::default()
+            },
+            ..ask(None)
+        };
+        let body = serde_json::to_value(ChatRequest::new(&with)).unwrap();
+        assert_eq!(
+            (body["logprobs"].clone(), body["top_logprobs"].clone()),
+            (true.into(), 2.into())
+        );
+        let plain = serde_json::to_value(ChatRequest::new(&ask(None))).unwrap();
+        assert!(plain.get("logprobs").is_none());
+        let hi = r#"{"choices":[{"index":0,"delta":{"content":"Hi"},"logprobs":{"content":[{"token":"Hi","logprob":-0.5,"bytes":[72,105],"top_logprobs":[{"token":"Hi","logprob":-0.5,"bytes":[72,105]},{"token":"Yo","logprob":-1.5,"bytes":null}]}]},"finish_reason":null}]}"#;
+        let events = decode(&[hi, STOP, "[DONE]"]);
+        assert_eq!(events[0], Event::Text("Hi".into()));
+        let Event::Logprobs(tokens) = &events[1] else {
+            panic!("{events:?}");
+        };
+        assert_eq!(tokens[0].bytes.0, b"Hi");
+        assert_eq!(
+            tokens[0].top[1].bytes.0, b"Yo",
+            "the token's text when no bytes"
+        );
+        assert!(matches!(events[2], Event::Done { .. }));
     }
 }

@@ -144,9 +144,7 @@ impl AnswerRequest {
     /// What of this request only this device's models can do now (the cloud's protocol does not
     /// carry it yet), by name; `None` when the cloud can answer it as well.
     pub(crate) fn device_only(&self) -> Option<&'static str> {
-        if self.logprobs.is_some() {
-            Some("logprobs")
-        } else if self.raw {
+        if self.raw {
             Some("a raw prompt (a completion without the chat template)")
         } else {
             None
@@ -228,6 +226,7 @@ impl AnswerRequest {
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             top_k: self.top_k,
+            logprobs: self.logprobs,
         }
     }
 

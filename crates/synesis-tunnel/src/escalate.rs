@@ -37,7 +37,7 @@ pub enum Progress<'a> {
 }
 
 /// A finished escalation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Escalated {
     pub done: EscalationDone,
     /// The answer's text, every chunk once.

@@ -1129,6 +1129,22 @@ impl Producer {
                 for piece in pieces.finish() {
                     let _ = self.tx.send(piece).await;
                 }
+                if request.shape.logprobs.is_some() {
+                    let tokens = d
+                        .logprobs
+                        .iter()
+                        .map(|t| synesis_infer::TokenLogprob {
+                            bytes: t.bytes.0.clone(),
+                            logprob: f64::from(t.logprob),
+                            top: t
+                                .top
+                                .iter()
+                                .map(|a| (a.bytes.0.clone(), f64::from(a.logprob)))
+                                .collect(),
+                        })
+                        .collect();
+                    let _ = self.tx.send(Piece::Logprobs(tokens)).await;
+                }
                 use synesis_proto::message::FinishReason as Done;
                 let ending = match d.finish_reason {
                     Done::Stop | Done::Length => Piece::End(Ending {
