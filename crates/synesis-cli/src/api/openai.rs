@@ -843,7 +843,16 @@ mod tests {
         .unwrap();
         assert_eq!(r.tool_choice, Some(ToolChoice::Named("f".into())));
         assert_eq!(r.logprobs, Some(2));
-        assert_eq!(r.device_only(), Some("tools"));
+        // All of it travels to the cloud too (protocol version 2).
+        assert_eq!(r.device_only(), None);
+        let raw = CompletionRequest::read(br#"{"model":"m","prompt":"x"}"#)
+            .unwrap()
+            .answer_request()
+            .unwrap();
+        assert!(
+            raw.device_only()
+                .is_some_and(|what| what.contains("raw prompt"))
+        );
         let r = request(
             r#"{"model":"m","messages":[{"role":"user","content":"x"}],
               "response_format":{"type":"json_schema","json_schema":{"name":"s","schema":{"type":"object"}}}}"#,
