@@ -15,6 +15,11 @@ pub fn unix_now() -> UnixMillis {
     UnixMillis(i64::try_from(ms).unwrap_or(i64::MAX))
 }
 
+/// `at` as the standard library's time, for formatting (a time before 1970 reads as the epoch).
+pub fn system_time(at: UnixMillis) -> SystemTime {
+    UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(at.0).unwrap_or(0))
+}
+
 /// A fresh request id: a UUID v7 of [`unix_now`] and 10 bytes from the OS's randomness.
 pub fn new_request_id() -> RequestId {
     let ms = u64::try_from(unix_now().0).unwrap_or(0);

@@ -5,7 +5,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -462,7 +462,7 @@ pub(crate) async fn version() -> Response {
 fn listed(name: &str, entry: &crate::registry::ModelEntry) -> serde_json::Value {
     let modified = std::fs::metadata(&entry.path)
         .and_then(|m| m.modified())
-        .unwrap_or(SystemTime::UNIX_EPOCH);
+        .unwrap_or_else(|_| synesis_tunnel::clock::system_time(synesis_proto::UnixMillis(0)));
     serde_json::json!({
         "name": name,
         "model": name,
@@ -701,5 +701,6 @@ fn not_found(model: &str) -> ApiError {
 }
 
 fn now() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+    let now = synesis_tunnel::clock::system_time(synesis_tunnel::clock::unix_now());
+    humantime::format_rfc3339_millis(now).to_string()
 }
